@@ -1,0 +1,153 @@
+//! Types shared by the eBPF programs and the daemon: map keys and values, and the ring-buffer record.
+//!
+//! Every type here is written by one side and read by the other, so each is `#[repr(C)]` with explicit
+//! widths and no implicit padding.
+#![no_std]
+
+/// Length of `task_struct::comm`.
+pub const COMM_LEN: usize = 16;
+/// Bytes of path stored in an exec allowlist key. The kernel caps LPM trie keys at 256 data bytes and
+/// 4 of them hold the agent index.
+pub const EXEC_PATH_LEN: usize = 252;
+/// Bytes of path carried by a record (the exec file name as the kernel saw it).
+pub const RECORD_PATH_LEN: usize = 256;
+/// Port ranges one network allowlist entry can carry.
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// Capacities of the kernel maps; the daemon checks compiled tables against them before loading.
+pub const MAX_AGENT_CGROUPS: u32 = 16_384;
+pub const MAX_NET_ENTRIES: u32 = 65_536;
+pub const MAX_EXEC_ENTRIES: u32 = 65_536;
+
+/// Mode of an agent, as the kernel sees it.
+pub const MODE_ALERT: u32 = 0;
+pub const MODE_ENFORCE: u32 = 1;
+
+/// What an agent process is; value of the agent-identity map, keyed by cgroup v2 id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentSlot {
+    /// Index of the agent's allowlist in the allowlist maps.
+    pub agent: u32,
+    /// `MODE_ALERT` or `MODE_ENFORCE`.
+    pub mode: u32,
+}
+
+/// Data part of a network allowlist LPM key: the agent index (always fully matched) followed by
+/// the IPv6 address (IPv4 as `::ffff:a.b.c.d`), so one trie serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetKey {
+    pub agent: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of `NetKey` before the address.
+pub const NET_KEY_AGENT_BITS: u32 = 32;
+
+/// Inclusive port range; `lo = 0, hi = 65535` is every port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// Value of the network allowlist: the ports allowed for every address under the key's prefix
+/// (already merged with the ports of every shorter prefix that covers it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetAllow {
+    pub count: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+/// Data part of an exec allowlist LPM key: agent index, then the path bytes. An exact path is stored
+/// with its terminating NUL inside the prefix, a prefix glob (`/usr/bin/python3*`) without it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecKey {
+    pub agent: u32,
+    pub path: [u8; EXEC_PATH_LEN],
+}
+
+/// Bits of `ExecKey` before the path.
+pub const EXEC_KEY_AGENT_BITS: u32 = 32;
+
+/// Record kinds carried by the ring buffer.
+pub const KIND_EXEC: u32 = 1;
+pub const KIND_CONNECT: u32 = 2;
+pub const KIND_FORK: u32 = 3;
+pub const KIND_EXIT: u32 = 4;
+
+/// Verdicts taken by the kernel.
+pub const VERDICT_NONE: u32 = 0;
+pub const VERDICT_ALLOWED: u32 = 1;
+pub const VERDICT_DENIED: u32 = 2;
+pub const VERDICT_ALERT: u32 = 3;
+
+/// Record flags.
+/// The exec path did not fit (`RECORD_PATH_LEN`); the exec was judged as not allowed.
+pub const FLAG_PATH_TRUNCATED: u32 = 1;
+/// The exec path could not be read at all.
+pub const FLAG_PATH_UNREADABLE: u32 = 2;
+/// A denied exec was stopped by SIGKILL from the exec tracepoint.
+pub const FLAG_KILLED: u32 = 4;
+
+/// Address families, as in `<sys/socket.h>`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// One agent action or lifecycle change, written by the kernel into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ActionRecord {
+    pub kind: u32,
+    pub verdict: u32,
+    /// cgroup v2 id of the acting task: the agent identity key.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the hook.
+    pub ktime_ns: u64,
+    /// Process id (tgid) and thread id of the acting task.
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// Fork: the new task's id. Exec: the thread id before exec (`old_pid`).
+    pub other_pid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// Connect: `AF_INET` or `AF_INET6` as the caller used it, the port in host order, the socket
+    /// type (`SOCK_STREAM`…) and the address (IPv4 as `::ffff:a.b.c.d`).
+    pub family: u16,
+    pub port: u16,
+    pub sock_type: u32,
+    pub addr: [u8; 16],
+    pub flags: u32,
+    /// Exec: bytes of `path` that are valid (without the NUL).
+    pub path_len: u32,
+    pub path: [u8; RECORD_PATH_LEN],
+}
+
+/// Indexes of the per-CPU drop/loss counters.
+/// A record could not be reserved in the ring buffer (full): the action was still judged.
+pub const COUNTER_RECORDS_LOST: u32 = 0;
+/// An exec path was longer than the allowlist can hold.
+pub const COUNTER_PATH_TRUNCATED: u32 = 1;
+/// The exec path could not be read.
+pub const COUNTER_PATH_UNREADABLE: u32 = 2;
+pub const COUNTERS: u32 = 4;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C), made of integers, with no padding.
+    unsafe impl aya::Pod for super::AgentSlot {}
+    unsafe impl aya::Pod for super::NetKey {}
+    unsafe impl aya::Pod for super::NetAllow {}
+    unsafe impl aya::Pod for super::ExecKey {}
+    unsafe impl aya::Pod for super::ActionRecord {}
+}
+
+// The kernel and the daemon must agree on these sizes; a change here is a format change.
+const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344);
+const _: () = assert!(core::mem::size_of::<NetKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ExecKey>() == 256);
+const _: () = assert!(core::mem::size_of::<NetAllow>() == 4 + 4 * MAX_PORT_RANGES);

@@ -1,0 +1,42 @@
+//! Agent process lifecycle, so the daemon can name the process chain of every action.
+
+use agent_monitor_common::{KIND_EXIT, KIND_FORK, VERDICT_NONE};
+use aya_ebpf::programs::TracePointContext;
+
+use crate::maps::{current_agent, start_record};
+
+/// Offset of `child_pid` in the `sched_process_fork` record. It moved when the comms became
+/// `__data_loc` strings (6.x), so the daemon reads it from tracefs and sets it before load.
+#[unsafe(no_mangle)]
+static FORK_CHILD_PID_OFFSET: u32 = 20;
+
+pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
+    let Some((cgroup_id, _)) = current_agent() else {
+        return Ok(());
+    };
+    // SAFETY: global set by the loader; volatile so the compiler keeps the load.
+    let off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) };
+    // SAFETY: the offset is inside the record (checked against tracefs by the daemon).
+    let child: u32 = unsafe { ctx.read_at((off & 0xff) as usize)? };
+    if let Some(mut entry) = start_record(KIND_FORK, VERDICT_NONE, cgroup_id) {
+        // SAFETY: reserved record.
+        unsafe { (*entry.as_mut_ptr()).other_pid = child };
+        entry.submit(0);
+    }
+    Ok(())
+}
+
+pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
+    let Some((cgroup_id, _)) = current_agent() else {
+        return Ok(());
+    };
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    // Only whole processes matter for the chain; threads exiting are not reported.
+    if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
+        return Ok(());
+    }
+    if let Some(entry) = start_record(KIND_EXIT, VERDICT_NONE, cgroup_id) {
+        entry.submit(0);
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Maps shared with the daemon. The daemon fills the identity and allowlist maps from the compiled
+//! policy; the kernel only reads them.
+
+use agent_monitor_common::{
+    ActionRecord, AgentSlot, COUNTERS, ExecKey, MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES,
+    MAX_NET_ENTRIES, NetAllow, NetKey,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+};
+
+/// Agent identity: cgroup v2 id of an agent's (agent, task) cgroup → which agent, which mode.
+#[map]
+pub static AGENT_CGROUPS: HashMap<u64, AgentSlot> = HashMap::with_max_entries(MAX_AGENT_CGROUPS, 0);
+
+/// Network allowlist: (agent, address prefix) → allowed port ranges.
+#[map]
+pub static NET_ALLOW: LpmTrie<NetKey, NetAllow> = LpmTrie::with_max_entries(MAX_NET_ENTRIES, 0);
+
+/// Exec allowlist: (agent, path or path prefix) → rule index.
+#[map]
+pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXEC_ENTRIES, 0);
+
+/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~24k records.
+#[map]
+pub static ACTIONS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+
+/// Per-CPU loss and anomaly counters, indexed by `COUNTER_*`.
+#[map]
+pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// Scratch space for the exec lookup key (260 bytes would crowd the 512-byte BPF stack).
+#[map]
+pub static EXEC_KEY_SCRATCH: PerCpuArray<Key<ExecKey>> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(c) = COUNTERS_MAP.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// The agent the current task belongs to, if any: the one lookup every process on the host pays.
+#[inline(always)]
+pub fn current_agent() -> Option<(u64, AgentSlot)> {
+    // SAFETY: helper with no arguments.
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
+    // SAFETY: the value is copied out before any other map operation.
+    let slot = unsafe { AGENT_CGROUPS.get(&cgroup_id) }?;
+    Some((cgroup_id, *slot))
+}
+
+/// Reserve a record and fill the fields every record has. `None` when the ring buffer is full; the
+/// loss is counted.
+#[inline(always)]
+pub fn start_record(
+    kind: u32,
+    verdict: u32,
+    cgroup_id: u64,
+) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ActionRecord>> {
+    let Some(mut entry) = ACTIONS.reserve::<ActionRecord>(0) else {
+        count(agent_monitor_common::COUNTER_RECORDS_LOST);
+        return None;
+    };
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let uid_gid = aya_ebpf::helpers::bpf_get_current_uid_gid();
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` points at a reserved, writable record; fields are written, never read.
+    unsafe {
+        (*rec).kind = kind;
+        (*rec).verdict = verdict;
+        (*rec).cgroup_id = cgroup_id;
+        (*rec).ktime_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+        (*rec).pid = (pid_tgid >> 32) as u32;
+        (*rec).tid = pid_tgid as u32;
+        (*rec).uid = uid_gid as u32;
+        (*rec).other_pid = 0;
+        (*rec).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
+        (*rec).family = 0;
+        (*rec).port = 0;
+        (*rec).sock_type = 0;
+        (*rec).addr = [0; 16];
+        (*rec).flags = 0;
+        (*rec).path_len = 0;
+    }
+    Some(entry)
+}
