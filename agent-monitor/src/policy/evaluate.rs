@@ -1,0 +1,293 @@
+//! The userspace evaluator: the same verdicts as the kernel tables, plus the rule that decided.
+//! Used for alert explanations and `policy test`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+
+use agent_monitor_common::EXEC_PATH_LEN;
+
+use crate::policy::model::{ExecRule, NetRule, Policy};
+
+/// Whether an action is on the allowlist, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// When allowed, the matching entry as written in the policy file; otherwise why nothing
+    /// matched (`no rule matches`).
+    pub reason: String,
+}
+
+/// Why nothing matched, in `Decision::reason`.
+pub const NO_RULE_MATCHES: &str = "no rule matches";
+
+impl Decision {
+    fn allowed_by(rule: &str) -> Decision {
+        Decision {
+            allowed: true,
+            reason: rule.to_string(),
+        }
+    }
+
+    fn not_allowed(reason: impl Into<String>) -> Decision {
+        Decision {
+            allowed: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// "not allowed" rather than "denied": in alert mode the action still proceeds.
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.allowed {
+            write!(f, "allowed by rule {:?}", self.reason)
+        } else {
+            write!(f, "not allowed: {}", self.reason)
+        }
+    }
+}
+
+/// The address as the kernel tables hold it: IPv4 as `::ffff:a.b.c.d`.
+pub(crate) fn to_table_addr(addr: IpAddr) -> Ipv6Addr {
+    match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
+impl Policy {
+    /// Whether this agent may connect to `addr:port`. An IPv4-mapped IPv6 address is judged as the
+    /// IPv4 address, as the kernel sees both the same way.
+    pub fn check_connect(&self, addr: IpAddr, port: u16) -> Decision {
+        let addr = to_table_addr(addr);
+        // Report the most specific rule, first in the file on ties, as the one a reader looks for.
+        let mut best: Option<&NetRule> = None;
+        for rule in &self.network {
+            let ports = rule.ports;
+            if rule.covers(addr)
+                && ports.lo <= port
+                && port <= ports.hi
+                && best.is_none_or(|b| rule.prefix_len > b.prefix_len)
+            {
+                best = Some(rule);
+            }
+        }
+        match best {
+            Some(rule) => Decision::allowed_by(&rule.text),
+            None => Decision::not_allowed(NO_RULE_MATCHES),
+        }
+    }
+
+    /// Whether this agent may execute `path` (as the kernel names the file).
+    pub fn check_exec(&self, path: &str) -> Decision {
+        // A kernel path cannot contain NUL; judged as not allowed rather than cut short.
+        if path.contains('\0') {
+            return Decision::not_allowed("path contains a NUL byte");
+        }
+        // The kernel key holds EXEC_PATH_LEN - 1 path bytes; a longer path can match nothing.
+        if path.len() > EXEC_PATH_LEN - 1 {
+            return Decision::not_allowed(format!(
+                "path is longer than {} bytes, which the kernel cannot match",
+                EXEC_PATH_LEN - 1
+            ));
+        }
+        // An exact rule beats any glob; among globs the longest prefix wins.
+        let best = self.exec.iter().filter(|rule| rule.matches(path)).fold(
+            None,
+            |best: Option<&ExecRule>, rule| {
+                let key = |r: &ExecRule| (!r.prefix_glob, r.path.len());
+                match best {
+                    Some(b) if key(b) >= key(rule) => Some(b),
+                    _ => Some(rule),
+                }
+            },
+        );
+        match best {
+            Some(rule) => Decision::allowed_by(&rule.text),
+            None => Decision::not_allowed(NO_RULE_MATCHES),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::path::Path;
+
+    use super::*;
+
+    fn policy(network: &[&str], exec: &[&str]) -> Policy {
+        let text =
+            format!("agent = \"t\"\n[network]\nallow = {network:?}\n[exec]\nallow = {exec:?}\n");
+        match Policy::parse(&text, Path::new("t.toml")) {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn connect(p: &Policy, addr: &str, port: u16) -> Decision {
+        p.check_connect(ip(addr), port)
+    }
+
+    fn allowed_by(rule: &str) -> Decision {
+        Decision::allowed_by(rule)
+    }
+
+    /// Denied because no rule matches.
+    fn denied() -> Decision {
+        Decision::not_allowed(NO_RULE_MATCHES)
+    }
+
+    #[test]
+    fn nothing_allowed_by_default() {
+        let p = policy(&[], &[]);
+        assert_eq!(connect(&p, "127.0.0.1", 80), denied());
+        assert_eq!(p.check_exec("/bin/sh"), denied());
+        assert_eq!(
+            connect(&p, "127.0.0.1", 80).to_string(),
+            "not allowed: no rule matches"
+        );
+    }
+
+    #[test]
+    fn single_address_and_port() {
+        let p = policy(&["127.0.0.1:8080"], &[]);
+        let d = connect(&p, "127.0.0.1", 8080);
+        assert_eq!(d, allowed_by("127.0.0.1:8080"));
+        assert!(d.allowed);
+        assert_eq!(d.to_string(), "allowed by rule \"127.0.0.1:8080\"");
+        assert_eq!(connect(&p, "127.0.0.1", 8081), denied());
+        assert_eq!(connect(&p, "127.0.0.2", 8080), denied());
+    }
+
+    #[test]
+    fn cidr_edges() {
+        let p = policy(&["10.1.2.0/23:443"], &[]);
+        assert!(connect(&p, "10.1.2.0", 443).allowed);
+        assert!(connect(&p, "10.1.3.255", 443).allowed);
+        assert!(!connect(&p, "10.1.1.255", 443).allowed);
+        assert!(!connect(&p, "10.1.4.0", 443).allowed);
+    }
+
+    #[test]
+    fn zero_prefixes() {
+        let p = policy(&["0.0.0.0/0:53"], &[]);
+        assert!(connect(&p, "255.255.255.255", 53).allowed);
+        assert!(connect(&p, "0.0.0.0", 53).allowed);
+        // An IPv4 /0 is ::ffff:0:0/96, so real IPv6 addresses stay outside it.
+        assert!(!connect(&p, "2001:db8::1", 53).allowed);
+        let p = policy(&["[::/0]:53"], &[]);
+        assert!(connect(&p, "2001:db8::1", 53).allowed);
+        assert!(connect(&p, "8.8.8.8", 53).allowed);
+    }
+
+    #[test]
+    fn port_ranges() {
+        let p = policy(&["192.168.1.5:1000-2000"], &[]);
+        assert!(!connect(&p, "192.168.1.5", 999).allowed);
+        assert!(connect(&p, "192.168.1.5", 1000).allowed);
+        assert!(connect(&p, "192.168.1.5", 2000).allowed);
+        assert!(!connect(&p, "192.168.1.5", 2001).allowed);
+    }
+
+    #[test]
+    fn any_port() {
+        let p = policy(&["[fd00::/8]:*"], &[]);
+        for port in [0, 1, 80, 65535] {
+            assert!(connect(&p, "fd12::1", port).allowed, "{port}");
+        }
+        assert!(!connect(&p, "fe00::1", 80).allowed);
+    }
+
+    #[test]
+    fn ipv6_addresses() {
+        let p = policy(&["[::1]:8080", "[2001:db8::/32]:443"], &[]);
+        assert!(connect(&p, "::1", 8080).allowed);
+        assert!(!connect(&p, "::2", 8080).allowed);
+        assert!(connect(&p, "2001:db8:ffff::1", 443).allowed);
+        assert!(!connect(&p, "2001:db9::1", 443).allowed);
+        // ::1 is not 127.0.0.1.
+        assert!(!connect(&p, "127.0.0.1", 8080).allowed);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
+        let p = policy(&["10.0.0.0/8:443"], &[]);
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 9, 8, 7).to_ipv6_mapped());
+        assert_eq!(p.check_connect(mapped, 443), allowed_by("10.0.0.0/8:443"));
+        assert_eq!(p.check_connect(mapped, 80), denied());
+        let outside = IpAddr::V6(Ipv4Addr::new(11, 0, 0, 1).to_ipv6_mapped());
+        assert_eq!(p.check_connect(outside, 443), denied());
+    }
+
+    #[test]
+    fn ipv6_mapped_rule_matches_ipv4() {
+        let p = policy(&["[::ffff:10.0.0.0/104]:80"], &[]);
+        assert!(connect(&p, "10.200.0.1", 80).allowed);
+        assert!(!connect(&p, "11.0.0.1", 80).allowed);
+    }
+
+    #[test]
+    fn most_specific_rule_is_reported() {
+        let p = policy(&["10.0.0.0/8:*", "10.1.0.0/16:443", "10.1.2.3:443"], &[]);
+        assert_eq!(connect(&p, "10.1.2.3", 443), allowed_by("10.1.2.3:443"));
+        assert_eq!(connect(&p, "10.1.2.4", 443), allowed_by("10.1.0.0/16:443"));
+        // The /16 does not allow 80, but the /8 that covers it does.
+        assert_eq!(connect(&p, "10.1.2.3", 80), allowed_by("10.0.0.0/8:*"));
+    }
+
+    #[test]
+    fn exact_exec() {
+        let p = policy(&[], &["/usr/bin/git"]);
+        assert_eq!(p.check_exec("/usr/bin/git"), allowed_by("/usr/bin/git"));
+        assert_eq!(p.check_exec("/usr/bin/gitk"), denied());
+        assert_eq!(p.check_exec("/usr/bin/gi"), denied());
+        assert_eq!(p.check_exec("/usr/bin/git/"), denied());
+    }
+
+    #[test]
+    fn glob_exec() {
+        let p = policy(&[], &["/usr/bin/python3*"]);
+        for path in [
+            "/usr/bin/python3",
+            "/usr/bin/python3.12",
+            "/usr/bin/python3-config",
+        ] {
+            assert_eq!(
+                p.check_exec(path),
+                allowed_by("/usr/bin/python3*"),
+                "{path}"
+            );
+        }
+        assert_eq!(p.check_exec("/usr/bin/python2"), denied());
+        assert_eq!(p.check_exec("/usr/bin/python"), denied());
+    }
+
+    #[test]
+    fn exact_rule_is_reported_over_glob() {
+        let p = policy(&[], &["/usr/*", "/usr/bin/*", "/usr/bin/git"]);
+        assert_eq!(p.check_exec("/usr/bin/git"), allowed_by("/usr/bin/git"));
+        assert_eq!(p.check_exec("/usr/bin/ls"), allowed_by("/usr/bin/*"));
+        assert_eq!(p.check_exec("/usr/lib/x"), allowed_by("/usr/*"));
+    }
+
+    #[test]
+    fn too_long_or_nul_paths_are_denied() {
+        let p = policy(&[], &["/*"]);
+        let max = format!("/{}", "a".repeat(EXEC_PATH_LEN - 2));
+        assert!(p.check_exec(&max).allowed);
+        let long = format!("{max}a");
+        assert_eq!(
+            p.check_exec(&long).to_string(),
+            "not allowed: path is longer than 251 bytes, which the kernel cannot match"
+        );
+        assert_eq!(
+            p.check_exec("/bin/sh\0x").to_string(),
+            "not allowed: path contains a NUL byte"
+        );
+    }
+}
