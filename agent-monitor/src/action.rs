@@ -1,0 +1,131 @@
+//! What an agent did and what was decided: the one record every sink reports.
+
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Kind of action an agent process took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionKind {
+    Connect,
+    Exec,
+}
+
+impl ActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Connect => "connect",
+            ActionKind::Exec => "exec",
+        }
+    }
+}
+
+/// What happened to the action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// On the allowlist; it proceeded.
+    Allowed,
+    /// Not on the allowlist, enforce mode: the kernel stopped it.
+    Denied,
+    /// Not on the allowlist, alert mode: it proceeded and is reported.
+    Alert,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::Alert => "alert",
+        }
+    }
+}
+
+/// One process in the chain from the agent's root process to the acting process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainLink {
+    pub pid: u32,
+    /// Executable path as last exec'd, or the command name when no exec was seen.
+    pub exe: String,
+}
+
+/// Where a connect was going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Destination {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// "tcp", "udp" or "raw"/"other", from the socket type.
+    pub transport: &'static str,
+}
+
+/// One judged action of an agent, enriched with identity and process context.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Action {
+    #[serde(serialize_with = "serialize_time")]
+    pub time: SystemTime,
+    pub agent: String,
+    pub task: String,
+    pub kind: ActionKind,
+    pub verdict: Verdict,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    /// Connect: the acting process's executable. Exec: the file being executed.
+    pub exe: Option<String>,
+    pub destination: Option<Destination>,
+    /// Root of the agent first, acting process last.
+    pub chain: Vec<ChainLink>,
+    /// How a denial was carried out ("eperm", "sigkill"), if it was.
+    pub enforcement: Option<&'static str>,
+    /// Why this verdict, in words (which rule, or that none matched).
+    pub reason: String,
+}
+
+impl Action {
+    /// A one-line summary a person reads first.
+    pub fn message(&self) -> String {
+        let object = match (self.kind, &self.destination, &self.exe) {
+            (ActionKind::Connect, Some(d), _) => match d.addr {
+                IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
+                IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
+            },
+            (ActionKind::Exec, _, Some(exe)) => exe.clone(),
+            _ => "?".to_string(),
+        };
+        let verdict = match self.verdict {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "DENIED",
+            Verdict::Alert => "ALERT (not on allowlist, alert mode)",
+        };
+        format!(
+            "agent {} task {}: {} {} by pid {} ({}): {}",
+            self.agent,
+            self.task,
+            self.kind.as_str(),
+            object,
+            self.pid,
+            self.comm,
+            verdict
+        )
+    }
+
+    /// The chain as one readable string: `pid:exe > pid:exe > …`.
+    pub fn chain_string(&self) -> String {
+        self.chain
+            .iter()
+            .map(|l| format!("{}:{}", l.pid, l.exe))
+            .collect::<Vec<_>>()
+            .join(" > ")
+    }
+}
+
+fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let t = time::OffsetDateTime::from(*t);
+    let text = t
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(serde::ser::Error::custom)?;
+    s.serialize_str(&text)
+}

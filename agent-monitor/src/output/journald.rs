@@ -1,0 +1,242 @@
+//! Journald sink: one structured entry per action over the native protocol, so that
+//! `journalctl -t agent-monitor AGENT_ID=coder VERDICT=denied` finds it.
+
+use libsystemd::logging::{Priority, journal_send};
+
+use super::{Field, FieldValue, Sink, SinkError, action_fields};
+use crate::action::{Action, Verdict};
+
+/// `SYSLOG_IDENTIFIER` of every entry (what `journalctl -t` matches).
+pub const SYSLOG_IDENTIFIER: &str = "agent-monitor";
+
+/// Journald priority of a verdict.
+///
+/// - alert → err (3): an action that is not on the allowlist actually happened (alert mode); the
+///   operator has something to look at.
+/// - denied → warning (4): the kernel stopped it, so nothing happened, but the agent tried
+///   something it may not do.
+/// - allowed → info (6): normal operation, only journaled when asked for.
+pub fn priority(verdict: Verdict) -> Priority {
+    match verdict {
+        Verdict::Alert => Priority::Error,
+        Verdict::Denied => Priority::Warning,
+        Verdict::Allowed => Priority::Info,
+    }
+}
+
+/// The journald fields of `action`: `SYSLOG_IDENTIFIER` first, then every applicable [`Field`]
+/// (absent ones are left out), `MESSAGE` last. `PRIORITY` is not included: it travels separately
+/// (see [`priority`]). Values never contain NUL (replaced by U+FFFD); newlines are kept, the native
+/// protocol carries them.
+pub fn journal_fields(action: &Action) -> Vec<(&'static str, String)> {
+    let mut fields = vec![("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.to_string())];
+    for (field, value) in action_fields(action) {
+        let Some(value) = value else { continue };
+        let text = match value {
+            FieldValue::Text(t) => t.into_owned(),
+            FieldValue::Number(n) => n.to_string(),
+            FieldValue::Chain(_) => action.chain_string(),
+        };
+        fields.push((field.journal_name(), without_nul(text)));
+    }
+    fields
+}
+
+fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+/// Sends to the journald socket `/run/systemd/journal/socket`. If that socket is absent, `emit`
+/// fails (the caller counts it); nothing is buffered.
+#[derive(Debug, Default)]
+pub struct JournaldSink {
+    _private: (),
+}
+
+impl JournaldSink {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Sink for JournaldSink {
+    fn name(&self) -> &'static str {
+        "journald"
+    }
+
+    fn emit(&mut self, action: &Action) -> Result<(), SinkError> {
+        let mut fields = journal_fields(action);
+        // libsystemd takes MESSAGE (and PRIORITY) as arguments and silently drops them, and any
+        // name it considers invalid, from the field list; the names are checked in the tests.
+        let message_at = fields
+            .iter()
+            .position(|(k, _)| *k == Field::Message.journal_name());
+        let message = match message_at {
+            Some(i) => fields.remove(i).1,
+            None => String::new(),
+        };
+        journal_send(priority(action.verdict), &message, fields.into_iter())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use super::*;
+    use crate::output::tests::{connect_action, exec_action};
+
+    fn get<'a>(fields: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        let mut hits = fields.iter().filter(|(k, _)| *k == name);
+        let hit = hits.next().map(|(_, v)| v.as_str());
+        assert!(hits.next().is_none(), "{name} appears twice");
+        hit
+    }
+
+    /// journald's rule (journal_field_valid): 1-64 bytes of `[A-Z0-9_]`, not starting with `_` or a
+    /// digit. libsystemd drops invalid names without an error, so they must be caught here.
+    fn valid_journal_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('_')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    }
+
+    #[test]
+    fn every_name_is_a_valid_user_field() {
+        assert!(valid_journal_name("SYSLOG_IDENTIFIER"));
+        for f in Field::ALL {
+            assert!(valid_journal_name(f.journal_name()), "{f:?}");
+        }
+        assert!(!valid_journal_name("_PID") && !valid_journal_name("agent_id"));
+    }
+
+    #[test]
+    fn connect_maps_every_field() {
+        let a = connect_action();
+        let f = journal_fields(&a);
+        let expected = [
+            ("SYSLOG_IDENTIFIER", "agent-monitor"),
+            ("AGENT_ID", "coder"),
+            ("TASK_ID", "t-42"),
+            ("ACTION", "connect"),
+            ("VERDICT", "denied"),
+            ("PID", "4242"),
+            ("AGENT_UID", "1000"),
+            ("COMM", "curl"),
+            ("EXE", "/usr/bin/curl"),
+            ("DEST_ADDR", "10.1.2.3"),
+            ("DEST_PORT", "443"),
+            ("DEST_TRANSPORT", "tcp"),
+            (
+                "PROCESS_CHAIN",
+                "4000:/usr/bin/python3 > 4100:/bin/sh > 4242:/usr/bin/curl",
+            ),
+            ("ENFORCEMENT", "eperm"),
+            ("REASON", "no network rule matches 10.1.2.3:443"),
+            (
+                "MESSAGE",
+                "agent coder task t-42: connect tcp 10.1.2.3:443 by pid 4242 (curl): DENIED",
+            ),
+        ];
+        let got: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(got, expected);
+        assert_eq!(get(&f, "MESSAGE"), Some(a.message().as_str()));
+        assert_eq!(get(&f, "PROCESS_CHAIN"), Some(a.chain_string().as_str()));
+    }
+
+    #[test]
+    fn exec_has_no_destination_fields() {
+        let f = journal_fields(&exec_action());
+        assert_eq!(get(&f, "ACTION"), Some("exec"));
+        assert_eq!(get(&f, "VERDICT"), Some("alert"));
+        assert_eq!(get(&f, "EXE"), Some("/usr/bin/nc"));
+        assert_eq!(get(&f, "COMM"), Some("sh"));
+        for absent in ["DEST_ADDR", "DEST_PORT", "DEST_TRANSPORT", "ENFORCEMENT"] {
+            assert_eq!(get(&f, absent), None, "{absent}");
+        }
+        assert!(get(&f, "MESSAGE").unwrap().contains("exec /usr/bin/nc"));
+    }
+
+    #[test]
+    fn exec_killed_reports_enforcement() {
+        let a = Action {
+            verdict: Verdict::Denied,
+            enforcement: Some("sigkill"),
+            ..exec_action()
+        };
+        assert_eq!(get(&journal_fields(&a), "ENFORCEMENT"), Some("sigkill"));
+    }
+
+    #[test]
+    fn ipv6_destination_is_a_bare_address() {
+        let mut a = connect_action();
+        a.destination.as_mut().unwrap().addr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        a.destination.as_mut().unwrap().port = 8080;
+        let f = journal_fields(&a);
+        assert_eq!(get(&f, "DEST_ADDR"), Some("::1"));
+        assert_eq!(get(&f, "DEST_PORT"), Some("8080"));
+        assert!(get(&f, "MESSAGE").unwrap().contains("[::1]:8080"));
+    }
+
+    #[test]
+    fn unknown_exe_is_left_out() {
+        let a = Action {
+            exe: None,
+            ..connect_action()
+        };
+        let f = journal_fields(&a);
+        assert_eq!(get(&f, "EXE"), None);
+        assert_eq!(get(&f, "COMM"), Some("curl"));
+    }
+
+    #[test]
+    fn connect_without_destination_has_no_dest_fields() {
+        let a = Action {
+            destination: None,
+            ..connect_action()
+        };
+        let f = journal_fields(&a);
+        assert_eq!(get(&f, "DEST_ADDR"), None);
+        assert_eq!(get(&f, "DEST_PORT"), None);
+        assert_eq!(get(&f, "DEST_TRANSPORT"), None);
+    }
+
+    #[test]
+    fn nul_is_replaced_newline_kept() {
+        let a = Action {
+            comm: "a\0b".into(),
+            reason: "line one\nline two".into(),
+            ..connect_action()
+        };
+        let f = journal_fields(&a);
+        assert!(f.iter().all(|(_, v)| !v.contains('\0')));
+        assert_eq!(get(&f, "COMM"), Some("a\u{FFFD}b"));
+        assert_eq!(get(&f, "REASON"), Some("line one\nline two"));
+    }
+
+    #[test]
+    fn priority_matches_verdict() {
+        assert_eq!(u8::from(priority(Verdict::Alert)), 3);
+        assert_eq!(u8::from(priority(Verdict::Denied)), 4);
+        assert_eq!(u8::from(priority(Verdict::Allowed)), 6);
+    }
+
+    #[test]
+    fn missing_socket_is_an_error_not_a_panic() {
+        if std::path::Path::new(libsystemd::logging::SD_JOURNAL_SOCK_PATH).exists() {
+            eprintln!("journald socket present; skipping the missing-socket case");
+            return;
+        }
+        let err = JournaldSink::new().emit(&connect_action()).unwrap_err();
+        assert!(matches!(err, SinkError::Journald(_)), "{err:?}");
+    }
+}

@@ -1,0 +1,289 @@
+//! JSON-lines audit trail: one object per action, appended to a file, with the journald field names
+//! in lower case plus `time` (RFC 3339, UTC) and `priority`.
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{FieldValue, Sink, SinkError, action_fields, journald};
+use crate::action::Action;
+
+/// The audit record of `action`: every field of [`super::Field`] under its JSON name (`null` where
+/// it does not apply), `process_chain` as an array of `{pid, exe}`, `time` and `priority`.
+pub fn json_record(action: &Action) -> Result<Map<String, Value>, SinkError> {
+    let mut record = Map::new();
+    for (field, value) in action_fields(action) {
+        let value = match value {
+            None => Value::Null,
+            Some(FieldValue::Text(t)) => Value::String(t.into_owned()),
+            Some(FieldValue::Number(n)) => Value::from(n),
+            Some(FieldValue::Chain(chain)) => serde_json::to_value(chain)?,
+        };
+        record.insert(field.json_name().to_string(), value);
+    }
+    let time = OffsetDateTime::from(action.time).format(&Rfc3339)?;
+    record.insert("time".into(), Value::String(time));
+    let priority = u8::from(journald::priority(action.verdict));
+    record.insert("priority".into(), Value::from(priority));
+    Ok(record)
+}
+
+/// [`json_record`] as one line, newline included.
+pub fn json_line(action: &Action) -> Result<String, SinkError> {
+    let mut line = serde_json::to_string(&json_record(action)?)?;
+    line.push('\n');
+    Ok(line)
+}
+
+/// Appends [`json_line`]s to a file.
+#[derive(Debug)]
+pub struct JsonSink {
+    path: PathBuf,
+    file: File,
+    /// The file ends in the middle of a line (a crash or a failed write left part of one): the next
+    /// write starts with a newline so that the new record is a line of its own.
+    mid_line: bool,
+}
+
+impl JsonSink {
+    /// Opens `path` for appending, creating it with mode 0600 (and a missing parent directory with
+    /// 0700): the trail says what agents did and is for root's eyes. An existing file keeps its
+    /// mode.
+    pub fn open(path: &Path) -> Result<Self, SinkError> {
+        let open_err = |source| SinkError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(open_err)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        let mut last = [0u8; 1];
+        let mid_line = len > 0
+            && file.metadata().map_err(open_err)?.is_file()
+            && file.read_exact_at(&mut last, len - 1).is_ok()
+            && last[0] != b'\n';
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            mid_line,
+        })
+    }
+
+    /// Writes `line` (newline-terminated) in one go. This is `write_all` keeping count of what
+    /// reached the file, so that a write that fails half-way marks the file as ending mid-line.
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        if self.mid_line {
+            buf.push(b'\n');
+        }
+        buf.extend_from_slice(line);
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.write(&buf[done..]) {
+                Ok(0) => {
+                    self.note_partial(&buf, done);
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.note_partial(&buf, done);
+                    return Err(e);
+                }
+            }
+        }
+        self.mid_line = false;
+        self.file.flush()
+    }
+
+    fn note_partial(&mut self, buf: &[u8], done: usize) {
+        if done > 0 {
+            self.mid_line = buf[done - 1] != b'\n';
+        }
+    }
+}
+
+impl Sink for JsonSink {
+    fn name(&self) -> &'static str {
+        "json"
+    }
+
+    fn emit(&mut self, action: &Action) -> Result<(), SinkError> {
+        let line = json_line(action)?;
+        self.write_line(line.as_bytes())
+            .map_err(|source| SinkError::Write {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::action::Verdict;
+    use crate::output::Field;
+    use crate::output::journald::journal_fields;
+    use crate::output::tests::{connect_action, exec_action};
+
+    fn parse(line: &str) -> Value {
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+        serde_json::from_str(line).expect("valid JSON")
+    }
+
+    #[test]
+    fn connect_round_trips_every_field() {
+        let v = parse(&json_line(&connect_action()).unwrap());
+        let expected = json!({
+            "agent_id": "coder",
+            "task_id": "t-42",
+            "action": "connect",
+            "verdict": "denied",
+            "pid": 4242,
+            "uid": 1000,
+            "comm": "curl",
+            "exe": "/usr/bin/curl",
+            "dest_addr": "10.1.2.3",
+            "dest_port": 443,
+            "dest_transport": "tcp",
+            "process_chain": [
+                {"pid": 4000, "exe": "/usr/bin/python3"},
+                {"pid": 4100, "exe": "/bin/sh"},
+                {"pid": 4242, "exe": "/usr/bin/curl"}
+            ],
+            "enforcement": "eperm",
+            "reason": "no network rule matches 10.1.2.3:443",
+            "message": "agent coder task t-42: connect tcp 10.1.2.3:443 by pid 4242 (curl): DENIED",
+            "time": "2025-11-29T11:44:00.25Z",
+            "priority": 4
+        });
+        assert_eq!(v, expected);
+    }
+
+    #[test]
+    fn exec_has_nulls_where_fields_do_not_apply() {
+        let v = parse(&json_line(&exec_action()).unwrap());
+        assert_eq!(v["action"], "exec");
+        assert_eq!(v["verdict"], "alert");
+        assert_eq!(v["priority"], 3);
+        assert_eq!(v["exe"], "/usr/bin/nc");
+        for k in ["dest_addr", "dest_port", "dest_transport", "enforcement"] {
+            assert_eq!(v[k], Value::Null, "{k}");
+        }
+        let exe_unknown = Action {
+            exe: None,
+            verdict: Verdict::Allowed,
+            ..connect_action()
+        };
+        let v = parse(&json_line(&exe_unknown).unwrap());
+        assert_eq!(v["exe"], Value::Null);
+        assert_eq!(v["priority"], 6);
+    }
+
+    #[test]
+    fn same_fields_as_journald() {
+        for a in [connect_action(), exec_action()] {
+            let record = json_record(&a).unwrap();
+            let mut journal = journal_fields(&a);
+            journal.retain(|(k, _)| *k != "SYSLOG_IDENTIFIER");
+            for (name, value) in journal {
+                let field = Field::ALL
+                    .into_iter()
+                    .find(|f| f.journal_name() == name)
+                    .unwrap_or_else(|| panic!("journald field {name} is not a Field"));
+                let json = &record[field.json_name()];
+                let rendered = match json {
+                    Value::String(s) => s.clone(),
+                    Value::Array(_) => a.chain_string(),
+                    other => other.to_string(),
+                };
+                assert_eq!(rendered, value, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn appends_one_line_per_action_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/audit.jsonl");
+        let mut sink = JsonSink::open(&path).unwrap();
+        sink.emit(&connect_action()).unwrap();
+        sink.emit(&exec_action()).unwrap();
+        drop(sink);
+        // Reopening appends.
+        JsonSink::open(&path)
+            .unwrap()
+            .emit(&connect_action())
+            .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let lines: Vec<String> = io::BufReader::new(File::open(&path).unwrap())
+            .lines()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(lines.len(), 3);
+        let actions: Vec<Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(actions[0]["action"], "connect");
+        assert_eq!(actions[1]["action"], "exec");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_terminated_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "{\"agent_id\":\"cod").unwrap();
+        JsonSink::open(&path)
+            .unwrap()
+            .emit(&connect_action())
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(parse(&format!("{}\n", lines[1]))["agent_id"], "coder");
+    }
+
+    #[test]
+    fn full_device_is_an_error() {
+        let mut sink = JsonSink::open(Path::new("/dev/full")).unwrap();
+        let err = sink.emit(&connect_action()).unwrap_err();
+        match &err {
+            SinkError::Write { path, source } => {
+                assert_eq!(path, Path::new("/dev/full"));
+                assert_eq!(source.kind(), io::ErrorKind::StorageFull, "{source}");
+            }
+            other => panic!("expected a write error, got {other:?}"),
+        }
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+    }
+
+    #[test]
+    fn unopenable_path_is_an_error() {
+        let err = JsonSink::open(Path::new("/proc/version/audit.jsonl")).unwrap_err();
+        assert!(matches!(err, SinkError::Open { .. }), "{err:?}");
+    }
+}

@@ -1,0 +1,573 @@
+//! Output sinks: every judged [`Action`] goes to journald and, if configured, to a JSON-lines audit
+//! trail. Failed writes are counted per sink and logged (rate-limited), never dropped silently.
+//!
+//! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
+//! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
+
+pub mod journald;
+pub mod json;
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::action::{Action, ActionKind, ChainLink, Verdict};
+
+pub use journald::JournaldSink;
+pub use json::JsonSink;
+
+/// One destination for actions.
+pub trait Sink {
+    /// Short stable name used in logs and `status` ("journald", "json").
+    fn name(&self) -> &'static str;
+    /// Reports one action. An error means this action did not reach the destination.
+    fn emit(&mut self, action: &Action) -> Result<(), SinkError>;
+}
+
+/// Why a sink could not report an action.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sending to journald failed: {0}")]
+    Journald(#[from] libsystemd::errors::SdError),
+    #[error("opening audit trail {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing audit trail {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("encoding action as JSON: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("formatting action time: {0}")]
+    Time(#[from] time::error::Format),
+}
+
+/// A field every sink reports. Journald names are the upper-case form of the JSON names, with one
+/// exception: the uid is `AGENT_UID` in journald so that nobody mistakes it for journald's trusted
+/// `_UID` (the daemon's uid), while the JSON trail, which has no trusted fields, calls it `uid`.
+/// `PID` keeps its plain name (the interface promises it); journald stores it as a user field next
+/// to its own `_PID`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    AgentId,
+    TaskId,
+    Action,
+    Verdict,
+    Pid,
+    Uid,
+    Comm,
+    Exe,
+    DestAddr,
+    DestPort,
+    DestTransport,
+    ProcessChain,
+    Enforcement,
+    Reason,
+    Message,
+}
+
+impl Field {
+    /// Every field, in report order.
+    pub const ALL: [Field; 15] = [
+        Field::AgentId,
+        Field::TaskId,
+        Field::Action,
+        Field::Verdict,
+        Field::Pid,
+        Field::Uid,
+        Field::Comm,
+        Field::Exe,
+        Field::DestAddr,
+        Field::DestPort,
+        Field::DestTransport,
+        Field::ProcessChain,
+        Field::Enforcement,
+        Field::Reason,
+        Field::Message,
+    ];
+
+    /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
+    pub fn journal_name(self) -> &'static str {
+        match self {
+            Field::AgentId => "AGENT_ID",
+            Field::TaskId => "TASK_ID",
+            Field::Action => "ACTION",
+            Field::Verdict => "VERDICT",
+            Field::Pid => "PID",
+            Field::Uid => "AGENT_UID",
+            Field::Comm => "COMM",
+            Field::Exe => "EXE",
+            Field::DestAddr => "DEST_ADDR",
+            Field::DestPort => "DEST_PORT",
+            Field::DestTransport => "DEST_TRANSPORT",
+            Field::ProcessChain => "PROCESS_CHAIN",
+            Field::Enforcement => "ENFORCEMENT",
+            Field::Reason => "REASON",
+            Field::Message => "MESSAGE",
+        }
+    }
+
+    /// Name of the key in a JSON audit record.
+    pub fn json_name(self) -> &'static str {
+        match self {
+            Field::AgentId => "agent_id",
+            Field::TaskId => "task_id",
+            Field::Action => "action",
+            Field::Verdict => "verdict",
+            Field::Pid => "pid",
+            Field::Uid => "uid",
+            Field::Comm => "comm",
+            Field::Exe => "exe",
+            Field::DestAddr => "dest_addr",
+            Field::DestPort => "dest_port",
+            Field::DestTransport => "dest_transport",
+            Field::ProcessChain => "process_chain",
+            Field::Enforcement => "enforcement",
+            Field::Reason => "reason",
+            Field::Message => "message",
+        }
+    }
+}
+
+/// A field's value before a sink renders it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FieldValue<'a> {
+    Text(Cow<'a, str>),
+    Number(u64),
+    /// Journald renders [`Action::chain_string`]; JSON an array of `{pid, exe}`.
+    Chain(&'a [ChainLink]),
+}
+
+/// Every [`Field`] of `action`, in [`Field::ALL`] order; `None` where it does not apply (no exe
+/// known, no destination for an exec, no enforcement for an allowed action).
+pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
+    let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
+    let dest = match action.kind {
+        ActionKind::Connect => action.destination.as_ref(),
+        ActionKind::Exec => None,
+    };
+    Field::ALL
+        .iter()
+        .map(|&field| {
+            let value = match field {
+                Field::AgentId => Some(FieldValue::Text(Cow::Borrowed(action.agent.as_str()))),
+                Field::TaskId => Some(FieldValue::Text(Cow::Borrowed(action.task.as_str()))),
+                Field::Action => text(action.kind.as_str()),
+                Field::Verdict => text(action.verdict.as_str()),
+                Field::Pid => Some(FieldValue::Number(action.pid.into())),
+                Field::Uid => Some(FieldValue::Number(action.uid.into())),
+                Field::Comm => Some(FieldValue::Text(Cow::Borrowed(action.comm.as_str()))),
+                Field::Exe => action
+                    .exe
+                    .as_deref()
+                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
+                Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
+                Field::DestTransport => dest.and_then(|d| text(d.transport)),
+                Field::ProcessChain => Some(FieldValue::Chain(&action.chain)),
+                Field::Enforcement => action.enforcement.and_then(text),
+                Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
+                Field::Message => Some(FieldValue::Text(Cow::Owned(action.message()))),
+            };
+            (field, value)
+        })
+        .collect()
+}
+
+/// Which sinks to open.
+#[derive(Clone, Debug, Default)]
+pub struct OutputConfig {
+    /// Also send allowed actions to journald (denials and alerts always go there).
+    pub journal_allowed: bool,
+    /// Append every action to this JSON-lines file.
+    pub json_path: Option<PathBuf>,
+}
+
+/// Counters of one sink, for `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SinkStats {
+    pub sink: &'static str,
+    /// Actions the sink accepted.
+    pub written: u64,
+    /// Actions the sink failed to report.
+    pub failed: u64,
+    /// The most recent failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// Fans each action out to the configured sinks and keeps their counters.
+pub struct Outputs {
+    journal: Slot,
+    json: Option<Slot>,
+    journal_allowed: bool,
+}
+
+impl Outputs {
+    /// Opens journald and, if configured, the JSON trail (its failure to open is an error here,
+    /// at start, rather than a stream of failed writes later).
+    pub fn open(config: &OutputConfig) -> Result<Self, SinkError> {
+        let json = match &config.json_path {
+            Some(path) => Some(Box::new(JsonSink::open(path)?) as Box<dyn Sink + Send>),
+            None => None,
+        };
+        Ok(Self::new(
+            Box::new(JournaldSink::new()),
+            json,
+            config.journal_allowed,
+        ))
+    }
+
+    /// Builds from given sinks (tests, or other destinations in the journald/JSON roles).
+    pub fn new(
+        journal: Box<dyn Sink + Send>,
+        json: Option<Box<dyn Sink + Send>>,
+        journal_allowed: bool,
+    ) -> Self {
+        Self {
+            journal: Slot::new(journal),
+            json: json.map(Slot::new),
+            journal_allowed,
+        }
+    }
+
+    /// Reports `action` to every sink it belongs to. Failures are counted and logged, not
+    /// returned: one broken sink must not stop the others or the daemon.
+    pub fn emit(&mut self, action: &Action) {
+        let now = Instant::now();
+        if action.verdict != Verdict::Allowed || self.journal_allowed {
+            self.journal.emit(action, now);
+        }
+        if let Some(json) = &mut self.json {
+            json.emit(action, now);
+        }
+    }
+
+    /// Counters per sink, journald first.
+    pub fn stats(&self) -> Vec<SinkStats> {
+        std::iter::once(&self.journal)
+            .chain(self.json.as_ref())
+            .map(Slot::stats)
+            .collect()
+    }
+}
+
+/// A sink with its counters.
+struct Slot {
+    sink: Box<dyn Sink + Send>,
+    written: u64,
+    failed: u64,
+    last_error: Option<String>,
+    throttle: FailureThrottle,
+}
+
+impl Slot {
+    fn new(sink: Box<dyn Sink + Send>) -> Self {
+        Self {
+            sink,
+            written: 0,
+            failed: 0,
+            last_error: None,
+            throttle: FailureThrottle::default(),
+        }
+    }
+
+    fn emit(&mut self, action: &Action, now: Instant) {
+        match self.sink.emit(action) {
+            Ok(()) => {
+                self.written += 1;
+                if let Some(unreported) = self.throttle.success(now) {
+                    tracing::warn!(
+                        sink = self.sink.name(),
+                        unreported_failures = unreported,
+                        total_failed = self.failed,
+                        "output sink works again; failures since the last report: {unreported}"
+                    );
+                }
+            }
+            Err(err) => {
+                self.failed += 1;
+                let text = err.to_string();
+                if let Some(count) = self.throttle.failure(now) {
+                    tracing::warn!(
+                        sink = self.sink.name(),
+                        failures_since_last_report = count,
+                        total_failed = self.failed,
+                        "output sink failed, action not recorded there: {text}"
+                    );
+                }
+                self.last_error = Some(text);
+            }
+        }
+    }
+
+    fn stats(&self) -> SinkStats {
+        SinkStats {
+            sink: self.sink.name(),
+            written: self.written,
+            failed: self.failed,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// Rate limit for failure logs: the first failure is reported at once, later ones at most once per
+/// [`FailureThrottle::INTERVAL`] with the number of failures since the previous report. Failures
+/// that were not yet reported when the sink recovers are reported with the first success that is
+/// due, so every failure appears in some log line as well as in the counters.
+#[derive(Debug, Default)]
+struct FailureThrottle {
+    last_report: Option<Instant>,
+    unreported: u64,
+}
+
+impl FailureThrottle {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn due(&self, now: Instant) -> bool {
+        self.last_report
+            .is_none_or(|last| now.saturating_duration_since(last) >= Self::INTERVAL)
+    }
+
+    /// Records a failure; `Some(n)` when it should be logged, `n` failures since the last report.
+    fn failure(&mut self, now: Instant) -> Option<u64> {
+        self.unreported += 1;
+        self.report(now)
+    }
+
+    /// Records a success; `Some(n)` when `n` earlier failures are still to be logged.
+    fn success(&mut self, now: Instant) -> Option<u64> {
+        if self.unreported == 0 {
+            return None;
+        }
+        self.report(now)
+    }
+
+    fn report(&mut self, now: Instant) -> Option<u64> {
+        if !self.due(now) {
+            return None;
+        }
+        self.last_report = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::{Arc, Mutex};
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::action::Destination;
+
+    /// A connect from a three-process chain, fully populated.
+    pub(crate) fn connect_action() -> Action {
+        Action {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_416_640_250),
+            agent: "coder".into(),
+            task: "t-42".into(),
+            kind: ActionKind::Connect,
+            verdict: Verdict::Denied,
+            pid: 4242,
+            uid: 1000,
+            comm: "curl".into(),
+            exe: Some("/usr/bin/curl".into()),
+            destination: Some(Destination {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+                port: 443,
+                transport: "tcp",
+            }),
+            chain: vec![
+                ChainLink {
+                    pid: 4000,
+                    exe: "/usr/bin/python3".into(),
+                },
+                ChainLink {
+                    pid: 4100,
+                    exe: "/bin/sh".into(),
+                },
+                ChainLink {
+                    pid: 4242,
+                    exe: "/usr/bin/curl".into(),
+                },
+            ],
+            enforcement: Some("eperm"),
+            reason: "no network rule matches 10.1.2.3:443".into(),
+        }
+    }
+
+    /// An exec, alert mode, nothing enforced.
+    pub(crate) fn exec_action() -> Action {
+        Action {
+            kind: ActionKind::Exec,
+            verdict: Verdict::Alert,
+            comm: "sh".into(),
+            exe: Some("/usr/bin/nc".into()),
+            destination: None,
+            enforcement: None,
+            reason: "no exec rule matches /usr/bin/nc".into(),
+            ..connect_action()
+        }
+    }
+
+    #[test]
+    fn field_names_are_distinct_and_json_is_lowercase_journal() {
+        for (i, a) in Field::ALL.iter().enumerate() {
+            for b in &Field::ALL[i + 1..] {
+                assert_ne!(a.journal_name(), b.journal_name());
+                assert_ne!(a.json_name(), b.json_name());
+            }
+            if *a != Field::Uid {
+                assert_eq!(
+                    a.json_name(),
+                    a.journal_name().to_lowercase(),
+                    "{a:?}: only Uid may be spelled differently"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fields_cover_all_in_order() {
+        let action = connect_action();
+        let fields = action_fields(&action);
+        let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
+        assert_eq!(names, Field::ALL);
+        assert!(fields.iter().all(|(_, v)| v.is_some()), "{fields:?}");
+    }
+
+    #[test]
+    fn exec_has_no_destination_even_if_one_is_set() {
+        let mut a = exec_action();
+        a.destination = connect_action().destination;
+        let fields = action_fields(&a);
+        for (f, v) in fields {
+            let absent = matches!(
+                f,
+                Field::DestAddr | Field::DestPort | Field::DestTransport | Field::Enforcement
+            );
+            assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn throttle_reports_first_then_every_interval_with_count() {
+        let t0 = Instant::now();
+        let s = |n| t0 + Duration::from_secs(n);
+        let mut t = FailureThrottle::default();
+        assert_eq!(t.failure(s(0)), Some(1));
+        assert_eq!(t.failure(s(1)), None);
+        assert_eq!(t.failure(s(9)), None);
+        assert_eq!(t.failure(s(10)), Some(3));
+        assert_eq!(t.failure(s(11)), None);
+        // Recovery before the interval: the pending failure waits for the next due report.
+        assert_eq!(t.success(s(12)), None);
+        assert_eq!(t.success(s(20)), Some(1));
+        assert_eq!(t.success(s(21)), None);
+        // A new burst long after starts with an immediate report.
+        assert_eq!(t.failure(s(100)), Some(1));
+    }
+
+    /// Records what it was given; fails while `fail` is set.
+    #[derive(Clone, Default)]
+    struct Probe {
+        seen: Arc<Mutex<Vec<Verdict>>>,
+        fail: Arc<Mutex<bool>>,
+    }
+
+    impl Sink for Probe {
+        fn name(&self) -> &'static str {
+            "probe"
+        }
+        fn emit(&mut self, action: &Action) -> Result<(), SinkError> {
+            if *self.fail.lock().unwrap() {
+                return Err(SinkError::Write {
+                    path: "/probe".into(),
+                    source: std::io::Error::other("probe failure"),
+                });
+            }
+            self.seen.lock().unwrap().push(action.verdict);
+            Ok(())
+        }
+    }
+
+    fn all_verdicts() -> Vec<Action> {
+        [Verdict::Allowed, Verdict::Denied, Verdict::Alert]
+            .into_iter()
+            .map(|verdict| Action {
+                verdict,
+                ..connect_action()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn allowed_goes_to_journal_only_when_asked() {
+        for journal_allowed in [false, true] {
+            let (journal, json) = (Probe::default(), Probe::default());
+            let mut out = Outputs::new(
+                Box::new(journal.clone()),
+                Some(Box::new(json.clone())),
+                journal_allowed,
+            );
+            for a in all_verdicts() {
+                out.emit(&a);
+            }
+            let mut expected = vec![Verdict::Denied, Verdict::Alert];
+            if journal_allowed {
+                expected.insert(0, Verdict::Allowed);
+            }
+            assert_eq!(*journal.seen.lock().unwrap(), expected);
+            assert_eq!(json.seen.lock().unwrap().len(), 3);
+            let stats = out.stats();
+            assert_eq!(stats.len(), 2);
+            assert_eq!(stats[0].written, expected.len() as u64);
+            assert_eq!(stats[1].written, 3);
+        }
+    }
+
+    #[test]
+    fn failures_are_counted_per_sink() {
+        let (journal, json) = (Probe::default(), Probe::default());
+        let mut out = Outputs::new(
+            Box::new(journal.clone()),
+            Some(Box::new(json.clone())),
+            false,
+        );
+        *json.fail.lock().unwrap() = true;
+        for a in all_verdicts() {
+            out.emit(&a);
+        }
+        *json.fail.lock().unwrap() = false;
+        out.emit(&connect_action());
+        let stats = out.stats();
+        assert_eq!(
+            stats[0],
+            SinkStats {
+                sink: "probe",
+                written: 3,
+                failed: 0,
+                last_error: None
+            }
+        );
+        assert_eq!(stats[1].written, 1);
+        assert_eq!(stats[1].failed, 3);
+        let err = stats[1].last_error.as_deref().unwrap();
+        assert!(err.contains("probe failure"), "{err}");
+    }
+
+    #[test]
+    fn no_json_sink_means_one_stats_row() {
+        let mut out = Outputs::new(Box::new(Probe::default()), None, true);
+        out.emit(&exec_action());
+        assert_eq!(out.stats().len(), 1);
+        assert_eq!(out.stats()[0].written, 1);
+    }
+}
