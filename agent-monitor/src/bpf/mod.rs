@@ -1,0 +1,242 @@
+//! The only module that talks to aya: loads and attaches the kernel programs, writes the identity
+//! and allowlist maps, reads the action ring buffer and the loss counters.
+
+use std::path::Path;
+
+use agent_monitor_common::{self as common, AgentSlot, COUNTERS, ExecKey, NetAllow, NetKey};
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::host::TracepointLayout;
+use crate::policy::KernelTables;
+
+/// The compiled kernel programs, embedded at build time (see build.rs).
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-monitor"));
+
+/// What is enforcing, as reported at start-up and by `status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Mechanisms {
+    /// How a denied exec is stopped.
+    pub exec_enforcement: String,
+    /// How a denied connect is stopped.
+    pub connect_enforcement: String,
+    /// Programs attached, as "program → hook".
+    pub attached: Vec<String>,
+    /// What the kernel refused, with its reason.
+    pub refused: Vec<String>,
+}
+
+/// The loaded programs and their maps. One owner (the monitor task) holds it.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pub mechanisms: Mechanisms,
+}
+
+struct Hook {
+    program: &'static str,
+    kind: HookKind,
+    /// The daemon cannot do its job without it.
+    required: bool,
+}
+
+enum HookKind {
+    Tracepoint(&'static str, &'static str),
+    CgroupSockAddr(&'static str),
+}
+
+const HOOKS: &[Hook] = &[
+    Hook {
+        program: "agent_exec",
+        kind: HookKind::Tracepoint("sched", "sched_process_exec"),
+        required: true,
+    },
+    Hook {
+        program: "agent_connect4",
+        kind: HookKind::CgroupSockAddr("connect4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_connect6",
+        kind: HookKind::CgroupSockAddr("connect6"),
+        required: true,
+    },
+    Hook {
+        program: "agent_fork",
+        kind: HookKind::Tracepoint("sched", "sched_process_fork"),
+        required: false,
+    },
+    Hook {
+        program: "agent_exit",
+        kind: HookKind::Tracepoint("sched", "sched_process_exit"),
+        required: false,
+    },
+];
+
+impl Kernel {
+    /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
+    /// process on the host passes through them (non-agents leave after one lookup).
+    pub fn load(
+        cgroup_root: &Path,
+        layout: &TracepointLayout,
+        lsm: Result<(), String>,
+    ) -> anyhow::Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
+            .load(PROGRAMS)
+            .context("loading the agent-monitor eBPF object")?;
+        let cgroup = std::fs::File::open(cgroup_root)
+            .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
+        let mut mechanisms = Mechanisms {
+            connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
+            ..Default::default()
+        };
+        for hook in HOOKS {
+            match attach(&mut ebpf, hook, &cgroup) {
+                Ok(at) => mechanisms.attached.push(format!("{} → {at}", hook.program)),
+                Err(e) if hook.required => {
+                    return Err(e.context(format!("attaching required program {}", hook.program)));
+                }
+                Err(e) => {
+                    tracing::warn!(program = hook.program, "kernel refused program: {e:#}");
+                    mechanisms.refused.push(format!("{}: {e:#}", hook.program));
+                }
+            }
+        }
+        mechanisms.exec_enforcement = match lsm {
+            // This build judges exec at sched_process_exec only; an LSM path would give callers a
+            // clean EPERM instead of a killed process.
+            Ok(()) => "SIGKILL at sched_process_exec (BPF LSM is available on this host but this \
+                       build does not use it yet)"
+                .into(),
+            Err(why) => {
+                mechanisms
+                    .refused
+                    .push(format!("BPF LSM bprm_check_security: {why}"));
+                "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
+            }
+        };
+        Ok(Kernel { ebpf, mechanisms })
+    }
+
+    /// Writes the compiled allowlists. Called once at start, before any agent exists.
+    pub fn install_allowlists(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        for (what, have, cap) in [
+            ("network", tables.net.len(), common::MAX_NET_ENTRIES),
+            ("exec", tables.exec.len(), common::MAX_EXEC_ENTRIES),
+        ] {
+            if have > cap as usize {
+                anyhow::bail!(
+                    "the policies compile to {have} {what} allowlist entries; the kernel map holds {cap}"
+                );
+            }
+        }
+        let mut net: LpmTrie<_, NetKey, NetAllow> =
+            LpmTrie::try_from(map(&mut self.ebpf, "NET_ALLOW")?)?;
+        for (prefix_len, key, allow) in &tables.net {
+            net.insert(&Key::new(*prefix_len, *key), allow, 0)
+                .context("writing the network allowlist map")?;
+        }
+        let mut exec: LpmTrie<_, ExecKey, u32> =
+            LpmTrie::try_from(map(&mut self.ebpf, "EXEC_ALLOW")?)?;
+        for (i, (prefix_len, key)) in tables.exec.iter().enumerate() {
+            exec.insert(&Key::new(*prefix_len, *key), i as u32, 0)
+                .context("writing the exec allowlist map")?;
+        }
+        Ok(())
+    }
+
+    /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on.
+    pub fn add_agent_cgroup(&mut self, cgroup_id: u64, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u64, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "AGENT_CGROUPS")?)?;
+        m.insert(cgroup_id, slot, 0)
+            .context("adding to the agent identity map (full?)")
+    }
+
+    pub fn remove_agent_cgroup(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u64, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "AGENT_CGROUPS")?)?;
+        m.remove(&cgroup_id)
+            .context("removing from the agent identity map")
+    }
+
+    /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.
+    pub fn counters(&self) -> anyhow::Result<[u64; COUNTERS as usize]> {
+        let m = self
+            .ebpf
+            .map("COUNTERS_MAP")
+            .ok_or_else(|| anyhow!("map COUNTERS_MAP missing from the object"))?;
+        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+        let mut out = [0u64; COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = a.get(&(i as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Hands the ring buffer to its reader. Can be called once.
+    pub fn take_actions(&mut self) -> anyhow::Result<ActionStream> {
+        let m = self
+            .ebpf
+            .take_map("ACTIONS")
+            .ok_or_else(|| anyhow!("ring buffer ACTIONS missing or already taken"))?;
+        let ring = RingBuf::try_from(m)?;
+        // SAFETY: the RingBuf owns its fd and keeps it open for as long as the AsyncFd holds it.
+        let fd = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow!("registering the ring buffer with tokio: {e}"))?;
+        Ok(ActionStream { fd })
+    }
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Result<String> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    match hook.kind {
+        HookKind::Tracepoint(category, name) => {
+            let tp: &mut TracePoint = prog.try_into()?;
+            tp.load().context("loading")?;
+            tp.attach(category, name).context("attaching")?;
+            Ok(format!("tracepoint {category}/{name}"))
+        }
+        HookKind::CgroupSockAddr(at) => {
+            let p: &mut CgroupSockAddr = prog.try_into()?;
+            p.load().context("loading")?;
+            // With a bpf_link (kernel >= 5.7) the kernel always attaches as "multi" and rejects any
+            // flag, so the mode must be Single (0) here; other programs on the root still run.
+            p.attach(cgroup, CgroupAttachMode::Single)
+                .context("attaching")?;
+            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+        }
+    }
+}
+
+/// Readiness-driven reader of the action ring buffer.
+pub struct ActionStream {
+    fd: AsyncFd<RingBuf<MapData>>,
+}
+
+impl ActionStream {
+    /// Waits until records are available, then hands each to `f`. Returns how many were read.
+    pub async fn next_batch(&mut self, mut f: impl FnMut(&[u8])) -> anyhow::Result<usize> {
+        let mut guard = self.fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        guard.clear_ready();
+        Ok(n)
+    }
+}

@@ -1,0 +1,184 @@
+//! The client commands: `run`, `status`, `policy check`.
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::cli::{PolicyCommand, RunArgs, StatusArgs};
+use crate::control::{self, Request, Response};
+
+/// `run`'s own failures, as in env(1)/timeout(1): 125 ours, 126 cannot execute, 127 not found.
+const EXIT_OURS: u8 = 125;
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+const EXIT_NOT_FOUND: u8 = 127;
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let task = args
+        .task
+        .clone()
+        .unwrap_or_else(|| format!("run-{}", std::process::id()));
+    let program = match resolve(&args.command[0]) {
+        Some(p) => p,
+        None => {
+            eprintln!(
+                "agent-monitor run: command not found: {}",
+                args.command[0].to_string_lossy()
+            );
+            return ExitCode::from(EXIT_NOT_FOUND);
+        }
+    };
+    let req = Request::Place {
+        agent: args.agent.clone(),
+        task: task.clone(),
+    };
+    match control::call(&args.socket.control_socket, &req) {
+        Ok(Response::Placed { .. }) => {}
+        Ok(other) => {
+            eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
+            return ExitCode::from(EXIT_OURS);
+        }
+        Err(e) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    }
+    // From here this process is the agent; the command inherits its cgroup.
+    let mut child = match std::process::Command::new(&program)
+        .arg0(&args.command[0])
+        .args(&args.command[1..])
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "agent-monitor run: cannot execute {}: {e}",
+                program.display()
+            );
+            return ExitCode::from(EXIT_CANNOT_EXECUTE);
+        }
+    };
+    forward_signals(child.id());
+    match child.wait() {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => ExitCode::from(code as u8),
+            (None, Some(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+            (None, None) => ExitCode::from(EXIT_OURS),
+        },
+        Err(e) => {
+            eprintln!("agent-monitor run: waiting for the command: {e}");
+            ExitCode::from(EXIT_OURS)
+        }
+    }
+}
+
+use std::os::unix::process::CommandExt as _;
+
+/// The absolute path the kernel will be asked to execute, so allowlists see a canonical spelling
+/// rather than whatever PATH search the libc would do.
+fn resolve(cmd: &OsString) -> Option<PathBuf> {
+    let p = PathBuf::from(cmd);
+    if p.components().count() > 1 || p.is_absolute() {
+        return Some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(&p))
+        .find(|c| is_executable(c))
+}
+
+fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Termination signals sent to `run` go to the command too, so `run` can stand in for it.
+fn forward_signals(child: u32) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGQUIT])
+    else {
+        eprintln!("agent-monitor run: cannot install signal forwarding; signals reach only run");
+        return;
+    };
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child as i32, sig) };
+        }
+    });
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
+    let status = match control::call(&args.socket.control_socket, &Request::Status {}) {
+        Ok(Response::Status(s)) => s,
+        Ok(other) => {
+            eprintln!("agent-monitor status: unexpected answer: {other:?}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("agent-monitor status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agent-monitor status: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!("policies: {}", status.policies);
+    println!("enforcement: {}", status.mechanisms);
+    println!(
+        "counters: {} actions, {} denied, {} alerts, {} lost records, {} undecodable, {} verdict disagreements",
+        status.counters.actions,
+        status.counters.denied,
+        status.counters.alerts,
+        status.counters.lost_records,
+        status.counters.undecodable_records,
+        status.counters.verdict_disagreements
+    );
+    for s in &status.sinks {
+        println!(
+            "sink {}: {} written, {} failed",
+            s.sink, s.written, s.failed
+        );
+    }
+    for a in &status.agents {
+        println!(
+            "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
+            a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
+        );
+        for t in &a.tasks {
+            let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
+            println!("  task {}: processes [{}]", t.task, pids.join(" "));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn policy(cmd: PolicyCommand) -> ExitCode {
+    match cmd {
+        PolicyCommand::Check { path } => match crate::policy_dir::load_path(&path) {
+            Ok(set) => {
+                let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
+                println!(
+                    "{}: ok, {} agent(s): {}",
+                    path.display(),
+                    names.len(),
+                    names.join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,195 @@
+//! The control socket protocol: one JSON request line, one JSON response line. Shared by the daemon
+//! (server) and the `run` and `status` clients. The daemon identifies the caller with SO_PEERCRED,
+//! never by what the request says.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
+    Place { agent: String, task: String },
+    /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
+    Status {},
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Placed {
+        agent: String,
+        task: String,
+        cgroup: String,
+    },
+    Status(Status),
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub started_unix: u64,
+    pub policies: String,
+    pub mechanisms: serde_json::Value,
+    pub agents: Vec<AgentStatus>,
+    pub counters: Counters,
+    pub sinks: Vec<SinkStatus>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub agent: String,
+    pub mode: String,
+    pub tasks: Vec<TaskStatus>,
+    pub actions: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    pub alerts: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task: String,
+    pub cgroup: String,
+    pub processes: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub actions: u64,
+    pub denied: u64,
+    pub alerts: u64,
+    /// Records the kernel could not hand over (ring buffer full); their verdicts still applied.
+    pub lost_records: u64,
+    pub undecodable_records: u64,
+    pub exec_paths_too_long: u64,
+    pub exec_paths_unreadable: u64,
+    /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).
+    pub verdict_disagreements: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SinkStatus {
+    pub sink: String,
+    pub written: u64,
+    pub failed: u64,
+}
+
+/// Why a client call failed, worded for the person who ran the command.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "the agent-monitor daemon is not running (no control socket at {path}); start it with `agent-monitor daemon`"
+    )]
+    NotRunning { path: String },
+    #[error("permission denied on the control socket {path}: it is root-only")]
+    PermissionDenied { path: String },
+    #[error("control socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the daemon sent an unreadable answer: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Sends one request and reads the response.
+pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let path = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning { path: path.clone() }
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            ClientError::PermissionDenied { path: path.clone() }
+        }
+        _ => ClientError::Io {
+            path: path.clone(),
+            source: e,
+        },
+    })?;
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let resp: Response = serde_json::from_str(&answer)
+        .map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))?;
+    match resp {
+        Response::Error { message } => Err(ClientError::Refused(message)),
+        other => Ok(other),
+    }
+}
+
+/// Parses a request line; the error says what was wrong, for the caller.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line.trim()).map_err(|e| {
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}} or {{\"op\":\"status\"}}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Place {
+                agent: "a".into(),
+                task: "t".into(),
+            },
+            Request::Status {},
+        ] {
+            let s = serde_json::to_string(&r).unwrap();
+            assert_eq!(parse_request(&s).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_expected() {
+        for bad in [
+            "",
+            "{}",
+            "{\"op\":\"nuke\"}",
+            "{\"op\":\"place\",\"agent\":\"a\"}",
+            "{\"op\":\"status\",\"pid\":1}",
+            "not json",
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.starts_with("bad request:"), "{e}");
+            assert!(e.contains("expected"), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_socket_means_daemon_not_running() {
+        let e = call(
+            Path::new("/nonexistent/agent-monitor.sock"),
+            &Request::Status {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, ClientError::NotRunning { .. }));
+        assert!(e.to_string().contains("daemon is not running"));
+    }
+}

@@ -1,0 +1,283 @@
+//! Decoding of the kernel's ring-buffer records into typed events. Pure: bytes in, values out.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use agent_monitor_common as common;
+use agent_monitor_common::ActionRecord;
+
+use crate::action::Verdict;
+
+/// A record from the kernel, typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Exec(ExecEvent),
+    Connect(ConnectEvent),
+    Fork { subject: Subject, child: u32 },
+    Exit { subject: Subject },
+}
+
+/// Who acted: the task and the agent identity key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    pub cgroup_id: u64,
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    /// The file name the kernel executed, as given to exec.
+    pub path: String,
+    /// The path did not fit the kernel's buffer; `path` is its beginning.
+    pub truncated: bool,
+    pub unreadable: bool,
+    /// The kernel sent SIGKILL before the program's first instruction.
+    pub killed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Socket type: 1 stream, 2 datagram, 3 raw…
+    pub sock_type: u32,
+}
+
+/// Why a record could not be decoded. Each is counted by the daemon, never ignored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {got} bytes, expected at least {want}")]
+    Short { got: usize, want: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown verdict {verdict} in a {kind} record")]
+    UnknownVerdict { kind: &'static str, verdict: u32 },
+    #[error("unknown address family {0} in a connect record")]
+    UnknownFamily(u16),
+}
+
+/// Decodes one record as written by the kernel programs.
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    let want = std::mem::size_of::<ActionRecord>();
+    if bytes.len() < want {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: length checked; ActionRecord is plain integers (any bit pattern is valid) and the
+    // read is unaligned-safe.
+    let rec: ActionRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let subject = Subject {
+        cgroup_id: rec.cgroup_id,
+        ktime_ns: rec.ktime_ns,
+        pid: rec.pid,
+        tid: rec.tid,
+        uid: rec.uid,
+        comm: c_string(&rec.comm),
+    };
+    match rec.kind {
+        common::KIND_EXEC => {
+            let len = (rec.path_len as usize).min(rec.path.len());
+            Ok(KernelEvent::Exec(ExecEvent {
+                verdict: verdict(rec.verdict, "exec")?,
+                path: String::from_utf8_lossy(&rec.path[..len]).into_owned(),
+                truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
+                unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
+                killed: rec.flags & common::FLAG_KILLED != 0,
+                subject,
+            }))
+        }
+        common::KIND_CONNECT => {
+            let v6 = Ipv6Addr::from(rec.addr);
+            let addr = match rec.family {
+                common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+                // An IPv4-mapped address on an IPv6 socket is an IPv4 destination.
+                common::AF_INET6 => match v6.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(v6),
+                },
+                other => return Err(DecodeError::UnknownFamily(other)),
+            };
+            Ok(KernelEvent::Connect(ConnectEvent {
+                verdict: verdict(rec.verdict, "connect")?,
+                addr,
+                port: rec.port,
+                sock_type: rec.sock_type,
+                subject,
+            }))
+        }
+        common::KIND_FORK => Ok(KernelEvent::Fork {
+            child: rec.other_pid,
+            subject,
+        }),
+        common::KIND_EXIT => Ok(KernelEvent::Exit { subject }),
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+fn verdict(v: u32, kind: &'static str) -> Result<Verdict, DecodeError> {
+    match v {
+        common::VERDICT_ALLOWED => Ok(Verdict::Allowed),
+        common::VERDICT_DENIED => Ok(Verdict::Denied),
+        common::VERDICT_ALERT => Ok(Verdict::Alert),
+        verdict => Err(DecodeError::UnknownVerdict { kind, verdict }),
+    }
+}
+
+/// Text up to the first NUL.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Name of a socket type for reports.
+pub fn transport(sock_type: u32) -> &'static str {
+    // Low bits only: SOCK_NONBLOCK / SOCK_CLOEXEC are flags.
+    match sock_type & 0xf {
+        1 => "tcp",
+        2 => "udp",
+        3 => "raw",
+        5 => "seqpacket",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blank(kind: u32, verdict: u32) -> ActionRecord {
+        ActionRecord {
+            kind,
+            verdict,
+            cgroup_id: 77,
+            ktime_ns: 5,
+            pid: 100,
+            tid: 101,
+            uid: 1000,
+            other_pid: 0,
+            comm: *b"python3\0\0\0\0\0\0\0\0\0",
+            family: 0,
+            port: 0,
+            sock_type: 0,
+            addr: [0; 16],
+            flags: 0,
+            path_len: 0,
+            path: [0xAA; 256],
+        }
+    }
+
+    fn bytes(r: &ActionRecord) -> Vec<u8> {
+        // SAFETY: viewing a repr(C) integer struct as bytes.
+        unsafe {
+            std::slice::from_raw_parts((r as *const ActionRecord).cast::<u8>(), size_of_val(r))
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn exec_record_decodes_path_and_flags() {
+        let mut r = blank(common::KIND_EXEC, common::VERDICT_DENIED);
+        r.path[..9].copy_from_slice(b"/bin/true");
+        r.path_len = 9;
+        r.flags = common::FLAG_KILLED;
+        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
+            panic!("not an exec")
+        };
+        assert_eq!(e.path, "/bin/true");
+        assert_eq!(e.verdict, Verdict::Denied);
+        assert!(e.killed && !e.truncated && !e.unreadable);
+        assert_eq!(e.subject.comm, "python3");
+        assert_eq!(
+            (e.subject.pid, e.subject.tid, e.subject.uid),
+            (100, 101, 1000)
+        );
+        assert_eq!(e.subject.cgroup_id, 77);
+    }
+
+    #[test]
+    fn exec_path_len_beyond_buffer_is_clamped() {
+        let mut r = blank(common::KIND_EXEC, common::VERDICT_ALLOWED);
+        r.path_len = 10_000;
+        r.flags = common::FLAG_PATH_TRUNCATED;
+        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.path.chars().count(), 256);
+        assert!(e.truncated);
+    }
+
+    #[test]
+    fn connect4_decodes_mapped_address_and_port() {
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
+        r.family = common::AF_INET;
+        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        r.port = 8080;
+        r.sock_type = 1;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.port, 8080);
+        assert_eq!(transport(c.sock_type), "tcp");
+    }
+
+    #[test]
+    fn connect6_keeps_v6_and_unmaps_v4_mapped() {
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALERT);
+        r.family = common::AF_INET6;
+        r.addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.verdict, Verdict::Alert);
+        r.addr = "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap().octets();
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.addr, "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn lifecycle_records() {
+        let mut r = blank(common::KIND_FORK, common::VERDICT_NONE);
+        r.other_pid = 4242;
+        assert!(matches!(
+            decode(&bytes(&r)),
+            Ok(KernelEvent::Fork { child: 4242, .. })
+        ));
+        let r = blank(common::KIND_EXIT, common::VERDICT_NONE);
+        assert!(matches!(decode(&bytes(&r)), Ok(KernelEvent::Exit { .. })));
+    }
+
+    #[test]
+    fn odd_records_are_errors_not_panics() {
+        assert_eq!(
+            decode(&[0u8; 10]),
+            Err(DecodeError::Short { got: 10, want: 344 })
+        );
+        assert_eq!(
+            decode(&bytes(&blank(99, 0))),
+            Err(DecodeError::UnknownKind(99))
+        );
+        assert_eq!(
+            decode(&bytes(&blank(common::KIND_EXEC, 9))),
+            Err(DecodeError::UnknownVerdict {
+                kind: "exec",
+                verdict: 9
+            })
+        );
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
+        r.family = 1;
+        assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
+    }
+}

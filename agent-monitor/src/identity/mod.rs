@@ -1,0 +1,36 @@
+//! Agent identity: the cgroups that make a process an agent, the registry of (agent, task) cgroups,
+//! and the process table that names the chain from an agent's root process to the acting one.
+
+mod cgroup;
+mod process;
+
+pub use cgroup::AgentCgroups;
+pub use process::ProcessTable;
+
+/// Checks a task id: it becomes a cgroup directory name and a journald field value.
+pub fn check_task_id(task: &str) -> Result<(), String> {
+    let ok_len = !task.is_empty() && task.len() <= 64;
+    let ok_chars = task
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok_len && ok_chars && !task.starts_with('.') {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid task id {task:?}: expected 1-64 characters of A-Z a-z 0-9 _ - . not starting with '.'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn task_ids() {
+        use super::check_task_id as c;
+        assert!(c("build-42").is_ok());
+        assert!(c("T.1_a").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65), "é"] {
+            assert!(c(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

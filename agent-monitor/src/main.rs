@@ -1,0 +1,28 @@
+//! agent-monitor: parse the command line, run it, exit with its code.
+
+mod action;
+mod bpf;
+mod cli;
+mod client;
+mod control;
+mod daemon;
+mod event;
+mod host;
+mod identity;
+mod output;
+mod policy;
+mod policy_dir;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli.command {
+        cli::Command::Daemon(args) => daemon::main(args),
+        cli::Command::Run(args) => client::run(args),
+        cli::Command::Policy(cmd) => client::policy(cmd),
+        cli::Command::Status(args) => client::status(args),
+    }
+}

@@ -1,0 +1,265 @@
+//! Harness for the privileged end-to-end tests: start the real daemon on policies written by the
+//! test, run real programs as agents through `agent-monitor run`, read back journald and the JSON
+//! audit trail.
+//!
+//! The daemon binary comes from `AGENT_MONITOR_BIN` (set by `cargo xtask test`), else
+//! `target/release/agent-monitor`.
+
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// True when the test may go on. Not root: under CI a failure, elsewhere a loud skip.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: privileged test needs root and CI is set: refusing to skip");
+    }
+    eprintln!("\n!!! SKIPPED {test}: needs root (set CI=1 to make this a failure) !!!\n");
+    false
+}
+
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("AGENT_MONITOR_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/agent-monitor")
+}
+
+/// An agent name unique to this test run, so journald queries see only this run's entries.
+pub fn unique_agent(label: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("e2e-{label}-{}-{nanos}", std::process::id())
+}
+
+/// A loopback TCP listener that accepts (and drops) connections in the background.
+pub fn listener_v4() -> u16 {
+    listen("127.0.0.1:0")
+}
+
+pub fn listener_v6() -> Option<u16> {
+    TcpListener::bind("[::1]:0").ok().map(|l| {
+        let port = l.local_addr().unwrap().port();
+        spawn_acceptor(l);
+        port
+    })
+}
+
+fn listen(addr: &str) -> u16 {
+    let l = TcpListener::bind(addr).expect("binding a loopback listener");
+    let port = l.local_addr().unwrap().port();
+    spawn_acceptor(l);
+    port
+}
+
+fn spawn_acceptor(l: TcpListener) {
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            drop(s);
+        }
+    });
+}
+
+/// A running daemon with its own policy directory, control socket and JSON audit trail.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub json_log: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `policies` (file name, TOML text) and starts the daemon; waits until it serves.
+    pub fn start(policies: &[(String, String)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pdir = dir.path().join("policies");
+        std::fs::create_dir(&pdir).unwrap();
+        for (name, text) in policies {
+            std::fs::write(pdir.join(name), text).unwrap();
+        }
+        let socket = dir.path().join("control.sock");
+        let json_log = dir.path().join("audit.jsonl");
+        let stderr_log = dir.path().join("daemon.log");
+        let child = Command::new(binary())
+            .args(["daemon", "--policies"])
+            .arg(&pdir)
+            .arg("--json-log")
+            .arg(&json_log)
+            .arg("--control-socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary().display()));
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            socket,
+            json_log,
+            stderr_log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited early ({status}):\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon not ready after 30 s:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// `agent-monitor run --agent AGENT [--task TASK] -- CMD…`, waited for.
+    pub fn run(&self, agent: &str, task: Option<&str>, cmd: &[&str]) -> Output {
+        let mut c = Command::new(binary());
+        c.arg("run")
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(["--agent", agent]);
+        if let Some(t) = task {
+            c.args(["--task", t]);
+        }
+        c.arg("--").args(cmd);
+        c.output().expect("running agent-monitor run")
+    }
+
+    /// `agent-monitor status --json`.
+    pub fn status(&self) -> Value {
+        let out = Command::new(binary())
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Every line of the JSON audit trail so far.
+    pub fn audit(&self) -> Vec<Value> {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.json_log) {
+            f.read_to_string(&mut s).unwrap();
+        }
+        s.lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Waits (up to 10 s) for an audit record matching `pred`.
+    pub fn wait_audit(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.audit().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no audit record {what} within 10 s; audit trail:\n{:#?}\ndaemon log:\n{}",
+                    self.audit(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// journald entries of agent-monitor for `agent`, as `journalctl -o json` gives them.
+pub fn journal(agent: &str) -> Vec<Value> {
+    let out = Command::new("journalctl")
+        .args(["-o", "json", "--no-pager", "-t", "agent-monitor"])
+        .arg(format!("AGENT_ID={agent}"))
+        .output()
+        .expect("running journalctl");
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (up to 10 s) for a journald entry of `agent` matching `pred`.
+pub fn wait_journal(agent: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = journal(agent).into_iter().find(|v| pred(v)) {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no journald entry {what} for {agent} within 10 s; entries:\n{:#?}",
+                journal(agent)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A string field of a JSON object ("" when absent).
+pub fn field<'a>(v: &'a Value, name: &str) -> &'a str {
+    v.get(name).and_then(Value::as_str).unwrap_or("")
+}
+
+pub const PYTHON: &str = "/usr/bin/python3";
+pub const SH: &str = "/bin/sh";
+
+/// A python3 one-liner that connects to HOST:PORT and exits 0 on success, 10 + errno on error.
+pub fn py_connect(host: &str, port: u16) -> String {
+    let family = if host.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    format!(
+        "import socket,sys\ns=socket.socket(socket.{family})\ntry:\n  s.connect(('{host}',{port}))\nexcept OSError as e:\n  print('errno',e.errno);sys.exit(10+e.errno)\nprint('connected')"
+    )
+}
