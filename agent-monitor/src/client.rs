@@ -133,15 +133,35 @@ pub fn status(args: StatusArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("policies: {}", status.policies);
-    println!("enforcement: {}", status.mechanisms);
+    let m = &status.mechanisms;
+    let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+    let list = |k: &str| -> Vec<String> {
+        m.get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    println!("exec enforcement: {}", text("exec_enforcement"));
+    println!("connect enforcement: {}", text("connect_enforcement"));
+    for a in list("attached") {
+        println!("attached: {a}");
+    }
+    for r in list("refused") {
+        println!("not available: {r}");
+    }
     println!(
-        "counters: {} actions, {} denied, {} alerts, {} lost records, {} undecodable, {} verdict disagreements",
+        "counters: {} actions, {} denied, {} alerts, {} lost records, {} undecodable, {} verdict disagreements, {} tracked processes",
         status.counters.actions,
         status.counters.denied,
         status.counters.alerts,
         status.counters.lost_records,
         status.counters.undecodable_records,
-        status.counters.verdict_disagreements
+        status.counters.verdict_disagreements,
+        status.counters.tracked_processes
     );
     for s in &status.sinks {
         println!(

@@ -23,8 +23,21 @@ use crate::identity::{self, AgentCgroups, ProcessTable};
 use crate::output::{OutputConfig, Outputs};
 use crate::policy::PolicySet;
 
-/// How often empty task cgroups are removed.
+/// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How long an exited process still names its place in its descendants' chains.
+const KEEP_EXITED: Duration = Duration::from_secs(60);
+
+/// CLOCK_MONOTONIC in ns, the clock of the kernel's record times (bpf_ktime_get_ns).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 pub fn main(args: DaemonArgs) -> ExitCode {
     tracing_subscriber::fmt()
@@ -32,6 +45,7 @@ pub fn main(args: DaemonArgs) -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -343,6 +357,8 @@ impl Monitor {
     }
 
     fn sweep(&mut self) {
+        self.procs
+            .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
         let gone: Vec<u64> = self
             .tasks
             .iter()
@@ -369,7 +385,9 @@ impl Monitor {
             Err(e) => {
                 self.counters.undecodable_records += 1;
                 // Logged for the first ones, then once per 1000: counted always.
-                if self.decode_errors_logged < 5 || self.counters.undecodable_records % 1000 == 0 {
+                if self.decode_errors_logged < 5
+                    || self.counters.undecodable_records.is_multiple_of(1000)
+                {
                     self.decode_errors_logged += 1;
                     tracing::warn!(
                         total = self.counters.undecodable_records,
@@ -383,7 +401,7 @@ impl Monitor {
             KernelEvent::Fork { subject, child } => {
                 self.procs.on_fork(subject.pid, child, &subject.comm)
             }
-            KernelEvent::Exit { subject } => self.procs.on_exit(subject.pid),
+            KernelEvent::Exit { subject } => self.procs.on_exit(subject.pid, subject.ktime_ns),
             KernelEvent::Exec(e) => {
                 self.procs.on_exec(e.subject.pid, &e.path);
                 let action = self.exec_action(&e);
@@ -526,6 +544,7 @@ impl Monitor {
             }
             Err(e) => tracing::warn!("reading kernel counters: {e:#}"),
         }
+        self.counters.tracked_processes = self.procs.len() as u64;
         let agents = self
             .policies
             .iter()

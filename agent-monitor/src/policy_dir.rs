@@ -16,6 +16,7 @@ pub struct LoadError {
 }
 
 impl LoadError {
+    #[cfg(test)]
     pub fn problems(&self) -> &[LoadProblem] {
         &self.problems
     }
@@ -119,7 +120,7 @@ fn finish(policies: Vec<Policy>, mut problems: Vec<LoadProblem>) -> Result<Polic
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Mode;
+    use crate::policy::model::Mode;
 
     fn examples_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")

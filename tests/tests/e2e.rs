@@ -493,3 +493,30 @@ fn daemon_refuses_invalid_policies_and_policy_check_names_the_line() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused() {
+    if !require_root("a_second_daemon_on_the_same_socket_is_refused") {
+        return;
+    }
+    let agent = unique_agent("twice");
+    let d = Daemon::start(&[policy(&agent, "enforce", &[], &[SH])]);
+    let out = std::process::Command::new(binary())
+        .args(["daemon", "--control-socket"])
+        .arg(&d.socket)
+        .arg("--policies")
+        .arg(d.dir.path().join("policies"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a second daemon started");
+    assert!(
+        text(&out.stderr).contains("already serving"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The first one still works.
+    assert_eq!(
+        d.run(&agent, None, &[SH, "-c", "exit 3"]).status.code(),
+        Some(3)
+    );
+}

@@ -28,10 +28,6 @@ impl AgentCgroups {
         Ok(AgentCgroups { base })
     }
 
-    pub fn base(&self) -> &Path {
-        &self.base
-    }
-
     /// Creates (or finds) the cgroup of `task` of `agent`. Names are validated by the caller.
     pub fn task(&self, agent: &str, task: &str) -> anyhow::Result<TaskCgroup> {
         let path = self.base.join(agent).join(task);
@@ -75,12 +71,4 @@ impl AgentCgroups {
             Err(_) => false,
         }
     }
-}
-
-/// The cgroup v2 path of `pid` relative to the hierarchy root (the `0::` line of /proc/PID/cgroup).
-pub fn cgroup_of(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
 }

@@ -12,6 +12,9 @@ const MAX_CHAIN: usize = 32;
 struct Proc {
     parent: Option<u32>,
     exe: String,
+    /// Monotonic ns of its exit. Exited processes are kept a while: a daemonised grandchild's
+    /// actions are reported after its parent is gone, and the chain must still name that parent.
+    exited_at: Option<u64>,
 }
 
 /// pid → (parent, executable) for agent processes.
@@ -23,7 +26,14 @@ pub struct ProcessTable {
 impl ProcessTable {
     /// A process that became an agent without being forked by one (the `run` client).
     pub fn add_root(&mut self, pid: u32, exe: String) {
-        self.procs.insert(pid, Proc { parent: None, exe });
+        self.procs.insert(
+            pid,
+            Proc {
+                parent: None,
+                exe,
+                exited_at: None,
+            },
+        );
     }
 
     pub fn on_fork(&mut self, parent: u32, child: u32, parent_comm: &str) {
@@ -35,12 +45,14 @@ impl ProcessTable {
         self.procs.entry(parent).or_insert_with(|| Proc {
             parent: None,
             exe: exe.clone(),
+            exited_at: None,
         });
         self.procs.insert(
             child,
             Proc {
                 parent: Some(parent),
                 exe,
+                exited_at: None,
             },
         );
     }
@@ -52,11 +64,23 @@ impl ProcessTable {
             .or_insert_with(|| Proc {
                 parent: None,
                 exe: path.to_string(),
+                exited_at: None,
             });
     }
 
-    pub fn on_exit(&mut self, pid: u32) {
-        self.procs.remove(&pid);
+    /// `now_ns`: monotonic time of the exit (the kernel's record time).
+    pub fn on_exit(&mut self, pid: u32, now_ns: u64) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.exited_at = Some(now_ns);
+        }
+    }
+
+    /// Forgets processes that exited more than `keep_ns` before `now_ns`.
+    pub fn prune(&mut self, now_ns: u64, keep_ns: u64) {
+        self.procs.retain(|_, p| {
+            p.exited_at
+                .is_none_or(|t| now_ns.saturating_sub(t) < keep_ns)
+        });
     }
 
     pub fn exe(&self, pid: u32) -> Option<&str> {
@@ -139,14 +163,19 @@ mod tests {
     }
 
     #[test]
-    fn exit_forgets_and_orphans_end_the_chain() {
+    fn exited_parents_stay_in_the_chain_until_pruned() {
         let mut t = ProcessTable::default();
         t.add_root(1, "/bin/sh".into());
         t.on_fork(1, 2, "sh");
         t.on_fork(2, 3, "sh");
-        t.on_exit(2);
-        assert_eq!(pids(&t.chain(3, "sh")), vec![3]);
+        t.on_exit(2, 1_000);
+        // The daemonised grandchild still names its vanished parent.
+        assert_eq!(pids(&t.chain(3, "sh")), vec![1, 2, 3]);
+        t.prune(1_500, 1_000);
+        assert_eq!(t.len(), 3);
+        t.prune(2_000, 1_000);
         assert_eq!(t.len(), 2);
+        assert_eq!(pids(&t.chain(3, "sh")), vec![3]);
     }
 
     #[test]

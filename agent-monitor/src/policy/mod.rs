@@ -2,10 +2,10 @@
 
 mod compile;
 mod evaluate;
-mod model;
+pub(crate) mod model;
 mod parse;
 
-pub use compile::{CapacityError, KernelTables};
-pub use evaluate::{Decision, NO_RULE_MATCHES};
-pub use model::{ExecRule, Mode, NetRule, Policy, PolicySet};
-pub use parse::{AGENT_NAME_MAX, Issue, Location, PolicyError, Reason};
+pub use compile::KernelTables;
+pub use evaluate::Decision;
+pub use model::{Policy, PolicySet};
+pub use parse::Issue;
