@@ -93,6 +93,9 @@ pub const FLAG_PATH_TRUNCATED: u32 = 1;
 pub const FLAG_PATH_UNREADABLE: u32 = 2;
 /// A denied exec was stopped by SIGKILL from the exec tracepoint.
 pub const FLAG_KILLED: u32 = 4;
+/// The exec path was not in normal form (`//`, `/./`, `/../`); judged as not allowed, because
+/// `/opt/tools/../../bin/sh` would otherwise match the glob `/opt/tools/*`.
+pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
@@ -134,7 +137,99 @@ pub const COUNTER_RECORDS_LOST: u32 = 0;
 pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 /// The exec path could not be read.
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
+/// An exec path was not in normal form.
+pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
 pub const COUNTERS: u32 = 4;
+
+/// Whether a NUL-terminated path is in normal form: no empty, `.` or `..` component after a `/`
+/// (so no `//`, `/./`, `/../`, trailing `/`, `/.` or `/..`). One implementation for the kernel
+/// programs and the userspace evaluator, so both judge the same paths.
+///
+/// Written for the verifier: the only state carried from one byte to the next is the index, and
+/// each byte's look-ahead is read afresh, so every iteration's states collapse into one.
+#[inline(always)]
+pub fn exec_path_is_normal(path: &[u8; EXEC_PATH_LEN]) -> bool {
+    let at = |i: usize| -> u8 { if i < EXEC_PATH_LEN { path[i] } else { 0 } };
+    let mut i = 0;
+    while i < EXEC_PATH_LEN {
+        let c = path[i];
+        if c == 0 {
+            return true;
+        }
+        if c == b'/' {
+            let n1 = at(i + 1);
+            // "//" or a trailing "/".
+            if n1 == b'/' || n1 == 0 {
+                return false;
+            }
+            if n1 == b'.' {
+                let n2 = at(i + 2);
+                // "/./" or a trailing "/.".
+                if n2 == b'/' || n2 == 0 {
+                    return false;
+                }
+                // "/../" or a trailing "/..".
+                if n2 == b'.' {
+                    let n3 = at(i + 3);
+                    if n3 == b'/' || n3 == 0 {
+                        return false;
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normal(s: &str) -> bool {
+        let mut b = [0u8; EXEC_PATH_LEN];
+        b[..s.len()].copy_from_slice(s.as_bytes());
+        exec_path_is_normal(&b)
+    }
+
+    #[test]
+    fn normal_paths() {
+        for p in [
+            "/usr/bin/git",
+            "/bin/sh",
+            "/opt/a.b/...x/.hidden",
+            "/x/...",
+            "relative/ok",
+        ] {
+            assert!(normal(p), "{p} judged not normal");
+        }
+    }
+
+    #[test]
+    fn spellings_that_could_escape_a_glob() {
+        for p in [
+            "/opt/tools/../../bin/sh",
+            "/usr/./bin/id",
+            "//usr/bin/id",
+            "/usr//bin/id",
+            "/usr/bin/",
+            "/usr/bin/.",
+            "/usr/bin/..",
+        ] {
+            assert!(!normal(p), "{p} judged normal");
+        }
+    }
+
+    #[test]
+    fn a_full_buffer_without_nul_is_judged_whole() {
+        let mut b = [b'a'; EXEC_PATH_LEN];
+        b[0] = b'/';
+        assert!(exec_path_is_normal(&b));
+        b[10] = b'/';
+        b[11] = b'/';
+        assert!(!exec_path_is_normal(&b));
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

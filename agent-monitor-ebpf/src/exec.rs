@@ -1,9 +1,10 @@
 //! Exec verdicts: the file name the kernel resolved for this exec, looked up in the agent's allowlist.
 
 use agent_monitor_common::{
-    COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN,
-    FLAG_KILLED, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE, KIND_EXEC, MODE_ENFORCE,
-    RECORD_PATH_LEN, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    COUNTER_PATH_NOT_NORMAL, COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, EXEC_KEY_AGENT_BITS,
+    EXEC_PATH_LEN, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE,
+    KIND_EXEC, MODE_ENFORCE, RECORD_PATH_LEN, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    exec_path_is_normal,
 };
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
@@ -32,21 +33,26 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
     let allowed = unsafe {
         (*key).prefix_len = EXEC_KEY_AGENT_BITS + (EXEC_PATH_LEN as u32) * 8;
         (*key).data.agent = slot.agent;
-        let path = &mut (*key).data.path;
         if len > EXEC_PATH_LEN {
             // Too long to hold with its NUL: judged as not on the allowlist.
             flags |= FLAG_PATH_TRUNCATED;
             count(COUNTER_PATH_TRUNCATED);
             false
+        } else if aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+            name_ptr,
+            &mut (*key).data.path,
+        )
+        .is_err()
+        {
+            flags |= FLAG_PATH_UNREADABLE;
+            count(COUNTER_PATH_UNREADABLE);
+            false
+        } else if !exec_path_is_normal(&(*key).data.path) {
+            flags |= FLAG_PATH_NOT_NORMAL;
+            count(COUNTER_PATH_NOT_NORMAL);
+            false
         } else {
-            match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name_ptr, path) {
-                Ok(_) => EXEC_ALLOW.get(&*key).is_some(),
-                Err(_) => {
-                    flags |= FLAG_PATH_UNREADABLE;
-                    count(COUNTER_PATH_UNREADABLE);
-                    false
-                }
-            }
+            EXEC_ALLOW.get(&*key).is_some()
         }
     };
 

@@ -11,8 +11,8 @@ mod maps;
 mod net;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, tracepoint},
-    programs::{SockAddrContext, TracePointContext},
+    macros::{cgroup_sock_addr, lsm, tracepoint},
+    programs::{LsmContext, SockAddrContext, TracePointContext},
 };
 
 /// tracepoint sched/sched_process_exec: fires after a successful exec (execve, execveat, scripts,
@@ -50,6 +50,13 @@ pub fn agent_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn agent_connect6(ctx: SockAddrContext) -> i32 {
     net::on_connect6(&ctx)
+}
+
+/// lsm/bprm_check_security: loaded (never attached) only to learn whether this kernel accepts BPF
+/// LSM programs, so the daemon can report it; it would allow everything.
+#[lsm(hook = "bprm_check_security")]
+pub fn agent_lsm_probe(_ctx: LsmContext) -> i32 {
+    0
 }
 
 #[cfg(not(test))]

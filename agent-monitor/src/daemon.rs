@@ -93,9 +93,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroup_root = crate::host::cgroup2_root()?;
     let layout = crate::host::tracepoint_layout()?;
     let cgroups = AgentCgroups::new(&cgroup_root)?;
-    let listener = bind_control_socket(&args.socket.control_socket).await?;
+    refuse_if_already_running(&args.socket.control_socket).await?;
 
-    let mut kernel = Kernel::load(&cgroup_root, &layout, crate::host::bpf_lsm_status())?;
+    let mut kernel = Kernel::load(&cgroup_root, &layout)?;
     kernel.install_allowlists(&tables)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
@@ -103,6 +103,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         json_path: args.json_log.clone(),
     })
     .context("opening the output sinks")?;
+    // Bound last: a client that reaches the socket finds enforcement active.
+    let listener = bind_control_socket(&args.socket.control_socket)?;
 
     let m = &kernel.mechanisms;
     tracing::info!(
@@ -152,16 +154,21 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Binds the root-only control socket, refusing if another daemon answers on it.
-async fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+/// Two daemons would attach every program twice; the control socket tells whether one runs.
+async fn refuse_if_already_running(path: &Path) -> anyhow::Result<()> {
     if UnixStream::connect(path).await.is_ok() {
         bail!(
             "another agent-monitor daemon is already serving {}",
             path.display()
         );
+    }
+    Ok(())
+}
+
+/// Binds the root-only control socket (replacing a stale one).
+fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)
@@ -438,6 +445,9 @@ impl Monitor {
         }
         if e.unreadable {
             self.counters.exec_paths_unreadable += 1;
+        }
+        if e.not_normal {
+            self.counters.exec_paths_not_normal += 1;
         }
         Action {
             time: SystemTime::now(),

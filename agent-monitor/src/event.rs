@@ -36,6 +36,8 @@ pub struct ExecEvent {
     /// The path did not fit the kernel's buffer; `path` is its beginning.
     pub truncated: bool,
     pub unreadable: bool,
+    /// The path was not in normal form; judged as not allowed.
+    pub not_normal: bool,
     /// The kernel sent SIGKILL before the program's first instruction.
     pub killed: bool,
 }
@@ -91,6 +93,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 path: String::from_utf8_lossy(&rec.path[..len]).into_owned(),
                 truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
                 unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
+                not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
                 killed: rec.flags & common::FLAG_KILLED != 0,
                 subject,
             }))
@@ -188,10 +191,11 @@ mod tests {
         let mut r = blank(common::KIND_EXEC, common::VERDICT_DENIED);
         r.path[..9].copy_from_slice(b"/bin/true");
         r.path_len = 9;
-        r.flags = common::FLAG_KILLED;
+        r.flags = common::FLAG_KILLED | common::FLAG_PATH_NOT_NORMAL;
         let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
             panic!("not an exec")
         };
+        assert!(e.not_normal);
         assert_eq!(e.path, "/bin/true");
         assert_eq!(e.verdict, Verdict::Denied);
         assert!(e.killed && !e.truncated && !e.unreadable);

@@ -145,26 +145,25 @@ pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
     })
 }
 
-/// Whether BPF LSM programs can run here, and why not if they cannot.
-pub fn bpf_lsm_status() -> Result<(), String> {
+/// The host's LSM setup in words, to explain why the kernel refused a BPF LSM program.
+pub fn lsm_context() -> String {
     let _ = ensure_mounted("securityfs", "/sys/kernel/security");
-    let lsms = std::fs::read_to_string("/sys/kernel/security/lsm")
-        .map_err(|e| format!("cannot read /sys/kernel/security/lsm: {e}"))?;
-    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    if !lsms.split(',').any(|l| l.trim() == "bpf") {
-        return Err(format!(
-            "the bpf LSM is not active (active LSMs: {}; lockdown: {lockdown}); boot with lsm=...,bpf",
-            lsms.trim()
-        ));
-    }
-    if lockdown.contains("[integrity]") || lockdown.contains("[confidentiality]") {
-        return Err(format!(
-            "kernel lockdown {lockdown} refuses BPF LSM and tracing programs"
-        ));
-    }
-    Ok(())
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into())
+    };
+    let lsms = read("/sys/kernel/security/lsm");
+    let lockdown = read("/sys/kernel/security/lockdown");
+    let bpf_listed = lsms.split(',').any(|l| l.trim() == "bpf");
+    format!(
+        "active LSMs: {lsms}{}; lockdown: {lockdown}",
+        if bpf_listed {
+            ""
+        } else {
+            " (no bpf: boot with lsm=...,bpf)"
+        }
+    )
 }
 
 #[cfg(test)]

@@ -520,3 +520,28 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
         Some(3)
     );
 }
+
+#[test]
+fn dot_dot_in_an_exec_path_cannot_escape_a_glob() {
+    if !require_root("dot_dot_in_an_exec_path_cannot_escape_a_glob") {
+        return;
+    }
+    let agent = unique_agent("dotdot");
+    let d = Daemon::start(&[policy(&agent, "enforce", &[], &[SH, "/usr/lib/*"])]);
+    let marker = d.dir.path().join("marker");
+    // Resolves to /usr/bin/touch, which is not under /usr/lib, though the text starts with it.
+    let script = format!("/usr/lib/../bin/touch {}; echo status=$?", marker.display());
+    let out = d.run(&agent, None, &[SH, "-c", &script]);
+    assert!(!marker.exists(), "escaped the /usr/lib/* glob with ..");
+    assert!(
+        text(&out.stdout).contains("status=137"),
+        "{}",
+        text(&out.stdout)
+    );
+    let e = wait_journal(&agent, "denied dot-dot exec", |e| {
+        is(e, "ACTION", "exec") && is(e, "VERDICT", "denied")
+    });
+    assert_eq!(field(&e, "EXE"), "/usr/lib/../bin/touch");
+    assert!(field(&e, "REASON").contains("normal form"), "{e}");
+    assert_eq!(d.status()["counters"]["exec_paths_not_normal"], 1);
+}

@@ -112,7 +112,7 @@ fn run(task: Task) -> Result<()> {
             journald::ensure_running()?;
             run_cmd(
                 cargo(&root)
-                    .args(["test", "--release", "-p", "agent-monitor-tests"])
+                    .args(["test", "--release", "-p", "agent-monitor-tests", "--tests"])
                     .args(["--", "--test-threads=1"])
                     .env("AGENT_MONITOR_BIN", daemon_bin(&root))
                     .env("AGENT_MONITOR_POLICIES", root.join("policies")),

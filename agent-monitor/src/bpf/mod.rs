@@ -6,9 +6,9 @@ use std::path::Path;
 use agent_monitor_common::{self as common, AgentSlot, COUNTERS, ExecKey, NetAllow, NetKey};
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
+    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -80,11 +80,7 @@ const HOOKS: &[Hook] = &[
 impl Kernel {
     /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
     /// process on the host passes through them (non-agents leave after one lookup).
-    pub fn load(
-        cgroup_root: &Path,
-        layout: &TracepointLayout,
-        lsm: Result<(), String>,
-    ) -> anyhow::Result<Self> {
+    pub fn load(cgroup_root: &Path, layout: &TracepointLayout) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
             .load(PROGRAMS)
@@ -107,16 +103,17 @@ impl Kernel {
                 }
             }
         }
-        mechanisms.exec_enforcement = match lsm {
+        mechanisms.exec_enforcement = match probe_lsm(&mut ebpf) {
             // This build judges exec at sched_process_exec only; an LSM path would give callers a
             // clean EPERM instead of a killed process.
             Ok(()) => "SIGKILL at sched_process_exec (BPF LSM is available on this host but this \
                        build does not use it yet)"
                 .into(),
             Err(why) => {
-                mechanisms
-                    .refused
-                    .push(format!("BPF LSM bprm_check_security: {why}"));
+                mechanisms.refused.push(format!(
+                    "BPF LSM bprm_check_security: {why} ({})",
+                    crate::host::lsm_context()
+                ));
                 "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
             }
         };
@@ -191,6 +188,21 @@ impl Kernel {
             .map_err(|e| anyhow!("registering the ring buffer with tokio: {e}"))?;
         Ok(ActionStream { fd })
     }
+}
+
+/// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM
+/// available", rather than a guess from /sys/kernel/security.
+fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+    let prog: &mut Lsm = ebpf
+        .program_mut("agent_lsm_probe")
+        .ok_or("probe program missing from the eBPF object")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    prog.load("bprm_check_security", &btf)
+        .map_err(|e| format!("the kernel refused it: {e}"))?;
+    prog.unload()
+        .map_err(|e| format!("unloading the probe: {e}"))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

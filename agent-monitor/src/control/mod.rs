@@ -75,6 +75,8 @@ pub struct Counters {
     pub undecodable_records: u64,
     pub exec_paths_too_long: u64,
     pub exec_paths_unreadable: u64,
+    /// Exec paths with `//`, `/./` or `/../`, judged not allowed.
+    pub exec_paths_not_normal: u64,
     /// Agent processes in the daemon's process table (live, and exited within the last minute).
     pub tracked_processes: u64,
     /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).

@@ -175,6 +175,10 @@ impl KernelTables {
         for (slot, byte) in lookup.path.iter_mut().zip(bytes) {
             *slot = *byte;
         }
+        // Like the kernel program: a path not in normal form is never looked up.
+        if !agent_monitor_common::exec_path_is_normal(&lookup.path) {
+            return false;
+        }
         let data = exec_key_bytes(&lookup);
         self.exec
             .iter()

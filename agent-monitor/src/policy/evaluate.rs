@@ -20,6 +20,18 @@ pub struct Decision {
 /// Why nothing matched, in `Decision::reason`.
 pub const NO_RULE_MATCHES: &str = "no rule matches";
 
+/// Why a non-normalised exec path is not allowed, in `Decision::reason`.
+pub const NOT_NORMAL: &str =
+    "path is not in normal form (//, /./ or /../): not matched, so a glob cannot be escaped";
+
+/// `path` as the kernel holds it: bytes, NUL, zeros. The caller has checked the length.
+pub(crate) fn path_buffer(path: &str) -> [u8; EXEC_PATH_LEN] {
+    let mut b = [0u8; EXEC_PATH_LEN];
+    let n = path.len().min(EXEC_PATH_LEN);
+    b[..n].copy_from_slice(&path.as_bytes()[..n]);
+    b
+}
+
 impl Decision {
     fn allowed_by(rule: &str) -> Decision {
         Decision {
@@ -91,6 +103,9 @@ impl Policy {
                 EXEC_PATH_LEN - 1
             ));
         }
+        if !agent_monitor_common::exec_path_is_normal(&path_buffer(path)) {
+            return Decision::not_allowed(NOT_NORMAL);
+        }
         // An exact rule beats any glob; among globs the longest prefix wins.
         let best = self.exec.iter().filter(|rule| rule.matches(path)).fold(
             None,
@@ -140,6 +155,24 @@ mod tests {
     /// Denied because no rule matches.
     fn denied() -> Decision {
         Decision::not_allowed(NO_RULE_MATCHES)
+    }
+
+    #[test]
+    fn dot_dot_cannot_escape_a_glob() {
+        let p = policy(&[], &["/opt/tools/*", "/usr/bin/git"]);
+        assert_eq!(p.check_exec("/opt/tools/lint"), allowed_by("/opt/tools/*"));
+        for path in [
+            "/opt/tools/../../bin/sh",
+            "/opt/tools/./x",
+            "/opt/tools//x",
+            "//usr/bin/git",
+        ] {
+            assert_eq!(
+                p.check_exec(path),
+                Decision::not_allowed(NOT_NORMAL),
+                "{path}"
+            );
+        }
     }
 
     #[test]
@@ -246,7 +279,10 @@ mod tests {
         assert_eq!(p.check_exec("/usr/bin/git"), allowed_by("/usr/bin/git"));
         assert_eq!(p.check_exec("/usr/bin/gitk"), denied());
         assert_eq!(p.check_exec("/usr/bin/gi"), denied());
-        assert_eq!(p.check_exec("/usr/bin/git/"), denied());
+        assert_eq!(
+            p.check_exec("/usr/bin/git/"),
+            Decision::not_allowed(NOT_NORMAL)
+        );
     }
 
     #[test]
