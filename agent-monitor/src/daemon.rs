@@ -366,6 +366,7 @@ impl Monitor {
     fn sweep(&mut self) {
         self.procs
             .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        self.report_kernel_losses();
         let gone: Vec<u64> = self
             .tasks
             .iter()
@@ -384,6 +385,27 @@ impl Monitor {
                 );
             }
         }
+    }
+
+    /// Logs what the kernel could not hand over since the last look, once per interval with the
+    /// count: the records are gone, but nobody should learn it from `status` alone.
+    fn report_kernel_losses(&mut self) {
+        let k = match self.kernel.counters() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("reading kernel counters: {e:#}");
+                return;
+            }
+        };
+        let lost = k[common::COUNTER_RECORDS_LOST as usize];
+        if lost > self.counters.lost_records {
+            tracing::warn!(
+                lost = lost - self.counters.lost_records,
+                total = lost,
+                "kernel records lost (ring buffer full): their verdicts were enforced but are not reported"
+            );
+        }
+        self.counters.lost_records = lost;
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {
@@ -548,12 +570,7 @@ impl Monitor {
     }
 
     fn status(&mut self) -> control::Status {
-        match self.kernel.counters() {
-            Ok(k) => {
-                self.counters.lost_records = k[common::COUNTER_RECORDS_LOST as usize];
-            }
-            Err(e) => tracing::warn!("reading kernel counters: {e:#}"),
-        }
+        self.report_kernel_losses();
         self.counters.tracked_processes = self.procs.len() as u64;
         let agents = self
             .policies

@@ -82,6 +82,11 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `policies` (file name, TOML text) and starts the daemon; waits until it serves.
     pub fn start(policies: &[(String, String)]) -> Daemon {
+        Self::start_with(policies, &[])
+    }
+
+    /// Like `start`, with extra `agent-monitor daemon` arguments.
+    pub fn start_with(policies: &[(String, String)], extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let pdir = dir.path().join("policies");
         std::fs::create_dir(&pdir).unwrap();
@@ -98,6 +103,7 @@ impl Daemon {
             .arg(&json_log)
             .arg("--control-socket")
             .arg(&socket)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_log).unwrap())
             .spawn()

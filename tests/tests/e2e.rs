@@ -545,3 +545,36 @@ fn dot_dot_in_an_exec_path_cannot_escape_a_glob() {
     assert!(field(&e, "REASON").contains("normal form"), "{e}");
     assert_eq!(d.status()["counters"]["exec_paths_not_normal"], 1);
 }
+
+#[test]
+fn journal_allowed_sends_allowed_actions_to_journald_too() {
+    if !require_root("journal_allowed_sends_allowed_actions_to_journald_too") {
+        return;
+    }
+    let agent = unique_agent("journalallowed");
+    let port = listener_v4();
+    let d = Daemon::start_with(
+        &[policy(
+            &agent,
+            "enforce",
+            &[format!("127.0.0.1:{port}")],
+            &[PYTHON],
+        )],
+        &["--journal-allowed"],
+    );
+    let out = d.run(
+        &agent,
+        None,
+        &[PYTHON, "-c", &py_connect("127.0.0.1", port)],
+    );
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let e = wait_journal(&agent, "allowed connect", |e| {
+        is(e, "ACTION", "connect") && is(e, "VERDICT", "allowed")
+    });
+    assert_eq!(field(&e, "PRIORITY"), "6");
+    assert_eq!(field(&e, "DEST_PORT"), port.to_string());
+    assert!(
+        field(&e, "REASON").contains(&format!("127.0.0.1:{port}")),
+        "{e}"
+    );
+}
