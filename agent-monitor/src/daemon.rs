@@ -82,6 +82,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
                 args.policies.display()
             )
         })?;
+    if policies.is_empty() {
+        tracing::warn!(
+            "no policy files (*.toml) in {}: `agent-monitor run` will refuse every agent",
+            args.policies.display()
+        );
+    }
     let tables = policies
         .compile()
         .map_err(|e| anyhow::anyhow!("{e}"))
