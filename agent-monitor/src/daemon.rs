@@ -478,19 +478,10 @@ impl Monitor {
             self.counters.exec_paths_not_normal += 1;
         }
         Action {
-            time: SystemTime::now(),
-            chain: self.procs.chain(e.subject.pid, &e.subject.comm),
-            agent,
-            task,
-            kind: ActionKind::Exec,
-            verdict: e.verdict,
-            pid: e.subject.pid,
-            uid: e.subject.uid,
-            comm: e.subject.comm.clone(),
             exe: Some(e.path.clone()),
-            destination: None,
             enforcement: e.killed.then_some("sigkill"),
             reason,
+            ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
         }
     }
 
@@ -507,15 +498,6 @@ impl Monitor {
                     .map(|p| p.display().to_string())
             });
         Action {
-            time: SystemTime::now(),
-            chain: self.procs.chain(c.subject.pid, &c.subject.comm),
-            agent,
-            task,
-            kind: ActionKind::Connect,
-            verdict: c.verdict,
-            pid: c.subject.pid,
-            uid: c.subject.uid,
-            comm: c.subject.comm.clone(),
             exe,
             destination: Some(Destination {
                 addr: c.addr,
@@ -524,6 +506,33 @@ impl Monitor {
             }),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
+            ..self.action(&c.subject, agent, task, ActionKind::Connect, c.verdict)
+        }
+    }
+
+    /// The parts of an action every kind shares: who acted, as what, with which verdict.
+    fn action(
+        &self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        kind: ActionKind,
+        verdict: Verdict,
+    ) -> Action {
+        Action {
+            time: SystemTime::now(),
+            chain: self.procs.chain(subject.pid, &subject.comm),
+            agent,
+            task,
+            kind,
+            verdict,
+            pid: subject.pid,
+            uid: subject.uid,
+            comm: subject.comm.clone(),
+            exe: None,
+            destination: None,
+            enforcement: None,
+            reason: String::new(),
         }
     }
 

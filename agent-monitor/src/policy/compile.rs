@@ -168,13 +168,10 @@ impl KernelTables {
         if bytes.len() > EXEC_PATH_LEN - 1 || bytes.contains(&0) {
             return false;
         }
-        let mut lookup = ExecKey {
+        let lookup = ExecKey {
             agent,
-            path: [0; EXEC_PATH_LEN],
+            path: crate::policy::evaluate::path_buffer(path),
         };
-        for (slot, byte) in lookup.path.iter_mut().zip(bytes) {
-            *slot = *byte;
-        }
         // Like the kernel program: a path not in normal form is never looked up.
         if !agent_monitor_common::exec_path_is_normal(&lookup.path) {
             return false;
