@@ -139,7 +139,24 @@ pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
 /// An exec path was not in normal form.
 pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
-pub const COUNTERS: u32 = 4;
+/// An agent action (a record with a verdict, not a fork or exit) could not be reserved in the ring
+/// buffer: its verdict applied but it is not reported. A subset of `COUNTER_RECORDS_LOST`, so that
+/// "actions seen + actions lost == actions done" can be checked exactly.
+pub const COUNTER_ACTIONS_LOST: u32 = 16;
+/// Indices 16–19 belong to production operation (issue 6); the array covers them.
+pub const COUNTERS: u32 = 20;
+
+/// Slots of the daemon-state array (`DAEMON_STATE`), written by the daemon only. The map is pinned
+/// with the others, so a restarted daemon learns from it what its predecessor left.
+/// Wall-clock time (Unix ns) of the daemon's last heartbeat.
+pub const STATE_HEARTBEAT_UNIX_NS: u32 = 0;
+/// Hash of the kernel object the pinned programs were loaded from (upgrade detection).
+pub const STATE_OBJECT_HASH: u32 = 1;
+/// Which bank of agent indices (0 or 1) the live allowlists use (see the daemon's reload).
+pub const STATE_LIVE_BANK: u32 = 2;
+/// `COUNTER_RECORDS_LOST` at the last heartbeat, so the next daemon knows what was lost meanwhile.
+pub const STATE_LOST_AT_HEARTBEAT: u32 = 3;
+pub const DAEMON_STATE_LEN: u32 = 8;
 
 /// Whether a NUL-terminated path is in normal form: no empty, `.` or `..` component after a `/`
 /// (so no `//`, `/./`, `/../`, trailing `/`, `/.` or `/..`). One implementation for the kernel

@@ -2,12 +2,12 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    ActionRecord, AgentSlot, COUNTERS, ExecKey, MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES,
-    MAX_NET_ENTRIES, NetAllow, NetKey,
+    ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, ExecKey, MAX_AGENT_CGROUPS,
+    MAX_EXEC_ENTRIES, MAX_NET_ENTRIES, NetAllow, NetKey,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 /// Agent identity: cgroup v2 id of an agent's (agent, task) cgroup → which agent, which mode.
@@ -29,6 +29,11 @@ pub static ACTIONS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 /// Per-CPU loss and anomaly counters, indexed by `COUNTER_*`.
 #[map]
 pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// Written and read by the daemon only (heartbeat, object hash, live bank — `STATE_*`); here so it is
+/// pinned with the other maps and outlives a daemon.
+#[map]
+pub static DAEMON_STATE: Array<u64> = Array::with_max_entries(DAEMON_STATE_LEN, 0);
 
 /// Scratch space for the exec lookup key (260 bytes would crowd the 512-byte BPF stack).
 #[map]
@@ -62,6 +67,9 @@ pub fn start_record(
 ) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ActionRecord>> {
     let Some(mut entry) = ACTIONS.reserve::<ActionRecord>(0) else {
         count(agent_monitor_common::COUNTER_RECORDS_LOST);
+        if verdict != agent_monitor_common::VERDICT_NONE {
+            count(agent_monitor_common::COUNTER_ACTIONS_LOST);
+        }
         return None;
     };
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();

@@ -23,8 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the privileged daemon: load the kernel programs and the policies, serve the control socket.
     ///
-    /// Needs root. Refuses to start if any policy file is invalid. Enforcement lasts while the
-    /// daemon runs.
+    /// Needs root. Refuses to start if any policy file is invalid. The programs and maps are pinned
+    /// in bpffs (--pin-dir): enforcement goes on when the daemon stops or dies, and a restarted
+    /// daemon adopts them. `daemon --uninstall` removes them and so ends enforcement. SIGHUP
+    /// reloads the policy directory.
     Daemon(DaemonArgs),
     /// Run a command as an agent: `agent-monitor run --agent coder -- python3 tool.py`.
     ///
@@ -38,6 +40,13 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Show agents, their tasks and live processes, counters and what is enforcing.
     Status(StatusArgs),
+    /// Re-read the daemon's policy directory and apply it to running agents too.
+    ///
+    /// All or nothing: if any file is invalid nothing changes, the error (file, line, reason) is
+    /// printed and the exit status is 1. Same as sending SIGHUP to the daemon.
+    Reload(SocketOnlyArgs),
+    /// Show recent agent actions, and with --follow every new one as it happens.
+    Events(EventsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +71,42 @@ pub struct DaemonArgs {
     /// Also send allowed actions to journald (denials and alerts always go there).
     #[arg(long)]
     pub journal_allowed: bool,
+    /// bpffs directory where programs, links and maps are pinned; a restarted daemon adopts what
+    /// it finds there.
+    #[arg(long, value_name = "DIR", default_value = crate::bpf::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Remove the pinned programs and maps of --pin-dir and exit: enforcement stops. Refused while
+    /// a daemon runs on that directory.
+    #[arg(long)]
+    pub uninstall: bool,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Identical denials (same agent, task, action, object) within this many seconds reach journald
+    /// once, then as one summary with the count; the JSON trail keeps every one. 0: no aggregation.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub storm_window: u64,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Args)]
+pub struct SocketOnlyArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Keep printing new actions as they happen (until interrupted).
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this agent's actions.
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// One JSON object per line (the audit-trail format).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub socket: SocketArg,
 }

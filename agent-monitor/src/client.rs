@@ -1,11 +1,11 @@
-//! The client commands: `run`, `status`, `policy check`.
+//! The client commands: `run`, `status`, `reload`, `events`, `policy check`.
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::{PolicyCommand, RunArgs, StatusArgs};
+use crate::cli::{EventsArgs, PolicyCommand, RunArgs, SocketOnlyArgs, StatusArgs};
 use crate::control::{self, Request, Response};
 
 /// `run`'s own failures, as in env(1)/timeout(1): 125 ours, 126 cannot execute, 127 not found.
@@ -133,6 +133,25 @@ pub fn status(args: StatusArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("policies: {}", status.policies);
+    match status.origin.get("kind").and_then(|k| k.as_str()) {
+        Some("adopted") => println!(
+            "kernel state: adopted from pins (previous daemon away {} s, {} records lost meanwhile{})",
+            status.origin["away_seconds"]
+                .as_f64()
+                .map_or("?".into(), |s| format!("{s:.1}")),
+            status.origin["lost_while_away"],
+            if status.origin["replaced_build"] == true {
+                "; programs of another build replaced without a gap"
+            } else {
+                ""
+            }
+        ),
+        Some(k) => println!("kernel state: {k}"),
+        None => {}
+    }
+    if let Some(pins) = status.mechanisms.get("pin_dir").and_then(|v| v.as_str()) {
+        println!("pinned in: {pins} (`agent-monitor daemon --uninstall` ends enforcement)");
+    }
     let m = &status.mechanisms;
     let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
     let list = |k: &str| -> Vec<String> {
@@ -163,6 +182,21 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.verdict_disagreements,
         status.counters.tracked_processes
     );
+    println!(
+        "operation: {} actions lost, {} reloads, {} reload failures, {} denials folded into journald summaries",
+        status.counters.actions_lost,
+        status.counters.reloads,
+        status.counters.reload_failures,
+        status.counters.journald_aggregated
+    );
+    for o in status.occupancy.as_array().into_iter().flatten() {
+        println!(
+            "map {}: {} of {} entries",
+            o["map"].as_str().unwrap_or("?"),
+            o["used"],
+            o["capacity"]
+        );
+    }
     for s in &status.sinks {
         println!(
             "sink {}: {} written, {} failed",
@@ -180,6 +214,80 @@ pub fn status(args: StatusArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+pub fn reload(args: SocketOnlyArgs) -> ExitCode {
+    match control::call(&args.socket.control_socket, &Request::Reload {}) {
+        Ok(Response::Reloaded { message, .. }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("agent-monitor reload: unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("agent-monitor reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn events(args: EventsArgs) -> ExitCode {
+    use std::io::Write as _;
+    let print = |v: &serde_json::Value| -> bool {
+        let line = if args.json {
+            v.to_string()
+        } else if let Some(n) = v.get("lagged") {
+            format!("!! {n} actions went by too fast to show here (see the JSON audit trail)")
+        } else {
+            format!(
+                "{} {}",
+                v["time"].as_str().unwrap_or("?"),
+                v["message"].as_str().unwrap_or("?")
+            )
+        };
+        // A closed pipe (`events -f | head`) ends the stream quietly.
+        writeln!(std::io::stdout(), "{line}").is_ok()
+    };
+    let req = Request::Events {
+        follow: args.follow,
+        agent: args.agent.clone(),
+    };
+    // Following, the daemon streams the recent history as lines before the new actions; a
+    // one-shot call gets it in the response.
+    let result =
+        control::call_then(
+            &args.socket.control_socket,
+            &req,
+            |line| match serde_json::from_str::<serde_json::Value>(line) {
+                Ok(v) => print(&v),
+                Err(e) => {
+                    eprintln!(
+                        "agent-monitor events: unreadable line from the daemon ({e}): {line}"
+                    );
+                    true
+                }
+            },
+        );
+    match result {
+        Ok(Response::Events { history }) => {
+            for v in &history {
+                if !print(v) {
+                    break;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("agent-monitor events: unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("agent-monitor events: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn policy(cmd: PolicyCommand) -> ExitCode {

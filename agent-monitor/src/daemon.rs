@@ -3,16 +3,17 @@
 //! One task (the monitor) owns the kernel object and all state; the control socket's connections
 //! talk to it through a channel, so nothing is locked per event.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use agent_monitor_common::{self as common, AgentSlot};
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::action::{Action, ActionKind, Destination, Verdict};
 use crate::bpf::{ActionStream, Kernel};
@@ -20,6 +21,8 @@ use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
 use crate::event::{self, KernelEvent};
 use crate::identity::{self, AgentCgroups, ProcessTable};
+use crate::output::journald::{self, message_id};
+use crate::output::metrics::{self, Scrape};
 use crate::output::{OutputConfig, Outputs};
 use crate::policy::PolicySet;
 
@@ -27,6 +30,20 @@ use crate::policy::PolicySet;
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
+/// Agent indices in the kernel tables come in two banks of this size: a reload writes the new
+/// allowlists in the bank not in use, switches every agent cgroup over (one map update each), then
+/// deletes the old bank. No agent ever sees a half-written allowlist.
+const BANK_STRIDE: u32 = 1 << 20;
+/// An index (in each bank) with no allowlist entries: where a running agent whose policy file was
+/// removed ends up. Enforce mode, so it may do nothing: fail closed.
+const NO_POLICY: u32 = BANK_STRIDE - 1;
+/// Recent actions kept for `agent-monitor events`.
+const HISTORY: usize = 1000;
+/// A pause after switching agents to the new bank before the old entries go: a program that read
+/// the old slot just before the switch finishes its lookup (they run for microseconds, under RCU).
+const SWAP_GRACE: Duration = Duration::from_millis(10);
+/// Identity map use at which placements start being logged as a warning.
+const IDENTITY_WARN_PERCENT: u64 = 90;
 
 /// CLOCK_MONOTONIC in ns, the clock of the kernel's record times (bpf_ktime_get_ns).
 fn monotonic_ns() -> u64 {
@@ -74,6 +91,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the daemon needs root (it loads eBPF programs and manages cgroups)");
     }
+    if args.uninstall {
+        return uninstall(&args.pin_dir);
+    }
     let policies = crate::policy_dir::load_dir(&args.policies)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| {
@@ -88,7 +108,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             args.policies.display()
         );
     }
-    let tables = policies
+    // Checked here so that a bad set stops the start before anything is loaded.
+    policies
         .compile()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
@@ -101,21 +122,55 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroups = AgentCgroups::new(&cgroup_root)?;
     refuse_if_already_running(&args.socket.control_socket).await?;
 
-    let mut kernel = Kernel::load(&cgroup_root, &layout)?;
-    kernel.install_allowlists(&tables)?;
+    let mut kernel = Kernel::open(&args.pin_dir, &cgroup_root, &layout)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
         json_path: args.json_log.clone(),
+        storm_window: Duration::from_secs(args.storm_window),
     })
     .context("opening the output sinks")?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
+    let (events_tx, _) = broadcast::channel(4096);
+    let mut monitor = Monitor {
+        kernel,
+        policies: crate::policy::PolicySet::default(),
+        policies_dir: args.policies.clone(),
+        policies_loaded: SystemTime::now(),
+        bank_base: 0,
+        cgroups,
+        tasks: HashMap::new(),
+        procs: ProcessTable::default(),
+        outputs,
+        per_agent: HashMap::new(),
+        by_action: BTreeMap::new(),
+        counters: Counters::default(),
+        started: SystemTime::now(),
+        decode_errors_logged: 0,
+        history: VecDeque::with_capacity(HISTORY),
+        events_tx: events_tx.clone(),
+        identity_warned: false,
+    };
+    // What the previous daemon governed stays governed: its tasks come back from the pinned
+    // identity map (names from the cgroup tree), then the policy on disk applies to them.
+    monitor.recover_tasks()?;
+    monitor
+        .apply_policies(policies)
+        .context("refusing to start: applying the policies to the kernel")?;
+    let retired = monitor.kernel.retire_previous_build();
+    monitor.loss_baseline();
+    monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
     let listener = bind_control_socket(&args.socket.control_socket)?;
 
-    let m = &kernel.mechanisms;
+    let m = &monitor.kernel.mechanisms;
     tracing::info!(
-        agents = policies.len(),
+        agents = monitor.policies.len(),
         cgroup_root = %cgroup_root.display(),
+        pin_dir = %args.pin_dir.display(),
         "enforcement active in {} ms; exec: {}; connect: {}",
         t0.elapsed().as_millis(),
         m.exec_enforcement,
@@ -127,7 +182,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for r in &m.refused {
         tracing::warn!("not available: {r}");
     }
-    let names: Vec<String> = policies
+    let names: Vec<String> = monitor
+        .policies
         .iter()
         .map(|p| format!("{} ({})", p.agent(), p.mode().as_str()))
         .collect();
@@ -136,28 +192,84 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.policies.display(),
         names.join(", ")
     );
+    journald::event(
+        message_id::ENFORCEMENT_ACTIVE,
+        libsystemd::logging::Priority::Notice,
+        &format!(
+            "agent-monitor enforcing for {} agent(s); programs pinned in {}",
+            monitor.policies.len(),
+            args.pin_dir.display()
+        ),
+        &[
+            ("PIN_DIR", args.pin_dir.display().to_string()),
+            ("POLICY_DIR", args.policies.display().to_string()),
+        ],
+    );
 
     let (requests_tx, requests_rx) = mpsc::channel(64);
+    let (scrapes_tx, scrapes_rx) = mpsc::channel(8);
     let socket_path = args.socket.control_socket.clone();
-    tokio::spawn(serve_control(listener, requests_tx));
+    tokio::spawn(serve_control(listener, requests_tx, events_tx));
+    if let Some(l) = metrics_listener {
+        tracing::info!(
+            "metrics on http://{}/metrics",
+            args.metrics.map_or(String::new(), |a| a.to_string())
+        );
+        tokio::spawn(metrics::serve(l, scrapes_tx));
+    }
+    // systemd (Type=notify): ready only now that enforcement is active and the socket serves.
+    notify(&[libsystemd::daemon::NotifyState::Ready]);
 
-    let mut monitor = Monitor {
-        kernel,
-        policies,
-        policies_dir: args.policies.clone(),
-        cgroups,
-        tasks: HashMap::new(),
-        procs: ProcessTable::default(),
-        outputs,
-        per_agent: HashMap::new(),
-        counters: Counters::default(),
-        started: SystemTime::now(),
-        decode_errors_logged: 0,
-    };
-    let result = monitor.run(stream, requests_rx).await;
+    let result = monitor.run(stream, requests_rx, scrapes_rx).await;
+    notify(&[libsystemd::daemon::NotifyState::Stopping]);
+    if let Err(e) = monitor.kernel.heartbeat() {
+        tracing::warn!("leaving the last heartbeat: {e:#}");
+    }
     let _ = std::fs::remove_file(&socket_path);
-    tracing::info!("stopped; enforcement ends with the daemon (programs detached)");
+    let msg = format!(
+        "stopped; enforcement continues from the programs pinned in {} (`agent-monitor daemon \
+         --uninstall --pin-dir {0}` ends it)",
+        args.pin_dir.display()
+    );
+    tracing::info!("{msg}");
+    journald::event(
+        message_id::STOPPING,
+        libsystemd::logging::Priority::Notice,
+        &msg,
+        &[("PIN_DIR", args.pin_dir.display().to_string())],
+    );
     result
+}
+
+/// `daemon --uninstall`: removes the pins, so the programs detach and enforcement stops.
+fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
+    let removed = crate::bpf::uninstall(pin_dir)?;
+    if removed.is_empty() {
+        println!("nothing pinned in {}", pin_dir.display());
+    } else {
+        println!(
+            "removed from {}: {}; agent-monitor enforcement has stopped",
+            pin_dir.display(),
+            removed.join(", ")
+        );
+        journald::event(
+            message_id::STOPPING,
+            libsystemd::logging::Priority::Notice,
+            &format!(
+                "agent-monitor uninstalled from {}: enforcement stopped",
+                pin_dir.display()
+            ),
+            &[("PIN_DIR", pin_dir.display().to_string())],
+        );
+    }
+    Ok(())
+}
+
+/// sd_notify; a no-op when not started by systemd (no NOTIFY_SOCKET).
+fn notify(state: &[libsystemd::daemon::NotifyState]) {
+    if let Err(e) = libsystemd::daemon::notify(false, state) {
+        tracing::warn!("sd_notify failed: {e}");
+    }
 }
 
 /// Two daemons would attach every program twice; the control socket tells whether one runs.
@@ -192,7 +304,14 @@ struct ControlCall {
     reply: oneshot::Sender<Response>,
 }
 
-async fn serve_control(listener: UnixListener, to_monitor: mpsc::Sender<ControlCall>) {
+/// One action for `events` followers: (agent, audit-trail JSON line).
+type EventLine = Arc<(String, String)>;
+
+async fn serve_control(
+    listener: UnixListener,
+    to_monitor: mpsc::Sender<ControlCall>,
+    events: broadcast::Sender<EventLine>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -203,8 +322,9 @@ async fn serve_control(listener: UnixListener, to_monitor: mpsc::Sender<ControlC
             }
         };
         let to_monitor = to_monitor.clone();
+        let events = events.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, to_monitor).await {
+            if let Err(e) = serve_connection(stream, to_monitor, events).await {
                 tracing::warn!("control connection: {e:#}");
             }
         });
@@ -214,6 +334,7 @@ async fn serve_control(listener: UnixListener, to_monitor: mpsc::Sender<ControlC
 async fn serve_connection(
     stream: UnixStream,
     to_monitor: mpsc::Sender<ControlCall>,
+    events: broadcast::Sender<EventLine>,
 ) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let (read, mut write) = stream.into_split();
@@ -222,12 +343,22 @@ async fn serve_connection(
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
         .await
         .context("no request within 10 s")??;
+    let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
     let response = if cred.uid() != 0 {
         Response::Error {
             message: "the control socket is root-only".into(),
         }
     } else {
-        match (control::parse_request(&line), cred.pid()) {
+        let request = control::parse_request(&line);
+        if let Ok(Request::Events {
+            follow: true,
+            agent,
+        }) = &request
+        {
+            // Subscribed before the history is taken, so no action falls between the two.
+            follow = Some((events.subscribe(), agent.clone()));
+        }
+        match (request, cred.pid()) {
             (Err(message), _) => Response::Error { message },
             (Ok(_), None) => Response::Error {
                 message: "the kernel did not report the caller's pid".into(),
@@ -246,10 +377,31 @@ async fn serve_connection(
             }
         }
     };
+    let (response, history) = match (response, follow.is_some()) {
+        (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
+        (r, _) => (r, vec![]),
+    };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
     write.write_all(out.as_bytes()).await?;
-    Ok(())
+    let Some((mut rx, agent)) = follow else {
+        return Ok(());
+    };
+    for v in history {
+        write.write_all(format!("{v}\n").as_bytes()).await?;
+    }
+    loop {
+        let line = match rx.recv().await {
+            Ok(ev) if agent.as_ref().is_none_or(|a| *a == ev.0) => format!("{}\n", ev.1),
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lagged\":{n}}}\n"),
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        if write.write_all(line.as_bytes()).await.is_err() {
+            // The follower went away.
+            return Ok(());
+        }
+    }
 }
 
 /// A live (agent, task) cgroup.
@@ -272,15 +424,24 @@ struct Monitor {
     kernel: Kernel,
     policies: PolicySet,
     policies_dir: PathBuf,
+    policies_loaded: SystemTime,
+    /// First agent index of the live bank (0 or `BANK_STRIDE`).
+    bank_base: u32,
     cgroups: AgentCgroups,
     /// cgroup id → (agent, task).
     tasks: HashMap<u64, TaskEntry>,
     procs: ProcessTable,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
+    /// (agent, action, verdict) → count, for the metrics.
+    by_action: BTreeMap<(String, &'static str, &'static str), u64>,
     counters: Counters,
     started: SystemTime,
     decode_errors_logged: u64,
+    /// Recent actions as (agent, audit JSON), for `events`.
+    history: VecDeque<(String, serde_json::Value)>,
+    events_tx: broadcast::Sender<EventLine>,
+    identity_warned: bool,
 }
 
 impl Monitor {
@@ -288,10 +449,18 @@ impl Monitor {
         &mut self,
         mut stream: ActionStream,
         mut requests: mpsc::Receiver<ControlCall>,
+        mut scrapes: mpsc::Receiver<Scrape>,
     ) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        // systemd's watchdog is pinged from this loop, so a stuck monitor gets restarted (and the
+        // restarted daemon adopts the pinned programs).
+        let watchdog = libsystemd::daemon::watchdog_enabled(false);
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
         let mut batch: Vec<Result<KernelEvent, event::DecodeError>> = Vec::with_capacity(1024);
         loop {
             tokio::select! {
@@ -305,7 +474,17 @@ impl Monitor {
                     let response = self.on_request(call.request, call.peer_pid);
                     let _ = call.reply.send(response);
                 }
+                Some(scrape) = scrapes.recv() => {
+                    let _ = scrape.send(metrics::render(&self.metrics_snapshot()));
+                }
                 _ = sweep.tick() => self.sweep(),
+                _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                    notify(&[libsystemd::daemon::NotifyState::Watchdog]);
+                }
+                _ = hup.recv() => {
+                    // The outcome is logged and journaled by reload itself.
+                    let _ = self.reload("SIGHUP");
+                }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             }
@@ -328,6 +507,267 @@ impl Monitor {
                 }
             },
             Request::Status {} => Response::Status(self.status()),
+            Request::Reload {} => match self.reload("control socket") {
+                Ok(message) => Response::Reloaded {
+                    agents: self
+                        .policies
+                        .iter()
+                        .map(|p| p.agent().to_string())
+                        .collect(),
+                    message,
+                },
+                Err(message) => Response::Error { message },
+            },
+            Request::Events { agent, .. } => Response::Events {
+                history: self
+                    .history
+                    .iter()
+                    .filter(|(a, _)| agent.as_ref().is_none_or(|want| want == a))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+            },
+        }
+    }
+
+    /// Re-reads the policy directory and applies it; all or nothing. The error names file, line
+    /// and reason, and also goes to journald at priority err.
+    fn reload(&mut self, trigger: &str) -> Result<String, String> {
+        let dir = self.policies_dir.clone();
+        let result = crate::policy_dir::load_dir(&dir)
+            .map_err(|e| format!("invalid policies in {}:\n{e}", dir.display()))
+            .and_then(|set| {
+                let agents = set.len();
+                self.apply_policies(set)
+                    .map(|()| agents)
+                    .map_err(|e| format!("{e:#}"))
+            });
+        match result {
+            Ok(agents) => {
+                self.counters.reloads += 1;
+                let msg = format!(
+                    "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
+                    dir.display(),
+                    self.tasks.len()
+                );
+                tracing::info!("{msg}");
+                journald::event(
+                    message_id::RELOAD_APPLIED,
+                    libsystemd::logging::Priority::Notice,
+                    &msg,
+                    &[("POLICY_DIR", dir.display().to_string())],
+                );
+                Ok(msg)
+            }
+            Err(e) => {
+                self.counters.reload_failures += 1;
+                let msg = format!(
+                    "policy reload ({trigger}) refused, the previous policy stays in force: {e}"
+                );
+                tracing::error!("{msg}");
+                journald::event(
+                    message_id::RELOAD_FAILED,
+                    libsystemd::logging::Priority::Error,
+                    &msg,
+                    &[
+                        ("POLICY_DIR", dir.display().to_string()),
+                        ("RELOAD_ERROR", e.clone()),
+                    ],
+                );
+                Err(msg)
+            }
+        }
+    }
+
+    /// Puts `set` in force for new and running agents without a moment of deny-all or allow-all:
+    /// the new allowlists go into the other bank of agent indices beside the old ones, each agent
+    /// cgroup is switched over in one map update (index and mode together), then the old bank
+    /// goes. On a failure before the switch nothing has changed.
+    fn apply_policies(&mut self, set: PolicySet) -> anyhow::Result<()> {
+        let live = self.kernel.state(common::STATE_LIVE_BANK)?;
+        let next: u32 = if live == 0 { 1 } else { 0 };
+        let base = next * BANK_STRIDE;
+        if set.len() >= NO_POLICY as usize {
+            bail!("{} agents: at most {} fit a bank", set.len(), NO_POLICY);
+        }
+        let tables = set
+            .compile()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .rebased(base);
+        if let Err(e) = self.kernel.write_allowlists(&tables) {
+            // Entries of the next bank left by an interrupted earlier attempt would be counted
+            // against capacity; clear them for the next try.
+            let old_base = self.bank_base;
+            let _ = self
+                .kernel
+                .retain_allowlists(|a| (old_base..old_base + BANK_STRIDE).contains(&a));
+            return Err(e);
+        }
+        for (id, t) in &self.tasks {
+            let slot = match (set.index_of(&t.agent), set.get(&t.agent)) {
+                (Some(i), Some(p)) => AgentSlot {
+                    agent: base + i,
+                    mode: p.mode().kernel_value(),
+                },
+                _ => AgentSlot {
+                    agent: base + NO_POLICY,
+                    mode: common::MODE_ENFORCE,
+                },
+            };
+            if let Err(e) = self.kernel.add_agent_cgroup(*id, slot) {
+                // It keeps its old index, whose entries go below: it is denied everything.
+                tracing::error!(
+                    agent = t.agent,
+                    task = t.task,
+                    "switching to the new policy failed, the task is denied everything: {e:#}"
+                );
+            }
+        }
+        self.kernel
+            .set_state(common::STATE_LIVE_BANK, u64::from(next))?;
+        std::thread::sleep(SWAP_GRACE);
+        let removed = self
+            .kernel
+            .retain_allowlists(|a| (base..base + BANK_STRIDE).contains(&a))?;
+        tracing::debug!(removed, "old allowlist bank removed");
+        for t in self.tasks.values() {
+            if set.get(&t.agent).is_none() {
+                tracing::warn!(
+                    agent = t.agent,
+                    task = t.task,
+                    "the agent has no policy any more; its running processes are denied every action"
+                );
+            }
+        }
+        self.policies = set;
+        self.bank_base = base;
+        self.policies_loaded = SystemTime::now();
+        Ok(())
+    }
+
+    /// Takes over the tasks a previous daemon left in the pinned identity map. Entries whose
+    /// cgroup is gone are dropped; the others get their names back from the cgroup tree.
+    fn recover_tasks(&mut self) -> anyhow::Result<()> {
+        let entries = self.kernel.agent_cgroups()?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let tree = self.cgroups.tasks();
+        let mut stale = 0;
+        for (id, _) in entries {
+            match tree.iter().find(|t| t.id == id) {
+                Some(t) => {
+                    for pid in AgentCgroups::processes(&t.path) {
+                        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|_| "?".into());
+                        self.procs.add_root(pid, exe);
+                    }
+                    self.tasks.insert(
+                        id,
+                        TaskEntry {
+                            agent: t.agent.clone(),
+                            task: t.task.clone(),
+                            path: t.path.clone(),
+                        },
+                    );
+                }
+                None => {
+                    stale += 1;
+                    self.kernel.remove_agent_cgroup(id)?;
+                }
+            }
+        }
+        tracing::info!(
+            tasks = self.tasks.len(),
+            stale,
+            "recovered the running tasks of the previous daemon"
+        );
+        Ok(())
+    }
+
+    /// Losses before this daemon started are reported by `report_origin`, not as new ones.
+    fn loss_baseline(&mut self) {
+        if let Ok(k) = self.kernel.counters() {
+            self.counters.lost_records = k[common::COUNTER_RECORDS_LOST as usize];
+            self.counters.actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
+        }
+    }
+
+    fn report_origin(&mut self, retired_links: usize) {
+        if let crate::bpf::Origin::Adopted {
+            away_seconds,
+            lost_while_away,
+            replaced_build,
+        } = self.kernel.origin.clone()
+        {
+            let away = away_seconds.map_or("an unknown time".into(), |s| format!("{s:.1} s"));
+            let msg = format!(
+                "adopted the pinned programs of the previous daemon, which was away for {away}; \
+                 {lost_while_away} kernel records were lost meanwhile (their verdicts applied); \
+                 {} running task(s) recovered{}",
+                self.tasks.len(),
+                if replaced_build {
+                    format!(
+                        "; they came from another build and were replaced ({retired_links} old \
+                         link(s) detached after the new programs were attached)"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::ADOPTED,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    (
+                        "AWAY_SECONDS",
+                        away_seconds.map_or(String::new(), |s| format!("{s:.3}")),
+                    ),
+                    ("LOST_RECORDS", lost_while_away.to_string()),
+                    ("RECOVERED_TASKS", self.tasks.len().to_string()),
+                    ("PIN_DIR", self.kernel.mechanisms.pin_dir.clone()),
+                ],
+            );
+        }
+    }
+
+    fn metrics_snapshot(&mut self) -> metrics::Snapshot {
+        self.report_kernel_losses();
+        metrics::Snapshot {
+            actions: self
+                .by_action
+                .iter()
+                .map(|((a, k, v), n)| (a.clone(), *k, *v, *n))
+                .collect(),
+            records_lost: self.counters.lost_records,
+            actions_lost: self.counters.actions_lost,
+            undecodable_records: self.counters.undecodable_records,
+            verdict_disagreements: self.counters.verdict_disagreements,
+            occupancy: self
+                .kernel
+                .occupancy()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| (o.map, o.used, o.capacity))
+                .collect(),
+            reloads: self.counters.reloads,
+            reload_failures: self.counters.reload_failures,
+            sinks: self
+                .outputs
+                .stats()
+                .into_iter()
+                .map(|s| (s.sink.to_string(), s.written, s.failed))
+                .collect(),
+            journald_aggregated: self.outputs.aggregated(),
+            agents: self.policies.len() as u64,
+            tasks: self.tasks.len() as u64,
+            processes: self.procs.len() as u64,
+            away_seconds: match &self.kernel.origin {
+                crate::bpf::Origin::Adopted { away_seconds, .. } => away_seconds.unwrap_or(0.0),
+                crate::bpf::Origin::Installed => 0.0,
+            },
         }
     }
 
@@ -350,8 +790,15 @@ impl Monitor {
         let mode = policy.mode().kernel_value();
         let cg = self.cgroups.task(agent, task)?;
         // The identity entry exists before the process enters the cgroup: no unjudged window.
-        self.kernel
-            .add_agent_cgroup(cg.id, AgentSlot { agent: index, mode })?;
+        self.check_identity_room();
+        // A failed insert (map full) refuses the placement: the command never runs ungoverned.
+        self.kernel.add_agent_cgroup(
+            cg.id,
+            AgentSlot {
+                agent: self.bank_base + index,
+                mode,
+            },
+        )?;
         self.tasks.insert(
             cg.id,
             TaskEntry {
@@ -369,7 +816,27 @@ impl Monitor {
         Ok(cg.path.display().to_string())
     }
 
+    /// Warns (once per crossing) when the identity map nears its capacity; when it is full,
+    /// placements are refused rather than run ungoverned.
+    fn check_identity_room(&mut self) {
+        let used = self.tasks.len() as u64;
+        let cap = u64::from(common::MAX_AGENT_CGROUPS);
+        let high = used * 100 >= cap * IDENTITY_WARN_PERCENT;
+        if high && !self.identity_warned {
+            tracing::warn!(
+                used,
+                capacity = cap,
+                "the agent identity map is nearly full; new agent tasks will be refused when it is"
+            );
+        }
+        self.identity_warned = high;
+    }
+
     fn sweep(&mut self) {
+        if let Err(e) = self.kernel.heartbeat() {
+            tracing::warn!("heartbeat: {e:#}");
+        }
+        self.outputs.close_storms(SystemTime::now());
         self.procs
             .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
         self.report_kernel_losses();
@@ -404,14 +871,30 @@ impl Monitor {
             }
         };
         let lost = k[common::COUNTER_RECORDS_LOST as usize];
+        let actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
         if lost > self.counters.lost_records {
-            tracing::warn!(
-                lost = lost - self.counters.lost_records,
-                total = lost,
-                "kernel records lost (ring buffer full): their verdicts were enforced but are not reported"
+            let msg = format!(
+                "{} kernel records lost (ring buffer full), {} of them agent actions: their \
+                 verdicts were enforced but they are not reported ({lost} lost in total)",
+                lost - self.counters.lost_records,
+                actions_lost.saturating_sub(self.counters.actions_lost)
+            );
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::RECORDS_LOST,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    (
+                        "LOST_RECORDS",
+                        (lost - self.counters.lost_records).to_string(),
+                    ),
+                    ("LOST_TOTAL", lost.to_string()),
+                ],
             );
         }
         self.counters.lost_records = lost;
+        self.counters.actions_lost = actions_lost;
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {
@@ -581,7 +1064,30 @@ impl Monitor {
                 self.counters.alerts += 1;
             }
         }
+        *self
+            .by_action
+            .entry((
+                action.agent.clone(),
+                action.kind.as_str(),
+                action.verdict.as_str(),
+            ))
+            .or_default() += 1;
         self.outputs.emit(&action);
+        match crate::output::json::json_record(&action) {
+            Ok(record) => {
+                let value = serde_json::Value::Object(record);
+                if self.events_tx.receiver_count() > 0 {
+                    let _ = self
+                        .events_tx
+                        .send(Arc::new((action.agent.clone(), value.to_string())));
+                }
+                if self.history.len() == HISTORY {
+                    self.history.pop_front();
+                }
+                self.history.push_back((action.agent, value));
+            }
+            Err(e) => tracing::debug!("action not kept for `events`: {e}"),
+        }
     }
 
     fn status(&mut self) -> control::Status {
@@ -622,7 +1128,17 @@ impl Monitor {
             policies: self.policies_dir.display().to_string(),
             mechanisms: serde_json::to_value(&self.kernel.mechanisms).unwrap_or_default(),
             agents,
-            counters: self.counters.clone(),
+            origin: serde_json::to_value(&self.kernel.origin).unwrap_or_default(),
+            occupancy: serde_json::to_value(self.kernel.occupancy().unwrap_or_default())
+                .unwrap_or_default(),
+            policies_loaded_unix: self
+                .policies_loaded
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            counters: Counters {
+                journald_aggregated: self.outputs.aggregated(),
+                ..self.counters.clone()
+            },
             sinks: self
                 .outputs
                 .stats()

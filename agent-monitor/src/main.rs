@@ -24,5 +24,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => client::run(args),
         cli::Command::Policy(cmd) => client::policy(cmd),
         cli::Command::Status(args) => client::status(args),
+        cli::Command::Reload(args) => client::reload(args),
+        cli::Command::Events(args) => client::events(args),
     }
 }

@@ -70,13 +70,30 @@ fn spawn_acceptor(l: TcpListener) {
     });
 }
 
-/// A running daemon with its own policy directory, control socket and JSON audit trail.
+/// A running daemon with its own policy directory, control socket, JSON audit trail and bpffs pin
+/// directory (removed, with the enforcement it holds, when the `Daemon` is dropped).
 pub struct Daemon {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub json_log: PathBuf,
     pub stderr_log: PathBuf,
+    pub policies: PathBuf,
+    pub pin_dir: PathBuf,
+    extra: Vec<String>,
+    starts: u32,
+}
+
+/// A bpffs directory of this test alone (never the default `/sys/fs/bpf/agent-monitor`).
+pub fn private_pin_dir() -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    PathBuf::from(format!(
+        "/sys/fs/bpf/agent-monitor-test-{}-{nanos}",
+        std::process::id()
+    ))
 }
 
 impl Daemon {
@@ -93,30 +110,81 @@ impl Daemon {
         for (name, text) in policies {
             std::fs::write(pdir.join(name), text).unwrap();
         }
-        let socket = dir.path().join("control.sock");
-        let json_log = dir.path().join("audit.jsonl");
-        let stderr_log = dir.path().join("daemon.log");
+        let mut d = Daemon {
+            child: None,
+            socket: dir.path().join("control.sock"),
+            json_log: dir.path().join("audit.jsonl"),
+            stderr_log: dir.path().join("daemon.log"),
+            policies: pdir,
+            pin_dir: private_pin_dir(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Starts the daemon process (again, after `kill9` or `stop`: same dirs, same pins).
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.starts += 1;
+        // Each start logs to its own file so a restart's log shows what it adopted.
+        if self.starts > 1 {
+            self.stderr_log = self.dir.path().join(format!("daemon.{}.log", self.starts));
+        }
         let child = Command::new(binary())
             .args(["daemon", "--policies"])
-            .arg(&pdir)
+            .arg(&self.policies)
             .arg("--json-log")
-            .arg(&json_log)
+            .arg(&self.json_log)
             .arg("--control-socket")
-            .arg(&socket)
-            .args(extra)
+            .arg(&self.socket)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .stderr(std::fs::File::create(&self.stderr_log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary().display()));
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-            json_log,
-            stderr_log,
-        };
-        d.wait_ready();
-        d
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean anything up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Writes (or replaces) a policy file in the daemon's policy directory.
+    pub fn write_policy(&self, name: &str, text: &str) {
+        std::fs::write(self.policies.join(name), text).unwrap();
+    }
+
+    /// `agent-monitor reload`.
+    pub fn reload(&self) -> Output {
+        Command::new(binary())
+            .args(["reload", "--control-socket"])
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    /// `agent-monitor daemon --uninstall` on this daemon's pin directory.
+    pub fn uninstall(&self) -> Output {
+        Command::new(binary())
+            .args(["daemon", "--uninstall", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .unwrap()
     }
 
     fn wait_ready(&mut self) {
@@ -125,12 +193,21 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited early ({status}):\n{}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // The socket file may be a stale one of a killed predecessor: only an answer counts.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() && self.answers() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("daemon not ready after 30 s:\n{}", self.log());
+    }
+
+    fn answers(&self) -> bool {
+        Command::new(binary())
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.socket)
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     pub fn log(&self) -> String {
@@ -213,6 +290,17 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        // The pins would keep this test's programs attached forever.
+        if self.pin_dir.exists() {
+            let out = self.uninstall();
+            if !out.status.success() {
+                eprintln!(
+                    "removing test pins {} failed: {}",
+                    self.pin_dir.display(),
+                    text(&out.stderr)
+                );
+            }
+        }
     }
 }
 
@@ -222,15 +310,7 @@ pub fn text(b: &[u8]) -> String {
 
 /// journald entries of agent-monitor for `agent`, as `journalctl -o json` gives them.
 pub fn journal(agent: &str) -> Vec<Value> {
-    let out = Command::new("journalctl")
-        .args(["-o", "json", "--no-pager", "-t", "agent-monitor"])
-        .arg(format!("AGENT_ID={agent}"))
-        .output()
-        .expect("running journalctl");
-    text(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    journal_matching(&[format!("AGENT_ID={agent}")])
 }
 
 /// Waits (up to 10 s) for a journald entry of `agent` matching `pred`.
@@ -268,4 +348,50 @@ pub fn py_connect(host: &str, port: u16) -> String {
     format!(
         "import socket,sys\ns=socket.socket(socket.{family})\ntry:\n  s.connect(('{host}',{port}))\nexcept OSError as e:\n  print('errno',e.errno);sys.exit(10+e.errno)\nprint('connected')"
     )
+}
+
+/// journald entries of agent-monitor matching every `FIELD=value` in `matches`.
+pub fn journal_matching(matches: &[String]) -> Vec<Value> {
+    let out = Command::new("journalctl")
+        .args(["-o", "json", "--no-pager", "-t", "agent-monitor"])
+        .args(matches)
+        .output()
+        .expect("running journalctl");
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` over HTTP/1.0 from 127.0.0.1:port: (status line, body).
+pub fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to metrics");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The kernel's bpf_links whose program is one of `program_ids` (aya reads them with
+/// BPF_LINK_GET_NEXT_ID), as (link id, program id).
+pub fn kernel_links_of(program_ids: &[u64]) -> Vec<(u32, u32)> {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| program_ids.contains(&u64::from(l.program_id())))
+        .map(|l| (l.id(), l.program_id()))
+        .collect()
 }

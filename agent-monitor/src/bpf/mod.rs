@@ -1,19 +1,31 @@
-//! The only module that talks to aya: loads and attaches the kernel programs, writes the identity
-//! and allowlist maps, reads the action ring buffer and the loss counters.
+//! The only module that talks to aya: loads and attaches the kernel programs (or adopts the ones a
+//! previous daemon pinned), writes the identity and allowlist maps, reads the action ring buffer
+//! and the loss counters.
 
+mod pin;
+
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use agent_monitor_common::{self as common, AgentSlot, COUNTERS, ExecKey, NetAllow, NetKey};
-use anyhow::{Context as _, anyhow};
+use agent_monitor_common::{
+    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, ExecKey, NetAllow, NetKey,
+};
+use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
 use tokio::io::unix::AsyncFd;
 
 use crate::host::TracepointLayout;
 use crate::policy::KernelTables;
+
+pub use pin::DEFAULT_PIN_DIR;
+use pin::{PinDir, PinLock};
 
 /// The compiled kernel programs, embedded at build time (see build.rs).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent-monitor"));
@@ -29,12 +41,55 @@ pub struct Mechanisms {
     pub attached: Vec<String>,
     /// What the kernel refused, with its reason.
     pub refused: Vec<String>,
+    /// The bpffs directory holding the pinned maps and links.
+    pub pin_dir: String,
+    /// One pinned link per attached program, with the kernel's ids.
+    pub links: Vec<LinkState>,
 }
 
-/// The loaded programs and their maps. One owner (the monitor task) holds it.
+/// A program attached through a pinned bpf_link.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LinkState {
+    pub program: String,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
+/// How this daemon came by its kernel state.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    /// Nothing was pinned: the programs were loaded and attached now.
+    Installed,
+    /// A previous daemon's pinned programs and maps were taken over; they kept enforcing meanwhile.
+    Adopted {
+        /// Seconds since the previous daemon's last heartbeat (None if it left none).
+        away_seconds: Option<f64>,
+        /// Kernel records lost (ring buffer full) since that heartbeat.
+        lost_while_away: u64,
+        /// The pinned programs came from another build: they were replaced by this build's,
+        /// attached before the old ones were detached (no gap).
+        replaced_build: bool,
+    },
+}
+
+/// Entries in use of one kernel map, against its capacity.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Occupancy {
+    pub map: String,
+    pub used: u64,
+    pub capacity: u64,
+}
+
+/// The kernel state: every map of the object by name (all pinned), the pinned links, and the
+/// lock on the pin directory. One owner (the monitor task) holds it.
 pub struct Kernel {
-    ebpf: Ebpf,
+    maps: BTreeMap<String, Map>,
     pub mechanisms: Mechanisms,
+    pub origin: Origin,
+    /// Links of a previous build, kept attached until this build's programs enforce the same state.
+    retiring: Vec<FdLink>,
+    _lock: PinLock,
 }
 
 struct Hook {
@@ -44,6 +99,8 @@ struct Hook {
     required: bool,
 }
 
+/// How a program attaches. Every kind must end in a bpf_link (`FdLink`): that is what gets pinned
+/// so the program stays attached when the daemon exits.
 enum HookKind {
     Tracepoint(&'static str, &'static str),
     CgroupSockAddr(&'static str),
@@ -77,69 +134,192 @@ const HOOKS: &[Hook] = &[
     },
 ];
 
+/// Removes the pinned programs and maps of `pin_dir`: enforcement stops. Refuses while a daemon
+/// holds the directory.
+pub fn uninstall(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let pins = PinDir::new(pin_dir);
+    if !pin_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let _lock = pins
+        .create_and_lock()
+        .context("refusing to uninstall while a daemon runs on it; stop it first")?;
+    pins.remove_all()
+}
+
 impl Kernel {
-    /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
-    /// process on the host passes through them (non-agents leave after one lookup).
-    pub fn load(cgroup_root: &Path, layout: &TracepointLayout) -> anyhow::Result<Self> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
-            .load(PROGRAMS)
-            .context("loading the agent-monitor eBPF object")?;
-        let cgroup = std::fs::File::open(cgroup_root)
-            .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
-        let mut mechanisms = Mechanisms {
-            connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
-            ..Default::default()
-        };
-        for hook in HOOKS {
-            match attach(&mut ebpf, hook, &cgroup) {
-                Ok(at) => mechanisms.attached.push(format!("{} → {at}", hook.program)),
-                Err(e) if hook.required => {
-                    return Err(e.context(format!("attaching required program {}", hook.program)));
+    /// Adopts what a previous daemon pinned in `pin_dir`, or loads and pins everything. The network
+    /// hooks attach at the root of the cgroup v2 tree so every process on the host passes through
+    /// them (non-agents leave after one lookup).
+    pub fn open(
+        pin_dir: &Path,
+        cgroup_root: &Path,
+        layout: &TracepointLayout,
+    ) -> anyhow::Result<Self> {
+        let pins = PinDir::new(pin_dir);
+        let lock = pins.create_and_lock()?;
+        let hash = pin::object_hash(PROGRAMS, &[u64::from(layout.fork_child_pid)]);
+        if !pins.has_state() {
+            // Links without maps are the remains of an interrupted install: nothing to adopt.
+            pins.remove_pins()?;
+            let (maps, mechanisms) = install(&pins, cgroup_root, layout, hash)?;
+            return Ok(Kernel {
+                maps,
+                mechanisms,
+                origin: Origin::Installed,
+                retiring: Vec::new(),
+                _lock: lock,
+            });
+        }
+
+        let old_maps = open_pinned_maps(&pins)?;
+        let state = |i: u32| read_state(&old_maps, i).unwrap_or(0);
+        let heartbeat = state(common::STATE_HEARTBEAT_UNIX_NS);
+        let lost_now = counters_of(&old_maps)
+            .map(|c| c[common::COUNTER_RECORDS_LOST as usize])
+            .unwrap_or(0);
+        let away_seconds = (heartbeat > 0).then(|| {
+            let now = unix_ns();
+            now.saturating_sub(heartbeat) as f64 / 1e9
+        });
+        let lost_while_away = lost_now.saturating_sub(state(common::STATE_LOST_AT_HEARTBEAT));
+        let required_linked = HOOKS
+            .iter()
+            .filter(|h| h.required)
+            .all(|h| pins.link(h.program).exists());
+
+        if state(common::STATE_OBJECT_HASH) == hash && required_linked {
+            let mut mechanisms = base_mechanisms(&pins);
+            for hook in HOOKS {
+                match adopt_link(&pins, hook.program) {
+                    Ok(l) => {
+                        mechanisms
+                            .attached
+                            .push(format!("{} → {} (adopted)", hook.program, hook.kind));
+                        mechanisms.links.push(l);
+                    }
+                    Err(e) => mechanisms.refused.push(format!("{}: {e:#}", hook.program)),
                 }
-                Err(e) => {
-                    tracing::warn!(program = hook.program, "kernel refused program: {e:#}");
-                    mechanisms.refused.push(format!("{}: {e:#}", hook.program));
-                }
+            }
+            // The probe loads a throw-away copy of the object (maps only) and one LSM program that
+            // it unloads at once; nothing is attached.
+            let mut probe = EbpfLoader::new()
+                .load(PROGRAMS)
+                .context("loading the eBPF object to probe BPF LSM")?;
+            set_exec_mechanism(&mut probe, &mut mechanisms);
+            return Ok(Kernel {
+                maps: old_maps,
+                mechanisms,
+                origin: Origin::Adopted {
+                    away_seconds,
+                    lost_while_away,
+                    replaced_build: false,
+                },
+                retiring: Vec::new(),
+                _lock: lock,
+            });
+        }
+
+        // Another build's programs (or an incomplete set): attach ours, carry the identity map
+        // over, and only then let the old links go, so that every moment some program enforces.
+        let mut retiring = Vec::new();
+        for name in pin::names(&pins.links()).unwrap_or_default() {
+            match PinnedLink::from_pin(pins.link(&name)) {
+                Ok(l) => retiring.push(FdLink::from(l)),
+                Err(e) => tracing::warn!("old pinned link {name}: {e}"),
             }
         }
-        mechanisms.exec_enforcement = match probe_lsm(&mut ebpf) {
-            // This build judges exec at sched_process_exec only; an LSM path would give callers a
-            // clean EPERM instead of a killed process.
-            Ok(()) => "SIGKILL at sched_process_exec (BPF LSM is available on this host but this \
-                       build does not use it yet)"
-                .into(),
-            Err(why) => {
-                mechanisms.refused.push(format!(
-                    "BPF LSM bprm_check_security: {why} ({})",
-                    crate::host::lsm_context()
-                ));
-                "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
-            }
+        let identities = agent_cgroups_of(&old_maps).unwrap_or_default();
+        drop(old_maps);
+        pins.remove_pins()?;
+        let (maps, mechanisms) = install(&pins, cgroup_root, layout, hash)?;
+        let mut kernel = Kernel {
+            maps,
+            mechanisms,
+            origin: Origin::Adopted {
+                away_seconds,
+                lost_while_away,
+                replaced_build: true,
+            },
+            retiring,
+            _lock: lock,
         };
-        Ok(Kernel { ebpf, mechanisms })
+        for (id, slot) in identities {
+            kernel.add_agent_cgroup(id, slot)?;
+        }
+        Ok(kernel)
     }
 
-    /// Writes the compiled allowlists. Called once at start, before any agent exists.
-    pub fn install_allowlists(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
-        for (what, have, cap) in [
-            ("network", tables.net.len(), common::MAX_NET_ENTRIES),
-            ("exec", tables.exec.len(), common::MAX_EXEC_ENTRIES),
+    /// Detaches the previous build's programs (see [`Kernel::open`]); call once this build's
+    /// allowlists and identities are in place.
+    pub fn retire_previous_build(&mut self) -> usize {
+        let n = self.retiring.len();
+        self.retiring.clear();
+        n
+    }
+
+    fn map(&self, name: &str) -> anyhow::Result<&Map> {
+        self.maps
+            .get(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut Map> {
+        self.maps
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    /// Adds allowlist entries (those of one bank; see the daemon's reload). Checks capacity
+    /// against what is in the maps now, and on failure removes what it added: all or nothing.
+    pub fn write_allowlists(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        let used = self.occupancy()?;
+        let used_of = |name: &str| used.iter().find(|o| o.map == name).map_or(0, |o| o.used);
+        for (what, name, have, cap) in [
+            (
+                "network",
+                "NET_ALLOW",
+                tables.net.len(),
+                common::MAX_NET_ENTRIES,
+            ),
+            (
+                "exec",
+                "EXEC_ALLOW",
+                tables.exec.len(),
+                common::MAX_EXEC_ENTRIES,
+            ),
         ] {
-            if have > cap as usize {
-                anyhow::bail!(
-                    "the policies compile to {have} {what} allowlist entries; the kernel map holds {cap}"
+            let now = used_of(name);
+            if now + have as u64 > u64::from(cap) {
+                bail!(
+                    "the policies compile to {have} {what} allowlist entries; with the {now} in \
+                     force the kernel map (capacity {cap}) cannot hold both during the swap"
                 );
             }
         }
-        let mut net: LpmTrie<_, NetKey, NetAllow> =
-            LpmTrie::try_from(map(&mut self.ebpf, "NET_ALLOW")?)?;
+        let result = self.insert_allowlists(tables);
+        if result.is_err() {
+            let mut net: LpmTrie<_, NetKey, NetAllow> =
+                LpmTrie::try_from(self.map_mut("NET_ALLOW")?)?;
+            for (prefix_len, key, _) in &tables.net {
+                let _ = net.remove(&Key::new(*prefix_len, *key));
+            }
+            let mut exec: LpmTrie<_, ExecKey, u32> =
+                LpmTrie::try_from(self.map_mut("EXEC_ALLOW")?)?;
+            for (prefix_len, key) in &tables.exec {
+                let _ = exec.remove(&Key::new(*prefix_len, *key));
+            }
+        }
+        result
+    }
+
+    fn insert_allowlists(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetAllow> = LpmTrie::try_from(self.map_mut("NET_ALLOW")?)?;
         for (prefix_len, key, allow) in &tables.net {
             net.insert(&Key::new(*prefix_len, *key), allow, 0)
                 .context("writing the network allowlist map")?;
         }
-        let mut exec: LpmTrie<_, ExecKey, u32> =
-            LpmTrie::try_from(map(&mut self.ebpf, "EXEC_ALLOW")?)?;
+        let mut exec: LpmTrie<_, ExecKey, u32> = LpmTrie::try_from(self.map_mut("EXEC_ALLOW")?)?;
         for (i, (prefix_len, key)) in tables.exec.iter().enumerate() {
             exec.insert(&Key::new(*prefix_len, *key), i as u32, 0)
                 .context("writing the exec allowlist map")?;
@@ -147,40 +327,116 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on.
+    /// Removes every allowlist entry whose agent index `keep` rejects. Returns how many went.
+    pub fn retain_allowlists(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        let mut net: LpmTrie<_, NetKey, NetAllow> = LpmTrie::try_from(self.map_mut("NET_ALLOW")?)?;
+        let stale: Vec<Key<NetKey>> = net
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k.data().agent))
+            .collect();
+        for k in &stale {
+            net.remove(k)
+                .context("removing a stale network allowlist entry")?;
+        }
+        removed += stale.len();
+        let mut exec: LpmTrie<_, ExecKey, u32> = LpmTrie::try_from(self.map_mut("EXEC_ALLOW")?)?;
+        let stale: Vec<Key<ExecKey>> = exec
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k.data().agent))
+            .collect();
+        for k in &stale {
+            exec.remove(k)
+                .context("removing a stale exec allowlist entry")?;
+        }
+        removed += stale.len();
+        Ok(removed)
+    }
+
+    /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on; also
+    /// rewrites an existing entry in one atomic update (reload).
     pub fn add_agent_cgroup(&mut self, cgroup_id: u64, slot: AgentSlot) -> anyhow::Result<()> {
-        let mut m: HashMap<_, u64, AgentSlot> =
-            HashMap::try_from(map(&mut self.ebpf, "AGENT_CGROUPS")?)?;
+        let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.insert(cgroup_id, slot, 0)
             .context("adding to the agent identity map (full?)")
     }
 
     pub fn remove_agent_cgroup(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
-        let mut m: HashMap<_, u64, AgentSlot> =
-            HashMap::try_from(map(&mut self.ebpf, "AGENT_CGROUPS")?)?;
+        let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.remove(&cgroup_id)
             .context("removing from the agent identity map")
     }
 
+    /// Every (cgroup id, slot) in the identity map: what a previous daemon left governed.
+    pub fn agent_cgroups(&self) -> anyhow::Result<Vec<(u64, AgentSlot)>> {
+        agent_cgroups_of(&self.maps)
+    }
+
     /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.
     pub fn counters(&self) -> anyhow::Result<[u64; COUNTERS as usize]> {
-        let m = self
-            .ebpf
-            .map("COUNTERS_MAP")
-            .ok_or_else(|| anyhow!("map COUNTERS_MAP missing from the object"))?;
-        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
-        let mut out = [0u64; COUNTERS as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = a.get(&(i as u32), 0)?.iter().sum();
-        }
-        Ok(out)
+        counters_of(&self.maps)
+    }
+
+    pub fn state(&self, slot: u32) -> anyhow::Result<u64> {
+        read_state(&self.maps, slot)
+    }
+
+    pub fn set_state(&mut self, slot: u32, value: u64) -> anyhow::Result<()> {
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut("DAEMON_STATE")?)?;
+        a.set(slot, value, 0)
+            .with_context(|| format!("writing daemon state slot {slot}"))
+    }
+
+    /// Leaves the time and the loss counter in the pinned state, for the next daemon.
+    pub fn heartbeat(&mut self) -> anyhow::Result<()> {
+        let lost = self.counters()?[common::COUNTER_RECORDS_LOST as usize];
+        self.set_state(common::STATE_LOST_AT_HEARTBEAT, lost)?;
+        self.set_state(common::STATE_HEARTBEAT_UNIX_NS, unix_ns())
+    }
+
+    /// Entries in use of the maps that fill up, against their capacities.
+    pub fn occupancy(&self) -> anyhow::Result<Vec<Occupancy>> {
+        let count = |name: &str| -> anyhow::Result<u64> {
+            let m = self.map(name)?;
+            Ok(match m {
+                Map::HashMap(_) => {
+                    let h: HashMap<_, u64, AgentSlot> = HashMap::try_from(m)?;
+                    h.keys().count() as u64
+                }
+                Map::LpmTrie(_) if name == "NET_ALLOW" => {
+                    let t: LpmTrie<_, NetKey, NetAllow> = LpmTrie::try_from(m)?;
+                    t.keys().count() as u64
+                }
+                Map::LpmTrie(_) => {
+                    let t: LpmTrie<_, ExecKey, u32> = LpmTrie::try_from(m)?;
+                    t.keys().count() as u64
+                }
+                _ => 0,
+            })
+        };
+        [
+            ("AGENT_CGROUPS", common::MAX_AGENT_CGROUPS),
+            ("NET_ALLOW", common::MAX_NET_ENTRIES),
+            ("EXEC_ALLOW", common::MAX_EXEC_ENTRIES),
+        ]
+        .into_iter()
+        .map(|(name, cap)| {
+            Ok(Occupancy {
+                map: name.to_string(),
+                used: count(name)?,
+                capacity: u64::from(cap),
+            })
+        })
+        .collect()
     }
 
     /// Hands the ring buffer to its reader. Can be called once.
     pub fn take_actions(&mut self) -> anyhow::Result<ActionStream> {
         let m = self
-            .ebpf
-            .take_map("ACTIONS")
+            .maps
+            .remove("ACTIONS")
             .ok_or_else(|| anyhow!("ring buffer ACTIONS missing or already taken"))?;
         let ring = RingBuf::try_from(m)?;
         // SAFETY: the RingBuf owns its fd and keeps it open for as long as the AsyncFd holds it.
@@ -189,6 +445,162 @@ impl Kernel {
         Ok(ActionStream { fd })
     }
 }
+
+impl std::fmt::Display for HookKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HookKind::Tracepoint(category, name) => write!(f, "tracepoint {category}/{name}"),
+            HookKind::CgroupSockAddr(at) => write!(f, "cgroup/{at} at the cgroup v2 root"),
+        }
+    }
+}
+
+fn base_mechanisms(pins: &PinDir) -> Mechanisms {
+    Mechanisms {
+        connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
+        pin_dir: pins.root().display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Loads the object, attaches every hook through a pinned link and pins every map by its name.
+fn install(
+    pins: &PinDir,
+    cgroup_root: &Path,
+    layout: &TracepointLayout,
+    hash: u64,
+) -> anyhow::Result<(BTreeMap<String, Map>, Mechanisms)> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
+        .load(PROGRAMS)
+        .context("loading the agent-monitor eBPF object")?;
+    // Maps first: a crash before the links are pinned leaves maps without links, which the next
+    // start recognises as an incomplete install.
+    let mut maps = BTreeMap::new();
+    let names: Vec<String> = ebpf.maps().map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        // .rodata/.bss/.data hold the programs' globals; nothing outside them reads those.
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(map) = ebpf.take_map(&name) else {
+            continue;
+        };
+        map.pin(pins.map(&name))
+            .with_context(|| format!("pinning map {name} at {}", pins.map(&name).display()))?;
+        maps.insert(name, map);
+    }
+    let cgroup = std::fs::File::open(cgroup_root)
+        .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
+    let mut mechanisms = base_mechanisms(pins);
+    for hook in HOOKS {
+        match attach(&mut ebpf, hook, &cgroup, pins) {
+            Ok(l) => {
+                mechanisms
+                    .attached
+                    .push(format!("{} → {}", hook.program, hook.kind));
+                mechanisms.links.push(l);
+            }
+            Err(e) if hook.required => {
+                return Err(e.context(format!("attaching required program {}", hook.program)));
+            }
+            Err(e) => {
+                tracing::warn!(program = hook.program, "kernel refused program: {e:#}");
+                mechanisms.refused.push(format!("{}: {e:#}", hook.program));
+            }
+        }
+    }
+    set_exec_mechanism(&mut ebpf, &mut mechanisms);
+    let mut a: Array<_, u64> = Array::try_from(
+        maps.get_mut("DAEMON_STATE")
+            .ok_or_else(|| anyhow!("map DAEMON_STATE missing from the eBPF object"))?,
+    )?;
+    a.set(common::STATE_OBJECT_HASH, hash, 0)
+        .context("writing the object hash")?;
+    Ok((maps, mechanisms))
+}
+
+fn set_exec_mechanism(ebpf: &mut Ebpf, mechanisms: &mut Mechanisms) {
+    mechanisms.exec_enforcement = match probe_lsm(ebpf) {
+        // This build judges exec at sched_process_exec only; an LSM path would give callers a
+        // clean EPERM instead of a killed process.
+        Ok(()) => "SIGKILL at sched_process_exec (BPF LSM is available on this host but this \
+                   build does not use it yet)"
+            .into(),
+        Err(why) => {
+            mechanisms.refused.push(format!(
+                "BPF LSM bprm_check_security: {why} ({})",
+                crate::host::lsm_context()
+            ));
+            "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
+        }
+    };
+}
+
+/// Every map pinned in `pins`, by name.
+fn open_pinned_maps(pins: &PinDir) -> anyhow::Result<BTreeMap<String, Map>> {
+    let mut maps = BTreeMap::new();
+    for name in pin::names(&pins.maps()).context("listing pinned maps")? {
+        let path = pins.map(&name);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let map = Map::from_map_data(data)
+            .with_context(|| format!("pinned map {} has an unsupported type", path.display()))?;
+        maps.insert(name, map);
+    }
+    Ok(maps)
+}
+
+fn adopt_link(pins: &PinDir, program: &str) -> anyhow::Result<LinkState> {
+    let path = pins.link(program);
+    let link = PinnedLink::from_pin(&path)
+        .with_context(|| format!("no pinned link {}", path.display()))?;
+    let info = FdLink::from(link)
+        .info()
+        .with_context(|| format!("reading link {}", path.display()))?;
+    Ok(LinkState {
+        program: program.to_string(),
+        link_id: info.id(),
+        program_id: info.program_id(),
+    })
+}
+
+fn read_state(maps: &BTreeMap<String, Map>, slot: u32) -> anyhow::Result<u64> {
+    let m = maps
+        .get("DAEMON_STATE")
+        .ok_or_else(|| anyhow!("map DAEMON_STATE missing"))?;
+    let a: Array<_, u64> = Array::try_from(m)?;
+    Ok(a.get(&slot, 0)?)
+}
+
+fn counters_of(maps: &BTreeMap<String, Map>) -> anyhow::Result<[u64; COUNTERS as usize]> {
+    let m = maps
+        .get("COUNTERS_MAP")
+        .ok_or_else(|| anyhow!("map COUNTERS_MAP missing from the object"))?;
+    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+    let mut out = [0u64; COUNTERS as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        // A map pinned by an older build may be shorter: its missing counters read as 0.
+        *slot = a.get(&(i as u32), 0).map_or(0, |v| v.iter().sum());
+    }
+    Ok(out)
+}
+
+fn agent_cgroups_of(maps: &BTreeMap<String, Map>) -> anyhow::Result<Vec<(u64, AgentSlot)>> {
+    let m = maps
+        .get("AGENT_CGROUPS")
+        .ok_or_else(|| anyhow!("map AGENT_CGROUPS missing"))?;
+    let h: HashMap<_, u64, AgentSlot> = HashMap::try_from(m)?;
+    Ok(h.iter().filter_map(Result::ok).collect())
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+const _: () = assert!(common::STATE_LOST_AT_HEARTBEAT < DAEMON_STATE_LEN);
 
 /// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM
 /// available", rather than a guess from /sys/kernel/security.
@@ -205,32 +617,46 @@ fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
         .map_err(|e| format!("unloading the probe: {e}"))
 }
 
-fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name)
-        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
-}
-
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Result<String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup: &std::fs::File,
+    pins: &PinDir,
+) -> anyhow::Result<LinkState> {
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
-    match hook.kind {
+    let link: FdLink = match hook.kind {
         HookKind::Tracepoint(category, name) => {
             let tp: &mut TracePoint = prog.try_into()?;
             tp.load().context("loading")?;
-            tp.attach(category, name).context("attaching")?;
-            Ok(format!("tracepoint {category}/{name}"))
+            let id = tp.attach(category, name).context("attaching")?;
+            tp.take_link(id)?.try_into().context(
+                "the kernel gave a perf link, not a bpf_link (kernel < 5.15?): it cannot be pinned",
+            )?
         }
-        HookKind::CgroupSockAddr(at) => {
+        HookKind::CgroupSockAddr(_) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
             p.load().context("loading")?;
             // With a bpf_link (kernel >= 5.7) the kernel always attaches as "multi" and rejects any
             // flag, so the mode must be Single (0) here; other programs on the root still run.
-            p.attach(cgroup, CgroupAttachMode::Single)
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
                 .context("attaching")?;
-            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+            p.take_link(id)?.try_into().context(
+                "the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned",
+            )?
         }
-    }
+    };
+    let info = link.info().context("reading the new link")?;
+    let path = pins.link(hook.program);
+    link.pin(&path)
+        .with_context(|| format!("pinning link {}", path.display()))?;
+    Ok(LinkState {
+        program: hook.program.to_string(),
+        link_id: info.id(),
+        program_id: info.program_id(),
+    })
 }
 
 /// Readiness-driven reader of the action ring buffer.

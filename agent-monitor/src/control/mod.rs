@@ -21,6 +21,16 @@ pub enum Request {
     Place { agent: String, task: String },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
+    /// Re-read the policy directory and apply it (all or nothing).
+    Reload {},
+    /// Recent actions (of `agent` if given); with `follow`, the connection then streams every new
+    /// action as one JSON line until the client closes it.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        agent: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +42,15 @@ pub enum Response {
         cgroup: String,
     },
     Status(Status),
+    Reloaded {
+        agents: Vec<String>,
+        message: String,
+    },
+    /// Followed, if asked, by one action (audit-trail JSON) per line; a line `{"lagged": N}` says
+    /// N actions went by too fast for this connection (they are in the JSON trail).
+    Events {
+        history: Vec<serde_json::Value>,
+    },
     Error {
         message: String,
     },
@@ -45,6 +64,15 @@ pub struct Status {
     pub agents: Vec<AgentStatus>,
     pub counters: Counters,
     pub sinks: Vec<SinkStatus>,
+    /// Installed now, or adopted from pins (with how long the previous daemon was away).
+    #[serde(default)]
+    pub origin: serde_json::Value,
+    /// Kernel map entries in use against capacity.
+    #[serde(default)]
+    pub occupancy: serde_json::Value,
+    /// When the policy in force was loaded (start or last reload), Unix seconds.
+    #[serde(default)]
+    pub policies_loaded_unix: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -81,6 +109,16 @@ pub struct Counters {
     pub tracked_processes: u64,
     /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).
     pub verdict_disagreements: u64,
+    /// Agent actions among the lost records.
+    #[serde(default)]
+    pub actions_lost: u64,
+    #[serde(default)]
+    pub reloads: u64,
+    #[serde(default)]
+    pub reload_failures: u64,
+    /// Identical denials/alerts folded into journald repeat summaries (all are in the JSON trail).
+    #[serde(default)]
+    pub journald_aggregated: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -112,6 +150,16 @@ pub enum ClientError {
 
 /// Sends one request and reads the response.
 pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    call_then(socket, req, |_| true)
+}
+
+/// Sends one request, reads the response, then hands every further line to `more` until the
+/// daemon closes the connection or `more` returns false (streaming requests: `events --follow`).
+pub fn call_then(
+    socket: &Path,
+    req: &Request,
+    mut more: impl FnMut(&str) -> bool,
+) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -136,19 +184,32 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    let mut reader = BufReader::new(&stream);
+    reader.read_line(&mut answer).map_err(io)?;
     let resp: Response = serde_json::from_str(&answer)
         .map_err(|e| ClientError::Protocol(format!("{e}: {answer:?}")))?;
-    match resp {
-        Response::Error { message } => Err(ClientError::Refused(message)),
-        other => Ok(other),
+    let resp = match resp {
+        Response::Error { message } => return Err(ClientError::Refused(message)),
+        other => other,
+    };
+    if matches!(req, Request::Events { follow: true, .. }) {
+        // A follower waits as long as it takes for the next action.
+        stream.set_read_timeout(None).map_err(io)?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(io)? == 0 || !more(line.trim_end()) {
+                break;
+            }
+        }
     }
+    Ok(resp)
 }
 
 /// Parses a request line; the error says what was wrong, for the caller.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| {
-        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}} or {{\"op\":\"status\"}}")
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"reload\"}} or {{\"op\":\"events\",\"follow\":…,\"agent\":…}}")
     })
 }
 
@@ -164,6 +225,11 @@ mod tests {
                 task: "t".into(),
             },
             Request::Status {},
+            Request::Reload {},
+            Request::Events {
+                follow: true,
+                agent: Some("a".into()),
+            },
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s).unwrap(), r);

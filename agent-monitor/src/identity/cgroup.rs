@@ -20,6 +20,15 @@ pub struct TaskCgroup {
     pub id: u64,
 }
 
+/// A task cgroup found in the tree.
+#[derive(Clone, Debug)]
+pub struct TaskDir {
+    pub agent: String,
+    pub task: String,
+    pub path: PathBuf,
+    pub id: u64,
+}
+
 impl AgentCgroups {
     pub fn new(cgroup2_root: &Path) -> anyhow::Result<Self> {
         let base = cgroup2_root.join("agent-monitor");
@@ -37,6 +46,41 @@ impl AgentCgroups {
             .with_context(|| format!("reading cgroup {}", path.display()))?
             .ino();
         Ok(TaskCgroup { path, id })
+    }
+
+    /// Every `<agent>/<task>` cgroup under the tree now, with its id. The tree may be shared with
+    /// other daemons (other pin directories): callers match ids against their own identity map.
+    pub fn tasks(&self) -> Vec<TaskDir> {
+        let subdirs = |p: &Path| -> Vec<(String, PathBuf, u64)> {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(Result::ok)
+                        .filter_map(|e| {
+                            let m = e.metadata().ok()?;
+                            m.is_dir().then(|| {
+                                (
+                                    e.file_name().to_string_lossy().into_owned(),
+                                    e.path(),
+                                    m.ino(),
+                                )
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        for (agent, agent_path, _) in subdirs(&self.base) {
+            for (task, path, id) in subdirs(&agent_path) {
+                out.push(TaskDir {
+                    agent: agent.clone(),
+                    task,
+                    path,
+                    id,
+                });
+            }
+        }
+        out
     }
 
     /// Moves process `pid` (all its threads) into `cg`.

@@ -3,11 +3,56 @@
 
 use libsystemd::logging::{Priority, journal_send};
 
+use super::storm::StormSummary;
 use super::{Field, FieldValue, Sink, SinkError, action_fields};
 use crate::action::{Action, Verdict};
 
 /// `SYSLOG_IDENTIFIER` of every entry (what `journalctl -t` matches).
 pub const SYSLOG_IDENTIFIER: &str = "agent-monitor";
+
+/// `MESSAGE_ID`s of every kind of entry the daemon writes; `packaging/agent-monitor.catalog`
+/// explains each (install it in `/usr/lib/systemd/catalog/` and run `journalctl --update-catalog`,
+/// then `journalctl -x` shows the explanation). They never change once released.
+pub mod message_id {
+    pub const ACTION_ALLOWED: &str = "0fb0ec2aa4d847c4a491d52abccaf50a";
+    pub const ACTION_DENIED: &str = "5d59276407424888bc69e2683d35856b";
+    pub const ACTION_ALERT: &str = "33cdc5c5996243bcb32d0889ef0260c3";
+    /// Identical denials or alerts aggregated into one entry (count and window in the fields).
+    pub const REPEATED_ACTIONS: &str = "3108a85902c74570b117651be139bfc7";
+    /// Enforcement active: the daemon installed or adopted its programs and serves.
+    pub const ENFORCEMENT_ACTIVE: &str = "3649d9819dc3408b9b41c358453489f7";
+    /// A restarted daemon adopted pinned programs; says how long it was away and what was lost.
+    pub const ADOPTED: &str = "0474ba54449a47e08c96ff618b9ecec3";
+    pub const RELOAD_APPLIED: &str = "12d9e75a15f04e76ae3abad39c5d3b1b";
+    pub const RELOAD_FAILED: &str = "b0a0e56e4b794526a45c061afb6ed4c5";
+    /// Kernel records lost (ring buffer full), once per burst with the count.
+    pub const RECORDS_LOST: &str = "f9ff6c47a97e42e6b656a0e927b0150f";
+    /// The daemon stops; pinned enforcement continues without it.
+    pub const STOPPING: &str = "6dd3bf0c09fa4612a800860c1e2c0a29";
+}
+
+/// `MESSAGE_ID` of an action entry.
+pub fn action_message_id(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Allowed => message_id::ACTION_ALLOWED,
+        Verdict::Denied => message_id::ACTION_DENIED,
+        Verdict::Alert => message_id::ACTION_ALERT,
+    }
+}
+
+/// Writes one daemon event (not an action) to journald with its `MESSAGE_ID` and extra fields.
+/// Failure is logged on stderr (which systemd also collects): the event is about the daemon, and
+/// the daemon has no better place to say it.
+pub fn event(id: &str, priority: Priority, message: &str, fields: &[(&str, String)]) {
+    let mut all = vec![
+        ("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.to_string()),
+        ("MESSAGE_ID", id.to_string()),
+    ];
+    all.extend(fields.iter().map(|(k, v)| (*k, without_nul(v.clone()))));
+    if let Err(e) = journal_send(priority, message, all.into_iter()) {
+        tracing::warn!("journald event {id} not sent ({e}): {message}");
+    }
+}
 
 /// Journald priority of a verdict.
 ///
@@ -29,7 +74,10 @@ pub fn priority(verdict: Verdict) -> Priority {
 /// (see [`priority`]). Values never contain NUL (replaced by U+FFFD); newlines are kept, the native
 /// protocol carries them.
 pub fn journal_fields(action: &Action) -> Vec<(&'static str, String)> {
-    let mut fields = vec![("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.to_string())];
+    let mut fields = vec![
+        ("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.to_string()),
+        ("MESSAGE_ID", action_message_id(action.verdict).to_string()),
+    ];
     for (field, value) in action_fields(action) {
         let Some(value) = value else { continue };
         let text = match value {
@@ -69,7 +117,52 @@ impl Sink for JournaldSink {
     }
 
     fn emit(&mut self, action: &Action) -> Result<(), SinkError> {
-        let mut fields = journal_fields(action);
+        send(action, journal_fields(action))
+    }
+
+    fn emit_summary(&mut self, s: &StormSummary) -> Result<(), SinkError> {
+        send(&s.sample, summary_fields(s))
+    }
+}
+
+/// The journald entry for `count` actions like `sample` that were kept out of journald between
+/// `first` and `last` (see `storm`): the sample's fields, `MESSAGE_ID` of a repeat, `REPEAT_COUNT`,
+/// `REPEAT_FIRST` and `REPEAT_LAST` (RFC 3339), and a message saying so.
+pub fn summary_fields(s: &StormSummary) -> Vec<(&'static str, String)> {
+    let rfc3339 = |t: std::time::SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let mut fields = journal_fields(&s.sample);
+    for (k, v) in fields.iter_mut() {
+        match *k {
+            "MESSAGE_ID" => *v = message_id::REPEATED_ACTIONS.to_string(),
+            "MESSAGE" => {
+                *v = format!(
+                    "{} more identical {} between {} and {} (every one is in the JSON audit trail): {}",
+                    s.count,
+                    if s.sample.verdict == Verdict::Alert {
+                        "alerts"
+                    } else {
+                        "denials"
+                    },
+                    rfc3339(s.first),
+                    rfc3339(s.last),
+                    s.sample.message()
+                )
+            }
+            _ => {}
+        }
+    }
+    fields.push(("REPEAT_COUNT", s.count.to_string()));
+    fields.push(("REPEAT_FIRST", rfc3339(s.first)));
+    fields.push(("REPEAT_LAST", rfc3339(s.last)));
+    fields
+}
+
+fn send(action: &Action, mut fields: Vec<(&'static str, String)>) -> Result<(), SinkError> {
+    {
         // libsystemd takes MESSAGE (and PRIORITY) as arguments and silently drops them, and any
         // name it considers invalid, from the field list; the names are checked in the tests.
         let message_at = fields
@@ -120,11 +213,67 @@ mod tests {
     }
 
     #[test]
+    fn message_ids_are_distinct_128_bit_hex() {
+        let ids = [
+            message_id::ACTION_ALLOWED,
+            message_id::ACTION_DENIED,
+            message_id::ACTION_ALERT,
+            message_id::REPEATED_ACTIONS,
+            message_id::ENFORCEMENT_ACTIVE,
+            message_id::ADOPTED,
+            message_id::RELOAD_APPLIED,
+            message_id::RELOAD_FAILED,
+            message_id::RECORDS_LOST,
+            message_id::STOPPING,
+        ];
+        for id in ids {
+            assert!(
+                id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id}"
+            );
+        }
+        let mut sorted = ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
+        // Every id is explained in the catalog shipped with the unit.
+        let catalog = include_str!("../../../packaging/agent-monitor.catalog");
+        for id in ids {
+            assert!(
+                catalog.contains(&format!("-- {id}")),
+                "{id} missing from the catalog"
+            );
+        }
+    }
+
+    #[test]
+    fn repeat_summary_keeps_the_fields_and_says_how_many() {
+        let a = connect_action();
+        let s = StormSummary {
+            count: 41,
+            first: a.time,
+            last: a.time + std::time::Duration::from_secs(9),
+            sample: a,
+        };
+        let f = summary_fields(&s);
+        assert_eq!(get(&f, "MESSAGE_ID"), Some(message_id::REPEATED_ACTIONS));
+        assert_eq!(get(&f, "AGENT_ID"), Some("coder"));
+        assert_eq!(get(&f, "VERDICT"), Some("denied"));
+        assert_eq!(get(&f, "REPEAT_COUNT"), Some("41"));
+        let msg = get(&f, "MESSAGE").unwrap();
+        assert!(
+            msg.starts_with("41 more identical denials between "),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn connect_maps_every_field() {
         let a = connect_action();
         let f = journal_fields(&a);
         let expected = [
             ("SYSLOG_IDENTIFIER", "agent-monitor"),
+            ("MESSAGE_ID", message_id::ACTION_DENIED),
             ("AGENT_ID", "coder"),
             ("TASK_ID", "t-42"),
             ("ACTION", "connect"),

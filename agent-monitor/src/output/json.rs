@@ -207,7 +207,7 @@ mod tests {
         for a in [connect_action(), exec_action()] {
             let record = json_record(&a).unwrap();
             let mut journal = journal_fields(&a);
-            journal.retain(|(k, _)| *k != "SYSLOG_IDENTIFIER");
+            journal.retain(|(k, _)| *k != "SYSLOG_IDENTIFIER" && *k != "MESSAGE_ID");
             for (name, value) in journal {
                 let field = Field::ALL
                     .into_iter()

@@ -6,6 +6,8 @@
 
 pub mod journald;
 pub mod json;
+pub mod metrics;
+pub mod storm;
 
 use std::borrow::Cow;
 use std::path::PathBuf;
@@ -24,6 +26,10 @@ pub trait Sink {
     fn name(&self) -> &'static str;
     /// Reports one action. An error means this action did not reach the destination.
     fn emit(&mut self, action: &Action) -> Result<(), SinkError>;
+    /// Reports actions that were aggregated (see [`storm`]); only the journal role gets these.
+    fn emit_summary(&mut self, _summary: &storm::StormSummary) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Why a sink could not report an action.
@@ -188,6 +194,9 @@ pub struct OutputConfig {
     pub journal_allowed: bool,
     /// Append every action to this JSON-lines file.
     pub json_path: Option<PathBuf>,
+    /// Identical denials/alerts within this window reach journald once plus one summary
+    /// (zero: every one). The JSON trail always gets every action.
+    pub storm_window: Duration,
 }
 
 /// Counters of one sink, for `status`.
@@ -207,6 +216,7 @@ pub struct Outputs {
     journal: Slot,
     json: Option<Slot>,
     journal_allowed: bool,
+    storms: storm::StormGate,
 }
 
 impl Outputs {
@@ -217,11 +227,9 @@ impl Outputs {
             Some(path) => Some(Box::new(JsonSink::open(path)?) as Box<dyn Sink + Send>),
             None => None,
         };
-        Ok(Self::new(
-            Box::new(JournaldSink::new()),
-            json,
-            config.journal_allowed,
-        ))
+        let mut outputs = Self::new(Box::new(JournaldSink::new()), json, config.journal_allowed);
+        outputs.storms = storm::StormGate::new(config.storm_window);
+        Ok(outputs)
     }
 
     /// Builds from given sinks (tests, or other destinations in the journald/JSON roles).
@@ -234,6 +242,7 @@ impl Outputs {
             journal: Slot::new(journal),
             json: json.map(Slot::new),
             journal_allowed,
+            storms: storm::StormGate::new(Duration::ZERO),
         }
     }
 
@@ -242,11 +251,30 @@ impl Outputs {
     pub fn emit(&mut self, action: &Action) {
         let now = Instant::now();
         if action.verdict != Verdict::Allowed || self.journal_allowed {
-            self.journal.emit(action, now);
+            let (pass, closed) = self.storms.admit(action);
+            if let Some(summary) = closed {
+                self.journal.emit_summary(&summary, now);
+            }
+            if pass {
+                self.journal.emit(action, now);
+            }
         }
         if let Some(json) = &mut self.json {
             json.emit(action, now);
         }
+    }
+
+    /// Writes the summaries of aggregation windows that ended by `now`.
+    pub fn close_storms(&mut self, now: std::time::SystemTime) {
+        let at = Instant::now();
+        for summary in self.storms.close_expired(now) {
+            self.journal.emit_summary(&summary, at);
+        }
+    }
+
+    /// Actions kept out of journald by aggregation (all are in summaries and the JSON trail).
+    pub fn aggregated(&self) -> u64 {
+        self.storms.suppressed_total
     }
 
     /// Counters per sink, journald first.
@@ -291,20 +319,30 @@ impl Slot {
                     );
                 }
             }
-            Err(err) => {
-                self.failed += 1;
-                let text = err.to_string();
-                if let Some(count) = self.throttle.failure(now) {
-                    tracing::warn!(
-                        sink = self.sink.name(),
-                        failures_since_last_report = count,
-                        total_failed = self.failed,
-                        "output sink failed, action not recorded there: {text}"
-                    );
-                }
-                self.last_error = Some(text);
-            }
+            Err(err) => self.failed(&err, now, "action"),
         }
+    }
+
+    fn emit_summary(&mut self, summary: &storm::StormSummary, now: Instant) {
+        match self.sink.emit_summary(summary) {
+            Ok(()) => self.written += 1,
+            Err(err) => self.failed(&err, now, "repeat summary"),
+        }
+    }
+
+    /// Counts a failed write and logs it, rate-limited; `what` did not reach this sink.
+    fn failed(&mut self, err: &SinkError, now: Instant, what: &str) {
+        self.failed += 1;
+        let text = err.to_string();
+        if let Some(count) = self.throttle.failure(now) {
+            tracing::warn!(
+                sink = self.sink.name(),
+                failures_since_last_report = count,
+                total_failed = self.failed,
+                "output sink failed, {what} not recorded there: {text}"
+            );
+        }
+        self.last_error = Some(text);
     }
 
     fn stats(&self) -> SinkStats {

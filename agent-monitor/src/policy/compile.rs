@@ -21,6 +21,21 @@ pub struct KernelTables {
     pub exec: Vec<(u32, ExecKey)>,
 }
 
+impl KernelTables {
+    /// The same entries with every agent index moved up by `base`. The daemon keeps two banks of
+    /// agent indices so that a reload writes the new allowlists beside the old ones and switches
+    /// each agent over in one map update.
+    pub fn rebased(mut self, base: u32) -> KernelTables {
+        for (_, key, _) in &mut self.net {
+            key.agent += base;
+        }
+        for (_, key) in &mut self.exec {
+            key.agent += base;
+        }
+        self
+    }
+}
+
 /// A policy that is valid but does not fit the kernel's fixed-size entries.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum CapacityError {

@@ -1,0 +1,521 @@
+//! Production operation on the real kernel: enforcement that survives the daemon (kill -9 and
+//! adoption), hot reload, metrics, loss accounting, fork floods. Run one at a time
+//! (`--test-threads=1`): the programs attach at the cgroup root. Every daemon here pins into a
+//! private bpffs directory that the harness removes afterwards.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+const MSG_ADOPTED: &str = "0474ba54449a47e08c96ff618b9ecec3";
+const MSG_RELOAD_FAILED: &str = "b0a0e56e4b794526a45c061afb6ed4c5";
+
+fn policy(agent: &str, mode: &str, net: &[String], exec: &[&str]) -> (String, String) {
+    let q = |v: Vec<String>| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
+            q(net.to_vec()),
+            q(exec.iter().map(|s| s.to_string()).collect())
+        ),
+    )
+}
+
+/// A python agent (via `agent-monitor run`) that tries to connect to each port in `ports` every
+/// `every_ms` for `secs` seconds and prints one line per try: `<port> ok` or `<port> errno <n>`.
+fn start_connect_loop(
+    d: &Daemon,
+    agent: &str,
+    task: &str,
+    ports: &[u16],
+    every_ms: u64,
+    secs: f64,
+) -> std::process::Child {
+    let script = format!(
+        "import socket,time,sys\n\
+         end=time.time()+{secs}\n\
+         while time.time()<end:\n\
+         \x20 for p in {ports:?}:\n\
+         \x20   s=socket.socket()\n\
+         \x20   try:\n\
+         \x20     s.connect(('127.0.0.1',p)); print(p,'ok',flush=True)\n\
+         \x20   except OSError as e:\n\
+         \x20     print(p,'errno',e.errno,flush=True)\n\
+         \x20   s.close()\n\
+         \x20 time.sleep({})\n",
+        every_ms as f64 / 1000.0
+    );
+    Command::new(binary())
+        .args(["run", "--control-socket"])
+        .arg(&d.socket)
+        .args([
+            "--agent", agent, "--task", task, "--", PYTHON, "-c", &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the agent")
+}
+
+/// (port, outcome) for every try the loop printed.
+fn outcomes(child: std::process::Child) -> Vec<(u16, String)> {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "agent loop failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (p, rest) = l.split_once(' ')?;
+            Some((p.parse().ok()?, rest.to_string()))
+        })
+        .collect()
+}
+
+fn link_program_ids(status: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = status["mechanisms"]["links"]
+        .as_array()
+        .expect("status lists the pinned links")
+        .iter()
+        .map(|l| l["program_id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn kill9_and_restart_keep_denying_and_adopt_without_second_programs() {
+    if !require_root("kill9_and_restart_keep_denying_and_adopt_without_second_programs") {
+        return;
+    }
+    let agent = unique_agent("kill9");
+    let allowed = listener_v4();
+    let forbidden = listener_v4();
+    let mut d = Daemon::start(&[policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{allowed}")],
+        &[PYTHON],
+    )]);
+    let before = d.status();
+    let programs = link_program_ids(&before);
+    assert!(programs.len() >= 3, "links: {before:#}");
+    let links_before = kernel_links_of(&programs);
+    assert_eq!(
+        links_before.len(),
+        programs.len(),
+        "one link per program before the kill: {links_before:?}"
+    );
+
+    // The agent keeps trying through the kill, the time without a daemon and the restart.
+    let agent_loop = start_connect_loop(&d, &agent, "k9", &[forbidden, allowed], 100, 6.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    d.spawn();
+    let tries = outcomes(agent_loop);
+
+    let denied: Vec<_> = tries.iter().filter(|(p, _)| *p == forbidden).collect();
+    assert!(denied.len() >= 30, "too few tries: {tries:?}");
+    assert!(
+        denied.iter().all(|(_, o)| o == "errno 1"),
+        "a forbidden connect was not denied with EPERM at some point: {denied:?}"
+    );
+    assert!(
+        tries
+            .iter()
+            .filter(|(p, _)| *p == allowed)
+            .all(|(_, o)| o == "ok"),
+        "an allowed connect failed: {tries:?}"
+    );
+
+    let after = d.status();
+    assert_eq!(after["origin"]["kind"], "adopted", "{after:#}");
+    assert_eq!(after["origin"]["replaced_build"], false);
+    let away = after["origin"]["away_seconds"].as_f64().unwrap();
+    assert!((1.5..10.0).contains(&away), "away {away} s");
+    assert_eq!(
+        link_program_ids(&after),
+        programs,
+        "the restarted daemon must adopt the same programs, not load new ones"
+    );
+    assert_eq!(
+        kernel_links_of(&programs),
+        links_before,
+        "the kernel's links to our programs changed across the restart"
+    );
+    // The recovered task keeps its name: actions after the restart are attributed to it.
+    let recs = d.audit();
+    assert!(
+        recs.iter().any(|r| r["agent_id"] == agent.as_str()
+            && r["task_id"] == "k9"
+            && r["dest_port"] == forbidden
+            && r["verdict"] == "denied"),
+        "no attributed denial in the audit trail"
+    );
+    // journald says how long the daemon was away and what was lost meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let adopted = loop {
+        let hits = journal_matching(&[
+            format!("MESSAGE_ID={MSG_ADOPTED}"),
+            format!("PIN_DIR={}", d.pin_dir.display()),
+        ]);
+        if let Some(e) = hits.into_iter().next() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no adoption entry in journald");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(field(&adopted, "LOST_RECORDS"), "0", "{adopted:#}");
+    assert_eq!(field(&adopted, "RECOVERED_TASKS"), "1", "{adopted:#}");
+    assert!(!field(&adopted, "AWAY_SECONDS").is_empty());
+
+    // Removing enforcement is explicit, and refused while the daemon runs.
+    let refused = d.uninstall();
+    assert!(
+        !refused.status.success(),
+        "uninstall under a running daemon"
+    );
+    d.stop();
+    let out = d.uninstall();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        kernel_links_of(&programs).is_empty(),
+        "links remain after uninstall"
+    );
+    assert!(!d.pin_dir.exists());
+}
+
+#[test]
+fn reload_to_wider_and_narrower_policy_applies_to_running_agents() {
+    if !require_root("reload_to_wider_and_narrower_policy_applies_to_running_agents") {
+        return;
+    }
+    let agent = unique_agent("reload");
+    let stays = listener_v4();
+    let changes = listener_v4();
+    let narrow = policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{stays}")],
+        &[PYTHON],
+    );
+    let wide = policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{stays}"), format!("127.0.0.1:{changes}")],
+        &[PYTHON],
+    );
+    let d = Daemon::start(std::slice::from_ref(&narrow));
+    // Tries both ports every 20 ms while the policy flips under it.
+    let agent_loop = start_connect_loop(&d, &agent, "rl", &[stays, changes], 20, 8.0);
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut flips = 0;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        let (name, text_) = if flips % 2 == 0 { &wide } else { &narrow };
+        d.write_policy(name, text_);
+        let out = d.reload();
+        assert!(out.status.success(), "reload: {}", text(&out.stderr));
+        flips += 1;
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let tries = outcomes(agent_loop);
+    // The port allowed by every version never saw a deny-all moment.
+    let stays_tries: Vec<_> = tries.iter().filter(|(p, _)| *p == stays).collect();
+    assert!(stays_tries.len() > 100, "{}", stays_tries.len());
+    assert!(
+        stays_tries.iter().all(|(_, o)| o == "ok"),
+        "the always-allowed port was refused during a reload: {stays_tries:?}"
+    );
+    // The other port followed the flips: both outcomes occurred, and only these two.
+    let changes_tries: Vec<&String> = tries
+        .iter()
+        .filter(|(p, _)| *p == changes)
+        .map(|(_, o)| o)
+        .collect();
+    assert!(
+        changes_tries.iter().any(|o| *o == "ok"),
+        "wider never applied"
+    );
+    assert!(
+        changes_tries.iter().any(|o| *o == "errno 1"),
+        "narrower never applied"
+    );
+    assert!(changes_tries.iter().all(|o| *o == "ok" || *o == "errno 1"));
+    // After the last (narrow or wide) reload, a fresh try matches that policy.
+    let last_wide = flips % 2 == 1;
+    let out = d.run(
+        &agent,
+        Some("rl2"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", changes)],
+    );
+    assert_eq!(out.status.success(), last_wide, "{}", text(&out.stdout));
+    let st = d.status();
+    assert_eq!(st["counters"]["reloads"], flips);
+    assert_eq!(st["counters"]["reload_failures"], 0);
+    assert_eq!(st["counters"]["verdict_disagreements"], 0, "{st:#}");
+}
+
+#[test]
+fn invalid_reload_changes_nothing_and_reports_file_and_line() {
+    if !require_root("invalid_reload_changes_nothing_and_reports_file_and_line") {
+        return;
+    }
+    let agent = unique_agent("badreload");
+    let allowed = listener_v4();
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{allowed}")],
+        &[PYTHON],
+    )]);
+    // A valid wider file for our agent plus a broken one: all or nothing, so neither applies.
+    d.write_policy(
+        &format!("{agent}.toml"),
+        &policy(
+            &agent,
+            "enforce",
+            &[
+                format!("127.0.0.1:{allowed}"),
+                format!("127.0.0.1:{forbidden}"),
+            ],
+            &[PYTHON],
+        )
+        .1,
+    );
+    d.write_policy(
+        "broken.toml",
+        "agent = \"broken\"\nmode = \"enforce\"\n[network]\nallow = [\"300.1.2.3:80\"]\n",
+    );
+    let out = d.reload();
+    assert!(!out.status.success(), "an invalid reload succeeded");
+    let err = text(&out.stderr);
+    assert!(err.contains("broken.toml:4:"), "no file:line in {err}");
+    assert!(err.contains("300.1.2.3"), "no reason in {err}");
+
+    // Old policy still in force, daemon still serving.
+    let denied = d.run(
+        &agent,
+        Some("t"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", forbidden)],
+    );
+    assert_eq!(denied.status.code(), Some(11), "{}", text(&denied.stdout));
+    let ok = d.run(
+        &agent,
+        Some("t"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", allowed)],
+    );
+    assert!(ok.status.success());
+    let st = d.status();
+    assert_eq!(st["counters"]["reload_failures"], 1);
+
+    // journald: priority err, with the file, line and reason.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let hits: Vec<Value> = journal_matching(&[
+            format!("MESSAGE_ID={MSG_RELOAD_FAILED}"),
+            format!("POLICY_DIR={}", d.policies.display()),
+        ]);
+        if let Some(e) = hits.first() {
+            assert_eq!(field(e, "PRIORITY"), "3");
+            assert!(field(e, "MESSAGE").contains("broken.toml:4:"), "{e:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no RELOAD_FAILED entry in journald"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn metrics_count_known_actions() {
+    if !require_root("metrics_count_known_actions") {
+        return;
+    }
+    let agent = unique_agent("metrics");
+    let allowed = listener_v4();
+    let forbidden = listener_v4();
+    let port = free_port();
+    let d = Daemon::start_with(
+        &[policy(
+            &agent,
+            "enforce",
+            &[format!("127.0.0.1:{allowed}")],
+            &[PYTHON],
+        )],
+        &["--metrics", &format!("127.0.0.1:{port}")],
+    );
+    let script = format!(
+        "import socket\nfor p in [{allowed},{allowed},{forbidden},{forbidden},{forbidden}]:\n  s=socket.socket()\n  try: s.connect(('127.0.0.1',p))\n  except OSError: pass\n  s.close()\n"
+    );
+    let out = d.run(&agent, Some("m"), &[PYTHON, "-c", &script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    d.wait_audit("the last denial", |v| {
+        d.audit()
+            .iter()
+            .filter(|r| r["agent_id"] == agent.as_str() && r["verdict"] == "denied")
+            .count()
+            == 3
+            && v["verdict"] == "denied"
+    });
+    let (status, body) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    for want in [
+        format!(
+            "agent_monitor_actions_total{{agent=\"{agent}\",action=\"connect\",verdict=\"denied\"}} 3"
+        ),
+        format!(
+            "agent_monitor_actions_total{{agent=\"{agent}\",action=\"connect\",verdict=\"allowed\"}} 2"
+        ),
+        format!(
+            "agent_monitor_actions_total{{agent=\"{agent}\",action=\"exec\",verdict=\"allowed\"}} 1"
+        ),
+        "agent_monitor_kernel_records_lost_total 0".to_string(),
+        "agent_monitor_map_capacity{map=\"AGENT_CGROUPS\"} 16384".to_string(),
+        "agent_monitor_reload_failures_total 0".to_string(),
+        "agent_monitor_sink_write_failures_total{sink=\"json\"} 0".to_string(),
+        "agent_monitor_agents 1".to_string(),
+    ] {
+        assert!(body.contains(&want), "missing {want:?} in\n{body}");
+    }
+    let (status, _) = http_get(port, "/other");
+    assert!(status.contains("404"), "{status}");
+}
+
+#[test]
+fn fork_flood_does_not_open_enforcement() {
+    if !require_root("fork_flood_does_not_open_enforcement") {
+        return;
+    }
+    let agent = unique_agent("forkflood");
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    // 20 000 processes (more than the identity map's 16 384 entries if identity were per
+    // process), each gone at once, then a forbidden connect and a forbidden exec from the last.
+    let script = format!(
+        "import os,socket,subprocess,sys\n\
+         for i in range(20000):\n\
+         \x20 pid=os.fork()\n\
+         \x20 if pid==0: os._exit(0)\n\
+         \x20 os.waitpid(pid,0)\n\
+         s=socket.socket()\n\
+         try:\n\
+         \x20 s.connect(('127.0.0.1',{forbidden})); print('connected')\n\
+         except OSError as e: print('errno',e.errno)\n\
+         print('exec',subprocess.run(['/usr/bin/id']).returncode)\n"
+    );
+    let out = d.run(&agent, Some("ff"), &[PYTHON, "-c", &script]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("errno 1"),
+        "forbidden connect after the flood: {stdout}"
+    );
+    assert!(
+        stdout.contains("exec -9"),
+        "forbidden exec after the flood: {stdout}"
+    );
+    let st = d.status();
+    let occ = st["occupancy"].as_array().unwrap();
+    let ids = occ.iter().find(|o| o["map"] == "AGENT_CGROUPS").unwrap();
+    assert!(
+        ids["used"].as_u64().unwrap() <= 2,
+        "identity is per cgroup, not per process: {ids}"
+    );
+}
+
+#[test]
+fn ring_buffer_flood_loss_is_counted_exactly() {
+    if !require_root("ring_buffer_flood_loss_is_counted_exactly") {
+        return;
+    }
+    let agent = unique_agent("flood");
+    let forbidden = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let daemon_pid = d.pid();
+    // The agent waits for the go file, then makes N denied connects as fast as it can. The
+    // daemon is stopped (SIGSTOP) meanwhile, so the 8 MiB ring buffer (~24k records) must
+    // overflow: the loss is certain, and it must be counted to the record.
+    let go = d.dir.path().join("go");
+    const N: usize = 40_000;
+    let script = format!(
+        "import os,socket,time\n\
+         while not os.path.exists({go:?}): time.sleep(0.05)\n\
+         n=0\n\
+         for i in range({N}):\n\
+         \x20 s=socket.socket()\n\
+         \x20 try: s.connect(('127.0.0.1',{forbidden}))\n\
+         \x20 except OSError as e:\n\
+         \x20   if e.errno==1: n+=1\n\
+         \x20 s.close()\n\
+         print('denied',n)\n",
+        go = go.display().to_string()
+    );
+    let child = Command::new(binary())
+        .args(["run", "--control-socket"])
+        .arg(&d.socket)
+        .args([
+            "--agent", &agent, "--task", "fl", "--", PYTHON, "-c", &script,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The python exec is reported before the flood.
+    d.wait_audit("the agent's exec", |v| {
+        v["agent_id"] == agent.as_str() && v["action"] == "exec"
+    });
+    // SAFETY: signals to the daemon we started.
+    unsafe { libc::kill(daemon_pid, libc::SIGSTOP) };
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    unsafe { libc::kill(daemon_pid, libc::SIGCONT) };
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("denied {N}")),
+        "every flood connect must be denied: {stdout}"
+    );
+
+    // Wait until the daemon has drained the ring buffer (its count stops moving).
+    let seen = |d: &Daemon| {
+        d.audit()
+            .iter()
+            .filter(|r| r["agent_id"] == agent.as_str())
+            .count()
+    };
+    let mut last = usize::MAX;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = seen(&d);
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon never caught up");
+        last = now;
+    }
+    let st = d.status();
+    let lost = st["counters"]["actions_lost"].as_u64().unwrap() as usize;
+    let done = N + 1; // the flood plus python's own exec
+    assert!(lost > 0, "the ring buffer did not overflow; status: {st:#}");
+    assert_eq!(
+        last + lost,
+        done,
+        "actions seen ({last}) + actions lost ({lost}) != actions done ({done})"
+    );
+    assert!(st["counters"]["lost_records"].as_u64().unwrap() as usize >= lost);
+    d.stop();
+}
