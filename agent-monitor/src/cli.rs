@@ -96,7 +96,9 @@ pub enum PolicyCommand {
     /// them and the policy format takes them, else in the comment) and the recorded programs (exact
     /// paths), nothing more; `--widen` is the only way to allow more, and each widened entry says
     /// so. Every entry has a comment: how often and when it was seen, by which tasks and process
-    /// chains. The suggested mode is enforce (the comment above `mode` says so). Review before use.
+    /// chains, and with which verdicts: actions recorded as denied are suggested too (the agent
+    /// tried them), their comment says `denied`. The suggested mode is enforce (the comment above
+    /// `mode` says so). Review before use.
     ///
     /// With `--merge FILE`, the entries the existing policy does not already allow are appended
     /// to it, keeping its comments and layout (and its mode); the merged policy goes to stdout and
@@ -112,8 +114,8 @@ pub enum PolicyCommand {
     /// Every connect and exec of POLICY's agent(s) in the trail is judged exactly as the daemon
     /// judges it. Each one not allowed is printed with its trail line (file:line: what, by which
     /// process chain, why). Exit 0: all allowed; 1: some would be denied (or, for an alert-mode
-    /// policy, reported); 2: bad input (unreadable or invalid policy or trail, or malformed trail
-    /// lines: the replay is then incomplete and says so).
+    /// policy, reported); 2: bad input (unreadable or invalid policy or trail, malformed trail
+    /// lines: the replay is then incomplete and says so, or no action of POLICY's agents in it).
     Test(TestArgs),
 }
 
