@@ -181,9 +181,8 @@ pub fn suggest_outcome(
             );
         }
     };
-    let owned: Vec<Recorded> = wanted.iter().map(|r| (*r).clone()).collect();
     let skipped: Vec<usize> = suggestion.not_suggested.iter().map(|n| n.line).collect();
-    let missed: Vec<String> = replay_policy(&policy, &owned)
+    let missed: Vec<String> = replay_policy(&policy, wanted.iter().copied())
         .not_allowed
         .iter()
         .filter(|f| !skipped.contains(&f.record.line))

@@ -70,7 +70,7 @@ pub struct Replay<'a> {
 }
 
 /// Replays `actions` against the policy of each one's agent.
-pub fn replay<'a>(set: &PolicySet, actions: &'a [Recorded]) -> Replay<'a> {
+pub fn replay<'a>(set: &PolicySet, actions: impl IntoIterator<Item = &'a Recorded>) -> Replay<'a> {
     let mut out = Replay::default();
     for r in actions {
         let Some(policy) = set.get(&r.agent) else {
@@ -83,7 +83,10 @@ pub fn replay<'a>(set: &PolicySet, actions: &'a [Recorded]) -> Replay<'a> {
 }
 
 /// Replays the actions of `policy`'s agent only; others are counted.
-pub fn replay_policy<'a>(policy: &Policy, actions: &'a [Recorded]) -> Replay<'a> {
+pub fn replay_policy<'a>(
+    policy: &Policy,
+    actions: impl IntoIterator<Item = &'a Recorded>,
+) -> Replay<'a> {
     let mut out = Replay::default();
     for r in actions {
         if r.agent == policy.agent() {
