@@ -353,6 +353,43 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn reads_back_what_the_json_sink_writes() {
+        use crate::output::json::json_line;
+        use crate::output::tests::{connect_action, exec_action};
+        let text = format!(
+            "{}{}",
+            json_line(&connect_action()).unwrap(),
+            json_line(&exec_action()).unwrap()
+        );
+        let audit = read(&text);
+        assert_eq!(audit.problems, []);
+        let c = &audit.actions[0];
+        assert_eq!((c.agent.as_str(), c.task.as_str()), ("coder", "t-42"));
+        assert_eq!(c.verdict, "denied");
+        assert_eq!(c.chain, ["/usr/bin/python3", "/bin/sh", "/usr/bin/curl"]);
+        assert_eq!(
+            c.what,
+            What::Connect {
+                addr: "10.1.2.3".parse().unwrap(),
+                port: 443,
+                host: None
+            }
+        );
+        assert_eq!(
+            OffsetDateTime::from(connect_action().time),
+            c.time,
+            "time survives to the millisecond"
+        );
+        assert_eq!(
+            audit.actions[1].what,
+            What::Exec {
+                path: "/usr/bin/nc".into(),
+                complete: true
+            }
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_ignored_and_dest_host_is_read() {
         let line = connect_line(
             "coder",

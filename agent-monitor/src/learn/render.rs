@@ -168,6 +168,88 @@ mod tests {
         }
     }
 
+    /// Exactness: without widening the suggestion allows a probe if and only if it was recorded;
+    /// with any widening it still allows everything recorded.
+    #[test]
+    fn allows_exactly_what_was_recorded_on_a_grid() {
+        let addrs = [
+            "10.0.0.1",
+            "10.0.0.2",
+            "10.0.1.1",
+            "127.0.0.1",
+            "::1",
+            "fd00::5",
+        ];
+        let ports = [22, 80, 443, 8080];
+        let progs = [
+            "/bin/sh",
+            "/bin/true",
+            "/usr/bin/python3",
+            "/usr/bin/python3.11",
+            "/opt/x/y",
+        ];
+        let mut seed: u64 = 0x5eed;
+        for round in 0..40 {
+            let mut next = || {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (seed >> 33) % 3 == 0
+            };
+            let mut lines = Vec::new();
+            let mut recorded_net = Vec::new();
+            let mut recorded_exec = Vec::new();
+            for a in addrs {
+                for p in ports {
+                    if next() {
+                        lines.push(connect_line("coder", "t", a, p, ""));
+                        recorded_net.push((a, p));
+                    }
+                }
+            }
+            for prog in progs {
+                if next() {
+                    lines.push(exec_line("coder", "t", prog, "2026-11-29T12:00:00Z"));
+                    recorded_exec.push(prog);
+                }
+            }
+            if lines.is_empty() {
+                continue;
+            }
+            let audit = read(&lines.join("\n"));
+            for opts in all_widenings() {
+                let mut doc = skeleton("coder", &[]);
+                add_entries(&mut doc, &suggest(&audit.actions, &opts).entries, origin()).unwrap();
+                let text = doc.to_string();
+                let policy = check(&text, origin()).unwrap_or_else(|e| panic!("{e}\n{text}"));
+                let widened = opts.widen_ports || opts.widen_cidr || opts.widen_globs;
+                for a in addrs {
+                    for p in ports {
+                        let allowed = policy.check_connect(a.parse().unwrap(), p).allowed;
+                        let was = recorded_net.contains(&(a, p));
+                        assert!(
+                            allowed || !was,
+                            "round {round} {opts:?}: {a}:{p} recorded but not allowed\n{text}"
+                        );
+                        assert!(
+                            widened || allowed == was,
+                            "round {round}: {a}:{p} allowed={allowed}\n{text}"
+                        );
+                    }
+                }
+                for prog in progs {
+                    let allowed = policy.check_exec(prog).allowed;
+                    let was = recorded_exec.contains(&prog);
+                    assert!(allowed || !was, "round {round} {opts:?}: {prog}\n{text}");
+                    assert!(
+                        widened || allowed == was,
+                        "round {round}: {prog} allowed={allowed}\n{text}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn fresh_suggestion_reads_well() {
         let e = entries(&sample()[5..6], &SuggestOptions::default());
