@@ -395,3 +395,11 @@ pub fn kernel_links_of(program_ids: &[u64]) -> Vec<(u32, u32)> {
         .map(|l| (l.id(), l.program_id()))
         .collect()
 }
+
+/// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
+}
