@@ -519,3 +519,196 @@ fn ring_buffer_flood_loss_is_counted_exactly() {
     assert!(st["counters"]["lost_records"].as_u64().unwrap() as usize >= lost);
     d.stop();
 }
+
+#[test]
+fn pinned_programs_of_another_build_are_replaced_without_a_gap() {
+    if !require_root("pinned_programs_of_another_build_are_replaced_without_a_gap") {
+        return;
+    }
+    let agent = unique_agent("upgrade");
+    let forbidden = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let old_programs = link_program_ids(&d.status());
+    let agent_loop = start_connect_loop(&d, &agent, "up", &[forbidden], 50, 5.0);
+    std::thread::sleep(Duration::from_millis(1000));
+    d.stop();
+    // Make the pins look like another build's: the object hash in the state map differs.
+    {
+        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
+        let map = aya::maps::Map::from_map_data(data).unwrap();
+        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+        state.set(1, 42, 0).unwrap();
+    }
+    d.spawn();
+    let tries = outcomes(agent_loop);
+    assert!(tries.len() >= 40, "{tries:?}");
+    assert!(
+        tries.iter().all(|(_, o)| o == "errno 1"),
+        "a forbidden connect got through the upgrade: {tries:?}"
+    );
+    let st = d.status();
+    assert_eq!(st["origin"]["replaced_build"], true, "{st:#}");
+    let new_programs = link_program_ids(&st);
+    assert!(
+        new_programs.iter().all(|p| !old_programs.contains(p)),
+        "old {old_programs:?} new {new_programs:?}"
+    );
+    assert!(
+        kernel_links_of(&old_programs).is_empty(),
+        "the old build's links are still attached"
+    );
+    assert_eq!(kernel_links_of(&new_programs).len(), new_programs.len());
+    // The task survived the upgrade and is still governed and named.
+    let task = &st["agents"][0]["tasks"];
+    assert!(
+        task.as_array()
+            .is_some_and(|t| t.iter().any(|t| t["task"] == "up"))
+            || d.audit().iter().any(|r| r["task_id"] == "up"),
+        "{st:#}"
+    );
+}
+
+#[test]
+fn repeated_denials_are_aggregated_in_journald_but_not_in_the_trail() {
+    if !require_root("repeated_denials_are_aggregated_in_journald_but_not_in_the_trail") {
+        return;
+    }
+    let agent = unique_agent("storm");
+    let forbidden = listener_v4();
+    let d = Daemon::start_with(
+        &[policy(&agent, "enforce", &[], &[PYTHON])],
+        &["--storm-window", "2"],
+    );
+    let script = format!(
+        "import socket\nfor i in range(50):\n  s=socket.socket()\n  try: s.connect(('127.0.0.1',{forbidden}))\n  except OSError: pass\n  s.close()\n"
+    );
+    let out = d.run(&agent, Some("st"), &[PYTHON, "-c", &script]);
+    assert!(out.status.success());
+    let summary = wait_journal(&agent, "a repeat summary", |e| {
+        field(e, "MESSAGE_ID") == "3108a85902c74570b117651be139bfc7"
+    });
+    assert_eq!(field(&summary, "REPEAT_COUNT"), "49", "{summary:#}");
+    assert_eq!(field(&summary, "VERDICT"), "denied");
+    assert_eq!(field(&summary, "DEST_PORT"), forbidden.to_string());
+    assert!(!field(&summary, "REPEAT_FIRST").is_empty());
+    let singles = journal(&agent)
+        .into_iter()
+        .filter(|e| {
+            field(e, "MESSAGE_ID") == "5d59276407424888bc69e2683d35856b"
+                && field(e, "DEST_PORT") == forbidden.to_string()
+        })
+        .count();
+    assert_eq!(
+        singles, 1,
+        "one entry for the first denial, then the summary"
+    );
+    let trail = d
+        .audit()
+        .into_iter()
+        .filter(|r| r["agent_id"] == agent.as_str() && r["dest_port"] == forbidden)
+        .count();
+    assert_eq!(trail, 50, "the JSON trail keeps every denial");
+    assert_eq!(d.status()["counters"]["journald_aggregated"], 49);
+}
+
+#[test]
+fn events_shows_history_and_follows_new_actions() {
+    if !require_root("events_shows_history_and_follows_new_actions") {
+        return;
+    }
+    use std::io::BufRead as _;
+    let agent = unique_agent("events");
+    let other = unique_agent("evother");
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[
+        policy(&agent, "enforce", &[], &[PYTHON]),
+        policy(&other, "enforce", &[], &[PYTHON]),
+    ]);
+    let first = d.run(
+        &agent,
+        Some("e1"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", forbidden)],
+    );
+    assert_eq!(first.status.code(), Some(11));
+    d.wait_audit("the first denial", |v| {
+        v["task_id"] == "e1" && v["action"] == "connect"
+    });
+
+    let history = cli(&[
+        "events",
+        "--json",
+        "--agent",
+        &agent,
+        "--control-socket",
+        d.socket.to_str().unwrap(),
+    ]);
+    assert!(history.status.success(), "{}", text(&history.stderr));
+    let lines: Vec<Value> = text(&history.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["task_id"] == "e1"
+            && v["verdict"] == "denied"
+            && v["dest_port"] == forbidden),
+        "{lines:?}"
+    );
+
+    let mut follower = Command::new(binary())
+        .args([
+            "events",
+            "--follow",
+            "--json",
+            "--agent",
+            &agent,
+            "--control-socket",
+        ])
+        .arg(&d.socket)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Another agent's action is filtered out; ours arrives live.
+    d.run(
+        &other,
+        Some("x"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", forbidden)],
+    );
+    d.run(
+        &agent,
+        Some("e2"),
+        &[PYTHON, "-c", &py_connect("127.0.0.1", forbidden)],
+    );
+    let reader = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in reader.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&l).unwrap();
+            assert_eq!(v["agent_id"], agent.as_str(), "another agent's action: {v}");
+            let live = v["task_id"] == "e2" && v["action"] == "connect";
+            seen.push(v);
+            if live {
+                break;
+            }
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(
+        seen.iter().any(|v| v["task_id"] == "e1"),
+        "history first: {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|v| v["task_id"] == "e2"),
+        "the live action never arrived: {seen:?}"
+    );
+}
