@@ -1094,15 +1094,34 @@ impl Monitor {
     fn status(&mut self) -> control::Status {
         self.report_kernel_losses();
         self.counters.tracked_processes = self.procs.len() as u64;
-        let agents = self
+        // Agents with a policy, then agents whose policy went away while their tasks run on
+        // (they are denied everything).
+        let mut names: Vec<(String, String)> = self
             .policies
             .iter()
-            .map(|p| {
-                let c = self.per_agent.get(p.agent());
+            .map(|p| (p.agent().to_string(), p.mode().as_str().to_string()))
+            .collect();
+        let mut orphaned: Vec<String> = self
+            .tasks
+            .values()
+            .filter(|t| self.policies.get(&t.agent).is_none())
+            .map(|t| t.agent.clone())
+            .collect();
+        orphaned.sort();
+        orphaned.dedup();
+        names.extend(
+            orphaned
+                .into_iter()
+                .map(|a| (a, "no policy (denied everything)".to_string())),
+        );
+        let agents = names
+            .into_iter()
+            .map(|(agent, mode)| {
+                let c = self.per_agent.get(&agent);
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
                     .values()
-                    .filter(|t| t.agent == p.agent())
+                    .filter(|t| t.agent == agent)
                     .map(|t| TaskStatus {
                         task: t.task.clone(),
                         cgroup: t.path.display().to_string(),
@@ -1111,8 +1130,8 @@ impl Monitor {
                     .collect();
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
                 AgentStatus {
-                    agent: p.agent().to_string(),
-                    mode: p.mode().as_str().into(),
+                    agent,
+                    mode,
                     tasks,
                     actions: c.map_or(0, |c| c.actions),
                     allowed: c.map_or(0, |c| c.allowed),

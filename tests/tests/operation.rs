@@ -712,3 +712,44 @@ fn events_shows_history_and_follows_new_actions() {
         "the live action never arrived: {seen:?}"
     );
 }
+
+#[test]
+fn removing_a_running_agents_policy_fails_closed() {
+    if !require_root("removing_a_running_agents_policy_fails_closed") {
+        return;
+    }
+    let agent = unique_agent("removed");
+    let keep = unique_agent("kept");
+    let allowed = listener_v4();
+    let d = Daemon::start(&[
+        policy(
+            &agent,
+            "enforce",
+            &[format!("127.0.0.1:{allowed}")],
+            &[PYTHON],
+        ),
+        policy(&keep, "alert", &[], &[PYTHON]),
+    ]);
+    let agent_loop = start_connect_loop(&d, &agent, "rm", &[allowed], 50, 3.0);
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::remove_file(d.policies.join(format!("{agent}.toml"))).unwrap();
+    let out = d.reload();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let st = d.status();
+    let tries = outcomes(agent_loop);
+    // Allowed while the policy existed, denied once it was gone: never an open door.
+    let first_denied = tries.iter().position(|(_, o)| o == "errno 1");
+    let first_denied = first_denied.unwrap_or_else(|| panic!("never denied: {tries:?}"));
+    assert!(first_denied > 0, "{tries:?}");
+    assert!(
+        tries[first_denied..].iter().all(|(_, o)| o == "errno 1"),
+        "allowed again after the policy was removed: {tries:?}"
+    );
+    let entry = st["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent.as_str())
+        .unwrap_or_else(|| panic!("the orphaned agent is not in status: {st:#}"));
+    assert_eq!(entry["mode"], "no policy (denied everything)");
+}
