@@ -42,6 +42,8 @@ const HISTORY: usize = 1000;
 /// A pause after switching agents to the new bank before the old entries go: a program that read
 /// the old slot just before the switch finishes its lookup (they run for microseconds, under RCU).
 const SWAP_GRACE: Duration = Duration::from_millis(10);
+/// Replaced policy sets kept to explain records judged before a reload (a few seconds' worth).
+const SUPERSEDED_KEPT: usize = 8;
 /// Identity map use at which placements start being logged as a warning.
 const IDENTITY_WARN_PERCENT: u64 = 90;
 
@@ -153,6 +155,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         history: VecDeque::with_capacity(HISTORY),
         events_tx: events_tx.clone(),
         identity_warned: false,
+        superseded: VecDeque::new(),
+        predecessor_until_ns: 0,
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree), then the policy on disk applies to them.
@@ -160,6 +164,10 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor
         .apply_policies(policies)
         .context("refusing to start: applying the policies to the kernel")?;
+    if matches!(monitor.kernel.origin, crate::bpf::Origin::Adopted { .. }) {
+        monitor.predecessor_until_ns = monotonic_ns();
+    }
+    monitor.superseded.clear();
     let retired = monitor.kernel.retire_previous_build();
     monitor.loss_baseline();
     monitor.report_origin(retired);
@@ -442,6 +450,10 @@ struct Monitor {
     history: VecDeque<(String, serde_json::Value)>,
     events_tx: broadcast::Sender<EventLine>,
     identity_warned: bool,
+    /// Policy sets replaced by reloads, with the monotonic time until which each was in force.
+    superseded: VecDeque<(u64, PolicySet)>,
+    /// After an adoption: records judged until this monotonic time used the predecessor's tables.
+    predecessor_until_ns: u64,
 }
 
 impl Monitor {
@@ -638,7 +650,13 @@ impl Monitor {
                 );
             }
         }
-        self.policies = set;
+        // Records judged until now may still be in the ring buffer: keep the old set to explain
+        // them (see `explain`).
+        let old = std::mem::replace(&mut self.policies, set);
+        if self.superseded.len() == SUPERSEDED_KEPT {
+            self.superseded.pop_front();
+        }
+        self.superseded.push_back((monotonic_ns(), old));
         self.bank_base = base;
         self.policies_loaded = SystemTime::now();
         Ok(())
@@ -950,7 +968,9 @@ impl Monitor {
         } else if e.unreadable {
             crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
-            self.explain(&agent, e.verdict, |p| p.check_exec(&e.path))
+            self.explain(&agent, e.verdict, e.subject.ktime_ns, |p| {
+                p.check_exec(&e.path)
+            })
         };
         if e.truncated {
             self.counters.exec_paths_too_long += 1;
@@ -971,7 +991,9 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(c.subject.cgroup_id);
-        let reason = self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port));
+        let reason = self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
+            p.check_connect(c.addr, c.port)
+        });
         let exe = self
             .procs
             .exe(c.subject.pid)
@@ -1026,27 +1048,44 @@ impl Monitor {
         &mut self,
         agent: &str,
         verdict: Verdict,
+        judged_at_ns: u64,
         check: impl Fn(&crate::policy::Policy) -> crate::policy::Decision,
     ) -> String {
-        let Some(policy) = self.policies.get(agent) else {
+        let kernel_allowed = verdict == Verdict::Allowed;
+        let current = self.policies.get(agent).map(&check);
+        if let Some(d) = current.as_ref().filter(|d| d.allowed == kernel_allowed) {
+            return d.to_string();
+        }
+        // A record the kernel judged before a reload finished is read after it: the policy in
+        // force then explains it.
+        for (until_ns, set) in self.superseded.iter().rev() {
+            if judged_at_ns <= *until_ns
+                && let Some(d) = set.get(agent).map(&check)
+                && d.allowed == kernel_allowed
+            {
+                return format!("{d} (policy in force before a reload)");
+            }
+        }
+        if judged_at_ns <= self.predecessor_until_ns {
+            // Judged by the pinned tables of the previous daemon, whose policy files may have
+            // changed since: not a disagreement between our tables and our evaluator.
+            return "judged by the policy in force before this daemon started".into();
+        }
+        let Some(decision) = current else {
             return "agent unknown to this daemon".into();
         };
-        let decision = check(policy);
-        let kernel_allowed = verdict == Verdict::Allowed;
-        if decision.allowed != kernel_allowed {
-            self.counters.verdict_disagreements += 1;
-            tracing::error!(
-                agent,
-                "kernel verdict {} but policy evaluation says {}: {}",
-                verdict.as_str(),
-                if decision.allowed {
-                    "allowed"
-                } else {
-                    "not allowed"
-                },
-                decision.to_string()
-            );
-        }
+        self.counters.verdict_disagreements += 1;
+        tracing::error!(
+            agent,
+            "kernel verdict {} but policy evaluation says {}: {}",
+            verdict.as_str(),
+            if decision.allowed {
+                "allowed"
+            } else {
+                "not allowed"
+            },
+            decision.to_string()
+        );
         decision.to_string()
     }
 
