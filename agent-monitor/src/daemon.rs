@@ -225,10 +225,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         );
         tokio::spawn(metrics::serve(l, scrapes_tx));
     }
+    // Handlers are in place before READY, so a reload right after it cannot kill the daemon.
+    let signals = Signals::new()?;
     // systemd (Type=notify): ready only now that enforcement is active and the socket serves.
     notify(&[libsystemd::daemon::NotifyState::Ready]);
 
-    let result = monitor.run(stream, requests_rx, scrapes_rx).await;
+    let result = monitor.run(stream, requests_rx, scrapes_rx, signals).await;
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
     if let Err(e) = monitor.kernel.heartbeat() {
         tracing::warn!("leaving the last heartbeat: {e:#}");
@@ -271,6 +273,24 @@ fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The signals the daemon acts on: TERM and INT stop it, HUP reloads the policy directory.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
+    }
 }
 
 /// sd_notify; a no-op when not started by systemd (no NOTIFY_SOCKET).
@@ -462,12 +482,14 @@ impl Monitor {
         mut stream: ActionStream,
         mut requests: mpsc::Receiver<ControlCall>,
         mut scrapes: mpsc::Receiver<Scrape>,
+        signals: Signals,
     ) -> anyhow::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
+        let Signals {
+            mut term,
+            mut int,
+            mut hup,
+        } = signals;
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         // systemd's watchdog is pinged from this loop, so a stuck monitor gets restarted (and the
         // restarted daemon adopts the pinned programs).
         let watchdog = libsystemd::daemon::watchdog_enabled(false);

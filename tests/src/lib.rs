@@ -81,6 +81,7 @@ pub struct Daemon {
     pub policies: PathBuf,
     pub pin_dir: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -104,6 +105,15 @@ impl Daemon {
 
     /// Like `start`, with extra `agent-monitor daemon` arguments.
     pub fn start_with(policies: &[(String, String)], extra: &[&str]) -> Daemon {
+        Self::start_with_env(policies, extra, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables for the daemon.
+    pub fn start_with_env(
+        policies: &[(String, String)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let pdir = dir.path().join("policies");
         std::fs::create_dir(&pdir).unwrap();
@@ -118,6 +128,10 @@ impl Daemon {
             policies: pdir,
             pin_dir: private_pin_dir(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
             dir,
         };
@@ -143,6 +157,7 @@ impl Daemon {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&self.stderr_log).unwrap())
             .spawn()

@@ -753,3 +753,53 @@ fn removing_a_running_agents_policy_fails_closed() {
         .unwrap_or_else(|| panic!("the orphaned agent is not in status: {st:#}"));
     assert_eq!(entry["mode"], "no policy (denied everything)");
 }
+
+#[test]
+fn systemd_notifications_ready_watchdog_stopping() {
+    if !require_root("systemd_notifications_ready_watchdog_stopping") {
+        return;
+    }
+    // systemd is not PID 1 here: play its part with a datagram socket at NOTIFY_SOCKET.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let agent = unique_agent("notify");
+    let mut d = Daemon::start_with_env(
+        &[policy(&agent, "enforce", &[], &[PYTHON])],
+        &[],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            // 1 s watchdog: pings every 0.5 s.
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut got: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() < 3 {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        got.first().is_some_and(|m| m.contains("READY=1")),
+        "READY=1 must come first: {got:?}"
+    );
+    assert!(
+        got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        "watchdog pings: {got:?}"
+    );
+    d.stop();
+    let mut stopping = false;
+    for _ in 0..20 {
+        if let Ok(n) = sock.recv(&mut buf)
+            && String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1")
+        {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+}
