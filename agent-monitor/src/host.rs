@@ -88,7 +88,8 @@ fn ensure_mounted(fs_type: &str, target: &str) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// tracefs holds the tracepoint ids aya attaches to; bpffs is where later releases pin.
+/// tracefs holds the tracepoint ids aya attaches to; bpffs holds the pinned programs and maps
+/// (the host's instance at /sys/fs/bpf: a pin in another instance would not outlive it).
 pub fn ensure_kernel_filesystems() -> anyhow::Result<Vec<String>> {
     let mut did = Vec::new();
     if ensure_mounted("tracefs", "/sys/kernel/tracing")? {
