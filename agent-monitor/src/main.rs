@@ -2,11 +2,13 @@
 
 mod action;
 mod bpf;
+mod btf;
 mod cli;
 mod client;
 mod control;
 mod daemon;
 mod event;
+mod exec_files;
 mod host;
 mod identity;
 mod output;

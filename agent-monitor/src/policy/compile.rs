@@ -10,7 +10,7 @@ use agent_monitor_common::{
 };
 use thiserror::Error;
 
-use crate::policy::evaluate::to_table_addr;
+use crate::policy::evaluate::judged_addr;
 use crate::policy::model::{Policy, PolicySet, prefix_contains, prefix_to_string};
 
 /// Entries for the kernel allowlist maps. Each `u32` is the LPM prefix length in bits, counting
@@ -145,7 +145,7 @@ impl KernelTables {
     pub fn lookup_connect(&self, agent: u32, addr: IpAddr, port: u16) -> bool {
         let data = net_key_bytes(&NetKey {
             agent,
-            addr: to_table_addr(addr).octets(),
+            addr: judged_addr(addr).octets(),
         });
         let best = self
             .net
