@@ -207,6 +207,10 @@ pub struct KernelOffsets {
     pub valid: u32,
 }
 
+/// Socket families an agent keeps; `run`'s seccomp filter refuses the others (AF_VSOCK reaches
+/// the hypervisor host, and cgroup sock_create only runs for inet families).
+pub const AGENT_SOCKET_FAMILIES: [u32; 4] = [1, AF_INET as u32, AF_INET6 as u32, 16];
+
 /// Protocol numbers (`IPPROTO_*`) and socket types an agent may create.
 pub const IPPROTO_TCP: u32 = 6;
 pub const IPPROTO_UDP: u32 = 17;
@@ -219,11 +223,10 @@ pub const SOCK_DGRAM: u32 = 2;
 /// "ping" sockets, SCTP and MPTCP reach endpoints those hooks do not see.
 pub const fn socket_allowed(sock_type: u32, protocol: u32) -> bool {
     // Low bits only: SOCK_NONBLOCK / SOCK_CLOEXEC are flags.
-    match (sock_type & 0xf, protocol) {
-        (SOCK_STREAM, IPPROTO_TCP) => true,
-        (SOCK_DGRAM, IPPROTO_UDP) | (SOCK_DGRAM, IPPROTO_UDPLITE) => true,
-        _ => false,
-    }
+    matches!(
+        (sock_type & 0xf, protocol),
+        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) | (SOCK_DGRAM, IPPROTO_UDPLITE)
+    )
 }
 
 /// The address a connect or send is judged as (IPv6 form, IPv4 as `::ffff:a.b.c.d`) and whether it

@@ -74,6 +74,15 @@ pub fn agent_sock_create(ctx: SockContext) -> i32 {
     net::on_sock_create(&ctx)
 }
 
+/// tracepoint syscalls/sys_enter_socket: every socket() call; reports the families `run`'s seccomp
+/// filter refuses (the cgroup hooks only see inet sockets).
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn agent_socket_syscall(ctx: TracePointContext) -> u32 {
+    match net::on_socket_syscall(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
 /// lsm/bprm_check_security: loaded (never attached) only to learn whether this kernel accepts BPF
 /// LSM programs, so the daemon can report it; it would allow everything.
 #[lsm(hook = "bprm_check_security")]

@@ -2,13 +2,13 @@
 //! connect and sendmsg), and the kinds of socket an agent may create at all (sock_create).
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, AgentSlot, COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, KIND_SOCKET,
-    MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED,
-    VERDICT_DENIED, net_judged_addr, socket_allowed,
+    AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_SOCKET_REFUSED,
+    FLAG_ADDR_UNSPECIFIED, KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetKey,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, net_judged_addr, socket_allowed,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
-    programs::{SockAddrContext, SockContext},
+    programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
 use crate::maps::{NET_ALLOW, count, current_agent, start_record};
@@ -155,8 +155,52 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
     if socket_allowed(sock_type, protocol) {
         return PASS;
     }
-    count(COUNTER_SOCKET_REFUSED);
     let verdict = verdict_of(false, slot);
+    report_socket(verdict, cgroup_id, family as u16, sock_type, protocol);
+    if verdict == VERDICT_DENIED {
+        REJECT
+    } else {
+        PASS
+    }
+}
+
+/// Offsets in the `syscalls/sys_enter_socket` record (checked against tracefs by the daemon).
+const SYSCALL_FAMILY: usize = 16;
+const SYSCALL_TYPE: usize = 24;
+const SYSCALL_PROTOCOL: usize = 32;
+
+/// sys_enter_socket: an agent creating a socket family `run`'s seccomp filter would refuse
+/// (AF_VSOCK, AF_PACKET…), which the cgroup hooks never see. Seccomp filters run before this
+/// tracepoint, so reaching here means no filter stopped it (an agent placed without `run`): an
+/// alert whatever the mode, because it will be created.
+pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
+    let Some((cgroup_id, _)) = current_agent() else {
+        return Ok(());
+    };
+    // SAFETY: offsets from the tracepoint format (checked by the daemon).
+    let (family, sock_type, protocol) = unsafe {
+        (
+            ctx.read_at::<u64>(SYSCALL_FAMILY)? as u32,
+            ctx.read_at::<u64>(SYSCALL_TYPE)? as u32,
+            ctx.read_at::<u64>(SYSCALL_PROTOCOL)? as u32,
+        )
+    };
+    let mut i = 0;
+    while i < AGENT_SOCKET_FAMILIES.len() {
+        if AGENT_SOCKET_FAMILIES[i] == family {
+            return Ok(());
+        }
+        i += 1;
+    }
+    // We only run when no seccomp filter refused the call (filters run first): it will happen.
+    report_socket(VERDICT_ALERT, cgroup_id, family as u16, sock_type, protocol);
+    Ok(())
+}
+
+/// Counts and records a socket an agent may not have.
+#[inline(always)]
+fn report_socket(verdict: u32, cgroup_id: u64, family: u16, sock_type: u32, protocol: u32) {
+    count(COUNTER_SOCKET_REFUSED);
     if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
@@ -166,11 +210,6 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
             (*rec).detail = protocol;
         }
         entry.submit(0);
-    }
-    if verdict == VERDICT_DENIED {
-        REJECT
-    } else {
-        PASS
     }
 }
 

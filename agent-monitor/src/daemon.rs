@@ -258,6 +258,21 @@ async fn serve_connection(
     Ok(())
 }
 
+/// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
+fn socket_reason(sk: &event::SocketEvent) -> String {
+    let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
+    match (inet, sk.verdict) {
+        (true, _) => "agents may create TCP and UDP inet sockets only (cgroup sock_create): raw, \
+                      ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
+                      hooks do not judge"
+            .into(),
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
+                       seccomp filter on this process (`agent-monitor run` installs one that \
+                       refuses them): it was created"
+            .into(),
+    }
+}
+
 /// A live (agent, task) cgroup.
 struct TaskEntry {
     agent: String,
@@ -578,9 +593,7 @@ impl Monitor {
                 sk.protocol,
             )),
             enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
-            reason: "agents may create TCP and UDP sockets only: other kinds (raw, ICMP ping, \
-                     SCTP, MPTCP…) reach endpoints the connect and sendmsg hooks do not judge"
-                .into(),
+            reason: socket_reason(sk),
             ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
     }

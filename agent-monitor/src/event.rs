@@ -203,6 +203,8 @@ pub fn socket_description(family: u16, sock_type: u32, protocol: u32) -> String 
     let family = match family {
         common::AF_INET => "inet".to_string(),
         common::AF_INET6 => "inet6".to_string(),
+        17 => "packet".to_string(),
+        40 => "vsock".to_string(),
         f => format!("family {f}"),
     };
     let kind = match sock_type & 0xf {

@@ -127,6 +127,16 @@ pub struct TracepointLayout {
 }
 
 pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
+    let socket = tracepoint_format("syscalls", "sys_enter_socket")?;
+    for (field, want) in [("family", 16), ("type", 24), ("protocol", 32)] {
+        let got = field_offset(&socket, field);
+        if got != Some(want) {
+            bail!(
+                "syscalls/sys_enter_socket has {field} at {got:?}, the programs expect {want}; \
+                 this kernel's layout is not supported"
+            );
+        }
+    }
     let fork = tracepoint_format("sched", "sched_process_fork")?;
     let child = field_offset(&fork, "child_pid")
         .context("sched/sched_process_fork has no child_pid field")?;

@@ -14,6 +14,7 @@ mod identity;
 mod output;
 mod policy;
 mod policy_dir;
+mod sandbox;
 
 use std::process::ExitCode;
 

@@ -890,3 +890,219 @@ fn cgroup_root() -> std::path::PathBuf {
         .min_by_key(|p: &std::path::PathBuf| p.as_os_str().len())
         .expect("a cgroup2 mount")
 }
+
+/// AF_VSOCK reaches the hypervisor host, and no cgroup hook sees it (sock_create runs for inet
+/// only): `run`'s seccomp filter refuses every family but unix, inet, inet6 and netlink, and
+/// io_uring, whose socket operation would create one without the socket system call.
+#[test]
+fn vsock_socket_and_io_uring_are_refused_by_the_run_filter() {
+    if !require_root("vsock_socket_and_io_uring_are_refused_by_the_run_filter") {
+        return;
+    }
+    let agent = unique_agent("vsock");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"])]);
+    let script = PY_ATTEMPT.to_string()
+        + r#"import ctypes
+attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+attempt('packet', lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM))
+attempt('unix', lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+attempt('netlink', lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+attempt('inet', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+libc = ctypes.CDLL(None, use_errno=True)
+def uring():
+    params = ctypes.create_string_buffer(120)
+    if libc.syscall(425, 4, params) < 0:
+        raise OSError(ctypes.get_errno(), 'io_uring_setup')
+attempt('io_uring', uring)
+"#;
+    let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
+    cmd.extend([PYTHON, "-c", &script]);
+    let out = d.run(&agent, None, &cmd);
+    assert_eq!(outcome(&out, "vsock"), eperm());
+    assert_eq!(outcome(&out, "packet"), eperm());
+    assert_eq!(outcome(&out, "io_uring"), eperm());
+    for ok in ["unix", "netlink", "inet"] {
+        assert_eq!(outcome(&out, ok), "ok", "{ok}");
+    }
+    // The filter runs before any tracepoint: the kernel's audit log has the refusal
+    // (SECCOMP_FILTER_FLAG_LOG), the audit trail does not.
+    let kernel_log = std::process::Command::new("journalctl")
+        .args(["-k", "--no-pager", "--since", "-2min"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&kernel_log.stdout)
+            .lines()
+            .any(|l| l.contains("type=1326")
+                && l.contains("uid=65534")
+                && l.contains("syscall=41")),
+        "no seccomp record of the refused socket() in the kernel log"
+    );
+}
+
+/// io_uring's connect and sendmsg reach the same kernel functions as the system calls, so the
+/// cgroup hooks judge them. `run` refuses io_uring altogether; this agent is placed through the
+/// control socket directly, without that filter, to show the hooks alone hold.
+#[test]
+fn io_uring_connect_and_sendmsg_are_judged_without_the_filter() {
+    if !require_root("io_uring_connect_and_sendmsg_are_judged_without_the_filter") {
+        return;
+    }
+    let tcp_ok = CountingListener::bind("127.0.0.1:0");
+    let tcp_no = CountingListener::bind("127.0.0.1:0");
+    let udp_ok = UdpSink::bind("127.0.0.1:0");
+    let udp_no = UdpSink::bind("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(dir.path(), "uring", URING_C);
+    let bin_s = bin.to_str().unwrap();
+    let agent = unique_agent("uring");
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[
+            format!("127.0.0.1:{}", tcp_ok.port),
+            format!("127.0.0.1:{}", udp_ok.port),
+        ],
+        &[bin_s],
+    )]);
+    // Place this python process as the agent, then exec the attacker (no seccomp filter).
+    let place = fill(
+        r#"import json, os, socket, sys
+c = socket.socket(socket.AF_UNIX)
+c.connect('@SOCK@')
+c.sendall((json.dumps({'op': 'place', 'agent': '@AGENT@', 'task': 'uring'}) + '\n').encode())
+answer = c.makefile().readline()
+assert 'placed' in answer, answer
+c.close()
+# Without the filter a vsock socket is created: reported as an alert.
+socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+os.execv(sys.argv[1], sys.argv[1:])
+"#,
+        &[
+            ("SOCK", d.socket.display().to_string()),
+            ("AGENT", agent.clone()),
+        ],
+    );
+    let ports = [tcp_ok.port, tcp_no.port, udp_ok.port, udp_no.port].map(|p| p.to_string());
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", &place, bin_s])
+        .args(&ports)
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", text(&out.stderr));
+    let want = [
+        "connect_allowed 0".to_string(),
+        format!("connect_denied -{}", libc::EPERM),
+        "sendmsg_allowed 1".to_string(),
+        format!("sendmsg_denied -{}", libc::EPERM),
+    ];
+    for w in want {
+        assert!(stdout.contains(&w), "{w} missing: {stdout}");
+    }
+    assert_eq!(tcp_no.accepted(), 0);
+    assert_eq!(udp_no.received(), 0);
+    assert_eq!(udp_ok.received(), 1);
+    d.wait_audit("denied io_uring connect", |v| {
+        is(v, "action", "connect") && is(v, "verdict", "denied") && v["dest_port"] == tcp_no.port
+    });
+    d.wait_audit("denied io_uring sendmsg", |v| {
+        is(v, "action", "sendmsg") && is(v, "verdict", "denied") && v["dest_port"] == udp_no.port
+    });
+    let rec = d.wait_audit("vsock socket without the filter", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert_eq!(field(&rec, "verdict"), "alert");
+    assert!(field(&rec, "reason").contains("seccomp"), "{rec}");
+}
+
+const URING_C: &str = r#"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int ring;
+static unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_mask;
+static struct io_uring_sqe *sqes;
+static struct io_uring_cqe *cqes;
+static int submit(struct io_uring_sqe *e) {
+    unsigned tail = *sq_tail, idx = tail & *sq_mask;
+    sqes[idx] = *e;
+    sq_array[idx] = idx;
+    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
+        printf("enter errno %d\n", errno);
+        exit(1);
+    }
+    unsigned head = __atomic_load_n(cq_head, __ATOMIC_ACQUIRE);
+    int res = cqes[head & *cq_mask].res;
+    __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
+    return res;
+}
+static struct sockaddr_in to(const char *port) {
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return a;
+}
+static int tcp(const char *port) {
+    struct sockaddr_in a = to(port);
+    struct io_uring_sqe e;
+    memset(&e, 0, sizeof e);
+    e.opcode = IORING_OP_CONNECT;
+    e.fd = socket(AF_INET, SOCK_STREAM, 0);
+    e.addr = (unsigned long)&a;
+    e.off = sizeof a;
+    return submit(&e);
+}
+static int udp(const char *port) {
+    struct sockaddr_in a = to(port);
+    struct iovec iov = { "x", 1 };
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_name = &a;
+    m.msg_namelen = sizeof a;
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    struct io_uring_sqe e;
+    memset(&e, 0, sizeof e);
+    e.opcode = IORING_OP_SENDMSG;
+    e.fd = socket(AF_INET, SOCK_DGRAM, 0);
+    e.addr = (unsigned long)&m;
+    e.len = 1;
+    return submit(&e);
+}
+int main(int argc, char **argv) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    ring = syscall(__NR_io_uring_setup, 4, &p);
+    if (ring < 0) { printf("setup errno %d\n", errno); return 1; }
+    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (cq_sz > sq_sz) sq_sz = cq_sz;
+    char *sq = mmap(0, sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQ_RING);
+    char *cq = (p.features & IORING_FEAT_SINGLE_MMAP) ? sq
+        : mmap(0, cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_CQ_RING);
+    sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) { printf("mmap failed\n"); return 1; }
+    sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    sq_array = (unsigned *)(sq + p.sq_off.array);
+    cq_head = (unsigned *)(cq + p.cq_off.head);
+    cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    printf("connect_allowed %d\n", tcp(argv[1]));
+    printf("connect_denied %d\n", tcp(argv[2]));
+    printf("sendmsg_allowed %d\n", udp(argv[3]));
+    printf("sendmsg_denied %d\n", udp(argv[4]));
+    return 0;
+}
+"#;

@@ -85,6 +85,11 @@ const HOOKS: &[Hook] = &[
         required: true,
     },
     Hook {
+        program: "agent_socket_syscall",
+        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
+        required: false,
+    },
+    Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
