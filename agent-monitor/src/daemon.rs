@@ -499,11 +499,13 @@ impl Monitor {
         let (agent, task) = self.identity(e.subject.cgroup_id);
         let reason = if e.truncated {
             format!(
-                "exec path longer than {} bytes cannot be matched",
+                "{} {} bytes cannot be matched",
+                crate::action::REASON_EXEC_PATH_TOO_LONG,
                 common::EXEC_PATH_LEN - 1
             )
         } else if e.unreadable {
-            "exec facts (file name, interpreter or file) unreadable in the kernel".to_string()
+            // The name, the interpreter or the file could not be read.
+            crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
             let agent_index = self.policies.index_of(&agent);
             let file_rule = agent_index

@@ -11,8 +11,10 @@ mod event;
 mod exec_files;
 mod host;
 mod identity;
+mod learn;
 mod output;
 mod policy;
+mod policy_cmd;
 mod policy_dir;
 mod sandbox;
 

@@ -360,3 +360,11 @@ pub const AS_NOBODY: [&str; 5] = [
     "--clear-groups",
     "--",
 ];
+
+/// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
+}
