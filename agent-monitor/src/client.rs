@@ -188,6 +188,10 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
     match cmd {
         PolicyCommand::Check { path } => match crate::policy_dir::load_path(&path) {
             Ok(set) => {
+                // Valid, but worth a second look: printed, not failed.
+                for w in crate::exec_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",

@@ -94,6 +94,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
 
+    for w in crate::exec_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for did in crate::host::ensure_kernel_filesystems()? {
         tracing::info!("{did}");
     }

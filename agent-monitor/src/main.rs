@@ -9,6 +9,7 @@ mod control;
 mod daemon;
 mod event;
 mod exec_files;
+mod exec_lint;
 mod host;
 mod identity;
 mod learn;
