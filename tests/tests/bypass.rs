@@ -815,6 +815,9 @@ def clone3():
         raise OSError(ctypes.get_errno(), 'clone3')
     os.waitpid(pid, 0)
 attempt('clone3_into_root', clone3)
+# A child cgroup of its own would have another id, so no longer be the agent: mkdir is refused.
+own = open('/proc/self/cgroup').read().strip().split('::')[-1]
+attempt('mkdir_child_cgroup', lambda: os.mkdir('@ROOT@' + own + '/escape'))
 def connect():
     socket.socket().connect(('127.0.0.1', @PORT@))
 attempt('connect_after', connect)
@@ -852,6 +855,11 @@ time.sleep(1)
     );
     assert!(
         no_access(outcome(&out, "clone3_into_root")),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        no_access(outcome(&out, "mkdir_child_cgroup")),
         "{}",
         text(&out.stdout)
     );
