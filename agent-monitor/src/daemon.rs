@@ -20,11 +20,12 @@ use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
 use crate::event::{self, KernelEvent};
+use crate::exec_files::ExecFiles;
 use crate::identity::{self, AgentCgroups, ProcessTable};
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
 use crate::output::{OutputConfig, Outputs};
-use crate::policy::PolicySet;
+use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -116,6 +117,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
 
+    for w in crate::exec_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for did in crate::host::ensure_kernel_filesystems()? {
         tracing::info!("{did}");
     }
@@ -124,7 +128,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroups = AgentCgroups::new(&cgroup_root)?;
     refuse_if_already_running(&args.socket.control_socket).await?;
 
-    let mut kernel = Kernel::open(&args.pin_dir, &cgroup_root, &layout)?;
+    let offsets = crate::host::kernel_offsets()?;
+    let mut kernel = Kernel::open(&args.pin_dir, &cgroup_root, &layout, &offsets)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -140,6 +145,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let mut monitor = Monitor {
         kernel,
         policies: crate::policy::PolicySet::default(),
+        exec_files: ExecFiles::default(),
         policies_dir: args.policies.clone(),
         policies_loaded: SystemTime::now(),
         bank_base: 0,
@@ -432,6 +438,21 @@ async fn serve_connection(
     }
 }
 
+/// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
+fn socket_reason(sk: &event::SocketEvent) -> String {
+    let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
+    match (inet, sk.verdict) {
+        (true, _) => "agents may create TCP and UDP inet sockets only (cgroup sock_create): raw, \
+                      ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
+                      hooks do not judge"
+            .into(),
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
+                       seccomp filter on this process (`agent-monitor run` installs one that \
+                       refuses them): it was created"
+            .into(),
+    }
+}
+
 /// A live (agent, task) cgroup.
 struct TaskEntry {
     agent: String,
@@ -451,6 +472,8 @@ struct AgentCounters {
 struct Monitor {
     kernel: Kernel,
     policies: PolicySet,
+    /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
+    exec_files: ExecFiles,
     policies_dir: PathBuf,
     policies_loaded: SystemTime,
     /// First agent index of the live bank (0 or `BANK_STRIDE`).
@@ -627,7 +650,14 @@ impl Monitor {
             .compile()
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .rebased(base);
-        if let Err(e) = self.kernel.write_allowlists(&tables) {
+        // Files named by exact exec rules, keyed in the new bank too.
+        let mut files = ExecFiles::default();
+        let file_entries = files.refresh(&set, base).add;
+        if let Err(e) = self
+            .kernel
+            .write_allowlists(&tables)
+            .and_then(|()| self.kernel.update_exec_files(&file_entries, &[]))
+        {
             // Entries of the next bank left by an interrupted earlier attempt would be counted
             // against capacity; clear them for the next try.
             let old_base = self.bank_base;
@@ -674,6 +704,7 @@ impl Monitor {
         }
         // Records judged until now may still be in the ring buffer: keep the old set to explain
         // them (see `explain`).
+        self.exec_files = files;
         let old = std::mem::replace(&mut self.policies, set);
         if self.superseded.len() == SUPERSEDED_KEPT {
             self.superseded.pop_front();
@@ -879,6 +910,18 @@ impl Monitor {
         self.outputs.close_storms(SystemTime::now());
         self.procs
             .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        // A package upgrade replaces a file (new inode): follow it.
+        let change = self.exec_files.refresh(&self.policies, self.bank_base);
+        if !change.add.is_empty() || !change.remove.is_empty() {
+            tracing::info!(
+                added = change.add.len(),
+                removed = change.remove.len(),
+                "files named by exact exec rules changed"
+            );
+            if let Err(e) = self.kernel.update_exec_files(&change.add, &change.remove) {
+                tracing::warn!("{e:#}");
+            }
+        }
         self.report_kernel_losses();
         let gone: Vec<u64> = self
             .tasks
@@ -969,6 +1012,10 @@ impl Monitor {
                 let action = self.connect_action(&c);
                 self.report(action);
             }
+            KernelEvent::Socket(sk) => {
+                let action = self.socket_action(&sk);
+                self.report(action);
+            }
         }
     }
 
@@ -988,12 +1035,37 @@ impl Monitor {
                 common::EXEC_PATH_LEN - 1
             )
         } else if e.unreadable {
+            // The name, the interpreter or the file could not be read.
             crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
-            self.explain(&agent, e.verdict, e.subject.ktime_ns, |p| {
-                p.check_exec(&e.path)
-            })
+            // File-identity entries are keyed by the kernel index (bank + position).
+            let agent_index = self.policies.index_of(&agent).map(|i| self.bank_base + i);
+            let file_rule = agent_index
+                .and_then(|a| self.exec_files.rule_for(a, e.file_dev, e.file_ino))
+                .map(str::to_string);
+            let facts = ExecFacts {
+                name: &e.path,
+                interpreter: e.interpreter.as_deref(),
+                file_rule: file_rule.as_deref(),
+                initial_user_ns: !e.user_ns,
+            };
+            let why = self.explain(&agent, e.verdict, e.subject.ktime_ns, |p| {
+                p.check_exec_facts(&facts)
+            });
+            let file = format!(
+                "file {}:{} inode {}",
+                e.file_dev >> 20,
+                e.file_dev & 0xf_ffff,
+                e.file_ino
+            );
+            match e.basis {
+                common::EXEC_BASIS_FILE => format!("{why} (the file that runs, {file})"),
+                _ => format!("{why} ({file})"),
+            }
         };
+        if e.user_ns {
+            self.counters.execs_in_user_namespaces += 1;
+        }
         if e.truncated {
             self.counters.exec_paths_too_long += 1;
         }
@@ -1005,6 +1077,7 @@ impl Monitor {
         }
         Action {
             exe: Some(e.path.clone()),
+            interpreter: e.interpreter.clone(),
             enforcement: e.killed.then_some("sigkill"),
             reason,
             ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
@@ -1013,9 +1086,12 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(c.subject.cgroup_id);
-        let reason = self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
+        let mut reason = self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
             p.check_connect(c.addr, c.port)
         });
+        if c.unspecified {
+            reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
+        }
         let exe = self
             .procs
             .exe(c.subject.pid)
@@ -1025,6 +1101,11 @@ impl Monitor {
                     .ok()
                     .map(|p| p.display().to_string())
             });
+        let kind = if c.send {
+            ActionKind::Sendmsg
+        } else {
+            ActionKind::Connect
+        };
         Action {
             exe,
             destination: Some(Destination {
@@ -1034,7 +1115,24 @@ impl Monitor {
             }),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
-            ..self.action(&c.subject, agent, task, ActionKind::Connect, c.verdict)
+            ..self.action(&c.subject, agent, task, kind, c.verdict)
+        }
+    }
+
+    fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
+        let (agent, task) = self.identity(sk.subject.cgroup_id);
+        self.counters.sockets_refused += 1;
+        let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        Action {
+            exe,
+            socket: Some(event::socket_description(
+                sk.family,
+                sk.sock_type,
+                sk.protocol,
+            )),
+            enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
+            reason: socket_reason(sk),
+            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
     }
 
@@ -1058,6 +1156,8 @@ impl Monitor {
             uid: subject.uid,
             comm: subject.comm.clone(),
             exe: None,
+            interpreter: None,
+            socket: None,
             destination: None,
             enforcement: None,
             reason: String::new(),
@@ -1155,6 +1255,7 @@ impl Monitor {
     fn status(&mut self) -> control::Status {
         self.report_kernel_losses();
         self.counters.tracked_processes = self.procs.len() as u64;
+        self.counters.exec_rule_files = self.exec_files.len() as u64;
         // Agents with a policy, then agents whose policy went away while their tasks run on
         // (they are denied everything).
         let mut names: Vec<(String, String)> = self

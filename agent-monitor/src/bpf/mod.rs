@@ -8,14 +8,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, ExecKey, NetAllow, NetKey,
+    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, ExecFileKey, ExecKey, KernelOffsets,
+    NetAllow, NetKey,
 };
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -103,13 +104,15 @@ struct Hook {
 /// so the program stays attached when the daemon exits.
 enum HookKind {
     Tracepoint(&'static str, &'static str),
+    RawTracepoint(&'static str),
     CgroupSockAddr(&'static str),
+    CgroupSock(&'static str),
 }
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "agent_exec",
-        kind: HookKind::Tracepoint("sched", "sched_process_exec"),
+        kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
     },
     Hook {
@@ -121,6 +124,26 @@ const HOOKS: &[Hook] = &[
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+    },
+    Hook {
+        program: "agent_sendmsg4",
+        kind: HookKind::CgroupSockAddr("sendmsg4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sendmsg6",
+        kind: HookKind::CgroupSockAddr("sendmsg6"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sock_create",
+        kind: HookKind::CgroupSock("sock_create"),
+        required: true,
+    },
+    Hook {
+        program: "agent_socket_syscall",
+        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
+        required: false,
     },
     Hook {
         program: "agent_fork",
@@ -155,14 +178,15 @@ impl Kernel {
         pin_dir: &Path,
         cgroup_root: &Path,
         layout: &TracepointLayout,
+        offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
         let pins = PinDir::new(pin_dir);
         let lock = pins.create_and_lock()?;
-        let hash = pin::object_hash(PROGRAMS, &[u64::from(layout.fork_child_pid)]);
+        let hash = pin::object_hash(PROGRAMS, &load_time_values(layout, offsets));
         if !pins.has_state() {
             // Links without maps are the remains of an interrupted install: nothing to adopt.
             pins.remove_pins()?;
-            let (maps, mechanisms) = install(&pins, cgroup_root, layout, hash)?;
+            let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
             return Ok(Kernel {
                 maps,
                 mechanisms,
@@ -232,7 +256,7 @@ impl Kernel {
         let identities = agent_cgroups_of(&old_maps).unwrap_or_default();
         drop(old_maps);
         pins.remove_pins()?;
-        let (maps, mechanisms) = install(&pins, cgroup_root, layout, hash)?;
+        let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
         let mut kernel = Kernel {
             maps,
             mechanisms,
@@ -352,7 +376,38 @@ impl Kernel {
                 .context("removing a stale exec allowlist entry")?;
         }
         removed += stale.len();
+        let mut files: HashMap<_, ExecFileKey, u32> =
+            HashMap::try_from(self.map_mut("EXEC_FILES")?)?;
+        let stale: Vec<ExecFileKey> = files
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k.agent))
+            .collect();
+        for k in &stale {
+            files
+                .remove(k)
+                .context("removing a stale exec file-identity entry")?;
+        }
+        removed += stale.len();
         Ok(removed)
+    }
+
+    /// Adds and removes entries of the file-identity exec allowlist.
+    pub fn update_exec_files(
+        &mut self,
+        add: &[(ExecFileKey, u32)],
+        remove: &[ExecFileKey],
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, u32> = HashMap::try_from(self.map_mut("EXEC_FILES")?)?;
+        for key in remove {
+            m.remove(key)
+                .context("removing from the exec file-identity map")?;
+        }
+        for (key, rule) in add {
+            m.insert(*key, *rule, 0)
+                .context("writing the exec file-identity map (full?)")?;
+        }
+        Ok(())
     }
 
     /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on; also
@@ -401,6 +456,10 @@ impl Kernel {
         let count = |name: &str| -> anyhow::Result<u64> {
             let m = self.map(name)?;
             Ok(match m {
+                Map::HashMap(_) if name == "EXEC_FILES" => {
+                    let h: HashMap<_, ExecFileKey, u32> = HashMap::try_from(m)?;
+                    h.keys().count() as u64
+                }
                 Map::HashMap(_) => {
                     let h: HashMap<_, u64, AgentSlot> = HashMap::try_from(m)?;
                     h.keys().count() as u64
@@ -420,6 +479,7 @@ impl Kernel {
             ("AGENT_CGROUPS", common::MAX_AGENT_CGROUPS),
             ("NET_ALLOW", common::MAX_NET_ENTRIES),
             ("EXEC_ALLOW", common::MAX_EXEC_ENTRIES),
+            ("EXEC_FILES", common::MAX_EXEC_ENTRIES),
         ]
         .into_iter()
         .map(|(name, cap)| {
@@ -450,14 +510,41 @@ impl std::fmt::Display for HookKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             HookKind::Tracepoint(category, name) => write!(f, "tracepoint {category}/{name}"),
-            HookKind::CgroupSockAddr(at) => write!(f, "cgroup/{at} at the cgroup v2 root"),
+            HookKind::RawTracepoint(name) => write!(f, "raw tracepoint {name}"),
+            HookKind::CgroupSockAddr(at) | HookKind::CgroupSock(at) => {
+                write!(f, "cgroup/{at} at the cgroup v2 root")
+            }
         }
     }
 }
 
+/// Every value patched into the object at load: part of what makes pinned programs "ours".
+fn load_time_values(layout: &TracepointLayout, o: &KernelOffsets) -> Vec<u64> {
+    [
+        layout.fork_child_pid,
+        o.bprm_file,
+        o.bprm_filename,
+        o.bprm_interp,
+        o.file_inode,
+        o.inode_ino,
+        o.inode_sb,
+        o.sb_dev,
+        o.task_cred,
+        o.cred_user_ns,
+        o.user_ns_inum,
+        o.init_user_ns,
+        o.valid,
+    ]
+    .into_iter()
+    .map(u64::from)
+    .collect()
+}
+
 fn base_mechanisms(pins: &PinDir) -> Mechanisms {
     Mechanisms {
-        connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
+        connect_enforcement: "cgroup/connect4+connect6, sendmsg4+sendmsg6 and sock_create \
+                              return EPERM"
+            .into(),
         pin_dir: pins.root().display().to_string(),
         ..Default::default()
     }
@@ -468,10 +555,12 @@ fn install(
     pins: &PinDir,
     cgroup_root: &Path,
     layout: &TracepointLayout,
+    offsets: &KernelOffsets,
     hash: u64,
 ) -> anyhow::Result<(BTreeMap<String, Map>, Mechanisms)> {
     let mut ebpf = EbpfLoader::new()
         .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
+        .override_global("KERNEL_OFFSETS", offsets, true)
         .load(PROGRAMS)
         .context("loading the agent-monitor eBPF object")?;
     // Maps first: a crash before the links are pinned leaves maps without links, which the next
@@ -633,6 +722,22 @@ fn attach(
             let id = tp.attach(category, name).context("attaching")?;
             tp.take_link(id)?.try_into().context(
                 "the kernel gave a perf link, not a bpf_link (kernel < 5.15?): it cannot be pinned",
+            )?
+        }
+        HookKind::RawTracepoint(name) => {
+            let tp: &mut RawTracePoint = prog.try_into()?;
+            tp.load().context("loading")?;
+            let id = tp.attach(name).context("attaching")?;
+            tp.take_link(id)?.into()
+        }
+        HookKind::CgroupSock(_) => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load().context("loading")?;
+            let id = p
+                .attach(cgroup, CgroupAttachMode::Single)
+                .context("attaching")?;
+            p.take_link(id)?.try_into().context(
+                "the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned",
             )?
         }
         HookKind::CgroupSockAddr(_) => {

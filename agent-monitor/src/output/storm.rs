@@ -25,11 +25,12 @@ impl StormKey {
             return None;
         }
         let object = match action.kind {
-            ActionKind::Connect => action
+            ActionKind::Connect | ActionKind::Sendmsg => action
                 .destination
                 .as_ref()
                 .map(|d| format!("{}:{}/{}", d.addr, d.port, d.transport))
                 .unwrap_or_default(),
+            ActionKind::Socket => action.socket.clone().unwrap_or_default(),
             ActionKind::Exec => action.exe.clone().unwrap_or_default(),
         };
         Some(StormKey {
