@@ -2,6 +2,7 @@
 
 mod compile;
 mod evaluate;
+pub mod host;
 pub(crate) mod model;
 mod parse;
 
