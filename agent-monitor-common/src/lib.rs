@@ -18,6 +18,16 @@ pub const MAX_PORT_RANGES: usize = 16;
 pub const MAX_AGENT_CGROUPS: u32 = 16_384;
 pub const MAX_NET_ENTRIES: u32 = 65_536;
 pub const MAX_EXEC_ENTRIES: u32 = 65_536;
+/// Addresses learned from DNS answers, over all agents (`DNS_LEARNED`).
+pub const MAX_DNS_LEARNED: u32 = 65_536;
+/// Sockets whose DNS destination was redirected and is remembered for the reply (`DNS_ORIG`, LRU).
+pub const MAX_DNS_SOCKETS: u32 = 16_384;
+
+/// DNS traffic of agents (UDP and TCP to this port, any address) goes to the daemon's proxy.
+pub const DNS_PORT: u16 = 53;
+/// Where the daemon's DNS proxy listens; the kernel rewrites agents' DNS destinations to these.
+pub const DNS_PROXY_IP4: [u8; 4] = [127, 0, 0, 1];
+pub const DNS_PROXY_IP6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Mode of an agent, as the kernel sees it.
 pub const MODE_ALERT: u32 = 0;
@@ -74,11 +84,49 @@ pub struct ExecKey {
 /// Bits of `ExecKey` before the path.
 pub const EXEC_KEY_AGENT_BITS: u32 = 32;
 
+/// Ports of one agent's DNS proxy endpoint (host order; 0 = none), value of `DNS_PROXY` keyed by
+/// the agent index. The `*4` ports listen on `DNS_PROXY_IP4`, the `*6` ports on `DNS_PROXY_IP6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsProxy {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
+}
+
+/// Where an agent's socket meant to send its DNS traffic before the kernel redirected it, so the
+/// reply can appear to come from there. Value of `DNS_ORIG`, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// As the caller wrote it: IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// An address an agent resolved through the proxy: allowed for these ports until `expires_ns`
+/// (CLOCK_MONOTONIC, compared with `bpf_ktime_get_ns`). Value of `DNS_LEARNED`, keyed by `NetKey`
+/// with the full address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub expires_ns: u64,
+    pub ports: NetAllow,
+    pub _pad: u32,
+}
+
 /// Record kinds carried by the ring buffer.
 pub const KIND_EXEC: u32 = 1;
 pub const KIND_CONNECT: u32 = 2;
 pub const KIND_FORK: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
+/// An agent socket's DNS traffic (port 53) was redirected to the proxy (`VERDICT_ALLOWED`), or
+/// refused because the agent has no proxy endpoint (`FLAG_DNS_NO_PROXY`). `addr`/`port` are the
+/// original destination. Used to name the process behind a query; not an action of its own.
+pub const KIND_DNS_REDIRECT: u32 = 30;
 
 /// Verdicts taken by the kernel.
 pub const VERDICT_NONE: u32 = 0;
@@ -96,6 +144,10 @@ pub const FLAG_KILLED: u32 = 4;
 /// The exec path was not in normal form (`//`, `/./`, `/../`); judged as not allowed, because
 /// `/opt/tools/../../bin/sh` would otherwise match the glob `/opt/tools/*`.
 pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
+/// A connect was allowed because the agent resolved the address through the DNS proxy.
+pub const FLAG_LEARNED: u32 = 256;
+/// DNS traffic of an agent that has no proxy endpoint: not redirected (denied in enforce mode).
+pub const FLAG_DNS_NO_PROXY: u32 = 512;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
@@ -139,7 +191,12 @@ pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
 /// An exec path was not in normal form.
 pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
-pub const COUNTERS: u32 = 4;
+/// DNS traffic of an agent without a proxy endpoint (see `FLAG_DNS_NO_PROXY`).
+pub const COUNTER_DNS_NO_PROXY: u32 = 12;
+/// A DNS reply reached an agent socket whose original destination was no longer remembered
+/// (`DNS_ORIG` evicted it): its source stays the proxy's address.
+pub const COUNTER_DNS_ORIG_MISSING: u32 = 13;
+pub const COUNTERS: u32 = 16;
 
 /// Whether a NUL-terminated path is in normal form: no empty, `.` or `..` component after a `/`
 /// (so no `//`, `/./`, `/../`, trailing `/`, `/.` or `/..`). One implementation for the kernel
@@ -239,6 +296,9 @@ mod pod {
     unsafe impl aya::Pod for super::NetAllow {}
     unsafe impl aya::Pod for super::ExecKey {}
     unsafe impl aya::Pod for super::ActionRecord {}
+    unsafe impl aya::Pod for super::DnsProxy {}
+    unsafe impl aya::Pod for super::DnsOrig {}
+    unsafe impl aya::Pod for super::Learned {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.
@@ -246,3 +306,6 @@ const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344);
 const _: () = assert!(core::mem::size_of::<NetKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ExecKey>() == 256);
 const _: () = assert!(core::mem::size_of::<NetAllow>() == 4 + 4 * MAX_PORT_RANGES);
+const _: () = assert!(core::mem::size_of::<DnsProxy>() == 8);
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 20);
+const _: () = assert!(core::mem::size_of::<Learned>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);

@@ -1,12 +1,12 @@
 //! Network verdicts on the cgroup sock_addr hooks: the kernel's own copy of the destination.
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, KIND_CONNECT, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetKey,
-    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    AF_INET, AF_INET6, FLAG_LEARNED, KIND_CONNECT, MAX_PORT_RANGES, MODE_ENFORCE,
+    NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
 
-use crate::maps::{NET_ALLOW, current_agent, start_record};
+use crate::maps::{NET_ALLOW, NetDest, current_agent, report_net};
 
 /// Return values of a sock_addr program.
 const PASS: i32 = 1;
@@ -16,7 +16,48 @@ pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
-    // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4.
+    let (addr, port, sock_type) = dest4(ctx);
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
+        return v;
+    }
+    judge(cgroup_id, slot, AF_INET, addr, port, sock_type)
+}
+
+pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    let (addr, port, sock_type) = dest6(ctx);
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
+        return v;
+    }
+    judge(cgroup_id, slot, AF_INET6, addr, port, sock_type)
+}
+
+/// Unconnected UDP sends: agents' DNS datagrams go to the proxy; other datagrams pass here
+/// (judging them is the no-bypass work).
+pub fn on_sendmsg4(ctx: &SockAddrContext) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    let (addr, port, sock_type) = dest4(ctx);
+    crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type).unwrap_or(PASS)
+}
+
+pub fn on_sendmsg6(ctx: &SockAddrContext) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    let (addr, port, sock_type) = dest6(ctx);
+    crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type).unwrap_or(PASS)
+}
+
+/// Destination of an AF_INET sock_addr hook: address as `::ffff:a.b.c.d`, port in host order,
+/// socket type.
+#[inline(always)]
+fn dest4(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
+    // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4 and
+    // sendmsg4.
     let (ip, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_ip4, sa.user_port, sa.type_)
@@ -25,21 +66,13 @@ pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
     let addr = [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
     ];
-    judge(
-        cgroup_id,
-        slot,
-        AF_INET,
-        addr,
-        u16::from_be(port as u16),
-        sock_type,
-    )
+    (addr, u16::from_be(port as u16), sock_type)
 }
 
-pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
-    // SAFETY: as above; user_ip6 is readable at connect6.
+/// Destination of an AF_INET6 sock_addr hook (IPv4-mapped addresses as they are).
+#[inline(always)]
+fn dest6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
+    // SAFETY: as above; user_ip6 is readable at connect6 and sendmsg6.
     let (w, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
         (
@@ -63,14 +96,7 @@ pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    judge(
-        cgroup_id,
-        slot,
-        AF_INET6,
-        addr,
-        u16::from_be(port as u16),
-        sock_type,
-    )
+    (addr, u16::from_be(port as u16), sock_type)
 }
 
 #[inline(always)]
@@ -106,6 +132,9 @@ fn judge(
         }
         None => false,
     };
+    // Static allowlist first, then addresses the agent resolved through the DNS proxy.
+    let learned = !allowed && crate::dns::learned_allows(slot.agent, addr, port);
+    let allowed = allowed || learned;
     let verdict = if allowed {
         VERDICT_ALLOWED
     } else if slot.mode == MODE_ENFORCE {
@@ -113,17 +142,14 @@ fn judge(
     } else {
         VERDICT_ALERT
     };
-    if let Some(mut entry) = start_record(KIND_CONNECT, verdict, cgroup_id) {
-        let rec = entry.as_mut_ptr();
-        // SAFETY: reserved record.
-        unsafe {
-            (*rec).family = family;
-            (*rec).port = port;
-            (*rec).sock_type = sock_type;
-            (*rec).addr = addr;
-        }
-        entry.submit(0);
-    }
+    let dest = NetDest {
+        family,
+        addr,
+        port,
+        sock_type,
+    };
+    let flags = if learned { FLAG_LEARNED } else { 0 };
+    report_net(KIND_CONNECT, verdict, cgroup_id, flags, dest);
     if verdict == VERDICT_DENIED {
         REJECT
     } else {

@@ -11,6 +11,8 @@ use serde::Serialize;
 pub enum ActionKind {
     Connect,
     Exec,
+    /// A DNS query, judged by the proxy on the name asked.
+    Dns,
 }
 
 impl ActionKind {
@@ -18,6 +20,7 @@ impl ActionKind {
         match self {
             ActionKind::Connect => "connect",
             ActionKind::Exec => "exec",
+            ActionKind::Dns => "dns",
         }
     }
 }
@@ -75,7 +78,12 @@ pub struct Action {
     pub comm: String,
     /// Connect: the acting process's executable. Exec: the file being executed.
     pub exe: Option<String>,
+    /// Connect and DNS: where it was going (for DNS, the server the agent asked).
     pub destination: Option<Destination>,
+    /// Connect: the host name the agent resolved to this address through the DNS proxy.
+    pub dest_host: Option<String>,
+    /// DNS: the name asked, normalised (lower case, no trailing dot).
+    pub dns_name: Option<String>,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
     /// How a denial was carried out ("eperm", "sigkill"), if it was.
@@ -93,7 +101,15 @@ impl Action {
                 IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
             },
             (ActionKind::Exec, _, Some(exe)) => exe.clone(),
+            (ActionKind::Dns, _, _) => format!(
+                "query {}",
+                self.dns_name.as_deref().unwrap_or("(unreadable message)")
+            ),
             _ => "?".to_string(),
+        };
+        let object = match (&self.dest_host, self.kind) {
+            (Some(host), ActionKind::Connect) => format!("{object} ({host})"),
+            _ => object,
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",

@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod control;
 mod daemon;
+mod dns;
 mod event;
 mod host;
 mod identity;

@@ -81,6 +81,30 @@ pub struct Counters {
     pub tracked_processes: u64,
     /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).
     pub verdict_disagreements: u64,
+    /// DNS queries the agents' proxy judged.
+    #[serde(default)]
+    pub dns_queries: u64,
+    /// Queries for names off the allowlist, answered REFUSED (enforce mode).
+    #[serde(default)]
+    pub dns_refused: u64,
+    /// Queries answered SERVFAIL because the upstream failed or timed out.
+    #[serde(default)]
+    pub dns_upstream_failures: u64,
+    /// Answers whose addresses could not be written to the kernel (learned map full): SERVFAIL.
+    #[serde(default)]
+    pub dns_install_failures: u64,
+    /// Unreadable or unsupported DNS messages, not forwarded.
+    #[serde(default)]
+    pub dns_malformed: u64,
+    /// DNS traffic of an agent without a proxy endpoint (kernel counter).
+    #[serde(default)]
+    pub dns_no_proxy: u64,
+    /// Replies whose original server the kernel no longer remembered (kernel counter).
+    #[serde(default)]
+    pub dns_orig_missing: u64,
+    /// (agent, address) pairs currently learned from DNS answers.
+    #[serde(default)]
+    pub dns_learned: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

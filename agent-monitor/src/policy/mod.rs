@@ -1,6 +1,6 @@
 //! Agent policies, pure: parse and validate TOML, evaluate actions, compile kernel tables. No I/O.
 
-mod compile;
+pub(crate) mod compile;
 mod evaluate;
 pub mod host;
 pub(crate) mod model;
