@@ -269,3 +269,184 @@ pub fn py_connect(host: &str, port: u16) -> String {
         "import socket,sys\ns=socket.socket(socket.{family})\ntry:\n  s.connect(('{host}',{port}))\nexcept OSError as e:\n  print('errno',e.errno);sys.exit(10+e.errno)\nprint('connected')"
     )
 }
+
+/// A real DNS server for the DNS tests: dnsmasq on 127.0.0.1 at a free port, with only the
+/// records the test gives (`--address`, `--host-record`, `--cname`, …), logging every query it
+/// receives so a test can prove a refused name never reached it.
+pub struct Dnsmasq {
+    child: Option<Child>,
+    pub addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    pub fn start(records: &[&str]) -> Dnsmasq {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_udp_port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--conf-file=/dev/null",
+                "--log-queries",
+                "--user=root",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!(
+                "--log-facility={}",
+                dir.path().join("log").display()
+            ))
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting dnsmasq (cargo xtask setup installs it): {e}"));
+        let d = Dnsmasq {
+            child: Some(child),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    /// Until dnsmasq answers anything on its port.
+    fn wait_ready(&self) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // A query for "ready." type A.
+        let query =
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ready\x00\x00\x01\x00\x01";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let _ = sock.send_to(query, self.addr);
+            let mut buf = [0u8; 512];
+            if sock.recv_from(&mut buf).is_ok() {
+                return;
+            }
+        }
+        panic!(
+            "dnsmasq did not answer on {} within 10 s:\n{}",
+            self.addr,
+            self.log()
+        );
+    }
+
+    /// dnsmasq's query log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Whether dnsmasq ever received a query for `name` (in any letter case).
+    pub fn was_asked(&self, name: &str) -> bool {
+        let needle = format!(" {} from", name.to_lowercase());
+        self.log()
+            .to_lowercase()
+            .lines()
+            .any(|l| l.contains("query[") && l.contains(&needle))
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A UDP port free on 127.0.0.1 right now (the OS picks it; the socket is closed again).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP port");
+    s.local_addr().unwrap().port()
+}
+
+/// A TCP listener on `ip` (any loopback address) that accepts and drops connections.
+pub fn listener_on(ip: &str) -> u16 {
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:0")
+    } else {
+        format!("{ip}:0")
+    };
+    listen(&addr)
+}
+
+/// An agent-side DNS client in python3: each argument is one operation, each prints one JSON line.
+/// - `q SERVER NAME TYPE udp|tcp`: a hand-built query to SERVER:53 (A=1, AAAA=28, TXT=16); prints
+///   the rcode, the A/AAAA addresses, and the peer the reply came from (recvfrom / getpeername).
+/// - `gai NAME`: `getaddrinfo` through the system resolver (the host's resolv.conf).
+/// - `c IP PORT`: a TCP connect; prints `ok` or the errno.
+///
+/// Hand-built on purpose: the product parses DNS with a library, the test checks it against bytes
+/// written independently.
+pub const PY_DNS_CLIENT: &str = r#"
+import json, random, socket, struct, sys
+def build(name, qtype):
+    q = struct.pack('>HHHHHH', random.randint(0, 65535), 0x0100, 1, 0, 0, 0)
+    for label in name.rstrip('.').split('.'):
+        q += bytes([len(label)]) + label.encode()
+    return q + b'\0' + struct.pack('>HH', qtype, 1)
+def skip_name(r, i):
+    while True:
+        l = r[i]
+        if l == 0: return i + 1
+        if l & 0xc0 == 0xc0: return i + 2
+        i += l + 1
+def parse(r):
+    _, flags, qd, an, _, _ = struct.unpack('>HHHHHH', r[:12])
+    i = 12
+    for _ in range(qd): i = skip_name(r, i) + 4
+    addrs = []
+    for _ in range(an):
+        i = skip_name(r, i)
+        t, _, ttl, n = struct.unpack('>HHIH', r[i:i + 10]); i += 10
+        if t == 1: addrs.append(socket.inet_ntop(socket.AF_INET, r[i:i + n]))
+        if t == 28: addrs.append(socket.inet_ntop(socket.AF_INET6, r[i:i + n]))
+        i += n
+    return flags & 0xf, addrs
+def recv_exact(s, n):
+    b = b''
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise OSError('closed')
+        b += c
+    return b
+def query(server, name, qtype, transport):
+    fam = socket.AF_INET6 if ':' in server else socket.AF_INET
+    q = build(name, int(qtype))
+    if transport == 'tcp':
+        s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(5); s.connect((server, 53))
+        s.sendall(struct.pack('>H', len(q)) + q)
+        r = recv_exact(s, struct.unpack('>H', recv_exact(s, 2))[0]); peer = s.getpeername()
+    else:
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
+        s.sendto(q, (server, 53)); r, peer = s.recvfrom(65535)
+    rcode, addrs = parse(r)
+    return {'rcode': rcode, 'addrs': addrs, 'peer': peer[0], 'peer_port': peer[1]}
+out = []
+args = sys.argv[1:]
+while args:
+    op = args.pop(0)
+    try:
+        if op == 'q':
+            server, name, qtype, transport = args[:4]; del args[:4]
+            res = dict(op='q', name=name, **query(server, name, qtype, transport))
+        elif op == 'gai':
+            name = args.pop(0)
+            res = {'op': 'gai', 'name': name, 'addrs': sorted({a[4][0] for a in socket.getaddrinfo(name, 1, type=socket.SOCK_STREAM)})}
+        elif op == 'c':
+            ip, port = args[:2]; del args[:2]
+            s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET); s.settimeout(5)
+            s.connect((ip, int(port))); s.close()
+            res = {'op': 'c', 'ip': ip, 'port': int(port), 'ok': True}
+    except OSError as e:
+        res = {'op': op, 'error': str(e), 'errno': e.errno}
+    print(json.dumps(res), flush=True)
+"#;
