@@ -450,3 +450,107 @@ while args:
         res = {'op': op, 'error': str(e), 'errno': e.errno}
     print(json.dumps(res), flush=True)
 "#;
+
+/// Latency of one DNS query as the asking process sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub median_us: f64,
+    pub p99_us: f64,
+}
+
+/// What the DNS proxy adds: the same queries straight to the upstream (a process that is not an
+/// agent) and through the kernel redirect and the proxy (an agent).
+#[derive(Clone, Copy, Debug)]
+pub struct DnsLatency {
+    pub samples: usize,
+    pub direct: Latency,
+    pub proxied: Latency,
+}
+
+impl DnsLatency {
+    pub fn added_median_us(&self) -> f64 {
+        self.proxied.median_us - self.direct.median_us
+    }
+
+    pub fn added_p99_us(&self) -> f64 {
+        self.proxied.p99_us - self.direct.p99_us
+    }
+}
+
+/// Times `samples` A queries over one connected UDP socket (as glibc's resolver does), after 20
+/// unmeasured ones; prints the latencies in ns as a JSON list.
+const PY_DNS_TIMER: &str = r#"
+import json, socket, struct, sys, time
+server, port, name, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def build(i):
+    q = struct.pack('>HHHHHH', i & 0xffff, 0x0100, 1, 0, 0, 0)
+    for label in name.split('.'):
+        q += bytes([len(label)]) + label.encode()
+    return q + b'\0' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect((server, port))
+out = []
+for i in range(n + 20):
+    q = build(i)
+    t0 = time.perf_counter_ns(); s.send(q); r = s.recv(65535); t = time.perf_counter_ns() - t0
+    if r[3] & 0xf != 0: raise SystemExit('rcode %d' % (r[3] & 0xf))
+    if i >= 20: out.append(t)
+print(json.dumps(out))
+"#;
+
+/// Measures the DNS proxy's added latency per query (median and p99 over `samples`), with a
+/// private dnsmasq as upstream and a private daemon. Needs root and the built daemon; for
+/// `cargo xtask bench` and the ignored test `dns_proxy_added_latency`.
+pub fn dns_proxy_latency(samples: usize) -> DnsLatency {
+    let up = Dnsmasq::start(&["--address=/bench.ok.test/127.0.0.3"]);
+    let agent = unique_agent("dnsbench");
+    let d = Daemon::start_with(
+        &[(
+            format!("{agent}.toml"),
+            format!(
+                "agent = {agent:?}\n[network]\nallow = [\"bench.ok.test:443\"]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+            ),
+        )],
+        &["--dns-upstream", &up.addr.to_string()],
+    );
+    let n = samples.to_string();
+    let port = up.addr.port().to_string();
+    let direct = Command::new(PYTHON)
+        .args(["-c", PY_DNS_TIMER, "127.0.0.1", &port, "bench.ok.test", &n])
+        .output()
+        .expect("running python3");
+    let proxied = d.run(
+        &agent,
+        Some("bench"),
+        &[
+            PYTHON,
+            "-c",
+            PY_DNS_TIMER,
+            "192.0.2.1",
+            "53",
+            "bench.ok.test",
+            &n,
+        ],
+    );
+    DnsLatency {
+        samples,
+        direct: latency(&direct, "direct"),
+        proxied: latency(&proxied, "through the proxy"),
+    }
+}
+
+fn latency(out: &Output, what: &str) -> Latency {
+    assert!(
+        out.status.success(),
+        "DNS timing {what} failed: {}",
+        text(&out.stderr)
+    );
+    let mut ns: Vec<u64> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("DNS timing {what}: {e}: {}", text(&out.stdout)));
+    assert!(!ns.is_empty(), "DNS timing {what}: no samples");
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Latency {
+        median_us: at(0.5),
+        p99_us: at(0.99),
+    }
+}

@@ -297,13 +297,19 @@ fn aaaa_answers_are_learned_and_ipv6_servers_redirected() {
     ) else {
         return;
     };
+    // Also an IPv6 socket asking an IPv4-mapped server: it takes the IPv4 path to the proxy.
+    let mapped = format!("::ffff:{SERVER4}");
     let r = c.ops(&format!(
-        "c ::1 {port} q {SERVER6} six.ok.test {AAAA} udp c ::1 {port}"
+        "c ::1 {port} q {SERVER6} six.ok.test {AAAA} udp c ::1 {port} q {mapped} six.ok.test {AAAA} udp q {mapped} other.test {A} tcp"
     ));
     assert!(eperm(&r[0]), "before resolution: {}", r[0]);
     assert_eq!((rcode(&r[1]), addrs(&r[1])), (NOERROR, vec!["::1".into()]));
     assert_eq!(r[1]["peer"], SERVER6, "reply source: {}", r[1]);
     assert!(connected(&r[2]), "after resolution: {}", r[2]);
+    assert_eq!(rcode(&r[3]), NOERROR, "{}", r[3]);
+    assert_eq!(r[3]["peer"], mapped, "reply source: {}", r[3]);
+    assert_eq!(rcode(&r[4]), REFUSED, "{}", r[4]);
+    assert_eq!(r[4]["peer"], mapped, "TCP peer: {}", r[4]);
 }
 
 #[test]
@@ -427,4 +433,24 @@ fn alert_mode_answers_and_reports_names_off_the_list() {
     });
     assert_eq!(field(&e, "DNS_NAME"), "x.offlist.test");
     assert_eq!(field(&e, "PRIORITY"), "3");
+}
+
+/// The proxy's added latency per query; a measurement, not a check. Run with `--ignored`.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn dns_proxy_added_latency() {
+    if !require_root("dns_proxy_added_latency") {
+        return;
+    }
+    let l = dns_proxy_latency(2000);
+    println!(
+        "DNS query latency over {} samples: direct median {:.0} µs p99 {:.0} µs; through the proxy median {:.0} µs p99 {:.0} µs; added median {:.0} µs p99 {:.0} µs",
+        l.samples,
+        l.direct.median_us,
+        l.direct.p99_us,
+        l.proxied.median_us,
+        l.proxied.p99_us,
+        l.added_median_us(),
+        l.added_p99_us()
+    );
 }
