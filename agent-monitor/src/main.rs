@@ -10,8 +10,10 @@ mod dns;
 mod event;
 mod host;
 mod identity;
+mod learn;
 mod output;
 mod policy;
+mod policy_cmd;
 mod policy_dir;
 
 use std::process::ExitCode;

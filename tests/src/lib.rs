@@ -554,3 +554,11 @@ fn latency(out: &Output, what: &str) -> Latency {
         p99_us: at(0.99),
     }
 }
+
+/// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
+}

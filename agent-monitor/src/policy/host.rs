@@ -6,6 +6,7 @@ use std::fmt;
 
 use agent_monitor_common::{MAX_PORT_RANGES, PortRange};
 
+use crate::policy::Decision;
 use crate::policy::compile::merge_ranges;
 use crate::policy::model::Policy;
 use crate::policy::parse::Reason;
@@ -195,6 +196,24 @@ impl Policy {
         }
     }
 
+    /// Whether a connect to `port` of an address the agent resolved for `host` through the DNS
+    /// proxy is allowed: the name must be allowed and the port among its rules' ports. What the
+    /// kernel decides from its learned addresses, for replaying recorded actions.
+    pub fn check_resolved(&self, host: &str, port: u16) -> Decision {
+        let d = self.check_name(host);
+        let allowed = d.allowed && d.ports.iter().any(|r| r.lo <= port && port <= r.hi);
+        Decision {
+            allowed,
+            reason: if allowed {
+                format!("{} (resolved through the DNS proxy)", d.reason)
+            } else if d.allowed {
+                format!("port {port} is not among the ports of {}", d.reason)
+            } else {
+                d.reason
+            },
+        }
+    }
+
     /// Port ranges of all host rules merged: an upper bound on what one learned address can carry,
     /// checked against the kernel entry's capacity when compiling.
     pub(crate) fn host_port_ranges(&self) -> Vec<PortRange> {
@@ -290,6 +309,22 @@ mod tests {
         assert_eq!(d.reason, "no host rule matches \"example.com\"");
         assert!(!p.check_name("secret-data.attacker.net").allowed);
         assert!(!p.check_name("").allowed);
+    }
+
+    #[test]
+    fn resolved_connects_need_the_name_and_the_port() {
+        let p = policy(&["ok.example.com:443", "*.example.com:80"]);
+        assert!(p.check_resolved("OK.example.com", 443).allowed);
+        assert!(p.check_resolved("ok.example.com", 80).allowed);
+        let d = p.check_resolved("ok.example.com", 22);
+        assert!(!d.allowed);
+        assert!(
+            d.reason
+                .starts_with("port 22 is not among the ports of rule"),
+            "{}",
+            d.reason
+        );
+        assert!(!p.check_resolved("evil.test", 443).allowed);
     }
 
     #[test]

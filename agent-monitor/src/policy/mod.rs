@@ -10,3 +10,4 @@ pub use compile::KernelTables;
 pub use evaluate::Decision;
 pub use model::{Policy, PolicySet};
 pub use parse::Issue;
+pub(crate) use parse::{parse_exec, valid_net_entry};

@@ -376,7 +376,7 @@ fn check_agent_name(name: &str) -> Result<(), Reason> {
 }
 
 /// `ADDR[/PREFIX]:PORTSPEC` → (network as IPv6, prefix length in IPv6 bits, ports).
-fn parse_net(text: &str) -> Result<(Ipv6Addr, u8, PortRange), Reason> {
+pub(crate) fn parse_net(text: &str) -> Result<(Ipv6Addr, u8, PortRange), Reason> {
     if text.is_empty() {
         return Err(Reason::NetEmpty);
     }
@@ -474,6 +474,15 @@ fn parse_prefix(text: Option<&str>, max: u8, family: &'static str) -> Result<u8,
     }
 }
 
+/// Whether `text` is a valid `network.allow` entry, in address or host-name form.
+pub(crate) fn valid_net_entry(text: &str) -> bool {
+    if host::is_host_entry(text) {
+        host::parse_host_entry(text, parse_ports).is_ok()
+    } else {
+        parse_net(text).is_ok()
+    }
+}
+
 /// `N`, `LO-HI` or `*`.
 fn parse_ports(spec: &str) -> Result<PortRange, Reason> {
     if spec == "*" {
@@ -508,7 +517,7 @@ fn parse_port(text: &str, spec: &str) -> Result<u16, Reason> {
 }
 
 /// An absolute, normalised path, optionally ending in `*` → (path or prefix, is prefix glob).
-fn parse_exec(text: &str) -> Result<(String, bool), Reason> {
+pub(crate) fn parse_exec(text: &str) -> Result<(String, bool), Reason> {
     if text.contains('\0') {
         return Err(Reason::NulByte);
     }
