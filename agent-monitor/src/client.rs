@@ -165,12 +165,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
     );
     let c = &status.counters;
     println!(
-        "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} without proxy, {} originals forgotten, {} learned addresses",
+        "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses",
         c.dns_queries,
         c.dns_refused,
         c.dns_upstream_failures,
         c.dns_install_failures,
         c.dns_malformed,
+        c.dns_overloaded,
         c.dns_no_proxy,
         c.dns_orig_missing,
         c.dns_learned

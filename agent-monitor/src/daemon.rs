@@ -546,6 +546,14 @@ impl Monitor {
                     format!("{reason}; not forwarded"),
                 )
             }
+            Outcome::Overloaded => {
+                self.counters.dns_overloaded += 1;
+                (
+                    Verdict::Denied,
+                    Some("servfail"),
+                    "too many queries of this agent in flight; answered SERVFAIL unjudged".into(),
+                )
+            }
             Outcome::UpstreamFailed { allowed, reason } => {
                 self.counters.dns_upstream_failures += 1;
                 tracing::warn!(

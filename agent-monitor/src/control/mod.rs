@@ -96,6 +96,9 @@ pub struct Counters {
     /// Unreadable or unsupported DNS messages, not forwarded.
     #[serde(default)]
     pub dns_malformed: u64,
+    /// Queries answered SERVFAIL because too many of the agent's queries were in flight.
+    #[serde(default)]
+    pub dns_overloaded: u64,
     /// DNS traffic of an agent without a proxy endpoint (kernel counter).
     #[serde(default)]
     pub dns_no_proxy: u64,

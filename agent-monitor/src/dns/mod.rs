@@ -30,6 +30,8 @@ pub struct QueryReport {
 pub enum Outcome {
     /// Enforce mode, name not allowed: answered REFUSED, nothing forwarded.
     Refused { reason: String },
+    /// More queries of this agent in flight than the proxy serves at once: SERVFAIL, not judged.
+    Overloaded,
     /// The message could not be judged (unreadable, several questions, …): not forwarded.
     Malformed { reason: String },
     /// Upstream did not answer usably: the agent got SERVFAIL. `allowed` is the name's verdict.

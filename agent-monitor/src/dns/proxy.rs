@@ -29,6 +29,9 @@ pub struct ProxyConfig {
 
 /// How long a TCP client may stay silent between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries one agent may have in flight at once; beyond it a query is answered SERVFAIL at once
+/// (and counted), so a flood cannot exhaust the daemon's sockets.
+const MAX_IN_FLIGHT: usize = 256;
 
 /// What every query of one agent's endpoint needs.
 struct Endpoint {
@@ -36,6 +39,7 @@ struct Endpoint {
     policy: Policy,
     config: Arc<ProxyConfig>,
     reports: mpsc::Sender<QueryReport>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Binds the endpoint of agent `agent` (kernel index) and serves it in the background. Returns its
@@ -53,6 +57,7 @@ pub async fn spawn(
         policy,
         config,
         reports,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
     });
     let mut ports = DnsProxy::default();
     let (udp4, tcp4) = bind("127.0.0.1:0")
@@ -147,6 +152,11 @@ async fn serve_tcp_client(mut stream: TcpStream, ep: &Endpoint) -> std::io::Resu
 impl Endpoint {
     /// Judges one query and produces the reply for the agent (`None`: nothing to send).
     async fn answer(&self, query: &[u8], transport: &'static str) -> Option<Vec<u8>> {
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.report(String::new(), String::new(), transport, Outcome::Overloaded)
+                .await;
+            return reply_to(query, ResponseCode::ServFail);
+        };
         let q = match parse_query(query) {
             Ok(q) => q,
             Err(u) => {
