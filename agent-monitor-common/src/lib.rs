@@ -95,6 +95,12 @@ pub struct DnsProxy {
     pub tcp6: u16,
 }
 
+/// Key of `DNS_PROXY_PORTS`: a proxy endpoint's port, with bit 16 set for IPv6 (`::1`) and bit 17
+/// for TCP.
+pub fn dns_proxy_port_key(port: u16, ipv6: bool, tcp: bool) -> u32 {
+    u32::from(port) | (u32::from(ipv6) << 16) | (u32::from(tcp) << 17)
+}
+
 /// Where an agent's socket meant to send its DNS traffic before the kernel redirected it, so the
 /// reply can appear to come from there. Value of `DNS_ORIG`, keyed by socket cookie.
 #[repr(C)]
@@ -124,7 +130,7 @@ pub const KIND_CONNECT: u32 = 2;
 pub const KIND_FORK: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
 /// An agent socket's DNS traffic (port 53) was redirected to the proxy (`VERDICT_ALLOWED`), or
-/// refused because the agent has no proxy endpoint (`FLAG_DNS_NO_PROXY`). `addr`/`port` are the
+/// refused because the agent has no proxy endpoint (`FLAG_DNS_REFUSED`). `addr`/`port` are the
 /// original destination. Used to name the process behind a query; not an action of its own.
 pub const KIND_DNS_REDIRECT: u32 = 30;
 
@@ -146,8 +152,10 @@ pub const FLAG_KILLED: u32 = 4;
 pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
 /// A connect was allowed because the agent resolved the address through the DNS proxy.
 pub const FLAG_LEARNED: u32 = 256;
-/// DNS traffic of an agent that has no proxy endpoint: not redirected (denied in enforce mode).
-pub const FLAG_DNS_NO_PROXY: u32 = 512;
+/// Refused because of the DNS proxy: on a DNS redirect record, the agent has no proxy endpoint (its
+/// DNS is not redirected); on a connect record, the destination is another agent's proxy
+/// endpoint, which only the kernel's redirect of that agent may use.
+pub const FLAG_DNS_REFUSED: u32 = 512;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
@@ -191,7 +199,7 @@ pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
 /// An exec path was not in normal form.
 pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
-/// DNS traffic of an agent without a proxy endpoint (see `FLAG_DNS_NO_PROXY`).
+/// DNS traffic of an agent without a proxy endpoint (see `FLAG_DNS_REFUSED`).
 pub const COUNTER_DNS_NO_PROXY: u32 = 12;
 /// A DNS reply reached an agent socket whose original destination was no longer remembered
 /// (`DNS_ORIG` evicted it): its source stays the proxy's address.

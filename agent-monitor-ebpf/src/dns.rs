@@ -5,12 +5,14 @@
 
 use agent_monitor_common::{
     AF_INET, AF_INET6, AgentSlot, COUNTER_DNS_NO_PROXY, COUNTER_DNS_ORIG_MISSING, DNS_PORT,
-    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_NO_PROXY, KIND_DNS_REDIRECT, MAX_PORT_RANGES,
+    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_REFUSED, KIND_DNS_REDIRECT, MAX_PORT_RANGES,
     MODE_ENFORCE, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::programs::SockAddrContext;
 
-use crate::maps::{DNS_LEARNED, DNS_ORIG, DNS_PROXY, NetDest, count, current_agent, report_net};
+use crate::maps::{
+    DNS_LEARNED, DNS_ORIG, DNS_PROXY, DNS_PROXY_PORTS, NetDest, count, current_agent, report_net,
+};
 
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
@@ -37,8 +39,10 @@ const PROXY_IP4_MAPPED: [u8; 16] = [
     DNS_PROXY_IP4[3],
 ];
 
+#[inline(always)]
 fn is_v4_mapped(addr: &[u8; 16]) -> bool {
-    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+    let w = |i: usize| u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    w(0) == 0 && w(4) == 0 && w(8) == 0x0000_ffff
 }
 
 fn cookie(ctx: &SockAddrContext) -> u64 {
@@ -88,7 +92,7 @@ pub fn redirect(
         } else {
             VERDICT_ALERT
         };
-        report(cgroup_id, verdict, FLAG_DNS_NO_PROXY, dest);
+        report(cgroup_id, verdict, FLAG_DNS_REFUSED, dest);
         return Some(if verdict == VERDICT_DENIED {
             REJECT
         } else {
@@ -183,6 +187,31 @@ fn original_peer(ctx: &SockAddrContext, family: u16) -> Option<DnsOrig> {
         count(COUNTER_DNS_ORIG_MISSING);
     }
     orig
+}
+
+/// Whether `addr:port` is another agent's proxy endpoint. Only the kernel's redirect reaches an
+/// endpoint legitimately; an agent allowed to reach loopback must still not use another agent's
+/// endpoint (it would resolve that agent's names and fill that agent's learned addresses).
+#[inline(always)]
+pub fn foreign_proxy(agent: u32, addr: &[u8; 16], port: u16, sock_type: u32) -> bool {
+    let v4 = is_v4_mapped(addr);
+    // The endpoints listen on 127.0.0.1 and ::1; the unspecified address reaches them too.
+    // Whole words are compared: byte-slice comparisons become memcmp, which BPF has not.
+    let w = |i: usize| u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let local = if v4 {
+        addr[12] == 127 || w(12) == 0
+    } else {
+        w(0) == 0 && w(4) == 0 && w(8) == 0 && w(12) <= 1
+    };
+    if !local {
+        return false;
+    }
+    let key = agent_monitor_common::dns_proxy_port_key(port, !v4, sock_type == SOCK_STREAM);
+    // SAFETY: copied out at once.
+    match unsafe { DNS_PROXY_PORTS.get(&key) } {
+        Some(owner) => *owner != agent,
+        None => false,
+    }
 }
 
 /// Whether `addr:port` is allowed because the agent resolved it through the proxy and the answer

@@ -92,6 +92,11 @@ pub fn start_record(
 #[map]
 pub static DNS_PROXY: HashMap<u32, DnsProxy> = HashMap::with_max_entries(MAX_AGENT_CGROUPS, 0);
 
+/// Every proxy endpoint, by port (`dns_proxy_port_key`) → the agent it belongs to, so no agent can
+/// reach another agent's endpoint directly.
+#[map]
+pub static DNS_PROXY_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(4 * MAX_AGENT_CGROUPS, 0);
+
 /// Original DNS destination of a redirected socket, by socket cookie, so replies can show it as
 /// their source. LRU: a socket that closed needs no cleanup; an eviction is counted when a reply
 /// then finds no entry.

@@ -1,7 +1,7 @@
 //! Network verdicts on the cgroup sock_addr hooks: the kernel's own copy of the destination.
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, FLAG_LEARNED, KIND_CONNECT, MAX_PORT_RANGES, MODE_ENFORCE,
+    AF_INET, AF_INET6, FLAG_DNS_REFUSED, FLAG_LEARNED, KIND_CONNECT, MAX_PORT_RANGES, MODE_ENFORCE,
     NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
@@ -34,14 +34,21 @@ pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
     judge(cgroup_id, slot, AF_INET6, addr, port, sock_type)
 }
 
-/// Unconnected UDP sends: agents' DNS datagrams go to the proxy; other datagrams pass here
-/// (judging them is the no-bypass work).
+/// Unconnected UDP sends: agents' DNS datagrams go to the proxy, datagrams to another agent's
+/// proxy endpoint are judged like a connect; other datagrams pass here (judging them is the
+/// no-bypass work).
 pub fn on_sendmsg4(ctx: &SockAddrContext) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
     let (addr, port, sock_type) = dest4(ctx);
-    crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type).unwrap_or(PASS)
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
+        return v;
+    }
+    if crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type) {
+        return judge(cgroup_id, slot, AF_INET, addr, port, sock_type);
+    }
+    PASS
 }
 
 pub fn on_sendmsg6(ctx: &SockAddrContext) -> i32 {
@@ -49,7 +56,13 @@ pub fn on_sendmsg6(ctx: &SockAddrContext) -> i32 {
         return PASS;
     };
     let (addr, port, sock_type) = dest6(ctx);
-    crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type).unwrap_or(PASS)
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
+        return v;
+    }
+    if crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type) {
+        return judge(cgroup_id, slot, AF_INET6, addr, port, sock_type);
+    }
+    PASS
 }
 
 /// Destination of an AF_INET sock_addr hook: address as `::ffff:a.b.c.d`, port in host order,
@@ -132,9 +145,11 @@ fn judge(
         }
         None => false,
     };
-    // Static allowlist first, then addresses the agent resolved through the DNS proxy.
-    let learned = !allowed && crate::dns::learned_allows(slot.agent, addr, port);
-    let allowed = allowed || learned;
+    // Static allowlist first, then addresses the agent resolved through the DNS proxy; never
+    // another agent's DNS proxy endpoint, whatever the static rules say.
+    let foreign = crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type);
+    let learned = !foreign && !allowed && crate::dns::learned_allows(slot.agent, addr, port);
+    let allowed = !foreign && (allowed || learned);
     let verdict = if allowed {
         VERDICT_ALLOWED
     } else if slot.mode == MODE_ENFORCE {
@@ -148,7 +163,13 @@ fn judge(
         port,
         sock_type,
     };
-    let flags = if learned { FLAG_LEARNED } else { 0 };
+    let flags = if foreign {
+        FLAG_DNS_REFUSED
+    } else if learned {
+        FLAG_LEARNED
+    } else {
+        0
+    };
     report_net(KIND_CONNECT, verdict, cgroup_id, flags, dest);
     if verdict == VERDICT_DENIED {
         REJECT

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use agent_monitor_common::{self as common, AgentSlot};
+use agent_monitor_common::{self as common, AgentSlot, DnsProxy};
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -108,7 +108,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let mut kernel = Kernel::load(&cgroup_root, &layout)?;
     kernel.install_allowlists(&tables)?;
-    let dns_reports = start_dns_proxies(&args, &policies, &mut kernel).await?;
+    let (dns_reports, dns_endpoints) = start_dns_proxies(&args, &policies, &mut kernel).await?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -162,6 +162,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         learned: LearnedTable::default(),
         dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
         dns_clients: HashMap::new(),
+        dns_endpoints,
     };
     let result = monitor.run(stream, requests_rx, dns_reports).await;
     let _ = std::fs::remove_file(&socket_path);
@@ -175,7 +176,7 @@ async fn start_dns_proxies(
     args: &DaemonArgs,
     policies: &PolicySet,
     kernel: &mut Kernel,
-) -> anyhow::Result<mpsc::Receiver<QueryReport>> {
+) -> anyhow::Result<(mpsc::Receiver<QueryReport>, Vec<DnsProxy>)> {
     let upstream = match args.dns_upstream {
         Some(a) => Some(a),
         None => match crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf")) {
@@ -191,10 +192,12 @@ async fn start_dns_proxies(
         timeout: Duration::from_millis(args.dns_timeout_ms),
     });
     let (tx, rx) = mpsc::channel(1024);
+    let mut endpoints = Vec::new();
     for (index, policy) in policies.indexed() {
         let ports =
             crate::dns::proxy::spawn(index, policy.clone(), config.clone(), tx.clone()).await?;
         kernel.set_dns_proxy(index, ports)?;
+        endpoints.push(ports);
         tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
     }
     tracing::info!(
@@ -202,7 +205,7 @@ async fn start_dns_proxies(
         grace_s = args.dns_grace,
         "DNS proxy: agents' port-53 traffic is redirected to a per-agent endpoint on loopback"
     );
-    Ok(rx)
+    Ok((rx, endpoints))
 }
 
 /// Two daemons would attach every program twice; the control socket tells whether one runs.
@@ -331,6 +334,8 @@ struct Monitor {
     dns_grace_ns: u64,
     /// Per agent, its latest DNS redirect: who is behind the next query its proxy reports.
     dns_clients: HashMap<String, event::ConnectEvent>,
+    /// Each agent's DNS proxy ports, by kernel index.
+    dns_endpoints: Vec<DnsProxy>,
 }
 
 impl Monitor {
@@ -503,7 +508,7 @@ impl Monitor {
             }
             KernelEvent::DnsRedirect(c) => {
                 let (agent, _) = self.identity(c.subject.cgroup_id);
-                if c.no_proxy {
+                if c.dns_refused {
                     let action = Action {
                         destination: Some(Destination {
                             addr: c.addr,
@@ -737,6 +742,9 @@ impl Monitor {
             .and_then(|i| self.learned.lookup(i, c.addr, c.port))
             .cloned();
         let reason = match (&grant, c.learned) {
+            _ if c.dns_refused => "the destination is another agent's DNS proxy endpoint, which \
+                                   only that agent's redirected DNS traffic may use"
+                .to_string(),
             (Some(g), true) => format!(
                 "allowed: the agent resolved {} to this address through the DNS proxy ({})",
                 g.name, g.rule
@@ -865,7 +873,8 @@ impl Monitor {
         let agents = self
             .policies
             .iter()
-            .map(|p| {
+            .zip(self.dns_endpoints.iter())
+            .map(|(p, dns)| {
                 let c = self.per_agent.get(p.agent());
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
@@ -886,6 +895,12 @@ impl Monitor {
                     allowed: c.map_or(0, |c| c.allowed),
                     denied: c.map_or(0, |c| c.denied),
                     alerts: c.map_or(0, |c| c.alerts),
+                    dns_proxy: Some(control::DnsEndpoint {
+                        udp4: dns.udp4,
+                        tcp4: dns.tcp4,
+                        udp6: dns.udp6,
+                        tcp6: dns.tcp6,
+                    }),
                 }
             })
             .collect();

@@ -74,8 +74,9 @@ pub struct ConnectEvent {
     pub sock_type: u32,
     /// Connect: allowed because the agent resolved the address through the DNS proxy.
     pub learned: bool,
-    /// DNS redirect: the agent had no proxy endpoint, so nothing was redirected.
-    pub no_proxy: bool,
+    /// DNS redirect: the agent had no proxy endpoint, so nothing was redirected. Connect: the
+    /// destination was another agent's DNS proxy endpoint.
+    pub dns_refused: bool,
 }
 
 /// Why a record could not be decoded. Each is counted by the daemon, never ignored.
@@ -141,7 +142,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 port: rec.port,
                 sock_type: rec.sock_type,
                 learned: rec.flags & common::FLAG_LEARNED != 0,
-                no_proxy: rec.flags & common::FLAG_DNS_NO_PROXY != 0,
+                dns_refused: rec.flags & common::FLAG_DNS_REFUSED != 0,
                 subject,
             };
             Ok(if rec.kind == common::KIND_CONNECT {
@@ -265,7 +266,7 @@ mod tests {
         assert_eq!(c.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(c.port, 8080);
         assert_eq!(transport(c.sock_type), "tcp");
-        assert!(!c.learned && !c.no_proxy);
+        assert!(!c.learned && !c.dns_refused);
     }
 
     #[test]
@@ -281,11 +282,11 @@ mod tests {
         r.kind = common::KIND_DNS_REDIRECT;
         r.verdict = common::VERDICT_DENIED;
         r.port = 53;
-        r.flags = common::FLAG_DNS_NO_PROXY;
+        r.flags = common::FLAG_DNS_REFUSED;
         let KernelEvent::DnsRedirect(d) = decode(&bytes(&r)).unwrap() else {
             panic!("not a DNS redirect")
         };
-        assert!(d.no_proxy && !d.learned);
+        assert!(d.dns_refused && !d.learned);
         assert_eq!((d.addr.to_string(), d.port), ("10.0.0.7".into(), 53));
         assert_eq!(d.verdict, Verdict::Denied);
     }

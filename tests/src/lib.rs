@@ -381,6 +381,7 @@ pub fn listener_on(ip: &str) -> u16 {
 /// An agent-side DNS client in python3: each argument is one operation, each prints one JSON line.
 /// - `q SERVER NAME TYPE udp|tcp`: a hand-built query to SERVER:53 (A=1, AAAA=28, TXT=16); prints
 ///   the rcode, the A/AAAA addresses, and the peer the reply came from (recvfrom / getpeername).
+/// - `qp SERVER PORT NAME TYPE udp|tcp`: the same to another port.
 /// - `gai NAME`: `getaddrinfo` through the system resolver (the host's resolv.conf).
 /// - `c IP PORT`: a TCP connect; prints `ok` or the errno.
 ///
@@ -418,16 +419,16 @@ def recv_exact(s, n):
         if not c: raise OSError('closed')
         b += c
     return b
-def query(server, name, qtype, transport):
+def query(server, name, qtype, transport, port=53):
     fam = socket.AF_INET6 if ':' in server else socket.AF_INET
     q = build(name, int(qtype))
     if transport == 'tcp':
-        s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(5); s.connect((server, 53))
+        s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(5); s.connect((server, port))
         s.sendall(struct.pack('>H', len(q)) + q)
         r = recv_exact(s, struct.unpack('>H', recv_exact(s, 2))[0]); peer = s.getpeername()
     else:
         s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
-        s.sendto(q, (server, 53)); r, peer = s.recvfrom(65535)
+        s.sendto(q, (server, port)); r, peer = s.recvfrom(65535)
     rcode, addrs = parse(r)
     return {'rcode': rcode, 'addrs': addrs, 'peer': peer[0], 'peer_port': peer[1]}
 out = []
@@ -438,6 +439,9 @@ while args:
         if op == 'q':
             server, name, qtype, transport = args[:4]; del args[:4]
             res = dict(op='q', name=name, **query(server, name, qtype, transport))
+        elif op == 'qp':
+            server, port, name, qtype, transport = args[:5]; del args[:5]
+            res = dict(op='qp', name=name, **query(server, name, qtype, transport, int(port)))
         elif op == 'gai':
             name = args.pop(0)
             res = {'op': 'gai', 'name': name, 'addrs': sorted({a[4][0] for a in socket.getaddrinfo(name, 1, type=socket.SOCK_STREAM)})}

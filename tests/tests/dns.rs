@@ -454,3 +454,53 @@ fn dns_proxy_added_latency() {
         l.added_p99_us()
     );
 }
+
+#[test]
+fn an_agent_cannot_use_another_agents_proxy_endpoint() {
+    if !require_root("an_agent_cannot_use_another_agents_proxy_endpoint") {
+        return;
+    }
+    let agent = unique_agent("dnsloop");
+    let other = unique_agent("dnsvictim");
+    let up = Dnsmasq::start(&["--address=/victim.test/127.0.0.3"]);
+    // The agent may reach every loopback port, which would include the other's endpoint.
+    let d = daemon(
+        &[
+            policy(&agent, "enforce", &["127.0.0.0/8:*".into()]),
+            policy(&other, "enforce", &["victim.test:443".into()]),
+        ],
+        &up,
+        &[],
+    );
+    let status = d.status();
+    let endpoint = |name: &str| -> Value {
+        status["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["agent"] == name))
+            .map(|x| x["dns_proxy"].clone())
+            .unwrap_or_else(|| panic!("no DNS endpoint of {name} in status: {status}"))
+    };
+    let theirs = endpoint(&other);
+    let mine = endpoint(&agent);
+    let r = agent_ops(
+        &d,
+        &agent,
+        &format!(
+            "qp 127.0.0.1 {} victim.test {A} udp qp 127.0.0.1 {} victim.test {A} tcp qp 127.0.0.1 {} x.test {A} udp",
+            theirs["udp4"], theirs["tcp4"], mine["udp4"]
+        ),
+    );
+    assert!(eperm(&r[0]), "UDP to the other agent's endpoint: {}", r[0]);
+    assert!(eperm(&r[1]), "TCP to the other agent's endpoint: {}", r[1]);
+    // Its own endpoint, asked directly, judges it like any query.
+    assert_eq!(rcode(&r[2]), REFUSED, "{}", r[2]);
+    assert!(!up.was_asked("victim.test"), "{}", up.log());
+    let e = wait_journal(&agent, "denied use of another endpoint", |e| {
+        is(e, "ACTION", "connect") && is(e, "VERDICT", "denied")
+    });
+    assert!(
+        field(&e, "REASON").contains("another agent's DNS proxy"),
+        "{e}"
+    );
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}

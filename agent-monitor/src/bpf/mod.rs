@@ -198,12 +198,28 @@ impl Kernel {
             .context("removing from the agent identity map")
     }
 
-    /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint.
+    /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other
+    /// agent away from that endpoint.
     pub fn set_dns_proxy(&mut self, agent: u32, ports: DnsProxy) -> anyhow::Result<()> {
         let mut m: HashMap<_, u32, DnsProxy> =
             HashMap::try_from(map(&mut self.ebpf, "DNS_PROXY")?)?;
         m.insert(agent, ports, 0)
-            .context("writing the DNS proxy map")
+            .context("writing the DNS proxy map")?;
+        let mut owners: HashMap<_, u32, u32> =
+            HashMap::try_from(map(&mut self.ebpf, "DNS_PROXY_PORTS")?)?;
+        for (port, ipv6, tcp) in [
+            (ports.udp4, false, false),
+            (ports.tcp4, false, true),
+            (ports.udp6, true, false),
+            (ports.tcp6, true, true),
+        ] {
+            if port != 0 {
+                owners
+                    .insert(common::dns_proxy_port_key(port, ipv6, tcp), agent, 0)
+                    .context("writing the DNS proxy port map")?;
+            }
+        }
+        Ok(())
     }
 
     /// Allows `agent` to reach `addr` as `value` says (ports, expiry), learned from a DNS answer.

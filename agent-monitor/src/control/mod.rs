@@ -56,6 +56,17 @@ pub struct AgentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub alerts: u64,
+    /// The agent's DNS proxy endpoint (ports on 127.0.0.1 and ::1; 0 = none).
+    #[serde(default)]
+    pub dns_proxy: Option<DnsEndpoint>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DnsEndpoint {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
