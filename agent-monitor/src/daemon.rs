@@ -357,7 +357,16 @@ impl Monitor {
                         self.on_event(ev);
                     }
                 }
-                Some(report) = dns.recv() => self.on_dns(report),
+                Some(report) = dns.recv() => {
+                    // The kernel's record of the agent's DNS packet was written before the packet
+                    // reached the proxy: read what is in the ring now, so the query is
+                    // attributed to the process that sent it.
+                    stream.drain_now(|bytes| batch.push(event::decode(bytes)));
+                    for ev in batch.drain(..) {
+                        self.on_event(ev);
+                    }
+                    self.on_dns(report);
+                }
                 Some(call) = requests.recv() => {
                     let response = self.on_request(call.request, call.peer_pid);
                     let _ = call.reply.send(response);

@@ -205,6 +205,9 @@ fn refused_name_never_reaches_upstream_and_is_reported() {
     assert_eq!(field(&e, "DEST_ADDR"), SERVER4);
     assert_eq!(field(&e, "DEST_PORT"), "53");
     assert_eq!(field(&e, "ENFORCEMENT"), "refused");
+    // Attributed to the process that sent it.
+    assert_eq!(field(&e, "COMM"), "python3");
+    assert!(field(&e, "PROCESS_CHAIN").contains(PYTHON), "{e}");
     let a = c.d.wait_audit("refused query", |v| {
         is(v, "action", "dns") && is(v, "verdict", "denied")
     });
@@ -368,6 +371,7 @@ fn dns_over_tcp_is_redirected_and_judged() {
     let q =
         c.d.wait_audit("TCP query", |v| is(v, "dns_name", "tcp.ok.test"));
     assert_eq!(field(&q, "dest_transport"), "tcp");
+    assert_eq!(field(&q, "comm"), "python3");
 }
 
 #[test]

@@ -348,4 +348,15 @@ impl ActionStream {
         guard.clear_ready();
         Ok(n)
     }
+
+    /// Hands every record already in the ring to `f` without waiting for readiness.
+    pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.fd.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
 }
