@@ -1,18 +1,26 @@
-//! Network verdicts on the cgroup sock_addr hooks: the kernel's own copy of the destination.
+//! Network verdicts on the cgroup hooks: the kernel's own copy of the destination (sock_addr
+//! connect and sendmsg), and the kinds of socket an agent may create at all (sock_create).
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, FLAG_DNS_REFUSED, FLAG_LEARNED, KIND_CONNECT, MAX_PORT_RANGES, MODE_ENFORCE,
-    NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_SOCKET_REFUSED,
+    FLAG_ADDR_UNSPECIFIED, FLAG_DNS_REFUSED, FLAG_LEARNED, KIND_SOCKET, MAX_PORT_RANGES,
+    MODE_ENFORCE, NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    net_judged_addr, socket_allowed,
 };
-use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
+use aya_ebpf::{
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, SockContext, TracePointContext},
+};
 
-use crate::maps::{NET_ALLOW, NetDest, current_agent, report_net};
+use crate::maps::{NET_ALLOW, NetDest, count, current_agent, report_net, start_record};
 
-/// Return values of a sock_addr program.
+/// Return values of cgroup sock and sock_addr programs.
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
 
-pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
+/// connect4 and sendmsg4: an IPv4 destination, judged as `::ffff:a.b.c.d`. An agent's DNS
+/// traffic (port 53) is redirected to its proxy instead of judged.
+pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
@@ -20,10 +28,11 @@ pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
         return v;
     }
-    judge(cgroup_id, slot, AF_INET, addr, port, sock_type)
+    judge(kind, cgroup_id, slot, AF_INET, addr, port, sock_type)
 }
 
-pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
+/// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
+pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
@@ -31,38 +40,7 @@ pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
         return v;
     }
-    judge(cgroup_id, slot, AF_INET6, addr, port, sock_type)
-}
-
-/// Unconnected UDP sends: agents' DNS datagrams go to the proxy, datagrams to another agent's
-/// proxy endpoint are judged like a connect; other datagrams pass here (judging them is the
-/// no-bypass work).
-pub fn on_sendmsg4(ctx: &SockAddrContext) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
-    let (addr, port, sock_type) = dest4(ctx);
-    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
-        return v;
-    }
-    if crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type) {
-        return judge(cgroup_id, slot, AF_INET, addr, port, sock_type);
-    }
-    PASS
-}
-
-pub fn on_sendmsg6(ctx: &SockAddrContext) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
-    let (addr, port, sock_type) = dest6(ctx);
-    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
-        return v;
-    }
-    if crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type) {
-        return judge(cgroup_id, slot, AF_INET6, addr, port, sock_type);
-    }
-    PASS
+    judge(kind, cgroup_id, slot, AF_INET6, addr, port, sock_type)
 }
 
 /// Destination of an AF_INET sock_addr hook: address as `::ffff:a.b.c.d`, port in host order,
@@ -70,7 +48,7 @@ pub fn on_sendmsg6(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn dest4(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
     // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4 and
-    // sendmsg4.
+    // sendmsg4. They are the kernel's copy of the sockaddr, not the caller's memory.
     let (ip, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_ip4, sa.user_port, sa.type_)
@@ -114,18 +92,21 @@ fn dest6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
 
 #[inline(always)]
 fn judge(
+    kind: u32,
     cgroup_id: u64,
-    slot: agent_monitor_common::AgentSlot,
+    slot: AgentSlot,
     family: u16,
     addr: [u8; 16],
     port: u16,
     sock_type: u32,
 ) -> i32 {
+    // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
+    let (judged, unspecified) = net_judged_addr(addr);
     let key = Key::new(
         NET_KEY_AGENT_BITS + 128,
         NetKey {
             agent: slot.agent,
-            addr,
+            addr: judged,
         },
     );
     let allowed = match NET_ALLOW.get(&key) {
@@ -147,33 +128,113 @@ fn judge(
     };
     // Static allowlist first, then addresses the agent resolved through the DNS proxy; never
     // another agent's DNS proxy endpoint, whatever the static rules say.
-    let foreign = crate::dns::foreign_proxy(slot.agent, &addr, port, sock_type);
-    let learned = !foreign && !allowed && crate::dns::learned_allows(slot.agent, addr, port);
+    let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
+    let learned = !foreign && !allowed && crate::dns::learned_allows(slot.agent, judged, port);
     let allowed = !foreign && (allowed || learned);
-    let verdict = if allowed {
-        VERDICT_ALLOWED
-    } else if slot.mode == MODE_ENFORCE {
-        VERDICT_DENIED
-    } else {
-        VERDICT_ALERT
-    };
+    let verdict = verdict_of(allowed, slot);
+    let mut flags = 0;
+    if unspecified {
+        flags |= FLAG_ADDR_UNSPECIFIED;
+    }
+    if foreign {
+        flags |= FLAG_DNS_REFUSED;
+    }
+    if learned {
+        flags |= FLAG_LEARNED;
+    }
     let dest = NetDest {
         family,
         addr,
         port,
         sock_type,
     };
-    let flags = if foreign {
-        FLAG_DNS_REFUSED
-    } else if learned {
-        FLAG_LEARNED
-    } else {
-        0
-    };
-    report_net(KIND_CONNECT, verdict, cgroup_id, flags, dest);
+    report_net(kind, verdict, cgroup_id, flags, dest);
     if verdict == VERDICT_DENIED {
         REJECT
     } else {
         PASS
+    }
+}
+
+/// sock_create: an agent creates TCP and UDP sockets only. Allowed creations are not recorded
+/// (every connect and send on them is); refused ones are.
+pub fn on_sock_create(ctx: &SockContext) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    // SAFETY: the kernel passes a valid bpf_sock; family, type and protocol are readable here.
+    let (family, sock_type, protocol) = unsafe {
+        let sk = &*ctx.sock;
+        (sk.family, sk.type_, sk.protocol)
+    };
+    if socket_allowed(sock_type, protocol) {
+        return PASS;
+    }
+    let verdict = verdict_of(false, slot);
+    report_socket(verdict, cgroup_id, family as u16, sock_type, protocol);
+    if verdict == VERDICT_DENIED {
+        REJECT
+    } else {
+        PASS
+    }
+}
+
+/// Offsets in the `syscalls/sys_enter_socket` record (checked against tracefs by the daemon).
+const SYSCALL_FAMILY: usize = 16;
+const SYSCALL_TYPE: usize = 24;
+const SYSCALL_PROTOCOL: usize = 32;
+
+/// sys_enter_socket: an agent creating a socket family `run`'s seccomp filter would refuse
+/// (AF_VSOCK, AF_PACKET…), which the cgroup hooks never see. Seccomp filters run before this
+/// tracepoint, so reaching here means no filter stopped it (an agent placed without `run`): an
+/// alert whatever the mode, because it will be created.
+pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
+    let Some((cgroup_id, _)) = current_agent() else {
+        return Ok(());
+    };
+    // SAFETY: offsets from the tracepoint format (checked by the daemon).
+    let (family, sock_type, protocol) = unsafe {
+        (
+            ctx.read_at::<u64>(SYSCALL_FAMILY)? as u32,
+            ctx.read_at::<u64>(SYSCALL_TYPE)? as u32,
+            ctx.read_at::<u64>(SYSCALL_PROTOCOL)? as u32,
+        )
+    };
+    let mut i = 0;
+    while i < AGENT_SOCKET_FAMILIES.len() {
+        if AGENT_SOCKET_FAMILIES[i] == family {
+            return Ok(());
+        }
+        i += 1;
+    }
+    // We only run when no seccomp filter refused the call (filters run first): it will happen.
+    report_socket(VERDICT_ALERT, cgroup_id, family as u16, sock_type, protocol);
+    Ok(())
+}
+
+/// Counts and records a socket an agent may not have.
+#[inline(always)]
+fn report_socket(verdict: u32, cgroup_id: u64, family: u16, sock_type: u32, protocol: u32) {
+    count(COUNTER_SOCKET_REFUSED);
+    if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: reserved record.
+        unsafe {
+            (*rec).family = family as u16;
+            (*rec).sock_type = sock_type;
+            (*rec).detail = protocol;
+        }
+        entry.submit(0);
+    }
+}
+
+#[inline(always)]
+fn verdict_of(allowed: bool, slot: AgentSlot) -> u32 {
+    if allowed {
+        VERDICT_ALLOWED
+    } else if slot.mode == MODE_ENFORCE {
+        VERDICT_DENIED
+    } else {
+        VERDICT_ALERT
     }
 }

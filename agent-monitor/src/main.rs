@@ -2,12 +2,15 @@
 
 mod action;
 mod bpf;
+mod btf;
 mod cli;
 mod client;
 mod control;
 mod daemon;
 mod dns;
 mod event;
+mod exec_files;
+mod exec_lint;
 mod host;
 mod identity;
 mod learn;
@@ -15,6 +18,7 @@ mod output;
 mod policy;
 mod policy_cmd;
 mod policy_dir;
+mod sandbox;
 
 use std::process::ExitCode;
 

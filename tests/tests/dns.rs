@@ -156,8 +156,12 @@ fn allowed_name_is_answered_and_only_then_reachable() {
     // Non-agent processes are unaffected.
     std::net::TcpStream::connect(("127.0.0.3", port)).expect("the test itself connects");
 
+    // getaddrinfo asks A and AAAA (in either order); the A answer holds the address.
     let q = d.wait_audit("allowed DNS query", |v| {
-        is(v, "action", "dns") && is(v, "agent_id", &agent) && is(v, "dns_name", "ok.example.com")
+        is(v, "action", "dns")
+            && is(v, "agent_id", &agent)
+            && is(v, "dns_name", "ok.example.com")
+            && field(v, "reason").starts_with("A query")
     });
     assert_eq!(field(&q, "verdict"), "allowed");
     assert_eq!(field(&q, "comm"), "python3");

@@ -23,6 +23,11 @@ const PACKAGES: &[&str] = &[
     "procps",
     "coreutils",
     "dnsmasq-base",
+    // The bypass tests compile small C attackers (a sockaddr race, io_uring) and use
+    // setpriv/unshare to act as an unprivileged agent.
+    "gcc",
+    "libc6-dev",
+    "util-linux",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

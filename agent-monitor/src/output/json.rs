@@ -165,11 +165,13 @@ mod tests {
             "uid": 1000,
             "comm": "curl",
             "exe": "/usr/bin/curl",
+            "interpreter": null,
             "dest_addr": "10.1.2.3",
             "dest_port": 443,
             "dest_transport": "tcp",
             "dest_host": "api.example.com",
             "dns_name": null,
+            "socket": null,
             "process_chain": [
                 {"pid": 4000, "exe": "/usr/bin/python3"},
                 {"pid": 4100, "exe": "/bin/sh"},
@@ -196,6 +198,8 @@ mod tests {
         }
         let exe_unknown = Action {
             exe: None,
+            interpreter: None,
+            socket: None,
             verdict: Verdict::Allowed,
             ..connect_action()
         };

@@ -64,11 +64,13 @@ pub enum Field {
     Uid,
     Comm,
     Exe,
+    Interpreter,
     DestAddr,
     DestPort,
     DestTransport,
     DestHost,
     DnsName,
+    Socket,
     ProcessChain,
     Enforcement,
     Reason,
@@ -77,7 +79,7 @@ pub enum Field {
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 17] = [
+    pub const ALL: [Field; 19] = [
         Field::AgentId,
         Field::TaskId,
         Field::Action,
@@ -86,11 +88,13 @@ impl Field {
         Field::Uid,
         Field::Comm,
         Field::Exe,
+        Field::Interpreter,
         Field::DestAddr,
         Field::DestPort,
         Field::DestTransport,
         Field::DestHost,
         Field::DnsName,
+        Field::Socket,
         Field::ProcessChain,
         Field::Enforcement,
         Field::Reason,
@@ -108,6 +112,8 @@ impl Field {
             Field::Uid => "AGENT_UID",
             Field::Comm => "COMM",
             Field::Exe => "EXE",
+            Field::Interpreter => "INTERPRETER",
+            Field::Socket => "SOCKET",
             Field::DestAddr => "DEST_ADDR",
             Field::DestPort => "DEST_PORT",
             Field::DestTransport => "DEST_TRANSPORT",
@@ -131,6 +137,8 @@ impl Field {
             Field::Uid => "uid",
             Field::Comm => "comm",
             Field::Exe => "exe",
+            Field::Interpreter => "interpreter",
+            Field::Socket => "socket",
             Field::DestAddr => "dest_addr",
             Field::DestPort => "dest_port",
             Field::DestTransport => "dest_transport",
@@ -158,8 +166,8 @@ pub enum FieldValue<'a> {
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Dns => action.destination.as_ref(),
-        ActionKind::Exec => None,
+        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns => action.destination.as_ref(),
+        ActionKind::Exec | ActionKind::Socket => None,
     };
     Field::ALL
         .iter()
@@ -176,11 +184,19 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     .exe
                     .as_deref()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Interpreter => action
+                    .interpreter
+                    .as_deref()
+                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Socket => action
+                    .socket
+                    .as_deref()
+                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
                 Field::DestTransport => dest.and_then(|d| text(d.transport)),
                 Field::DestHost => match action.kind {
-                    ActionKind::Connect => borrowed(&action.dest_host),
+                    ActionKind::Connect | ActionKind::Sendmsg => borrowed(&action.dest_host),
                     _ => None,
                 },
                 Field::DnsName => match action.kind {
@@ -399,6 +415,8 @@ pub(crate) mod tests {
             uid: 1000,
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
+            interpreter: None,
+            socket: None,
             destination: Some(Destination {
                 addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
                 port: 443,
@@ -479,10 +497,10 @@ pub(crate) mod tests {
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
+        // A connect has every field but the exec, socket and DNS ones.
         assert!(
-            fields
-                .iter()
-                .all(|(f, v)| v.is_some() || *f == Field::DnsName),
+            fields.iter().all(|(f, v)| v.is_some()
+                != matches!(f, Field::Interpreter | Field::Socket | Field::DnsName)),
             "{fields:?}"
         );
     }
@@ -528,6 +546,8 @@ pub(crate) mod tests {
                     | Field::DestHost
                     | Field::DnsName
                     | Field::Enforcement
+                    | Field::Interpreter
+                    | Field::Socket
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
