@@ -384,6 +384,7 @@ pub fn listener_on(ip: &str) -> u16 {
 /// - `qp SERVER PORT NAME TYPE udp|tcp`: the same to another port.
 /// - `gai NAME`: `getaddrinfo` through the system resolver (the host's resolv.conf).
 /// - `c IP PORT`: a TCP connect; prints `ok` or the errno.
+/// - `u IP PORT`: one UDP datagram with `sendto` (no connect); prints `ok` or the errno.
 ///
 /// Hand-built on purpose: the product parses DNS with a library, the test checks it against bytes
 /// written independently.
@@ -450,6 +451,11 @@ while args:
             s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET); s.settimeout(5)
             s.connect((ip, int(port))); s.close()
             res = {'op': 'c', 'ip': ip, 'port': int(port), 'ok': True}
+        elif op == 'u':
+            ip, port = args[:2]; del args[:2]
+            s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(b'datagram', (ip, int(port))); s.close()
+            res = {'op': 'u', 'ip': ip, 'port': int(port), 'ok': True}
     except OSError as e:
         res = {'op': op, 'error': str(e), 'errno': e.errno}
     print(json.dumps(res), flush=True)

@@ -512,3 +512,32 @@ fn an_agent_cannot_use_another_agents_proxy_endpoint() {
     );
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
 }
+
+#[test]
+fn learned_addresses_allow_udp_datagrams_on_the_rule_ports_only() {
+    let sink = UdpSink::bind("127.0.0.4:0");
+    let other = UdpSink::bind("127.0.0.4:0");
+    let Some(c) = case(
+        "learned_addresses_allow_udp_datagrams_on_the_rule_ports_only",
+        "enforce",
+        &[format!("quic.ok.test:{}", sink.port)],
+        &["--host-record=quic.ok.test,127.0.0.4"],
+        &[],
+    ) else {
+        return;
+    };
+    let (p, o) = (sink.port, other.port);
+    let r = c.ops(&format!(
+        "u 127.0.0.4 {p} q {SERVER4} quic.ok.test {A} udp u 127.0.0.4 {p} u 127.0.0.4 {o}"
+    ));
+    assert!(eperm(&r[0]), "datagram before resolution: {}", r[0]);
+    assert_eq!(rcode(&r[1]), NOERROR, "{}", r[1]);
+    assert!(connected(&r[2]), "datagram after resolution: {}", r[2]);
+    assert!(eperm(&r[3]), "another port: {}", r[3]);
+    assert_eq!(sink.received(), 1, "exactly the allowed datagram arrived");
+    assert_eq!(other.received(), 0);
+    let s = c.d.wait_audit("learned datagram", |v| {
+        is(v, "action", "sendmsg") && is(v, "verdict", "allowed") && v["dest_port"] == p
+    });
+    assert_eq!(field(&s, "dest_host"), "quic.ok.test");
+}
