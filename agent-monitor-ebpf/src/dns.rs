@@ -20,23 +20,10 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
 /// `::ffff:127.0.0.1`, the IPv4 proxy address as an IPv6 socket writes it.
+#[rustfmt::skip]
 const PROXY_IP4_MAPPED: [u8; 16] = [
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0,
-    0xff,
-    0xff,
-    DNS_PROXY_IP4[0],
-    DNS_PROXY_IP4[1],
-    DNS_PROXY_IP4[2],
-    DNS_PROXY_IP4[3],
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff,
+    DNS_PROXY_IP4[0], DNS_PROXY_IP4[1], DNS_PROXY_IP4[2], DNS_PROXY_IP4[3],
 ];
 
 #[inline(always)]
