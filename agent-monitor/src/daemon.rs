@@ -4,12 +4,13 @@
 //! talk to it through a channel, so nothing is locked per event.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use agent_monitor_common::{self as common, AgentSlot};
+use agent_monitor_common::{self as common, AgentSlot, DnsProxy};
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -19,6 +20,9 @@ use crate::action::{Action, ActionKind, Destination, Verdict};
 use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
+use crate::dns::learned::{Grant, KernelChange, LearnedTable};
+use crate::dns::proxy::ProxyConfig;
+use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
 use crate::identity::{self, AgentCgroups, ProcessTable};
@@ -130,6 +134,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let offsets = crate::host::kernel_offsets()?;
     let mut kernel = Kernel::open(&args.pin_dir, &cgroup_root, &layout, &offsets)?;
+    // The proxies' kernel entries are written by `apply_policies`, keyed by the live bank.
+    let (dns_reports, dns_endpoints) = start_dns_proxies(&args, &policies).await?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -163,6 +169,10 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         identity_warned: false,
         superseded: VecDeque::new(),
         predecessor_until_ns: 0,
+        learned: LearnedTable::default(),
+        dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
+        dns_clients: HashMap::new(),
+        dns_endpoints,
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree), then the policy on disk applies to them.
@@ -236,7 +246,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     // systemd (Type=notify): ready only now that enforcement is active and the socket serves.
     notify(&[libsystemd::daemon::NotifyState::Ready]);
 
-    let result = monitor.run(stream, requests_rx, scrapes_rx, signals).await;
+    let result = monitor
+        .run(stream, requests_rx, scrapes_rx, signals, dns_reports)
+        .await;
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
     if let Err(e) = monitor.kernel.heartbeat() {
         tracing::warn!("leaving the last heartbeat: {e:#}");
@@ -304,6 +316,44 @@ fn notify(state: &[libsystemd::daemon::NotifyState]) {
     if let Err(e) = libsystemd::daemon::notify(false, state) {
         tracing::warn!("sd_notify failed: {e}");
     }
+}
+
+/// Starts one DNS proxy endpoint per agent and points the kernel's redirection at it. Returns the
+/// channel on which the endpoints report queries to the monitor.
+async fn start_dns_proxies(
+    args: &DaemonArgs,
+    policies: &PolicySet,
+) -> anyhow::Result<(mpsc::Receiver<QueryReport>, Vec<(String, DnsProxy)>)> {
+    let upstream = match args.dns_upstream {
+        Some(a) => Some(a),
+        None => match crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf")) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("{e:#}: agents' allowed DNS queries will get SERVFAIL");
+                None
+            }
+        },
+    };
+    let config = Arc::new(ProxyConfig {
+        upstream,
+        timeout: Duration::from_millis(args.dns_timeout_ms),
+    });
+    let (tx, rx) = mpsc::channel(1024);
+    let mut endpoints = Vec::new();
+    for (index, policy) in policies.indexed() {
+        let ports =
+            crate::dns::proxy::spawn(index, policy.clone(), config.clone(), tx.clone()).await?;
+        // The proxy reports with `index`, its position in this (start-up) set: `dns_agents` maps
+        // it back to the name whatever reloads do to positions.
+        endpoints.push((policy.agent().to_string(), ports));
+        tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
+    }
+    tracing::info!(
+        upstream = %upstream.map_or("none".to_string(), |a| a.to_string()),
+        grace_s = args.dns_grace,
+        "DNS proxy: agents' port-53 traffic is redirected to a per-agent endpoint on loopback"
+    );
+    Ok((rx, endpoints))
 }
 
 /// Two daemons would attach every program twice; the control socket tells whether one runs.
@@ -497,6 +547,14 @@ struct Monitor {
     superseded: VecDeque<(u64, PolicySet)>,
     /// After an adoption: records judged until this monotonic time used the predecessor's tables.
     predecessor_until_ns: u64,
+    /// Addresses agents resolved through the DNS proxy (mirror of the kernel's `DNS_LEARNED`),
+    /// keyed by the proxy's start-up index (stable across reloads; see `dns_kernel_index`).
+    learned: LearnedTable,
+    dns_grace_ns: u64,
+    /// Per agent, its latest DNS redirect: who is behind the next query its proxy reports.
+    dns_clients: HashMap<String, event::ConnectEvent>,
+    /// Each agent's DNS proxy ports, by the proxy's start-up index (agent name first).
+    dns_endpoints: Vec<(String, DnsProxy)>,
 }
 
 impl Monitor {
@@ -506,6 +564,7 @@ impl Monitor {
         mut requests: mpsc::Receiver<ControlCall>,
         mut scrapes: mpsc::Receiver<Scrape>,
         signals: Signals,
+        mut dns: mpsc::Receiver<QueryReport>,
     ) -> anyhow::Result<()> {
         let Signals {
             mut term,
@@ -526,6 +585,16 @@ impl Monitor {
                     for ev in batch.drain(..) {
                         self.on_event(ev);
                     }
+                }
+                Some(report) = dns.recv() => {
+                    // The kernel's record of the agent's DNS packet was written before the packet
+                    // reached the proxy: read what is in the ring now, so the query is
+                    // attributed to the process that sent it.
+                    stream.drain_now(|bytes| batch.push(event::decode(bytes)));
+                    for ev in batch.drain(..) {
+                        self.on_event(ev);
+                    }
+                    self.on_dns(report);
                 }
                 Some(call) = requests.recv() => {
                     let response = self.on_request(call.request, call.peer_pid);
@@ -653,10 +722,39 @@ impl Monitor {
         // Files named by exact exec rules, keyed in the new bank too.
         let mut files = ExecFiles::default();
         let file_entries = files.refresh(&set, base).add;
+        // DNS: each agent's proxy endpoint and learned addresses under its new index.
+        let dns: Vec<(u32, DnsProxy)> = self
+            .dns_endpoints
+            .iter()
+            .filter_map(|(name, ports)| set.index_of(name).map(|i| (base + i, *ports)))
+            .collect();
+        let old_base = self.bank_base;
+        let old_set = &self.policies;
+        let moved_learned = |old: u32| {
+            old.checked_sub(old_base)
+                .and_then(|pos| old_set.policies().get(pos as usize))
+                .and_then(|p| set.index_of(p.agent()))
+                .map(|i| base + i)
+        };
+        let rekey = self.kernel.learned_entries().map(|entries| {
+            entries
+                .into_iter()
+                .filter_map(|(agent, key, value)| moved_learned(agent).map(|n| (n, key, value)))
+                .collect::<Vec<_>>()
+        });
         if let Err(e) = self
             .kernel
             .write_allowlists(&tables)
             .and_then(|()| self.kernel.update_exec_files(&file_entries, &[]))
+            .and_then(|()| {
+                for (index, ports) in &dns {
+                    self.kernel.set_dns_proxy(*index, *ports)?;
+                }
+                for (index, addr, value) in rekey? {
+                    self.kernel.write_learned_key(index, addr, &value)?;
+                }
+                Ok(())
+            })
         {
             // Entries of the next bank left by an interrupted earlier attempt would be counted
             // against capacity; clear them for the next try.
@@ -910,6 +1008,7 @@ impl Monitor {
         self.outputs.close_storms(SystemTime::now());
         self.procs
             .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
         let change = self.exec_files.refresh(&self.policies, self.bank_base);
         if !change.add.is_empty() || !change.remove.is_empty() {
@@ -978,6 +1077,8 @@ impl Monitor {
         }
         self.counters.lost_records = lost;
         self.counters.actions_lost = actions_lost;
+        self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
+        self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {
@@ -1016,7 +1117,224 @@ impl Monitor {
                 let action = self.socket_action(&sk);
                 self.report(action);
             }
+            KernelEvent::DnsRedirect(c) => {
+                let (agent, _) = self.identity(c.subject.cgroup_id);
+                if c.dns_refused {
+                    let action = Action {
+                        destination: Some(Destination {
+                            addr: c.addr,
+                            port: c.port,
+                            transport: event::transport(c.sock_type),
+                        }),
+                        enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
+                        reason: "DNS traffic, and the agent has no DNS proxy endpoint for this \
+                                 address family"
+                            .into(),
+                        ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
+                    };
+                    self.report(action);
+                } else {
+                    self.dns_clients.insert(agent, c);
+                }
+            }
         }
+    }
+
+    /// Reports one query the DNS proxy judged; for an allowed answer, first installs its
+    /// addresses in the kernel and tells the proxy it may reply.
+    fn on_dns(&mut self, r: QueryReport) {
+        let policy = self
+            .dns_endpoints
+            .get(r.agent as usize)
+            .and_then(|(name, _)| self.policies.get(name));
+        let Some(policy) = policy else {
+            tracing::error!(
+                agent = r.agent,
+                "DNS report for an unknown agent index (or an agent a reload removed)"
+            );
+            return;
+        };
+        let agent = policy.agent().to_string();
+        self.counters.dns_queries += 1;
+        let (verdict, enforcement, reason) = match r.outcome {
+            Outcome::Refused { reason } => {
+                self.counters.dns_refused += 1;
+                (Verdict::Denied, Some("refused"), reason)
+            }
+            Outcome::Malformed { reason } => {
+                self.counters.dns_malformed += 1;
+                (
+                    Verdict::Denied,
+                    Some("not forwarded"),
+                    format!("{reason}; not forwarded"),
+                )
+            }
+            Outcome::Overloaded => {
+                self.counters.dns_overloaded += 1;
+                (
+                    Verdict::Denied,
+                    Some("servfail"),
+                    "too many queries of this agent in flight; answered SERVFAIL unjudged".into(),
+                )
+            }
+            Outcome::UpstreamFailed { allowed, reason } => {
+                self.counters.dns_upstream_failures += 1;
+                tracing::warn!(
+                    agent,
+                    name = r.name,
+                    "DNS upstream failed: {reason}; answered SERVFAIL"
+                );
+                let verdict = if allowed {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Alert
+                };
+                (
+                    verdict,
+                    Some("servfail"),
+                    format!("{reason}; answered SERVFAIL"),
+                )
+            }
+            Outcome::Answered {
+                allowed,
+                reason,
+                rcode,
+                addrs,
+                cnames,
+                ports,
+                installed,
+            } => {
+                let chain = if cnames.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via CNAME {}", cnames.join(" > "))
+                };
+                let list: Vec<String> = addrs
+                    .iter()
+                    .map(|(a, ttl)| format!("{a} (ttl {ttl}s)"))
+                    .collect();
+                if allowed {
+                    let result = self.install(r.agent, &r.name, &reason, &addrs, &ports);
+                    if let Some(tx) = installed {
+                        let _ = tx.send(result.clone());
+                    }
+                    match result {
+                        Ok(()) => (
+                            Verdict::Allowed,
+                            None,
+                            format!("{reason}; {rcode}{chain}; learned [{}]", list.join(", ")),
+                        ),
+                        Err(e) => {
+                            self.counters.dns_install_failures += 1;
+                            tracing::error!(agent, name = r.name, "{e}; answered SERVFAIL");
+                            (
+                                Verdict::Allowed,
+                                Some("servfail"),
+                                format!("{reason}; not installed: {e}; answered SERVFAIL"),
+                            )
+                        }
+                    }
+                } else {
+                    (
+                        Verdict::Alert,
+                        None,
+                        format!(
+                            "{reason} (alert mode: forwarded); {rcode}{chain}; answer [{}] not learned",
+                            list.join(", ")
+                        ),
+                    )
+                }
+            }
+        };
+        let client = self.dns_clients.get(&agent).cloned();
+        let base = match &client {
+            Some(c) => self.subject_action(&c.subject, ActionKind::Dns, verdict),
+            None => Action {
+                agent: agent.clone(),
+                task: "?".into(),
+                ..self.subject_action(&event::Subject::unknown(), ActionKind::Dns, verdict)
+            },
+        };
+        let action = Action {
+            destination: client.map(|c| Destination {
+                addr: c.addr,
+                port: c.port,
+                transport: r.transport,
+            }),
+            dns_name: Some(r.name),
+            enforcement,
+            reason: format!("{} query: {reason}", r.qtype),
+            ..base
+        };
+        self.report(action);
+    }
+
+    /// Writes every address of an allowed answer into the agent's kernel allowlist, until its TTL
+    /// plus the grace. On a failure the table forgets what the kernel does not hold.
+    fn install(
+        &mut self,
+        agent: u32,
+        name: &str,
+        rule: &str,
+        addrs: &[(IpAddr, u32)],
+        ports: &[common::PortRange],
+    ) -> Result<(), String> {
+        let now = monotonic_ns();
+        for &(addr, ttl) in addrs {
+            let grant = Grant {
+                name: name.to_string(),
+                rule: rule.to_string(),
+                expires_ns: now
+                    .saturating_add(u64::from(ttl).saturating_mul(1_000_000_000))
+                    .saturating_add(self.dns_grace_ns),
+                ports: ports.to_vec(),
+            };
+            let value = self.learned.learn(agent, addr, grant, now);
+            let written = match self.dns_kernel_index(agent) {
+                Some(k) => self.kernel.write_learned(k, addr, &value),
+                None => Err(anyhow::anyhow!("the agent has no policy any more")),
+            };
+            if let Err(e) = written {
+                self.learned.unlearn(agent, addr, name);
+                return Err(format!("{e:#}"));
+            }
+        }
+        self.counters.dns_learned = self.learned.len() as u64;
+        Ok(())
+    }
+
+    /// The DNS proxy start-up index of `agent` (how the learned table keys it).
+    fn dns_index(&self, agent: &str) -> Option<u32> {
+        self.dns_endpoints
+            .iter()
+            .position(|(a, _)| a == agent)
+            .and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// The kernel agent index (live bank) of the agent whose DNS proxy has start-up index `dns`.
+    fn dns_kernel_index(&self, dns: u32) -> Option<u32> {
+        let (name, _) = self.dns_endpoints.get(dns as usize)?;
+        self.policies.index_of(name).map(|i| self.bank_base + i)
+    }
+
+    /// Removes expired learned addresses from the kernel (which already ignores them).
+    fn expire_learned(&mut self) {
+        for change in self.learned.expire(monotonic_ns()) {
+            let result = match change {
+                KernelChange::Write(agent, addr, value) => match self.dns_kernel_index(agent) {
+                    Some(k) => self.kernel.write_learned(k, addr, &value),
+                    None => Ok(()),
+                },
+                KernelChange::Remove(agent, addr) => match self.dns_kernel_index(agent) {
+                    Some(k) => self.kernel.remove_learned(k, addr),
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = result {
+                tracing::warn!("expiring a learned address: {e:#}");
+            }
+        }
+        self.counters.dns_learned = self.learned.len() as u64;
     }
 
     fn identity(&self, cgroup_id: u64) -> (String, String) {
@@ -1086,9 +1404,28 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(c.subject.cgroup_id);
-        let mut reason = self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
-            p.check_connect(c.addr, c.port)
-        });
+        let grant = self
+            .dns_index(&agent)
+            .and_then(|i| self.learned.lookup(i, c.addr, c.port))
+            .cloned();
+        let mut reason = match (&grant, c.learned) {
+            _ if c.dns_refused => "the destination is another agent's DNS proxy endpoint, which \
+                                   only that agent's redirected DNS traffic may use"
+                .to_string(),
+            (Some(g), true) => format!(
+                "allowed: the agent resolved {} to this address through the DNS proxy ({})",
+                g.name, g.rule
+            ),
+            (None, true) => {
+                // The kernel allowed it from an entry the daemon does not know.
+                self.counters.verdict_disagreements += 1;
+                tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
+                "allowed by a learned DNS address the daemon does not know".into()
+            }
+            (_, false) => self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
+                p.check_connect(c.addr, c.port)
+            }),
+        };
         if c.unspecified {
             reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
         }
@@ -1113,6 +1450,7 @@ impl Monitor {
                 port: c.port,
                 transport: event::transport(c.sock_type),
             }),
+            dest_host: grant.map(|g| g.name),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
             ..self.action(&c.subject, agent, task, kind, c.verdict)
@@ -1134,6 +1472,17 @@ impl Monitor {
             reason: socket_reason(sk),
             ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
+    }
+
+    /// `action` for a subject whose agent and task come from its cgroup.
+    fn subject_action(
+        &self,
+        subject: &event::Subject,
+        kind: ActionKind,
+        verdict: Verdict,
+    ) -> Action {
+        let (agent, task) = self.identity(subject.cgroup_id);
+        self.action(subject, agent, task, kind, verdict)
     }
 
     /// The parts of an action every kind shares: who acted, as what, with which verdict.
@@ -1159,6 +1508,8 @@ impl Monitor {
             interpreter: None,
             socket: None,
             destination: None,
+            dest_host: None,
+            dns_name: None,
             enforcement: None,
             reason: String::new(),
         }
@@ -1291,6 +1642,16 @@ impl Monitor {
                     })
                     .collect();
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
+                let dns_proxy =
+                    self.dns_endpoints
+                        .iter()
+                        .find(|(a, _)| *a == agent)
+                        .map(|(_, dns)| control::DnsEndpoint {
+                            udp4: dns.udp4,
+                            tcp4: dns.tcp4,
+                            udp6: dns.udp6,
+                            tcp6: dns.tcp6,
+                        });
                 AgentStatus {
                     agent,
                     mode,
@@ -1299,6 +1660,7 @@ impl Monitor {
                     allowed: c.map_or(0, |c| c.allowed),
                     denied: c.map_or(0, |c| c.denied),
                     alerts: c.map_or(0, |c| c.alerts),
+                    dns_proxy,
                 }
             })
             .collect();

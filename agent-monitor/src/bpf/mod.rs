@@ -5,11 +5,12 @@
 mod pin;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, ExecFileKey, ExecKey, KernelOffsets,
-    NetAllow, NetKey,
+    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsProxy, ExecFileKey, ExecKey,
+    KernelOffsets, Learned, NetAllow, NetKey,
 };
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -124,6 +125,29 @@ const HOOKS: &[Hook] = &[
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+    },
+    // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
+    // its resolver would reject replies from the proxy's address.
+    Hook {
+        program: "agent_recvmsg4",
+        kind: HookKind::CgroupSockAddr("recvmsg4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_recvmsg6",
+        kind: HookKind::CgroupSockAddr("recvmsg6"),
+        required: true,
+    },
+    // Only getpeername() on a redirected connected socket would show the proxy without these.
+    Hook {
+        program: "agent_getpeername4",
+        kind: HookKind::CgroupSockAddr("getpeername4"),
+        required: false,
+    },
+    Hook {
+        program: "agent_getpeername6",
+        kind: HookKind::CgroupSockAddr("getpeername6"),
+        required: false,
     },
     Hook {
         program: "agent_sendmsg4",
@@ -389,6 +413,31 @@ impl Kernel {
                 .context("removing a stale exec file-identity entry")?;
         }
         removed += stale.len();
+        let mut proxies: HashMap<_, u32, DnsProxy> = HashMap::try_from(self.map_mut("DNS_PROXY")?)?;
+        let stale: Vec<u32> = proxies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| !keep(*a))
+            .collect();
+        for k in &stale {
+            proxies
+                .remove(k)
+                .context("removing a stale DNS proxy entry")?;
+        }
+        removed += stale.len();
+        let mut learned: HashMap<_, NetKey, Learned> =
+            HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
+        let stale: Vec<NetKey> = learned
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(k.agent))
+            .collect();
+        for k in &stale {
+            learned
+                .remove(k)
+                .context("removing a stale learned address")?;
+        }
+        removed += stale.len();
         Ok(removed)
     }
 
@@ -427,6 +476,72 @@ impl Kernel {
     /// Every (cgroup id, slot) in the identity map: what a previous daemon left governed.
     pub fn agent_cgroups(&self) -> anyhow::Result<Vec<(u64, AgentSlot)>> {
         agent_cgroups_of(&self.maps)
+    }
+
+    /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other
+    /// agent away from that endpoint.
+    pub fn set_dns_proxy(&mut self, agent: u32, ports: DnsProxy) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, DnsProxy> = HashMap::try_from(self.map_mut("DNS_PROXY")?)?;
+        m.insert(agent, ports, 0)
+            .context("writing the DNS proxy map")?;
+        let mut owners: HashMap<_, u32, u32> = HashMap::try_from(self.map_mut("DNS_PROXY_PORTS")?)?;
+        for (port, ipv6, tcp) in [
+            (ports.udp4, false, false),
+            (ports.tcp4, false, true),
+            (ports.udp6, true, false),
+            (ports.tcp6, true, true),
+        ] {
+            if port != 0 {
+                owners
+                    .insert(common::dns_proxy_port_key(port, ipv6, tcp), agent, 0)
+                    .context("writing the DNS proxy port map")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allows `agent` to reach `addr` as `value` says (ports, expiry), learned from a DNS answer.
+    pub fn write_learned(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        value: &Learned,
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
+        m.insert(learned_key(agent, addr), value, 0)
+            .with_context(|| {
+                format!(
+                    "writing the learned-address map (full at {} entries?)",
+                    common::MAX_DNS_LEARNED
+                )
+            })
+    }
+
+    /// Every learned-address entry: (agent index, address as the kernel keys it, value).
+    pub fn learned_entries(&self) -> anyhow::Result<Vec<(u32, [u8; 16], Learned)>> {
+        let h: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map("DNS_LEARNED")?)?;
+        Ok(h.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k.agent, k.addr, v))
+            .collect())
+    }
+
+    /// Writes a learned-address entry under another agent index (a reload's new bank).
+    pub fn write_learned_key(
+        &mut self,
+        agent: u32,
+        addr: [u8; 16],
+        value: &Learned,
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
+        m.insert(NetKey { agent, addr }, value, 0)
+            .context("moving a learned address to the new policy bank")
+    }
+
+    pub fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
+        let mut m: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
+        m.remove(&learned_key(agent, addr))
+            .context("removing from the learned-address map")
     }
 
     /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.
@@ -691,6 +806,18 @@ fn unix_ns() -> u64 {
 
 const _: () = assert!(common::STATE_LOST_AT_HEARTBEAT < DAEMON_STATE_LEN);
 
+/// The kernel compares IPv4 destinations as `::ffff:a.b.c.d`.
+fn learned_key(agent: u32, addr: IpAddr) -> NetKey {
+    let addr = match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    NetKey {
+        agent,
+        addr: addr.octets(),
+    }
+}
+
 /// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM
 /// available", rather than a guess from /sys/kernel/security.
 fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
@@ -781,5 +908,16 @@ impl ActionStream {
         }
         guard.clear_ready();
         Ok(n)
+    }
+
+    /// Hands every record already in the ring to `f` without waiting for readiness.
+    pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.fd.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
     }
 }

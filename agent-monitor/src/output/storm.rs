@@ -31,6 +31,7 @@ impl StormKey {
                 .map(|d| format!("{}:{}/{}", d.addr, d.port, d.transport))
                 .unwrap_or_default(),
             ActionKind::Socket => action.socket.clone().unwrap_or_default(),
+            ActionKind::Dns => action.dns_name.clone().unwrap_or_default(),
             ActionKind::Exec => action.exe.clone().unwrap_or_default(),
         };
         Some(StormKey {
