@@ -803,3 +803,51 @@ fn systemd_notifications_ready_watchdog_stopping() {
     }
     assert!(stopping, "no STOPPING=1 after SIGTERM");
 }
+
+#[test]
+fn reload_keeps_dns_proxies_and_learned_addresses() {
+    if !require_root("reload_keeps_dns_proxies_and_learned_addresses") {
+        return;
+    }
+    // "zz-…" sorts after the agent added by the reload, so its kernel position changes too.
+    let agent = format!("zz-{}", unique_agent("dnsreload"));
+    let port = listener_on("127.0.0.3");
+    let up = Dnsmasq::start(&["--address=/ok.example.com/127.0.0.3"]);
+    let up_addr = up.addr.to_string();
+    let rule = format!("ok.example.com:{port}");
+    let mk = |name: &str| {
+        (
+            format!("{name}.toml"),
+            format!(
+                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{rule:?}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+            ),
+        )
+    };
+    let d = Daemon::start_with(&[mk(&agent)], &["--dns-upstream", &up_addr]);
+    let ops = |ops: &str| -> Vec<Value> {
+        let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
+        cmd.extend(ops.split_whitespace());
+        let out = d.run(&agent, Some("dr"), &cmd);
+        assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let p = port.to_string();
+    let r = ops(&format!("gai ok.example.com c 127.0.0.3 {p}"));
+    assert_eq!(r[1]["ok"], true, "before the reload: {r:?}");
+
+    // A new agent that sorts first: every kernel index moves to the other bank and position.
+    let first = format!("aa-{}", unique_agent("dnsfirst"));
+    let (name, text_) = mk(&first);
+    d.write_policy(&name, &text_);
+    let out = d.reload();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The address learned before the reload is still allowed, and resolving still works.
+    let r = ops(&format!("c 127.0.0.3 {p} gai ok.example.com c 127.0.0.3 {p}"));
+    assert_eq!(r[0]["ok"], true, "learned address lost in the reload: {r:?}");
+    assert_eq!(r[1]["addrs"][0], "127.0.0.3", "DNS after the reload: {r:?}");
+    assert_eq!(r[2]["ok"], true, "{r:?}");
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}
