@@ -16,6 +16,10 @@ pub const MAX_PORT_RANGES: usize = 16;
 
 /// Capacities of the kernel maps; the daemon checks compiled tables against them before loading.
 pub const MAX_AGENT_CGROUPS: u32 = 16_384;
+/// Agents (policies) the kernel can tell apart (`AGENT_TABLES`).
+pub const MAX_AGENTS: u32 = 4_096;
+/// An allowlist index no entry is ever written under: an agent whose policy is gone may do nothing.
+pub const NO_ALLOWLIST: u32 = u32::MAX;
 pub const MAX_NET_ENTRIES: u32 = 65_536;
 pub const MAX_EXEC_ENTRIES: u32 = 65_536;
 /// Addresses learned from DNS answers, over all agents (`DNS_LEARNED`).
@@ -33,7 +37,10 @@ pub const DNS_PROXY_IP6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 pub const MODE_ALERT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
 
-/// What an agent process is; value of the agent-identity map, keyed by cgroup v2 id.
+/// What an agent process is; value of the agent-identity map, keyed by cgroup v2 id. There,
+/// `agent` is the agent's stable id (see the daemon's `agent_id`); the kernel translates it through
+/// `AGENT_TABLES`, whose values are also `AgentSlot`s and hold the index of the agent's allowlists
+/// in force and its mode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentSlot {

@@ -3,13 +3,19 @@
 
 use agent_monitor_common::{
     ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig, DnsProxy, ExecFileKey, ExecKey,
-    Learned, MAX_AGENT_CGROUPS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
+    Learned, MAX_AGENT_CGROUPS, MAX_AGENTS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
     MAX_NET_ENTRIES, NetAllow, NetKey,
 };
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
+
+/// Stable agent id → the agent's allowlist index in force and its mode. A reload writes the new
+/// allowlists under fresh indices, then switches each agent here in one update, so identities
+/// (wherever they are stored or copied) never go stale.
+#[map]
+pub static AGENT_TABLES: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_AGENTS, 0);
 
 /// Agent identity: cgroup v2 id of an agent's (agent, task) cgroup → which agent, which mode.
 #[map]
@@ -60,7 +66,21 @@ pub fn current_agent() -> Option<(u64, AgentSlot)> {
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
     // SAFETY: the value is copied out before any other map operation.
     let slot = unsafe { AGENT_CGROUPS.get(&cgroup_id) }?;
-    Some((cgroup_id, *slot))
+    Some((cgroup_id, in_force(slot.agent)))
+}
+
+/// What agent `id` may do now: its allowlist index and mode. An id without an entry (its policy
+/// was removed) gets an index no allowlist is written under, in enforce mode: fail closed.
+#[inline(always)]
+pub fn in_force(id: u32) -> AgentSlot {
+    // SAFETY: copied out at once.
+    match unsafe { AGENT_TABLES.get(&id) } {
+        Some(t) => *t,
+        None => AgentSlot {
+            agent: agent_monitor_common::NO_ALLOWLIST,
+            mode: agent_monitor_common::MODE_ENFORCE,
+        },
+    }
 }
 
 /// Reserve a record and fill the fields every record has. `None` when the ring buffer is full; the

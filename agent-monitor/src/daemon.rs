@@ -25,7 +25,7 @@ use crate::dns::proxy::ProxyConfig;
 use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
-use crate::identity::{self, AgentCgroups, ProcessTable};
+use crate::identity::{self, AgentCgroups, ProcessTable, agent_id};
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
 use crate::output::{OutputConfig, Outputs};
@@ -35,13 +35,11 @@ use crate::policy::{ExecFacts, PolicySet};
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
-/// Agent indices in the kernel tables come in two banks of this size: a reload writes the new
-/// allowlists in the bank not in use, switches every agent cgroup over (one map update each), then
-/// deletes the old bank. No agent ever sees a half-written allowlist.
+/// Allowlist indices in the kernel tables come in two banks of this size: a reload writes the new
+/// allowlists in the bank not in use, switches every agent over in `AGENT_TABLES` (one map update
+/// each; identities hold the agent's stable id, not the index), then deletes the old bank. No
+/// agent ever sees a half-written allowlist.
 const BANK_STRIDE: u32 = 1 << 20;
-/// An index (in each bank) with no allowlist entries: where a running agent whose policy file was
-/// removed ends up. Enforce mode, so it may do nothing: fail closed.
-const NO_POLICY: u32 = BANK_STRIDE - 1;
 /// Recent actions kept for `agent-monitor events`.
 const HISTORY: usize = 1000;
 /// A pause after switching agents to the new bank before the old entries go: a program that read
@@ -712,8 +710,22 @@ impl Monitor {
         let live = self.kernel.state(common::STATE_LIVE_BANK)?;
         let next: u32 = if live == 0 { 1 } else { 0 };
         let base = next * BANK_STRIDE;
-        if set.len() >= NO_POLICY as usize {
-            bail!("{} agents: at most {} fit a bank", set.len(), NO_POLICY);
+        if set.len() > common::MAX_AGENTS as usize {
+            bail!(
+                "{} agents: the kernel's agent table holds {}",
+                set.len(),
+                common::MAX_AGENTS
+            );
+        }
+        let mut ids: HashMap<u32, &str> = HashMap::new();
+        for p in set.iter() {
+            if let Some(other) = ids.insert(agent_id(p.agent()), p.agent()) {
+                bail!(
+                    "agents {other:?} and {:?} have the same kernel id (a hash of the name): \
+                     rename one",
+                    p.agent()
+                );
+            }
         }
         let tables = set
             .compile()
@@ -764,23 +776,41 @@ impl Monitor {
                 .retain_allowlists(|a| (old_base..old_base + BANK_STRIDE).contains(&a));
             return Err(e);
         }
+        // The switch: one update per agent in the table the kernel translates identities through.
+        for (i, p) in set.indexed() {
+            let table = AgentSlot {
+                agent: base + i,
+                mode: p.mode().kernel_value(),
+            };
+            if let Err(e) = self.kernel.set_agent_table(agent_id(p.agent()), table) {
+                // Its id keeps the old index, whose entries go below: it is denied everything.
+                tracing::error!(
+                    agent = p.agent(),
+                    "switching to the new policy failed, the agent is denied everything: {e:#}"
+                );
+            }
+        }
+        // Agents whose policy went away: no entry = no allowlist, enforce (fail closed).
+        let keep: std::collections::HashSet<u32> =
+            set.iter().map(|p| agent_id(p.agent())).collect();
+        for id in self.kernel.agent_table_ids()? {
+            if !keep.contains(&id) {
+                self.kernel.remove_agent_table(id)?;
+            }
+        }
+        // Identities carry the stable id (also those recovered from a predecessor).
         for (id, t) in &self.tasks {
-            let slot = match (set.index_of(&t.agent), set.get(&t.agent)) {
-                (Some(i), Some(p)) => AgentSlot {
-                    agent: base + i,
-                    mode: p.mode().kernel_value(),
-                },
-                _ => AgentSlot {
-                    agent: base + NO_POLICY,
-                    mode: common::MODE_ENFORCE,
-                },
+            let slot = AgentSlot {
+                agent: agent_id(&t.agent),
+                mode: set
+                    .get(&t.agent)
+                    .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value()),
             };
             if let Err(e) = self.kernel.add_agent_cgroup(*id, slot) {
-                // It keeps its old index, whose entries go below: it is denied everything.
                 tracing::error!(
                     agent = t.agent,
                     task = t.task,
-                    "switching to the new policy failed, the task is denied everything: {e:#}"
+                    "rewriting the identity: {e:#}"
                 );
             }
         }
@@ -942,7 +972,7 @@ impl Monitor {
 
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
-        let Some(index) = self.policies.index_of(agent) else {
+        let Some(_) = self.policies.index_of(agent) else {
             let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
             bail!(
                 "no policy for agent {agent:?} in {} (agents with a policy: {})",
@@ -964,7 +994,7 @@ impl Monitor {
         self.kernel.add_agent_cgroup(
             cg.id,
             AgentSlot {
-                agent: self.bank_base + index,
+                agent: agent_id(agent),
                 mode,
             },
         )?;

@@ -828,7 +828,12 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
         let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
         cmd.extend(ops.split_whitespace());
         let out = d.run(&agent, Some("dr"), &cmd);
-        assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
         text(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -845,8 +850,13 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
     let out = d.reload();
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The address learned before the reload is still allowed, and resolving still works.
-    let r = ops(&format!("c 127.0.0.3 {p} gai ok.example.com c 127.0.0.3 {p}"));
-    assert_eq!(r[0]["ok"], true, "learned address lost in the reload: {r:?}");
+    let r = ops(&format!(
+        "c 127.0.0.3 {p} gai ok.example.com c 127.0.0.3 {p}"
+    ));
+    assert_eq!(
+        r[0]["ok"], true,
+        "learned address lost in the reload: {r:?}"
+    );
     assert_eq!(r[1]["addrs"][0], "127.0.0.3", "DNS after the reload: {r:?}");
     assert_eq!(r[2]["ok"], true, "{r:?}");
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);

@@ -467,6 +467,25 @@ impl Kernel {
             .context("adding to the agent identity map (full?)")
     }
 
+    /// Puts agent `id`'s allowlist index and mode in force (one atomic update per agent).
+    pub fn set_agent_table(&mut self, id: u32, table: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_TABLES")?)?;
+        m.insert(id, table, 0)
+            .with_context(|| format!("writing the agent table (capacity {})", common::MAX_AGENTS))
+    }
+
+    /// Stable ids with an entry in the agent table.
+    pub fn agent_table_ids(&self) -> anyhow::Result<Vec<u32>> {
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map("AGENT_TABLES")?)?;
+        Ok(m.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Forgets agent `id`: its processes fall back to "no allowlist, enforce" in the kernel.
+    pub fn remove_agent_table(&mut self, id: u32) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_TABLES")?)?;
+        m.remove(&id).context("removing from the agent table")
+    }
+
     pub fn remove_agent_cgroup(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
         let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.remove(&cgroup_id)
@@ -571,6 +590,10 @@ impl Kernel {
         let count = |name: &str| -> anyhow::Result<u64> {
             let m = self.map(name)?;
             Ok(match m {
+                Map::HashMap(_) if name == "AGENT_TABLES" => {
+                    let h: HashMap<_, u32, AgentSlot> = HashMap::try_from(m)?;
+                    h.keys().count() as u64
+                }
                 Map::HashMap(_) if name == "EXEC_FILES" => {
                     let h: HashMap<_, ExecFileKey, u32> = HashMap::try_from(m)?;
                     h.keys().count() as u64
@@ -592,6 +615,7 @@ impl Kernel {
         };
         [
             ("AGENT_CGROUPS", common::MAX_AGENT_CGROUPS),
+            ("AGENT_TABLES", common::MAX_AGENTS),
             ("NET_ALLOW", common::MAX_NET_ENTRIES),
             ("EXEC_ALLOW", common::MAX_EXEC_ENTRIES),
             ("EXEC_FILES", common::MAX_EXEC_ENTRIES),

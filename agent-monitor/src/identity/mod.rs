@@ -7,6 +7,19 @@ mod process;
 pub use cgroup::AgentCgroups;
 pub use process::ProcessTable;
 
+/// An agent's stable id in the kernel's identity maps: FNV-1a of its name. Stable across reloads
+/// and restarts (what moves is the allowlist index the kernel looks up for it in `AGENT_TABLES`),
+/// so identities the kernel copies (e.g. to a forked child) never go stale. Two agents of one
+/// policy set with the same id are refused at load (see the daemon's `apply_policies`).
+pub fn agent_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 /// Checks a task id: it becomes a cgroup directory name and a journald field value.
 pub fn check_task_id(task: &str) -> Result<(), String> {
     let ok_len = !task.is_empty() && task.len() <= 64;
@@ -24,6 +37,15 @@ pub fn check_task_id(task: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn agent_ids_are_stable_and_distinct() {
+        use super::agent_id;
+        // FNV-1a 32 reference values: the id must not change between releases.
+        assert_eq!(agent_id(""), 0x811c_9dc5);
+        assert_eq!(agent_id("a"), 0xe40c_292c);
+        assert_ne!(agent_id("coder"), agent_id("coder2"));
+    }
+
     #[test]
     fn task_ids() {
         use super::check_task_id as c;
