@@ -309,6 +309,8 @@ impl Monitor {
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             }
+            // One write per burst of records rather than one per action.
+            self.outputs.flush();
         }
     }
 
