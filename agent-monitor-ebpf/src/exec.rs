@@ -8,7 +8,7 @@ use agent_monitor_common::{
 };
 use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
 
-use crate::maps::{EXEC_ALLOW, EXEC_KEY_SCRATCH, count, current_agent, start_record};
+use crate::maps::{EXEC_ALLOW, EXEC_KEY_SCRATCH, count, current_agent, start_record, submit};
 
 /// Offsets in the `sched_process_exec` record (stable since 3.x; the daemon checks them against
 /// tracefs before it loads us).
@@ -83,6 +83,6 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
             Err(_) => 0,
         };
     }
-    entry.submit(0);
+    submit(entry, verdict);
     Ok(())
 }

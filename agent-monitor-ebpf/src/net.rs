@@ -6,7 +6,7 @@ use agent_monitor_common::{
 };
 use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
 
-use crate::maps::{NET_ALLOW, current_agent, start_record};
+use crate::maps::{NET_ALLOW, current_agent, start_record, submit};
 
 /// Return values of a sock_addr program.
 const PASS: i32 = 1;
@@ -122,7 +122,7 @@ fn judge(
             (*rec).sock_type = sock_type;
             (*rec).addr = addr;
         }
-        entry.submit(0);
+        submit(entry, verdict);
     }
     if verdict == VERDICT_DENIED {
         REJECT
