@@ -269,3 +269,11 @@ pub fn py_connect(host: &str, port: u16) -> String {
         "import socket,sys\ns=socket.socket(socket.{family})\ntry:\n  s.connect(('{host}',{port}))\nexcept OSError as e:\n  print('errno',e.errno);sys.exit(10+e.errno)\nprint('connected')"
     )
 }
+
+/// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
+}

@@ -9,3 +9,4 @@ pub use compile::KernelTables;
 pub use evaluate::Decision;
 pub use model::{Policy, PolicySet};
 pub use parse::Issue;
+pub(crate) use parse::{parse_exec, parse_net};
