@@ -442,3 +442,117 @@ pub fn markdown(r: &Results, command: &str) -> String {
     }
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::RateStats;
+    use crate::machine::Machine;
+    use crate::run::{CapacityStep, Plan};
+
+    fn results(overhead: Vec<(Setup, Vec<u64>, Vec<u64>)>, capacity: Vec<CapacityStep>) -> Results {
+        Results {
+            plan: Plan::new(true),
+            machine: Machine::describe(),
+            overhead: overhead
+                .into_iter()
+                .map(|(s, c, e)| {
+                    (
+                        s,
+                        Samples {
+                            connect_ns: c,
+                            exec_ns: e,
+                            ..Samples::default()
+                        },
+                    )
+                })
+                .collect(),
+            capacity,
+            startup_ms: vec![],
+            memory: None,
+            criterion: vec![],
+            minutes: 0.0,
+        }
+    }
+
+    fn step(rate: u64, sent: u64, in_trail: u64, lost: u64) -> CapacityStep {
+        CapacityStep {
+            load: RateStats {
+                target_rate: rate,
+                achieved_rate: rate as f64,
+                secs: 1.0,
+                allowed_sent: sent,
+                allowed_ok: sent,
+                denied_sent: 0,
+                denied_eperm: 0,
+            },
+            in_trail,
+            kernel_lost: lost,
+            daemon_cpu_pct: 0.0,
+            daemon_peak_rss_kib: 0,
+            drain_ms: 0,
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_even_and_empty() {
+        assert_eq!(median(&[3, 1, 2]), 2.0);
+        assert_eq!(median(&[4, 1, 3, 2]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(median_f(&[2.0, 1.0]), 1.5);
+    }
+
+    #[test]
+    fn overhead_is_against_the_floor_median() {
+        let r = results(
+            vec![
+                (Setup::NoMonitor, vec![100, 100, 900], vec![1000]),
+                (Setup::AgentAllowed, vec![105, 104, 106], vec![1010]),
+                (Setup::Auditd, vec![150], vec![1300]),
+            ],
+            vec![],
+        );
+        assert!((overhead_pct(&r, Setup::AgentAllowed, Op::Connect) - 5.0).abs() < 1e-9);
+        assert!((overhead_pct(&r, Setup::AgentAllowed, Op::Exec) - 1.0).abs() < 1e-9);
+        assert!((times_less_than_auditd(&r, Setup::AgentAllowed, Op::Connect) - 10.0).abs() < 1e-9);
+        assert!((times_less_than_auditd(&r, Setup::AgentAllowed, Op::Exec) - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn no_measurable_overhead_beats_auditd_by_any_factor() {
+        let r = results(
+            vec![
+                (Setup::NoMonitor, vec![100], vec![100]),
+                (Setup::AgentAllowed, vec![99], vec![100]),
+                (Setup::Auditd, vec![150], vec![150]),
+            ],
+            vec![],
+        );
+        assert!(times_less_than_auditd(&r, Setup::AgentAllowed, Op::Connect).is_infinite());
+    }
+
+    #[test]
+    fn capacity_is_the_highest_rate_without_loss() {
+        let r = results(
+            vec![],
+            vec![
+                step(1_000, 1_000, 1_000, 0),
+                step(100_000, 100_000, 100_000, 0),
+                step(200_000, 200_000, 150_000, 50_000),
+            ],
+        );
+        assert_eq!(capacity_zero_loss(&r), Some(100_000.0));
+        let held: Vec<bool> = targets(&r).iter().map(|t| t.held).collect();
+        // The 100k target (second to last) holds; memory was not measured.
+        assert_eq!(held[held.len() - 2..], [true, false]);
+    }
+
+    #[test]
+    fn report_names_the_command_and_marks_quick_runs() {
+        let r = results(vec![(Setup::NoMonitor, vec![100], vec![100])], vec![]);
+        let md = markdown(&r, "cargo xtask bench --quick");
+        assert!(md.contains("```sh\ncargo xtask bench --quick\n```"), "{md}");
+        assert!(md.contains("`--quick` run"), "{md}");
+        assert!(md.contains("| cores |"), "{md}");
+    }
+}

@@ -91,9 +91,9 @@ impl Plan {
         } else {
             Plan {
                 quick,
-                reps: 7,
-                connects: 4000,
-                execs: 600,
+                reps: 15,
+                connects: 5000,
+                execs: 1000,
                 rates: vec![1_000, 10_000, 50_000, 100_000, 200_000, 0],
                 rate_secs: 4.0,
                 tracked: 10_000,
