@@ -49,6 +49,10 @@ pub enum Load {
         deny_port: u16,
         #[arg(long, default_value_t = 1000)]
         deny_every: u64,
+        /// Print `ready` and wait for a line on stdin before starting (the orchestrator stops
+        /// the daemon in between).
+        #[arg(long)]
+        wait_stdin: bool,
     },
     /// Forks N children that sleep; prints `ready` when all exist, kills them when stdin closes.
     Spawn {
@@ -96,7 +100,15 @@ pub fn run(load: Load) -> anyhow::Result<()> {
             port,
             deny_port,
             deny_every,
-        } => serde_json::to_string(&rate_run(rate, secs, port, deny_port, deny_every)?)?,
+            wait_stdin,
+        } => {
+            if wait_stdin {
+                println!("ready");
+                std::io::stdout().flush()?;
+                std::io::stdin().lock().read_line(&mut String::new())?;
+            }
+            serde_json::to_string(&rate_run(rate, secs, port, deny_port, deny_every)?)?
+        }
         Load::Spawn { n } => return spawn(n),
     };
     println!("{out}");

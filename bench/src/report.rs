@@ -78,7 +78,7 @@ pub fn capacity_zero_loss(r: &Results) -> Option<f64> {
         .iter()
         .filter(|c| {
             let sent = c.load.allowed_sent + c.load.denied_sent;
-            c.in_trail >= sent && c.kernel_lost == 0
+            !c.daemon_stalled && c.in_trail >= sent && c.kernel_lost == 0
         })
         .map(|c| c.load.achieved_rate)
         .max_by(f64::total_cmp)
@@ -118,7 +118,10 @@ pub fn targets(r: &Results) -> Vec<Target> {
             held: x >= 10.0,
         });
     }
-    let max_rate = r.capacity.iter().find(|c| c.load.target_rate == 100_000);
+    let max_rate = r
+        .capacity
+        .iter()
+        .find(|c| c.load.target_rate == 100_000 && !c.daemon_stalled);
     t.push(Target {
         what: "100 k agent actions/s, zero loss".into(),
         measured: match max_rate {
@@ -331,10 +334,10 @@ pub fn markdown(r: &Results, command: &str) -> String {
         let _ = writeln!(
             o,
             "| {} | {:.0}/s | {} | {} | {} | {}/{} | {:.0} % | {:.1} MiB | {} ms |",
-            if c.load.target_rate == 0 {
-                "full speed".to_string()
-            } else {
-                format!("{}/s", c.load.target_rate)
+            match (c.load.target_rate, c.daemon_stalled) {
+                (0, true) => "full speed, daemon stopped".to_string(),
+                (0, false) => "full speed".to_string(),
+                (rate, _) => format!("{rate}/s"),
             },
             c.load.achieved_rate,
             sent,
@@ -348,10 +351,11 @@ pub fn markdown(r: &Results, command: &str) -> String {
         );
     }
     let _ = writeln!(o);
-    let all_delivered = !r.capacity.is_empty()
-        && r.capacity
-            .iter()
-            .all(|c| c.in_trail >= c.load.allowed_sent + c.load.denied_sent && c.kernel_lost == 0);
+    let all_delivered = r
+        .capacity
+        .iter()
+        .filter(|c| !c.daemon_stalled)
+        .all(|c| c.in_trail >= c.load.allowed_sent + c.load.denied_sent && c.kernel_lost == 0);
     match capacity_zero_loss(r) {
         Some(rate) if all_delivered => {
             let _ = writeln!(
@@ -378,6 +382,29 @@ pub fn markdown(r: &Results, command: &str) -> String {
         }
     }
 
+    if let Some(c) = r.capacity.iter().find(|c| c.daemon_stalled) {
+        let sent = c.load.allowed_sent + c.load.denied_sent;
+        let accounted = c.in_trail + c.kernel_lost;
+        let _ = writeln!(
+            o,
+            "Beyond capacity, forced: the last row stops the daemon (SIGSTOP) while the agent \
+             acts at full speed, so nothing is read. {} records fit the ring buffer and reached \
+             the trail once the daemon continued; the kernel counted {} as lost; {} + {} = \
+             {accounted} of {sent} actions: {}. Every denial was still enforced ({}/{} got \
+             EPERM): the verdict does not wait for the daemon.\n",
+            c.in_trail,
+            c.kernel_lost,
+            c.in_trail,
+            c.kernel_lost,
+            if accounted >= sent {
+                "every action is accounted for, none dropped silently"
+            } else {
+                "**some actions are unaccounted for**"
+            },
+            c.load.denied_eperm,
+            c.load.denied_sent
+        );
+    }
     let _ = writeln!(o, "## Start-up and memory\n");
     let _ = writeln!(
         o,
@@ -491,6 +518,7 @@ mod tests {
             daemon_cpu_pct: 0.0,
             daemon_peak_rss_kib: 0,
             drain_ms: 0,
+            daemon_stalled: false,
         }
     }
 

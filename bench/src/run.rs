@@ -125,6 +125,9 @@ pub struct CapacityStep {
     pub daemon_peak_rss_kib: u64,
     /// From the end of the load until the trail held every record (or gave up).
     pub drain_ms: u64,
+    /// The daemon was stopped (SIGSTOP) for the whole load: what happens when it cannot keep up.
+    #[serde(default)]
+    pub daemon_stalled: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -441,19 +444,23 @@ fn count_connects(trail: &Path) -> u64 {
 fn capacity(env: &Env) -> anyhow::Result<Vec<CapacityStep>> {
     let p = &env.plan;
     let mut steps = Vec::new();
-    for (i, &rate) in p.rates.iter().enumerate() {
+    // The last step runs at full speed with the daemon stopped: the ring buffer fills and the
+    // rest must be counted as lost, with every denial still enforced.
+    let plan = p.rates.iter().map(|&r| (r, false)).chain([(0, true)]);
+    for (i, (rate, stall)) in plan.enumerate() {
         check_interrupt()?;
         eprintln!(
-            "bench: capacity at {}",
+            "bench: capacity at {}{}",
             if rate == 0 {
                 "full speed".into()
             } else {
                 format!("{rate}/s")
-            }
+            },
+            if stall { ", daemon stopped" } else { "" }
         );
         let d = Daemon::start(&env.daemon, "capacity")?;
         let cpu0 = cpu_secs(d.pid())?;
-        let args = vec![
+        let mut args = vec![
             s("rate"),
             s("--rate"),
             s(rate),
@@ -464,7 +471,13 @@ fn capacity(env: &Env) -> anyhow::Result<Vec<CapacityStep>> {
             s("--deny-port"),
             s(env.deny_port),
         ];
-        let stats: RateStats = load(env, Some((&d, &format!("capacity-{i}"))), &args)?;
+        let task = format!("capacity-{i}");
+        let stats: RateStats = if stall {
+            args.push(s("--wait-stdin"));
+            stalled_load(env, &d, &task, &args)?
+        } else {
+            load(env, Some((&d, &task)), &args)?
+        };
         let expected = stats.allowed_sent + stats.denied_sent;
         let t = Instant::now();
         // Drained when every record is in the trail, or when it stopped growing for a second.
@@ -486,9 +499,50 @@ fn capacity(env: &Env) -> anyhow::Result<Vec<CapacityStep>> {
             daemon_peak_rss_kib: vm_kib(d.pid(), "VmHWM")?,
             drain_ms,
             load: stats,
+            daemon_stalled: stall,
         });
     }
     Ok(steps)
+}
+
+/// Runs the rate generator as an agent with the daemon stopped (SIGSTOP) while it runs: it is
+/// placed first (placement needs the daemon), then the daemon stops, the load runs, and the
+/// daemon continues.
+fn stalled_load(env: &Env, d: &Daemon, task: &str, args: &[String]) -> anyhow::Result<RateStats> {
+    let mut child = Command::new(&env.bin)
+        .args(["run", "--agent", AGENT, "--task", task, "--control-socket"])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(&env.bench)
+        .arg("load")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the rate generator")?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the rate generator did not start: {line:?}");
+    }
+    let pid = d.pid() as i32;
+    // SAFETY: signalling our own child daemon.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let result = writeln!(stdin, "go")
+        .map_err(anyhow::Error::from)
+        .and_then(|()| {
+            line.clear();
+            out.read_line(&mut line)?;
+            Ok(serde_json::from_str::<RateStats>(line.trim())?)
+        });
+    // SAFETY: as above; the daemon continues whatever happened.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let _ = child.wait();
+    result.with_context(|| format!("rate generator with the daemon stopped printed {line:?}"))
 }
 
 fn startup(env: &Env) -> anyhow::Result<Vec<f64>> {
