@@ -254,7 +254,9 @@ pub fn markdown(r: &Results, command: &str) -> String {
         "{} interleaved repetitions; in each, every setup runs {} loopback TCP connects and {} \
          fork+exec of a trivial program, and the repetition's median per-operation time is \
          kept. Shown: the median over repetitions, and the overhead against the unmonitored \
-         floor.\n",
+         floor. The load generators run as SCHED_FIFO (priority 10), so other work on the \
+         machine does not preempt the timed loops; the monitors' own processes (agent-monitor's \
+         daemon, auditd, bpftrace) run at normal priority.\n",
         p.reps, p.connects, p.execs
     );
     let _ = writeln!(o, "![overhead by setup](benchmarks.svg)\n");

@@ -350,6 +350,7 @@ fn one_setup(
     let connect = |to: Option<u16>| {
         let mut a = vec![
             s("connect"),
+            s("--realtime"),
             s("--n"),
             s(p.connects),
             s("--port"),
@@ -360,7 +361,16 @@ fn one_setup(
         }
         a
     };
-    let exec = |prog: &str| vec![s("exec"), s("--n"), s(p.execs), s("--prog"), s(prog)];
+    let exec = |prog: &str| {
+        vec![
+            s("exec"),
+            s("--realtime"),
+            s("--n"),
+            s(p.execs),
+            s("--prog"),
+            s(prog),
+        ]
+    };
     let task = format!("overhead-{rep}");
     let r = match setup {
         Setup::NoMonitor => (
