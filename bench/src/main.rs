@@ -47,6 +47,15 @@ enum Cmd {
         #[arg(long, default_value = "sudo cargo xtask bench")]
         command: String,
     },
+    /// Rewrite docs/benchmarks.md and the chart from docs/benchmarks.json, without measuring.
+    Report {
+        /// Workspace root (holds docs/).
+        #[arg(long)]
+        root: PathBuf,
+        /// The command line that reproduces the run, for the report.
+        #[arg(long, default_value = "cargo xtask bench")]
+        command: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +69,7 @@ fn main() -> ExitCode {
             only,
             command,
         } => run_and_report(&root, quick, criterion.as_deref(), &only, &command),
+        Cmd::Report { root, command } => rewrite_report(&root, &command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,13 +97,31 @@ fn run_and_report(
         docs.join("benchmarks.json"),
         serde_json::to_string_pretty(&results)? + "\n",
     )?;
-    chart::overhead_svg(&results, &docs.join("benchmarks.svg"))?;
+    write_report(&results, &docs, command)
+}
+
+fn rewrite_report(root: &std::path::Path, command: &str) -> anyhow::Result<()> {
+    let docs = root.join("docs");
+    let path = docs.join("benchmarks.json");
+    let text =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let results: run::Results =
+        serde_json::from_slice(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    write_report(&results, &docs, command)
+}
+
+fn write_report(
+    results: &run::Results,
+    docs: &std::path::Path,
+    command: &str,
+) -> anyhow::Result<()> {
+    chart::overhead_svg(results, &docs.join("benchmarks.svg"))?;
     std::fs::write(
         docs.join("benchmarks.md"),
         report::markdown(&results, command),
     )?;
     eprintln!(
-        "bench: wrote {0}/benchmarks.md, {0}/benchmarks.svg, {0}/benchmarks.json",
+        "bench: wrote {0}/benchmarks.md and {0}/benchmarks.svg from the results in {0}/benchmarks.json",
         docs.display()
     );
     Ok(())

@@ -48,10 +48,41 @@ pub fn median_ns(r: &Results, setup: Setup, op: Op) -> f64 {
     samples(r, setup).map_or(f64::NAN, |s| median(op.samples(s)))
 }
 
-/// Overhead of `setup` over the unmonitored floor, in %.
+/// Per repetition, the overhead of `setup` over the floor measured in the same repetition, in %.
+/// Pairing within a repetition cancels the drift between repetitions (on a busy machine the
+/// fork+exec floor moved by 10 % over a run). Empty if the repetitions do not pair up.
+pub fn paired_pct(r: &Results, setup: Setup, op: Op) -> Vec<f64> {
+    let (Some(floor), Some(ours)) = (samples(r, Setup::NoMonitor), samples(r, setup)) else {
+        return Vec::new();
+    };
+    let (floor, ours) = (op.samples(floor), op.samples(ours));
+    if floor.len() != ours.len() {
+        return Vec::new();
+    }
+    ours.iter()
+        .zip(floor)
+        .map(|(&o, &f)| 100.0 * (o as f64 / f as f64 - 1.0))
+        .collect()
+}
+
+/// Overhead of `setup` over the unmonitored floor, in %: the median of the paired
+/// per-repetition overheads (the ratio of the medians if they do not pair up).
 pub fn overhead_pct(r: &Results, setup: Setup, op: Op) -> f64 {
-    let floor = median_ns(r, Setup::NoMonitor, op);
-    100.0 * (median_ns(r, setup, op) / floor - 1.0)
+    let paired = paired_pct(r, setup, op);
+    if paired.is_empty() {
+        let floor = median_ns(r, Setup::NoMonitor, op);
+        100.0 * (median_ns(r, setup, op) / floor - 1.0)
+    } else {
+        median_f(&paired)
+    }
+}
+
+/// First and third quartile of `v` (nearest rank).
+pub fn quartiles(v: &[f64]) -> Option<(f64, f64)> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (!v.is_empty()).then(|| (at(0.25), at(0.75)))
 }
 
 /// How many times auditd's overhead exceeds `setup`'s. Infinite when `setup` is not measurably
@@ -254,7 +285,9 @@ pub fn markdown(r: &Results, command: &str) -> String {
         "{} interleaved repetitions; in each, every setup runs {} loopback TCP connects and {} \
          fork+exec of a trivial program, and the repetition's median per-operation time is \
          kept. Shown: the median over repetitions, and the overhead against the unmonitored \
-         floor. The load generators run as SCHED_FIFO (priority 10), so other work on the \
+         floor: the median of the per-repetition overheads, each against the floor measured in \
+         the same repetition, with their interquartile range in brackets (how well this run \
+         resolves small differences). The load generators run as SCHED_FIFO (priority 10), so other work on the \
          machine does not preempt the timed loops; the monitors' own processes (agent-monitor's \
          daemon, auditd, bpftrace) run at normal priority.\n",
         p.reps, p.connects, p.execs
@@ -268,10 +301,12 @@ pub fn markdown(r: &Results, command: &str) -> String {
         let Some(s) = samples(r, setup) else { continue };
         let ov = |op| {
             if setup == Setup::NoMonitor {
-                "floor".to_string()
-            } else {
-                format!("{:+.1} %", overhead_pct(r, setup, op))
+                return "floor".to_string();
             }
+            let spread = quartiles(&paired_pct(r, setup, op))
+                .map(|(q1, q3)| format!(" ({q1:+.1} … {q3:+.1})"))
+                .unwrap_or_default();
+            format!("{:+.1} %{spread}", overhead_pct(r, setup, op))
         };
         let out = |(ok, refused, other): (usize, usize, usize), what: &str| {
             let mut v = vec![format!("{ok} ok")];
@@ -536,9 +571,9 @@ mod tests {
     fn overhead_is_against_the_floor_median() {
         let r = results(
             vec![
-                (Setup::NoMonitor, vec![100, 100, 900], vec![1000]),
-                (Setup::AgentAllowed, vec![105, 104, 106], vec![1010]),
-                (Setup::Auditd, vec![150], vec![1300]),
+                (Setup::NoMonitor, vec![100, 200, 100], vec![1000]),
+                (Setup::AgentAllowed, vec![105, 210, 104], vec![1010]),
+                (Setup::Auditd, vec![150, 300, 150], vec![1300]),
             ],
             vec![],
         );
@@ -546,6 +581,21 @@ mod tests {
         assert!((overhead_pct(&r, Setup::AgentAllowed, Op::Exec) - 1.0).abs() < 1e-9);
         assert!((times_less_than_auditd(&r, Setup::AgentAllowed, Op::Connect) - 10.0).abs() < 1e-9);
         assert!((times_less_than_auditd(&r, Setup::AgentAllowed, Op::Exec) - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unpaired_samples_fall_back_to_the_ratio_of_medians() {
+        let r = results(
+            vec![
+                (Setup::NoMonitor, vec![100, 100, 900], vec![1000]),
+                (Setup::Auditd, vec![120], vec![1000]),
+            ],
+            vec![],
+        );
+        assert!(paired_pct(&r, Setup::Auditd, Op::Connect).is_empty());
+        assert!((overhead_pct(&r, Setup::Auditd, Op::Connect) - 20.0).abs() < 1e-9);
+        assert_eq!(quartiles(&[4.0, 1.0, 3.0, 2.0, 5.0]), Some((2.0, 4.0)));
+        assert_eq!(quartiles(&[]), None);
     }
 
     #[test]
