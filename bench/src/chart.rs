@@ -41,7 +41,7 @@ pub fn overhead_svg(r: &Results, path: &Path) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Overhead per operation vs. no monitor (median of interleaved repetitions)",
+            "Overhead per operation against no monitor, % (median of interleaved repetitions)",
             ("sans-serif", 20),
         )
         .margin(15)
@@ -107,6 +107,7 @@ pub fn overhead_svg(r: &Results, path: &Path) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()

@@ -53,9 +53,9 @@ impl Setup {
     pub fn short(self) -> &'static str {
         match self {
             Setup::NoMonitor => "none",
-            Setup::OutsideAgent => "am outside",
-            Setup::AgentAllowed => "am allowed",
-            Setup::AgentDenied => "am denied",
+            Setup::OutsideAgent => "agent-monitor, outside",
+            Setup::AgentAllowed => "agent-monitor, allowed",
+            Setup::AgentDenied => "agent-monitor, denied",
             Setup::Auditd => "auditd",
             Setup::Bpftrace => "bpftrace",
         }
