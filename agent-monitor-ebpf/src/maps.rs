@@ -2,7 +2,7 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    ActionRecord, AgentSlot, COUNTERS, ExecKey, MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES,
+    ActionRecord, AgentSlot, COUNTERS, ExecFileKey, ExecKey, MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES,
     MAX_NET_ENTRIES, NetAllow, NetKey, VERDICT_ALERT, VERDICT_DENIED,
 };
 use aya_ebpf::{
@@ -21,6 +21,11 @@ pub static NET_ALLOW: LpmTrie<NetKey, NetAllow> = LpmTrie::with_max_entries(MAX_
 /// Exec allowlist: (agent, path or path prefix) → rule index.
 #[map]
 pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXEC_ENTRIES, 0);
+
+/// Exec allowlist by file identity: (agent, device, inode) of each file an exact rule names, as the
+/// daemon resolved it → rule index. Lets the kernel judge the file that runs, whatever its name.
+#[map]
+pub static EXEC_FILES: HashMap<ExecFileKey, u32> = HashMap::with_max_entries(MAX_EXEC_ENTRIES, 0);
 
 /// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~24k records.
 #[map]
@@ -84,6 +89,11 @@ pub fn start_record(
         (*rec).addr = [0; 16];
         (*rec).flags = 0;
         (*rec).path_len = 0;
+        (*rec).file_dev = 0;
+        (*rec).detail = 0;
+        (*rec).file_ino = 0;
+        (*rec).interp_len = 0;
+        (*rec)._pad = 0;
     }
     Some(entry)
 }

@@ -43,12 +43,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_OURS);
         }
     }
-    // From here this process is the agent; the command inherits its cgroup.
-    let mut child = match std::process::Command::new(&program)
-        .arg0(&args.command[0])
-        .args(&args.command[1..])
-        .spawn()
-    {
+    // From here this process is the agent; the command inherits its cgroup, and the seccomp
+    // filter for the routes the cgroup hooks cannot judge (sandbox.rs).
+    let filter = crate::sandbox::filter();
+    let mut command = std::process::Command::new(&program);
+    command.arg0(&args.command[0]).args(&args.command[1..]);
+    // SAFETY: the closure makes one prctl call on a filter built before the fork.
+    unsafe { command.pre_exec(move || crate::sandbox::install(&filter)) };
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
@@ -186,6 +188,10 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
     match cmd {
         PolicyCommand::Check { path } => match crate::policy_dir::load_path(&path) {
             Ok(set) => {
+                // Valid, but worth a second look: printed, not failed.
+                for w in crate::exec_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",

@@ -19,9 +19,10 @@ use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
 use crate::event::{self, KernelEvent};
+use crate::exec_files::ExecFiles;
 use crate::identity::{self, AgentCgroups, ProcessTable};
 use crate::output::{OutputConfig, Outputs};
-use crate::policy::PolicySet;
+use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -96,6 +97,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
 
+    for w in crate::exec_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for did in crate::host::ensure_kernel_filesystems()? {
         tracing::info!("{did}");
     }
@@ -104,8 +108,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroups = AgentCgroups::new(&cgroup_root)?;
     refuse_if_already_running(&args.socket.control_socket).await?;
 
-    let mut kernel = Kernel::load(&cgroup_root, &layout)?;
+    let offsets = crate::host::kernel_offsets()?;
+    let mut kernel = Kernel::load(&cgroup_root, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
+    let mut exec_files = ExecFiles::default();
+    let change = exec_files.refresh(&policies);
+    kernel.update_exec_files(&change.add, &change.remove)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -147,6 +155,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let mut monitor = Monitor {
         kernel,
         policies,
+        exec_files,
         policies_dir: args.policies.clone(),
         cgroups,
         tasks: HashMap::new(),
@@ -255,6 +264,21 @@ async fn serve_connection(
     Ok(())
 }
 
+/// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
+fn socket_reason(sk: &event::SocketEvent) -> String {
+    let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
+    match (inet, sk.verdict) {
+        (true, _) => "agents may create TCP and UDP inet sockets only (cgroup sock_create): raw, \
+                      ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
+                      hooks do not judge"
+            .into(),
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
+                       seccomp filter on this process (`agent-monitor run` installs one that \
+                       refuses them): it was created"
+            .into(),
+    }
+}
+
 /// A live (agent, task) cgroup.
 struct TaskEntry {
     agent: String,
@@ -274,6 +298,8 @@ struct AgentCounters {
 struct Monitor {
     kernel: Kernel,
     policies: PolicySet,
+    /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
+    exec_files: ExecFiles,
     policies_dir: PathBuf,
     cgroups: AgentCgroups,
     /// cgroup id → (agent, task).
@@ -385,6 +411,18 @@ impl Monitor {
     fn sweep(&mut self) {
         self.procs
             .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        // A package upgrade replaces a file (new inode): follow it.
+        let change = self.exec_files.refresh(&self.policies);
+        if !change.add.is_empty() || !change.remove.is_empty() {
+            tracing::info!(
+                added = change.add.len(),
+                removed = change.remove.len(),
+                "files named by exact exec rules changed"
+            );
+            if let Err(e) = self.kernel.update_exec_files(&change.add, &change.remove) {
+                tracing::warn!("{e:#}");
+            }
+        }
         self.report_kernel_losses();
         let gone: Vec<u64> = self
             .tasks
@@ -459,6 +497,10 @@ impl Monitor {
                 let action = self.connect_action(&c);
                 self.report(action);
             }
+            KernelEvent::Socket(sk) => {
+                let action = self.socket_action(&sk);
+                self.report(action);
+            }
         }
     }
 
@@ -478,10 +520,34 @@ impl Monitor {
                 common::EXEC_PATH_LEN - 1
             )
         } else if e.unreadable {
+            // The name, the interpreter or the file could not be read.
             crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
-            self.explain(&agent, e.verdict, |p| p.check_exec(&e.path))
+            let agent_index = self.policies.index_of(&agent);
+            let file_rule = agent_index
+                .and_then(|a| self.exec_files.rule_for(a, e.file_dev, e.file_ino))
+                .map(str::to_string);
+            let facts = ExecFacts {
+                name: &e.path,
+                interpreter: e.interpreter.as_deref(),
+                file_rule: file_rule.as_deref(),
+                initial_user_ns: !e.user_ns,
+            };
+            let why = self.explain(&agent, e.verdict, |p| p.check_exec_facts(&facts));
+            let file = format!(
+                "file {}:{} inode {}",
+                e.file_dev >> 20,
+                e.file_dev & 0xf_ffff,
+                e.file_ino
+            );
+            match e.basis {
+                common::EXEC_BASIS_FILE => format!("{why} (the file that runs, {file})"),
+                _ => format!("{why} ({file})"),
+            }
         };
+        if e.user_ns {
+            self.counters.execs_in_user_namespaces += 1;
+        }
         if e.truncated {
             self.counters.exec_paths_too_long += 1;
         }
@@ -493,6 +559,7 @@ impl Monitor {
         }
         Action {
             exe: Some(e.path.clone()),
+            interpreter: e.interpreter.clone(),
             enforcement: e.killed.then_some("sigkill"),
             reason,
             ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
@@ -501,7 +568,10 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(c.subject.cgroup_id);
-        let reason = self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port));
+        let mut reason = self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port));
+        if c.unspecified {
+            reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
+        }
         let exe = self
             .procs
             .exe(c.subject.pid)
@@ -511,6 +581,11 @@ impl Monitor {
                     .ok()
                     .map(|p| p.display().to_string())
             });
+        let kind = if c.send {
+            ActionKind::Sendmsg
+        } else {
+            ActionKind::Connect
+        };
         Action {
             exe,
             destination: Some(Destination {
@@ -520,7 +595,24 @@ impl Monitor {
             }),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
-            ..self.action(&c.subject, agent, task, ActionKind::Connect, c.verdict)
+            ..self.action(&c.subject, agent, task, kind, c.verdict)
+        }
+    }
+
+    fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
+        let (agent, task) = self.identity(sk.subject.cgroup_id);
+        self.counters.sockets_refused += 1;
+        let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        Action {
+            exe,
+            socket: Some(event::socket_description(
+                sk.family,
+                sk.sock_type,
+                sk.protocol,
+            )),
+            enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
+            reason: socket_reason(sk),
+            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
     }
 
@@ -544,6 +636,8 @@ impl Monitor {
             uid: subject.uid,
             comm: subject.comm.clone(),
             exe: None,
+            interpreter: None,
+            socket: None,
             destination: None,
             enforcement: None,
             reason: String::new(),
@@ -601,6 +695,7 @@ impl Monitor {
     fn status(&mut self) -> control::Status {
         self.report_kernel_losses();
         self.counters.tracked_processes = self.procs.len() as u64;
+        self.counters.exec_rule_files = self.exec_files.len() as u64;
         let agents = self
             .policies
             .iter()

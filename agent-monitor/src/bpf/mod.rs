@@ -3,12 +3,14 @@
 
 use std::path::Path;
 
-use agent_monitor_common::{self as common, AgentSlot, COUNTERS, ExecKey, NetAllow, NetKey};
+use agent_monitor_common::{
+    self as common, AgentSlot, COUNTERS, ExecFileKey, ExecKey, KernelOffsets, NetAllow, NetKey,
+};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -46,13 +48,15 @@ struct Hook {
 
 enum HookKind {
     Tracepoint(&'static str, &'static str),
+    RawTracepoint(&'static str),
     CgroupSockAddr(&'static str),
+    CgroupSock(&'static str),
 }
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "agent_exec",
-        kind: HookKind::Tracepoint("sched", "sched_process_exec"),
+        kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
     },
     Hook {
@@ -64,6 +68,26 @@ const HOOKS: &[Hook] = &[
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+    },
+    Hook {
+        program: "agent_sendmsg4",
+        kind: HookKind::CgroupSockAddr("sendmsg4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sendmsg6",
+        kind: HookKind::CgroupSockAddr("sendmsg6"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sock_create",
+        kind: HookKind::CgroupSock("sock_create"),
+        required: true,
+    },
+    Hook {
+        program: "agent_socket_syscall",
+        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
+        required: false,
     },
     Hook {
         program: "agent_fork",
@@ -80,15 +104,22 @@ const HOOKS: &[Hook] = &[
 impl Kernel {
     /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
     /// process on the host passes through them (non-agents leave after one lookup).
-    pub fn load(cgroup_root: &Path, layout: &TracepointLayout) -> anyhow::Result<Self> {
+    pub fn load(
+        cgroup_root: &Path,
+        layout: &TracepointLayout,
+        offsets: &KernelOffsets,
+    ) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
+            .override_global("KERNEL_OFFSETS", offsets, true)
             .load(PROGRAMS)
             .context("loading the agent-monitor eBPF object")?;
         let cgroup = std::fs::File::open(cgroup_root)
             .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
         let mut mechanisms = Mechanisms {
-            connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
+            connect_enforcement: "cgroup/connect4+connect6, sendmsg4+sendmsg6 and sock_create \
+                                  return EPERM"
+                .into(),
             ..Default::default()
         };
         for hook in HOOKS {
@@ -143,6 +174,25 @@ impl Kernel {
         for (i, (prefix_len, key)) in tables.exec.iter().enumerate() {
             exec.insert(&Key::new(*prefix_len, *key), i as u32, 0)
                 .context("writing the exec allowlist map")?;
+        }
+        Ok(())
+    }
+
+    /// Adds and removes entries of the file-identity exec allowlist.
+    pub fn update_exec_files(
+        &mut self,
+        add: &[(ExecFileKey, u32)],
+        remove: &[ExecFileKey],
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_FILES")?)?;
+        for key in remove {
+            m.remove(key)
+                .context("removing from the exec file-identity map")?;
+        }
+        for (key, rule) in add {
+            m.insert(*key, *rule, 0)
+                .context("writing the exec file-identity map (full?)")?;
         }
         Ok(())
     }
@@ -220,6 +270,19 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             tp.load().context("loading")?;
             tp.attach(category, name).context("attaching")?;
             Ok(format!("tracepoint {category}/{name}"))
+        }
+        HookKind::RawTracepoint(name) => {
+            let tp: &mut RawTracePoint = prog.try_into()?;
+            tp.load().context("loading")?;
+            tp.attach(name).context("attaching")?;
+            Ok(format!("raw tracepoint {name}"))
+        }
+        HookKind::CgroupSock(at) => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load().context("loading")?;
+            p.attach(cgroup, CgroupAttachMode::Single)
+                .context("attaching")?;
+            Ok(format!("cgroup/{at} at the cgroup v2 root"))
         }
         HookKind::CgroupSockAddr(at) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;

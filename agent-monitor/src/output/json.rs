@@ -219,9 +219,11 @@ mod tests {
             "uid": 1000,
             "comm": "curl",
             "exe": "/usr/bin/curl",
+            "interpreter": null,
             "dest_addr": "10.1.2.3",
             "dest_port": 443,
             "dest_transport": "tcp",
+            "socket": null,
             "process_chain": [
                 {"pid": 4000, "exe": "/usr/bin/python3"},
                 {"pid": 4100, "exe": "/bin/sh"},
@@ -248,6 +250,8 @@ mod tests {
         }
         let exe_unknown = Action {
             exe: None,
+            interpreter: None,
+            socket: None,
             verdict: Verdict::Allowed,
             ..connect_action()
         };

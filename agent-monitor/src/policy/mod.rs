@@ -6,7 +6,7 @@ pub(crate) mod model;
 mod parse;
 
 pub use compile::KernelTables;
-pub use evaluate::Decision;
+pub use evaluate::{Decision, ExecFacts};
 pub use model::{Policy, PolicySet};
 pub use parse::Issue;
 pub(crate) use parse::{parse_exec, parse_net};
