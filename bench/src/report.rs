@@ -351,6 +351,37 @@ pub fn markdown(r: &Results, command: &str) -> String {
         crate::setups::BPFTRACE_SCRIPT.replace('\n', " ")
     );
 
+    if !r.attached.is_empty() {
+        let _ = writeln!(
+            o,
+            "What the daemon attached (from its log): {}.\n",
+            r.attached
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let syscall_tracepoints: Vec<&String> = r
+        .attached
+        .iter()
+        .filter(|a| a.contains("tracepoint syscalls/"))
+        .collect();
+    if !syscall_tracepoints.is_empty() {
+        let _ = writeln!(
+            o,
+            "Note: {} attaches a `syscalls/*` tracepoint. While any syscall tracepoint is \
+             attached, the kernel sends **every syscall of every process on the host** through its \
+             tracing slow path, agent or not, whatever the program does first. That is a cost \
+             outside agents pay on every syscall (the connect operation here makes four), and \
+             the same mechanism behind most of bpftrace's connect overhead.\n",
+            syscall_tracepoints
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let _ = writeln!(o, "## Event capacity\n");
     let _ = writeln!(
         o,
@@ -536,6 +567,7 @@ mod tests {
             memory: None,
             criterion: vec![],
             minutes: 0.0,
+            attached: vec![],
         }
     }
 

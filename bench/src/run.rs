@@ -155,6 +155,9 @@ pub struct Results {
     pub memory: Option<Memory>,
     pub criterion: Vec<Criterion>,
     pub minutes: f64,
+    /// What the daemon attached, from its start-up log ("program → hook").
+    #[serde(default)]
+    pub attached: Vec<String>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -248,6 +251,7 @@ pub fn run(
     } else {
         Vec::new()
     };
+    let attached = attached_hooks(&env)?;
     let memory = if phase("memory") { memory(&env)? } else { None };
     let criterion = criterion_dir
         .map(read_criterion)
@@ -264,7 +268,18 @@ pub fn run(
         memory,
         criterion,
         minutes: started.elapsed().as_secs_f64() / 60.0,
+        attached,
     })
+}
+
+/// The programs a daemon attaches, as its log names them (`attached PROGRAM → HOOK`).
+fn attached_hooks(env: &Env) -> anyhow::Result<Vec<String>> {
+    let d = Daemon::start(&env.daemon, "hooks")?;
+    let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+    Ok(log
+        .lines()
+        .filter_map(|l| l.split_once("attached ").map(|(_, a)| a.trim().to_string()))
+        .collect())
 }
 
 fn free_port() -> anyhow::Result<u16> {
