@@ -9,6 +9,7 @@ use std::path::Path;
 
 use agent_monitor_common::{MODE_ALERT, MODE_ENFORCE, PortRange};
 
+use crate::policy::host::HostRule;
 use crate::policy::parse::{Issue, Location, PolicyError};
 
 /// What happens when an agent does something its allowlist does not allow.
@@ -131,6 +132,8 @@ pub struct Policy {
     pub(crate) agent: String,
     pub(crate) mode: Mode,
     pub(crate) network: Vec<NetRule>,
+    /// Host-name network rules, judged by the DNS proxy (see `host.rs`).
+    pub(crate) hosts: Vec<HostRule>,
     pub(crate) exec: Vec<ExecRule>,
     /// Where `agent = …` was written; names the file in errors about the whole policy.
     pub(crate) defined_at: Location,
@@ -147,6 +150,10 @@ impl Policy {
 
     pub fn network(&self) -> &[NetRule] {
         &self.network
+    }
+
+    pub fn hosts(&self) -> &[HostRule] {
+        &self.hosts
     }
 
     pub fn exec(&self) -> &[ExecRule] {
