@@ -278,6 +278,20 @@ pub fn markdown(r: &Results, command: &str) -> String {
         );
     }
     let _ = writeln!(o);
+    let overhead_missed = targets(r).iter().take(6).any(|t| !t.held);
+    if overhead_missed
+        && r.attached
+            .iter()
+            .any(|a| a.contains("tracepoint syscalls/"))
+    {
+        let _ = writeln!(
+            o,
+            "Where an overhead target is missed, first suspect the `syscalls/*` tracepoint the \
+             daemon attaches (see the note under the overhead table): it puts every syscall of \
+             every process on the tracing slow path, and the connect operation makes four. Then \
+             the noise: a busy machine, and the interquartile ranges in the table.\n"
+        );
+    }
 
     let _ = writeln!(o, "## Overhead per operation\n");
     let _ = writeln!(
