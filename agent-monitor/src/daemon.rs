@@ -33,6 +33,9 @@ use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Longest delay of an allowed action or lifecycle record: the kernel queues those without waking
+/// the daemon (a wake-up per record slowed every agent connect); denials and alerts wake it.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
 /// Allowlist indices in the kernel tables come in two banks of this size: a reload writes the new
@@ -248,6 +251,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .run(stream, requests_rx, scrapes_rx, signals, dns_reports)
         .await;
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
+    monitor.outputs.flush();
     if let Err(e) = monitor.kernel.heartbeat() {
         tracing::warn!("leaving the last heartbeat: {e:#}");
     }
@@ -575,11 +579,19 @@ impl Monitor {
         let watchdog = libsystemd::daemon::watchdog_enabled(false);
         let mut watchdog_tick =
             tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<Result<KernelEvent, event::DecodeError>> = Vec::with_capacity(1024);
         loop {
             tokio::select! {
                 r = stream.next_batch(|bytes| batch.push(event::decode(bytes))) => {
                     r.context("reading the action ring buffer")?;
+                    for ev in batch.drain(..) {
+                        self.on_event(ev);
+                    }
+                }
+                _ = drain.tick() => {
+                    stream.drain_now(|bytes| batch.push(event::decode(bytes)));
                     for ev in batch.drain(..) {
                         self.on_event(ev);
                     }
@@ -612,6 +624,8 @@ impl Monitor {
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             }
+            // One write per burst of records rather than one per action.
+            self.outputs.flush();
         }
     }
 
