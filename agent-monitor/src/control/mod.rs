@@ -14,13 +14,54 @@ pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
     Place { agent: String, task: String },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
+    /// A call `run`'s seccomp filter caught in one of its agent's processes, already answered.
+    /// Accepted only from the `run` process the daemon placed, for that task; it can only add a
+    /// denied or alert record.
+    Caught(CaughtReport),
+}
+
+/// A caught call as `run` answered it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaughtReport {
+    pub pid: u32,
+    pub call: CaughtCall,
+    /// Failed with EPERM; else it ran (alert mode).
+    pub refused: bool,
+    pub comm: String,
+    pub exe: Option<String>,
+    /// Effective uid (owner of /proc/PID).
+    pub uid: u32,
+}
+
+/// A system call the `run` filter caught (see sandbox.rs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CaughtCall {
+    /// socket(2) of a family agents may not have.
+    Socket {
+        family: u32,
+        sock_type: u32,
+        protocol: u32,
+    },
+    /// i386 socketcall(2), operation `op`.
+    Socketcall {
+        op: u32,
+    },
+    IoUringSetup,
+    /// seccomp(2) asking for a notification listener.
+    SeccompListener,
+    /// Anything else the filter sends (should not happen).
+    Other {
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,7 +71,12 @@ pub enum Response {
         agent: String,
         task: String,
         cgroup: String,
+        /// The agent's mode ("enforce" or "alert"), so `run` shapes its filter to match.
+        #[serde(default)]
+        mode: Option<String>,
     },
+    /// A `caught` report was recorded.
+    Recorded {},
     Status(Status),
     Error {
         message: String,
@@ -91,6 +137,9 @@ pub struct Counters {
     /// Sockets of a kind agents may not have (raw, ping, SCTP, MPTCP…), refused or alerted.
     #[serde(default)]
     pub sockets_refused: u64,
+    /// Calls `run`'s seccomp filter caught and `run` reported (refused or, alert mode, let run).
+    #[serde(default)]
+    pub seccomp_caught: u64,
     /// Execs inside a user namespace, where only exact rules' files are allowed.
     #[serde(default)]
     pub execs_in_user_namespaces: u64,
@@ -195,7 +244,7 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
 /// Parses a request line; the error says what was wrong, for the caller.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| {
-        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}} or {{\"op\":\"status\"}}")
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}} or {{\"op\":\"caught\",…}} (from `run` only)")
     })
 }
 
@@ -211,6 +260,18 @@ mod tests {
                 task: "t".into(),
             },
             Request::Status {},
+            Request::Caught(CaughtReport {
+                pid: 7,
+                call: CaughtCall::Socket {
+                    family: 40,
+                    sock_type: 1,
+                    protocol: 0,
+                },
+                refused: true,
+                comm: "python3".into(),
+                exe: None,
+                uid: 65534,
+            }),
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s).unwrap(), r);
