@@ -319,11 +319,16 @@ pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught
     loop {
         let req = match ScmpNotifReq::receive(fd) {
             Ok(r) => r,
-            // The caller died while we waited (ENOENT), or a signal: next one.
-            Err(e) if matches!(e.errno(), Some(libseccomp::error::SeccompErrno::ENOENT)) => {
-                continue;
+            Err(e) => {
+                // libseccomp 2.5 reports every ioctl failure as ECANCELED; the ioctl's own errno
+                // is still in errno. A signal to `run` (EINTR) or a caller that died while we
+                // took its notification (ENOENT): next one.
+                let os = std::io::Error::last_os_error();
+                if matches!(os.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) {
+                    continue;
+                }
+                return format!("reading the seccomp listener: {e} ({os})");
             }
-            Err(e) => return format!("reading the seccomp listener: {e}"),
         };
         let name = req
             .data
