@@ -21,7 +21,9 @@ use agent_monitor_common::{
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
-use crate::maps::{EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, count, current_agent, start_record};
+use crate::maps::{
+    EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, count, current_agent, start_record, submit,
+};
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
 /// set before load. All zero (`valid == 0`) means not set: nothing is allowed.
@@ -216,6 +218,6 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
             }
         }
     }
-    entry.submit(0);
+    submit(entry, verdict);
     Ok(())
 }

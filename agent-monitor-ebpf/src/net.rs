@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
-use crate::maps::{NET_ALLOW, NetDest, count, current_agent, report_net, start_record};
+use crate::maps::{NET_ALLOW, NetDest, count, current_agent, report_net, start_record, submit};
 
 /// Return values of cgroup sock and sock_addr programs.
 const PASS: i32 = 1;
@@ -224,7 +224,7 @@ fn report_socket(verdict: u32, cgroup_id: u64, family: u16, sock_type: u32, prot
             (*rec).sock_type = sock_type;
             (*rec).detail = protocol;
         }
-        entry.submit(0);
+        submit(entry, verdict);
     }
 }
 
