@@ -1048,6 +1048,46 @@ fn alert_mode_agent_is_reported_not_blocked_by_the_run_filter() {
     assert_eq!(vsock, 1);
 }
 
+/// The filter's answers come from `run`: an agent that outlives it (here `run` is killed) keeps
+/// the filter, and the kernel fails the caught calls with ENOSYS. Closed, not open.
+#[test]
+fn caught_calls_fail_closed_when_run_is_gone() {
+    if !require_root("caught_calls_fail_closed_when_run_is_gone") {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let agent = unique_agent("runkill");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"])]);
+    let script = PY_ATTEMPT.to_string()
+        + "print('ready', flush=True)\nsys.stdin.readline()\n\
+           attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))\n\
+           attempt('unix', lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))\n";
+    let mut run = std::process::Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", &agent, "--"])
+        .args(AS_NOBODY)
+        .args([PYTHON, "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = run.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SIGKILL: no forwarding, no goodbye; the agent lives on, orphaned.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(
+        rest.contains(&format!("vsock errno {}", libc::ENOSYS)),
+        "{rest:?}"
+    );
+    assert!(rest.contains(&"unix ok".to_string()), "{rest:?}");
+}
+
 /// Only the `run` process the daemon placed may report a caught call: a forged report from
 /// another root process is refused and adds nothing.
 #[test]
