@@ -6,6 +6,7 @@
 #![no_main]
 
 mod exec;
+mod identity;
 mod lifecycle;
 mod maps;
 mod net;

@@ -350,8 +350,15 @@ impl Monitor {
         let mode = policy.mode().kernel_value();
         let cg = self.cgroups.task(agent, task)?;
         // The identity entry exists before the process enters the cgroup: no unjudged window.
-        self.kernel
-            .add_agent_cgroup(cg.id, AgentSlot { agent: index, mode })?;
+        self.kernel.add_agent_cgroup(
+            cg.id,
+            AgentSlot {
+                agent: index,
+                mode,
+                task: common::TASK_NONE,
+                source: common::SOURCE_RUN,
+            },
+        )?;
         self.tasks.insert(
             cg.id,
             TaskEntry {
@@ -437,6 +444,9 @@ impl Monitor {
                 self.procs.on_fork(subject.pid, child, &subject.comm)
             }
             KernelEvent::Exit { subject } => self.procs.on_exit(subject.pid, subject.ktime_ns),
+            KernelEvent::Tagged { subject, path, .. } => {
+                self.procs.add_root(subject.pid, path);
+            }
             KernelEvent::Exec(e) => {
                 self.procs.on_exec(e.subject.pid, &e.path);
                 let action = self.exec_action(&e);

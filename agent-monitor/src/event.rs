@@ -12,8 +12,20 @@ use crate::action::Verdict;
 pub enum KernelEvent {
     Exec(ExecEvent),
     Connect(ConnectEvent),
-    Fork { subject: Subject, child: u32 },
-    Exit { subject: Subject },
+    Fork {
+        subject: Subject,
+        child: u32,
+    },
+    Exit {
+        subject: Subject,
+    },
+    /// The process became an agent at exec by an executable selector (`retagged_from`: the
+    /// agent index it had before, when a higher-ranked selector took it from another agent).
+    Tagged {
+        subject: Subject,
+        path: String,
+        retagged_from: Option<u32>,
+    },
 }
 
 /// Who acted: the task and the agent identity key.
@@ -25,6 +37,10 @@ pub struct Subject {
     pub tid: u32,
     pub uid: u32,
     pub comm: String,
+    /// The identity the kernel judged with: agent index, task number, `SOURCE_*`.
+    pub agent: u32,
+    pub task: u32,
+    pub source: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +56,8 @@ pub struct ExecEvent {
     pub not_normal: bool,
     /// The kernel sent SIGKILL before the program's first instruction.
     pub killed: bool,
+    /// Allowed by a task grant rather than the static allowlist.
+    pub granted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +68,8 @@ pub struct ConnectEvent {
     pub port: u16,
     /// Socket type: 1 stream, 2 datagram, 3 raw…
     pub sock_type: u32,
+    /// Allowed by a task grant rather than the static allowlist.
+    pub granted: bool,
 }
 
 /// Why a record could not be decoded. Each is counted by the daemon, never ignored.
@@ -84,20 +104,26 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         tid: rec.tid,
         uid: rec.uid,
         comm: c_string(&rec.comm),
+        agent: rec.agent,
+        task: rec.task,
+        source: rec.source,
+    };
+    let granted = rec.flags & common::FLAG_GRANTED != 0;
+    let path = || {
+        let len = (rec.path_len as usize).min(rec.path.len());
+        String::from_utf8_lossy(&rec.path[..len]).into_owned()
     };
     match rec.kind {
-        common::KIND_EXEC => {
-            let len = (rec.path_len as usize).min(rec.path.len());
-            Ok(KernelEvent::Exec(ExecEvent {
-                verdict: verdict(rec.verdict, "exec")?,
-                path: String::from_utf8_lossy(&rec.path[..len]).into_owned(),
-                truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
-                unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
-                not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
-                killed: rec.flags & common::FLAG_KILLED != 0,
-                subject,
-            }))
-        }
+        common::KIND_EXEC => Ok(KernelEvent::Exec(ExecEvent {
+            verdict: verdict(rec.verdict, "exec")?,
+            path: path(),
+            granted,
+            truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
+            unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
+            not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
+            killed: rec.flags & common::FLAG_KILLED != 0,
+            subject,
+        })),
         common::KIND_CONNECT => {
             let v6 = Ipv6Addr::from(rec.addr);
             let addr = match rec.family {
@@ -114,9 +140,15 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 addr,
                 port: rec.port,
                 sock_type: rec.sock_type,
+                granted,
                 subject,
             }))
         }
+        common::KIND_TAGGED => Ok(KernelEvent::Tagged {
+            path: path(),
+            retagged_from: (rec.flags & common::FLAG_RETAGGED != 0).then_some(rec.prior_agent),
+            subject,
+        }),
         common::KIND_FORK => Ok(KernelEvent::Fork {
             child: rec.other_pid,
             subject,
@@ -174,6 +206,10 @@ mod tests {
             addr: [0; 16],
             flags: 0,
             path_len: 0,
+            agent: 3,
+            task: 9,
+            source: common::SOURCE_UID,
+            prior_agent: 0,
             path: [0xAA; 256],
         }
     }
@@ -252,6 +288,46 @@ mod tests {
     }
 
     #[test]
+    fn records_carry_the_kernel_identity_and_grant_flag() {
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
+        r.family = common::AF_INET;
+        r.flags = common::FLAG_GRANTED;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert!(c.granted);
+        assert_eq!(
+            (c.subject.agent, c.subject.task, c.subject.source),
+            (3, 9, common::SOURCE_UID)
+        );
+    }
+
+    #[test]
+    fn tagged_record_names_path_and_prior_agent() {
+        let mut r = blank(common::KIND_TAGGED, common::VERDICT_NONE);
+        r.path[..8].copy_from_slice(b"/opt/bot");
+        r.path_len = 8;
+        let KernelEvent::Tagged {
+            path,
+            retagged_from,
+            ..
+        } = decode(&bytes(&r)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((path.as_str(), retagged_from), ("/opt/bot", None));
+        r.flags = common::FLAG_RETAGGED;
+        r.prior_agent = 1;
+        assert!(matches!(
+            decode(&bytes(&r)),
+            Ok(KernelEvent::Tagged {
+                retagged_from: Some(1),
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn lifecycle_records() {
         let mut r = blank(common::KIND_FORK, common::VERDICT_NONE);
         r.other_pid = 4242;
@@ -267,7 +343,7 @@ mod tests {
     fn odd_records_are_errors_not_panics() {
         assert_eq!(
             decode(&[0u8; 10]),
-            Err(DecodeError::Short { got: 10, want: 344 })
+            Err(DecodeError::Short { got: 10, want: 360 })
         );
         assert_eq!(
             decode(&bytes(&blank(99, 0))),
