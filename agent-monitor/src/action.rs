@@ -11,6 +11,10 @@ use serde::Serialize;
 pub enum ActionKind {
     Connect,
     Exec,
+    /// A control-socket request (reported when refused).
+    Control,
+    /// A change of identity worth an operator's attention (a selector's digest mismatch).
+    Identity,
 }
 
 impl ActionKind {
@@ -18,6 +22,8 @@ impl ActionKind {
         match self {
             ActionKind::Connect => "connect",
             ActionKind::Exec => "exec",
+            ActionKind::Control => "control",
+            ActionKind::Identity => "identity",
         }
     }
 }
@@ -50,6 +56,9 @@ pub struct ChainLink {
     pub pid: u32,
     /// Executable path as last exec'd, or the command name when no exec was seen.
     pub exe: String,
+    /// The first arguments it was started with (argv[1..], shortened), when known: which tool
+    /// call of the agent this was.
+    pub args: Vec<String>,
 }
 
 /// Where a connect was going.
@@ -67,6 +76,8 @@ pub struct Action {
     #[serde(serialize_with = "serialize_time")]
     pub time: SystemTime,
     pub agent: String,
+    /// The agent's workload identity, `spiffe://<trust-domain>/agent/<name>`.
+    pub spiffe_id: String,
     pub task: String,
     pub kind: ActionKind,
     pub verdict: Verdict,
@@ -93,6 +104,7 @@ impl Action {
                 IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
             },
             (ActionKind::Exec, _, Some(exe)) => exe.clone(),
+            (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
             _ => "?".to_string(),
         };
         let verdict = match self.verdict {
@@ -112,11 +124,17 @@ impl Action {
         )
     }
 
-    /// The chain as one readable string: `pid:exe > pid:exe > …`.
+    /// The chain as one readable string: `pid:exe > pid:exe "arg arg" > …`.
     pub fn chain_string(&self) -> String {
         self.chain
             .iter()
-            .map(|l| format!("{}:{}", l.pid, l.exe))
+            .map(|l| {
+                if l.args.is_empty() {
+                    format!("{}:{}", l.pid, l.exe)
+                } else {
+                    format!("{}:{} {:?}", l.pid, l.exe, l.args.join(" "))
+                }
+            })
             .collect::<Vec<_>>()
             .join(" > ")
     }

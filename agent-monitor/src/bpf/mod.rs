@@ -3,11 +3,14 @@
 
 use std::path::Path;
 
-use agent_monitor_common::{self as common, AgentSlot, COUNTERS, ExecKey, NetAllow, NetKey};
+use agent_monitor_common::{
+    self as common, AgentSlot, COUNTERS, ExecKey, Expiry, IdentityConfig, NetAllow, NetGrant,
+    NetKey,
+};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
 };
 use tokio::io::unix::AsyncFd;
@@ -162,6 +165,87 @@ impl Kernel {
             .context("removing from the agent identity map")
     }
 
+    /// Which selector kinds the kernel consults beyond the agent cgroups.
+    pub fn set_identity_config(&mut self, config: IdentityConfig) -> anyhow::Result<()> {
+        let mut m: Array<_, IdentityConfig> =
+            Array::try_from(map(&mut self.ebpf, "IDENTITY_CONFIG")?)?;
+        m.set(0, config, 0)
+            .context("writing the identity configuration map")
+    }
+
+    pub fn set_uid_selector(&mut self, uid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "UID_SELECTORS")?)?;
+        m.insert(uid, slot, 0)
+            .context("adding to the uid selector map (full?)")
+    }
+
+    /// Arms (or re-arms with another slot) the executable selector for the exact path `path`.
+    pub fn set_exec_selector(&mut self, path: &str, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: LpmTrie<_, ExecKey, AgentSlot> =
+            LpmTrie::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
+        m.insert(&exact_path_key(0, path), slot, 0)
+            .context("adding to the executable selector map (full?)")
+    }
+
+    /// Tags thread `tid` as `slot` (a task switch of a selector-identified process).
+    pub fn tag_thread(&mut self, tid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "PROCESS_AGENTS")?)?;
+        m.insert(tid, slot, 0)
+            .context("tagging a process in PROCESS_AGENTS (full?)")
+    }
+
+    /// The tag of thread `tid`, if it has one.
+    pub fn thread_tag(&self, tid: u32) -> Option<AgentSlot> {
+        let m = self.ebpf.map("PROCESS_AGENTS")?;
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(m).ok()?;
+        m.get(&tid, 0).ok()
+    }
+
+    /// Writes the grants of one task (entries keyed by the task number), valid until `expiry`.
+    pub fn set_task_grants(&mut self, tables: &KernelTables, expiry: Expiry) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, allow) in &tables.net {
+            let grant = NetGrant {
+                expiry,
+                allow: *allow,
+                _pad: 0,
+            };
+            net.insert(&Key::new(*prefix_len, *key), grant, 0)
+                .context("writing the task network grant map (full?)")?;
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            exec.insert(&Key::new(*prefix_len, *key), expiry, 0)
+                .context("writing the task exec grant map (full?)")?;
+        }
+        Ok(())
+    }
+
+    /// Removes grant entries written by `set_task_grants`. Entries already gone are fine.
+    pub fn remove_task_grants(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, _) in &tables.net {
+            match net.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task network grant"),
+            }
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            match exec.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task exec grant"),
+            }
+        }
+        Ok(())
+    }
+
     /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.
     pub fn counters(&self) -> anyhow::Result<[u64; COUNTERS as usize]> {
         let m = self
@@ -203,6 +287,19 @@ fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
         .map_err(|e| format!("the kernel refused it: {e}"))?;
     prog.unload()
         .map_err(|e| format!("unloading the probe: {e}"))
+}
+
+/// LPM key of an exact path (with its NUL inside the prefix) under `index`.
+fn exact_path_key(index: u32, path: &str) -> Key<ExecKey> {
+    let mut key = ExecKey {
+        agent: index,
+        path: [0; common::EXEC_PATH_LEN],
+    };
+    for (slot, byte) in key.path.iter_mut().zip(path.as_bytes()) {
+        *slot = *byte;
+    }
+    let bytes = (path.len() + 1).min(common::EXEC_PATH_LEN) as u32;
+    Key::new(common::EXEC_KEY_AGENT_BITS + bytes * 8, key)
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

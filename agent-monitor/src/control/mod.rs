@@ -21,6 +21,22 @@ pub enum Request {
     Place { agent: String, task: String },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
+    /// Start (or extend) task `task` of `agent`: grant it the given connects and execs for `ttl_ms`
+    /// (none: until `task end`), and optionally move process `pid` into it. Admins only.
+    TaskStart {
+        agent: String,
+        task: String,
+        #[serde(default)]
+        allow_connect: Vec<String>,
+        #[serde(default)]
+        allow_exec: Vec<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        pid: Option<u32>,
+    },
+    /// End task `task` of `agent`: its grants go at once. Admins, or a process of that very task.
+    TaskEnd { agent: String, task: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,6 +48,22 @@ pub enum Response {
         cgroup: String,
     },
     Status(Status),
+    TaskStarted {
+        agent: String,
+        task: String,
+        /// Grants in force now, as given.
+        grants: Vec<String>,
+        /// Milliseconds until they expire (none: until `task end`).
+        expires_in_ms: Option<u64>,
+        /// The process moved into the task, if one was named.
+        moved: Option<u32>,
+    },
+    TaskEnded {
+        agent: String,
+        task: String,
+        /// Grants removed.
+        revoked: usize,
+    },
     Error {
         message: String,
     },
@@ -52,6 +84,9 @@ pub struct AgentStatus {
     pub agent: String,
     pub mode: String,
     pub tasks: Vec<TaskStatus>,
+    /// Workload selectors and their state (armed, waiting, UNVERIFIED).
+    #[serde(default)]
+    pub selectors: Vec<String>,
     pub actions: u64,
     pub allowed: u64,
     pub denied: u64,
@@ -63,6 +98,12 @@ pub struct TaskStatus {
     pub task: String,
     pub cgroup: String,
     pub processes: Vec<u32>,
+    /// Grants in force (`connect ADDR`, `exec PATH`).
+    #[serde(default)]
+    pub grants: Vec<String>,
+    /// Milliseconds until they expire; none: until `task end` (or no grants).
+    #[serde(default)]
+    pub grants_expire_in_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -97,7 +138,9 @@ pub enum ClientError {
         "the agent-monitor daemon is not running (no control socket at {path}); start it with `agent-monitor daemon`"
     )]
     NotRunning { path: String },
-    #[error("permission denied on the control socket {path}: it is root-only")]
+    #[error(
+        "permission denied on the control socket {path}: it is for root and the daemon's --admin-group"
+    )]
     PermissionDenied { path: String },
     #[error("control socket {path}: {source}")]
     Io {
@@ -145,10 +188,59 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     }
 }
 
+impl Request {
+    /// Short name of the operation, for reports.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Place { .. } => "place",
+            Request::Status {} => "status",
+            Request::TaskStart { .. } => "task_start",
+            Request::TaskEnd { .. } => "task_end",
+        }
+    }
+
+    /// The (agent, task) the request acts on, if any.
+    pub fn target(&self) -> Option<(&str, &str)> {
+        match self {
+            Request::Place { agent, task }
+            | Request::TaskStart { agent, task, .. }
+            | Request::TaskEnd { agent, task } => Some((agent, task)),
+            Request::Status {} => None,
+        }
+    }
+}
+
+/// Who may do what on the control socket. `admin`: root or a member of the admin group.
+/// `inside`: the (agent, task) the calling process itself belongs to, if it is an agent process.
+///
+/// A process inside an agent may only end its own task (or `run` again into exactly its own
+/// task, which changes nothing) — even as root: otherwise an agent could start a task with wider
+/// grants, switch to another agent's allowlist, or end another agent's work.
+pub fn authorize(
+    request: &Request,
+    admin: bool,
+    inside: Option<(&str, &str)>,
+) -> Result<(), String> {
+    if let Some((agent, task)) = inside {
+        let own = request.target() == Some((agent, task));
+        return match request {
+            Request::TaskEnd { .. } | Request::Place { .. } if own => Ok(()),
+            _ => Err(format!(
+                "the caller is itself a process of agent {agent} (task {task}); from inside an agent only `task end --agent {agent} --task {task}` is allowed, never widening a task or touching another agent"
+            )),
+        };
+    }
+    if admin {
+        Ok(())
+    } else {
+        Err("the control socket is for root and members of the daemon's --admin-group".into())
+    }
+}
+
 /// Parses a request line; the error says what was wrong, for the caller.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| {
-        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}} or {{\"op\":\"status\"}}")
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"task_start\",…}} or {{\"op\":\"task_end\",\"agent\":…,\"task\":…}}")
     })
 }
 
@@ -164,10 +256,79 @@ mod tests {
                 task: "t".into(),
             },
             Request::Status {},
+            Request::TaskStart {
+                agent: "a".into(),
+                task: "t".into(),
+                allow_connect: vec!["127.0.0.1:80".into()],
+                allow_exec: vec![],
+                ttl_ms: Some(1000),
+                pid: None,
+            },
+            Request::TaskEnd {
+                agent: "a".into(),
+                task: "t".into(),
+            },
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s).unwrap(), r);
         }
+    }
+
+    fn start(agent: &str, task: &str) -> Request {
+        Request::TaskStart {
+            agent: agent.into(),
+            task: task.into(),
+            allow_connect: vec!["10.0.0.1:443".into()],
+            allow_exec: vec![],
+            ttl_ms: None,
+            pid: None,
+        }
+    }
+
+    fn end(agent: &str, task: &str) -> Request {
+        Request::TaskEnd {
+            agent: agent.into(),
+            task: task.into(),
+        }
+    }
+
+    #[test]
+    fn admins_outside_agents_may_do_everything() {
+        for r in [start("a", "t"), end("a", "t"), Request::Status {}] {
+            assert!(authorize(&r, true, None).is_ok());
+            assert!(
+                authorize(&r, false, None)
+                    .unwrap_err()
+                    .contains("--admin-group")
+            );
+        }
+    }
+
+    #[test]
+    fn inside_an_agent_only_its_own_task_may_be_ended_even_by_root() {
+        let me = Some(("a", "t"));
+        assert!(authorize(&end("a", "t"), true, me).is_ok());
+        assert!(authorize(&end("a", "t"), false, me).is_ok());
+        for r in [
+            start("a", "t"),
+            start("a", "other"),
+            start("b", "t"),
+            end("a", "other"),
+            end("b", "t"),
+            Request::Place {
+                agent: "b".into(),
+                task: "t".into(),
+            },
+            Request::Status {},
+        ] {
+            let e = authorize(&r, true, me).unwrap_err();
+            assert!(e.contains("from inside an agent"), "{r:?}: {e}");
+        }
+        let same = Request::Place {
+            agent: "a".into(),
+            task: "t".into(),
+        };
+        assert!(authorize(&same, true, me).is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::{FieldValue, Sink, SinkError, action_fields, journald};
 use crate::action::Action;
 
 /// The audit record of `action`: every field of [`super::Field`] under its JSON name (`null` where
-/// it does not apply), `process_chain` as an array of `{pid, exe}`, `time` and `priority`.
+/// it does not apply), `process_chain` as an array of `{pid, exe, args}`, `time` and `priority`.
 pub fn json_record(action: &Action) -> Result<Map<String, Value>, SinkError> {
     let mut record = Map::new();
     for (field, value) in action_fields(action) {
@@ -158,6 +158,7 @@ mod tests {
         let v = parse(&json_line(&connect_action()).unwrap());
         let expected = json!({
             "agent_id": "coder",
+            "agent_spiffe_id": "spiffe://host.example/agent/coder",
             "task_id": "t-42",
             "action": "connect",
             "verdict": "denied",
@@ -169,9 +170,9 @@ mod tests {
             "dest_port": 443,
             "dest_transport": "tcp",
             "process_chain": [
-                {"pid": 4000, "exe": "/usr/bin/python3"},
-                {"pid": 4100, "exe": "/bin/sh"},
-                {"pid": 4242, "exe": "/usr/bin/curl"}
+                {"pid": 4000, "exe": "/usr/bin/python3", "args": []},
+                {"pid": 4100, "exe": "/bin/sh", "args": ["-c", "curl https://10.1.2.3"]},
+                {"pid": 4242, "exe": "/usr/bin/curl", "args": []}
             ],
             "enforcement": "eperm",
             "reason": "no network rule matches 10.1.2.3:443",

@@ -4,8 +4,10 @@ mod compile;
 mod evaluate;
 pub(crate) mod model;
 mod parse;
+pub mod selectors;
 
-pub use compile::KernelTables;
-pub use evaluate::Decision;
+pub use compile::{KernelTables, compile_grants};
+pub use evaluate::{Decision, to_table_addr};
+pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
-pub use parse::Issue;
+pub use parse::{Issue, parse_grants};

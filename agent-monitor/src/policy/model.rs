@@ -10,6 +10,7 @@ use std::path::Path;
 use agent_monitor_common::{MODE_ALERT, MODE_ENFORCE, PortRange};
 
 use crate::policy::parse::{Issue, Location, PolicyError};
+use crate::policy::selectors::Selectors;
 
 /// What happens when an agent does something its allowlist does not allow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,6 +133,8 @@ pub struct Policy {
     pub(crate) mode: Mode,
     pub(crate) network: Vec<NetRule>,
     pub(crate) exec: Vec<ExecRule>,
+    /// `[identity]`: processes started outside `run` that are this agent.
+    pub(crate) selectors: Selectors,
     /// Where `agent = …` was written; names the file in errors about the whole policy.
     pub(crate) defined_at: Location,
 }
@@ -151,6 +154,10 @@ impl Policy {
 
     pub fn exec(&self) -> &[ExecRule] {
         &self.exec
+    }
+
+    pub fn selectors(&self) -> &Selectors {
+        &self.selectors
     }
 
     /// The file this policy came from.
@@ -173,7 +180,8 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    /// Fails if two policies name the same agent (every such pair is reported).
+    /// Fails if two policies name the same agent, or if selectors of two agents overlap (every
+    /// such pair is reported, with both places).
     pub fn new(mut policies: Vec<Policy>) -> Result<PolicySet, PolicyError> {
         // Stable sort keeps file order among duplicates, so errors read in the order files were given.
         policies.sort_by(|a, b| a.agent.cmp(&b.agent));
@@ -185,6 +193,9 @@ impl PolicySet {
                 first: pair[0].defined_at.clone(),
                 second: pair[1].defined_at.clone(),
             })
+            .chain(crate::policy::selectors::conflicts(
+                policies.iter().map(|p| (p.agent.as_str(), &p.selectors)),
+            ))
             .collect();
         if issues.is_empty() {
             Ok(PolicySet { policies })
