@@ -849,6 +849,23 @@ impl Monitor {
             );
         }
         self.counters.lost_records = lost;
+        self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
+        let full = k[common::COUNTER_TAGS_FULL as usize];
+        if full > self.counters.tags_full {
+            tracing::error!(
+                total = full,
+                "processes could not be tagged (PROCESS_AGENTS full): they are not treated as agents"
+            );
+        }
+        self.counters.tags_full = full;
+        let conflicts = k[common::COUNTER_SELECTOR_CONFLICTS as usize];
+        if conflicts > self.counters.selector_conflicts {
+            tracing::warn!(
+                total = conflicts,
+                "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
+            );
+        }
+        self.counters.selector_conflicts = conflicts;
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {

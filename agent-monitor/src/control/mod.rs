@@ -122,6 +122,17 @@ pub struct Counters {
     pub tracked_processes: u64,
     /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).
     pub verdict_disagreements: u64,
+    /// Connects/execs the kernel refused because the matching task grant had expired (before
+    /// the daemon removed it).
+    #[serde(default)]
+    pub grants_expired_in_kernel: u64,
+    /// Processes that could not be tagged (tag map full): they did not become the agent.
+    #[serde(default)]
+    pub tags_full: u64,
+    /// Execs of one agent's selected executable by a process a higher-ranked selector of
+    /// another agent holds (it stayed with that agent).
+    #[serde(default)]
+    pub selector_conflicts: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

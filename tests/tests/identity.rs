@@ -1,0 +1,698 @@
+//! Workload identity on the real kernel: selectors (uid, cgroup, systemd unit, executable with
+//! digest), tasks with grants that expire in the kernel, control-socket authorization, `run --user`.
+//! Run one at a time (`--test-threads=1`): the programs attach at the cgroup root.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+fn policy(agent: &str, net: &[String], exec: &[&str], identity: &str) -> (String, String) {
+    let q = |v: &[String]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let exec: Vec<String> = exec.iter().map(|s| s.to_string()).collect();
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n[identity]\n{identity}\n",
+            q(&net.to_vec()),
+            q(&exec)
+        ),
+    )
+}
+
+fn is(v: &Value, key: &str, want: &str) -> bool {
+    field(v, key) == want
+}
+
+/// Python: `c(port)` connects to 127.0.0.1:port and returns `ok` or `errnoN`.
+const PY_C: &str = "import socket\ndef c(p):\n  s=socket.socket()\n  try:\n    s.connect(('127.0.0.1',p)); return 'ok'\n  except OSError as e:\n    return 'errno%d'%e.errno\n";
+
+/// Python: connect to each port, print `ok` or `errnoN` for each, space-separated.
+fn py_ports(ports: &[u16]) -> String {
+    format!("{PY_C}print(' '.join(c(p) for p in {ports:?}))")
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    text(&out.stdout).trim().to_string()
+}
+
+fn denied_connect(d: &Daemon, agent: &str, port: u16) -> Value {
+    d.wait_audit("denied connect", |v| {
+        is(v, "agent_id", agent)
+            && is(v, "action", "connect")
+            && is(v, "verdict", "denied")
+            && v["dest_port"] == port
+    })
+}
+
+#[test]
+fn uid_selector_takes_a_process_when_it_becomes_that_uid() {
+    if !require_root("uid_selector_takes_a_process_when_it_becomes_that_uid") {
+        return;
+    }
+    let agent = unique_agent("uid");
+    // A uid no one else on this host uses, so the selector catches only this test's process.
+    let uid = 200_000 + std::process::id() % 50_000;
+    let (allowed, forbidden) = (listener_v4(), listener_v4());
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[format!("127.0.0.1:{allowed}")],
+        &[],
+        &format!("uids = [{uid}]"),
+    )]);
+    // Started by a non-agent parent (this test), as root: not the agent until it takes the uid.
+    let script = format!(
+        "import os\n{}\nbefore=c({forbidden})\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\nprint(before, c({allowed}), c({forbidden}))",
+        PY_C
+    );
+    let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    assert_eq!(
+        stdout_of(&out),
+        "ok ok errno1",
+        "as root: allowed; as uid {uid}: the agent's allowlist. stderr: {}",
+        text(&out.stderr)
+    );
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(field(&rec, "task_id"), "default");
+    assert_eq!(rec["uid"], uid);
+    let j = wait_journal(&agent, "denied connect", |e| is(e, "VERDICT", "denied"));
+    assert_eq!(field(&j, "TASK_ID"), "default");
+}
+
+#[test]
+fn cgroup_selector_covers_processes_below_the_cgroup() {
+    if !require_root("cgroup_selector_covers_processes_below_the_cgroup") {
+        return;
+    }
+    let agent = unique_agent("cg");
+    let cg = TestCgroup::new(&format!("am-test-{agent}"), "worker");
+    let top = format!("/am-test-{agent}");
+    let (allowed, forbidden) = (listener_v4(), listener_v4());
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[format!("127.0.0.1:{allowed}")],
+        &[PYTHON],
+        &format!("cgroups = [{top:?}]"),
+    )]);
+    let status = d.status();
+    let sel = status["agents"][0]["selectors"].to_string();
+    assert!(sel.contains("armed: cgroup"), "{sel}");
+    // A process that enters a cgroup below the selected one becomes the agent from then on.
+    let out = Command::new(SH)
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {PYTHON} -c \"$0\"",
+            cg.path.display()
+        ))
+        .arg(py_ports(&[allowed, forbidden]))
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "ok errno1", "{}", text(&out.stderr));
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(field(&rec, "task_id"), "default");
+    // The same program outside the cgroup is not the agent.
+    let out = Command::new(PYTHON)
+        .args(["-c", &py_ports(&[forbidden])])
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "ok");
+}
+
+#[test]
+fn systemd_unit_selector_resolves_the_units_cgroup() {
+    if !require_root("systemd_unit_selector_resolves_the_units_cgroup") {
+        return;
+    }
+    // systemd is not PID 1 on the CI machines: the unit's cgroup is found by its directory name
+    // (where systemd, or a delegate, keeps it). With systemd, `systemctl show` is asked instead.
+    let agent = unique_agent("unit");
+    let unit = format!("am-{agent}.service");
+    let cg = TestCgroup::new(&format!("am-test-{agent}.slice"), &unit);
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[],
+        &[PYTHON],
+        &format!("systemd_units = [{unit:?}]"),
+    )]);
+    let sel = d.status()["agents"][0]["selectors"].to_string();
+    assert!(
+        sel.contains(&format!("armed: cgroup /am-test-{agent}.slice/{unit}")),
+        "{sel}"
+    );
+    let out = Command::new(SH)
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {PYTHON} -c \"$0\"",
+            cg.path.display()
+        ))
+        .arg(py_ports(&[forbidden]))
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "errno1", "{}", text(&out.stderr));
+    denied_connect(&d, &agent, forbidden);
+}
+
+/// A copy of bash under a test directory: the selected executable (bash can connect by itself
+/// through /dev/tcp, so nothing else needs to run).
+fn bot(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("bot");
+    std::fs::copy("/bin/bash", &p).unwrap();
+    p
+}
+
+#[test]
+fn executable_selector_makes_the_exec_the_agent_and_rechecks_the_digest() {
+    if !require_root("executable_selector_makes_the_exec_the_agent_and_rechecks_the_digest") {
+        return;
+    }
+    let agent = unique_agent("exe");
+    let dir = tempfile::tempdir().unwrap();
+    let bot = bot(dir.path());
+    let digest = sha256_hex(&bot);
+    let (allowed, forbidden) = (listener_v4(), listener_v4());
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[format!("127.0.0.1:{allowed}")],
+        &[],
+        &format!(
+            "executables = [{{ path = {:?}, sha256 = {digest:?} }}]",
+            bot.display().to_string()
+        ),
+    )]);
+    assert!(
+        d.status()["agents"][0]["selectors"]
+            .to_string()
+            .contains("sha256 verified")
+    );
+
+    // A non-agent python connects freely, then execs the selected file: from that exec on it is
+    // the agent.
+    let script = format!(
+        "{}\nimport os,sys\nprint(c({forbidden}), flush=True)\nos.execv({:?}, ['bot','-c','exec 3<>/dev/tcp/127.0.0.1/{forbidden} && echo connected'])",
+        PY_C,
+        bot.display().to_string()
+    );
+    let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    assert_eq!(stdout_of(&out), "ok", "before the exec: not the agent");
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "after exec of the selected file: {}",
+        text(&out.stderr)
+    );
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(field(&rec, "task_id"), "default");
+    assert_eq!(field(&rec, "comm"), "bot");
+    assert!(
+        d.log()
+            .contains("became an agent by its executable selector")
+    );
+
+    // Grants of the default task apply to the verified executable...
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "default",
+        "--allow-connect",
+        &format!("127.0.0.1:{forbidden}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = Command::new(&bot)
+        .args(["-c", &bash_connect(forbidden)])
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "connected", "{}", text(&out.stderr));
+
+    // ...until the file changes: re-checked, mismatch, loud alert, and the file's processes land
+    // in task `unverified`, which is never granted anything.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&bot)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"\n"))
+        .unwrap();
+    let alert = wait_journal(&agent, "digest mismatch alert", |e| {
+        is(e, "ACTION", "identity") && is(e, "VERDICT", "alert")
+    });
+    assert_eq!(field(&alert, "PRIORITY"), "3");
+    assert!(
+        field(&alert, "REASON").contains("policy expects"),
+        "{alert}"
+    );
+    let out = Command::new(&bot)
+        .args(["-c", &bash_connect(forbidden)])
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "unverified executable kept its grant: {} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    d.wait_audit("denied connect in task unverified", |v| {
+        is(v, "agent_id", &agent) && is(v, "task_id", "unverified") && is(v, "verdict", "denied")
+    });
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "unverified",
+        "--allow-connect",
+        &format!("127.0.0.1:{forbidden}"),
+    ]);
+    assert!(!out.status.success(), "task unverified accepted a grant");
+    assert!(
+        d.status()["agents"][0]["selectors"]
+            .to_string()
+            .contains("UNVERIFIED")
+    );
+}
+
+#[test]
+fn executable_selector_with_a_wrong_digest_alerts_at_start() {
+    if !require_root("executable_selector_with_a_wrong_digest_alerts_at_start") {
+        return;
+    }
+    let agent = unique_agent("badsum");
+    let dir = tempfile::tempdir().unwrap();
+    let bot = bot(dir.path());
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[policy(
+        &agent,
+        &[],
+        &[],
+        &format!(
+            "executables = [{{ path = {:?}, sha256 = \"{}\" }}]",
+            bot.display().to_string(),
+            "0".repeat(64)
+        ),
+    )]);
+    let alert = wait_journal(&agent, "digest mismatch", |e| is(e, "ACTION", "identity"));
+    assert_eq!(field(&alert, "PRIORITY"), "3");
+    assert_eq!(field(&alert, "TASK_ID"), "unverified");
+    // Still bound by the agent's allowlist (fail closed), in the grantless task.
+    let out = Command::new(&bot)
+        .args(["-c", &bash_connect(forbidden)])
+        .output()
+        .unwrap();
+    assert!(text(&out.stderr).contains("Operation not permitted"));
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(field(&rec, "task_id"), "unverified");
+}
+
+#[test]
+fn grant_is_visible_in_its_task_only_and_events_name_task_spiffe_id_and_chain() {
+    if !require_root("grant_is_visible_in_its_task_only_and_events_name_task_spiffe_id_and_chain") {
+        return;
+    }
+    let agent = unique_agent("grant");
+    let port = listener_v4();
+    let d = Daemon::start_with(
+        &[policy(&agent, &[], &[PYTHON, SH], "")],
+        &["--trust-domain", "example.org"],
+    );
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "t1",
+        "--allow-connect",
+        &format!("127.0.0.1:{port}"),
+        "--ttl",
+        "10m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let script = py_ports(&[port]);
+    let t1 = d.run(&agent, Some("t1"), &[PYTHON, "-c", &script]);
+    assert_eq!(
+        stdout_of(&t1),
+        "ok",
+        "task t1 holds the grant: {}",
+        text(&t1.stderr)
+    );
+    let t2 = d.run(
+        &agent,
+        Some("t2"),
+        &[SH, "-c", &format!("{PYTHON} -c \"$0\""), &script],
+    );
+    assert_eq!(stdout_of(&t2), "errno1", "task t2 must not see t1's grant");
+
+    let granted = d.wait_audit("granted connect", |v| {
+        is(v, "agent_id", &agent)
+            && is(v, "action", "connect")
+            && is(v, "verdict", "allowed")
+            && is(v, "task_id", "t1")
+    });
+    assert!(
+        field(&granted, "reason").contains("granted to task t1"),
+        "{granted}"
+    );
+    let j = wait_journal(&agent, "denied connect in t2", |e| {
+        is(e, "VERDICT", "denied")
+    });
+    assert_eq!(field(&j, "TASK_ID"), "t2");
+    assert_eq!(
+        field(&j, "AGENT_SPIFFE_ID"),
+        format!("spiffe://example.org/agent/{agent}")
+    );
+    let chain = field(&j, "PROCESS_CHAIN");
+    // sh -c '…' > python3 -c '…': each link names its program and first arguments.
+    assert!(chain.contains(&format!("{SH} \"-c")), "{chain}");
+    assert!(
+        chain.contains(&format!("{PYTHON} \"-c import socket")),
+        "{chain}"
+    );
+    let rec = denied_connect(&d, &agent, port);
+    let links = rec["process_chain"].as_array().unwrap();
+    assert_eq!(links.last().unwrap()["args"][0], "-c");
+    assert_eq!(
+        field(&rec, "agent_spiffe_id"),
+        format!("spiffe://example.org/agent/{agent}")
+    );
+    let tasks = d.status()["agents"][0]["tasks"].to_string();
+    assert!(
+        tasks.contains(&format!("connect 127.0.0.1:{port}")),
+        "{tasks}"
+    );
+}
+
+#[test]
+fn grant_expires_in_the_kernel_at_its_ttl() {
+    if !require_root("grant_expires_in_the_kernel_at_its_ttl") {
+        return;
+    }
+    let agent = unique_agent("ttl");
+    let port = listener_v4();
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let go = d.dir.path().join("go");
+    // The agent waits for the grant, then connects every 5 ms and records (monotonic ns, result)
+    // until it is refused.
+    let script = format!(
+        "import socket,time,os\nwhile not os.path.exists({go:?}): time.sleep(0.005)\nt_end=time.monotonic()+5\nwhile time.monotonic()<t_end:\n  s=socket.socket(); t=time.monotonic_ns()\n  try:\n    s.connect(('127.0.0.1',{port})); r='ok'\n  except OSError as e:\n    r='errno%d'%e.errno\n  s.close(); print(t, r, flush=True)\n  if r!='ok': break\n  time.sleep(0.005)",
+        go = go.display().to_string()
+    );
+    let child = d.spawn_run(&agent, "short", &[], &[PYTHON, "-c", &script]);
+    std::thread::sleep(Duration::from_millis(300)); // placed
+    let before = monotonic_ns();
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "short",
+        "--allow-connect",
+        &format!("127.0.0.1:{port}"),
+        "--ttl",
+        "1s",
+    ]);
+    let after = monotonic_ns();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&go, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines: Vec<(u64, String)> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (t, r) = l.split_once(' ').unwrap();
+            (t.parse().unwrap(), r.to_string())
+        })
+        .collect();
+    let (last_t, last_r) = lines.last().expect("attempts").clone();
+    assert_eq!(last_r, "errno1", "the grant never ended: {lines:?}");
+    let oks: Vec<u64> = lines
+        .iter()
+        .filter(|(_, r)| r == "ok")
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        oks.len() > 10,
+        "the grant did not work before its TTL: {lines:?}"
+    );
+    let last_ok = *oks.last().unwrap();
+    // The expiry instant lies in [before+1s, after+1s]. Allowed only before it, refused soon after
+    // it — well before the daemon's 2 s sweep could have removed the entry.
+    let ttl = 1_000_000_000;
+    assert!(
+        last_ok < after + ttl,
+        "allowed after the TTL: {last_ok} vs {}",
+        after + ttl
+    );
+    assert!(last_t >= before + ttl, "refused before the TTL");
+    let late_ms = (last_t - (after + ttl).min(last_t)) as f64 / 1e6;
+    eprintln!(
+        "grant TTL 1s: last allowed {:.1} ms and first refused {:.1} ms after the grant was written (task start took {:.1} ms)",
+        (last_ok - before) as f64 / 1e6,
+        (last_t - before) as f64 / 1e6,
+        (after - before) as f64 / 1e6
+    );
+    assert!(
+        late_ms < 100.0,
+        "refused {late_ms} ms after expiry: not the kernel's own check"
+    );
+    let counters = &d.status()["counters"];
+    assert!(
+        counters["grants_expired_in_kernel"].as_u64().unwrap_or(0) >= 1,
+        "the kernel did not count an expired-grant refusal: {counters}"
+    );
+}
+
+#[test]
+fn task_end_revokes_the_grants_at_once() {
+    if !require_root("task_end_revokes_the_grants_at_once") {
+        return;
+    }
+    let agent = unique_agent("end");
+    let port = listener_v4();
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "job",
+        "--allow-connect",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let script = py_ports(&[port]);
+    assert_eq!(
+        stdout_of(&d.run(&agent, Some("job"), &[PYTHON, "-c", &script])),
+        "ok"
+    );
+    let out = d.cli(&["task", "end", "--agent", &agent, "--task", "job"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        stdout_of(&out).contains("1 grant(s) revoked"),
+        "{}",
+        stdout_of(&out)
+    );
+    assert_eq!(
+        stdout_of(&d.run(&agent, Some("job"), &[PYTHON, "-c", &script])),
+        "errno1"
+    );
+}
+
+#[test]
+fn an_agent_cannot_widen_its_task_or_touch_another_agent_even_as_root() {
+    if !require_root("an_agent_cannot_widen_its_task_or_touch_another_agent_even_as_root") {
+        return;
+    }
+    let agent = unique_agent("esc");
+    let other = unique_agent("esc-other");
+    let port = listener_v4();
+    let bin = binary().canonicalize().unwrap().display().to_string();
+    let d = Daemon::start(&[
+        policy(&agent, &[], &[&bin], ""),
+        policy(&other, &[format!("127.0.0.1:{port}")], &[PYTHON], ""),
+    ]);
+    let sock = d.socket.display().to_string();
+    let attempt = |args: &[&str]| d.run(&agent, Some("mine"), &[&[bin.as_str()], args].concat());
+    let grant = format!("127.0.0.1:{port}");
+    let (a, o, g, s) = (
+        agent.as_str(),
+        other.as_str(),
+        grant.as_str(),
+        sock.as_str(),
+    );
+    for args in [
+        vec![
+            "task",
+            "start",
+            "--agent",
+            a,
+            "--task",
+            "mine",
+            "--allow-connect",
+            g,
+            "--control-socket",
+            s,
+        ],
+        vec![
+            "task",
+            "start",
+            "--agent",
+            a,
+            "--task",
+            "wider",
+            "--allow-connect",
+            g,
+            "--control-socket",
+            s,
+        ],
+        vec![
+            "task",
+            "end",
+            "--agent",
+            o,
+            "--task",
+            "theirs",
+            "--control-socket",
+            s,
+        ],
+        vec![
+            "run",
+            "--agent",
+            o,
+            "--control-socket",
+            s,
+            "--",
+            PYTHON,
+            "-c",
+            "print(1)",
+        ],
+    ] {
+        let out = attempt(&args);
+        assert!(
+            !out.status.success(),
+            "{args:?} was allowed from inside the agent"
+        );
+        assert!(
+            text(&out.stderr).contains("from inside an agent"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    let j = wait_journal(&agent, "refused control request", |e| {
+        is(e, "ACTION", "control") && is(e, "VERDICT", "denied")
+    });
+    assert!(field(&j, "REASON").contains("task_start"), "{j}");
+    assert_eq!(field(&j, "AGENT_UID"), "0", "refused although root");
+    // Ending its own task is allowed.
+    let out = attempt(&[
+        "task",
+        "end",
+        "--agent",
+        a,
+        "--task",
+        "mine",
+        "--control-socket",
+        s,
+    ]);
+    assert!(out.status.success(), "own task end: {}", text(&out.stderr));
+}
+
+#[test]
+fn run_user_drops_privileges_and_cannot_leave_its_cgroup() {
+    if !require_root("run_user_drops_privileges_and_cannot_leave_its_cgroup") {
+        return;
+    }
+    let agent = unique_agent("user");
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let root = cgroup2_root();
+    // Tries to move itself to the cgroup root and to the agent-monitor tree: both need write
+    // access to a root-owned cgroup.procs (and to the common ancestor's).
+    let script = format!(
+        "import os\nfor target in [{:?}, {:?}]:\n  try:\n    open(target+'/cgroup.procs','w').write(str(os.getpid())); print('escaped', target)\n  except OSError as e:\n    print('refused', e.errno)\nprint('uid', os.getuid(), 'groups', os.getgroups())\nprint(open('/proc/self/cgroup').read().strip().splitlines()[-1])\n{}\nprint(c({forbidden}))",
+        root.display().to_string(),
+        root.join("agent-monitor").display().to_string(),
+        PY_C,
+    );
+    let out = Command::new(binary())
+        .args(["run", "--control-socket"])
+        .arg(&d.socket)
+        .args([
+            "--agent", &agent, "--task", "u1", "--user", "nobody", "--", PYTHON, "-c", &script,
+        ])
+        .output()
+        .unwrap();
+    let o = text(&out.stdout);
+    assert!(!o.contains("escaped"), "{o}");
+    assert_eq!(
+        o.matches("refused 13").count(),
+        2,
+        "{o}\n{}",
+        text(&out.stderr)
+    );
+    assert!(o.contains("uid 65534 groups [65534]"), "{o}");
+    assert!(o.contains(&format!("0::/agent-monitor/{agent}/u1")), "{o}");
+    assert!(o.trim_end().ends_with("errno1"), "{o}");
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(rec["uid"], 65534);
+    // The task cgroup is root's: nobody cannot write to it either.
+    let meta = std::fs::metadata(root.join(format!("agent-monitor/{agent}/u1/cgroup.procs")));
+    if let Ok(m) = meta {
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(m.uid(), 0);
+    }
+}
+
+#[test]
+fn admin_group_members_may_start_tasks_others_may_not() {
+    if !require_root("admin_group_members_may_start_tasks_others_may_not") {
+        return;
+    }
+    let agent = unique_agent("admin");
+    // `adm` exists on Debian; a non-root caller in it is an admin, nobody without it is not.
+    let d = Daemon::start_with(&[policy(&agent, &[], &[], "")], &["--admin-group", "adm"]);
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let m = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.permissions().mode() & 0o777),
+        (0, 4, 0o660)
+    );
+    let as_nobody = |groups: &str| {
+        let script = format!(
+            "import os,sys\nos.setgroups([{groups}]); os.setgid(65534); os.setuid(65534)\nos.execv(sys.argv[1], sys.argv[1:])"
+        );
+        let out = Command::new(PYTHON)
+            .args(["-c", &script])
+            .arg(binary())
+            .args([
+                "task",
+                "start",
+                "--agent",
+                &agent,
+                "--task",
+                "t",
+                "--allow-connect",
+                "127.0.0.1:9",
+                "--control-socket",
+            ])
+            .arg(&d.socket)
+            .output()
+            .unwrap();
+        (out.status.success(), text(&out.stderr))
+    };
+    let (ok, err) = as_nobody("4");
+    assert!(ok, "member of adm refused: {err}");
+    let (ok, err) = as_nobody("");
+    assert!(
+        !ok && err.contains("permission denied"),
+        "non-member: {err}"
+    );
+}
