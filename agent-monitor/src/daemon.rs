@@ -850,22 +850,26 @@ impl Monitor {
         }
         self.counters.lost_records = lost;
         self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
-        let full = k[common::COUNTER_TAGS_FULL as usize];
-        if full > self.counters.tags_full {
+        // Identity anomalies: logged when they grow, always counted.
+        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
+        if grown(
+            k[common::COUNTER_TAGS_FULL as usize],
+            &mut self.counters.tags_full,
+        ) {
             tracing::error!(
-                total = full,
+                total = self.counters.tags_full,
                 "processes could not be tagged (PROCESS_AGENTS full): they are not treated as agents"
             );
         }
-        self.counters.tags_full = full;
-        let conflicts = k[common::COUNTER_SELECTOR_CONFLICTS as usize];
-        if conflicts > self.counters.selector_conflicts {
+        if grown(
+            k[common::COUNTER_SELECTOR_CONFLICTS as usize],
+            &mut self.counters.selector_conflicts,
+        ) {
             tracing::warn!(
-                total = conflicts,
+                total = self.counters.selector_conflicts,
                 "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
             );
         }
-        self.counters.selector_conflicts = conflicts;
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {

@@ -394,3 +394,23 @@ fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
 pub fn bash_connect(port: u16) -> String {
     format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected")
 }
+
+/// A policy file (name, TOML) in enforce mode with the given allowlists and `[identity]` body.
+pub fn identity_policy(
+    agent: &str,
+    net: &[String],
+    exec: &[&str],
+    identity: &str,
+) -> (String, String) {
+    let list = |v: &mut dyn Iterator<Item = String>| {
+        v.map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    };
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n[identity]\n{identity}\n",
+            list(&mut net.iter().cloned()),
+            list(&mut exec.iter().map(|s| s.to_string()))
+        ),
+    )
+}

@@ -9,24 +9,6 @@ use std::time::Duration;
 use agent_monitor_tests::*;
 use serde_json::Value;
 
-fn policy(agent: &str, net: &[String], exec: &[&str], identity: &str) -> (String, String) {
-    let q = |v: &[String]| {
-        v.iter()
-            .map(|s| format!("{s:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let exec: Vec<String> = exec.iter().map(|s| s.to_string()).collect();
-    (
-        format!("{agent}.toml"),
-        format!(
-            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n[identity]\n{identity}\n",
-            q(&net.to_vec()),
-            q(&exec)
-        ),
-    )
-}
-
 fn is(v: &Value, key: &str, want: &str) -> bool {
     field(v, key) == want
 }
@@ -61,7 +43,7 @@ fn uid_selector_takes_a_process_when_it_becomes_that_uid() {
     // A uid no one else on this host uses, so the selector catches only this test's process.
     let uid = 200_000 + std::process::id() % 50_000;
     let (allowed, forbidden) = (listener_v4(), listener_v4());
-    let d = Daemon::start(&[policy(
+    let d = Daemon::start(&[identity_policy(
         &agent,
         &[format!("127.0.0.1:{allowed}")],
         &[],
@@ -95,7 +77,7 @@ fn cgroup_selector_covers_processes_below_the_cgroup() {
     let cg = TestCgroup::new(&format!("am-test-{agent}"), "worker");
     let top = format!("/am-test-{agent}");
     let (allowed, forbidden) = (listener_v4(), listener_v4());
-    let d = Daemon::start(&[policy(
+    let d = Daemon::start(&[identity_policy(
         &agent,
         &[format!("127.0.0.1:{allowed}")],
         &[PYTHON],
@@ -136,7 +118,7 @@ fn systemd_unit_selector_resolves_the_units_cgroup() {
     let unit = format!("am-{agent}.service");
     let cg = TestCgroup::new(&format!("am-test-{agent}.slice"), &unit);
     let forbidden = listener_v4();
-    let d = Daemon::start(&[policy(
+    let d = Daemon::start(&[identity_policy(
         &agent,
         &[],
         &[PYTHON],
@@ -178,7 +160,7 @@ fn executable_selector_makes_the_exec_the_agent_and_rechecks_the_digest() {
     let bot = bot(dir.path());
     let digest = sha256_hex(&bot);
     let (allowed, forbidden) = (listener_v4(), listener_v4());
-    let d = Daemon::start(&[policy(
+    let d = Daemon::start(&[identity_policy(
         &agent,
         &[format!("127.0.0.1:{allowed}")],
         &[],
@@ -288,7 +270,7 @@ fn executable_selector_with_a_wrong_digest_alerts_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let bot = bot(dir.path());
     let forbidden = listener_v4();
-    let d = Daemon::start(&[policy(
+    let d = Daemon::start(&[identity_policy(
         &agent,
         &[],
         &[],
@@ -319,7 +301,7 @@ fn grant_is_visible_in_its_task_only_and_events_name_task_spiffe_id_and_chain() 
     let agent = unique_agent("grant");
     let port = listener_v4();
     let d = Daemon::start_with(
-        &[policy(&agent, &[], &[PYTHON, SH], "")],
+        &[identity_policy(&agent, &[], &[PYTHON, SH], "")],
         &["--trust-domain", "example.org"],
     );
     let out = d.cli(&[
@@ -396,7 +378,7 @@ fn grant_expires_in_the_kernel_at_its_ttl() {
     }
     let agent = unique_agent("ttl");
     let port = listener_v4();
-    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let d = Daemon::start(&[identity_policy(&agent, &[], &[PYTHON], "")]);
     let go = d.dir.path().join("go");
     // The agent waits for the grant, then connects every 5 ms and records (monotonic ns, result)
     // until it is refused.
@@ -476,7 +458,7 @@ fn task_end_revokes_the_grants_at_once() {
     }
     let agent = unique_agent("end");
     let port = listener_v4();
-    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let d = Daemon::start(&[identity_policy(&agent, &[], &[PYTHON], "")]);
     let out = d.cli(&[
         "task",
         "start",
@@ -516,8 +498,8 @@ fn an_agent_cannot_widen_its_task_or_touch_another_agent_even_as_root() {
     let port = listener_v4();
     let bin = binary().canonicalize().unwrap().display().to_string();
     let d = Daemon::start(&[
-        policy(&agent, &[], &[&bin], ""),
-        policy(&other, &[format!("127.0.0.1:{port}")], &[PYTHON], ""),
+        identity_policy(&agent, &[], &[&bin], ""),
+        identity_policy(&other, &[format!("127.0.0.1:{port}")], &[PYTHON], ""),
     ]);
     let sock = d.socket.display().to_string();
     let attempt = |args: &[&str]| d.run(&agent, Some("mine"), &[&[bin.as_str()], args].concat());
@@ -612,7 +594,7 @@ fn run_user_drops_privileges_and_cannot_leave_its_cgroup() {
     }
     let agent = unique_agent("user");
     let forbidden = listener_v4();
-    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON], "")]);
+    let d = Daemon::start(&[identity_policy(&agent, &[], &[PYTHON], "")]);
     let root = cgroup2_root();
     // Tries to move itself to the cgroup root and to the agent-monitor tree: both need write
     // access to a root-owned cgroup.procs (and to the common ancestor's).
@@ -658,7 +640,10 @@ fn admin_group_members_may_start_tasks_others_may_not() {
     }
     let agent = unique_agent("admin");
     // `adm` exists on Debian; a non-root caller in it is an admin, nobody without it is not.
-    let d = Daemon::start_with(&[policy(&agent, &[], &[], "")], &["--admin-group", "adm"]);
+    let d = Daemon::start_with(
+        &[identity_policy(&agent, &[], &[], "")],
+        &["--admin-group", "adm"],
+    );
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let m = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(

@@ -1213,4 +1213,65 @@ allow = ["/usr/bin/git", "/bin/sh", "/usr/bin/python3*"]
         assert_eq!(line_col("a", 99), (1, 2));
         assert_eq!(line_col("", 0), (1, 1));
     }
+
+    const SUM: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn identity_section_parses() {
+        let p = ok(&format!(
+            "agent = \"coder\"\n[identity]\nuids = [1001, 1002]\nsystemd_units = [\"coder-agent.service\"]\ncgroups = [\"/agents/coder\"]\nexecutables = [{{ path = \"/opt/coder/bin/agent\", sha256 = \"{SUM}\" }}]\n"
+        ));
+        let s = p.selectors();
+        let uids: Vec<u32> = s.uids.iter().map(|u| u.value).collect();
+        assert_eq!(uids, [1001, 1002]);
+        assert_eq!(s.uids[0].at.to_string(), format!("{ORIGIN}:3:9"));
+        assert_eq!(s.systemd_units[0].value, "coder-agent.service");
+        assert_eq!(s.cgroups[0].value, "/agents/coder");
+        assert_eq!(s.executables[0].value.path, "/opt/coder/bin/agent");
+        assert_eq!(s.executables[0].value.sha256[0], 0xba);
+        assert!(ok("agent = \"a\"\n").selectors().is_empty());
+    }
+
+    #[test]
+    fn bad_selectors_name_field_and_expectation() {
+        let e = err(&format!(
+            "agent = \"a\"\n[identity]\ncgroups = [\"/\", \"/agent-monitor/a/t\"]\nsystemd_units = [\"coder\"]\nexecutables = [{{ path = \"/opt/*\", sha256 = \"xyz\" }}, {{ path = \"/opt/a\", sha256 = \"{SUM}\" }}]\n"
+        ));
+        for want in [
+            "identity.cgroups[0] \"/\": the cgroup root would select every process",
+            "identity.cgroups[1] \"/agent-monitor/a/t\": agent-monitor's own cgroup tree",
+            "identity.systemd_units[0] \"coder\": expected a systemd unit name",
+            "identity.executables[0].path \"/opt/*\": an executable selector names one file",
+            "identity.executables[0].sha256 \"xyz\": expected the file's sha256 as 64 hex digits",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let e = err("agent = \"a\"\n[identity]\nexecutables = [{ path = \"/x\" }]\n");
+        assert!(e.contains("sha256"), "{e}");
+        let e = err("agent = \"a\"\n[identity]\nuids = [-1]\n");
+        assert!(e.starts_with(ORIGIN), "{e}");
+        let e = err("agent = \"a\"\n[identity]\nuser = \"x\"\n");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_selectors_across_files_are_refused_with_both_places() {
+        let a = Policy::parse(
+            "agent = \"a\"\n[identity]\ncgroups = [\"/agents\"]\nuids = [7]\n",
+            Path::new("policies/a.toml"),
+        )
+        .unwrap();
+        let b = Policy::parse(
+            "agent = \"b\"\n[identity]\ncgroups = [\"/agents/b\"]\nuids = [8]\n",
+            Path::new("policies/b.toml"),
+        )
+        .unwrap();
+        let e = crate::policy::PolicySet::new(vec![a, b])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "policies/b.toml:3:12: cgroup selector \"/agents/b\" of agent \"b\" overlaps cgroup selector \"/agents\" of agent \"a\" at policies/a.toml:3:12: a process would match two agents; expected selectors that no two agents share"
+        );
+    }
 }
