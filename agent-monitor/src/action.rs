@@ -5,6 +5,13 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+/// How the `reason` of an exec starts when the kernel could not read the whole path: the recorded
+/// path is then not the file that ran, so `policy suggest` never allows it and `policy test`
+/// never judges it allowed.
+pub const REASON_EXEC_PATH_TOO_LONG: &str = "exec path longer than";
+/// The `reason` of an exec whose path the kernel could not read at all.
+pub const REASON_EXEC_PATH_UNREADABLE: &str = "exec path unreadable in the kernel";
+
 /// Kind of action an agent process took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -152,6 +152,74 @@ pub enum PolicyCommand {
         /// A `*.toml` file or a directory.
         path: PathBuf,
     },
+    /// Suggest a policy for an agent from what it did, as recorded in the JSON audit trail.
+    ///
+    /// Record by running the agent in alert mode with an empty allowlist (`mode = "alert"`, no
+    /// entries) and the daemon's `--json-log`; then suggest from that trail. The policy printed on
+    /// stdout allows exactly the recorded connects (as ADDR:PORT; host names where the trail names
+    /// them and the policy format takes them, else in the comment) and the recorded programs (exact
+    /// paths), nothing more; `--widen` is the only way to allow more, and each widened entry says
+    /// so. Every entry has a comment: how often and when it was seen, by which tasks and process
+    /// chains, and with which verdicts: actions recorded as denied are suggested too (the agent
+    /// tried them), their comment says `denied`. The suggested mode is enforce (the comment above
+    /// `mode` says so). Review before use.
+    ///
+    /// With `--merge FILE`, the entries the existing policy does not already allow are appended
+    /// to it, keeping its comments and layout (and its mode); the merged policy goes to stdout and
+    /// the difference (the added entries, each with its comment) to stderr.
+    ///
+    /// stderr also names every malformed trail line (file:line: what was expected) and what could
+    /// not be suggested. Exit 0: suggestion from every line; 1: printed, but some lines were
+    /// malformed and are not in it; 2: nothing printed (unreadable trail or merge file, no
+    /// recorded action of the agent).
+    Suggest(SuggestArgs),
+    /// Replay recorded actions through the daemon's evaluator and list those POLICY would not allow.
+    ///
+    /// Every connect and exec of POLICY's agent(s) in the trail is judged exactly as the daemon
+    /// judges it. Each one not allowed is printed with its trail line (file:line: what, by which
+    /// process chain, why). Exit 0: all allowed; 1: some would be denied (or, for an alert-mode
+    /// policy, reported); 2: bad input (unreadable or invalid policy or trail, malformed trail
+    /// lines: the replay is then incomplete and says so, or no action of POLICY's agents in it).
+    Test(TestArgs),
+}
+
+/// How `policy suggest --widen` may go beyond what was recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Widen {
+    /// Several ports of one destination become one range, lowest to highest.
+    Ports,
+    /// Several addresses of one IPv4 /24 (IPv6 /64) with the same ports become that network.
+    Cidr,
+    /// Several programs of one directory become `DIR/*`.
+    Globs,
+}
+
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// The agent to suggest a policy for (its `agent_id` in the trail).
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    /// The JSON audit trail (the daemon's `--json-log` file).
+    #[arg(long, value_name = "AUDIT.jsonl")]
+    pub events: PathBuf,
+    /// Only actions of this task (repeat for several; default: every task).
+    #[arg(long, value_name = "ID")]
+    pub task: Vec<String>,
+    /// Allow more than was recorded, in these ways only (repeat or separate with commas).
+    #[arg(long, value_name = "HOW", value_delimiter = ',')]
+    pub widen: Vec<Widen>,
+    /// An existing policy of the agent to add to; the difference goes to stderr.
+    #[arg(long, value_name = "EXISTING.toml")]
+    pub merge: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// A policy file, or a directory of them (each agent's actions against its own policy).
+    pub policy: PathBuf,
+    /// The JSON audit trail to replay.
+    #[arg(long, value_name = "AUDIT.jsonl")]
+    pub events: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -228,6 +296,48 @@ mod tests {
             "soon",
         ]);
         assert!(bad.unwrap_err().to_string().contains("expected a duration"));
+    }
+
+    #[test]
+    fn suggest_takes_repeated_and_comma_separated_widenings() {
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "policy",
+            "suggest",
+            "--agent",
+            "coder",
+            "--events",
+            "a.jsonl",
+            "--widen",
+            "ports,cidr",
+            "--widen",
+            "globs",
+            "--task",
+            "t1",
+            "--task",
+            "t2",
+        ])
+        .unwrap();
+        let Command::Policy(PolicyCommand::Suggest(s)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(s.widen, [Widen::Ports, Widen::Cidr, Widen::Globs]);
+        assert_eq!(s.task, ["t1", "t2"]);
+        assert!(s.merge.is_none());
+        assert!(
+            Cli::try_parse_from([
+                "agent-monitor",
+                "policy",
+                "suggest",
+                "--agent",
+                "a",
+                "--events",
+                "e",
+                "--widen",
+                "everything"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The client commands: `run`, `status`, `task start/end`, `policy check`.
+//! The client commands: `run`, `status`, `task start/end`, `policy check` (`policy suggest`/`test`
+//! are in `policy_cmd`).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt as _;
@@ -347,5 +348,7 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        PolicyCommand::Suggest(args) => crate::policy_cmd::suggest_cmd(args),
+        PolicyCommand::Test(args) => crate::policy_cmd::test_cmd(args),
     }
 }

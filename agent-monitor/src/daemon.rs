@@ -991,11 +991,12 @@ impl Monitor {
             })
         } else if e.truncated {
             format!(
-                "exec path longer than {} bytes cannot be matched",
+                "{} {} bytes cannot be matched",
+                crate::action::REASON_EXEC_PATH_TOO_LONG,
                 common::EXEC_PATH_LEN - 1
             )
         } else if e.unreadable {
-            "exec path unreadable in the kernel".to_string()
+            crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
             self.explain(&agent, e.verdict, |p| p.check_exec(&e.path))
         };

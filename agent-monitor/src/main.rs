@@ -9,8 +9,10 @@ mod daemon;
 mod event;
 mod host;
 mod identity;
+mod learn;
 mod output;
 mod policy;
+mod policy_cmd;
 mod policy_dir;
 
 use std::process::ExitCode;

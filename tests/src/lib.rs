@@ -414,3 +414,11 @@ pub fn identity_policy(
         ),
     )
 }
+
+/// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
+}

@@ -11,3 +11,4 @@ pub use evaluate::{Decision, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
 pub use parse::{Issue, parse_grants};
+pub(crate) use parse::{parse_exec, parse_net};

@@ -482,7 +482,7 @@ fn check_agent_name(name: &str) -> Result<(), Reason> {
 }
 
 /// `ADDR[/PREFIX]:PORTSPEC` → (network as IPv6, prefix length in IPv6 bits, ports).
-fn parse_net(text: &str) -> Result<(Ipv6Addr, u8, PortRange), Reason> {
+pub(crate) fn parse_net(text: &str) -> Result<(Ipv6Addr, u8, PortRange), Reason> {
     if text.is_empty() {
         return Err(Reason::NetEmpty);
     }
@@ -614,7 +614,7 @@ fn parse_port(text: &str, spec: &str) -> Result<u16, Reason> {
 }
 
 /// An absolute, normalised path, optionally ending in `*` → (path or prefix, is prefix glob).
-fn parse_exec(text: &str) -> Result<(String, bool), Reason> {
+pub(crate) fn parse_exec(text: &str) -> Result<(String, bool), Reason> {
     if text.contains('\0') {
         return Err(Reason::NulByte);
     }

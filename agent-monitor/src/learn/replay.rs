@@ -1,0 +1,206 @@
+//! Replaying recorded actions through the daemon's own evaluator (`Policy::check_connect`,
+//! `Policy::check_exec`): which of them would a policy not allow?
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::learn::audit::{Recorded, What};
+use crate::policy::model::Mode;
+use crate::policy::{Decision, Policy, PolicySet};
+
+/// Why an exec whose path the kernel could not read in full is never allowed.
+pub const INCOMPLETE_PATH: &str = "the kernel could not read the whole path when this was recorded; \
+     it cannot match any rule";
+
+/// The evaluator's answer for one recorded action; `None` for a kind this version cannot judge.
+pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
+    match what {
+        What::Connect { addr, port, .. } => Some(policy.check_connect(*addr, *port)),
+        What::Exec { path, complete } => Some(if *complete {
+            policy.check_exec(path)
+        } else {
+            Decision {
+                allowed: false,
+                reason: INCOMPLETE_PATH.into(),
+            }
+        }),
+        What::Other { .. } => None,
+    }
+}
+
+/// A recorded action the policy does not allow.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding<'a> {
+    pub record: &'a Recorded,
+    /// The policy's mode: in enforce mode the action would be denied, in alert mode reported.
+    pub mode: Mode,
+    pub reason: String,
+}
+
+impl fmt::Display for Finding<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = self.record;
+        let outcome = match self.mode {
+            Mode::Enforce => "would be DENIED",
+            Mode::Alert => "would raise an ALERT (alert mode)",
+        };
+        write!(f, "agent {} task {}: {}", r.agent, r.task, r.what)?;
+        if !r.chain.is_empty() {
+            write!(f, " by {}", r.chain.join(" > "))?;
+        }
+        write!(
+            f,
+            ": {outcome}: {} (recorded as {})",
+            self.reason, r.verdict
+        )
+    }
+}
+
+/// What a replay found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Replay<'a> {
+    /// Actions judged (known kinds of agents that have a policy).
+    pub judged: u64,
+    /// In trail order.
+    pub not_allowed: Vec<Finding<'a>>,
+    /// Actions of agents the policies do not name, per agent.
+    pub other_agents: BTreeMap<String, u64>,
+    /// Actions of kinds this version cannot judge, per kind.
+    pub unknown_kinds: BTreeMap<String, u64>,
+}
+
+/// Replays `actions` against the policy of each one's agent.
+pub fn replay<'a>(set: &PolicySet, actions: impl IntoIterator<Item = &'a Recorded>) -> Replay<'a> {
+    let mut out = Replay::default();
+    for r in actions {
+        let Some(policy) = set.get(&r.agent) else {
+            *out.other_agents.entry(r.agent.clone()).or_insert(0) += 1;
+            continue;
+        };
+        note(&mut out, policy, r);
+    }
+    out
+}
+
+/// Replays the actions of `policy`'s agent only; others are counted.
+pub fn replay_policy<'a>(
+    policy: &Policy,
+    actions: impl IntoIterator<Item = &'a Recorded>,
+) -> Replay<'a> {
+    let mut out = Replay::default();
+    for r in actions {
+        if r.agent == policy.agent() {
+            note(&mut out, policy, r);
+        } else {
+            *out.other_agents.entry(r.agent.clone()).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+fn note<'a>(out: &mut Replay<'a>, policy: &Policy, r: &'a Recorded) {
+    match judge(policy, &r.what) {
+        None => {
+            if let What::Other { kind } = &r.what {
+                *out.unknown_kinds.entry(kind.clone()).or_insert(0) += 1;
+            }
+        }
+        Some(d) => {
+            out.judged += 1;
+            if !d.allowed {
+                out.not_allowed.push(Finding {
+                    record: r,
+                    mode: policy.mode(),
+                    reason: d.reason,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::learn::audit::tests::{connect_line, exec_line, read};
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(text, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn lists_what_the_policy_would_not_allow_with_lines() {
+        let audit = read(
+            &[
+                connect_line("coder", "t1", "127.0.0.1", 8080, ""),
+                connect_line("coder", "t1", "127.0.0.1", 9999, ""),
+                exec_line("coder", "t1", "/bin/true", "2026-11-29T12:00:00Z"),
+                exec_line("coder", "t2", "/usr/bin/id", "2026-11-29T12:00:00Z"),
+                exec_line("other", "t1", "/usr/bin/id", "2026-11-29T12:00:00Z"),
+                connect_line("coder", "t1", "10.0.0.1", 53, "").replace("\"connect\"", "\"dns\""),
+            ]
+            .join("\n"),
+        );
+        let p = policy(
+            "agent = \"coder\"\n[network]\nallow = [\"127.0.0.1:8080\"]\n[exec]\nallow = [\"/bin/*\"]\n",
+        );
+        let set = PolicySet::new(vec![p.clone()]).unwrap();
+        for r in [
+            replay(&set, &audit.actions),
+            replay_policy(&p, &audit.actions),
+        ] {
+            assert_eq!(r.judged, 4);
+            let lines: Vec<usize> = r.not_allowed.iter().map(|f| f.record.line).collect();
+            assert_eq!(lines, [2, 4]);
+            assert_eq!(r.other_agents.get("other"), Some(&1));
+            assert_eq!(r.unknown_kinds.get("dns"), Some(&1));
+            assert_eq!(
+                r.not_allowed[0].to_string(),
+                "agent coder task t1: connect 127.0.0.1:9999 by /bin/sh > /usr/bin/python3: \
+                 would be DENIED: no rule matches (recorded as alert)"
+            );
+        }
+    }
+
+    #[test]
+    fn alert_mode_says_alert_and_incomplete_paths_are_never_allowed() {
+        let line = exec_line("a", "t", "/bin/tru", "2026-11-29T12:00:00Z").replace(
+            "\"reason\":\"no rule matches\"",
+            "\"reason\":\"exec path longer than 251 bytes cannot be matched\"",
+        );
+        let audit = read(&line);
+        let p = policy("agent = \"a\"\nmode = \"alert\"\n[exec]\nallow = [\"/*\"]\n");
+        let r = replay_policy(&p, &audit.actions);
+        assert_eq!(r.not_allowed.len(), 1);
+        assert_eq!(r.not_allowed[0].reason, INCOMPLETE_PATH);
+        assert!(
+            r.not_allowed[0]
+                .to_string()
+                .contains("would raise an ALERT (alert mode)")
+        );
+    }
+
+    #[test]
+    fn same_verdicts_as_the_evaluator_for_mapped_and_non_normal_paths() {
+        let audit = read(
+            &[
+                connect_line("a", "t", "::ffff:10.1.2.3", 443, ""),
+                exec_line("a", "t", "/opt/tools/../../bin/sh", "2026-11-29T12:00:00Z"),
+            ]
+            .join("\n"),
+        );
+        let p = policy(
+            "agent = \"a\"\n[network]\nallow = [\"10.0.0.0/8:443\"]\n[exec]\nallow = [\"/opt/tools/*\"]\n",
+        );
+        let r = replay_policy(&p, &audit.actions);
+        assert_eq!(r.judged, 2);
+        let lines: Vec<usize> = r.not_allowed.iter().map(|f| f.record.line).collect();
+        assert_eq!(lines, [2], "the IPv4-mapped connect is the IPv4 one");
+        assert!(
+            r.not_allowed[0].reason.contains("normal form"),
+            "{:?}",
+            r.not_allowed[0]
+        );
+    }
+}
