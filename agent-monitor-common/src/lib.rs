@@ -180,9 +180,11 @@ pub const KIND_EXEC: u32 = 1;
 pub const KIND_CONNECT: u32 = 2;
 pub const KIND_FORK: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
-/// A process became an agent at exec (executable selector), or changed agent by precedence.
-/// `other_pid` is the thread id before exec; `path` the file; the record's slot fields the new
-/// identity; with `FLAG_RETAGGED`, `prior_agent` the agent it left.
+/// An executable selector claimed a process at exec. `verdict` `VERDICT_NONE`: it became that
+/// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
+/// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
+/// claim of agent `prior_agent` was refused. `other_pid` is the thread id before exec, `path`
+/// the file.
 pub const KIND_TAGGED: u32 = 20;
 
 /// Verdicts taken by the kernel.

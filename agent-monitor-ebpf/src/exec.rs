@@ -109,8 +109,18 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
                     prior_agent = p.agent;
                     true
                 }
-                Some(_) => {
+                Some((cgroup_id, p)) => {
+                    // A higher-ranked identity keeps the process: report the refused claim.
                     count(COUNTER_SELECTOR_CONFLICTS);
+                    report_tagged(
+                        &p,
+                        cgroup_id,
+                        VERDICT_DENIED,
+                        0,
+                        new.agent,
+                        old_pid,
+                        name_ptr,
+                    );
                     false
                 }
             };
@@ -119,6 +129,7 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
                 report_tagged(
                     &new,
                     cgroup_id,
+                    VERDICT_NONE,
                     record_flags,
                     prior_agent,
                     old_pid,
@@ -213,16 +224,20 @@ unsafe fn granted(
     }
 }
 
+/// `KIND_TAGGED`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
+/// `FLAG_RETAGGED`: leaving `prior_agent`); `VERDICT_DENIED` — it stays `slot` and the executable
+/// selector of agent `prior_agent` was refused by precedence.
 #[inline(always)]
 fn report_tagged(
     slot: &AgentSlot,
     cgroup_id: u64,
+    verdict: u32,
     flags: u32,
     prior_agent: u32,
     old_pid: u32,
     name_ptr: *const u8,
 ) {
-    if let Some(mut entry) = start_record(KIND_TAGGED, VERDICT_NONE, cgroup_id, slot) {
+    if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
         unsafe {

@@ -900,39 +900,38 @@ impl Monitor {
                 path,
                 retagged_from,
             } => {
-                let (agent, task) = self.names(&AgentSlot {
-                    agent: subject.agent,
-                    mode: 0,
-                    task: subject.task,
-                    source: subject.source,
-                });
-                match retagged_from {
-                    None => tracing::info!(
-                        agent,
-                        task,
-                        pid = subject.pid,
-                        path,
-                        "process became an agent by its executable selector"
-                    ),
-                    Some(prior) => {
-                        let (was, _) = self.names(&AgentSlot {
-                            agent: prior,
-                            mode: 0,
-                            task: 0,
-                            source: 0,
-                        });
-                        tracing::warn!(
-                            agent,
-                            task,
-                            pid = subject.pid,
-                            path,
-                            was,
-                            "process changed agent: an executable selector outranks the uid selector that held it"
-                        );
-                    }
+                let (agent, task) = self.identity(&subject);
+                tracing::info!(
+                    agent,
+                    task,
+                    pid = subject.pid,
+                    path,
+                    "process became an agent by its executable selector"
+                );
+                if let Some(prior) = retagged_from {
+                    let was = self.agent_name(prior);
+                    let why = format!(
+                        "selector conflict: pid {} was agent {was} (uid selector) and exec'd {path}, selected by agent {agent}; the executable selector outranks the uid selector, so it is now agent {agent}",
+                        subject.pid
+                    );
+                    self.report_conflict(&subject, agent, task, path.clone(), why);
                 }
                 self.procs
                     .add_root(subject.pid, path, identity::proc_args(subject.pid));
+            }
+            KernelEvent::ClaimRefused {
+                subject,
+                path,
+                claimed_by,
+            } => {
+                let (agent, task) = self.identity(&subject);
+                let claimant = self.agent_name(claimed_by);
+                let why = format!(
+                    "selector conflict: pid {} exec'd {path}, selected by agent {claimant}, but it is agent {agent} by a higher-ranked identity ({}); it stays agent {agent}",
+                    subject.pid,
+                    source_name(subject.source)
+                );
+                self.report_conflict(&subject, agent, task, path, why);
             }
             KernelEvent::Exec(e) => {
                 self.procs
@@ -945,6 +944,35 @@ impl Monitor {
                 self.report(action);
             }
         }
+    }
+
+    fn agent_name(&self, index: u32) -> String {
+        self.names(&AgentSlot {
+            agent: index,
+            mode: 0,
+            task: common::TASK_NONE,
+            source: 0,
+        })
+        .0
+    }
+
+    /// A process two agents claimed: resolved by precedence in the kernel, reported here as
+    /// ACTION=identity VERDICT=alert (PRIORITY err) so the operator fixes the selectors.
+    fn report_conflict(
+        &mut self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        path: String,
+        why: String,
+    ) {
+        tracing::warn!("{why}");
+        let action = Action {
+            exe: Some(path),
+            reason: why,
+            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+        };
+        self.report(action);
     }
 
     /// Agent and task of an event, from the identity the kernel judged with.
@@ -1236,4 +1264,17 @@ fn stale_entries(old: &KernelTables, new: &KernelTables) -> KernelTables {
         .cloned()
         .collect();
     KernelTables { net, exec }
+}
+
+/// How a process became an agent, in words (`SOURCE_*`).
+fn source_name(source: u32) -> &'static str {
+    match source {
+        common::SOURCE_RUN => "agent-monitor run",
+        common::SOURCE_CGROUP => "cgroup selector",
+        common::SOURCE_UNIT => "systemd unit selector",
+        common::SOURCE_EXECUTABLE => "executable selector",
+        common::SOURCE_UID => "uid selector",
+        common::SOURCE_TASK_SWITCH => "task start --pid",
+        _ => "unknown",
+    }
 }

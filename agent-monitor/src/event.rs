@@ -26,6 +26,13 @@ pub enum KernelEvent {
         path: String,
         retagged_from: Option<u32>,
     },
+    /// The executable selector of agent index `claimed_by` matched, but the identity in
+    /// `subject` outranks it: the process stays what it was.
+    ClaimRefused {
+        subject: Subject,
+        path: String,
+        claimed_by: u32,
+    },
 }
 
 /// Who acted: the task and the agent identity key.
@@ -143,6 +150,13 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 granted,
                 subject,
             }))
+        }
+        common::KIND_TAGGED if rec.verdict == common::VERDICT_DENIED => {
+            Ok(KernelEvent::ClaimRefused {
+                path: path(),
+                claimed_by: rec.prior_agent,
+                subject,
+            })
         }
         common::KIND_TAGGED => Ok(KernelEvent::Tagged {
             path: path(),
@@ -324,6 +338,12 @@ mod tests {
                 retagged_from: Some(1),
                 ..
             })
+        ));
+        r.verdict = common::VERDICT_DENIED;
+        r.prior_agent = 2;
+        assert!(matches!(
+            decode(&bytes(&r)),
+            Ok(KernelEvent::ClaimRefused { claimed_by: 2, .. })
         ));
     }
 

@@ -681,3 +681,91 @@ fn admin_group_members_may_start_tasks_others_may_not() {
         "non-member: {err}"
     );
 }
+
+/// bash: `ok` or `no` for a connect to each port, space-separated (subshells: no exec needed).
+fn bash_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("echo -n \"$( (exec 3<>/dev/tcp/127.0.0.1/{p}) 2>/dev/null && echo ok || echo no) \""))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[test]
+fn a_process_two_agents_claim_is_resolved_by_precedence_and_reported() {
+    if !require_root("a_process_two_agents_claim_is_resolved_by_precedence_and_reported") {
+        return;
+    }
+    let by_uid = unique_agent("prec-uid");
+    let by_exe = unique_agent("prec-exe");
+    let by_cg = unique_agent("prec-cg");
+    let uid = 250_000 + std::process::id() % 50_000;
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bot = bot(dir.path());
+    let cg = TestCgroup::new(&format!("am-test-{by_cg}"), "w");
+    let (p_uid, p_exe, p_cg) = (listener_v4(), listener_v4(), listener_v4());
+    let exe_sel = format!(
+        "executables = [{{ path = {:?}, sha256 = {:?} }}]",
+        bot.display().to_string(),
+        sha256_hex(&bot)
+    );
+    let d = Daemon::start(&[
+        identity_policy(
+            &by_uid,
+            &[format!("127.0.0.1:{p_uid}")],
+            &[bot.to_str().unwrap()],
+            &format!("uids = [{uid}]"),
+        ),
+        identity_policy(&by_exe, &[format!("127.0.0.1:{p_exe}")], &[], &exe_sel),
+        identity_policy(
+            &by_cg,
+            &[format!("127.0.0.1:{p_cg}")],
+            &[bot.to_str().unwrap()],
+            &format!("cgroups = [\"/am-test-{by_cg}\"]"),
+        ),
+    ]);
+    let ports = bash_ports(&[p_uid, p_exe, p_cg]);
+
+    // uid selector, then exec of another agent's executable: the executable outranks the uid.
+    let script = format!(
+        "import os\nos.setgroups([]); os.setgid({uid}); os.setuid({uid})\nos.execv({:?}, ['bot', '-c', {ports:?}])",
+        bot.display().to_string()
+    );
+    let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    assert_eq!(stdout_of(&out), "no ok no", "{}", text(&out.stderr));
+    let j = wait_journal(&by_exe, "conflict report", |e| is(e, "ACTION", "identity"));
+    assert_eq!(field(&j, "PRIORITY"), "3");
+    assert!(
+        field(&j, "REASON").contains(&format!("was agent {by_uid}")),
+        "{j}"
+    );
+
+    // cgroup selector, then exec of the executable: the cgroup outranks it; the claim is reported.
+    let out = Command::new(SH)
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {} -c \"$0\"",
+            cg.path.display(),
+            bot.display()
+        ))
+        .arg(&ports)
+        .output()
+        .unwrap();
+    assert_eq!(stdout_of(&out), "no no ok", "{}", text(&out.stderr));
+    let j = wait_journal(&by_cg, "refused claim report", |e| {
+        is(e, "ACTION", "identity")
+    });
+    assert!(
+        field(&j, "REASON").contains(&format!("selected by agent {by_exe}")),
+        "{j}"
+    );
+    assert!(field(&j, "REASON").contains("cgroup selector"), "{j}");
+    assert!(
+        d.status()["counters"]["selector_conflicts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    );
+}
