@@ -769,3 +769,106 @@ fn a_process_two_agents_claim_is_resolved_by_precedence_and_reported() {
             >= 1
     );
 }
+
+/// Python for a long-lived agent: prints its pid and a connect result, waits for `go`, then
+/// prints a connect result of its own and of a child forked after the switch.
+fn py_switch(port: u16, go: &Path) -> String {
+    format!(
+        "{PY_C}import os,time\nprint(os.getpid(), c({port}), flush=True)\nwhile not os.path.exists({go:?}): time.sleep(0.01)\nprint(c({port}), flush=True)\npid=os.fork()\nif pid==0:\n  print(c({port}), flush=True); os._exit(0)\nos.waitpid(pid,0)",
+        go = go.display().to_string()
+    )
+}
+
+fn first_line(child: &mut std::process::Child) -> String {
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim().to_string()
+}
+
+#[test]
+fn task_start_pid_switches_a_long_lived_agent_to_another_task() {
+    if !require_root("task_start_pid_switches_a_long_lived_agent_to_another_task") {
+        return;
+    }
+    let agent = unique_agent("switch");
+    let cg = TestCgroup::new(&format!("am-test-{agent}"), "svc");
+    let port = listener_v4();
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[],
+        &[PYTHON],
+        &format!("cgroups = [\"/am-test-{agent}\"]"),
+    )]);
+    let grant = format!("127.0.0.1:{port}");
+    for (label, how) in [("selected", "tag"), ("run", "cgroup")] {
+        let go = d.dir.path().join(format!("go-{label}"));
+        let script = py_switch(port, &go);
+        let mut child = if label == "selected" {
+            // A selector-identified service (task `default`): switched by re-tagging.
+            Command::new(SH)
+                .arg("-c")
+                .arg(format!(
+                    "echo $$ > {}/cgroup.procs && exec {PYTHON} -c \"$0\"",
+                    cg.path.display()
+                ))
+                .arg(&script)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        } else {
+            // A `run` agent in task t0: switched by moving it to the new task's cgroup.
+            d.spawn_run(&agent, "t0", &[], &[PYTHON, "-c", &script])
+        };
+        let first = first_line(&mut child);
+        let (pid, before) = first.split_once(' ').unwrap();
+        assert_eq!(before, "errno1", "{label}: no grant before the switch");
+        let task = format!("job-{label}");
+        let out = d.cli(&[
+            "task",
+            "start",
+            "--agent",
+            &agent,
+            "--task",
+            &task,
+            "--allow-connect",
+            &grant,
+            "--pid",
+            pid,
+        ]);
+        assert!(out.status.success(), "{label}: {}", text(&out.stderr));
+        std::fs::write(&go, b"").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            text(&out.stdout).split_whitespace().collect::<Vec<_>>(),
+            ["ok", "ok"],
+            "{label} ({how}): the process and its later child are in the new task"
+        );
+        let rec = d.wait_audit("connect in the new task", |v| {
+            is(v, "agent_id", &agent) && is(v, "task_id", &task) && is(v, "verdict", "allowed")
+        });
+        assert!(
+            field(&rec, "reason").contains(&format!("granted to task {task}")),
+            "{rec}"
+        );
+    }
+    // A process that is not an agent process cannot be moved into one.
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "x",
+        "--pid",
+        &std::process::id().to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is not an agent process"),
+        "{}",
+        text(&out.stderr)
+    );
+}
