@@ -54,6 +54,28 @@ pub enum TaskCommand {
     Start(TaskStartArgs),
     /// End a task: its grants are revoked at once. A process of the task may end its own task.
     End(TaskEndArgs),
+    /// Narrow a task: keep only some of its grants and/or end them sooner. A process of the task
+    /// may narrow its own task (never widen it).
+    Narrow(TaskNarrowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TaskNarrowArgs {
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    #[arg(long, value_name = "ID")]
+    pub task: String,
+    /// Keep this connect grant (as it was granted); repeatable. Grants not kept are revoked.
+    #[arg(long, value_name = "ADDR")]
+    pub keep_connect: Vec<String>,
+    /// Keep this exec grant (as it was granted); repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub keep_exec: Vec<String>,
+    /// End the kept grants within this duration (never later than they would have).
+    #[arg(long, value_name = "DURATION", value_parser = crate::identity::tasks::parse_ttl)]
+    pub ttl: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Debug, Args)]

@@ -200,6 +200,25 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
                 task: a.task,
             },
         ),
+        TaskCommand::Narrow(a) => (
+            a.socket.control_socket,
+            Request::TaskNarrow {
+                agent: a.agent,
+                task: a.task,
+                keep_connect: a.keep_connect,
+                keep_exec: a.keep_exec,
+                ttl_ms: a
+                    .ttl
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            },
+        ),
+    };
+    let until = |ms: Option<u64>| match ms {
+        Some(ms) => format!(
+            "for {}",
+            humantime::format_duration(std::time::Duration::from_millis(ms))
+        ),
+        None => "until `task end`".to_string(),
     };
     match control::call(&socket, &req) {
         Ok(Response::TaskStarted {
@@ -209,20 +228,27 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             expires_in_ms,
             moved,
         }) => {
-            let until = match expires_in_ms {
-                Some(ms) => format!(
-                    "for {}",
-                    humantime::format_duration(std::time::Duration::from_millis(ms))
-                ),
-                None => "until `task end`".to_string(),
-            };
             println!(
-                "task {task} of agent {agent} started; grants [{}] {until}",
-                grants.join(", ")
+                "task {task} of agent {agent} started; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
             );
             if let Some(pid) = moved {
                 println!("process {pid} moved into task {task}");
             }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::TaskNarrowed {
+            agent,
+            task,
+            grants,
+            expires_in_ms,
+        }) => {
+            println!(
+                "task {task} of agent {agent} narrowed; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
+            );
             ExitCode::SUCCESS
         }
         Ok(Response::TaskEnded {

@@ -423,6 +423,13 @@ impl Monitor {
                 pid: target,
             } => self.task_start(&agent, &task, &allow_connect, &allow_exec, ttl_ms, target),
             Request::TaskEnd { agent, task } => self.task_end(&agent, &task),
+            Request::TaskNarrow {
+                agent,
+                task,
+                keep_connect,
+                keep_exec,
+                ttl_ms,
+            } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(pid, "control request refused: {e:#}");
@@ -649,11 +656,7 @@ impl Monitor {
             let stale = stale_entries(&old.kernel, &kernel_tables);
             self.kernel.remove_task_grants(&stale)?;
         }
-        let texts: Vec<String> = net
-            .iter()
-            .map(|r| format!("connect {}", r.text()))
-            .chain(execs.iter().map(|r| format!("exec {}", r.text())))
-            .collect();
+        let texts = grant_texts(&net, &execs);
         if let Some(t) = self.registry.get_mut(slot.task) {
             t.grants = (!net.is_empty() || !execs.is_empty()).then(|| identity::tasks::Grants {
                 net,
@@ -730,6 +733,52 @@ impl Monitor {
             agent: agent.to_string(),
             task: task.to_string(),
             revoked,
+        })
+    }
+
+    /// Narrows `task` of `agent` to a subset of its grants, ending no later than before.
+    fn task_narrow(
+        &mut self,
+        agent: &str,
+        task: &str,
+        keep_connect: &[String],
+        keep_exec: &[String],
+        ttl_ms: Option<u64>,
+    ) -> anyhow::Result<Response> {
+        let Some(number) = self.registry.find(agent, task) else {
+            bail!("agent {agent:?} has no task {task:?}");
+        };
+        let Some(old) = self.registry.get(number).and_then(|t| t.grants.clone()) else {
+            bail!("task {task:?} of agent {agent:?} has no grants to narrow");
+        };
+        let now = monotonic_ns();
+        let wanted = ttl_ms.map(|ms| now.saturating_add(ms.saturating_mul(1_000_000)));
+        let (net, exec, expires_ns) =
+            identity::tasks::narrow(&old, keep_connect, keep_exec, wanted)
+                .map_err(anyhow::Error::msg)?;
+        let tables = crate::policy::compile_grants(number, task, &net, &exec)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Kept entries are rewritten with the (possibly earlier) expiry, then the rest removed.
+        self.kernel
+            .set_task_grants(&tables, common::Expiry { expires_ns })?;
+        self.kernel
+            .remove_task_grants(&stale_entries(&old.kernel, &tables))?;
+        let texts = grant_texts(&net, &exec);
+        if let Some(t) = self.registry.get_mut(number) {
+            t.grants = (!texts.is_empty()).then(|| identity::tasks::Grants {
+                net,
+                exec,
+                expires_ns,
+                kernel: tables,
+            });
+        }
+        tracing::info!(agent, task, grants = ?texts, "task narrowed");
+        Ok(Response::TaskNarrowed {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            grants: texts,
+            expires_in_ms: (expires_ns != u64::MAX)
+                .then(|| expires_ns.saturating_sub(now) / 1_000_000),
         })
     }
 
@@ -1170,13 +1219,7 @@ impl Monitor {
                         .find(p.agent(), task)
                         .and_then(|n| self.registry.get(n))
                         .and_then(|t| t.grants.as_ref());
-                    let texts = g.map_or_else(Vec::new, |g| {
-                        g.net
-                            .iter()
-                            .map(|r| format!("connect {}", r.text()))
-                            .chain(g.exec.iter().map(|r| format!("exec {}", r.text())))
-                            .collect()
-                    });
+                    let texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
                     let left = g
                         .filter(|g| g.expires_ns != u64::MAX)
                         .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
@@ -1277,4 +1320,12 @@ fn source_name(source: u32) -> &'static str {
         common::SOURCE_TASK_SWITCH => "task start --pid",
         _ => "unknown",
     }
+}
+
+/// Grants as `status` and the task commands show them: `connect ADDR`, `exec PATH`.
+fn grant_texts(net: &[crate::policy::NetRule], exec: &[crate::policy::ExecRule]) -> Vec<String> {
+    net.iter()
+        .map(|r| format!("connect {}", r.text()))
+        .chain(exec.iter().map(|r| format!("exec {}", r.text())))
+        .collect()
 }

@@ -573,6 +573,62 @@ fn an_agent_cannot_widen_its_task_or_touch_another_agent_even_as_root() {
     });
     assert!(field(&j, "REASON").contains("task_start"), "{j}");
     assert_eq!(field(&j, "AGENT_UID"), "0", "refused although root");
+    // Narrowing its own task is allowed; keeping something it was not granted is not.
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        a,
+        "--task",
+        "mine",
+        "--allow-connect",
+        g,
+        "--allow-connect",
+        "127.0.0.1:9",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = attempt(&[
+        "task",
+        "narrow",
+        "--agent",
+        a,
+        "--task",
+        "mine",
+        "--keep-connect",
+        g,
+        "--ttl",
+        "1h",
+        "--control-socket",
+        s,
+    ]);
+    assert!(
+        out.status.success(),
+        "own task narrow: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout_of(&out).contains(&format!("grants [connect {g}] for ")),
+        "{}",
+        stdout_of(&out)
+    );
+    let out = attempt(&[
+        "task",
+        "narrow",
+        "--agent",
+        a,
+        "--task",
+        "mine",
+        "--keep-connect",
+        "0.0.0.0/0:*",
+        "--control-socket",
+        s,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not a grant of this task"),
+        "{}",
+        text(&out.stderr)
+    );
     // Ending its own task is allowed.
     let out = attempt(&[
         "task",
@@ -585,6 +641,11 @@ fn an_agent_cannot_widen_its_task_or_touch_another_agent_even_as_root() {
         s,
     ]);
     assert!(out.status.success(), "own task end: {}", text(&out.stderr));
+    assert!(
+        stdout_of(&out).contains("1 grant(s) revoked"),
+        "{}",
+        stdout_of(&out)
+    );
 }
 
 #[test]

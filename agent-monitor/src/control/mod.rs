@@ -37,6 +37,18 @@ pub enum Request {
     },
     /// End task `task` of `agent`: its grants go at once. Admins, or a process of that very task.
     TaskEnd { agent: String, task: String },
+    /// Narrow task `task` of `agent`: keep only the named grants (as written when granted), and
+    /// end them no later than `ttl_ms` from now. Admins, or a process of that very task.
+    TaskNarrow {
+        agent: String,
+        task: String,
+        #[serde(default)]
+        keep_connect: Vec<String>,
+        #[serde(default)]
+        keep_exec: Vec<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -63,6 +75,14 @@ pub enum Response {
         task: String,
         /// Grants removed.
         revoked: usize,
+    },
+    TaskNarrowed {
+        agent: String,
+        task: String,
+        /// Grants left.
+        grants: Vec<String>,
+        /// Milliseconds until they expire (none: until `task end`).
+        expires_in_ms: Option<u64>,
     },
     Error {
         message: String,
@@ -207,6 +227,7 @@ impl Request {
             Request::Status {} => "status",
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
+            Request::TaskNarrow { .. } => "task_narrow",
         }
     }
 
@@ -215,7 +236,8 @@ impl Request {
         match self {
             Request::Place { agent, task }
             | Request::TaskStart { agent, task, .. }
-            | Request::TaskEnd { agent, task } => Some((agent, task)),
+            | Request::TaskEnd { agent, task }
+            | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
             Request::Status {} => None,
         }
     }
@@ -224,8 +246,8 @@ impl Request {
 /// Who may do what on the control socket. `admin`: root or a member of the admin group.
 /// `inside`: the (agent, task) the calling process itself belongs to, if it is an agent process.
 ///
-/// A process inside an agent may only end its own task (or `run` again into exactly its own
-/// task, which changes nothing) — even as root: otherwise an agent could start a task with wider
+/// A process inside an agent may only end or narrow its own task (or `run` again into exactly its
+/// own task, which changes nothing) — even as root: otherwise an agent could start a task with wider
 /// grants, switch to another agent's allowlist, or end another agent's work.
 pub fn authorize(
     request: &Request,
@@ -235,9 +257,11 @@ pub fn authorize(
     if let Some((agent, task)) = inside {
         let own = request.target() == Some((agent, task));
         return match request {
-            Request::TaskEnd { .. } | Request::Place { .. } if own => Ok(()),
+            Request::TaskEnd { .. } | Request::TaskNarrow { .. } | Request::Place { .. } if own => {
+                Ok(())
+            }
             _ => Err(format!(
-                "the caller is itself a process of agent {agent} (task {task}); from inside an agent only `task end --agent {agent} --task {task}` is allowed, never widening a task or touching another agent"
+                "the caller is itself a process of agent {agent} (task {task}); from inside an agent only `task end` or `task narrow` of --agent {agent} --task {task} is allowed, never widening a task or touching another agent"
             )),
         };
     }
@@ -320,6 +344,15 @@ mod tests {
         let me = Some(("a", "t"));
         assert!(authorize(&end("a", "t"), true, me).is_ok());
         assert!(authorize(&end("a", "t"), false, me).is_ok());
+        let narrow = |task: &str| Request::TaskNarrow {
+            agent: "a".into(),
+            task: task.into(),
+            keep_connect: vec![],
+            keep_exec: vec![],
+            ttl_ms: Some(1),
+        };
+        assert!(authorize(&narrow("t"), false, me).is_ok());
+        assert!(authorize(&narrow("other"), true, me).is_err());
         for r in [
             start("a", "t"),
             start("a", "other"),

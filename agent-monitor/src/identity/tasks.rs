@@ -118,6 +118,38 @@ impl Tasks {
     }
 }
 
+/// The narrowed form of `grants`: only the rules named in `keep_connect` / `keep_exec` (as written
+/// when granted), ending no later than now. `new_expiry_ns` may only shorten the expiry. An error
+/// names the first thing that would widen the task.
+pub fn narrow(
+    grants: &Grants,
+    keep_connect: &[String],
+    keep_exec: &[String],
+    new_expiry_ns: Option<u64>,
+) -> Result<(Vec<NetRule>, Vec<ExecRule>, u64), String> {
+    let net = keep(&grants.net, keep_connect, NetRule::text, "--keep-connect")?;
+    let exec = keep(&grants.exec, keep_exec, ExecRule::text, "--keep-exec")?;
+    let expires_ns = new_expiry_ns.map_or(grants.expires_ns, |e| e.min(grants.expires_ns));
+    Ok((net, exec, expires_ns))
+}
+
+/// The rules of `rules` whose text is in `wanted`; every wanted text must be one of them.
+fn keep<R: Clone>(
+    rules: &[R],
+    wanted: &[String],
+    text: fn(&R) -> &str,
+    option: &str,
+) -> Result<Vec<R>, String> {
+    wanted
+        .iter()
+        .map(|k| {
+            rules.iter().find(|r| text(r) == k).cloned().ok_or_else(|| {
+                format!("{option} {k:?} is not a grant of this task; narrowing keeps a subset of its grants")
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +186,29 @@ mod tests {
         assert_eq!(t.find("other", "t9"), None);
         assert_eq!(t.get(b).map(|x| x.name.as_str()), Some("t2"));
         assert_eq!(t.of_agent("coder").count(), 2);
+    }
+
+    #[test]
+    fn narrowing_keeps_a_subset_and_never_extends() {
+        let (net, exec) = crate::policy::parse_grants(
+            &["10.0.0.1:443".into(), "127.0.0.1:80".into()],
+            &["/usr/bin/make".into()],
+        )
+        .unwrap();
+        let g = Grants {
+            net,
+            exec,
+            expires_ns: 1_000,
+            kernel: KernelTables::default(),
+        };
+        let (n, e, at) = narrow(&g, &["127.0.0.1:80".into()], &[], Some(500)).unwrap();
+        assert_eq!((n.len(), e.len(), at), (1, 0, 500));
+        assert_eq!(n[0].text(), "127.0.0.1:80");
+        // A later expiry is capped at the current one.
+        assert_eq!(narrow(&g, &[], &[], Some(5_000)).unwrap().2, 1_000);
+        let err = narrow(&g, &["0.0.0.0/0:*".into()], &[], None).unwrap_err();
+        assert!(err.contains("not a grant of this task"), "{err}");
+        assert!(narrow(&g, &[], &["/bin/sh".into()], None).is_err());
     }
 
     #[test]
