@@ -933,3 +933,50 @@ fn task_start_pid_switches_a_long_lived_agent_to_another_task() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn exec_grant_lets_only_its_task_run_the_program() {
+    if !require_root("exec_grant_lets_only_its_task_run_the_program") {
+        return;
+    }
+    let agent = unique_agent("execgrant");
+    let d = Daemon::start(&[identity_policy(&agent, &[], &[SH], "")]);
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        &agent,
+        "--task",
+        "build",
+        "--allow-exec",
+        "/usr/bin/id",
+        "--ttl",
+        "5m",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let granted = d.run(&agent, Some("build"), &[SH, "-c", "/usr/bin/id -u"]);
+    assert_eq!(stdout_of(&granted), "0", "{}", text(&granted.stderr));
+    let other = d.run(
+        &agent,
+        Some("review"),
+        &[SH, "-c", "/usr/bin/id -u; echo rc=$?"],
+    );
+    assert_eq!(
+        stdout_of(&other),
+        "rc=137",
+        "killed before its first instruction"
+    );
+    let rec = d.wait_audit("granted exec", |v| {
+        is(v, "agent_id", &agent)
+            && is(v, "action", "exec")
+            && is(v, "exe", "/usr/bin/id")
+            && is(v, "verdict", "allowed")
+    });
+    assert_eq!(field(&rec, "task_id"), "build");
+    assert!(field(&rec, "reason").contains("exec /usr/bin/id"), "{rec}");
+    let denied = d.wait_audit("denied exec", |v| {
+        is(v, "agent_id", &agent) && is(v, "exe", "/usr/bin/id") && is(v, "verdict", "denied")
+    });
+    assert_eq!(field(&denied, "task_id"), "review");
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}
