@@ -1,9 +1,9 @@
 //! Agent process lifecycle, so the daemon can name the process chain of every action.
 
-use agent_monitor_common::{KIND_EXIT, KIND_FORK, VERDICT_NONE, source_is_tag};
+use agent_monitor_common::{KIND_EXIT, KIND_FORK, SELECT_TAGS, VERDICT_NONE};
 use aya_ebpf::programs::TracePointContext;
 
-use crate::identity::{forget, inherit};
+use crate::identity::{config, forget, inherit};
 use crate::maps::{current_agent, start_record};
 
 /// Offset of `child_pid` in the `sched_process_fork` record. It moved when the comms became
@@ -34,7 +34,10 @@ pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    if source_is_tag(slot.source) {
+    // Any tag of this thread goes, even when a cgroup identity outranks it now (a tagged process
+    // that later entered a `run` cgroup): a stale tag would hand the identity to the next
+    // process that gets this thread id.
+    if config().is_some_and(|c| c.selectors & SELECT_TAGS != 0) {
         forget(pid_tgid as u32);
     }
     // Only whole processes matter for the chain; threads exiting are not reported.
