@@ -61,8 +61,10 @@ pub enum TaskCommand {
 
 #[derive(Debug, Args)]
 pub struct TaskNarrowArgs {
+    /// Agent whose task this is.
     #[arg(long, value_name = "NAME")]
     pub agent: String,
+    /// Task id.
     #[arg(long, value_name = "ID")]
     pub task: String,
     /// Keep this connect grant (as it was granted); repeatable. Grants not kept are revoked.
@@ -80,8 +82,10 @@ pub struct TaskNarrowArgs {
 
 #[derive(Debug, Args)]
 pub struct TaskStartArgs {
+    /// Agent whose task this is; a policy file for it must be loaded.
     #[arg(long, value_name = "NAME")]
     pub agent: String,
+    /// Task id (1-64 of A-Z a-z 0-9 _ - .); `run --task ID` joins it.
     #[arg(long, value_name = "ID")]
     pub task: String,
     /// Allow connects to ADDR[/PREFIX]:PORT (policy syntax), repeatable.
@@ -102,8 +106,10 @@ pub struct TaskStartArgs {
 
 #[derive(Debug, Args)]
 pub struct TaskEndArgs {
+    /// Agent whose task this is.
     #[arg(long, value_name = "NAME")]
     pub agent: String,
+    /// Task id.
     #[arg(long, value_name = "ID")]
     pub task: String,
     #[command(flatten)]

@@ -216,7 +216,7 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
     let until = |ms: Option<u64>| match ms {
         Some(ms) => format!(
             "for {}",
-            humantime::format_duration(std::time::Duration::from_millis(ms))
+            humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000)))
         ),
         None => "until `task end`".to_string(),
     };
@@ -323,6 +323,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.verdict_disagreements,
         status.counters.tracked_processes
     );
+    println!(
+        "identity: {} refusals by an expired grant (in the kernel), {} untaggable processes (map full), {} selector conflicts",
+        status.counters.grants_expired_in_kernel,
+        status.counters.tags_full,
+        status.counters.selector_conflicts
+    );
     for s in &status.sinks {
         println!(
             "sink {}: {} written, {} failed",
@@ -346,7 +352,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     .map_or("until `task end`".to_string(), |ms| {
                         format!(
                             "for {} more",
-                            humantime::format_duration(std::time::Duration::from_millis(ms))
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                ms.div_ceil(1000)
+                            ))
                         )
                     });
                 println!("    grants [{}] {until}", t.grants.join(", "));
