@@ -180,6 +180,12 @@ pub const KIND_EXEC: u32 = 1;
 pub const KIND_CONNECT: u32 = 2;
 pub const KIND_FORK: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
+/// A datagram sent to an address given with the send (unconnected UDP, or a connected UDP socket
+/// sending elsewhere): cgroup sendmsg4/sendmsg6.
+pub const KIND_SENDMSG: u32 = 10;
+/// An inet socket an agent may not create (raw, ICMP "ping", SCTP, MPTCP, …): cgroup sock_create.
+/// Only refused or alerted creations are recorded.
+pub const KIND_SOCKET: u32 = 11;
 /// An executable selector claimed a process at exec. `verdict` `VERDICT_NONE`: it became that
 /// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
 /// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
@@ -203,6 +209,12 @@ pub const FLAG_KILLED: u32 = 4;
 /// The exec path was not in normal form (`//`, `/./`, `/../`); judged as not allowed, because
 /// `/opt/tools/../../bin/sh` would otherwise match the glob `/opt/tools/*`.
 pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
+/// Connect/sendmsg: the destination was the unspecified address (`0.0.0.0`, `::`), which Linux
+/// sends to loopback; it was judged as `127.0.0.1` / `::1`. `addr` holds what the caller gave.
+pub const FLAG_ADDR_UNSPECIFIED: u32 = 16;
+/// Exec: the task was not in the initial user namespace, where an unprivileged process can
+/// remap names (mount namespaces, chroot); only file identity was trusted.
+pub const FLAG_USER_NS: u32 = 32;
 /// Allowed by a task grant (not by the agent's static allowlist).
 pub const FLAG_GRANTED: u32 = 64;
 /// The process was another agent before this exec; the higher-ranked selector took it.
@@ -245,6 +257,123 @@ pub struct ActionRecord {
     /// `KIND_TAGGED` with `FLAG_RETAGGED`: the agent index the process had before.
     pub prior_agent: u32,
     pub path: [u8; RECORD_PATH_LEN],
+    /// Exec: the file that runs (for a script: its interpreter), as the kernel holds it:
+    /// `i_sb->s_dev` (kernel encoding, major << 20 | minor) and `i_ino`.
+    pub file_dev: u32,
+    /// Exec: how the verdict was reached, `EXEC_BASIS_*`. Socket: the protocol (`IPPROTO_*`).
+    pub detail: u32,
+    pub file_ino: u64,
+    /// Exec: bytes of `interp` that are valid; 0 when the file name is the program (no script).
+    pub interp_len: u32,
+    pub _pad: u32,
+    /// Exec: the interpreter a script named on its `#!` line (`bprm->interp`).
+    pub interp: [u8; RECORD_PATH_LEN],
+}
+
+/// How an exec verdict was reached (`ActionRecord::detail`), so the report can say which fact
+/// decided. Allowed: `FILE` (the file is one an exact rule names) or `NAME` (the name matched a
+/// rule). Not allowed: which fact failed.
+pub const EXEC_BASIS_FILE: u32 = 1;
+pub const EXEC_BASIS_NAME: u32 = 2;
+/// Not allowed: neither the file nor its name is on the allowlist.
+pub const EXEC_BASIS_NO_MATCH: u32 = 3;
+/// Not allowed: a script whose interpreter (`#!`) is not on the allowlist.
+pub const EXEC_BASIS_INTERPRETER: u32 = 4;
+/// Not allowed: a script whose own name is not on the allowlist.
+pub const EXEC_BASIS_SCRIPT: u32 = 5;
+/// Not allowed: in a user namespace names are not trusted and the file is no exact rule's file.
+pub const EXEC_BASIS_USER_NS: u32 = 6;
+/// Not allowed: the kernel could not read the exec's facts.
+pub const EXEC_BASIS_UNREADABLE: u32 = 7;
+
+/// Data part of the file-identity allowlist key: (agent, device, inode) of a file an exact exec
+/// rule names, resolved by the daemon (`stat`) and kept current.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExecFileKey {
+    pub agent: u32,
+    /// Kernel encoding of the device (`MKDEV`: major << 20 | minor).
+    pub dev: u32,
+    pub ino: u64,
+}
+
+/// Kernel encoding of a device number (`MKDEV` in `<linux/kdev_t.h>`).
+pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+    (major << 20) | (minor & 0xf_ffff)
+}
+
+/// Member offsets of kernel structures the exec program follows from `struct linux_binprm *`,
+/// read by the daemon from the kernel's BTF and handed to the program before it loads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub bprm_file: u32,
+    pub bprm_filename: u32,
+    pub bprm_interp: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub task_cred: u32,
+    pub cred_user_ns: u32,
+    /// `user_namespace.ns.inum` (the number `/proc/PID/ns/user` shows).
+    pub user_ns_inum: u32,
+    /// The initial user namespace's number (`/proc/self/ns/user` of the daemon).
+    pub init_user_ns: u32,
+    /// 1 once the daemon filled this in; the program judges nothing as allowed before.
+    pub valid: u32,
+}
+
+/// Socket families an agent keeps; `run`'s seccomp filter refuses the others (AF_VSOCK reaches
+/// the hypervisor host, and cgroup sock_create only runs for inet families).
+pub const AGENT_SOCKET_FAMILIES: [u32; 4] = [1, AF_INET as u32, AF_INET6 as u32, 16];
+
+/// Protocol numbers (`IPPROTO_*`) and socket types an agent may create.
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+pub const IPPROTO_UDPLITE: u32 = 136;
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+
+/// Whether an agent may create an inet socket of this type and protocol: TCP and UDP(-Lite) only,
+/// the protocols whose every destination passes the connect and sendmsg hooks. Raw sockets, ICMP
+/// "ping" sockets, SCTP and MPTCP reach endpoints those hooks do not see.
+pub const fn socket_allowed(sock_type: u32, protocol: u32) -> bool {
+    // Low bits only: SOCK_NONBLOCK / SOCK_CLOEXEC are flags.
+    matches!(
+        (sock_type & 0xf, protocol),
+        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP) | (SOCK_DGRAM, IPPROTO_UDPLITE)
+    )
+}
+
+/// The address a connect or send is judged as (IPv6 form, IPv4 as `::ffff:a.b.c.d`) and whether it
+/// was rewritten: Linux sends to the unspecified address (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) over
+/// loopback, so it is judged as `127.0.0.1` / `::1`. Shared by the kernel and the evaluator.
+#[inline(always)]
+pub fn net_judged_addr(addr: [u8; 16]) -> ([u8; 16], bool) {
+    let mut head_zero = true;
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            head_zero = false;
+        }
+        i += 1;
+    }
+    let tail_zero = addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 0;
+    if head_zero && tail_zero {
+        if addr[10] == 0xff && addr[11] == 0xff {
+            let mut v4 = addr;
+            v4[12] = 127;
+            v4[15] = 1;
+            return (v4, true);
+        }
+        if addr[10] == 0 && addr[11] == 0 {
+            let mut v6 = [0u8; 16];
+            v6[15] = 1;
+            return (v6, true);
+        }
+    }
+    (addr, false)
 }
 
 /// Indexes of the per-CPU drop/loss counters.
@@ -256,6 +385,10 @@ pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
 /// An exec path was not in normal form.
 pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
+/// An exec whose facts (name, interpreter, file) could not be read: judged as not allowed.
+pub const COUNTER_EXEC_UNREADABLE: u32 = 4;
+/// A socket an agent may not create was refused (or, alert mode, reported).
+pub const COUNTER_SOCKET_REFUSED: u32 = 5;
 /// A process could not be tagged (`PROCESS_AGENTS` full): it did not become / stay the agent.
 pub const COUNTER_TAGS_FULL: u32 = 8;
 /// A task grant matched but had expired: denied by the kernel before the daemon removed it.
@@ -344,6 +477,51 @@ mod tests {
     }
 
     #[test]
+    fn unspecified_addresses_are_judged_as_loopback() {
+        let v4 = |a: [u8; 4]| {
+            let mut x = [0u8; 16];
+            x[10] = 0xff;
+            x[11] = 0xff;
+            x[12..].copy_from_slice(&a);
+            x
+        };
+        assert_eq!(
+            net_judged_addr(v4([0, 0, 0, 0])),
+            (v4([127, 0, 0, 1]), true)
+        );
+        let mut lo6 = [0u8; 16];
+        lo6[15] = 1;
+        assert_eq!(net_judged_addr([0; 16]), (lo6, true));
+        for a in [v4([10, 0, 0, 1]), v4([0, 0, 0, 1]), lo6, v4([127, 0, 0, 1])] {
+            assert_eq!(net_judged_addr(a), (a, false));
+        }
+        // ::a.b.c.d (IPv4-compatible) is an IPv6 address to Linux and judged as such.
+        let mut compat = [0u8; 16];
+        compat[12] = 10;
+        assert_eq!(net_judged_addr(compat), (compat, false));
+    }
+
+    #[test]
+    fn only_tcp_and_udp_sockets() {
+        assert!(socket_allowed(SOCK_STREAM, IPPROTO_TCP));
+        assert!(socket_allowed(SOCK_DGRAM | 0x80000, IPPROTO_UDP));
+        assert!(socket_allowed(SOCK_DGRAM, IPPROTO_UDPLITE));
+        assert!(!socket_allowed(3, 1), "raw ICMP");
+        assert!(!socket_allowed(SOCK_DGRAM, 1), "ICMP ping socket");
+        assert!(!socket_allowed(SOCK_DGRAM, 58), "ICMPv6 ping socket");
+        assert!(!socket_allowed(SOCK_STREAM, 132), "SCTP");
+        assert!(!socket_allowed(5, 132), "SCTP seqpacket");
+        assert!(!socket_allowed(SOCK_STREAM, 262), "MPTCP");
+        assert!(!socket_allowed(10, 0), "SOCK_PACKET");
+    }
+
+    #[test]
+    fn kernel_dev_encoding() {
+        assert_eq!(kernel_dev(254, 0), 254 << 20);
+        assert_eq!(kernel_dev(8, 1), (8 << 20) | 1);
+    }
+
+    #[test]
     fn a_full_buffer_without_nul_is_judged_whole() {
         let mut b = [b'a'; EXEC_PATH_LEN];
         b[0] = b'/';
@@ -365,10 +543,13 @@ mod pod {
     unsafe impl aya::Pod for super::IdentityConfig {}
     unsafe impl aya::Pod for super::Expiry {}
     unsafe impl aya::Pod for super::NetGrant {}
+    unsafe impl aya::Pod for super::ExecFileKey {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.
-const _: () = assert!(core::mem::size_of::<ActionRecord>() == 360);
+const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344 + 16 + 24 + RECORD_PATH_LEN);
+const _: () = assert!(core::mem::size_of::<ExecFileKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AgentSlot>() == 16);
 const _: () = assert!(core::mem::size_of::<NetGrant>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);
 const _: () = assert!(core::mem::size_of::<NetKey>() == 20);

@@ -1,113 +1,230 @@
-//! Exec verdicts: the file name the kernel resolved for this exec, looked up in the agent's allowlist
-//! (then in the task's grants); and exec-time tagging by executable selectors.
+//! Exec verdicts from the kernel's facts about the exec: the file that runs (device and inode), the
+//! name it was asked for, the interpreter a script named, and the task's user namespace.
+//!
+//! Rule (the userspace evaluator states the same, `Policy::check_exec`):
+//! - the program that runs is allowed if its file is one an exact rule names (any name: a
+//!   symlink, `/proc/self/fd/N`, `fexecve`), or — in the initial user namespace only — if the name
+//!   it was opened by (`bprm->interp`: the exec'd path, or a script's `#!` interpreter) matches a
+//!   rule;
+//! - a script also needs its own name to match a rule (initial user namespace only);
+//! - in any other user namespace an unprivileged process can remap names (bind mounts, chroot), so
+//!   only file identity counts there.
+//!
+//! What the static allowlist refuses, a live grant of the process's task may allow (by name, in
+//! the initial user namespace, like a name rule). And exec is where executable selectors make a
+//! process an agent: by the file that runs (device, inode), whatever name it was exec'd by.
 
 use agent_monitor_common::{
-    AgentSlot, COUNTER_GRANTS_EXPIRED, COUNTER_PATH_NOT_NORMAL, COUNTER_PATH_TRUNCATED,
-    COUNTER_PATH_UNREADABLE, COUNTER_SELECTOR_CONFLICTS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN,
+    AgentSlot, COUNTER_EXEC_UNREADABLE, COUNTER_GRANTS_EXPIRED, COUNTER_PATH_NOT_NORMAL,
+    COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, COUNTER_SELECTOR_CONFLICTS, EXEC_BASIS_FILE,
+    EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME, EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT,
+    EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey,
     FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE,
-    FLAG_RETAGGED, KIND_EXEC, KIND_TAGGED, MODE_ENFORCE, RECORD_PATH_LEN, SELECT_EXECUTABLES,
-    SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
-    VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, source_rank,
+    FLAG_RETAGGED, FLAG_USER_NS, KIND_EXEC, KIND_TAGGED, KernelOffsets, MODE_ENFORCE,
+    RECORD_PATH_LEN, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, source_rank,
 };
-use aya_ebpf::{EbpfContext as _, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
-use crate::identity::{config, current_agent, tag};
+use crate::identity::{config, tag};
 use crate::maps::{
-    EXEC_ALLOW, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS, TASK_EXEC_GRANTS, count,
-    start_record,
+    EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS, TASK_EXEC_GRANTS,
+    count, current_agent, start_record,
 };
 
-/// Offsets in the `sched_process_exec` record (stable since 3.x; the daemon checks them against
-/// tracefs before it loads us).
-const FILENAME_LOC: usize = 8;
-const OLD_PID: usize = 16;
+/// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
+/// set before load. All zero (`valid == 0`) means not set: nothing is allowed.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    bprm_file: 0,
+    bprm_filename: 0,
+    bprm_interp: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    task_cred: 0,
+    cred_user_ns: 0,
+    user_ns_inum: 0,
+    init_user_ns: 0,
+    valid: 0,
+};
+
 const SIGKILL: u32 = 9;
 
-pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
+/// What the kernel knows about this exec.
+struct Facts {
+    filename: *const u8,
+    interp: *const u8,
+    dev: u32,
+    ino: u64,
+    user_ns: u32,
+}
+
+/// Reads a pointer-sized or integer member at `base + off`.
+#[inline(always)]
+unsafe fn member<T>(base: *const u8, off: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel(base.add((off & 0xffff) as usize).cast::<T>()) }
+}
+
+#[inline(always)]
+fn read_facts(task: *const u8, bprm: *const u8, off: &KernelOffsets) -> Result<Facts, i32> {
+    // SAFETY: each read goes through bpf_probe_read_kernel with offsets from the kernel's BTF.
+    unsafe {
+        let file: *const u8 = member(bprm, off.bprm_file)?;
+        let inode: *const u8 = member(file, off.file_inode)?;
+        let sb: *const u8 = member(inode, off.inode_sb)?;
+        let cred: *const u8 = member(task, off.task_cred)?;
+        let ns: *const u8 = member(cred, off.cred_user_ns)?;
+        Ok(Facts {
+            filename: member(bprm, off.bprm_filename)?,
+            interp: member(bprm, off.bprm_interp)?,
+            ino: member(inode, off.inode_ino)?,
+            dev: member(sb, off.sb_dev)?,
+            user_ns: member(ns, off.user_ns_inum)?,
+        })
+    }
+}
+
+/// How a name matched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NameMatch {
+    No,
+    /// A rule of the agent's allowlist.
+    Policy,
+    /// A live exec grant of the task (a name rule of the task until its expiry, compared here
+    /// with the kernel clock).
+    Grant,
+}
+
+/// Whether `name` matches one of the agent's rules by name, or else a live grant of its task. The
+/// name is read and checked once for both. Sets the flags that explain a refusal.
+#[inline(always)]
+fn name_match(slot: &AgentSlot, name: *const u8, flags: &mut u32) -> NameMatch {
+    let Some(key) = EXEC_KEY_SCRATCH.get_ptr_mut(0) else {
+        return NameMatch::No;
+    };
+    // SAFETY: per-CPU scratch slot owned by this program run; kernel strings read by helper.
+    unsafe {
+        (*key).prefix_len = EXEC_KEY_AGENT_BITS + (EXEC_PATH_LEN as u32) * 8;
+        (*key).data.agent = slot.agent;
+        let len =
+            match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*key).data.path) {
+                Ok(s) => s.len(),
+                Err(_) => {
+                    *flags |= FLAG_PATH_UNREADABLE;
+                    count(COUNTER_PATH_UNREADABLE);
+                    return NameMatch::No;
+                }
+            };
+        // The buffer holds EXEC_PATH_LEN - 1 bytes and a NUL: a name that filled it may go on.
+        if len >= EXEC_PATH_LEN - 1 {
+            let next: u8 = bpf_probe_read_kernel(name.add(EXEC_PATH_LEN - 1)).unwrap_or(1);
+            if next != 0 {
+                *flags |= FLAG_PATH_TRUNCATED;
+                count(COUNTER_PATH_TRUNCATED);
+                return NameMatch::No;
+            }
+        }
+        if !exec_path_is_normal(&(*key).data.path) {
+            *flags |= FLAG_PATH_NOT_NORMAL;
+            count(COUNTER_PATH_NOT_NORMAL);
+            return NameMatch::No;
+        }
+        if EXEC_ALLOW.get(&*key).is_some() {
+            return NameMatch::Policy;
+        }
+        if slot.task == TASK_NONE {
+            return NameMatch::No;
+        }
+        (*key).data.agent = slot.task;
+        match TASK_EXEC_GRANTS.get(&*key) {
+            Some(expiry) => {
+                let now = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+                if expiry.is_live(now) {
+                    NameMatch::Grant
+                } else {
+                    count(COUNTER_GRANTS_EXPIRED);
+                    NameMatch::No
+                }
+            }
+            None => NameMatch::No,
+        }
+    }
+}
+
+/// raw tracepoint sched_process_exec(task, old_pid, bprm): after a successful exec, in the new
+/// image's task, before its first instruction.
+pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     let prior = current_agent();
     let selectors = config().map_or(0, |c| c.selectors);
-    let exec_selectors = selectors & SELECT_EXECUTABLES != 0;
-    if prior.is_none() && !exec_selectors {
+    if prior.is_none() && selectors & SELECT_EXECUTABLES == 0 {
         return Ok(());
     }
-    // SAFETY: offsets come from the tracepoint format (checked by the daemon at start).
-    let loc: u32 = unsafe { ctx.read_at(FILENAME_LOC)? };
-    let old_pid: u32 = unsafe { ctx.read_at(OLD_PID)? };
-    let name_ptr = unsafe { (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize) };
-    // `len` counts the NUL.
-    let len = (loc >> 16) as usize;
+    // SAFETY: global set by the loader; volatile so the compiler keeps the load.
+    let off = unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) };
+    let task: *const u8 = ctx.arg(0);
+    let old_pid: u64 = ctx.arg(1);
+    let bprm: *const u8 = ctx.arg(2);
+    let facts = if off.valid == 1 {
+        read_facts(task, bprm, &off).ok()
+    } else {
+        None
+    };
     let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
 
-    let key = EXEC_KEY_SCRATCH.get_ptr_mut(0).ok_or(0)?;
-    let mut flags = 0;
-    // SAFETY: per-CPU scratch slot owned by this program run.
-    let readable = unsafe {
-        (*key).prefix_len = EXEC_KEY_AGENT_BITS + (EXEC_PATH_LEN as u32) * 8;
-        if len > EXEC_PATH_LEN {
-            // Too long to hold with its NUL: judged as not on the allowlist.
-            flags |= FLAG_PATH_TRUNCATED;
-            false
-        } else if aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
-            name_ptr,
-            &mut (*key).data.path,
-        )
-        .is_err()
-        {
-            flags |= FLAG_PATH_UNREADABLE;
-            false
-        } else if !exec_path_is_normal(&(*key).data.path) {
-            flags |= FLAG_PATH_NOT_NORMAL;
-            false
-        } else {
-            true
-        }
-    };
-
     // A thread other than the leader exec'd: it now has the leader's id; its tag follows it.
-    if selectors & SELECT_TAGS != 0 && old_pid != tid {
+    if selectors & SELECT_TAGS != 0 && old_pid as u32 != tid {
         // SAFETY: copied out at once.
-        if let Some(slot) = unsafe { PROCESS_AGENTS.get(&old_pid) }.copied() {
+        if let Some(slot) = unsafe { PROCESS_AGENTS.get(&(old_pid as u32)) }.copied() {
             tag(tid, &slot);
-            let _ = PROCESS_AGENTS.remove(&old_pid);
+            let _ = PROCESS_AGENTS.remove(&(old_pid as u32));
         }
     }
 
     // The exec is the act of whoever the process was when it asked for it.
-    if let Some((cgroup_id, slot)) = prior {
-        if flags & FLAG_PATH_TRUNCATED != 0 {
-            count(COUNTER_PATH_TRUNCATED);
-        } else if flags & FLAG_PATH_UNREADABLE != 0 {
-            count(COUNTER_PATH_UNREADABLE);
-        } else if flags & FLAG_PATH_NOT_NORMAL != 0 {
-            count(COUNTER_PATH_NOT_NORMAL);
-        }
-        let killed = judge(key, readable, cgroup_id, &slot, flags, old_pid, name_ptr);
-        if killed {
-            return Ok(());
-        }
+    if let Some((cgroup_id, slot)) = prior
+        && judge(cgroup_id, &slot, &facts, &off, old_pid)
+    {
+        return Ok(()); // killed
     }
 
-    // Then what it becomes: an executable selector takes it unless a higher-ranked identity holds it.
-    if exec_selectors && readable {
-        // SAFETY: per-CPU scratch; the selector trie keys paths under agent 0.
-        let selected = unsafe {
-            (*key).data.agent = 0;
-            EXEC_SELECTORS.get(&*key).copied()
+    // Then what it becomes: an executable selector (by the file that runs) takes it unless a
+    // higher-ranked identity holds it.
+    if selectors & SELECT_EXECUTABLES != 0
+        && let Some(f) = &facts
+    {
+        let key = ExecFileKey {
+            agent: 0,
+            dev: f.dev,
+            ino: f.ino,
         };
-        if let Some(mut new) = selected {
+        // SAFETY: copied out at once.
+        if let Some(mut new) = unsafe { EXEC_SELECTORS.get(&key) }.copied() {
             new.source = SOURCE_EXECUTABLE;
-            let mut record_flags = 0;
-            let mut prior_agent = 0;
-            let take = match prior {
-                None => true,
-                Some((_, p)) if p.agent == new.agent => {
-                    // Already this agent: keep its task (a task switch or `run` placement stands).
-                    false
+            match prior {
+                None => {
+                    if tag(tid, &new) {
+                        report_tagged(&new, 0, VERDICT_NONE, 0, 0, old_pid, f.filename);
+                    }
+                    return Ok(());
                 }
-                Some((_, p)) if source_rank(SOURCE_EXECUTABLE) > source_rank(p.source) => {
-                    record_flags |= FLAG_RETAGGED;
-                    prior_agent = p.agent;
-                    true
+                // Already this agent: its task (a task switch, a `run` placement) stands.
+                Some((_, p)) if p.agent == new.agent => {}
+                Some((cgroup_id, p)) if source_rank(SOURCE_EXECUTABLE) > source_rank(p.source) => {
+                    if tag(tid, &new) {
+                        report_tagged(
+                            &new,
+                            cgroup_id,
+                            VERDICT_NONE,
+                            FLAG_RETAGGED,
+                            p.agent,
+                            old_pid,
+                            f.filename,
+                        );
+                    }
+                    return Ok(());
                 }
                 Some((cgroup_id, p)) => {
                     // A higher-ranked identity keeps the process: report the refused claim.
@@ -119,23 +236,9 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
                         0,
                         new.agent,
                         old_pid,
-                        name_ptr,
+                        f.filename,
                     );
-                    false
                 }
-            };
-            if take && tag(tid, &new) {
-                let cgroup_id = prior.map_or(0, |(c, _)| c);
-                report_tagged(
-                    &new,
-                    cgroup_id,
-                    VERDICT_NONE,
-                    record_flags,
-                    prior_agent,
-                    old_pid,
-                    name_ptr,
-                );
-                return Ok(());
             }
         }
     }
@@ -148,31 +251,70 @@ pub fn on_exec(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
-/// Judges the exec for `slot` (static allowlist, then the task's grants), kills in enforce mode,
-/// reports. Returns whether the process was killed.
+/// Judges the exec for `slot` — the static allowlist by file and name, then the task's grants by
+/// name — kills in enforce mode, reports. Returns whether the process was killed.
 #[inline(always)]
 fn judge(
-    key: *mut aya_ebpf::maps::lpm_trie::Key<agent_monitor_common::ExecKey>,
-    readable: bool,
     cgroup_id: u64,
     slot: &AgentSlot,
-    mut flags: u32,
-    old_pid: u32,
-    name_ptr: *const u8,
+    facts: &Option<Facts>,
+    off: &KernelOffsets,
+    old_pid: u64,
 ) -> bool {
-    // SAFETY: per-CPU scratch slot owned by this program run.
-    let allowed = readable
-        && unsafe {
-            (*key).data.agent = slot.agent;
-            if EXEC_ALLOW.get(&*key).is_some() {
-                true
-            } else if granted(key, slot.task) {
-                flags |= FLAG_GRANTED;
-                true
+    let mut flags = 0;
+    let (allowed, basis) = match facts {
+        None => {
+            count(COUNTER_EXEC_UNREADABLE);
+            flags |= FLAG_PATH_UNREADABLE;
+            (false, EXEC_BASIS_UNREADABLE)
+        }
+        Some(f) => {
+            let key = ExecFileKey {
+                agent: slot.agent,
+                dev: f.dev,
+                ino: f.ino,
+            };
+            // SAFETY: value not kept.
+            let file_ok = unsafe { EXEC_FILES.get(&key) }.is_some();
+            // bprm->interp is bprm->filename until a binfmt (script, misc) names an interpreter.
+            let script = f.interp != f.filename;
+            if f.user_ns != off.init_user_ns {
+                flags |= FLAG_USER_NS;
+                if file_ok && !script {
+                    (true, EXEC_BASIS_FILE)
+                } else {
+                    (false, EXEC_BASIS_USER_NS)
+                }
             } else {
-                false
+                // The program: its file, or else its name (a rule, or a grant of the task).
+                let program = if file_ok {
+                    NameMatch::Policy
+                } else {
+                    name_match(slot, f.interp, &mut flags)
+                };
+                // A script also needs its own name allowed.
+                let script_name = if program != NameMatch::No && script {
+                    name_match(slot, f.filename, &mut flags)
+                } else {
+                    NameMatch::Policy
+                };
+                if program == NameMatch::Grant || script_name == NameMatch::Grant {
+                    flags |= FLAG_GRANTED;
+                }
+                match (program, script_name) {
+                    (NameMatch::No, _) if script => (false, EXEC_BASIS_INTERPRETER),
+                    (NameMatch::No, _) => (false, EXEC_BASIS_NO_MATCH),
+                    (_, NameMatch::No) => (false, EXEC_BASIS_SCRIPT),
+                    _ if file_ok => (true, EXEC_BASIS_FILE),
+                    _ => (true, EXEC_BASIS_NAME),
+                }
             }
-        };
+        }
+    };
+    if !allowed {
+        flags &= !FLAG_GRANTED;
+    }
+
     let verdict = if allowed {
         VERDICT_ALLOWED
     } else if slot.mode == MODE_ENFORCE {
@@ -185,43 +327,39 @@ fn judge(
     } else {
         VERDICT_ALERT
     };
-    if let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id, slot) {
-        let rec = entry.as_mut_ptr();
-        // SAFETY: reserved record; the path is read again straight into it.
-        unsafe {
-            (*rec).other_pid = old_pid;
-            (*rec).flags = flags;
-            (*rec).path_len = read_path(name_ptr, &mut (*rec).path);
-        }
-        entry.submit(0);
-    }
-    verdict == VERDICT_DENIED
-}
 
-/// Whether task `task` holds a live exec grant for the path in `key`.
-#[inline(always)]
-unsafe fn granted(
-    key: *mut aya_ebpf::maps::lpm_trie::Key<agent_monitor_common::ExecKey>,
-    task: u32,
-) -> bool {
-    if task == TASK_NONE {
-        return false;
-    }
-    // SAFETY: caller's scratch key.
-    unsafe { (*key).data.agent = task };
-    match TASK_EXEC_GRANTS.get(unsafe { &*key }) {
-        Some(expiry) => {
-            // SAFETY: helper with no arguments.
-            let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
-            if expiry.is_live(now) {
-                true
-            } else {
-                count(COUNTER_GRANTS_EXPIRED);
-                false
+    let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id, slot) else {
+        return verdict == VERDICT_DENIED;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: reserved record; the names are read again straight into it.
+    unsafe {
+        (*rec).other_pid = old_pid as u32;
+        (*rec).flags = flags;
+        (*rec).detail = basis;
+        if let Some(f) = facts {
+            (*rec).file_dev = f.dev;
+            (*rec).file_ino = f.ino;
+            (*rec).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+                f.filename,
+                &mut (*rec).path,
+            ) {
+                Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
+                Err(_) => 0,
+            };
+            if f.interp != f.filename {
+                (*rec).interp_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+                    f.interp,
+                    &mut (*rec).interp,
+                ) {
+                    Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
+                    Err(_) => 0,
+                };
             }
         }
-        None => false,
     }
+    entry.submit(0);
+    verdict == VERDICT_DENIED
 }
 
 /// `KIND_TAGGED`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
@@ -234,27 +372,22 @@ fn report_tagged(
     verdict: u32,
     flags: u32,
     prior_agent: u32,
-    old_pid: u32,
-    name_ptr: *const u8,
+    old_pid: u64,
+    name: *const u8,
 ) {
     if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
-        // SAFETY: reserved record.
+        // SAFETY: reserved record; kernel string read into a bounded buffer.
         unsafe {
-            (*rec).other_pid = old_pid;
+            (*rec).other_pid = old_pid as u32;
             (*rec).flags = flags;
             (*rec).prior_agent = prior_agent;
-            (*rec).path_len = read_path(name_ptr, &mut (*rec).path);
+            (*rec).path_len =
+                match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*rec).path) {
+                    Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
+                    Err(_) => 0,
+                };
         }
         entry.submit(0);
-    }
-}
-
-#[inline(always)]
-fn read_path(name_ptr: *const u8, dst: &mut [u8; RECORD_PATH_LEN]) -> u32 {
-    // SAFETY: kernel string read into a bounded buffer.
-    match unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name_ptr, dst) } {
-        Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
-        Err(_) => 0,
     }
 }

@@ -11,15 +11,17 @@ mod lifecycle;
 mod maps;
 mod net;
 
+use agent_monitor_common::{KIND_CONNECT, KIND_SENDMSG};
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, lsm, tracepoint},
-    programs::{LsmContext, SockAddrContext, TracePointContext},
+    macros::{cgroup_sock, cgroup_sock_addr, lsm, raw_tracepoint, tracepoint},
+    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext, TracePointContext},
 };
 
-/// tracepoint sched/sched_process_exec: fires after a successful exec (execve, execveat, scripts,
-/// binfmt), in the new image's task, before it runs its first instruction.
-#[tracepoint(category = "sched", name = "sched_process_exec")]
-pub fn agent_exec(ctx: TracePointContext) -> u32 {
+/// raw tracepoint sched_process_exec(task, old_pid, bprm): fires after every successful exec
+/// (execve, execveat, fexecve, scripts, binfmt_misc, the loader run directly), in the new image's
+/// task, before it runs its first instruction; `bprm` names the file that runs.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn agent_exec(ctx: RawTracePointContext) -> u32 {
     match exec::on_exec(&ctx) {
         Ok(()) | Err(_) => 0,
     }
@@ -41,16 +43,45 @@ pub fn agent_exit(ctx: TracePointContext) -> u32 {
     }
 }
 
-/// cgroup/connect4: every connect() of an AF_INET socket (TCP, UDP, io_uring); 0 → EPERM.
+/// cgroup/connect4: every connect of an AF_INET socket (TCP incl. Fast Open sendto, UDP,
+/// io_uring), with the kernel's copy of the address; 0 → EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn agent_connect4(ctx: SockAddrContext) -> i32 {
-    net::on_connect4(&ctx)
+    net::on_addr4(&ctx, KIND_CONNECT)
 }
 
-/// cgroup/connect6: every connect() of an AF_INET6 socket, IPv4-mapped addresses included; 0 → EPERM.
+/// cgroup/connect6: every connect of an AF_INET6 socket, IPv4-mapped addresses included; 0 → EPERM.
 #[cgroup_sock_addr(connect6)]
 pub fn agent_connect6(ctx: SockAddrContext) -> i32 {
-    net::on_connect6(&ctx)
+    net::on_addr6(&ctx, KIND_CONNECT)
+}
+
+/// cgroup/sendmsg4: every UDP send that names its destination (sendto, sendmsg, sendmmsg,
+/// io_uring; an AF_INET6 socket sending to `::ffff:a.b.c.d` lands here too); 0 → EPERM.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn agent_sendmsg4(ctx: SockAddrContext) -> i32 {
+    net::on_addr4(&ctx, KIND_SENDMSG)
+}
+
+/// cgroup/sendmsg6: every UDP send on an AF_INET6 socket that names its destination; 0 → EPERM.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn agent_sendmsg6(ctx: SockAddrContext) -> i32 {
+    net::on_addr6(&ctx, KIND_SENDMSG)
+}
+
+/// cgroup/sock_create: every AF_INET/AF_INET6 socket a process creates; 0 → EPERM.
+#[cgroup_sock(sock_create)]
+pub fn agent_sock_create(ctx: SockContext) -> i32 {
+    net::on_sock_create(&ctx)
+}
+
+/// tracepoint syscalls/sys_enter_socket: every socket() call; reports the families `run`'s seccomp
+/// filter refuses (the cgroup hooks only see inet sockets).
+#[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+pub fn agent_socket_syscall(ctx: TracePointContext) -> u32 {
+    match net::on_socket_syscall(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
 }
 
 /// lsm/bprm_check_security: loaded (never attached) only to learn whether this kernel accepts BPF

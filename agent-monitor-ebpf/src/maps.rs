@@ -2,9 +2,9 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    ActionRecord, AgentSlot, COUNTERS, ExecKey, Expiry, IdentityConfig, MAX_AGENT_CGROUPS,
-    MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES, MAX_TAGGED_TASKS,
-    MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey,
+    ActionRecord, AgentSlot, COUNTERS, ExecFileKey, ExecKey, Expiry, IdentityConfig,
+    MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES,
+    MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey,
 };
 use aya_ebpf::{
     macros::map,
@@ -32,11 +32,12 @@ pub static PROCESS_AGENTS: HashMap<u32, AgentSlot> = HashMap::with_max_entries(M
 #[map]
 pub static UID_SELECTORS: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_UID_SELECTORS, 0);
 
-/// Executable selectors: exact normal path (with its NUL, `ExecKey::agent` = 0) → the agent a
-/// process becomes when it execs that file. Armed only after the file's sha256 was verified.
+/// Executable selectors: the file (device and inode as the kernel holds them, `ExecFileKey::agent`
+/// = 0) → the agent a process becomes when it execs that file, under any name. Written by the
+/// daemon after the file's sha256 was checked (a mismatch gets the grantless `unverified` task).
 #[map]
-pub static EXEC_SELECTORS: LpmTrie<ExecKey, AgentSlot> =
-    LpmTrie::with_max_entries(MAX_EXEC_SELECTORS, 0);
+pub static EXEC_SELECTORS: HashMap<ExecFileKey, AgentSlot> =
+    HashMap::with_max_entries(MAX_EXEC_SELECTORS, 0);
 
 /// Per-task network grants: (task number in `NetKey::agent`, address prefix) → ports until expiry.
 #[map]
@@ -55,6 +56,11 @@ pub static NET_ALLOW: LpmTrie<NetKey, NetAllow> = LpmTrie::with_max_entries(MAX_
 /// Exec allowlist: (agent, path or path prefix) → rule index.
 #[map]
 pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXEC_ENTRIES, 0);
+
+/// Exec allowlist by file identity: (agent, device, inode) of each file an exact rule names, as the
+/// daemon resolved it → rule index. Lets the kernel judge the file that runs, whatever its name.
+#[map]
+pub static EXEC_FILES: HashMap<ExecFileKey, u32> = HashMap::with_max_entries(MAX_EXEC_ENTRIES, 0);
 
 /// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~24k records.
 #[map]
@@ -109,6 +115,11 @@ pub fn start_record(
         (*rec).addr = [0; 16];
         (*rec).flags = 0;
         (*rec).path_len = 0;
+        (*rec).file_dev = 0;
+        (*rec).detail = 0;
+        (*rec).file_ino = 0;
+        (*rec).interp_len = 0;
+        (*rec)._pad = 0;
         (*rec).agent = slot.agent;
         (*rec).task = slot.task;
         (*rec).source = slot.source;

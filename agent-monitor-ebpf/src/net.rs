@@ -1,23 +1,30 @@
-//! Network verdicts on the cgroup sock_addr hooks: the kernel's own copy of the destination.
+//! Network verdicts on the cgroup hooks: the kernel's own copy of the destination (sock_addr
+//! connect and sendmsg), and the kinds of socket an agent may create at all (sock_create).
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, AgentSlot, COUNTER_GRANTS_EXPIRED, FLAG_GRANTED, KIND_CONNECT,
-    MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT,
-    VERDICT_ALLOWED, VERDICT_DENIED,
+    AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
+    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_GRANTED, KIND_SOCKET, MAX_PORT_RANGES,
+    MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
+    VERDICT_DENIED, net_judged_addr, socket_allowed,
 };
-use aya_ebpf::{maps::lpm_trie::Key, programs::SockAddrContext};
+use aya_ebpf::{
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, SockContext, TracePointContext},
+};
 
 use crate::maps::{NET_ALLOW, TASK_NET_GRANTS, count, current_agent, start_record};
 
-/// Return values of a sock_addr program.
+/// Return values of cgroup sock and sock_addr programs.
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
 
-pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
+/// connect4 and sendmsg4: an IPv4 destination, judged as `::ffff:a.b.c.d`.
+pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
-    // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4.
+    // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4 and
+    // sendmsg4. They are the kernel's copy of the sockaddr, not the caller's memory.
     let (ip, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
         (sa.user_ip4, sa.user_port, sa.type_)
@@ -27,6 +34,7 @@ pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
     ];
     judge(
+        kind,
         cgroup_id,
         slot,
         AF_INET,
@@ -36,11 +44,12 @@ pub fn on_connect4(ctx: &SockAddrContext) -> i32 {
     )
 }
 
-pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
+/// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
+pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
-    // SAFETY: as above; user_ip6 is readable at connect6.
+    // SAFETY: as above; user_ip6 is readable at connect6 and sendmsg6.
     let (w, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
         (
@@ -65,6 +74,7 @@ pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
         i += 1;
     }
     judge(
+        kind,
         cgroup_id,
         slot,
         AF_INET6,
@@ -74,7 +84,7 @@ pub fn on_connect6(ctx: &SockAddrContext) -> i32 {
     )
 }
 
-/// How a connect was allowed, if it was.
+/// How a connect or send was allowed, if it was.
 enum NetAllowed {
     No,
     /// By the agent's static allowlist.
@@ -139,6 +149,7 @@ fn ports_allow(allow: &NetAllow, port: u16) -> bool {
 
 #[inline(always)]
 fn judge(
+    kind: u32,
     cgroup_id: u64,
     slot: AgentSlot,
     family: u16,
@@ -146,15 +157,12 @@ fn judge(
     port: u16,
     sock_type: u32,
 ) -> i32 {
-    let how = allowed(&slot, addr, port);
-    let verdict = if !matches!(how, NetAllowed::No) {
-        VERDICT_ALLOWED
-    } else if slot.mode == MODE_ENFORCE {
-        VERDICT_DENIED
-    } else {
-        VERDICT_ALERT
-    };
-    if let Some(mut entry) = start_record(KIND_CONNECT, verdict, cgroup_id, &slot) {
+    // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
+    let (judged, unspecified) = net_judged_addr(addr);
+    let how = allowed(&slot, judged, port);
+    let allowed = !matches!(how, NetAllowed::No);
+    let verdict = verdict_of(allowed, slot);
+    if let Some(mut entry) = start_record(kind, verdict, cgroup_id, &slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
         unsafe {
@@ -162,8 +170,11 @@ fn judge(
             (*rec).port = port;
             (*rec).sock_type = sock_type;
             (*rec).addr = addr;
+            if unspecified {
+                (*rec).flags |= FLAG_ADDR_UNSPECIFIED;
+            }
             if matches!(how, NetAllowed::Grant) {
-                (*rec).flags = FLAG_GRANTED;
+                (*rec).flags |= FLAG_GRANTED;
             }
         }
         entry.submit(0);
@@ -172,5 +183,109 @@ fn judge(
         REJECT
     } else {
         PASS
+    }
+}
+
+/// sock_create: an agent creates TCP and UDP sockets only. Allowed creations are not recorded
+/// (every connect and send on them is); refused ones are.
+pub fn on_sock_create(ctx: &SockContext) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    // SAFETY: the kernel passes a valid bpf_sock; family, type and protocol are readable here.
+    let (family, sock_type, protocol) = unsafe {
+        let sk = &*ctx.sock;
+        (sk.family, sk.type_, sk.protocol)
+    };
+    if socket_allowed(sock_type, protocol) {
+        return PASS;
+    }
+    let verdict = verdict_of(false, slot);
+    report_socket(
+        verdict,
+        cgroup_id,
+        &slot,
+        family as u16,
+        sock_type,
+        protocol,
+    );
+    if verdict == VERDICT_DENIED {
+        REJECT
+    } else {
+        PASS
+    }
+}
+
+/// Offsets in the `syscalls/sys_enter_socket` record (checked against tracefs by the daemon).
+const SYSCALL_FAMILY: usize = 16;
+const SYSCALL_TYPE: usize = 24;
+const SYSCALL_PROTOCOL: usize = 32;
+
+/// sys_enter_socket: an agent creating a socket family `run`'s seccomp filter would refuse
+/// (AF_VSOCK, AF_PACKET…), which the cgroup hooks never see. Seccomp filters run before this
+/// tracepoint, so reaching here means no filter stopped it (an agent placed without `run`): an
+/// alert whatever the mode, because it will be created.
+pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return Ok(());
+    };
+    // SAFETY: offsets from the tracepoint format (checked by the daemon).
+    let (family, sock_type, protocol) = unsafe {
+        (
+            ctx.read_at::<u64>(SYSCALL_FAMILY)? as u32,
+            ctx.read_at::<u64>(SYSCALL_TYPE)? as u32,
+            ctx.read_at::<u64>(SYSCALL_PROTOCOL)? as u32,
+        )
+    };
+    let mut i = 0;
+    while i < AGENT_SOCKET_FAMILIES.len() {
+        if AGENT_SOCKET_FAMILIES[i] == family {
+            return Ok(());
+        }
+        i += 1;
+    }
+    // We only run when no seccomp filter refused the call (filters run first): it will happen.
+    report_socket(
+        VERDICT_ALERT,
+        cgroup_id,
+        &slot,
+        family as u16,
+        sock_type,
+        protocol,
+    );
+    Ok(())
+}
+
+/// Counts and records a socket an agent may not have.
+#[inline(always)]
+fn report_socket(
+    verdict: u32,
+    cgroup_id: u64,
+    slot: &AgentSlot,
+    family: u16,
+    sock_type: u32,
+    protocol: u32,
+) {
+    count(COUNTER_SOCKET_REFUSED);
+    if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id, slot) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: reserved record.
+        unsafe {
+            (*rec).family = family as u16;
+            (*rec).sock_type = sock_type;
+            (*rec).detail = protocol;
+        }
+        entry.submit(0);
+    }
+}
+
+#[inline(always)]
+fn verdict_of(allowed: bool, slot: AgentSlot) -> u32 {
+    if allowed {
+        VERDICT_ALLOWED
+    } else if slot.mode == MODE_ENFORCE {
+        VERDICT_DENIED
+    } else {
+        VERDICT_ALERT
     }
 }

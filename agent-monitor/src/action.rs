@@ -17,6 +17,10 @@ pub const REASON_EXEC_PATH_UNREADABLE: &str = "exec path unreadable in the kerne
 #[serde(rename_all = "lowercase")]
 pub enum ActionKind {
     Connect,
+    /// A datagram sent to an address named with the send (no connect first).
+    Sendmsg,
+    /// Creating a socket of a kind agents may not have (raw, ping, SCTP, MPTCP…).
+    Socket,
     Exec,
     /// A control-socket request (reported when refused).
     Control,
@@ -28,6 +32,8 @@ impl ActionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ActionKind::Connect => "connect",
+            ActionKind::Sendmsg => "sendmsg",
+            ActionKind::Socket => "socket",
             ActionKind::Exec => "exec",
             ActionKind::Control => "control",
             ActionKind::Identity => "identity",
@@ -93,7 +99,11 @@ pub struct Action {
     pub comm: String,
     /// Connect: the acting process's executable. Exec: the file being executed.
     pub exe: Option<String>,
+    /// Exec of a script: the interpreter its `#!` line names (the program that runs).
+    pub interpreter: Option<String>,
     pub destination: Option<Destination>,
+    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`.
+    pub socket: Option<String>,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
     /// How a denial was carried out ("eperm", "sigkill"), if it was.
@@ -106,11 +116,15 @@ impl Action {
     /// A one-line summary a person reads first.
     pub fn message(&self) -> String {
         let object = match (self.kind, &self.destination, &self.exe) {
-            (ActionKind::Connect, Some(d), _) => match d.addr {
+            (ActionKind::Connect | ActionKind::Sendmsg, Some(d), _) => match d.addr {
                 IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
                 IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
             },
-            (ActionKind::Exec, _, Some(exe)) => exe.clone(),
+            (ActionKind::Exec, _, Some(exe)) => match &self.interpreter {
+                Some(i) => format!("{exe} (script for {i})"),
+                None => exe.clone(),
+            },
+            (ActionKind::Socket, _, _) => self.socket.clone().unwrap_or_else(|| "?".into()),
             (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
             _ => "?".to_string(),
         };

@@ -56,16 +56,24 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_OURS);
         }
     }
-    // From here this process is the agent; the command inherits its cgroup.
+    // From here this process is the agent; the command inherits its cgroup, and the seccomp
+    // filter for the routes the cgroup hooks cannot judge (sandbox.rs).
+    let filter = crate::sandbox::filter();
     let mut command = std::process::Command::new(&program);
     command.arg0(&args.command[0]).args(&args.command[1..]);
-    if let Some(c) = drop_to {
-        // SAFETY: the closure only makes async-signal-safe syscalls (setgroups, setgid, setuid)
-        // on values prepared before fork.
-        unsafe {
-            command.pre_exec(move || c.apply());
-        }
-    }
+    // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, setgroups, setgid,
+    // setuid) on values prepared before the fork. The filter goes first, while we are still root
+    // (installing it without no_new_privs needs CAP_SYS_ADMIN); it does not restrict the uid
+    // calls that follow.
+    unsafe {
+        command.pre_exec(move || {
+            crate::sandbox::install(&filter)?;
+            match &drop_to {
+                Some(c) => c.apply(),
+                None => Ok(()),
+            }
+        })
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -368,6 +376,10 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
     match cmd {
         PolicyCommand::Check { path } => match crate::policy_dir::load_path(&path) {
             Ok(set) => {
+                // Valid, but worth a second look: printed, not failed.
+                for w in crate::exec_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",

@@ -19,13 +19,14 @@ use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
 use crate::event::{self, KernelEvent};
+use crate::exec_files::ExecFiles;
 use crate::identity::selected::Selected;
 use crate::identity::{
     self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, Tasks, UNVERIFIED_TASK,
 };
 use crate::output::{OutputConfig, Outputs};
 use crate::policy::KernelTables;
-use crate::policy::PolicySet;
+use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -97,6 +98,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
 
+    for w in crate::exec_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for did in crate::host::ensure_kernel_filesystems()? {
         tracing::info!("{did}");
     }
@@ -114,8 +118,12 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     refuse_if_already_running(&args.socket.control_socket).await?;
 
-    let mut kernel = Kernel::load(&cgroup_root, &layout)?;
+    let offsets = crate::host::kernel_offsets()?;
+    let mut kernel = Kernel::load(&cgroup_root, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
+    let mut exec_files = ExecFiles::default();
+    let change = exec_files.refresh(&policies);
+    kernel.update_exec_files(&change.add, &change.remove)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -171,6 +179,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         admin_gid,
         trust_domain,
         policies,
+        exec_files,
         policies_dir: args.policies.clone(),
         cgroups,
         tasks: HashMap::new(),
@@ -317,6 +326,21 @@ async fn serve_connection(
     Ok(())
 }
 
+/// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
+fn socket_reason(sk: &event::SocketEvent) -> String {
+    let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
+    match (inet, sk.verdict) {
+        (true, _) => "agents may create TCP and UDP inet sockets only (cgroup sock_create): raw, \
+                      ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
+                      hooks do not judge"
+            .into(),
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
+                       seccomp filter on this process (`agent-monitor run` installs one that \
+                       refuses them): it was created"
+            .into(),
+    }
+}
+
 /// A live (agent, task) cgroup.
 struct TaskEntry {
     agent: String,
@@ -351,6 +375,8 @@ struct Monitor {
     admin_gid: Option<u32>,
     trust_domain: String,
     policies: PolicySet,
+    /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
+    exec_files: ExecFiles,
     policies_dir: PathBuf,
     cgroups: AgentCgroups,
     /// cgroup id → (agent, task).
@@ -483,6 +509,8 @@ impl Monitor {
             comm,
             exe,
             destination: None,
+            interpreter: None,
+            socket: None,
             enforcement: Some("refused"),
             reason: format!("{}{target} refused: {why}", request.op()),
         };
@@ -833,6 +861,8 @@ impl Monitor {
                 comm: "agent-monitor".into(),
                 exe: None,
                 destination: None,
+                interpreter: None,
+                socket: None,
                 chain: Vec::new(),
                 enforcement: None,
                 reason: format!("executable selector digest mismatch: {m}"),
@@ -844,6 +874,18 @@ impl Monitor {
     fn sweep(&mut self) {
         let now = monotonic_ns();
         self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
+        // A package upgrade replaces a file (new inode): follow it.
+        let change = self.exec_files.refresh(&self.policies);
+        if !change.add.is_empty() || !change.remove.is_empty() {
+            tracing::info!(
+                added = change.add.len(),
+                removed = change.remove.len(),
+                "files named by exact exec rules changed"
+            );
+            if let Err(e) = self.kernel.update_exec_files(&change.add, &change.remove) {
+                tracing::warn!("{e:#}");
+            }
+        }
         // The kernel already refuses expired grants; this only tidies the maps.
         for number in self.registry.expired(now) {
             let names = self
@@ -992,6 +1034,10 @@ impl Monitor {
                 let action = self.connect_action(&c);
                 self.report(action);
             }
+            KernelEvent::Socket(sk) => {
+                let action = self.socket_action(&sk);
+                self.report(action);
+            }
         }
     }
 
@@ -1063,7 +1109,9 @@ impl Monitor {
             self.grant_reason(e.subject.task, |g| {
                 g.exec
                     .iter()
-                    .find(|r| r.matches(&e.path))
+                    .find(|r| {
+                        r.matches(&e.path) || e.interpreter.as_deref().is_some_and(|i| r.matches(i))
+                    })
                     .map(|r| format!("exec {}", r.text()))
             })
         } else if e.truncated {
@@ -1073,10 +1121,34 @@ impl Monitor {
                 common::EXEC_PATH_LEN - 1
             )
         } else if e.unreadable {
+            // The name, the interpreter or the file could not be read.
             crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
-            self.explain(&agent, e.verdict, |p| p.check_exec(&e.path))
+            let agent_index = self.policies.index_of(&agent);
+            let file_rule = agent_index
+                .and_then(|a| self.exec_files.rule_for(a, e.file_dev, e.file_ino))
+                .map(str::to_string);
+            let facts = ExecFacts {
+                name: &e.path,
+                interpreter: e.interpreter.as_deref(),
+                file_rule: file_rule.as_deref(),
+                initial_user_ns: !e.user_ns,
+            };
+            let why = self.explain(&agent, e.verdict, |p| p.check_exec_facts(&facts));
+            let file = format!(
+                "file {}:{} inode {}",
+                e.file_dev >> 20,
+                e.file_dev & 0xf_ffff,
+                e.file_ino
+            );
+            match e.basis {
+                common::EXEC_BASIS_FILE => format!("{why} (the file that runs, {file})"),
+                _ => format!("{why} ({file})"),
+            }
         };
+        if e.user_ns {
+            self.counters.execs_in_user_namespaces += 1;
+        }
         if e.truncated {
             self.counters.exec_paths_too_long += 1;
         }
@@ -1088,6 +1160,7 @@ impl Monitor {
         }
         Action {
             exe: Some(e.path.clone()),
+            interpreter: e.interpreter.clone(),
             enforcement: e.killed.then_some("sigkill"),
             reason,
             ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
@@ -1096,7 +1169,7 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(&c.subject);
-        let reason = if c.granted {
+        let mut reason = if c.granted {
             let addr = crate::policy::to_table_addr(c.addr);
             self.grant_reason(c.subject.task, |g| {
                 g.net
@@ -1107,6 +1180,9 @@ impl Monitor {
         } else {
             self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port))
         };
+        if c.unspecified {
+            reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
+        }
         let exe = self
             .procs
             .exe(c.subject.pid)
@@ -1116,6 +1192,11 @@ impl Monitor {
                     .ok()
                     .map(|p| p.display().to_string())
             });
+        let kind = if c.send {
+            ActionKind::Sendmsg
+        } else {
+            ActionKind::Connect
+        };
         Action {
             exe,
             destination: Some(Destination {
@@ -1125,7 +1206,24 @@ impl Monitor {
             }),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
-            ..self.action(&c.subject, agent, task, ActionKind::Connect, c.verdict)
+            ..self.action(&c.subject, agent, task, kind, c.verdict)
+        }
+    }
+
+    fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
+        let (agent, task) = self.identity(&sk.subject);
+        self.counters.sockets_refused += 1;
+        let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        Action {
+            exe,
+            socket: Some(event::socket_description(
+                sk.family,
+                sk.sock_type,
+                sk.protocol,
+            )),
+            enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
+            reason: socket_reason(sk),
+            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
     }
 
@@ -1150,6 +1248,8 @@ impl Monitor {
             uid: subject.uid,
             comm: subject.comm.clone(),
             exe: None,
+            interpreter: None,
+            socket: None,
             destination: None,
             enforcement: None,
             reason: String::new(),
@@ -1207,6 +1307,7 @@ impl Monitor {
     fn status(&mut self) -> control::Status {
         self.report_kernel_losses();
         self.counters.tracked_processes = self.procs.len() as u64;
+        self.counters.exec_rule_files = self.exec_files.len() as u64;
         let agents = self
             .policies
             .iter()

@@ -11,7 +11,9 @@ use crate::action::Verdict;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Exec(ExecEvent),
+    /// A connect, or (`send`) a datagram sent to an address named with the send.
     Connect(ConnectEvent),
+    Socket(SocketEvent),
     Fork {
         subject: Subject,
         child: u32,
@@ -65,6 +67,24 @@ pub struct ExecEvent {
     pub killed: bool,
     /// Allowed by a task grant rather than the static allowlist.
     pub granted: bool,
+    /// A script's `#!` interpreter (the program that runs), when there is one.
+    pub interpreter: Option<String>,
+    /// Device (kernel encoding) and inode of the file that runs.
+    pub file_dev: u32,
+    pub file_ino: u64,
+    /// The task was outside the initial user namespace: only file identity counted.
+    pub user_ns: bool,
+    /// Which fact decided, `EXEC_BASIS_*`.
+    pub basis: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    pub family: u16,
+    pub sock_type: u32,
+    pub protocol: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +97,10 @@ pub struct ConnectEvent {
     pub sock_type: u32,
     /// Allowed by a task grant rather than the static allowlist.
     pub granted: bool,
+    /// A send naming its destination (sendmsg hook), not a connect.
+    pub send: bool,
+    /// The caller gave the unspecified address; it was judged as loopback.
+    pub unspecified: bool,
 }
 
 /// Why a record could not be decoded. Each is counted by the daemon, never ignored.
@@ -121,17 +145,27 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         String::from_utf8_lossy(&rec.path[..len]).into_owned()
     };
     match rec.kind {
-        common::KIND_EXEC => Ok(KernelEvent::Exec(ExecEvent {
-            verdict: verdict(rec.verdict, "exec")?,
-            path: path(),
-            granted,
-            truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
-            unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
-            not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
-            killed: rec.flags & common::FLAG_KILLED != 0,
-            subject,
-        })),
-        common::KIND_CONNECT => {
+        common::KIND_EXEC => {
+            let len = (rec.path_len as usize).min(rec.path.len());
+            let interp_len = (rec.interp_len as usize).min(rec.interp.len());
+            Ok(KernelEvent::Exec(ExecEvent {
+                granted,
+                interpreter: (interp_len > 0)
+                    .then(|| String::from_utf8_lossy(&rec.interp[..interp_len]).into_owned()),
+                file_dev: rec.file_dev,
+                file_ino: rec.file_ino,
+                user_ns: rec.flags & common::FLAG_USER_NS != 0,
+                basis: rec.detail,
+                verdict: verdict(rec.verdict, "exec")?,
+                path: String::from_utf8_lossy(&rec.path[..len]).into_owned(),
+                truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
+                unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
+                not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
+                killed: rec.flags & common::FLAG_KILLED != 0,
+                subject,
+            }))
+        }
+        common::KIND_CONNECT | common::KIND_SENDMSG => {
             let v6 = Ipv6Addr::from(rec.addr);
             let addr = match rec.family {
                 common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
@@ -144,6 +178,8 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             };
             Ok(KernelEvent::Connect(ConnectEvent {
                 verdict: verdict(rec.verdict, "connect")?,
+                send: rec.kind == common::KIND_SENDMSG,
+                unspecified: rec.flags & common::FLAG_ADDR_UNSPECIFIED != 0,
                 addr,
                 port: rec.port,
                 sock_type: rec.sock_type,
@@ -151,6 +187,13 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 subject,
             }))
         }
+        common::KIND_SOCKET => Ok(KernelEvent::Socket(SocketEvent {
+            verdict: verdict(rec.verdict, "socket")?,
+            family: rec.family,
+            sock_type: rec.sock_type,
+            protocol: rec.detail,
+            subject,
+        })),
         common::KIND_TAGGED if rec.verdict == common::VERDICT_DENIED => {
             Ok(KernelEvent::ClaimRefused {
                 path: path(),
@@ -199,6 +242,38 @@ pub fn transport(sock_type: u32) -> &'static str {
     }
 }
 
+/// A socket as a person reads it: `inet6 dgram icmpv6 (58)`.
+pub fn socket_description(family: u16, sock_type: u32, protocol: u32) -> String {
+    let family = match family {
+        common::AF_INET => "inet".to_string(),
+        common::AF_INET6 => "inet6".to_string(),
+        17 => "packet".to_string(),
+        40 => "vsock".to_string(),
+        f => format!("family {f}"),
+    };
+    let kind = match sock_type & 0xf {
+        1 => "stream",
+        2 => "dgram",
+        3 => "raw",
+        5 => "seqpacket",
+        10 => "packet",
+        _ => "other",
+    };
+    let proto = match protocol {
+        0 => "ip",
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        58 => "icmpv6",
+        132 => "sctp",
+        136 => "udplite",
+        255 => "raw",
+        262 => "mptcp",
+        _ => "protocol",
+    };
+    format!("{family} {kind} {proto} ({protocol})")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +300,12 @@ mod tests {
             source: common::SOURCE_UID,
             prior_agent: 0,
             path: [0xAA; 256],
+            file_dev: 0,
+            detail: 0,
+            file_ino: 0,
+            interp_len: 0,
+            _pad: 0,
+            interp: [0xBB; 256],
         }
     }
 
@@ -348,6 +429,67 @@ mod tests {
     }
 
     #[test]
+    fn script_exec_carries_interpreter_and_file() {
+        let mut r = blank(common::KIND_EXEC, common::VERDICT_DENIED);
+        r.path[..9].copy_from_slice(b"/tmp/x.sh");
+        r.path_len = 9;
+        r.interp[..9].copy_from_slice(b"/bin/bash");
+        r.interp_len = 9;
+        r.file_dev = 254 << 20;
+        r.file_ino = 1234;
+        r.detail = common::EXEC_BASIS_INTERPRETER;
+        r.flags = common::FLAG_KILLED | common::FLAG_USER_NS;
+        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.interpreter.as_deref(), Some("/bin/bash"));
+        assert_eq!((e.file_dev, e.file_ino), (254 << 20, 1234));
+        assert!(e.user_ns && e.killed);
+        assert_eq!(e.basis, common::EXEC_BASIS_INTERPRETER);
+        r.interp_len = 0;
+        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.interpreter, None);
+    }
+
+    #[test]
+    fn sendmsg_and_unspecified_destinations() {
+        let mut r = blank(common::KIND_SENDMSG, common::VERDICT_DENIED);
+        r.family = common::AF_INET;
+        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
+        r.flags = common::FLAG_ADDR_UNSPECIFIED;
+        r.sock_type = 2;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert!(c.send && c.unspecified);
+        assert_eq!(c.addr, "0.0.0.0".parse::<IpAddr>().unwrap());
+        r.kind = common::KIND_CONNECT;
+        r.flags = 0;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert!(!c.send && !c.unspecified);
+    }
+
+    #[test]
+    fn socket_record() {
+        let mut r = blank(common::KIND_SOCKET, common::VERDICT_DENIED);
+        r.family = common::AF_INET6;
+        r.sock_type = 2;
+        r.detail = 58;
+        let KernelEvent::Socket(s) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            socket_description(s.family, s.sock_type, s.protocol),
+            "inet6 dgram icmpv6 (58)"
+        );
+        assert_eq!(s.verdict, Verdict::Denied);
+    }
+
+    #[test]
     fn lifecycle_records() {
         let mut r = blank(common::KIND_FORK, common::VERDICT_NONE);
         r.other_pid = 4242;
@@ -363,7 +505,10 @@ mod tests {
     fn odd_records_are_errors_not_panics() {
         assert_eq!(
             decode(&[0u8; 10]),
-            Err(DecodeError::Short { got: 10, want: 360 })
+            Err(DecodeError::Short {
+                got: 10,
+                want: size_of::<ActionRecord>()
+            })
         );
         assert_eq!(
             decode(&bytes(&blank(99, 0))),

@@ -127,12 +127,12 @@ pub struct TracepointLayout {
 }
 
 pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
-    let exec = tracepoint_format("sched", "sched_process_exec")?;
-    for (field, want) in [("filename", 8), ("old_pid", 16)] {
-        let got = field_offset(&exec, field);
+    let socket = tracepoint_format("syscalls", "sys_enter_socket")?;
+    for (field, want) in [("family", 16), ("type", 24), ("protocol", 32)] {
+        let got = field_offset(&socket, field);
         if got != Some(want) {
             bail!(
-                "sched/sched_process_exec has {field} at {got:?}, the programs expect {want}; \
+                "syscalls/sys_enter_socket has {field} at {got:?}, the programs expect {want}; \
                  this kernel's layout is not supported"
             );
         }
@@ -142,6 +142,32 @@ pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
         .context("sched/sched_process_fork has no child_pid field")?;
     Ok(TracepointLayout {
         fork_child_pid: u32::try_from(child).context("child_pid offset")?,
+    })
+}
+
+/// Where the exec program finds the file that runs and the task's user namespace on this
+/// kernel: member offsets from its BTF, and the initial user namespace's number.
+pub fn kernel_offsets() -> anyhow::Result<agent_monitor_common::KernelOffsets> {
+    use std::os::unix::fs::MetadataExt as _;
+    let btf = crate::btf::Btf::from_sys_fs()
+        .context("the exec program needs the kernel's BTF to find the file that runs")?;
+    let off = |s: &str, m: &str| btf.member_offset(s, m);
+    let init_ns = std::fs::metadata("/proc/self/ns/user")
+        .context("reading the daemon's user namespace (/proc/self/ns/user)")?
+        .ino();
+    Ok(agent_monitor_common::KernelOffsets {
+        bprm_file: off("linux_binprm", "file")?,
+        bprm_filename: off("linux_binprm", "filename")?,
+        bprm_interp: off("linux_binprm", "interp")?,
+        file_inode: off("file", "f_inode")?,
+        inode_ino: off("inode", "i_ino")?,
+        inode_sb: off("inode", "i_sb")?,
+        sb_dev: off("super_block", "s_dev")?,
+        task_cred: off("task_struct", "cred")?,
+        cred_user_ns: off("cred", "user_ns")?,
+        user_ns_inum: off("user_namespace", "ns")? + off("ns_common", "inum")?,
+        init_user_ns: u32::try_from(init_ns).context("user namespace number")?,
+        valid: 1,
     })
 }
 

@@ -2,11 +2,14 @@
 
 mod action;
 mod bpf;
+mod btf;
 mod cli;
 mod client;
 mod control;
 mod daemon;
 mod event;
+mod exec_files;
+mod exec_lint;
 mod host;
 mod identity;
 mod learn;
@@ -14,6 +17,7 @@ mod output;
 mod policy;
 mod policy_cmd;
 mod policy_dir;
+mod sandbox;
 
 use std::process::ExitCode;
 

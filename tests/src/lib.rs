@@ -415,6 +415,97 @@ pub fn identity_policy(
     )
 }
 
+/// A loopback UDP socket that counts the datagrams it receives (in the background).
+pub struct UdpSink {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl UdpSink {
+    pub fn bind(addr: &str) -> UdpSink {
+        let s = std::net::UdpSocket::bind(addr).expect("binding a loopback UDP socket");
+        let port = s.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while s.recv_from(&mut buf).is_ok() {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        UdpSink { port, received }
+    }
+
+    /// Datagrams received so far (after a short wait for the ones in flight).
+    pub fn received(&self) -> usize {
+        std::thread::sleep(Duration::from_millis(200));
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A TCP listener on `addr` that counts accepted connections and answers each with a minimal
+/// HTTP response (so curl succeeds against it).
+pub struct CountingListener {
+    pub port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingListener {
+    pub fn bind(addr: &str) -> CountingListener {
+        let l = TcpListener::bind(addr).expect("binding a loopback listener");
+        let port = l.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = accepted.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 1024];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                );
+            }
+        });
+        CountingListener { port, accepted }
+    }
+
+    pub fn accepted(&self) -> usize {
+        std::thread::sleep(Duration::from_millis(200));
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Compiles a C program with gcc into `dir`; returns its path.
+pub fn compile_c(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    let bin = dir.join(name);
+    std::fs::write(&src, source).unwrap();
+    let out = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .expect("running gcc (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "gcc {name}.c failed: {}",
+        text(&out.stderr)
+    );
+    bin
+}
+
+/// Runs CMD as the unprivileged user nobody (65534), no supplementary groups.
+pub const AS_NOBODY: [&str; 5] = [
+    "/usr/bin/setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--",
+];
+
 /// `agent-monitor ARGS…` (a client command such as `policy suggest`), waited for.
 pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(binary())

@@ -980,3 +980,44 @@ fn exec_grant_lets_only_its_task_run_the_program() {
     assert_eq!(field(&denied, "task_id"), "review");
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
 }
+
+#[test]
+fn executable_selector_follows_the_file_under_any_name() {
+    if !require_root("executable_selector_follows_the_file_under_any_name") {
+        return;
+    }
+    let agent = unique_agent("exe-alias");
+    let dir = tempfile::tempdir().unwrap();
+    let bot = bot(dir.path());
+    let alias = dir.path().join("alias");
+    std::os::unix::fs::symlink(&bot, &alias).unwrap();
+    let hard = dir.path().join("hard");
+    std::fs::hard_link(&bot, &hard).unwrap();
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[],
+        &[],
+        &format!(
+            "executables = [{{ path = {:?}, sha256 = {:?} }}]",
+            bot.display().to_string(),
+            sha256_hex(&bot)
+        ),
+    )]);
+    // The kernel matches the file that runs (device, inode), not the name it was exec'd by.
+    for name in [&alias, &hard] {
+        let out = Command::new(name)
+            .args(["-c", &bash_connect(forbidden)])
+            .output()
+            .unwrap();
+        assert!(
+            text(&out.stderr).contains("Operation not permitted"),
+            "{}: {} {}",
+            name.display(),
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+    let rec = denied_connect(&d, &agent, forbidden);
+    assert_eq!(field(&rec, "task_id"), "default");
+}

@@ -21,6 +21,11 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "coreutils",
+    // The bypass tests compile small C attackers (a sockaddr race, io_uring) and use
+    // setpriv/unshare to act as an unprivileged agent.
+    "gcc",
+    "libc6-dev",
+    "util-linux",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

@@ -4,14 +4,14 @@
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, ExecKey, Expiry, IdentityConfig, NetAllow, NetGrant,
-    NetKey,
+    self as common, AgentSlot, COUNTERS, ExecFileKey, ExecKey, Expiry, IdentityConfig,
+    KernelOffsets, NetAllow, NetGrant, NetKey,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint},
 };
 use tokio::io::unix::AsyncFd;
 
@@ -49,13 +49,15 @@ struct Hook {
 
 enum HookKind {
     Tracepoint(&'static str, &'static str),
+    RawTracepoint(&'static str),
     CgroupSockAddr(&'static str),
+    CgroupSock(&'static str),
 }
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "agent_exec",
-        kind: HookKind::Tracepoint("sched", "sched_process_exec"),
+        kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
     },
     Hook {
@@ -67,6 +69,26 @@ const HOOKS: &[Hook] = &[
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+    },
+    Hook {
+        program: "agent_sendmsg4",
+        kind: HookKind::CgroupSockAddr("sendmsg4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sendmsg6",
+        kind: HookKind::CgroupSockAddr("sendmsg6"),
+        required: true,
+    },
+    Hook {
+        program: "agent_sock_create",
+        kind: HookKind::CgroupSock("sock_create"),
+        required: true,
+    },
+    Hook {
+        program: "agent_socket_syscall",
+        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
+        required: false,
     },
     Hook {
         program: "agent_fork",
@@ -83,15 +105,22 @@ const HOOKS: &[Hook] = &[
 impl Kernel {
     /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
     /// process on the host passes through them (non-agents leave after one lookup).
-    pub fn load(cgroup_root: &Path, layout: &TracepointLayout) -> anyhow::Result<Self> {
+    pub fn load(
+        cgroup_root: &Path,
+        layout: &TracepointLayout,
+        offsets: &KernelOffsets,
+    ) -> anyhow::Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
+            .override_global("KERNEL_OFFSETS", offsets, true)
             .load(PROGRAMS)
             .context("loading the agent-monitor eBPF object")?;
         let cgroup = std::fs::File::open(cgroup_root)
             .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
         let mut mechanisms = Mechanisms {
-            connect_enforcement: "cgroup/connect4+connect6 return EPERM".into(),
+            connect_enforcement: "cgroup/connect4+connect6, sendmsg4+sendmsg6 and sock_create \
+                                  return EPERM"
+                .into(),
             ..Default::default()
         };
         for hook in HOOKS {
@@ -150,6 +179,25 @@ impl Kernel {
         Ok(())
     }
 
+    /// Adds and removes entries of the file-identity exec allowlist.
+    pub fn update_exec_files(
+        &mut self,
+        add: &[(ExecFileKey, u32)],
+        remove: &[ExecFileKey],
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, u32> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_FILES")?)?;
+        for key in remove {
+            m.remove(key)
+                .context("removing from the exec file-identity map")?;
+        }
+        for (key, rule) in add {
+            m.insert(*key, *rule, 0)
+                .context("writing the exec file-identity map (full?)")?;
+        }
+        Ok(())
+    }
+
     /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on.
     pub fn add_agent_cgroup(&mut self, cgroup_id: u64, slot: AgentSlot) -> anyhow::Result<()> {
         let mut m: HashMap<_, u64, AgentSlot> =
@@ -180,12 +228,22 @@ impl Kernel {
             .context("adding to the uid selector map (full?)")
     }
 
-    /// Arms (or re-arms with another slot) the executable selector for the exact path `path`.
-    pub fn set_exec_selector(&mut self, path: &str, slot: AgentSlot) -> anyhow::Result<()> {
-        let mut m: LpmTrie<_, ExecKey, AgentSlot> =
-            LpmTrie::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
-        m.insert(&exact_path_key(0, path), slot, 0)
+    /// Arms (or re-arms with another slot) the executable selector for the file `key`
+    /// (device and inode, `agent` 0).
+    pub fn set_exec_selector(&mut self, key: ExecFileKey, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
+        m.insert(key, slot, 0)
             .context("adding to the executable selector map (full?)")
+    }
+
+    pub fn remove_exec_selector(&mut self, key: ExecFileKey) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from the executable selector map"),
+        }
     }
 
     /// Tags thread `tid` as `slot` (a task switch of a selector-identified process).
@@ -289,19 +347,6 @@ fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
         .map_err(|e| format!("unloading the probe: {e}"))
 }
 
-/// LPM key of an exact path (with its NUL inside the prefix) under `index`.
-fn exact_path_key(index: u32, path: &str) -> Key<ExecKey> {
-    let mut key = ExecKey {
-        agent: index,
-        path: [0; common::EXEC_PATH_LEN],
-    };
-    for (slot, byte) in key.path.iter_mut().zip(path.as_bytes()) {
-        *slot = *byte;
-    }
-    let bytes = (path.len() + 1).min(common::EXEC_PATH_LEN) as u32;
-    Key::new(common::EXEC_KEY_AGENT_BITS + bytes * 8, key)
-}
-
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
     ebpf.map_mut(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
@@ -317,6 +362,19 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             tp.load().context("loading")?;
             tp.attach(category, name).context("attaching")?;
             Ok(format!("tracepoint {category}/{name}"))
+        }
+        HookKind::RawTracepoint(name) => {
+            let tp: &mut RawTracePoint = prog.try_into()?;
+            tp.load().context("loading")?;
+            tp.attach(name).context("attaching")?;
+            Ok(format!("raw tracepoint {name}"))
+        }
+        HookKind::CgroupSock(at) => {
+            let p: &mut CgroupSock = prog.try_into()?;
+            p.load().context("loading")?;
+            p.attach(cgroup, CgroupAttachMode::Single)
+                .context("attaching")?;
+            Ok(format!("cgroup/{at} at the cgroup v2 root"))
         }
         HookKind::CgroupSockAddr(at) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;

@@ -138,6 +138,15 @@ pub struct Counters {
     pub exec_paths_unreadable: u64,
     /// Exec paths with `//`, `/./` or `/../`, judged not allowed.
     pub exec_paths_not_normal: u64,
+    /// Sockets of a kind agents may not have (raw, ping, SCTP, MPTCP…), refused or alerted.
+    #[serde(default)]
+    pub sockets_refused: u64,
+    /// Execs inside a user namespace, where only exact rules' files are allowed.
+    #[serde(default)]
+    pub execs_in_user_namespaces: u64,
+    /// Files exact exec rules name, as resolved at the last sweep.
+    #[serde(default)]
+    pub exec_rule_files: u64,
     /// Agent processes in the daemon's process table (live, and exited within the last minute).
     pub tracked_processes: u64,
     /// Actions whose kernel verdict the userspace evaluator did not reproduce (should stay 0).

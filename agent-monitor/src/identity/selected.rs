@@ -5,8 +5,8 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use agent_monitor_common::{
-    AgentSlot, IdentityConfig, MAX_SELECTOR_LEVEL, SELECT_CGROUPS, SELECT_EXECUTABLES, SELECT_TAGS,
-    SELECT_UIDS,
+    AgentSlot, ExecFileKey, IdentityConfig, MAX_SELECTOR_LEVEL, SELECT_CGROUPS, SELECT_EXECUTABLES,
+    SELECT_TAGS, SELECT_UIDS, kernel_dev,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -100,22 +100,38 @@ pub struct FileStamp {
 }
 
 pub fn stamp(path: &Path) -> std::io::Result<FileStamp> {
-    let m = std::fs::metadata(path)?;
-    Ok(FileStamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        size: m.size(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
-    })
+    Ok(FileStamp::of(&std::fs::metadata(path)?))
 }
 
-/// The file's sha256.
-pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
+impl FileStamp {
+    fn of(m: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+
+    /// The executable-selector key of this file as the kernel sees it (`i_sb->s_dev`, `i_ino`).
+    pub fn selector_key(&self) -> ExecFileKey {
+        ExecFileKey {
+            agent: 0,
+            dev: kernel_dev(libc::major(self.dev), libc::minor(self.dev)),
+            ino: self.ino,
+        }
+    }
+}
+
+/// The identity and the sha256 of one opened file: both from the same open, so a file swapped
+/// between a `stat` and a read cannot pair one file's inode with another's digest.
+fn stamped_sha256(path: &Path) -> std::io::Result<(FileStamp, [u8; 32])> {
     let mut f = std::fs::File::open(path)?;
+    let stamp = FileStamp::of(&f.metadata()?);
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
-    Ok(h.finalize().into())
+    Ok((stamp, h.finalize().into()))
 }
 
 pub fn hex(d: &[u8]) -> String {
@@ -131,17 +147,24 @@ pub enum Verified {
     Mismatch(String),
 }
 
-/// Checks `path` against `want`; the error text says what was found.
-pub fn verify(path: &Path, want: &[u8; 32]) -> Verified {
-    match sha256_file(path) {
-        Ok(got) if &got == want => Verified::Match,
-        Ok(got) => Verified::Mismatch(format!(
-            "sha256 of {} is {}, the policy expects {}",
-            path.display(),
-            hex(&got),
-            hex(want)
-        )),
-        Err(e) => Verified::Mismatch(format!("cannot read {}: {e}", path.display())),
+/// Checks `path` against `want` (the error text says what was found), with the identity of the
+/// file that was read (none when it could not be opened).
+fn verify_stamped(path: &Path, want: &[u8; 32]) -> (Option<FileStamp>, Verified) {
+    match stamped_sha256(path) {
+        Ok((stamp, got)) if &got == want => (Some(stamp), Verified::Match),
+        Ok((stamp, got)) => (
+            Some(stamp),
+            Verified::Mismatch(format!(
+                "sha256 of {} is {}, the policy expects {}",
+                path.display(),
+                hex(&got),
+                hex(want)
+            )),
+        ),
+        Err(e) => (
+            None,
+            Verified::Mismatch(format!("cannot read {}: {e}", path.display())),
+        ),
     }
 }
 
@@ -380,8 +403,16 @@ impl Selected {
                     if now.is_some() && now == *last_stamp {
                         continue;
                     }
-                    *last_stamp = now;
-                    let result = verify(path, sha256);
+                    // The kernel matches the file that runs (device, inode): a replaced file is a
+                    // new key, the old one goes.
+                    let (read, result) = verify_stamped(path, sha256);
+                    if let Some(old) = last_stamp.take()
+                        && read.is_none_or(|r| r.selector_key() != old.selector_key())
+                        && let Err(e) = kernel.remove_exec_selector(old.selector_key())
+                    {
+                        report.errors.push(format!("{what}: {e:#}"));
+                    }
+                    *last_stamp = read;
                     let slot = match result {
                         Verified::Match => a.slot,
                         Verified::Mismatch(_) => AgentSlot {
@@ -389,7 +420,9 @@ impl Selected {
                             ..unverified_slot(&a.agent)
                         },
                     };
-                    if let Err(e) = kernel.set_exec_selector(&a.value, slot) {
+                    if let Some(r) = read
+                        && let Err(e) = kernel.set_exec_selector(r.selector_key(), slot)
+                    {
                         report.errors.push(format!("{what}: {e:#}"));
                         continue;
                     }
@@ -508,15 +541,15 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
         )
         .unwrap();
-        assert_eq!(verify(&f, &want), Verified::Match);
+        assert_eq!(verify_stamped(&f, &want).1, Verified::Match);
         let s1 = stamp(&f).unwrap();
         std::fs::write(&f, b"abd").unwrap();
         assert!(
-            matches!(verify(&f, &want), Verified::Mismatch(m) if m.contains("policy expects ba78"))
+            matches!(verify_stamped(&f, &want).1, Verified::Mismatch(m) if m.contains("policy expects ba78"))
         );
         assert_ne!(stamp(&f).unwrap(), s1);
         assert!(
-            matches!(verify(&dir.path().join("nope"), &want), Verified::Mismatch(m) if m.contains("cannot read"))
+            matches!(verify_stamped(&dir.path().join("nope"), &want).1, Verified::Mismatch(m) if m.contains("cannot read"))
         );
     }
 

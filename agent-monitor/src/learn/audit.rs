@@ -173,7 +173,8 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, String> {
     };
     let kind = string(&obj, "action")?;
     let what = match kind.as_str() {
-        "connect" => {
+        // A datagram sent to a named address is judged like a connect to it.
+        "connect" | "sendmsg" => {
             let addr_text = string(&obj, "dest_addr")?;
             let addr: IpAddr = addr_text.parse().map_err(|_| {
                 format!("dest_addr {addr_text:?}: expected an IPv4 or IPv6 address")
@@ -413,10 +414,10 @@ pub(crate) mod tests {
     #[test]
     fn unknown_kinds_are_kept_for_counting() {
         let dns = connect_line("coder", "t", "10.0.0.1", 53, "").replace("\"connect\"", "\"dns\"");
-        let sendmsg = connect_line("coder", "t", "10.0.0.1", 53, "")
-            .replace("\"connect\"", "\"sendmsg\"")
+        let socket = connect_line("coder", "t", "10.0.0.1", 53, "")
+            .replace("\"connect\"", "\"socket\"")
             .replace("\"dest_port\":53", "\"dest_port\":\"odd\"");
-        let audit = read(&format!("{dns}\n{sendmsg}\n{dns}\n"));
+        let audit = read(&format!("{dns}\n{socket}\n{dns}\n"));
         assert_eq!(
             audit.problems,
             [],
@@ -424,7 +425,19 @@ pub(crate) mod tests {
         );
         let counts = unknown_kinds(&audit.actions);
         assert_eq!(counts.get("dns"), Some(&2));
-        assert_eq!(counts.get("sendmsg"), Some(&1));
+        assert_eq!(counts.get("socket"), Some(&1));
+    }
+
+    #[test]
+    fn a_sendmsg_is_learned_like_a_connect() {
+        let line =
+            connect_line("coder", "t", "10.0.0.1", 53, "").replace("\"connect\"", "\"sendmsg\"");
+        let audit = read(&line);
+        assert_eq!(audit.problems, []);
+        assert!(matches!(
+            audit.actions[0].what,
+            What::Connect { port: 53, .. }
+        ));
     }
 
     #[test]

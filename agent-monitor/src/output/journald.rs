@@ -192,6 +192,8 @@ mod tests {
     fn unknown_exe_is_left_out() {
         let a = Action {
             exe: None,
+            interpreter: None,
+            socket: None,
             ..connect_action()
         };
         let f = journal_fields(&a);

@@ -166,9 +166,11 @@ mod tests {
             "uid": 1000,
             "comm": "curl",
             "exe": "/usr/bin/curl",
+            "interpreter": null,
             "dest_addr": "10.1.2.3",
             "dest_port": 443,
             "dest_transport": "tcp",
+            "socket": null,
             "process_chain": [
                 {"pid": 4000, "exe": "/usr/bin/python3", "args": []},
                 {"pid": 4100, "exe": "/bin/sh", "args": ["-c", "curl https://10.1.2.3"]},
@@ -195,6 +197,8 @@ mod tests {
         }
         let exe_unknown = Action {
             exe: None,
+            interpreter: None,
+            socket: None,
             verdict: Verdict::Allowed,
             ..connect_action()
         };

@@ -65,9 +65,11 @@ pub enum Field {
     Uid,
     Comm,
     Exe,
+    Interpreter,
     DestAddr,
     DestPort,
     DestTransport,
+    Socket,
     ProcessChain,
     Enforcement,
     Reason,
@@ -76,7 +78,7 @@ pub enum Field {
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 16] = [
+    pub const ALL: [Field; 18] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -86,9 +88,11 @@ impl Field {
         Field::Uid,
         Field::Comm,
         Field::Exe,
+        Field::Interpreter,
         Field::DestAddr,
         Field::DestPort,
         Field::DestTransport,
+        Field::Socket,
         Field::ProcessChain,
         Field::Enforcement,
         Field::Reason,
@@ -107,6 +111,8 @@ impl Field {
             Field::Uid => "AGENT_UID",
             Field::Comm => "COMM",
             Field::Exe => "EXE",
+            Field::Interpreter => "INTERPRETER",
+            Field::Socket => "SOCKET",
             Field::DestAddr => "DEST_ADDR",
             Field::DestPort => "DEST_PORT",
             Field::DestTransport => "DEST_TRANSPORT",
@@ -129,6 +135,8 @@ impl Field {
             Field::Uid => "uid",
             Field::Comm => "comm",
             Field::Exe => "exe",
+            Field::Interpreter => "interpreter",
+            Field::Socket => "socket",
             Field::DestAddr => "dest_addr",
             Field::DestPort => "dest_port",
             Field::DestTransport => "dest_transport",
@@ -154,8 +162,8 @@ pub enum FieldValue<'a> {
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
-        ActionKind::Connect => action.destination.as_ref(),
-        ActionKind::Exec | ActionKind::Control | ActionKind::Identity => None,
+        ActionKind::Connect | ActionKind::Sendmsg => action.destination.as_ref(),
+        ActionKind::Exec | ActionKind::Socket | ActionKind::Control | ActionKind::Identity => None,
     };
     Field::ALL
         .iter()
@@ -173,6 +181,14 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::Comm => Some(FieldValue::Text(Cow::Borrowed(action.comm.as_str()))),
                 Field::Exe => action
                     .exe
+                    .as_deref()
+                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Interpreter => action
+                    .interpreter
+                    .as_deref()
+                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Socket => action
+                    .socket
                     .as_deref()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
@@ -387,6 +403,8 @@ pub(crate) mod tests {
             uid: 1000,
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
+            interpreter: None,
+            socket: None,
             destination: Some(Destination {
                 addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
                 port: 443,
@@ -451,7 +469,13 @@ pub(crate) mod tests {
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
-        assert!(fields.iter().all(|(_, v)| v.is_some()), "{fields:?}");
+        // A connect has every field but the exec and socket ones.
+        assert!(
+            fields
+                .iter()
+                .all(|(f, v)| v.is_some() != matches!(f, Field::Interpreter | Field::Socket)),
+            "{fields:?}"
+        );
     }
 
     #[test]
@@ -462,7 +486,12 @@ pub(crate) mod tests {
         for (f, v) in fields {
             let absent = matches!(
                 f,
-                Field::DestAddr | Field::DestPort | Field::DestTransport | Field::Enforcement
+                Field::DestAddr
+                    | Field::DestPort
+                    | Field::DestTransport
+                    | Field::Enforcement
+                    | Field::Interpreter
+                    | Field::Socket
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }

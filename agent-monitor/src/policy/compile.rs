@@ -10,7 +10,7 @@ use agent_monitor_common::{
 };
 use thiserror::Error;
 
-use crate::policy::evaluate::to_table_addr;
+use crate::policy::evaluate::{ExecFacts, judged_addr};
 use crate::policy::model::{ExecRule, NetRule, PolicySet, prefix_contains, prefix_to_string};
 
 /// Entries for the kernel allowlist maps. Each `u32` is the LPM prefix length in bits, counting
@@ -164,7 +164,7 @@ impl KernelTables {
     pub fn lookup_connect(&self, agent: u32, addr: IpAddr, port: u16) -> bool {
         let data = net_key_bytes(&NetKey {
             agent,
-            addr: to_table_addr(addr).octets(),
+            addr: judged_addr(addr).octets(),
         });
         let best = self
             .net
@@ -199,6 +199,22 @@ impl KernelTables {
         self.exec
             .iter()
             .any(|(bits, key)| prefix_matches(&exec_key_bytes(key), &data, *bits))
+    }
+}
+
+impl KernelTables {
+    /// What the kernel exec program decides (exec.rs), given whether the file that runs is one the
+    /// agent's exact rules name (`file_ok`, a lookup in the file-identity map the daemon fills).
+    pub fn judge_exec(&self, agent: u32, facts: &ExecFacts<'_>, file_ok: bool) -> bool {
+        let script = facts.interpreter.is_some();
+        if !facts.initial_user_ns {
+            return file_ok && !script;
+        }
+        let program = facts.interpreter.unwrap_or(facts.name);
+        if !file_ok && !self.lookup_exec(agent, program) {
+            return false;
+        }
+        !script || self.lookup_exec(agent, facts.name)
     }
 }
 
@@ -651,6 +667,60 @@ mod tests {
             }
         }
         assert!(checked > 10_000, "only {checked} cases");
+    }
+
+    /// The exec program's decision from the kernel's facts (name, interpreter, file identity, user
+    /// namespace) and `check_exec_facts` agree.
+    #[test]
+    fn exec_facts_agree_with_evaluator() {
+        let set = agreement_set();
+        let tables = set.compile().expect("fits");
+        let paths = candidate_paths(&set);
+        let mut interpreters: Vec<Option<&str>> = vec![None];
+        interpreters.extend(
+            [
+                "/bin/sh",
+                "/usr/bin/perl",
+                "/usr/bin/python3.12",
+                "/bin//sh",
+            ]
+            .map(Some),
+        );
+        let mut checked = 0;
+        for (index, policy) in set.indexed() {
+            let mut files: Vec<Option<&str>> = vec![None];
+            files.extend(
+                policy
+                    .exec()
+                    .iter()
+                    .filter(|r| !r.prefix_glob())
+                    .map(|r| Some(r.path())),
+            );
+            for name in &paths {
+                for &interpreter in &interpreters {
+                    for &file_rule in &files {
+                        for initial_user_ns in [true, false] {
+                            let facts = ExecFacts {
+                                name,
+                                interpreter,
+                                file_rule,
+                                initial_user_ns,
+                            };
+                            let evaluator = policy.check_exec_facts(&facts);
+                            let kernel = tables.judge_exec(index, &facts, file_rule.is_some());
+                            assert_eq!(
+                                kernel,
+                                evaluator.allowed,
+                                "agent {} {facts:?}: kernel {kernel}, evaluator {evaluator}",
+                                policy.agent()
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 3_000, "only {checked} cases");
     }
 
     #[test]

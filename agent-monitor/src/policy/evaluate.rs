@@ -67,11 +67,35 @@ pub fn to_table_addr(addr: IpAddr) -> Ipv6Addr {
     }
 }
 
+/// The address a connect or send is judged as: the table form, with the unspecified address
+/// (which Linux sends to loopback) replaced by loopback, as the kernel programs do.
+pub(crate) fn judged_addr(addr: IpAddr) -> Ipv6Addr {
+    Ipv6Addr::from(agent_monitor_common::net_judged_addr(to_table_addr(addr).octets()).0)
+}
+
+/// What the kernel knows about one exec, as the userspace evaluator needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecFacts<'a> {
+    /// The name the exec was asked for (`bprm->filename`).
+    pub name: &'a str,
+    /// A script's `#!` interpreter (`bprm->interp`), the program that actually runs.
+    pub interpreter: Option<&'a str>,
+    /// The exact rule path whose file (device, inode, as resolved by the daemon) is the file
+    /// that runs, if any.
+    pub file_rule: Option<&'a str>,
+    /// The task was in the initial user namespace, where an unprivileged process cannot remap names.
+    pub initial_user_ns: bool,
+}
+
+/// Why an exec in a user namespace is not allowed, in `Decision::reason`.
+pub const USER_NS: &str = "in a user namespace names can be remapped (bind mounts, chroot), so \
+                           only the files of exact rules are allowed there, and no scripts";
+
 impl Policy {
     /// Whether this agent may connect to `addr:port`. An IPv4-mapped IPv6 address is judged as the
     /// IPv4 address, as the kernel sees both the same way.
     pub fn check_connect(&self, addr: IpAddr, port: u16) -> Decision {
-        let addr = to_table_addr(addr);
+        let addr = judged_addr(addr);
         // Report the most specific rule, first in the file on ties, as the one a reader looks for.
         let mut best: Option<&NetRule> = None;
         for rule in &self.network {
@@ -90,7 +114,43 @@ impl Policy {
         }
     }
 
-    /// Whether this agent may execute `path` (as the kernel names the file).
+    /// Whether this agent may run the program an exec started, by the kernel's facts: the file that
+    /// runs is an exact rule's file, or (initial user namespace only) the name it was opened by
+    /// matches a rule; a script's own name must match a rule too. The kernel program decides the same.
+    pub fn check_exec_facts(&self, facts: &ExecFacts<'_>) -> Decision {
+        let by_file = facts.file_rule.and_then(|path| {
+            self.exec
+                .iter()
+                .find(|r| !r.prefix_glob && r.path == path)
+                .map(|r| Decision::allowed_by(&r.text))
+        });
+        if !facts.initial_user_ns {
+            return match (by_file, facts.interpreter) {
+                (Some(d), None) => d,
+                _ => Decision::not_allowed(USER_NS),
+            };
+        }
+        let program =
+            by_file.unwrap_or_else(|| self.check_exec(facts.interpreter.unwrap_or(facts.name)));
+        let Some(interpreter) = facts.interpreter else {
+            return program;
+        };
+        if !program.allowed {
+            return Decision::not_allowed(format!(
+                "script interpreter {interpreter} (#!) {program}"
+            ));
+        }
+        let script = self.check_exec(facts.name);
+        if !script.allowed {
+            return Decision::not_allowed(format!("script {} {script}", facts.name));
+        }
+        Decision::allowed_by(&format!(
+            "{}\" and interpreter rule \"{}",
+            script.reason, program.reason
+        ))
+    }
+
+    /// Whether this agent may execute `path` by its name alone.
     pub fn check_exec(&self, path: &str) -> Decision {
         // A kernel path cannot contain NUL; judged as not allowed rather than cut short.
         if path.contains('\0') {
@@ -271,6 +331,106 @@ mod tests {
         assert_eq!(connect(&p, "10.1.2.4", 443), allowed_by("10.1.0.0/16:443"));
         // The /16 does not allow 80, but the /8 that covers it does.
         assert_eq!(connect(&p, "10.1.2.3", 80), allowed_by("10.0.0.0/8:*"));
+    }
+
+    #[test]
+    fn unspecified_destination_is_judged_as_loopback() {
+        // 0.0.0.0/8 does not contain 127.0.0.1, and 0.0.0.0 is where Linux sends to loopback.
+        let p = policy(&["0.0.0.0/8:*", "[::ffff:0.0.0.0/128]:*"], &[]);
+        assert_eq!(connect(&p, "0.0.0.0", 22), denied());
+        assert_eq!(connect(&p, "::ffff:0.0.0.0", 22), denied());
+        let p = policy(&["127.0.0.1:22", "[::1]:80"], &[]);
+        assert!(connect(&p, "0.0.0.0", 22).allowed);
+        assert!(connect(&p, "::ffff:0.0.0.0", 22).allowed);
+        assert!(connect(&p, "::", 80).allowed);
+        assert!(!connect(&p, "::", 22).allowed);
+    }
+
+    fn facts<'a>(
+        name: &'a str,
+        interpreter: Option<&'a str>,
+        file_rule: Option<&'a str>,
+        initial_user_ns: bool,
+    ) -> ExecFacts<'a> {
+        ExecFacts {
+            name,
+            interpreter,
+            file_rule,
+            initial_user_ns,
+        }
+    }
+
+    #[test]
+    fn the_file_that_runs_decides_whatever_its_name() {
+        let p = policy(&[], &["/usr/bin/git", "/opt/tools/*"]);
+        // fexecve, a symlink, /proc/self/fd/N: the file is git's.
+        for name in ["/dev/fd/3", "/tmp/link", "/proc/self/fd/3"] {
+            assert_eq!(
+                p.check_exec_facts(&facts(name, None, Some("/usr/bin/git"), true)),
+                allowed_by("/usr/bin/git"),
+                "{name}"
+            );
+            assert!(!p.check_exec_facts(&facts(name, None, None, true)).allowed);
+        }
+        // A name that matches but a file that is not git's (upgraded, not yet resolved): by name.
+        assert!(
+            p.check_exec_facts(&facts("/usr/bin/git", None, None, true))
+                .allowed
+        );
+    }
+
+    #[test]
+    fn in_a_user_namespace_only_exact_files_count() {
+        let p = policy(&[], &["/usr/bin/git", "/opt/tools/*", "/bin/sh"]);
+        assert!(
+            p.check_exec_facts(&facts("/usr/bin/git", None, Some("/usr/bin/git"), false))
+                .allowed
+        );
+        // Bind-mounted over git: the name matches, the file does not.
+        assert_eq!(
+            p.check_exec_facts(&facts("/usr/bin/git", None, None, false)),
+            Decision::not_allowed(USER_NS)
+        );
+        assert!(
+            !p.check_exec_facts(&facts("/opt/tools/x", None, None, false))
+                .allowed
+        );
+        // A script's own name cannot be trusted there either.
+        assert!(
+            !p.check_exec_facts(&facts(
+                "/opt/tools/x.sh",
+                Some("/bin/sh"),
+                Some("/bin/sh"),
+                false
+            ))
+            .allowed
+        );
+    }
+
+    #[test]
+    fn a_script_needs_its_name_and_its_interpreter() {
+        let p = policy(&[], &["/opt/tools/*", "/bin/sh"]);
+        let ok = p.check_exec_facts(&facts(
+            "/opt/tools/x.sh",
+            Some("/bin/sh"),
+            Some("/bin/sh"),
+            true,
+        ));
+        assert!(ok.allowed, "{ok}");
+        let bad_interp =
+            p.check_exec_facts(&facts("/opt/tools/x.sh", Some("/usr/bin/perl"), None, true));
+        assert!(!bad_interp.allowed);
+        assert!(
+            bad_interp.reason.contains("interpreter /usr/bin/perl"),
+            "{bad_interp}"
+        );
+        let bad_script =
+            p.check_exec_facts(&facts("/tmp/x.sh", Some("/bin/sh"), Some("/bin/sh"), true));
+        assert!(!bad_script.allowed);
+        assert!(
+            bad_script.reason.contains("script /tmp/x.sh"),
+            "{bad_script}"
+        );
     }
 
     #[test]

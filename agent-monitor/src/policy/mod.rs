@@ -7,7 +7,7 @@ mod parse;
 pub mod selectors;
 
 pub use compile::{KernelTables, compile_grants};
-pub use evaluate::{Decision, to_table_addr};
+pub use evaluate::{Decision, ExecFacts, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
 pub use parse::{Issue, parse_grants};
