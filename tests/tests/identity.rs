@@ -1021,3 +1021,41 @@ fn executable_selector_follows_the_file_under_any_name() {
     let rec = denied_connect(&d, &agent, forbidden);
     assert_eq!(field(&rec, "task_id"), "default");
 }
+
+#[test]
+fn two_agents_selecting_one_file_by_two_paths_arm_only_one() {
+    if !require_root("two_agents_selecting_one_file_by_two_paths_arm_only_one") {
+        return;
+    }
+    let (a, b) = (unique_agent("same-a"), unique_agent("same-b"));
+    let dir = tempfile::tempdir().unwrap();
+    let bot = bot(dir.path());
+    let hard = dir.path().join("hard");
+    std::fs::hard_link(&bot, &hard).unwrap();
+    let sum = sha256_hex(&bot);
+    let sel = |p: &Path| {
+        format!(
+            "executables = [{{ path = {:?}, sha256 = {sum:?} }}]",
+            p.display().to_string()
+        )
+    };
+    // The file check cannot see it (two paths); arming does (one device and inode).
+    let d = Daemon::start(&[
+        identity_policy(&a, &[], &[], &sel(&bot)),
+        identity_policy(&b, &[], &[], &sel(&hard)),
+    ]);
+    let status = d.status()["agents"].to_string();
+    assert_eq!(status.matches("sha256 verified").count(), 1, "{status}");
+    assert_eq!(
+        status
+            .matches("NOT ARMED: the same file is selected by agent")
+            .count(),
+        1,
+        "{status}"
+    );
+    assert!(
+        d.log().contains("a process would match two agents"),
+        "{}",
+        d.log()
+    );
+}

@@ -145,6 +145,8 @@ pub enum Verified {
     Match,
     /// It does not (or cannot be read): they become the agent in task `unverified`, never granted.
     Mismatch(String),
+    /// Not armed: another agent's selector names the same file (by another path).
+    Refused(String),
 }
 
 /// Checks `path` against `want` (the error text says what was found), with the identity of the
@@ -311,6 +313,21 @@ impl Selected {
                 _ => None,
             })
             .collect();
+        // Files armed so far: two agents' selectors may name one file by two paths (a hard link).
+        let mut files: Vec<(String, ExecFileKey)> = self
+            .all
+            .iter()
+            .filter_map(|a| match &a.state {
+                ArmState::Executable {
+                    stamp: Some(st),
+                    verified,
+                    ..
+                } if !matches!(verified, Verified::Refused(_)) => {
+                    Some((a.agent.clone(), st.selector_key()))
+                }
+                _ => None,
+            })
+            .collect();
         for a in &mut self.all {
             let what = format!(
                 "{} selector {:?} of agent {} ({})",
@@ -415,19 +432,31 @@ impl Selected {
                     *last_stamp = read;
                     let slot = match result {
                         Verified::Match => a.slot,
-                        Verified::Mismatch(_) => AgentSlot {
+                        Verified::Mismatch(_) | Verified::Refused(_) => AgentSlot {
                             source: a.slot.source,
                             ..unverified_slot(&a.agent)
                         },
                     };
-                    if let Some(r) = read
-                        && let Err(e) = kernel.set_exec_selector(r.selector_key(), slot)
-                    {
-                        report.errors.push(format!("{what}: {e:#}"));
-                        continue;
+                    if let Some(r) = read {
+                        let key = r.selector_key();
+                        if let Some((other, _)) =
+                            files.iter().find(|(o, k)| *o != a.agent && *k == key)
+                        {
+                            let why = format!(
+                                "the same file is selected by agent {other}: not armed (a process would match two agents)"
+                            );
+                            report.errors.push(format!("{what}: {why}"));
+                            *verified = Verified::Refused(why);
+                            continue;
+                        }
+                        if let Err(e) = kernel.set_exec_selector(key, slot) {
+                            report.errors.push(format!("{what}: {e:#}"));
+                            continue;
+                        }
+                        files.push((a.agent.clone(), key));
                     }
                     match (&result, &*verified) {
-                        (Verified::Mismatch(m), _) => report.mismatches.push((
+                        (Verified::Mismatch(m) | Verified::Refused(m), _) => report.mismatches.push((
                             a.agent.clone(),
                             format!(
                                 "{what}: {m}; processes exec'ing it become task `unverified`, which is never granted anything"
@@ -514,6 +543,10 @@ impl Selected {
                         verified: Verified::Mismatch(m),
                         ..
                     } => format!("UNVERIFIED: {m}"),
+                    ArmState::Executable {
+                        verified: Verified::Refused(m),
+                        ..
+                    } => format!("NOT ARMED: {m}"),
                 };
                 format!("{} {}: {state}", a.kind, a.value)
             })
