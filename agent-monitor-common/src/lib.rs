@@ -18,6 +18,16 @@ pub const MAX_PORT_RANGES: usize = 16;
 pub const MAX_AGENT_CGROUPS: u32 = 16_384;
 pub const MAX_NET_ENTRIES: u32 = 65_536;
 pub const MAX_EXEC_ENTRIES: u32 = 65_536;
+/// Addresses learned from DNS answers, over all agents (`DNS_LEARNED`).
+pub const MAX_DNS_LEARNED: u32 = 65_536;
+/// Sockets whose DNS destination was redirected and is remembered for the reply (`DNS_ORIG`, LRU).
+pub const MAX_DNS_SOCKETS: u32 = 16_384;
+
+/// DNS traffic of agents (UDP and TCP to this port, any address) goes to the daemon's proxy.
+pub const DNS_PORT: u16 = 53;
+/// Where the daemon's DNS proxy listens; the kernel rewrites agents' DNS destinations to these.
+pub const DNS_PROXY_IP4: [u8; 4] = [127, 0, 0, 1];
+pub const DNS_PROXY_IP6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// Mode of an agent, as the kernel sees it.
 pub const MODE_ALERT: u32 = 0;
@@ -175,11 +185,55 @@ pub struct ExecKey {
 /// Bits of `ExecKey` before the path.
 pub const EXEC_KEY_AGENT_BITS: u32 = 32;
 
+/// Ports of one agent's DNS proxy endpoint (host order; 0 = none), value of `DNS_PROXY` keyed by
+/// the agent index. The `*4` ports listen on `DNS_PROXY_IP4`, the `*6` ports on `DNS_PROXY_IP6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsProxy {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
+}
+
+/// Key of `DNS_PROXY_PORTS`: a proxy endpoint's port, with bit 16 set for IPv6 (`::1`) and bit 17
+/// for TCP.
+pub fn dns_proxy_port_key(port: u16, ipv6: bool, tcp: bool) -> u32 {
+    u32::from(port) | (u32::from(ipv6) << 16) | (u32::from(tcp) << 17)
+}
+
+/// Where an agent's socket meant to send its DNS traffic before the kernel redirected it, so the
+/// reply can appear to come from there. Value of `DNS_ORIG`, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsOrig {
+    /// As the caller wrote it: IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+}
+
+/// An address an agent resolved through the proxy: allowed for these ports until `expires_ns`
+/// (CLOCK_MONOTONIC, compared with `bpf_ktime_get_ns`). Value of `DNS_LEARNED`, keyed by `NetKey`
+/// with the full address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub expires_ns: u64,
+    pub ports: NetAllow,
+    pub _pad: u32,
+}
+
 /// Record kinds carried by the ring buffer.
 pub const KIND_EXEC: u32 = 1;
 pub const KIND_CONNECT: u32 = 2;
 pub const KIND_FORK: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
+/// An agent socket's DNS traffic (port 53) was redirected to the proxy (`VERDICT_ALLOWED`), or
+/// refused because the agent has no proxy endpoint (`FLAG_DNS_REFUSED`). `addr`/`port` are the
+/// original destination. Used to name the process behind a query; not an action of its own.
+pub const KIND_DNS_REDIRECT: u32 = 30;
 /// A datagram sent to an address given with the send (unconnected UDP, or a connected UDP socket
 /// sending elsewhere): cgroup sendmsg4/sendmsg6.
 pub const KIND_SENDMSG: u32 = 10;
@@ -209,6 +263,12 @@ pub const FLAG_KILLED: u32 = 4;
 /// The exec path was not in normal form (`//`, `/./`, `/../`); judged as not allowed, because
 /// `/opt/tools/../../bin/sh` would otherwise match the glob `/opt/tools/*`.
 pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
+/// A connect was allowed because the agent resolved the address through the DNS proxy.
+pub const FLAG_LEARNED: u32 = 256;
+/// Refused because of the DNS proxy: on a DNS redirect record, the agent has no proxy endpoint (its
+/// DNS is not redirected); on a connect record, the destination is another agent's proxy
+/// endpoint, which only the kernel's redirect of that agent may use.
+pub const FLAG_DNS_REFUSED: u32 = 512;
 /// Connect/sendmsg: the destination was the unspecified address (`0.0.0.0`, `::`), which Linux
 /// sends to loopback; it was judged as `127.0.0.1` / `::1`. `addr` holds what the caller gave.
 pub const FLAG_ADDR_UNSPECIFIED: u32 = 16;
@@ -385,6 +445,11 @@ pub const COUNTER_PATH_TRUNCATED: u32 = 1;
 pub const COUNTER_PATH_UNREADABLE: u32 = 2;
 /// An exec path was not in normal form.
 pub const COUNTER_PATH_NOT_NORMAL: u32 = 3;
+/// DNS traffic of an agent without a proxy endpoint (see `FLAG_DNS_REFUSED`).
+pub const COUNTER_DNS_NO_PROXY: u32 = 12;
+/// A DNS reply reached an agent socket whose original destination was no longer remembered
+/// (`DNS_ORIG` evicted it): its source stays the proxy's address.
+pub const COUNTER_DNS_ORIG_MISSING: u32 = 13;
 /// An exec whose facts (name, interpreter, file) could not be read: judged as not allowed.
 pub const COUNTER_EXEC_UNREADABLE: u32 = 4;
 /// A socket an agent may not create was refused (or, alert mode, reported).
@@ -395,7 +460,7 @@ pub const COUNTER_TAGS_FULL: u32 = 8;
 pub const COUNTER_GRANTS_EXPIRED: u32 = 9;
 /// An exec of another agent's selected executable left the process with its higher-ranked agent.
 pub const COUNTER_SELECTOR_CONFLICTS: u32 = 10;
-pub const COUNTERS: u32 = 12;
+pub const COUNTERS: u32 = 16;
 
 /// Whether a NUL-terminated path is in normal form: no empty, `.` or `..` component after a `/`
 /// (so no `//`, `/./`, `/../`, trailing `/`, `/.` or `/..`). One implementation for the kernel
@@ -543,6 +608,9 @@ mod pod {
     unsafe impl aya::Pod for super::IdentityConfig {}
     unsafe impl aya::Pod for super::Expiry {}
     unsafe impl aya::Pod for super::NetGrant {}
+    unsafe impl aya::Pod for super::DnsProxy {}
+    unsafe impl aya::Pod for super::DnsOrig {}
+    unsafe impl aya::Pod for super::Learned {}
     unsafe impl aya::Pod for super::ExecFileKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
@@ -555,3 +623,6 @@ const _: () = assert!(core::mem::size_of::<NetGrant>() == 8 + 4 + 4 * MAX_PORT_R
 const _: () = assert!(core::mem::size_of::<NetKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ExecKey>() == 256);
 const _: () = assert!(core::mem::size_of::<NetAllow>() == 4 + 4 * MAX_PORT_RANGES);
+const _: () = assert!(core::mem::size_of::<DnsProxy>() == 8);
+const _: () = assert!(core::mem::size_of::<DnsOrig>() == 20);
+const _: () = assert!(core::mem::size_of::<Learned>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);

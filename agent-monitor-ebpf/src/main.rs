@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod dns;
 mod exec;
 mod identity;
 mod lifecycle;
@@ -57,7 +58,8 @@ pub fn agent_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// cgroup/sendmsg4: every UDP send that names its destination (sendto, sendmsg, sendmmsg,
-/// io_uring; an AF_INET6 socket sending to `::ffff:a.b.c.d` lands here too); 0 → EPERM.
+/// io_uring; an AF_INET6 socket sending to `::ffff:a.b.c.d` lands here too); 0 → EPERM. Agents'
+/// DNS datagrams are rewritten to their proxy here.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn agent_sendmsg4(ctx: SockAddrContext) -> i32 {
     net::on_addr4(&ctx, KIND_SENDMSG)
@@ -82,6 +84,30 @@ pub fn agent_socket_syscall(ctx: TracePointContext) -> u32 {
     match net::on_socket_syscall(&ctx) {
         Ok(()) | Err(_) => 0,
     }
+}
+
+/// cgroup/recvmsg4: the source address a UDP recvfrom()/recvmsg() returns; must return 1.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn agent_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore_peer4(&ctx)
+}
+
+/// cgroup/recvmsg6: as recvmsg4, for AF_INET6 UDP sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn agent_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore_peer6(&ctx)
+}
+
+/// cgroup/getpeername4: the peer address getpeername() returns on an AF_INET socket.
+#[cgroup_sock_addr(getpeername4)]
+pub fn agent_getpeername4(ctx: SockAddrContext) -> i32 {
+    dns::restore_peer4(&ctx)
+}
+
+/// cgroup/getpeername6: the peer address getpeername() returns on an AF_INET6 socket.
+#[cgroup_sock_addr(getpeername6)]
+pub fn agent_getpeername6(ctx: SockAddrContext) -> i32 {
+    dns::restore_peer6(&ctx)
 }
 
 /// lsm/bprm_check_security: loaded (never attached) only to learn whether this kernel accepts BPF

@@ -2,13 +2,14 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    ActionRecord, AgentSlot, COUNTERS, ExecFileKey, ExecKey, Expiry, IdentityConfig,
-    MAX_AGENT_CGROUPS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES,
-    MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey,
+    ActionRecord, AgentSlot, COUNTERS, DnsOrig, DnsProxy, ExecFileKey, ExecKey, Expiry,
+    IdentityConfig, Learned, MAX_AGENT_CGROUPS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
+    MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES, MAX_TAGGED_TASKS, MAX_UID_SELECTORS,
+    NetAllow, NetGrant, NetKey,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
 /// Hooks ask "which agent is this?" through here (the lookup order lives in `identity.rs`).
@@ -126,4 +127,60 @@ pub fn start_record(
         (*rec).prior_agent = 0;
     }
     Some(entry)
+}
+
+/// DNS proxy endpoint of each agent: agent index → its proxy's ports. Written by the daemon at start.
+#[map]
+pub static DNS_PROXY: HashMap<u32, DnsProxy> = HashMap::with_max_entries(MAX_AGENT_CGROUPS, 0);
+
+/// Every proxy endpoint, by port (`dns_proxy_port_key`) → the agent it belongs to, so no agent can
+/// reach another agent's endpoint directly.
+#[map]
+pub static DNS_PROXY_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(4 * MAX_AGENT_CGROUPS, 0);
+
+/// Original DNS destination of a redirected socket, by socket cookie, so replies can show it as
+/// their source. LRU: a socket that closed needs no cleanup; an eviction is counted when a reply
+/// then finds no entry.
+#[map]
+pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
+
+/// Addresses an agent resolved through the proxy: (agent, address) → ports and expiry. Written by
+/// the daemon before the DNS answer reaches the agent; expired entries are ignored here and
+/// removed by the daemon.
+#[map]
+pub static DNS_LEARNED: HashMap<NetKey, Learned> = HashMap::with_max_entries(MAX_DNS_LEARNED, 0);
+
+/// Where a network action went, as a record carries it.
+#[derive(Clone, Copy)]
+pub struct NetDest {
+    pub family: u16,
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub sock_type: u32,
+}
+
+/// Reports a network action (connect, DNS redirect) with its destination and flags.
+#[inline(always)]
+pub fn report_net(
+    kind: u32,
+    verdict: u32,
+    cgroup_id: u64,
+    slot: &AgentSlot,
+    flags: u32,
+    dest: NetDest,
+) {
+    if let Some(mut entry) = start_record(kind, verdict, cgroup_id, slot) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: reserved record.
+        unsafe {
+            (*rec).family = dest.family;
+            (*rec).port = dest.port;
+            (*rec).sock_type = dest.sock_type;
+            (*rec).addr = dest.addr;
+            (*rec).flags = flags;
+        }
+        entry.submit(0);
+    }
 }

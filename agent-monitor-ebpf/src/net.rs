@@ -3,26 +3,52 @@
 
 use agent_monitor_common::{
     AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
-    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_GRANTED, KIND_SOCKET, MAX_PORT_RANGES,
-    MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
-    VERDICT_DENIED, net_judged_addr, socket_allowed,
+    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_DNS_REFUSED, FLAG_GRANTED, FLAG_LEARNED,
+    KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, net_judged_addr, socket_allowed,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
-use crate::maps::{NET_ALLOW, TASK_NET_GRANTS, count, current_agent, start_record};
+use crate::maps::{
+    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, report_net, start_record,
+};
 
 /// Return values of cgroup sock and sock_addr programs.
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
 
-/// connect4 and sendmsg4: an IPv4 destination, judged as `::ffff:a.b.c.d`.
+/// connect4 and sendmsg4: an IPv4 destination, judged as `::ffff:a.b.c.d`. An agent's DNS
+/// traffic (port 53) is redirected to its proxy instead of judged.
 pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
     let Some((cgroup_id, slot)) = current_agent() else {
         return PASS;
     };
+    let (addr, port, sock_type) = dest4(ctx);
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
+        return v;
+    }
+    judge(kind, cgroup_id, slot, AF_INET, addr, port, sock_type)
+}
+
+/// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
+pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
+    let Some((cgroup_id, slot)) = current_agent() else {
+        return PASS;
+    };
+    let (addr, port, sock_type) = dest6(ctx);
+    if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
+        return v;
+    }
+    judge(kind, cgroup_id, slot, AF_INET6, addr, port, sock_type)
+}
+
+/// Destination of an AF_INET sock_addr hook: address as `::ffff:a.b.c.d`, port in host order,
+/// socket type.
+#[inline(always)]
+fn dest4(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
     // SAFETY: the kernel passes a valid bpf_sock_addr; these fields are readable at connect4 and
     // sendmsg4. They are the kernel's copy of the sockaddr, not the caller's memory.
     let (ip, port, sock_type) = unsafe {
@@ -33,22 +59,12 @@ pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
     let addr = [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
     ];
-    judge(
-        kind,
-        cgroup_id,
-        slot,
-        AF_INET,
-        addr,
-        u16::from_be(port as u16),
-        sock_type,
-    )
+    (addr, u16::from_be(port as u16), sock_type)
 }
 
-/// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
-pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
+/// Destination of an AF_INET6 sock_addr hook (IPv4-mapped addresses as they are).
+#[inline(always)]
+fn dest6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
     // SAFETY: as above; user_ip6 is readable at connect6 and sendmsg6.
     let (w, port, sock_type) = unsafe {
         let sa = &*ctx.sock_addr;
@@ -73,15 +89,7 @@ pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    judge(
-        kind,
-        cgroup_id,
-        slot,
-        AF_INET6,
-        addr,
-        u16::from_be(port as u16),
-        sock_type,
-    )
+    (addr, u16::from_be(port as u16), sock_type)
 }
 
 /// How a connect or send was allowed, if it was.
@@ -89,13 +97,15 @@ enum NetAllowed {
     No,
     /// By the agent's static allowlist.
     Policy,
+    /// By an address the agent resolved through its DNS proxy, until that answer's expiry.
+    Learned,
     /// By a live grant of the agent's current task.
     Grant,
 }
 
-/// The network judgement: the agent's static allowlist, then its task's grants (each grant valid
-/// until its `Expiry`, compared here with the kernel clock). Extensions that allow more (learned
-/// addresses) slot in here, after the static allowlist.
+/// The network judgement, in one place: the agent's static allowlist, then what it learned
+/// through DNS, then its task's grants. Learned addresses and grants each carry an `Expiry` the
+/// kernel compares with its own clock.
 #[inline(always)]
 fn allowed(slot: &AgentSlot, addr: [u8; 16], port: u16) -> NetAllowed {
     let key = Key::new(
@@ -107,6 +117,9 @@ fn allowed(slot: &AgentSlot, addr: [u8; 16], port: u16) -> NetAllowed {
     );
     if NET_ALLOW.get(&key).is_some_and(|a| ports_allow(a, port)) {
         return NetAllowed::Policy;
+    }
+    if crate::dns::learned_allows(slot.agent, addr, port) {
+        return NetAllowed::Learned;
     }
     if slot.task == TASK_NONE {
         return NetAllowed::No;
@@ -159,26 +172,33 @@ fn judge(
 ) -> i32 {
     // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
     let (judged, unspecified) = net_judged_addr(addr);
-    let how = allowed(&slot, judged, port);
-    let allowed = !matches!(how, NetAllowed::No);
-    let verdict = verdict_of(allowed, slot);
-    if let Some(mut entry) = start_record(kind, verdict, cgroup_id, &slot) {
-        let rec = entry.as_mut_ptr();
-        // SAFETY: reserved record.
-        unsafe {
-            (*rec).family = family;
-            (*rec).port = port;
-            (*rec).sock_type = sock_type;
-            (*rec).addr = addr;
-            if unspecified {
-                (*rec).flags |= FLAG_ADDR_UNSPECIFIED;
-            }
-            if matches!(how, NetAllowed::Grant) {
-                (*rec).flags |= FLAG_GRANTED;
-            }
-        }
-        entry.submit(0);
+    // Never another agent's DNS proxy endpoint, whatever the rules say.
+    let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
+    let how = if foreign {
+        NetAllowed::No
+    } else {
+        allowed(&slot, judged, port)
+    };
+    let verdict = verdict_of(!matches!(how, NetAllowed::No), slot);
+    let mut flags = 0;
+    if unspecified {
+        flags |= FLAG_ADDR_UNSPECIFIED;
     }
+    if foreign {
+        flags |= FLAG_DNS_REFUSED;
+    }
+    match how {
+        NetAllowed::Learned => flags |= FLAG_LEARNED,
+        NetAllowed::Grant => flags |= FLAG_GRANTED,
+        NetAllowed::No | NetAllowed::Policy => {}
+    }
+    let dest = NetDest {
+        family,
+        addr,
+        port,
+        sock_type,
+    };
+    report_net(kind, verdict, cgroup_id, &slot, flags, dest);
     if verdict == VERDICT_DENIED {
         REJECT
     } else {

@@ -26,6 +26,8 @@ pub enum ActionKind {
     Control,
     /// A change of identity worth an operator's attention (a selector's digest mismatch).
     Identity,
+    /// A DNS query, judged by the proxy on the name asked.
+    Dns,
 }
 
 impl ActionKind {
@@ -37,6 +39,7 @@ impl ActionKind {
             ActionKind::Exec => "exec",
             ActionKind::Control => "control",
             ActionKind::Identity => "identity",
+            ActionKind::Dns => "dns",
         }
     }
 }
@@ -101,7 +104,13 @@ pub struct Action {
     pub exe: Option<String>,
     /// Exec of a script: the interpreter its `#!` line names (the program that runs).
     pub interpreter: Option<String>,
+    /// Connect, sendmsg and DNS: where it was going (for DNS, the server the agent asked).
     pub destination: Option<Destination>,
+    /// Connect and sendmsg: the host name the agent resolved to this address through the DNS
+    /// proxy.
+    pub dest_host: Option<String>,
+    /// DNS: the name asked, normalised (lower case, no trailing dot).
+    pub dns_name: Option<String>,
     /// Socket: what was asked for, e.g. `inet dgram icmp (1)`.
     pub socket: Option<String>,
     /// Root of the agent first, acting process last.
@@ -126,7 +135,17 @@ impl Action {
             },
             (ActionKind::Socket, _, _) => self.socket.clone().unwrap_or_else(|| "?".into()),
             (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
+            (ActionKind::Dns, _, _) => format!(
+                "query {}",
+                self.dns_name.as_deref().unwrap_or("(unreadable message)")
+            ),
             _ => "?".to_string(),
+        };
+        let object = match (&self.dest_host, self.kind) {
+            (Some(host), ActionKind::Connect | ActionKind::Sendmsg) => {
+                format!("{object} ({host})")
+            }
+            _ => object,
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",

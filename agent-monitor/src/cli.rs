@@ -146,6 +146,17 @@ pub struct DaemonArgs {
     /// host name, lower-cased).
     #[arg(long, value_name = "DOMAIN")]
     pub trust_domain: Option<String>,
+    /// DNS server the agents' DNS proxy forwards allowed queries to (default: the first
+    /// `nameserver` of /etc/resolv.conf, port 53).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub dns_upstream: Option<std::net::SocketAddr>,
+    /// Seconds an address learned from a DNS answer stays allowed beyond the answer's TTL, so a
+    /// connect right at the TTL's end still finds it.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub dns_grace: u64,
+    /// Milliseconds the proxy waits for the upstream before answering SERVFAIL.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub dns_timeout_ms: u64,
     #[command(flatten)]
     pub socket: SocketArg,
 }

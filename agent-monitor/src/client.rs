@@ -337,6 +337,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.tags_full,
         status.counters.selector_conflicts
     );
+    let c = &status.counters;
+    println!(
+        "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses",
+        c.dns_queries,
+        c.dns_refused,
+        c.dns_upstream_failures,
+        c.dns_install_failures,
+        c.dns_malformed,
+        c.dns_overloaded,
+        c.dns_no_proxy,
+        c.dns_orig_missing,
+        c.dns_learned
+    );
     for s in &status.sinks {
         println!(
             "sink {}: {} written, {} failed",

@@ -4,11 +4,13 @@
 //! talk to it through a channel, so nothing is locked per event.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use agent_monitor_common::{self as common, AgentSlot};
+use agent_monitor_common::{self as common, AgentSlot, DnsProxy};
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -18,6 +20,9 @@ use crate::action::{Action, ActionKind, Destination, Verdict};
 use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
+use crate::dns::learned::{Grant, KernelChange, LearnedTable};
+use crate::dns::proxy::ProxyConfig;
+use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
 use crate::identity::selected::Selected;
@@ -124,6 +129,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let mut exec_files = ExecFiles::default();
     let change = exec_files.refresh(&policies);
     kernel.update_exec_files(&change.add, &change.remove)?;
+    let (dns_reports, dns_endpoints) = start_dns_proxies(&args, &policies, &mut kernel).await?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -189,13 +195,55 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         counters: Counters::default(),
         started: SystemTime::now(),
         decode_errors_logged: 0,
+        learned: LearnedTable::default(),
+        dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
+        dns_clients: HashMap::new(),
+        dns_endpoints,
     };
     std::mem::swap(&mut monitor.selected, &mut selected);
     monitor.arm_selectors();
-    let result = monitor.run(stream, requests_rx).await;
+    let result = monitor.run(stream, requests_rx, dns_reports).await;
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped; enforcement ends with the daemon (programs detached)");
     result
+}
+
+/// Starts one DNS proxy endpoint per agent and points the kernel's redirection at it. Returns the
+/// channel on which the endpoints report queries to the monitor.
+async fn start_dns_proxies(
+    args: &DaemonArgs,
+    policies: &PolicySet,
+    kernel: &mut Kernel,
+) -> anyhow::Result<(mpsc::Receiver<QueryReport>, Vec<DnsProxy>)> {
+    let upstream = match args.dns_upstream {
+        Some(a) => Some(a),
+        None => match crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf")) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("{e:#}: agents' allowed DNS queries will get SERVFAIL");
+                None
+            }
+        },
+    };
+    let config = Arc::new(ProxyConfig {
+        upstream,
+        timeout: Duration::from_millis(args.dns_timeout_ms),
+    });
+    let (tx, rx) = mpsc::channel(1024);
+    let mut endpoints = Vec::new();
+    for (index, policy) in policies.indexed() {
+        let ports =
+            crate::dns::proxy::spawn(index, policy.clone(), config.clone(), tx.clone()).await?;
+        kernel.set_dns_proxy(index, ports)?;
+        endpoints.push(ports);
+        tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
+    }
+    tracing::info!(
+        upstream = %upstream.map_or("none".to_string(), |a| a.to_string()),
+        grace_s = args.dns_grace,
+        "DNS proxy: agents' port-53 traffic is redirected to a per-agent endpoint on loopback"
+    );
+    Ok((rx, endpoints))
 }
 
 /// Two daemons would attach every program twice; the control socket tells whether one runs.
@@ -387,6 +435,13 @@ struct Monitor {
     counters: Counters,
     started: SystemTime,
     decode_errors_logged: u64,
+    /// Addresses agents resolved through the DNS proxy (mirror of the kernel's `DNS_LEARNED`).
+    learned: LearnedTable,
+    dns_grace_ns: u64,
+    /// Per agent, its latest DNS redirect: who is behind the next query its proxy reports.
+    dns_clients: HashMap<String, event::ConnectEvent>,
+    /// Each agent's DNS proxy ports, by kernel index.
+    dns_endpoints: Vec<DnsProxy>,
 }
 
 impl Monitor {
@@ -394,6 +449,7 @@ impl Monitor {
         &mut self,
         mut stream: ActionStream,
         mut requests: mpsc::Receiver<ControlCall>,
+        mut dns: mpsc::Receiver<QueryReport>,
     ) -> anyhow::Result<()> {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -406,6 +462,16 @@ impl Monitor {
                     for ev in batch.drain(..) {
                         self.on_event(ev);
                     }
+                }
+                Some(report) = dns.recv() => {
+                    // The kernel's record of the agent's DNS packet was written before the packet
+                    // reached the proxy: read what is in the ring now, so the query is
+                    // attributed to the process that sent it.
+                    stream.drain_now(|bytes| batch.push(event::decode(bytes)));
+                    for ev in batch.drain(..) {
+                        self.on_event(ev);
+                    }
+                    self.on_dns(report);
                 }
                 Some(call) = requests.recv() => {
                     let response = self.on_request(call.request, &call.peer);
@@ -511,6 +577,8 @@ impl Monitor {
             destination: None,
             interpreter: None,
             socket: None,
+            dest_host: None,
+            dns_name: None,
             enforcement: Some("refused"),
             reason: format!("{}{target} refused: {why}", request.op()),
         };
@@ -863,6 +931,8 @@ impl Monitor {
                 destination: None,
                 interpreter: None,
                 socket: None,
+                dest_host: None,
+                dns_name: None,
                 chain: Vec::new(),
                 enforcement: None,
                 reason: format!("executable selector digest mismatch: {m}"),
@@ -874,6 +944,7 @@ impl Monitor {
     fn sweep(&mut self) {
         let now = monotonic_ns();
         self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
+        self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
         let change = self.exec_files.refresh(&self.policies);
         if !change.add.is_empty() || !change.remove.is_empty() {
@@ -961,6 +1032,8 @@ impl Monitor {
                 "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
             );
         }
+        self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
+        self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
     }
 
     fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {
@@ -1038,6 +1111,26 @@ impl Monitor {
                 let action = self.socket_action(&sk);
                 self.report(action);
             }
+            KernelEvent::DnsRedirect(c) => {
+                let (agent, _) = self.identity(&c.subject);
+                if c.dns_refused {
+                    let action = Action {
+                        destination: Some(Destination {
+                            addr: c.addr,
+                            port: c.port,
+                            transport: event::transport(c.sock_type),
+                        }),
+                        enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
+                        reason: "DNS traffic, and the agent has no DNS proxy endpoint for this \
+                                 address family"
+                            .into(),
+                        ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
+                    };
+                    self.report(action);
+                } else {
+                    self.dns_clients.insert(agent, c);
+                }
+            }
         }
     }
 
@@ -1068,6 +1161,174 @@ impl Monitor {
             ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
         };
         self.report(action);
+    }
+
+    /// Reports one query the DNS proxy judged; for an allowed answer, first installs its
+    /// addresses in the kernel and tells the proxy it may reply.
+    fn on_dns(&mut self, r: QueryReport) {
+        let Some(policy) = self.policies.policies().get(r.agent as usize) else {
+            tracing::error!(agent = r.agent, "DNS report for an unknown agent index");
+            return;
+        };
+        let agent = policy.agent().to_string();
+        self.counters.dns_queries += 1;
+        let (verdict, enforcement, reason) = match r.outcome {
+            Outcome::Refused { reason } => {
+                self.counters.dns_refused += 1;
+                (Verdict::Denied, Some("refused"), reason)
+            }
+            Outcome::Malformed { reason } => {
+                self.counters.dns_malformed += 1;
+                (
+                    Verdict::Denied,
+                    Some("not forwarded"),
+                    format!("{reason}; not forwarded"),
+                )
+            }
+            Outcome::Overloaded => {
+                self.counters.dns_overloaded += 1;
+                (
+                    Verdict::Denied,
+                    Some("servfail"),
+                    "too many queries of this agent in flight; answered SERVFAIL unjudged".into(),
+                )
+            }
+            Outcome::UpstreamFailed { allowed, reason } => {
+                self.counters.dns_upstream_failures += 1;
+                tracing::warn!(
+                    agent,
+                    name = r.name,
+                    "DNS upstream failed: {reason}; answered SERVFAIL"
+                );
+                let verdict = if allowed {
+                    Verdict::Allowed
+                } else {
+                    Verdict::Alert
+                };
+                (
+                    verdict,
+                    Some("servfail"),
+                    format!("{reason}; answered SERVFAIL"),
+                )
+            }
+            Outcome::Answered {
+                allowed,
+                reason,
+                rcode,
+                addrs,
+                cnames,
+                ports,
+                installed,
+            } => {
+                let chain = if cnames.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via CNAME {}", cnames.join(" > "))
+                };
+                let list: Vec<String> = addrs
+                    .iter()
+                    .map(|(a, ttl)| format!("{a} (ttl {ttl}s)"))
+                    .collect();
+                if allowed {
+                    let result = self.install(r.agent, &r.name, &reason, &addrs, &ports);
+                    if let Some(tx) = installed {
+                        let _ = tx.send(result.clone());
+                    }
+                    match result {
+                        Ok(()) => (
+                            Verdict::Allowed,
+                            None,
+                            format!("{reason}; {rcode}{chain}; learned [{}]", list.join(", ")),
+                        ),
+                        Err(e) => {
+                            self.counters.dns_install_failures += 1;
+                            tracing::error!(agent, name = r.name, "{e}; answered SERVFAIL");
+                            (
+                                Verdict::Allowed,
+                                Some("servfail"),
+                                format!("{reason}; not installed: {e}; answered SERVFAIL"),
+                            )
+                        }
+                    }
+                } else {
+                    (
+                        Verdict::Alert,
+                        None,
+                        format!(
+                            "{reason} (alert mode: forwarded); {rcode}{chain}; answer [{}] not learned",
+                            list.join(", ")
+                        ),
+                    )
+                }
+            }
+        };
+        let client = self.dns_clients.get(&agent).cloned();
+        let base = match &client {
+            Some(c) => self.subject_action(&c.subject, ActionKind::Dns, verdict),
+            None => Action {
+                agent: agent.clone(),
+                task: "?".into(),
+                ..self.subject_action(&event::Subject::unknown(), ActionKind::Dns, verdict)
+            },
+        };
+        let action = Action {
+            destination: client.map(|c| Destination {
+                addr: c.addr,
+                port: c.port,
+                transport: r.transport,
+            }),
+            dns_name: Some(r.name),
+            enforcement,
+            reason: format!("{} query: {reason}", r.qtype),
+            ..base
+        };
+        self.report(action);
+    }
+
+    /// Writes every address of an allowed answer into the agent's kernel allowlist, until its TTL
+    /// plus the grace. On a failure the table forgets what the kernel does not hold.
+    fn install(
+        &mut self,
+        agent: u32,
+        name: &str,
+        rule: &str,
+        addrs: &[(IpAddr, u32)],
+        ports: &[common::PortRange],
+    ) -> Result<(), String> {
+        let now = monotonic_ns();
+        for &(addr, ttl) in addrs {
+            let grant = Grant {
+                name: name.to_string(),
+                rule: rule.to_string(),
+                expires_ns: now
+                    .saturating_add(u64::from(ttl).saturating_mul(1_000_000_000))
+                    .saturating_add(self.dns_grace_ns),
+                ports: ports.to_vec(),
+            };
+            let value = self.learned.learn(agent, addr, grant, now);
+            if let Err(e) = self.kernel.write_learned(agent, addr, &value) {
+                self.learned.unlearn(agent, addr, name);
+                return Err(format!("{e:#}"));
+            }
+        }
+        self.counters.dns_learned = self.learned.len() as u64;
+        Ok(())
+    }
+
+    /// Removes expired learned addresses from the kernel (which already ignores them).
+    fn expire_learned(&mut self) {
+        for change in self.learned.expire(monotonic_ns()) {
+            let result = match change {
+                KernelChange::Write(agent, addr, value) => {
+                    self.kernel.write_learned(agent, addr, &value)
+                }
+                KernelChange::Remove(agent, addr) => self.kernel.remove_learned(agent, addr),
+            };
+            if let Err(e) = result {
+                tracing::warn!("expiring a learned address: {e:#}");
+            }
+        }
+        self.counters.dns_learned = self.learned.len() as u64;
     }
 
     /// Agent and task of an event, from the identity the kernel judged with.
@@ -1169,16 +1430,37 @@ impl Monitor {
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(&c.subject);
-        let mut reason = if c.granted {
-            let addr = crate::policy::to_table_addr(c.addr);
-            self.grant_reason(c.subject.task, |g| {
-                g.net
-                    .iter()
-                    .find(|r| r.covers(addr) && r.ports().lo <= c.port && c.port <= r.ports().hi)
-                    .map(|r| format!("connect {}", r.text()))
-            })
-        } else {
-            self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port))
+        let grant = self
+            .policies
+            .index_of(&agent)
+            .and_then(|i| self.learned.lookup(i, c.addr, c.port))
+            .cloned();
+        let mut reason = match (&grant, c.learned) {
+            _ if c.dns_refused => "the destination is another agent's DNS proxy endpoint, which \
+                                   only that agent's redirected DNS traffic may use"
+                .to_string(),
+            (Some(g), true) => format!(
+                "allowed: the agent resolved {} to this address through the DNS proxy ({})",
+                g.name, g.rule
+            ),
+            (None, true) => {
+                // The kernel allowed it from an entry the daemon does not know.
+                self.counters.verdict_disagreements += 1;
+                tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
+                "allowed by a learned DNS address the daemon does not know".into()
+            }
+            _ if c.granted => {
+                let addr = crate::policy::to_table_addr(c.addr);
+                self.grant_reason(c.subject.task, |g| {
+                    g.net
+                        .iter()
+                        .find(|r| {
+                            r.covers(addr) && r.ports().lo <= c.port && c.port <= r.ports().hi
+                        })
+                        .map(|r| format!("connect {}", r.text()))
+                })
+            }
+            (_, false) => self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port)),
         };
         if c.unspecified {
             reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
@@ -1204,6 +1486,7 @@ impl Monitor {
                 port: c.port,
                 transport: event::transport(c.sock_type),
             }),
+            dest_host: grant.map(|g| g.name),
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
             ..self.action(&c.subject, agent, task, kind, c.verdict)
@@ -1225,6 +1508,17 @@ impl Monitor {
             reason: socket_reason(sk),
             ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
         }
+    }
+
+    /// `action` for a subject whose agent and task come from its cgroup.
+    fn subject_action(
+        &self,
+        subject: &event::Subject,
+        kind: ActionKind,
+        verdict: Verdict,
+    ) -> Action {
+        let (agent, task) = self.identity(subject);
+        self.action(subject, agent, task, kind, verdict)
     }
 
     /// The parts of an action every kind shares: who acted, as what, with which verdict.
@@ -1251,6 +1545,8 @@ impl Monitor {
             interpreter: None,
             socket: None,
             destination: None,
+            dest_host: None,
+            dns_name: None,
             enforcement: None,
             reason: String::new(),
         }
@@ -1311,7 +1607,8 @@ impl Monitor {
         let agents = self
             .policies
             .iter()
-            .map(|p| {
+            .zip(self.dns_endpoints.iter())
+            .map(|(p, dns)| {
                 let c = self.per_agent.get(p.agent());
                 let now = monotonic_ns();
                 let grants_of = |task: &str| {
@@ -1363,6 +1660,12 @@ impl Monitor {
                     allowed: c.map_or(0, |c| c.allowed),
                     denied: c.map_or(0, |c| c.denied),
                     alerts: c.map_or(0, |c| c.alerts),
+                    dns_proxy: Some(control::DnsEndpoint {
+                        udp4: dns.udp4,
+                        tcp4: dns.tcp4,
+                        udp6: dns.udp6,
+                        tcp6: dns.tcp6,
+                    }),
                 }
             })
             .collect();

@@ -14,6 +14,9 @@ pub enum KernelEvent {
     /// A connect, or (`send`) a datagram sent to an address named with the send.
     Connect(ConnectEvent),
     Socket(SocketEvent),
+    /// An agent's DNS traffic went to its proxy (or was refused: no proxy). Not an action of its
+    /// own: it names the process behind the query the proxy then reports.
+    DnsRedirect(ConnectEvent),
     Fork {
         subject: Subject,
         child: u32,
@@ -50,6 +53,23 @@ pub struct Subject {
     pub agent: u32,
     pub task: u32,
     pub source: u32,
+}
+
+impl Subject {
+    /// For reports with no kernel record behind them (a DNS query before any redirect was seen).
+    pub fn unknown() -> Subject {
+        Subject {
+            cgroup_id: 0,
+            ktime_ns: 0,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            comm: "?".into(),
+            agent: u32::MAX,
+            task: common::TASK_NONE,
+            source: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +121,11 @@ pub struct ConnectEvent {
     pub send: bool,
     /// The caller gave the unspecified address; it was judged as loopback.
     pub unspecified: bool,
+    /// Connect/send: allowed because the agent resolved the address through the DNS proxy.
+    pub learned: bool,
+    /// DNS redirect: the agent had no proxy endpoint, so nothing was redirected. Connect/send: the
+    /// destination was another agent's DNS proxy endpoint.
+    pub dns_refused: bool,
 }
 
 /// Why a record could not be decoded. Each is counted by the daemon, never ignored.
@@ -165,7 +190,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 subject,
             }))
         }
-        common::KIND_CONNECT | common::KIND_SENDMSG => {
+        common::KIND_CONNECT | common::KIND_SENDMSG | common::KIND_DNS_REDIRECT => {
             let v6 = Ipv6Addr::from(rec.addr);
             let addr = match rec.family {
                 common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
@@ -176,7 +201,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 },
                 other => return Err(DecodeError::UnknownFamily(other)),
             };
-            Ok(KernelEvent::Connect(ConnectEvent {
+            let event = ConnectEvent {
                 verdict: verdict(rec.verdict, "connect")?,
                 send: rec.kind == common::KIND_SENDMSG,
                 unspecified: rec.flags & common::FLAG_ADDR_UNSPECIFIED != 0,
@@ -184,8 +209,15 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 port: rec.port,
                 sock_type: rec.sock_type,
                 granted,
+                learned: rec.flags & common::FLAG_LEARNED != 0,
+                dns_refused: rec.flags & common::FLAG_DNS_REFUSED != 0,
                 subject,
-            }))
+            };
+            Ok(if rec.kind == common::KIND_DNS_REDIRECT {
+                KernelEvent::DnsRedirect(event)
+            } else {
+                KernelEvent::Connect(event)
+            })
         }
         common::KIND_SOCKET => Ok(KernelEvent::Socket(SocketEvent {
             verdict: verdict(rec.verdict, "socket")?,
@@ -363,6 +395,29 @@ mod tests {
         assert_eq!(c.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(c.port, 8080);
         assert_eq!(transport(c.sock_type), "tcp");
+        assert!(!c.learned && !c.dns_refused);
+    }
+
+    #[test]
+    fn learned_connect_and_dns_redirect_records() {
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
+        r.family = common::AF_INET;
+        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 7];
+        r.flags = common::FLAG_LEARNED;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!("not a connect")
+        };
+        assert!(c.learned);
+        r.kind = common::KIND_DNS_REDIRECT;
+        r.verdict = common::VERDICT_DENIED;
+        r.port = 53;
+        r.flags = common::FLAG_DNS_REFUSED;
+        let KernelEvent::DnsRedirect(d) = decode(&bytes(&r)).unwrap() else {
+            panic!("not a DNS redirect")
+        };
+        assert!(d.dns_refused && !d.learned);
+        assert_eq!((d.addr.to_string(), d.port), ("10.0.0.7".into(), 53));
+        assert_eq!(d.verdict, Verdict::Denied);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod control;
 mod daemon;
+mod dns;
 mod event;
 mod exec_files;
 mod exec_lint;

@@ -200,7 +200,7 @@ mod tests {
         write(
             dir.path(),
             "bad1.toml",
-            "agent = \"bad1\"\n[network]\nallow = [\"10.0.0.1/8:443\", \"example.com:80\"]\n",
+            "agent = \"bad1\"\n[network]\nallow = [\"10.0.0.1/8:443\", \"example..com:80\"]\n",
         );
         write(
             dir.path(),
@@ -221,7 +221,7 @@ mod tests {
         assert_eq!(
             lines[1],
             format!(
-                "{d}/bad1.toml:3:28: network.allow[1] \"example.com:80\": host names are not supported yet; use an IP address or CIDR"
+                "{d}/bad1.toml:3:28: network.allow[1] \"example..com:80\": host name has an empty label; expected labels separated by single dots"
             )
         );
         assert!(

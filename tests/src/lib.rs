@@ -377,6 +377,98 @@ impl Drop for TestCgroup {
     }
 }
 
+/// A real DNS server for the DNS tests: dnsmasq on 127.0.0.1 at a free port, with only the
+/// records the test gives (`--address`, `--host-record`, `--cname`, …), logging every query it
+/// receives so a test can prove a refused name never reached it.
+pub struct Dnsmasq {
+    child: Option<Child>,
+    pub addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    pub fn start(records: &[&str]) -> Dnsmasq {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_udp_port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--conf-file=/dev/null",
+                "--log-queries",
+                "--user=root",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!(
+                "--log-facility={}",
+                dir.path().join("log").display()
+            ))
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting dnsmasq (cargo xtask setup installs it): {e}"));
+        let d = Dnsmasq {
+            child: Some(child),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        };
+        d.wait_ready();
+        d
+    }
+
+    /// Until dnsmasq answers anything on its port.
+    fn wait_ready(&self) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // A query for "ready." type A.
+        let query =
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ready\x00\x00\x01\x00\x01";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let _ = sock.send_to(query, self.addr);
+            let mut buf = [0u8; 512];
+            if sock.recv_from(&mut buf).is_ok() {
+                return;
+            }
+        }
+        panic!(
+            "dnsmasq did not answer on {} within 10 s:\n{}",
+            self.addr,
+            self.log()
+        );
+    }
+
+    /// dnsmasq's query log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// Whether dnsmasq ever received a query for `name` (in any letter case).
+    pub fn was_asked(&self, name: &str) -> bool {
+        let needle = format!(" {} from", name.to_lowercase());
+        self.log()
+            .to_lowercase()
+            .lines()
+            .any(|l| l.contains("query[") && l.contains(&needle))
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
     let mut out = vec![dir.to_path_buf()];
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -413,6 +505,209 @@ pub fn identity_policy(
             list(&mut exec.iter().map(|s| s.to_string()))
         ),
     )
+}
+
+/// A UDP port free on 127.0.0.1 right now (the OS picks it; the socket is closed again).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP port");
+    s.local_addr().unwrap().port()
+}
+
+/// A TCP listener on `ip` (any loopback address) that accepts and drops connections.
+pub fn listener_on(ip: &str) -> u16 {
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:0")
+    } else {
+        format!("{ip}:0")
+    };
+    listen(&addr)
+}
+
+/// An agent-side DNS client in python3: each argument is one operation, each prints one JSON line.
+/// - `q SERVER NAME TYPE udp|tcp`: a hand-built query to SERVER:53 (A=1, AAAA=28, TXT=16); prints
+///   the rcode, the A/AAAA addresses, and the peer the reply came from (recvfrom / getpeername).
+/// - `qp SERVER PORT NAME TYPE udp|tcp`: the same to another port.
+/// - `gai NAME`: `getaddrinfo` through the system resolver (the host's resolv.conf).
+/// - `c IP PORT`: a TCP connect; prints `ok` or the errno.
+/// - `u IP PORT`: one UDP datagram with `sendto` (no connect); prints `ok` or the errno.
+///
+/// Hand-built on purpose: the product parses DNS with a library, the test checks it against bytes
+/// written independently.
+pub const PY_DNS_CLIENT: &str = r#"
+import json, random, socket, struct, sys
+def build(name, qtype):
+    q = struct.pack('>HHHHHH', random.randint(0, 65535), 0x0100, 1, 0, 0, 0)
+    for label in name.rstrip('.').split('.'):
+        q += bytes([len(label)]) + label.encode()
+    return q + b'\0' + struct.pack('>HH', qtype, 1)
+def skip_name(r, i):
+    while True:
+        l = r[i]
+        if l == 0: return i + 1
+        if l & 0xc0 == 0xc0: return i + 2
+        i += l + 1
+def parse(r):
+    _, flags, qd, an, _, _ = struct.unpack('>HHHHHH', r[:12])
+    i = 12
+    for _ in range(qd): i = skip_name(r, i) + 4
+    addrs = []
+    for _ in range(an):
+        i = skip_name(r, i)
+        t, _, ttl, n = struct.unpack('>HHIH', r[i:i + 10]); i += 10
+        if t == 1: addrs.append(socket.inet_ntop(socket.AF_INET, r[i:i + n]))
+        if t == 28: addrs.append(socket.inet_ntop(socket.AF_INET6, r[i:i + n]))
+        i += n
+    return flags & 0xf, addrs
+def recv_exact(s, n):
+    b = b''
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: raise OSError('closed')
+        b += c
+    return b
+def query(server, name, qtype, transport, port=53):
+    fam = socket.AF_INET6 if ':' in server else socket.AF_INET
+    q = build(name, int(qtype))
+    if transport == 'tcp':
+        s = socket.socket(fam, socket.SOCK_STREAM); s.settimeout(5); s.connect((server, port))
+        s.sendall(struct.pack('>H', len(q)) + q)
+        r = recv_exact(s, struct.unpack('>H', recv_exact(s, 2))[0]); peer = s.getpeername()
+    else:
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
+        s.sendto(q, (server, port)); r, peer = s.recvfrom(65535)
+    rcode, addrs = parse(r)
+    return {'rcode': rcode, 'addrs': addrs, 'peer': peer[0], 'peer_port': peer[1]}
+out = []
+args = sys.argv[1:]
+while args:
+    op = args.pop(0)
+    try:
+        if op == 'q':
+            server, name, qtype, transport = args[:4]; del args[:4]
+            res = dict(op='q', name=name, **query(server, name, qtype, transport))
+        elif op == 'qp':
+            server, port, name, qtype, transport = args[:5]; del args[:5]
+            res = dict(op='qp', name=name, **query(server, name, qtype, transport, int(port)))
+        elif op == 'gai':
+            name = args.pop(0)
+            res = {'op': 'gai', 'name': name, 'addrs': sorted({a[4][0] for a in socket.getaddrinfo(name, 1, type=socket.SOCK_STREAM)})}
+        elif op == 'c':
+            ip, port = args[:2]; del args[:2]
+            s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET); s.settimeout(5)
+            s.connect((ip, int(port))); s.close()
+            res = {'op': 'c', 'ip': ip, 'port': int(port), 'ok': True}
+        elif op == 'u':
+            ip, port = args[:2]; del args[:2]
+            s = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_DGRAM)
+            s.sendto(b'datagram', (ip, int(port))); s.close()
+            res = {'op': 'u', 'ip': ip, 'port': int(port), 'ok': True}
+    except OSError as e:
+        res = {'op': op, 'error': str(e), 'errno': e.errno}
+    print(json.dumps(res), flush=True)
+"#;
+
+/// Latency of one DNS query as the asking process sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub median_us: f64,
+    pub p99_us: f64,
+}
+
+/// What the DNS proxy adds: the same queries straight to the upstream (a process that is not an
+/// agent) and through the kernel redirect and the proxy (an agent).
+#[derive(Clone, Copy, Debug)]
+pub struct DnsLatency {
+    pub samples: usize,
+    pub direct: Latency,
+    pub proxied: Latency,
+}
+
+impl DnsLatency {
+    pub fn added_median_us(&self) -> f64 {
+        self.proxied.median_us - self.direct.median_us
+    }
+
+    pub fn added_p99_us(&self) -> f64 {
+        self.proxied.p99_us - self.direct.p99_us
+    }
+}
+
+/// Times `samples` A queries over one connected UDP socket (as glibc's resolver does), after 20
+/// unmeasured ones; prints the latencies in ns as a JSON list.
+const PY_DNS_TIMER: &str = r#"
+import json, socket, struct, sys, time
+server, port, name, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def build(i):
+    q = struct.pack('>HHHHHH', i & 0xffff, 0x0100, 1, 0, 0, 0)
+    for label in name.split('.'):
+        q += bytes([len(label)]) + label.encode()
+    return q + b'\0' + struct.pack('>HH', 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); s.connect((server, port))
+out = []
+for i in range(n + 20):
+    q = build(i)
+    t0 = time.perf_counter_ns(); s.send(q); r = s.recv(65535); t = time.perf_counter_ns() - t0
+    if r[3] & 0xf != 0: raise SystemExit('rcode %d' % (r[3] & 0xf))
+    if i >= 20: out.append(t)
+print(json.dumps(out))
+"#;
+
+/// Measures the DNS proxy's added latency per query (median and p99 over `samples`), with a
+/// private dnsmasq as upstream and a private daemon. Needs root and the built daemon; for
+/// `cargo xtask bench` and the ignored test `dns_proxy_added_latency`.
+pub fn dns_proxy_latency(samples: usize) -> DnsLatency {
+    let up = Dnsmasq::start(&["--address=/bench.ok.test/127.0.0.3"]);
+    let agent = unique_agent("dnsbench");
+    let d = Daemon::start_with(
+        &[(
+            format!("{agent}.toml"),
+            format!(
+                "agent = {agent:?}\n[network]\nallow = [\"bench.ok.test:443\"]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+            ),
+        )],
+        &["--dns-upstream", &up.addr.to_string()],
+    );
+    let n = samples.to_string();
+    let port = up.addr.port().to_string();
+    let direct = Command::new(PYTHON)
+        .args(["-c", PY_DNS_TIMER, "127.0.0.1", &port, "bench.ok.test", &n])
+        .output()
+        .expect("running python3");
+    let proxied = d.run(
+        &agent,
+        Some("bench"),
+        &[
+            PYTHON,
+            "-c",
+            PY_DNS_TIMER,
+            "192.0.2.1",
+            "53",
+            "bench.ok.test",
+            &n,
+        ],
+    );
+    DnsLatency {
+        samples,
+        direct: latency(&direct, "direct"),
+        proxied: latency(&proxied, "through the proxy"),
+    }
+}
+
+fn latency(out: &Output, what: &str) -> Latency {
+    assert!(
+        out.status.success(),
+        "DNS timing {what} failed: {}",
+        text(&out.stderr)
+    );
+    let mut ns: Vec<u64> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("DNS timing {what}: {e}: {}", text(&out.stdout)));
+    assert!(!ns.is_empty(), "DNS timing {what}: no samples");
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Latency {
+        median_us: at(0.5),
+        p99_us: at(0.99),
+    }
 }
 
 /// A loopback UDP socket that counts the datagrams it receives (in the background).

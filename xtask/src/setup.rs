@@ -13,7 +13,8 @@ use crate::run_cmd;
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
 /// Debian packages the tests and tasks use: journald and journalctl (systemd), curl, python3,
-/// ip/ss (iproute2), ps/pkill (procps), coreutils.
+/// ip/ss (iproute2), ps/pkill (procps), coreutils, and dnsmasq as the DNS tests' upstream
+/// (`dnsmasq-base`: the binary without the system service, which would take port 53).
 const PACKAGES: &[&str] = &[
     "systemd",
     "curl",
@@ -21,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "coreutils",
+    "dnsmasq-base",
     // The bypass tests compile small C attackers (a sockaddr race, io_uring) and use
     // setpriv/unshare to act as an unprivileged agent.
     "gcc",

@@ -1,11 +1,12 @@
 //! The only module that talks to aya: loads and attaches the kernel programs, writes the identity
 //! and allowlist maps, reads the action ring buffer and the loss counters.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, ExecFileKey, ExecKey, Expiry, IdentityConfig,
-    KernelOffsets, NetAllow, NetGrant, NetKey,
+    self as common, AgentSlot, COUNTERS, DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig,
+    KernelOffsets, Learned, NetAllow, NetGrant, NetKey,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
@@ -69,6 +70,29 @@ const HOOKS: &[Hook] = &[
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+    },
+    // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
+    // its resolver would reject replies from the proxy's address.
+    Hook {
+        program: "agent_recvmsg4",
+        kind: HookKind::CgroupSockAddr("recvmsg4"),
+        required: true,
+    },
+    Hook {
+        program: "agent_recvmsg6",
+        kind: HookKind::CgroupSockAddr("recvmsg6"),
+        required: true,
+    },
+    // Only getpeername() on a redirected connected socket would show the proxy without these.
+    Hook {
+        program: "agent_getpeername4",
+        kind: HookKind::CgroupSockAddr("getpeername4"),
+        required: false,
+    },
+    Hook {
+        program: "agent_getpeername6",
+        kind: HookKind::CgroupSockAddr("getpeername6"),
+        required: false,
     },
     Hook {
         program: "agent_sendmsg4",
@@ -304,6 +328,55 @@ impl Kernel {
         Ok(())
     }
 
+    /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other
+    /// agent away from that endpoint.
+    pub fn set_dns_proxy(&mut self, agent: u32, ports: DnsProxy) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, DnsProxy> =
+            HashMap::try_from(map(&mut self.ebpf, "DNS_PROXY")?)?;
+        m.insert(agent, ports, 0)
+            .context("writing the DNS proxy map")?;
+        let mut owners: HashMap<_, u32, u32> =
+            HashMap::try_from(map(&mut self.ebpf, "DNS_PROXY_PORTS")?)?;
+        for (port, ipv6, tcp) in [
+            (ports.udp4, false, false),
+            (ports.tcp4, false, true),
+            (ports.udp6, true, false),
+            (ports.tcp6, true, true),
+        ] {
+            if port != 0 {
+                owners
+                    .insert(common::dns_proxy_port_key(port, ipv6, tcp), agent, 0)
+                    .context("writing the DNS proxy port map")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allows `agent` to reach `addr` as `value` says (ports, expiry), learned from a DNS answer.
+    pub fn write_learned(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        value: &Learned,
+    ) -> anyhow::Result<()> {
+        let mut m: HashMap<_, NetKey, Learned> =
+            HashMap::try_from(map(&mut self.ebpf, "DNS_LEARNED")?)?;
+        m.insert(learned_key(agent, addr), value, 0)
+            .with_context(|| {
+                format!(
+                    "writing the learned-address map (full at {} entries?)",
+                    common::MAX_DNS_LEARNED
+                )
+            })
+    }
+
+    pub fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
+        let mut m: HashMap<_, NetKey, Learned> =
+            HashMap::try_from(map(&mut self.ebpf, "DNS_LEARNED")?)?;
+        m.remove(&learned_key(agent, addr))
+            .context("removing from the learned-address map")
+    }
+
     /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.
     pub fn counters(&self) -> anyhow::Result<[u64; COUNTERS as usize]> {
         let m = self
@@ -329,6 +402,18 @@ impl Kernel {
         let fd = unsafe { AsyncFd::register(ring) }
             .map_err(|e| anyhow!("registering the ring buffer with tokio: {e}"))?;
         Ok(ActionStream { fd })
+    }
+}
+
+/// The kernel compares IPv4 destinations as `::ffff:a.b.c.d`.
+fn learned_key(agent: u32, addr: IpAddr) -> NetKey {
+    let addr = match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    NetKey {
+        agent,
+        addr: addr.octets(),
     }
 }
 
@@ -405,5 +490,16 @@ impl ActionStream {
         }
         guard.clear_ready();
         Ok(n)
+    }
+
+    /// Hands every record already in the ring to `f` without waiting for readiness.
+    pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.fd.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
     }
 }

@@ -111,6 +111,17 @@ pub struct AgentStatus {
     pub allowed: u64,
     pub denied: u64,
     pub alerts: u64,
+    /// The agent's DNS proxy endpoint (ports on 127.0.0.1 and ::1; 0 = none).
+    #[serde(default)]
+    pub dns_proxy: Option<DnsEndpoint>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DnsEndpoint {
+    pub udp4: u16,
+    pub tcp4: u16,
+    pub udp6: u16,
+    pub tcp6: u16,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -162,6 +173,33 @@ pub struct Counters {
     /// another agent holds (it stayed with that agent).
     #[serde(default)]
     pub selector_conflicts: u64,
+    /// DNS queries the agents' proxy judged.
+    #[serde(default)]
+    pub dns_queries: u64,
+    /// Queries for names off the allowlist, answered REFUSED (enforce mode).
+    #[serde(default)]
+    pub dns_refused: u64,
+    /// Queries answered SERVFAIL because the upstream failed or timed out.
+    #[serde(default)]
+    pub dns_upstream_failures: u64,
+    /// Answers whose addresses could not be written to the kernel (learned map full): SERVFAIL.
+    #[serde(default)]
+    pub dns_install_failures: u64,
+    /// Unreadable or unsupported DNS messages, not forwarded.
+    #[serde(default)]
+    pub dns_malformed: u64,
+    /// Queries answered SERVFAIL because too many of the agent's queries were in flight.
+    #[serde(default)]
+    pub dns_overloaded: u64,
+    /// DNS traffic of an agent without a proxy endpoint (kernel counter).
+    #[serde(default)]
+    pub dns_no_proxy: u64,
+    /// Replies whose original server the kernel no longer remembered (kernel counter).
+    #[serde(default)]
+    pub dns_orig_missing: u64,
+    /// (agent, address) pairs currently learned from DNS answers.
+    #[serde(default)]
+    pub dns_learned: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -373,7 +373,8 @@ pub(crate) mod tests {
             What::Connect {
                 addr: "10.1.2.3".parse().unwrap(),
                 port: 443,
-                host: None
+                // The fixture's connect went to a learned address (DNS-aware allowlists).
+                host: Some("api.example.com".into())
             }
         );
         assert_eq!(

@@ -15,7 +15,18 @@ pub const INCOMPLETE_PATH: &str = "the kernel could not read the whole path when
 /// The evaluator's answer for one recorded action; `None` for a kind this version cannot judge.
 pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
     match what {
-        What::Connect { addr, port, .. } => Some(policy.check_connect(*addr, *port)),
+        What::Connect { addr, port, host } => {
+            let by_addr = policy.check_connect(*addr, *port);
+            // A connect to an address the agent resolved through the DNS proxy (the trail names
+            // the host) is also allowed by a host rule for that name and port.
+            Some(match host {
+                Some(h) if !by_addr.allowed => {
+                    let by_name = policy.check_resolved(h, *port);
+                    if by_name.allowed { by_name } else { by_addr }
+                }
+                _ => by_addr,
+            })
+        }
         What::Exec { path, complete } => Some(if *complete {
             policy.check_exec(path)
         } else {

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::learn::audit::{Recorded, What};
-use crate::policy::{parse_exec, parse_net};
+use crate::policy::{parse_exec, valid_net_entry};
 
 /// How far a suggestion may go beyond what was recorded. All off: exactly what was recorded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -264,7 +264,7 @@ pub fn suggest<'a>(
                 }
                 let by_name = host
                     .as_ref()
-                    .filter(|h| opts.host_names && parse_net(&format!("{h}:{port}")).is_ok());
+                    .filter(|h| opts.host_names && valid_net_entry(&format!("{h}:{port}")));
                 let target = match by_name {
                     Some(h) => Target::Host(h.clone()),
                     None => Target::Net(*addr, full_prefix(*addr)),
@@ -543,7 +543,7 @@ mod tests {
         };
         let s = suggest(&audit.actions, &with_names);
         // Host entries are used only if the policy format takes them.
-        if parse_net("example.com:443").is_ok() {
+        if valid_net_entry("example.com:443") {
             assert_eq!(s.entries[0].text, "example.com:443");
         } else {
             assert_eq!(s.entries[0].text, "93.184.216.34:443");

@@ -137,6 +137,7 @@ mod tests {
             ("DEST_ADDR", "10.1.2.3"),
             ("DEST_PORT", "443"),
             ("DEST_TRANSPORT", "tcp"),
+            ("DEST_HOST", "api.example.com"),
             (
                 "PROCESS_CHAIN",
                 "4000:/usr/bin/python3 > 4100:/bin/sh \"-c curl https://10.1.2.3\" > 4242:/usr/bin/curl",
@@ -145,7 +146,7 @@ mod tests {
             ("REASON", "no network rule matches 10.1.2.3:443"),
             (
                 "MESSAGE",
-                "agent coder task t-42: connect tcp 10.1.2.3:443 by pid 4242 (curl): DENIED",
+                "agent coder task t-42: connect tcp 10.1.2.3:443 (api.example.com) by pid 4242 (curl): DENIED",
             ),
         ];
         let got: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -146,7 +146,7 @@ mod tests {
     use crate::action::Verdict;
     use crate::output::Field;
     use crate::output::journald::journal_fields;
-    use crate::output::tests::{connect_action, exec_action};
+    use crate::output::tests::{connect_action, dns_action, exec_action};
 
     fn parse(line: &str) -> Value {
         assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
@@ -170,6 +170,8 @@ mod tests {
             "dest_addr": "10.1.2.3",
             "dest_port": 443,
             "dest_transport": "tcp",
+            "dest_host": "api.example.com",
+            "dns_name": null,
             "socket": null,
             "process_chain": [
                 {"pid": 4000, "exe": "/usr/bin/python3", "args": []},
@@ -178,7 +180,7 @@ mod tests {
             ],
             "enforcement": "eperm",
             "reason": "no network rule matches 10.1.2.3:443",
-            "message": "agent coder task t-42: connect tcp 10.1.2.3:443 by pid 4242 (curl): DENIED",
+            "message": "agent coder task t-42: connect tcp 10.1.2.3:443 (api.example.com) by pid 4242 (curl): DENIED",
             "time": "2025-11-29T11:44:00.25Z",
             "priority": 4
         });
@@ -209,7 +211,7 @@ mod tests {
 
     #[test]
     fn same_fields_as_journald() {
-        for a in [connect_action(), exec_action()] {
+        for a in [connect_action(), exec_action(), dns_action()] {
             let record = json_record(&a).unwrap();
             let mut journal = journal_fields(&a);
             journal.retain(|(k, _)| *k != "SYSLOG_IDENTIFIER");

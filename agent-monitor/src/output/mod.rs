@@ -69,6 +69,8 @@ pub enum Field {
     DestAddr,
     DestPort,
     DestTransport,
+    DestHost,
+    DnsName,
     Socket,
     ProcessChain,
     Enforcement,
@@ -78,7 +80,7 @@ pub enum Field {
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 18] = [
+    pub const ALL: [Field; 20] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -92,6 +94,8 @@ impl Field {
         Field::DestAddr,
         Field::DestPort,
         Field::DestTransport,
+        Field::DestHost,
+        Field::DnsName,
         Field::Socket,
         Field::ProcessChain,
         Field::Enforcement,
@@ -116,6 +120,8 @@ impl Field {
             Field::DestAddr => "DEST_ADDR",
             Field::DestPort => "DEST_PORT",
             Field::DestTransport => "DEST_TRANSPORT",
+            Field::DestHost => "DEST_HOST",
+            Field::DnsName => "DNS_NAME",
             Field::ProcessChain => "PROCESS_CHAIN",
             Field::Enforcement => "ENFORCEMENT",
             Field::Reason => "REASON",
@@ -140,6 +146,8 @@ impl Field {
             Field::DestAddr => "dest_addr",
             Field::DestPort => "dest_port",
             Field::DestTransport => "dest_transport",
+            Field::DestHost => "dest_host",
+            Field::DnsName => "dns_name",
             Field::ProcessChain => "process_chain",
             Field::Enforcement => "enforcement",
             Field::Reason => "reason",
@@ -162,7 +170,7 @@ pub enum FieldValue<'a> {
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Sendmsg => action.destination.as_ref(),
+        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns => action.destination.as_ref(),
         ActionKind::Exec | ActionKind::Socket | ActionKind::Control | ActionKind::Identity => None,
     };
     Field::ALL
@@ -194,6 +202,14 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
                 Field::DestTransport => dest.and_then(|d| text(d.transport)),
+                Field::DestHost => match action.kind {
+                    ActionKind::Connect | ActionKind::Sendmsg => borrowed(&action.dest_host),
+                    _ => None,
+                },
+                Field::DnsName => match action.kind {
+                    ActionKind::Dns => borrowed(&action.dns_name),
+                    _ => None,
+                },
                 Field::ProcessChain => Some(FieldValue::Chain(&action.chain)),
                 Field::Enforcement => action.enforcement.and_then(text),
                 Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
@@ -202,6 +218,10 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
             (field, value)
         })
         .collect()
+}
+
+fn borrowed(s: &Option<String>) -> Option<FieldValue<'_>> {
+    s.as_deref().map(|s| FieldValue::Text(Cow::Borrowed(s)))
 }
 
 /// Which sinks to open.
@@ -410,6 +430,8 @@ pub(crate) mod tests {
                 port: 443,
                 transport: "tcp",
             }),
+            dest_host: Some("api.example.com".into()),
+            dns_name: None,
             chain: vec![
                 ChainLink {
                     pid: 4000,
@@ -463,18 +485,61 @@ pub(crate) mod tests {
         }
     }
 
+    /// A refused DNS query.
+    pub(crate) fn dns_action() -> Action {
+        Action {
+            kind: ActionKind::Dns,
+            destination: Some(Destination {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 255, 255, 53)),
+                port: 53,
+                transport: "udp",
+            }),
+            dest_host: None,
+            dns_name: Some("secret.attacker.net".into()),
+            enforcement: Some("refused"),
+            reason: "no host rule matches \"secret.attacker.net\"".into(),
+            ..connect_action()
+        }
+    }
+
     #[test]
     fn fields_cover_all_in_order() {
         let action = connect_action();
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
-        // A connect has every field but the exec and socket ones.
+        // A connect has every field but the exec, socket and DNS ones.
         assert!(
+            fields.iter().all(|(f, v)| v.is_some()
+                != matches!(f, Field::Interpreter | Field::Socket | Field::DnsName)),
+            "{fields:?}"
+        );
+    }
+
+    #[test]
+    fn dns_action_has_its_name_and_server_but_no_host() {
+        let a = dns_action();
+        let fields = action_fields(&a);
+        let get = |want: Field| {
             fields
                 .iter()
-                .all(|(f, v)| v.is_some() != matches!(f, Field::Interpreter | Field::Socket)),
-            "{fields:?}"
+                .find(|(f, _)| *f == want)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::DnsName),
+            Some(FieldValue::Text(Cow::Borrowed("secret.attacker.net")))
+        );
+        assert_eq!(
+            get(Field::Action),
+            Some(FieldValue::Text(Cow::Borrowed("dns")))
+        );
+        assert_eq!(get(Field::DestPort), Some(FieldValue::Number(53)));
+        assert_eq!(get(Field::DestHost), None);
+        assert!(
+            a.message().contains("dns query secret.attacker.net"),
+            "{}",
+            a.message()
         );
     }
 
@@ -489,6 +554,8 @@ pub(crate) mod tests {
                 Field::DestAddr
                     | Field::DestPort
                     | Field::DestTransport
+                    | Field::DestHost
+                    | Field::DnsName
                     | Field::Enforcement
                     | Field::Interpreter
                     | Field::Socket

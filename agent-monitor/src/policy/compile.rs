@@ -34,6 +34,15 @@ pub enum CapacityError {
         prefix: String,
         needed: usize,
     },
+    #[error(
+        "agent {agent:?} ({origin}): the host-name rules need {needed} port ranges once merged; an address learned from DNS can carry at most {max}",
+        max = MAX_PORT_RANGES
+    )]
+    TooManyHostPortRanges {
+        agent: String,
+        origin: String,
+        needed: usize,
+    },
 }
 
 impl PolicySet {
@@ -41,6 +50,15 @@ impl PolicySet {
     pub fn compile(&self) -> Result<KernelTables, CapacityError> {
         let mut tables = KernelTables::default();
         for (index, policy) in self.indexed() {
+            // A name can match every host rule at once; its addresses must still fit one entry.
+            let host_ports = policy.host_port_ranges();
+            if !crate::policy::host::fits_kernel(&host_ports) {
+                return Err(CapacityError::TooManyHostPortRanges {
+                    agent: policy.agent().to_string(),
+                    origin: policy.origin().display().to_string(),
+                    needed: host_ports.len(),
+                });
+            }
             let origin = policy.origin().display().to_string();
             compile_net(
                 index,
@@ -121,7 +139,7 @@ fn compile_net(
 }
 
 /// Sorts and coalesces overlapping and adjacent ranges (`1-5` and `6-9` become `1-9`).
-fn merge_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+pub(crate) fn merge_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
     ranges.sort_by_key(|r| (r.lo, r.hi));
     let mut merged: Vec<PortRange> = Vec::with_capacity(ranges.len());
     for range in ranges {

@@ -1,7 +1,8 @@
 //! Agent policies, pure: parse and validate TOML, evaluate actions, compile kernel tables. No I/O.
 
-mod compile;
+pub(crate) mod compile;
 mod evaluate;
+pub mod host;
 pub(crate) mod model;
 mod parse;
 pub mod selectors;
@@ -11,4 +12,4 @@ pub use evaluate::{Decision, ExecFacts, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
 pub use parse::{Issue, parse_grants};
-pub(crate) use parse::{parse_exec, parse_net};
+pub(crate) use parse::{parse_exec, valid_net_entry};

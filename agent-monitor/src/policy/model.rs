@@ -9,6 +9,7 @@ use std::path::Path;
 
 use agent_monitor_common::{MODE_ALERT, MODE_ENFORCE, PortRange};
 
+use crate::policy::host::HostRule;
 use crate::policy::parse::{Issue, Location, PolicyError};
 use crate::policy::selectors::Selectors;
 
@@ -132,6 +133,8 @@ pub struct Policy {
     pub(crate) agent: String,
     pub(crate) mode: Mode,
     pub(crate) network: Vec<NetRule>,
+    /// Host-name network rules, judged by the DNS proxy (see `host.rs`).
+    pub(crate) hosts: Vec<HostRule>,
     pub(crate) exec: Vec<ExecRule>,
     /// `[identity]`: processes started outside `run` that are this agent.
     pub(crate) selectors: Selectors,
@@ -150,6 +153,10 @@ impl Policy {
 
     pub fn network(&self) -> &[NetRule] {
         &self.network
+    }
+
+    pub fn hosts(&self) -> &[HostRule] {
+        &self.hosts
     }
 
     pub fn exec(&self) -> &[ExecRule] {

