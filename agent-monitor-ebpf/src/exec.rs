@@ -29,7 +29,7 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 use crate::identity::{config, tag};
 use crate::maps::{
     EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS, TASK_EXEC_GRANTS,
-    count, current_agent, start_record,
+    count, current_agent, start_record, submit,
 };
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
@@ -358,7 +358,7 @@ fn judge(
             }
         }
     }
-    entry.submit(0);
+    submit(entry, verdict);
     verdict == VERDICT_DENIED
 }
 
@@ -388,6 +388,6 @@ fn report_tagged(
                     Err(_) => 0,
                 };
         }
-        entry.submit(0);
+        submit(entry, verdict);
     }
 }

@@ -4,7 +4,7 @@ use agent_monitor_common::{KIND_EXIT, KIND_FORK, SELECT_TAGS, VERDICT_NONE};
 use aya_ebpf::programs::TracePointContext;
 
 use crate::identity::{config, forget, inherit};
-use crate::maps::{current_agent, start_record};
+use crate::maps::{current_agent, start_record, submit};
 
 /// Offset of `child_pid` in the `sched_process_fork` record. It moved when the comms became
 /// `__data_loc` strings (6.x), so the daemon reads it from tracefs and sets it before load.
@@ -24,7 +24,7 @@ pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
     if let Some(mut entry) = start_record(KIND_FORK, VERDICT_NONE, cgroup_id, &slot) {
         // SAFETY: reserved record.
         unsafe { (*entry.as_mut_ptr()).other_pid = child };
-        entry.submit(0);
+        submit(entry, VERDICT_NONE);
     }
     Ok(())
 }
@@ -45,7 +45,7 @@ pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     if let Some(entry) = start_record(KIND_EXIT, VERDICT_NONE, cgroup_id, &slot) {
-        entry.submit(0);
+        submit(entry, VERDICT_NONE);
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, report_net, start_record,
+    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, report_net, start_record, submit,
 };
 
 /// Return values of cgroup sock and sock_addr programs.
@@ -295,7 +295,7 @@ fn report_socket(
             (*rec).sock_type = sock_type;
             (*rec).detail = protocol;
         }
-        entry.submit(0);
+        submit(entry, verdict);
     }
 }
 

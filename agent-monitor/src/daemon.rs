@@ -35,6 +35,9 @@ use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Longest delay of an allowed action or lifecycle record: the kernel queues those without waking
+/// the daemon (a wake-up per record slowed every agent connect); denials and alerts wake it.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
 
@@ -452,6 +455,8 @@ impl Monitor {
         mut dns: mpsc::Receiver<QueryReport>,
     ) -> anyhow::Result<()> {
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut batch: Vec<Result<KernelEvent, event::DecodeError>> = Vec::with_capacity(1024);
@@ -459,6 +464,12 @@ impl Monitor {
             tokio::select! {
                 r = stream.next_batch(|bytes| batch.push(event::decode(bytes))) => {
                     r.context("reading the action ring buffer")?;
+                    for ev in batch.drain(..) {
+                        self.on_event(ev);
+                    }
+                }
+                _ = drain.tick() => {
+                    stream.drain_now(|bytes| batch.push(event::decode(bytes)));
                     for ev in batch.drain(..) {
                         self.on_event(ev);
                     }
@@ -481,6 +492,8 @@ impl Monitor {
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             }
+            // One write per burst of records rather than one per action.
+            self.outputs.flush();
         }
     }
 

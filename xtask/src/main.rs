@@ -1,4 +1,4 @@
-//! Developer and CI tasks for agent-monitor: `cargo xtask setup | build | run | test`.
+//! Developer and CI tasks for agent-monitor: `cargo xtask setup | build | run | test | bench`.
 //!
 //! Everything CI does lives here (`.ci/run` only calls `cargo xtask test`), so a developer reproduces
 //! CI with the same command.
@@ -11,6 +11,7 @@
 //! socket we brought up, a daemon started with `cargo xtask run` keeps a working sink, and the next
 //! run simply reuses it.
 
+mod bench;
 mod journald;
 mod setup;
 
@@ -68,6 +69,19 @@ enum Task {
     /// and leaving it running), then `cargo test --release -p agent-monitor-tests --
     /// --test-threads=1` with AGENT_MONITOR_BIN and AGENT_MONITOR_POLICIES set.
     Test,
+    /// Measure overhead and capacity against auditd and bpftrace; write docs/benchmarks.md
+    ///
+    /// Needs root. Installs auditd and bpftrace (apt) if missing, builds, runs the criterion
+    /// benches of the in-process paths, then `agent-monitor-bench run`: per-operation overhead
+    /// of connect and fork+exec in six setups (interleaved repetitions), event capacity, start-up
+    /// time and memory per tracked process. Writes docs/benchmarks.md, docs/benchmarks.svg and
+    /// docs/benchmarks.json, and stops everything it started (auditd and its rules, bpftrace,
+    /// daemons). About 10 minutes; `--quick` takes 2–3.
+    Bench {
+        /// Fewer repetitions and shorter runs, for development.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +119,7 @@ fn run(task: Task) -> Result<()> {
             let err = daemon.exec();
             Err(err).with_context(|| format!("starting {}", daemon_bin(&root).display()))
         }
+        Task::Bench { quick } => bench::bench(&root, quick),
         Task::Test => {
             setup::setup()?;
             build(&root)?;

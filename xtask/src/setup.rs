@@ -137,16 +137,21 @@ fn parse_bpf_linker_version(text: &str) -> Option<String> {
 }
 
 fn packages() -> Result<()> {
-    let name = format!("packages ({})", PACKAGES.join(" "));
+    install_packages(PACKAGES).map(drop)
+}
+
+/// Installs those of `packages` that are missing; returns the ones it installed.
+pub fn install_packages<'a>(packages: &[&'a str]) -> Result<Vec<&'a str>> {
+    let name = format!("packages ({})", packages.join(" "));
     let mut missing = Vec::new();
-    for pkg in PACKAGES {
+    for pkg in packages {
         if !package_installed(pkg)? {
             missing.push(*pkg);
         }
     }
     if missing.is_empty() {
         step(&name, "ok");
-        return Ok(());
+        return Ok(missing);
     }
     require_root(&format!("install {}", missing.join(" ")))?;
     run_cmd(Command::new("apt-get").arg("update"))?;
@@ -157,7 +162,7 @@ fn packages() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     step(&name, &format!("installed {}", missing.join(" ")));
-    Ok(())
+    Ok(missing)
 }
 
 fn package_installed(pkg: &str) -> Result<bool> {

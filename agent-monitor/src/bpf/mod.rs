@@ -492,7 +492,9 @@ impl ActionStream {
         Ok(n)
     }
 
-    /// Hands every record already in the ring to `f` without waiting for readiness.
+    /// Hands every record already in the ring to `f` without waiting for readiness: the kernel
+    /// wakes the reader only for denials, alerts and a filling buffer, so the daemon also drains
+    /// on a timer (and before it judges a DNS proxy report). Returns how many were read.
     pub fn drain_now(&mut self, mut f: impl FnMut(&[u8])) -> usize {
         let ring = self.fd.get_mut();
         let mut n = 0;

@@ -14,33 +14,51 @@ use super::{FieldValue, Sink, SinkError, action_fields, journald};
 use crate::action::Action;
 
 /// The audit record of `action`: every field of [`super::Field`] under its JSON name (`null` where
-/// it does not apply), `process_chain` as an array of `{pid, exe, args}`, `time` and `priority`.
+/// it does not apply), `process_chain` as an array of `{pid, exe, args}`, `time` and `priority`. The
+/// same object as [`json_line`] writes, as a value (for readers of single records and tests).
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn json_record(action: &Action) -> Result<Map<String, Value>, SinkError> {
-    let mut record = Map::new();
-    for (field, value) in action_fields(action) {
-        let value = match value {
-            None => Value::Null,
-            Some(FieldValue::Text(t)) => Value::String(t.into_owned()),
-            Some(FieldValue::Number(n)) => Value::from(n),
-            Some(FieldValue::Chain(chain)) => serde_json::to_value(chain)?,
-        };
-        record.insert(field.json_name().to_string(), value);
-    }
-    let time = OffsetDateTime::from(action.time).format(&Rfc3339)?;
-    record.insert("time".into(), Value::String(time));
-    let priority = u8::from(journald::priority(action.verdict));
-    record.insert("priority".into(), Value::from(priority));
-    Ok(record)
+    let mut line = Vec::new();
+    write_json_line(action, &mut line)?;
+    Ok(serde_json::from_slice(&line)?)
 }
 
 /// [`json_record`] as one line, newline included.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn json_line(action: &Action) -> Result<String, SinkError> {
-    let mut line = serde_json::to_string(&json_record(action)?)?;
-    line.push('\n');
-    Ok(line)
+    let mut line = Vec::with_capacity(512);
+    write_json_line(action, &mut line)?;
+    // The writer only emits serde_json's UTF-8 and the RFC 3339 time.
+    Ok(String::from_utf8(line).expect("JSON is UTF-8"))
 }
 
-/// Appends [`json_line`]s to a file.
+/// Appends the record of `action` and a newline to `out`. Written field by field, without an
+/// intermediate map: this runs once per agent action (see docs/benchmarks.md).
+pub fn write_json_line(action: &Action, out: &mut Vec<u8>) -> Result<(), SinkError> {
+    out.push(b'{');
+    for (field, value) in action_fields(action) {
+        serde_json::to_writer(&mut *out, field.json_name())?;
+        out.push(b':');
+        match value {
+            None => out.extend_from_slice(b"null"),
+            Some(FieldValue::Text(t)) => serde_json::to_writer(&mut *out, t.as_ref())?,
+            Some(FieldValue::Number(n)) => serde_json::to_writer(&mut *out, &n)?,
+            Some(FieldValue::Chain(chain)) => serde_json::to_writer(&mut *out, chain)?,
+        }
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"time\":\"");
+    OffsetDateTime::from(action.time).format_into(out, &Rfc3339)?;
+    let priority = u8::from(journald::priority(action.verdict));
+    out.extend_from_slice(b"\",\"priority\":");
+    serde_json::to_writer(&mut *out, &priority)?;
+    out.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+/// Appends [`json_line`]s to a file. Lines are collected in a buffer and written with one
+/// `write` per [`Sink::flush`] (the daemon flushes after each burst of kernel records), not one
+/// per action.
 #[derive(Debug)]
 pub struct JsonSink {
     path: PathBuf,
@@ -48,6 +66,9 @@ pub struct JsonSink {
     /// The file ends in the middle of a line (a crash or a failed write left part of one): the next
     /// write starts with a newline so that the new record is a line of its own.
     mid_line: bool,
+    /// Whole lines not yet written, and how many.
+    buf: Vec<u8>,
+    pending: u64,
 }
 
 impl JsonSink {
@@ -83,34 +104,39 @@ impl JsonSink {
             path: path.to_path_buf(),
             file,
             mid_line,
+            buf: Vec::new(),
+            pending: 0,
         })
     }
 
-    /// Writes `line` (newline-terminated) in one go. This is `write_all` keeping count of what
+    /// Writes `lines` (newline-terminated) in one go. This is `write_all` keeping count of what
     /// reached the file, so that a write that fails half-way marks the file as ending mid-line.
-    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(line.len() + 1);
+    fn write_line(&mut self, lines: &[u8]) -> io::Result<()> {
         if self.mid_line {
-            buf.push(b'\n');
+            self.write_counted(b"\n")?;
         }
-        buf.extend_from_slice(line);
+        self.write_counted(lines)?;
+        self.file.flush()
+    }
+
+    fn write_counted(&mut self, buf: &[u8]) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             match self.file.write(&buf[done..]) {
                 Ok(0) => {
-                    self.note_partial(&buf, done);
+                    self.note_partial(buf, done);
                     return Err(io::ErrorKind::WriteZero.into());
                 }
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    self.note_partial(&buf, done);
+                    self.note_partial(buf, done);
                     return Err(e);
                 }
             }
         }
-        self.mid_line = false;
-        self.file.flush()
+        self.mid_line = buf.last() != Some(&b'\n');
+        Ok(())
     }
 
     fn note_partial(&mut self, buf: &[u8], done: usize) {
@@ -126,12 +152,40 @@ impl Sink for JsonSink {
     }
 
     fn emit(&mut self, action: &Action) -> Result<(), SinkError> {
-        let line = json_line(action)?;
-        self.write_line(line.as_bytes())
-            .map_err(|source| SinkError::Write {
-                path: self.path.clone(),
-                source,
-            })
+        let start = self.buf.len();
+        if let Err(e) = write_json_line(action, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.pending += 1;
+        Ok(())
+    }
+
+    fn pending(&self) -> u64 {
+        self.pending
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        self.pending = 0;
+        let result = self.write_line(&buf);
+        // Keep the allocation for the next burst.
+        self.buf = buf;
+        self.buf.clear();
+        result.map_err(|source| SinkError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for JsonSink {
+    /// What is still buffered at shutdown goes out; a failure here has nobody left to tell.
+    fn drop(&mut self) {
+        let _ = Sink::flush(self);
     }
 }
 
@@ -277,7 +331,10 @@ mod tests {
     #[test]
     fn full_device_is_an_error() {
         let mut sink = JsonSink::open(Path::new("/dev/full")).unwrap();
-        let err = sink.emit(&connect_action()).unwrap_err();
+        sink.emit(&connect_action()).unwrap();
+        assert_eq!(sink.pending(), 1);
+        let err = sink.flush().unwrap_err();
+        assert_eq!(sink.pending(), 0);
         match &err {
             SinkError::Write { path, source } => {
                 assert_eq!(path, Path::new("/dev/full"));

@@ -24,6 +24,15 @@ pub trait Sink {
     fn name(&self) -> &'static str;
     /// Reports one action. An error means this action did not reach the destination.
     fn emit(&mut self, action: &Action) -> Result<(), SinkError>;
+    /// Actions accepted by `emit` but held in a buffer until [`Sink::flush`].
+    fn pending(&self) -> u64 {
+        0
+    }
+    /// Writes out what `emit` buffered. An error means the [`Sink::pending`] actions did not
+    /// reach the destination.
+    fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Why a sink could not report an action.
@@ -292,6 +301,16 @@ impl Outputs {
         }
     }
 
+    /// Writes out what the sinks buffered; call it after each burst of [`Outputs::emit`] (the
+    /// daemon does after every event it handled). Failures are counted and logged like `emit`'s.
+    pub fn flush(&mut self) {
+        let now = Instant::now();
+        self.journal.flush(now);
+        if let Some(json) = &mut self.json {
+            json.flush(now);
+        }
+    }
+
     /// Counters per sink, journald first.
     pub fn stats(&self) -> Vec<SinkStats> {
         std::iter::once(&self.journal)
@@ -311,6 +330,9 @@ struct Slot {
 }
 
 impl Slot {
+    /// Buffered actions written out even inside a long burst: bounds memory and the delay.
+    const FLUSH_EVERY: u64 = 1024;
+
     fn new(sink: Box<dyn Sink + Send>) -> Self {
         Self {
             sink,
@@ -322,9 +344,31 @@ impl Slot {
     }
 
     fn emit(&mut self, action: &Action, now: Instant) {
-        match self.sink.emit(action) {
+        let result = self.sink.emit(action);
+        self.account(result, 1, now);
+        if self.sink.pending() >= Self::FLUSH_EVERY {
+            self.flush(now);
+        }
+    }
+
+    /// A flush that fails loses the buffered actions, which were counted as written.
+    fn flush(&mut self, now: Instant) {
+        let pending = self.sink.pending();
+        if pending == 0 {
+            return;
+        }
+        let result = self.sink.flush();
+        if result.is_err() {
+            self.written = self.written.saturating_sub(pending);
+        }
+        self.account(result, pending, now);
+    }
+
+    /// Counts `n` actions as written or failed.
+    fn account(&mut self, result: Result<(), SinkError>, n: u64, now: Instant) {
+        match result {
             Ok(()) => {
-                self.written += 1;
+                self.written += n;
                 if let Some(unreported) = self.throttle.success(now) {
                     tracing::warn!(
                         sink = self.sink.name(),
@@ -335,9 +379,9 @@ impl Slot {
                 }
             }
             Err(err) => {
-                self.failed += 1;
+                self.failed += n;
                 let text = err.to_string();
-                if let Some(count) = self.throttle.failure(now) {
+                if let Some(count) = self.throttle.failure(now, n) {
                     tracing::warn!(
                         sink = self.sink.name(),
                         failures_since_last_report = count,
@@ -379,8 +423,8 @@ impl FailureThrottle {
     }
 
     /// Records a failure; `Some(n)` when it should be logged, `n` failures since the last report.
-    fn failure(&mut self, now: Instant) -> Option<u64> {
-        self.unreported += 1;
+    fn failure(&mut self, now: Instant, n: u64) -> Option<u64> {
+        self.unreported += n;
         self.report(now)
     }
 
@@ -569,17 +613,17 @@ pub(crate) mod tests {
         let t0 = Instant::now();
         let s = |n| t0 + Duration::from_secs(n);
         let mut t = FailureThrottle::default();
-        assert_eq!(t.failure(s(0)), Some(1));
-        assert_eq!(t.failure(s(1)), None);
-        assert_eq!(t.failure(s(9)), None);
-        assert_eq!(t.failure(s(10)), Some(3));
-        assert_eq!(t.failure(s(11)), None);
+        assert_eq!(t.failure(s(0), 1), Some(1));
+        assert_eq!(t.failure(s(1), 1), None);
+        assert_eq!(t.failure(s(9), 1), None);
+        assert_eq!(t.failure(s(10), 1), Some(3));
+        assert_eq!(t.failure(s(11), 1), None);
         // Recovery before the interval: the pending failure waits for the next due report.
         assert_eq!(t.success(s(12)), None);
         assert_eq!(t.success(s(20)), Some(1));
         assert_eq!(t.success(s(21)), None);
         // A new burst long after starts with an immediate report.
-        assert_eq!(t.failure(s(100)), Some(1));
+        assert_eq!(t.failure(s(100), 1), Some(1));
     }
 
     /// Records what it was given; fails while `fail` is set.

@@ -1,0 +1,441 @@
+//! Native load generators: N loopback TCP connects, N fork+exec, connects at a fixed rate, and a
+//! tree of sleeping processes. Each times its own operations and prints one JSON object.
+//!
+//! They run as ordinary processes or, through `agent-monitor run`, as an agent; the orchestrator
+//! ([`crate::run`]) reads their output. Raw libc calls, not `std::process::Command` or
+//! `TcpStream`: the operation measured is exactly the syscalls named, nothing the standard library
+//! adds around them.
+
+use std::ffi::CString;
+use std::io::{BufRead as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Subcommand)]
+pub enum Load {
+    /// N times: socket(), connect() to 127.0.0.1:PORT over TCP, close() with an RST (no
+    /// TIME_WAIT left behind). A listener thread in this process accepts and closes.
+    Connect {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        port: u16,
+        /// Connect here instead (no listener is started): a destination the agent may not reach.
+        #[arg(long)]
+        to: Option<SocketAddrV4>,
+        /// Run as SCHED_FIFO (see [`realtime`]).
+        #[arg(long)]
+        realtime: bool,
+    },
+    /// N times: fork(), execv(PROG) in the child, waitpid() in the parent.
+    Exec {
+        #[arg(long)]
+        n: usize,
+        #[arg(long, default_value = "/bin/true")]
+        prog: String,
+        /// Run as SCHED_FIFO (see [`realtime`]); the children inherit it.
+        #[arg(long)]
+        realtime: bool,
+    },
+    /// connect() of one UDP socket at RATE per second for SECS seconds (each one an agent action
+    /// when run as an agent); every DENY_EVERY-th goes to 127.0.0.1:DENY_PORT instead.
+    Rate {
+        /// Connects per second; 0 = as fast as possible.
+        #[arg(long)]
+        rate: u64,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        deny_port: u16,
+        #[arg(long, default_value_t = 1000)]
+        deny_every: u64,
+        /// Print `ready` and wait for a line on stdin before starting (the orchestrator stops
+        /// the daemon in between).
+        #[arg(long)]
+        wait_stdin: bool,
+    },
+    /// Forks N children that sleep; prints `ready` when all exist, kills them when stdin closes.
+    Spawn {
+        #[arg(long)]
+        n: usize,
+    },
+}
+
+/// What a timed loop (connect, exec) reports.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OpStats {
+    pub n: usize,
+    pub median_ns: u64,
+    pub mean_ns: u64,
+    pub p90_ns: u64,
+    /// Operations that succeeded (connected; exited 0).
+    pub ok: usize,
+    /// connect: failed with EPERM; exec: child killed by SIGKILL.
+    pub refused: usize,
+    /// Any other outcome.
+    pub other: usize,
+}
+
+/// What a rate run reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RateStats {
+    pub target_rate: u64,
+    pub achieved_rate: f64,
+    pub secs: f64,
+    /// connect() calls to the allowed port, and how many succeeded.
+    pub allowed_sent: u64,
+    pub allowed_ok: u64,
+    /// connect() calls to the denied port, and how many failed with EPERM.
+    pub denied_sent: u64,
+    pub denied_eperm: u64,
+}
+
+pub fn run(load: Load) -> anyhow::Result<()> {
+    let out = match load {
+        Load::Connect {
+            n,
+            port,
+            to,
+            realtime: rt,
+        } => {
+            if rt {
+                realtime()?;
+            }
+            serde_json::to_string(&connect(n, port, to)?)?
+        }
+        Load::Exec {
+            n,
+            prog,
+            realtime: rt,
+        } => {
+            if rt {
+                realtime()?;
+            }
+            serde_json::to_string(&exec(n, &prog)?)?
+        }
+        Load::Rate {
+            rate,
+            secs,
+            port,
+            deny_port,
+            deny_every,
+            wait_stdin,
+        } => {
+            if wait_stdin {
+                println!("ready");
+                std::io::stdout().flush()?;
+                std::io::stdin().lock().read_line(&mut String::new())?;
+            }
+            serde_json::to_string(&rate_run(rate, secs, port, deny_port, deny_every)?)?
+        }
+        Load::Spawn { n } => return spawn(n),
+    };
+    println!("{out}");
+    Ok(())
+}
+
+/// SCHED_FIFO at a low real-time priority: other work on the machine (builds, tests) no longer
+/// preempts the timed loop or delays its children, which made fork+exec medians jump by a factor
+/// of three on a loaded machine. Each operation blocks (accept, waitpid), so the loop never holds
+/// a CPU for long, and the kernel's real-time throttling bounds it anyway.
+fn realtime() -> anyhow::Result<()> {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: plain syscall on this process with a live parameter.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        bail!(
+            "sched_setscheduler(SCHED_FIFO): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStats {
+    times.sort_unstable();
+    let n = times.len();
+    let at = |q: f64| {
+        times
+            .get(((n as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    OpStats {
+        n,
+        median_ns: at(0.5),
+        mean_ns: if n == 0 {
+            0
+        } else {
+            times.iter().sum::<u64>() / n as u64
+        },
+        p90_ns: at(0.9),
+        ok,
+        refused,
+        other,
+    }
+}
+
+fn connect(n: usize, port: u16, to: Option<SocketAddrV4>) -> anyhow::Result<OpStats> {
+    let target = match to {
+        Some(t) => t,
+        None => {
+            let listener =
+                listen(port).with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+            // Accepts in batches every millisecond, not blocked in accept(): a blocked acceptor
+            // is woken by every connect, and where the scheduler runs it (this CPU or the
+            // other) changed the measured connect time by a third, monitor or not. Accept errors
+            // (the client's RST may come first) are expected and ignored.
+            listener.set_nonblocking(true)?;
+            std::thread::spawn(move || {
+                loop {
+                    while let Ok(c) = listener.accept() {
+                        drop(c);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
+        }
+    };
+    let sa = sockaddr(target);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let (mut ok, mut refused, mut other) = (0, 0, 0);
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        // SAFETY: plain syscalls on a socket this loop owns; pointers are to live locals.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                bail!("socket(): {}", std::io::Error::last_os_error());
+            }
+            let r = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as u32,
+            );
+            let e = errno();
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as u32,
+            );
+            libc::close(fd);
+            match (r, e) {
+                (0, _) => ok += 1,
+                (_, libc::EPERM) => refused += 1,
+                _ => other += 1,
+            }
+        }
+        times.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(stats(times, ok, refused, other))
+}
+
+/// A listener with the largest backlog the kernel allows (std's is 128): a connect that finds the
+/// queue full waits a whole SYN retransmission (1 s), which a busy acceptor thread must not cause.
+fn listen(port: u16) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd as _;
+    let sa = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    let one: libc::c_int = 1;
+    // SAFETY: plain syscalls on a new socket; on success its fd is handed to the TcpListener.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        );
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+            || libc::listen(fd, 65_535) != 0
+        {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        Ok(TcpListener::from_raw_fd(fd))
+    }
+}
+
+fn exec(n: usize, prog: &str) -> anyhow::Result<OpStats> {
+    let path = CString::new(prog).context("program path with a NUL byte")?;
+    let argv = [path.as_ptr(), std::ptr::null()];
+    let (mut ok, mut refused, mut other) = (0, 0, 0);
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        // SAFETY: the child only calls execv and _exit (async-signal-safe); argv is prepared
+        // before the fork and outlives it.
+        let status = unsafe {
+            let pid = libc::fork();
+            if pid < 0 {
+                bail!("fork(): {}", std::io::Error::last_os_error());
+            }
+            if pid == 0 {
+                libc::execv(path.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            status
+        };
+        times.push(t.elapsed().as_nanos() as u64);
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            ok += 1;
+        } else if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL {
+            refused += 1;
+        } else {
+            other += 1;
+        }
+    }
+    Ok(stats(times, ok, refused, other))
+}
+
+fn rate_run(
+    rate: u64,
+    secs: f64,
+    port: u16,
+    deny_port: u16,
+    deny_every: u64,
+) -> anyhow::Result<RateStats> {
+    let allowed = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    let denied = sockaddr(SocketAddrV4::new(Ipv4Addr::LOCALHOST, deny_port));
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        bail!("socket(): {}", std::io::Error::last_os_error());
+    }
+    let mut s = RateStats {
+        target_rate: rate,
+        achieved_rate: 0.0,
+        secs: 0.0,
+        allowed_sent: 0,
+        allowed_ok: 0,
+        denied_sent: 0,
+        denied_eperm: 0,
+    };
+    let start = Instant::now();
+    let total = Duration::from_secs_f64(secs);
+    let mut done: u64 = 0;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= total {
+            break;
+        }
+        // Paced in slices: everything due by now, then a short sleep. Per-call sleeps would be
+        // coarser than the 10 µs between calls at 100k/s.
+        let due = if rate == 0 {
+            done + 256
+        } else {
+            (elapsed.as_secs_f64() * rate as f64) as u64
+        };
+        while done < due {
+            done += 1;
+            let deny = deny_every > 0 && done.is_multiple_of(deny_every);
+            let sa = if deny { &denied } else { &allowed };
+            // SAFETY: connect on our own UDP socket with a live sockaddr.
+            let r = unsafe {
+                libc::connect(
+                    fd,
+                    (sa as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            if deny {
+                s.denied_sent += 1;
+                if r != 0 && errno() == libc::EPERM {
+                    s.denied_eperm += 1;
+                }
+            } else {
+                s.allowed_sent += 1;
+                if r == 0 {
+                    s.allowed_ok += 1;
+                }
+            }
+        }
+        if rate != 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    s.secs = start.elapsed().as_secs_f64();
+    s.achieved_rate = done as f64 / s.secs;
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    Ok(s)
+}
+
+fn spawn(n: usize) -> anyhow::Result<()> {
+    let mut children = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: the child only calls pause/_exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            kill_all(&children);
+            bail!("fork() of child {i} of {n}: {e}");
+        }
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only.
+            unsafe {
+                libc::pause();
+                libc::_exit(0);
+            }
+        }
+        children.push(pid);
+    }
+    println!("ready {}", children.len());
+    std::io::stdout().flush()?;
+    // Holds the tree until the orchestrator closes our stdin.
+    for line in std::io::stdin().lock().lines() {
+        if line.is_err() {
+            break;
+        }
+    }
+    kill_all(&children);
+    Ok(())
+}
+
+fn kill_all(children: &[libc::pid_t]) {
+    for &pid in children {
+        // SAFETY: our own children.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for &pid in children {
+        // SAFETY: reaping our own children.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+}
