@@ -22,6 +22,10 @@ pub enum ActionKind {
     /// Creating a socket of a kind agents may not have (raw, ping, SCTP, MPTCP…).
     Socket,
     Exec,
+    /// A control-socket request (reported when refused).
+    Control,
+    /// A change of identity worth an operator's attention (a selector's digest mismatch).
+    Identity,
     /// A DNS query, judged by the proxy on the name asked.
     Dns,
     /// io_uring_setup, caught by `run`'s seccomp filter (io_uring creates sockets without
@@ -39,6 +43,8 @@ impl ActionKind {
             ActionKind::Sendmsg => "sendmsg",
             ActionKind::Socket => "socket",
             ActionKind::Exec => "exec",
+            ActionKind::Control => "control",
+            ActionKind::Identity => "identity",
             ActionKind::Dns => "dns",
             ActionKind::IoUring => "io_uring",
             ActionKind::Seccomp => "seccomp",
@@ -74,6 +80,9 @@ pub struct ChainLink {
     pub pid: u32,
     /// Executable path as last exec'd, or the command name when no exec was seen.
     pub exe: String,
+    /// The first arguments it was started with (argv[1..], shortened), when known: which tool
+    /// call of the agent this was.
+    pub args: Vec<String>,
 }
 
 /// Where a connect was going.
@@ -91,6 +100,8 @@ pub struct Action {
     #[serde(serialize_with = "serialize_time")]
     pub time: SystemTime,
     pub agent: String,
+    /// The agent's workload identity, `spiffe://<trust-domain>/agent/<name>`.
+    pub spiffe_id: String,
     pub task: String,
     pub kind: ActionKind,
     pub verdict: Verdict,
@@ -133,6 +144,7 @@ impl Action {
             (ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp, _, _) => {
                 self.socket.clone().unwrap_or_else(|| "?".into())
             }
+            (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
             (ActionKind::Dns, _, _) => format!(
                 "query {}",
                 self.dns_name.as_deref().unwrap_or("(unreadable message)")
@@ -162,11 +174,17 @@ impl Action {
         )
     }
 
-    /// The chain as one readable string: `pid:exe > pid:exe > …`.
+    /// The chain as one readable string: `pid:exe > pid:exe "arg arg" > …`.
     pub fn chain_string(&self) -> String {
         self.chain
             .iter()
-            .map(|l| format!("{}:{}", l.pid, l.exe))
+            .map(|l| {
+                if l.args.is_empty() {
+                    format!("{}:{}", l.pid, l.exe)
+                } else {
+                    format!("{}:{} {:?}", l.pid, l.exe, l.args.join(" "))
+                }
+            })
             .collect::<Vec<_>>()
             .join(" > ")
     }

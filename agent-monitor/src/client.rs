@@ -1,11 +1,12 @@
-//! The client commands: `run`, `status`, `policy check` (`policy suggest`/`test` are in `policy_cmd`).
+//! The client commands: `run`, `status`, `task start/end`, `policy check` (`policy suggest`/`test`
+//! are in `policy_cmd`).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::{PolicyCommand, RunArgs, StatusArgs};
+use crate::cli::{PolicyCommand, RunArgs, StatusArgs, TaskCommand};
 use crate::control::{self, Request, Response};
 
 /// `run`'s own failures, as in env(1)/timeout(1): 125 ours, 126 cannot execute, 127 not found.
@@ -26,6 +27,18 @@ pub fn run(args: RunArgs) -> ExitCode {
                 args.command[0].to_string_lossy()
             );
             return ExitCode::from(EXIT_NOT_FOUND);
+        }
+    };
+    let drop_to = match args
+        .user
+        .as_deref()
+        .map(|u| Credentials::lookup(u, args.group.as_deref()))
+    {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
         }
     };
     let req = Request::Place {
@@ -64,8 +77,19 @@ pub fn run(args: RunArgs) -> ExitCode {
     let mut command = std::process::Command::new(&program);
     command.arg0(&args.command[0]).args(&args.command[1..]);
     let to_parent = theirs.as_raw_fd();
-    // SAFETY: the closure makes three system calls on a filter built before the fork.
-    unsafe { command.pre_exec(move || crate::sandbox::install(&filter, to_parent)) };
+    // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
+    // setgroups, setgid, setuid) on values prepared before the fork. The filter goes first,
+    // while we are still root (installing it without no_new_privs needs CAP_SYS_ADMIN); it does
+    // not restrict the uid calls that follow.
+    unsafe {
+        command.pre_exec(move || {
+            crate::sandbox::install(&filter, to_parent)?;
+            match &drop_to {
+                Some(c) => c.apply(),
+                None => Ok(()),
+            }
+        })
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -152,6 +176,148 @@ fn forward_signals(child: u32) {
     });
 }
 
+/// Who `run --user` becomes, resolved before fork.
+struct Credentials {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: Vec<nix::unistd::Gid>,
+}
+
+impl Credentials {
+    fn lookup(user: &str, group: Option<&str>) -> Result<Credentials, String> {
+        use nix::unistd::{Group, User};
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(uid.into()),
+            Err(_) => User::from_name(user),
+        };
+        let u = found
+            .map_err(|e| format!("--user {user:?}: {e}"))?
+            .ok_or_else(|| format!("--user {user:?}: no such user in the user database"))?;
+        let gid = match group {
+            None => u.gid,
+            Some(g) => {
+                let found = match g.parse::<u32>() {
+                    Ok(gid) => Group::from_gid(gid.into()),
+                    Err(_) => Group::from_name(g),
+                };
+                found
+                    .map_err(|e| format!("--group {g:?}: {e}"))?
+                    .ok_or_else(|| format!("--group {g:?}: no such group"))?
+                    .gid
+            }
+        };
+        let name = std::ffi::CString::new(u.name.clone())
+            .map_err(|_| format!("--user {user:?}: name has a NUL byte"))?;
+        let groups = nix::unistd::getgrouplist(&name, gid)
+            .map_err(|e| format!("--user {user:?}: reading its groups: {e}"))?;
+        Ok(Credentials {
+            uid: u.uid,
+            gid,
+            groups,
+        })
+    }
+
+    /// In the child, after fork: groups first, uid last (after setuid nothing else is allowed).
+    fn apply(&self) -> std::io::Result<()> {
+        nix::unistd::setgroups(&self.groups)?;
+        nix::unistd::setgid(self.gid)?;
+        nix::unistd::setuid(self.uid)?;
+        Ok(())
+    }
+}
+
+pub fn task(cmd: TaskCommand) -> ExitCode {
+    let (socket, req) = match cmd {
+        TaskCommand::Start(a) => (
+            a.socket.control_socket,
+            Request::TaskStart {
+                agent: a.agent,
+                task: a.task,
+                allow_connect: a.allow_connect,
+                allow_exec: a.allow_exec,
+                ttl_ms: a
+                    .ttl
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+                pid: a.pid,
+            },
+        ),
+        TaskCommand::End(a) => (
+            a.socket.control_socket,
+            Request::TaskEnd {
+                agent: a.agent,
+                task: a.task,
+            },
+        ),
+        TaskCommand::Narrow(a) => (
+            a.socket.control_socket,
+            Request::TaskNarrow {
+                agent: a.agent,
+                task: a.task,
+                keep_connect: a.keep_connect,
+                keep_exec: a.keep_exec,
+                ttl_ms: a
+                    .ttl
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            },
+        ),
+    };
+    let until = |ms: Option<u64>| match ms {
+        Some(ms) => format!(
+            "for {}",
+            humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000)))
+        ),
+        None => "until `task end`".to_string(),
+    };
+    match control::call(&socket, &req) {
+        Ok(Response::TaskStarted {
+            agent,
+            task,
+            grants,
+            expires_in_ms,
+            moved,
+        }) => {
+            println!(
+                "task {task} of agent {agent} started; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
+            );
+            if let Some(pid) = moved {
+                println!("process {pid} moved into task {task}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::TaskNarrowed {
+            agent,
+            task,
+            grants,
+            expires_in_ms,
+        }) => {
+            println!(
+                "task {task} of agent {agent} narrowed; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Response::TaskEnded {
+            agent,
+            task,
+            revoked,
+        }) => {
+            println!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("agent-monitor task: unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("agent-monitor task: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn status(args: StatusArgs) -> ExitCode {
     let status = match control::call(&args.socket.control_socket, &Request::Status {}) {
         Ok(Response::Status(s)) => s,
@@ -205,6 +371,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.verdict_disagreements,
         status.counters.tracked_processes
     );
+    println!(
+        "identity: {} refusals by an expired grant (in the kernel), {} untaggable processes (map full), {} selector conflicts",
+        status.counters.grants_expired_in_kernel,
+        status.counters.tags_full,
+        status.counters.selector_conflicts
+    );
     let c = &status.counters;
     println!(
         "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses",
@@ -229,9 +401,25 @@ pub fn status(args: StatusArgs) -> ExitCode {
             "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
             a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
         );
+        for sel in &a.selectors {
+            println!("  selector {sel}");
+        }
         for t in &a.tasks {
             let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
             println!("  task {}: processes [{}]", t.task, pids.join(" "));
+            if !t.grants.is_empty() {
+                let until = t
+                    .grants_expire_in_ms
+                    .map_or("until `task end`".to_string(), |ms| {
+                        format!(
+                            "for {} more",
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                ms.div_ceil(1000)
+                            ))
+                        )
+                    });
+                println!("    grants [{}] {until}", t.grants.join(", "));
+            }
         }
     }
     ExitCode::SUCCESS

@@ -25,8 +25,12 @@ use crate::dns::proxy::ProxyConfig;
 use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
-use crate::identity::{self, AgentCgroups, ProcessTable};
+use crate::identity::selected::Selected;
+use crate::identity::{
+    self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, Tasks, UNVERIFIED_TASK,
+};
 use crate::output::{OutputConfig, Outputs};
+use crate::policy::KernelTables;
 use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
@@ -111,6 +115,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroup_root = crate::host::cgroup2_root()?;
     let layout = crate::host::tracepoint_layout()?;
     let cgroups = AgentCgroups::new(&cgroup_root)?;
+    let admin_gid = match &args.admin_group {
+        None => None,
+        Some(g) => Some(admin_group_gid(g)?),
+    };
+    let trust_domain = match &args.trust_domain {
+        Some(d) => check_trust_domain(d)?,
+        None => check_trust_domain(&host_name())
+            .context("the host name is not a valid trust domain; set --trust-domain")?,
+    };
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
@@ -126,8 +139,17 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         json_path: args.json_log.clone(),
     })
     .context("opening the output sinks")?;
+    let mut tasks = Tasks::default();
+    let mut selected = Selected::from_policies(&policies, |agent| AgentSlot {
+        agent: policies.index_of(agent).unwrap_or(u32::MAX),
+        mode: policies
+            .get(agent)
+            .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value()),
+        task: tasks.number(agent, DEFAULT_TASK),
+        source: common::SOURCE_RUN,
+    });
     // Bound last: a client that reaches the socket finds enforcement active.
-    let listener = bind_control_socket(&args.socket.control_socket)?;
+    let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
 
     let m = &kernel.mechanisms;
     tracing::info!(
@@ -160,6 +182,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let mut monitor = Monitor {
         kernel,
+        selected: Selected::default(),
+        registry: tasks,
+        cgroup_root: cgroup_root.clone(),
+        admin_gid,
+        trust_domain,
         policies,
         exec_files,
         policies_dir: args.policies.clone(),
@@ -177,6 +204,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         dns_clients: HashMap::new(),
         dns_endpoints,
     };
+    std::mem::swap(&mut monitor.selected, &mut selected);
+    monitor.arm_selectors();
     let result = monitor.run(stream, requests_rx, dns_reports).await;
     let _ = std::fs::remove_file(&socket_path);
     tracing::info!("stopped; enforcement ends with the daemon (programs detached)");
@@ -232,8 +261,40 @@ async fn refuse_if_already_running(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the root-only control socket (replacing a stale one).
-fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// The admin group's gid.
+fn admin_group_gid(name: &str) -> anyhow::Result<u32> {
+    let group = match name.parse::<u32>() {
+        Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
+        Err(_) => nix::unistd::Group::from_name(name),
+    }
+    .with_context(|| format!("--admin-group {name:?}: looking it up"))?
+    .with_context(|| format!("--admin-group {name:?}: no such group"))?;
+    Ok(group.gid.as_raw())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A SPIFFE trust domain: lower-case letters, digits, `.`, `-`, `_`.
+fn check_trust_domain(d: &str) -> anyhow::Result<String> {
+    let ok = !d.is_empty()
+        && d.len() <= 255
+        && d.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    if !ok {
+        bail!(
+            "trust domain {d:?}: expected lower-case letters, digits, '.', '-', '_' (as in spiffe://DOMAIN/agent/NAME)"
+        );
+    }
+    Ok(d.to_string())
+}
+
+/// Binds the control socket (replacing a stale one): root-only, or root:ADMIN 0660.
+fn bind_control_socket(path: &Path, admin_gid: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -241,15 +302,23 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding control socket {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} root-only", path.display()))?;
+    let mode = match admin_gid {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to the admin group", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
     Ok(listener)
 }
 
 /// A request from a control connection, with the kernel-reported identity of the caller.
 struct ControlCall {
     request: Request,
-    peer_pid: u32,
+    peer: Peer,
     reply: oneshot::Sender<Response>,
 }
 
@@ -283,11 +352,7 @@ async fn serve_connection(
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
         .await
         .context("no request within 10 s")??;
-    let response = if cred.uid() != 0 {
-        Response::Error {
-            message: "the control socket is root-only".into(),
-        }
-    } else {
+    let response = {
         match (control::parse_request(&line), cred.pid()) {
             (Err(message), _) => Response::Error { message },
             (Ok(_), None) => Response::Error {
@@ -298,7 +363,7 @@ async fn serve_connection(
                 to_monitor
                     .send(ControlCall {
                         request,
-                        peer_pid: pid as u32,
+                        peer: Peer::from_cred(pid as u32, cred.uid(), cred.gid()),
                         reply,
                     })
                     .await
@@ -335,6 +400,14 @@ struct TaskEntry {
     path: PathBuf,
 }
 
+/// The identity of a process as the daemon can tell it from outside (same order as the kernel).
+#[derive(Clone, Copy, Debug)]
+struct ProcessIdentity {
+    slot: AgentSlot,
+    /// It is in one of `run`'s (agent, task) cgroups (moving it means moving its cgroup).
+    in_run_cgroup: bool,
+}
+
 #[derive(Default)]
 struct AgentCounters {
     actions: u64,
@@ -346,6 +419,13 @@ struct AgentCounters {
 /// Owner of the kernel object and of all daemon state.
 struct Monitor {
     kernel: Kernel,
+    /// Selectors of every policy, armed or waiting.
+    selected: Selected,
+    /// Task numbers and grants.
+    registry: Tasks,
+    cgroup_root: PathBuf,
+    admin_gid: Option<u32>,
+    trust_domain: String,
     policies: PolicySet,
     /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
     exec_files: ExecFiles,
@@ -408,7 +488,7 @@ impl Monitor {
                     self.on_dns(report);
                 }
                 Some(call) = requests.recv() => {
-                    let response = self.on_request(call.request, call.peer_pid);
+                    let response = self.on_request(call.request, &call.peer);
                     let _ = call.reply.send(response);
                 }
                 _ = sweep.tick() => self.sweep(),
@@ -420,36 +500,201 @@ impl Monitor {
         }
     }
 
-    fn on_request(&mut self, request: Request, peer_pid: u32) -> Response {
-        match request {
-            Request::Place { agent, task } => match self.place(&agent, &task, peer_pid) {
-                Ok(cgroup) => Response::Placed {
-                    mode: self
-                        .policies
-                        .get(&agent)
-                        .map(|p| p.mode().as_str().to_string()),
-                    agent,
-                    task,
-                    cgroup,
-                },
-                Err(e) => {
-                    tracing::warn!(agent, task, pid = peer_pid, "placement refused: {e:#}");
-                    Response::Error {
-                        message: format!("{e:#}"),
-                    }
-                }
-            },
-            Request::Status {} => Response::Status(self.status()),
-            Request::Caught(caught) => match self.on_caught(peer_pid, caught) {
-                Ok(()) => Response::Recorded {},
-                Err(e) => {
-                    tracing::warn!(pid = peer_pid, "seccomp report refused: {e:#}");
-                    Response::Error {
-                        message: format!("{e:#}"),
-                    }
-                }
-            },
+    fn on_request(&mut self, request: Request, peer: &Peer) -> Response {
+        let inside = self.identify(peer.pid).map(|id| self.names(&id.slot));
+        let admin = peer.is_admin(self.admin_gid);
+        if let Err(why) = control::authorize(
+            &request,
+            admin,
+            inside.as_ref().map(|(a, t)| (a.as_str(), t.as_str())),
+        ) {
+            self.report_refusal(&request, peer, inside, &why);
+            return Response::Error { message: why };
         }
+        let pid = peer.pid;
+        let result = match request {
+            Request::Place { agent, task } => {
+                self.place(&agent, &task, pid)
+                    .map(|cgroup| Response::Placed {
+                        mode: self
+                            .policies
+                            .get(&agent)
+                            .map(|p| p.mode().as_str().to_string()),
+                        agent,
+                        task,
+                        cgroup,
+                    })
+            }
+            Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
+            Request::Status {} => Ok(Response::Status(self.status())),
+            Request::TaskStart {
+                agent,
+                task,
+                allow_connect,
+                allow_exec,
+                ttl_ms,
+                pid: target,
+            } => self.task_start(&agent, &task, &allow_connect, &allow_exec, ttl_ms, target),
+            Request::TaskEnd { agent, task } => self.task_end(&agent, &task),
+            Request::TaskNarrow {
+                agent,
+                task,
+                keep_connect,
+                keep_exec,
+                ttl_ms,
+            } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::warn!(pid, "control request refused: {e:#}");
+            Response::Error {
+                message: format!("{e:#}"),
+            }
+        })
+    }
+
+    /// A refused control request goes to journald (ACTION=control, VERDICT=denied) under the
+    /// caller's own agent when it is one, else under the agent it asked about.
+    fn report_refusal(
+        &mut self,
+        request: &Request,
+        peer: &Peer,
+        inside: Option<(String, String)>,
+        why: &str,
+    ) {
+        let (agent, task) = inside.clone().unwrap_or_else(|| {
+            request
+                .target()
+                .map(|(a, t)| (a.to_string(), t.to_string()))
+                .unwrap_or_else(|| ("?".into(), "?".into()))
+        });
+        let target = request
+            .target()
+            .map(|(a, t)| format!(" for agent {a} task {t}"))
+            .unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .map(|p| p.display().to_string());
+        tracing::warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            "control request {} refused: {why}",
+            request.op()
+        );
+        let action = Action {
+            time: SystemTime::now(),
+            spiffe_id: self.spiffe_id(&agent),
+            chain: self.procs.chain(peer.pid, &comm),
+            agent,
+            task,
+            kind: ActionKind::Control,
+            verdict: Verdict::Denied,
+            pid: peer.pid,
+            uid: peer.uid,
+            comm,
+            exe,
+            destination: None,
+            interpreter: None,
+            socket: None,
+            dest_host: None,
+            dns_name: None,
+            enforcement: Some("refused"),
+            reason: format!("{}{target} refused: {why}", request.op()),
+        };
+        self.report(action);
+    }
+
+    /// Which agent process `pid` is, in the kernel's order: its own `run` cgroup, its tag, a
+    /// selected ancestor cgroup, its uid.
+    fn identify(&self, pid: u32) -> Option<ProcessIdentity> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| identity::peer::parse_cgroup_v2(&c));
+        if let Some((agent, task)) = cgroup
+            .as_deref()
+            .and_then(identity::peer::run_cgroup_identity)
+            && let Some(index) = self.policies.index_of(agent)
+        {
+            let number = self.registry.find(agent, task).unwrap_or(common::TASK_NONE);
+            let mode = self
+                .policies
+                .get(agent)
+                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
+            return Some(ProcessIdentity {
+                slot: AgentSlot {
+                    agent: index,
+                    mode,
+                    task: number,
+                    source: common::SOURCE_RUN,
+                },
+                in_run_cgroup: true,
+            });
+        }
+        let by_selector = self
+            .kernel
+            .thread_tag(pid)
+            .or_else(|| cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
+            .or_else(|| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let uid = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                self.selected.by_uid(uid)
+            });
+        by_selector.map(|slot| ProcessIdentity {
+            slot,
+            in_run_cgroup: false,
+        })
+    }
+
+    /// (agent, task) names of a kernel slot.
+    fn names(&self, slot: &AgentSlot) -> (String, String) {
+        let agent = self
+            .policies
+            .policies()
+            .get(slot.agent as usize)
+            .map_or_else(
+                || format!("agent-{}", slot.agent),
+                |p| p.agent().to_string(),
+            );
+        let task = self
+            .registry
+            .get(slot.task)
+            .map_or_else(|| "none".to_string(), |t| t.name.clone());
+        (agent, task)
+    }
+
+    fn spiffe_id(&self, agent: &str) -> String {
+        format!("spiffe://{}/agent/{agent}", self.trust_domain)
+    }
+
+    fn agent_slot(&mut self, agent: &str, task: &str, source: u32) -> anyhow::Result<AgentSlot> {
+        let Some(index) = self.policies.index_of(agent) else {
+            let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
+            bail!(
+                "no policy for agent {agent:?} in {} (agents with a policy: {})",
+                self.policies_dir.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        identity::check_task_id(task).map_err(anyhow::Error::msg)?;
+        let policy = self.policies.get(agent).context("policy vanished")?;
+        Ok(AgentSlot {
+            agent: index,
+            mode: policy.mode().kernel_value(),
+            task: self.registry.number(agent, task),
+            source,
+        })
     }
 
     /// A call `run`'s seccomp filter caught, reported by that `run`. Only the `run` process this
@@ -521,11 +766,11 @@ impl Monitor {
         self.counters.seccomp_caught += 1;
         let subject = event::Subject {
             cgroup_id,
-            ktime_ns: 0,
             pid: c.pid,
             tid: c.pid,
             uid: c.uid,
             comm: c.comm.clone(),
+            ..event::Subject::unknown()
         };
         let action = Action {
             exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
@@ -541,25 +786,28 @@ impl Monitor {
 
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
-        let Some(index) = self.policies.index_of(agent) else {
-            let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
-            bail!(
-                "no policy for agent {agent:?} in {} (agents with a policy: {})",
-                self.policies_dir.display(),
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            );
-        };
-        identity::check_task_id(task).map_err(anyhow::Error::msg)?;
-        let policy = self.policies.get(agent).context("policy vanished")?;
-        let mode = policy.mode().kernel_value();
+        let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        self.procs.add_root(pid, exe, identity::proc_args(pid));
+        self.placed.insert(pid, cg.id);
+        tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
+        Ok(cg.path.display().to_string())
+    }
+
+    /// Moves `pid` into the (agent, task) cgroup, creating it and its identity entry first.
+    fn enter_task_cgroup(
+        &mut self,
+        agent: &str,
+        task: &str,
+        slot: AgentSlot,
+        pid: u32,
+    ) -> anyhow::Result<identity::TaskCgroup> {
         let cg = self.cgroups.task(agent, task)?;
         // The identity entry exists before the process enters the cgroup: no unjudged window.
-        self.kernel
-            .add_agent_cgroup(cg.id, AgentSlot { agent: index, mode })?;
+        self.kernel.add_agent_cgroup(cg.id, slot)?;
         self.tasks.insert(
             cg.id,
             TaskEntry {
@@ -569,18 +817,242 @@ impl Monitor {
             },
         );
         self.cgroups.place(&cg, pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "?".into());
-        self.procs.add_root(pid, exe);
-        self.placed.insert(pid, cg.id);
-        tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
-        Ok(cg.path.display().to_string())
+        Ok(cg)
+    }
+
+    /// Grants `task` of `agent` what is given (added to what it has; all its grants then share
+    /// the new expiry) and optionally moves process `target` into it.
+    fn task_start(
+        &mut self,
+        agent: &str,
+        task: &str,
+        connect: &[String],
+        exec: &[String],
+        ttl_ms: Option<u64>,
+        target: Option<u32>,
+    ) -> anyhow::Result<Response> {
+        if task == UNVERIFIED_TASK {
+            bail!(
+                "task {UNVERIFIED_TASK:?} holds processes of an executable whose digest did not match; it is never granted anything"
+            );
+        }
+        let slot = self.agent_slot(agent, task, common::SOURCE_TASK_SWITCH)?;
+        let (mut net, mut execs) =
+            crate::policy::parse_grants(connect, exec).map_err(anyhow::Error::msg)?;
+        let old = self
+            .registry
+            .get_mut(slot.task)
+            .and_then(|t| t.grants.take());
+        if let Some(old) = &old {
+            net.extend(old.net.iter().cloned());
+            execs.extend(old.exec.iter().cloned());
+        }
+        let now = monotonic_ns();
+        let expires_ns = ttl_ms.map_or(u64::MAX, |ms| {
+            now.saturating_add(ms.saturating_mul(1_000_000))
+        });
+        let kernel_tables = crate::policy::compile_grants(slot.task, task, &net, &execs)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // New entries first (same keys are overwritten), then the old keys that are gone: no
+        // moment in which a grant that continues is missing.
+        self.kernel
+            .set_task_grants(&kernel_tables, common::Expiry { expires_ns })?;
+        if let Some(old) = &old {
+            let stale = stale_entries(&old.kernel, &kernel_tables);
+            self.kernel.remove_task_grants(&stale)?;
+        }
+        let texts = grant_texts(&net, &execs);
+        if let Some(t) = self.registry.get_mut(slot.task) {
+            t.grants = (!net.is_empty() || !execs.is_empty()).then(|| identity::tasks::Grants {
+                net,
+                exec: execs,
+                expires_ns,
+                kernel: kernel_tables,
+            });
+        }
+        let moved = match target {
+            Some(pid) => {
+                self.move_into_task(agent, task, slot, pid)?;
+                Some(pid)
+            }
+            None => None,
+        };
+        tracing::info!(agent, task, grants = ?texts, ttl_ms, moved, "task started");
+        Ok(Response::TaskStarted {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            grants: texts,
+            expires_in_ms: ttl_ms,
+            moved,
+        })
+    }
+
+    /// Moves process `pid` (an agent process of `agent`) into `task`: a `run` process changes
+    /// cgroup; a selector-identified one has every thread re-tagged (its later children inherit).
+    fn move_into_task(
+        &mut self,
+        agent: &str,
+        task: &str,
+        slot: AgentSlot,
+        pid: u32,
+    ) -> anyhow::Result<()> {
+        let Some(id) = self.identify(pid) else {
+            bail!(
+                "process {pid} is not an agent process; `task start --pid` moves processes of the agent only"
+            );
+        };
+        if id.slot.agent != slot.agent {
+            let (other, _) = self.names(&id.slot);
+            bail!("process {pid} is agent {other}, not {agent}");
+        }
+        if id.in_run_cgroup {
+            let slot = AgentSlot {
+                source: common::SOURCE_RUN,
+                ..slot
+            };
+            self.enter_task_cgroup(agent, task, slot, pid)?;
+        } else {
+            self.selected.tags_in_use = true;
+            self.kernel.set_identity_config(self.selected.config())?;
+            let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .with_context(|| format!("listing the threads of {pid}"))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            for tid in threads {
+                self.kernel.tag_thread(tid, slot)?;
+            }
+        }
+        tracing::info!(agent, task, pid, "process moved into task");
+        Ok(())
+    }
+
+    /// Ends `task` of `agent`: its grants leave the kernel now.
+    fn task_end(&mut self, agent: &str, task: &str) -> anyhow::Result<Response> {
+        let Some(number) = self.registry.find(agent, task) else {
+            bail!("agent {agent:?} has no task {task:?}");
+        };
+        let revoked = self.revoke(number)?;
+        tracing::info!(agent, task, revoked, "task ended");
+        Ok(Response::TaskEnded {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            revoked,
+        })
+    }
+
+    /// Narrows `task` of `agent` to a subset of its grants, ending no later than before.
+    fn task_narrow(
+        &mut self,
+        agent: &str,
+        task: &str,
+        keep_connect: &[String],
+        keep_exec: &[String],
+        ttl_ms: Option<u64>,
+    ) -> anyhow::Result<Response> {
+        let Some(number) = self.registry.find(agent, task) else {
+            bail!("agent {agent:?} has no task {task:?}");
+        };
+        let Some(old) = self.registry.get(number).and_then(|t| t.grants.clone()) else {
+            bail!("task {task:?} of agent {agent:?} has no grants to narrow");
+        };
+        let now = monotonic_ns();
+        let wanted = ttl_ms.map(|ms| now.saturating_add(ms.saturating_mul(1_000_000)));
+        let (net, exec, expires_ns) =
+            identity::tasks::narrow(&old, keep_connect, keep_exec, wanted)
+                .map_err(anyhow::Error::msg)?;
+        let tables = crate::policy::compile_grants(number, task, &net, &exec)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Kept entries are rewritten with the (possibly earlier) expiry, then the rest removed.
+        self.kernel
+            .set_task_grants(&tables, common::Expiry { expires_ns })?;
+        self.kernel
+            .remove_task_grants(&stale_entries(&old.kernel, &tables))?;
+        let texts = grant_texts(&net, &exec);
+        if let Some(t) = self.registry.get_mut(number) {
+            t.grants = (!texts.is_empty()).then(|| identity::tasks::Grants {
+                net,
+                exec,
+                expires_ns,
+                kernel: tables,
+            });
+        }
+        tracing::info!(agent, task, grants = ?texts, "task narrowed");
+        Ok(Response::TaskNarrowed {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            grants: texts,
+            expires_in_ms: (expires_ns != u64::MAX)
+                .then(|| expires_ns.saturating_sub(now) / 1_000_000),
+        })
+    }
+
+    /// Removes the grants of task `number`; returns how many there were.
+    fn revoke(&mut self, number: u32) -> anyhow::Result<usize> {
+        let Some(grants) = self.registry.get_mut(number).and_then(|t| t.grants.take()) else {
+            return Ok(0);
+        };
+        self.kernel.remove_task_grants(&grants.kernel)?;
+        Ok(grants.net.len() + grants.exec.len())
+    }
+
+    /// Arms what selectors can be armed, re-verifies changed executables, writes the kernel's
+    /// selector configuration and reports what changed.
+    fn arm_selectors(&mut self) {
+        let registry = &mut self.registry;
+        let policies = &self.policies;
+        let report = self
+            .selected
+            .arm(&mut self.kernel, &self.cgroup_root, |agent| AgentSlot {
+                agent: policies.index_of(agent).unwrap_or(u32::MAX),
+                mode: common::MODE_ENFORCE,
+                task: registry.number(agent, UNVERIFIED_TASK),
+                source: common::SOURCE_EXECUTABLE,
+            });
+        if let Err(e) = self.kernel.set_identity_config(self.selected.config()) {
+            tracing::error!("writing the selector configuration: {e:#}");
+        }
+        for a in report.armed {
+            tracing::info!("selector armed: {a}");
+        }
+        for w in report.waiting {
+            tracing::info!("selector waiting: {w}");
+        }
+        for r in report.restored {
+            tracing::warn!("selector verified again: {r}");
+        }
+        for e in report.errors {
+            tracing::error!("selector not armed: {e}");
+        }
+        for (agent, m) in report.mismatches {
+            tracing::error!(agent, "executable selector digest mismatch: {m}");
+            let action = Action {
+                time: SystemTime::now(),
+                spiffe_id: self.spiffe_id(&agent),
+                agent,
+                task: UNVERIFIED_TASK.to_string(),
+                kind: ActionKind::Identity,
+                verdict: Verdict::Alert,
+                pid: std::process::id(),
+                uid: 0,
+                comm: "agent-monitor".into(),
+                exe: None,
+                destination: None,
+                interpreter: None,
+                socket: None,
+                dest_host: None,
+                dns_name: None,
+                chain: Vec::new(),
+                enforcement: None,
+                reason: format!("executable selector digest mismatch: {m}"),
+            };
+            self.report(action);
+        }
     }
 
     fn sweep(&mut self) {
-        self.procs
-            .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        let now = monotonic_ns();
+        self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
         self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
         let change = self.exec_files.refresh(&self.policies);
@@ -594,6 +1066,20 @@ impl Monitor {
                 tracing::warn!("{e:#}");
             }
         }
+        // The kernel already refuses expired grants; this only tidies the maps.
+        for number in self.registry.expired(now) {
+            let names = self
+                .registry
+                .get(number)
+                .map(|t| (t.agent.clone(), t.name.clone()));
+            match self.revoke(number) {
+                Ok(n) => {
+                    tracing::info!(task = ?names, grants = n, "task grants expired and removed")
+                }
+                Err(e) => tracing::warn!("removing expired grants of {names:?}: {e:#}"),
+            }
+        }
+        self.arm_selectors();
         self.report_kernel_losses();
         let gone: Vec<u64> = self
             .tasks
@@ -634,6 +1120,27 @@ impl Monitor {
             );
         }
         self.counters.lost_records = lost;
+        self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
+        // Identity anomalies: logged when they grow, always counted.
+        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
+        if grown(
+            k[common::COUNTER_TAGS_FULL as usize],
+            &mut self.counters.tags_full,
+        ) {
+            tracing::error!(
+                total = self.counters.tags_full,
+                "processes could not be tagged (PROCESS_AGENTS full): they are not treated as agents"
+            );
+        }
+        if grown(
+            k[common::COUNTER_SELECTOR_CONFLICTS as usize],
+            &mut self.counters.selector_conflicts,
+        ) {
+            tracing::warn!(
+                total = self.counters.selector_conflicts,
+                "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
+            );
+        }
         self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
         self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
     }
@@ -665,8 +1172,47 @@ impl Monitor {
                 // Its pid may be reused: no longer a `run` that may report.
                 self.placed.remove(&subject.pid);
             }
+            KernelEvent::Tagged {
+                subject,
+                path,
+                retagged_from,
+            } => {
+                let (agent, task) = self.identity(&subject);
+                tracing::info!(
+                    agent,
+                    task,
+                    pid = subject.pid,
+                    path,
+                    "process became an agent by its executable selector"
+                );
+                if let Some(prior) = retagged_from {
+                    let was = self.agent_name(prior);
+                    let why = format!(
+                        "selector conflict: pid {} was agent {was} (uid selector) and exec'd {path}, selected by agent {agent}; the executable selector outranks the uid selector, so it is now agent {agent}",
+                        subject.pid
+                    );
+                    self.report_conflict(&subject, agent, task, path.clone(), why);
+                }
+                self.procs
+                    .add_root(subject.pid, path, identity::proc_args(subject.pid));
+            }
+            KernelEvent::ClaimRefused {
+                subject,
+                path,
+                claimed_by,
+            } => {
+                let (agent, task) = self.identity(&subject);
+                let claimant = self.agent_name(claimed_by);
+                let why = format!(
+                    "selector conflict: pid {} exec'd {path}, selected by agent {claimant}, but it is agent {agent} by a higher-ranked identity ({}); it stays agent {agent}",
+                    subject.pid,
+                    source_name(subject.source)
+                );
+                self.report_conflict(&subject, agent, task, path, why);
+            }
             KernelEvent::Exec(e) => {
-                self.procs.on_exec(e.subject.pid, &e.path);
+                self.procs
+                    .on_exec(e.subject.pid, &e.path, identity::proc_args(e.subject.pid));
                 let action = self.exec_action(&e);
                 self.report(action);
             }
@@ -679,7 +1225,7 @@ impl Monitor {
                 self.report(action);
             }
             KernelEvent::DnsRedirect(c) => {
-                let (agent, _) = self.identity(c.subject.cgroup_id);
+                let (agent, _) = self.identity(&c.subject);
                 if c.dns_refused {
                     let action = Action {
                         destination: Some(Destination {
@@ -699,6 +1245,35 @@ impl Monitor {
                 }
             }
         }
+    }
+
+    fn agent_name(&self, index: u32) -> String {
+        self.names(&AgentSlot {
+            agent: index,
+            mode: 0,
+            task: common::TASK_NONE,
+            source: 0,
+        })
+        .0
+    }
+
+    /// A process two agents claimed: resolved by precedence in the kernel, reported here as
+    /// ACTION=identity VERDICT=alert (PRIORITY err) so the operator fixes the selectors.
+    fn report_conflict(
+        &mut self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        path: String,
+        why: String,
+    ) {
+        tracing::warn!("{why}");
+        let action = Action {
+            exe: Some(path),
+            reason: why,
+            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+        };
+        self.report(action);
     }
 
     /// Reports one query the DNS proxy judged; for an allowed answer, first installs its
@@ -869,16 +1444,51 @@ impl Monitor {
         self.counters.dns_learned = self.learned.len() as u64;
     }
 
-    fn identity(&self, cgroup_id: u64) -> (String, String) {
-        match self.tasks.get(&cgroup_id) {
-            Some(t) => (t.agent.clone(), t.task.clone()),
-            None => ("?".into(), format!("cgroup-{cgroup_id}")),
+    /// Agent and task of an event, from the identity the kernel judged with.
+    fn identity(&self, subject: &event::Subject) -> (String, String) {
+        if self.registry.get(subject.task).is_none()
+            && let Some(t) = self.tasks.get(&subject.cgroup_id)
+        {
+            return (t.agent.clone(), t.task.clone());
+        }
+        self.names(&AgentSlot {
+            agent: subject.agent,
+            mode: 0,
+            task: subject.task,
+            source: subject.source,
+        })
+    }
+
+    /// Why a grant allowed an action: the task's grant rule that covers it.
+    fn grant_reason(
+        &self,
+        task: u32,
+        rule: impl Fn(&identity::tasks::Grants) -> Option<String>,
+    ) -> String {
+        match self.registry.get(task) {
+            Some(t) => match t.grants.as_ref().and_then(rule) {
+                Some(r) => format!("granted to task {} by `task start`: {r}", t.name),
+                None => format!(
+                    "granted to task {} by `task start` (grant since ended)",
+                    t.name
+                ),
+            },
+            None => "granted to an unknown task".into(),
         }
     }
 
     fn exec_action(&mut self, e: &event::ExecEvent) -> Action {
-        let (agent, task) = self.identity(e.subject.cgroup_id);
-        let reason = if e.truncated {
+        let (agent, task) = self.identity(&e.subject);
+        let reason = if e.granted {
+            self.grant_reason(e.subject.task, |g| {
+                g.exec
+                    .iter()
+                    .find(|r| {
+                        r.matches(&e.path) || e.interpreter.as_deref().is_some_and(|i| r.matches(i))
+                    })
+                    .map(|r| format!("exec {}", r.text()))
+            })
+        } else if e.truncated {
             format!(
                 "{} {} bytes cannot be matched",
                 crate::action::REASON_EXEC_PATH_TOO_LONG,
@@ -932,7 +1542,7 @@ impl Monitor {
     }
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
-        let (agent, task) = self.identity(c.subject.cgroup_id);
+        let (agent, task) = self.identity(&c.subject);
         let grant = self
             .policies
             .index_of(&agent)
@@ -951,6 +1561,17 @@ impl Monitor {
                 self.counters.verdict_disagreements += 1;
                 tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
                 "allowed by a learned DNS address the daemon does not know".into()
+            }
+            _ if c.granted => {
+                let addr = crate::policy::to_table_addr(c.addr);
+                self.grant_reason(c.subject.task, |g| {
+                    g.net
+                        .iter()
+                        .find(|r| {
+                            r.covers(addr) && r.ports().lo <= c.port && c.port <= r.ports().hi
+                        })
+                        .map(|r| format!("connect {}", r.text()))
+                })
             }
             (_, false) => self.explain(&agent, c.verdict, |p| p.check_connect(c.addr, c.port)),
         };
@@ -986,7 +1607,7 @@ impl Monitor {
     }
 
     fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
-        let (agent, task) = self.identity(sk.subject.cgroup_id);
+        let (agent, task) = self.identity(&sk.subject);
         self.counters.sockets_refused += 1;
         let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
         Action {
@@ -1009,7 +1630,7 @@ impl Monitor {
         kind: ActionKind,
         verdict: Verdict,
     ) -> Action {
-        let (agent, task) = self.identity(subject.cgroup_id);
+        let (agent, task) = self.identity(subject);
         self.action(subject, agent, task, kind, verdict)
     }
 
@@ -1025,6 +1646,7 @@ impl Monitor {
         Action {
             time: SystemTime::now(),
             chain: self.procs.chain(subject.pid, &subject.comm),
+            spiffe_id: self.spiffe_id(&agent),
             agent,
             task,
             kind,
@@ -1101,21 +1723,52 @@ impl Monitor {
             .zip(self.dns_endpoints.iter())
             .map(|(p, dns)| {
                 let c = self.per_agent.get(p.agent());
+                let now = monotonic_ns();
+                let grants_of = |task: &str| {
+                    let g = self
+                        .registry
+                        .find(p.agent(), task)
+                        .and_then(|n| self.registry.get(n))
+                        .and_then(|t| t.grants.as_ref());
+                    let texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
+                    let left = g
+                        .filter(|g| g.expires_ns != u64::MAX)
+                        .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
+                    (texts, left)
+                };
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
                     .values()
                     .filter(|t| t.agent == p.agent())
-                    .map(|t| TaskStatus {
-                        task: t.task.clone(),
-                        cgroup: t.path.display().to_string(),
-                        processes: AgentCgroups::processes(&t.path),
+                    .map(|t| {
+                        let (grants, left) = grants_of(&t.task);
+                        TaskStatus {
+                            task: t.task.clone(),
+                            cgroup: t.path.display().to_string(),
+                            processes: AgentCgroups::processes(&t.path),
+                            grants,
+                            grants_expire_in_ms: left,
+                        }
                     })
                     .collect();
+                // Tasks with grants but no `run` cgroup (selector processes, or not started yet).
+                for (_, t) in self.registry.of_agent(p.agent()) {
+                    if t.grants.is_some() && !tasks.iter().any(|x| x.task == t.name) {
+                        let (grants, left) = grants_of(&t.name);
+                        tasks.push(TaskStatus {
+                            task: t.name.clone(),
+                            grants,
+                            grants_expire_in_ms: left,
+                            ..Default::default()
+                        });
+                    }
+                }
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
                 AgentStatus {
                     agent: p.agent().to_string(),
                     mode: p.mode().as_str().into(),
                     tasks,
+                    selectors: self.selected.describe(p.agent()),
                     actions: c.map_or(0, |c| c.actions),
                     allowed: c.map_or(0, |c| c.allowed),
                     denied: c.map_or(0, |c| c.denied),
@@ -1150,4 +1803,46 @@ impl Monitor {
                 .collect(),
         }
     }
+}
+
+/// Entries of `old` that `new` does not write again (compared by prefix length and key bytes).
+fn stale_entries(old: &KernelTables, new: &KernelTables) -> KernelTables {
+    let net = old
+        .net
+        .iter()
+        .filter(|(len, key, _)| !new.net.iter().any(|(l, k, _)| l == len && k == key))
+        .cloned()
+        .collect();
+    let exec = old
+        .exec
+        .iter()
+        .filter(|(len, key)| {
+            !new.exec
+                .iter()
+                .any(|(l, k)| l == len && k.agent == key.agent && k.path == key.path)
+        })
+        .cloned()
+        .collect();
+    KernelTables { net, exec }
+}
+
+/// How a process became an agent, in words (`SOURCE_*`).
+fn source_name(source: u32) -> &'static str {
+    match source {
+        common::SOURCE_RUN => "agent-monitor run",
+        common::SOURCE_CGROUP => "cgroup selector",
+        common::SOURCE_UNIT => "systemd unit selector",
+        common::SOURCE_EXECUTABLE => "executable selector",
+        common::SOURCE_UID => "uid selector",
+        common::SOURCE_TASK_SWITCH => "task start --pid",
+        _ => "unknown",
+    }
+}
+
+/// Grants as `status` and the task commands show them: `connect ADDR`, `exec PATH`.
+fn grant_texts(net: &[crate::policy::NetRule], exec: &[crate::policy::ExecRule]) -> Vec<String> {
+    net.iter()
+        .map(|r| format!("connect {}", r.text()))
+        .chain(exec.iter().map(|r| format!("exec {}", r.text())))
+        .collect()
 }

@@ -31,5 +31,6 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => client::run(args),
         cli::Command::Policy(cmd) => client::policy(cmd),
         cli::Command::Status(args) => client::status(args),
+        cli::Command::Task(cmd) => client::task(cmd),
     }
 }

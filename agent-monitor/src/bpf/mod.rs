@@ -5,13 +5,13 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, DnsProxy, ExecFileKey, ExecKey, KernelOffsets, Learned,
-    NetAllow, NetKey,
+    self as common, AgentSlot, COUNTERS, DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig,
+    KernelOffsets, Learned, NetAllow, NetGrant, NetKey,
 };
 use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint},
 };
 use tokio::io::unix::AsyncFd;
@@ -235,6 +235,97 @@ impl Kernel {
             HashMap::try_from(map(&mut self.ebpf, "AGENT_CGROUPS")?)?;
         m.remove(&cgroup_id)
             .context("removing from the agent identity map")
+    }
+
+    /// Which selector kinds the kernel consults beyond the agent cgroups.
+    pub fn set_identity_config(&mut self, config: IdentityConfig) -> anyhow::Result<()> {
+        let mut m: Array<_, IdentityConfig> =
+            Array::try_from(map(&mut self.ebpf, "IDENTITY_CONFIG")?)?;
+        m.set(0, config, 0)
+            .context("writing the identity configuration map")
+    }
+
+    pub fn set_uid_selector(&mut self, uid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "UID_SELECTORS")?)?;
+        m.insert(uid, slot, 0)
+            .context("adding to the uid selector map (full?)")
+    }
+
+    /// Arms (or re-arms with another slot) the executable selector for the file `key`
+    /// (device and inode, `agent` 0).
+    pub fn set_exec_selector(&mut self, key: ExecFileKey, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
+        m.insert(key, slot, 0)
+            .context("adding to the executable selector map (full?)")
+    }
+
+    pub fn remove_exec_selector(&mut self, key: ExecFileKey) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "EXEC_SELECTORS")?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from the executable selector map"),
+        }
+    }
+
+    /// Tags thread `tid` as `slot` (a task switch of a selector-identified process).
+    pub fn tag_thread(&mut self, tid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> =
+            HashMap::try_from(map(&mut self.ebpf, "PROCESS_AGENTS")?)?;
+        m.insert(tid, slot, 0)
+            .context("tagging a process in PROCESS_AGENTS (full?)")
+    }
+
+    /// The tag of thread `tid`, if it has one.
+    pub fn thread_tag(&self, tid: u32) -> Option<AgentSlot> {
+        let m = self.ebpf.map("PROCESS_AGENTS")?;
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(m).ok()?;
+        m.get(&tid, 0).ok()
+    }
+
+    /// Writes the grants of one task (entries keyed by the task number), valid until `expiry`.
+    pub fn set_task_grants(&mut self, tables: &KernelTables, expiry: Expiry) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, allow) in &tables.net {
+            let grant = NetGrant {
+                expiry,
+                allow: *allow,
+                _pad: 0,
+            };
+            net.insert(&Key::new(*prefix_len, *key), grant, 0)
+                .context("writing the task network grant map (full?)")?;
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            exec.insert(&Key::new(*prefix_len, *key), expiry, 0)
+                .context("writing the task exec grant map (full?)")?;
+        }
+        Ok(())
+    }
+
+    /// Removes grant entries written by `set_task_grants`. Entries already gone are fine.
+    pub fn remove_task_grants(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, _) in &tables.net {
+            match net.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task network grant"),
+            }
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(map(&mut self.ebpf, "TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            match exec.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task exec grant"),
+            }
+        }
+        Ok(())
     }
 
     /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other

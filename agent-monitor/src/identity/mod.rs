@@ -1,11 +1,16 @@
-//! Agent identity: the cgroups that make a process an agent, the registry of (agent, task) cgroups,
-//! and the process table that names the chain from an agent's root process to the acting one.
+//! Agent identity: the cgroups that make a process an agent, selectors, tasks and their grants,
+//! control-socket peers, and the process table that names the chain from an agent's root process to the acting one.
 
 mod cgroup;
+pub mod peer;
 mod process;
+pub mod selected;
+pub mod tasks;
 
-pub use cgroup::AgentCgroups;
-pub use process::ProcessTable;
+pub use cgroup::{AgentCgroups, TaskCgroup};
+pub use peer::Peer;
+pub use process::{ProcessTable, proc_args};
+pub use tasks::{DEFAULT_TASK, Tasks, UNVERIFIED_TASK};
 
 /// Checks a task id: it becomes a cgroup directory name and a journald field value.
 pub fn check_task_id(task: &str) -> Result<(), String> {
