@@ -1048,6 +1048,35 @@ fn alert_mode_agent_is_reported_not_blocked_by_the_run_filter() {
     assert_eq!(vsock, 1);
 }
 
+/// `run --user` drops to the user after the filter is in place (installing it needs root
+/// then): the unprivileged agent is still caught and reported with its own uid.
+#[test]
+fn run_as_user_keeps_the_filter_and_its_reports() {
+    if !require_root("run_as_user_keeps_the_filter_and_its_reports") {
+        return;
+    }
+    let agent = unique_agent("vsuser");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON])]);
+    let script = PY_ATTEMPT.to_string()
+        + "attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))\n\
+           print('uid', os.getuid(), flush=True)\n";
+    let out = std::process::Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", &agent, "--user", "nobody", "--"])
+        .args([PYTHON, "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(outcome(&out, "vsock"), eperm());
+    assert_eq!(outcome(&out, "uid"), "65534");
+    let rec = d.wait_audit("refused vsock as --user nobody", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert_eq!(rec["uid"], 65534);
+    assert_eq!(field(&rec, "verdict"), "denied");
+}
+
 /// The filter's answers come from `run`: an agent that outlives it (here `run` is killed) keeps
 /// the filter, and the kernel fails the caught calls with ENOSYS. Closed, not open.
 #[test]
