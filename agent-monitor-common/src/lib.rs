@@ -37,18 +37,120 @@ pub const DNS_PROXY_IP6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 pub const MODE_ALERT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
 
-/// What an agent process is; value of the agent-identity map, keyed by cgroup v2 id. There,
-/// `agent` is the agent's stable id (see the daemon's `agent_id`); the kernel translates it through
+/// What an agent process is: the value of every identity map (`AGENT_CGROUPS` keyed by cgroup v2 id,
+/// `PROCESS_AGENTS` keyed by thread id, the uid and executable selectors). In those maps `agent` is
+/// the agent's stable id (see the daemon's `agent_id`); the kernel translates it through
 /// `AGENT_TABLES`, whose values are also `AgentSlot`s and hold the index of the agent's allowlists
-/// in force and its mode.
+/// in force and its mode, so a reload or restart never leaves an identity pointing at stale tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentSlot {
-    /// Index of the agent's allowlist in the allowlist maps.
+    /// In identity maps the agent's stable id; after translation through `AGENT_TABLES` (and in
+    /// records) the index of the agent's allowlists in the allowlist maps.
     pub agent: u32,
-    /// `MODE_ALERT` or `MODE_ENFORCE`.
+    /// `MODE_ALERT` or `MODE_ENFORCE` (the translation's mode wins: a reload may change it).
     pub mode: u32,
+    /// Task number (allocated by the daemon per (agent, task), never reused while the daemon runs):
+    /// the key of the per-task grant maps. `TASK_NONE` has no grants.
+    pub task: u32,
+    /// How the process became this agent (`SOURCE_*`): decides precedence when two agents claim it.
+    pub source: u32,
 }
+
+/// A task number no grant is ever written for.
+pub const TASK_NONE: u32 = 0;
+
+/// How a process became an agent. Higher `source_rank` wins when two agents claim one process.
+/// Placed by `agent-monitor run` (its own (agent, task) cgroup).
+pub const SOURCE_RUN: u32 = 0;
+/// In (or below) a cgroup named by a `cgroups` selector.
+pub const SOURCE_CGROUP: u32 = 1;
+/// In (or below) the cgroup of a `systemd_units` selector.
+pub const SOURCE_UNIT: u32 = 2;
+/// Exec'd a file named by an `executables` selector (or descends from one that did).
+pub const SOURCE_EXECUTABLE: u32 = 3;
+/// Runs (or ran, at its last fork/exec) with a uid named by a `uids` selector.
+pub const SOURCE_UID: u32 = 4;
+/// Moved to a task by `agent-monitor task start --pid` (a tag on the process, same agent).
+pub const SOURCE_TASK_SWITCH: u32 = 5;
+
+/// Precedence of identity sources: `run` > cgroup = unit > task switch > executable > uid.
+/// The kernel applies it when an exec or fork would re-tag a process; the daemon documents it.
+#[inline(always)]
+pub fn source_rank(source: u32) -> u32 {
+    match source {
+        SOURCE_RUN => 5,
+        SOURCE_CGROUP | SOURCE_UNIT => 4,
+        SOURCE_TASK_SWITCH => 3,
+        SOURCE_EXECUTABLE => 2,
+        SOURCE_UID => 1,
+        _ => 0,
+    }
+}
+
+/// Whether a process identified through `source` keeps that identity only through a tag in
+/// `PROCESS_AGENTS` (so its children must be tagged at fork), as opposed to its cgroup.
+#[inline(always)]
+pub fn source_is_tag(source: u32) -> bool {
+    matches!(source, SOURCE_EXECUTABLE | SOURCE_UID | SOURCE_TASK_SWITCH)
+}
+
+/// Value of the one-entry `IDENTITY_CONFIG` array, written by the daemon whenever selectors change.
+/// With `selectors == 0`, a process outside every agent cgroup pays exactly one hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityConfig {
+    /// `SELECT_*` bits: which selector kinds are armed.
+    pub selectors: u32,
+    /// Bit `l` set: some cgroup or unit selector is a cgroup at level `l` of the cgroup v2 tree
+    /// (root = 0), looked up with `bpf_get_current_ancestor_cgroup_id(l)`.
+    pub ancestor_levels: u32,
+}
+
+pub const SELECT_CGROUPS: u32 = 1;
+pub const SELECT_UIDS: u32 = 2;
+pub const SELECT_EXECUTABLES: u32 = 4;
+/// Processes are tagged in `PROCESS_AGENTS` (executable/uid selectors, task switches).
+pub const SELECT_TAGS: u32 = 8;
+/// Deepest cgroup level a selector may name (levels 0..MAX_SELECTOR_LEVEL-1 are looked up).
+pub const MAX_SELECTOR_LEVEL: u32 = 16;
+
+/// When something granted for a limited time stops being valid, in `bpf_ktime_get_ns` time
+/// (CLOCK_MONOTONIC). The kernel compares it itself, so expiry does not wait for the daemon.
+/// Shared by every expiring kernel entry (task grants, learned addresses).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expiry {
+    pub expires_ns: u64,
+}
+
+impl Expiry {
+    pub const NEVER: Expiry = Expiry {
+        expires_ns: u64::MAX,
+    };
+
+    /// Valid at `now_ns`: strictly before the expiry instant.
+    #[inline(always)]
+    pub fn is_live(&self, now_ns: u64) -> bool {
+        now_ns < self.expires_ns
+    }
+}
+
+/// Value of the per-task network grant trie (key: `NetKey` whose `agent` field holds the task
+/// number): ports allowed for addresses under the prefix, until `expiry`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetGrant {
+    pub expiry: Expiry,
+    pub allow: NetAllow,
+    pub _pad: u32,
+}
+
+/// Capacities of the identity and grant maps.
+pub const MAX_TAGGED_TASKS: u32 = 65_536;
+pub const MAX_UID_SELECTORS: u32 = 1_024;
+pub const MAX_EXEC_SELECTORS: u32 = 1_024;
+pub const MAX_GRANT_ENTRIES: u32 = 16_384;
 
 /// Data part of a network allowlist LPM key: the agent index (always fully matched) followed by
 /// the IPv6 address (IPv4 as `::ffff:a.b.c.d`), so one trie serves both families.
@@ -146,6 +248,12 @@ pub const KIND_SENDMSG: u32 = 10;
 /// An inet socket an agent may not create (raw, ICMP "ping", SCTP, MPTCP, …): cgroup sock_create.
 /// Only refused or alerted creations are recorded.
 pub const KIND_SOCKET: u32 = 11;
+/// An executable selector claimed a process at exec. `verdict` `VERDICT_NONE`: it became that
+/// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
+/// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
+/// claim of agent `prior_agent` was refused. `other_pid` is the thread id before exec, `path`
+/// the file.
+pub const KIND_TAGGED: u32 = 20;
 
 /// Verdicts taken by the kernel.
 pub const VERDICT_NONE: u32 = 0;
@@ -175,6 +283,10 @@ pub const FLAG_ADDR_UNSPECIFIED: u32 = 16;
 /// Exec: the task was not in the initial user namespace, where an unprivileged process can
 /// remap names (mount namespaces, chroot); only file identity was trusted.
 pub const FLAG_USER_NS: u32 = 32;
+/// Allowed by a task grant (not by the agent's static allowlist).
+pub const FLAG_GRANTED: u32 = 64;
+/// The process was another agent before this exec; the higher-ranked selector took it.
+pub const FLAG_RETAGGED: u32 = 128;
 
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
@@ -206,6 +318,12 @@ pub struct ActionRecord {
     pub flags: u32,
     /// Exec: bytes of `path` that are valid (without the NUL).
     pub path_len: u32,
+    /// The acting process's identity as the kernel judged it (`AgentSlot` fields).
+    pub agent: u32,
+    pub task: u32,
+    pub source: u32,
+    /// `KIND_TAGGED` with `FLAG_RETAGGED`: the agent index the process had before.
+    pub prior_agent: u32,
     pub path: [u8; RECORD_PATH_LEN],
     /// Exec: the file that runs (for a script: its interpreter), as the kernel holds it:
     /// `i_sb->s_dev` (kernel encoding, major << 20 | minor) and `i_ino`.
@@ -344,6 +462,12 @@ pub const COUNTER_DNS_ORIG_MISSING: u32 = 13;
 pub const COUNTER_EXEC_UNREADABLE: u32 = 4;
 /// A socket an agent may not create was refused (or, alert mode, reported).
 pub const COUNTER_SOCKET_REFUSED: u32 = 5;
+/// A process could not be tagged (`PROCESS_AGENTS` full): it did not become / stay the agent.
+pub const COUNTER_TAGS_FULL: u32 = 8;
+/// A task grant matched but had expired: denied by the kernel before the daemon removed it.
+pub const COUNTER_GRANTS_EXPIRED: u32 = 9;
+/// An exec of another agent's selected executable left the process with its higher-ranked agent.
+pub const COUNTER_SELECTOR_CONFLICTS: u32 = 10;
 /// An agent action (a record with a verdict, not a fork or exit) could not be reserved in the ring
 /// buffer: its verdict applied but it is not reported. A subset of `COUNTER_RECORDS_LOST`, so that
 /// "actions seen + actions lost == actions done" can be checked exactly.
@@ -506,6 +630,9 @@ mod pod {
     unsafe impl aya::Pod for super::NetAllow {}
     unsafe impl aya::Pod for super::ExecKey {}
     unsafe impl aya::Pod for super::ActionRecord {}
+    unsafe impl aya::Pod for super::IdentityConfig {}
+    unsafe impl aya::Pod for super::Expiry {}
+    unsafe impl aya::Pod for super::NetGrant {}
     unsafe impl aya::Pod for super::DnsProxy {}
     unsafe impl aya::Pod for super::DnsOrig {}
     unsafe impl aya::Pod for super::Learned {}
@@ -514,8 +641,10 @@ mod pod {
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.
-const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344 + 24 + RECORD_PATH_LEN);
+const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344 + 16 + 24 + RECORD_PATH_LEN);
 const _: () = assert!(core::mem::size_of::<ExecFileKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AgentSlot>() == 16);
+const _: () = assert!(core::mem::size_of::<NetGrant>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);
 const _: () = assert!(core::mem::size_of::<NetKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ExecKey>() == 256);
 const _: () = assert!(core::mem::size_of::<NetAllow>() == 4 + 4 * MAX_PORT_RANGES);

@@ -79,7 +79,7 @@ pub fn redirect(
         } else {
             VERDICT_ALERT
         };
-        report(cgroup_id, verdict, FLAG_DNS_REFUSED, dest);
+        report(cgroup_id, &slot, verdict, FLAG_DNS_REFUSED, dest);
         return Some(if verdict == VERDICT_DENIED {
             REJECT
         } else {
@@ -106,7 +106,7 @@ pub fn redirect(
         }
         core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(target.to_be()));
     }
-    report(cgroup_id, VERDICT_ALLOWED, 0, dest);
+    report(cgroup_id, &slot, VERDICT_ALLOWED, 0, dest);
     Some(PASS)
 }
 
@@ -273,6 +273,6 @@ fn read_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u8; 16] {
 /// Tells the daemon which process sent DNS traffic where, so the query the proxy judges can be
 /// attributed to it.
 #[inline(always)]
-fn report(cgroup_id: u64, verdict: u32, flags: u32, dest: NetDest) {
-    report_net(KIND_DNS_REDIRECT, verdict, cgroup_id, flags, dest);
+fn report(cgroup_id: u64, slot: &AgentSlot, verdict: u32, flags: u32, dest: NetDest) {
+    report_net(KIND_DNS_REDIRECT, verdict, cgroup_id, slot, flags, dest);
 }

@@ -9,20 +9,27 @@
 //! - a script also needs its own name to match a rule (initial user namespace only);
 //! - in any other user namespace an unprivileged process can remap names (bind mounts, chroot), so
 //!   only file identity counts there.
+//!
+//! What the static allowlist refuses, a live grant of the process's task may allow (by name, in
+//! the initial user namespace, like a name rule). And exec is where executable selectors make a
+//! process an agent: by the file that runs (device, inode), whatever name it was exec'd by.
 
 use agent_monitor_common::{
-    COUNTER_EXEC_UNREADABLE, COUNTER_PATH_NOT_NORMAL, COUNTER_PATH_TRUNCATED,
-    COUNTER_PATH_UNREADABLE, EXEC_BASIS_FILE, EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME,
-    EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT, EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS,
-    EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey, FLAG_KILLED, FLAG_PATH_NOT_NORMAL,
-    FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE, FLAG_USER_NS, KIND_EXEC, KernelOffsets,
-    MODE_ENFORCE, RECORD_PATH_LEN, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
-    exec_path_is_normal,
+    AgentSlot, COUNTER_EXEC_UNREADABLE, COUNTER_GRANTS_EXPIRED, COUNTER_PATH_NOT_NORMAL,
+    COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, COUNTER_SELECTOR_CONFLICTS, EXEC_BASIS_FILE,
+    EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME, EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT,
+    EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey,
+    FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE,
+    FLAG_RETAGGED, FLAG_USER_NS, KIND_EXEC, KIND_TAGGED, KernelOffsets, MODE_ENFORCE,
+    RECORD_PATH_LEN, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, source_rank,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
+use crate::identity::{config, current_identity, in_force, tag};
 use crate::maps::{
-    EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, count, current_agent, start_record, submit,
+    EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS, TASK_EXEC_GRANTS,
+    count, start_record, submit,
 };
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
@@ -80,23 +87,35 @@ fn read_facts(task: *const u8, bprm: *const u8, off: &KernelOffsets) -> Result<F
     }
 }
 
-/// Whether `name` matches one of the agent's rules by name. Sets the flags that explain a refusal.
+/// How a name matched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NameMatch {
+    No,
+    /// A rule of the agent's allowlist.
+    Policy,
+    /// A live exec grant of the task (a name rule of the task until its expiry, compared here
+    /// with the kernel clock).
+    Grant,
+}
+
+/// Whether `name` matches one of the agent's rules by name, or else a live grant of its task. The
+/// name is read and checked once for both. Sets the flags that explain a refusal.
 #[inline(always)]
-fn name_allowed(agent: u32, name: *const u8, flags: &mut u32) -> bool {
+fn name_match(slot: &AgentSlot, name: *const u8, flags: &mut u32) -> NameMatch {
     let Some(key) = EXEC_KEY_SCRATCH.get_ptr_mut(0) else {
-        return false;
+        return NameMatch::No;
     };
     // SAFETY: per-CPU scratch slot owned by this program run; kernel strings read by helper.
     unsafe {
         (*key).prefix_len = EXEC_KEY_AGENT_BITS + (EXEC_PATH_LEN as u32) * 8;
-        (*key).data.agent = agent;
+        (*key).data.agent = slot.agent;
         let len =
             match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*key).data.path) {
                 Ok(s) => s.len(),
                 Err(_) => {
                     *flags |= FLAG_PATH_UNREADABLE;
                     count(COUNTER_PATH_UNREADABLE);
-                    return false;
+                    return NameMatch::No;
                 }
             };
         // The buffer holds EXEC_PATH_LEN - 1 bytes and a NUL: a name that filled it may go on.
@@ -105,37 +124,146 @@ fn name_allowed(agent: u32, name: *const u8, flags: &mut u32) -> bool {
             if next != 0 {
                 *flags |= FLAG_PATH_TRUNCATED;
                 count(COUNTER_PATH_TRUNCATED);
-                return false;
+                return NameMatch::No;
             }
         }
         if !exec_path_is_normal(&(*key).data.path) {
             *flags |= FLAG_PATH_NOT_NORMAL;
             count(COUNTER_PATH_NOT_NORMAL);
-            return false;
+            return NameMatch::No;
         }
-        EXEC_ALLOW.get(&*key).is_some()
+        if EXEC_ALLOW.get(&*key).is_some() {
+            return NameMatch::Policy;
+        }
+        if slot.task == TASK_NONE {
+            return NameMatch::No;
+        }
+        (*key).data.agent = slot.task;
+        match TASK_EXEC_GRANTS.get(&*key) {
+            Some(expiry) => {
+                let now = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+                if expiry.is_live(now) {
+                    NameMatch::Grant
+                } else {
+                    count(COUNTER_GRANTS_EXPIRED);
+                    NameMatch::No
+                }
+            }
+            None => NameMatch::No,
+        }
     }
 }
 
 /// raw tracepoint sched_process_exec(task, old_pid, bprm): after a successful exec, in the new
 /// image's task, before its first instruction.
 pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let Some((cgroup_id, slot)) = current_agent() else {
+    // Stored identity (stable agent id): what tags copy and selectors compare with.
+    let prior = current_identity();
+    let selectors = config().map_or(0, |c| c.selectors);
+    if prior.is_none() && selectors & SELECT_EXECUTABLES == 0 {
         return Ok(());
-    };
+    }
     // SAFETY: global set by the loader; volatile so the compiler keeps the load.
     let off = unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) };
     let task: *const u8 = ctx.arg(0);
     let old_pid: u64 = ctx.arg(1);
     let bprm: *const u8 = ctx.arg(2);
-
-    let mut flags = 0;
     let facts = if off.valid == 1 {
         read_facts(task, bprm, &off).ok()
     } else {
         None
     };
-    let (allowed, basis) = match &facts {
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+
+    // A thread other than the leader exec'd: it now has the leader's id; its tag follows it.
+    if selectors & SELECT_TAGS != 0 && old_pid as u32 != tid {
+        // SAFETY: copied out at once.
+        if let Some(slot) = unsafe { PROCESS_AGENTS.get(&(old_pid as u32)) }.copied() {
+            tag(tid, &slot);
+            let _ = PROCESS_AGENTS.remove(&(old_pid as u32));
+        }
+    }
+
+    // The exec is the act of whoever the process was when it asked for it.
+    if let Some((cgroup_id, raw)) = prior
+        && judge(cgroup_id, &in_force(&raw), &facts, &off, old_pid)
+    {
+        return Ok(()); // killed
+    }
+
+    // Then what it becomes: an executable selector (by the file that runs) takes it unless a
+    // higher-ranked identity holds it.
+    if selectors & SELECT_EXECUTABLES != 0
+        && let Some(f) = &facts
+    {
+        let key = ExecFileKey {
+            agent: 0,
+            dev: f.dev,
+            ino: f.ino,
+        };
+        // SAFETY: copied out at once.
+        if let Some(mut new) = unsafe { EXEC_SELECTORS.get(&key) }.copied() {
+            new.source = SOURCE_EXECUTABLE;
+            match prior {
+                None => {
+                    if tag(tid, &new) {
+                        report_tagged(&new, 0, VERDICT_NONE, 0, 0, old_pid, f.filename);
+                    }
+                    return Ok(());
+                }
+                // Already this agent: its task (a task switch, a `run` placement) stands.
+                Some((_, p)) if p.agent == new.agent => {}
+                Some((cgroup_id, p)) if source_rank(SOURCE_EXECUTABLE) > source_rank(p.source) => {
+                    if tag(tid, &new) {
+                        report_tagged(
+                            &new,
+                            cgroup_id,
+                            VERDICT_NONE,
+                            FLAG_RETAGGED,
+                            p.agent,
+                            old_pid,
+                            f.filename,
+                        );
+                    }
+                    return Ok(());
+                }
+                Some((cgroup_id, p)) => {
+                    // A higher-ranked identity keeps the process: report the refused claim.
+                    count(COUNTER_SELECTOR_CONFLICTS);
+                    report_tagged(
+                        &p,
+                        cgroup_id,
+                        VERDICT_DENIED,
+                        0,
+                        new.agent,
+                        old_pid,
+                        f.filename,
+                    );
+                }
+            }
+        }
+    }
+    // A uid-selected process is tagged at exec so it stays the agent if it later changes uid.
+    if let Some((_, slot)) = prior
+        && slot.source == SOURCE_UID
+    {
+        tag(tid, &slot);
+    }
+    Ok(())
+}
+
+/// Judges the exec for `slot` — the static allowlist by file and name, then the task's grants by
+/// name — kills in enforce mode, reports. Returns whether the process was killed.
+#[inline(always)]
+fn judge(
+    cgroup_id: u64,
+    slot: &AgentSlot,
+    facts: &Option<Facts>,
+    off: &KernelOffsets,
+    old_pid: u64,
+) -> bool {
+    let mut flags = 0;
+    let (allowed, basis) = match facts {
         None => {
             count(COUNTER_EXEC_UNREADABLE);
             flags |= FLAG_PATH_UNREADABLE;
@@ -158,22 +286,35 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
                 } else {
                     (false, EXEC_BASIS_USER_NS)
                 }
-            } else if !file_ok && !name_allowed(slot.agent, f.interp, &mut flags) {
-                let why = if script {
-                    EXEC_BASIS_INTERPRETER
-                } else {
-                    EXEC_BASIS_NO_MATCH
-                };
-                (false, why)
-            } else if script && !name_allowed(slot.agent, f.filename, &mut flags) {
-                (false, EXEC_BASIS_SCRIPT)
-            } else if file_ok {
-                (true, EXEC_BASIS_FILE)
             } else {
-                (true, EXEC_BASIS_NAME)
+                // The program: its file, or else its name (a rule, or a grant of the task).
+                let program = if file_ok {
+                    NameMatch::Policy
+                } else {
+                    name_match(slot, f.interp, &mut flags)
+                };
+                // A script also needs its own name allowed.
+                let script_name = if program != NameMatch::No && script {
+                    name_match(slot, f.filename, &mut flags)
+                } else {
+                    NameMatch::Policy
+                };
+                if program == NameMatch::Grant || script_name == NameMatch::Grant {
+                    flags |= FLAG_GRANTED;
+                }
+                match (program, script_name) {
+                    (NameMatch::No, _) if script => (false, EXEC_BASIS_INTERPRETER),
+                    (NameMatch::No, _) => (false, EXEC_BASIS_NO_MATCH),
+                    (_, NameMatch::No) => (false, EXEC_BASIS_SCRIPT),
+                    _ if file_ok => (true, EXEC_BASIS_FILE),
+                    _ => (true, EXEC_BASIS_NAME),
+                }
             }
         }
     };
+    if !allowed {
+        flags &= !FLAG_GRANTED;
+    }
 
     let verdict = if allowed {
         VERDICT_ALLOWED
@@ -188,8 +329,8 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         VERDICT_ALERT
     };
 
-    let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id) else {
-        return Ok(());
+    let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id, slot) else {
+        return verdict == VERDICT_DENIED;
     };
     let rec = entry.as_mut_ptr();
     // SAFETY: reserved record; the names are read again straight into it.
@@ -197,7 +338,7 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         (*rec).other_pid = old_pid as u32;
         (*rec).flags = flags;
         (*rec).detail = basis;
-        if let Some(f) = &facts {
+        if let Some(f) = facts {
             (*rec).file_dev = f.dev;
             (*rec).file_ino = f.ino;
             (*rec).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
@@ -219,5 +360,48 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
         }
     }
     submit(entry, verdict);
-    Ok(())
+    verdict == VERDICT_DENIED
+}
+
+/// `KIND_TAGGED`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
+/// `FLAG_RETAGGED`: leaving `prior_agent`); `VERDICT_DENIED` — it stays `slot` and the executable
+/// selector of agent `prior_agent` was refused by precedence.
+#[inline(always)]
+fn report_tagged(
+    slot: &AgentSlot,
+    cgroup_id: u64,
+    verdict: u32,
+    flags: u32,
+    prior_agent: u32,
+    old_pid: u64,
+    name: *const u8,
+) {
+    // Records carry allowlist indices in force, like every other record.
+    let slot = in_force(slot);
+    let prior_agent = if prior_agent == 0 {
+        0
+    } else {
+        in_force(&AgentSlot {
+            agent: prior_agent,
+            mode: 0,
+            task: 0,
+            source: 0,
+        })
+        .agent
+    };
+    if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, &slot) {
+        let rec = entry.as_mut_ptr();
+        // SAFETY: reserved record; kernel string read into a bounded buffer.
+        unsafe {
+            (*rec).other_pid = old_pid as u32;
+            (*rec).flags = flags;
+            (*rec).prior_agent = prior_agent;
+            (*rec).path_len =
+                match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*rec).path) {
+                    Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
+                    Err(_) => 0,
+                };
+        }
+        submit(entry, verdict);
+    }
 }

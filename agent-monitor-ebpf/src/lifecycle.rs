@@ -1,8 +1,9 @@
 //! Agent process lifecycle, so the daemon can name the process chain of every action.
 
-use agent_monitor_common::{KIND_EXIT, KIND_FORK, VERDICT_NONE};
+use agent_monitor_common::{KIND_EXIT, KIND_FORK, SELECT_TAGS, VERDICT_NONE};
 use aya_ebpf::programs::TracePointContext;
 
+use crate::identity::{config, current_identity, forget, in_force, inherit};
 use crate::maps::{current_agent, start_record, submit};
 
 /// Offset of `child_pid` in the `sched_process_fork` record. It moved when the comms became
@@ -11,14 +12,19 @@ use crate::maps::{current_agent, start_record, submit};
 static FORK_CHILD_PID_OFFSET: u32 = 20;
 
 pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
-    let Some((cgroup_id, _)) = current_agent() else {
+    // The child's tag copies the parent's identity as stored (stable agent id), never the
+    // translated allowlist index, which a reload moves.
+    let Some((cgroup_id, raw)) = current_identity() else {
         return Ok(());
     };
     // SAFETY: global set by the loader; volatile so the compiler keeps the load.
     let off = unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) };
     // SAFETY: the offset is inside the record (checked against tracefs by the daemon).
     let child: u32 = unsafe { ctx.read_at((off & 0xff) as usize)? };
-    if let Some(mut entry) = start_record(KIND_FORK, VERDICT_NONE, cgroup_id) {
+    // Fires for threads too: every thread of a tagged process carries the tag.
+    inherit(child, &raw);
+    let slot = in_force(&raw);
+    if let Some(mut entry) = start_record(KIND_FORK, VERDICT_NONE, cgroup_id, &slot) {
         // SAFETY: reserved record.
         unsafe { (*entry.as_mut_ptr()).other_pid = child };
         submit(entry, VERDICT_NONE);
@@ -27,15 +33,21 @@ pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
-    let Some((cgroup_id, _)) = current_agent() else {
+    let Some((cgroup_id, slot)) = current_agent() else {
         return Ok(());
     };
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    // Any tag of this thread goes, even when a cgroup identity outranks it now (a tagged process
+    // that later entered a `run` cgroup): a stale tag would hand the identity to the next
+    // process that gets this thread id.
+    if config().is_some_and(|c| c.selectors & SELECT_TAGS != 0) {
+        forget(pid_tgid as u32);
+    }
     // Only whole processes matter for the chain; threads exiting are not reported.
     if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
         return Ok(());
     }
-    if let Some(entry) = start_record(KIND_EXIT, VERDICT_NONE, cgroup_id) {
+    if let Some(entry) = start_record(KIND_EXIT, VERDICT_NONE, cgroup_id, &slot) {
         submit(entry, VERDICT_NONE);
     }
     Ok(())

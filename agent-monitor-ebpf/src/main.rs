@@ -7,6 +7,7 @@
 
 mod dns;
 mod exec;
+mod identity;
 mod lifecycle;
 mod maps;
 mod net;

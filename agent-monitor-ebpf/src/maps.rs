@@ -3,23 +3,59 @@
 
 use agent_monitor_common::{
     ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig, DnsProxy, ExecFileKey, ExecKey,
-    Learned, MAX_AGENT_CGROUPS, MAX_AGENTS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
-    MAX_NET_ENTRIES, NetAllow, NetKey, VERDICT_ALERT, VERDICT_DENIED,
+    Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS, MAX_AGENTS, MAX_DNS_LEARNED,
+    MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES,
+    MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey, VERDICT_ALERT, VERDICT_DENIED,
 };
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 
-/// Stable agent id → the agent's allowlist index in force and its mode. A reload writes the new
+/// Stable agent id → the agent's allowlist index in force and its mode. Identities (cgroup slots,
+/// selectors, tags the kernel copies at fork) hold the stable id; a reload writes the new
 /// allowlists under fresh indices, then switches each agent here in one update, so identities
-/// (wherever they are stored or copied) never go stale.
+/// never go stale (`identity::in_force` translates).
 #[map]
 pub static AGENT_TABLES: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_AGENTS, 0);
 
-/// Agent identity: cgroup v2 id of an agent's (agent, task) cgroup → which agent, which mode.
+/// Hooks ask "which agent is this?" through here (the lookup order lives in `identity.rs`).
+pub use crate::identity::current_agent;
+
+/// Agent identity by cgroup: the (agent, task) cgroups of `run` (looked up for the current cgroup)
+/// and the cgroups of cgroup/unit selectors (looked up for the ancestors at selector levels).
 #[map]
 pub static AGENT_CGROUPS: HashMap<u64, AgentSlot> = HashMap::with_max_entries(MAX_AGENT_CGROUPS, 0);
+
+/// Which selector kinds are armed (one entry). All zero: nothing beyond `AGENT_CGROUPS` is looked at.
+#[map]
+pub static IDENTITY_CONFIG: Array<IdentityConfig> = Array::with_max_entries(1, 0);
+
+/// Agent identity by thread id, for processes tagged by an executable or uid selector or a task
+/// switch. Written by the kernel at fork (child inherits) and exec, removed at exit.
+#[map]
+pub static PROCESS_AGENTS: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_TAGGED_TASKS, 0);
+
+/// uid selectors: a process running with this uid is the agent.
+#[map]
+pub static UID_SELECTORS: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_UID_SELECTORS, 0);
+
+/// Executable selectors: the file (device and inode as the kernel holds them, `ExecFileKey::agent`
+/// = 0) → the agent a process becomes when it execs that file, under any name. Written by the
+/// daemon after the file's sha256 was checked (a mismatch gets the grantless `unverified` task).
+#[map]
+pub static EXEC_SELECTORS: HashMap<ExecFileKey, AgentSlot> =
+    HashMap::with_max_entries(MAX_EXEC_SELECTORS, 0);
+
+/// Per-task network grants: (task number in `NetKey::agent`, address prefix) → ports until expiry.
+#[map]
+pub static TASK_NET_GRANTS: LpmTrie<NetKey, NetGrant> =
+    LpmTrie::with_max_entries(MAX_GRANT_ENTRIES, 0);
+
+/// Per-task exec grants: (task number in `ExecKey::agent`, path or prefix) → until when.
+#[map]
+pub static TASK_EXEC_GRANTS: LpmTrie<ExecKey, Expiry> =
+    LpmTrie::with_max_entries(MAX_GRANT_ENTRIES, 0);
 
 /// Network allowlist: (agent, address prefix) → allowed port ranges.
 #[map]
@@ -59,30 +95,6 @@ pub fn count(index: u32) {
     }
 }
 
-/// The agent the current task belongs to, if any: the one lookup every process on the host pays.
-#[inline(always)]
-pub fn current_agent() -> Option<(u64, AgentSlot)> {
-    // SAFETY: helper with no arguments.
-    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out before any other map operation.
-    let slot = unsafe { AGENT_CGROUPS.get(&cgroup_id) }?;
-    Some((cgroup_id, in_force(slot.agent)))
-}
-
-/// What agent `id` may do now: its allowlist index and mode. An id without an entry (its policy
-/// was removed) gets an index no allowlist is written under, in enforce mode: fail closed.
-#[inline(always)]
-pub fn in_force(id: u32) -> AgentSlot {
-    // SAFETY: copied out at once.
-    match unsafe { AGENT_TABLES.get(&id) } {
-        Some(t) => *t,
-        None => AgentSlot {
-            agent: agent_monitor_common::NO_ALLOWLIST,
-            mode: agent_monitor_common::MODE_ENFORCE,
-        },
-    }
-}
-
 /// Reserve a record and fill the fields every record has. `None` when the ring buffer is full; the
 /// loss is counted.
 #[inline(always)]
@@ -90,6 +102,7 @@ pub fn start_record(
     kind: u32,
     verdict: u32,
     cgroup_id: u64,
+    slot: &AgentSlot,
 ) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ActionRecord>> {
     let Some(mut entry) = ACTIONS.reserve::<ActionRecord>(0) else {
         count(agent_monitor_common::COUNTER_RECORDS_LOST);
@@ -123,6 +136,10 @@ pub fn start_record(
         (*rec).file_ino = 0;
         (*rec).interp_len = 0;
         (*rec)._pad = 0;
+        (*rec).agent = slot.agent;
+        (*rec).task = slot.task;
+        (*rec).source = slot.source;
+        (*rec).prior_agent = 0;
     }
     Some(entry)
 }
@@ -186,8 +203,15 @@ pub struct NetDest {
 
 /// Reports a network action (connect, DNS redirect) with its destination and flags.
 #[inline(always)]
-pub fn report_net(kind: u32, verdict: u32, cgroup_id: u64, flags: u32, dest: NetDest) {
-    if let Some(mut entry) = start_record(kind, verdict, cgroup_id) {
+pub fn report_net(
+    kind: u32,
+    verdict: u32,
+    cgroup_id: u64,
+    slot: &AgentSlot,
+    flags: u32,
+    dest: NetDest,
+) {
+    if let Some(mut entry) = start_record(kind, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
         unsafe {

@@ -2,17 +2,19 @@
 //! connect and sendmsg), and the kinds of socket an agent may create at all (sock_create).
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_SOCKET_REFUSED,
-    FLAG_ADDR_UNSPECIFIED, FLAG_DNS_REFUSED, FLAG_LEARNED, KIND_SOCKET, MAX_PORT_RANGES,
-    MODE_ENFORCE, NET_KEY_AGENT_BITS, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
-    net_judged_addr, socket_allowed,
+    AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
+    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_DNS_REFUSED, FLAG_GRANTED, FLAG_LEARNED,
+    KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, net_judged_addr, socket_allowed,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
-use crate::maps::{NET_ALLOW, NetDest, count, current_agent, report_net, start_record, submit};
+use crate::maps::{
+    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, report_net, start_record, submit,
+};
 
 /// Return values of cgroup sock and sock_addr programs.
 const PASS: i32 = 1;
@@ -90,6 +92,74 @@ fn dest6(ctx: &SockAddrContext) -> ([u8; 16], u16, u32) {
     (addr, u16::from_be(port as u16), sock_type)
 }
 
+/// How a connect or send was allowed, if it was.
+enum NetAllowed {
+    No,
+    /// By the agent's static allowlist.
+    Policy,
+    /// By an address the agent resolved through its DNS proxy, until that answer's expiry.
+    Learned,
+    /// By a live grant of the agent's current task.
+    Grant,
+}
+
+/// The network judgement, in one place: the agent's static allowlist, then what it learned
+/// through DNS, then its task's grants. Learned addresses and grants each carry an `Expiry` the
+/// kernel compares with its own clock.
+#[inline(always)]
+fn allowed(slot: &AgentSlot, addr: [u8; 16], port: u16) -> NetAllowed {
+    let key = Key::new(
+        NET_KEY_AGENT_BITS + 128,
+        NetKey {
+            agent: slot.agent,
+            addr,
+        },
+    );
+    if NET_ALLOW.get(&key).is_some_and(|a| ports_allow(a, port)) {
+        return NetAllowed::Policy;
+    }
+    if crate::dns::learned_allows(slot.agent, addr, port) {
+        return NetAllowed::Learned;
+    }
+    if slot.task == TASK_NONE {
+        return NetAllowed::No;
+    }
+    let key = Key::new(
+        NET_KEY_AGENT_BITS + 128,
+        NetKey {
+            agent: slot.task,
+            addr,
+        },
+    );
+    match TASK_NET_GRANTS.get(&key) {
+        Some(grant) if ports_allow(&grant.allow, port) => {
+            // SAFETY: helper with no arguments.
+            let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
+            if grant.expiry.is_live(now) {
+                NetAllowed::Grant
+            } else {
+                count(COUNTER_GRANTS_EXPIRED);
+                NetAllowed::No
+            }
+        }
+        _ => NetAllowed::No,
+    }
+}
+
+#[inline(always)]
+fn ports_allow(allow: &NetAllow, port: u16) -> bool {
+    let n = allow.count as usize;
+    let mut i = 0;
+    while i < MAX_PORT_RANGES && i < n {
+        let r = allow.ranges[i];
+        if r.lo <= port && port <= r.hi {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 #[inline(always)]
 fn judge(
     kind: u32,
@@ -102,36 +172,14 @@ fn judge(
 ) -> i32 {
     // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
     let (judged, unspecified) = net_judged_addr(addr);
-    let key = Key::new(
-        NET_KEY_AGENT_BITS + 128,
-        NetKey {
-            agent: slot.agent,
-            addr: judged,
-        },
-    );
-    let allowed = match NET_ALLOW.get(&key) {
-        Some(allow) => {
-            let mut ok = false;
-            let n = allow.count as usize;
-            let mut i = 0;
-            while i < MAX_PORT_RANGES && i < n {
-                let r = allow.ranges[i];
-                if r.lo <= port && port <= r.hi {
-                    ok = true;
-                    break;
-                }
-                i += 1;
-            }
-            ok
-        }
-        None => false,
-    };
-    // Static allowlist first, then addresses the agent resolved through the DNS proxy; never
-    // another agent's DNS proxy endpoint, whatever the static rules say.
+    // Never another agent's DNS proxy endpoint, whatever the rules say.
     let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
-    let learned = !foreign && !allowed && crate::dns::learned_allows(slot.agent, judged, port);
-    let allowed = !foreign && (allowed || learned);
-    let verdict = verdict_of(allowed, slot);
+    let how = if foreign {
+        NetAllowed::No
+    } else {
+        allowed(&slot, judged, port)
+    };
+    let verdict = verdict_of(!matches!(how, NetAllowed::No), slot);
     let mut flags = 0;
     if unspecified {
         flags |= FLAG_ADDR_UNSPECIFIED;
@@ -139,8 +187,10 @@ fn judge(
     if foreign {
         flags |= FLAG_DNS_REFUSED;
     }
-    if learned {
-        flags |= FLAG_LEARNED;
+    match how {
+        NetAllowed::Learned => flags |= FLAG_LEARNED,
+        NetAllowed::Grant => flags |= FLAG_GRANTED,
+        NetAllowed::No | NetAllowed::Policy => {}
     }
     let dest = NetDest {
         family,
@@ -148,7 +198,7 @@ fn judge(
         port,
         sock_type,
     };
-    report_net(kind, verdict, cgroup_id, flags, dest);
+    report_net(kind, verdict, cgroup_id, &slot, flags, dest);
     if verdict == VERDICT_DENIED {
         REJECT
     } else {
@@ -171,7 +221,14 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
         return PASS;
     }
     let verdict = verdict_of(false, slot);
-    report_socket(verdict, cgroup_id, family as u16, sock_type, protocol);
+    report_socket(
+        verdict,
+        cgroup_id,
+        &slot,
+        family as u16,
+        sock_type,
+        protocol,
+    );
     if verdict == VERDICT_DENIED {
         REJECT
     } else {
@@ -189,7 +246,7 @@ const SYSCALL_PROTOCOL: usize = 32;
 /// tracepoint, so reaching here means no filter stopped it (an agent placed without `run`): an
 /// alert whatever the mode, because it will be created.
 pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
-    let Some((cgroup_id, _)) = current_agent() else {
+    let Some((cgroup_id, slot)) = current_agent() else {
         return Ok(());
     };
     // SAFETY: offsets from the tracepoint format (checked by the daemon).
@@ -208,15 +265,29 @@ pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
         i += 1;
     }
     // We only run when no seccomp filter refused the call (filters run first): it will happen.
-    report_socket(VERDICT_ALERT, cgroup_id, family as u16, sock_type, protocol);
+    report_socket(
+        VERDICT_ALERT,
+        cgroup_id,
+        &slot,
+        family as u16,
+        sock_type,
+        protocol,
+    );
     Ok(())
 }
 
 /// Counts and records a socket an agent may not have.
 #[inline(always)]
-fn report_socket(verdict: u32, cgroup_id: u64, family: u16, sock_type: u32, protocol: u32) {
+fn report_socket(
+    verdict: u32,
+    cgroup_id: u64,
+    slot: &AgentSlot,
+    family: u16,
+    sock_type: u32,
+    protocol: u32,
+) {
     count(COUNTER_SOCKET_REFUSED);
-    if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id) {
+    if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
         unsafe {

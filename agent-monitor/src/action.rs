@@ -22,8 +22,18 @@ pub enum ActionKind {
     /// Creating a socket of a kind agents may not have (raw, ping, SCTP, MPTCP…).
     Socket,
     Exec,
+    /// A control-socket request (reported when refused).
+    Control,
+    /// A change of identity worth an operator's attention (a selector's digest mismatch).
+    Identity,
     /// A DNS query, judged by the proxy on the name asked.
     Dns,
+    /// io_uring_setup, caught by `run`'s seccomp filter (io_uring creates sockets without
+    /// the socket system call).
+    IoUring,
+    /// seccomp(2) asking for a notification listener, which would let an agent answer the calls
+    /// `run`'s filter catches: always refused.
+    Seccomp,
 }
 
 impl ActionKind {
@@ -33,7 +43,11 @@ impl ActionKind {
             ActionKind::Sendmsg => "sendmsg",
             ActionKind::Socket => "socket",
             ActionKind::Exec => "exec",
+            ActionKind::Control => "control",
+            ActionKind::Identity => "identity",
             ActionKind::Dns => "dns",
+            ActionKind::IoUring => "io_uring",
+            ActionKind::Seccomp => "seccomp",
         }
     }
 }
@@ -66,6 +80,9 @@ pub struct ChainLink {
     pub pid: u32,
     /// Executable path as last exec'd, or the command name when no exec was seen.
     pub exe: String,
+    /// The first arguments it was started with (argv[1..], shortened), when known: which tool
+    /// call of the agent this was.
+    pub args: Vec<String>,
 }
 
 /// Where a connect was going.
@@ -83,6 +100,8 @@ pub struct Action {
     #[serde(serialize_with = "serialize_time")]
     pub time: SystemTime,
     pub agent: String,
+    /// The agent's workload identity, `spiffe://<trust-domain>/agent/<name>`.
+    pub spiffe_id: String,
     pub task: String,
     pub kind: ActionKind,
     pub verdict: Verdict,
@@ -100,7 +119,7 @@ pub struct Action {
     pub dest_host: Option<String>,
     /// DNS: the name asked, normalised (lower case, no trailing dot).
     pub dns_name: Option<String>,
-    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`.
+    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`. io_uring and seccomp: the call.
     pub socket: Option<String>,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
@@ -122,7 +141,10 @@ impl Action {
                 Some(i) => format!("{exe} (script for {i})"),
                 None => exe.clone(),
             },
-            (ActionKind::Socket, _, _) => self.socket.clone().unwrap_or_else(|| "?".into()),
+            (ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp, _, _) => {
+                self.socket.clone().unwrap_or_else(|| "?".into())
+            }
+            (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
             (ActionKind::Dns, _, _) => format!(
                 "query {}",
                 self.dns_name.as_deref().unwrap_or("(unreadable message)")
@@ -152,11 +174,17 @@ impl Action {
         )
     }
 
-    /// The chain as one readable string: `pid:exe > pid:exe > …`.
+    /// The chain as one readable string: `pid:exe > pid:exe "arg arg" > …`.
     pub fn chain_string(&self) -> String {
         self.chain
             .iter()
-            .map(|l| format!("{}:{}", l.pid, l.exe))
+            .map(|l| {
+                if l.args.is_empty() {
+                    format!("{}:{}", l.pid, l.exe)
+                } else {
+                    format!("{}:{} {:?}", l.pid, l.exe, l.args.join(" "))
+                }
+            })
             .collect::<Vec<_>>()
             .join(" > ")
     }

@@ -47,6 +47,82 @@ pub enum Command {
     Reload(SocketOnlyArgs),
     /// Show recent agent actions, and with --follow every new one as it happens.
     Events(EventsArgs),
+    /// Start and end tasks of an agent, with short-lived grants (root or the --admin-group).
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Start (or extend) a task: grant it connects and execs beyond the agent's allowlist, for a
+    /// limited time, to this task only. Other tasks of the agent never see these grants; the
+    /// kernel stops honouring them at the TTL even if the daemon is busy.
+    ///
+    /// `--pid P` also moves process P (an agent process of AGENT) into the task: a `run` process
+    /// changes cgroup, a selector-identified one is re-tagged. Its later children follow it.
+    Start(TaskStartArgs),
+    /// End a task: its grants are revoked at once. A process of the task may end its own task.
+    End(TaskEndArgs),
+    /// Narrow a task: keep only some of its grants and/or end them sooner. A process of the task
+    /// may narrow its own task (never widen it).
+    Narrow(TaskNarrowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TaskNarrowArgs {
+    /// Agent whose task this is.
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    /// Task id.
+    #[arg(long, value_name = "ID")]
+    pub task: String,
+    /// Keep this connect grant (as it was granted); repeatable. Grants not kept are revoked.
+    #[arg(long, value_name = "ADDR")]
+    pub keep_connect: Vec<String>,
+    /// Keep this exec grant (as it was granted); repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub keep_exec: Vec<String>,
+    /// End the kept grants within this duration (never later than they would have).
+    #[arg(long, value_name = "DURATION", value_parser = crate::identity::tasks::parse_ttl)]
+    pub ttl: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskStartArgs {
+    /// Agent whose task this is; a policy file for it must be loaded.
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    /// Task id (1-64 of A-Z a-z 0-9 _ - .); `run --task ID` joins it.
+    #[arg(long, value_name = "ID")]
+    pub task: String,
+    /// Allow connects to ADDR[/PREFIX]:PORT (policy syntax), repeatable.
+    #[arg(long, value_name = "ADDR")]
+    pub allow_connect: Vec<String>,
+    /// Allow exec of PATH (exact, or a prefix ending in *), repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub allow_exec: Vec<String>,
+    /// How long the grants last (30s, 10m, 1h30m); without it, until `task end`.
+    #[arg(long, value_name = "DURATION", value_parser = crate::identity::tasks::parse_ttl)]
+    pub ttl: Option<std::time::Duration>,
+    /// Move this process (an agent process of AGENT) into the task.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskEndArgs {
+    /// Agent whose task this is.
+    #[arg(long, value_name = "NAME")]
+    pub agent: String,
+    /// Task id.
+    #[arg(long, value_name = "ID")]
+    pub task: String,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +162,14 @@ pub struct DaemonArgs {
     /// once, then as one summary with the count; the JSON trail keeps every one. 0: no aggregation.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub storm_window: u64,
+    /// Members of this group may use the control socket like root (run, task start/end, status);
+    /// the socket becomes root:GROUP 0660. Without it the socket is root-only.
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
+    /// Trust domain of the agents' workload identities, spiffe://DOMAIN/agent/NAME (default: the
+    /// host name, lower-cased).
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: Option<String>,
     /// DNS server the agents' DNS proxy forwards allowed queries to (default: the first
     /// `nameserver` of /etc/resolv.conf, port 53).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -130,6 +214,14 @@ pub struct RunArgs {
     /// Task id this run works on (default: a fresh id, `run-<pid>`).
     #[arg(long, value_name = "ID")]
     pub task: Option<String>,
+    /// Run the command as this user (name or uid), with its groups, after placement and before
+    /// exec. The agent then cannot leave its cgroup: that needs write access to root-owned
+    /// cgroup.procs files.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Primary group for --user (default: the user's own).
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
     #[command(flatten)]
     pub socket: SocketArg,
     /// The command and its arguments.
@@ -251,6 +343,43 @@ mod tests {
         };
         assert_eq!(r.agent, "coder");
         assert_eq!(r.command, ["sh", "-c", "echo --agent"]);
+    }
+
+    #[test]
+    fn task_start_parses_grants_and_ttl() {
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "task",
+            "start",
+            "--agent",
+            "coder",
+            "--task",
+            "t1",
+            "--allow-connect",
+            "10.0.0.1:443",
+            "--allow-connect",
+            "[::1]:80",
+            "--ttl",
+            "10m",
+        ])
+        .unwrap();
+        let Command::Task(TaskCommand::Start(t)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(t.allow_connect.len(), 2);
+        assert_eq!(t.ttl, Some(std::time::Duration::from_secs(600)));
+        let bad = Cli::try_parse_from([
+            "agent-monitor",
+            "task",
+            "start",
+            "--agent",
+            "a",
+            "--task",
+            "t",
+            "--ttl",
+            "soon",
+        ]);
+        assert!(bad.unwrap_err().to_string().contains("expected a duration"));
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The client commands: `run`, `status`, `reload`, `events`, `policy check` (`policy
-//! suggest`/`test` are in `policy_cmd`).
+//! The client commands: `run`, `status`, `reload`, `events`, `task start/end/narrow`, `policy
+//! check` (`policy suggest`/`test` are in `policy_cmd`).
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::{EventsArgs, PolicyCommand, RunArgs, SocketOnlyArgs, StatusArgs};
+use crate::cli::{EventsArgs, PolicyCommand, RunArgs, SocketOnlyArgs, StatusArgs, TaskCommand};
 use crate::control::{self, Request, Response};
 
 /// `run`'s own failures, as in env(1)/timeout(1): 125 ours, 126 cannot execute, 127 not found.
@@ -29,12 +29,25 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_NOT_FOUND);
         }
     };
+    let drop_to = match args
+        .user
+        .as_deref()
+        .map(|u| Credentials::lookup(u, args.group.as_deref()))
+    {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
     let req = Request::Place {
         agent: args.agent.clone(),
         task: task.clone(),
     };
-    match control::call(&args.socket.control_socket, &req) {
-        Ok(Response::Placed { .. }) => {}
+    let enforce = match control::call(&args.socket.control_socket, &req) {
+        // An older daemon does not say: the stricter filter.
+        Ok(Response::Placed { mode, .. }) => mode.as_deref() != Some("alert"),
         Ok(other) => {
             eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
             return ExitCode::from(EXIT_OURS);
@@ -43,14 +56,40 @@ pub fn run(args: RunArgs) -> ExitCode {
             eprintln!("agent-monitor run: {e}");
             return ExitCode::from(EXIT_OURS);
         }
-    }
+    };
     // From here this process is the agent; the command inherits its cgroup, and the seccomp
-    // filter for the routes the cgroup hooks cannot judge (sandbox.rs).
-    let filter = crate::sandbox::filter();
+    // filter for the routes the cgroup hooks cannot judge (sandbox.rs), whose listener the
+    // child hands back to us over `theirs`.
+    let filter = match crate::sandbox::filter(enforce) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agent-monitor run: socketpair for the seccomp listener: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
     let mut command = std::process::Command::new(&program);
     command.arg0(&args.command[0]).args(&args.command[1..]);
-    // SAFETY: the closure makes one prctl call on a filter built before the fork.
-    unsafe { command.pre_exec(move || crate::sandbox::install(&filter)) };
+    let to_parent = theirs.as_raw_fd();
+    // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
+    // setgroups, setgid, setuid) on values prepared before the fork. The filter goes first,
+    // while we are still root (installing it without no_new_privs needs CAP_SYS_ADMIN); it does
+    // not restrict the uid calls that follow.
+    unsafe {
+        command.pre_exec(move || {
+            crate::sandbox::install(&filter, to_parent)?;
+            match &drop_to {
+                Some(c) => c.apply(),
+                None => Ok(()),
+            }
+        })
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -61,6 +100,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CANNOT_EXECUTE);
         }
     };
+    drop(theirs);
+    match crate::sandbox::receive_listener(&ours) {
+        Ok(listener) => supervise(listener, enforce, args.socket.control_socket.clone()),
+        Err(e) => {
+            // Without a supervisor the kernel fails the caught calls (ENOSYS): closed, but say so.
+            eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
+        }
+    }
     forward_signals(child.id());
     match child.wait() {
         Ok(status) => match (status.code(), status.signal()) {
@@ -75,7 +122,23 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
+
+/// Answers the calls the agent's seccomp filter catches, on a thread of its own, and reports each
+/// to the daemon. A report that cannot be delivered is printed on our stderr: never dropped
+/// silently.
+fn supervise(listener: std::os::fd::OwnedFd, enforce: bool, socket: PathBuf) {
+    std::thread::spawn(move || {
+        let why = crate::sandbox::supervise(listener, enforce, |c| {
+            let req = Request::Caught(c);
+            if let Err(e) = control::call(&socket, &req) {
+                eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
+            }
+        });
+        eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");
+    });
+}
 
 /// The absolute path the kernel will be asked to execute, so allowlists see a canonical spelling
 /// rather than whatever PATH search the libc would do.
@@ -111,6 +174,148 @@ fn forward_signals(child: u32) {
             unsafe { libc::kill(child as i32, sig) };
         }
     });
+}
+
+/// Who `run --user` becomes, resolved before fork.
+struct Credentials {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: Vec<nix::unistd::Gid>,
+}
+
+impl Credentials {
+    fn lookup(user: &str, group: Option<&str>) -> Result<Credentials, String> {
+        use nix::unistd::{Group, User};
+        let found = match user.parse::<u32>() {
+            Ok(uid) => User::from_uid(uid.into()),
+            Err(_) => User::from_name(user),
+        };
+        let u = found
+            .map_err(|e| format!("--user {user:?}: {e}"))?
+            .ok_or_else(|| format!("--user {user:?}: no such user in the user database"))?;
+        let gid = match group {
+            None => u.gid,
+            Some(g) => {
+                let found = match g.parse::<u32>() {
+                    Ok(gid) => Group::from_gid(gid.into()),
+                    Err(_) => Group::from_name(g),
+                };
+                found
+                    .map_err(|e| format!("--group {g:?}: {e}"))?
+                    .ok_or_else(|| format!("--group {g:?}: no such group"))?
+                    .gid
+            }
+        };
+        let name = std::ffi::CString::new(u.name.clone())
+            .map_err(|_| format!("--user {user:?}: name has a NUL byte"))?;
+        let groups = nix::unistd::getgrouplist(&name, gid)
+            .map_err(|e| format!("--user {user:?}: reading its groups: {e}"))?;
+        Ok(Credentials {
+            uid: u.uid,
+            gid,
+            groups,
+        })
+    }
+
+    /// In the child, after fork: groups first, uid last (after setuid nothing else is allowed).
+    fn apply(&self) -> std::io::Result<()> {
+        nix::unistd::setgroups(&self.groups)?;
+        nix::unistd::setgid(self.gid)?;
+        nix::unistd::setuid(self.uid)?;
+        Ok(())
+    }
+}
+
+pub fn task(cmd: TaskCommand) -> ExitCode {
+    let (socket, req) = match cmd {
+        TaskCommand::Start(a) => (
+            a.socket.control_socket,
+            Request::TaskStart {
+                agent: a.agent,
+                task: a.task,
+                allow_connect: a.allow_connect,
+                allow_exec: a.allow_exec,
+                ttl_ms: a
+                    .ttl
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+                pid: a.pid,
+            },
+        ),
+        TaskCommand::End(a) => (
+            a.socket.control_socket,
+            Request::TaskEnd {
+                agent: a.agent,
+                task: a.task,
+            },
+        ),
+        TaskCommand::Narrow(a) => (
+            a.socket.control_socket,
+            Request::TaskNarrow {
+                agent: a.agent,
+                task: a.task,
+                keep_connect: a.keep_connect,
+                keep_exec: a.keep_exec,
+                ttl_ms: a
+                    .ttl
+                    .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64),
+            },
+        ),
+    };
+    let until = |ms: Option<u64>| match ms {
+        Some(ms) => format!(
+            "for {}",
+            humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000)))
+        ),
+        None => "until `task end`".to_string(),
+    };
+    match control::call(&socket, &req) {
+        Ok(Response::TaskStarted {
+            agent,
+            task,
+            grants,
+            expires_in_ms,
+            moved,
+        }) => {
+            println!(
+                "task {task} of agent {agent} started; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
+            );
+            if let Some(pid) = moved {
+                println!("process {pid} moved into task {task}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::TaskNarrowed {
+            agent,
+            task,
+            grants,
+            expires_in_ms,
+        }) => {
+            println!(
+                "task {task} of agent {agent} narrowed; grants [{}] {}",
+                grants.join(", "),
+                until(expires_in_ms)
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Response::TaskEnded {
+            agent,
+            task,
+            revoked,
+        }) => {
+            println!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            eprintln!("agent-monitor task: unexpected answer: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("agent-monitor task: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {
@@ -200,6 +405,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
             o["capacity"]
         );
     }
+    println!(
+        "identity: {} refusals by an expired grant (in the kernel), {} untaggable processes (map full), {} selector conflicts",
+        status.counters.grants_expired_in_kernel,
+        status.counters.tags_full,
+        status.counters.selector_conflicts
+    );
     let c = &status.counters;
     println!(
         "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses",
@@ -224,9 +435,25 @@ pub fn status(args: StatusArgs) -> ExitCode {
             "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
             a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
         );
+        for sel in &a.selectors {
+            println!("  selector {sel}");
+        }
         for t in &a.tasks {
             let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
             println!("  task {}: processes [{}]", t.task, pids.join(" "));
+            if !t.grants.is_empty() {
+                let until = t
+                    .grants_expire_in_ms
+                    .map_or("until `task end`".to_string(), |ms| {
+                        format!(
+                            "for {} more",
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                ms.div_ceil(1000)
+                            ))
+                        )
+                    });
+                println!("    grants [{}] {until}", t.grants.join(", "));
+            }
         }
     }
     ExitCode::SUCCESS

@@ -25,10 +25,14 @@ use crate::dns::proxy::ProxyConfig;
 use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
-use crate::identity::{self, AgentCgroups, ProcessTable, agent_id};
+use crate::identity::selected::Selected;
+use crate::identity::{
+    self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, Tasks, UNVERIFIED_TASK, agent_id,
+};
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
 use crate::output::{OutputConfig, Outputs};
+use crate::policy::KernelTables;
 use crate::policy::{ExecFacts, PolicySet};
 
 /// How often empty task cgroups are removed and exited processes forgotten.
@@ -131,6 +135,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let cgroup_root = crate::host::cgroup2_root()?;
     let layout = crate::host::tracepoint_layout()?;
     let cgroups = AgentCgroups::new(&cgroup_root)?;
+    let admin_gid = match &args.admin_group {
+        None => None,
+        Some(g) => Some(admin_group_gid(g)?),
+    };
+    let trust_domain = match &args.trust_domain {
+        Some(d) => check_trust_domain(d)?,
+        None => check_trust_domain(&host_name())
+            .context("the host name is not a valid trust domain; set --trust-domain")?,
+    };
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
@@ -151,14 +164,21 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let (events_tx, _) = broadcast::channel(4096);
     let mut monitor = Monitor {
         kernel,
+        selected: Selected::default(),
+        registry: Tasks::default(),
+        cgroup_root: cgroup_root.clone(),
+        admin_gid,
+        trust_domain,
         policies: crate::policy::PolicySet::default(),
         exec_files: ExecFiles::default(),
         policies_dir: args.policies.clone(),
         policies_loaded: SystemTime::now(),
         bank_base: 0,
+        grants_revoked_at_start: 0,
         cgroups,
         tasks: HashMap::new(),
         procs: ProcessTable::default(),
+        placed: HashMap::new(),
         outputs,
         per_agent: HashMap::new(),
         by_action: BTreeMap::new(),
@@ -189,7 +209,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor.loss_baseline();
     monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
-    let listener = bind_control_socket(&args.socket.control_socket)?;
+    let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
 
     let m = &monitor.kernel.mechanisms;
     tracing::info!(
@@ -369,8 +389,40 @@ async fn refuse_if_already_running(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the root-only control socket (replacing a stale one).
-fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
+/// The admin group's gid.
+fn admin_group_gid(name: &str) -> anyhow::Result<u32> {
+    let group = match name.parse::<u32>() {
+        Ok(gid) => nix::unistd::Group::from_gid(gid.into()),
+        Err(_) => nix::unistd::Group::from_name(name),
+    }
+    .with_context(|| format!("--admin-group {name:?}: looking it up"))?
+    .with_context(|| format!("--admin-group {name:?}: no such group"))?;
+    Ok(group.gid.as_raw())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_ascii_lowercase())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// A SPIFFE trust domain: lower-case letters, digits, `.`, `-`, `_`.
+fn check_trust_domain(d: &str) -> anyhow::Result<String> {
+    let ok = !d.is_empty()
+        && d.len() <= 255
+        && d.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    if !ok {
+        bail!(
+            "trust domain {d:?}: expected lower-case letters, digits, '.', '-', '_' (as in spiffe://DOMAIN/agent/NAME)"
+        );
+    }
+    Ok(d.to_string())
+}
+
+/// Binds the control socket (replacing a stale one): root-only, or root:ADMIN 0660.
+fn bind_control_socket(path: &Path, admin_gid: Option<u32>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -378,15 +430,23 @@ fn bind_control_socket(path: &Path) -> anyhow::Result<UnixListener> {
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding control socket {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} root-only", path.display()))?;
+    let mode = match admin_gid {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to the admin group", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
     Ok(listener)
 }
 
 /// A request from a control connection, with the kernel-reported identity of the caller.
 struct ControlCall {
     request: Request,
-    peer_pid: u32,
+    peer: Peer,
     reply: oneshot::Sender<Response>,
 }
 
@@ -430,11 +490,7 @@ async fn serve_connection(
         .await
         .context("no request within 10 s")??;
     let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
-    let response = if cred.uid() != 0 {
-        Response::Error {
-            message: "the control socket is root-only".into(),
-        }
-    } else {
+    let response = {
         let request = control::parse_request(&line);
         if let Ok(Request::Events {
             follow: true,
@@ -454,7 +510,7 @@ async fn serve_connection(
                 to_monitor
                     .send(ControlCall {
                         request,
-                        peer_pid: pid as u32,
+                        peer: Peer::from_cred(pid as u32, cred.uid(), cred.gid()),
                         reply,
                     })
                     .await
@@ -465,7 +521,11 @@ async fn serve_connection(
     };
     let (response, history) = match (response, follow.is_some()) {
         (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
-        (r, _) => (r, vec![]),
+        (r, _) => {
+            // Refused (authorization) or not a follow: nothing streams.
+            follow = None;
+            (r, vec![])
+        }
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
@@ -498,9 +558,9 @@ fn socket_reason(sk: &event::SocketEvent) -> String {
                       ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
                       hooks do not judge"
             .into(),
-        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
-                       seccomp filter on this process (`agent-monitor run` installs one that \
-                       refuses them): it was created"
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…): it was \
+                       created (`agent-monitor run` refuses these in enforce mode with its \
+                       seccomp filter; this process is in alert mode or was not started by run)"
             .into(),
     }
 }
@@ -510,6 +570,14 @@ struct TaskEntry {
     agent: String,
     task: String,
     path: PathBuf,
+}
+
+/// The identity of a process as the daemon can tell it from outside (same order as the kernel).
+#[derive(Clone, Copy, Debug)]
+struct ProcessIdentity {
+    slot: AgentSlot,
+    /// It is in one of `run`'s (agent, task) cgroups (moving it means moving its cgroup).
+    in_run_cgroup: bool,
 }
 
 #[derive(Default)]
@@ -523,6 +591,13 @@ struct AgentCounters {
 /// Owner of the kernel object and of all daemon state.
 struct Monitor {
     kernel: Kernel,
+    /// Selectors of every policy, armed or waiting.
+    selected: Selected,
+    /// Task numbers and grants.
+    registry: Tasks,
+    cgroup_root: PathBuf,
+    admin_gid: Option<u32>,
+    trust_domain: String,
     policies: PolicySet,
     /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
     exec_files: ExecFiles,
@@ -530,10 +605,14 @@ struct Monitor {
     policies_loaded: SystemTime,
     /// First agent index of the live bank (0 or `BANK_STRIDE`).
     bank_base: u32,
+    /// Task grant entries a predecessor left, revoked at start (see `recover_tasks`).
+    grants_revoked_at_start: usize,
     cgroups: AgentCgroups,
     /// cgroup id → (agent, task).
     tasks: HashMap<u64, TaskEntry>,
     procs: ProcessTable,
+    /// Placed `run` processes (pid → task cgroup id): the only senders of seccomp reports.
+    placed: HashMap<u32, u64>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     /// (agent, action, verdict) → count, for the metrics.
@@ -607,7 +686,7 @@ impl Monitor {
                     self.on_dns(report);
                 }
                 Some(call) = requests.recv() => {
-                    let response = self.on_request(call.request, call.peer_pid);
+                    let response = self.on_request(call.request, &call.peer);
                     let _ = call.reply.send(response);
                 }
                 Some(scrape) = scrapes.recv() => {
@@ -626,44 +705,6 @@ impl Monitor {
             }
             // One write per burst of records rather than one per action.
             self.outputs.flush();
-        }
-    }
-
-    fn on_request(&mut self, request: Request, peer_pid: u32) -> Response {
-        match request {
-            Request::Place { agent, task } => match self.place(&agent, &task, peer_pid) {
-                Ok(cgroup) => Response::Placed {
-                    agent,
-                    task,
-                    cgroup,
-                },
-                Err(e) => {
-                    tracing::warn!(agent, task, pid = peer_pid, "placement refused: {e:#}");
-                    Response::Error {
-                        message: format!("{e:#}"),
-                    }
-                }
-            },
-            Request::Status {} => Response::Status(self.status()),
-            Request::Reload {} => match self.reload("control socket") {
-                Ok(message) => Response::Reloaded {
-                    agents: self
-                        .policies
-                        .iter()
-                        .map(|p| p.agent().to_string())
-                        .collect(),
-                    message,
-                },
-                Err(message) => Response::Error { message },
-            },
-            Request::Events { agent, .. } => Response::Events {
-                history: self
-                    .history
-                    .iter()
-                    .filter(|(a, _)| agent.as_ref().is_none_or(|want| want == a))
-                    .map(|(_, v)| v.clone())
-                    .collect(),
-            },
         }
     }
 
@@ -795,6 +836,8 @@ impl Monitor {
             let table = AgentSlot {
                 agent: base + i,
                 mode: p.mode().kernel_value(),
+                task: common::TASK_NONE,
+                source: 0,
             };
             if let Err(e) = self.kernel.set_agent_table(agent_id(p.agent()), table) {
                 // Its id keeps the old index, whose entries go below: it is denied everything.
@@ -810,22 +853,6 @@ impl Monitor {
         for id in self.kernel.agent_table_ids()? {
             if !keep.contains(&id) {
                 self.kernel.remove_agent_table(id)?;
-            }
-        }
-        // Identities carry the stable id (also those recovered from a predecessor).
-        for (id, t) in &self.tasks {
-            let slot = AgentSlot {
-                agent: agent_id(&t.agent),
-                mode: set
-                    .get(&t.agent)
-                    .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value()),
-            };
-            if let Err(e) = self.kernel.add_agent_cgroup(*id, slot) {
-                tracing::error!(
-                    agent = t.agent,
-                    task = t.task,
-                    "rewriting the identity: {e:#}"
-                );
             }
         }
         self.kernel
@@ -854,6 +881,52 @@ impl Monitor {
         self.superseded.push_back((monotonic_ns(), old));
         self.bank_base = base;
         self.policies_loaded = SystemTime::now();
+        self.rearm_selectors();
+        Ok(())
+    }
+
+    /// Selectors of the policies in force, armed from scratch (issue 4's `Selected::arm` is
+    /// re-runnable): the new set's entries are written over the old (same stable ids), then kernel
+    /// entries no selector of the new set owns — left by the previous policy or a previous
+    /// daemon — are removed.
+    fn rearm_selectors(&mut self) {
+        let registry = &mut self.registry;
+        let policies = &self.policies;
+        let mut selected = Selected::from_policies(policies, |agent| AgentSlot {
+            agent: agent_id(agent),
+            mode: policies
+                .get(agent)
+                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value()),
+            task: registry.number(agent, DEFAULT_TASK),
+            source: common::SOURCE_RUN,
+        });
+        // Tags of task switches (this daemon's or a predecessor's) keep the kernel looking at tags.
+        selected.tags_in_use = self.selected.tags_in_use || !self.kernel.tags().is_empty();
+        self.selected = selected;
+        self.arm_selectors();
+        if let Err(e) = self.remove_stale_selectors() {
+            tracing::error!("removing selectors of the previous policy: {e:#}");
+        }
+    }
+
+    fn remove_stale_selectors(&mut self) -> anyhow::Result<()> {
+        let armed = self.selected.kernel_keys();
+        for uid in self.kernel.uid_selectors()? {
+            if !armed.uids.contains(&uid) {
+                self.kernel.remove_uid_selector(uid)?;
+            }
+        }
+        for key in self.kernel.exec_selectors()? {
+            if !armed.files.contains(&key) {
+                self.kernel.remove_exec_selector(key)?;
+            }
+        }
+        for (id, slot) in self.kernel.agent_cgroups()? {
+            let selector = matches!(slot.source, common::SOURCE_CGROUP | common::SOURCE_UNIT);
+            if selector && !armed.cgroups.contains(&id) && !self.tasks.contains_key(&id) {
+                self.kernel.remove_agent_cgroup(id)?;
+            }
+        }
         Ok(())
     }
 
@@ -864,16 +937,41 @@ impl Monitor {
         if entries.is_empty() {
             return Ok(());
         }
+        // Task numbers a predecessor handed out may live on in tags: never allocate them again.
+        let tags = self.kernel.tags();
+        let highest = entries
+            .iter()
+            .map(|(_, s)| s.task)
+            .chain(tags.iter().map(|(_, s)| s.task))
+            .max()
+            .unwrap_or(0);
+        self.registry.skip_past(highest);
+        // Grants are not recovered: the kernel keys them by task number only, and their rules
+        // (needed for `status`, `task narrow`) are not in the maps. Revoked, so nothing stays
+        // granted that `task end` could not take back; reported by `report_origin`.
+        self.grants_revoked_at_start = self.kernel.clear_task_grants()?;
         let tree = self.cgroups.tasks();
         let mut stale = 0;
-        for (id, _) in entries {
+        for (id, slot) in entries {
+            // Selector cgroups are the selectors' business (`rearm_selectors`).
+            if slot.source != common::SOURCE_RUN {
+                continue;
+            }
             match tree.iter().find(|t| t.id == id) {
                 Some(t) => {
+                    if !self.registry.adopt(&t.agent, &t.task, slot.task) {
+                        tracing::warn!(
+                            agent = t.agent,
+                            task = t.task,
+                            number = slot.task,
+                            "recovered task number clashes; keeping the first"
+                        );
+                    }
                     for pid in AgentCgroups::processes(&t.path) {
                         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
                             .map(|p| p.display().to_string())
                             .unwrap_or_else(|_| "?".into());
-                        self.procs.add_root(pid, exe);
+                        self.procs.add_root(pid, exe, identity::proc_args(pid));
                     }
                     self.tasks.insert(
                         id,
@@ -893,6 +991,8 @@ impl Monitor {
         tracing::info!(
             tasks = self.tasks.len(),
             stale,
+            tags = tags.len(),
+            grants_revoked = self.grants_revoked_at_start,
             "recovered the running tasks of the previous daemon"
         );
         Ok(())
@@ -917,8 +1017,11 @@ impl Monitor {
             let msg = format!(
                 "adopted the pinned programs of the previous daemon, which was away for {away}; \
                  {lost_while_away} kernel records were lost meanwhile (their verdicts applied); \
-                 {} running task(s) recovered{}",
+                 {} running task(s) and {} process tag(s) recovered, {} task grant entries \
+                 revoked (grants do not survive a restart: `task start` again){}",
                 self.tasks.len(),
+                self.kernel.tags().len(),
+                self.grants_revoked_at_start,
                 if replaced_build {
                     format!(
                         "; they came from another build and were replaced ({retired_links} old \
@@ -940,6 +1043,7 @@ impl Monitor {
                     ),
                     ("LOST_RECORDS", lost_while_away.to_string()),
                     ("RECOVERED_TASKS", self.tasks.len().to_string()),
+                    ("GRANTS_REVOKED", self.grants_revoked_at_start.to_string()),
                     ("PIN_DIR", self.kernel.mechanisms.pin_dir.clone()),
                 ],
             );
@@ -984,9 +1088,201 @@ impl Monitor {
         }
     }
 
-    /// Makes `pid` a process of `agent`, task `task`.
-    fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
-        let Some(_) = self.policies.index_of(agent) else {
+    fn on_request(&mut self, request: Request, peer: &Peer) -> Response {
+        let inside = self.identify(peer.pid).map(|id| self.names(&id.slot));
+        let admin = peer.is_admin(self.admin_gid);
+        if let Err(why) = control::authorize(
+            &request,
+            admin,
+            inside.as_ref().map(|(a, t)| (a.as_str(), t.as_str())),
+        ) {
+            self.report_refusal(&request, peer, inside, &why);
+            return Response::Error { message: why };
+        }
+        let pid = peer.pid;
+        let result = match request {
+            Request::Place { agent, task } => {
+                self.place(&agent, &task, pid)
+                    .map(|cgroup| Response::Placed {
+                        mode: self
+                            .policies
+                            .get(&agent)
+                            .map(|p| p.mode().as_str().to_string()),
+                        agent,
+                        task,
+                        cgroup,
+                    })
+            }
+            Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
+            Request::Status {} => Ok(Response::Status(self.status())),
+            Request::Reload {} => Ok(match self.reload("control socket") {
+                Ok(message) => Response::Reloaded {
+                    agents: self
+                        .policies
+                        .iter()
+                        .map(|p| p.agent().to_string())
+                        .collect(),
+                    message,
+                },
+                Err(message) => Response::Error { message },
+            }),
+            Request::Events { agent, .. } => Ok(Response::Events {
+                history: self
+                    .history
+                    .iter()
+                    .filter(|(a, _)| agent.as_ref().is_none_or(|want| want == a))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+            }),
+            Request::TaskStart {
+                agent,
+                task,
+                allow_connect,
+                allow_exec,
+                ttl_ms,
+                pid: target,
+            } => self.task_start(&agent, &task, &allow_connect, &allow_exec, ttl_ms, target),
+            Request::TaskEnd { agent, task } => self.task_end(&agent, &task),
+            Request::TaskNarrow {
+                agent,
+                task,
+                keep_connect,
+                keep_exec,
+                ttl_ms,
+            } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::warn!(pid, "control request refused: {e:#}");
+            Response::Error {
+                message: format!("{e:#}"),
+            }
+        })
+    }
+
+    /// A refused control request goes to journald (ACTION=control, VERDICT=denied) under the
+    /// caller's own agent when it is one, else under the agent it asked about.
+    fn report_refusal(
+        &mut self,
+        request: &Request,
+        peer: &Peer,
+        inside: Option<(String, String)>,
+        why: &str,
+    ) {
+        let (agent, task) = inside.clone().unwrap_or_else(|| {
+            request
+                .target()
+                .map(|(a, t)| (a.to_string(), t.to_string()))
+                .unwrap_or_else(|| ("?".into(), "?".into()))
+        });
+        let target = request
+            .target()
+            .map(|(a, t)| format!(" for agent {a} task {t}"))
+            .unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .map(|p| p.display().to_string());
+        tracing::warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            "control request {} refused: {why}",
+            request.op()
+        );
+        let action = Action {
+            time: SystemTime::now(),
+            spiffe_id: self.spiffe_id(&agent),
+            chain: self.procs.chain(peer.pid, &comm),
+            agent,
+            task,
+            kind: ActionKind::Control,
+            verdict: Verdict::Denied,
+            pid: peer.pid,
+            uid: peer.uid,
+            comm,
+            exe,
+            destination: None,
+            interpreter: None,
+            socket: None,
+            dest_host: None,
+            dns_name: None,
+            enforcement: Some("refused"),
+            reason: format!("{}{target} refused: {why}", request.op()),
+        };
+        self.report(action);
+    }
+
+    /// Which agent process `pid` is, in the kernel's order: its own `run` cgroup, its tag, a
+    /// selected ancestor cgroup, its uid.
+    fn identify(&self, pid: u32) -> Option<ProcessIdentity> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| identity::peer::parse_cgroup_v2(&c));
+        if let Some((agent, task)) = cgroup
+            .as_deref()
+            .and_then(identity::peer::run_cgroup_identity)
+        {
+            // By the stable id, so a process whose agent lost its policy is still inside it.
+            let number = self.registry.find(agent, task).unwrap_or(common::TASK_NONE);
+            let mode = self
+                .policies
+                .get(agent)
+                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
+            return Some(ProcessIdentity {
+                slot: AgentSlot {
+                    agent: agent_id(agent),
+                    mode,
+                    task: number,
+                    source: common::SOURCE_RUN,
+                },
+                in_run_cgroup: true,
+            });
+        }
+        let by_selector = self
+            .kernel
+            .thread_tag(pid)
+            .or_else(|| cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
+            .or_else(|| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let uid = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                self.selected.by_uid(uid)
+            });
+        by_selector.map(|slot| ProcessIdentity {
+            slot,
+            in_run_cgroup: false,
+        })
+    }
+
+    /// (agent, task) names of an identity (`slot.agent` is the stable id).
+    fn names(&self, slot: &AgentSlot) -> (String, String) {
+        let agent = self
+            .policies
+            .iter()
+            .map(|p| p.agent())
+            .chain(self.tasks.values().map(|t| t.agent.as_str()))
+            .chain(self.registry.get(slot.task).map(|t| t.agent.as_str()))
+            .find(|a| agent_id(a) == slot.agent)
+            .map_or_else(|| format!("agent-{:08x}", slot.agent), str::to_string);
+        let task = self
+            .registry
+            .get(slot.task)
+            .map_or_else(|| "none".to_string(), |t| t.name.clone());
+        (agent, task)
+    }
+
+    fn spiffe_id(&self, agent: &str) -> String {
+        format!("spiffe://{}/agent/{agent}", self.trust_domain)
+    }
+
+    fn agent_slot(&mut self, agent: &str, task: &str, source: u32) -> anyhow::Result<AgentSlot> {
+        if self.policies.get(agent).is_none() {
             let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
             bail!(
                 "no policy for agent {agent:?} in {} (agents with a policy: {})",
@@ -1000,18 +1296,127 @@ impl Monitor {
         };
         identity::check_task_id(task).map_err(anyhow::Error::msg)?;
         let policy = self.policies.get(agent).context("policy vanished")?;
-        let mode = policy.mode().kernel_value();
+        Ok(AgentSlot {
+            agent: agent_id(agent),
+            mode: policy.mode().kernel_value(),
+            task: self.registry.number(agent, task),
+            source,
+        })
+    }
+
+    /// A call `run`'s seccomp filter caught, reported by that `run`. Only the `run` process this
+    /// daemon placed may report, for its own task and its own processes; identity comes from the
+    /// placement, never from the report, and the record is only ever denied or alert.
+    fn on_caught(&mut self, peer_pid: u32, c: control::CaughtReport) -> anyhow::Result<()> {
+        let Some(&cgroup_id) = self.placed.get(&peer_pid) else {
+            bail!("pid {peer_pid} is not an `agent-monitor run` this daemon placed");
+        };
+        let Some(entry) = self.tasks.get(&cgroup_id) else {
+            bail!("the task pid {peer_pid} was placed in is gone");
+        };
+        let (agent, task) = (entry.agent.clone(), entry.task.clone());
+        let chain = self.procs.chain(c.pid, &c.comm);
+        // A process the table knows must descend from that `run`.
+        if chain.len() > 1 && chain[0].pid != peer_pid {
+            bail!(
+                "pid {} is not a process of the task `run` {peer_pid} started",
+                c.pid
+            );
+        }
+        let (kind, object, reason) = match &c.call {
+            control::CaughtCall::Socket {
+                family,
+                sock_type,
+                protocol,
+            } => (
+                ActionKind::Socket,
+                event::socket_description(*family as u16, *sock_type, *protocol),
+                "a socket family the cgroup hooks cannot judge (vsock, packet…): agents keep \
+                 unix, inet, inet6 and netlink (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::Socketcall { op } => (
+                ActionKind::Socket,
+                format!("socketcall op {op} (i386)"),
+                "i386 socketcall keeps its arguments in user memory, out of the filter's \
+                 reach (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::IoUringSetup => (
+                ActionKind::IoUring,
+                "io_uring_setup".to_string(),
+                "io_uring creates sockets without the socket system call (seccomp filter of \
+                 `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::SeccompListener => (
+                ActionKind::Seccomp,
+                "seccomp listener".to_string(),
+                "a seccomp notification listener would let the agent answer the calls the \
+                 `run` filter catches: always refused"
+                    .to_string(),
+            ),
+            control::CaughtCall::Other { name } => (
+                ActionKind::Seccomp,
+                name.clone(),
+                "caught by the seccomp filter of `agent-monitor run`".to_string(),
+            ),
+        };
+        let verdict = if c.refused {
+            Verdict::Denied
+        } else {
+            Verdict::Alert
+        };
+        if kind == ActionKind::Socket {
+            self.counters.sockets_refused += 1;
+        }
+        self.counters.seccomp_caught += 1;
+        let subject = event::Subject {
+            cgroup_id,
+            pid: c.pid,
+            tid: c.pid,
+            uid: c.uid,
+            comm: c.comm.clone(),
+            ..event::Subject::unknown()
+        };
+        let action = Action {
+            exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
+            socket: Some(object),
+            enforcement: c.refused.then_some("eperm"),
+            reason,
+            chain,
+            ..self.action(&subject, agent, task, kind, verdict)
+        };
+        self.report(action);
+        Ok(())
+    }
+
+    /// Makes `pid` a process of `agent`, task `task`.
+    fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
+        let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        self.procs.add_root(pid, exe, identity::proc_args(pid));
+        self.placed.insert(pid, cg.id);
+        tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
+        Ok(cg.path.display().to_string())
+    }
+
+    /// Moves `pid` into the (agent, task) cgroup, creating it and its identity entry first.
+    fn enter_task_cgroup(
+        &mut self,
+        agent: &str,
+        task: &str,
+        slot: AgentSlot,
+        pid: u32,
+    ) -> anyhow::Result<identity::TaskCgroup> {
         let cg = self.cgroups.task(agent, task)?;
         // The identity entry exists before the process enters the cgroup: no unjudged window.
         self.check_identity_room();
         // A failed insert (map full) refuses the placement: the command never runs ungoverned.
-        self.kernel.add_agent_cgroup(
-            cg.id,
-            AgentSlot {
-                agent: agent_id(agent),
-                mode,
-            },
-        )?;
+        self.kernel.add_agent_cgroup(cg.id, slot)?;
         self.tasks.insert(
             cg.id,
             TaskEntry {
@@ -1021,12 +1426,236 @@ impl Monitor {
             },
         );
         self.cgroups.place(&cg, pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "?".into());
-        self.procs.add_root(pid, exe);
-        tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
-        Ok(cg.path.display().to_string())
+        Ok(cg)
+    }
+
+    /// Grants `task` of `agent` what is given (added to what it has; all its grants then share
+    /// the new expiry) and optionally moves process `target` into it.
+    fn task_start(
+        &mut self,
+        agent: &str,
+        task: &str,
+        connect: &[String],
+        exec: &[String],
+        ttl_ms: Option<u64>,
+        target: Option<u32>,
+    ) -> anyhow::Result<Response> {
+        if task == UNVERIFIED_TASK {
+            bail!(
+                "task {UNVERIFIED_TASK:?} holds processes of an executable whose digest did not match; it is never granted anything"
+            );
+        }
+        let slot = self.agent_slot(agent, task, common::SOURCE_TASK_SWITCH)?;
+        let (mut net, mut execs) =
+            crate::policy::parse_grants(connect, exec).map_err(anyhow::Error::msg)?;
+        let old = self
+            .registry
+            .get_mut(slot.task)
+            .and_then(|t| t.grants.take());
+        if let Some(old) = &old {
+            net.extend(old.net.iter().cloned());
+            execs.extend(old.exec.iter().cloned());
+        }
+        let now = monotonic_ns();
+        let expires_ns = ttl_ms.map_or(u64::MAX, |ms| {
+            now.saturating_add(ms.saturating_mul(1_000_000))
+        });
+        let kernel_tables = crate::policy::compile_grants(slot.task, task, &net, &execs)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // New entries first (same keys are overwritten), then the old keys that are gone: no
+        // moment in which a grant that continues is missing.
+        self.kernel
+            .set_task_grants(&kernel_tables, common::Expiry { expires_ns })?;
+        if let Some(old) = &old {
+            let stale = stale_entries(&old.kernel, &kernel_tables);
+            self.kernel.remove_task_grants(&stale)?;
+        }
+        let texts = grant_texts(&net, &execs);
+        if let Some(t) = self.registry.get_mut(slot.task) {
+            t.grants = (!net.is_empty() || !execs.is_empty()).then(|| identity::tasks::Grants {
+                net,
+                exec: execs,
+                expires_ns,
+                kernel: kernel_tables,
+            });
+        }
+        let moved = match target {
+            Some(pid) => {
+                self.move_into_task(agent, task, slot, pid)?;
+                Some(pid)
+            }
+            None => None,
+        };
+        tracing::info!(agent, task, grants = ?texts, ttl_ms, moved, "task started");
+        Ok(Response::TaskStarted {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            grants: texts,
+            expires_in_ms: ttl_ms,
+            moved,
+        })
+    }
+
+    /// Moves process `pid` (an agent process of `agent`) into `task`: a `run` process changes
+    /// cgroup; a selector-identified one has every thread re-tagged (its later children inherit).
+    fn move_into_task(
+        &mut self,
+        agent: &str,
+        task: &str,
+        slot: AgentSlot,
+        pid: u32,
+    ) -> anyhow::Result<()> {
+        let Some(id) = self.identify(pid) else {
+            bail!(
+                "process {pid} is not an agent process; `task start --pid` moves processes of the agent only"
+            );
+        };
+        if id.slot.agent != slot.agent {
+            let (other, _) = self.names(&id.slot);
+            bail!("process {pid} is agent {other}, not {agent}");
+        }
+        if id.in_run_cgroup {
+            let slot = AgentSlot {
+                source: common::SOURCE_RUN,
+                ..slot
+            };
+            self.enter_task_cgroup(agent, task, slot, pid)?;
+        } else {
+            self.selected.tags_in_use = true;
+            self.kernel.set_identity_config(self.selected.config())?;
+            let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .with_context(|| format!("listing the threads of {pid}"))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            for tid in threads {
+                self.kernel.tag_thread(tid, slot)?;
+            }
+        }
+        tracing::info!(agent, task, pid, "process moved into task");
+        Ok(())
+    }
+
+    /// Ends `task` of `agent`: its grants leave the kernel now.
+    fn task_end(&mut self, agent: &str, task: &str) -> anyhow::Result<Response> {
+        let Some(number) = self.registry.find(agent, task) else {
+            bail!("agent {agent:?} has no task {task:?}");
+        };
+        let revoked = self.revoke(number)?;
+        tracing::info!(agent, task, revoked, "task ended");
+        Ok(Response::TaskEnded {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            revoked,
+        })
+    }
+
+    /// Narrows `task` of `agent` to a subset of its grants, ending no later than before.
+    fn task_narrow(
+        &mut self,
+        agent: &str,
+        task: &str,
+        keep_connect: &[String],
+        keep_exec: &[String],
+        ttl_ms: Option<u64>,
+    ) -> anyhow::Result<Response> {
+        let Some(number) = self.registry.find(agent, task) else {
+            bail!("agent {agent:?} has no task {task:?}");
+        };
+        let Some(old) = self.registry.get(number).and_then(|t| t.grants.clone()) else {
+            bail!("task {task:?} of agent {agent:?} has no grants to narrow");
+        };
+        let now = monotonic_ns();
+        let wanted = ttl_ms.map(|ms| now.saturating_add(ms.saturating_mul(1_000_000)));
+        let (net, exec, expires_ns) =
+            identity::tasks::narrow(&old, keep_connect, keep_exec, wanted)
+                .map_err(anyhow::Error::msg)?;
+        let tables = crate::policy::compile_grants(number, task, &net, &exec)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Kept entries are rewritten with the (possibly earlier) expiry, then the rest removed.
+        self.kernel
+            .set_task_grants(&tables, common::Expiry { expires_ns })?;
+        self.kernel
+            .remove_task_grants(&stale_entries(&old.kernel, &tables))?;
+        let texts = grant_texts(&net, &exec);
+        if let Some(t) = self.registry.get_mut(number) {
+            t.grants = (!texts.is_empty()).then(|| identity::tasks::Grants {
+                net,
+                exec,
+                expires_ns,
+                kernel: tables,
+            });
+        }
+        tracing::info!(agent, task, grants = ?texts, "task narrowed");
+        Ok(Response::TaskNarrowed {
+            agent: agent.to_string(),
+            task: task.to_string(),
+            grants: texts,
+            expires_in_ms: (expires_ns != u64::MAX)
+                .then(|| expires_ns.saturating_sub(now) / 1_000_000),
+        })
+    }
+
+    /// Removes the grants of task `number`; returns how many there were.
+    fn revoke(&mut self, number: u32) -> anyhow::Result<usize> {
+        let Some(grants) = self.registry.get_mut(number).and_then(|t| t.grants.take()) else {
+            return Ok(0);
+        };
+        self.kernel.remove_task_grants(&grants.kernel)?;
+        Ok(grants.net.len() + grants.exec.len())
+    }
+
+    /// Arms what selectors can be armed, re-verifies changed executables, writes the kernel's
+    /// selector configuration and reports what changed.
+    fn arm_selectors(&mut self) {
+        let registry = &mut self.registry;
+        let report = self
+            .selected
+            .arm(&mut self.kernel, &self.cgroup_root, |agent| AgentSlot {
+                agent: agent_id(agent),
+                mode: common::MODE_ENFORCE,
+                task: registry.number(agent, UNVERIFIED_TASK),
+                source: common::SOURCE_EXECUTABLE,
+            });
+        if let Err(e) = self.kernel.set_identity_config(self.selected.config()) {
+            tracing::error!("writing the selector configuration: {e:#}");
+        }
+        for a in report.armed {
+            tracing::info!("selector armed: {a}");
+        }
+        for w in report.waiting {
+            tracing::info!("selector waiting: {w}");
+        }
+        for r in report.restored {
+            tracing::warn!("selector verified again: {r}");
+        }
+        for e in report.errors {
+            tracing::error!("selector not armed: {e}");
+        }
+        for (agent, m) in report.mismatches {
+            tracing::error!(agent, "executable selector digest mismatch: {m}");
+            let action = Action {
+                time: SystemTime::now(),
+                spiffe_id: self.spiffe_id(&agent),
+                agent,
+                task: UNVERIFIED_TASK.to_string(),
+                kind: ActionKind::Identity,
+                verdict: Verdict::Alert,
+                pid: std::process::id(),
+                uid: 0,
+                comm: "agent-monitor".into(),
+                exe: None,
+                destination: None,
+                interpreter: None,
+                socket: None,
+                dest_host: None,
+                dns_name: None,
+                chain: Vec::new(),
+                enforcement: None,
+                reason: format!("executable selector digest mismatch: {m}"),
+            };
+            self.report(action);
+        }
     }
 
     /// Warns (once per crossing) when the identity map nears its capacity; when it is full,
@@ -1050,8 +1679,8 @@ impl Monitor {
             tracing::warn!("heartbeat: {e:#}");
         }
         self.outputs.close_storms(SystemTime::now());
-        self.procs
-            .prune(monotonic_ns(), KEEP_EXITED.as_nanos() as u64);
+        let now = monotonic_ns();
+        self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
         self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
         let change = self.exec_files.refresh(&self.policies, self.bank_base);
@@ -1065,6 +1694,20 @@ impl Monitor {
                 tracing::warn!("{e:#}");
             }
         }
+        // The kernel already refuses expired grants; this only tidies the maps.
+        for number in self.registry.expired(now) {
+            let names = self
+                .registry
+                .get(number)
+                .map(|t| (t.agent.clone(), t.name.clone()));
+            match self.revoke(number) {
+                Ok(n) => {
+                    tracing::info!(task = ?names, grants = n, "task grants expired and removed")
+                }
+                Err(e) => tracing::warn!("removing expired grants of {names:?}: {e:#}"),
+            }
+        }
+        self.arm_selectors();
         self.report_kernel_losses();
         let gone: Vec<u64> = self
             .tasks
@@ -1121,6 +1764,27 @@ impl Monitor {
         }
         self.counters.lost_records = lost;
         self.counters.actions_lost = actions_lost;
+        self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
+        // Identity anomalies: logged when they grow, always counted.
+        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
+        if grown(
+            k[common::COUNTER_TAGS_FULL as usize],
+            &mut self.counters.tags_full,
+        ) {
+            tracing::error!(
+                total = self.counters.tags_full,
+                "processes could not be tagged (PROCESS_AGENTS full): they are not treated as agents"
+            );
+        }
+        if grown(
+            k[common::COUNTER_SELECTOR_CONFLICTS as usize],
+            &mut self.counters.selector_conflicts,
+        ) {
+            tracing::warn!(
+                total = self.counters.selector_conflicts,
+                "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
+            );
+        }
         self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
         self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
     }
@@ -1147,9 +1811,52 @@ impl Monitor {
             KernelEvent::Fork { subject, child } => {
                 self.procs.on_fork(subject.pid, child, &subject.comm)
             }
-            KernelEvent::Exit { subject } => self.procs.on_exit(subject.pid, subject.ktime_ns),
+            KernelEvent::Exit { subject } => {
+                self.procs.on_exit(subject.pid, subject.ktime_ns);
+                // Its pid may be reused: no longer a `run` that may report.
+                self.placed.remove(&subject.pid);
+            }
+            KernelEvent::Tagged {
+                subject,
+                path,
+                retagged_from,
+            } => {
+                let (agent, task) = self.identity(&subject);
+                tracing::info!(
+                    agent,
+                    task,
+                    pid = subject.pid,
+                    path,
+                    "process became an agent by its executable selector"
+                );
+                if let Some(prior) = retagged_from {
+                    let was = self.agent_name(prior);
+                    let why = format!(
+                        "selector conflict: pid {} was agent {was} (uid selector) and exec'd {path}, selected by agent {agent}; the executable selector outranks the uid selector, so it is now agent {agent}",
+                        subject.pid
+                    );
+                    self.report_conflict(&subject, agent, task, path.clone(), why);
+                }
+                self.procs
+                    .add_root(subject.pid, path, identity::proc_args(subject.pid));
+            }
+            KernelEvent::ClaimRefused {
+                subject,
+                path,
+                claimed_by,
+            } => {
+                let (agent, task) = self.identity(&subject);
+                let claimant = self.agent_name(claimed_by);
+                let why = format!(
+                    "selector conflict: pid {} exec'd {path}, selected by agent {claimant}, but it is agent {agent} by a higher-ranked identity ({}); it stays agent {agent}",
+                    subject.pid,
+                    source_name(subject.source)
+                );
+                self.report_conflict(&subject, agent, task, path, why);
+            }
             KernelEvent::Exec(e) => {
-                self.procs.on_exec(e.subject.pid, &e.path);
+                self.procs
+                    .on_exec(e.subject.pid, &e.path, identity::proc_args(e.subject.pid));
                 let action = self.exec_action(&e);
                 self.report(action);
             }
@@ -1162,7 +1869,7 @@ impl Monitor {
                 self.report(action);
             }
             KernelEvent::DnsRedirect(c) => {
-                let (agent, _) = self.identity(c.subject.cgroup_id);
+                let (agent, _) = self.identity(&c.subject);
                 if c.dns_refused {
                     let action = Action {
                         destination: Some(Destination {
@@ -1182,6 +1889,31 @@ impl Monitor {
                 }
             }
         }
+    }
+
+    /// Name of the agent at kernel index `index` (records carry indices in force).
+    fn agent_name(&self, index: u32) -> String {
+        self.agent_at(index)
+            .unwrap_or_else(|| format!("agent-index-{index}"))
+    }
+
+    /// A process two agents claimed: resolved by precedence in the kernel, reported here as
+    /// ACTION=identity VERDICT=alert (PRIORITY err) so the operator fixes the selectors.
+    fn report_conflict(
+        &mut self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        path: String,
+        why: String,
+    ) {
+        tracing::warn!("{why}");
+        let action = Action {
+            exe: Some(path),
+            reason: why,
+            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+        };
+        self.report(action);
     }
 
     /// Reports one query the DNS proxy judged; for an allowed answer, first installs its
@@ -1381,16 +2113,69 @@ impl Monitor {
         self.counters.dns_learned = self.learned.len() as u64;
     }
 
-    fn identity(&self, cgroup_id: u64) -> (String, String) {
-        match self.tasks.get(&cgroup_id) {
-            Some(t) => (t.agent.clone(), t.task.clone()),
-            None => ("?".into(), format!("cgroup-{cgroup_id}")),
+    /// Agent and task of an event, from the identity the kernel judged with.
+    /// Records carry the allowlist index the kernel judged with (live bank, or the previous one
+    /// for records judged just before a reload).
+    fn identity(&self, subject: &event::Subject) -> (String, String) {
+        let task = self.registry.get(subject.task);
+        if task.is_none()
+            && let Some(t) = self.tasks.get(&subject.cgroup_id)
+        {
+            return (t.agent.clone(), t.task.clone());
+        }
+        let agent = self
+            .agent_at(subject.agent)
+            .or_else(|| task.map(|t| t.agent.clone()))
+            .unwrap_or_else(|| format!("agent-index-{}", subject.agent));
+        let task = task.map_or_else(|| "none".to_string(), |t| t.name.clone());
+        (agent, task)
+    }
+
+    /// The agent whose allowlists sit at kernel index `index`.
+    fn agent_at(&self, index: u32) -> Option<String> {
+        let in_bank = |base: u32| index.checked_sub(base).filter(|p| *p < BANK_STRIDE);
+        let name = |set: &PolicySet, pos: u32| {
+            set.policies()
+                .get(pos as usize)
+                .map(|p| p.agent().to_string())
+        };
+        if let Some(pos) = in_bank(self.bank_base) {
+            return name(&self.policies, pos);
+        }
+        let pos = in_bank(self.bank_base ^ BANK_STRIDE)?;
+        name(&self.superseded.back()?.1, pos)
+    }
+
+    /// Why a grant allowed an action: the task's grant rule that covers it.
+    fn grant_reason(
+        &self,
+        task: u32,
+        rule: impl Fn(&identity::tasks::Grants) -> Option<String>,
+    ) -> String {
+        match self.registry.get(task) {
+            Some(t) => match t.grants.as_ref().and_then(rule) {
+                Some(r) => format!("granted to task {} by `task start`: {r}", t.name),
+                None => format!(
+                    "granted to task {} by `task start` (grant since ended)",
+                    t.name
+                ),
+            },
+            None => "granted to an unknown task".into(),
         }
     }
 
     fn exec_action(&mut self, e: &event::ExecEvent) -> Action {
-        let (agent, task) = self.identity(e.subject.cgroup_id);
-        let reason = if e.truncated {
+        let (agent, task) = self.identity(&e.subject);
+        let reason = if e.granted {
+            self.grant_reason(e.subject.task, |g| {
+                g.exec
+                    .iter()
+                    .find(|r| {
+                        r.matches(&e.path) || e.interpreter.as_deref().is_some_and(|i| r.matches(i))
+                    })
+                    .map(|r| format!("exec {}", r.text()))
+            })
+        } else if e.truncated {
             format!(
                 "{} {} bytes cannot be matched",
                 crate::action::REASON_EXEC_PATH_TOO_LONG,
@@ -1447,7 +2232,7 @@ impl Monitor {
     }
 
     fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
-        let (agent, task) = self.identity(c.subject.cgroup_id);
+        let (agent, task) = self.identity(&c.subject);
         let grant = self
             .dns_index(&agent)
             .and_then(|i| self.learned.lookup(i, c.addr, c.port))
@@ -1465,6 +2250,17 @@ impl Monitor {
                 self.counters.verdict_disagreements += 1;
                 tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
                 "allowed by a learned DNS address the daemon does not know".into()
+            }
+            _ if c.granted => {
+                let addr = crate::policy::to_table_addr(c.addr);
+                self.grant_reason(c.subject.task, |g| {
+                    g.net
+                        .iter()
+                        .find(|r| {
+                            r.covers(addr) && r.ports().lo <= c.port && c.port <= r.ports().hi
+                        })
+                        .map(|r| format!("connect {}", r.text()))
+                })
             }
             (_, false) => self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
                 p.check_connect(c.addr, c.port)
@@ -1502,7 +2298,7 @@ impl Monitor {
     }
 
     fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
-        let (agent, task) = self.identity(sk.subject.cgroup_id);
+        let (agent, task) = self.identity(&sk.subject);
         self.counters.sockets_refused += 1;
         let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
         Action {
@@ -1525,7 +2321,7 @@ impl Monitor {
         kind: ActionKind,
         verdict: Verdict,
     ) -> Action {
-        let (agent, task) = self.identity(subject.cgroup_id);
+        let (agent, task) = self.identity(subject);
         self.action(subject, agent, task, kind, verdict)
     }
 
@@ -1541,6 +2337,7 @@ impl Monitor {
         Action {
             time: SystemTime::now(),
             chain: self.procs.chain(subject.pid, &subject.comm),
+            spiffe_id: self.spiffe_id(&agent),
             agent,
             task,
             kind,
@@ -1671,20 +2468,50 @@ impl Monitor {
                 .into_iter()
                 .map(|a| (a, "no policy (denied everything)".to_string())),
         );
+        let now = monotonic_ns();
         let agents = names
             .into_iter()
             .map(|(agent, mode)| {
                 let c = self.per_agent.get(&agent);
+                let grants_of = |task: &str| {
+                    let g = self
+                        .registry
+                        .find(&agent, task)
+                        .and_then(|n| self.registry.get(n))
+                        .and_then(|t| t.grants.as_ref());
+                    let texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
+                    let left = g
+                        .filter(|g| g.expires_ns != u64::MAX)
+                        .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
+                    (texts, left)
+                };
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
                     .values()
                     .filter(|t| t.agent == agent)
-                    .map(|t| TaskStatus {
-                        task: t.task.clone(),
-                        cgroup: t.path.display().to_string(),
-                        processes: AgentCgroups::processes(&t.path),
+                    .map(|t| {
+                        let (grants, left) = grants_of(&t.task);
+                        TaskStatus {
+                            task: t.task.clone(),
+                            cgroup: t.path.display().to_string(),
+                            processes: AgentCgroups::processes(&t.path),
+                            grants,
+                            grants_expire_in_ms: left,
+                        }
                     })
                     .collect();
+                // Tasks with grants but no `run` cgroup (selector processes, or not started yet).
+                for (_, t) in self.registry.of_agent(&agent) {
+                    if t.grants.is_some() && !tasks.iter().any(|x| x.task == t.name) {
+                        let (grants, left) = grants_of(&t.name);
+                        tasks.push(TaskStatus {
+                            task: t.name.clone(),
+                            grants,
+                            grants_expire_in_ms: left,
+                            ..Default::default()
+                        });
+                    }
+                }
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
                 let dns_proxy =
                     self.dns_endpoints
@@ -1697,6 +2524,7 @@ impl Monitor {
                             tcp6: dns.tcp6,
                         });
                 AgentStatus {
+                    selectors: self.selected.describe(&agent),
                     agent,
                     mode,
                     tasks,
@@ -1739,4 +2567,46 @@ impl Monitor {
                 .collect(),
         }
     }
+}
+
+/// Entries of `old` that `new` does not write again (compared by prefix length and key bytes).
+fn stale_entries(old: &KernelTables, new: &KernelTables) -> KernelTables {
+    let net = old
+        .net
+        .iter()
+        .filter(|(len, key, _)| !new.net.iter().any(|(l, k, _)| l == len && k == key))
+        .cloned()
+        .collect();
+    let exec = old
+        .exec
+        .iter()
+        .filter(|(len, key)| {
+            !new.exec
+                .iter()
+                .any(|(l, k)| l == len && k.agent == key.agent && k.path == key.path)
+        })
+        .cloned()
+        .collect();
+    KernelTables { net, exec }
+}
+
+/// How a process became an agent, in words (`SOURCE_*`).
+fn source_name(source: u32) -> &'static str {
+    match source {
+        common::SOURCE_RUN => "agent-monitor run",
+        common::SOURCE_CGROUP => "cgroup selector",
+        common::SOURCE_UNIT => "systemd unit selector",
+        common::SOURCE_EXECUTABLE => "executable selector",
+        common::SOURCE_UID => "uid selector",
+        common::SOURCE_TASK_SWITCH => "task start --pid",
+        _ => "unknown",
+    }
+}
+
+/// Grants as `status` and the task commands show them: `connect ADDR`, `exec PATH`.
+fn grant_texts(net: &[crate::policy::NetRule], exec: &[crate::policy::ExecRule]) -> Vec<String> {
+    net.iter()
+        .map(|r| format!("connect {}", r.text()))
+        .chain(exec.iter().map(|r| format!("exec {}", r.text())))
+        .collect()
 }

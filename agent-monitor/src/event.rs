@@ -24,6 +24,20 @@ pub enum KernelEvent {
     Exit {
         subject: Subject,
     },
+    /// The process became an agent at exec by an executable selector (`retagged_from`: the
+    /// agent index it had before, when a higher-ranked selector took it from another agent).
+    Tagged {
+        subject: Subject,
+        path: String,
+        retagged_from: Option<u32>,
+    },
+    /// The executable selector of agent index `claimed_by` matched, but the identity in
+    /// `subject` outranks it: the process stays what it was.
+    ClaimRefused {
+        subject: Subject,
+        path: String,
+        claimed_by: u32,
+    },
 }
 
 /// Who acted: the task and the agent identity key.
@@ -35,6 +49,10 @@ pub struct Subject {
     pub tid: u32,
     pub uid: u32,
     pub comm: String,
+    /// The identity the kernel judged with: agent index, task number, `SOURCE_*`.
+    pub agent: u32,
+    pub task: u32,
+    pub source: u32,
 }
 
 impl Subject {
@@ -47,6 +65,9 @@ impl Subject {
             tid: 0,
             uid: 0,
             comm: "?".into(),
+            agent: u32::MAX,
+            task: common::TASK_NONE,
+            source: 0,
         }
     }
 }
@@ -64,6 +85,8 @@ pub struct ExecEvent {
     pub not_normal: bool,
     /// The kernel sent SIGKILL before the program's first instruction.
     pub killed: bool,
+    /// Allowed by a task grant rather than the static allowlist.
+    pub granted: bool,
     /// A script's `#!` interpreter (the program that runs), when there is one.
     pub interpreter: Option<String>,
     /// Device (kernel encoding) and inode of the file that runs.
@@ -92,6 +115,8 @@ pub struct ConnectEvent {
     pub port: u16,
     /// Socket type: 1 stream, 2 datagram, 3 raw…
     pub sock_type: u32,
+    /// Allowed by a task grant rather than the static allowlist.
+    pub granted: bool,
     /// A send naming its destination (sendmsg hook), not a connect.
     pub send: bool,
     /// The caller gave the unspecified address; it was judged as loopback.
@@ -135,12 +160,21 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         tid: rec.tid,
         uid: rec.uid,
         comm: c_string(&rec.comm),
+        agent: rec.agent,
+        task: rec.task,
+        source: rec.source,
+    };
+    let granted = rec.flags & common::FLAG_GRANTED != 0;
+    let path = || {
+        let len = (rec.path_len as usize).min(rec.path.len());
+        String::from_utf8_lossy(&rec.path[..len]).into_owned()
     };
     match rec.kind {
         common::KIND_EXEC => {
             let len = (rec.path_len as usize).min(rec.path.len());
             let interp_len = (rec.interp_len as usize).min(rec.interp.len());
             Ok(KernelEvent::Exec(ExecEvent {
+                granted,
                 interpreter: (interp_len > 0)
                     .then(|| String::from_utf8_lossy(&rec.interp[..interp_len]).into_owned()),
                 file_dev: rec.file_dev,
@@ -174,6 +208,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 addr,
                 port: rec.port,
                 sock_type: rec.sock_type,
+                granted,
                 learned: rec.flags & common::FLAG_LEARNED != 0,
                 dns_refused: rec.flags & common::FLAG_DNS_REFUSED != 0,
                 subject,
@@ -191,6 +226,18 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             protocol: rec.detail,
             subject,
         })),
+        common::KIND_TAGGED if rec.verdict == common::VERDICT_DENIED => {
+            Ok(KernelEvent::ClaimRefused {
+                path: path(),
+                claimed_by: rec.prior_agent,
+                subject,
+            })
+        }
+        common::KIND_TAGGED => Ok(KernelEvent::Tagged {
+            path: path(),
+            retagged_from: (rec.flags & common::FLAG_RETAGGED != 0).then_some(rec.prior_agent),
+            subject,
+        }),
         common::KIND_FORK => Ok(KernelEvent::Fork {
             child: rec.other_pid,
             subject,
@@ -280,6 +327,10 @@ mod tests {
             addr: [0; 16],
             flags: 0,
             path_len: 0,
+            agent: 3,
+            task: 9,
+            source: common::SOURCE_UID,
+            prior_agent: 0,
             path: [0xAA; 256],
             file_dev: 0,
             detail: 0,
@@ -384,6 +435,52 @@ mod tests {
             panic!()
         };
         assert_eq!(c.addr, "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn records_carry_the_kernel_identity_and_grant_flag() {
+        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
+        r.family = common::AF_INET;
+        r.flags = common::FLAG_GRANTED;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert!(c.granted);
+        assert_eq!(
+            (c.subject.agent, c.subject.task, c.subject.source),
+            (3, 9, common::SOURCE_UID)
+        );
+    }
+
+    #[test]
+    fn tagged_record_names_path_and_prior_agent() {
+        let mut r = blank(common::KIND_TAGGED, common::VERDICT_NONE);
+        r.path[..8].copy_from_slice(b"/opt/bot");
+        r.path_len = 8;
+        let KernelEvent::Tagged {
+            path,
+            retagged_from,
+            ..
+        } = decode(&bytes(&r)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((path.as_str(), retagged_from), ("/opt/bot", None));
+        r.flags = common::FLAG_RETAGGED;
+        r.prior_agent = 1;
+        assert!(matches!(
+            decode(&bytes(&r)),
+            Ok(KernelEvent::Tagged {
+                retagged_from: Some(1),
+                ..
+            })
+        ));
+        r.verdict = common::VERDICT_DENIED;
+        r.prior_agent = 2;
+        assert!(matches!(
+            decode(&bytes(&r)),
+            Ok(KernelEvent::ClaimRefused { claimed_by: 2, .. })
+        ));
     }
 
     #[test]

@@ -33,5 +33,6 @@ fn main() -> ExitCode {
         cli::Command::Status(args) => client::status(args),
         cli::Command::Reload(args) => client::reload(args),
         cli::Command::Events(args) => client::events(args),
+        cli::Command::Task(cmd) => client::task(cmd),
     }
 }

@@ -411,6 +411,113 @@ pub fn kernel_links_of(program_ids: &[u64]) -> Vec<(u32, u32)> {
         .collect()
 }
 
+// ---- identity, tasks and grants (issue 4) ----
+
+impl Daemon {
+    /// `agent-monitor <args…> --control-socket <ours>`, waited for (task start/end, status…).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("running agent-monitor")
+    }
+
+    /// `agent-monitor run --agent AGENT --task TASK [extra…] -- CMD…`, not waited for; stdout piped.
+    pub fn spawn_run(&self, agent: &str, task: &str, extra: &[&str], cmd: &[&str]) -> Child {
+        Command::new(binary())
+            .arg("run")
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(["--agent", agent, "--task", task])
+            .args(extra)
+            .arg("--")
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning agent-monitor run")
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's grant expiry (bpf_ktime_get_ns) and of
+/// Python's `time.monotonic()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// sha256 of a file as 64 hex digits (sha256sum).
+pub fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    text(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// The cgroup v2 mount (hybrid hosts: /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> PathBuf {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if unified.join("cgroup.procs").exists() {
+        unified.to_path_buf()
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
+/// A cgroup made for one test, removed (after its processes are gone) on drop.
+pub struct TestCgroup {
+    /// Host path.
+    pub path: PathBuf,
+    /// Path below the cgroup v2 root, as a policy names it.
+    pub rel: String,
+    top: PathBuf,
+}
+
+impl TestCgroup {
+    /// Creates `<cgroup2>/<top>/<inner…>`; `rel` names `<top>/<inner>`.
+    pub fn new(top: &str, inner: &str) -> TestCgroup {
+        let root = cgroup2_root();
+        let rel = format!("/{top}/{inner}");
+        let path = root.join(top).join(inner);
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup {
+            path,
+            rel,
+            top: root.join(top),
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Deepest first; a cgroup with processes left cannot go (they are ours and exiting).
+        for _ in 0..50 {
+            let mut dirs: Vec<PathBuf> = walk_dirs(&self.top);
+            dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for d in dirs {
+                let _ = std::fs::remove_dir(d);
+            }
+            if !self.top.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// A real DNS server for the DNS tests: dnsmasq on 127.0.0.1 at a free port, with only the
 /// records the test gives (`--address`, `--host-record`, `--cname`, …), logging every query it
 /// receives so a test can prove a refused name never reached it.
@@ -501,6 +608,44 @@ impl Drop for Dnsmasq {
             let _ = c.wait();
         }
     }
+}
+
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(walk_dirs(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// A bash one-liner body that connects to 127.0.0.1:PORT through /dev/tcp: exit 0 connected,
+/// 1 refused (bash prints the errno text, e.g. "Operation not permitted").
+pub fn bash_connect(port: u16) -> String {
+    format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected")
+}
+
+/// A policy file (name, TOML) in enforce mode with the given allowlists and `[identity]` body.
+pub fn identity_policy(
+    agent: &str,
+    net: &[String],
+    exec: &[&str],
+    identity: &str,
+) -> (String, String) {
+    let list = |v: &mut dyn Iterator<Item = String>| {
+        v.map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    };
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n[identity]\n{identity}\n",
+            list(&mut net.iter().cloned()),
+            list(&mut exec.iter().map(|s| s.to_string()))
+        ),
+    )
 }
 
 /// A UDP port free on 127.0.0.1 right now (the OS picks it; the socket is closed again).

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use agent_monitor_common::{
-    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsProxy, ExecFileKey, ExecKey,
-    KernelOffsets, Learned, NetAllow, NetKey,
+    self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsProxy, ExecFileKey, ExecKey, Expiry,
+    IdentityConfig, KernelOffsets, Learned, NetAllow, NetGrant, NetKey,
 };
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -278,6 +278,7 @@ impl Kernel {
             }
         }
         let identities = agent_cgroups_of(&old_maps).unwrap_or_default();
+        let tags = tags_of(&old_maps);
         drop(old_maps);
         pins.remove_pins()?;
         let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
@@ -294,6 +295,9 @@ impl Kernel {
         };
         for (id, slot) in identities {
             kernel.add_agent_cgroup(id, slot)?;
+        }
+        for (tid, slot) in tags {
+            kernel.tag_thread(tid, slot)?;
         }
         Ok(kernel)
     }
@@ -497,6 +501,136 @@ impl Kernel {
         agent_cgroups_of(&self.maps)
     }
 
+    /// Which selector kinds the kernel consults beyond the agent cgroups.
+    pub fn set_identity_config(&mut self, config: IdentityConfig) -> anyhow::Result<()> {
+        let mut m: Array<_, IdentityConfig> = Array::try_from(self.map_mut("IDENTITY_CONFIG")?)?;
+        m.set(0, config, 0)
+            .context("writing the identity configuration map")
+    }
+
+    pub fn set_uid_selector(&mut self, uid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("UID_SELECTORS")?)?;
+        m.insert(uid, slot, 0)
+            .context("adding to the uid selector map (full?)")
+    }
+
+    /// Arms (or re-arms with another slot) the executable selector for the file `key`
+    /// (device and inode, `agent` 0).
+    pub fn set_exec_selector(&mut self, key: ExecFileKey, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(self.map_mut("EXEC_SELECTORS")?)?;
+        m.insert(key, slot, 0)
+            .context("adding to the executable selector map (full?)")
+    }
+
+    pub fn remove_exec_selector(&mut self, key: ExecFileKey) -> anyhow::Result<()> {
+        let mut m: HashMap<_, ExecFileKey, AgentSlot> =
+            HashMap::try_from(self.map_mut("EXEC_SELECTORS")?)?;
+        match m.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from the executable selector map"),
+        }
+    }
+
+    /// Every per-thread tag: (thread id, identity).
+    pub fn tags(&self) -> Vec<(u32, AgentSlot)> {
+        tags_of(&self.maps)
+    }
+
+    pub fn uid_selectors(&self) -> anyhow::Result<Vec<u32>> {
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map("UID_SELECTORS")?)?;
+        Ok(m.keys().filter_map(Result::ok).collect())
+    }
+
+    pub fn remove_uid_selector(&mut self, uid: u32) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("UID_SELECTORS")?)?;
+        match m.remove(&uid) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from the uid selector map"),
+        }
+    }
+
+    pub fn exec_selectors(&self) -> anyhow::Result<Vec<ExecFileKey>> {
+        let m: HashMap<_, ExecFileKey, AgentSlot> = HashMap::try_from(self.map("EXEC_SELECTORS")?)?;
+        Ok(m.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Removes every task grant in the kernel; returns how many entries went.
+    pub fn clear_task_grants(&mut self) -> anyhow::Result<usize> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(self.map_mut("TASK_NET_GRANTS")?)?;
+        let keys: Vec<Key<NetKey>> = net.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            net.remove(k).context("removing a task network grant")?;
+        }
+        let mut n = keys.len();
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(self.map_mut("TASK_EXEC_GRANTS")?)?;
+        let keys: Vec<Key<ExecKey>> = exec.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            exec.remove(k).context("removing a task exec grant")?;
+        }
+        n += keys.len();
+        Ok(n)
+    }
+
+    /// Tags thread `tid` as `slot` (a task switch of a selector-identified process).
+    pub fn tag_thread(&mut self, tid: u32, slot: AgentSlot) -> anyhow::Result<()> {
+        let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("PROCESS_AGENTS")?)?;
+        m.insert(tid, slot, 0)
+            .context("tagging a process in PROCESS_AGENTS (full?)")
+    }
+
+    /// The tag of thread `tid`, if it has one.
+    pub fn thread_tag(&self, tid: u32) -> Option<AgentSlot> {
+        let m = self.maps.get("PROCESS_AGENTS")?;
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(m).ok()?;
+        m.get(&tid, 0).ok()
+    }
+
+    /// Writes the grants of one task (entries keyed by the task number), valid until `expiry`.
+    pub fn set_task_grants(&mut self, tables: &KernelTables, expiry: Expiry) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(self.map_mut("TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, allow) in &tables.net {
+            let grant = NetGrant {
+                expiry,
+                allow: *allow,
+                _pad: 0,
+            };
+            net.insert(&Key::new(*prefix_len, *key), grant, 0)
+                .context("writing the task network grant map (full?)")?;
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(self.map_mut("TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            exec.insert(&Key::new(*prefix_len, *key), expiry, 0)
+                .context("writing the task exec grant map (full?)")?;
+        }
+        Ok(())
+    }
+
+    /// Removes grant entries written by `set_task_grants`. Entries already gone are fine.
+    pub fn remove_task_grants(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
+        let mut net: LpmTrie<_, NetKey, NetGrant> =
+            LpmTrie::try_from(self.map_mut("TASK_NET_GRANTS")?)?;
+        for (prefix_len, key, _) in &tables.net {
+            match net.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task network grant"),
+            }
+        }
+        let mut exec: LpmTrie<_, ExecKey, Expiry> =
+            LpmTrie::try_from(self.map_mut("TASK_EXEC_GRANTS")?)?;
+        for (prefix_len, key) in &tables.exec {
+            match exec.remove(&Key::new(*prefix_len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing a task exec grant"),
+            }
+        }
+        Ok(())
+    }
+
     /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other
     /// agent away from that endpoint.
     pub fn set_dns_proxy(&mut self, agent: u32, ports: DnsProxy) -> anyhow::Result<()> {
@@ -594,6 +728,10 @@ impl Kernel {
                     let h: HashMap<_, u32, AgentSlot> = HashMap::try_from(m)?;
                     h.keys().count() as u64
                 }
+                Map::HashMap(_) if name == "PROCESS_AGENTS" => {
+                    let h: HashMap<_, u32, AgentSlot> = HashMap::try_from(m)?;
+                    h.keys().count() as u64
+                }
                 Map::HashMap(_) if name == "EXEC_FILES" => {
                     let h: HashMap<_, ExecFileKey, u32> = HashMap::try_from(m)?;
                     h.keys().count() as u64
@@ -619,6 +757,7 @@ impl Kernel {
             ("NET_ALLOW", common::MAX_NET_ENTRIES),
             ("EXEC_ALLOW", common::MAX_EXEC_ENTRIES),
             ("EXEC_FILES", common::MAX_EXEC_ENTRIES),
+            ("PROCESS_AGENTS", common::MAX_TAGGED_TASKS),
         ]
         .into_iter()
         .map(|(name, cap)| {
@@ -820,6 +959,16 @@ fn agent_cgroups_of(maps: &BTreeMap<String, Map>) -> anyhow::Result<Vec<(u64, Ag
         .ok_or_else(|| anyhow!("map AGENT_CGROUPS missing"))?;
     let h: HashMap<_, u64, AgentSlot> = HashMap::try_from(m)?;
     Ok(h.iter().filter_map(Result::ok).collect())
+}
+
+/// Per-thread tags (issue 4) an upgrade carries into the new build's maps before the old programs
+/// go, or tagged processes would fall out of their agent. (Task grants are not carried: a new
+/// daemon revokes them anyway, see the daemon's `recover_tasks`.)
+fn tags_of(maps: &BTreeMap<String, Map>) -> Vec<(u32, AgentSlot)> {
+    maps.get("PROCESS_AGENTS")
+        .and_then(|m| HashMap::<_, u32, AgentSlot>::try_from(m).ok())
+        .map(|h| h.iter().filter_map(Result::ok).collect())
+        .unwrap_or_default()
 }
 
 fn unix_ns() -> u64 {

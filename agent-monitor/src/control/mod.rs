@@ -14,7 +14,7 @@ pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
@@ -31,6 +31,75 @@ pub enum Request {
         #[serde(default)]
         agent: Option<String>,
     },
+    /// Start (or extend) task `task` of `agent`: grant it the given connects and execs for `ttl_ms`
+    /// (none: until `task end`), and optionally move process `pid` into it. Admins only.
+    TaskStart {
+        agent: String,
+        task: String,
+        #[serde(default)]
+        allow_connect: Vec<String>,
+        #[serde(default)]
+        allow_exec: Vec<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+        #[serde(default)]
+        pid: Option<u32>,
+    },
+    /// End task `task` of `agent`: its grants go at once. Admins, or a process of that very task.
+    TaskEnd { agent: String, task: String },
+    /// Narrow task `task` of `agent`: keep only the named grants (as written when granted), and
+    /// end them no later than `ttl_ms` from now. Admins, or a process of that very task.
+    TaskNarrow {
+        agent: String,
+        task: String,
+        #[serde(default)]
+        keep_connect: Vec<String>,
+        #[serde(default)]
+        keep_exec: Vec<String>,
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// A call `run`'s seccomp filter caught in one of its agent's processes, already answered.
+    /// Accepted only from the `run` process the daemon placed, for that task; it can only add a
+    /// denied or alert record.
+    Caught(CaughtReport),
+}
+
+/// A caught call as `run` answered it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaughtReport {
+    pub pid: u32,
+    pub call: CaughtCall,
+    /// Failed with EPERM; else it ran (alert mode).
+    pub refused: bool,
+    pub comm: String,
+    pub exe: Option<String>,
+    /// Effective uid (owner of /proc/PID).
+    pub uid: u32,
+}
+
+/// A system call the `run` filter caught (see sandbox.rs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CaughtCall {
+    /// socket(2) of a family agents may not have.
+    Socket {
+        family: u32,
+        sock_type: u32,
+        protocol: u32,
+    },
+    /// i386 socketcall(2), operation `op`.
+    Socketcall {
+        op: u32,
+    },
+    IoUringSetup,
+    /// seccomp(2) asking for a notification listener.
+    SeccompListener,
+    /// Anything else the filter sends (should not happen).
+    Other {
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,7 +109,12 @@ pub enum Response {
         agent: String,
         task: String,
         cgroup: String,
+        /// The agent's mode ("enforce" or "alert"), so `run` shapes its filter to match.
+        #[serde(default)]
+        mode: Option<String>,
     },
+    /// A `caught` report was recorded.
+    Recorded {},
     Status(Status),
     Reloaded {
         agents: Vec<String>,
@@ -50,6 +124,30 @@ pub enum Response {
     /// N actions went by too fast for this connection (they are in the JSON trail).
     Events {
         history: Vec<serde_json::Value>,
+    },
+    TaskStarted {
+        agent: String,
+        task: String,
+        /// Grants in force now, as given.
+        grants: Vec<String>,
+        /// Milliseconds until they expire (none: until `task end`).
+        expires_in_ms: Option<u64>,
+        /// The process moved into the task, if one was named.
+        moved: Option<u32>,
+    },
+    TaskEnded {
+        agent: String,
+        task: String,
+        /// Grants removed.
+        revoked: usize,
+    },
+    TaskNarrowed {
+        agent: String,
+        task: String,
+        /// Grants left.
+        grants: Vec<String>,
+        /// Milliseconds until they expire (none: until `task end`).
+        expires_in_ms: Option<u64>,
     },
     Error {
         message: String,
@@ -80,6 +178,9 @@ pub struct AgentStatus {
     pub agent: String,
     pub mode: String,
     pub tasks: Vec<TaskStatus>,
+    /// Workload selectors and their state (armed, waiting, UNVERIFIED).
+    #[serde(default)]
+    pub selectors: Vec<String>,
     pub actions: u64,
     pub allowed: u64,
     pub denied: u64,
@@ -102,6 +203,12 @@ pub struct TaskStatus {
     pub task: String,
     pub cgroup: String,
     pub processes: Vec<u32>,
+    /// Grants in force (`connect ADDR`, `exec PATH`).
+    #[serde(default)]
+    pub grants: Vec<String>,
+    /// Milliseconds until they expire; none: until `task end` (or no grants).
+    #[serde(default)]
+    pub grants_expire_in_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -119,6 +226,9 @@ pub struct Counters {
     /// Sockets of a kind agents may not have (raw, ping, SCTP, MPTCP…), refused or alerted.
     #[serde(default)]
     pub sockets_refused: u64,
+    /// Calls `run`'s seccomp filter caught and `run` reported (refused or, alert mode, let run).
+    #[serde(default)]
+    pub seccomp_caught: u64,
     /// Execs inside a user namespace, where only exact rules' files are allowed.
     #[serde(default)]
     pub execs_in_user_namespaces: u64,
@@ -139,6 +249,17 @@ pub struct Counters {
     /// Identical denials/alerts folded into journald repeat summaries (all are in the JSON trail).
     #[serde(default)]
     pub journald_aggregated: u64,
+    /// Connects/execs the kernel refused because the matching task grant had expired (before
+    /// the daemon removed it).
+    #[serde(default)]
+    pub grants_expired_in_kernel: u64,
+    /// Processes that could not be tagged (tag map full): they did not become the agent.
+    #[serde(default)]
+    pub tags_full: u64,
+    /// Execs of one agent's selected executable by a process a higher-ranked selector of
+    /// another agent holds (it stayed with that agent).
+    #[serde(default)]
+    pub selector_conflicts: u64,
     /// DNS queries the agents' proxy judged.
     #[serde(default)]
     pub dns_queries: u64,
@@ -182,7 +303,9 @@ pub enum ClientError {
         "the agent-monitor daemon is not running (no control socket at {path}); start it with `agent-monitor daemon`"
     )]
     NotRunning { path: String },
-    #[error("permission denied on the control socket {path}: it is root-only")]
+    #[error(
+        "permission denied on the control socket {path}: it is for root and the daemon's --admin-group"
+    )]
     PermissionDenied { path: String },
     #[error("control socket {path}: {source}")]
     Io {
@@ -253,10 +376,74 @@ pub fn call_then(
     Ok(resp)
 }
 
+impl Request {
+    /// Short name of the operation, for reports.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Place { .. } => "place",
+            Request::Status {} => "status",
+            Request::Reload {} => "reload",
+            Request::Events { .. } => "events",
+            Request::TaskStart { .. } => "task_start",
+            Request::TaskEnd { .. } => "task_end",
+            Request::TaskNarrow { .. } => "task_narrow",
+            Request::Caught(_) => "caught",
+        }
+    }
+
+    /// The (agent, task) the request acts on, if any.
+    pub fn target(&self) -> Option<(&str, &str)> {
+        match self {
+            Request::Place { agent, task }
+            | Request::TaskStart { agent, task, .. }
+            | Request::TaskEnd { agent, task }
+            | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
+            Request::Status {}
+            | Request::Reload {}
+            | Request::Events { .. }
+            | Request::Caught(_) => None,
+        }
+    }
+}
+
+/// Who may do what on the control socket. `admin`: root or a member of the admin group.
+/// `inside`: the (agent, task) the calling process itself belongs to, if it is an agent process.
+///
+/// A process inside an agent may only end or narrow its own task (or `run` again into exactly its
+/// own task, which changes nothing) — even as root: otherwise an agent could start a task with wider
+/// grants, switch to another agent's allowlist, or end another agent's work.
+pub fn authorize(
+    request: &Request,
+    admin: bool,
+    inside: Option<(&str, &str)>,
+) -> Result<(), String> {
+    // `run` reports from inside its agent; the daemon accepts a report only from a `run` it
+    // placed (see `Monitor::on_caught`), whatever the caller's rights.
+    if let Request::Caught(_) = request {
+        return Ok(());
+    }
+    if let Some((agent, task)) = inside {
+        let own = request.target() == Some((agent, task));
+        return match request {
+            Request::TaskEnd { .. } | Request::TaskNarrow { .. } | Request::Place { .. } if own => {
+                Ok(())
+            }
+            _ => Err(format!(
+                "the caller is itself a process of agent {agent} (task {task}); from inside an agent only `task end` or `task narrow` of --agent {agent} --task {task} is allowed, never widening a task or touching another agent"
+            )),
+        };
+    }
+    if admin {
+        Ok(())
+    } else {
+        Err("the control socket is for root and members of the daemon's --admin-group".into())
+    }
+}
+
 /// Parses a request line; the error says what was wrong, for the caller.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| {
-        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"reload\"}} or {{\"op\":\"events\",\"follow\":…,\"agent\":…}}")
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"reload\"}}, {{\"op\":\"events\",\"follow\":…,\"agent\":…}}, {{\"op\":\"task_start\",…}}, {{\"op\":\"task_end\",\"agent\":…,\"task\":…}} or {{\"op\":\"caught\",…}} (from `run` only)")
     })
 }
 
@@ -277,10 +464,123 @@ mod tests {
                 follow: true,
                 agent: Some("a".into()),
             },
+            Request::TaskStart {
+                agent: "a".into(),
+                task: "t".into(),
+                allow_connect: vec!["127.0.0.1:80".into()],
+                allow_exec: vec![],
+                ttl_ms: Some(1000),
+                pid: None,
+            },
+            Request::TaskEnd {
+                agent: "a".into(),
+                task: "t".into(),
+            },
+            Request::Caught(CaughtReport {
+                pid: 7,
+                call: CaughtCall::Socket {
+                    family: 40,
+                    sock_type: 1,
+                    protocol: 0,
+                },
+                refused: true,
+                comm: "python3".into(),
+                exe: None,
+                uid: 65534,
+            }),
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s).unwrap(), r);
         }
+    }
+
+    fn start(agent: &str, task: &str) -> Request {
+        Request::TaskStart {
+            agent: agent.into(),
+            task: task.into(),
+            allow_connect: vec!["10.0.0.1:443".into()],
+            allow_exec: vec![],
+            ttl_ms: None,
+            pid: None,
+        }
+    }
+
+    fn end(agent: &str, task: &str) -> Request {
+        Request::TaskEnd {
+            agent: agent.into(),
+            task: task.into(),
+        }
+    }
+
+    #[test]
+    fn admins_outside_agents_may_do_everything() {
+        for r in [start("a", "t"), end("a", "t"), Request::Status {}] {
+            assert!(authorize(&r, true, None).is_ok());
+            assert!(
+                authorize(&r, false, None)
+                    .unwrap_err()
+                    .contains("--admin-group")
+            );
+        }
+    }
+
+    #[test]
+    fn inside_an_agent_only_its_own_task_may_be_ended_even_by_root() {
+        let me = Some(("a", "t"));
+        assert!(authorize(&end("a", "t"), true, me).is_ok());
+        assert!(authorize(&end("a", "t"), false, me).is_ok());
+        let narrow = |task: &str| Request::TaskNarrow {
+            agent: "a".into(),
+            task: task.into(),
+            keep_connect: vec![],
+            keep_exec: vec![],
+            ttl_ms: Some(1),
+        };
+        assert!(authorize(&narrow("t"), false, me).is_ok());
+        assert!(authorize(&narrow("other"), true, me).is_err());
+        for r in [
+            start("a", "t"),
+            start("a", "other"),
+            start("b", "t"),
+            end("a", "other"),
+            end("b", "t"),
+            Request::Place {
+                agent: "b".into(),
+                task: "t".into(),
+            },
+            Request::Status {},
+        ] {
+            let e = authorize(&r, true, me).unwrap_err();
+            assert!(e.contains("from inside an agent"), "{r:?}: {e}");
+        }
+        let same = Request::Place {
+            agent: "a".into(),
+            task: "t".into(),
+        };
+        assert!(authorize(&same, true, me).is_ok());
+    }
+
+    /// `run` reports from inside its agent; who may report is decided against the placements.
+    #[test]
+    fn caught_reports_pass_authorization_from_inside_an_agent() {
+        let caught = Request::Caught(CaughtReport {
+            pid: 7,
+            call: CaughtCall::IoUringSetup,
+            refused: true,
+            comm: "sh".into(),
+            exe: None,
+            uid: 0,
+        });
+        assert_eq!(authorize(&caught, false, Some(("a", "t"))), Ok(()));
+        let widen = Request::TaskStart {
+            agent: "a".into(),
+            task: "t".into(),
+            allow_connect: vec![],
+            allow_exec: vec![],
+            ttl_ms: None,
+            pid: None,
+        };
+        assert!(authorize(&widen, true, Some(("a", "t"))).is_err());
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! Agent identity: the cgroups that make a process an agent, the registry of (agent, task) cgroups,
-//! and the process table that names the chain from an agent's root process to the acting one.
+//! Agent identity: the cgroups that make a process an agent, selectors, tasks and their grants,
+//! control-socket peers, and the process table that names the chain from an agent's root process to the acting one.
 
 mod cgroup;
+pub mod peer;
 mod process;
+pub mod selected;
+pub mod tasks;
 
-pub use cgroup::AgentCgroups;
-pub use process::ProcessTable;
+pub use cgroup::{AgentCgroups, TaskCgroup};
+pub use peer::Peer;
+pub use process::{ProcessTable, proc_args};
+pub use tasks::{DEFAULT_TASK, Tasks, UNVERIFIED_TASK};
 
 /// An agent's stable id in the kernel's identity maps: FNV-1a of its name. Stable across reloads
 /// and restarts (what moves is the allowlist index the kernel looks up for it in `AGENT_TABLES`),

@@ -12,6 +12,8 @@ const MAX_CHAIN: usize = 32;
 struct Proc {
     parent: Option<u32>,
     exe: String,
+    /// First arguments of its last exec (argv[1..], shortened).
+    args: Vec<String>,
     /// Monotonic ns of its exit. Exited processes are kept a while: a daemonised grandchild's
     /// actions are reported after its parent is gone, and the chain must still name that parent.
     exited_at: Option<u64>,
@@ -25,26 +27,28 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     /// A process that became an agent without being forked by one (the `run` client).
-    pub fn add_root(&mut self, pid: u32, exe: String) {
+    pub fn add_root(&mut self, pid: u32, exe: String, args: Vec<String>) {
         self.procs.insert(
             pid,
             Proc {
                 parent: None,
                 exe,
+                args,
                 exited_at: None,
             },
         );
     }
 
     pub fn on_fork(&mut self, parent: u32, child: u32, parent_comm: &str) {
-        let exe = self
+        let (exe, args) = self
             .procs
             .get(&parent)
-            .map(|p| p.exe.clone())
-            .unwrap_or_else(|| parent_comm.to_string());
+            .map(|p| (p.exe.clone(), p.args.clone()))
+            .unwrap_or_else(|| (parent_comm.to_string(), Vec::new()));
         self.procs.entry(parent).or_insert_with(|| Proc {
             parent: None,
             exe: exe.clone(),
+            args: args.clone(),
             exited_at: None,
         });
         self.procs.insert(
@@ -52,18 +56,23 @@ impl ProcessTable {
             Proc {
                 parent: Some(parent),
                 exe,
+                args,
                 exited_at: None,
             },
         );
     }
 
-    pub fn on_exec(&mut self, pid: u32, path: &str) {
+    pub fn on_exec(&mut self, pid: u32, path: &str, args: Vec<String>) {
         self.procs
             .entry(pid)
-            .and_modify(|p| p.exe = path.to_string())
+            .and_modify(|p| {
+                p.exe = path.to_string();
+                p.args = args.clone();
+            })
             .or_insert_with(|| Proc {
                 parent: None,
                 exe: path.to_string(),
+                args,
                 exited_at: None,
             });
     }
@@ -104,6 +113,7 @@ impl ProcessTable {
                     out.push(ChainLink {
                         pid: p,
                         exe: proc.exe.clone(),
+                        args: proc.args.clone(),
                     });
                     cur = proc.parent;
                 }
@@ -112,6 +122,7 @@ impl ProcessTable {
                         out.push(ChainLink {
                             pid: p,
                             exe: fallback.to_string(),
+                            args: Vec::new(),
                         });
                     }
                     break;
@@ -134,22 +145,23 @@ mod tests {
     #[test]
     fn chain_follows_forks_and_execs() {
         let mut t = ProcessTable::default();
-        t.add_root(10, "/usr/bin/agent-monitor".into());
-        t.on_exec(10, "/usr/bin/python3");
+        t.add_root(10, "/usr/bin/agent-monitor".into(), vec![]);
+        t.on_exec(10, "/usr/bin/python3", vec!["tool.py".into()]);
         t.on_fork(10, 11, "python3");
-        t.on_exec(11, "/bin/sh");
+        t.on_exec(11, "/bin/sh", vec!["-c".into(), "curl x".into()]);
         t.on_fork(11, 12, "sh");
-        t.on_exec(12, "/usr/bin/curl");
+        t.on_exec(12, "/usr/bin/curl", vec![]);
         let c = t.chain(12, "curl");
         assert_eq!(pids(&c), vec![10, 11, 12]);
         assert_eq!(c[0].exe, "/usr/bin/python3");
         assert_eq!(c[2].exe, "/usr/bin/curl");
+        assert_eq!(c[1].args, ["-c", "curl x"]);
     }
 
     #[test]
     fn forked_child_inherits_exe_until_it_execs() {
         let mut t = ProcessTable::default();
-        t.add_root(1, "/bin/sh".into());
+        t.add_root(1, "/bin/sh".into(), vec![]);
         t.on_fork(1, 2, "sh");
         assert_eq!(t.exe(2), Some("/bin/sh"));
     }
@@ -165,7 +177,7 @@ mod tests {
     #[test]
     fn exited_parents_stay_in_the_chain_until_pruned() {
         let mut t = ProcessTable::default();
-        t.add_root(1, "/bin/sh".into());
+        t.add_root(1, "/bin/sh".into(), vec![]);
         t.on_fork(1, 2, "sh");
         t.on_fork(2, 3, "sh");
         t.on_exit(2, 1_000);
@@ -185,10 +197,51 @@ mod tests {
         t.on_fork(2, 1, "b"); // pid reuse can make a loop
         assert!(t.chain(1, "x").len() <= 2);
         let mut t = ProcessTable::default();
-        t.add_root(0, "/r".into());
+        t.add_root(0, "/r".into(), vec![]);
         for p in 1..100 {
             t.on_fork(p - 1, p, "x");
         }
         assert_eq!(t.chain(99, "x").len(), MAX_CHAIN);
+    }
+}
+
+/// The first arguments of `pid` (argv[1..]) from /proc: at most `MAX_ARGS`, each cut at
+/// `MAX_ARG_CHARS`. Empty when the process is gone or has none.
+pub fn proc_args(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| args_from_cmdline(&b))
+        .unwrap_or_default()
+}
+
+const MAX_ARGS: usize = 4;
+const MAX_ARG_CHARS: usize = 80;
+
+pub fn args_from_cmdline(raw: &[u8]) -> Vec<String> {
+    raw.split(|&b| b == 0)
+        .skip(1)
+        .filter(|a| !a.is_empty())
+        .take(MAX_ARGS)
+        .map(|a| {
+            let s = String::from_utf8_lossy(a);
+            if s.chars().count() > MAX_ARG_CHARS {
+                let cut: String = s.chars().take(MAX_ARG_CHARS).collect();
+                format!("{cut}…")
+            } else {
+                s.into_owned()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod args_tests {
+    #[test]
+    fn cmdline_args_are_shortened() {
+        let raw = b"/usr/bin/python3\0-c\0print(1)\0a\0b\0c\0";
+        assert_eq!(super::args_from_cmdline(raw), ["-c", "print(1)", "a", "b"]);
+        let long = format!("x\0{}\0", "y".repeat(100));
+        let a = super::args_from_cmdline(long.as_bytes());
+        assert_eq!(a[0].chars().count(), 81);
+        assert!(super::args_from_cmdline(b"").is_empty());
     }
 }

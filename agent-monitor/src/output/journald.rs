@@ -275,6 +275,7 @@ mod tests {
             ("SYSLOG_IDENTIFIER", "agent-monitor"),
             ("MESSAGE_ID", message_id::ACTION_DENIED),
             ("AGENT_ID", "coder"),
+            ("AGENT_SPIFFE_ID", "spiffe://host.example/agent/coder"),
             ("TASK_ID", "t-42"),
             ("ACTION", "connect"),
             ("VERDICT", "denied"),
@@ -288,7 +289,7 @@ mod tests {
             ("DEST_HOST", "api.example.com"),
             (
                 "PROCESS_CHAIN",
-                "4000:/usr/bin/python3 > 4100:/bin/sh > 4242:/usr/bin/curl",
+                "4000:/usr/bin/python3 > 4100:/bin/sh \"-c curl https://10.1.2.3\" > 4242:/usr/bin/curl",
             ),
             ("ENFORCEMENT", "eperm"),
             ("REASON", "no network rule matches 10.1.2.3:443"),

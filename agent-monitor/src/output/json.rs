@@ -14,7 +14,7 @@ use super::{FieldValue, Sink, SinkError, action_fields, journald};
 use crate::action::Action;
 
 /// The audit record of `action`: every field of [`super::Field`] under its JSON name (`null` where
-/// it does not apply), `process_chain` as an array of `{pid, exe}`, `time` and `priority`. The
+/// it does not apply), `process_chain` as an array of `{pid, exe, args}`, `time` and `priority`. The
 /// same object as [`json_line`] writes, as a value (for readers of single records and tests).
 #[cfg_attr(not(test), allow(dead_code))]
 pub fn json_record(action: &Action) -> Result<Map<String, Value>, SinkError> {
@@ -212,6 +212,7 @@ mod tests {
         let v = parse(&json_line(&connect_action()).unwrap());
         let expected = json!({
             "agent_id": "coder",
+            "agent_spiffe_id": "spiffe://host.example/agent/coder",
             "task_id": "t-42",
             "action": "connect",
             "verdict": "denied",
@@ -227,9 +228,9 @@ mod tests {
             "dns_name": null,
             "socket": null,
             "process_chain": [
-                {"pid": 4000, "exe": "/usr/bin/python3"},
-                {"pid": 4100, "exe": "/bin/sh"},
-                {"pid": 4242, "exe": "/usr/bin/curl"}
+                {"pid": 4000, "exe": "/usr/bin/python3", "args": []},
+                {"pid": 4100, "exe": "/bin/sh", "args": ["-c", "curl https://10.1.2.3"]},
+                {"pid": 4242, "exe": "/usr/bin/curl", "args": []}
             ],
             "enforcement": "eperm",
             "reason": "no network rule matches 10.1.2.3:443",

@@ -72,6 +72,7 @@ pub enum SinkError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Field {
     AgentId,
+    AgentSpiffeId,
     TaskId,
     Action,
     Verdict,
@@ -94,8 +95,9 @@ pub enum Field {
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 19] = [
+    pub const ALL: [Field; 20] = [
         Field::AgentId,
+        Field::AgentSpiffeId,
         Field::TaskId,
         Field::Action,
         Field::Verdict,
@@ -120,6 +122,7 @@ impl Field {
     pub fn journal_name(self) -> &'static str {
         match self {
             Field::AgentId => "AGENT_ID",
+            Field::AgentSpiffeId => "AGENT_SPIFFE_ID",
             Field::TaskId => "TASK_ID",
             Field::Action => "ACTION",
             Field::Verdict => "VERDICT",
@@ -145,6 +148,7 @@ impl Field {
     pub fn json_name(self) -> &'static str {
         match self {
             Field::AgentId => "agent_id",
+            Field::AgentSpiffeId => "agent_spiffe_id",
             Field::TaskId => "task_id",
             Field::Action => "action",
             Field::Verdict => "verdict",
@@ -172,7 +176,7 @@ impl Field {
 pub enum FieldValue<'a> {
     Text(Cow<'a, str>),
     Number(u64),
-    /// Journald renders [`Action::chain_string`]; JSON an array of `{pid, exe}`.
+    /// Journald renders [`Action::chain_string`]; JSON an array of `{pid, exe, args}`.
     Chain(&'a [ChainLink]),
 }
 
@@ -182,13 +186,21 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
         ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns => action.destination.as_ref(),
-        ActionKind::Exec | ActionKind::Socket => None,
+        ActionKind::Exec
+        | ActionKind::Socket
+        | ActionKind::IoUring
+        | ActionKind::Seccomp
+        | ActionKind::Control
+        | ActionKind::Identity => None,
     };
     Field::ALL
         .iter()
         .map(|&field| {
             let value = match field {
                 Field::AgentId => Some(FieldValue::Text(Cow::Borrowed(action.agent.as_str()))),
+                Field::AgentSpiffeId => {
+                    Some(FieldValue::Text(Cow::Borrowed(action.spiffe_id.as_str())))
+                }
                 Field::TaskId => Some(FieldValue::Text(Cow::Borrowed(action.task.as_str()))),
                 Field::Action => text(action.kind.as_str()),
                 Field::Verdict => text(action.verdict.as_str()),
@@ -490,6 +502,7 @@ pub(crate) mod tests {
         Action {
             time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_416_640_250),
             agent: "coder".into(),
+            spiffe_id: "spiffe://host.example/agent/coder".into(),
             task: "t-42".into(),
             kind: ActionKind::Connect,
             verdict: Verdict::Denied,
@@ -510,14 +523,17 @@ pub(crate) mod tests {
                 ChainLink {
                     pid: 4000,
                     exe: "/usr/bin/python3".into(),
+                    args: vec![],
                 },
                 ChainLink {
                     pid: 4100,
                     exe: "/bin/sh".into(),
+                    args: vec!["-c".into(), "curl https://10.1.2.3".into()],
                 },
                 ChainLink {
                     pid: 4242,
                     exe: "/usr/bin/curl".into(),
+                    args: vec![],
                 },
             ],
             enforcement: Some("eperm"),

@@ -30,7 +30,11 @@ impl StormKey {
                 .as_ref()
                 .map(|d| format!("{}:{}/{}", d.addr, d.port, d.transport))
                 .unwrap_or_default(),
-            ActionKind::Socket => action.socket.clone().unwrap_or_default(),
+            ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp => {
+                action.socket.clone().unwrap_or_default()
+            }
+            // A refused control request or an identity alert: its reason says what it was about.
+            ActionKind::Control | ActionKind::Identity => action.reason.clone(),
             ActionKind::Dns => action.dns_name.clone().unwrap_or_default(),
             ActionKind::Exec => action.exe.clone().unwrap_or_default(),
         };

@@ -11,7 +11,7 @@ use agent_monitor_common::{
 use thiserror::Error;
 
 use crate::policy::evaluate::{ExecFacts, judged_addr};
-use crate::policy::model::{Policy, PolicySet, prefix_contains, prefix_to_string};
+use crate::policy::model::{ExecRule, NetRule, PolicySet, prefix_contains, prefix_to_string};
 
 /// Entries for the kernel allowlist maps. Each `u32` is the LPM prefix length in bits, counting
 /// the agent index bits.
@@ -74,23 +74,46 @@ impl PolicySet {
                     needed: host_ports.len(),
                 });
             }
-            compile_net(index, policy, &mut tables.net)?;
-            compile_exec(index, policy, &mut tables.exec);
+            let origin = policy.origin().display().to_string();
+            compile_net(
+                index,
+                policy.network(),
+                policy.agent(),
+                &origin,
+                &mut tables.net,
+            )?;
+            compile_exec(index, policy.exec(), &mut tables.exec);
         }
         Ok(tables)
     }
+}
+
+/// Kernel entries of one task's grants, keyed by the task number (the grant maps have the same
+/// key layout as the allowlists, with the task number where the agent index would be).
+pub fn compile_grants(
+    task_number: u32,
+    task: &str,
+    net: &[NetRule],
+    exec: &[ExecRule],
+) -> Result<KernelTables, CapacityError> {
+    let mut tables = KernelTables::default();
+    compile_net(task_number, net, task, "task grants", &mut tables.net)?;
+    compile_exec(task_number, exec, &mut tables.exec);
+    Ok(tables)
 }
 
 /// The kernel does one longest-prefix match and then checks the port, so each entry carries the
 /// ports of every rule whose prefix covers it, not only its own.
 fn compile_net(
     agent: u32,
-    policy: &Policy,
+    rules: &[NetRule],
+    owner: &str,
+    origin: &str,
     out: &mut Vec<(u32, NetKey, NetAllow)>,
 ) -> Result<(), CapacityError> {
     // Rules with the same prefix become one entry. Keyed (len, net) so covering prefixes come first.
     let mut own: BTreeMap<(u8, u128), Vec<PortRange>> = BTreeMap::new();
-    for rule in policy.network() {
+    for rule in rules {
         own.entry((rule.prefix_len(), u128::from(rule.net())))
             .or_default()
             .push(rule.ports());
@@ -107,8 +130,8 @@ fn compile_net(
         let merged = merge_ranges(ranges);
         if merged.len() > MAX_PORT_RANGES {
             return Err(CapacityError::TooManyPortRanges {
-                agent: policy.agent().to_string(),
-                origin: policy.origin().display().to_string(),
+                agent: owner.to_string(),
+                origin: origin.to_string(),
                 prefix: prefix_to_string(net, len),
                 needed: merged.len(),
             });
@@ -147,12 +170,8 @@ pub(crate) fn merge_ranges(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
 
 /// Exact paths are keyed with their NUL inside the prefix, so `/bin/sh` does not match `/bin/shx`;
 /// globs without it.
-fn compile_exec(agent: u32, policy: &Policy, out: &mut Vec<(u32, ExecKey)>) {
-    let mut rules: Vec<(&str, bool)> = policy
-        .exec()
-        .iter()
-        .map(|r| (r.path(), r.prefix_glob()))
-        .collect();
+fn compile_exec(agent: u32, rules: &[ExecRule], out: &mut Vec<(u32, ExecKey)>) {
+    let mut rules: Vec<(&str, bool)> = rules.iter().map(|r| (r.path(), r.prefix_glob())).collect();
     rules.sort_unstable();
     rules.dedup();
     for (path, glob) in rules {

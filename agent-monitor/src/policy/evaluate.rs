@@ -60,7 +60,7 @@ impl fmt::Display for Decision {
 }
 
 /// The address as the kernel tables hold it: IPv4 as `::ffff:a.b.c.d`.
-pub(crate) fn to_table_addr(addr: IpAddr) -> Ipv6Addr {
+pub fn to_table_addr(addr: IpAddr) -> Ipv6Addr {
     match addr {
         IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         IpAddr::V6(v6) => v6,

@@ -5,9 +5,11 @@ mod evaluate;
 pub mod host;
 pub(crate) mod model;
 mod parse;
+pub mod selectors;
 
-pub use compile::KernelTables;
-pub use evaluate::{Decision, ExecFacts};
+pub use compile::{KernelTables, compile_grants};
+pub use evaluate::{Decision, ExecFacts, to_table_addr};
+pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
-pub use parse::Issue;
+pub use parse::{Issue, parse_grants};
 pub(crate) use parse::{parse_exec, valid_net_entry};

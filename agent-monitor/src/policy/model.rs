@@ -11,6 +11,7 @@ use agent_monitor_common::{MODE_ALERT, MODE_ENFORCE, PortRange};
 
 use crate::policy::host::HostRule;
 use crate::policy::parse::{Issue, Location, PolicyError};
+use crate::policy::selectors::Selectors;
 
 /// What happens when an agent does something its allowlist does not allow.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,6 +136,8 @@ pub struct Policy {
     /// Host-name network rules, judged by the DNS proxy (see `host.rs`).
     pub(crate) hosts: Vec<HostRule>,
     pub(crate) exec: Vec<ExecRule>,
+    /// `[identity]`: processes started outside `run` that are this agent.
+    pub(crate) selectors: Selectors,
     /// Where `agent = …` was written; names the file in errors about the whole policy.
     pub(crate) defined_at: Location,
 }
@@ -160,6 +163,10 @@ impl Policy {
         &self.exec
     }
 
+    pub fn selectors(&self) -> &Selectors {
+        &self.selectors
+    }
+
     /// The file this policy came from.
     pub fn origin(&self) -> &Path {
         &self.defined_at.origin
@@ -180,7 +187,8 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    /// Fails if two policies name the same agent (every such pair is reported).
+    /// Fails if two policies name the same agent, or if selectors of two agents overlap (every
+    /// such pair is reported, with both places).
     pub fn new(mut policies: Vec<Policy>) -> Result<PolicySet, PolicyError> {
         // Stable sort keeps file order among duplicates, so errors read in the order files were given.
         policies.sort_by(|a, b| a.agent.cmp(&b.agent));
@@ -192,6 +200,9 @@ impl PolicySet {
                 first: pair[0].defined_at.clone(),
                 second: pair[1].defined_at.clone(),
             })
+            .chain(crate::policy::selectors::conflicts(
+                policies.iter().map(|p| (p.agent.as_str(), &p.selectors)),
+            ))
             .collect();
         if issues.is_empty() {
             Ok(PolicySet { policies })

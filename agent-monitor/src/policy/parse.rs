@@ -12,6 +12,9 @@ use toml::Spanned;
 
 use crate::policy::host::{self, HostRule};
 use crate::policy::model::{ExecRule, Mode, NetRule, Policy, prefix_mask};
+use crate::policy::selectors::{
+    At, Executable, Selectors, check_cgroup, check_executable_path, check_unit, parse_sha256,
+};
 
 /// Longest agent name: it becomes a cgroup directory name and a journald field value.
 pub const AGENT_NAME_MAX: usize = 63;
@@ -27,6 +30,29 @@ pub(crate) struct RawPolicy {
     network: Option<RawAllow>,
     #[serde(default)]
     exec: Option<RawAllow>,
+    #[serde(default)]
+    identity: Option<RawIdentity>,
+}
+
+/// `[identity]`: the selectors that make processes started elsewhere this agent.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIdentity {
+    #[serde(default)]
+    uids: Vec<Spanned<u32>>,
+    #[serde(default)]
+    systemd_units: Vec<Spanned<String>>,
+    #[serde(default)]
+    cgroups: Vec<Spanned<String>>,
+    #[serde(default)]
+    executables: Vec<Spanned<RawExecutable>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExecutable {
+    path: Spanned<String>,
+    sha256: Spanned<String>,
 }
 
 /// `[network]` or `[exec]`. Each entry keeps its span so errors point at it.
@@ -152,6 +178,18 @@ pub enum Issue {
         first: Location,
         second: Location,
     },
+    #[error(
+        "{second}: {kind} selector {second_value:?} of agent {second_agent:?} overlaps {kind} selector {first_value:?} of agent {first_agent:?} at {first}: a process would match two agents; expected selectors that no two agents share"
+    )]
+    SelectorConflict {
+        kind: &'static str,
+        first_agent: String,
+        first_value: String,
+        first: Location,
+        second_agent: String,
+        second_value: String,
+        second: Location,
+    },
 }
 
 /// Why a value was rejected; the text says what was expected.
@@ -239,6 +277,23 @@ pub enum Reason {
     TrailingSlash,
     #[error("path is {len} bytes; at most {max} fit in the kernel table")]
     PathTooLong { len: usize, max: usize },
+
+    #[error(
+        "expected a systemd unit name such as \"coder-agent.service\" (.service, .scope or .slice)"
+    )]
+    BadUnit,
+    #[error(
+        "the cgroup root would select every process; expected a cgroup below it, e.g. \"/agents/coder\""
+    )]
+    CgroupRoot,
+    #[error(
+        "agent-monitor's own cgroup tree cannot be selected; `agent-monitor run` places processes there"
+    )]
+    ReservedCgroup,
+    #[error("an executable selector names one file; globs are not allowed")]
+    GlobInSelector,
+    #[error("expected the file's sha256 as 64 hex digits (sha256sum FILE)")]
+    BadSha256,
 }
 
 impl Policy {
@@ -247,6 +302,38 @@ impl Policy {
         let raw: RawPolicy = toml::from_str(text).map_err(|e| toml_issue(&e, text, origin))?;
         Policy::try_from(RawFile { raw, text, origin })
     }
+}
+
+/// Grants given on the command line (`task start --allow-connect ADDR --allow-exec PATH`), in the
+/// policy's own entry syntax; the error names the option and value and says what was expected.
+pub fn parse_grants(
+    connect: &[String],
+    exec: &[String],
+) -> Result<(Vec<NetRule>, Vec<ExecRule>), String> {
+    let mut net = Vec::new();
+    for text in connect {
+        let (addr, prefix_len, ports) =
+            parse_net(text).map_err(|r| format!("--allow-connect {text:?}: {r}"))?;
+        net.push(NetRule {
+            net: addr,
+            prefix_len,
+            ports,
+            text: text.clone(),
+            line: 0,
+        });
+    }
+    let mut rules = Vec::new();
+    for text in exec {
+        let (path, prefix_glob) =
+            parse_exec(text).map_err(|r| format!("--allow-exec {text:?}: {r}"))?;
+        rules.push(ExecRule {
+            path,
+            prefix_glob,
+            text: text.clone(),
+            line: 0,
+        });
+    }
+    Ok((net, rules))
 }
 
 fn toml_issue(err: &toml::de::Error, text: &str, origin: &Path) -> Issue {
@@ -342,10 +429,62 @@ impl TryFrom<RawFile<'_>> for Policy {
             }
         }
 
+        let mut selectors = Selectors::default();
+        let identity = raw.identity.unwrap_or_default();
+        for uid in &identity.uids {
+            selectors.uids.push(At {
+                value: *uid.get_ref(),
+                at: Location::at(origin, text, uid.span().start),
+            });
+        }
+        for (i, unit) in identity.systemd_units.iter().enumerate() {
+            match check_unit(unit.get_ref()) {
+                Ok(()) => selectors.systemd_units.push(At {
+                    value: unit.get_ref().clone(),
+                    at: Location::at(origin, text, unit.span().start),
+                }),
+                Err(reason) => check(format!("identity.systemd_units[{i}]"), unit, reason),
+            }
+        }
+        for (i, cg) in identity.cgroups.iter().enumerate() {
+            match check_cgroup(cg.get_ref()) {
+                Ok(()) => selectors.cgroups.push(At {
+                    value: cg.get_ref().clone(),
+                    at: Location::at(origin, text, cg.span().start),
+                }),
+                Err(reason) => check(format!("identity.cgroups[{i}]"), cg, reason),
+            }
+        }
+        for (i, exe) in identity.executables.iter().enumerate() {
+            let raw_exe = exe.get_ref();
+            let path_ok = check_executable_path(raw_exe.path.get_ref())
+                .map_err(|r| check(format!("identity.executables[{i}].path"), &raw_exe.path, r))
+                .is_ok();
+            let digest = parse_sha256(raw_exe.sha256.get_ref())
+                .map_err(|r| {
+                    check(
+                        format!("identity.executables[{i}].sha256"),
+                        &raw_exe.sha256,
+                        r,
+                    )
+                })
+                .ok();
+            if let (true, Some(sha256)) = (path_ok, digest) {
+                selectors.executables.push(At {
+                    value: Executable {
+                        path: raw_exe.path.get_ref().clone(),
+                        sha256,
+                    },
+                    at: Location::at(origin, text, raw_exe.path.span().start),
+                });
+            }
+        }
+
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
         Ok(Policy {
+            selectors,
             defined_at: Location::at(origin, text, raw.agent.span().start),
             agent: raw.agent.into_inner(),
             mode,
@@ -1108,5 +1247,66 @@ allow = ["/usr/bin/git", "/bin/sh", "/usr/bin/python3*"]
         assert_eq!(line_col("a\nbc", 3), (2, 2));
         assert_eq!(line_col("a", 99), (1, 2));
         assert_eq!(line_col("", 0), (1, 1));
+    }
+
+    const SUM: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    #[test]
+    fn identity_section_parses() {
+        let p = ok(&format!(
+            "agent = \"coder\"\n[identity]\nuids = [1001, 1002]\nsystemd_units = [\"coder-agent.service\"]\ncgroups = [\"/agents/coder\"]\nexecutables = [{{ path = \"/opt/coder/bin/agent\", sha256 = \"{SUM}\" }}]\n"
+        ));
+        let s = p.selectors();
+        let uids: Vec<u32> = s.uids.iter().map(|u| u.value).collect();
+        assert_eq!(uids, [1001, 1002]);
+        assert_eq!(s.uids[0].at.to_string(), format!("{ORIGIN}:3:9"));
+        assert_eq!(s.systemd_units[0].value, "coder-agent.service");
+        assert_eq!(s.cgroups[0].value, "/agents/coder");
+        assert_eq!(s.executables[0].value.path, "/opt/coder/bin/agent");
+        assert_eq!(s.executables[0].value.sha256[0], 0xba);
+        assert!(ok("agent = \"a\"\n").selectors().is_empty());
+    }
+
+    #[test]
+    fn bad_selectors_name_field_and_expectation() {
+        let e = err(&format!(
+            "agent = \"a\"\n[identity]\ncgroups = [\"/\", \"/agent-monitor/a/t\"]\nsystemd_units = [\"coder\"]\nexecutables = [{{ path = \"/opt/*\", sha256 = \"xyz\" }}, {{ path = \"/opt/a\", sha256 = \"{SUM}\" }}]\n"
+        ));
+        for want in [
+            "identity.cgroups[0] \"/\": the cgroup root would select every process",
+            "identity.cgroups[1] \"/agent-monitor/a/t\": agent-monitor's own cgroup tree",
+            "identity.systemd_units[0] \"coder\": expected a systemd unit name",
+            "identity.executables[0].path \"/opt/*\": an executable selector names one file",
+            "identity.executables[0].sha256 \"xyz\": expected the file's sha256 as 64 hex digits",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
+        let e = err("agent = \"a\"\n[identity]\nexecutables = [{ path = \"/x\" }]\n");
+        assert!(e.contains("sha256"), "{e}");
+        let e = err("agent = \"a\"\n[identity]\nuids = [-1]\n");
+        assert!(e.starts_with(ORIGIN), "{e}");
+        let e = err("agent = \"a\"\n[identity]\nuser = \"x\"\n");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_selectors_across_files_are_refused_with_both_places() {
+        let a = Policy::parse(
+            "agent = \"a\"\n[identity]\ncgroups = [\"/agents\"]\nuids = [7]\n",
+            Path::new("policies/a.toml"),
+        )
+        .unwrap();
+        let b = Policy::parse(
+            "agent = \"b\"\n[identity]\ncgroups = [\"/agents/b\"]\nuids = [8]\n",
+            Path::new("policies/b.toml"),
+        )
+        .unwrap();
+        let e = crate::policy::PolicySet::new(vec![a, b])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "policies/b.toml:3:12: cgroup selector \"/agents/b\" of agent \"b\" overlaps cgroup selector \"/agents\" of agent \"a\" at policies/a.toml:3:12: a process would match two agents; expected selectors that no two agents share"
+        );
     }
 }

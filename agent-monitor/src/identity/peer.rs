@@ -1,0 +1,104 @@
+//! Who is calling on the control socket: the kernel's SO_PEERCRED (pid, uid, gid), the caller's
+//! supplementary groups and cgroup from /proc. Never what the request claims.
+
+/// A control-socket peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (`Groups:` of /proc/PID/status).
+    pub groups: Vec<u32>,
+    /// cgroup v2 path (the `0::` line of /proc/PID/cgroup), e.g. `/agent-monitor/coder/t1`.
+    pub cgroup: Option<String>,
+}
+
+impl Peer {
+    /// Completes SO_PEERCRED with /proc. A peer whose /proc vanished keeps no groups and no cgroup.
+    pub fn from_cred(pid: u32, uid: u32, gid: u32) -> Peer {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        Peer {
+            pid,
+            uid,
+            gid,
+            groups: parse_groups(&status),
+            cgroup: parse_cgroup_v2(&cgroups),
+        }
+    }
+
+    /// Root, or a member of `admin_gid` (primary or supplementary).
+    pub fn is_admin(&self, admin_gid: Option<u32>) -> bool {
+        self.uid == 0 || admin_gid.is_some_and(|g| self.gid == g || self.groups.contains(&g))
+    }
+}
+
+pub fn parse_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn parse_cgroup_v2(cgroup: &str) -> Option<String> {
+    cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_string)
+}
+
+/// `(agent, task)` when `cgroup` is one of agent-monitor's own (agent, task) cgroups.
+pub fn run_cgroup_identity(cgroup: &str) -> Option<(&str, &str)> {
+    let rest = cgroup.strip_prefix(crate::policy::selectors::RESERVED_CGROUP)?;
+    let mut parts = rest.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(t), None) if !a.is_empty() && !t.is_empty() => Some((a, t)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_parsing() {
+        assert_eq!(
+            parse_groups("Name:\tx\nGroups:\t4 27 1000 \nNgid:\t0\n"),
+            vec![4, 27, 1000]
+        );
+        assert_eq!(parse_groups("Groups:\n"), Vec::<u32>::new());
+        assert_eq!(
+            parse_cgroup_v2("9:name=systemd:/\n0::/agent-monitor/coder/t1\n").as_deref(),
+            Some("/agent-monitor/coder/t1")
+        );
+        assert_eq!(
+            run_cgroup_identity("/agent-monitor/coder/t1"),
+            Some(("coder", "t1"))
+        );
+        assert_eq!(run_cgroup_identity("/agent-monitor/coder"), None);
+        assert_eq!(run_cgroup_identity("/agent-monitorx/a/b"), None);
+        assert_eq!(run_cgroup_identity("/system.slice/x"), None);
+    }
+
+    #[test]
+    fn admin_is_root_or_group_member() {
+        let p = |uid, gid, groups: Vec<u32>| Peer {
+            pid: 1,
+            uid,
+            gid,
+            groups,
+            cgroup: None,
+        };
+        assert!(p(0, 0, vec![]).is_admin(None));
+        assert!(!p(1000, 1000, vec![]).is_admin(None));
+        assert!(p(1000, 1000, vec![50]).is_admin(Some(50)));
+        assert!(p(1000, 50, vec![]).is_admin(Some(50)));
+        assert!(!p(1000, 1000, vec![51]).is_admin(Some(50)));
+    }
+}
