@@ -252,7 +252,8 @@ pub const KIND_SOCKET: u32 = 11;
 /// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
 /// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
 /// claim of agent `prior_agent` was refused. `other_pid` is the thread id before exec, `path`
-/// the file.
+/// the file. Its `agent` and `prior_agent` are stable agent ids (identities as stored), not the
+/// allowlist indices other records carry.
 pub const KIND_TAGGED: u32 = 20;
 
 /// Verdicts taken by the kernel.
@@ -322,7 +323,7 @@ pub struct ActionRecord {
     pub agent: u32,
     pub task: u32,
     pub source: u32,
-    /// `KIND_TAGGED` with `FLAG_RETAGGED`: the agent index the process had before.
+    /// `KIND_TAGGED` with `FLAG_RETAGGED`: the agent (stable id) the process had before.
     pub prior_agent: u32,
     pub path: [u8; RECORD_PATH_LEN],
     /// Exec: the file that runs (for a script: its interpreter), as the kernel holds it:

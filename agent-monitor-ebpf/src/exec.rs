@@ -20,16 +20,16 @@ use agent_monitor_common::{
     EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME, EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT,
     EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey,
     FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE,
-    FLAG_RETAGGED, FLAG_USER_NS, KIND_EXEC, KIND_TAGGED, KernelOffsets, MODE_ENFORCE,
+    FLAG_RETAGGED, FLAG_USER_NS, KIND_EXEC, KIND_TAGGED, KernelOffsets, MODE_ENFORCE, NO_ALLOWLIST,
     RECORD_PATH_LEN, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE,
     VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, source_rank,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
-use crate::identity::{config, current_identity, in_force, tag};
+use crate::identity::{config, current_identity, tag};
 use crate::maps::{
-    EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS, TASK_EXEC_GRANTS,
-    count, start_record, submit,
+    AGENT_TABLES, EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS,
+    TASK_EXEC_GRANTS, count, start_record, submit,
 };
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
@@ -185,10 +185,28 @@ pub fn on_exec(ctx: &RawTracePointContext) -> Result<(), i32> {
     }
 
     // The exec is the act of whoever the process was when it asked for it.
-    if let Some((cgroup_id, raw)) = prior
-        && judge(cgroup_id, &in_force(&raw), &facts, &off, old_pid)
-    {
-        return Ok(()); // killed
+    if let Some((cgroup_id, raw)) = prior {
+        // Translated here rather than by `in_force`: an agent without a table entry (its policy
+        // was removed) takes the short path below instead of a second pass through `judge`,
+        // which pushed this program past the verifier's limit (E2BIG).
+        // SAFETY: copied out at once.
+        match unsafe { AGENT_TABLES.get(&raw.agent) }.copied() {
+            Some(t) => {
+                let slot = AgentSlot {
+                    agent: t.agent,
+                    mode: t.mode,
+                    task: raw.task,
+                    source: raw.source,
+                };
+                if judge(cgroup_id, &slot, &facts, &off, old_pid) {
+                    return Ok(()); // killed
+                }
+            }
+            None => {
+                deny_without_policy(cgroup_id, &raw, &facts, old_pid);
+                return Ok(());
+            }
+        }
     }
 
     // Then what it becomes: an executable selector (by the file that runs) takes it unless a
@@ -363,6 +381,42 @@ fn judge(
     verdict == VERDICT_DENIED
 }
 
+/// An agent process whose agent has no policy in force execs: denied (fail closed), killed,
+/// reported with the file that was to run.
+#[inline(always)]
+fn deny_without_policy(cgroup_id: u64, raw: &AgentSlot, facts: &Option<Facts>, old_pid: u64) {
+    // SAFETY: helper call on the current task (after the point of no return, as in `judge`).
+    unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL) };
+    let slot = AgentSlot {
+        agent: NO_ALLOWLIST,
+        mode: MODE_ENFORCE,
+        task: raw.task,
+        source: raw.source,
+    };
+    let Some(mut entry) = start_record(KIND_EXEC, VERDICT_DENIED, cgroup_id, &slot) else {
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: reserved record; the name is read straight into it.
+    unsafe {
+        (*rec).other_pid = old_pid as u32;
+        (*rec).flags = FLAG_KILLED;
+        (*rec).detail = EXEC_BASIS_NO_MATCH;
+        if let Some(f) = facts {
+            (*rec).file_dev = f.dev;
+            (*rec).file_ino = f.ino;
+            (*rec).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+                f.filename,
+                &mut (*rec).path,
+            ) {
+                Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
+                Err(_) => 0,
+            };
+        }
+    }
+    submit(entry, VERDICT_DENIED);
+}
+
 /// `KIND_TAGGED`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
 /// `FLAG_RETAGGED`: leaving `prior_agent`); `VERDICT_DENIED` — it stays `slot` and the executable
 /// selector of agent `prior_agent` was refused by precedence.
@@ -376,20 +430,9 @@ fn report_tagged(
     old_pid: u64,
     name: *const u8,
 ) {
-    // Records carry allowlist indices in force, like every other record.
-    let slot = in_force(slot);
-    let prior_agent = if prior_agent == 0 {
-        0
-    } else {
-        in_force(&AgentSlot {
-            agent: prior_agent,
-            mode: 0,
-            task: 0,
-            source: 0,
-        })
-        .agent
-    };
-    if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, &slot) {
+    // Unlike other records, these carry stable agent ids (identities as stored): translating
+    // here pushed the exec program past the verifier's size limit (E2BIG).
+    if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record; kernel string read into a bounded buffer.
         unsafe {

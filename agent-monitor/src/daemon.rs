@@ -550,6 +550,25 @@ async fn serve_connection(
     }
 }
 
+/// The identity a `KIND_TAGGED` record carries (stable agent id, not an allowlist index).
+fn tagged_identity(subject: &event::Subject) -> AgentSlot {
+    AgentSlot {
+        agent: subject.agent,
+        mode: 0,
+        task: subject.task,
+        source: subject.source,
+    }
+}
+
+fn tagged_identity_of(agent: u32) -> AgentSlot {
+    AgentSlot {
+        agent,
+        mode: 0,
+        task: common::TASK_NONE,
+        source: 0,
+    }
+}
+
 /// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
 fn socket_reason(sk: &event::SocketEvent) -> String {
     let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
@@ -1821,7 +1840,7 @@ impl Monitor {
                 path,
                 retagged_from,
             } => {
-                let (agent, task) = self.identity(&subject);
+                let (agent, task) = self.names(&tagged_identity(&subject));
                 tracing::info!(
                     agent,
                     task,
@@ -1830,7 +1849,7 @@ impl Monitor {
                     "process became an agent by its executable selector"
                 );
                 if let Some(prior) = retagged_from {
-                    let was = self.agent_name(prior);
+                    let was = self.names(&tagged_identity_of(prior)).0;
                     let why = format!(
                         "selector conflict: pid {} was agent {was} (uid selector) and exec'd {path}, selected by agent {agent}; the executable selector outranks the uid selector, so it is now agent {agent}",
                         subject.pid
@@ -1845,8 +1864,8 @@ impl Monitor {
                 path,
                 claimed_by,
             } => {
-                let (agent, task) = self.identity(&subject);
-                let claimant = self.agent_name(claimed_by);
+                let (agent, task) = self.names(&tagged_identity(&subject));
+                let claimant = self.names(&tagged_identity_of(claimed_by)).0;
                 let why = format!(
                     "selector conflict: pid {} exec'd {path}, selected by agent {claimant}, but it is agent {agent} by a higher-ranked identity ({}); it stays agent {agent}",
                     subject.pid,
@@ -1889,12 +1908,6 @@ impl Monitor {
                 }
             }
         }
-    }
-
-    /// Name of the agent at kernel index `index` (records carry indices in force).
-    fn agent_name(&self, index: u32) -> String {
-        self.agent_at(index)
-            .unwrap_or_else(|| format!("agent-index-{index}"))
     }
 
     /// A process two agents claimed: resolved by precedence in the kernel, reported here as
