@@ -926,6 +926,84 @@ impl Monitor {
         if let Err(e) = self.remove_stale_selectors() {
             tracing::error!("removing selectors of the previous policy: {e:#}");
         }
+        match self.tag_running_selected() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                processes = n,
+                "running processes of selected executables (and their descendants) are now their agent"
+            ),
+            Err(e) => tracing::error!("tagging running processes of selected executables: {e:#}"),
+        }
+    }
+
+    /// The kernel tags at exec and fork only, so a process that already runs a selected
+    /// executable (or descends from one) when the selector is armed — daemon start, reload — is
+    /// found here through procfs and tagged, every thread. Repeated until a pass finds nothing
+    /// new: a child forked before its parent was tagged is caught by the next pass, one forked
+    /// after inherits the tag in the kernel. Processes with an identity already keep it (except a
+    /// uid one, which an executable selector outranks, as at exec). Returns processes tagged.
+    fn tag_running_selected(&mut self) -> anyhow::Result<usize> {
+        let files: HashMap<common::ExecFileKey, AgentSlot> =
+            self.kernel.exec_selector_entries()?.into_iter().collect();
+        if files.is_empty() {
+            return Ok(0);
+        }
+        let mut done: HashMap<u32, AgentSlot> = HashMap::new();
+        for _pass in 0..5 {
+            let procs = identity::procfs::processes();
+            let mut found: HashMap<u32, AgentSlot> = HashMap::new();
+            let free = |pid: u32| {
+                self.identify(pid)
+                    .is_none_or(|id| id.slot.source == common::SOURCE_UID)
+            };
+            for &(pid, _) in &procs {
+                if done.contains_key(&pid) || !free(pid) {
+                    continue;
+                }
+                let Ok(st) = identity::selected::stamp(Path::new(&format!("/proc/{pid}/exe")))
+                else {
+                    continue;
+                };
+                if let Some(slot) = files.get(&st.selector_key()) {
+                    found.insert(
+                        pid,
+                        AgentSlot {
+                            source: common::SOURCE_EXECUTABLE,
+                            ..*slot
+                        },
+                    );
+                }
+            }
+            // Descendants, parents first: repeat until no untagged child of a tagged one is left.
+            loop {
+                let mut more = Vec::new();
+                for &(pid, ppid) in &procs {
+                    if found.contains_key(&pid) || done.contains_key(&pid) {
+                        continue;
+                    }
+                    let parent = found.get(&ppid).or_else(|| done.get(&ppid));
+                    if let Some(slot) = parent
+                        && free(pid)
+                    {
+                        more.push((pid, *slot));
+                    }
+                }
+                if more.is_empty() {
+                    break;
+                }
+                found.extend(more);
+            }
+            if found.is_empty() {
+                break;
+            }
+            for (pid, slot) in found {
+                for tid in identity::procfs::threads(pid) {
+                    self.kernel.tag_thread(tid, slot)?;
+                }
+                done.insert(pid, slot);
+            }
+        }
+        Ok(done.len())
     }
 
     fn remove_stale_selectors(&mut self) -> anyhow::Result<()> {

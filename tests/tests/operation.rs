@@ -861,3 +861,93 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
     assert_eq!(r[2]["ok"], true, "{r:?}");
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
 }
+
+/// Issue 6 item 2 with issue 4's selectors: a process that already runs a selected executable
+/// when the daemon starts (and the child it started before) is found through procfs and tagged
+/// before enforcement is reported; the tags live in a pinned map, so a kill -9 and restart keeps
+/// them governed.
+#[test]
+fn processes_running_a_selected_executable_before_start_are_governed_across_restart() {
+    if !require_root(
+        "processes_running_a_selected_executable_before_start_are_governed_across_restart",
+    ) {
+        return;
+    }
+    let agent = unique_agent("pre");
+    let dir = tempfile::tempdir().unwrap();
+    let bot = dir.path().join("bot");
+    std::fs::copy("/bin/bash", &bot).unwrap();
+    let digest = sha256_hex(&bot);
+    let forbidden = listener_v4();
+    let go = |n: u32| dir.path().join(format!("GO{n}"));
+    let py = format!(
+        "import socket,os,time\n\
+         for g in ({:?},{:?}):\n\
+         \x20 while not os.path.exists(g): time.sleep(0.05)\n\
+         \x20 s=socket.socket()\n\
+         \x20 try:\n\
+         \x20   s.connect(('127.0.0.1',{forbidden})); print('py connected',flush=True)\n\
+         \x20 except OSError as e:\n\
+         \x20   print('py errno',e.errno,flush=True)\n",
+        go(1).display().to_string(),
+        go(2).display().to_string()
+    );
+    let script = format!(
+        "{PYTHON} -c \"$PY\" &\n\
+         for g in {} {}; do\n\
+         \x20 while [ ! -e $g ]; do sleep 0.05; done\n\
+         \x20 ( exec 3<>/dev/tcp/127.0.0.1/{forbidden} ) 2>/dev/null && echo bot connected || echo bot refused\n\
+         done\n\
+         wait\n",
+        go(1).display(),
+        go(2).display()
+    );
+    // Started before any daemon: nothing governs it yet.
+    let child = Command::new(&bot)
+        .args(["-c", &script])
+        .env("PY", &py)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut d = Daemon::start(&[identity_policy(
+        &agent,
+        &[],
+        &["/usr/bin/sleep", "/bin/sleep", PYTHON],
+        &format!(
+            "executables = [{{ path = {:?}, sha256 = {digest:?} }}]",
+            bot.display().to_string()
+        ),
+    )]);
+    assert!(
+        d.log()
+            .contains("running processes of selected executables (and their descendants)"),
+        "{}",
+        d.log()
+    );
+    std::fs::write(go(1), "").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    d.kill9();
+    d.spawn();
+    std::fs::write(go(2), "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["bot refused", "bot refused", "py errno 1", "py errno 1"],
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    let rec = wait_journal(&agent, "denied connect of the pre-existing python", |e| {
+        e["ACTION"] == "connect" && e["VERDICT"] == "denied" && e["COMM"] == "python3"
+    });
+    assert_eq!(rec["TASK_ID"], "default", "{rec:#}");
+    assert!(
+        d.log().contains("process tag(s) recovered"),
+        "the restarted daemon reports the tags it found: {}",
+        d.log()
+    );
+}

@@ -550,6 +550,12 @@ impl Kernel {
         }
     }
 
+    /// Every armed executable selector: the file (device, inode) and the identity it gives.
+    pub fn exec_selector_entries(&self) -> anyhow::Result<Vec<(ExecFileKey, AgentSlot)>> {
+        let m: HashMap<_, ExecFileKey, AgentSlot> = HashMap::try_from(self.map("EXEC_SELECTORS")?)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
     pub fn exec_selectors(&self) -> anyhow::Result<Vec<ExecFileKey>> {
         let m: HashMap<_, ExecFileKey, AgentSlot> = HashMap::try_from(self.map("EXEC_SELECTORS")?)?;
         Ok(m.keys().filter_map(Result::ok).collect())

@@ -4,6 +4,7 @@
 mod cgroup;
 pub mod peer;
 mod process;
+pub mod procfs;
 pub mod selected;
 pub mod tasks;
 
