@@ -129,6 +129,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let offsets = crate::host::kernel_offsets()?;
     let mut kernel = Kernel::load(&cgroup_root, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
+    kernel.watch_socket_syscalls(socket_watch_for_selectors(&policies).as_deref())?;
     let mut exec_files = ExecFiles::default();
     let change = exec_files.refresh(&policies);
     kernel.update_exec_files(&change.add, &change.remove)?;
@@ -375,6 +376,43 @@ async fn serve_connection(
     out.push('\n');
     write.write_all(out.as_bytes()).await?;
     Ok(())
+}
+
+/// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
+/// selectors ([identity]) run without `run`'s seccomp filter.
+fn socket_watch_for_selectors(policies: &PolicySet) -> Option<String> {
+    let selected: Vec<&str> = policies
+        .iter()
+        .filter(|p| !p.selectors().is_empty())
+        .map(|p| p.agent())
+        .collect();
+    (!selected.is_empty()).then(|| {
+        format!(
+            "agents identified by [identity] selectors have no seccomp filter: {}",
+            selected.join(", ")
+        )
+    })
+}
+
+/// Why process `pid`, about to be placed, needs the `sys_enter_socket` watch: it was placed by a
+/// control client other than this program's own `run` (which gives the command its seccomp
+/// filter). Told apart by the executable file: the same file as the daemon's is `run`; anything
+/// else, or a file we cannot read, counts as unfiltered (the safe side).
+fn unfiltered_placement(pid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let ours = file("/proc/self/exe");
+    let theirs = file(&format!("/proc/{pid}/exe"));
+    if ours.is_some() && ours == theirs {
+        return None;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    Some(format!(
+        "process {pid} ({exe}) was placed by a control client other than `agent-monitor run`, \
+         so it has no seccomp filter"
+    ))
 }
 
 /// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
@@ -692,6 +730,11 @@ impl Monitor {
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        // Before the process becomes an agent: from then on its socket() calls are watched.
+        // Sticky for the daemon's life (cheap to keep right; a reload recomputes it).
+        if let Some(why) = unfiltered_placement(pid) {
+            self.kernel.watch_socket_syscalls(Some(&why))?;
+        }
         let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.display().to_string())

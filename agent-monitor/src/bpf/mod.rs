@@ -12,7 +12,10 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
+        trace_point::TracePointLinkId,
+    },
 };
 use tokio::io::unix::AsyncFd;
 
@@ -33,12 +36,20 @@ pub struct Mechanisms {
     pub attached: Vec<String>,
     /// What the kernel refused, with its reason.
     pub refused: Vec<String>,
+    /// Whether `sys_enter_socket` is watched, and why (see `Kernel::watch_socket_syscalls`).
+    pub socket_syscall_watch: String,
 }
+
+/// The program that reports socket families only `run`'s seccomp filter refuses, and its hook.
+const SOCKET_WATCH: &str = "agent_socket_syscall";
+const SOCKET_WATCH_HOOK: (&str, &str) = ("syscalls", "sys_enter_socket");
 
 /// The loaded programs and their maps. One owner (the monitor task) holds it.
 pub struct Kernel {
     ebpf: Ebpf,
     pub mechanisms: Mechanisms,
+    /// The `sys_enter_socket` link while it is attached.
+    socket_watch: Option<TracePointLinkId>,
 }
 
 struct Hook {
@@ -110,11 +121,6 @@ const HOOKS: &[Hook] = &[
         required: true,
     },
     Hook {
-        program: "agent_socket_syscall",
-        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
-        required: false,
-    },
-    Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
@@ -159,6 +165,16 @@ impl Kernel {
                 }
             }
         }
+        // Loaded now so a refusal shows at start; attached only while needed (it costs every
+        // syscall on the host, see watch_socket_syscalls).
+        mechanisms.socket_syscall_watch = match load_socket_watch(&mut ebpf) {
+            Ok(()) => "off: every agent so far runs under `run`'s seccomp filter".into(),
+            Err(e) => {
+                tracing::warn!(program = SOCKET_WATCH, "kernel refused program: {e:#}");
+                mechanisms.refused.push(format!("{SOCKET_WATCH}: {e:#}"));
+                format!("unavailable: {e:#}")
+            }
+        };
         mechanisms.exec_enforcement = match probe_lsm(&mut ebpf) {
             // This build judges exec at sched_process_exec only; an LSM path would give callers a
             // clean EPERM instead of a killed process.
@@ -173,7 +189,63 @@ impl Kernel {
                 "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
             }
         };
-        Ok(Kernel { ebpf, mechanisms })
+        Ok(Kernel {
+            ebpf,
+            mechanisms,
+            socket_watch: None,
+        })
+    }
+
+    /// Attaches (`Some(why)`) or detaches (`None`) the `sys_enter_socket` tracepoint that reports
+    /// socket families the cgroup hooks never see (vsock, packet…) for agents without `run`'s
+    /// seccomp filter. Attaching any `syscalls/*` tracepoint sends every syscall of every process
+    /// on the host through the kernel's tracing slow path, so it is attached only while such an
+    /// agent can exist. Idempotent; `why` is reported by `status` and the log.
+    pub fn watch_socket_syscalls(&mut self, why: Option<&str>) -> anyhow::Result<()> {
+        let (category, name) = SOCKET_WATCH_HOOK;
+        let entry = format!("{SOCKET_WATCH} → tracepoint {category}/{name}");
+        if self
+            .mechanisms
+            .socket_syscall_watch
+            .starts_with("unavailable")
+        {
+            if let Some(why) = why {
+                tracing::warn!("cannot report other socket families ({why}): program refused");
+            }
+            return Ok(());
+        }
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut(SOCKET_WATCH)
+            .ok_or_else(|| anyhow!("program {SOCKET_WATCH} missing from the eBPF object"))?
+            .try_into()?;
+        match (why, self.socket_watch.take()) {
+            (Some(why), link) => {
+                let link = match link {
+                    Some(link) => link,
+                    None => {
+                        let link = tp
+                            .attach(category, name)
+                            .with_context(|| format!("attaching {entry}"))?;
+                        self.mechanisms.attached.push(entry.clone());
+                        tracing::info!("attached {entry}: {why}");
+                        link
+                    }
+                };
+                self.socket_watch = Some(link);
+                self.mechanisms.socket_syscall_watch = format!("on: {why}");
+            }
+            (None, Some(link)) => {
+                tp.detach(link)
+                    .with_context(|| format!("detaching {entry}"))?;
+                self.mechanisms.attached.retain(|a| *a != entry);
+                self.mechanisms.socket_syscall_watch =
+                    "off: every agent runs under `run`'s seccomp filter".into();
+                tracing::info!("detached {entry}: no agent without `run`'s filter");
+            }
+            (None, None) => {}
+        }
+        Ok(())
     }
 
     /// Writes the compiled allowlists. Called once at start, before any agent exists.
@@ -415,6 +487,14 @@ fn learned_key(agent: u32, addr: IpAddr) -> NetKey {
         agent,
         addr: addr.octets(),
     }
+}
+
+fn load_socket_watch(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(SOCKET_WATCH)
+        .ok_or_else(|| anyhow!("program {SOCKET_WATCH} missing from the eBPF object"))?
+        .try_into()?;
+    tp.load().context("loading")
 }
 
 /// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM
