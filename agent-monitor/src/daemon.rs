@@ -127,9 +127,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
-    let mut kernel = Kernel::load(&cgroup_root, &layout, &offsets)?;
+    let selectors = socket_watch_for_selectors(&policies);
+    // Without selectors every agent process lives below `run`'s cgroup tree.
+    let sock_create_scope = match &selectors {
+        Some(_) => cgroup_root.as_path(),
+        None => cgroups.base(),
+    };
+    let mut kernel = Kernel::load(&cgroup_root, sock_create_scope, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
-    kernel.watch_socket_syscalls(socket_watch_for_selectors(&policies).as_deref())?;
+    kernel.watch_socket_syscalls(selectors.as_deref())?;
     let mut exec_files = ExecFiles::default();
     let change = exec_files.refresh(&policies);
     kernel.update_exec_files(&change.add, &change.remove)?;

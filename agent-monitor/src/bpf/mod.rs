@@ -133,10 +133,17 @@ const HOOKS: &[Hook] = &[
 ];
 
 impl Kernel {
-    /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
-    /// process on the host passes through them (non-agents leave after one lookup).
+    /// Loads every program, attaching the address hooks at the root of the cgroup v2 tree so every
+    /// socket on the host passes through them (non-agents leave after one lookup), and
+    /// sock_create at `sock_create_scope`: the cgroup every agent process lives below (the root
+    /// when selectors can make any process an agent). sock_create judges the creating task, and a
+    /// socket belongs to its creator's cgroup, so a narrower scope loses nothing and spares every
+    /// other process's socket() one program run. The address hooks stay at the root because a
+    /// socket keeps its creator's cgroup: an agent handed a socket made outside must still be
+    /// judged when it connects.
     pub fn load(
         cgroup_root: &Path,
+        sock_create_scope: &Path,
         layout: &TracepointLayout,
         offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
@@ -147,6 +154,15 @@ impl Kernel {
             .context("loading the agent-monitor eBPF object")?;
         let cgroup = std::fs::File::open(cgroup_root)
             .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
+        let scope = std::fs::File::open(sock_create_scope)
+            .with_context(|| format!("opening cgroup {}", sock_create_scope.display()))?;
+        let at = |f: &std::fs::File| {
+            if std::ptr::eq(f, &scope) && sock_create_scope != cgroup_root {
+                format!("cgroup {}", sock_create_scope.display())
+            } else {
+                "the cgroup v2 root".to_string()
+            }
+        };
         let mut mechanisms = Mechanisms {
             connect_enforcement: "cgroup/connect4+connect6, sendmsg4+sendmsg6 and sock_create \
                                   return EPERM"
@@ -154,7 +170,11 @@ impl Kernel {
             ..Default::default()
         };
         for hook in HOOKS {
-            match attach(&mut ebpf, hook, &cgroup) {
+            let target = match hook.kind {
+                HookKind::CgroupSock(_) => &scope,
+                _ => &cgroup,
+            };
+            match attach(&mut ebpf, hook, target, &at(target)) {
                 Ok(at) => mechanisms.attached.push(format!("{} → {at}", hook.program)),
                 Err(e) if hook.required => {
                     return Err(e.context(format!("attaching required program {}", hook.program)));
@@ -517,7 +537,12 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Result<String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup: &std::fs::File,
+    at_name: &str,
+) -> anyhow::Result<String> {
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
@@ -539,7 +564,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             p.load().context("loading")?;
             p.attach(cgroup, CgroupAttachMode::Single)
                 .context("attaching")?;
-            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+            Ok(format!("cgroup/{at} at {at_name}"))
         }
         HookKind::CgroupSockAddr(at) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
@@ -548,7 +573,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             // flag, so the mode must be Single (0) here; other programs on the root still run.
             p.attach(cgroup, CgroupAttachMode::Single)
                 .context("attaching")?;
-            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+            Ok(format!("cgroup/{at} at {at_name}"))
         }
     }
 }
