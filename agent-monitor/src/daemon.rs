@@ -129,11 +129,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let offsets = crate::host::kernel_offsets()?;
     let selectors = socket_watch_for_selectors(&policies);
     // Without selectors every agent process lives below `run`'s cgroup tree.
-    let sock_create_scope = match &selectors {
+    let agent_scope = match &selectors {
         Some(_) => cgroup_root.as_path(),
         None => cgroups.base(),
     };
-    let mut kernel = Kernel::load(&cgroup_root, sock_create_scope, &layout, &offsets)?;
+    let mut kernel = Kernel::load(&cgroup_root, agent_scope, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
     kernel.watch_socket_syscalls(selectors.as_deref())?;
     let mut exec_files = ExecFiles::default();

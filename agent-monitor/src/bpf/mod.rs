@@ -57,6 +57,9 @@ struct Hook {
     kind: HookKind,
     /// The daemon cannot do its job without it.
     required: bool,
+    /// A cgroup hook that only concerns sockets agents created: attached at the agents' scope
+    /// (see `Kernel::load`) rather than the root.
+    agent_sockets: bool,
 }
 
 enum HookKind {
@@ -71,16 +74,19 @@ const HOOKS: &[Hook] = &[
         program: "agent_exec",
         kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_connect4",
         kind: HookKind::CgroupSockAddr("connect4"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+        agent_sockets: false,
     },
     // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
     // its resolver would reject replies from the proxy's address.
@@ -88,62 +94,72 @@ const HOOKS: &[Hook] = &[
         program: "agent_recvmsg4",
         kind: HookKind::CgroupSockAddr("recvmsg4"),
         required: true,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_recvmsg6",
         kind: HookKind::CgroupSockAddr("recvmsg6"),
         required: true,
+        agent_sockets: true,
     },
     // Only getpeername() on a redirected connected socket would show the proxy without these.
     Hook {
         program: "agent_getpeername4",
         kind: HookKind::CgroupSockAddr("getpeername4"),
         required: false,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_getpeername6",
         kind: HookKind::CgroupSockAddr("getpeername6"),
         required: false,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_sendmsg4",
         kind: HookKind::CgroupSockAddr("sendmsg4"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_sendmsg6",
         kind: HookKind::CgroupSockAddr("sendmsg6"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_sock_create",
         kind: HookKind::CgroupSock("sock_create"),
         required: true,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_exit",
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,
+        agent_sockets: false,
     },
 ];
 
 impl Kernel {
-    /// Loads every program, attaching the address hooks at the root of the cgroup v2 tree so every
-    /// socket on the host passes through them (non-agents leave after one lookup), and
-    /// sock_create at `sock_create_scope`: the cgroup every agent process lives below (the root
-    /// when selectors can make any process an agent). sock_create judges the creating task, and a
-    /// socket belongs to its creator's cgroup, so a narrower scope loses nothing and spares every
-    /// other process's socket() one program run. The address hooks stay at the root because a
-    /// socket keeps its creator's cgroup: an agent handed a socket made outside must still be
-    /// judged when it connects.
+    /// Loads every program. The verdict hooks (connect, sendmsg) attach at the root of the cgroup
+    /// v2 tree, so every socket on the host passes through them (non-agents leave after one
+    /// lookup): a socket keeps its creator's cgroup, and an agent handed a socket made outside
+    /// must still be judged when it connects. The hooks that only concern sockets agents create
+    /// (sock_create, and the DNS address restoring recvmsg/getpeername, which also runs at every
+    /// accept() on the host) attach at `agent_scope`: the cgroup every agent process lives below
+    /// (the root when selectors can make any process an agent). A socket belongs to its
+    /// creator's cgroup, so they see the same agent sockets and spare every other process a
+    /// program run per socket(), accept() and unconnected UDP receive.
     pub fn load(
         cgroup_root: &Path,
-        sock_create_scope: &Path,
+        agent_scope: &Path,
         layout: &TracepointLayout,
         offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
@@ -154,11 +170,11 @@ impl Kernel {
             .context("loading the agent-monitor eBPF object")?;
         let cgroup = std::fs::File::open(cgroup_root)
             .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
-        let scope = std::fs::File::open(sock_create_scope)
-            .with_context(|| format!("opening cgroup {}", sock_create_scope.display()))?;
+        let scope = std::fs::File::open(agent_scope)
+            .with_context(|| format!("opening cgroup {}", agent_scope.display()))?;
         let at = |f: &std::fs::File| {
-            if std::ptr::eq(f, &scope) && sock_create_scope != cgroup_root {
-                format!("cgroup {}", sock_create_scope.display())
+            if std::ptr::eq(f, &scope) && agent_scope != cgroup_root {
+                format!("cgroup {}", agent_scope.display())
             } else {
                 "the cgroup v2 root".to_string()
             }
@@ -170,10 +186,7 @@ impl Kernel {
             ..Default::default()
         };
         for hook in HOOKS {
-            let target = match hook.kind {
-                HookKind::CgroupSock(_) => &scope,
-                _ => &cgroup,
-            };
+            let target = if hook.agent_sockets { &scope } else { &cgroup };
             match attach(&mut ebpf, hook, target, &at(target)) {
                 Ok(at) => mechanisms.attached.push(format!("{} → {at}", hook.program)),
                 Err(e) if hook.required => {
