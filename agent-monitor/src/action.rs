@@ -28,6 +28,12 @@ pub enum ActionKind {
     Identity,
     /// A DNS query, judged by the proxy on the name asked.
     Dns,
+    /// io_uring_setup, caught by `run`'s seccomp filter (io_uring creates sockets without
+    /// the socket system call).
+    IoUring,
+    /// seccomp(2) asking for a notification listener, which would let an agent answer the calls
+    /// `run`'s filter catches: always refused.
+    Seccomp,
 }
 
 impl ActionKind {
@@ -40,6 +46,8 @@ impl ActionKind {
             ActionKind::Control => "control",
             ActionKind::Identity => "identity",
             ActionKind::Dns => "dns",
+            ActionKind::IoUring => "io_uring",
+            ActionKind::Seccomp => "seccomp",
         }
     }
 }
@@ -111,7 +119,7 @@ pub struct Action {
     pub dest_host: Option<String>,
     /// DNS: the name asked, normalised (lower case, no trailing dot).
     pub dns_name: Option<String>,
-    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`.
+    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`. io_uring and seccomp: the call.
     pub socket: Option<String>,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
@@ -133,7 +141,9 @@ impl Action {
                 Some(i) => format!("{exe} (script for {i})"),
                 None => exe.clone(),
             },
-            (ActionKind::Socket, _, _) => self.socket.clone().unwrap_or_else(|| "?".into()),
+            (ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp, _, _) => {
+                self.socket.clone().unwrap_or_else(|| "?".into())
+            }
             (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
             (ActionKind::Dns, _, _) => format!(
                 "query {}",

@@ -45,8 +45,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         agent: args.agent.clone(),
         task: task.clone(),
     };
-    match control::call(&args.socket.control_socket, &req) {
-        Ok(Response::Placed { .. }) => {}
+    let enforce = match control::call(&args.socket.control_socket, &req) {
+        // An older daemon does not say: the stricter filter.
+        Ok(Response::Placed { mode, .. }) => mode.as_deref() != Some("alert"),
         Ok(other) => {
             eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
             return ExitCode::from(EXIT_OURS);
@@ -55,19 +56,34 @@ pub fn run(args: RunArgs) -> ExitCode {
             eprintln!("agent-monitor run: {e}");
             return ExitCode::from(EXIT_OURS);
         }
-    }
+    };
     // From here this process is the agent; the command inherits its cgroup, and the seccomp
-    // filter for the routes the cgroup hooks cannot judge (sandbox.rs).
-    let filter = crate::sandbox::filter();
+    // filter for the routes the cgroup hooks cannot judge (sandbox.rs), whose listener the
+    // child hands back to us over `theirs`.
+    let filter = match crate::sandbox::filter(enforce) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agent-monitor run: socketpair for the seccomp listener: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
     let mut command = std::process::Command::new(&program);
     command.arg0(&args.command[0]).args(&args.command[1..]);
-    // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, setgroups, setgid,
-    // setuid) on values prepared before the fork. The filter goes first, while we are still root
-    // (installing it without no_new_privs needs CAP_SYS_ADMIN); it does not restrict the uid
-    // calls that follow.
+    let to_parent = theirs.as_raw_fd();
+    // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
+    // setgroups, setgid, setuid) on values prepared before the fork. The filter goes first,
+    // while we are still root (installing it without no_new_privs needs CAP_SYS_ADMIN); it does
+    // not restrict the uid calls that follow.
     unsafe {
         command.pre_exec(move || {
-            crate::sandbox::install(&filter)?;
+            crate::sandbox::install(&filter, to_parent)?;
             match &drop_to {
                 Some(c) => c.apply(),
                 None => Ok(()),
@@ -84,6 +100,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_CANNOT_EXECUTE);
         }
     };
+    drop(theirs);
+    match crate::sandbox::receive_listener(&ours) {
+        Ok(listener) => supervise(listener, enforce, args.socket.control_socket.clone()),
+        Err(e) => {
+            // Without a supervisor the kernel fails the caught calls (ENOSYS): closed, but say so.
+            eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
+        }
+    }
     forward_signals(child.id());
     match child.wait() {
         Ok(status) => match (status.code(), status.signal()) {
@@ -98,7 +122,23 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
+
+/// Answers the calls the agent's seccomp filter catches, on a thread of its own, and reports each
+/// to the daemon. A report that cannot be delivered is printed on our stderr: never dropped
+/// silently.
+fn supervise(listener: std::os::fd::OwnedFd, enforce: bool, socket: PathBuf) {
+    std::thread::spawn(move || {
+        let why = crate::sandbox::supervise(listener, enforce, |c| {
+            let req = Request::Caught(c);
+            if let Err(e) = control::call(&socket, &req) {
+                eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
+            }
+        });
+        eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");
+    });
+}
 
 /// The absolute path the kernel will be asked to execute, so allowlists see a canonical spelling
 /// rather than whatever PATH search the libc would do.

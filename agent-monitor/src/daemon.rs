@@ -200,6 +200,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         cgroups,
         tasks: HashMap::new(),
         procs: ProcessTable::default(),
+        placed: HashMap::new(),
         outputs,
         per_agent: HashMap::new(),
         counters: Counters::default(),
@@ -429,9 +430,9 @@ fn socket_reason(sk: &event::SocketEvent) -> String {
                       ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
                       hooks do not judge"
             .into(),
-        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…) and no \
-                       seccomp filter on this process (`agent-monitor run` installs one that \
-                       refuses them): it was created"
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…): it was \
+                       created (`agent-monitor run` refuses these in enforce mode with its \
+                       seccomp filter; this process is in alert mode or was not started by run)"
             .into(),
     }
 }
@@ -477,6 +478,8 @@ struct Monitor {
     /// cgroup id → (agent, task).
     tasks: HashMap<u64, TaskEntry>,
     procs: ProcessTable,
+    /// Placed `run` processes (pid → task cgroup id): the only senders of seccomp reports.
+    placed: HashMap<u32, u64>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     counters: Counters,
@@ -557,11 +560,16 @@ impl Monitor {
             Request::Place { agent, task } => {
                 self.place(&agent, &task, pid)
                     .map(|cgroup| Response::Placed {
+                        mode: self
+                            .policies
+                            .get(&agent)
+                            .map(|p| p.mode().as_str().to_string()),
                         agent,
                         task,
                         cgroup,
                     })
             }
+            Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
             Request::Status {} => Ok(Response::Status(self.status())),
             Request::TaskStart {
                 agent,
@@ -733,6 +741,93 @@ impl Monitor {
         })
     }
 
+    /// A call `run`'s seccomp filter caught, reported by that `run`. Only the `run` process this
+    /// daemon placed may report, for its own task and its own processes; identity comes from the
+    /// placement, never from the report, and the record is only ever denied or alert.
+    fn on_caught(&mut self, peer_pid: u32, c: control::CaughtReport) -> anyhow::Result<()> {
+        let Some(&cgroup_id) = self.placed.get(&peer_pid) else {
+            bail!("pid {peer_pid} is not an `agent-monitor run` this daemon placed");
+        };
+        let Some(entry) = self.tasks.get(&cgroup_id) else {
+            bail!("the task pid {peer_pid} was placed in is gone");
+        };
+        let (agent, task) = (entry.agent.clone(), entry.task.clone());
+        let chain = self.procs.chain(c.pid, &c.comm);
+        // A process the table knows must descend from that `run`.
+        if chain.len() > 1 && chain[0].pid != peer_pid {
+            bail!(
+                "pid {} is not a process of the task `run` {peer_pid} started",
+                c.pid
+            );
+        }
+        let (kind, object, reason) = match &c.call {
+            control::CaughtCall::Socket {
+                family,
+                sock_type,
+                protocol,
+            } => (
+                ActionKind::Socket,
+                event::socket_description(*family as u16, *sock_type, *protocol),
+                "a socket family the cgroup hooks cannot judge (vsock, packet…): agents keep \
+                 unix, inet, inet6 and netlink (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::Socketcall { op } => (
+                ActionKind::Socket,
+                format!("socketcall op {op} (i386)"),
+                "i386 socketcall keeps its arguments in user memory, out of the filter's \
+                 reach (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::IoUringSetup => (
+                ActionKind::IoUring,
+                "io_uring_setup".to_string(),
+                "io_uring creates sockets without the socket system call (seccomp filter of \
+                 `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::SeccompListener => (
+                ActionKind::Seccomp,
+                "seccomp listener".to_string(),
+                "a seccomp notification listener would let the agent answer the calls the \
+                 `run` filter catches: always refused"
+                    .to_string(),
+            ),
+            control::CaughtCall::Other { name } => (
+                ActionKind::Seccomp,
+                name.clone(),
+                "caught by the seccomp filter of `agent-monitor run`".to_string(),
+            ),
+        };
+        let verdict = if c.refused {
+            Verdict::Denied
+        } else {
+            Verdict::Alert
+        };
+        if kind == ActionKind::Socket {
+            self.counters.sockets_refused += 1;
+        }
+        self.counters.seccomp_caught += 1;
+        let subject = event::Subject {
+            cgroup_id,
+            pid: c.pid,
+            tid: c.pid,
+            uid: c.uid,
+            comm: c.comm.clone(),
+            ..event::Subject::unknown()
+        };
+        let action = Action {
+            exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
+            socket: Some(object),
+            enforcement: c.refused.then_some("eperm"),
+            reason,
+            chain,
+            ..self.action(&subject, agent, task, kind, verdict)
+        };
+        self.report(action);
+        Ok(())
+    }
+
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
@@ -746,6 +841,7 @@ impl Monitor {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "?".into());
         self.procs.add_root(pid, exe, identity::proc_args(pid));
+        self.placed.insert(pid, cg.id);
         tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
         Ok(cg.path.display().to_string())
     }
@@ -1120,7 +1216,11 @@ impl Monitor {
             KernelEvent::Fork { subject, child } => {
                 self.procs.on_fork(subject.pid, child, &subject.comm)
             }
-            KernelEvent::Exit { subject } => self.procs.on_exit(subject.pid, subject.ktime_ns),
+            KernelEvent::Exit { subject } => {
+                self.procs.on_exit(subject.pid, subject.ktime_ns);
+                // Its pid may be reused: no longer a `run` that may report.
+                self.placed.remove(&subject.pid);
+            }
             KernelEvent::Tagged {
                 subject,
                 path,

@@ -913,18 +913,8 @@ fn cgroup_root() -> std::path::PathBuf {
         .expect("a cgroup2 mount")
 }
 
-/// AF_VSOCK reaches the hypervisor host, and no cgroup hook sees it (sock_create runs for inet
-/// only): `run`'s seccomp filter refuses every family but unix, inet, inet6 and netlink, and
-/// io_uring, whose socket operation would create one without the socket system call.
-#[test]
-fn vsock_socket_and_io_uring_are_refused_by_the_run_filter() {
-    if !require_root("vsock_socket_and_io_uring_are_refused_by_the_run_filter") {
-        return;
-    }
-    let agent = unique_agent("vsock");
-    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"])]);
-    let script = PY_ATTEMPT.to_string()
-        + r#"import ctypes
+/// Tries every route `run`'s seccomp filter catches, and the kept socket families.
+const FILTER_ROUTES: &str = r#"import ctypes
 attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
 attempt('packet', lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM))
 attempt('unix', lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
@@ -933,32 +923,243 @@ attempt('inet', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
 libc = ctypes.CDLL(None, use_errno=True)
 def uring():
     params = ctypes.create_string_buffer(120)
-    if libc.syscall(425, 4, params) < 0:
+    fd = libc.syscall(425, 4, params)
+    if fd < 0:
         raise OSError(ctypes.get_errno(), 'io_uring_setup')
+    os.close(fd)
 attempt('io_uring', uring)
+def listener():
+    # seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog): a filter of
+    # one instruction (allow), so the only reason to fail is ours.
+    ins = (ctypes.c_uint16 * 4)(0x06, 0, 0, 0)
+    ctypes.memmove(ctypes.addressof(ins) + 4, (ctypes.c_uint32 * 1)(0x7fff0000), 4)
+    prog = (ctypes.c_uint64 * 2)(1, ctypes.addressof(ins))
+    libc.prctl(38, 1, 0, 0, 0)
+    if libc.syscall(317, 1, 8, prog) < 0:
+        raise OSError(ctypes.get_errno(), 'seccomp')
+attempt('listener', listener)
 "#;
+
+/// AF_VSOCK reaches the hypervisor host, and no cgroup hook sees it (sock_create runs for inet
+/// only): `run`'s seccomp filter refuses every family but unix, inet, inet6 and netlink, and
+/// io_uring, whose socket operation would create one without the socket system call. The
+/// refusals are answered by `run` (seccomp user notification) and reported like every action.
+#[test]
+fn vsock_socket_and_io_uring_are_refused_by_the_run_filter() {
+    if !require_root("vsock_socket_and_io_uring_are_refused_by_the_run_filter") {
+        return;
+    }
+    let agent = unique_agent("vsock");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"])]);
+    let script = PY_ATTEMPT.to_string() + FILTER_ROUTES;
     let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
     cmd.extend([PYTHON, "-c", &script]);
     let out = d.run(&agent, None, &cmd);
-    assert_eq!(outcome(&out, "vsock"), eperm());
-    assert_eq!(outcome(&out, "packet"), eperm());
-    assert_eq!(outcome(&out, "io_uring"), eperm());
+    for refused in ["vsock", "packet", "io_uring", "listener"] {
+        assert_eq!(outcome(&out, refused), eperm(), "{refused}");
+    }
     for ok in ["unix", "netlink", "inet"] {
         assert_eq!(outcome(&out, ok), "ok", "{ok}");
     }
-    // The filter runs before any tracepoint: the kernel's audit log has the refusal
-    // (SECCOMP_FILTER_FLAG_LOG), the audit trail does not.
-    let kernel_log = std::process::Command::new("journalctl")
-        .args(["-k", "--no-pager", "--since", "-2min"])
+    let rec = d.wait_audit("refused vsock socket", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert_eq!(field(&rec, "verdict"), "denied");
+    assert_eq!(field(&rec, "enforcement"), "eperm");
+    assert_eq!(field(&rec, "comm"), "python3");
+    assert_eq!(
+        field(&rec, "exe"),
+        std::fs::canonicalize(PYTHON).unwrap().to_str().unwrap()
+    );
+    assert_eq!(rec["uid"], 65534);
+    assert!(rec["pid"].as_u64().unwrap() > 0, "{rec}");
+    assert!(field(&rec, "reason").contains("seccomp"), "{rec}");
+    d.wait_audit("refused packet socket", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("packet")
+    });
+    let rec = d.wait_audit("refused io_uring_setup", |v| is(v, "action", "io_uring"));
+    assert_eq!(field(&rec, "verdict"), "denied");
+    let rec = d.wait_audit("refused seccomp listener", |v| is(v, "action", "seccomp"));
+    assert_eq!(field(&rec, "verdict"), "denied");
+    // Kept families are not reported.
+    let trail = d.audit();
+    assert!(
+        !trail.iter().any(|v| is(v, "action", "socket")
+            && (field(v, "socket").starts_with("family 1 ")
+                || field(v, "socket").starts_with("inet "))),
+        "kept family reported: {trail:?}"
+    );
+    let e = wait_journal(&agent, "refused vsock socket in journald", |e| {
+        is(e, "ACTION", "socket") && field(e, "SOCKET").starts_with("vsock")
+    });
+    assert_eq!(field(&e, "VERDICT"), "denied");
+    assert_eq!(field(&e, "SYSLOG_IDENTIFIER"), "agent-monitor");
+    assert_eq!(field(&e, "COMM"), "python3");
+    let e = wait_journal(&agent, "refused io_uring in journald", |e| {
+        is(e, "ACTION", "io_uring")
+    });
+    assert_eq!(field(&e, "VERDICT"), "denied");
+    assert!(!field(&e, "TASK_ID").is_empty());
+}
+
+/// Alert mode reports and does not block: the vsock socket and the io_uring ring are created,
+/// and each is reported with VERDICT=alert (the socket by the kernel program on
+/// sys_enter_socket, io_uring by `run`'s filter). A seccomp listener stays refused: it would let
+/// the agent silence the filter.
+#[test]
+fn alert_mode_agent_is_reported_not_blocked_by_the_run_filter() {
+    if !require_root("alert_mode_agent_is_reported_not_blocked_by_the_run_filter") {
+        return;
+    }
+    let agent = unique_agent("vsalert");
+    let (name, text) = policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"]);
+    let text = text.replace("mode = \"enforce\"", "mode = \"alert\"");
+    let d = Daemon::start(&[(name, text)]);
+    let script = PY_ATTEMPT.to_string() + FILTER_ROUTES;
+    let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
+    cmd.extend([PYTHON, "-c", &script]);
+    let out = d.run(&agent, None, &cmd);
+    // vsock may fail for want of a vsock transport (no hypervisor), never with EPERM.
+    assert_ne!(outcome(&out, "vsock"), eperm());
+    // (A packet socket still needs CAP_NET_RAW, which nobody lacks: the kernel's EPERM.)
+    for ok in ["io_uring", "unix", "netlink", "inet"] {
+        assert_eq!(outcome(&out, ok), "ok", "{ok}");
+    }
+    assert_eq!(outcome(&out, "listener"), eperm());
+    let rec = d.wait_audit("vsock socket alert", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert_eq!(field(&rec, "verdict"), "alert");
+    let rec = d.wait_audit("io_uring alert", |v| is(v, "action", "io_uring"));
+    assert_eq!(field(&rec, "verdict"), "alert");
+    assert!(rec.get("enforcement").is_none_or(Value::is_null), "{rec}");
+    let e = wait_journal(&agent, "io_uring alert in journald", |e| {
+        is(e, "ACTION", "io_uring")
+    });
+    assert_eq!(field(&e, "VERDICT"), "alert");
+    let rec = d.wait_audit("refused seccomp listener", |v| is(v, "action", "seccomp"));
+    assert_eq!(field(&rec, "verdict"), "denied");
+    // Exactly one report per caught socket (no second one from the filter).
+    let vsock = d
+        .audit()
+        .into_iter()
+        .filter(|v| is(v, "action", "socket") && field(v, "socket").starts_with("vsock"))
+        .count();
+    assert_eq!(vsock, 1);
+}
+
+/// `run --user` drops to the user after the filter is in place (installing it needs root
+/// then): the unprivileged agent is still caught and reported with its own uid.
+#[test]
+fn run_as_user_keeps_the_filter_and_its_reports() {
+    if !require_root("run_as_user_keeps_the_filter_and_its_reports") {
+        return;
+    }
+    let agent = unique_agent("vsuser");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON])]);
+    let script = PY_ATTEMPT.to_string()
+        + "attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))\n\
+           print('uid', os.getuid(), flush=True)\n";
+    let out = std::process::Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", &agent, "--user", "nobody", "--"])
+        .args([PYTHON, "-c", &script])
         .output()
         .unwrap();
+    assert_eq!(outcome(&out, "vsock"), eperm());
+    assert_eq!(outcome(&out, "uid"), "65534");
+    let rec = d.wait_audit("refused vsock as --user nobody", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert_eq!(rec["uid"], 65534);
+    assert_eq!(field(&rec, "verdict"), "denied");
+}
+
+/// The filter's answers come from `run`: an agent that outlives it (here `run` is killed) keeps
+/// the filter, and the kernel fails the caught calls with ENOSYS. Closed, not open.
+#[test]
+fn caught_calls_fail_closed_when_run_is_gone() {
+    if !require_root("caught_calls_fail_closed_when_run_is_gone") {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    let agent = unique_agent("runkill");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON, "/usr/bin/setpriv"])]);
+    let script = PY_ATTEMPT.to_string()
+        + "print('ready', flush=True)\nsys.stdin.readline()\n\
+           attempt('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))\n\
+           attempt('unix', lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))\n";
+    let mut run = std::process::Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", &agent, "--"])
+        .args(AS_NOBODY)
+        .args([PYTHON, "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = run.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    // SIGKILL: no forwarding, no goodbye; the agent lives on, orphaned.
+    run.kill().unwrap();
+    run.wait().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
     assert!(
-        text(&kernel_log.stdout)
-            .lines()
-            .any(|l| l.contains("type=1326")
-                && l.contains("uid=65534")
-                && l.contains("syscall=41")),
-        "no seccomp record of the refused socket() in the kernel log"
+        rest.contains(&format!("vsock errno {}", libc::ENOSYS)),
+        "{rest:?}"
+    );
+    assert!(rest.contains(&"unix ok".to_string()), "{rest:?}");
+}
+
+/// Only the `run` process the daemon placed may report a caught call: a forged report from
+/// another root process is refused and adds nothing.
+#[test]
+fn forged_seccomp_report_is_refused() {
+    if !require_root("forged_seccomp_report_is_refused") {
+        return;
+    }
+    let agent = unique_agent("forge");
+    let d = Daemon::start(&[policy(&agent, &[], &[PYTHON])]);
+    let forge = fill(
+        r#"import json, socket
+c = socket.socket(socket.AF_UNIX)
+c.connect('@SOCK@')
+c.sendall((json.dumps({'op': 'caught', 'pid': 1, 'call': {'call': 'io_uring_setup'}, 'refused': True, 'comm': 'forged', 'exe': None, 'uid': 0}) + '\n').encode())
+print(c.makefile().readline(), flush=True)
+"#,
+        &[("SOCK", d.socket.display().to_string())],
+    );
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", &forge])
+        .output()
+        .unwrap();
+    let answer = text(&out.stdout);
+    assert!(
+        answer.contains("\"error\"") && answer.contains("not an `agent-monitor run`"),
+        "{answer}"
+    );
+    // A real run of the agent still reports normally; the forged one never shows.
+    d.run(
+        &agent,
+        None,
+        &[
+            PYTHON,
+            "-c",
+            "import socket\ntry:\n socket.socket(socket.AF_VSOCK)\nexcept OSError: pass",
+        ],
+    );
+    d.wait_audit("real vsock refusal", |v| {
+        is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
+    });
+    assert!(
+        !d.audit().iter().any(|v| is(v, "comm", "forged")),
+        "forged report recorded"
     );
 }
 

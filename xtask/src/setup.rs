@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "gcc",
     "libc6-dev",
     "util-linux",
+    // `run`'s seccomp filter is built with libseccomp (linked at build time).
+    "libseccomp-dev",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

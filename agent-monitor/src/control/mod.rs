@@ -14,7 +14,7 @@ pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
@@ -49,6 +49,47 @@ pub enum Request {
         #[serde(default)]
         ttl_ms: Option<u64>,
     },
+    /// A call `run`'s seccomp filter caught in one of its agent's processes, already answered.
+    /// Accepted only from the `run` process the daemon placed, for that task; it can only add a
+    /// denied or alert record.
+    Caught(CaughtReport),
+}
+
+/// A caught call as `run` answered it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaughtReport {
+    pub pid: u32,
+    pub call: CaughtCall,
+    /// Failed with EPERM; else it ran (alert mode).
+    pub refused: bool,
+    pub comm: String,
+    pub exe: Option<String>,
+    /// Effective uid (owner of /proc/PID).
+    pub uid: u32,
+}
+
+/// A system call the `run` filter caught (see sandbox.rs).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CaughtCall {
+    /// socket(2) of a family agents may not have.
+    Socket {
+        family: u32,
+        sock_type: u32,
+        protocol: u32,
+    },
+    /// i386 socketcall(2), operation `op`.
+    Socketcall {
+        op: u32,
+    },
+    IoUringSetup,
+    /// seccomp(2) asking for a notification listener.
+    SeccompListener,
+    /// Anything else the filter sends (should not happen).
+    Other {
+        name: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -58,7 +99,12 @@ pub enum Response {
         agent: String,
         task: String,
         cgroup: String,
+        /// The agent's mode ("enforce" or "alert"), so `run` shapes its filter to match.
+        #[serde(default)]
+        mode: Option<String>,
     },
+    /// A `caught` report was recorded.
+    Recorded {},
     Status(Status),
     TaskStarted {
         agent: String,
@@ -152,6 +198,9 @@ pub struct Counters {
     /// Sockets of a kind agents may not have (raw, ping, SCTP, MPTCP…), refused or alerted.
     #[serde(default)]
     pub sockets_refused: u64,
+    /// Calls `run`'s seccomp filter caught and `run` reported (refused or, alert mode, let run).
+    #[serde(default)]
+    pub seccomp_caught: u64,
     /// Execs inside a user namespace, where only exact rules' files are allowed.
     #[serde(default)]
     pub execs_in_user_namespaces: u64,
@@ -275,6 +324,7 @@ impl Request {
             Request::TaskStart { .. } => "task_start",
             Request::TaskEnd { .. } => "task_end",
             Request::TaskNarrow { .. } => "task_narrow",
+            Request::Caught(_) => "caught",
         }
     }
 
@@ -285,7 +335,7 @@ impl Request {
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
             | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
-            Request::Status {} => None,
+            Request::Status {} | Request::Caught(_) => None,
         }
     }
 }
@@ -301,6 +351,11 @@ pub fn authorize(
     admin: bool,
     inside: Option<(&str, &str)>,
 ) -> Result<(), String> {
+    // `run` reports from inside its agent; the daemon accepts a report only from a `run` it
+    // placed (see `Monitor::on_caught`), whatever the caller's rights.
+    if let Request::Caught(_) = request {
+        return Ok(());
+    }
     if let Some((agent, task)) = inside {
         let own = request.target() == Some((agent, task));
         return match request {
@@ -322,7 +377,7 @@ pub fn authorize(
 /// Parses a request line; the error says what was wrong, for the caller.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line.trim()).map_err(|e| {
-        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"task_start\",…}} or {{\"op\":\"task_end\",\"agent\":…,\"task\":…}}")
+        format!("bad request: {e}; expected {{\"op\":\"place\",\"agent\":…,\"task\":…}}, {{\"op\":\"status\"}}, {{\"op\":\"task_start\",…}}, {{\"op\":\"task_end\",\"agent\":…,\"task\":…}} or {{\"op\":\"caught\",…}} (from `run` only)")
     })
 }
 
@@ -350,6 +405,18 @@ mod tests {
                 agent: "a".into(),
                 task: "t".into(),
             },
+            Request::Caught(CaughtReport {
+                pid: 7,
+                call: CaughtCall::Socket {
+                    family: 40,
+                    sock_type: 1,
+                    protocol: 0,
+                },
+                refused: true,
+                comm: "python3".into(),
+                exe: None,
+                uid: 65534,
+            }),
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s).unwrap(), r);
@@ -420,6 +487,29 @@ mod tests {
             task: "t".into(),
         };
         assert!(authorize(&same, true, me).is_ok());
+    }
+
+    /// `run` reports from inside its agent; who may report is decided against the placements.
+    #[test]
+    fn caught_reports_pass_authorization_from_inside_an_agent() {
+        let caught = Request::Caught(CaughtReport {
+            pid: 7,
+            call: CaughtCall::IoUringSetup,
+            refused: true,
+            comm: "sh".into(),
+            exe: None,
+            uid: 0,
+        });
+        assert_eq!(authorize(&caught, false, Some(("a", "t"))), Ok(()));
+        let widen = Request::TaskStart {
+            agent: "a".into(),
+            task: "t".into(),
+            allow_connect: vec![],
+            allow_exec: vec![],
+            ttl_ms: None,
+            pid: None,
+        };
+        assert!(authorize(&widen, true, Some(("a", "t"))).is_err());
     }
 
     #[test]

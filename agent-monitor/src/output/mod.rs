@@ -180,7 +180,12 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
         ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns => action.destination.as_ref(),
-        ActionKind::Exec | ActionKind::Socket | ActionKind::Control | ActionKind::Identity => None,
+        ActionKind::Exec
+        | ActionKind::Socket
+        | ActionKind::IoUring
+        | ActionKind::Seccomp
+        | ActionKind::Control
+        | ActionKind::Identity => None,
     };
     Field::ALL
         .iter()
