@@ -127,15 +127,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
-    let selectors = socket_watch_for_selectors(&policies);
     // Without selectors every agent process lives below `run`'s cgroup tree.
-    let agent_scope = match &selectors {
-        Some(_) => cgroup_root.as_path(),
-        None => cgroups.base(),
+    let agent_scope = if policies.iter().any(|p| !p.selectors().is_empty()) {
+        cgroup_root.as_path()
+    } else {
+        cgroups.base()
     };
     let mut kernel = Kernel::load(&cgroup_root, agent_scope, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
-    kernel.watch_socket_syscalls(selectors.as_deref())?;
+    kernel.watch_socket_syscalls(socket_watch_at_start(&policies).as_deref())?;
     let mut exec_files = ExecFiles::default();
     let change = exec_files.refresh(&policies);
     kernel.update_exec_files(&change.add, &change.remove)?;
@@ -386,19 +386,32 @@ async fn serve_connection(
 }
 
 /// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
-/// selectors ([identity]) run without `run`'s seccomp filter.
-fn socket_watch_for_selectors(policies: &PolicySet) -> Option<String> {
-    let selected: Vec<&str> = policies
-        .iter()
-        .filter(|p| !p.selectors().is_empty())
-        .map(|p| p.agent())
-        .collect();
-    (!selected.is_empty()).then(|| {
-        format!(
+/// selectors ([identity]) run without `run`'s seccomp filter, and in alert mode that filter lets
+/// other socket families pass for this watch to report.
+fn socket_watch_at_start(policies: &PolicySet) -> Option<String> {
+    let names = |pick: &dyn Fn(&crate::policy::Policy) -> bool| -> Vec<&str> {
+        policies
+            .iter()
+            .filter(|p| pick(p))
+            .map(|p| p.agent())
+            .collect()
+    };
+    let selected = names(&|p| !p.selectors().is_empty());
+    let alert = names(&|p| p.mode() == crate::policy::model::Mode::Alert);
+    let mut why = Vec::new();
+    if !selected.is_empty() {
+        why.push(format!(
             "agents identified by [identity] selectors have no seccomp filter: {}",
             selected.join(", ")
-        )
-    })
+        ));
+    }
+    if !alert.is_empty() {
+        why.push(format!(
+            "`run`'s filter lets other socket families pass in alert mode: {}",
+            alert.join(", ")
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
 }
 
 /// Why process `pid`, about to be placed, needs the `sys_enter_socket` watch: it was placed by a

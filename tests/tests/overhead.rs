@@ -90,7 +90,9 @@ print('created')
         "{state}"
     );
     let rec = d.wait_audit("vsock socket of the foreign placement", |v| {
-        v["action"] == "socket" && field(v, "socket").starts_with("vsock")
+        v["action"] == "socket"
+            && field(v, "socket").starts_with("vsock")
+            && field(v, "task_id") == "foreign"
     });
     assert_eq!(field(&rec, "verdict"), "alert");
     assert!(
@@ -120,6 +122,25 @@ fn socket_watch_is_on_from_the_start_when_a_policy_has_selectors() {
     let state = watch_state(&s);
     assert!(
         state.starts_with("on:") && state.contains(&agent),
+        "{state}"
+    );
+}
+
+/// In alert mode `run`'s filter lets other socket families pass, for the watch to report them:
+/// on from the start, naming the agent.
+#[test]
+fn socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode() {
+    if !require_root("socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode") {
+        return;
+    }
+    let agent = unique_agent("watchalert");
+    let (name, text) = plain_policy(&agent);
+    let d = Daemon::start(&[(name, text.replace("\"enforce\"", "\"alert\""))]);
+    let s = d.status();
+    assert!(watch_attached(&s), "{s}");
+    let state = watch_state(&s);
+    assert!(
+        state.starts_with("on:") && state.contains("alert mode") && state.contains(&agent),
         "{state}"
     );
 }
