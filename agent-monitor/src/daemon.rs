@@ -127,8 +127,15 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
-    let mut kernel = Kernel::load(&cgroup_root, &layout, &offsets)?;
+    // Without selectors every agent process lives below `run`'s cgroup tree.
+    let agent_scope = if policies.iter().any(|p| !p.selectors().is_empty()) {
+        cgroup_root.as_path()
+    } else {
+        cgroups.base()
+    };
+    let mut kernel = Kernel::load(&cgroup_root, agent_scope, &layout, &offsets)?;
     kernel.install_allowlists(&tables)?;
+    kernel.watch_socket_syscalls(socket_watch_at_start(&policies).as_deref())?;
     let mut exec_files = ExecFiles::default();
     let change = exec_files.refresh(&policies);
     kernel.update_exec_files(&change.add, &change.remove)?;
@@ -376,6 +383,56 @@ async fn serve_connection(
     out.push('\n');
     write.write_all(out.as_bytes()).await?;
     Ok(())
+}
+
+/// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
+/// selectors ([identity]) run without `run`'s seccomp filter, and in alert mode that filter lets
+/// other socket families pass for this watch to report.
+fn socket_watch_at_start(policies: &PolicySet) -> Option<String> {
+    let names = |pick: &dyn Fn(&crate::policy::Policy) -> bool| -> Vec<&str> {
+        policies
+            .iter()
+            .filter(|p| pick(p))
+            .map(|p| p.agent())
+            .collect()
+    };
+    let selected = names(&|p| !p.selectors().is_empty());
+    let alert = names(&|p| p.mode() == crate::policy::model::Mode::Alert);
+    let mut why = Vec::new();
+    if !selected.is_empty() {
+        why.push(format!(
+            "agents identified by [identity] selectors have no seccomp filter: {}",
+            selected.join(", ")
+        ));
+    }
+    if !alert.is_empty() {
+        why.push(format!(
+            "`run`'s filter lets other socket families pass in alert mode: {}",
+            alert.join(", ")
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// Why process `pid`, about to be placed, needs the `sys_enter_socket` watch: it was placed by a
+/// control client other than this program's own `run` (which gives the command its seccomp
+/// filter). Told apart by the executable file: the same file as the daemon's is `run`; anything
+/// else, or a file we cannot read, counts as unfiltered (the safe side).
+fn unfiltered_placement(pid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let ours = file("/proc/self/exe");
+    let theirs = file(&format!("/proc/{pid}/exe"));
+    if ours.is_some() && ours == theirs {
+        return None;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    Some(format!(
+        "process {pid} ({exe}) was placed by a control client other than `agent-monitor run`, \
+         so it has no seccomp filter"
+    ))
 }
 
 /// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
@@ -787,6 +844,11 @@ impl Monitor {
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        // Before the process becomes an agent: from then on its socket() calls are watched.
+        // Sticky for the daemon's life (cheap to keep right; a reload recomputes it).
+        if let Some(why) = unfiltered_placement(pid) {
+            self.kernel.watch_socket_syscalls(Some(&why))?;
+        }
         let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.display().to_string())

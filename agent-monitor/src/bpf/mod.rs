@@ -12,7 +12,10 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
+        trace_point::TracePointLinkId,
+    },
 };
 use tokio::io::unix::AsyncFd;
 
@@ -33,12 +36,20 @@ pub struct Mechanisms {
     pub attached: Vec<String>,
     /// What the kernel refused, with its reason.
     pub refused: Vec<String>,
+    /// Whether `sys_enter_socket` is watched, and why (see `Kernel::watch_socket_syscalls`).
+    pub socket_syscall_watch: String,
 }
+
+/// The program that reports socket families only `run`'s seccomp filter refuses, and its hook.
+const SOCKET_WATCH: &str = "agent_socket_syscall";
+const SOCKET_WATCH_HOOK: (&str, &str) = ("syscalls", "sys_enter_socket");
 
 /// The loaded programs and their maps. One owner (the monitor task) holds it.
 pub struct Kernel {
     ebpf: Ebpf,
     pub mechanisms: Mechanisms,
+    /// The `sys_enter_socket` link while it is attached.
+    socket_watch: Option<TracePointLinkId>,
 }
 
 struct Hook {
@@ -46,6 +57,9 @@ struct Hook {
     kind: HookKind,
     /// The daemon cannot do its job without it.
     required: bool,
+    /// A cgroup hook that only concerns sockets agents created: attached at the agents' scope
+    /// (see `Kernel::load`) rather than the root.
+    agent_sockets: bool,
 }
 
 enum HookKind {
@@ -60,16 +74,19 @@ const HOOKS: &[Hook] = &[
         program: "agent_exec",
         kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_connect4",
         kind: HookKind::CgroupSockAddr("connect4"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6"),
         required: true,
+        agent_sockets: false,
     },
     // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
     // its resolver would reject replies from the proxy's address.
@@ -77,60 +94,72 @@ const HOOKS: &[Hook] = &[
         program: "agent_recvmsg4",
         kind: HookKind::CgroupSockAddr("recvmsg4"),
         required: true,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_recvmsg6",
         kind: HookKind::CgroupSockAddr("recvmsg6"),
         required: true,
+        agent_sockets: true,
     },
     // Only getpeername() on a redirected connected socket would show the proxy without these.
     Hook {
         program: "agent_getpeername4",
         kind: HookKind::CgroupSockAddr("getpeername4"),
         required: false,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_getpeername6",
         kind: HookKind::CgroupSockAddr("getpeername6"),
         required: false,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_sendmsg4",
         kind: HookKind::CgroupSockAddr("sendmsg4"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_sendmsg6",
         kind: HookKind::CgroupSockAddr("sendmsg6"),
         required: true,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_sock_create",
         kind: HookKind::CgroupSock("sock_create"),
         required: true,
-    },
-    Hook {
-        program: "agent_socket_syscall",
-        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
-        required: false,
+        agent_sockets: true,
     },
     Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
+        agent_sockets: false,
     },
     Hook {
         program: "agent_exit",
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,
+        agent_sockets: false,
     },
 ];
 
 impl Kernel {
-    /// Loads every program, attaching the network hooks at the root of the cgroup v2 tree so every
-    /// process on the host passes through them (non-agents leave after one lookup).
+    /// Loads every program. The verdict hooks (connect, sendmsg) attach at the root of the cgroup
+    /// v2 tree, so every socket on the host passes through them (non-agents leave after one
+    /// lookup): a socket keeps its creator's cgroup, and an agent handed a socket made outside
+    /// must still be judged when it connects. The hooks that only concern sockets agents create
+    /// (sock_create, and the DNS address restoring recvmsg/getpeername, which also runs at every
+    /// accept() on the host) attach at `agent_scope`: the cgroup every agent process lives below
+    /// (the root when selectors can make any process an agent). A socket belongs to its
+    /// creator's cgroup, so they see the same agent sockets and spare every other process a
+    /// program run per socket(), accept() and unconnected UDP receive.
     pub fn load(
         cgroup_root: &Path,
+        agent_scope: &Path,
         layout: &TracepointLayout,
         offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
@@ -141,6 +170,15 @@ impl Kernel {
             .context("loading the agent-monitor eBPF object")?;
         let cgroup = std::fs::File::open(cgroup_root)
             .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
+        let scope = std::fs::File::open(agent_scope)
+            .with_context(|| format!("opening cgroup {}", agent_scope.display()))?;
+        let at = |f: &std::fs::File| {
+            if std::ptr::eq(f, &scope) && agent_scope != cgroup_root {
+                format!("cgroup {}", agent_scope.display())
+            } else {
+                "the cgroup v2 root".to_string()
+            }
+        };
         let mut mechanisms = Mechanisms {
             connect_enforcement: "cgroup/connect4+connect6, sendmsg4+sendmsg6 and sock_create \
                                   return EPERM"
@@ -148,7 +186,8 @@ impl Kernel {
             ..Default::default()
         };
         for hook in HOOKS {
-            match attach(&mut ebpf, hook, &cgroup) {
+            let target = if hook.agent_sockets { &scope } else { &cgroup };
+            match attach(&mut ebpf, hook, target, &at(target)) {
                 Ok(at) => mechanisms.attached.push(format!("{} → {at}", hook.program)),
                 Err(e) if hook.required => {
                     return Err(e.context(format!("attaching required program {}", hook.program)));
@@ -159,6 +198,16 @@ impl Kernel {
                 }
             }
         }
+        // Loaded now so a refusal shows at start; attached only while needed (it costs every
+        // syscall on the host, see watch_socket_syscalls).
+        mechanisms.socket_syscall_watch = match load_socket_watch(&mut ebpf) {
+            Ok(()) => "off: every agent so far runs under `run`'s seccomp filter".into(),
+            Err(e) => {
+                tracing::warn!(program = SOCKET_WATCH, "kernel refused program: {e:#}");
+                mechanisms.refused.push(format!("{SOCKET_WATCH}: {e:#}"));
+                format!("unavailable: {e:#}")
+            }
+        };
         mechanisms.exec_enforcement = match probe_lsm(&mut ebpf) {
             // This build judges exec at sched_process_exec only; an LSM path would give callers a
             // clean EPERM instead of a killed process.
@@ -173,7 +222,63 @@ impl Kernel {
                 "SIGKILL at sched_process_exec (BPF LSM unavailable)".into()
             }
         };
-        Ok(Kernel { ebpf, mechanisms })
+        Ok(Kernel {
+            ebpf,
+            mechanisms,
+            socket_watch: None,
+        })
+    }
+
+    /// Attaches (`Some(why)`) or detaches (`None`) the `sys_enter_socket` tracepoint that reports
+    /// socket families the cgroup hooks never see (vsock, packet…) for agents without `run`'s
+    /// seccomp filter. Attaching any `syscalls/*` tracepoint sends every syscall of every process
+    /// on the host through the kernel's tracing slow path, so it is attached only while such an
+    /// agent can exist. Idempotent; `why` is reported by `status` and the log.
+    pub fn watch_socket_syscalls(&mut self, why: Option<&str>) -> anyhow::Result<()> {
+        let (category, name) = SOCKET_WATCH_HOOK;
+        let entry = format!("{SOCKET_WATCH} → tracepoint {category}/{name}");
+        if self
+            .mechanisms
+            .socket_syscall_watch
+            .starts_with("unavailable")
+        {
+            if let Some(why) = why {
+                tracing::warn!("cannot report other socket families ({why}): program refused");
+            }
+            return Ok(());
+        }
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut(SOCKET_WATCH)
+            .ok_or_else(|| anyhow!("program {SOCKET_WATCH} missing from the eBPF object"))?
+            .try_into()?;
+        match (why, self.socket_watch.take()) {
+            (Some(why), link) => {
+                let link = match link {
+                    Some(link) => link,
+                    None => {
+                        let link = tp
+                            .attach(category, name)
+                            .with_context(|| format!("attaching {entry}"))?;
+                        self.mechanisms.attached.push(entry.clone());
+                        tracing::info!("attached {entry}: {why}");
+                        link
+                    }
+                };
+                self.socket_watch = Some(link);
+                self.mechanisms.socket_syscall_watch = format!("on: {why}");
+            }
+            (None, Some(link)) => {
+                tp.detach(link)
+                    .with_context(|| format!("detaching {entry}"))?;
+                self.mechanisms.attached.retain(|a| *a != entry);
+                self.mechanisms.socket_syscall_watch =
+                    "off: every agent runs under `run`'s seccomp filter".into();
+                tracing::info!("detached {entry}: no agent without `run`'s filter");
+            }
+            (None, None) => {}
+        }
+        Ok(())
     }
 
     /// Writes the compiled allowlists. Called once at start, before any agent exists.
@@ -417,6 +522,14 @@ fn learned_key(agent: u32, addr: IpAddr) -> NetKey {
     }
 }
 
+fn load_socket_watch(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(SOCKET_WATCH)
+        .ok_or_else(|| anyhow!("program {SOCKET_WATCH} missing from the eBPF object"))?
+        .try_into()?;
+    tp.load().context("loading")
+}
+
 /// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM
 /// available", rather than a guess from /sys/kernel/security.
 fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
@@ -437,7 +550,12 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Result<String> {
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup: &std::fs::File,
+    at_name: &str,
+) -> anyhow::Result<String> {
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
@@ -459,7 +577,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             p.load().context("loading")?;
             p.attach(cgroup, CgroupAttachMode::Single)
                 .context("attaching")?;
-            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+            Ok(format!("cgroup/{at} at {at_name}"))
         }
         HookKind::CgroupSockAddr(at) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
@@ -468,7 +586,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &std::fs::File) -> anyhow::Resul
             // flag, so the mode must be Single (0) here; other programs on the root still run.
             p.attach(cgroup, CgroupAttachMode::Single)
                 .context("attaching")?;
-            Ok(format!("cgroup/{at} at the cgroup v2 root"))
+            Ok(format!("cgroup/{at} at {at_name}"))
         }
     }
 }
