@@ -70,6 +70,12 @@ pub enum Load {
         #[arg(long)]
         name: String,
     },
+    /// Accepts (and drops) TCP connections on 127.0.0.1:PORT until killed: the server of the
+    /// connect measurement, a process of its own (not the agent), as an agent's peers are.
+    Listen {
+        #[arg(long)]
+        port: u16,
+    },
     /// Forks N children that sleep; prints `ready` when all exist, kills them when stdin closes.
     Spawn {
         #[arg(long)]
@@ -147,6 +153,7 @@ pub fn run(load: Load) -> anyhow::Result<()> {
             serde_json::to_string(&rate_run(rate, secs, port, deny_port, deny_every)?)?
         }
         Load::Dns { n, server, name } => serde_json::to_string(&dns(n, server, &name)?)?,
+        Load::Listen { port } => return serve(port),
         Load::Spawn { n } => return spawn(n),
     };
     println!("{out}");
@@ -256,25 +263,35 @@ fn dns(n: usize, server: SocketAddrV4, name: &str) -> anyhow::Result<OpStats> {
     Ok(stats(times, ok, refused, other))
 }
 
+/// Accepts in batches every millisecond, not blocked in accept(): a blocked acceptor is woken by
+/// every connect, and where the scheduler runs it (this CPU or the other) changed the measured
+/// connect time by a third, monitor or not. Accept errors (the client's RST may come first) are
+/// expected and ignored.
+fn accept_forever(listener: TcpListener) -> ! {
+    loop {
+        while let Ok(c) = listener.accept() {
+            drop(c);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = listen(port).with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+    listener.set_nonblocking(true)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    accept_forever(listener)
+}
+
 fn connect(n: usize, port: u16, to: Option<SocketAddrV4>) -> anyhow::Result<OpStats> {
     let target = match to {
         Some(t) => t,
         None => {
             let listener =
                 listen(port).with_context(|| format!("listening on 127.0.0.1:{port}"))?;
-            // Accepts in batches every millisecond, not blocked in accept(): a blocked acceptor
-            // is woken by every connect, and where the scheduler runs it (this CPU or the
-            // other) changed the measured connect time by a third, monitor or not. Accept errors
-            // (the client's RST may come first) are expected and ignored.
             listener.set_nonblocking(true)?;
-            std::thread::spawn(move || {
-                loop {
-                    while let Ok(c) = listener.accept() {
-                        drop(c);
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
+            std::thread::spawn(move || accept_forever(listener));
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
         }
     };

@@ -404,7 +404,8 @@ pub fn markdown(r: &Results, command: &str) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "- *connect*: `socket()`, `connect()` to a listener on 127.0.0.1 in the same process, \
+        "- *connect*: `socket()`, `connect()` to a listener on 127.0.0.1 (a process of its own, \
+         outside any agent, the same in every setup: an agent's peers are not the agent), \
          `close()` with `SO_LINGER` 0 (an RST, so no TIME_WAIT piles up across runs). The denied \
          setup connects to a port the agent may not reach: the kernel answers `EPERM` before any \
          packet, which is why it can be cheaper than the floor.\n\

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{OpStats, RateStats};
 use crate::machine::Machine;
-use crate::setups::{Auditd, Bpftrace, Daemon, DaemonConfig, Dnsmasq, wait_for};
+use crate::setups::{Auditd, Bpftrace, Daemon, DaemonConfig, Dnsmasq, Listener, wait_for};
 
 /// The agent the benchmark runs as (unique, so it never meets another helper's policies).
 pub const AGENT: &str = "ambench";
@@ -360,6 +360,9 @@ fn overhead(env: &Env, dir: &Path) -> anyhow::Result<Vec<(Setup, Samples)>> {
         .iter()
         .map(|&s| (s, Samples::default()))
         .collect();
+    // The server is a process of its own, outside any agent, for every setup: an agent's peers
+    // are not the agent, and its accept() must not be counted as the agent's connect.
+    let _server = Listener::start(&env.bench, env.tcp_port)?;
     for rep in 0..p.reps {
         // Interleaved, and each repetition starts at another setup, so drift and order effects
         // spread over all setups instead of landing on one.
@@ -397,18 +400,16 @@ fn one_setup(
 ) -> anyhow::Result<(OpStats, OpStats)> {
     let p = &env.plan;
     let connect = |to: Option<u16>| {
-        let mut a = vec![
+        vec![
             s("connect"),
             s("--realtime"),
             s("--n"),
             s(p.connects),
             s("--port"),
             s(env.tcp_port),
-        ];
-        if let Some(port) = to {
-            a.extend([s("--to"), format!("127.0.0.1:{port}")]);
-        }
-        a
+            s("--to"),
+            format!("127.0.0.1:{}", to.unwrap_or(env.tcp_port)),
+        ]
     };
     let exec = |prog: &str| {
         vec![

@@ -306,3 +306,35 @@ impl Drop for Dnsmasq {
         stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
     }
 }
+
+/// `agent-monitor-bench load listen` on 127.0.0.1:PORT: the connect measurement's server.
+pub struct Listener {
+    child: Child,
+}
+
+impl Listener {
+    pub fn start(bench: &Path, port: u16) -> anyhow::Result<Listener> {
+        let mut child = Command::new(bench)
+            .args(["load", "listen", "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .context("starting the connect measurement's listener")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let mut l = Listener { child };
+        if line.trim() != "ready" {
+            stop_child(&mut l.child, libc::SIGKILL, Duration::from_secs(1));
+            bail!("the listener on 127.0.0.1:{port} did not start: {line:?}");
+        }
+        Ok(l)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
+    }
+}
