@@ -377,6 +377,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
     for a in list("attached") {
         println!("attached: {a}");
     }
+    println!("socket() watch: {}", text("socket_syscall_watch"));
     for r in list("refused") {
         println!("not available: {r}");
     }

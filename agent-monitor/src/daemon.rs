@@ -175,6 +175,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         policies_loaded: SystemTime::now(),
         bank_base: 0,
         grants_revoked_at_start: 0,
+        socket_watch_sticky: None,
         cgroups,
         tasks: HashMap::new(),
         procs: ProcessTable::default(),
@@ -569,6 +570,56 @@ fn tagged_identity_of(agent: u32) -> AgentSlot {
     }
 }
 
+/// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
+/// selectors ([identity]) run without `run`'s seccomp filter, and in alert mode that filter lets
+/// other socket families pass for this watch to report.
+fn socket_watch_at_start(policies: &PolicySet) -> Option<String> {
+    let names = |pick: &dyn Fn(&crate::policy::Policy) -> bool| -> Vec<&str> {
+        policies
+            .iter()
+            .filter(|p| pick(p))
+            .map(|p| p.agent())
+            .collect()
+    };
+    let selected = names(&|p| !p.selectors().is_empty());
+    let alert = names(&|p| p.mode() == crate::policy::model::Mode::Alert);
+    let mut why = Vec::new();
+    if !selected.is_empty() {
+        why.push(format!(
+            "agents identified by [identity] selectors have no seccomp filter: {}",
+            selected.join(", ")
+        ));
+    }
+    if !alert.is_empty() {
+        why.push(format!(
+            "`run`'s filter lets other socket families pass in alert mode: {}",
+            alert.join(", ")
+        ));
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
+/// Why process `pid`, about to be placed, needs the `sys_enter_socket` watch: it was placed by a
+/// control client other than this program's own `run` (which gives the command its seccomp
+/// filter). Told apart by the executable file: the same file as the daemon's is `run`; anything
+/// else, or a file we cannot read, counts as unfiltered (the safe side).
+fn unfiltered_placement(pid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let ours = file("/proc/self/exe");
+    let theirs = file(&format!("/proc/{pid}/exe"));
+    if ours.is_some() && ours == theirs {
+        return None;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "?".into());
+    Some(format!(
+        "process {pid} ({exe}) was placed by a control client other than `agent-monitor run`, \
+         so it has no seccomp filter"
+    ))
+}
+
 /// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
 fn socket_reason(sk: &event::SocketEvent) -> String {
     let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
@@ -626,6 +677,9 @@ struct Monitor {
     bank_base: u32,
     /// Task grant entries a predecessor left, revoked at start (see `recover_tasks`).
     grants_revoked_at_start: usize,
+    /// Why the socket() watch stays on whatever the policy says: an agent placed without `run`'s
+    /// filter (for the daemon's life), or agents recovered from a predecessor that watched them.
+    socket_watch_sticky: Option<String>,
     cgroups: AgentCgroups,
     /// cgroup id → (agent, task).
     tasks: HashMap<u64, TaskEntry>,
@@ -901,6 +955,11 @@ impl Monitor {
         self.bank_base = base;
         self.policies_loaded = SystemTime::now();
         self.rearm_selectors();
+        let why =
+            socket_watch_at_start(&self.policies).or_else(|| self.socket_watch_sticky.clone());
+        if let Err(e) = self.kernel.watch_socket_syscalls(why.as_deref()) {
+            tracing::error!("socket() watch: {e:#}");
+        }
         Ok(())
     }
 
@@ -1047,6 +1106,17 @@ impl Monitor {
         // (needed for `status`, `task narrow`) are not in the maps. Revoked, so nothing stays
         // granted that `task end` could not take back; reported by `report_origin`.
         self.grants_revoked_at_start = self.kernel.clear_task_grants()?;
+        // A predecessor's agents may have been placed without `run`'s filter: keep its watch.
+        if self
+            .kernel
+            .mechanisms
+            .socket_syscall_watch
+            .starts_with("on")
+        {
+            self.socket_watch_sticky = Some(
+                "agents recovered from the previous daemon, which watched socket() for them".into(),
+            );
+        }
         let tree = self.cgroups.tasks();
         let mut stale = 0;
         for (id, slot) in entries {
@@ -1491,6 +1561,12 @@ impl Monitor {
     /// Makes `pid` a process of `agent`, task `task`.
     fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        // Before the process becomes an agent: from then on its socket() calls are watched.
+        // Sticky for the daemon's life (cheap to keep right; a reload recomputes it).
+        if let Some(why) = unfiltered_placement(pid) {
+            self.kernel.watch_socket_syscalls(Some(&why))?;
+            self.socket_watch_sticky = Some(why);
+        }
         let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
             .map(|p| p.display().to_string())

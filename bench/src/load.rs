@@ -60,6 +60,22 @@ pub enum Load {
         #[arg(long)]
         wait_stdin: bool,
     },
+    /// N DNS queries (type A for NAME) over one connected UDP socket to SERVER, each waiting for
+    /// its answer. As an agent, the kernel redirects them to the daemon's DNS proxy.
+    Dns {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        server: SocketAddrV4,
+        #[arg(long)]
+        name: String,
+    },
+    /// Accepts (and drops) TCP connections on 127.0.0.1:PORT until killed: the server of the
+    /// connect measurement, a process of its own (not the agent), as an agent's peers are.
+    Listen {
+        #[arg(long)]
+        port: u16,
+    },
     /// Forks N children that sleep; prints `ready` when all exist, kills them when stdin closes.
     Spawn {
         #[arg(long)]
@@ -68,12 +84,14 @@ pub enum Load {
 }
 
 /// What a timed loop (connect, exec) reports.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OpStats {
     pub n: usize,
     pub median_ns: u64,
     pub mean_ns: u64,
     pub p90_ns: u64,
+    #[serde(default)]
+    pub p99_ns: u64,
     /// Operations that succeeded (connected; exited 0).
     pub ok: usize,
     /// connect: failed with EPERM; exec: child killed by SIGKILL.
@@ -134,6 +152,8 @@ pub fn run(load: Load) -> anyhow::Result<()> {
             }
             serde_json::to_string(&rate_run(rate, secs, port, deny_port, deny_every)?)?
         }
+        Load::Dns { n, server, name } => serde_json::to_string(&dns(n, server, &name)?)?,
+        Load::Listen { port } => return serve(port),
         Load::Spawn { n } => return spawn(n),
     };
     println!("{out}");
@@ -189,10 +209,79 @@ fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStat
             times.iter().sum::<u64>() / n as u64
         },
         p90_ns: at(0.9),
+        p99_ns: at(0.99),
         ok,
         refused,
         other,
     }
+}
+
+/// `ok`: an answer with this query's id and at least one record; `refused`: REFUSED; `other`:
+/// anything else (another code, no answer within 2 s, an unreadable reply).
+fn dns(n: usize, server: SocketAddrV4, name: &str) -> anyhow::Result<OpStats> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RecordType};
+
+    let name = Name::from_ascii(name).with_context(|| format!("DNS name {name:?}"))?;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(server)?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 1500];
+    let (mut times, mut ok, mut refused, mut other) = (Vec::with_capacity(n), 0, 0, 0);
+    for i in 0..n {
+        let id = i as u16;
+        let mut query = Message::new();
+        query
+            .set_id(id)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(name.clone(), RecordType::A));
+        let bytes = query.to_vec()?;
+        let t = Instant::now();
+        sock.send(&bytes)?;
+        let reply = loop {
+            match sock.recv(&mut buf) {
+                Ok(len) => match Message::from_vec(&buf[..len]) {
+                    // A late answer to an earlier, timed-out query: keep waiting for ours.
+                    Ok(m) if m.id() != id => continue,
+                    Ok(m) => break Some(m),
+                    Err(_) => break None,
+                },
+                Err(_) => break None,
+            }
+        };
+        times.push(t.elapsed().as_nanos() as u64);
+        match reply {
+            Some(m) if m.response_code() == ResponseCode::NoError && !m.answers().is_empty() => {
+                ok += 1
+            }
+            Some(m) if m.response_code() == ResponseCode::Refused => refused += 1,
+            _ => other += 1,
+        }
+    }
+    Ok(stats(times, ok, refused, other))
+}
+
+/// Accepts in batches every millisecond, not blocked in accept(): a blocked acceptor is woken by
+/// every connect, and where the scheduler runs it (this CPU or the other) changed the measured
+/// connect time by a third, monitor or not. Accept errors (the client's RST may come first) are
+/// expected and ignored.
+fn accept_forever(listener: TcpListener) -> ! {
+    loop {
+        while let Ok(c) = listener.accept() {
+            drop(c);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn serve(port: u16) -> anyhow::Result<()> {
+    let listener = listen(port).with_context(|| format!("listening on 127.0.0.1:{port}"))?;
+    listener.set_nonblocking(true)?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    accept_forever(listener)
 }
 
 fn connect(n: usize, port: u16, to: Option<SocketAddrV4>) -> anyhow::Result<OpStats> {
@@ -201,19 +290,8 @@ fn connect(n: usize, port: u16, to: Option<SocketAddrV4>) -> anyhow::Result<OpSt
         None => {
             let listener =
                 listen(port).with_context(|| format!("listening on 127.0.0.1:{port}"))?;
-            // Accepts in batches every millisecond, not blocked in accept(): a blocked acceptor
-            // is woken by every connect, and where the scheduler runs it (this CPU or the
-            // other) changed the measured connect time by a third, monitor or not. Accept errors
-            // (the client's RST may come first) are expected and ignored.
             listener.set_nonblocking(true)?;
-            std::thread::spawn(move || {
-                loop {
-                    while let Ok(c) = listener.accept() {
-                        drop(c);
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            });
+            std::thread::spawn(move || accept_forever(listener));
             SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)
         }
     };

@@ -39,7 +39,7 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, memory); the report is then
+        /// Measure only these phases (overhead, capacity, startup, memory, dns); the report is then
         /// partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

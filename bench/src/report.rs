@@ -2,7 +2,8 @@
 
 use std::fmt::Write as _;
 
-use crate::run::{Results, Samples, Setup};
+use crate::load::OpStats;
+use crate::run::{DnsLatency, Results, Samples, Setup};
 
 pub fn median(v: &[u64]) -> f64 {
     let mut v: Vec<u64> = v.to_vec();
@@ -193,6 +194,62 @@ fn us(ns: f64) -> String {
     format!("{:.1}", ns / 1000.0)
 }
 
+/// Added latency of the DNS proxy per repetition: proxied minus direct, at the median and at p99.
+pub fn dns_added_ns(d: &DnsLatency) -> (Vec<f64>, Vec<f64>) {
+    d.direct
+        .iter()
+        .zip(&d.proxied)
+        .map(|(a, b)| {
+            (
+                b.median_ns as f64 - a.median_ns as f64,
+                b.p99_ns as f64 - a.p99_ns as f64,
+            )
+        })
+        .unzip()
+}
+
+fn dns_section(o: &mut String, dns: Option<&DnsLatency>) {
+    let _ = writeln!(o, "## DNS proxy latency\n");
+    let Some(d) = dns.filter(|d| !d.direct.is_empty()) else {
+        let _ = writeln!(o, "Not measured in this run.\n");
+        return;
+    };
+    let med = |v: &[OpStats], f: fn(&OpStats) -> u64| {
+        median_f(&v.iter().map(|x| f(x) as f64).collect::<Vec<_>>())
+    };
+    let (added_median, added_p99) = dns_added_ns(d);
+    let _ = writeln!(
+        o,
+        "{} repetitions, interleaved; in each, {} type-A queries for an allowed name over one \
+         connected UDP socket, one at a time: *direct* from an ordinary process to the upstream \
+         (dnsmasq on loopback), *through the proxy* from an agent asking `192.0.2.1:53`, which the \
+         kernel redirects to the daemon's proxy; the proxy judges the name, forwards it to the same \
+         dnsmasq and writes the answer's address into the agent's kernel allowlist before it \
+         replies. Medians over the repetitions.\n",
+        d.direct.len(),
+        d.queries
+    );
+    let _ = writeln!(o, "| path | median µs | p99 µs |\n|---|---:|---:|");
+    let _ = writeln!(
+        o,
+        "| direct to the upstream | {} | {} |",
+        us(med(&d.direct, |x| x.median_ns)),
+        us(med(&d.direct, |x| x.p99_ns))
+    );
+    let _ = writeln!(
+        o,
+        "| through the proxy | {} | {} |",
+        us(med(&d.proxied, |x| x.median_ns)),
+        us(med(&d.proxied, |x| x.p99_ns))
+    );
+    let _ = writeln!(
+        o,
+        "| **added by the proxy** | **{}** | **{}** |\n",
+        us(median_f(&added_median)),
+        us(median_f(&added_p99))
+    );
+}
+
 pub fn markdown(r: &Results, command: &str) -> String {
     let m = &r.machine;
     let p = &r.plan;
@@ -347,7 +404,8 @@ pub fn markdown(r: &Results, command: &str) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "- *connect*: `socket()`, `connect()` to a listener on 127.0.0.1 in the same process, \
+        "- *connect*: `socket()`, `connect()` to a listener on 127.0.0.1 (a process of its own, \
+         outside any agent, the same in every setup: an agent's peers are not the agent), \
          `close()` with `SO_LINGER` 0 (an RST, so no TIME_WAIT piles up across runs). The denied \
          setup connects to a port the agent may not reach: the kernel answers `EPERM` before any \
          packet, which is why it can be cheaper than the floor.\n\
@@ -394,6 +452,18 @@ pub fn markdown(r: &Results, command: &str) -> String {
                 .map(|a| format!("`{a}`"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        );
+    } else if !r.attached.is_empty() {
+        let _ = writeln!(
+            o,
+            "No `syscalls/*` tracepoint was attached: the daemon attaches its \
+             `sys_enter_socket` watch (reports socket families only `run`'s seccomp filter \
+             refuses) only while an agent without that filter can exist: a policy with \
+             `[identity]` selectors, a policy in alert mode, or a process placed by another \
+             control client. Any syscall tracepoint would put every syscall of every process on \
+             the host on the kernel's tracing slow path. Likewise sock_create, recvmsg and \
+             getpeername attach below `run`'s cgroup tree unless selectors exist, so outside \
+             agents a connect meets one program (connect4) and an accept none.\n"
         );
     }
     let _ = writeln!(o, "## Event capacity\n");
@@ -526,6 +596,8 @@ pub fn markdown(r: &Results, command: &str) -> String {
         }
     }
 
+    dns_section(&mut o, r.dns.as_ref());
+
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {
         let _ = writeln!(o, "Not run.\n");
@@ -582,6 +654,7 @@ mod tests {
             criterion: vec![],
             minutes: 0.0,
             attached: vec![],
+            dns: None,
         }
     }
 
@@ -680,5 +753,36 @@ mod tests {
         assert!(md.contains("```sh\ncargo xtask bench --quick\n```"), "{md}");
         assert!(md.contains("`--quick` run"), "{md}");
         assert!(md.contains("| cores |"), "{md}");
+    }
+    #[test]
+    fn dns_added_latency_is_proxied_minus_direct_per_repetition() {
+        let op = |median_ns, p99_ns| crate::load::OpStats {
+            n: 10,
+            median_ns,
+            mean_ns: median_ns,
+            p90_ns: p99_ns,
+            p99_ns,
+            ok: 10,
+            refused: 0,
+            other: 0,
+        };
+        let d = crate::run::DnsLatency {
+            queries: 10,
+            direct: vec![op(30_000, 60_000), op(40_000, 50_000)],
+            proxied: vec![op(110_000, 200_000), op(100_000, 90_000)],
+        };
+        assert_eq!(
+            dns_added_ns(&d),
+            (vec![80_000.0, 60_000.0], vec![140_000.0, 40_000.0])
+        );
+        let mut o = String::new();
+        dns_section(&mut o, Some(&d));
+        assert!(
+            o.contains("| **added by the proxy** | **70.0** | **90.0** |"),
+            "{o}"
+        );
+        let mut none = String::new();
+        dns_section(&mut none, None);
+        assert!(none.contains("Not measured"));
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{OpStats, RateStats};
 use crate::machine::Machine;
-use crate::setups::{Auditd, Bpftrace, Daemon, DaemonConfig, wait_for};
+use crate::setups::{Auditd, Bpftrace, Daemon, DaemonConfig, Dnsmasq, Listener, wait_for};
 
 /// The agent the benchmark runs as (unique, so it never meets another helper's policies).
 pub const AGENT: &str = "ambench";
@@ -158,6 +158,18 @@ pub struct Results {
     /// What the daemon attached, from its start-up log ("program → hook").
     #[serde(default)]
     pub attached: Vec<String>,
+    /// Per repetition, a DNS query loop straight to the upstream and through the agent's proxy.
+    #[serde(default)]
+    pub dns: Option<DnsLatency>,
+}
+
+/// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
+/// and as an agent, whose queries the kernel redirects to the daemon's DNS proxy.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DnsLatency {
+    pub queries: usize,
+    pub direct: Vec<OpStats>,
+    pub proxied: Vec<OpStats>,
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -221,6 +233,7 @@ pub fn run(
             bin: bin.clone(),
             policies,
             dir: dir.to_path_buf(),
+            extra: Vec::new(),
         },
         plan,
         bin,
@@ -253,6 +266,11 @@ pub fn run(
     };
     let attached = attached_hooks(&env)?;
     let memory = if phase("memory") { memory(&env)? } else { None };
+    let dns = if phase("dns") {
+        Some(dns(&env, dir)?)
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -269,6 +287,7 @@ pub fn run(
         criterion,
         minutes: started.elapsed().as_secs_f64() / 60.0,
         attached,
+        dns,
     })
 }
 
@@ -294,17 +313,32 @@ fn load<T: serde::de::DeserializeOwned>(
     daemon: Option<(&Daemon, &str)>,
     args: &[String],
 ) -> anyhow::Result<T> {
-    let mut cmd = match daemon {
-        Some((d, task)) => {
-            let mut c = Command::new(&env.bin);
-            c.args(["run", "--agent", AGENT, "--task", task, "--control-socket"])
-                .arg(&d.socket)
-                .arg("--")
-                .arg(&env.bench);
-            c
-        }
-        None => Command::new(&env.bench),
-    };
+    match daemon {
+        Some(d) => load_as(env, AGENT, d, args),
+        None => run_load(Command::new(&env.bench), args),
+    }
+}
+
+/// [`load`] as agent `agent`, in task `task` of daemon `d`.
+fn load_as<T: serde::de::DeserializeOwned>(
+    env: &Env,
+    agent: &str,
+    (d, task): (&Daemon, &str),
+    args: &[String],
+) -> anyhow::Result<T> {
+    let mut c = Command::new(&env.bin);
+    c.args(["run", "--agent", agent, "--task", task, "--control-socket"])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(&env.bench);
+    run_load(c, args)
+}
+
+/// Runs `cmd load ARGS` and parses the JSON line the generator prints last.
+fn run_load<T: serde::de::DeserializeOwned>(
+    mut cmd: Command,
+    args: &[String],
+) -> anyhow::Result<T> {
     cmd.arg("load").args(args);
     let out = cmd
         .stderr(Stdio::inherit())
@@ -326,6 +360,9 @@ fn overhead(env: &Env, dir: &Path) -> anyhow::Result<Vec<(Setup, Samples)>> {
         .iter()
         .map(|&s| (s, Samples::default()))
         .collect();
+    // The server is a process of its own, outside any agent, for every setup: an agent's peers
+    // are not the agent, and its accept() must not be counted as the agent's connect.
+    let _server = Listener::start(&env.bench, env.tcp_port)?;
     for rep in 0..p.reps {
         // Interleaved, and each repetition starts at another setup, so drift and order effects
         // spread over all setups instead of landing on one.
@@ -363,18 +400,16 @@ fn one_setup(
 ) -> anyhow::Result<(OpStats, OpStats)> {
     let p = &env.plan;
     let connect = |to: Option<u16>| {
-        let mut a = vec![
+        vec![
             s("connect"),
             s("--realtime"),
             s("--n"),
             s(p.connects),
             s("--port"),
             s(env.tcp_port),
-        ];
-        if let Some(port) = to {
-            a.extend([s("--to"), format!("127.0.0.1:{port}")]);
-        }
-        a
+            s("--to"),
+            format!("127.0.0.1:{}", to.unwrap_or(env.tcp_port)),
+        ]
     };
     let exec = |prog: &str| {
         vec![
@@ -431,6 +466,74 @@ fn one_setup(
         }
     };
     Ok(r)
+}
+
+/// The agent of the DNS measurement: may resolve and reach one name, run the bench binary.
+const DNS_AGENT: &str = "dnsbench";
+const DNS_NAME: &str = "bench.ok.test";
+
+fn dns(env: &Env, dir: &Path) -> anyhow::Result<DnsLatency> {
+    let p = &env.plan;
+    let queries = if p.quick { 300 } else { 2000 };
+    let reps = p.reps.min(5);
+    let upstream = Dnsmasq::start(
+        dir,
+        free_port()?,
+        &[format!("--address=/{DNS_NAME}/127.0.0.3")],
+    )?;
+    let policies = dir.join("dns-policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join(format!("{DNS_AGENT}.toml")),
+        format!(
+            "agent = \"{DNS_AGENT}\"\nmode = \"enforce\"\n[network]\nallow = [\"{DNS_NAME}:443\"]\n\
+             [exec]\nallow = [\"{}\"]\n",
+            env.bench.display()
+        ),
+    )?;
+    let cfg = DaemonConfig {
+        policies,
+        extra: vec![s("--dns-upstream"), format!("127.0.0.1:{}", upstream.port)],
+        ..env.daemon.clone()
+    };
+    let d = Daemon::start(&cfg, "dns")?;
+    let args = |server: String| {
+        vec![
+            s("dns"),
+            s("--n"),
+            s(queries),
+            s("--server"),
+            server,
+            s("--name"),
+            s(DNS_NAME),
+        ]
+    };
+    let mut out = DnsLatency {
+        queries,
+        ..DnsLatency::default()
+    };
+    for rep in 0..reps {
+        check_interrupt()?;
+        let direct: OpStats = load(env, None, &args(format!("127.0.0.1:{}", upstream.port)))?;
+        // Any address on port 53: the kernel sends it to the agent's proxy.
+        let proxied: OpStats = load_as(
+            env,
+            DNS_AGENT,
+            (&d, &format!("dns-{rep}")),
+            &args(s("192.0.2.1:53")),
+        )?;
+        if direct.ok != queries || proxied.ok != queries {
+            bail!(
+                "DNS repetition {rep}: {} of {queries} direct and {} of {queries} proxied queries \
+                 were answered",
+                direct.ok,
+                proxied.ok
+            );
+        }
+        out.direct.push(direct);
+        out.proxied.push(proxied);
+    }
+    Ok(out)
 }
 
 /// (utime + stime) of `pid` in seconds.

@@ -47,6 +47,8 @@ pub struct DaemonConfig {
     pub bin: PathBuf,
     pub policies: PathBuf,
     pub dir: PathBuf,
+    /// More `agent-monitor daemon` arguments (e.g. `--dns-upstream`).
+    pub extra: Vec<String>,
 }
 
 /// A running `agent-monitor daemon` with a private control socket and a fresh JSON trail.
@@ -74,6 +76,7 @@ impl Daemon {
             .arg(&json)
             .arg("--control-socket")
             .arg(&socket)
+            .args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?)
@@ -253,5 +256,85 @@ impl Bpftrace {
 impl Drop for Bpftrace {
     fn drop(&mut self) {
         stop_child(&mut self.child, libc::SIGINT, Duration::from_secs(10));
+    }
+}
+
+/// dnsmasq on a loopback port as the upstream resolver of the DNS measurement, answering
+/// `RECORD`s (`--address=/name/addr`) itself; no other source of answers.
+pub struct Dnsmasq {
+    child: Child,
+    pub port: u16,
+}
+
+impl Dnsmasq {
+    pub fn start(dir: &Path, port: u16, records: &[String]) -> anyhow::Result<Dnsmasq> {
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--conf-file=/dev/null",
+                "--user=root",
+            ])
+            .arg(format!("--port={port}"))
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .args(records)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("dnsmasq.err"))?)
+            .process_group(0)
+            .spawn()
+            .context("starting dnsmasq (package dnsmasq-base)")?;
+        let mut d = Dnsmasq { child, port };
+        // Up once its port is taken.
+        let up = wait_for(Duration::from_secs(10), Duration::from_millis(10), || {
+            std::net::UdpSocket::bind(("127.0.0.1", port)).is_err()
+        });
+        if !up || matches!(d.child.try_wait(), Ok(Some(_))) {
+            let err = std::fs::read_to_string(dir.join("dnsmasq.err")).unwrap_or_default();
+            bail!("dnsmasq did not come up on 127.0.0.1:{port}: {err}");
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
+    }
+}
+
+/// `agent-monitor-bench load listen` on 127.0.0.1:PORT: the connect measurement's server.
+pub struct Listener {
+    child: Child,
+}
+
+impl Listener {
+    pub fn start(bench: &Path, port: u16) -> anyhow::Result<Listener> {
+        let mut child = Command::new(bench)
+            .args(["load", "listen", "--port", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .context("starting the connect measurement's listener")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let mut l = Listener { child };
+        if line.trim() != "ready" {
+            stop_child(&mut l.child, libc::SIGKILL, Duration::from_secs(1));
+            bail!("the listener on 127.0.0.1:{port} did not start: {line:?}");
+        }
+        Ok(l)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(5));
     }
 }

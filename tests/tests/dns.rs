@@ -443,26 +443,6 @@ fn alert_mode_answers_and_reports_names_off_the_list() {
     assert_eq!(field(&e, "PRIORITY"), "3");
 }
 
-/// The proxy's added latency per query; a measurement, not a check. Run with `--ignored`.
-#[test]
-#[ignore = "benchmark: run with --ignored --nocapture"]
-fn dns_proxy_added_latency() {
-    if !require_root("dns_proxy_added_latency") {
-        return;
-    }
-    let l = dns_proxy_latency(2000);
-    println!(
-        "DNS query latency over {} samples: direct median {:.0} µs p99 {:.0} µs; through the proxy median {:.0} µs p99 {:.0} µs; added median {:.0} µs p99 {:.0} µs",
-        l.samples,
-        l.direct.median_us,
-        l.direct.p99_us,
-        l.proxied.median_us,
-        l.proxied.p99_us,
-        l.added_median_us(),
-        l.added_p99_us()
-    );
-}
-
 #[test]
 fn an_agent_cannot_use_another_agents_proxy_endpoint() {
     if !require_root("an_agent_cannot_use_another_agents_proxy_endpoint") {

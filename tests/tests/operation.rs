@@ -950,4 +950,21 @@ fn processes_running_a_selected_executable_before_start_are_governed_across_rest
         "the restarted daemon reports the tags it found: {}",
         d.log()
     );
+    // Selector agents have no `run` filter: the socket() watch (issue 8b) is on, and its pinned
+    // link is still attached in the restarted daemon.
+    let s = d.status();
+    assert!(
+        s["mechanisms"]["socket_syscall_watch"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("on"),
+        "{s:#}"
+    );
+    assert!(
+        s["mechanisms"]["attached"]
+            .to_string()
+            .contains("tracepoint syscalls/sys_enter_socket"),
+        "{s:#}"
+    );
+    assert!(d.pin_dir.join("links/agent_socket_syscall").exists());
 }

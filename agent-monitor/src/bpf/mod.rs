@@ -47,7 +47,14 @@ pub struct Mechanisms {
     pub pin_dir: String,
     /// One pinned link per attached program, with the kernel's ids.
     pub links: Vec<LinkState>,
+    /// Whether `sys_enter_socket` is watched, and why (see `Kernel::watch_socket_syscalls`).
+    pub socket_syscall_watch: String,
 }
+
+/// The program that reports socket families only `run`'s seccomp filter refuses, and its hook.
+/// Not in `HOOKS`: it is loaded and pinned as a program at install, attached only while needed.
+const SOCKET_WATCH: &str = "agent_socket_syscall";
+const SOCKET_WATCH_HOOK: (&str, &str) = ("syscalls", "sys_enter_socket");
 
 /// A program attached through a pinned bpf_link.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -92,6 +99,8 @@ pub struct Kernel {
     /// Links of a previous build, kept attached until this build's programs enforce the same state.
     retiring: Vec<FdLink>,
     _lock: PinLock,
+    /// The pin directory (the socket watch's program and link are pinned there on demand).
+    pin_root: std::path::PathBuf,
 }
 
 struct Hook {
@@ -165,11 +174,6 @@ const HOOKS: &[Hook] = &[
         required: true,
     },
     Hook {
-        program: "agent_socket_syscall",
-        kind: HookKind::Tracepoint("syscalls", "sys_enter_socket"),
-        required: false,
-    },
-    Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
@@ -217,6 +221,7 @@ impl Kernel {
                 origin: Origin::Installed,
                 retiring: Vec::new(),
                 _lock: lock,
+                pin_root: pin_dir.to_path_buf(),
             });
         }
 
@@ -255,6 +260,17 @@ impl Kernel {
                 .load(PROGRAMS)
                 .context("loading the eBPF object to probe BPF LSM")?;
             set_exec_mechanism(&mut probe, &mut mechanisms);
+            mechanisms.socket_syscall_watch = if !pins.program(SOCKET_WATCH).exists() {
+                "unavailable: the previous daemon could not load it".into()
+            } else if pins.link(SOCKET_WATCH).exists() {
+                let (category, name) = SOCKET_WATCH_HOOK;
+                mechanisms
+                    .attached
+                    .push(format!("{SOCKET_WATCH} → tracepoint {category}/{name}"));
+                "on: left attached by the previous daemon".into()
+            } else {
+                "off: every agent so far runs under `run`'s seccomp filter".into()
+            };
             return Ok(Kernel {
                 maps: old_maps,
                 mechanisms,
@@ -265,6 +281,7 @@ impl Kernel {
                 },
                 retiring: Vec::new(),
                 _lock: lock,
+                pin_root: pin_dir.to_path_buf(),
             });
         }
 
@@ -292,6 +309,7 @@ impl Kernel {
             },
             retiring,
             _lock: lock,
+            pin_root: pin_dir.to_path_buf(),
         };
         for (id, slot) in identities {
             kernel.add_agent_cgroup(id, slot)?;
@@ -300,6 +318,66 @@ impl Kernel {
             kernel.tag_thread(tid, slot)?;
         }
         Ok(kernel)
+    }
+
+    /// Attaches (`Some(why)`) or detaches (`None`) the `sys_enter_socket` tracepoint that reports
+    /// socket families the cgroup hooks never see (vsock, packet…) for agents without `run`'s
+    /// seccomp filter. Attaching any `syscalls/*` tracepoint sends every syscall of every process
+    /// on the host through the kernel's tracing slow path, so it is attached only while such an
+    /// agent can exist. With pinning, the program is pinned at install and its link, while
+    /// attached, is pinned too, so an adopting daemon finds the watch as it was and can change it.
+    /// Idempotent; `why` is reported by `status` and the log.
+    pub fn watch_socket_syscalls(&mut self, why: Option<&str>) -> anyhow::Result<()> {
+        let (category, name) = SOCKET_WATCH_HOOK;
+        let entry = format!("{SOCKET_WATCH} → tracepoint {category}/{name}");
+        if self
+            .mechanisms
+            .socket_syscall_watch
+            .starts_with("unavailable")
+        {
+            if let Some(why) = why {
+                tracing::warn!("cannot report other socket families ({why}): program refused");
+            }
+            return Ok(());
+        }
+        let pins = PinDir::new(&self.pin_root);
+        let link_pin = pins.link(SOCKET_WATCH);
+        match (why, link_pin.exists()) {
+            (Some(why), false) => {
+                let mut tp = TracePoint::from_pin(pins.program(SOCKET_WATCH))
+                    .with_context(|| format!("opening the pinned program {SOCKET_WATCH}"))?;
+                let id = tp
+                    .attach(category, name)
+                    .with_context(|| format!("attaching {entry}"))?;
+                let link: FdLink = tp.take_link(id)?.try_into().context(
+                    "the kernel gave a perf link, not a bpf_link (kernel < 5.15?): it cannot be pinned",
+                )?;
+                link.pin(&link_pin)
+                    .with_context(|| format!("pinning the link of {entry}"))?;
+                self.mechanisms.attached.push(entry.clone());
+                tracing::info!("attached {entry}: {why}");
+                self.mechanisms.socket_syscall_watch = format!("on: {why}");
+            }
+            (Some(why), true) => {
+                if !self.mechanisms.attached.contains(&entry) {
+                    self.mechanisms.attached.push(entry.clone());
+                }
+                self.mechanisms.socket_syscall_watch = format!("on: {why}");
+            }
+            (None, true) => {
+                // The pin is the link's only holder: removing it detaches the program.
+                std::fs::remove_file(&link_pin).with_context(|| format!("detaching {entry}"))?;
+                self.mechanisms.attached.retain(|a| *a != entry);
+                self.mechanisms.socket_syscall_watch =
+                    "off: every agent runs under `run`'s seccomp filter".into();
+                tracing::info!("detached {entry}: no agent without `run`'s filter");
+            }
+            (None, false) => {
+                self.mechanisms.socket_syscall_watch =
+                    "off: every agent so far runs under `run`'s seccomp filter".into();
+            }
+        }
+        Ok(())
     }
 
     /// Detaches the previous build's programs (see [`Kernel::open`]); call once this build's
@@ -883,6 +961,17 @@ fn install(
             }
         }
     }
+    // Loaded (and pinned, so a later daemon can attach it to these maps) now so a refusal shows
+    // at start; attached only while needed (it costs every syscall on the host, see
+    // `Kernel::watch_socket_syscalls`).
+    mechanisms.socket_syscall_watch = match load_socket_watch(&mut ebpf, pins) {
+        Ok(()) => "off: every agent so far runs under `run`'s seccomp filter".into(),
+        Err(e) => {
+            tracing::warn!(program = SOCKET_WATCH, "kernel refused program: {e:#}");
+            mechanisms.refused.push(format!("{SOCKET_WATCH}: {e:#}"));
+            format!("unavailable: {e:#}")
+        }
+    };
     set_exec_mechanism(&mut ebpf, &mut mechanisms);
     let mut a: Array<_, u64> = Array::try_from(
         maps.get_mut("DAEMON_STATE")
@@ -995,6 +1084,16 @@ fn learned_key(agent: u32, addr: IpAddr) -> NetKey {
         agent,
         addr: addr.octets(),
     }
+}
+
+fn load_socket_watch(ebpf: &mut Ebpf, pins: &PinDir) -> anyhow::Result<()> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(SOCKET_WATCH)
+        .ok_or_else(|| anyhow!("program {SOCKET_WATCH} missing from the eBPF object"))?
+        .try_into()?;
+    tp.load().context("loading")?;
+    tp.pin(pins.program(SOCKET_WATCH))
+        .with_context(|| format!("pinning program {SOCKET_WATCH}"))
 }
 
 /// Loads (and unloads) a do-nothing BPF LSM program: the kernel's own answer to "is BPF LSM

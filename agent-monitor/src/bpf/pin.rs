@@ -40,6 +40,16 @@ impl PinDir {
         self.maps().join(name)
     }
 
+    /// Programs loaded but attached only on demand (the socket watch) are pinned here, so a later
+    /// daemon can attach them to the pinned maps.
+    pub fn programs(&self) -> PathBuf {
+        self.root.join("programs")
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.programs().join(name)
+    }
+
     pub fn link(&self, program: &str) -> PathBuf {
         self.links().join(program)
     }
@@ -52,7 +62,12 @@ impl PinDir {
 
     /// Creates the directories (bpffs accepts mkdir) and takes the lock.
     pub fn create_and_lock(&self) -> anyhow::Result<PinLock> {
-        for d in [self.root.clone(), self.maps(), self.links()] {
+        for d in [
+            self.root.clone(),
+            self.maps(),
+            self.links(),
+            self.programs(),
+        ] {
             std::fs::create_dir_all(&d).with_context(|| {
                 format!("creating pin directory {} (is it on bpffs?)", d.display())
             })?;
@@ -64,7 +79,11 @@ impl PinDir {
     /// first, so the programs detach before their maps lose the pin. Returns what was removed.
     pub fn remove_pins(&self) -> anyhow::Result<Vec<String>> {
         let mut removed = Vec::new();
-        for (dir, what) in [(self.links(), "link"), (self.maps(), "map")] {
+        for (dir, what) in [
+            (self.links(), "link"),
+            (self.programs(), "program"),
+            (self.maps(), "map"),
+        ] {
             for name in names(&dir).unwrap_or_default() {
                 let p = dir.join(&name);
                 std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
@@ -77,7 +96,7 @@ impl PinDir {
     /// Removes every pin and the directories: enforcement ends here.
     pub fn remove_all(&self) -> anyhow::Result<Vec<String>> {
         let removed = self.remove_pins()?;
-        for dir in [self.links(), self.maps()] {
+        for dir in [self.links(), self.programs(), self.maps()] {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -1,0 +1,146 @@
+//! What the daemon attaches only while it is needed, because it costs every process on the host:
+//! the `sys_enter_socket` tracepoint (any `syscalls/*` tracepoint sends every syscall of every
+//! process through the kernel's tracing slow path). Run one at a time (`--test-threads=1`).
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+const WATCH: &str = "tracepoint syscalls/sys_enter_socket";
+
+fn watch_attached(status: &Value) -> bool {
+    status["mechanisms"]["attached"]
+        .as_array()
+        .expect("status lists what is attached")
+        .iter()
+        .any(|a| a.as_str().unwrap_or("").contains(WATCH))
+}
+
+fn watch_state(status: &Value) -> String {
+    status["mechanisms"]["socket_syscall_watch"]
+        .as_str()
+        .expect("status says whether socket() is watched")
+        .to_string()
+}
+
+fn plain_policy(agent: &str) -> (String, String) {
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = []\n[exec]\nallow = [{PYTHON:?}, \"/usr/bin/python3*\"]\n"
+        ),
+    )
+}
+
+/// Agents started by `run` carry its seccomp filter, so the tracepoint stays off; a process placed
+/// by another control client (here python, no filter) turns it on before it becomes the agent,
+/// and its vsock socket is reported.
+#[test]
+fn socket_watch_is_off_for_run_agents_and_on_for_a_foreign_placement() {
+    if !require_root("socket_watch_is_off_for_run_agents_and_on_for_a_foreign_placement") {
+        return;
+    }
+    let agent = unique_agent("watch");
+    let d = Daemon::start(&[plain_policy(&agent)]);
+    let s = d.status();
+    assert!(!watch_attached(&s), "attached without need: {s}");
+    assert!(watch_state(&s).starts_with("off"), "{s}");
+
+    // A `run` agent: its filter refuses vsock; the watch stays off.
+    let out = d.run(
+        &agent,
+        None,
+        &[
+            PYTHON,
+            "-c",
+            "import socket\ntry:\n socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)\n print('created')\nexcept OSError as e:\n print('errno', e.errno)",
+        ],
+    );
+    assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
+    assert!(
+        !watch_attached(&d.status()),
+        "a `run` agent turned the watch on"
+    );
+
+    let place = format!(
+        r#"import json, socket
+c = socket.socket(socket.AF_UNIX)
+c.connect({sock:?})
+c.sendall((json.dumps({{'op': 'place', 'agent': {agent:?}, 'task': 'foreign'}}) + '\n').encode())
+answer = c.makefile().readline()
+assert 'placed' in answer, answer
+c.close()
+socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close()
+print('created')
+"#,
+        sock = d.socket.display().to_string(),
+    );
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", &place])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "created", "{}", text(&out.stderr));
+    let s = d.status();
+    assert!(
+        watch_attached(&s),
+        "foreign placement left the watch off: {s}"
+    );
+    let state = watch_state(&s);
+    assert!(
+        state.starts_with("on:") && state.contains("control client"),
+        "{state}"
+    );
+    let rec = d.wait_audit("vsock socket of the foreign placement", |v| {
+        v["action"] == "socket"
+            && field(v, "socket").starts_with("vsock")
+            && field(v, "task_id") == "foreign"
+    });
+    assert_eq!(field(&rec, "verdict"), "alert");
+    assert!(
+        d.log().contains("attached agent_socket_syscall"),
+        "{}",
+        d.log()
+    );
+}
+
+/// Agents identified by selectors have no filter: the watch is on from the start, and says why.
+#[test]
+fn socket_watch_is_on_from_the_start_when_a_policy_has_selectors() {
+    if !require_root("socket_watch_is_on_from_the_start_when_a_policy_has_selectors") {
+        return;
+    }
+    let agent = unique_agent("watchsel");
+    // A uid no one on this host uses: the selector is armed but catches nothing.
+    let uid = 250_000 + std::process::id() % 50_000;
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[],
+        &[],
+        &format!("uids = [{uid}]"),
+    )]);
+    let s = d.status();
+    assert!(watch_attached(&s), "{s}");
+    let state = watch_state(&s);
+    assert!(
+        state.starts_with("on:") && state.contains(&agent),
+        "{state}"
+    );
+}
+
+/// In alert mode `run`'s filter lets other socket families pass, for the watch to report them:
+/// on from the start, naming the agent.
+#[test]
+fn socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode() {
+    if !require_root("socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode") {
+        return;
+    }
+    let agent = unique_agent("watchalert");
+    let (name, text) = plain_policy(&agent);
+    let d = Daemon::start(&[(name, text.replace("\"enforce\"", "\"alert\""))]);
+    let s = d.status();
+    assert!(watch_attached(&s), "{s}");
+    let state = watch_state(&s);
+    assert!(
+        state.starts_with("on:") && state.contains("alert mode") && state.contains(&agent),
+        "{state}"
+    );
+}
