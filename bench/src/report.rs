@@ -461,9 +461,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
              refuses) only while an agent without that filter can exist: a policy with \
              `[identity]` selectors, a policy in alert mode, or a process placed by another \
              control client. Any syscall tracepoint would put every syscall of every process on \
-             the host on the kernel's tracing slow path. Likewise sock_create, recvmsg and \
-             getpeername attach below `run`'s cgroup tree unless selectors exist, so outside \
-             agents a connect meets one program (connect4) and an accept none.\n"
+             the host on the kernel's tracing slow path.\n"
         );
     }
     let _ = writeln!(o, "## Event capacity\n");

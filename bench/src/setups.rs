@@ -54,6 +54,10 @@ pub struct DaemonConfig {
 /// A running `agent-monitor daemon` with a private control socket and a fresh JSON trail.
 pub struct Daemon {
     child: Child,
+    bin: PathBuf,
+    /// Its own bpffs pin directory: a stopped daemon's pins keep enforcing (fail closed), so
+    /// each is uninstalled when dropped, before the next setup measures.
+    pin_dir: PathBuf,
     pub socket: PathBuf,
     pub json: PathBuf,
     pub log: PathBuf,
@@ -66,6 +70,10 @@ impl Daemon {
         let socket = cfg.dir.join(format!("{name}.sock"));
         let json = cfg.dir.join(format!("{name}.jsonl"));
         let log = cfg.dir.join(format!("{name}.log"));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/agent-monitor-bench-{}-{name}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&json);
         let t = Instant::now();
         let child = Command::new(&cfg.bin)
@@ -76,6 +84,8 @@ impl Daemon {
             .arg(&json)
             .arg("--control-socket")
             .arg(&socket)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
             .args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -86,6 +96,8 @@ impl Daemon {
             .with_context(|| format!("starting {}", cfg.bin.display()))?;
         let mut d = Daemon {
             child,
+            bin: cfg.bin.clone(),
+            pin_dir,
             socket,
             json,
             log,
@@ -126,6 +138,21 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         stop_child(&mut self.child, libc::SIGTERM, Duration::from_secs(10));
+        if self.pin_dir.exists() {
+            let out = Command::new(&self.bin)
+                .args(["daemon", "--uninstall", "--pin-dir"])
+                .arg(&self.pin_dir)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "bench: removing the pins in {} failed: {}",
+                    self.pin_dir.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("bench: running agent-monitor daemon --uninstall: {e}"),
+            }
+        }
     }
 }
 
