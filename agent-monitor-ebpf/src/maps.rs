@@ -34,7 +34,11 @@ pub static IDENTITY_CONFIG: Array<IdentityConfig> = Array::with_max_entries(1, 0
 /// Agent identity by thread id, for processes tagged by an executable or uid selector or a task
 /// switch. Written by the kernel at fork (child inherits) and exec, removed at exit.
 #[map]
-pub static PROCESS_AGENTS: HashMap<u32, AgentSlot> = HashMap::with_max_entries(MAX_TAGGED_TASKS, 0);
+// Not preallocated, and sized by the loader to at least the kernel's pid_max: keyed by tid, so
+// it can hold every live thread and never fills (a fork that cannot be tagged would run
+// ungoverned); memory is only taken for entries in use.
+pub static PROCESS_AGENTS: HashMap<u32, AgentSlot> =
+    HashMap::with_max_entries(MAX_TAGGED_TASKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// uid selectors: a process running with this uid is the agent.
 #[map]

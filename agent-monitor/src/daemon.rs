@@ -189,6 +189,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         history: VecDeque::with_capacity(HISTORY),
         events_tx: events_tx.clone(),
         identity_warned: false,
+        tag_room_warned: false,
         superseded: VecDeque::new(),
         predecessor_until_ns: 0,
         learned: LearnedTable::default(),
@@ -697,6 +698,8 @@ struct Monitor {
     history: VecDeque<(String, serde_json::Value)>,
     events_tx: broadcast::Sender<EventLine>,
     identity_warned: bool,
+    /// pid_max exceeds the tag map's capacity (see `check_identity_room`).
+    tag_room_warned: bool,
     /// Policy sets replaced by reloads, with the monotonic time until which each was in force.
     superseded: VecDeque<(u64, PolicySet)>,
     /// After an adoption: records judged until this monotonic time used the predecessor's tables.
@@ -1845,6 +1848,26 @@ impl Monitor {
             );
         }
         self.identity_warned = high;
+        // The tag map holds every thread only while pid_max fits in it (it was sized at load);
+        // a pid_max raised since then could let a fork flood fill it.
+        let tag_room = self
+            .kernel
+            .occupancy()
+            .ok()
+            .and_then(|o| o.into_iter().find(|m| m.map == "PROCESS_AGENTS"))
+            .map(|m| m.capacity);
+        let pid_max = crate::host::pid_max().map(u64::from);
+        let short = matches!((tag_room, pid_max), (Some(c), Some(p)) if p > c);
+        if short && !self.tag_room_warned {
+            tracing::error!(
+                pid_max,
+                capacity = tag_room,
+                "kernel.pid_max was raised above the thread-tag map's capacity: a fork flood of a \
+                 selector-identified agent could now fill it; restart after `agent-monitor daemon \
+                 --uninstall` to resize"
+            );
+        }
+        self.tag_room_warned = short;
     }
 
     fn sweep(&mut self) {

@@ -127,6 +127,15 @@ pub struct TracepointLayout {
     pub fork_child_pid: u32,
 }
 
+/// `kernel.pid_max`: the most thread ids the kernel hands out at once.
+pub fn pid_max() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
     let socket = tracepoint_format("syscalls", "sys_enter_socket")?;
     for (field, want) in [("family", 16), ("type", 24), ("protocol", 32)] {

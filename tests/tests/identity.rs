@@ -1059,3 +1059,99 @@ fn two_agents_selecting_one_file_by_two_paths_arm_only_one() {
         d.log()
     );
 }
+
+/// Children of an executable-selected agent are the agent only through their per-thread tag. The
+/// tag map is sized to at least `kernel.pid_max`, so a fork flood cannot fill it: thousands of
+/// live children are all tagged, and the last one's forbidden connect is still refused.
+#[test]
+fn fork_flood_of_a_selected_agent_keeps_every_child_tagged() {
+    if !require_root("fork_flood_of_a_selected_agent_keeps_every_child_tagged") {
+        return;
+    }
+    const KIDS: u64 = 3000;
+    let agent = unique_agent("tagflood");
+    let dir = tempfile::tempdir().unwrap();
+    let py = dir.path().join("pyagent");
+    std::fs::copy(PYTHON, &py).unwrap();
+    let digest = sha256_hex(&py);
+    let forbidden = listener_v4();
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[],
+        &[],
+        &format!(
+            "executables = [{{ path = {:?}, sha256 = {digest:?} }}]",
+            py.display().to_string()
+        ),
+    )]);
+    let tags = |d: &Daemon| {
+        let st = d.status();
+        st["occupancy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["map"] == "PROCESS_AGENTS")
+            .cloned()
+            .expect("PROCESS_AGENTS in status occupancy")
+    };
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let room = tags(&d);
+    assert!(
+        room["capacity"].as_u64().unwrap() >= pid_max,
+        "the tag map must hold every thread the kernel can have (pid_max {pid_max}): {room}"
+    );
+
+    // The selected python forks KIDS children that wait on a pipe, says `ready`, waits for the
+    // go file, then one more child tries the forbidden connect.
+    let go = dir.path().join("go");
+    let script = format!(
+        "import os,socket,sys,time\n\
+         r,w=os.pipe()\n\
+         kids=[]\n\
+         for i in range({KIDS}):\n\
+         \x20 pid=os.fork()\n\
+         \x20 if pid==0:\n\
+         \x20\x20 os.close(w); os.read(r,1); os._exit(0)\n\
+         \x20 kids.append(pid)\n\
+         print('ready',flush=True)\n\
+         while not os.path.exists({go:?}): time.sleep(0.05)\n\
+         pid=os.fork()\n\
+         if pid==0:\n\
+         \x20 s=socket.socket()\n\
+         \x20 try:\n\
+         \x20\x20 s.connect(('127.0.0.1',{forbidden})); print('connected',flush=True)\n\
+         \x20 except OSError as e: print('errno',e.errno,flush=True)\n\
+         \x20 os._exit(0)\n\
+         os.waitpid(pid,0)\n\
+         os.close(w)\n\
+         for k in kids: os.waitpid(k,0)\n"
+    );
+    let mut child = Command::new(&py)
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let during = tags(&d);
+    assert!(
+        during["used"].as_u64().unwrap() > KIDS,
+        "every live child is tagged: {during}"
+    );
+    std::fs::write(&go, "").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        rest.trim(),
+        "errno 1",
+        "the flood's last child connects: {rest}"
+    );
+    denied_connect(&d, &agent, forbidden);
+}

@@ -845,10 +845,16 @@ impl Kernel {
         ]
         .into_iter()
         .map(|(name, cap)| {
+            // What the kernel was given (the tag map is sized at load, an adopted map by the
+            // daemon that created it), else the built-in size.
+            let capacity = match self.map(name)? {
+                Map::HashMap(d) | Map::LpmTrie(d) => d.info().map(|i| i.max_entries()).ok(),
+                _ => None,
+            };
             Ok(Occupancy {
                 map: name.to_string(),
                 used: count(name)?,
-                capacity: u64::from(cap),
+                capacity: u64::from(capacity.unwrap_or(cap)),
             })
         })
         .collect()
@@ -912,6 +918,14 @@ fn base_mechanisms(pins: &PinDir) -> Mechanisms {
     }
 }
 
+/// Capacity of the per-thread tag map: at least `pid_max`, so every thread the kernel can have at
+/// once fits and a fork flood cannot fill it (an untagged child would run ungoverned).
+pub fn tag_capacity(pid_max: Option<u32>) -> u32 {
+    pid_max.map_or(common::MAX_TAGGED_TASKS, |p| {
+        p.max(common::MAX_TAGGED_TASKS)
+    })
+}
+
 /// Loads the object, attaches every hook through a pinned link and pins every map by its name.
 fn install(
     pins: &PinDir,
@@ -921,6 +935,7 @@ fn install(
     hash: u64,
 ) -> anyhow::Result<(BTreeMap<String, Map>, Mechanisms)> {
     let mut ebpf = EbpfLoader::new()
+        .map_max_entries("PROCESS_AGENTS", tag_capacity(crate::host::pid_max()))
         .override_global("FORK_CHILD_PID_OFFSET", &layout.fork_child_pid, true)
         .override_global("KERNEL_OFFSETS", offsets, true)
         .load(PROGRAMS)
@@ -1199,5 +1214,17 @@ impl ActionStream {
             n += 1;
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tag_map_holds_every_thread_id_the_kernel_can_hand_out() {
+        assert_eq!(tag_capacity(Some(4_194_304)), 4_194_304);
+        assert_eq!(tag_capacity(Some(32_768)), common::MAX_TAGGED_TASKS);
+        assert_eq!(tag_capacity(None), common::MAX_TAGGED_TASKS);
     }
 }
