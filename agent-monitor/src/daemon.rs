@@ -695,7 +695,8 @@ struct Monitor {
     started: SystemTime,
     decode_errors_logged: u64,
     /// Recent actions as (agent, audit JSON), for `events`.
-    history: VecDeque<(String, serde_json::Value)>,
+    /// The last `HISTORY` actions as (agent, audit line), for `events`.
+    history: VecDeque<EventLine>,
     events_tx: broadcast::Sender<EventLine>,
     identity_warned: bool,
     /// pid_max exceeds the tag map's capacity (see `check_identity_room`).
@@ -1300,8 +1301,8 @@ impl Monitor {
                 history: self
                     .history
                     .iter()
-                    .filter(|(a, _)| agent.as_ref().is_none_or(|want| want == a))
-                    .map(|(_, v)| v.clone())
+                    .filter(|e| agent.as_ref().is_none_or(|want| *want == e.0))
+                    .filter_map(|e| serde_json::from_str(&e.1).ok())
                     .collect(),
             }),
             Request::TaskStart {
@@ -2617,18 +2618,19 @@ impl Monitor {
             ))
             .or_default() += 1;
         self.outputs.emit(&action);
-        match crate::output::json::json_record(&action) {
-            Ok(record) => {
-                let value = serde_json::Value::Object(record);
+        // Kept as the audit line itself: building and dropping a JSON value tree per action
+        // cost the daemon most of a core at 100k actions/s; `events` parses on request.
+        match crate::output::json::json_line(&action) {
+            Ok(mut line) => {
+                line.pop(); // the newline
+                let event: EventLine = Arc::new((action.agent, line));
                 if self.events_tx.receiver_count() > 0 {
-                    let _ = self
-                        .events_tx
-                        .send(Arc::new((action.agent.clone(), value.to_string())));
+                    let _ = self.events_tx.send(Arc::clone(&event));
                 }
                 if self.history.len() == HISTORY {
                     self.history.pop_front();
                 }
-                self.history.push_back((action.agent, value));
+                self.history.push_back(event);
             }
             Err(e) => tracing::debug!("action not kept for `events`: {e}"),
         }

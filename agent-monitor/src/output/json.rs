@@ -24,7 +24,6 @@ pub fn json_record(action: &Action) -> Result<Map<String, Value>, SinkError> {
 }
 
 /// [`json_record`] as one line, newline included.
-#[cfg_attr(not(test), allow(dead_code))]
 pub fn json_line(action: &Action) -> Result<String, SinkError> {
     let mut line = Vec::with_capacity(512);
     write_json_line(action, &mut line)?;
