@@ -459,68 +459,27 @@ impl Kernel {
 
     /// Removes every allowlist entry whose agent index `keep` rejects. Returns how many went.
     pub fn retain_allowlists(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<usize> {
-        let mut removed = 0;
-        let mut net: LpmTrie<_, NetKey, NetAllow> = LpmTrie::try_from(self.map_mut("NET_ALLOW")?)?;
-        let stale: Vec<Key<NetKey>> = net
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.data().agent))
-            .collect();
-        for k in &stale {
-            net.remove(k)
-                .context("removing a stale network allowlist entry")?;
-        }
-        removed += stale.len();
-        let mut exec: LpmTrie<_, ExecKey, u32> = LpmTrie::try_from(self.map_mut("EXEC_ALLOW")?)?;
-        let stale: Vec<Key<ExecKey>> = exec
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.data().agent))
-            .collect();
-        for k in &stale {
-            exec.remove(k)
-                .context("removing a stale exec allowlist entry")?;
-        }
-        removed += stale.len();
-        let mut files: HashMap<_, ExecFileKey, u32> =
-            HashMap::try_from(self.map_mut("EXEC_FILES")?)?;
-        let stale: Vec<ExecFileKey> = files
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.agent))
-            .collect();
-        for k in &stale {
-            files
-                .remove(k)
-                .context("removing a stale exec file-identity entry")?;
-        }
-        removed += stale.len();
-        let mut proxies: HashMap<_, u32, DnsProxy> = HashMap::try_from(self.map_mut("DNS_PROXY")?)?;
-        let stale: Vec<u32> = proxies
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|a| !keep(*a))
-            .collect();
-        for k in &stale {
-            proxies
-                .remove(k)
-                .context("removing a stale DNS proxy entry")?;
-        }
-        removed += stale.len();
-        let mut learned: HashMap<_, NetKey, Learned> =
-            HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
-        let stale: Vec<NetKey> = learned
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.agent))
-            .collect();
-        for k in &stale {
-            learned
-                .remove(k)
-                .context("removing a stale learned address")?;
-        }
-        removed += stale.len();
-        Ok(removed)
+        Ok(remove_trie_entries::<NetKey, NetAllow>(
+            self.map_mut("NET_ALLOW")?,
+            |k| !keep(k.agent),
+            "network allowlist entry",
+        )? + remove_trie_entries::<ExecKey, u32>(
+            self.map_mut("EXEC_ALLOW")?,
+            |k| !keep(k.agent),
+            "exec allowlist entry",
+        )? + remove_hash_entries::<ExecFileKey, u32>(
+            self.map_mut("EXEC_FILES")?,
+            |k| !keep(k.agent),
+            "exec file-identity entry",
+        )? + remove_hash_entries::<u32, DnsProxy>(
+            self.map_mut("DNS_PROXY")?,
+            |a| !keep(*a),
+            "DNS proxy entry",
+        )? + remove_hash_entries::<NetKey, Learned>(
+            self.map_mut("DNS_LEARNED")?,
+            |k| !keep(k.agent),
+            "learned address",
+        )?)
     }
 
     /// Adds and removes entries of the file-identity exec allowlist.
@@ -916,6 +875,44 @@ fn base_mechanisms(pins: &PinDir) -> Mechanisms {
         pin_dir: pins.root().display().to_string(),
         ..Default::default()
     }
+}
+
+/// Removes the entries of hash map `map` whose key `stale` picks; returns how many went.
+fn remove_hash_entries<K: aya::Pod, V: aya::Pod>(
+    map: &mut Map,
+    stale: impl Fn(&K) -> bool,
+    what: &str,
+) -> anyhow::Result<usize> {
+    let mut h: HashMap<_, K, V> = HashMap::try_from(map)?;
+    let keys: Vec<K> = h
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(k))
+        .collect();
+    for k in &keys {
+        h.remove(k)
+            .with_context(|| format!("removing a stale {what}"))?;
+    }
+    Ok(keys.len())
+}
+
+/// [`remove_hash_entries`] for an LPM trie (`stale` sees the key's data).
+fn remove_trie_entries<K: aya::Pod, V: aya::Pod>(
+    map: &mut Map,
+    stale: impl Fn(&K) -> bool,
+    what: &str,
+) -> anyhow::Result<usize> {
+    let mut t: LpmTrie<_, K, V> = LpmTrie::try_from(map)?;
+    let keys: Vec<Key<K>> = t
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| stale(&k.data()))
+        .collect();
+    for k in &keys {
+        t.remove(k)
+            .with_context(|| format!("removing a stale {what}"))?;
+    }
+    Ok(keys.len())
 }
 
 /// Capacity of the per-thread tag map: at least `pid_max`, so every thread the kernel can have at
