@@ -2,6 +2,7 @@
 //! control-socket peers, and the process table that names the chain from an agent's root process to the acting one.
 
 mod cgroup;
+pub mod grant_state;
 pub mod peer;
 mod process;
 pub mod procfs;

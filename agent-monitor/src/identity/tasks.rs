@@ -137,6 +137,13 @@ impl Tasks {
         v
     }
 
+    /// Every task that has grants.
+    pub fn granted(&self) -> impl Iterator<Item = (u32, &Task, &Grants)> + '_ {
+        self.tasks
+            .iter()
+            .filter_map(|(n, t)| t.grants.as_ref().map(|g| (*n, t, g)))
+    }
+
     /// Tasks of `agent`, by name.
     pub fn of_agent<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = (u32, &'a Task)> + 'a {
         self.tasks
