@@ -155,6 +155,15 @@ pub struct DaemonArgs {
     /// a daemon runs on that directory.
     #[arg(long)]
     pub uninstall: bool,
+    /// File where the daemon keeps the task grants in force (rewritten atomically on every
+    /// change), so that a restarted daemon takes them over instead of revoking them: the pinned
+    /// kernel maps keep the grants but not their rules as written or their task's name.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = crate::identity::grant_state::DEFAULT_STATE_FILE
+    )]
+    pub state_file: PathBuf,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<std::net::SocketAddr>,

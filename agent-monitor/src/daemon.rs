@@ -25,13 +25,14 @@ use crate::dns::proxy::ProxyConfig;
 use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
+use crate::identity::grant_state;
 use crate::identity::selected::Selected;
 use crate::identity::{
     self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, Tasks, UNVERIFIED_TASK, agent_id,
 };
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
-use crate::output::{OutputConfig, Outputs};
+use crate::output::{FailureThrottle, OutputConfig, Outputs};
 use crate::policy::KernelTables;
 use crate::policy::{ExecFacts, PolicySet};
 
@@ -104,7 +105,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         bail!("the daemon needs root (it loads eBPF programs and manages cgroups)");
     }
     if args.uninstall {
-        return uninstall(&args.pin_dir);
+        return uninstall(&args.pin_dir, &args.state_file);
     }
     let policies = crate::policy_dir::load_dir(&args.policies)
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -174,7 +175,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         policies_dir: args.policies.clone(),
         policies_loaded: SystemTime::now(),
         bank_base: 0,
-        grants_revoked_at_start: 0,
+        grant_file: GrantStateFile::new(&args.state_file, &args.pin_dir),
+        grant_recovery: GrantRecovery::default(),
         socket_watch_sticky: None,
         cgroups,
         tasks: HashMap::new(),
@@ -198,8 +200,10 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         dns_endpoints,
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
-    // identity map (names from the cgroup tree), then the policy on disk applies to them.
+    // identity map (names from the cgroup tree) and its grants from the state file (as far as the
+    // kernel still holds them), then the policy on disk applies to them.
     monitor.recover_tasks()?;
+    monitor.recover_grants()?;
     monitor
         .apply_policies(policies)
         .context("refusing to start: applying the policies to the kernel")?;
@@ -293,9 +297,18 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     result
 }
 
-/// `daemon --uninstall`: removes the pins, so the programs detach and enforcement stops.
-fn uninstall(pin_dir: &Path) -> anyhow::Result<()> {
+/// `daemon --uninstall`: removes the pins, so the programs detach and enforcement stops, and the
+/// grant state file of that pin directory (its grants went with the maps).
+fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = crate::bpf::uninstall(pin_dir)?;
+    match grant_state::remove_if_of(state_file, pin_dir) {
+        Ok(true) => println!("removed the grant state file {}", state_file.display()),
+        Ok(false) => {}
+        Err(e) => eprintln!(
+            "agent-monitor daemon --uninstall: could not remove the grant state file {}: {e}",
+            state_file.display()
+        ),
+    }
     if removed.is_empty() {
         println!("nothing pinned in {}", pin_dir.display());
     } else {
@@ -676,8 +689,10 @@ struct Monitor {
     policies_loaded: SystemTime,
     /// First agent index of the live bank (0 or `BANK_STRIDE`).
     bank_base: u32,
-    /// Task grant entries a predecessor left, revoked at start (see `recover_tasks`).
-    grants_revoked_at_start: usize,
+    /// Where the grants in force are kept for a restarted daemon.
+    grant_file: GrantStateFile,
+    /// What became of a predecessor's grants (see `recover_grants`).
+    grant_recovery: GrantRecovery,
     /// Why the socket() watch stays on whatever the policy says: an agent placed without `run`'s
     /// filter (for the daemon's life), or agents recovered from a predecessor that watched them.
     socket_watch_sticky: Option<String>,
@@ -1106,10 +1121,6 @@ impl Monitor {
             .max()
             .unwrap_or(0);
         self.registry.skip_past(highest);
-        // Grants are not recovered: the kernel keys them by task number only, and their rules
-        // (needed for `status`, `task narrow`) are not in the maps. Revoked, so nothing stays
-        // granted that `task end` could not take back; reported by `report_origin`.
-        self.grants_revoked_at_start = self.kernel.clear_task_grants()?;
         // A predecessor's agents may have been placed without `run`'s filter: keep its watch.
         if self
             .kernel
@@ -1163,9 +1174,95 @@ impl Monitor {
             tasks = self.tasks.len(),
             stale,
             tags = tags.len(),
-            grants_revoked = self.grants_revoked_at_start,
             "recovered the running tasks of the previous daemon"
         );
+        Ok(())
+    }
+
+    /// Takes over a predecessor's task grants: those the state file records, not expired, whose
+    /// entries the kernel still holds exactly (a file older than the kernel could otherwise bring
+    /// back a grant that was ended or narrowed). Every other grant entry is revoked, so nothing
+    /// stays granted that `task end` could not take back. After a fresh install (empty maps) a
+    /// leftover state file is removed. Reported by `report_origin`.
+    fn recover_grants(&mut self) -> anyhow::Result<()> {
+        if !matches!(self.kernel.origin, crate::bpf::Origin::Adopted { .. }) {
+            self.grant_file.remove_leftover();
+            return Ok(());
+        }
+        let kernel = self.kernel.task_grants()?;
+        let now = monotonic_ns();
+        let mut r = GrantRecovery::default();
+        let mut keep = std::collections::HashSet::new();
+        let mut expired = std::collections::HashSet::new();
+        match self.grant_file.load() {
+            // Without grants in the kernel nothing is lost, whatever the file says.
+            Err(_) if kernel.numbers().is_empty() => {}
+            Err(why) => r.why.push(why),
+            Ok(records) => {
+                for rec in records {
+                    let name = format!("task {} of agent {}", rec.task, rec.agent);
+                    if rec.expires_ns <= now {
+                        r.expired += rec.rules();
+                        expired.insert(rec.number);
+                        continue;
+                    }
+                    // The task may be known from the cgroup tree already: by the same number.
+                    let same_number = match self.registry.find(&rec.agent, &rec.task) {
+                        Some(n) => n == rec.number,
+                        None => self.registry.adopt(&rec.agent, &rec.task, rec.number),
+                    };
+                    if !same_number {
+                        r.why.push(format!(
+                            "{name}: recorded number {} clashes with a recovered task",
+                            rec.number
+                        ));
+                        continue;
+                    }
+                    let tables = match crate::policy::compile_grants(
+                        rec.number, &rec.task, &rec.net, &rec.exec,
+                    ) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            r.why.push(format!("{name}: {e}"));
+                            continue;
+                        }
+                    };
+                    if let Err(e) = kernel.holds_exactly(rec.number, &tables, rec.expires_ns) {
+                        r.why.push(format!(
+                            "{name}: {e} (the state file is older than the kernel's grants)"
+                        ));
+                        continue;
+                    }
+                    r.tasks += 1;
+                    r.recovered += rec.rules();
+                    keep.insert(rec.number);
+                    if let Some(t) = self.registry.get_mut(rec.number) {
+                        t.grants = Some(identity::tasks::Grants {
+                            net: rec.net,
+                            exec: rec.exec,
+                            expires_ns: rec.expires_ns,
+                            kernel: tables,
+                        });
+                    }
+                }
+            }
+        }
+        r.revoked_entries = kernel.entries(|n| !keep.contains(&n) && !expired.contains(&n));
+        let removed = self.kernel.retain_task_grants(|n| keep.contains(&n))?;
+        for why in &r.why {
+            tracing::warn!("task grants not recovered: {why}");
+        }
+        tracing::info!(
+            tasks = r.tasks,
+            grants = r.recovered,
+            expired = r.expired,
+            revoked_entries = r.revoked_entries,
+            removed_entries = removed,
+            "recovered the task grants of the previous daemon"
+        );
+        self.grant_recovery = r;
+        // The file now says what is in force again (or that nothing is).
+        self.grant_file.save(&self.registry);
         Ok(())
     }
 
@@ -1185,14 +1282,23 @@ impl Monitor {
         } = self.kernel.origin.clone()
         {
             let away = away_seconds.map_or("an unknown time".into(), |s| format!("{s:.1} s"));
+            let g = &self.grant_recovery;
             let msg = format!(
                 "adopted the pinned programs of the previous daemon, which was away for {away}; \
                  {lost_while_away} kernel records were lost meanwhile (their verdicts applied); \
-                 {} running task(s) and {} process tag(s) recovered, {} task grant entries \
-                 revoked (grants do not survive a restart: `task start` again){}",
+                 {} running task(s) and {} process tag(s) recovered; task grants: {} recovered \
+                 in {} task(s), {} expired while away, {} kernel grant entries revoked{}{}",
                 self.tasks.len(),
                 self.kernel.tags().len(),
-                self.grants_revoked_at_start,
+                g.recovered,
+                g.tasks,
+                g.expired,
+                g.revoked_entries,
+                if g.why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", g.why.join("; "))
+                },
                 if replaced_build {
                     format!(
                         "; they came from another build and were replaced ({retired_links} old \
@@ -1214,7 +1320,10 @@ impl Monitor {
                     ),
                     ("LOST_RECORDS", lost_while_away.to_string()),
                     ("RECOVERED_TASKS", self.tasks.len().to_string()),
-                    ("GRANTS_REVOKED", self.grants_revoked_at_start.to_string()),
+                    ("GRANTS_RECOVERED", g.recovered.to_string()),
+                    ("GRANTS_EXPIRED", g.expired.to_string()),
+                    ("GRANTS_REVOKED", g.revoked_entries.to_string()),
+                    ("GRANTS_NOT_RECOVERED_WHY", g.why.join("; ")),
                     ("PIN_DIR", self.kernel.mechanisms.pin_dir.clone()),
                 ],
             );
@@ -1247,6 +1356,7 @@ impl Monitor {
                 .stats()
                 .into_iter()
                 .map(|s| (s.sink.to_string(), s.written, s.failed))
+                .chain(std::iter::once(self.grant_file.stats()))
                 .collect(),
             journald_aggregated: self.outputs.aggregated(),
             agents: self.policies.len() as u64,
@@ -1656,6 +1766,7 @@ impl Monitor {
                 kernel: kernel_tables,
             });
         }
+        self.grant_file.save(&self.registry);
         let moved = match target {
             Some(pid) => {
                 self.move_into_task(agent, task, slot, pid)?;
@@ -1763,6 +1874,7 @@ impl Monitor {
                 kernel: tables,
             });
         }
+        self.grant_file.save(&self.registry);
         tracing::info!(agent, task, grants = ?texts, "task narrowed");
         Ok(Response::TaskNarrowed {
             agent: agent.to_string(),
@@ -1778,6 +1890,8 @@ impl Monitor {
         let Some(grants) = self.registry.get_mut(number).and_then(|t| t.grants.take()) else {
             return Ok(0);
         };
+        // The file first: if the kernel update fails, a restart then revokes (never re-grants).
+        self.grant_file.save(&self.registry);
         self.kernel.remove_task_grants(&grants.kernel)?;
         Ok(grants.net.len() + grants.exec.len())
     }
@@ -2751,14 +2865,144 @@ impl Monitor {
                 .outputs
                 .stats()
                 .into_iter()
-                .map(|s| SinkStatus {
-                    sink: s.sink.to_string(),
-                    written: s.written,
-                    failed: s.failed,
+                .map(|s| (s.sink.to_string(), s.written, s.failed))
+                .chain(std::iter::once(self.grant_file.stats()))
+                .map(|(sink, written, failed)| SinkStatus {
+                    sink,
+                    written,
+                    failed,
                 })
                 .collect(),
         }
     }
+}
+
+/// The grant state file (see [`grant_state`]) and how writing it went. A failed write never fails
+/// the grant change (the kernel is the truth): it is counted (`status`, metrics: sink
+/// `grant-state-file`), logged once per burst, and at worst a restarted daemon revokes grants it
+/// could have kept.
+struct GrantStateFile {
+    path: PathBuf,
+    pin_dir: PathBuf,
+    /// This boot's id (written into the file), or why the file cannot be used at all.
+    boot_id: Result<String, String>,
+    written: u64,
+    failed: u64,
+    throttle: FailureThrottle,
+}
+
+impl GrantStateFile {
+    const SINK: &'static str = "grant-state-file";
+
+    fn new(path: &Path, pin_dir: &Path) -> Self {
+        let boot_id = match grant_state::other_owner(path, pin_dir) {
+            // A second daemon (on a private pin directory) left at the default path must not
+            // clobber the first one's grants: it keeps none across restarts instead.
+            Some(owner) => {
+                let why = format!(
+                    "{} holds the grants of the daemon on pin directory {owner}; give this one \
+                     its own --state-file",
+                    path.display()
+                );
+                tracing::warn!("{why}");
+                Err(why)
+            }
+            None => grant_state::boot_id()
+                .map_err(|e| format!("reading {}: {e}", grant_state::BOOT_ID_PATH)),
+        };
+        GrantStateFile {
+            path: path.to_path_buf(),
+            pin_dir: pin_dir.to_path_buf(),
+            boot_id,
+            written: 0,
+            failed: 0,
+            throttle: FailureThrottle::default(),
+        }
+    }
+
+    /// The predecessor's records, or why there are none to use.
+    fn load(&self) -> Result<Vec<grant_state::Recorded>, String> {
+        let boot_id = self.boot_id.as_ref().map_err(Clone::clone)?;
+        match grant_state::read(&self.path) {
+            Ok(Some(text)) => grant_state::decode(&self.path, &text, boot_id, &self.pin_dir)
+                .map_err(|e| e.to_string()),
+            Ok(None) => Err(format!(
+                "no grant state file {} (first start with --state-file, or it was removed)",
+                self.path.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Rewrites the file with the grants in force in `tasks`.
+    fn save(&mut self, tasks: &Tasks) {
+        let now = Instant::now();
+        let result = self.boot_id.clone().and_then(|boot_id| {
+            let text = grant_state::encode(&boot_id, &self.pin_dir, grant_state::records(tasks));
+            grant_state::write(&self.path, &text).map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(()) => {
+                self.written += 1;
+                if let Some(n) = self.throttle.success(now) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        unreported_failures = n,
+                        total_failed = self.failed,
+                        "grant state file written again; failures since the last report: {n}"
+                    );
+                }
+            }
+            Err(e) => {
+                self.failed += 1;
+                if let Some(n) = self.throttle.failure(now, 1) {
+                    tracing::warn!(
+                        path = %self.path.display(),
+                        failures_since_last_report = n,
+                        total_failed = self.failed,
+                        "cannot write the grant state file (the grants stay in force; a restarted \
+                         daemon would revoke them): {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// After a fresh install: the maps hold no grants, so a file left by an earlier daemon of
+    /// this pin directory describes none.
+    fn remove_leftover(&self) {
+        match grant_state::remove_if_of(&self.path, &self.pin_dir) {
+            Ok(true) => tracing::info!(
+                "removed the grant state file {} left by an earlier daemon (its grants went with \
+                 its pinned maps)",
+                self.path.display()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot remove the stale grant state file {}: {e}",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// (sink name, written, failed) for `status` and the metrics.
+    fn stats(&self) -> (String, u64, u64) {
+        (Self::SINK.to_string(), self.written, self.failed)
+    }
+}
+
+/// What became of a predecessor's task grants at adoption.
+#[derive(Default)]
+struct GrantRecovery {
+    /// Tasks whose grants were taken over, and their grants (rules).
+    tasks: usize,
+    recovered: usize,
+    /// Grants (rules) recorded but expired while no daemon ran.
+    expired: usize,
+    /// Kernel grant entries removed because nothing recoverable described them.
+    revoked_entries: usize,
+    /// Why grants were not recovered (the whole file, or one task).
+    why: Vec<String>,
 }
 
 /// Entries of `old` that `new` does not write again (compared by prefix length and key bytes).

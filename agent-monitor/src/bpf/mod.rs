@@ -24,6 +24,7 @@ use aya::{
 use tokio::io::unix::AsyncFd;
 
 use crate::host::TracepointLayout;
+use crate::identity::grant_state::KernelGrants;
 use crate::policy::KernelTables;
 
 pub use pin::DEFAULT_PIN_DIR;
@@ -296,6 +297,8 @@ impl Kernel {
         }
         let identities = agent_cgroups_of(&old_maps).unwrap_or_default();
         let tags = tags_of(&old_maps);
+        // Task grants too: the restarted daemon takes over those its state file still describes.
+        let grants = task_grants_of(&old_maps).unwrap_or_default();
         drop(old_maps);
         pins.remove_pins()?;
         let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
@@ -317,6 +320,7 @@ impl Kernel {
         for (tid, slot) in tags {
             kernel.tag_thread(tid, slot)?;
         }
+        kernel.insert_task_grants(&grants)?;
         Ok(kernel)
     }
 
@@ -598,23 +602,39 @@ impl Kernel {
         Ok(m.keys().filter_map(Result::ok).collect())
     }
 
-    /// Removes every task grant in the kernel; returns how many entries went.
-    pub fn clear_task_grants(&mut self) -> anyhow::Result<usize> {
+    /// Every task grant entry in the kernel, with its expiry.
+    pub fn task_grants(&self) -> anyhow::Result<KernelGrants> {
+        task_grants_of(&self.maps)
+    }
+
+    /// Removes every task grant entry whose task number `keep` rejects; returns how many went.
+    pub fn retain_task_grants(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<usize> {
+        Ok(remove_trie_entries::<NetKey, NetGrant>(
+            self.map_mut("TASK_NET_GRANTS")?,
+            |k| !keep(k.agent),
+            "task network grant",
+        )? + remove_trie_entries::<ExecKey, Expiry>(
+            self.map_mut("TASK_EXEC_GRANTS")?,
+            |k| !keep(k.agent),
+            "task exec grant",
+        )?)
+    }
+
+    /// Writes entries as read by [`Kernel::task_grants`] (an upgrade copies them over).
+    fn insert_task_grants(&mut self, grants: &KernelGrants) -> anyhow::Result<()> {
         let mut net: LpmTrie<_, NetKey, NetGrant> =
             LpmTrie::try_from(self.map_mut("TASK_NET_GRANTS")?)?;
-        let keys: Vec<Key<NetKey>> = net.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            net.remove(k).context("removing a task network grant")?;
+        for (prefix_len, key, grant) in &grants.net {
+            net.insert(&Key::new(*prefix_len, *key), grant, 0)
+                .context("copying a task network grant")?;
         }
-        let mut n = keys.len();
         let mut exec: LpmTrie<_, ExecKey, Expiry> =
             LpmTrie::try_from(self.map_mut("TASK_EXEC_GRANTS")?)?;
-        let keys: Vec<Key<ExecKey>> = exec.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            exec.remove(k).context("removing a task exec grant")?;
+        for (prefix_len, key, expiry) in &grants.exec {
+            exec.insert(&Key::new(*prefix_len, *key), expiry, 0)
+                .context("copying a task exec grant")?;
         }
-        n += keys.len();
-        Ok(n)
+        Ok(())
     }
 
     /// Tags thread `tid` as `slot` (a task switch of a selector-identified process).
@@ -1068,9 +1088,31 @@ fn agent_cgroups_of(maps: &BTreeMap<String, Map>) -> anyhow::Result<Vec<(u64, Ag
     Ok(h.iter().filter_map(Result::ok).collect())
 }
 
+/// Every task grant entry (prefix length, key, value) of the pinned grant tries.
+fn task_grants_of(maps: &BTreeMap<String, Map>) -> anyhow::Result<KernelGrants> {
+    let m = maps
+        .get("TASK_NET_GRANTS")
+        .ok_or_else(|| anyhow!("map TASK_NET_GRANTS missing"))?;
+    let net: LpmTrie<_, NetKey, NetGrant> = LpmTrie::try_from(m)?;
+    let net = net
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (k.prefix_len(), k.data(), v))
+        .collect();
+    let m = maps
+        .get("TASK_EXEC_GRANTS")
+        .ok_or_else(|| anyhow!("map TASK_EXEC_GRANTS missing"))?;
+    let exec: LpmTrie<_, ExecKey, Expiry> = LpmTrie::try_from(m)?;
+    let exec = exec
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(k, v)| (k.prefix_len(), k.data(), v))
+        .collect();
+    Ok(KernelGrants { net, exec })
+}
+
 /// Per-thread tags (issue 4) an upgrade carries into the new build's maps before the old programs
-/// go, or tagged processes would fall out of their agent. (Task grants are not carried: a new
-/// daemon revokes them anyway, see the daemon's `recover_tasks`.)
+/// go, or tagged processes would fall out of their agent.
 fn tags_of(maps: &BTreeMap<String, Map>) -> Vec<(u32, AgentSlot)> {
     maps.get("PROCESS_AGENTS")
         .and_then(|m| HashMap::<_, u32, AgentSlot>::try_from(m).ok())

@@ -452,7 +452,7 @@ impl Slot {
 /// that were not yet reported when the sink recovers are reported with the first success that is
 /// due, so every failure appears in some log line as well as in the counters.
 #[derive(Debug, Default)]
-struct FailureThrottle {
+pub(crate) struct FailureThrottle {
     last_report: Option<Instant>,
     unreported: u64,
 }
@@ -466,13 +466,13 @@ impl FailureThrottle {
     }
 
     /// Records a failure; `Some(n)` when it should be logged, `n` failures since the last report.
-    fn failure(&mut self, now: Instant, n: u64) -> Option<u64> {
+    pub(crate) fn failure(&mut self, now: Instant, n: u64) -> Option<u64> {
         self.unreported += n;
         self.report(now)
     }
 
     /// Records a success; `Some(n)` when `n` earlier failures are still to be logged.
-    fn success(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn success(&mut self, now: Instant) -> Option<u64> {
         if self.unreported == 0 {
             return None;
         }
