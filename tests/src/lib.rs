@@ -70,8 +70,9 @@ fn spawn_acceptor(l: TcpListener) {
     });
 }
 
-/// A running daemon with its own policy directory, control socket, JSON audit trail and bpffs pin
-/// directory (removed, with the enforcement it holds, when the `Daemon` is dropped).
+/// A running daemon with its own policy directory, control socket, JSON audit trail, grant state
+/// file and bpffs pin directory (removed, with the enforcement it holds, when the `Daemon` is
+/// dropped).
 pub struct Daemon {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
@@ -80,6 +81,8 @@ pub struct Daemon {
     pub stderr_log: PathBuf,
     pub policies: PathBuf,
     pub pin_dir: PathBuf,
+    /// `--state-file`: the task grants a restarted daemon takes over.
+    pub state_file: PathBuf,
     extra: Vec<String>,
     env: Vec<(String, String)>,
     starts: u32,
@@ -127,6 +130,7 @@ impl Daemon {
             stderr_log: dir.path().join("daemon.log"),
             policies: pdir,
             pin_dir: private_pin_dir(),
+            state_file: dir.path().join("grants.json"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env
                 .iter()
@@ -156,6 +160,8 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
+            .arg("--state-file")
+            .arg(&self.state_file)
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
@@ -198,6 +204,8 @@ impl Daemon {
         Command::new(binary())
             .args(["daemon", "--uninstall", "--pin-dir"])
             .arg(&self.pin_dir)
+            .arg("--state-file")
+            .arg(&self.state_file)
             .output()
             .unwrap()
     }

@@ -968,3 +968,295 @@ fn processes_running_a_selected_executable_before_start_are_governed_across_rest
     );
     assert!(d.pin_dir.join("links/agent_socket_syscall").exists());
 }
+
+/// An agent process (through `agent-monitor run`) in one task that connects to 127.0.0.1:PORT
+/// each time it is asked, so one process lives through kills and restarts of the daemon.
+struct Prober {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Prober {
+    fn start(d: &Daemon, agent: &str, task: &str, port: u16) -> Prober {
+        let script = format!(
+            "import socket,sys\n\
+             for line in sys.stdin:\n\
+             \x20 s=socket.socket()\n\
+             \x20 try:\n\
+             \x20   s.connect(('127.0.0.1',{port})); r='ok'\n\
+             \x20 except OSError as e:\n\
+             \x20   r='errno%d'%e.errno\n\
+             \x20 s.close(); print(r,flush=True)\n"
+        );
+        let mut child = Command::new(binary())
+            .args(["run", "--control-socket"])
+            .arg(&d.socket)
+            .args([
+                "--agent", agent, "--task", task, "--", PYTHON, "-c", &script,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the prober");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Prober {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// One connect: `ok` or `errno<N>`.
+    fn connect(&mut self) -> String {
+        use std::io::{BufRead as _, Write as _};
+        self.stdin.write_all(b"go\n").expect("asking the prober");
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("prober answer");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn grant(d: &Daemon, agent: &str, task: &str, port: u16, ttl: &str) {
+    let out = d.cli(&[
+        "task",
+        "start",
+        "--agent",
+        agent,
+        "--task",
+        task,
+        "--allow-connect",
+        &format!("127.0.0.1:{port}"),
+        "--ttl",
+        ttl,
+    ]);
+    assert!(out.status.success(), "task start: {}", text(&out.stderr));
+}
+
+/// The `status --json` entry of `task` of `agent`.
+fn task_status(d: &Daemon, agent: &str, task: &str) -> Value {
+    let s = d.status();
+    s["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent)
+        .and_then(|a| {
+            a["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["task"] == task)
+                .cloned()
+        })
+        .unwrap_or_else(|| panic!("no task {task} of {agent} in status: {s:#}"))
+}
+
+/// The latest adoption entry in journald for this daemon's pin directory, after `since` of them.
+fn adoption_entry(d: &Daemon, since: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let hits = journal_matching(&[
+            format!("MESSAGE_ID={MSG_ADOPTED}"),
+            format!("PIN_DIR={}", d.pin_dir.display()),
+        ]);
+        if hits.len() > since {
+            return hits.last().unwrap().clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no adoption entry #{} in journald",
+            since + 1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 6 "state (agents, tasks, grants) recovered": a `task start` grant lives through a
+/// kill -9 (the kernel keeps it) and a restart (the daemon takes it over from its state file:
+/// `status` shows it with its time left, `task narrow` and `task end` still revoke it).
+#[test]
+fn task_grants_survive_kill9_and_restart_and_can_still_be_revoked() {
+    if !require_root("task_grants_survive_kill9_and_restart_and_can_still_be_revoked") {
+        return;
+    }
+    let agent = unique_agent("grants");
+    let port = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let mut p = Prober::start(&d, &agent, "g1", port);
+    assert_eq!(p.connect(), "errno1", "not granted yet");
+    grant(&d, &agent, "g1", port, "10m");
+    assert_eq!(p.connect(), "ok", "granted");
+    let state = std::fs::read_to_string(&d.state_file).expect("the state file is written");
+    assert!(state.contains(&format!("127.0.0.1:{port}")), "{state}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&d.state_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the state file is private");
+
+    d.kill9();
+    assert_eq!(p.connect(), "ok", "the pinned grant holds without a daemon");
+    d.spawn();
+    assert_eq!(p.connect(), "ok", "the restarted daemon kept the grant");
+    let t = task_status(&d, &agent, "g1");
+    assert_eq!(
+        t["grants"],
+        serde_json::json!([format!("connect 127.0.0.1:{port}")]),
+        "{t:#}"
+    );
+    let left = t["grants_expire_in_ms"].as_u64().expect("time left");
+    assert!(
+        (500_000..600_000).contains(&left),
+        "time left {left} ms of a 10 min grant"
+    );
+    let adopted = adoption_entry(&d, 0);
+    assert_eq!(field(&adopted, "GRANTS_RECOVERED"), "1", "{adopted:#}");
+    assert_eq!(field(&adopted, "GRANTS_REVOKED"), "0", "{adopted:#}");
+    assert_eq!(field(&adopted, "GRANTS_EXPIRED"), "0", "{adopted:#}");
+    assert!(
+        d.log().contains("task grants: 1 recovered in 1 task(s)"),
+        "{}",
+        d.log()
+    );
+
+    // Narrowing to nothing after the restart revokes it in the kernel.
+    let out = d.cli(&["task", "narrow", "--agent", &agent, "--task", "g1"]);
+    assert!(out.status.success(), "task narrow: {}", text(&out.stderr));
+    assert_eq!(p.connect(), "errno1", "narrowed away after the restart");
+
+    // A second grant, a second restart, then `task end`.
+    grant(&d, &agent, "g1", port, "10m");
+    assert_eq!(p.connect(), "ok");
+    d.kill9();
+    d.spawn();
+    assert_eq!(p.connect(), "ok", "recovered again");
+    let adopted = adoption_entry(&d, 1);
+    assert_eq!(field(&adopted, "GRANTS_RECOVERED"), "1", "{adopted:#}");
+    let out = d.cli(&["task", "end", "--agent", &agent, "--task", "g1"]);
+    assert!(out.status.success(), "task end: {}", text(&out.stderr));
+    assert_eq!(p.connect(), "errno1", "ended after the restart");
+    assert_eq!(
+        task_status(&d, &agent, "g1")["grants"],
+        serde_json::json!([])
+    );
+    d.wait_audit("denied connect after task end", |v| {
+        v["agent_id"] == agent.as_str() && v["task_id"] == "g1" && v["verdict"] == "denied"
+    });
+
+    // --uninstall takes the state file of its pin directory with the maps.
+    drop(p);
+    d.stop();
+    assert!(d.state_file.exists());
+    let out = d.uninstall();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !d.state_file.exists(),
+        "uninstall left the grant state file"
+    );
+}
+
+/// A grant whose TTL ends while no daemon runs is refused by the kernel at its TTL and is not
+/// taken over by the restarted daemon; a fresh install removes a leftover state file.
+#[test]
+fn grant_that_expired_while_the_daemon_was_away_is_not_recovered() {
+    if !require_root("grant_that_expired_while_the_daemon_was_away_is_not_recovered") {
+        return;
+    }
+    let agent = unique_agent("gexp");
+    let port = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let mut p = Prober::start(&d, &agent, "g2", port);
+    grant(&d, &agent, "g2", port, "3s");
+    assert_eq!(p.connect(), "ok", "granted");
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(
+        p.connect(),
+        "errno1",
+        "the kernel ends the grant at its TTL"
+    );
+    d.spawn();
+    assert_eq!(p.connect(), "errno1");
+    let t = task_status(&d, &agent, "g2");
+    assert_eq!(t["grants"], serde_json::json!([]), "{t:#}");
+    assert!(t["grants_expire_in_ms"].is_null(), "{t:#}");
+    let adopted = adoption_entry(&d, 0);
+    assert_eq!(field(&adopted, "GRANTS_EXPIRED"), "1", "{adopted:#}");
+    assert_eq!(field(&adopted, "GRANTS_RECOVERED"), "0", "{adopted:#}");
+    assert_eq!(field(&adopted, "GRANTS_REVOKED"), "0", "{adopted:#}");
+    let state = std::fs::read_to_string(&d.state_file).unwrap();
+    assert!(state.contains("\"tasks\": []"), "rewritten empty: {state}");
+
+    // After an uninstall, a file left for this pin directory describes nothing: a fresh start
+    // removes it.
+    let leftover = state.clone();
+    drop(p);
+    d.stop();
+    let out = d.uninstall();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(&d.state_file, leftover).unwrap();
+    d.spawn();
+    assert_eq!(d.status()["origin"]["kind"], "installed");
+    assert!(
+        !d.state_file.exists(),
+        "a fresh start kept a leftover state file"
+    );
+}
+
+/// An unreadable state file costs the grants (revoked: fail closed), never the daemon, and the
+/// log and journald say why.
+#[test]
+fn corrupt_grant_state_file_revokes_grants_and_says_why() {
+    if !require_root("corrupt_grant_state_file_revokes_grants_and_says_why") {
+        return;
+    }
+    let agent = unique_agent("gbad");
+    let port = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let mut p = Prober::start(&d, &agent, "g3", port);
+    grant(&d, &agent, "g3", port, "10m");
+    assert_eq!(p.connect(), "ok", "granted");
+    d.kill9();
+    std::fs::write(&d.state_file, "{ \"version\": 1, \"boot_id\": ").unwrap();
+    d.spawn();
+    assert_eq!(
+        p.connect(),
+        "errno1",
+        "revoked: the file could not be trusted"
+    );
+    let t = task_status(&d, &agent, "g3");
+    assert_eq!(t["grants"], serde_json::json!([]), "{t:#}");
+    let adopted = adoption_entry(&d, 0);
+    assert_eq!(field(&adopted, "GRANTS_RECOVERED"), "0", "{adopted:#}");
+    assert_eq!(field(&adopted, "GRANTS_REVOKED"), "1", "{adopted:#}");
+    let why = field(&adopted, "GRANTS_NOT_RECOVERED_WHY");
+    assert!(
+        why.starts_with(&format!(
+            "{}: not a grant state file",
+            d.state_file.display()
+        )),
+        "{adopted:#}"
+    );
+    assert!(
+        d.log().contains("task grants not recovered") && d.log().contains("not a grant state file"),
+        "{}",
+        d.log()
+    );
+    // Granting works again after the restart, and the file is whole again.
+    grant(&d, &agent, "g3", port, "10m");
+    assert_eq!(p.connect(), "ok");
+    let state = std::fs::read_to_string(&d.state_file).unwrap();
+    assert!(state.contains(&format!("127.0.0.1:{port}")), "{state}");
+}
