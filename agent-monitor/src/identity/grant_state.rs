@@ -279,11 +279,12 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// The pin directory of another daemon that `path` belongs to, if it is a readable state file
-/// of one: a daemon never overwrites or removes another pin directory's grants.
+/// of one and that directory still exists: a daemon never overwrites or removes another install's
+/// grants. A file whose pin directory is gone (uninstalled, or a reboot) is stale: anyone's.
 pub fn other_owner(path: &Path, pin_dir: &Path) -> Option<String> {
     let text = read(path).ok()??;
     let owner = serde_json::from_str::<GrantFile>(&text).ok()?.pin_dir;
-    (owner != pin_dir.display().to_string()).then_some(owner)
+    (owner != pin_dir.display().to_string() && Path::new(&owner).exists()).then_some(owner)
 }
 
 /// Removes the file unless it belongs to another pin directory (see [`other_owner`]).
@@ -596,14 +597,22 @@ mod tests {
             .collect();
         assert_eq!(names, ["grants.json"], "no temporary file left behind");
 
-        write(&path, &file_text()).unwrap();
-        let other = Path::new("/sys/fs/bpf/other");
-        assert_eq!(other_owner(&path, other).as_deref(), Some("/sys/fs/bpf/am"));
-        assert_eq!(other_owner(&path, Path::new("/sys/fs/bpf/am")), None);
+        // Pin directories that exist (stand-ins: the test's own directories).
+        let ours = dir.path().join("pins");
+        std::fs::create_dir(&ours).unwrap();
+        let other = dir.path();
+        write(&path, &encode(BOOT, &ours, records(&granted_tasks()))).unwrap();
+        let owner = other_owner(&path, other);
+        assert_eq!(owner, Some(ours.display().to_string()));
+        assert_eq!(other_owner(&path, &ours), None);
         assert!(!remove_if_of(&path, other).unwrap());
         assert!(path.exists(), "another pin directory's file is kept");
-        assert!(remove_if_of(&path, Path::new("/sys/fs/bpf/am")).unwrap());
+        assert!(remove_if_of(&path, &ours).unwrap());
         assert_eq!(read(&path).unwrap(), None);
-        assert!(!remove_if_of(&path, Path::new("/sys/fs/bpf/am")).unwrap());
+        assert!(!remove_if_of(&path, &ours).unwrap());
+        // The file of a pin directory that is gone is stale: anyone's.
+        write(&path, &file_text()).unwrap();
+        assert_eq!(other_owner(&path, other), None);
+        assert!(remove_if_of(&path, other).unwrap());
     }
 }
