@@ -486,6 +486,9 @@ pub const STATE_OBJECT_HASH: u32 = 1;
 pub const STATE_LIVE_BANK: u32 = 2;
 /// `COUNTER_RECORDS_LOST` at the last heartbeat, so the next daemon knows what was lost meanwhile.
 pub const STATE_LOST_AT_HEARTBEAT: u32 = 3;
+/// 1 while the agent-socket hooks (sock_create, recvmsg, getpeername) are attached at the cgroup
+/// root, 0 while they sit below the agents' cgroup (see the daemon's `Kernel::scope_agent_hooks`).
+pub const STATE_AGENT_HOOKS_HOST_WIDE: u32 = 4;
 pub const DAEMON_STATE_LEN: u32 = 8;
 
 /// Whether a NUL-terminated path is in normal form: no empty, `.` or `..` component after a `/`

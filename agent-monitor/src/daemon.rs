@@ -148,7 +148,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     refuse_if_already_running(&args.socket.control_socket).await?;
 
     let offsets = crate::host::kernel_offsets()?;
-    let mut kernel = Kernel::open(&args.pin_dir, &cgroup_root, &layout, &offsets)?;
+    let hook_cgroups = crate::bpf::HookCgroups {
+        root: cgroup_root.clone(),
+        agents: cgroups.base().to_path_buf(),
+    };
+    let mut kernel = Kernel::open(&args.pin_dir, &hook_cgroups, &layout, &offsets)?;
     // The proxies' kernel entries are written by `apply_policies`, keyed by the live bank.
     let (dns_reports, dns_endpoints) = start_dns_proxies(&args, &policies).await?;
     let stream = kernel.take_actions()?;

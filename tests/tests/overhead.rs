@@ -144,3 +144,129 @@ fn socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode() {
         "{state}"
     );
 }
+
+/// Where `program` is attached, as `status` reports it ("cgroup/… at <path>").
+fn attached_at(status: &Value, program: &str) -> String {
+    status["mechanisms"]["attached"]
+        .as_array()
+        .expect("status lists what is attached")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find_map(|a| a.strip_prefix(&format!("{program} → ")))
+        .unwrap_or_else(|| panic!("{program} not attached: {status}"))
+        .trim_end_matches(" (adopted)")
+        .to_string()
+}
+
+/// A root process in `cg` (outside the agents' cgroup) tries a raw socket: "ok" or "errno N".
+fn raw_socket_in(cg: &TestCgroup) -> String {
+    let out = std::process::Command::new(SH)
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec {PYTHON} -c \"$0\"",
+            cg.path.display()
+        ))
+        .arg(
+            "import socket\ntry:\n socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()\n print('ok')\nexcept OSError as e:\n print('errno', e.errno)",
+        )
+        .output()
+        .unwrap();
+    text(&out.stdout).trim().to_string()
+}
+
+/// The agent-socket hooks (sock_create, and the DNS address-restoring recvmsg/getpeername) sit
+/// below `<cgroup2>/agent-monitor` while every agent lives there, so other processes' socket()
+/// calls run no program; a reload that adds a selector moves them to the root before the selector
+/// takes effect (the selected process's raw socket is refused), a restart keeps them where they
+/// are, and a reload without selectors moves them back. Each move leaves one link per program.
+#[test]
+fn agent_socket_hooks_follow_the_selectors_between_agents_cgroup_and_root() {
+    if !require_root("agent_socket_hooks_follow_the_selectors_between_agents_cgroup_and_root") {
+        return;
+    }
+    let agent = unique_agent("scope");
+    let selected = unique_agent("scopesel");
+    let cg = TestCgroup::new(&format!("am-test-{selected}"), "worker");
+    let agents_cgroup = cgroup2_root().join("agent-monitor").display().to_string();
+    let root = cgroup2_root().display().to_string();
+    let hooks = [
+        ("agent_sock_create", "cgroup/sock_create"),
+        ("agent_recvmsg4", "cgroup/recvmsg4"),
+        ("agent_recvmsg6", "cgroup/recvmsg6"),
+        ("agent_getpeername4", "cgroup/getpeername4"),
+        ("agent_getpeername6", "cgroup/getpeername6"),
+    ];
+    let assert_all_at = |d: &Daemon, at: &str, when: &str| {
+        let s = &d.status();
+        for (program, hook) in hooks {
+            assert_eq!(
+                attached_at(s, program),
+                format!("{hook} at {at}"),
+                "{when}: {s}\n{}",
+                d.log()
+            );
+        }
+        // The address hooks never move.
+        assert_eq!(
+            attached_at(s, "agent_connect4"),
+            format!("cgroup/connect4 at {root}"),
+            "{when}"
+        );
+        // One kernel link per pinned program: a move leaves no second attachment behind.
+        let ids: Vec<u64> = s["mechanisms"]["links"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["program_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(kernel_links_of(&ids).len(), ids.len(), "{when}: {s}");
+    };
+
+    let mut d = Daemon::start(&[plain_policy(&agent)]);
+    assert_all_at(&d, &agents_cgroup, "no selectors");
+    // Still judged where agents live: a `run` agent's raw socket is refused.
+    let out = d.run(
+        &agent,
+        None,
+        &[
+            PYTHON,
+            "-c",
+            "import socket\ntry:\n socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)\n print('ok')\nexcept OSError as e:\n print('errno', e.errno)",
+        ],
+    );
+    assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
+    // Not an agent yet: the process in the test cgroup may (it is root).
+    assert_eq!(raw_socket_in(&cg), "ok");
+
+    let (name, body) = identity_policy(
+        &selected,
+        &[],
+        &[PYTHON, SH],
+        &format!("cgroups = [{:?}]", cg.rel),
+    );
+    d.write_policy(&name, &body);
+    assert!(d.reload().status.success(), "reload failed: {}", d.log());
+    assert_all_at(&d, &root, "after a reload adding a cgroup selector");
+    assert_eq!(
+        raw_socket_in(&cg),
+        "errno 1",
+        "the selected process's raw socket passed: sock_create did not see it"
+    );
+    assert!(
+        d.log().contains("moved agent_sock_create from"),
+        "{}",
+        d.log()
+    );
+
+    // A restart adopts the hooks where they are; meanwhile they keep refusing.
+    d.kill9();
+    assert_eq!(raw_socket_in(&cg), "errno 1", "while no daemon ran");
+    d.spawn();
+    assert_all_at(&d, &root, "after kill -9 and restart");
+    assert_eq!(raw_socket_in(&cg), "errno 1", "after the restart");
+
+    std::fs::remove_file(d.policies.join(&name)).unwrap();
+    assert!(d.reload().status.success(), "reload failed: {}", d.log());
+    assert_all_at(&d, &agents_cgroup, "after the selector went");
+    assert_eq!(raw_socket_in(&cg), "ok", "no longer an agent");
+}

@@ -6,7 +6,7 @@ mod pin;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use agent_monitor_common::{
     self as common, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsProxy, ExecFileKey, ExecKey, Expiry,
@@ -17,7 +17,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType,
+        CgroupSockAttachType, Lsm, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -101,7 +102,20 @@ pub struct Kernel {
     retiring: Vec<FdLink>,
     _lock: PinLock,
     /// The pin directory (the socket watch's program and link are pinned there on demand).
-    pin_root: std::path::PathBuf,
+    pin_root: PathBuf,
+    /// Where the cgroup hooks attach: the host's root, and the cgroup every `run` agent lives below.
+    cgroups: HookCgroups,
+    /// The agent-socket hooks (`Scope::Agents`) sit at the root now (see `scope_agent_hooks`).
+    agent_hooks_host_wide: bool,
+}
+
+/// The two cgroups a hook can be attached to.
+#[derive(Clone)]
+pub struct HookCgroups {
+    /// The cgroup v2 root: every process on the host.
+    pub root: PathBuf,
+    /// `<root>/agent-monitor`: every process `run` places (an agent) and nothing else.
+    pub agents: PathBuf,
 }
 
 struct Hook {
@@ -109,6 +123,21 @@ struct Hook {
     kind: HookKind,
     /// The daemon cannot do its job without it.
     required: bool,
+    scope: Scope,
+}
+
+/// Which processes a hook must see.
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    /// Every process or socket on the host. The address hooks judge a socket by the cgroup of
+    /// its creator, so an agent handed a socket made outside is still judged only from the root.
+    Host,
+    /// Only agents' own sockets: `sock_create` judges the creating task, and the DNS
+    /// address-restoring hooks matter only on sockets whose sends were redirected. They sit below
+    /// the agents' cgroup while every agent lives there, sparing every other `socket()` (and
+    /// every `accept()` that asks for the peer) on the host a program run; at the root while
+    /// selectors can make any process an agent.
+    Agents,
 }
 
 /// How a program attaches. Every kind must end in a bpf_link (`FdLink`): that is what gets pinned
@@ -116,8 +145,8 @@ struct Hook {
 enum HookKind {
     Tracepoint(&'static str, &'static str),
     RawTracepoint(&'static str),
-    CgroupSockAddr(&'static str),
-    CgroupSock(&'static str),
+    CgroupSockAddr(&'static str, CgroupSockAddrAttachType),
+    CgroupSock(&'static str, CgroupSockAttachType),
 }
 
 const HOOKS: &[Hook] = &[
@@ -125,64 +154,76 @@ const HOOKS: &[Hook] = &[
         program: "agent_exec",
         kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
+        scope: Scope::Host,
     },
     Hook {
         program: "agent_connect4",
-        kind: HookKind::CgroupSockAddr("connect4"),
+        kind: HookKind::CgroupSockAddr("connect4", CgroupSockAddrAttachType::Connect4),
         required: true,
+        scope: Scope::Host,
     },
     Hook {
         program: "agent_connect6",
-        kind: HookKind::CgroupSockAddr("connect6"),
+        kind: HookKind::CgroupSockAddr("connect6", CgroupSockAddrAttachType::Connect6),
         required: true,
+        scope: Scope::Host,
     },
     // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
     // its resolver would reject replies from the proxy's address.
     Hook {
         program: "agent_recvmsg4",
-        kind: HookKind::CgroupSockAddr("recvmsg4"),
+        kind: HookKind::CgroupSockAddr("recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4),
         required: true,
+        scope: Scope::Agents,
     },
     Hook {
         program: "agent_recvmsg6",
-        kind: HookKind::CgroupSockAddr("recvmsg6"),
+        kind: HookKind::CgroupSockAddr("recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6),
         required: true,
+        scope: Scope::Agents,
     },
     // Only getpeername() on a redirected connected socket would show the proxy without these.
     Hook {
         program: "agent_getpeername4",
-        kind: HookKind::CgroupSockAddr("getpeername4"),
+        kind: HookKind::CgroupSockAddr("getpeername4", CgroupSockAddrAttachType::GetPeerName4),
         required: false,
+        scope: Scope::Agents,
     },
     Hook {
         program: "agent_getpeername6",
-        kind: HookKind::CgroupSockAddr("getpeername6"),
+        kind: HookKind::CgroupSockAddr("getpeername6", CgroupSockAddrAttachType::GetPeerName6),
         required: false,
+        scope: Scope::Agents,
     },
     Hook {
         program: "agent_sendmsg4",
-        kind: HookKind::CgroupSockAddr("sendmsg4"),
+        kind: HookKind::CgroupSockAddr("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
         required: true,
+        scope: Scope::Host,
     },
     Hook {
         program: "agent_sendmsg6",
-        kind: HookKind::CgroupSockAddr("sendmsg6"),
+        kind: HookKind::CgroupSockAddr("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
         required: true,
+        scope: Scope::Host,
     },
     Hook {
         program: "agent_sock_create",
-        kind: HookKind::CgroupSock("sock_create"),
+        kind: HookKind::CgroupSock("sock_create", CgroupSockAttachType::SockCreate),
         required: true,
+        scope: Scope::Agents,
     },
     Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
+        scope: Scope::Host,
     },
     Hook {
         program: "agent_exit",
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,
+        scope: Scope::Host,
     },
 ];
 
@@ -200,12 +241,13 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 impl Kernel {
-    /// Adopts what a previous daemon pinned in `pin_dir`, or loads and pins everything. The network
-    /// hooks attach at the root of the cgroup v2 tree so every process on the host passes through
-    /// them (non-agents leave after one lookup).
+    /// Adopts what a previous daemon pinned in `pin_dir`, or loads and pins everything. The address
+    /// hooks attach at the root of the cgroup v2 tree so every socket on the host passes through
+    /// them (non-agents leave after one lookup); the agent-socket hooks below `cgroups.agents`
+    /// until `set_identity_config` turns selectors on.
     pub fn open(
         pin_dir: &Path,
-        cgroup_root: &Path,
+        cgroups: &HookCgroups,
         layout: &TracepointLayout,
         offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
@@ -215,7 +257,7 @@ impl Kernel {
         if !pins.has_state() {
             // Links without maps are the remains of an interrupted install: nothing to adopt.
             pins.remove_pins()?;
-            let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
+            let (maps, mechanisms) = install(&pins, cgroups, layout, offsets, hash)?;
             return Ok(Kernel {
                 maps,
                 mechanisms,
@@ -223,6 +265,8 @@ impl Kernel {
                 retiring: Vec::new(),
                 _lock: lock,
                 pin_root: pin_dir.to_path_buf(),
+                cgroups: cgroups.clone(),
+                agent_hooks_host_wide: false,
             });
         }
 
@@ -246,12 +290,7 @@ impl Kernel {
             let mut mechanisms = base_mechanisms(&pins);
             for hook in HOOKS {
                 match adopt_link(&pins, hook.program) {
-                    Ok(l) => {
-                        mechanisms
-                            .attached
-                            .push(format!("{} → {} (adopted)", hook.program, hook.kind));
-                        mechanisms.links.push(l);
-                    }
+                    Ok(l) => mechanisms.links.push(l),
                     Err(e) => mechanisms.refused.push(format!("{}: {e:#}", hook.program)),
                 }
             }
@@ -261,6 +300,15 @@ impl Kernel {
                 .load(PROGRAMS)
                 .context("loading the eBPF object to probe BPF LSM")?;
             set_exec_mechanism(&mut probe, &mut mechanisms);
+            let agent_hooks_host_wide = state(common::STATE_AGENT_HOOKS_HOST_WIDE) != 0;
+            mechanisms.attached = HOOKS
+                .iter()
+                .filter(|h| pins.link(h.program).exists())
+                .map(|h| {
+                    let at = cgroups.scope_of(h.scope, agent_hooks_host_wide);
+                    format!("{} → {} (adopted)", h.program, h.kind.at(at))
+                })
+                .collect();
             mechanisms.socket_syscall_watch = if !pins.program(SOCKET_WATCH).exists() {
                 "unavailable: the previous daemon could not load it".into()
             } else if pins.link(SOCKET_WATCH).exists() {
@@ -283,6 +331,8 @@ impl Kernel {
                 retiring: Vec::new(),
                 _lock: lock,
                 pin_root: pin_dir.to_path_buf(),
+                cgroups: cgroups.clone(),
+                agent_hooks_host_wide,
             });
         }
 
@@ -301,7 +351,7 @@ impl Kernel {
         let grants = task_grants_of(&old_maps).unwrap_or_default();
         drop(old_maps);
         pins.remove_pins()?;
-        let (maps, mechanisms) = install(&pins, cgroup_root, layout, offsets, hash)?;
+        let (maps, mechanisms) = install(&pins, cgroups, layout, offsets, hash)?;
         let mut kernel = Kernel {
             maps,
             mechanisms,
@@ -313,6 +363,8 @@ impl Kernel {
             retiring,
             _lock: lock,
             pin_root: pin_dir.to_path_buf(),
+            cgroups: cgroups.clone(),
+            agent_hooks_host_wide: false,
         };
         for (id, slot) in identities {
             kernel.add_agent_cgroup(id, slot)?;
@@ -542,11 +594,87 @@ impl Kernel {
         agent_cgroups_of(&self.maps)
     }
 
-    /// Which selector kinds the kernel consults beyond the agent cgroups.
+    /// Which selector kinds the kernel consults beyond the agent cgroups. With any, a process
+    /// anywhere on the host can be an agent, so the agent-socket hooks go to the root first; with
+    /// none, they return below the agents' cgroup afterwards.
     pub fn set_identity_config(&mut self, config: IdentityConfig) -> anyhow::Result<()> {
+        let host_wide = config.selectors != 0;
+        // A failed move still lets the selectors in: their agents are then judged by every
+        // hook but the agent-socket ones, rather than by none.
+        let moved = if host_wide {
+            self.scope_agent_hooks(true)
+        } else {
+            Ok(())
+        };
         let mut m: Array<_, IdentityConfig> = Array::try_from(self.map_mut("IDENTITY_CONFIG")?)?;
         m.set(0, config, 0)
-            .context("writing the identity configuration map")
+            .context("writing the identity configuration map")?;
+        if !host_wide {
+            self.scope_agent_hooks(false)?;
+        }
+        moved
+    }
+
+    /// Moves the agent-socket hooks (`Scope::Agents`) to the cgroup root (`host_wide`) or below
+    /// the agents' cgroup. Each program gets its new link before the old one goes (the pin is
+    /// replaced by a rename), so no socket of an agent passes unjudged meanwhile. Idempotent.
+    fn scope_agent_hooks(&mut self, host_wide: bool) -> anyhow::Result<()> {
+        if self.agent_hooks_host_wide == host_wide {
+            return Ok(());
+        }
+        let pins = PinDir::new(&self.pin_root);
+        let to = self
+            .cgroups
+            .scope_of(Scope::Agents, host_wide)
+            .to_path_buf();
+        for hook in HOOKS.iter().filter(|h| h.scope == Scope::Agents) {
+            let pinned = pins.link(hook.program);
+            if !pinned.exists() {
+                continue; // refused by the kernel at install: nothing to move
+            }
+            let program = pins.program(hook.program);
+            let link = match hook.kind {
+                HookKind::CgroupSock(_, attach_type) => {
+                    let mut p = CgroupSock::from_pin(&program, attach_type)
+                        .with_context(|| format!("opening pinned program {}", program.display()))?;
+                    attach_cgroup_sock(&mut p, &to)
+                }
+                HookKind::CgroupSockAddr(_, attach_type) => {
+                    let mut p = CgroupSockAddr::from_pin(&program, attach_type)
+                        .with_context(|| format!("opening pinned program {}", program.display()))?;
+                    attach_cgroup_sock_addr(&mut p, &to)
+                }
+                _ => continue,
+            }
+            .with_context(|| format!("moving {} to {}", hook.program, to.display()))?;
+            // bpffs refuses dots in names.
+            let moving = pins.link(&format!("{}_moving", hook.program));
+            let _ = std::fs::remove_file(&moving); // left by a move a crash interrupted
+            let state = pin_link(link, hook.program, &moving)?;
+            // The old link's pin is its only holder: replacing it detaches the old attachment.
+            std::fs::rename(&moving, &pinned)
+                .with_context(|| format!("replacing the pinned link {}", pinned.display()))?;
+            let from = self.cgroups.scope_of(Scope::Agents, !host_wide);
+            let (old, new) = (hook.kind.at(from), hook.kind.at(&to));
+            for a in &mut self.mechanisms.attached {
+                if a.starts_with(&format!("{} → ", hook.program)) {
+                    *a = format!("{} → {new}", hook.program);
+                }
+            }
+            if let Some(l) = self
+                .mechanisms
+                .links
+                .iter_mut()
+                .find(|l| l.program == hook.program)
+            {
+                *l = state;
+            }
+            tracing::info!("moved {} from {old} to {new}", hook.program);
+        }
+        self.agent_hooks_host_wide = host_wide;
+        let mut a: Array<_, u64> = Array::try_from(self.map_mut("DAEMON_STATE")?)?;
+        a.set(common::STATE_AGENT_HOOKS_HOST_WIDE, u64::from(host_wide), 0)
+            .context("writing where the agent-socket hooks are")
     }
 
     pub fn set_uid_selector(&mut self, uid: u32, slot: AgentSlot) -> anyhow::Result<()> {
@@ -853,14 +981,25 @@ impl Kernel {
     }
 }
 
-impl std::fmt::Display for HookKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl HookKind {
+    /// The hook as `status` shows it; `cgroup` is where a cgroup hook is attached.
+    fn at(&self, cgroup: &Path) -> String {
         match self {
-            HookKind::Tracepoint(category, name) => write!(f, "tracepoint {category}/{name}"),
-            HookKind::RawTracepoint(name) => write!(f, "raw tracepoint {name}"),
-            HookKind::CgroupSockAddr(at) | HookKind::CgroupSock(at) => {
-                write!(f, "cgroup/{at} at the cgroup v2 root")
+            HookKind::Tracepoint(category, name) => format!("tracepoint {category}/{name}"),
+            HookKind::RawTracepoint(name) => format!("raw tracepoint {name}"),
+            HookKind::CgroupSockAddr(hook, _) | HookKind::CgroupSock(hook, _) => {
+                format!("cgroup/{hook} at {}", cgroup.display())
             }
+        }
+    }
+}
+
+impl HookCgroups {
+    /// The cgroup a hook of `scope` is attached to.
+    fn scope_of(&self, scope: Scope, agent_hooks_host_wide: bool) -> &Path {
+        match scope {
+            Scope::Agents if !agent_hooks_host_wide => &self.agents,
+            _ => &self.root,
         }
     }
 }
@@ -946,7 +1085,7 @@ pub fn tag_capacity(pid_max: Option<u32>) -> u32 {
 /// Loads the object, attaches every hook through a pinned link and pins every map by its name.
 fn install(
     pins: &PinDir,
-    cgroup_root: &Path,
+    cgroups: &HookCgroups,
     layout: &TracepointLayout,
     offsets: &KernelOffsets,
     hash: u64,
@@ -973,15 +1112,14 @@ fn install(
             .with_context(|| format!("pinning map {name} at {}", pins.map(&name).display()))?;
         maps.insert(name, map);
     }
-    let cgroup = std::fs::File::open(cgroup_root)
-        .with_context(|| format!("opening cgroup v2 root {}", cgroup_root.display()))?;
     let mut mechanisms = base_mechanisms(pins);
     for hook in HOOKS {
-        match attach(&mut ebpf, hook, &cgroup, pins) {
+        let at = cgroups.scope_of(hook.scope, false);
+        match attach(&mut ebpf, hook, at, pins) {
             Ok(l) => {
                 mechanisms
                     .attached
-                    .push(format!("{} → {}", hook.program, hook.kind));
+                    .push(format!("{} → {}", hook.program, hook.kind.at(at)));
                 mechanisms.links.push(l);
             }
             Err(e) if hook.required => {
@@ -1011,6 +1149,8 @@ fn install(
     )?;
     a.set(common::STATE_OBJECT_HASH, hash, 0)
         .context("writing the object hash")?;
+    a.set(common::STATE_AGENT_HOOKS_HOST_WIDE, 0, 0)
+        .context("writing where the agent-socket hooks are")?;
     Ok((maps, mechanisms))
 }
 
@@ -1165,12 +1305,7 @@ fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
         .map_err(|e| format!("unloading the probe: {e}"))
 }
 
-fn attach(
-    ebpf: &mut Ebpf,
-    hook: &Hook,
-    cgroup: &std::fs::File,
-    pins: &PinDir,
-) -> anyhow::Result<LinkState> {
+fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &Path, pins: &PinDir) -> anyhow::Result<LinkState> {
     let prog = ebpf
         .program_mut(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
@@ -1189,35 +1324,61 @@ fn attach(
             let id = tp.attach(name).context("attaching")?;
             tp.take_link(id)?.into()
         }
-        HookKind::CgroupSock(_) => {
+        HookKind::CgroupSock(..) => {
             let p: &mut CgroupSock = prog.try_into()?;
             p.load().context("loading")?;
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .context("attaching")?;
-            p.take_link(id)?.try_into().context(
-                "the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned",
-            )?
+            if hook.scope == Scope::Agents {
+                // So that a later daemon can move it (`Kernel::scope_agent_hooks`).
+                p.pin(pins.program(hook.program))
+                    .with_context(|| format!("pinning program {}", hook.program))?;
+            }
+            attach_cgroup_sock(p, cgroup)?
         }
-        HookKind::CgroupSockAddr(_) => {
+        HookKind::CgroupSockAddr(..) => {
             let p: &mut CgroupSockAddr = prog.try_into()?;
             p.load().context("loading")?;
-            // With a bpf_link (kernel >= 5.7) the kernel always attaches as "multi" and rejects any
-            // flag, so the mode must be Single (0) here; other programs on the root still run.
-            let id = p
-                .attach(cgroup, CgroupAttachMode::Single)
-                .context("attaching")?;
-            p.take_link(id)?.try_into().context(
-                "the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned",
-            )?
+            if hook.scope == Scope::Agents {
+                p.pin(pins.program(hook.program))
+                    .with_context(|| format!("pinning program {}", hook.program))?;
+            }
+            attach_cgroup_sock_addr(p, cgroup)?
         }
     };
+    pin_link(link, hook.program, &pins.link(hook.program))
+}
+
+fn open_cgroup(cgroup: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))
+}
+
+fn attach_cgroup_sock(p: &mut CgroupSock, cgroup: &Path) -> anyhow::Result<FdLink> {
+    // With a bpf_link (kernel >= 5.7) the kernel always attaches as "multi" and rejects any flag,
+    // so the mode must be Single (0) here; other programs on the same cgroup still run.
+    let id = p
+        .attach(open_cgroup(cgroup)?, CgroupAttachMode::Single)
+        .context("attaching")?;
+    p.take_link(id)?
+        .try_into()
+        .context("the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned")
+}
+
+fn attach_cgroup_sock_addr(p: &mut CgroupSockAddr, cgroup: &Path) -> anyhow::Result<FdLink> {
+    // As in `attach_cgroup_sock`.
+    let id = p
+        .attach(open_cgroup(cgroup)?, CgroupAttachMode::Single)
+        .context("attaching")?;
+    p.take_link(id)?
+        .try_into()
+        .context("the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned")
+}
+
+/// Pins `link` at `path` and returns what `status` reports of it.
+fn pin_link(link: FdLink, program: &str, path: &Path) -> anyhow::Result<LinkState> {
     let info = link.info().context("reading the new link")?;
-    let path = pins.link(hook.program);
-    link.pin(&path)
+    link.pin(path)
         .with_context(|| format!("pinning link {}", path.display()))?;
     Ok(LinkState {
-        program: hook.program.to_string(),
+        program: program.to_string(),
         link_id: info.id(),
         program_id: info.program_id(),
     })

@@ -37,6 +37,11 @@ impl AgentCgroups {
         Ok(AgentCgroups { base })
     }
 
+    /// The cgroup every placed agent process lives below.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
     /// Creates (or finds) the cgroup of `task` of `agent`. Names are validated by the caller.
     pub fn task(&self, agent: &str, task: &str) -> anyhow::Result<TaskCgroup> {
         let path = self.base.join(agent).join(task);
