@@ -1260,3 +1260,39 @@ fn corrupt_grant_state_file_revokes_grants_and_says_why() {
     let state = std::fs::read_to_string(&d.state_file).unwrap();
     assert!(state.contains(&format!("127.0.0.1:{port}")), "{state}");
 }
+
+/// An upgrade (pins of another build) carries the task grants into the new build's maps, and the
+/// new daemon takes them over from the state file.
+#[test]
+fn task_grants_survive_an_upgrade_to_another_build() {
+    if !require_root("task_grants_survive_an_upgrade_to_another_build") {
+        return;
+    }
+    let agent = unique_agent("gup");
+    let port = listener_v4();
+    let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
+    let mut p = Prober::start(&d, &agent, "gu", port);
+    grant(&d, &agent, "gu", port, "10m");
+    assert_eq!(p.connect(), "ok", "granted");
+    d.stop();
+    // Make the pins look like another build's: the object hash in the state map differs.
+    {
+        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
+        let map = aya::maps::Map::from_map_data(data).unwrap();
+        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+        state.set(1, 42, 0).unwrap();
+    }
+    d.spawn();
+    assert_eq!(d.status()["origin"]["replaced_build"], true);
+    assert_eq!(p.connect(), "ok", "the grant is in the new build's maps");
+    let t = task_status(&d, &agent, "gu");
+    assert_eq!(
+        t["grants"],
+        serde_json::json!([format!("connect 127.0.0.1:{port}")]),
+        "{t:#}"
+    );
+    assert_eq!(field(&adoption_entry(&d, 0), "GRANTS_RECOVERED"), "1");
+    let out = d.cli(&["task", "end", "--agent", &agent, "--task", "gu"]);
+    assert!(out.status.success(), "task end: {}", text(&out.stderr));
+    assert_eq!(p.connect(), "errno1", "ended in the new build's maps");
+}
