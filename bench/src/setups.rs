@@ -58,6 +58,8 @@ pub struct Daemon {
     /// Its own bpffs pin directory: a stopped daemon's pins keep enforcing (fail closed), so
     /// each is uninstalled when dropped, before the next setup measures.
     pin_dir: PathBuf,
+    /// Its own grant state file (`--state-file`), beside its other files.
+    state_file: PathBuf,
     pub socket: PathBuf,
     pub json: PathBuf,
     pub log: PathBuf,
@@ -70,6 +72,7 @@ impl Daemon {
         let socket = cfg.dir.join(format!("{name}.sock"));
         let json = cfg.dir.join(format!("{name}.jsonl"));
         let log = cfg.dir.join(format!("{name}.log"));
+        let state_file = cfg.dir.join(format!("{name}.grants.json"));
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/agent-monitor-bench-{}-{name}",
             std::process::id()
@@ -86,6 +89,8 @@ impl Daemon {
             .arg(&socket)
             .arg("--pin-dir")
             .arg(&pin_dir)
+            .arg("--state-file")
+            .arg(&state_file)
             .args(&cfg.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -98,6 +103,7 @@ impl Daemon {
             child,
             bin: cfg.bin.clone(),
             pin_dir,
+            state_file,
             socket,
             json,
             log,
@@ -142,6 +148,8 @@ impl Drop for Daemon {
             let out = Command::new(&self.bin)
                 .args(["daemon", "--uninstall", "--pin-dir"])
                 .arg(&self.pin_dir)
+                .arg("--state-file")
+                .arg(&self.state_file)
                 .output();
             match out {
                 Ok(o) if o.status.success() => {}
