@@ -16,6 +16,21 @@ pub const MAX_PORT_RANGES: usize = 16;
 
 /// Capacities of the kernel maps; the daemon checks compiled tables against them before loading.
 pub const MAX_AGENT_CGROUPS: u32 = 16_384;
+/// 64-bit words of the agent-cgroup pre-filter (`AGENT_CGROUP_FILTER`): one bit per cgroup id
+/// modulo 65,536.
+pub const AGENT_CGROUP_FILTER_WORDS: u32 = 1024;
+
+/// Word and bit of cgroup `id` in the agent-cgroup pre-filter. A clear bit means "not an agent
+/// cgroup": the hooks at the cgroup root then skip the identity map, whose lookup (a helper call)
+/// costs every process on the host. Set bits may be shared (a set bit only costs that lookup);
+/// one is set for every cgroup in the identity map, before the entry goes in.
+#[inline(always)]
+pub fn agent_cgroup_filter_slot(id: u64) -> (u32, u64) {
+    (
+        ((id >> 6) as u32) % AGENT_CGROUP_FILTER_WORDS,
+        1u64 << (id & 63),
+    )
+}
 /// Agents (policies) the kernel can tell apart (`AGENT_TABLES`).
 pub const MAX_AGENTS: u32 = 4_096;
 /// An allowlist index no entry is ever written under: an agent whose policy is gone may do nothing.
@@ -535,6 +550,26 @@ pub fn exec_path_is_normal(path: &[u8; EXEC_PATH_LEN]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_cgroup_filter_gives_nearby_cgroups_their_own_bit_and_stays_in_the_array() {
+        // Cgroup ids are handed out in sequence: a run of them must not share bits.
+        let mut seen = [0u64; AGENT_CGROUP_FILTER_WORDS as usize];
+        for id in 100_000u64..100_000 + 65_536 {
+            let (word, bit) = agent_cgroup_filter_slot(id);
+            assert_eq!(seen[word as usize] & bit, 0, "{id} shares a bit");
+            seen[word as usize] |= bit;
+        }
+        for id in [0, 63, 64, u64::MAX, 1 << 40] {
+            let (word, bit) = agent_cgroup_filter_slot(id);
+            assert!(word < AGENT_CGROUP_FILTER_WORDS, "{id}");
+            assert_eq!(bit.count_ones(), 1, "{id}");
+        }
+        assert_eq!(
+            agent_cgroup_filter_slot(5),
+            agent_cgroup_filter_slot(5 + 65_536)
+        );
+    }
 
     fn normal(s: &str) -> bool {
         let mut b = [0u8; EXEC_PATH_LEN];

@@ -3,7 +3,8 @@
 //!
 //! Order (cheapest and most specific first):
 //! 1. `AGENT_CGROUPS[current cgroup]` — `run`'s (agent, task) cgroups, and a process sitting
-//!    directly in a selected cgroup. With no selector configured this is the only lookup.
+//!    directly in a selected cgroup — if `AGENT_CGROUP_FILTER` says it may be there. With no
+//!    selector configured this is the only lookup.
 //! 2. `PROCESS_AGENTS[tid]` — tags set by executable/uid selectors and task switches.
 //! 3. `AGENT_CGROUPS[ancestor at level l]` for each level holding a cgroup/unit selector, deepest
 //!    first.
@@ -15,11 +16,12 @@
 
 use agent_monitor_common::{
     AgentSlot, COUNTER_TAGS_FULL, IdentityConfig, MAX_SELECTOR_LEVEL, MODE_ENFORCE, NO_ALLOWLIST,
-    SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, source_is_tag,
+    SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, agent_cgroup_filter_slot, source_is_tag,
 };
 
 use crate::maps::{
-    AGENT_CGROUPS, AGENT_TABLES, IDENTITY_CONFIG, PROCESS_AGENTS, UID_SELECTORS, count,
+    AGENT_CGROUP_FILTER, AGENT_CGROUPS, AGENT_TABLES, IDENTITY_CONFIG, PROCESS_AGENTS,
+    UID_SELECTORS, count,
 };
 
 /// The agent the current task belongs to, if any, with the current cgroup id (carried in records):
@@ -56,15 +58,24 @@ pub fn in_force(raw: &AgentSlot) -> AgentSlot {
 pub fn current_identity() -> Option<(u64, AgentSlot)> {
     // SAFETY: helper with no arguments.
     let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
-    // SAFETY: the value is copied out before any other map operation.
-    if let Some(slot) = unsafe { AGENT_CGROUPS.get(&cgroup_id) } {
-        return Some((cgroup_id, *slot));
+    if maybe_agent_cgroup(cgroup_id) {
+        // SAFETY: the value is copied out before any other map operation.
+        if let Some(slot) = unsafe { AGENT_CGROUPS.get(&cgroup_id) } {
+            return Some((cgroup_id, *slot));
+        }
     }
     let config = config()?;
     if config.selectors == 0 {
         return None;
     }
     selected_agent(&config).map(|slot| (cgroup_id, slot))
+}
+
+/// Whether `cgroup_id` may be in `AGENT_CGROUPS`: its pre-filter bit is set.
+#[inline(always)]
+fn maybe_agent_cgroup(cgroup_id: u64) -> bool {
+    let (word, bit) = agent_cgroup_filter_slot(cgroup_id);
+    AGENT_CGROUP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }
 
 /// The selector configuration, copied (absent only if the map is missing its one entry).

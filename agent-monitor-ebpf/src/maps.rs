@@ -2,10 +2,11 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig, DnsProxy, ExecFileKey, ExecKey,
-    Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS, MAX_AGENTS, MAX_DNS_LEARNED,
-    MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES,
-    MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey, VERDICT_ALERT, VERDICT_DENIED,
+    AGENT_CGROUP_FILTER_WORDS, ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig,
+    DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS, MAX_AGENTS,
+    MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES,
+    MAX_NET_ENTRIES, MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey,
+    VERDICT_ALERT, VERDICT_DENIED,
 };
 use aya_ebpf::{
     macros::map,
@@ -26,6 +27,11 @@ pub use crate::identity::current_agent;
 /// and the cgroups of cgroup/unit selectors (looked up for the ancestors at selector levels).
 #[map]
 pub static AGENT_CGROUPS: HashMap<u64, AgentSlot> = HashMap::with_max_entries(MAX_AGENT_CGROUPS, 0);
+
+/// Pre-filter of `AGENT_CGROUPS` (see `agent_cgroup_filter_slot`): an array lookup, which the
+/// verifier inlines, where the hash lookup is a helper call.
+#[map]
+pub static AGENT_CGROUP_FILTER: Array<u64> = Array::with_max_entries(AGENT_CGROUP_FILTER_WORDS, 0);
 
 /// Which selector kinds are armed (one entry). All zero: nothing beyond `AGENT_CGROUPS` is looked at.
 #[map]

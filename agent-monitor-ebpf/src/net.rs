@@ -22,10 +22,22 @@ const REJECT: i32 = 0;
 
 /// connect4 and sendmsg4: an IPv4 destination, judged as `::ffff:a.b.c.d`. An agent's DNS
 /// traffic (port 53) is redirected to its proxy instead of judged.
+///
+/// These hooks sit at the cgroup root, so the identity lookup is the whole cost for every other
+/// process on the host: it is inlined into the program, and only agents pay a subprogram call
+/// (a call and its return measurably cost more than the lookup where return-stack mitigations
+/// make every `ret` expensive, docs/benchmarks.md).
+#[inline(always)]
 pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
+    match current_agent() {
+        Some((cgroup_id, slot)) => agent_addr4(ctx, kind, cgroup_id, &slot),
+        None => PASS,
+    }
+}
+
+#[inline(never)]
+fn agent_addr4(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
+    let slot = *slot;
     let (addr, port, sock_type) = dest4(ctx);
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
         return v;
@@ -34,10 +46,18 @@ pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
 }
 
 /// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
+/// Split like [`on_addr4`].
+#[inline(always)]
 pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
-        return PASS;
-    };
+    match current_agent() {
+        Some((cgroup_id, slot)) => agent_addr6(ctx, kind, cgroup_id, &slot),
+        None => PASS,
+    }
+}
+
+#[inline(never)]
+fn agent_addr6(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
+    let slot = *slot;
     let (addr, port, sock_type) = dest6(ctx);
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
         return v;

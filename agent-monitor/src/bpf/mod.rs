@@ -559,6 +559,16 @@ impl Kernel {
     /// Makes every task in cgroup `cgroup_id` an agent process, from the next syscall on; also
     /// rewrites an existing entry in one atomic update (reload).
     pub fn add_agent_cgroup(&mut self, cgroup_id: u64, slot: AgentSlot) -> anyhow::Result<()> {
+        // The pre-filter bit first: an entry whose bit is clear would never be looked up.
+        let (word, bit) = common::agent_cgroup_filter_slot(cgroup_id);
+        let mut f: Array<_, u64> = Array::try_from(self.map_mut("AGENT_CGROUP_FILTER")?)?;
+        let old = f
+            .get(&word, 0)
+            .context("reading the agent-cgroup pre-filter")?;
+        if old & bit == 0 {
+            f.set(word, old | bit, 0)
+                .context("writing the agent-cgroup pre-filter")?;
+        }
         let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.insert(cgroup_id, slot, 0)
             .context("adding to the agent identity map (full?)")
@@ -586,7 +596,22 @@ impl Kernel {
     pub fn remove_agent_cgroup(&mut self, cgroup_id: u64) -> anyhow::Result<()> {
         let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.remove(&cgroup_id)
-            .context("removing from the agent identity map")
+            .context("removing from the agent identity map")?;
+        // The bit goes only if no other entry shares it; after the entry, never before.
+        let (word, bit) = common::agent_cgroup_filter_slot(cgroup_id);
+        let shared = m
+            .keys()
+            .filter_map(Result::ok)
+            .any(|id| common::agent_cgroup_filter_slot(id) == (word, bit));
+        if !shared {
+            let mut f: Array<_, u64> = Array::try_from(self.map_mut("AGENT_CGROUP_FILTER")?)?;
+            let old = f
+                .get(&word, 0)
+                .context("reading the agent-cgroup pre-filter")?;
+            f.set(word, old & !bit, 0)
+                .context("writing the agent-cgroup pre-filter")?;
+        }
+        Ok(())
     }
 
     /// Every (cgroup id, slot) in the identity map: what a previous daemon left governed.
