@@ -21,7 +21,7 @@ use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
 use crate::dns::learned::{Grant, KernelChange, LearnedTable};
-use crate::dns::proxy::ProxyConfig;
+use crate::dns::proxy::{Proxies, ProxyConfig};
 use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
@@ -154,7 +154,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     let mut kernel = Kernel::open(&args.pin_dir, &hook_cgroups, &layout, &offsets)?;
     // The proxies' kernel entries are written by `apply_policies`, keyed by the live bank.
-    let (dns_reports, dns_endpoints) = start_dns_proxies(&args, &policies).await?;
+    let (dns_reports, dns_proxies) = start_dns_proxies(&args, &policies)?;
     let stream = kernel.take_actions()?;
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
@@ -201,7 +201,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         learned: LearnedTable::default(),
         dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
         dns_clients: HashMap::new(),
-        dns_endpoints,
+        dns_proxies,
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
@@ -361,10 +361,10 @@ fn notify(state: &[libsystemd::daemon::NotifyState]) {
 
 /// Starts one DNS proxy endpoint per agent and points the kernel's redirection at it. Returns the
 /// channel on which the endpoints report queries to the monitor.
-async fn start_dns_proxies(
+fn start_dns_proxies(
     args: &DaemonArgs,
     policies: &PolicySet,
-) -> anyhow::Result<(mpsc::Receiver<QueryReport>, Vec<(String, DnsProxy)>)> {
+) -> anyhow::Result<(mpsc::Receiver<QueryReport>, Proxies)> {
     let upstream = match args.dns_upstream {
         Some(a) => Some(a),
         None => match crate::dns::upstream_from_resolv_conf(Path::new("/etc/resolv.conf")) {
@@ -380,21 +380,16 @@ async fn start_dns_proxies(
         timeout: Duration::from_millis(args.dns_timeout_ms),
     });
     let (tx, rx) = mpsc::channel(1024);
-    let mut endpoints = Vec::new();
-    for (index, policy) in policies.indexed() {
-        let ports =
-            crate::dns::proxy::spawn(index, policy.clone(), config.clone(), tx.clone()).await?;
-        // The proxy reports with `index`, its position in this (start-up) set: `dns_agents` maps
-        // it back to the name whatever reloads do to positions.
-        endpoints.push((policy.agent().to_string(), ports));
-        tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
+    let mut proxies = Proxies::new(config, tx);
+    for policy in policies.iter() {
+        proxies.ensure(policy)?;
     }
     tracing::info!(
         upstream = %upstream.map_or("none".to_string(), |a| a.to_string()),
         grace_s = args.dns_grace,
         "DNS proxy: agents' port-53 traffic is redirected to a per-agent endpoint on loopback"
     );
-    Ok((rx, endpoints))
+    Ok((rx, proxies))
 }
 
 /// Two daemons would attach every program twice; the control socket tells whether one runs.
@@ -730,8 +725,8 @@ struct Monitor {
     dns_grace_ns: u64,
     /// Per agent, its latest DNS redirect: who is behind the next query its proxy reports.
     dns_clients: HashMap<String, event::ConnectEvent>,
-    /// Each agent's DNS proxy ports, by the proxy's start-up index (agent name first).
-    dns_endpoints: Vec<(String, DnsProxy)>,
+    /// Each agent's DNS proxy, by the proxy's index (stable across reloads).
+    dns_proxies: Proxies,
 }
 
 impl Monitor {
@@ -885,9 +880,16 @@ impl Monitor {
         // Files named by exact exec rules, keyed in the new bank too.
         let mut files = ExecFiles::default();
         let file_entries = files.refresh(&set, base).add;
-        // DNS: each agent's proxy endpoint and learned addresses under its new index.
+        // DNS: an agent the set adds gets its proxy now (its kernel entry is written with the
+        // others below); each agent's proxy endpoint and learned addresses under its new index.
+        for p in set.iter() {
+            self.dns_proxies
+                .ensure(p)
+                .with_context(|| format!("starting the DNS proxy of agent {:?}", p.agent()))?;
+        }
         let dns: Vec<(u32, DnsProxy)> = self
-            .dns_endpoints
+            .dns_proxies
+            .endpoints()
             .iter()
             .filter_map(|(name, ports)| set.index_of(name).map(|i| (base + i, *ports)))
             .collect();
@@ -970,6 +972,8 @@ impl Monitor {
         // Records judged until now may still be in the ring buffer: keep the old set to explain
         // them (see `explain`).
         self.exec_files = files;
+        // The proxies answer by the new host rules from the next query on.
+        self.dns_proxies.update(set.iter());
         let old = std::mem::replace(&mut self.policies, set);
         if self.superseded.len() == SUPERSEDED_KEPT {
             self.superseded.pop_front();
@@ -2229,7 +2233,8 @@ impl Monitor {
     /// addresses in the kernel and tells the proxy it may reply.
     fn on_dns(&mut self, r: QueryReport) {
         let policy = self
-            .dns_endpoints
+            .dns_proxies
+            .endpoints()
             .get(r.agent as usize)
             .and_then(|(name, _)| self.policies.get(name));
         let Some(policy) = policy else {
@@ -2390,7 +2395,8 @@ impl Monitor {
 
     /// The DNS proxy start-up index of `agent` (how the learned table keys it).
     fn dns_index(&self, agent: &str) -> Option<u32> {
-        self.dns_endpoints
+        self.dns_proxies
+            .endpoints()
             .iter()
             .position(|(a, _)| a == agent)
             .and_then(|i| u32::try_from(i).ok())
@@ -2398,7 +2404,7 @@ impl Monitor {
 
     /// The kernel agent index (live bank) of the agent whose DNS proxy has start-up index `dns`.
     fn dns_kernel_index(&self, dns: u32) -> Option<u32> {
-        let (name, _) = self.dns_endpoints.get(dns as usize)?;
+        let (name, _) = self.dns_proxies.endpoints().get(dns as usize)?;
         self.policies.index_of(name).map(|i| self.bank_base + i)
     }
 
@@ -2823,16 +2829,17 @@ impl Monitor {
                     }
                 }
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
-                let dns_proxy =
-                    self.dns_endpoints
-                        .iter()
-                        .find(|(a, _)| *a == agent)
-                        .map(|(_, dns)| control::DnsEndpoint {
-                            udp4: dns.udp4,
-                            tcp4: dns.tcp4,
-                            udp6: dns.udp6,
-                            tcp6: dns.tcp6,
-                        });
+                let dns_proxy = self
+                    .dns_proxies
+                    .endpoints()
+                    .iter()
+                    .find(|(a, _)| *a == agent)
+                    .map(|(_, dns)| control::DnsEndpoint {
+                        udp4: dns.udp4,
+                        tcp4: dns.tcp4,
+                        udp6: dns.udp6,
+                        tcp6: dns.tcp6,
+                    });
                 AgentStatus {
                     selectors: self.selected.describe(&agent),
                     agent,

@@ -824,21 +824,7 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
         )
     };
     let d = Daemon::start_with(&[mk(&agent)], &["--dns-upstream", &up_addr]);
-    let ops = |ops: &str| -> Vec<Value> {
-        let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
-        cmd.extend(ops.split_whitespace());
-        let out = d.run(&agent, Some("dr"), &cmd);
-        assert!(
-            out.status.success(),
-            "{}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let ops = |ops: &str| dns_client(&d, &agent, "dr", ops);
     let p = port.to_string();
     let r = ops(&format!("gai ok.example.com c 127.0.0.3 {p}"));
     assert_eq!(r[1]["ok"], true, "before the reload: {r:?}");
@@ -860,6 +846,103 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
     assert_eq!(r[1]["addrs"][0], "127.0.0.3", "DNS after the reload: {r:?}");
     assert_eq!(r[2]["ok"], true, "{r:?}");
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
+}
+
+/// Runs `PY_DNS_CLIENT` with `ops` as `agent`, task `task`: one JSON result per operation.
+fn dns_client(d: &Daemon, agent: &str, task: &str, ops: &str) -> Vec<Value> {
+    let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
+    cmd.extend(ops.split_whitespace());
+    let out = d.run(agent, Some(task), &cmd);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Hot reload reaches the DNS proxies too: a host rule the reload adds is answered at once (it
+/// was refused before), and an agent the reload adds gets its own proxy, so its names resolve
+/// without a restart.
+#[test]
+fn reload_puts_new_host_rules_in_force_in_the_dns_proxies() {
+    if !require_root("reload_puts_new_host_rules_in_force_in_the_dns_proxies") {
+        return;
+    }
+    let agent = unique_agent("dnsrules");
+    let added = unique_agent("dnsadded");
+    let (old_port, new_port) = (listener_on("127.0.0.3"), listener_on("127.0.0.4"));
+    let up = Dnsmasq::start(&[
+        "--address=/old.example.com/127.0.0.3",
+        "--address=/new.example.com/127.0.0.4",
+    ]);
+    let up_addr = up.addr.to_string();
+    let mk = |name: &str, rules: &[String]| {
+        let list = rules
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        (
+            format!("{name}.toml"),
+            format!(
+                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{list}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+            ),
+        )
+    };
+    let old_rule = format!("old.example.com:{old_port}");
+    let new_rule = format!("new.example.com:{new_port}");
+    let d = Daemon::start_with(
+        &[mk(&agent, std::slice::from_ref(&old_rule))],
+        &["--dns-upstream", &up_addr],
+    );
+    let ops = |who: &str, ops: &str| dns_client(&d, who, "rules", ops);
+    let ask = "q 127.0.0.1 new.example.com 1 udp";
+    let r = ops(&agent, ask);
+    assert_eq!(r[0]["rcode"], 5, "a name off the list is REFUSED: {r:?}");
+    assert!(!up.was_asked("new.example.com"), "{}", up.log());
+
+    let (name, body) = mk(&agent, &[old_rule.clone(), new_rule.clone()]);
+    d.write_policy(&name, &body);
+    let (name, body) = mk(&added, std::slice::from_ref(&new_rule));
+    d.write_policy(&name, &body);
+    let out = d.reload();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let np = new_port.to_string();
+    for who in [&agent, &added] {
+        let r = ops(who, &format!("{ask} c 127.0.0.4 {np}"));
+        assert_eq!(
+            r[0]["rcode"], 0,
+            "{who}: the reloaded rule is not in force in its proxy: {r:?}"
+        );
+        assert_eq!(r[0]["addrs"][0], "127.0.0.4", "{who}: {r:?}");
+        assert_eq!(
+            r[1]["ok"], true,
+            "{who}: the resolved address is not reachable: {r:?}"
+        );
+    }
+    assert!(up.was_asked("new.example.com"));
+    let status = d.status();
+    let proxy_of = |a: &str| {
+        status["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["agent"] == a)
+            .map(|x| x["dns_proxy"].clone())
+            .unwrap()
+    };
+    assert!(proxy_of(&added)["udp4"].as_u64().unwrap() > 0, "{status}");
+    assert_ne!(
+        proxy_of(&added),
+        proxy_of(&agent),
+        "the added agent has a proxy of its own"
+    );
 }
 
 /// Issue 6 item 2 with issue 4's selectors: a process that already runs a selected executable

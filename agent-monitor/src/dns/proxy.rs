@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use hickory_proto::op::ResponseCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dns::message::{parse_answer, parse_query, reply_to};
 use crate::dns::{Outcome, QueryReport};
@@ -36,7 +36,8 @@ const MAX_IN_FLIGHT: usize = 256;
 /// What every query of one agent's endpoint needs.
 struct Endpoint {
     agent: u32,
-    policy: Policy,
+    /// The agent's policy in force: a reload sends the new one (see [`Proxies::update`]).
+    policy: watch::Receiver<Policy>,
     config: Arc<ProxyConfig>,
     reports: mpsc::Sender<QueryReport>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -45,13 +46,70 @@ struct Endpoint {
 /// Binds the endpoint of agent `agent` (kernel index) and serves it in the background. Returns its
 /// ports for the kernel's `DNS_PROXY` map. IPv6 ports are 0 when `::1` cannot be bound: the kernel
 /// then refuses the agent's IPv6 DNS (enforce mode) rather than let it through.
-pub async fn spawn(
+/// Every agent's DNS proxy, by index (the position its reports carry, stable across reloads:
+/// a proxy is never removed, an agent added by a reload gets the next index).
+pub struct Proxies {
+    config: Arc<ProxyConfig>,
+    reports: mpsc::Sender<QueryReport>,
+    endpoints: Vec<(String, DnsProxy)>,
+    policies: Vec<watch::Sender<Policy>>,
+}
+
+impl Proxies {
+    pub fn new(config: Arc<ProxyConfig>, reports: mpsc::Sender<QueryReport>) -> Self {
+        Proxies {
+            config,
+            reports,
+            endpoints: Vec::new(),
+            policies: Vec::new(),
+        }
+    }
+
+    /// (agent, ports) by index.
+    pub fn endpoints(&self) -> &[(String, DnsProxy)] {
+        &self.endpoints
+    }
+
+    /// Starts a proxy for `policy`'s agent unless it has one. Must run inside the tokio runtime.
+    pub fn ensure(&mut self, policy: &Policy) -> anyhow::Result<()> {
+        if self.endpoints.iter().any(|(a, _)| a == policy.agent()) {
+            return Ok(());
+        }
+        let index = self.endpoints.len() as u32;
+        let (tx, rx) = watch::channel(policy.clone());
+        let ports = spawn(
+            index,
+            policy.agent(),
+            rx,
+            self.config.clone(),
+            self.reports.clone(),
+        )?;
+        tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
+        self.endpoints.push((policy.agent().to_string(), ports));
+        self.policies.push(tx);
+        Ok(())
+    }
+
+    /// Puts the policies of `set` in force in their agents' proxies (names a reload added or
+    /// removed are answered by the new rules from the next query on).
+    pub fn update<'a>(&self, set: impl IntoIterator<Item = &'a Policy>) {
+        for policy in set {
+            if let Some(i) = self.endpoints.iter().position(|(a, _)| a == policy.agent()) {
+                self.policies[i].send_replace(policy.clone());
+            }
+        }
+    }
+}
+
+/// Binds the agent's endpoints on 127.0.0.1 and ::1 (UDP and TCP, ports chosen by the kernel)
+/// and serves them on the runtime. Synchronous so that a reload can start one.
+fn spawn(
     agent: u32,
-    policy: Policy,
+    name: &str,
+    policy: watch::Receiver<Policy>,
     config: Arc<ProxyConfig>,
     reports: mpsc::Sender<QueryReport>,
 ) -> anyhow::Result<DnsProxy> {
-    let name = policy.agent().to_string();
     let ep = Arc::new(Endpoint {
         agent,
         policy,
@@ -61,13 +119,12 @@ pub async fn spawn(
     });
     let mut ports = DnsProxy::default();
     let (udp4, tcp4) = bind("127.0.0.1:0")
-        .await
         .with_context(|| format!("binding the DNS proxy of agent {name:?} on 127.0.0.1"))?;
     ports.udp4 = udp4.local_addr()?.port();
     ports.tcp4 = tcp4.local_addr()?.port();
     tokio::spawn(serve_udp(udp4, ep.clone()));
     tokio::spawn(serve_tcp(tcp4, ep.clone()));
-    match bind("[::1]:0").await {
+    match bind("[::1]:0") {
         Ok((udp6, tcp6)) => {
             ports.udp6 = udp6.local_addr()?.port();
             ports.tcp6 = tcp6.local_addr()?.port();
@@ -82,10 +139,12 @@ pub async fn spawn(
     Ok(ports)
 }
 
-async fn bind(addr: &str) -> anyhow::Result<(UdpSocket, TcpListener)> {
-    let udp = UdpSocket::bind(addr).await?;
-    let tcp = TcpListener::bind(addr).await?;
-    Ok((udp, tcp))
+fn bind(addr: &str) -> anyhow::Result<(UdpSocket, TcpListener)> {
+    let udp = std::net::UdpSocket::bind(addr)?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr)?;
+    tcp.set_nonblocking(true)?;
+    Ok((UdpSocket::from_std(udp)?, TcpListener::from_std(tcp)?))
 }
 
 async fn serve_udp(sock: UdpSocket, ep: Arc<Endpoint>) {
@@ -170,8 +229,10 @@ impl Endpoint {
                 return u.response;
             }
         };
-        let decision = self.policy.check_name(&q.name);
-        let enforce = self.policy.mode() == Mode::Enforce;
+        let (decision, enforce) = {
+            let policy = self.policy.borrow();
+            (policy.check_name(&q.name), policy.mode() == Mode::Enforce)
+        };
         if !decision.allowed && enforce {
             // Nothing leaves the host for a name off the list: this is what stops exfiltration
             // through query names.
