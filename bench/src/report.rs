@@ -286,6 +286,12 @@ pub fn markdown(r: &Results, command: &str) -> String {
         "| load average at end | {:.2} {:.2} {:.2} |",
         m.load_end[0], m.load_end[1], m.load_end[2]
     );
+    if let Some(pct) = m.cpu_busy_start_pct {
+        let _ = writeln!(
+            o,
+            "| CPU in use when measuring began (2 s sample, all cores) | {pct:.1} % |"
+        );
+    }
     let _ = writeln!(
         o,
         "| other agent-monitor daemons running | {} |\n",
@@ -294,10 +300,10 @@ pub fn markdown(r: &Results, command: &str) -> String {
     if m.busy() {
         let _ = writeln!(
             o,
-            "**The machine was busy during this run** (load average {:.2} at start{}): other \
+            "**The machine was busy during this run** ({}{}): other \
              work competed for the {} cores, so the overheads below carry that noise; small \
              percentages in particular are not resolved.\n",
-            m.load_start[0],
+            m.busy_evidence(),
             if m.other_daemons > 0 {
                 format!(
                     ", and {} other agent-monitor daemon(s) had their hooks attached, which the \
@@ -358,9 +364,11 @@ pub fn markdown(r: &Results, command: &str) -> String {
          kept. Shown: the median over repetitions, and the overhead against the unmonitored \
          floor: the median of the per-repetition overheads, each against the floor measured in \
          the same repetition, with their interquartile range in brackets (how well this run \
-         resolves small differences). The load generators run as SCHED_FIFO (priority 10), so other work on the \
-         machine does not preempt the timed loops; the monitors' own processes (agent-monitor's \
-         daemon, auditd, bpftrace) run at normal priority.\n",
+         resolves small differences). The load generators run as SCHED_FIFO (priority 10) on the \
+         last CPU, with the children they fork, so other work on the machine does not preempt \
+         the timed loops and a child runs where its parent waits; the monitors' own processes \
+         (agent-monitor's daemon, auditd, bpftrace) and the connect server run at normal \
+         priority, unpinned.\n",
         p.reps, p.connects, p.execs
     );
     let _ = writeln!(o, "![overhead by setup](benchmarks.svg)\n");
