@@ -107,6 +107,9 @@ pub struct Kernel {
     cgroups: HookCgroups,
     /// The agent-socket hooks (`Scope::Agents`) sit at the root now (see `scope_agent_hooks`).
     agent_hooks_host_wide: bool,
+    /// The cgroup ids in `AGENT_CGROUPS` (this daemon is its only writer), so that removing one
+    /// can tell whether its pre-filter bit is shared without walking the map key by key.
+    agent_cgroup_ids: std::collections::HashSet<u64>,
 }
 
 /// The two cgroups a hook can be attached to.
@@ -267,6 +270,7 @@ impl Kernel {
                 pin_root: pin_dir.to_path_buf(),
                 cgroups: cgroups.clone(),
                 agent_hooks_host_wide: false,
+                agent_cgroup_ids: Default::default(),
             });
         }
 
@@ -321,7 +325,6 @@ impl Kernel {
                 "off: every agent so far runs under `run`'s seccomp filter".into()
             };
             return Ok(Kernel {
-                maps: old_maps,
                 mechanisms,
                 origin: Origin::Adopted {
                     away_seconds,
@@ -333,6 +336,11 @@ impl Kernel {
                 pin_root: pin_dir.to_path_buf(),
                 cgroups: cgroups.clone(),
                 agent_hooks_host_wide,
+                agent_cgroup_ids: agent_cgroups_of(&old_maps)?
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect(),
+                maps: old_maps,
             });
         }
 
@@ -365,6 +373,7 @@ impl Kernel {
             pin_root: pin_dir.to_path_buf(),
             cgroups: cgroups.clone(),
             agent_hooks_host_wide: false,
+            agent_cgroup_ids: Default::default(),
         };
         for (id, slot) in identities {
             kernel.add_agent_cgroup(id, slot)?;
@@ -571,7 +580,9 @@ impl Kernel {
         }
         let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.insert(cgroup_id, slot, 0)
-            .context("adding to the agent identity map (full?)")
+            .context("adding to the agent identity map (full?)")?;
+        self.agent_cgroup_ids.insert(cgroup_id);
+        Ok(())
     }
 
     /// Puts agent `id`'s allowlist index and mode in force (one atomic update per agent).
@@ -597,12 +608,13 @@ impl Kernel {
         let mut m: HashMap<_, u64, AgentSlot> = HashMap::try_from(self.map_mut("AGENT_CGROUPS")?)?;
         m.remove(&cgroup_id)
             .context("removing from the agent identity map")?;
+        self.agent_cgroup_ids.remove(&cgroup_id);
         // The bit goes only if no other entry shares it; after the entry, never before.
         let (word, bit) = common::agent_cgroup_filter_slot(cgroup_id);
-        let shared = m
-            .keys()
-            .filter_map(Result::ok)
-            .any(|id| common::agent_cgroup_filter_slot(id) == (word, bit));
+        let shared = self
+            .agent_cgroup_ids
+            .iter()
+            .any(|&id| common::agent_cgroup_filter_slot(id) == (word, bit));
         if !shared {
             let mut f: Array<_, u64> = Array::try_from(self.map_mut("AGENT_CGROUP_FILTER")?)?;
             let old = f
@@ -1291,7 +1303,7 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-const _: () = assert!(common::STATE_LOST_AT_HEARTBEAT < DAEMON_STATE_LEN);
+const _: () = assert!(common::STATE_AGENT_HOOKS_HOST_WIDE < DAEMON_STATE_LEN);
 
 /// The kernel compares IPv4 destinations as `::ffff:a.b.c.d`.
 fn learned_key(agent: u32, addr: IpAddr) -> NetKey {

@@ -53,6 +53,8 @@ pub struct Proxies {
     reports: mpsc::Sender<QueryReport>,
     endpoints: Vec<(String, DnsProxy)>,
     policies: Vec<watch::Sender<Policy>>,
+    /// Agent name → index, so a reload of thousands of agents stays linear.
+    by_agent: std::collections::HashMap<String, usize>,
 }
 
 impl Proxies {
@@ -62,6 +64,7 @@ impl Proxies {
             reports,
             endpoints: Vec::new(),
             policies: Vec::new(),
+            by_agent: Default::default(),
         }
     }
 
@@ -72,7 +75,7 @@ impl Proxies {
 
     /// Starts a proxy for `policy`'s agent unless it has one. Must run inside the tokio runtime.
     pub fn ensure(&mut self, policy: &Policy) -> anyhow::Result<()> {
-        if self.endpoints.iter().any(|(a, _)| a == policy.agent()) {
+        if self.by_agent.contains_key(policy.agent()) {
             return Ok(());
         }
         let index = self.endpoints.len() as u32;
@@ -85,6 +88,8 @@ impl Proxies {
             self.reports.clone(),
         )?;
         tracing::debug!(agent = policy.agent(), ?ports, "DNS proxy endpoint");
+        self.by_agent
+            .insert(policy.agent().to_string(), self.endpoints.len());
         self.endpoints.push((policy.agent().to_string(), ports));
         self.policies.push(tx);
         Ok(())
@@ -94,7 +99,7 @@ impl Proxies {
     /// removed are answered by the new rules from the next query on).
     pub fn update<'a>(&self, set: impl IntoIterator<Item = &'a Policy>) {
         for policy in set {
-            if let Some(i) = self.endpoints.iter().position(|(a, _)| a == policy.agent()) {
+            if let Some(&i) = self.by_agent.get(policy.agent()) {
                 self.policies[i].send_replace(policy.clone());
             }
         }
