@@ -225,7 +225,10 @@ pub struct RunArgs {
     pub task: Option<String>,
     /// Run the command as this user (name or uid), with its groups, after placement and before
     /// exec. The agent then cannot leave its cgroup: that needs write access to root-owned
-    /// cgroup.procs files.
+    /// cgroup.procs files. The uid is bound to the agent first: every process of that uid on the
+    /// host is then this agent, whoever starts it (cron, sshd, systemd, su…), across reloads and
+    /// restarts, until the agent's policy is removed. Refused for root and for a uid selected by
+    /// or bound to another agent; the uid should be the agent's own, dedicated one.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
     /// Primary group for --user (default: the user's own).

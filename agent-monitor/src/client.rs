@@ -44,10 +44,17 @@ pub fn run(args: RunArgs) -> ExitCode {
     let req = Request::Place {
         agent: args.agent.clone(),
         task: task.clone(),
+        // Bound to the agent before the command runs: the uid is the agent wherever it runs.
+        user: drop_to.as_ref().map(|c| c.uid.as_raw()),
     };
     let enforce = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
-        Ok(Response::Placed { mode, .. }) => mode.as_deref() != Some("alert"),
+        Ok(Response::Placed { mode, warnings, .. }) => {
+            for w in warnings {
+                eprintln!("agent-monitor run: warning: {w}");
+            }
+            mode.as_deref() != Some("alert")
+        }
         Ok(other) => {
             eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
             return ExitCode::from(EXIT_OURS);
@@ -538,9 +545,41 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
     match cmd {
         PolicyCommand::Check { path } => match crate::policy_dir::load_path(&path) {
             Ok(set) => {
+                // Host-dependent refusals, the same the daemon applies at start and reload.
+                let capture = crate::identity::host_capture::issues(
+                    &set,
+                    &crate::identity::host_capture::Protected::host("this `policy check`"),
+                    &crate::identity::host_capture::LiveHost {
+                        cgroup_root: &crate::host::cgroup2_root()
+                            .unwrap_or_else(|_| PathBuf::from("/sys/fs/cgroup")),
+                    },
+                );
+                if !capture.is_empty() {
+                    for c in capture {
+                        eprintln!("{c}");
+                    }
+                    return ExitCode::FAILURE;
+                }
                 // Valid, but worth a second look: printed, not failed.
                 for w in crate::exec_lint::warnings(&set) {
                     eprintln!("{w}");
+                }
+                for w in crate::delegation_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
+                // A uid selector takes every process of the uid: say which run now.
+                for p in &set {
+                    for u in &p.selectors().uids {
+                        let found = crate::identity::uid_binding::outsiders(u.value, p.agent());
+                        if let Some(w) = crate::identity::uid_binding::outsiders_warning(
+                            u.value,
+                            p.agent(),
+                            "a `uids` selector, once loaded",
+                            &found,
+                        ) {
+                            eprintln!("{}: warning: {w}", u.at);
+                        }
+                    }
                 }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(

@@ -170,6 +170,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let mut monitor = Monitor {
         kernel,
         selected: Selected::default(),
+        bindings_adopted: false,
         registry: Tasks::default(),
         cgroup_root: cgroup_root.clone(),
         admin_gid,
@@ -674,8 +675,10 @@ struct AgentCounters {
 /// Owner of the kernel object and of all daemon state.
 struct Monitor {
     kernel: Kernel,
-    /// Selectors of every policy, armed or waiting.
+    /// Selectors of every policy, armed or waiting, and the uids `run --user` bound.
     selected: Selected,
+    /// The uid bindings a previous daemon left in the pinned map were looked at (first apply).
+    bindings_adopted: bool,
     /// Task numbers and grants.
     registry: Tasks,
     cgroup_root: PathBuf,
@@ -853,6 +856,7 @@ impl Monitor {
     /// cgroup is switched over in one map update (index and mode together), then the old bank
     /// goes. On a failure before the switch nothing has changed.
     fn apply_policies(&mut self, set: PolicySet) -> anyhow::Result<()> {
+        self.refuse_host_capture(&set)?;
         let live = self.kernel.state(common::STATE_LIVE_BANK)?;
         let next: u32 = if live == 0 { 1 } else { 0 };
         let base = next * BANK_STRIDE;
@@ -981,11 +985,33 @@ impl Monitor {
         self.superseded.push_back((monotonic_ns(), old));
         self.bank_base = base;
         self.policies_loaded = SystemTime::now();
+        for w in crate::delegation_lint::warnings(&self.policies) {
+            tracing::warn!("{w}");
+        }
         self.rearm_selectors();
         let why =
             socket_watch_at_start(&self.policies).or_else(|| self.socket_watch_sticky.clone());
         if let Err(e) = self.kernel.watch_socket_syscalls(why.as_deref()) {
             tracing::error!("socket() watch: {e:#}");
+        }
+        Ok(())
+    }
+
+    /// Selectors that would capture PID 1 or the daemon on this host refuse the whole set (see
+    /// `identity::host_capture`), before anything is written.
+    fn refuse_host_capture(&self, set: &PolicySet) -> anyhow::Result<()> {
+        let found = identity::host_capture::issues(
+            set,
+            &identity::host_capture::Protected::host("the daemon"),
+            &identity::host_capture::LiveHost {
+                cgroup_root: &self.cgroup_root,
+            },
+        );
+        if !found.is_empty() {
+            bail!(
+                "selectors that would capture the host:\n{}",
+                found.join("\n")
+            );
         }
         Ok(())
     }
@@ -1007,6 +1033,7 @@ impl Monitor {
         });
         // Tags of task switches (this daemon's or a predecessor's) keep the kernel looking at tags.
         selected.tags_in_use = self.selected.tags_in_use || !self.kernel.tags().is_empty();
+        selected.bound = self.carried_bindings(&selected);
         self.selected = selected;
         self.arm_selectors();
         if let Err(e) = self.remove_stale_selectors() {
@@ -1020,6 +1047,126 @@ impl Monitor {
             ),
             Err(e) => tracing::error!("tagging running processes of selected executables: {e:#}"),
         }
+    }
+
+    /// The uid bindings that stay under the policies of `next` (see `identity::uid_binding` for
+    /// their lifetime): this daemon's, and at the first apply those a previous daemon left in the
+    /// pinned map (every uid entry no `uids` selector claims, for an agent that has a policy).
+    /// Each kept binding is rewritten for the agent's `default` task as numbered now.
+    fn carried_bindings(&mut self, next: &Selected) -> identity::uid_binding::Bindings {
+        let mut candidates = std::mem::take(&mut self.selected.bound);
+        if !self.bindings_adopted {
+            self.bindings_adopted = true;
+            match self.kernel.uid_selector_entries() {
+                Ok(entries) => {
+                    for (uid, slot) in entries {
+                        let Some(p) = self
+                            .policies
+                            .iter()
+                            .find(|p| agent_id(p.agent()) == slot.agent)
+                        else {
+                            continue;
+                        };
+                        candidates
+                            .entry(uid)
+                            .or_insert(identity::uid_binding::Binding {
+                                agent: p.agent().to_string(),
+                                slot,
+                                origin: "a previous daemon (adopted from the pinned uid map)"
+                                    .into(),
+                            });
+                    }
+                }
+                Err(e) => tracing::error!("reading the pinned uid map: {e:#}"),
+            }
+        }
+        let mut kept = identity::uid_binding::Bindings::new();
+        for (uid, mut b) in candidates {
+            let Some(policy) = self.policies.get(&b.agent) else {
+                tracing::warn!(
+                    uid,
+                    agent = b.agent,
+                    "uid binding ended: the agent has no policy any more; processes of uid {uid} are no agent's now"
+                );
+                continue;
+            };
+            match next.uid_owner(uid) {
+                Some(identity::uid_binding::Owner::Selector { agent, at }) => {
+                    if agent != b.agent {
+                        tracing::warn!(
+                            uid,
+                            "uid {uid} was bound to agent {} by {}; the `uids` selector of agent {agent} at {at} outranks the binding: its processes are agent {agent} now",
+                            b.agent,
+                            b.origin
+                        );
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            // Bindings give the `default` task, as a selector does; re-numbered for this daemon.
+            let mode = policy.mode().kernel_value();
+            b.slot = AgentSlot {
+                agent: agent_id(&b.agent),
+                mode,
+                task: self.registry.number(&b.agent, DEFAULT_TASK),
+                source: common::SOURCE_UID,
+            };
+            if let Err(e) = self.kernel.set_uid_selector(uid, b.slot) {
+                tracing::error!(uid, agent = b.agent, "rewriting the uid binding: {e:#}");
+            }
+            kept.insert(uid, b);
+        }
+        kept
+    }
+
+    /// Binds `uid` to `agent` for `run --user` (pid `pid`): checked by `place` before the
+    /// placement (`arm` says whether it is new), armed before `run` forks its command. Returns the
+    /// warnings for `run` (the uid's processes outside the agent, which are the agent now).
+    fn bind_uid(
+        &mut self,
+        agent: &str,
+        uid: u32,
+        pid: u32,
+        arm: bool,
+    ) -> anyhow::Result<Vec<String>> {
+        if arm {
+            let mode = self
+                .policies
+                .get(agent)
+                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
+            let slot = AgentSlot {
+                agent: agent_id(agent),
+                mode,
+                task: self.registry.number(agent, DEFAULT_TASK),
+                source: common::SOURCE_UID,
+            };
+            self.kernel
+                .set_uid_selector(uid, slot)
+                .with_context(|| format!("binding uid {uid} to agent {agent}"))?;
+            self.selected.bound.insert(
+                uid,
+                identity::uid_binding::Binding {
+                    agent: agent.to_string(),
+                    slot,
+                    origin: format!("`run --user` (pid {pid})"),
+                },
+            );
+            self.kernel.set_identity_config(self.selected.config())?;
+            tracing::info!(
+                uid,
+                agent,
+                pid,
+                "uid bound to the agent by `run --user`: every process of uid {uid} on this host is agent {agent}, whoever starts it"
+            );
+        }
+        let found = identity::uid_binding::outsiders(uid, agent);
+        let warning =
+            identity::uid_binding::outsiders_warning(uid, agent, "bound by `run --user`", &found);
+        if let Some(w) = &warning {
+            tracing::warn!(uid, agent, "{w}");
+        }
+        Ok(warning.into_iter().collect())
     }
 
     /// The kernel tags at exec and fork only, so a process that already runs a selected
@@ -1390,9 +1537,9 @@ impl Monitor {
         }
         let pid = peer.pid;
         let result = match request {
-            Request::Place { agent, task } => {
-                self.place(&agent, &task, pid)
-                    .map(|cgroup| Response::Placed {
+            Request::Place { agent, task, user } => {
+                self.place(&agent, &task, pid, user)
+                    .map(|(cgroup, warnings)| Response::Placed {
                         mode: self
                             .policies
                             .get(&agent)
@@ -1400,6 +1547,7 @@ impl Monitor {
                         agent,
                         task,
                         cgroup,
+                        warnings,
                     })
             }
             Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
@@ -1680,9 +1828,25 @@ impl Monitor {
         Ok(())
     }
 
-    /// Makes `pid` a process of `agent`, task `task`.
-    fn place(&mut self, agent: &str, task: &str, pid: u32) -> anyhow::Result<String> {
+    /// Makes `pid` a process of `agent`, task `task`; with `user` (`run --user`), binds that uid
+    /// to the agent. Returns the task cgroup and warnings for `run`.
+    fn place(
+        &mut self,
+        agent: &str,
+        task: &str,
+        pid: u32,
+        user: Option<u32>,
+    ) -> anyhow::Result<(String, Vec<String>)> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
+        // Refused before anything changes: a uid that is root's or another agent's.
+        let arm_uid = match user {
+            Some(uid) => Some((
+                uid,
+                identity::uid_binding::may_bind(agent, uid, self.selected.uid_owner(uid))
+                    .map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
         // Before the process becomes an agent: from then on its socket() calls are watched.
         // Sticky for the daemon's life (cheap to keep right; a reload recomputes it).
         if let Some(why) = unfiltered_placement(pid) {
@@ -1696,7 +1860,11 @@ impl Monitor {
         self.procs.add_root(pid, exe, identity::proc_args(pid));
         self.placed.insert(pid, cg.id);
         tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
-        Ok(cg.path.display().to_string())
+        let warnings = match arm_uid {
+            Some((uid, arm)) => self.bind_uid(agent, uid, pid, arm)?,
+            None => Vec::new(),
+        };
+        Ok((cg.path.display().to_string(), warnings))
     }
 
     /// Moves `pid` into the (agent, task) cgroup, creating it and its identity entry first.
@@ -1930,6 +2098,14 @@ impl Monitor {
         }
         for e in report.errors {
             tracing::error!("selector not armed: {e}");
+        }
+        for (agent, uid) in report.uids_armed {
+            let found = identity::uid_binding::outsiders(uid, &agent);
+            if let Some(w) =
+                identity::uid_binding::outsiders_warning(uid, &agent, "a `uids` selector", &found)
+            {
+                tracing::warn!(uid, agent, "{w}");
+            }
         }
         for (agent, m) in report.mismatches {
             tracing::error!(agent, "executable selector digest mismatch: {m}");

@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod control;
 mod daemon;
+mod delegation_lint;
 mod dns;
 mod event;
 mod exec_files;

@@ -748,6 +748,13 @@ impl Kernel {
         Ok(m.keys().filter_map(Result::ok).collect())
     }
 
+    /// Every uid selector entry with the identity it gives (a restarted daemon adopts the
+    /// `run --user` bindings among them).
+    pub fn uid_selector_entries(&self) -> anyhow::Result<Vec<(u32, AgentSlot)>> {
+        let m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map("UID_SELECTORS")?)?;
+        Ok(m.iter().filter_map(Result::ok).collect())
+    }
+
     pub fn remove_uid_selector(&mut self, uid: u32) -> anyhow::Result<()> {
         let mut m: HashMap<_, u32, AgentSlot> = HashMap::try_from(self.map_mut("UID_SELECTORS")?)?;
         match m.remove(&uid) {

@@ -18,7 +18,15 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
-    Place { agent: String, task: String },
+    /// With `user` (what `run --user` is about to become), that uid is bound to the agent: every
+    /// process of it on the host is the agent from then on, whoever starts it (refused when the
+    /// uid is root's or belongs to another agent; see `Monitor::bind_uid`).
+    Place {
+        agent: String,
+        task: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<u32>,
+    },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
     /// Re-read the policy directory and apply it (all or nothing).
@@ -112,6 +120,10 @@ pub enum Response {
         /// The agent's mode ("enforce" or "alert"), so `run` shapes its filter to match.
         #[serde(default)]
         mode: Option<String>,
+        /// What `run` should tell its user (e.g. the bound uid also runs processes outside the
+        /// agent, which are the agent from now on).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        warnings: Vec<String>,
     },
     /// A `caught` report was recorded.
     Recorded {},
@@ -394,7 +406,7 @@ impl Request {
     /// The (agent, task) the request acts on, if any.
     pub fn target(&self) -> Option<(&str, &str)> {
         match self {
-            Request::Place { agent, task }
+            Request::Place { agent, task, .. }
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
             | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
@@ -424,6 +436,14 @@ pub fn authorize(
     }
     if let Some((agent, task)) = inside {
         let own = request.target() == Some((agent, task));
+        if let Request::Place {
+            user: Some(uid), ..
+        } = request
+        {
+            return Err(format!(
+                "the caller is itself a process of agent {agent} (task {task}); from inside an agent `run --user` cannot bind uid {uid}: binding a uid makes every process of it on the host an agent"
+            ));
+        }
         return match request {
             Request::TaskEnd { .. } | Request::TaskNarrow { .. } | Request::Place { .. } if own => {
                 Ok(())
@@ -457,6 +477,7 @@ mod tests {
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
+                user: Some(1001),
             },
             Request::Status {},
             Request::Reload {},
@@ -547,6 +568,12 @@ mod tests {
             Request::Place {
                 agent: "b".into(),
                 task: "t".into(),
+                user: None,
+            },
+            Request::Place {
+                agent: "a".into(),
+                task: "t".into(),
+                user: Some(1001),
             },
             Request::Status {},
         ] {
@@ -556,6 +583,7 @@ mod tests {
         let same = Request::Place {
             agent: "a".into(),
             task: "t".into(),
+            user: None,
         };
         assert!(authorize(&same, true, me).is_ok());
     }

@@ -3,11 +3,13 @@
 
 mod cgroup;
 pub mod grant_state;
+pub mod host_capture;
 pub mod peer;
 mod process;
 pub mod procfs;
 pub mod selected;
 pub mod tasks;
+pub mod uid_binding;
 
 pub use cgroup::{AgentCgroups, TaskCgroup};
 pub use peer::Peer;

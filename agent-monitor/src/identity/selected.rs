@@ -11,6 +11,7 @@ use agent_monitor_common::{
 use sha2::{Digest as _, Sha256};
 
 use crate::bpf::Kernel;
+use crate::identity::uid_binding::{Bindings, Owner};
 use crate::policy::PolicySet;
 use crate::policy::selectors::{SelectorKind, nested};
 
@@ -209,6 +210,9 @@ pub struct ArmReport {
     /// A digest that matches again.
     pub restored: Vec<String>,
     pub errors: Vec<String>,
+    /// (agent, uid) of `uids` selectors armed in this pass (their processes outside the agent
+    /// are reported).
+    pub uids_armed: Vec<(String, u32)>,
 }
 
 /// Keys of the selector maps the armed selectors own (see `Selected::kernel_keys`).
@@ -219,12 +223,15 @@ pub struct KernelKeys {
     pub files: Vec<ExecFileKey>,
 }
 
-/// Every selector of every policy, and the kernel configuration they imply.
+/// Every selector of every policy, the uids `run --user` bound, and the kernel configuration they
+/// imply.
 #[derive(Default)]
 pub struct Selected {
     pub all: Vec<Armed>,
     /// Some process was re-tagged by `task start --pid`: the kernel must look at tags.
     pub tags_in_use: bool,
+    /// uids bound to an agent by `run --user` (entries of the same kernel map as `uids` selectors).
+    pub bound: Bindings,
 }
 
 const NOT_CHECKED: &str = "not checked yet";
@@ -298,7 +305,21 @@ impl Selected {
         Selected {
             all,
             tags_in_use: false,
+            bound: Bindings::new(),
         }
+    }
+
+    /// Who holds `uid` now: a policy's `uids` selector, or a binding.
+    pub fn uid_owner(&self, uid: u32) -> Option<Owner<'_>> {
+        let value = uid.to_string();
+        self.all
+            .iter()
+            .find(|a| a.kind == SelectorKind::Uid && a.value == value)
+            .map(|a| Owner::Selector {
+                agent: &a.agent,
+                at: &a.at,
+            })
+            .or_else(|| self.bound.get(&uid).map(Owner::Bound))
     }
 
     /// Arms what can be armed now and re-checks executables whose file changed (size, times or
@@ -348,6 +369,7 @@ impl Selected {
                         Ok(()) => {
                             a.state = ArmState::Active;
                             report.armed.push(what);
+                            report.uids_armed.push((a.agent.clone(), uid));
                         }
                         Err(e) => report.errors.push(format!("{what}: {e:#}")),
                     }
@@ -378,6 +400,16 @@ impl Selected {
                         );
                         continue;
                     };
+                    if let Some(who) = crate::identity::host_capture::holder_of(&cg.rel) {
+                        once(
+                            &mut report.errors,
+                            format!(
+                                "cgroup {} holds {who}: not armed (a selector must not capture the host)",
+                                cg.rel
+                            ),
+                        );
+                        continue;
+                    }
                     if let Some((other, rel)) = taken
                         .iter()
                         .find(|(other, rel)| *other != a.agent && nested(rel, &cg.rel))
@@ -488,7 +520,10 @@ impl Selected {
     /// The kernel entries the armed selectors own: what a re-arm keeps, everything else of the
     /// selector maps is stale.
     pub fn kernel_keys(&self) -> KernelKeys {
-        let mut k = KernelKeys::default();
+        let mut k = KernelKeys {
+            uids: self.bound.keys().copied().collect(),
+            ..KernelKeys::default()
+        };
         for a in &self.all {
             match (&a.state, a.kind) {
                 (ArmState::Active, SelectorKind::Uid) => {
@@ -528,6 +563,9 @@ impl Selected {
         if self.tags_in_use {
             c.selectors |= SELECT_TAGS;
         }
+        if !self.bound.is_empty() {
+            c.selectors |= SELECT_UIDS | SELECT_TAGS;
+        }
         c
     }
 
@@ -557,6 +595,7 @@ impl Selected {
                     && a.value == uid.to_string()
             })
             .map(|a| a.slot)
+            .or_else(|| self.bound.get(&uid).map(|b| b.slot))
     }
 
     /// One line per selector of `agent`, for `status`.
@@ -584,6 +623,12 @@ impl Selected {
                 };
                 format!("{} {}: {state}", a.kind, a.value)
             })
+            .chain(
+                self.bound
+                    .iter()
+                    .filter(|(_, b)| b.agent == agent)
+                    .map(|(uid, b)| format!("uid {uid}: bound by {}", b.origin)),
+            )
             .collect()
     }
 }

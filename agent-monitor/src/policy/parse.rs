@@ -13,7 +13,8 @@ use toml::Spanned;
 use crate::policy::host::{self, HostRule};
 use crate::policy::model::{ExecRule, Mode, NetRule, Policy, prefix_mask};
 use crate::policy::selectors::{
-    At, Executable, Selectors, check_cgroup, check_executable_path, check_unit, parse_sha256,
+    At, Executable, Selectors, check_cgroup, check_executable_path, check_uid, check_unit,
+    parse_sha256,
 };
 
 /// Longest agent name: it becomes a cgroup directory name and a journald field value.
@@ -290,6 +291,17 @@ pub enum Reason {
         "agent-monitor's own cgroup tree cannot be selected; `agent-monitor run` places processes there"
     )]
     ReservedCgroup,
+    #[error(
+        "uid 0 is root: it would select the daemon, PID 1 and the operator's shell (in enforce mode every root exec the policy does not allow, `daemon --uninstall` included, would be killed); expected the agent's own dedicated uid"
+    )]
+    RootUid,
+    #[error(
+        "{what} would capture the host: it holds {holds}; expected a unit or cgroup that holds only the agent's processes"
+    )]
+    HostCgroup {
+        what: &'static str,
+        holds: &'static str,
+    },
     #[error("an executable selector names one file; globs are not allowed")]
     GlobInSelector,
     #[error("expected the file's sha256 as 64 hex digits (sha256sum FILE)")]
@@ -431,11 +443,22 @@ impl TryFrom<RawFile<'_>> for Policy {
 
         let mut selectors = Selectors::default();
         let identity = raw.identity.unwrap_or_default();
-        for uid in &identity.uids {
-            selectors.uids.push(At {
-                value: *uid.get_ref(),
-                at: Location::at(origin, text, uid.span().start),
-            });
+        // Kept apart while `check` borrows `issues`; added in file order below.
+        let mut uid_issues = Vec::new();
+        for (i, uid) in identity.uids.iter().enumerate() {
+            let at = Location::at(origin, text, uid.span().start);
+            match check_uid(*uid.get_ref()) {
+                Ok(()) => selectors.uids.push(At {
+                    value: *uid.get_ref(),
+                    at,
+                }),
+                Err(reason) => uid_issues.push(Issue::Value {
+                    at,
+                    field: format!("identity.uids[{i}]"),
+                    value: uid.get_ref().to_string(),
+                    reason,
+                }),
+            }
         }
         for (i, unit) in identity.systemd_units.iter().enumerate() {
             match check_unit(unit.get_ref()) {
@@ -480,6 +503,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             }
         }
 
+        issues.extend(uid_issues);
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
@@ -1265,6 +1289,20 @@ allow = ["/usr/bin/git", "/bin/sh", "/usr/bin/python3*"]
         assert_eq!(s.executables[0].value.path, "/opt/coder/bin/agent");
         assert_eq!(s.executables[0].value.sha256[0], 0xba);
         assert!(ok("agent = \"a\"\n").selectors().is_empty());
+    }
+
+    #[test]
+    fn selectors_that_capture_the_host_name_place_and_reason() {
+        let e = err(
+            "agent = \"a\"\n[identity]\nuids = [1001, 0]\nsystemd_units = [\"init.scope\"]\ncgroups = [\"/system.slice\"]\n",
+        );
+        for want in [
+            "policies/coder.toml:4:18: identity.systemd_units[0] \"init.scope\": this unit would capture the host: it holds PID 1",
+            "policies/coder.toml:5:12: identity.cgroups[0] \"/system.slice\": this cgroup would capture the host: it holds the daemon",
+            "policies/coder.toml:3:15: identity.uids[1] \"0\": uid 0 is root",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in:\n{e}");
+        }
     }
 
     #[test]

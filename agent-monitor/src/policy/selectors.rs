@@ -81,6 +81,68 @@ impl fmt::Display for SelectorKind {
 /// The daemon's own cgroup subtree; a selector there would fight `run`'s placement.
 pub const RESERVED_CGROUP: &str = "/agent-monitor";
 
+/// A uid selector: any uid but root's. Root runs the daemon, PID 1 and the operator's shell; an
+/// agent selected by uid 0 would be judged for all of them (and could kill the uninstall).
+pub fn check_uid(uid: u32) -> Result<(), Reason> {
+    if uid == 0 {
+        return Err(Reason::RootUid);
+    }
+    Ok(())
+}
+
+/// Units that hold PID 1, the daemon or whole classes of host processes on every systemd host:
+/// selecting one captures the host. (`policy check` and the daemon also compare the cgroups
+/// selectors resolve to with PID 1's and the daemon's own, whatever their names.)
+const HOST_UNITS: [(&str, &str); 7] = [
+    ("-.slice", "every process (the root slice)"),
+    ("init.scope", "PID 1"),
+    (
+        "system.slice",
+        "every system service, the daemon among them",
+    ),
+    ("user.slice", "every login session"),
+    ("user-0.slice", "root's login sessions"),
+    ("user@0.service", "root's service manager"),
+    ("agent-monitor.service", "the daemon"),
+];
+
+/// cgroups (below the root) that hold PID 1, the daemon or root's sessions on a systemd host; a
+/// selector naming one of them or an ancestor captures what they hold.
+const HOST_CGROUPS: [(&str, &str); 3] = [
+    ("/init.scope", "PID 1"),
+    ("/system.slice/agent-monitor.service", "the daemon"),
+    ("/user.slice/user-0.slice", "root's login sessions"),
+];
+
+/// A unit selector that names a unit of the host itself (see `HOST_UNITS`).
+pub fn check_unit_not_host(name: &str) -> Result<(), Reason> {
+    match HOST_UNITS.iter().find(|(unit, _)| *unit == name) {
+        Some((_, holds)) => Err(Reason::HostCgroup {
+            what: "this unit",
+            holds,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A cgroup selector that is one of `HOST_CGROUPS` or an ancestor of one.
+pub fn check_cgroup_not_host(path: &str) -> Result<(), Reason> {
+    match HOST_CGROUPS.iter().find(|(cg, _)| contains(path, cg)) {
+        Some((_, holds)) => Err(Reason::HostCgroup {
+            what: "this cgroup",
+            holds,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Whether cgroup `outer` is `inner` or one of its ancestors (a process in `inner` is in `outer`).
+pub fn contains(outer: &str, inner: &str) -> bool {
+    outer == "/"
+        || inner == outer
+        || (inner.starts_with(outer) && inner.as_bytes().get(outer.len()) == Some(&b'/'))
+}
+
 /// A systemd unit name as systemd writes its cgroup directory: `name.service`, `name.scope`…
 pub fn check_unit(name: &str) -> Result<(), Reason> {
     const SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
@@ -89,7 +151,9 @@ pub fn check_unit(name: &str) -> Result<(), Reason> {
         b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'.' | b'\\' | b'@' | b'-')
     });
     match stem {
-        Some(stem) if !stem.is_empty() && ok_chars && name.len() <= 255 => Ok(()),
+        Some(stem) if !stem.is_empty() && ok_chars && name.len() <= 255 => {
+            check_unit_not_host(name)
+        }
         _ => Err(Reason::BadUnit),
     }
 }
@@ -115,7 +179,7 @@ pub fn check_cgroup(path: &str) -> Result<(), Reason> {
     if nested(path, RESERVED_CGROUP) {
         return Err(Reason::ReservedCgroup);
     }
-    Ok(())
+    check_cgroup_not_host(path)
 }
 
 /// An executable selector's path: absolute, normal, no glob, fits the kernel key with its NUL.
@@ -274,6 +338,53 @@ mod tests {
         for bad in ["coder", ".service", "a/b.service", "a b.service", ""] {
             assert!(check_unit(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn selectors_that_capture_the_host_are_refused() {
+        assert_eq!(check_uid(0), Err(Reason::RootUid));
+        assert!(check_uid(1001).is_ok());
+        for unit in [
+            "init.scope",
+            "-.slice",
+            "system.slice",
+            "user.slice",
+            "user-0.slice",
+            "user@0.service",
+            "agent-monitor.service",
+        ] {
+            assert!(
+                matches!(check_unit(unit), Err(Reason::HostCgroup { .. })),
+                "{unit}"
+            );
+        }
+        for ok in [
+            "user-1001.slice",
+            "coder.service",
+            "agent-monitor-x.service",
+        ] {
+            assert!(check_unit(ok).is_ok(), "{ok}");
+        }
+        for cg in [
+            "/init.scope",
+            "/system.slice",
+            "/system.slice/agent-monitor.service",
+            "/user.slice",
+            "/user.slice/user-0.slice",
+        ] {
+            assert!(
+                matches!(check_cgroup(cg), Err(Reason::HostCgroup { .. })),
+                "{cg}"
+            );
+        }
+        for ok in [
+            "/system.slice/coder.service",
+            "/user.slice/user-1001.slice",
+            "/init.scopex",
+        ] {
+            assert!(check_cgroup(ok).is_ok(), "{ok}");
+        }
+        assert!(contains("/a", "/a/b") && contains("/", "/a") && !contains("/a/b", "/a"));
     }
 
     #[test]
