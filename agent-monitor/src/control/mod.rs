@@ -18,7 +18,14 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
-    Place { agent: String, task: String },
+    /// `unscoped`: sent by a `run` that cannot put its command in a Landlock domain (confine.rs),
+    /// saying why; `status` shows it on the task.
+    Place {
+        agent: String,
+        task: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unscoped: Option<String>,
+    },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
     /// Re-read the policy directory and apply it (all or nothing).
@@ -96,10 +103,42 @@ pub enum CaughtCall {
     IoUringSetup,
     /// seccomp(2) asking for a notification listener.
     SeccompListener,
+    /// A call that reaches into another process (ptrace attach or seize, process_vm_readv or
+    /// writev, pidfd_getfd, kcmp, process_madvise, perf_event_open, move_pages, migrate_pages,
+    /// get_robust_list, prlimit64 setting limits), aimed outside the caller's task. Always refused.
+    ProcessAccess {
+        syscall: String,
+        target: CaughtTarget,
+    },
+    /// A signal (kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_send_signal)
+    /// aimed outside the caller's task. Always refused.
+    Signal {
+        syscall: String,
+        signal: u32,
+        target: CaughtTarget,
+    },
     /// Anything else the filter sends (should not happen).
     Other {
         name: String,
     },
+}
+
+/// The process a caught call aimed at, as `run` read it while the call waited. The daemon
+/// names the agent it belongs to (if any) from these, not from the pid alone, which may be
+/// reused by the time the report arrives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaughtTarget {
+    /// In `run`'s (the host's) pid namespace; 0 if it could not be named.
+    pub pid: u32,
+    pub comm: String,
+    /// Its cgroup v2 path (`/agent-monitor/coder/t1`), if it could be read.
+    pub cgroup: Option<String>,
+    /// Its real uid, if it could be read.
+    pub uid: Option<u32>,
+    /// It is this `agent-monitor run` itself (the agent's seccomp supervisor).
+    #[serde(default)]
+    pub supervisor: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -209,6 +248,10 @@ pub struct TaskStatus {
     /// Milliseconds until they expire; none: until `task end` (or no grants).
     #[serde(default)]
     pub grants_expire_in_ms: Option<u64>,
+    /// `run`s of this task whose command is NOT scoped to its own processes (no Landlock ABI 6
+    /// here), each as `run PID: reason`. Empty: every `run` scoped it.
+    #[serde(default)]
+    pub unscoped: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -394,7 +437,7 @@ impl Request {
     /// The (agent, task) the request acts on, if any.
     pub fn target(&self) -> Option<(&str, &str)> {
         match self {
-            Request::Place { agent, task }
+            Request::Place { agent, task, .. }
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
             | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
@@ -457,6 +500,7 @@ mod tests {
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
+                unscoped: None,
             },
             Request::Status {},
             Request::Reload {},
@@ -547,6 +591,7 @@ mod tests {
             Request::Place {
                 agent: "b".into(),
                 task: "t".into(),
+                unscoped: None,
             },
             Request::Status {},
         ] {
@@ -556,6 +601,7 @@ mod tests {
         let same = Request::Place {
             agent: "a".into(),
             task: "t".into(),
+            unscoped: None,
         };
         assert!(authorize(&same, true, me).is_ok());
     }
