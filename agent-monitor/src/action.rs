@@ -34,6 +34,11 @@ pub enum ActionKind {
     /// seccomp(2) asking for a notification listener, which would let an agent answer the calls
     /// `run`'s filter catches: always refused.
     Seccomp,
+    /// A ptrace-family call (ptrace attach, process_vm_readv, pidfd_getfd, kcmp, …) aimed at a
+    /// process outside the agent's task: always refused (`run`'s seccomp filter and Landlock).
+    Ptrace,
+    /// A signal aimed at a process outside the agent's task: always refused.
+    Signal,
 }
 
 impl ActionKind {
@@ -48,6 +53,8 @@ impl ActionKind {
             ActionKind::Dns => "dns",
             ActionKind::IoUring => "io_uring",
             ActionKind::Seccomp => "seccomp",
+            ActionKind::Ptrace => "ptrace",
+            ActionKind::Signal => "signal",
         }
     }
 }
@@ -94,6 +101,20 @@ pub struct Destination {
     pub transport: &'static str,
 }
 
+/// The process a ptrace-family call or a signal aimed at, and the call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProcessTarget {
+    /// The system call (`ptrace`, `process_vm_readv`, `kill`, …).
+    pub syscall: String,
+    /// Signals: the signal number.
+    pub signal: Option<u32>,
+    pub pid: u32,
+    pub comm: String,
+    /// The agent and task it belongs to; none: outside every agent.
+    pub agent: Option<String>,
+    pub task: Option<String>,
+}
+
 /// One judged action of an agent, enriched with identity and process context.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Action {
@@ -121,6 +142,8 @@ pub struct Action {
     pub dns_name: Option<String>,
     /// Socket: what was asked for, e.g. `inet dgram icmp (1)`. io_uring and seccomp: the call.
     pub socket: Option<String>,
+    /// Ptrace-family calls and signals: the call and the process it aimed at.
+    pub target: Option<ProcessTarget>,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
     /// How a denial was carried out ("eperm", "sigkill"), if it was.
@@ -145,6 +168,21 @@ impl Action {
                 self.socket.clone().unwrap_or_else(|| "?".into())
             }
             (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
+            (ActionKind::Ptrace | ActionKind::Signal, _, _) => match &self.target {
+                Some(t) => format!(
+                    "{}{} of pid {} ({}, {})",
+                    t.syscall,
+                    t.signal.map_or(String::new(), |s| format!(" signal {s}")),
+                    t.pid,
+                    t.comm,
+                    match (&t.agent, &t.task) {
+                        (Some(a), Some(task)) => format!("agent {a} task {task}"),
+                        (Some(a), None) => format!("agent {a}"),
+                        _ => "outside every agent".to_string(),
+                    }
+                ),
+                None => "?".to_string(),
+            },
             (ActionKind::Dns, _, _) => format!(
                 "query {}",
                 self.dns_name.as_deref().unwrap_or("(unreadable message)")

@@ -41,12 +41,29 @@ pub fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_OURS);
         }
     };
+    // The command's Landlock domain (confine.rs), made before the fork; where the kernel cannot
+    // scope it, say so here and to the daemon (`status` shows it), and go on: the seccomp
+    // supervisor still refuses and reports calls aimed outside the task.
+    let scope = match crate::confine::ProcessScope::prepare() {
+        Ok(s) => Ok(s),
+        Err(crate::confine::Unscoped(why)) => {
+            eprintln!(
+                "agent-monitor run: WARNING: the command is not scoped to its own processes: \
+                 {why}. Signals and ptrace-family calls aimed outside the agent are still \
+                 refused and reported by the seccomp filter, but opens of another process's \
+                 /proc/PID/mem, environ or fd/ are not refused."
+            );
+            Err(why)
+        }
+    };
     let req = Request::Place {
         agent: args.agent.clone(),
         task: task.clone(),
         // Bound to the agent before the command runs: the uid is the agent wherever it runs.
         user: drop_to.as_ref().map(|c| c.uid.as_raw()),
+        unscoped: scope.as_ref().err().cloned(),
     };
+    let mut scope = scope.ok();
     let enforce = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
         Ok(Response::Placed { mode, warnings, .. }) => {
@@ -85,12 +102,15 @@ pub fn run(args: RunArgs) -> ExitCode {
     command.arg0(&args.command[0]).args(&args.command[1..]);
     let to_parent = theirs.as_raw_fd();
     // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
-    // setgroups, setgid, setuid) on values prepared before the fork. The filter goes first,
-    // while we are still root (installing it without no_new_privs needs CAP_SYS_ADMIN); it does
-    // not restrict the uid calls that follow.
+    // landlock_restrict_self, setgroups, setgid, setuid) on values prepared before the fork. The
+    // filter and the Landlock domain go first, while we are still root (without no_new_privs
+    // both need CAP_SYS_ADMIN); neither restricts the uid calls that follow.
     unsafe {
         command.pre_exec(move || {
             crate::sandbox::install(&filter, to_parent)?;
+            if let Some(scope) = scope.take() {
+                scope.enter()?;
+            }
             match &drop_to {
                 Some(c) => c.apply(),
                 None => Ok(()),
@@ -461,6 +481,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         )
                     });
                 println!("    grants [{}] {until}", t.grants.join(", "));
+            }
+            for u in &t.unscoped {
+                println!("    NOT scoped to its own processes (no Landlock domain): {u}");
             }
         }
     }

@@ -187,6 +187,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tasks: HashMap::new(),
         procs: ProcessTable::default(),
         placed: HashMap::new(),
+        unscoped_runs: HashMap::new(),
         outputs,
         per_agent: HashMap::new(),
         by_action: BTreeMap::new(),
@@ -704,6 +705,8 @@ struct Monitor {
     procs: ProcessTable,
     /// Placed `run` processes (pid → task cgroup id): the only senders of seccomp reports.
     placed: HashMap<u32, u64>,
+    /// Placed `run`s whose command is not in a Landlock domain (pid → task cgroup id, why).
+    unscoped_runs: HashMap<u32, (u64, String)>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     /// (agent, action, verdict) → count, for the metrics.
@@ -1537,19 +1540,23 @@ impl Monitor {
         }
         let pid = peer.pid;
         let result = match request {
-            Request::Place { agent, task, user } => {
-                self.place(&agent, &task, pid, user)
-                    .map(|(cgroup, warnings)| Response::Placed {
-                        mode: self
-                            .policies
-                            .get(&agent)
-                            .map(|p| p.mode().as_str().to_string()),
-                        agent,
-                        task,
-                        cgroup,
-                        warnings,
-                    })
-            }
+            Request::Place {
+                agent,
+                task,
+                user,
+                unscoped,
+            } => self
+                .place(&agent, &task, pid, user, unscoped)
+                .map(|(cgroup, warnings)| Response::Placed {
+                    mode: self
+                        .policies
+                        .get(&agent)
+                        .map(|p| p.mode().as_str().to_string()),
+                    agent,
+                    task,
+                    cgroup,
+                    warnings,
+                }),
             Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
             Request::Status {} => Ok(Response::Status(self.status())),
             Request::Reload {} => Ok(match self.reload("control socket") {
@@ -1642,6 +1649,7 @@ impl Monitor {
             destination: None,
             interpreter: None,
             socket: None,
+            target: None,
             dest_host: None,
             dns_name: None,
             enforcement: Some("refused"),
@@ -1793,11 +1801,43 @@ impl Monitor {
                  `run` filter catches: always refused"
                     .to_string(),
             ),
+            control::CaughtCall::ProcessAccess { syscall, target } => (
+                ActionKind::Ptrace,
+                syscall.clone(),
+                self.reach_reason(target, "reach into"),
+            ),
+            control::CaughtCall::Signal {
+                syscall, target, ..
+            } => (
+                ActionKind::Signal,
+                syscall.clone(),
+                self.reach_reason(target, "signal"),
+            ),
             control::CaughtCall::Other { name } => (
                 ActionKind::Seccomp,
                 name.clone(),
                 "caught by the seccomp filter of `agent-monitor run`".to_string(),
             ),
+        };
+        let target = match &c.call {
+            control::CaughtCall::ProcessAccess { syscall, target }
+            | control::CaughtCall::Signal {
+                syscall, target, ..
+            } => {
+                let (agent, task) = self.target_agent(target).unzip();
+                Some(crate::action::ProcessTarget {
+                    syscall: syscall.clone(),
+                    signal: match &c.call {
+                        control::CaughtCall::Signal { signal, .. } => Some(*signal),
+                        _ => None,
+                    },
+                    pid: target.pid,
+                    comm: target.comm.clone(),
+                    agent,
+                    task,
+                })
+            }
+            _ => None,
         };
         let verdict = if c.refused {
             Verdict::Denied
@@ -1818,7 +1858,8 @@ impl Monitor {
         };
         let action = Action {
             exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
-            socket: Some(object),
+            socket: target.is_none().then_some(object),
+            target,
             enforcement: c.refused.then_some("eperm"),
             reason,
             chain,
@@ -1826,6 +1867,44 @@ impl Monitor {
         };
         self.report(action);
         Ok(())
+    }
+
+    /// The agent and task a process that an agent tried to reach belongs to, from what `run`
+    /// read while the call waited (its cgroup and uid); the pid only for a selector's thread tag.
+    fn target_agent(&self, t: &control::CaughtTarget) -> Option<(String, String)> {
+        if t.supervisor {
+            return None;
+        }
+        if let Some((agent, task)) = t
+            .cgroup
+            .as_deref()
+            .and_then(identity::peer::run_cgroup_identity)
+        {
+            return Some((agent.to_string(), task.to_string()));
+        }
+        let slot = self
+            .kernel
+            .thread_tag(t.pid)
+            .or_else(|| t.cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
+            .or_else(|| t.uid.and_then(|u| self.selected.by_uid(u)))?;
+        Some(self.names(&slot))
+    }
+
+    /// Why a ptrace-family call or a signal to `t` was refused, in words.
+    fn reach_reason(&self, t: &control::CaughtTarget, verb: &str) -> String {
+        let whose = if t.supervisor {
+            "the agent's own `agent-monitor run` (its seccomp supervisor)".to_string()
+        } else {
+            match self.target_agent(t) {
+                Some((agent, task)) => format!("a process of agent {agent} task {task}"),
+                None => "a process outside every agent".to_string(),
+            }
+        };
+        format!(
+            "an agent may {verb} only processes of its own task; pid {} ({}) is {whose} \
+             (seccomp filter and Landlock scope of `agent-monitor run`)",
+            t.pid, t.comm
+        )
     }
 
     /// Makes `pid` a process of `agent`, task `task`; with `user` (`run --user`), binds that uid
@@ -1836,6 +1915,7 @@ impl Monitor {
         task: &str,
         pid: u32,
         user: Option<u32>,
+        unscoped: Option<String>,
     ) -> anyhow::Result<(String, Vec<String>)> {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
         // Refused before anything changes: a uid that is root's or another agent's.
@@ -1860,6 +1940,15 @@ impl Monitor {
         self.procs.add_root(pid, exe, identity::proc_args(pid));
         self.placed.insert(pid, cg.id);
         tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
+        if let Some(why) = unscoped {
+            tracing::warn!(
+                agent,
+                task,
+                pid,
+                "`run` could not scope its command to its own processes: {why}"
+            );
+            self.unscoped_runs.insert(pid, (cg.id, why));
+        }
         let warnings = match arm_uid {
             Some((uid, arm)) => self.bind_uid(agent, uid, pid, arm)?,
             None => Vec::new(),
@@ -2123,6 +2212,7 @@ impl Monitor {
                 destination: None,
                 interpreter: None,
                 socket: None,
+                target: None,
                 dest_host: None,
                 dns_name: None,
                 chain: Vec::new(),
@@ -2310,6 +2400,7 @@ impl Monitor {
                 self.procs.on_exit(subject.pid, subject.ktime_ns);
                 // Its pid may be reused: no longer a `run` that may report.
                 self.placed.remove(&subject.pid);
+                self.unscoped_runs.remove(&subject.pid);
             }
             KernelEvent::Tagged {
                 subject,
@@ -2839,6 +2930,7 @@ impl Monitor {
             exe: None,
             interpreter: None,
             socket: None,
+            target: None,
             destination: None,
             dest_host: None,
             dns_name: None,
@@ -2979,16 +3071,24 @@ impl Monitor {
                 };
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
-                    .values()
-                    .filter(|t| t.agent == agent)
-                    .map(|t| {
+                    .iter()
+                    .filter(|(_, t)| t.agent == agent)
+                    .map(|(&id, t)| {
                         let (grants, left) = grants_of(&t.task);
+                        let mut unscoped: Vec<String> = self
+                            .unscoped_runs
+                            .iter()
+                            .filter(|(_, (cg, _))| *cg == id)
+                            .map(|(pid, (_, why))| format!("run {pid}: {why}"))
+                            .collect();
+                        unscoped.sort();
                         TaskStatus {
                             task: t.task.clone(),
                             cgroup: t.path.display().to_string(),
                             processes: AgentCgroups::processes(&t.path),
                             grants,
                             grants_expire_in_ms: left,
+                            unscoped,
                         }
                     })
                     .collect();

@@ -5,6 +5,7 @@ mod bpf;
 mod btf;
 mod cli;
 mod client;
+mod confine;
 mod control;
 mod daemon;
 mod delegation_lint;

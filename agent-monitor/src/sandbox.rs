@@ -25,6 +25,23 @@
 //! is always refused. A filter of the agent's without a listener answers ENOSYS; ERRNO, TRAP and
 //! KILL are stricter than ours and refuse too: no stacking lets a caught call through.
 //!
+//! Also caught, in both modes: the calls that reach another process, i.e. everything the kernel
+//! gates with a ptrace access check that takes a pid or a pidfd (ptrace attach and seize,
+//! process_vm_readv/writev, pidfd_getfd, kcmp, process_madvise, perf_event_open, move_pages,
+//! migrate_pages, get_robust_list) and the signal calls (kill, tkill, tgkill, rt_sigqueueinfo,
+//! rt_tgsigqueueinfo, pidfd_send_signal), plus prlimit64 setting another process's limits (a
+//! same-uid check only, no ptrace check and no Landlock scope). The supervisor reads the target's
+//! cgroup from /proc while the caller waits: a target in the caller's own task cgroup gets
+//! CONTINUE (the Landlock domain `run` put the command in, confine.rs, still decides in the
+//! kernel); a target outside it, or `run` itself, is refused with EPERM and reported as a denial,
+//! in alert mode too (this is confinement, not an allowlist question). Left to Landlock alone,
+//! unreported: pid <= 0 (kill's process groups and -1, which signal only what the caller may
+//! signal), callers in a pid namespace of their own (their pids name their own descendants),
+//! targets that vanish or whose pid is reused between our read and the kernel's, and the
+//! /proc/PID files gated by the same check (mem, environ, fd/…; an open's path is out of a
+//! filter's reach). Other ptrace requests need a tracer relation that only attach, seize or
+//! PTRACE_TRACEME (towards the parent, `run` or a process of the agent) make.
+//!
 //! The filter is compiled by libseccomp (ABIs, x32 numbering, argument comparisons) in `run`
 //! before the fork; the child only makes the one seccomp(2) call, which is async-signal-safe.
 //! seccompiler (rust-vmm, pure Rust) was the first choice, but its 0.5 has no USER_NOTIF action
@@ -40,7 +57,7 @@ use libseccomp::{
     ScmpSyscall, notify_id_valid, scmp_cmp,
 };
 
-use crate::control::{CaughtCall, CaughtReport as Caught};
+use crate::control::{CaughtCall, CaughtReport as Caught, CaughtTarget};
 
 /// Why the filter could not be built or put in place.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +76,17 @@ pub enum SandboxError {
 /// `seccomp(2)` operation and flag the filter looks at (linux/seccomp.h).
 const SECCOMP_SET_MODE_FILTER: u64 = 1;
 const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
+
+/// ptrace(2) requests that make a new tracer relation (linux/ptrace.h); every other request acts
+/// on a tracee the caller already has.
+const PTRACE_ATTACH: u64 = 16;
+const PTRACE_SEIZE: u64 = 0x4206;
+/// The sign bit of a 32-bit pid argument: kill(2) with a negative pid signals a process group
+/// (-1: everything the caller may signal), which the kernel and Landlock judge (module doc).
+const PID_SIGN: u64 = 0x8000_0000;
+/// perf_event_open(2) flag: the pid argument is a cgroup fd (needs CAP_PERFMON or a permissive
+/// perf_event_paranoid: the kernel decides).
+const PERF_FLAG_PID_CGROUP: u64 = 1 << 2;
 
 /// Families above the highest one agents keep: all caught (future families included).
 const FIRST_FAMILY_ABOVE: u64 = 17;
@@ -99,6 +127,54 @@ pub fn filter(enforce: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
         ctx.add_rule(notify, syscall(name)?)
             .map_err(build("refused syscall rule"))?;
     }
+    // Reaching another process, both modes (module doc). kill(2) only with a positive pid (or
+    // 0, passed at once); ptrace(2) only when it makes a new tracer relation.
+    for name in [
+        "process_vm_readv",
+        "process_vm_writev",
+        "pidfd_getfd",
+        "kcmp",
+        "process_madvise",
+        "tkill",
+        "tgkill",
+        "rt_sigqueueinfo",
+        "rt_tgsigqueueinfo",
+        "pidfd_send_signal",
+    ] {
+        ctx.add_rule(notify, syscall(name)?)
+            .map_err(build("process reach rule"))?;
+    }
+    for request in [PTRACE_ATTACH, PTRACE_SEIZE] {
+        ctx.add_rule_conditional(notify, syscall("ptrace")?, &[scmp_cmp!($arg0 == request)])
+            .map_err(build("ptrace rule"))?;
+    }
+    ctx.add_rule_conditional(
+        notify,
+        syscall("kill")?,
+        &[scmp_cmp!($arg0 & PID_SIGN == 0)],
+    )
+    .map_err(build("kill rule"))?;
+    for (name, pid_arg) in [
+        ("perf_event_open", 1),
+        ("move_pages", 0),
+        ("migrate_pages", 0),
+        ("get_robust_list", 0),
+    ] {
+        let cmp = if pid_arg == 0 {
+            scmp_cmp!($arg0 & PID_SIGN == 0)
+        } else {
+            scmp_cmp!($arg1 & PID_SIGN == 0)
+        };
+        ctx.add_rule_conditional(notify, syscall(name)?, &[cmp])
+            .map_err(build("process reach rule"))?;
+    }
+    // Reading another process's limits is harmless; setting them (RLIMIT_NOFILE 0…) is not.
+    ctx.add_rule_conditional(
+        notify,
+        syscall("prlimit64")?,
+        &[scmp_cmp!($arg0 & PID_SIGN == 0), scmp_cmp!($arg2 != 0)],
+    )
+    .map_err(build("prlimit64 rule"))?;
     ctx.add_rule_conditional(
         notify,
         syscall("seccomp")?,
@@ -279,11 +355,76 @@ pub enum Answer {
     Alert(CaughtCall),
     /// Let it run, nothing to report (a kept family with junk in the register's high half).
     Pass,
+    /// A call that reaches another process: refused and reported if its target is outside the
+    /// caller's task, else let run (Landlock decides). Both modes.
+    Judge(Reach),
+}
+
+/// A caught call that reaches other processes, and where its targets are.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reach {
+    pub syscall: String,
+    /// The signal it sends; none: a ptrace-family access.
+    pub signal: Option<u32>,
+    pub targets: Vec<TargetRef>,
+}
+
+/// How a call names a process.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TargetRef {
+    /// A pid (or tid) in the caller's pid namespace; <= 0 are the kernel's to judge.
+    Pid(i32),
+    /// A pidfd (or, for pidfd_send_signal, a /proc/PID directory fd) of the caller's.
+    Fd(i32),
+}
+
+/// The targets of a call that reaches another process, from its arguments; none if `name` is
+/// not one of those calls (or, for perf_event_open, names a cgroup rather than a process).
+fn reach(name: &str, args: &[u64; 6]) -> Option<Reach> {
+    // pid_t and int arguments: the kernel reads the low half.
+    let pid = |i: usize| TargetRef::Pid(args[i] as u32 as i32);
+    let fd = |i: usize| TargetRef::Fd(args[i] as u32 as i32);
+    let sig = |i: usize| Some(args[i] as u32);
+    let (signal, targets) = match name {
+        "ptrace" => (None, vec![pid(1)]),
+        "process_vm_readv" | "process_vm_writev" | "move_pages" | "migrate_pages"
+        | "get_robust_list" | "prlimit64" => (None, vec![pid(0)]),
+        "kcmp" => (None, vec![pid(0), pid(1)]),
+        "pidfd_getfd" | "process_madvise" => (None, vec![fd(0)]),
+        "perf_event_open" if args[4] & PERF_FLAG_PID_CGROUP != 0 => return None,
+        "perf_event_open" => (None, vec![pid(1)]),
+        "kill" | "tkill" | "rt_sigqueueinfo" => (sig(1), vec![pid(0)]),
+        "tgkill" | "rt_tgsigqueueinfo" => (sig(2), vec![pid(1)]),
+        "pidfd_send_signal" => (sig(1), vec![fd(0)]),
+        _ => return None,
+    };
+    Some(Reach {
+        syscall: name.to_string(),
+        signal,
+        targets,
+    })
+}
+
+/// Whether a target is outside the caller's task: `run` itself always is; otherwise the cgroup
+/// decides (every process of a task shares its cgroup). Unknown cgroups (a caller or target
+/// that is gone) are the kernel's to judge: the call then fails or reaches nothing, and the
+/// Landlock domain still has the last word.
+pub fn outside(caller_cgroup: Option<&str>, target: &CaughtTarget) -> bool {
+    if target.supervisor {
+        return true;
+    }
+    match (caller_cgroup, target.cgroup.as_deref()) {
+        (Some(caller), Some(target)) => caller != target,
+        _ => false,
+    }
 }
 
 /// The decision for system call `name` with `args`, for an agent in enforce mode or not.
 /// Pure: the supervisor's whole policy.
 pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
+    if let Some(r) = reach(name, args) {
+        return Answer::Judge(r);
+    }
     let call = match name {
         "socket" => {
             // socket(2) takes an int: the kernel reads the low half.
@@ -299,6 +440,8 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
         }
         "socketcall" => CaughtCall::Socketcall { op: args[0] as u32 },
         "io_uring_setup" => CaughtCall::IoUringSetup,
+        // perf_event_open on a cgroup: the kernel's (and its privilege checks') to decide.
+        "perf_event_open" => return Answer::Pass,
         // Our own integrity: see the module doc. Refused in both modes.
         "seccomp" => return Answer::Refuse(CaughtCall::SeccompListener),
         other => CaughtCall::Other {
@@ -316,6 +459,7 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
 /// to `report` (which may be slow: the agent is no longer waiting). Returns the reason it stopped.
 pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught)) -> String {
     let fd = listener.as_raw_fd();
+    let own = Supervisor::this_process();
     loop {
         let req = match ScmpNotifReq::receive(fd) {
             Ok(r) => r,
@@ -335,7 +479,15 @@ pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught
             .syscall
             .get_name_by_arch(req.data.arch)
             .unwrap_or_else(|_| format!("syscall {}", i32::from(req.data.syscall)));
-        let answer = decide(&name, &req.data.args, enforce);
+        let answer = match decide(&name, &req.data.args, enforce) {
+            Answer::Judge(reach) => judge(&own, req.pid, reach),
+            other => other,
+        };
+        if answer == Answer::Pass {
+            // Nothing to report: answer at once (a kill inside the agent waits only this long).
+            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()).respond(fd);
+            continue;
+        }
         // Read who called while it still waits in the kernel, then check it still does: the
         // pid was not reused under us.
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid))
@@ -358,7 +510,7 @@ pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught
                 ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
                 Some((call, false)),
             ),
-            Answer::Pass => (
+            Answer::Pass | Answer::Judge(_) => (
                 ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
                 None,
             ),
@@ -376,6 +528,119 @@ pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught
             });
         }
     }
+}
+
+/// What the supervisor knows about itself, for judging targets.
+struct Supervisor {
+    pid: u32,
+    /// Our pid namespace (`pid:[inode]`): a caller in another one names pids in its own.
+    pid_ns: Option<std::path::PathBuf>,
+}
+
+impl Supervisor {
+    fn this_process() -> Supervisor {
+        Supervisor {
+            pid: std::process::id(),
+            pid_ns: std::fs::read_link("/proc/self/ns/pid").ok(),
+        }
+    }
+
+    /// `pid` is this process or one of its threads.
+    fn is(&self, pid: u32) -> bool {
+        pid == self.pid || std::path::Path::new(&format!("/proc/{}/task/{pid}", self.pid)).exists()
+    }
+}
+
+/// Refuses `reach` if one of its targets is outside the caller's task (see [`outside`]), else
+/// lets it run. Reads /proc while the caller waits; the caller is `caller` in our namespace.
+fn judge(own: &Supervisor, caller: u32, reach: Reach) -> Answer {
+    let caller_cgroup = read_cgroup(caller);
+    let mut foreign_ns = None;
+    for target in &reach.targets {
+        let pid = match *target {
+            TargetRef::Pid(p) if p <= 0 => continue,
+            TargetRef::Pid(p) => {
+                let other_ns = *foreign_ns.get_or_insert_with(|| {
+                    std::fs::read_link(format!("/proc/{caller}/ns/pid")).ok() != own.pid_ns
+                });
+                if other_ns {
+                    continue;
+                }
+                p as u32
+            }
+            TargetRef::Fd(f) => match pidfd_target(caller, f) {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        let target = CaughtTarget {
+            pid,
+            comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_else(|_| "?".into()),
+            cgroup: read_cgroup(pid),
+            uid: read_uid(pid),
+            supervisor: own.is(pid),
+        };
+        if outside(caller_cgroup.as_deref(), &target) {
+            let syscall = reach.syscall;
+            return Answer::Refuse(match reach.signal {
+                Some(signal) => CaughtCall::Signal {
+                    syscall,
+                    signal,
+                    target,
+                },
+                None => CaughtCall::ProcessAccess { syscall, target },
+            });
+        }
+    }
+    Answer::Pass
+}
+
+/// The cgroup v2 path of `pid` (`0::/path`).
+fn read_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    crate::identity::peer::parse_cgroup_v2(&text)
+}
+
+/// The real uid of `pid`.
+fn read_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The process behind fd `fd` of `caller`: a pidfd's `Pid:` in its fdinfo (in our namespace),
+/// or a /proc/PID directory (pidfd_send_signal takes those too). None: not a process (the
+/// kernel fails the call) or a process that is gone (-1).
+fn pidfd_target(caller: u32, fd: i32) -> Option<u32> {
+    if fd < 0 {
+        return None;
+    }
+    let info = std::fs::read_to_string(format!("/proc/{caller}/fdinfo/{fd}")).ok()?;
+    if let Some(pid) = fdinfo_pid(&info) {
+        return u32::try_from(pid).ok().filter(|&p| p > 0);
+    }
+    let link = std::fs::read_link(format!("/proc/{caller}/fd/{fd}")).ok()?;
+    link.to_str()?
+        .strip_prefix("/proc/")?
+        .parse::<u32>()
+        .ok()
+        .filter(|&p| p > 0)
+}
+
+/// The `Pid:` line of a pidfd's fdinfo (-1: the process is gone; 0: not in our namespace).
+fn fdinfo_pid(info: &str) -> Option<i64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -447,6 +712,142 @@ mod tests {
                 Answer::Refuse(CaughtCall::SeccompListener)
             );
         }
+    }
+
+    #[test]
+    fn process_reaching_calls_are_judged_in_both_modes() {
+        for enforce in [true, false] {
+            let kill = decide("kill", &[1234, 15, 0, 0, 0, 0], enforce);
+            assert_eq!(
+                kill,
+                Answer::Judge(Reach {
+                    syscall: "kill".into(),
+                    signal: Some(15),
+                    targets: vec![TargetRef::Pid(1234)],
+                })
+            );
+        }
+        let tgkill = decide("tgkill", &[10, 11, 9, 0, 0, 0], true);
+        assert!(
+            matches!(tgkill, Answer::Judge(Reach { signal: Some(9), ref targets, .. }) if *targets == [TargetRef::Pid(11)])
+        );
+        let ptrace = decide("ptrace", &[PTRACE_SEIZE, 77, 0, 0, 0, 0], true);
+        assert!(
+            matches!(ptrace, Answer::Judge(Reach { signal: None, ref targets, .. }) if *targets == [TargetRef::Pid(77)])
+        );
+        let getfd = decide("pidfd_getfd", &[5, 3, 0, 0, 0, 0], true);
+        assert!(
+            matches!(getfd, Answer::Judge(Reach { ref targets, .. }) if *targets == [TargetRef::Fd(5)])
+        );
+        let kcmp = decide("kcmp", &[1, 2, 0, 0, 0, 0], true);
+        assert!(
+            matches!(kcmp, Answer::Judge(Reach { ref targets, .. }) if *targets == [TargetRef::Pid(1), TargetRef::Pid(2)])
+        );
+        // A pid register with junk in the high half: the kernel reads the low half.
+        let junk = decide("kill", &[(7u64 << 32) | 42, 0, 0, 0, 0, 0], true);
+        assert!(
+            matches!(junk, Answer::Judge(Reach { ref targets, .. }) if *targets == [TargetRef::Pid(42)])
+        );
+        // perf_event_open on a cgroup fd is the kernel's to judge.
+        let cgroup = [0, 5, u64::MAX, u64::MAX, PERF_FLAG_PID_CGROUP, 0];
+        assert_eq!(decide("perf_event_open", &cgroup, true), Answer::Pass);
+    }
+
+    #[test]
+    fn only_targets_outside_the_callers_cgroup_are_outside() {
+        let target = |cgroup: Option<&str>, supervisor| CaughtTarget {
+            pid: 9,
+            comm: "x".into(),
+            cgroup: cgroup.map(str::to_string),
+            uid: Some(65534),
+            supervisor,
+        };
+        let own = Some("/agent-monitor/a/t");
+        assert!(!outside(own, &target(own, false)));
+        assert!(outside(own, &target(Some("/agent-monitor/b/t"), false)));
+        assert!(outside(own, &target(Some("/agent-monitor/a/t2"), false)));
+        assert!(outside(own, &target(Some("/user.slice"), false)));
+        // `run` sits in the task's cgroup but outside the command's Landlock domain.
+        assert!(outside(own, &target(own, true)));
+        // Gone or unreadable: the kernel (and Landlock) decide.
+        assert!(!outside(own, &target(None, false)));
+        assert!(!outside(None, &target(Some("/user.slice"), false)));
+    }
+
+    #[test]
+    fn pidfd_fdinfo_names_the_process() {
+        let info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nPid:\t4242\nNSpid:\t4242\n";
+        assert_eq!(fdinfo_pid(info), Some(4242));
+        assert_eq!(fdinfo_pid("pos:\t0\nPid:\t-1\n"), Some(-1));
+        assert_eq!(fdinfo_pid("pos:\t0\nflags:\t0100000\n"), None);
+        // A real pidfd of ours, through /proc.
+        // SAFETY: plain pidfd_open of our own pid.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) } as i32;
+        assert!(fd >= 0);
+        assert_eq!(
+            pidfd_target(std::process::id(), fd),
+            Some(std::process::id())
+        );
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+
+    /// The real kernel, no root needed: a child under the filter may signal itself (passed at
+    /// once) but not its supervisor (this test process: refused and reported as a signal).
+    #[test]
+    fn signals_to_the_supervisor_are_refused_and_reported() {
+        let program = filter(true).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the child makes raw system calls only, then _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if install(&program, theirs.as_raw_fd()).is_err() {
+                    libc::_exit(90);
+                }
+                let mut code = 0;
+                if libc::kill(libc::getpid(), 0) == 0 {
+                    code |= 1;
+                }
+                if libc::kill(parent, 0) < 0 && *libc::__errno_location() == libc::EPERM {
+                    code |= 2;
+                }
+                libc::_exit(code);
+            }
+        }
+        drop(theirs);
+        let listener = receive_listener(&ours).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || supervise(listener, true, |c| seen2.lock().unwrap().push(c)));
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(libc::WEXITSTATUS(status), 3, "self ok, supervisor EPERM");
+        for _ in 0..100 {
+            if !seen.lock().unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        match &seen[0].call {
+            CaughtCall::Signal {
+                syscall,
+                signal,
+                target,
+            } => {
+                assert_eq!((syscall.as_str(), *signal), ("kill", 0));
+                assert_eq!(target.pid, parent as u32);
+                assert!(target.supervisor);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(seen[0].refused);
     }
 
     /// The real kernel, no root needed: a forked child takes the filter (no_new_privs), sends

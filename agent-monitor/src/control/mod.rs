@@ -21,11 +21,15 @@ pub enum Request {
     /// With `user` (what `run --user` is about to become), that uid is bound to the agent: every
     /// process of it on the host is the agent from then on, whoever starts it (refused when the
     /// uid is root's or belongs to another agent; see `Monitor::bind_uid`).
+    /// `unscoped`: sent by a `run` that cannot put its command in a Landlock domain (confine.rs),
+    /// saying why; `status` shows it on the task.
     Place {
         agent: String,
         task: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unscoped: Option<String>,
     },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
@@ -104,10 +108,42 @@ pub enum CaughtCall {
     IoUringSetup,
     /// seccomp(2) asking for a notification listener.
     SeccompListener,
+    /// A call that reaches into another process (ptrace attach or seize, process_vm_readv or
+    /// writev, pidfd_getfd, kcmp, process_madvise, perf_event_open, move_pages, migrate_pages,
+    /// get_robust_list, prlimit64 setting limits), aimed outside the caller's task. Always refused.
+    ProcessAccess {
+        syscall: String,
+        target: CaughtTarget,
+    },
+    /// A signal (kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, pidfd_send_signal)
+    /// aimed outside the caller's task. Always refused.
+    Signal {
+        syscall: String,
+        signal: u32,
+        target: CaughtTarget,
+    },
     /// Anything else the filter sends (should not happen).
     Other {
         name: String,
     },
+}
+
+/// The process a caught call aimed at, as `run` read it while the call waited. The daemon
+/// names the agent it belongs to (if any) from these, not from the pid alone, which may be
+/// reused by the time the report arrives.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CaughtTarget {
+    /// In `run`'s (the host's) pid namespace; 0 if it could not be named.
+    pub pid: u32,
+    pub comm: String,
+    /// Its cgroup v2 path (`/agent-monitor/coder/t1`), if it could be read.
+    pub cgroup: Option<String>,
+    /// Its real uid, if it could be read.
+    pub uid: Option<u32>,
+    /// It is this `agent-monitor run` itself (the agent's seccomp supervisor).
+    #[serde(default)]
+    pub supervisor: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -221,6 +257,10 @@ pub struct TaskStatus {
     /// Milliseconds until they expire; none: until `task end` (or no grants).
     #[serde(default)]
     pub grants_expire_in_ms: Option<u64>,
+    /// `run`s of this task whose command is NOT scoped to its own processes (no Landlock ABI 6
+    /// here), each as `run PID: reason`. Empty: every `run` scoped it.
+    #[serde(default)]
+    pub unscoped: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -478,6 +518,7 @@ mod tests {
                 agent: "a".into(),
                 task: "t".into(),
                 user: Some(1001),
+                unscoped: None,
             },
             Request::Status {},
             Request::Reload {},
@@ -569,11 +610,13 @@ mod tests {
                 agent: "b".into(),
                 task: "t".into(),
                 user: None,
+                unscoped: None,
             },
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
                 user: Some(1001),
+                unscoped: None,
             },
             Request::Status {},
         ] {
@@ -584,6 +627,7 @@ mod tests {
             agent: "a".into(),
             task: "t".into(),
             user: None,
+            unscoped: None,
         };
         assert!(authorize(&same, true, me).is_ok());
     }

@@ -344,6 +344,7 @@ mod tests {
             exe: None,
             interpreter: None,
             socket: None,
+            target: None,
             ..connect_action()
         };
         let f = journal_fields(&a);

@@ -226,6 +226,12 @@ mod tests {
             "dest_host": "api.example.com",
             "dns_name": null,
             "socket": null,
+            "syscall": null,
+            "signal": null,
+            "target_pid": null,
+            "target_comm": null,
+            "target_agent": null,
+            "target_task": null,
             "process_chain": [
                 {"pid": 4000, "exe": "/usr/bin/python3", "args": []},
                 {"pid": 4100, "exe": "/bin/sh", "args": ["-c", "curl https://10.1.2.3"]},

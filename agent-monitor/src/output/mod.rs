@@ -87,6 +87,12 @@ pub enum Field {
     DestHost,
     DnsName,
     Socket,
+    Syscall,
+    Signal,
+    TargetPid,
+    TargetComm,
+    TargetAgent,
+    TargetTask,
     ProcessChain,
     Enforcement,
     Reason,
@@ -95,7 +101,7 @@ pub enum Field {
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 20] = [
+    pub const ALL: [Field; 26] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -112,6 +118,12 @@ impl Field {
         Field::DestHost,
         Field::DnsName,
         Field::Socket,
+        Field::Syscall,
+        Field::Signal,
+        Field::TargetPid,
+        Field::TargetComm,
+        Field::TargetAgent,
+        Field::TargetTask,
         Field::ProcessChain,
         Field::Enforcement,
         Field::Reason,
@@ -132,6 +144,12 @@ impl Field {
             Field::Exe => "EXE",
             Field::Interpreter => "INTERPRETER",
             Field::Socket => "SOCKET",
+            Field::Syscall => "SYSCALL",
+            Field::Signal => "SIGNAL",
+            Field::TargetPid => "TARGET_PID",
+            Field::TargetComm => "TARGET_COMM",
+            Field::TargetAgent => "TARGET_AGENT",
+            Field::TargetTask => "TARGET_TASK",
             Field::DestAddr => "DEST_ADDR",
             Field::DestPort => "DEST_PORT",
             Field::DestTransport => "DEST_TRANSPORT",
@@ -158,6 +176,12 @@ impl Field {
             Field::Exe => "exe",
             Field::Interpreter => "interpreter",
             Field::Socket => "socket",
+            Field::Syscall => "syscall",
+            Field::Signal => "signal",
+            Field::TargetPid => "target_pid",
+            Field::TargetComm => "target_comm",
+            Field::TargetAgent => "target_agent",
+            Field::TargetTask => "target_task",
             Field::DestAddr => "dest_addr",
             Field::DestPort => "dest_port",
             Field::DestTransport => "dest_transport",
@@ -190,9 +214,12 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
         | ActionKind::Socket
         | ActionKind::IoUring
         | ActionKind::Seccomp
+        | ActionKind::Ptrace
+        | ActionKind::Signal
         | ActionKind::Control
         | ActionKind::Identity => None,
     };
+    let target = action.target.as_ref();
     Field::ALL
         .iter()
         .map(|&field| {
@@ -219,6 +246,14 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     .socket
                     .as_deref()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Syscall => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.syscall))),
+                Field::Signal => target
+                    .and_then(|t| t.signal)
+                    .map(|s| FieldValue::Number(s.into())),
+                Field::TargetPid => target.map(|t| FieldValue::Number(t.pid.into())),
+                Field::TargetComm => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.comm))),
+                Field::TargetAgent => target.and_then(|t| borrowed(&t.agent)),
+                Field::TargetTask => target.and_then(|t| borrowed(&t.task)),
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
                 Field::DestTransport => dest.and_then(|d| text(d.transport)),
@@ -512,6 +547,7 @@ pub(crate) mod tests {
             exe: Some("/usr/bin/curl".into()),
             interpreter: None,
             socket: None,
+            target: None,
             destination: Some(Destination {
                 addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
                 port: 443,
@@ -595,10 +631,21 @@ pub(crate) mod tests {
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
-        // A connect has every field but the exec, socket and DNS ones.
+        // A connect has every field but the exec, socket, DNS and process-target ones.
         assert!(
             fields.iter().all(|(f, v)| v.is_some()
-                != matches!(f, Field::Interpreter | Field::Socket | Field::DnsName)),
+                != matches!(
+                    f,
+                    Field::Interpreter
+                        | Field::Socket
+                        | Field::DnsName
+                        | Field::Syscall
+                        | Field::Signal
+                        | Field::TargetPid
+                        | Field::TargetComm
+                        | Field::TargetAgent
+                        | Field::TargetTask
+                )),
             "{fields:?}"
         );
     }
@@ -631,6 +678,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn signal_action_names_the_call_and_its_target() {
+        let a = Action {
+            kind: ActionKind::Signal,
+            destination: None,
+            dest_host: None,
+            target: Some(crate::action::ProcessTarget {
+                syscall: "kill".into(),
+                signal: Some(9),
+                pid: 777,
+                comm: "sleep".into(),
+                agent: Some("reviewer".into()),
+                task: Some("t2".into()),
+            }),
+            ..connect_action()
+        };
+        let fields = action_fields(&a);
+        let get = |want: Field| {
+            fields
+                .iter()
+                .find(|(f, _)| *f == want)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(get(Field::Syscall), Some(FieldValue::Text("kill".into())));
+        assert_eq!(get(Field::Signal), Some(FieldValue::Number(9)));
+        assert_eq!(get(Field::TargetPid), Some(FieldValue::Number(777)));
+        assert_eq!(
+            get(Field::TargetAgent),
+            Some(FieldValue::Text("reviewer".into()))
+        );
+        assert_eq!(get(Field::DestAddr), None);
+        assert!(
+            a.message()
+                .contains("signal kill signal 9 of pid 777 (sleep, agent reviewer task t2)"),
+            "{}",
+            a.message()
+        );
+    }
+
+    #[test]
     fn exec_has_no_destination_even_if_one_is_set() {
         let mut a = exec_action();
         a.destination = connect_action().destination;
@@ -646,6 +732,12 @@ pub(crate) mod tests {
                     | Field::Enforcement
                     | Field::Interpreter
                     | Field::Socket
+                    | Field::Syscall
+                    | Field::Signal
+                    | Field::TargetPid
+                    | Field::TargetComm
+                    | Field::TargetAgent
+                    | Field::TargetTask
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }

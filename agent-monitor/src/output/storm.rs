@@ -37,6 +37,11 @@ impl StormKey {
             ActionKind::Control | ActionKind::Identity => action.reason.clone(),
             ActionKind::Dns => action.dns_name.clone().unwrap_or_default(),
             ActionKind::Exec => action.exe.clone().unwrap_or_default(),
+            ActionKind::Ptrace | ActionKind::Signal => action
+                .target
+                .as_ref()
+                .map(|t| format!("{} {}", t.syscall, t.pid))
+                .unwrap_or_default(),
         };
         Some(StormKey {
             agent: action.agent.clone(),
