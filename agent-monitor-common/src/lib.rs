@@ -258,7 +258,8 @@ pub const KIND_EXIT: u32 = 4;
 /// original destination. Used to name the process behind a query; not an action of its own.
 pub const KIND_DNS_REDIRECT: u32 = 30;
 /// A datagram sent to an address given with the send (unconnected UDP, or a connected UDP socket
-/// sending elsewhere): cgroup sendmsg4/sendmsg6.
+/// sending elsewhere), or a connected socket's datagram the kernel hands to the hook without an
+/// address (`FLAG_CONNECTED_PEER`): cgroup sendmsg4/sendmsg6.
 pub const KIND_SENDMSG: u32 = 10;
 /// An inet socket an agent may not create (raw, ICMP "ping", SCTP, MPTCP, …): cgroup sock_create.
 /// Only refused or alerted creations are recorded.
@@ -296,6 +297,10 @@ pub const FLAG_DNS_REFUSED: u32 = 512;
 /// Connect/sendmsg: the destination was the unspecified address (`0.0.0.0`, `::`), which Linux
 /// sends to loopback; it was judged as `127.0.0.1` / `::1`. `addr` holds what the caller gave.
 pub const FLAG_ADDR_UNSPECIFIED: u32 = 16;
+/// Sendmsg: the send named no address (a connected UDP socket sending with control messages such
+/// as `IP_TOS`, with `MSG_DONTROUTE` or with IP options, for which the kernel runs the hook with
+/// an empty address); it was judged as the socket's connected peer, which `addr`/`port` hold.
+pub const FLAG_CONNECTED_PEER: u32 = 1024;
 /// Exec: the task was not in the initial user namespace, where an unprivileged process can
 /// remap names (mount namespaces, chroot); only file identity was trusted.
 pub const FLAG_USER_NS: u32 = 32;
@@ -488,6 +493,13 @@ pub const COUNTER_SELECTOR_CONFLICTS: u32 = 10;
 /// buffer: its verdict applied but it is not reported. A subset of `COUNTER_RECORDS_LOST`, so that
 /// "actions seen + actions lost == actions done" can be checked exactly.
 pub const COUNTER_ACTIONS_LOST: u32 = 16;
+/// An alert-mode agent's off-list action (connect, datagram, socket, exec, DNS without a proxy)
+/// whose record could not be reserved (ring buffer full) was refused as enforce mode would refuse
+/// it (EPERM; SIGKILL for an exec or a socket family only a tracepoint sees): an action outside
+/// the allowlist never happens unrecorded. A subset of `COUNTER_ACTIONS_LOST` (the record is lost
+/// too). Allowed actions of any agent proceed when their record is lost, and denials are applied
+/// whether or not their record could be queued.
+pub const COUNTER_ALERTS_REFUSED_UNRECORDABLE: u32 = 6;
 /// Indices 16–19 belong to production operation (issue 6); the array covers them.
 pub const COUNTERS: u32 = 20;
 

@@ -11,7 +11,8 @@ use agent_monitor_common::{
 use aya_ebpf::programs::SockAddrContext;
 
 use crate::maps::{
-    DNS_LEARNED, DNS_ORIG, DNS_PROXY, DNS_PROXY_PORTS, NetDest, count, current_agent, report_net,
+    DNS_LEARNED, DNS_ORIG, DNS_PROXY, DNS_PROXY_PORTS, NetDest, count, current_agent, must_refuse,
+    report_net,
 };
 
 const PASS: i32 = 1;
@@ -79,8 +80,8 @@ pub fn redirect(
         } else {
             VERDICT_ALERT
         };
-        report(cgroup_id, &slot, verdict, FLAG_DNS_REFUSED, dest);
-        return Some(if verdict == VERDICT_DENIED {
+        let recorded = report(cgroup_id, &slot, verdict, FLAG_DNS_REFUSED, dest);
+        return Some(if must_refuse(verdict, recorded) {
             REJECT
         } else {
             PASS
@@ -181,6 +182,12 @@ fn original_peer(ctx: &SockAddrContext, family: u16) -> Option<DnsOrig> {
 /// endpoint (it would resolve that agent's names and fill that agent's learned addresses).
 #[inline(always)]
 pub fn foreign_proxy(agent: u32, addr: &[u8; 16], port: u16, sock_type: u32) -> bool {
+    proxy_owner(addr, port, sock_type).is_some_and(|owner| owner != agent)
+}
+
+/// The agent whose DNS proxy endpoint `addr:port` is, if it is one.
+#[inline(always)]
+pub fn proxy_owner(addr: &[u8; 16], port: u16, sock_type: u32) -> Option<u32> {
     let v4 = is_v4_mapped(addr);
     // The endpoints listen on 127.0.0.1 and ::1; the unspecified address reaches them too.
     // Whole words are compared: byte-slice comparisons become memcmp, which BPF has not.
@@ -191,14 +198,11 @@ pub fn foreign_proxy(agent: u32, addr: &[u8; 16], port: u16, sock_type: u32) -> 
         w(0) == 0 && w(4) == 0 && w(8) == 0 && w(12) <= 1
     };
     if !local {
-        return false;
+        return None;
     }
     let key = agent_monitor_common::dns_proxy_port_key(port, !v4, sock_type == SOCK_STREAM);
     // SAFETY: copied out at once.
-    match unsafe { DNS_PROXY_PORTS.get(&key) } {
-        Some(owner) => *owner != agent,
-        None => false,
-    }
+    unsafe { DNS_PROXY_PORTS.get(&key) }.copied()
 }
 
 /// Whether `addr:port` is allowed because the agent resolved it through the proxy and the answer
@@ -273,6 +277,6 @@ fn read_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u8; 16] {
 /// Tells the daemon which process sent DNS traffic where, so the query the proxy judges can be
 /// attributed to it.
 #[inline(always)]
-fn report(cgroup_id: u64, slot: &AgentSlot, verdict: u32, flags: u32, dest: NetDest) {
-    report_net(KIND_DNS_REDIRECT, verdict, cgroup_id, slot, flags, dest);
+fn report(cgroup_id: u64, slot: &AgentSlot, verdict: u32, flags: u32, dest: NetDest) -> bool {
+    report_net(KIND_DNS_REDIRECT, verdict, cgroup_id, slot, flags, dest)
 }

@@ -29,7 +29,7 @@ use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 use crate::identity::{config, current_identity, tag};
 use crate::maps::{
     AGENT_TABLES, EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS,
-    TASK_EXEC_GRANTS, count, start_record, submit,
+    TASK_EXEC_GRANTS, count, must_refuse, start_record, submit,
 };
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
@@ -348,6 +348,12 @@ fn judge(
     };
 
     let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id, slot) else {
+        // An alert that cannot be recorded is refused as enforce mode would (`must_refuse`).
+        if verdict == VERDICT_ALERT && must_refuse(verdict, false) {
+            // SAFETY: as above.
+            unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL) };
+            return true;
+        }
         return verdict == VERDICT_DENIED;
     };
     let rec = entry.as_mut_ptr();

@@ -211,7 +211,25 @@ pub struct NetDest {
     pub sock_type: u32,
 }
 
-/// Reports a network action (connect, DNS redirect) with its destination and flags.
+/// Whether a hook must refuse an action judged `verdict` whose record was queued (`recorded`) or
+/// not. A denial always is. An alert is when its record could not be queued: an action outside
+/// the allowlist must never happen unrecorded, so alert mode fails closed under a ring-buffer
+/// flood, counted in `COUNTER_ALERTS_REFUSED_UNRECORDABLE`. Allowed actions proceed either way
+/// (their loss is counted by `start_record`).
+#[inline(always)]
+pub fn must_refuse(verdict: u32, recorded: bool) -> bool {
+    if verdict == VERDICT_DENIED {
+        return true;
+    }
+    if verdict == VERDICT_ALERT && !recorded {
+        count(agent_monitor_common::COUNTER_ALERTS_REFUSED_UNRECORDABLE);
+        return true;
+    }
+    false
+}
+
+/// Reports a network action (connect, DNS redirect) with its destination and flags. Returns
+/// whether the record was queued.
 #[inline(always)]
 pub fn report_net(
     kind: u32,
@@ -220,7 +238,7 @@ pub fn report_net(
     slot: &AgentSlot,
     flags: u32,
     dest: NetDest,
-) {
+) -> bool {
     if let Some(mut entry) = start_record(kind, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
         // SAFETY: reserved record.
@@ -232,5 +250,7 @@ pub fn report_net(
             (*rec).flags = flags;
         }
         submit(entry, verdict);
+        return true;
     }
+    false
 }

@@ -3,9 +3,10 @@
 
 use agent_monitor_common::{
     AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
-    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_DNS_REFUSED, FLAG_GRANTED, FLAG_LEARNED,
-    KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE,
-    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, net_judged_addr, socket_allowed,
+    COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_CONNECTED_PEER, FLAG_DNS_REFUSED,
+    FLAG_GRANTED, FLAG_LEARNED, KIND_SENDMSG, KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE,
+    NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
+    VERDICT_DENIED, net_judged_addr, socket_allowed,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
@@ -13,7 +14,8 @@ use aya_ebpf::{
 };
 
 use crate::maps::{
-    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, report_net, start_record, submit,
+    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, must_refuse, report_net,
+    start_record, submit,
 };
 
 /// Return values of cgroup sock and sock_addr programs.
@@ -39,10 +41,14 @@ pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
 fn agent_addr4(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
     let slot = *slot;
     let (addr, port, sock_type) = dest4(ctx);
+    if kind == KIND_SENDMSG && port == 0 {
+        let (peer, peer_port) = peer4(ctx);
+        return judge_connected_send(cgroup_id, slot, AF_INET, peer, peer_port, sock_type);
+    }
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
         return v;
     }
-    judge(kind, cgroup_id, slot, AF_INET, addr, port, sock_type)
+    judge(kind, cgroup_id, slot, AF_INET, addr, port, sock_type, 0)
 }
 
 /// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
@@ -59,10 +65,92 @@ pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
 fn agent_addr6(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
     let slot = *slot;
     let (addr, port, sock_type) = dest6(ctx);
+    if kind == KIND_SENDMSG && port == 0 {
+        let (peer, peer_port) = peer6(ctx);
+        return judge_connected_send(cgroup_id, slot, AF_INET6, peer, peer_port, sock_type);
+    }
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
         return v;
     }
-    judge(kind, cgroup_id, slot, AF_INET6, addr, port, sock_type)
+    judge(kind, cgroup_id, slot, AF_INET6, addr, port, sock_type, 0)
+}
+
+/// A datagram that names no address on a connected socket. The kernel runs sendmsg4/6 for a
+/// connected send only when something about the send is not the socket's cached route (control
+/// messages such as `IP_TOS`/`IP_TTL`/`IPV6_TCLASS`, which QUIC stacks send with every datagram;
+/// `MSG_DONTROUTE`; IP options), and then with an empty address (port 0, which a send naming an
+/// address can never carry: the kernel refuses it first). The datagram goes to the socket's
+/// peer, so that is what is judged. A peer that is the agent's own DNS proxy endpoint is the
+/// kernel's own redirect of a connect already reported: it passes.
+#[inline(always)]
+fn judge_connected_send(
+    cgroup_id: u64,
+    slot: AgentSlot,
+    family: u16,
+    peer: [u8; 16],
+    port: u16,
+    sock_type: u32,
+) -> i32 {
+    if crate::dns::proxy_owner(&peer, port, sock_type) == Some(slot.agent) {
+        return PASS;
+    }
+    judge(
+        KIND_SENDMSG,
+        cgroup_id,
+        slot,
+        family,
+        peer,
+        port,
+        sock_type,
+        FLAG_CONNECTED_PEER,
+    )
+}
+
+/// The connected peer of the socket behind an AF_INET sock_addr hook, as `::ffff:a.b.c.d` and a
+/// host-order port. An AF_INET6 socket connected to an IPv4-mapped address sends through the
+/// IPv4 path, and its IPv4 peer is kept in the same place.
+#[inline(always)]
+fn peer4(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    // SAFETY: `sk` of a sock_addr context is a valid, full socket; dst_ip4 and dst_port are
+    // readable fields of bpf_sock (the kernel rewrites the loads).
+    let (ip, port) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        ((*sk).dst_ip4, (*sk).dst_port)
+    };
+    let b = ip.to_ne_bytes(); // network order in memory
+    let addr = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ];
+    (addr, u16::from_be(port))
+}
+
+/// The connected peer of the AF_INET6 socket behind a sock_addr hook.
+#[inline(always)]
+fn peer6(ctx: &SockAddrContext) -> ([u8; 16], u16) {
+    // SAFETY: as in `peer4`; dst_ip6 is a readable field of bpf_sock.
+    let (w, port) = unsafe {
+        let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
+        (
+            [
+                (*sk).dst_ip6[0],
+                (*sk).dst_ip6[1],
+                (*sk).dst_ip6[2],
+                (*sk).dst_ip6[3],
+            ],
+            (*sk).dst_port,
+        )
+    };
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    (addr, u16::from_be(port))
 }
 
 /// Destination of an AF_INET sock_addr hook: address as `::ffff:a.b.c.d`, port in host order,
@@ -180,6 +268,8 @@ fn ports_allow(allow: &NetAllow, port: u16) -> bool {
     false
 }
 
+/// `flags`: what the record carries beyond the judgement (`FLAG_CONNECTED_PEER`).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn judge(
     kind: u32,
@@ -189,6 +279,7 @@ fn judge(
     addr: [u8; 16],
     port: u16,
     sock_type: u32,
+    mut flags: u32,
 ) -> i32 {
     // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
     let (judged, unspecified) = net_judged_addr(addr);
@@ -200,7 +291,6 @@ fn judge(
         allowed(&slot, judged, port)
     };
     let verdict = verdict_of(!matches!(how, NetAllowed::No), slot);
-    let mut flags = 0;
     if unspecified {
         flags |= FLAG_ADDR_UNSPECIFIED;
     }
@@ -218,8 +308,8 @@ fn judge(
         port,
         sock_type,
     };
-    report_net(kind, verdict, cgroup_id, &slot, flags, dest);
-    if verdict == VERDICT_DENIED {
+    let recorded = report_net(kind, verdict, cgroup_id, &slot, flags, dest);
+    if must_refuse(verdict, recorded) {
         REJECT
     } else {
         PASS
@@ -241,7 +331,7 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
         return PASS;
     }
     let verdict = verdict_of(false, slot);
-    report_socket(
+    let recorded = report_socket(
         verdict,
         cgroup_id,
         &slot,
@@ -249,7 +339,7 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
         sock_type,
         protocol,
     );
-    if verdict == VERDICT_DENIED {
+    if must_refuse(verdict, recorded) {
         REJECT
     } else {
         PASS
@@ -285,7 +375,7 @@ pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
         i += 1;
     }
     // We only run when no seccomp filter refused the call (filters run first): it will happen.
-    report_socket(
+    let recorded = report_socket(
         VERDICT_ALERT,
         cgroup_id,
         &slot,
@@ -293,10 +383,18 @@ pub fn on_socket_syscall(ctx: &TracePointContext) -> Result<(), i32> {
         sock_type,
         protocol,
     );
+    // Unrecordable (ring buffer full): a tracepoint cannot refuse the call, so the process is
+    // killed before it returns to use the socket — it must not have it unrecorded.
+    if must_refuse(VERDICT_ALERT, recorded) {
+        // SAFETY: helper call on the current task.
+        unsafe { aya_ebpf::helpers::generated::bpf_send_signal(SIGKILL) };
+    }
     Ok(())
 }
 
-/// Counts and records a socket an agent may not have.
+const SIGKILL: u32 = 9;
+
+/// Counts and records a socket an agent may not have. Returns whether the record was queued.
 #[inline(always)]
 fn report_socket(
     verdict: u32,
@@ -305,7 +403,7 @@ fn report_socket(
     family: u16,
     sock_type: u32,
     protocol: u32,
-) {
+) -> bool {
     count(COUNTER_SOCKET_REFUSED);
     if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id, slot) {
         let rec = entry.as_mut_ptr();
@@ -316,7 +414,9 @@ fn report_socket(
             (*rec).detail = protocol;
         }
         submit(entry, verdict);
+        return true;
     }
+    false
 }
 
 #[inline(always)]

@@ -419,8 +419,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.tracked_processes
     );
     println!(
-        "operation: {} actions lost, {} reloads, {} reload failures, {} denials folded into journald summaries",
+        "operation: {} actions lost ({} of them alert-mode actions refused as unrecordable), {} reloads, {} reload failures, {} denials folded into journald summaries",
         status.counters.actions_lost,
+        status.counters.alerts_refused_unrecordable,
         status.counters.reloads,
         status.counters.reload_failures,
         status.counters.journald_aggregated

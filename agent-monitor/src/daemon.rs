@@ -1429,6 +1429,8 @@ impl Monitor {
         if let Ok(k) = self.kernel.counters() {
             self.counters.lost_records = k[common::COUNTER_RECORDS_LOST as usize];
             self.counters.actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
+            self.counters.alerts_refused_unrecordable =
+                k[common::COUNTER_ALERTS_REFUSED_UNRECORDABLE as usize];
         }
     }
 
@@ -1498,6 +1500,7 @@ impl Monitor {
                 .collect(),
             records_lost: self.counters.lost_records,
             actions_lost: self.counters.actions_lost,
+            alerts_refused_unrecordable: self.counters.alerts_refused_unrecordable,
             undecodable_records: self.counters.undecodable_records,
             verdict_disagreements: self.counters.verdict_disagreements,
             occupancy: self
@@ -2324,6 +2327,7 @@ impl Monitor {
                 return;
             }
         };
+        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
         let lost = k[common::COUNTER_RECORDS_LOST as usize];
         let actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
         if lost > self.counters.lost_records {
@@ -2349,9 +2353,18 @@ impl Monitor {
         }
         self.counters.lost_records = lost;
         self.counters.actions_lost = actions_lost;
+        if grown(
+            k[common::COUNTER_ALERTS_REFUSED_UNRECORDABLE as usize],
+            &mut self.counters.alerts_refused_unrecordable,
+        ) {
+            tracing::warn!(
+                total = self.counters.alerts_refused_unrecordable,
+                "alert-mode agents' off-list actions were refused because the ring buffer could \
+                 not take their records (an off-list action never happens unrecorded)"
+            );
+        }
         self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
         // Identity anomalies: logged when they grow, always counted.
-        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
         if grown(
             k[common::COUNTER_TAGS_FULL as usize],
             &mut self.counters.tags_full,
@@ -2850,6 +2863,9 @@ impl Monitor {
         };
         if c.unspecified {
             reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
+        }
+        if c.connected_peer {
+            reason.push_str(" (the send named no address: judged as the socket's connected peer)");
         }
         let exe = self
             .procs

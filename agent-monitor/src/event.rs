@@ -121,6 +121,9 @@ pub struct ConnectEvent {
     pub send: bool,
     /// The caller gave the unspecified address; it was judged as loopback.
     pub unspecified: bool,
+    /// A send that named no address (connected socket with control messages): judged as the
+    /// socket's connected peer, which `addr`/`port` hold.
+    pub connected_peer: bool,
     /// Connect/send: allowed because the agent resolved the address through the DNS proxy.
     pub learned: bool,
     /// DNS redirect: the agent had no proxy endpoint, so nothing was redirected. Connect/send: the
@@ -205,6 +208,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 verdict: verdict(rec.verdict, "connect")?,
                 send: rec.kind == common::KIND_SENDMSG,
                 unspecified: rec.flags & common::FLAG_ADDR_UNSPECIFIED != 0,
+                connected_peer: rec.flags & common::FLAG_CONNECTED_PEER != 0,
                 addr,
                 port: rec.port,
                 sock_type: rec.sock_type,
@@ -525,7 +529,22 @@ mod tests {
         let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
             panic!()
         };
-        assert!(!c.send && !c.unspecified);
+        assert!(!c.send && !c.unspecified && !c.connected_peer);
+    }
+
+    #[test]
+    fn a_send_without_address_is_reported_as_its_connected_peer() {
+        let mut r = blank(common::KIND_SENDMSG, common::VERDICT_ALLOWED);
+        r.family = common::AF_INET6;
+        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        r.port = 4433;
+        r.flags = common::FLAG_CONNECTED_PEER;
+        r.sock_type = 2;
+        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
+            panic!()
+        };
+        assert!(c.send && c.connected_peer && !c.unspecified);
+        assert_eq!((c.addr, c.port), ("127.0.0.1".parse().unwrap(), 4433));
     }
 
     #[test]

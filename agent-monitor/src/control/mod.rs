@@ -294,6 +294,11 @@ pub struct Counters {
     /// Agent actions among the lost records.
     #[serde(default)]
     pub actions_lost: u64,
+    /// Off-list actions of alert-mode agents the kernel refused (EPERM, or SIGKILL for an exec)
+    /// because their record could not be queued (ring buffer full): alert mode fails closed
+    /// rather than let an off-list action happen unrecorded. Counted among `actions_lost`.
+    #[serde(default)]
+    pub alerts_refused_unrecordable: u64,
     #[serde(default)]
     pub reloads: u64,
     #[serde(default)]

@@ -24,6 +24,8 @@ pub struct Snapshot {
     /// Kernel records the ring buffer could not take (all kinds), and the agent actions among them.
     pub records_lost: u64,
     pub actions_lost: u64,
+    /// Off-list actions of alert-mode agents refused because their record could not be queued.
+    pub alerts_refused_unrecordable: u64,
     pub undecodable_records: u64,
     pub verdict_disagreements: u64,
     /// (map, entries used, capacity).
@@ -98,6 +100,13 @@ pub fn render(s: &Snapshot) -> String {
         "kernel_actions_lost",
         "Agent actions among the lost kernel records",
         s.actions_lost,
+    );
+    counter(
+        &mut reg,
+        "kernel_alerts_refused_unrecordable",
+        "Off-list actions of alert-mode agents refused because the ring buffer could not take \
+         their records (fail closed; among the lost actions)",
+        s.alerts_refused_unrecordable,
     );
     counter(
         &mut reg,
@@ -259,6 +268,7 @@ mod tests {
             ],
             records_lost: 7,
             actions_lost: 5,
+            alerts_refused_unrecordable: 3,
             occupancy: vec![("AGENT_CGROUPS".into(), 4, 16_384)],
             reloads: 2,
             reload_failures: 1,
@@ -274,6 +284,7 @@ mod tests {
             "agent_monitor_actions_total{agent=\"coder\",action=\"exec\",verdict=\"allowed\"} 2",
             "agent_monitor_kernel_records_lost_total 7",
             "agent_monitor_kernel_actions_lost_total 5",
+            "agent_monitor_kernel_alerts_refused_unrecordable_total 3",
             "agent_monitor_map_entries{map=\"AGENT_CGROUPS\"} 4",
             "agent_monitor_map_capacity{map=\"AGENT_CGROUPS\"} 16384",
             "agent_monitor_reloads_total 2",

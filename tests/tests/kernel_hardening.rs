@@ -1,0 +1,329 @@
+//! Kernel-side hardening (issue 13): an alert-mode agent cannot make an off-list action happen
+//! unrecorded by flooding the ring buffer first; a connected UDP socket's datagrams sent with
+//! control messages (and no address) are judged as its connected peer.
+//! Run one at a time (`--test-threads=1`): the programs attach at the cgroup root.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+fn policy(agent: &str, mode: &str, net: &[String], exec: &[&str]) -> (String, String) {
+    let q = |v: Vec<String>| v.join(", ");
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
+            q(net.iter().map(|s| format!("{s:?}")).collect()),
+            q(exec.iter().map(|s| format!("{s:?}")).collect())
+        ),
+    )
+}
+
+/// Python prelude: `attempt(name, fn)` prints `name ok` or `name errno N`.
+const PY_ATTEMPT: &str = r#"import os, socket, struct, subprocess, sys, time
+def attempt(name, f):
+    try:
+        f()
+        print(name, 'ok', flush=True)
+    except OSError as e:
+        print(name, 'errno', e.errno, flush=True)
+"#;
+
+/// The outcome `name` printed by a PY_ATTEMPT script.
+fn outcome(stdout: &str, name: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no outcome for {name}; stdout:\n{stdout}"))
+}
+
+fn eperm() -> String {
+    format!("errno {}", libc::EPERM)
+}
+
+fn is(v: &Value, key: &str, want: &str) -> bool {
+    field(v, key) == want
+}
+
+/// The three kinds of off-list action an alert-mode agent might try after a flood: a connect to
+/// a forbidden listener, a socket kind agents may not have (MPTCP), an exec of a program off the
+/// list (`/bin/touch MARKER`, so that running it leaves a trace).
+fn off_list_actions(forbidden: u16, marker: &str) -> String {
+    format!(
+        "attempt('connect_off_list', lambda: socket.create_connection(('127.0.0.1', {forbidden}), timeout=2))\n\
+         attempt('socket_off_list', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))\n\
+         r = subprocess.run(['/bin/touch', {marker:?}])\n\
+         print('exec_off_list', r.returncode, flush=True)\n"
+    )
+}
+
+/// An alert-mode agent floods the ring buffer with allowed datagrams while the daemon cannot
+/// drain it (stopped), then tries an off-list connect, socket and exec. None may happen without a
+/// record: with the buffer full each is refused as enforce mode would (EPERM, SIGKILL for the
+/// exec) and counted in `alerts_refused_unrecordable`. The flood's allowed sends all proceed.
+/// Control: the same off-list actions without a flood happen and are recorded as alerts.
+#[test]
+fn alert_mode_off_list_actions_are_refused_when_a_flood_leaves_no_room_to_record_them() {
+    if !require_root(
+        "alert_mode_off_list_actions_are_refused_when_a_flood_leaves_no_room_to_record_them",
+    ) {
+        return;
+    }
+    let agent = unique_agent("alertflood");
+    let sink = UdpSink::bind("127.0.0.1:0");
+    let forbidden = CountingListener::bind("127.0.0.1:0");
+    let mut d = Daemon::start(&[policy(
+        &agent,
+        "alert",
+        &[format!("127.0.0.1:{}", sink.port)],
+        &[PYTHON],
+    )]);
+    let daemon_pid = d.pid();
+    let go = d.dir.path().join("go");
+    let marker = d.dir.path().join("ran-under-flood");
+    // 40,000 records of ~650 bytes are three times the 8 MiB ring buffer.
+    const N: usize = 40_000;
+    let script = format!(
+        "{PY_ATTEMPT}\
+         while not os.path.exists({go:?}): time.sleep(0.05)\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         ok = 0\n\
+         for i in range({N}):\n\
+         \x20   try:\n\
+         \x20       s.sendto(b'x', ('127.0.0.1', {sink}))\n\
+         \x20       ok += 1\n\
+         \x20   except OSError:\n\
+         \x20       pass\n\
+         print('flood_sent', ok, flush=True)\n\
+         {actions}",
+        go = go.display().to_string(),
+        sink = sink.port,
+        actions = off_list_actions(forbidden.port, &marker.display().to_string()),
+    );
+    let child = Command::new(binary())
+        .args(["run", "--control-socket"])
+        .arg(&d.socket)
+        .args([
+            "--agent", &agent, "--task", "fl", "--", PYTHON, "-c", &script,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_audit("the agent's exec", |v| {
+        v["agent_id"] == agent.as_str() && v["action"] == "exec"
+    });
+    // SAFETY: signals to the daemon we started.
+    unsafe { libc::kill(daemon_pid, libc::SIGSTOP) };
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    unsafe { libc::kill(daemon_pid, libc::SIGCONT) };
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("flood_sent {N}")),
+        "allowed sends must proceed under a flood: {stdout} {}",
+        text(&out.stderr)
+    );
+    assert_eq!(outcome(&stdout, "connect_off_list"), eperm(), "{stdout}");
+    assert_eq!(outcome(&stdout, "socket_off_list"), eperm(), "{stdout}");
+    assert_eq!(
+        outcome(&stdout, "exec_off_list"),
+        format!("-{}", libc::SIGKILL),
+        "{stdout}"
+    );
+    assert_eq!(forbidden.accepted(), 0, "the off-list connect got through");
+    assert!(!marker.exists(), "the off-list program ran");
+
+    // Drained (the count of the agent's records stops moving), the trail holds no alert: none
+    // of the refused actions happened, and none is claimed to have.
+    let seen = |d: &Daemon| {
+        d.audit()
+            .iter()
+            .filter(|r| r["agent_id"] == agent.as_str())
+            .count()
+    };
+    let mut last = usize::MAX;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = seen(&d);
+        if now == last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the daemon never caught up");
+        last = now;
+    }
+    let alerts: Vec<Value> = d
+        .audit()
+        .into_iter()
+        .filter(|r| r["agent_id"] == agent.as_str() && r["verdict"] == "alert")
+        .collect();
+    assert!(alerts.is_empty(), "{alerts:#?}");
+    let st = d.status();
+    let c = &st["counters"];
+    assert_eq!(c["alerts_refused_unrecordable"], 3, "{st:#}");
+    assert!(c["actions_lost"].as_u64().unwrap() >= 3 + 1, "{st:#}");
+
+    // Control: no flood, the same off-list actions happen and are recorded as alerts.
+    let marker2 = d.dir.path().join("ran-without-flood");
+    let out = d.run(
+        &agent,
+        None,
+        &[
+            PYTHON,
+            "-c",
+            &format!(
+                "{PY_ATTEMPT}{}",
+                off_list_actions(forbidden.port, &marker2.display().to_string())
+            ),
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(outcome(&stdout, "connect_off_list"), "ok", "{stdout}");
+    assert_eq!(outcome(&stdout, "socket_off_list"), "ok", "{stdout}");
+    assert_eq!(outcome(&stdout, "exec_off_list"), "0", "{stdout}");
+    assert_eq!(forbidden.accepted(), 1);
+    assert!(marker2.exists());
+    for (what, action) in [
+        ("connect", "connect"),
+        ("socket", "socket"),
+        ("exec", "exec"),
+    ] {
+        d.wait_audit(&format!("alert for the off-list {what}"), |v| {
+            v["agent_id"] == agent.as_str() && is(v, "action", action) && is(v, "verdict", "alert")
+        });
+    }
+    assert_eq!(
+        d.status()["counters"]["alerts_refused_unrecordable"],
+        3,
+        "nothing is refused when the records fit"
+    );
+    d.stop();
+}
+
+/// A connected UDP socket sending with a control message and no address (`IP_TOS`, `IP_TTL`,
+/// `IPV6_TCLASS`, as QUIC stacks send every datagram): the kernel runs the sendmsg hook with an
+/// empty address; the datagram goes to the connected peer and is judged as it. IPv4, IPv6 and an
+/// IPv6 socket connected to an IPv4-mapped address. A peer the agent may not reach (a socket
+/// connected outside the agent and handed in) is refused, and the record names that peer.
+/// Control: outside agents the same sends arrive.
+#[test]
+fn connected_udp_send_with_control_messages_is_judged_as_its_peer() {
+    if !require_root("connected_udp_send_with_control_messages_is_judged_as_its_peer") {
+        return;
+    }
+    let agent = unique_agent("udpcmsg");
+    let allowed = UdpSink::bind("127.0.0.1:0");
+    let denied = UdpSink::bind("127.0.0.1:0");
+    let allowed6 = std::net::UdpSocket::bind("[::1]:0")
+        .ok()
+        .map(|_| UdpSink::bind("[::1]:0"));
+    let mut net = vec![format!("127.0.0.1:{}", allowed.port)];
+    if let Some(a6) = &allowed6 {
+        net.push(format!("[::1]:{}", a6.port));
+    }
+    let d = Daemon::start(&[policy(&agent, "enforce", &net, &[PYTHON])]);
+    let v6 = match &allowed6 {
+        Some(a6) => format!(
+            "s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+             s6.connect(('::1', {p}))\n\
+             attempt('v6_tclass', lambda: s6.sendmsg([b'tclass'], [(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack('i', 0x10))]))\n",
+            p = a6.port
+        ),
+        None => String::new(),
+    };
+    let sends = format!(
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.connect(('127.0.0.1', {a}))\n\
+         attempt('v4_tos', lambda: s.sendmsg([b'tos'], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 0x10))]))\n\
+         attempt('v4_ttl', lambda: s.sendmsg([b'ttl'], [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack('i', 9))]))\n\
+         m = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         m.connect(('::ffff:127.0.0.1', {a}))\n\
+         attempt('mapped_tos', lambda: m.sendmsg([b'mapped'], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 0x10))]))\n\
+         {v6}",
+        a = allowed.port
+    );
+    // Control: outside agents.
+    let out = Command::new(PYTHON)
+        .args(["-c", &format!("{PY_ATTEMPT}{sends}")])
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    for name in ["v4_tos", "v4_ttl", "mapped_tos"] {
+        assert_eq!(outcome(&stdout, name), "ok", "outside agents: {stdout}");
+    }
+    assert_eq!(allowed.received(), 3);
+    // The agent: the same sends, to its allowed peers.
+    let out = d.run(
+        &agent,
+        None,
+        &[PYTHON, "-c", &format!("{PY_ATTEMPT}{sends}")],
+    );
+    let stdout = text(&out.stdout);
+    for name in ["v4_tos", "v4_ttl", "mapped_tos"] {
+        assert_eq!(
+            outcome(&stdout, name),
+            "ok",
+            "{stdout} {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        allowed.received(),
+        6,
+        "the agent's datagrams did not all arrive"
+    );
+    if let Some(a6) = &allowed6 {
+        assert_eq!(outcome(&stdout, "v6_tclass"), "ok", "{stdout}");
+        assert_eq!(a6.received(), 2);
+    }
+    let rec = d.wait_audit("allowed connected send", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "sendmsg")
+            && is(v, "verdict", "allowed")
+            && v["dest_port"] == allowed.port
+    });
+    assert_eq!(field(&rec, "dest_addr"), "127.0.0.1");
+    assert!(field(&rec, "reason").contains("connected peer"), "{rec:#}");
+
+    // A socket connected to a forbidden peer outside the agent, handed to it: its send with a
+    // control message is judged as that peer and refused. (The process outside sends first: the
+    // control, which arrives.)
+    let inner = format!(
+        "{PY_ATTEMPT}t = socket.socket(fileno=int(sys.argv[1]))\n\
+         attempt('handed_in_tos', lambda: t.sendmsg([b'leak'], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 0x10))]))\n"
+    );
+    let outer = format!(
+        "{PY_ATTEMPT}s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.connect(('127.0.0.1', {dp}))\n\
+         attempt('outside_tos', lambda: s.sendmsg([b'outside'], [(socket.IPPROTO_IP, socket.IP_TOS, struct.pack('i', 0x10))]))\n\
+         r = subprocess.run([{bin:?}, 'run', '--control-socket', {sock:?}, '--agent', {agent:?}, '--', {py:?}, '-c', {inner:?}, str(s.fileno())], pass_fds=[s.fileno()], capture_output=True, text=True)\n\
+         print(r.stdout, r.stderr, flush=True)\n",
+        dp = denied.port,
+        bin = binary().display().to_string(),
+        sock = d.socket.display().to_string(),
+        py = PYTHON,
+    );
+    let out: Output = Command::new(PYTHON).args(["-c", &outer]).output().unwrap();
+    let stdout = text(&out.stdout);
+    assert_eq!(outcome(&stdout, "outside_tos"), "ok", "{stdout}");
+    assert_eq!(
+        outcome(&stdout, "handed_in_tos"),
+        eperm(),
+        "{stdout} {}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        denied.received(),
+        1,
+        "only the send outside the agent arrives"
+    );
+    let rec = d.wait_audit("denied connected send", |v| {
+        v["agent_id"] == agent.as_str() && is(v, "action", "sendmsg") && is(v, "verdict", "denied")
+    });
+    assert_eq!(rec["dest_port"], denied.port, "judged as the peer: {rec:#}");
+    assert_eq!(field(&rec, "dest_addr"), "127.0.0.1");
+}
