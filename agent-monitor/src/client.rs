@@ -442,7 +442,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
     );
     let c = &status.counters;
     println!(
-        "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses",
+        "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses, {} non-public answer addresses withheld, {} addresses over agents' learned limits ({} answers)",
         c.dns_queries,
         c.dns_refused,
         c.dns_upstream_failures,
@@ -451,7 +451,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
         c.dns_overloaded,
         c.dns_no_proxy,
         c.dns_orig_missing,
-        c.dns_learned
+        c.dns_learned,
+        c.dns_withheld_non_public,
+        c.dns_withheld_limit,
+        c.dns_limit_reached
     );
     for s in &status.sinks {
         println!(
@@ -464,6 +467,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
             "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
             a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
         );
+        if a.dns_learned_limit > 0 || a.dns_withheld_non_public > 0 {
+            println!(
+                "  dns: {} of {} learned addresses; withheld: {} non-public, {} over the limit",
+                a.dns_learned, a.dns_learned_limit, a.dns_withheld_non_public, a.dns_withheld_limit
+            );
+        }
         for sel in &a.selectors {
             println!("  selector {sel}");
         }

@@ -201,6 +201,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         superseded: VecDeque::new(),
         predecessor_until_ns: 0,
         learned: LearnedTable::default(),
+        dns_withheld: HashMap::new(),
+        dns_notices: Default::default(),
         dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
         dns_clients: HashMap::new(),
         dns_proxies,
@@ -728,6 +730,9 @@ struct Monitor {
     /// Addresses agents resolved through the DNS proxy (mirror of the kernel's `DNS_LEARNED`),
     /// keyed by the proxy's start-up index (stable across reloads; see `dns_kernel_index`).
     learned: LearnedTable,
+    /// Addresses of allowed answers not learned, by agent and why (status, metrics).
+    dns_withheld: HashMap<(String, crate::dns::Withheld), u64>,
+    dns_notices: crate::dns::NoticeGate,
     dns_grace_ns: u64,
     /// Per agent, its latest DNS redirect: who is behind the next query its proxy reports.
     dns_clients: HashMap<String, event::ConnectEvent>,
@@ -900,20 +905,17 @@ impl Monitor {
             .iter()
             .filter_map(|(name, ports)| set.index_of(name).map(|i| (base + i, *ports)))
             .collect();
-        let old_base = self.bank_base;
-        let old_set = &self.policies;
-        let moved_learned = |old: u32| {
-            old.checked_sub(old_base)
-                .and_then(|pos| old_set.policies().get(pos as usize))
-                .and_then(|p| set.index_of(p.agent()))
-                .map(|i| base + i)
-        };
-        let rekey = self.kernel.learned_entries().map(|entries| {
-            entries
-                .into_iter()
-                .filter_map(|(agent, key, value)| moved_learned(agent).map(|n| (n, key, value)))
-                .collect::<Vec<_>>()
-        });
+        // Learned addresses move to the new bank from the daemon's table (live ones only, within
+        // each agent's new limit). The limits add up to at most half the map, so both banks fit
+        // side by side: learned state can never make a reload fail (compile checked the sum).
+        let limits: HashMap<u32, u32> = set
+            .learned_limits()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .into_iter()
+            .zip(set.iter())
+            .filter_map(|(limit, p)| self.dns_index(p.agent()).map(|i| (i, limit)))
+            .collect();
+        let carried = self.learned.carried(&limits, monotonic_ns());
         if let Err(e) = self
             .kernel
             .write_allowlists(&tables)
@@ -921,9 +923,6 @@ impl Monitor {
             .and_then(|()| {
                 for (index, ports) in &dns {
                     self.kernel.set_dns_proxy(*index, *ports)?;
-                }
-                for (index, addr, value) in rekey? {
-                    self.kernel.write_learned_key(index, addr, &value)?;
                 }
                 Ok(())
             })
@@ -935,6 +934,23 @@ impl Monitor {
                 .kernel
                 .retain_allowlists(|a| (old_base..old_base + BANK_STRIDE).contains(&a));
             return Err(e);
+        }
+        let mut kept = Vec::with_capacity(carried.len());
+        for (dns, addr, value) in &carried {
+            let index = self
+                .dns_proxies
+                .endpoints()
+                .get(*dns as usize)
+                .and_then(|(name, _)| set.index_of(name));
+            // Not expected (the budget keeps room); if it happens the address is forgotten, and
+            // the agent resolves it again, rather than the reload being refused.
+            match index.map(|i| self.kernel.write_learned(base + i, *addr, value)) {
+                Some(Ok(())) => kept.push((*dns, *addr)),
+                Some(Err(e)) => tracing::error!(
+                    "a learned address could not move to the new policy bank, forgotten: {e:#}"
+                ),
+                None => {}
+            }
         }
         // The switch: one update per agent in the table the kernel translates identities through.
         for (i, p) in set.indexed() {
@@ -981,6 +997,16 @@ impl Monitor {
         self.exec_files = files;
         // The proxies answer by the new host rules from the next query on.
         self.dns_proxies.update(set.iter());
+        for (dns, lost) in self.learned.set_limits(limits, &kept) {
+            if let Some((agent, _)) = self.dns_proxies.endpoints().get(dns as usize) {
+                tracing::info!(
+                    agent,
+                    lost,
+                    "learned addresses dropped by the reload (agent removed or its dns.max_learned lowered)"
+                );
+            }
+        }
+        self.counters.dns_learned = self.learned.len() as u64;
         let old = std::mem::replace(&mut self.policies, set);
         if self.superseded.len() == SUPERSEDED_KEPT {
             self.superseded.pop_front();
@@ -1520,6 +1546,23 @@ impl Monitor {
                 .chain(std::iter::once(self.grant_file.stats()))
                 .collect(),
             journald_aggregated: self.outputs.aggregated(),
+            dns_withheld: self
+                .dns_withheld
+                .iter()
+                .map(|((agent, kind), n)| (agent.clone(), kind.as_str(), *n))
+                .collect(),
+            dns_learned: self
+                .policies
+                .iter()
+                .filter_map(|p| {
+                    let i = self.dns_index(p.agent())?;
+                    Some((
+                        p.agent().to_string(),
+                        u64::from(self.learned.held(i)),
+                        u64::from(self.learned.limit(i)),
+                    ))
+                })
+                .collect(),
             agents: self.policies.len() as u64,
             tasks: self.tasks.len() as u64,
             processes: self.procs.len() as u64,
@@ -2525,6 +2568,9 @@ impl Monitor {
             return;
         };
         let agent = policy.agent().to_string();
+        let enforce = policy.mode() == crate::policy::model::Mode::Enforce;
+        // The DNS-rebinding opt-in for the name asked, if the policy has one.
+        let private_ok = policy.private_answers_for(&r.name).map(str::to_string);
         self.counters.dns_queries += 1;
         let (verdict, enforcement, reason) = match r.outcome {
             Outcome::Refused { reason } => {
@@ -2579,20 +2625,76 @@ impl Monitor {
                 } else {
                     format!(" via CNAME {}", cnames.join(" > "))
                 };
-                let list: Vec<String> = addrs
-                    .iter()
-                    .map(|(a, ttl)| format!("{a} (ttl {ttl}s)"))
-                    .collect();
+                let list = crate::dns::brief_list(
+                    addrs.iter().map(|(a, ttl)| format!("{a} (ttl {ttl}s)")),
+                );
                 if allowed {
-                    let result = self.install(r.agent, &r.name, &reason, &addrs, &ports);
+                    // DNS rebinding: a non-public address is not learned unless the policy lets
+                    // this name answer with one.
+                    let (private, public): (Vec<_>, Vec<_>) = addrs.iter().partition(|(a, _)| {
+                        private_ok.is_none() && crate::dns::scope::non_public(*a).is_some()
+                    });
+                    let result = self.install(r.agent, &r.name, &reason, &public, &ports);
+                    let result = result.map(|over_limit| {
+                        let private: Vec<IpAddr> = private.iter().map(|(a, _)| *a).collect();
+                        self.withheld(&agent, &r.name, &private, &over_limit, enforce);
+                        let limit_reached = !over_limit.is_empty();
+                        let mut strip = private;
+                        strip.extend(over_limit);
+                        (strip, limit_reached)
+                    });
                     if let Some(tx) = installed {
-                        let _ = tx.send(result.clone());
+                        let _ = tx.send(match &result {
+                            Ok((strip, limit_reached)) => Ok(crate::dns::Installed {
+                                strip: if enforce { strip.clone() } else { Vec::new() },
+                                limit_reached: *limit_reached,
+                            }),
+                            Err(e) => Err(e.clone()),
+                        });
                     }
                     match result {
-                        Ok(()) => (
+                        Ok((strip, limit_reached)) if !strip.is_empty() => {
+                            let learned = crate::dns::brief_list(
+                                addrs
+                                    .iter()
+                                    .filter(|(a, _)| !strip.contains(a))
+                                    .map(|(a, ttl)| format!("{a} (ttl {ttl}s)")),
+                            );
+                            let why = if limit_reached {
+                                "over the agent's learned-address limit or non-public"
+                            } else {
+                                "non-public, and no dns.private_answers entry covers the name"
+                            };
+                            let withheld =
+                                crate::dns::brief_list(strip.iter().map(ToString::to_string));
+                            let text = format!(
+                                "{reason}; {rcode}{chain}; learned [{learned}]; not learned ({why}): [{withheld}]"
+                            );
+                            if !enforce {
+                                (
+                                    Verdict::Alert,
+                                    None,
+                                    format!("{text} (alert mode: answered unchanged)"),
+                                )
+                            } else if strip.len() == addrs.len() {
+                                let (code, verdict) = if limit_reached {
+                                    ("servfail", "answered SERVFAIL")
+                                } else {
+                                    ("refused", "answered REFUSED")
+                                };
+                                (Verdict::Denied, Some(code), format!("{text}; {verdict}"))
+                            } else {
+                                (
+                                    Verdict::Allowed,
+                                    Some("stripped"),
+                                    format!("{text}; taken out of the reply"),
+                                )
+                            }
+                        }
+                        Ok(_) => (
                             Verdict::Allowed,
                             None,
-                            format!("{reason}; {rcode}{chain}; learned [{}]", list.join(", ")),
+                            format!("{reason}; {rcode}{chain}; learned [{list}]"),
                         ),
                         Err(e) => {
                             self.counters.dns_install_failures += 1;
@@ -2609,8 +2711,7 @@ impl Monitor {
                         Verdict::Alert,
                         None,
                         format!(
-                            "{reason} (alert mode: forwarded); {rcode}{chain}; answer [{}] not learned",
-                            list.join(", ")
+                            "{reason} (alert mode: forwarded); {rcode}{chain}; answer [{list}] not learned"
                         ),
                     )
                 }
@@ -2640,17 +2741,19 @@ impl Monitor {
     }
 
     /// Writes every address of an allowed answer into the agent's kernel allowlist, until its TTL
-    /// plus the grace. On a failure the table forgets what the kernel does not hold.
+    /// plus the grace, as far as the agent's learned-address limit allows; returns the addresses
+    /// over the limit (not learned). On a failure the table forgets what the kernel does not hold.
     fn install(
         &mut self,
         agent: u32,
         name: &str,
         rule: &str,
-        addrs: &[(IpAddr, u32)],
+        addrs: &[&(IpAddr, u32)],
         ports: &[common::PortRange],
-    ) -> Result<(), String> {
+    ) -> Result<Vec<IpAddr>, String> {
+        let mut over_limit = Vec::new();
         let now = monotonic_ns();
-        for &(addr, ttl) in addrs {
+        for &&(addr, ttl) in addrs {
             let grant = Grant {
                 name: name.to_string(),
                 rule: rule.to_string(),
@@ -2659,7 +2762,10 @@ impl Monitor {
                     .saturating_add(self.dns_grace_ns),
                 ports: ports.to_vec(),
             };
-            let value = self.learned.learn(agent, addr, grant, now);
+            let Ok(value) = self.learned.learn(agent, addr, grant, now) else {
+                over_limit.push(addr);
+                continue;
+            };
             let written = match self.dns_kernel_index(agent) {
                 Some(k) => self.kernel.write_learned(k, addr, &value),
                 None => Err(anyhow::anyhow!("the agent has no policy any more")),
@@ -2670,7 +2776,75 @@ impl Monitor {
             }
         }
         self.counters.dns_learned = self.learned.len() as u64;
-        Ok(())
+        Ok(over_limit)
+    }
+
+    /// Counts and reports addresses of an allowed answer that `agent` was not given: a journald
+    /// notice (rate-limited per agent and kind; the counters and the query's own entry have
+    /// every one).
+    fn withheld(
+        &mut self,
+        agent: &str,
+        name: &str,
+        private: &[IpAddr],
+        over_limit: &[IpAddr],
+        enforce: bool,
+    ) {
+        let index = self.dns_index(agent).unwrap_or(u32::MAX);
+        let (held, limit) = (self.learned.held(index), self.learned.limit(index));
+        for (kind, addrs) in [
+            (crate::dns::Withheld::NonPublic, private),
+            (crate::dns::Withheld::Limit, over_limit),
+        ] {
+            if addrs.is_empty() {
+                continue;
+            }
+            let n = addrs.len() as u64;
+            match kind {
+                crate::dns::Withheld::NonPublic => self.counters.dns_withheld_non_public += n,
+                crate::dns::Withheld::Limit => {
+                    self.counters.dns_withheld_limit += n;
+                    self.counters.dns_limit_reached += 1;
+                }
+            }
+            *self
+                .dns_withheld
+                .entry((agent.to_string(), kind))
+                .or_default() += n;
+            let Some(unsaid) = self.dns_notices.admit(agent, kind, monotonic_ns()) else {
+                continue;
+            };
+            let list = crate::dns::brief_list(addrs.iter().map(ToString::to_string));
+            let outcome = if enforce {
+                "taken out of the reply"
+            } else {
+                "alert mode: left in the reply, connects to them are alerts"
+            };
+            let msg = match kind {
+                crate::dns::Withheld::NonPublic => format!(
+                    "agent {agent}: {name} answered non-public addresses [{list}]; not learned                      ({outcome}); a dns.private_answers entry allows this name"
+                ),
+                crate::dns::Withheld::Limit => format!(
+                    "agent {agent}: learned-address limit reached ({held} of {limit}); {n}                      address(es) of {name} not learned [{list}] ({outcome}); room comes back                      as learned addresses expire"
+                ),
+            };
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::DNS_WITHHELD,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    ("AGENT_ID", agent.to_string()),
+                    ("DNS_NAME", name.to_string()),
+                    ("WITHHELD", kind.as_str().to_string()),
+                    ("WITHHELD_ADDRS", list),
+                    ("WITHHELD_COUNT", n.to_string()),
+                    ("LEARNED", held.to_string()),
+                    ("LEARNED_LIMIT", limit.to_string()),
+                    ("NOTICES_SUPPRESSED", unsaid.to_string()),
+                ],
+            );
+        }
     }
 
     /// The DNS proxy start-up index of `agent` (how the learned table keys it).
@@ -3132,7 +3306,18 @@ impl Monitor {
                         udp6: dns.udp6,
                         tcp6: dns.tcp6,
                     });
+                let dns_index = self.dns_index(&agent).unwrap_or(u32::MAX);
+                let withheld = |kind| {
+                    self.dns_withheld
+                        .get(&(agent.clone(), kind))
+                        .copied()
+                        .unwrap_or(0)
+                };
                 AgentStatus {
+                    dns_learned: self.learned.held(dns_index),
+                    dns_learned_limit: self.learned.limit(dns_index),
+                    dns_withheld_non_public: withheld(crate::dns::Withheld::NonPublic),
+                    dns_withheld_limit: withheld(crate::dns::Withheld::Limit),
                     selectors: self.selected.describe(&agent),
                     agent,
                     mode,

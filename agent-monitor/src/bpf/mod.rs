@@ -905,27 +905,6 @@ impl Kernel {
             })
     }
 
-    /// Every learned-address entry: (agent index, address as the kernel keys it, value).
-    pub fn learned_entries(&self) -> anyhow::Result<Vec<(u32, [u8; 16], Learned)>> {
-        let h: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map("DNS_LEARNED")?)?;
-        Ok(h.iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k.agent, k.addr, v))
-            .collect())
-    }
-
-    /// Writes a learned-address entry under another agent index (a reload's new bank).
-    pub fn write_learned_key(
-        &mut self,
-        agent: u32,
-        addr: [u8; 16],
-        value: &Learned,
-    ) -> anyhow::Result<()> {
-        let mut m: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
-        m.insert(NetKey { agent, addr }, value, 0)
-            .context("moving a learned address to the new policy bank")
-    }
-
     pub fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
         let mut m: HashMap<_, NetKey, Learned> = HashMap::try_from(self.map_mut("DNS_LEARNED")?)?;
         m.remove(&learned_key(agent, addr))

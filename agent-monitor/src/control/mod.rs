@@ -236,6 +236,17 @@ pub struct AgentStatus {
     /// The agent's DNS proxy endpoint (ports on 127.0.0.1 and ::1; 0 = none).
     #[serde(default)]
     pub dns_proxy: Option<DnsEndpoint>,
+    /// Addresses the agent holds learned from DNS answers, and how many it may hold.
+    #[serde(default)]
+    pub dns_learned: u32,
+    #[serde(default)]
+    pub dns_learned_limit: u32,
+    /// Addresses of its allowed answers it was not given: non-public ones (no
+    /// `dns.private_answers` entry for the name) and those over its limit.
+    #[serde(default)]
+    pub dns_withheld_non_public: u64,
+    #[serde(default)]
+    pub dns_withheld_limit: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -344,6 +355,16 @@ pub struct Counters {
     /// (agent, address) pairs currently learned from DNS answers.
     #[serde(default)]
     pub dns_learned: u64,
+    /// Addresses of allowed answers not learned because they are non-public (loopback,
+    /// link-local, private, …) and no `dns.private_answers` entry covers the name.
+    #[serde(default)]
+    pub dns_withheld_non_public: u64,
+    /// Addresses of allowed answers not learned because the agent held its `dns.max_learned`.
+    #[serde(default)]
+    pub dns_withheld_limit: u64,
+    /// Answers that found their agent at its learned-address limit.
+    #[serde(default)]
+    pub dns_limit_reached: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! Addresses agents learned from DNS answers: which name gave an agent which address, for which
 //! ports, until when. The daemon's copy of the kernel's `DNS_LEARNED` map, from which each kernel
-//! value is computed; also names the host behind a connect (`DEST_HOST`). Pure.
+//! value is computed; also names the host behind a connect (`DEST_HOST`), and holds each agent to
+//! its share of the map (`dns.max_learned`), so no agent can fill what the others need. Pure.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use agent_monitor_common::{Learned, MAX_PORT_RANGES, NetAllow, PortRange};
@@ -28,20 +29,46 @@ pub enum KernelChange {
     Remove(u32, IpAddr),
 }
 
+/// The agent holds as many learned addresses as its limit allows: a new one is not learned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtLimit {
+    pub limit: u32,
+}
+
 #[derive(Default)]
 pub struct LearnedTable {
     grants: HashMap<(u32, IpAddr), Vec<Grant>>,
+    /// Addresses held, by agent.
+    held: HashMap<u32, u32>,
+    /// Addresses each agent may hold (`PolicySet::learned_limits`); an agent without an entry
+    /// may hold none.
+    limits: HashMap<u32, u32>,
 }
 
 impl LearnedTable {
     /// Records that `grant.name` resolved to `addr` for `agent`; returns the kernel value for
     /// (agent, addr): the union of the ports of every live grant, until the latest expiry. A newer
-    /// answer for the same name replaces the older one.
-    pub fn learn(&mut self, agent: u32, addr: IpAddr, grant: Grant, now_ns: u64) -> Learned {
-        let grants = self.grants.entry((agent, canonical(addr))).or_default();
+    /// answer for the same name replaces the older one. An address the agent does not hold yet is
+    /// refused when it holds its limit already (an address it holds is refreshed either way).
+    pub fn learn(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        grant: Grant,
+        now_ns: u64,
+    ) -> Result<Learned, AtLimit> {
+        let key = (agent, canonical(addr));
+        if !self.grants.contains_key(&key) {
+            let limit = self.limit(agent);
+            if self.held(agent) >= limit {
+                return Err(AtLimit { limit });
+            }
+            *self.held.entry(agent).or_default() += 1;
+        }
+        let grants = self.grants.entry(key).or_default();
         grants.retain(|g| g.name != grant.name && g.expires_ns > now_ns);
         grants.push(grant);
-        kernel_value(grants)
+        Ok(kernel_value(grants))
     }
 
     /// Drops the grant just added for `name` when the kernel write failed, so the table never
@@ -51,19 +78,104 @@ impl LearnedTable {
         if let Some(grants) = self.grants.get_mut(&key) {
             grants.retain(|g| g.name != name);
             if grants.is_empty() {
-                self.grants.remove(&key);
+                self.remove(key);
             }
         }
+    }
+
+    fn remove(&mut self, key: (u32, IpAddr)) {
+        if self.grants.remove(&key).is_some()
+            && let Some(n) = self.held.get_mut(&key.0)
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Addresses `agent` holds.
+    pub fn held(&self, agent: u32) -> u32 {
+        self.held.get(&agent).copied().unwrap_or(0)
+    }
+
+    /// Addresses `agent` may hold.
+    pub fn limit(&self, agent: u32) -> u32 {
+        self.limits.get(&agent).copied().unwrap_or(0)
+    }
+
+    /// What a reload carries into the new bank: every live address of the agents in `limits`, at
+    /// most each agent's new limit of them (those that expire last). Does not change the table:
+    /// the reload may still fail; [`LearnedTable::set_limits`] then makes the same choice.
+    pub fn carried(&self, limits: &HashMap<u32, u32>, now_ns: u64) -> Vec<(u32, IpAddr, Learned)> {
+        let mut by_agent: HashMap<u32, Vec<(u64, IpAddr, Learned)>> = HashMap::new();
+        for (&(agent, addr), grants) in &self.grants {
+            if !limits.contains_key(&agent) {
+                continue;
+            }
+            let live: Vec<Grant> = grants
+                .iter()
+                .filter(|g| g.expires_ns > now_ns)
+                .cloned()
+                .collect();
+            if live.is_empty() {
+                continue;
+            }
+            let value = kernel_value(&live);
+            by_agent
+                .entry(agent)
+                .or_default()
+                .push((value.expires_ns, addr, value));
+        }
+        let mut out = Vec::new();
+        for (agent, mut entries) in by_agent {
+            // Latest expiry first; the address breaks ties so the choice is repeatable.
+            entries.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let keep = limits[&agent] as usize;
+            out.extend(
+                entries
+                    .into_iter()
+                    .take(keep)
+                    .map(|(_, addr, value)| (agent, addr, value)),
+            );
+        }
+        out
+    }
+
+    /// Puts a reload's limits in force: keeps exactly `carried` (what [`LearnedTable::carried`]
+    /// chose and the kernel now holds); returns how many addresses each agent lost to a lower
+    /// limit or to its removal.
+    pub fn set_limits(
+        &mut self,
+        limits: HashMap<u32, u32>,
+        carried: &[(u32, IpAddr)],
+    ) -> HashMap<u32, u32> {
+        let keep: HashSet<(u32, IpAddr)> = carried.iter().copied().collect();
+        let mut dropped: HashMap<u32, u32> = HashMap::new();
+        self.grants.retain(|key, _| {
+            let kept = keep.contains(key);
+            if !kept {
+                *dropped.entry(key.0).or_default() += 1;
+            }
+            kept
+        });
+        self.held.clear();
+        for &(agent, _) in self.grants.keys() {
+            *self.held.entry(agent).or_default() += 1;
+        }
+        self.limits = limits;
+        dropped
     }
 
     /// Forgets expired grants; returns the kernel writes that keep the map equal to the table.
     pub fn expire(&mut self, now_ns: u64) -> Vec<KernelChange> {
         let mut changes = Vec::new();
+        let held = &mut self.held;
         self.grants.retain(|&(agent, addr), grants| {
             let before = grants.len();
             grants.retain(|g| g.expires_ns > now_ns);
             if grants.is_empty() {
                 changes.push(KernelChange::Remove(agent, addr));
+                if let Some(n) = held.get_mut(&agent) {
+                    *n = n.saturating_sub(1);
+                }
                 false
             } else {
                 if grants.len() != before {
@@ -135,6 +247,13 @@ mod tests {
         }
     }
 
+    /// A table with these (agent, limit) pairs.
+    fn table(limits: &[(u32, u32)]) -> LearnedTable {
+        let mut t = LearnedTable::default();
+        t.set_limits(limits.iter().copied().collect(), &[]);
+        t
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("addr")
     }
@@ -148,11 +267,13 @@ mod tests {
 
     #[test]
     fn two_names_on_one_address_merge_ports_and_keep_the_latest_expiry() {
-        let mut t = LearnedTable::default();
+        let mut t = table(&[(0, 10), (3, 10)]);
         let a = ip("10.0.0.1");
-        let v = t.learn(0, a, grant("a.test", 100, &[(443, 443)]), 0);
+        let v = t
+            .learn(0, a, grant("a.test", 100, &[(443, 443)]), 0)
+            .unwrap();
         assert_eq!((v.expires_ns, ranges(&v)), (100, vec![(443, 443)]));
-        let v = t.learn(0, a, grant("b.test", 50, &[(80, 80)]), 0);
+        let v = t.learn(0, a, grant("b.test", 50, &[(80, 80)]), 0).unwrap();
         assert_eq!(
             (v.expires_ns, ranges(&v)),
             (100, vec![(80, 80), (443, 443)])
@@ -182,19 +303,92 @@ mod tests {
 
     #[test]
     fn a_new_answer_for_the_same_name_replaces_the_old() {
-        let mut t = LearnedTable::default();
+        let mut t = table(&[(0, 10), (3, 10)]);
         let a = ip("10.0.0.2");
-        t.learn(3, a, grant("a.test", 100, &[(1, 2)]), 0);
-        let v = t.learn(3, a, grant("a.test", 40, &[(443, 443)]), 0);
+        t.learn(3, a, grant("a.test", 100, &[(1, 2)]), 0).unwrap();
+        let v = t
+            .learn(3, a, grant("a.test", 40, &[(443, 443)]), 0)
+            .unwrap();
         assert_eq!((v.expires_ns, ranges(&v)), (40, vec![(443, 443)]));
     }
 
     #[test]
     fn mapped_and_plain_ipv4_are_one_address() {
-        let mut t = LearnedTable::default();
-        t.learn(0, ip("::ffff:10.0.0.3"), grant("a.test", 10, &[(1, 1)]), 0);
+        let mut t = table(&[(0, 10), (3, 10)]);
+        t.learn(0, ip("::ffff:10.0.0.3"), grant("a.test", 10, &[(1, 1)]), 0)
+            .unwrap();
         assert!(t.lookup(0, ip("10.0.0.3"), 1).is_some());
         t.unlearn(0, ip("10.0.0.3"), "a.test");
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn an_agent_at_its_limit_learns_no_new_address_and_others_are_unaffected() {
+        let mut t = table(&[(0, 2), (1, 2)]);
+        let g = |name: &str| grant(name, 100, &[(443, 443)]);
+        t.learn(0, ip("10.0.0.1"), g("flood.test"), 0).unwrap();
+        t.learn(0, ip("10.0.0.2"), g("flood.test"), 0).unwrap();
+        assert_eq!(
+            t.learn(0, ip("10.0.0.3"), g("flood.test"), 0),
+            Err(AtLimit { limit: 2 })
+        );
+        // An address it holds is refreshed (another name, the same name again).
+        assert!(
+            t.learn(0, ip("::ffff:10.0.0.2"), g("other.test"), 0)
+                .is_ok()
+        );
+        assert_eq!(t.held(0), 2);
+        // The other agent has its own share.
+        t.learn(1, ip("10.0.0.3"), g("ok.test"), 0).unwrap();
+        assert_eq!((t.held(1), t.limit(1)), (1, 2));
+        // An agent without a limit (no host rules, or unknown) learns nothing.
+        assert!(t.learn(7, ip("10.0.0.9"), g("x.test"), 0).is_err());
+        // Expiry gives the room back.
+        assert_eq!(t.expire(100).len(), 3);
+        assert_eq!((t.held(0), t.held(1)), (0, 0));
+        t.learn(
+            0,
+            ip("10.0.0.3"),
+            grant("flood.test", 200, &[(443, 443)]),
+            100,
+        )
+        .unwrap();
+        t.unlearn(0, ip("10.0.0.3"), "flood.test");
+        assert_eq!(t.held(0), 0);
+    }
+
+    #[test]
+    fn a_reload_carries_live_addresses_within_the_new_limits() {
+        let mut t = table(&[(0, 4), (1, 4)]);
+        for (i, exp) in [(1, 50), (2, 300), (3, 200), (4, 10)] {
+            t.learn(
+                0,
+                ip(&format!("10.0.0.{i}")),
+                grant("a.test", exp, &[(1, 1)]),
+                0,
+            )
+            .unwrap();
+        }
+        t.learn(1, ip("10.0.1.1"), grant("b.test", 100, &[(1, 1)]), 0)
+            .unwrap();
+        // Agent 0's limit drops to 2, agent 1 is removed, at time 20 (10.0.0.4 expired).
+        let limits: HashMap<u32, u32> = [(0, 2)].into_iter().collect();
+        let mut carried = t.carried(&limits, 20);
+        carried.sort_by_key(|c| c.1);
+        let addrs: Vec<(u32, IpAddr, u64)> =
+            carried.iter().map(|c| (c.0, c.1, c.2.expires_ns)).collect();
+        assert_eq!(
+            addrs,
+            [(0, ip("10.0.0.2"), 300), (0, ip("10.0.0.3"), 200)],
+            "the two that expire last"
+        );
+        assert_eq!(t.held(0), 4, "choosing changes nothing");
+        let keep: Vec<(u32, IpAddr)> = carried.iter().map(|c| (c.0, c.1)).collect();
+        let dropped = t.set_limits(limits, &keep);
+        assert_eq!(dropped.get(&0), Some(&2));
+        assert_eq!(dropped.get(&1), Some(&1));
+        assert_eq!((t.held(0), t.held(1), t.limit(0), t.limit(1)), (2, 0, 2, 0));
+        assert!(t.lookup(0, ip("10.0.0.2"), 1).is_some());
+        assert!(t.lookup(0, ip("10.0.0.1"), 1).is_none());
     }
 }

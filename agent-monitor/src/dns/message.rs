@@ -123,6 +123,35 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &str) -> Result<Answer, String>
     })
 }
 
+/// Upstream's response `bytes` without the A/AAAA records for `strip` (in any section), and how many
+/// A/AAAA answers are left. The rest of the message is kept as it was.
+pub fn strip_addresses(bytes: &[u8], strip: &[IpAddr]) -> Result<(Vec<u8>, usize), String> {
+    let mut msg =
+        Message::from_vec(bytes).map_err(|e| format!("unreadable upstream response: {e}"))?;
+    let canon = |a: IpAddr| match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
+        v4 => v4,
+    };
+    let strip: HashSet<IpAddr> = strip.iter().map(|&a| canon(a)).collect();
+    let keep = |r: &Record| match r.data() {
+        RData::A(a) => !strip.contains(&IpAddr::V4(a.0)),
+        RData::AAAA(a) => !strip.contains(&canon(IpAddr::V6(a.0))),
+        _ => true,
+    };
+    let answers: Vec<Record> = msg.take_answers().into_iter().filter(keep).collect();
+    let additionals: Vec<Record> = msg.take_additionals().into_iter().filter(keep).collect();
+    let left = answers
+        .iter()
+        .filter(|r| matches!(r.data(), RData::A(_) | RData::AAAA(_)))
+        .count();
+    msg.insert_answers(answers);
+    msg.insert_additionals(additionals);
+    let out = msg
+        .to_vec()
+        .map_err(|e| format!("re-encoding the response: {e}"))?;
+    Ok((out, left))
+}
+
 /// Follows the CNAME chain from `name` through `records` and returns the A/AAAA records owned by a
 /// name on it. Records for names off the chain (which a resolver has no reason to send) are not
 /// taken: only what answers the question asked becomes reachable.
@@ -295,5 +324,44 @@ mod tests {
         assert!(parse_answer(&bytes, 2, "a.test").is_err());
         assert!(parse_answer(&query(1, "a.test.", RecordType::A), 1, "a.test").is_err());
         assert!(parse_answer(&[0, 1], 1, "a.test").is_err());
+    }
+
+    #[test]
+    fn stripped_addresses_leave_the_reply_and_the_rest_stays() {
+        let bytes = response(
+            3,
+            "rebind.test.",
+            vec![
+                cname("rebind.test.", "edge.test."),
+                a("edge.test.", [127, 0, 0, 1], 30),
+                a("edge.test.", [93, 184, 216, 34], 30),
+                Record::from_rdata(
+                    name("edge.test."),
+                    60,
+                    RData::AAAA(AAAA(Ipv6Addr::LOCALHOST)),
+                ),
+            ],
+        );
+        let strip = [
+            IpAddr::V6(Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped()),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        let (out, left) = strip_addresses(&bytes, &strip).expect("strip");
+        assert_eq!(left, 1);
+        let ans = parse_answer(&out, 3, "rebind.test").expect("still an answer");
+        assert_eq!(ans.cnames, ["edge.test"]);
+        assert_eq!(
+            ans.addrs,
+            [(IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34)), 30)]
+        );
+        let (out, left) =
+            strip_addresses(&out, &[IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34))]).expect("strip");
+        assert_eq!(left, 0);
+        assert!(
+            parse_answer(&out, 3, "rebind.test")
+                .expect("answer")
+                .addrs
+                .is_empty()
+        );
     }
 }

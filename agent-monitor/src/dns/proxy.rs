@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dns::message::{parse_answer, parse_query, reply_to};
+use crate::dns::message::{parse_answer, parse_query, reply_to, strip_addresses};
 use crate::dns::{Outcome, QueryReport};
 use crate::policy::Policy;
 use crate::policy::model::Mode;
@@ -292,9 +292,19 @@ impl Endpoint {
         if must_install {
             // The reply waits until the addresses are in the kernel map: the agent's connect
             // right after it must find them. A failure was logged and counted by the monitor.
-            match rx.await {
-                Ok(Ok(())) => {}
+            let installed = match rx.await {
+                Ok(Ok(installed)) => installed,
                 Ok(Err(_)) | Err(_) => return reply_to(query, ResponseCode::ServFail),
+            };
+            if !installed.strip.is_empty() {
+                // The agent's resolver only sees addresses it may reach; when none is left it
+                // gets SERVFAIL for the limit (room comes back as answers expire), REFUSED for
+                // non-public answers (that does not change).
+                return match strip_addresses(&bytes, &installed.strip) {
+                    Ok((reply, left)) if left > 0 => Some(reply),
+                    Ok(_) if !installed.limit_reached => reply_to(query, ResponseCode::Refused),
+                    _ => reply_to(query, ResponseCode::ServFail),
+                };
             }
         }
         Some(bytes)

@@ -27,6 +27,9 @@ pub mod message_id {
     pub const RELOAD_FAILED: &str = "b0a0e56e4b794526a45c061afb6ed4c5";
     /// Kernel records lost (ring buffer full), once per burst with the count.
     pub const RECORDS_LOST: &str = "f9ff6c47a97e42e6b656a0e927b0150f";
+    /// Addresses of an allowed DNS answer an agent was not given (non-public, or over its
+    /// learned-address limit); rate-limited per agent and kind.
+    pub const DNS_WITHHELD: &str = "fc147e30ec8643468e477fb1c10bcdbe";
     /// The daemon stops; pinned enforcement continues without it.
     pub const STOPPING: &str = "6dd3bf0c09fa4612a800860c1e2c0a29";
 }

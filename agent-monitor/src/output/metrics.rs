@@ -36,6 +36,10 @@ pub struct Snapshot {
     pub sinks: Vec<(String, u64, u64)>,
     /// Denials/alerts kept out of journald by aggregation (each is in a summary and the JSON trail).
     pub journald_aggregated: u64,
+    /// (agent, why, addresses) of allowed DNS answers not learned (`Withheld::as_str`).
+    pub dns_withheld: Vec<(String, &'static str, u64)>,
+    /// (agent, learned addresses held, limit).
+    pub dns_learned: Vec<(String, u64, u64)>,
     pub agents: u64,
     pub tasks: u64,
     pub processes: u64,
@@ -53,6 +57,17 @@ struct ActionLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabels {
     map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WithheldLabels {
+    agent: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,6 +172,42 @@ pub fn render(s: &Snapshot) -> String {
         "journald_aggregated",
         "Identical denials/alerts folded into journald repeat summaries",
         s.journald_aggregated,
+    );
+    let withheld = Family::<WithheldLabels, Counter<u64>>::default();
+    for (agent, reason, n) in &s.dns_withheld {
+        withheld
+            .get_or_create(&WithheldLabels {
+                agent: agent.clone(),
+                reason: (*reason).into(),
+            })
+            .inc_by(*n);
+    }
+    reg.register(
+        "dns_addresses_withheld",
+        "Addresses of allowed DNS answers an agent was not given, by reason (non-public: no dns.private_answers entry; limit: dns.max_learned reached)",
+        withheld,
+    );
+    let held = Family::<AgentLabels, Gauge<i64>>::default();
+    let limit = Family::<AgentLabels, Gauge<i64>>::default();
+    for (agent, h, l) in &s.dns_learned {
+        let labels = AgentLabels {
+            agent: agent.clone(),
+        };
+        held.get_or_create(&labels)
+            .set(i64::try_from(*h).unwrap_or(i64::MAX));
+        limit
+            .get_or_create(&labels)
+            .set(i64::try_from(*l).unwrap_or(i64::MAX));
+    }
+    reg.register(
+        "dns_learned_addresses",
+        "Addresses an agent holds learned from DNS answers",
+        held,
+    );
+    reg.register(
+        "dns_learned_limit",
+        "Learned addresses an agent may hold (dns.max_learned or its share)",
+        limit,
     );
     gauge(&mut reg, "agents", "Agents with a policy", s.agents);
     gauge(&mut reg, "tasks", "Live (agent, task) cgroups", s.tasks);

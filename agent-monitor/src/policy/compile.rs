@@ -58,12 +58,16 @@ pub enum CapacityError {
         origin: String,
         needed: usize,
     },
+    #[error(transparent)]
+    LearnedBudget(#[from] crate::policy::dns::LearnedBudgetError),
 }
 
 impl PolicySet {
     /// Builds every agent's kernel entries; output order is deterministic.
     pub fn compile(&self) -> Result<KernelTables, CapacityError> {
         let mut tables = KernelTables::default();
+        // Each agent's share of the learned-address map must fit before anything is loaded.
+        self.learned_limits()?;
         for (index, policy) in self.indexed() {
             // A name can match every host rule at once; its addresses must still fit one entry.
             let host_ports = policy.host_port_ranges();

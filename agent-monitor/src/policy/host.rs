@@ -102,6 +102,11 @@ pub(crate) fn parse_host_entry(
         Some((host, ports)) if !ports.is_empty() => (host, parse_ports(ports)?),
         _ => return Err(Reason::MissingPort),
     };
+    Ok((parse_host_pattern(host)?, ports))
+}
+
+/// `NAME` or `*.NAME` (no port) → the pattern, normalised.
+pub(crate) fn parse_host_pattern(host: &str) -> Result<HostPattern, Reason> {
     let (wildcard, name) = match host.strip_prefix("*.") {
         Some(rest) => (true, rest),
         None => (false, host),
@@ -111,12 +116,11 @@ pub(crate) fn parse_host_entry(
     }
     let name = normalize_name(name);
     check_name(&name)?;
-    let pattern = if wildcard {
+    Ok(if wildcard {
         HostPattern::Subdomains(name)
     } else {
         HostPattern::Exact(name)
-    };
-    Ok((pattern, ports))
+    })
 }
 
 /// A normalised host name: labels of [a-z0-9_-], 1-63 characters, not starting or ending with

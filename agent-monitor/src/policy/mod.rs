@@ -1,6 +1,7 @@
 //! Agent policies, pure: parse and validate TOML, evaluate actions, compile kernel tables. No I/O.
 
 pub(crate) mod compile;
+pub mod dns;
 mod evaluate;
 pub mod host;
 pub(crate) mod model;

@@ -135,6 +135,8 @@ pub struct Policy {
     pub(crate) network: Vec<NetRule>,
     /// Host-name network rules, judged by the DNS proxy (see `host.rs`).
     pub(crate) hosts: Vec<HostRule>,
+    /// `[dns]`: learned-address limit and DNS-rebinding opt-in (see `dns.rs`).
+    pub(crate) dns: crate::policy::dns::DnsSettings,
     pub(crate) exec: Vec<ExecRule>,
     /// `[identity]`: processes started outside `run` that are this agent.
     pub(crate) selectors: Selectors,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::policy::dns::DnsSettings;
 use crate::policy::host::{self, HostRule};
 use crate::policy::model::{ExecRule, Mode, NetRule, Policy, prefix_mask};
 use crate::policy::selectors::{
@@ -33,6 +34,18 @@ pub(crate) struct RawPolicy {
     exec: Option<RawAllow>,
     #[serde(default)]
     identity: Option<RawIdentity>,
+    #[serde(default)]
+    dns: Option<RawDns>,
+}
+
+/// `[dns]`: the agent's share of the learned-address map and its DNS-rebinding opt-in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    #[serde(default)]
+    max_learned: Option<Spanned<i64>>,
+    #[serde(default)]
+    private_answers: Vec<Spanned<String>>,
 }
 
 /// `[identity]`: the selectors that make processes started elsewhere this agent.
@@ -306,6 +319,11 @@ pub enum Reason {
     GlobInSelector,
     #[error("expected the file's sha256 as 64 hex digits (sha256sum FILE)")]
     BadSha256,
+
+    #[error("expected 1-{max} (addresses learned from DNS the agent may hold at once)", max = crate::policy::dns::LEARNED_BUDGET)]
+    LearnedLimit,
+    #[error("expected a host name without a port: NAME or *.NAME")]
+    PatternWithPort,
 }
 
 impl Policy {
@@ -504,10 +522,44 @@ impl TryFrom<RawFile<'_>> for Policy {
         }
 
         issues.extend(uid_issues);
+
+        let raw_dns = raw.dns.unwrap_or_default();
+        let mut dns = DnsSettings::default();
+        if let Some(n) = &raw_dns.max_learned {
+            match u32::try_from(*n.get_ref()) {
+                Ok(v) if (1..=crate::policy::dns::LEARNED_BUDGET).contains(&v) => {
+                    dns.max_learned = Some(v)
+                }
+                _ => issues.push(Issue::Value {
+                    at: Location::at(origin, text, n.span().start),
+                    field: "dns.max_learned".into(),
+                    value: n.get_ref().to_string(),
+                    reason: Reason::LearnedLimit,
+                }),
+            }
+        }
+        for (i, entry) in raw_dns.private_answers.iter().enumerate() {
+            let parsed = if entry.get_ref().contains(':') {
+                Err(Reason::PatternWithPort)
+            } else {
+                host::parse_host_pattern(entry.get_ref())
+            };
+            match parsed {
+                Ok(pattern) => dns.private_answers.push((pattern, entry.get_ref().clone())),
+                Err(reason) => issues.push(Issue::Value {
+                    at: Location::at(origin, text, entry.span().start),
+                    field: format!("dns.private_answers[{i}]"),
+                    value: entry.get_ref().clone(),
+                    reason,
+                }),
+            }
+        }
+
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
         Ok(Policy {
+            dns,
             selectors,
             defined_at: Location::at(origin, text, raw.agent.span().start),
             agent: raw.agent.into_inner(),
