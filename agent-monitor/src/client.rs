@@ -542,6 +542,11 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                 for w in crate::exec_lint::warnings(&set) {
                     eprintln!("{w}");
                 }
+                // What the daemon would refuse before loading anything: the kernel maps' limits.
+                if let Err(e) = set.compile() {
+                    eprintln!("{}: does not fit the kernel: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",
