@@ -244,6 +244,10 @@ pub struct RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy file or a directory of them; exit 1 and name file, line and value on error.
+    ///
+    /// Also checks that the policies fit the kernel's maps (allowlist entries, port ranges per
+    /// entry, agents, selectors), as the daemon does before it loads anything; give it the whole
+    /// policy directory, since the limits are for all agents together.
     Check {
         /// A `*.toml` file or a directory.
         path: PathBuf,

@@ -614,6 +614,11 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                         }
                     }
                 }
+                // What the daemon would refuse before loading anything: the kernel maps' limits.
+                if let Err(e) = set.compile() {
+                    eprintln!("{}: does not fit the kernel: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",

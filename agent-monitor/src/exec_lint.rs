@@ -3,8 +3,10 @@
 //! allowed name), and rules that allow an interpreter or the dynamic loader (then any code can
 //! run without a further exec). `policy check` prints them and the daemon logs them at start.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::policy::PolicySet;
 
@@ -103,8 +105,13 @@ pub fn rule_warnings(
 
 /// Warnings for every exec rule of every policy, each prefixed with `file:line: warning:`.
 pub fn warnings(set: &PolicySet) -> Vec<String> {
+    // Rules share directories (thousands of files under one): each path is looked at once.
+    let seen: RefCell<HashMap<PathBuf, Option<Access>>> = RefCell::default();
     let access = |p: &Path| {
-        std::fs::symlink_metadata(p).ok().map(|m| Access {
+        if let Some(known) = seen.borrow().get(p) {
+            return *known;
+        }
+        let found = std::fs::symlink_metadata(p).ok().map(|m| Access {
             uid: m.uid(),
             // A symlink's own bits mean nothing (always 0777); who owns it is what counts.
             mode: if m.file_type().is_symlink() {
@@ -112,7 +119,9 @@ pub fn warnings(set: &PolicySet) -> Vec<String> {
             } else {
                 m.mode()
             },
-        })
+        });
+        seen.borrow_mut().insert(p.to_path_buf(), found);
+        found
     };
     let mut out = Vec::new();
     for policy in set {

@@ -1,17 +1,18 @@
 //! Compiling a policy set into the kernel's LPM-trie entries, and a pure model of the kernel lookup
 //! so tests can prove the tables and the userspace evaluator agree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 
 use agent_monitor_common::{
-    EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecKey, MAX_PORT_RANGES, NET_KEY_AGENT_BITS, NetAllow,
-    NetKey, PortRange,
+    EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecKey, MAX_AGENT_CGROUPS, MAX_AGENTS, MAX_EXEC_ENTRIES,
+    MAX_EXEC_SELECTORS, MAX_NET_ENTRIES, MAX_PORT_RANGES, MAX_UID_SELECTORS, NET_KEY_AGENT_BITS,
+    NetAllow, NetKey, PortRange,
 };
 use thiserror::Error;
 
 use crate::policy::evaluate::{ExecFacts, judged_addr};
-use crate::policy::model::{ExecRule, NetRule, PolicySet, prefix_contains, prefix_to_string};
+use crate::policy::model::{ExecRule, NetRule, PolicySet, prefix_mask, prefix_to_string};
 
 /// Entries for the kernel allowlist maps. Each `u32` is the LPM prefix length in bits, counting
 /// the agent index bits.
@@ -36,7 +37,16 @@ impl KernelTables {
     }
 }
 
-/// A policy that is valid but does not fit the kernel's fixed-size entries.
+/// Entries one policy set may put in the network allowlist map: half of it, because a reload,
+/// and a restart that adopts the previous daemon's maps, write the new set's entries beside the
+/// ones in force before switching each agent over (no moment of deny-all or allow-all).
+pub const NET_ENTRIES_PER_SET: u32 = MAX_NET_ENTRIES / 2;
+/// The same for the exec allowlist map (and so for the file-identity map, which holds at most
+/// one entry per exact exec rule).
+pub const EXEC_ENTRIES_PER_SET: u32 = MAX_EXEC_ENTRIES / 2;
+
+/// A policy set that is valid but does not fit the kernel's maps or fixed-size entries. Found by
+/// `compile`, so `policy check` reports it and the daemon refuses it before loading anything.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum CapacityError {
     #[error(
@@ -60,14 +70,73 @@ pub enum CapacityError {
     },
     #[error(transparent)]
     LearnedBudget(#[from] crate::policy::dns::LearnedBudgetError),
+    #[error(
+        "{needed} policies (agents): the kernel's agent table (AGENT_TABLES) holds at most {max}",
+        max = MAX_AGENTS
+    )]
+    TooManyAgents { needed: usize },
+    /// The allowlist entries of the whole set overflow one bank of an allowlist map.
+    #[error(
+        "{by_file}: the policies compile to {needed} {table} entries; at most {limit} fit ({map} holds {capacity}, and a reload or restart writes the new entries beside those in force)"
+    )]
+    TooManyEntries {
+        /// `network allowlist`, `exec allowlist`.
+        table: &'static str,
+        /// The kernel map.
+        map: &'static str,
+        needed: usize,
+        limit: u32,
+        capacity: u32,
+        /// The files that contribute, largest first: `big.toml: 70000 entries`.
+        by_file: String,
+    },
+    /// More selectors of one kind than their kernel map holds.
+    #[error(
+        "{by_file}: the policies have {needed} {kind} selectors; the kernel map {map} holds at most {max}"
+    )]
+    TooManySelectors {
+        kind: &'static str,
+        map: &'static str,
+        needed: usize,
+        max: u32,
+        by_file: String,
+    },
+}
+
+/// `a.toml: 40000 entries, b.toml: 30000 entries`: the files behind a total, largest first (at
+/// most five named).
+fn by_file(counts: impl IntoIterator<Item = (String, usize)>, unit: &str) -> String {
+    let mut counts: Vec<(String, usize)> = counts.into_iter().filter(|(_, n)| *n > 0).collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let shown = 5;
+    let mut parts: Vec<String> = counts
+        .iter()
+        .take(shown)
+        .map(|(file, n)| format!("{file}: {n} {unit}"))
+        .collect();
+    if counts.len() > shown {
+        let rest: usize = counts[shown..].iter().map(|(_, n)| n).sum();
+        parts.push(format!(
+            "{} more files: {rest} {unit}",
+            counts.len() - shown
+        ));
+    }
+    parts.join(", ")
 }
 
 impl PolicySet {
-    /// Builds every agent's kernel entries; output order is deterministic.
+    /// Builds every agent's kernel entries; output order is deterministic. Fails if the set does
+    /// not fit the kernel (see [`CapacityError`]), naming the files and the limit.
     pub fn compile(&self) -> Result<KernelTables, CapacityError> {
+        if self.len() > MAX_AGENTS as usize {
+            return Err(CapacityError::TooManyAgents { needed: self.len() });
+        }
+        self.check_selector_capacity()?;
         let mut tables = KernelTables::default();
         // Each agent's share of the learned-address map must fit before anything is loaded.
         self.learned_limits()?;
+        let mut net_by_file = Vec::new();
+        let mut exec_by_file = Vec::new();
         for (index, policy) in self.indexed() {
             // A name can match every host rule at once; its addresses must still fit one entry.
             let host_ports = policy.host_port_ranges();
@@ -79,6 +148,7 @@ impl PolicySet {
                 });
             }
             let origin = policy.origin().display().to_string();
+            let (net_before, exec_before) = (tables.net.len(), tables.exec.len());
             compile_net(
                 index,
                 policy.network(),
@@ -87,8 +157,88 @@ impl PolicySet {
                 &mut tables.net,
             )?;
             compile_exec(index, policy.exec(), &mut tables.exec);
+            net_by_file.push((origin.clone(), tables.net.len() - net_before));
+            exec_by_file.push((origin, tables.exec.len() - exec_before));
+        }
+        for (table, map, needed, limit, capacity, files) in [
+            (
+                "network allowlist",
+                "NET_ALLOW",
+                tables.net.len(),
+                NET_ENTRIES_PER_SET,
+                MAX_NET_ENTRIES,
+                net_by_file,
+            ),
+            (
+                "exec allowlist",
+                "EXEC_ALLOW",
+                tables.exec.len(),
+                EXEC_ENTRIES_PER_SET,
+                MAX_EXEC_ENTRIES,
+                exec_by_file,
+            ),
+        ] {
+            if needed > limit as usize {
+                return Err(CapacityError::TooManyEntries {
+                    table,
+                    map,
+                    needed,
+                    limit,
+                    capacity,
+                    by_file: by_file(files, "entries"),
+                });
+            }
         }
         Ok(tables)
+    }
+
+    /// Selectors are keyed by what they select (a uid, a file, a cgroup), not by policy bank.
+    fn check_selector_capacity(&self) -> Result<(), CapacityError> {
+        let origin = |p: &crate::policy::Policy| p.origin().display().to_string();
+        let distinct = |values: Vec<String>| values.into_iter().collect::<BTreeSet<_>>().len();
+        let kinds: [(
+            &str,
+            &str,
+            u32,
+            fn(&crate::policy::selectors::Selectors) -> Vec<String>,
+        ); 3] = [
+            ("uid", "UID_SELECTORS", MAX_UID_SELECTORS, |s| {
+                s.uids.iter().map(|u| u.value.to_string()).collect()
+            }),
+            ("executable", "EXEC_SELECTORS", MAX_EXEC_SELECTORS, |s| {
+                s.executables.iter().map(|e| e.value.path.clone()).collect()
+            }),
+            // Each resolves to one cgroup in the identity map, which `run`'s agents share.
+            (
+                "cgroup and systemd unit",
+                "AGENT_CGROUPS",
+                MAX_AGENT_CGROUPS,
+                |s| {
+                    s.cgroups
+                        .iter()
+                        .chain(&s.systemd_units)
+                        .map(|c| c.value.clone())
+                        .collect()
+                },
+            ),
+        ];
+        for (kind, map, max, values) in kinds {
+            let per_file: Vec<(String, usize)> = self
+                .iter()
+                .map(|p| (origin(p), distinct(values(p.selectors()))))
+                .collect();
+            let needed = distinct(self.iter().flat_map(|p| values(p.selectors())).collect());
+            if needed > max as usize {
+                return Err(CapacityError::TooManySelectors {
+                    kind,
+                    map,
+                    needed,
+                    max,
+                    by_file: by_file(per_file, "selectors"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -107,7 +257,9 @@ pub fn compile_grants(
 }
 
 /// The kernel does one longest-prefix match and then checks the port, so each entry carries the
-/// ports of every rule whose prefix covers it, not only its own.
+/// ports of every rule whose prefix covers it, not only its own. Those are its own ports plus the
+/// (already merged) ports of the nearest covering entry, found by looking up the entry's address
+/// under each shorter prefix length in use: linear in the rules, not quadratic.
 fn compile_net(
     agent: u32,
     rules: &[NetRule],
@@ -122,21 +274,22 @@ fn compile_net(
             .or_default()
             .push(rule.ports());
     }
-    for &(len, net) in own.keys() {
-        let net = Ipv6Addr::from(net);
-        let ranges: Vec<PortRange> = own
-            .iter()
-            .filter(|&(&(outer_len, outer), _)| {
-                outer_len <= len && prefix_contains(Ipv6Addr::from(outer), outer_len, net)
-            })
-            .flat_map(|(_, ranges)| ranges.iter().copied())
-            .collect();
+    let lengths: BTreeSet<u8> = own.keys().map(|&(len, _)| len).collect();
+    let mut merged_of: HashMap<(u8, u128), Vec<PortRange>> = HashMap::with_capacity(own.len());
+    for (&(len, net), ranges) in &own {
+        let nearest_cover = lengths
+            .range(..len)
+            .rev()
+            .find_map(|&outer| merged_of.get(&(outer, net & prefix_mask(outer))));
+        let mut ranges = ranges.clone();
+        ranges.extend(nearest_cover.into_iter().flatten().copied());
         let merged = merge_ranges(ranges);
+        let net_addr = Ipv6Addr::from(net);
         if merged.len() > MAX_PORT_RANGES {
             return Err(CapacityError::TooManyPortRanges {
                 agent: owner.to_string(),
                 origin: origin.to_string(),
-                prefix: prefix_to_string(net, len),
+                prefix: prefix_to_string(net_addr, len),
                 needed: merged.len(),
             });
         }
@@ -150,9 +303,10 @@ fn compile_net(
         }
         let key = NetKey {
             agent,
-            addr: net.octets(),
+            addr: net_addr.octets(),
         };
         out.push((NET_KEY_AGENT_BITS + u32::from(len), key, allow));
+        merged_of.insert((len, net), merged);
     }
     Ok(())
 }
@@ -489,6 +643,228 @@ mod tests {
         let adjacent: Vec<&str> = adjacent.iter().map(String::as_str).collect();
         let t = compile(vec![policy("a", &adjacent, &[])]);
         assert_eq!(ranges(&t.net[0].2), [(1, 40)]);
+    }
+
+    /// The definition: an entry's ports are those of every rule whose prefix covers it.
+    fn covering_ports_by_definition(rules: &[NetRule], len: u8, net: u128) -> Vec<PortRange> {
+        merge_ranges(
+            rules
+                .iter()
+                .filter(|r| {
+                    r.prefix_len() <= len
+                        && crate::policy::model::prefix_contains(
+                            r.net(),
+                            r.prefix_len(),
+                            Ipv6Addr::from(net),
+                        )
+                })
+                .map(NetRule::ports)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn nearest_cover_merging_matches_the_definition() {
+        let mut rng = Lcg(7);
+        // Nested prefixes of a few lengths in a small space, so that many cover each other.
+        let lens = [96u8, 100, 104, 112, 116, 120, 124, 128];
+        let mut entries: Vec<String> = Vec::new();
+        for _ in 0..400 {
+            let len = lens[(rng.next() % lens.len() as u64) as usize];
+            let addr = 0x0a00_0000u32 | (rng.next() as u32 & 0x0000_ffff);
+            let v4_len = len - 96;
+            let mask = if v4_len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(v4_len))
+            };
+            // At most 15 distinct, non-adjacent ports: every entry fits.
+            let port = 1 + 2 * (rng.next() % 15) as u16;
+            entries.push(format!("{}/{v4_len}:{port}", Ipv4Addr::from(addr & mask)));
+        }
+        let entries: Vec<&str> = entries.iter().map(String::as_str).collect();
+        let p = policy("a", &entries, &[]);
+        let mut out = Vec::new();
+        compile_net(0, p.network(), "a", "a.toml", &mut out).expect("fits");
+        assert!(out.len() > 50, "only {} entries", out.len());
+        let mut covered = 0;
+        for (bits, key, allow) in &out {
+            let len = u8::try_from(bits - NET_KEY_AGENT_BITS).expect("len");
+            let want =
+                covering_ports_by_definition(p.network(), len, u128::from_be_bytes(key.addr));
+            let own = p
+                .network()
+                .iter()
+                .filter(|r| r.prefix_len() == len && r.net().octets() == key.addr)
+                .count();
+            if want.len() > own {
+                covered += 1;
+            }
+            assert_eq!(
+                allow.ranges[..allow.count as usize],
+                want[..],
+                "{}",
+                prefix_to_string(Ipv6Addr::from(key.addr), len)
+            );
+        }
+        assert!(
+            covered > 20,
+            "only {covered} entries inherit covering ports"
+        );
+    }
+
+    /// 60,000 network rules compile in well under a second in release (the pairwise cover check
+    /// took minutes); the bound here is generous for a debug build.
+    #[test]
+    fn large_network_allowlist_compiles_in_linear_time() {
+        let n = 60_000u32;
+        let rules: Vec<NetRule> = (0..n)
+            .map(|i| {
+                let v4 = Ipv4Addr::from(0x0a00_0000 | (i << 4));
+                let (net, len) = if i % 10 == 0 {
+                    (Ipv4Addr::from(u32::from(v4) & !0xff), 24)
+                } else {
+                    (v4, 32)
+                };
+                NetRule {
+                    net: net.to_ipv6_mapped(),
+                    prefix_len: 96 + len,
+                    ports: PortRange { lo: 443, hi: 443 },
+                    text: String::new(),
+                    line: 0,
+                }
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        compile_net(0, &rules, "big", "big.toml", &mut out).expect("fits");
+        assert!(out.len() > 50_000);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "compiling {n} rules took {:?}",
+            started.elapsed()
+        );
+    }
+
+    fn v4_entries(n: u32, first: u32) -> Vec<String> {
+        (first..first + n)
+            .map(|i| format!("{}:443", Ipv4Addr::from(0x0a00_0000 | i)))
+            .collect()
+    }
+
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn network_entries_up_to_one_bank_fit_and_one_more_names_the_file_and_limit() {
+        let at_limit = v4_entries(NET_ENTRIES_PER_SET, 0);
+        let t = compile(vec![policy("big", &strs(&at_limit), &[])]);
+        assert_eq!(t.net.len(), NET_ENTRIES_PER_SET as usize);
+        // Duplicates merge before counting: the same limit still fits.
+        let mut dup = at_limit.clone();
+        dup.extend(v4_entries(100, 0));
+        assert!(set(vec![policy("big", &strs(&dup), &[])]).compile().is_ok());
+
+        let over = v4_entries(NET_ENTRIES_PER_SET + 1, 0);
+        let err = set(vec![policy("big", &strs(&over), &[])])
+            .compile()
+            .err()
+            .expect("over capacity");
+        assert_eq!(
+            err.to_string(),
+            "big.toml: 32769 entries: the policies compile to 32769 network allowlist entries; at most 32768 fit (NET_ALLOW holds 65536, and a reload or restart writes the new entries beside those in force)"
+        );
+    }
+
+    #[test]
+    fn exec_entries_over_the_limit_name_every_contributing_file_largest_first() {
+        let paths = |agent: &str, n: u32| -> Vec<String> {
+            (0..n).map(|i| format!("/opt/{agent}/tool{i}")).collect()
+        };
+        let a = paths("a", 20_000);
+        let b = paths("b", 12_769);
+        let c = paths("c", 1);
+        let err = set(vec![
+            policy("a", &[], &strs(&a)),
+            policy("b", &[], &strs(&b)),
+            policy("c", &[], &strs(&c)),
+        ])
+        .compile()
+        .err()
+        .expect("over capacity");
+        assert_eq!(
+            err,
+            CapacityError::TooManyEntries {
+                table: "exec allowlist",
+                map: "EXEC_ALLOW",
+                needed: 32_770,
+                limit: EXEC_ENTRIES_PER_SET,
+                capacity: MAX_EXEC_ENTRIES,
+                by_file: "a.toml: 20000 entries, b.toml: 12769 entries, c.toml: 1 entries".into(),
+            }
+        );
+        // One entry fewer fits.
+        let b = paths("b", 12_767);
+        assert!(
+            set(vec![
+                policy("a", &[], &strs(&a)),
+                policy("b", &[], &strs(&b)),
+                policy("c", &[], &strs(&c)),
+            ])
+            .compile()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn by_file_names_five_files_and_sums_the_rest() {
+        let counts = (1..=8).map(|i| (format!("p{i}.toml"), i));
+        assert_eq!(
+            by_file(counts, "entries"),
+            "p8.toml: 8 entries, p7.toml: 7 entries, p6.toml: 6 entries, p5.toml: 5 entries, \
+             p4.toml: 4 entries, 3 more files: 6 entries"
+        );
+    }
+
+    #[test]
+    fn more_agents_than_the_agent_table_holds_is_a_capacity_error() {
+        let policies: Vec<Policy> = (0..=MAX_AGENTS)
+            .map(|i| policy(&format!("a{i}"), &[], &[]))
+            .collect();
+        let err = set(policies).compile().err().expect("over capacity");
+        assert_eq!(
+            err.to_string(),
+            "4097 policies (agents): the kernel's agent table (AGENT_TABLES) holds at most 4096"
+        );
+    }
+
+    #[test]
+    fn more_uid_selectors_than_their_map_holds_is_a_capacity_error() {
+        let uids = |from: u32, n: u32| -> String {
+            (from..from + n)
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let with_uids = |agent: &str, list: String| {
+            let text = format!("agent = {agent:?}\n[identity]\nuids = [{list}]\n");
+            Policy::parse(&text, Path::new(&format!("{agent}.toml"))).expect("valid")
+        };
+        // Repeats of one uid are one kernel entry.
+        let fits = set(vec![
+            with_uids("a", uids(10_000, 1000)),
+            with_uids("b", format!("{}, 20000", uids(20_000, 24))),
+        ]);
+        assert!(fits.compile().is_ok());
+        let over = set(vec![
+            with_uids("a", uids(10_000, 1000)),
+            with_uids("b", uids(20_000, 25)),
+        ]);
+        assert_eq!(
+            over.compile().err().expect("over").to_string(),
+            "a.toml: 1000 selectors, b.toml: 25 selectors: the policies have 1025 uid selectors; the kernel map UID_SELECTORS holds at most 1024"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Workload selectors (`[identity]` of a policy): which processes started outside `agent-monitor
 //! run` are this agent. Validation of each selector and the conflict rule between policies. Pure.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
 use agent_monitor_common::{
@@ -43,7 +44,7 @@ impl Selectors {
 }
 
 /// Kind of selector, for messages and precedence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SelectorKind {
     Uid,
     SystemdUnit,
@@ -280,30 +281,47 @@ pub fn conflicts<'a>(agents: impl IntoIterator<Item = (&'a str, &'a Selectors)>)
             });
         }
     }
-    let mut issues = Vec::new();
-    for (i, a) in claims.iter().enumerate() {
-        for b in &claims[i + 1..] {
-            if a.agent == b.agent || a.kind != b.kind {
-                continue;
-            }
-            let overlap = match a.kind {
-                SelectorKind::Cgroup => nested(&a.value, &b.value),
-                _ => a.value == b.value,
-            };
-            if overlap {
-                issues.push(Issue::SelectorConflict {
-                    kind: a.kind.as_str(),
-                    first_agent: a.agent.to_string(),
-                    first_value: a.value.clone(),
-                    first: a.at.clone(),
-                    second_agent: b.agent.to_string(),
-                    second_value: b.value.clone(),
-                    second: b.at.clone(),
-                });
+    // Claims that can overlap meet under one key: their value, and for cgroups also each
+    // ancestor of it (a cgroup overlaps exactly its ancestors, itself and its descendants). Keyed
+    // then grouped by agent, so finding the pairs costs the claims and the pairs, not every pair of
+    // claims (a policy may hold thousands of selectors).
+    let mut by_key: HashMap<(SelectorKind, &str), Vec<(&str, Vec<usize>)>> = HashMap::new();
+    for (i, c) in claims.iter().enumerate() {
+        let groups = by_key.entry((c.kind, c.value.as_str())).or_default();
+        match groups.iter_mut().find(|(agent, _)| *agent == c.agent) {
+            Some((_, list)) => list.push(i),
+            None => groups.push((c.agent, vec![i])),
+        }
+    }
+    let mut pairs: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for (j, b) in claims.iter().enumerate() {
+        let mut keys = vec![b.value.as_str()];
+        if b.kind == SelectorKind::Cgroup {
+            keys.extend(b.value.match_indices('/').map(|(at, _)| &b.value[..at]));
+        }
+        for key in keys {
+            for (agent, list) in by_key.get(&(b.kind, key)).into_iter().flatten() {
+                if *agent != b.agent {
+                    pairs.extend(list.iter().map(|&i| (i.min(j), i.max(j))));
+                }
             }
         }
     }
-    issues
+    pairs
+        .into_iter()
+        .map(|(i, j)| {
+            let (a, b) = (&claims[i], &claims[j]);
+            Issue::SelectorConflict {
+                kind: a.kind.as_str(),
+                first_agent: a.agent.to_string(),
+                first_value: a.value.clone(),
+                first: a.at.clone(),
+                second_agent: b.agent.to_string(),
+                second_value: b.value.clone(),
+                second: b.at.clone(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -458,6 +476,65 @@ mod tests {
         assert!(text[0].starts_with("p.toml:7:1: uid selector \"1001\" of agent \"b\""));
         assert!(text[0].contains("p.toml:3:1"), "{}", text[0]);
         assert!(text.iter().any(|t| t.contains("\"/agents/coder\"")));
+    }
+
+    /// The keyed search finds exactly the pairs the pairwise definition finds, in the same order.
+    #[test]
+    fn keyed_conflicts_match_the_pairwise_definition() {
+        let paths = [
+            "/a", "/a/b", "/a/b/c", "/ab", "/a/bc", "/x", "/x/a", "/a/b/c/d",
+        ];
+        let agents = ["p", "q", "r"];
+        let mut all: Vec<Selectors> = agents.iter().map(|_| Selectors::default()).collect();
+        let mut line = 1;
+        for (n, path) in paths.iter().enumerate() {
+            for (k, s) in all.iter_mut().enumerate() {
+                if (n + k) % 2 == 0 || n == 1 {
+                    s.cgroups.push(sel(path.to_string(), line));
+                    s.uids.push(sel(((n + k) % 4) as u32, line));
+                    line += 1;
+                }
+            }
+        }
+        // A repeat within one agent never conflicts with itself.
+        all[0].cgroups.push(sel("/a/b".to_string(), line));
+        let found = conflicts(agents.iter().copied().zip(all.iter()));
+        let mut want = Vec::new();
+        let flat: Vec<(&str, SelectorKind, String, &Location)> = agents
+            .iter()
+            .zip(&all)
+            .flat_map(|(agent, s)| {
+                s.uids
+                    .iter()
+                    .map(move |u| (*agent, SelectorKind::Uid, u.value.to_string(), &u.at))
+                    .chain(
+                        s.cgroups
+                            .iter()
+                            .map(move |c| (*agent, SelectorKind::Cgroup, c.value.clone(), &c.at)),
+                    )
+            })
+            .collect();
+        for (i, a) in flat.iter().enumerate() {
+            for b in &flat[i + 1..] {
+                let overlap = match a.1 {
+                    SelectorKind::Cgroup => nested(&a.2, &b.2),
+                    _ => a.2 == b.2,
+                };
+                if a.0 != b.0 && a.1 == b.1 && overlap {
+                    want.push(Issue::SelectorConflict {
+                        kind: a.1.as_str(),
+                        first_agent: a.0.to_string(),
+                        first_value: a.2.clone(),
+                        first: a.3.clone(),
+                        second_agent: b.0.to_string(),
+                        second_value: b.2.clone(),
+                        second: b.3.clone(),
+                    });
+                }
+            }
+        }
+        assert!(want.len() > 20, "only {} conflicts", want.len());
+        assert_eq!(found, want);
     }
 
     #[test]
