@@ -306,7 +306,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = crate::bpf::uninstall(pin_dir)?;
     match grant_state::remove_if_of(state_file, pin_dir) {
-        Ok(true) => println!("removed the grant state file {}", state_file.display()),
+        Ok(true) => crate::stdout::outln!("removed the grant state file {}", state_file.display()),
         Ok(false) => {}
         Err(e) => eprintln!(
             "agent-monitor daemon --uninstall: could not remove the grant state file {}: {e}",
@@ -314,9 +314,9 @@ fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
         ),
     }
     if removed.is_empty() {
-        println!("nothing pinned in {}", pin_dir.display());
+        crate::stdout::outln!("nothing pinned in {}", pin_dir.display());
     } else {
-        println!(
+        crate::stdout::outln!(
             "removed from {}: {}; agent-monitor enforcement has stopped",
             pin_dir.display(),
             removed.join(", ")
