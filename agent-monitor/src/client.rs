@@ -341,6 +341,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     crate::stdout::outln!("policies: {}", status.policies);
+    if !status.journal_query.is_empty() {
+        // Entries are matched by fields journald sets itself; anyone can forge the others.
+        crate::stdout::outln!(
+            "journald: {} (only entries this daemon wrote; add e.g. AGENT_ID=NAME VERDICT=denied)",
+            status.journal_query
+        );
+    }
     match status.origin.get("kind").and_then(|k| k.as_str()) {
         Some("adopted") => crate::stdout::outln!(
             "kernel state: adopted from pins (previous daemon away {} s, {} records lost meanwhile{})",

@@ -807,6 +807,9 @@ impl Monitor {
             .map_err(|e| format!("invalid policies in {}:\n{e}", dir.display()))
             .and_then(|set| {
                 let agents = set.len();
+                for w in crate::exec_lint::warnings(&set) {
+                    tracing::warn!("{w}");
+                }
                 self.apply_policies(set)
                     .map(|()| agents)
                     .map_err(|e| format!("{e:#}"))
@@ -2868,6 +2871,7 @@ impl Monitor {
                 .policies_loaded
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            journal_query: crate::output::journald::this_process_query(),
             counters: Counters {
                 journald_aggregated: self.outputs.aggregated(),
                 ..self.counters.clone()
