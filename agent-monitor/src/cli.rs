@@ -11,7 +11,10 @@ use crate::control::DEFAULT_SOCKET;
 ///
 /// Every connect and exec of an agent process (and of everything it starts) is checked against
 /// that agent's allowlist when it happens: blocked in the kernel in enforce mode, reported in alert
-/// mode. Decisions go to journald (SYSLOG_IDENTIFIER=agent-monitor) and to a JSON audit trail.
+/// mode. Decisions go to journald and to a JSON audit trail. Query journald by the fields journald
+/// sets itself, never by SYSLOG_IDENTIFIER alone (any process can write that):
+/// `journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor AGENT_ID=coder VERDICT=denied`;
+/// `agent-monitor status` prints the exact query for the running daemon.
 #[derive(Debug, Parser)]
 #[command(name = "agent-monitor", version, propagate_version = true)]
 pub struct Cli {
@@ -38,7 +41,8 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Show agents, their tasks and live processes, counters and what is enforcing.
+    /// Show agents, their tasks and live processes, counters and what is enforcing, and the
+    /// journalctl query that selects only this daemon's journald entries.
     Status(StatusArgs),
     /// Re-read the daemon's policy directory and apply it to running agents too.
     ///
@@ -46,6 +50,9 @@ pub enum Command {
     /// printed and the exit status is 1. Same as sending SIGHUP to the daemon.
     Reload(SocketOnlyArgs),
     /// Show recent agent actions, and with --follow every new one as it happens.
+    ///
+    /// Read from the daemon itself (control socket), not from journald: only what the daemon
+    /// recorded shows, never an entry another process wrote to journald.
     Events(EventsArgs),
     /// Start and end tasks of an agent, with short-lived grants (root or the --admin-group).
     #[command(subcommand)]

@@ -303,13 +303,13 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             expires_in_ms,
             moved,
         }) => {
-            println!(
+            crate::stdout::outln!(
                 "task {task} of agent {agent} started; grants [{}] {}",
                 grants.join(", "),
                 until(expires_in_ms)
             );
             if let Some(pid) = moved {
-                println!("process {pid} moved into task {task}");
+                crate::stdout::outln!("process {pid} moved into task {task}");
             }
             ExitCode::SUCCESS
         }
@@ -319,7 +319,7 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             grants,
             expires_in_ms,
         }) => {
-            println!(
+            crate::stdout::outln!(
                 "task {task} of agent {agent} narrowed; grants [{}] {}",
                 grants.join(", "),
                 until(expires_in_ms)
@@ -331,7 +331,7 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             task,
             revoked,
         }) => {
-            println!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
+            crate::stdout::outln!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
             ExitCode::SUCCESS
         }
         Ok(other) => {
@@ -359,7 +359,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
     };
     if args.json {
         match serde_json::to_string_pretty(&status) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::stdout::outln!("{s}"),
             Err(e) => {
                 eprintln!("agent-monitor status: {e}");
                 return ExitCode::FAILURE;
@@ -367,9 +367,16 @@ pub fn status(args: StatusArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    println!("policies: {}", status.policies);
+    crate::stdout::outln!("policies: {}", status.policies);
+    if !status.journal_query.is_empty() {
+        // Entries are matched by fields journald sets itself; anyone can forge the others.
+        crate::stdout::outln!(
+            "journald: {} (only entries this daemon wrote; add e.g. AGENT_ID=NAME VERDICT=denied)",
+            status.journal_query
+        );
+    }
     match status.origin.get("kind").and_then(|k| k.as_str()) {
-        Some("adopted") => println!(
+        Some("adopted") => crate::stdout::outln!(
             "kernel state: adopted from pins (previous daemon away {} s, {} records lost meanwhile{})",
             status.origin["away_seconds"]
                 .as_f64()
@@ -381,11 +388,13 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 ""
             }
         ),
-        Some(k) => println!("kernel state: {k}"),
+        Some(k) => crate::stdout::outln!("kernel state: {k}"),
         None => {}
     }
     if let Some(pins) = status.mechanisms.get("pin_dir").and_then(|v| v.as_str()) {
-        println!("pinned in: {pins} (`agent-monitor daemon --uninstall` ends enforcement)");
+        crate::stdout::outln!(
+            "pinned in: {pins} (`agent-monitor daemon --uninstall` ends enforcement)"
+        );
     }
     let m = &status.mechanisms;
     let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
@@ -399,16 +408,16 @@ pub fn status(args: StatusArgs) -> ExitCode {
             })
             .unwrap_or_default()
     };
-    println!("exec enforcement: {}", text("exec_enforcement"));
-    println!("connect enforcement: {}", text("connect_enforcement"));
+    crate::stdout::outln!("exec enforcement: {}", text("exec_enforcement"));
+    crate::stdout::outln!("connect enforcement: {}", text("connect_enforcement"));
     for a in list("attached") {
-        println!("attached: {a}");
+        crate::stdout::outln!("attached: {a}");
     }
-    println!("socket() watch: {}", text("socket_syscall_watch"));
+    crate::stdout::outln!("socket() watch: {}", text("socket_syscall_watch"));
     for r in list("refused") {
-        println!("not available: {r}");
+        crate::stdout::outln!("not available: {r}");
     }
-    println!(
+    crate::stdout::outln!(
         "counters: {} actions, {} denied, {} alerts, {} lost records, {} undecodable, {} verdict disagreements, {} tracked processes",
         status.counters.actions,
         status.counters.denied,
@@ -418,7 +427,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.verdict_disagreements,
         status.counters.tracked_processes
     );
-    println!(
+    crate::stdout::outln!(
         "operation: {} actions lost ({} of them alert-mode actions refused as unrecordable), {} reloads, {} reload failures, {} denials folded into journald summaries",
         status.counters.actions_lost,
         status.counters.alerts_refused_unrecordable,
@@ -427,21 +436,21 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.journald_aggregated
     );
     for o in status.occupancy.as_array().into_iter().flatten() {
-        println!(
+        crate::stdout::outln!(
             "map {}: {} of {} entries",
             o["map"].as_str().unwrap_or("?"),
             o["used"],
             o["capacity"]
         );
     }
-    println!(
+    crate::stdout::outln!(
         "identity: {} refusals by an expired grant (in the kernel), {} untaggable processes (map full), {} selector conflicts",
         status.counters.grants_expired_in_kernel,
         status.counters.tags_full,
         status.counters.selector_conflicts
     );
     let c = &status.counters;
-    println!(
+    crate::stdout::outln!(
         "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses, {} non-public answer addresses withheld, {} addresses over agents' learned limits ({} answers)",
         c.dns_queries,
         c.dns_refused,
@@ -457,28 +466,35 @@ pub fn status(args: StatusArgs) -> ExitCode {
         c.dns_limit_reached
     );
     for s in &status.sinks {
-        println!(
+        crate::stdout::outln!(
             "sink {}: {} written, {} failed",
-            s.sink, s.written, s.failed
+            s.sink,
+            s.written,
+            s.failed
         );
     }
     for a in &status.agents {
-        println!(
+        crate::stdout::outln!(
             "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
-            a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
+            a.agent,
+            a.mode,
+            a.actions,
+            a.allowed,
+            a.denied,
+            a.alerts
         );
         if a.dns_learned_limit > 0 || a.dns_withheld_non_public > 0 {
-            println!(
+            crate::stdout::outln!(
                 "  dns: {} of {} learned addresses; withheld: {} non-public, {} over the limit",
                 a.dns_learned, a.dns_learned_limit, a.dns_withheld_non_public, a.dns_withheld_limit
             );
         }
         for sel in &a.selectors {
-            println!("  selector {sel}");
+            crate::stdout::outln!("  selector {sel}");
         }
         for t in &a.tasks {
             let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
-            println!("  task {}: processes [{}]", t.task, pids.join(" "));
+            crate::stdout::outln!("  task {}: processes [{}]", t.task, pids.join(" "));
             if !t.grants.is_empty() {
                 let until = t
                     .grants_expire_in_ms
@@ -490,10 +506,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             ))
                         )
                     });
-                println!("    grants [{}] {until}", t.grants.join(", "));
+                crate::stdout::outln!("    grants [{}] {until}", t.grants.join(", "));
             }
             for u in &t.unscoped {
-                println!("    NOT scoped to its own processes (no Landlock domain): {u}");
+                crate::stdout::outln!("    NOT scoped to its own processes (no Landlock domain): {u}");
             }
         }
     }
@@ -503,7 +519,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 pub fn reload(args: SocketOnlyArgs) -> ExitCode {
     match control::call(&args.socket.control_socket, &Request::Reload {}) {
         Ok(Response::Reloaded { message, .. }) => {
-            println!("{message}");
+            crate::stdout::outln!("{message}");
             ExitCode::SUCCESS
         }
         Ok(other) => {
@@ -531,8 +547,11 @@ pub fn events(args: EventsArgs) -> ExitCode {
                 v["message"].as_str().unwrap_or("?")
             )
         };
-        // A closed pipe (`events -f | head`) ends the stream quietly.
-        writeln!(std::io::stdout(), "{line}").is_ok()
+        // A closed pipe (`events -f | head`) ends the stream quietly, by SIGPIPE.
+        if let Err(e) = writeln!(std::io::stdout(), "{line}") {
+            crate::stdout::failed(&e);
+        }
+        true
     };
     let req = Request::Events {
         follow: args.follow,
@@ -620,7 +639,7 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
-                println!(
+                crate::stdout::outln!(
                     "{}: ok, {} agent(s): {}",
                     path.display(),
                     names.len(),

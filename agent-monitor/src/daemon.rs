@@ -310,7 +310,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
     let removed = crate::bpf::uninstall(pin_dir)?;
     match grant_state::remove_if_of(state_file, pin_dir) {
-        Ok(true) => println!("removed the grant state file {}", state_file.display()),
+        Ok(true) => crate::stdout::outln!("removed the grant state file {}", state_file.display()),
         Ok(false) => {}
         Err(e) => eprintln!(
             "agent-monitor daemon --uninstall: could not remove the grant state file {}: {e}",
@@ -318,9 +318,9 @@ fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
         ),
     }
     if removed.is_empty() {
-        println!("nothing pinned in {}", pin_dir.display());
+        crate::stdout::outln!("nothing pinned in {}", pin_dir.display());
     } else {
-        println!(
+        crate::stdout::outln!(
             "removed from {}: {}; agent-monitor enforcement has stopped",
             pin_dir.display(),
             removed.join(", ")
@@ -818,6 +818,9 @@ impl Monitor {
             .map_err(|e| format!("invalid policies in {}:\n{e}", dir.display()))
             .and_then(|set| {
                 let agents = set.len();
+                for w in crate::exec_lint::warnings(&set) {
+                    tracing::warn!("{w}");
+                }
                 self.apply_policies(set)
                     .map(|()| agents)
                     .map_err(|e| format!("{e:#}"))
@@ -3345,6 +3348,7 @@ impl Monitor {
                 .policies_loaded
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            journal_query: crate::output::journald::this_process_query(),
             counters: Counters {
                 journald_aggregated: self.outputs.aggregated(),
                 ..self.counters.clone()

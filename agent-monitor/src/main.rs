@@ -21,6 +21,7 @@ mod policy;
 mod policy_cmd;
 mod policy_dir;
 mod sandbox;
+mod stdout;
 
 use std::process::ExitCode;
 

@@ -41,7 +41,7 @@ impl Outcome {
     }
 
     fn print(self) -> ExitCode {
-        print!("{}", self.stdout);
+        crate::stdout::out!("{}", self.stdout);
         eprint!("{}", self.stderr);
         ExitCode::from(self.code)
     }

@@ -373,10 +373,20 @@ pub fn py_connect(host: &str, port: u16) -> String {
     )
 }
 
-/// journald entries of agent-monitor matching every `FIELD=value` in `matches`.
+/// The trusted journald matches the README teaches (`_UID=0 _EXE=<the daemon's binary>`): only
+/// entries the daemon under test wrote, never one another process forged with agent-monitor's
+/// field names. journald reads `_EXE` from `/proc/PID/exe`, the canonical path.
+pub fn daemon_entry_matches() -> Vec<String> {
+    let exe = std::fs::canonicalize(binary()).expect("the agent-monitor binary");
+    vec!["_UID=0".to_string(), format!("_EXE={}", exe.display())]
+}
+
+/// journald entries of agent-monitor matching every `FIELD=value` in `matches`, queried the way
+/// users are told to (see [`daemon_entry_matches`]).
 pub fn journal_matching(matches: &[String]) -> Vec<Value> {
     let out = Command::new("journalctl")
         .args(["-o", "json", "--no-pager", "-t", "agent-monitor"])
+        .args(daemon_entry_matches())
         .args(matches)
         .output()
         .expect("running journalctl");

@@ -219,6 +219,10 @@ pub struct Status {
     /// When the policy in force was loaded (start or last reload), Unix seconds.
     #[serde(default)]
     pub policies_loaded_unix: u64,
+    /// The `journalctl` command that selects only the entries this daemon wrote (trusted fields:
+    /// its uid, executable and systemd service), to which a query adds `AGENT_ID=…` and the like.
+    #[serde(default)]
+    pub journal_query: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

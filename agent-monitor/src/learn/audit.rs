@@ -154,6 +154,11 @@ pub fn read_audit(mut reader: impl BufRead, origin: &Path) -> io::Result<Audit> 
         }
         match parse_record(text, line) {
             Ok(r) => audit.actions.push(r),
+            // No newline at the end of the file: the writer stopped in the middle of this line.
+            Err(what) if buf.last() != Some(&b'\n') => audit.problems.push(problem(format!(
+                "last line cut short (no newline at the end: the daemon stopped or the disk \
+                 filled while it was written), not read: {what}"
+            ))),
             Err(what) => audit.problems.push(problem(what)),
         }
     }
@@ -519,6 +524,13 @@ pub(crate) mod tests {
         assert_eq!(audit.actions.len(), 1);
         assert_eq!(audit.problems.len(), 1);
         assert_eq!(audit.problems[0].line, 2);
+        assert!(
+            audit.problems[0].what.starts_with("last line cut short"),
+            "{:?}",
+            audit.problems[0]
+        );
+        // A complete last line without its newline is still read.
+        assert_eq!(read(&good).actions.len(), 1);
     }
 
     #[test]

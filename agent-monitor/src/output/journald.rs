@@ -1,5 +1,10 @@
 //! Journald sink: one structured entry per action over the native protocol, so that
-//! `journalctl -t agent-monitor AGENT_ID=coder VERDICT=denied` finds it.
+//! `journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor AGENT_ID=coder VERDICT=denied` finds it.
+//!
+//! Any process can write an entry with `SYSLOG_IDENTIFIER=agent-monitor` and `AGENT_ID`/`VERDICT`
+//! fields of its choosing, so the fields we write prove nothing. Queries must match journald's
+//! trusted fields, which journald sets from the sender's kernel credentials (see
+//! [`own_entries_query`]).
 
 use libsystemd::logging::{Priority, journal_send};
 
@@ -54,6 +59,56 @@ pub fn event(id: &str, priority: Priority, message: &str, fields: &[(&str, Strin
     all.extend(fields.iter().map(|(k, v)| (*k, without_nul(v.clone()))));
     if let Err(e) = journal_send(priority, message, all.into_iter()) {
         tracing::warn!("journald event {id} not sent ({e}): {message}");
+    }
+}
+
+/// The `journalctl` command (without further matches) that selects the entries the daemon
+/// running as `exe` wrote and no forgery: `_UID=0` (the sender's uid from `SCM_CREDENTIALS`; a
+/// process can claim another only with `CAP_SETUID`/`CAP_SYS_ADMIN`), `_EXE` (journald reads
+/// `/proc/PID/exe` of that pid: a sender cannot choose it, unlike `_COMM` or `_CMDLINE`), and
+/// under systemd `_SYSTEMD_UNIT` (from the sender's cgroup; agents live in their own cgroups).
+/// `SYSLOG_IDENTIFIER` stays for readability only: anyone can set it.
+pub fn own_entries_query(exe: &str, unit: Option<&str>) -> String {
+    let mut q = format!("journalctl _UID=0 _EXE={}", shell_word(exe));
+    if let Some(unit) = unit {
+        q.push_str(&format!(" _SYSTEMD_UNIT={}", shell_word(unit)));
+    }
+    q.push_str(" -t ");
+    q.push_str(SYSLOG_IDENTIFIER);
+    q
+}
+
+/// [`own_entries_query`] for this process: its executable as journald will read it (a binary
+/// replaced on disk reads `PATH (deleted)`, and so does `_EXE`) and its systemd service, if any.
+pub fn this_process_query() -> String {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "/usr/local/bin/agent-monitor".to_string());
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    own_entries_query(&exe, systemd_service(&cgroup).as_deref())
+}
+
+/// The systemd service whose cgroup holds the process, from `/proc/self/cgroup` (the v2 line
+/// `0::/system.slice/NAME.service/…`), as journald derives `_SYSTEMD_UNIT`. Only a `.service`:
+/// a session `.scope` also holds the operator's shell and whatever it starts.
+pub fn systemd_service(proc_cgroup: &str) -> Option<String> {
+    let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let unit = path
+        .split('/')
+        .find(|c| !c.is_empty() && !c.ends_with(".slice"))?;
+    unit.ends_with(".service").then(|| unit.to_string())
+}
+
+/// `text` as one shell word (quoted only when it needs to be).
+fn shell_word(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@,=".contains(&b))
+    {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
     }
 }
 
@@ -395,5 +450,39 @@ mod tests {
         }
         let err = JournaldSink::new().emit(&connect_action()).unwrap_err();
         assert!(matches!(err, SinkError::Journald(_)), "{err:?}");
+    }
+
+    #[test]
+    fn the_query_matches_trusted_fields_only() {
+        assert_eq!(
+            own_entries_query("/usr/local/bin/agent-monitor", None),
+            "journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor -t agent-monitor"
+        );
+        assert_eq!(
+            own_entries_query(
+                "/usr/local/bin/agent-monitor (deleted)",
+                Some("agent-monitor.service")
+            ),
+            "journalctl _UID=0 _EXE='/usr/local/bin/agent-monitor (deleted)' \
+             _SYSTEMD_UNIT=agent-monitor.service -t agent-monitor"
+        );
+        assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    #[test]
+    fn the_service_comes_from_the_v2_cgroup_line() {
+        let unit = |text: &str| systemd_service(text);
+        assert_eq!(
+            unit("1:name=systemd:/\n0::/system.slice/agent-monitor.service\n").as_deref(),
+            Some("agent-monitor.service")
+        );
+        assert_eq!(
+            unit("0::/system.slice/agent-monitor.service/sub\n").as_deref(),
+            Some("agent-monitor.service")
+        );
+        // A login session's scope holds the operator's shell too; the root is no unit.
+        assert_eq!(unit("0::/user.slice/user-0.slice/session-3.scope\n"), None);
+        assert_eq!(unit("0::/\n"), None);
+        assert_eq!(unit(""), None);
     }
 }

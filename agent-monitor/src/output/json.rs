@@ -108,14 +108,28 @@ impl JsonSink {
         })
     }
 
-    /// Writes `lines` (newline-terminated) in one go. This is `write_all` keeping count of what
-    /// reached the file, so that a write that fails half-way marks the file as ending mid-line.
+    /// Writes `lines` (newline-terminated) in one go. A write that fails half-way (a full disk
+    /// takes what fits, then says ENOSPC) is cut back to where it began, so the trail never ends
+    /// in a torn record that readers trip on; the whole batch then counts as failed. Only if the
+    /// cut fails too is the file marked as ending mid-line (the next write starts a fresh line).
     fn write_line(&mut self, lines: &[u8]) -> io::Result<()> {
+        let start = self.file.metadata()?.len();
+        let was_mid_line = self.mid_line;
+        if let Err(e) = self.write_lines(lines) {
+            // Not a regular file (a pipe, /dev/full): nothing to cut.
+            if self.file.metadata().is_ok_and(|m| m.is_file()) && self.file.set_len(start).is_ok() {
+                self.mid_line = was_mid_line;
+            }
+            return Err(e);
+        }
+        self.file.flush()
+    }
+
+    fn write_lines(&mut self, lines: &[u8]) -> io::Result<()> {
         if self.mid_line {
             self.write_counted(b"\n")?;
         }
-        self.write_counted(lines)?;
-        self.file.flush()
+        self.write_counted(lines)
     }
 
     fn write_counted(&mut self, buf: &[u8]) -> io::Result<()> {
