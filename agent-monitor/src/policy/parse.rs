@@ -418,7 +418,7 @@ pub fn parse_grants(
 
 fn toml_issue(err: &toml::de::Error, text: &str, origin: &Path) -> Issue {
     let at = match err.span() {
-        Some(span) => lines.location(span.start),
+        Some(span) => Location::at(origin, text, span.start),
         None => Location {
             origin: origin.to_path_buf(),
             line_col: None,
