@@ -2679,7 +2679,7 @@ impl Monitor {
                                     None,
                                     format!("{text} (alert mode: answered unchanged)"),
                                 )
-                            } else if strip.len() == addrs.len() {
+                            } else if addrs.iter().all(|(a, _)| strip.contains(a)) {
                                 let (code, verdict) = if limit_reached {
                                     ("servfail", "answered SERVFAIL")
                                 } else {

@@ -16,12 +16,23 @@ const NOERROR: i64 = 0;
 const SERVFAIL: i64 = 2;
 const REFUSED: i64 = 5;
 
+/// The test names answer with loopback addresses (the only ones a test can listen on), so these
+/// policies opt their names in to non-public answers; `policy_with_dns` writes another `[dns]`.
 fn policy(agent: &str, mode: &str, net: &[String]) -> (String, String) {
+    policy_with_dns(
+        agent,
+        mode,
+        net,
+        "private_answers = [\"*.test\", \"*.example.com\"]",
+    )
+}
+
+fn policy_with_dns(agent: &str, mode: &str, net: &[String], dns: &str) -> (String, String) {
     let allow: Vec<String> = net.iter().map(|s| format!("{s:?}")).collect();
     (
         format!("{agent}.toml"),
         format!(
-            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n",
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n[dns]\n{dns}\n",
             allow.join(", ")
         ),
     )
@@ -520,4 +531,229 @@ fn learned_addresses_allow_udp_datagrams_on_the_rule_ports_only() {
         is(v, "action", "sendmsg") && is(v, "verdict", "allowed") && v["dest_port"] == p
     });
     assert_eq!(field(&s, "dest_host"), "quic.ok.test");
+}
+
+/// A hosts file for dnsmasq (`--addn-hosts`): every (address, name) pair becomes one record, so a
+/// name can answer with thousands of addresses. Returned with the directory that holds it.
+fn hosts_file(entries: &[(String, &str)]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hosts");
+    let body: String = entries.iter().map(|(a, n)| format!("{a} {n}\n")).collect();
+    std::fs::write(&path, body).expect("writing the hosts file");
+    let arg = format!("--addn-hosts={}", path.display());
+    (dir, arg)
+}
+
+fn agent_status(d: &Daemon, agent: &str) -> Value {
+    let status = d.status();
+    status["agents"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["agent"] == agent))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {agent} in status: {status}"))
+}
+
+/// Issue 13, shared DNS state: an agent whose allowed wildcard answers with thousands of
+/// (public) addresses fills only its own share of the learned-address map (4096 by default);
+/// beyond it the addresses are not learned, the reply carries only what it may reach (SERVFAIL
+/// when nothing is left) and the limit is reported. Another agent's allowed name still resolves
+/// and connects, and a reload in the middle of it is applied.
+#[test]
+fn a_flood_of_learned_addresses_hits_the_agents_own_limit_not_the_others() {
+    if !require_root("a_flood_of_learned_addresses_hits_the_agents_own_limit_not_the_others") {
+        return;
+    }
+    let flooder = unique_agent("dnsflood");
+    let victim = unique_agent("dnsvict");
+    let port = listener_on("127.0.0.3");
+    // Four names under the wildcard, 2000 distinct public addresses each (198.18.0.0/15).
+    let names = [
+        "n1.flood.test",
+        "n2.flood.test",
+        "n3.flood.test",
+        "n4.flood.test",
+    ];
+    let mut entries = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        for i in 0..2000u32 {
+            let n = k as u32 * 2000 + i;
+            entries.push((format!("198.18.{}.{}", n / 250, n % 250 + 1), *name));
+        }
+    }
+    let (_hosts, addn) = hosts_file(&entries);
+    let up = Dnsmasq::start(&[addn.as_str(), "--address=/ok.example.com/127.0.0.3"]);
+    let victim_policy = policy(&victim, "enforce", &[format!("ok.example.com:{port}")]);
+    let d = daemon(
+        &[
+            policy_with_dns(&flooder, "enforce", &["*.flood.test:443".into()], ""),
+            victim_policy.clone(),
+        ],
+        &up,
+        &[],
+    );
+    let ops: Vec<String> = names
+        .iter()
+        .map(|n| format!("q {SERVER4} {n} {A} tcp"))
+        .collect();
+    let r = agent_ops(&d, &flooder, &ops.join(" "));
+    for (i, v) in r[..2].iter().enumerate() {
+        assert_eq!(rcode(v), NOERROR, "answer {i}: {}", v["rcode"]);
+        assert_eq!(addrs(v).len(), 2000, "answer {i} fits the limit whole");
+    }
+    assert_eq!(rcode(&r[2]), NOERROR);
+    assert_eq!(
+        addrs(&r[2]).len(),
+        4096 - 4000,
+        "the third answer is cut to what still fits"
+    );
+    assert_eq!(
+        rcode(&r[3]),
+        SERVFAIL,
+        "nothing of the fourth answer fits: SERVFAIL (try again later)"
+    );
+    let s = agent_status(&d, &flooder);
+    assert_eq!(s["dns_learned"], 4096, "{s}");
+    assert_eq!(s["dns_learned_limit"], 4096, "{s}");
+    assert_eq!(s["dns_withheld_limit"], 1904 + 2000, "{s}");
+
+    // The other agent's allowed name resolves and connects.
+    let p = port.to_string();
+    let r = agent_ops(&d, &victim, &format!("gai ok.example.com c 127.0.0.3 {p}"));
+    assert_eq!(addrs(&r[0]), ["127.0.0.3"], "{}", r[0]);
+    assert!(connected(&r[1]), "victim connect: {}", r[1]);
+
+    // A reload while the flooder holds its whole share is applied; learned state moves along.
+    let (name, text_) = victim_policy;
+    d.write_policy(&name, &text_);
+    let out = d.reload();
+    assert!(
+        out.status.success(),
+        "reload refused: {}",
+        text(&out.stderr)
+    );
+    let r = agent_ops(
+        &d,
+        &victim,
+        &format!("c 127.0.0.3 {p} gai ok.example.com c 127.0.0.3 {p}"),
+    );
+    assert!(connected(&r[0]), "learned before the reload: {}", r[0]);
+    assert!(connected(&r[2]), "after the reload: {}", r[2]);
+    // The flooder's learned addresses survived the reload and still count against its limit.
+    let r = agent_ops(
+        &d,
+        &flooder,
+        &format!("q {SERVER4} n4.flood.test {A} tcp c 198.18.0.1 443"),
+    );
+    assert_eq!(
+        rcode(&r[0]),
+        SERVFAIL,
+        "still at its limit after the reload"
+    );
+    assert!(!eperm(&r[1]), "a learned address stays allowed: {}", r[1]);
+
+    let e = wait_journal(&flooder, "limit notice", |e| is(e, "WITHHELD", "limit"));
+    assert_eq!(field(&e, "LEARNED_LIMIT"), "4096", "{e}");
+    assert_eq!(field(&e, "PRIORITY"), "4");
+    assert!(
+        field(&e, "MESSAGE").contains("learned-address limit reached"),
+        "{e}"
+    );
+    let q = d.wait_audit("the cut answer", |v| {
+        is(v, "action", "dns") && is(v, "agent_id", &flooder) && is(v, "enforcement", "servfail")
+    });
+    assert_eq!(field(&q, "verdict"), "denied", "{q}");
+    let c = &d.status()["counters"];
+    assert!(c["dns_limit_reached"].as_u64() >= Some(2), "{c}");
+    assert_eq!(c["dns_install_failures"], 0, "{c}");
+    assert_eq!(c["reload_failures"], 0, "{c}");
+    assert_eq!(c["verdict_disagreements"], 0);
+}
+
+/// Issue 13, DNS rebinding: an allowed name answering with loopback, link-local or private
+/// addresses does not make them reachable: they are not learned and leave the reply (REFUSED when
+/// nothing is left), reported. A policy that opts the name in (`dns.private_answers`) gets them,
+/// and so does a process outside agents.
+#[test]
+fn a_name_answering_local_addresses_is_not_learned_without_an_opt_in() {
+    if !require_root("a_name_answering_local_addresses_is_not_learned_without_an_opt_in") {
+        return;
+    }
+    let strict = unique_agent("dnsrebind");
+    let opted = unique_agent("dnsoptin");
+    let port = listener_on("127.0.0.3");
+    let (_hosts, addn) = hosts_file(&[
+        ("127.0.0.3".into(), "rebind.test"),
+        ("169.254.7.7".into(), "rebind.test"),
+        ("10.1.2.3".into(), "rebind.test"),
+        ("127.0.0.3".into(), "mixed.test"),
+        ("198.18.9.9".into(), "mixed.test"),
+    ]);
+    let up = Dnsmasq::start(&[addn.as_str()]);
+    let rules = [format!("rebind.test:{port}"), format!("mixed.test:{port}")];
+    let d = daemon(
+        &[
+            policy_with_dns(&strict, "enforce", &rules, ""),
+            policy_with_dns(
+                &opted,
+                "enforce",
+                &rules,
+                "private_answers = [\"rebind.test\"]",
+            ),
+        ],
+        &up,
+        &[],
+    );
+    let p = port.to_string();
+    let ops = format!(
+        "q {SERVER4} rebind.test {A} udp c 127.0.0.3 {p} c 169.254.7.7 {p} c 10.1.2.3 {p} q {SERVER4} mixed.test {A} udp c 127.0.0.3 {p}"
+    );
+    let r = agent_ops(&d, &strict, &ops);
+    assert_eq!(rcode(&r[0]), REFUSED, "only non-public addresses: {}", r[0]);
+    for c in &r[1..4] {
+        assert!(eperm(c), "not learned, so denied: {c}");
+    }
+    assert_eq!(rcode(&r[4]), NOERROR, "{}", r[4]);
+    assert_eq!(
+        addrs(&r[4]),
+        ["198.18.9.9"],
+        "the loopback address left the reply"
+    );
+    assert!(eperm(&r[5]), "{}", r[5]);
+
+    // The policy that opts rebind.test in gets its answer and reaches it.
+    let r = agent_ops(&d, &opted, &ops);
+    assert_eq!(rcode(&r[0]), NOERROR, "{}", r[0]);
+    assert!(addrs(&r[0]).contains(&"127.0.0.3".to_string()), "{}", r[0]);
+    assert!(connected(&r[1]), "opted in: {}", r[1]);
+    // mixed.test is not opted in: the same protection applies.
+    assert_eq!(addrs(&r[4]), ["198.18.9.9"], "{}", r[4]);
+
+    // Outside agents nothing changes: the same name through the same upstream.
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", PY_DNS_CLIENT, "qp", "127.0.0.1"])
+        .arg(up.addr.port().to_string())
+        .args(["rebind.test", A, "udp"])
+        .output()
+        .expect("python3");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(rcode(&v), NOERROR, "{v}");
+    assert_eq!(addrs(&v).len(), 3, "{v}");
+    std::net::TcpStream::connect(("127.0.0.3", port)).expect("the test itself connects");
+
+    let e = wait_journal(&strict, "rebinding notice", |e| {
+        is(e, "WITHHELD", "non-public")
+    });
+    assert_eq!(field(&e, "DNS_NAME"), "rebind.test", "{e}");
+    assert!(field(&e, "WITHHELD_ADDRS").contains("169.254.7.7"), "{e}");
+    let q = wait_journal(&strict, "refused answer", |e| {
+        is(e, "ACTION", "dns") && is(e, "VERDICT", "denied") && is(e, "DNS_NAME", "rebind.test")
+    });
+    assert!(field(&q, "REASON").contains("non-public"), "{q}");
+    let s = agent_status(&d, &strict);
+    assert_eq!(
+        s["dns_withheld_non_public"], 4,
+        "3 + mixed.test's loopback: {s}"
+    );
+    assert_eq!(agent_status(&d, &opted)["dns_withheld_non_public"], 1);
+    assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
 }

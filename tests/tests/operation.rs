@@ -819,7 +819,7 @@ fn reload_keeps_dns_proxies_and_learned_addresses() {
         (
             format!("{name}.toml"),
             format!(
-                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{rule:?}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{rule:?}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n[dns]\nprivate_answers = [\"*.example.com\"]\n"
             ),
         )
     };
@@ -890,7 +890,7 @@ fn reload_puts_new_host_rules_in_force_in_the_dns_proxies() {
         (
             format!("{name}.toml"),
             format!(
-                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{list}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+                "agent = {name:?}\nmode = \"enforce\"\n[network]\nallow = [{list}]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n[dns]\nprivate_answers = [\"*.example.com\"]\n"
             ),
         )
     };

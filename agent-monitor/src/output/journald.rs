@@ -282,6 +282,7 @@ mod tests {
             message_id::RELOAD_APPLIED,
             message_id::RELOAD_FAILED,
             message_id::RECORDS_LOST,
+            message_id::DNS_WITHHELD,
             message_id::STOPPING,
         ];
         for id in ids {
