@@ -134,6 +134,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tracing::info!("{did}");
     }
     let cgroup_root = crate::host::cgroup2_root()?;
+    refuse_host_capture(&policies, &cgroup_root).context("refusing to start")?;
     let layout = crate::host::tracepoint_layout()?;
     let cgroups = AgentCgroups::new(&cgroup_root)?;
     let admin_gid = match &args.admin_group {
@@ -584,6 +585,24 @@ fn tagged_identity_of(agent: u32) -> AgentSlot {
     }
 }
 
+/// Selectors that would capture PID 1 or the daemon on this host refuse the whole set (see
+/// `identity::host_capture`), before anything is written: at start before the programs load, at
+/// reload before the new bank.
+fn refuse_host_capture(set: &PolicySet, cgroup_root: &Path) -> anyhow::Result<()> {
+    let found = identity::host_capture::issues(
+        set,
+        &identity::host_capture::Protected::host("the daemon"),
+        &identity::host_capture::LiveHost { cgroup_root },
+    );
+    if !found.is_empty() {
+        bail!(
+            "selectors that would capture the host:\n{}",
+            found.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
 /// selectors ([identity]) run without `run`'s seccomp filter, and in alert mode that filter lets
 /// other socket families pass for this watch to report.
@@ -856,7 +875,7 @@ impl Monitor {
     /// cgroup is switched over in one map update (index and mode together), then the old bank
     /// goes. On a failure before the switch nothing has changed.
     fn apply_policies(&mut self, set: PolicySet) -> anyhow::Result<()> {
-        self.refuse_host_capture(&set)?;
+        refuse_host_capture(&set, &self.cgroup_root)?;
         let live = self.kernel.state(common::STATE_LIVE_BANK)?;
         let next: u32 = if live == 0 { 1 } else { 0 };
         let base = next * BANK_STRIDE;
@@ -993,25 +1012,6 @@ impl Monitor {
             socket_watch_at_start(&self.policies).or_else(|| self.socket_watch_sticky.clone());
         if let Err(e) = self.kernel.watch_socket_syscalls(why.as_deref()) {
             tracing::error!("socket() watch: {e:#}");
-        }
-        Ok(())
-    }
-
-    /// Selectors that would capture PID 1 or the daemon on this host refuse the whole set (see
-    /// `identity::host_capture`), before anything is written.
-    fn refuse_host_capture(&self, set: &PolicySet) -> anyhow::Result<()> {
-        let found = identity::host_capture::issues(
-            set,
-            &identity::host_capture::Protected::host("the daemon"),
-            &identity::host_capture::LiveHost {
-                cgroup_root: &self.cgroup_root,
-            },
-        );
-        if !found.is_empty() {
-            bail!(
-                "selectors that would capture the host:\n{}",
-                found.join("\n")
-            );
         }
         Ok(())
     }

@@ -303,6 +303,26 @@ fn policy_dir(policy: &(String, String)) -> tempfile::TempDir {
     dir
 }
 
+/// `agent-monitor daemon` on the policies in `dir`: it must refuse to start before it loads
+/// anything (no pins left behind).
+fn daemon_refuses(dir: &std::path::Path) -> Output {
+    let pins = private_pin_dir();
+    let out = Command::new(binary())
+        .args(["daemon", "--policies"])
+        .arg(dir)
+        .arg("--pin-dir")
+        .arg(&pins)
+        .arg("--control-socket")
+        .arg(dir.join("s.sock"))
+        .arg("--state-file")
+        .arg(dir.join("g.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!pins.exists(), "nothing was loaded: {out:?}");
+    out
+}
+
 #[test]
 fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() {
     if !require_root("selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon") {
@@ -322,21 +342,8 @@ fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() 
         )),
         "{err}"
     );
-    let pins = private_pin_dir();
-    let out = Command::new(binary())
-        .args(["daemon", "--policies"])
-        .arg(dir.path())
-        .arg("--pin-dir")
-        .arg(&pins)
-        .arg("--control-socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-file")
-        .arg(dir.path().join("g.json"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
+    let out = daemon_refuses(dir.path());
     assert!(text(&out.stderr).contains("uid 0 is root"), "{out:?}");
-    assert!(!pins.exists(), "nothing was loaded");
 
     // The daemon's own binary as an executable selector: host-dependent, refused by `policy
     // check` (it is this check's binary too) and by a reload, which keeps the old policy.
@@ -356,6 +363,11 @@ fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() 
     assert!(!out.status.success(), "{out:?}");
     assert!(
         text(&out.stderr).contains("is the binary of this `policy check`"),
+        "{out:?}"
+    );
+    let out = daemon_refuses(dir.path());
+    assert!(
+        text(&out.stderr).contains("is the binary of the daemon"),
         "{out:?}"
     );
     let allowed = listener_v4();
@@ -407,4 +419,50 @@ fn allowing_programs_that_hand_work_to_services_warns() {
         "{}",
         d.log()
     );
+}
+
+#[test]
+fn a_cgroup_selector_holding_the_daemon_is_refused_on_the_host() {
+    if !require_root("a_cgroup_selector_holding_the_daemon_is_refused_on_the_host") {
+        return;
+    }
+    let agent = unique_agent("hostcg");
+    // Declared before the daemon so they are removed after the daemon is gone.
+    let cg = TestCgroup::new(&format!("am-test-{agent}"), "daemon");
+    let beside = TestCgroup::new(&format!("am-test-{agent}"), "work");
+    let top = format!("/am-test-{agent}");
+    let allowed = listener_v4();
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[format!("127.0.0.1:{allowed}")],
+        &[PYTHON],
+        "",
+    )]);
+    // The daemon now lives below `top`, as it would below a slice on a systemd host.
+    std::fs::write(cg.path.join("cgroup.procs"), d.pid().to_string()).unwrap();
+    let bad = identity_policy(&agent, &[], &[], &format!("cgroups = [{top:?}]"));
+    d.write_policy(&bad.0, &bad.1);
+    let out = d.reload();
+    assert!(!out.status.success(), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("the previous policy stays in force"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cgroup selector {top:?} of agent {agent:?} would capture the daemon (pid {}",
+            d.pid()
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("(cgroup {})", cg.rel)), "{err}");
+    let out = d.run(
+        &agent,
+        None,
+        &[PYTHON, "-c", &format!("{PY_C}print(c({allowed}))")],
+    );
+    assert_eq!(stdout_of(&out), "ok", "{}", text(&out.stderr));
+    // Control: a selector one level down, beside the daemon, is accepted.
+    let good = identity_policy(&agent, &[], &[], &format!("cgroups = [{:?}]", beside.rel));
+    d.write_policy(&good.0, &good.1);
+    let out = d.reload();
+    assert!(out.status.success(), "{out:?}");
 }
