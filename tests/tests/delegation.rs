@@ -466,3 +466,44 @@ fn a_cgroup_selector_holding_the_daemon_is_refused_on_the_host() {
     let out = d.reload();
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn a_uid_selector_warns_about_the_uids_processes_outside_the_agent() {
+    if !require_root("a_uid_selector_warns_about_the_uids_processes_outside_the_agent") {
+        return;
+    }
+    let agent = unique_agent("warnsel");
+    let user = TestUser::new("a");
+    let mut outside = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={}", user.uid),
+            &format!("--regid={}", user.gid),
+            "--clear-groups",
+            "--",
+            "/usr/bin/sleep",
+            "30",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let want = format!("pid {} sleep", outside.id());
+    let p = identity_policy(&agent, &[], &[], &format!("uids = [{}]", user.uid));
+    let dir = policy_dir(&p);
+    let out = cli(&["policy", "check", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "valid, with a warning: {out:?}");
+    assert!(
+        err.contains(&format!("{}:8:9: warning: uid {}", p.0, user.uid)),
+        "{err}"
+    );
+    assert!(err.contains(&want), "{err}");
+    let d = Daemon::start(std::slice::from_ref(&p));
+    let log = d.log();
+    let _ = outside.kill();
+    let _ = outside.wait();
+    assert!(log.contains(&want), "{log}");
+    assert!(
+        log.contains(&format!("they are agent {agent} from now on")),
+        "{log}"
+    );
+}
