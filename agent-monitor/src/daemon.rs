@@ -1090,19 +1090,17 @@ impl Monitor {
                 );
                 continue;
             };
-            match next.uid_owner(uid) {
-                Some(identity::uid_binding::Owner::Selector { agent, at }) => {
-                    if agent != b.agent {
-                        tracing::warn!(
-                            uid,
-                            "uid {uid} was bound to agent {} by {}; the `uids` selector of agent {agent} at {at} outranks the binding: its processes are agent {agent} now",
-                            b.agent,
-                            b.origin
-                        );
-                    }
-                    continue;
+            if let Some(identity::uid_binding::Owner::Selector { agent, at }) = next.uid_owner(uid)
+            {
+                if agent != b.agent {
+                    tracing::warn!(
+                        uid,
+                        "uid {uid} was bound to agent {} by {}; the `uids` selector of agent {agent} at {at} outranks the binding: its processes are agent {agent} now",
+                        b.agent,
+                        b.origin
+                    );
                 }
-                _ => {}
+                continue;
             }
             // Bindings give the `default` task, as a selector does; re-numbered for this daemon.
             let mode = policy.mode().kernel_value();
