@@ -145,6 +145,19 @@ fn a_uid_bound_by_run_user_is_the_agent_wherever_its_processes_start() {
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
     assert!(stdout_of(&out).is_empty(), "{out:?}");
+    // setpriv (setresuid, then exec in the same process).
+    let out = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={}", user.uid),
+            &format!("--regid={}", user.gid),
+            "--clear-groups",
+            "--",
+            ID,
+            "-G",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "killed, not run: {out:?}");
     // An allowed program as the uid, started outside: its connects are judged as the agent;
     // and a setuid without exec is caught from the next action on.
     let script = format!("{PY_C}print(c({allowed}), c({forbidden}))\n",);
