@@ -134,6 +134,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tracing::info!("{did}");
     }
     let cgroup_root = crate::host::cgroup2_root()?;
+    refuse_host_capture(&policies, &cgroup_root).context("refusing to start")?;
     let layout = crate::host::tracepoint_layout()?;
     let cgroups = AgentCgroups::new(&cgroup_root)?;
     let admin_gid = match &args.admin_group {
@@ -587,6 +588,24 @@ fn tagged_identity_of(agent: u32) -> AgentSlot {
     }
 }
 
+/// Selectors that would capture PID 1 or the daemon on this host refuse the whole set (see
+/// `identity::host_capture`), before anything is written: at start before the programs load, at
+/// reload before the new bank.
+fn refuse_host_capture(set: &PolicySet, cgroup_root: &Path) -> anyhow::Result<()> {
+    let found = identity::host_capture::issues(
+        set,
+        &identity::host_capture::Protected::host("the daemon"),
+        &identity::host_capture::LiveHost { cgroup_root },
+    );
+    if !found.is_empty() {
+        bail!(
+            "selectors that would capture the host:\n{}",
+            found.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// Why the `sys_enter_socket` watch is needed from the start, if it is: agents identified by
 /// selectors ([identity]) run without `run`'s seccomp filter, and in alert mode that filter lets
 /// other socket families pass for this watch to report.
@@ -867,7 +886,7 @@ impl Monitor {
     /// cgroup is switched over in one map update (index and mode together), then the old bank
     /// goes. On a failure before the switch nothing has changed.
     fn apply_policies(&mut self, set: PolicySet) -> anyhow::Result<()> {
-        self.refuse_host_capture(&set)?;
+        refuse_host_capture(&set, &self.cgroup_root)?;
         let live = self.kernel.state(common::STATE_LIVE_BANK)?;
         let next: u32 = if live == 0 { 1 } else { 0 };
         let base = next * BANK_STRIDE;
@@ -1029,25 +1048,6 @@ impl Monitor {
         Ok(())
     }
 
-    /// Selectors that would capture PID 1 or the daemon on this host refuse the whole set (see
-    /// `identity::host_capture`), before anything is written.
-    fn refuse_host_capture(&self, set: &PolicySet) -> anyhow::Result<()> {
-        let found = identity::host_capture::issues(
-            set,
-            &identity::host_capture::Protected::host("the daemon"),
-            &identity::host_capture::LiveHost {
-                cgroup_root: &self.cgroup_root,
-            },
-        );
-        if !found.is_empty() {
-            bail!(
-                "selectors that would capture the host:\n{}",
-                found.join("\n")
-            );
-        }
-        Ok(())
-    }
-
     /// Selectors of the policies in force, armed from scratch (issue 4's `Selected::arm` is
     /// re-runnable): the new set's entries are written over the old (same stable ids), then kernel
     /// entries no selector of the new set owns — left by the previous policy or a previous
@@ -1122,19 +1122,17 @@ impl Monitor {
                 );
                 continue;
             };
-            match next.uid_owner(uid) {
-                Some(identity::uid_binding::Owner::Selector { agent, at }) => {
-                    if agent != b.agent {
-                        tracing::warn!(
-                            uid,
-                            "uid {uid} was bound to agent {} by {}; the `uids` selector of agent {agent} at {at} outranks the binding: its processes are agent {agent} now",
-                            b.agent,
-                            b.origin
-                        );
-                    }
-                    continue;
+            if let Some(identity::uid_binding::Owner::Selector { agent, at }) = next.uid_owner(uid)
+            {
+                if agent != b.agent {
+                    tracing::warn!(
+                        uid,
+                        "uid {uid} was bound to agent {} by {}; the `uids` selector of agent {agent} at {at} outranks the binding: its processes are agent {agent} now",
+                        b.agent,
+                        b.origin
+                    );
                 }
-                _ => {}
+                continue;
             }
             // Bindings give the `default` task, as a selector does; re-numbered for this daemon.
             let mode = policy.mode().kernel_value();

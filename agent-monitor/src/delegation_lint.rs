@@ -52,6 +52,16 @@ const DELEGATORS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Where the delegating programs live on common distributions.
+const BIN_DIRS: [&str; 6] = [
+    "/usr/bin",
+    "/usr/sbin",
+    "/bin",
+    "/sbin",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+];
+
 /// The service `name` hands work to, if it is a delegating program.
 fn service_of(name: &str) -> Option<&'static str> {
     DELEGATORS
@@ -82,12 +92,19 @@ pub fn rule_warnings(
             Some(i) => (&prefix[..i.max(1)], &prefix[i + 1..]),
             None => return out,
         };
+        // A glob matches every path with its prefix, subdirectories included: a program counts
+        // if it exists under the glob's own directory or in a standard one the glob covers. A
+        // directory that cannot be seen is judged by the names alone.
         let dir_known = exists(Path::new(dir));
+        let present = |name: &str| {
+            std::iter::once(format!("{}/{name}", dir.trim_end_matches('/')))
+                .chain(BIN_DIRS.iter().map(|d| format!("{d}/{name}")))
+                .any(|p| p.starts_with(prefix) && exists(Path::new(&p)))
+        };
         let covered: Vec<&str> = DELEGATORS
             .iter()
             .map(|(n, _)| *n)
-            .filter(|n| n.starts_with(name_prefix))
-            .filter(|n| !dir_known || exists(&Path::new(dir).join(n)))
+            .filter(|n| present(n) || (!dir_known && n.starts_with(name_prefix)))
             .collect();
         if !covered.is_empty() {
             let shown: Vec<&str> = covered.iter().take(6).copied().collect();
@@ -180,16 +197,23 @@ mod tests {
             "/usr/bin/systemctl",
             "/usr/bin/su",
             "/opt/tools",
+            "/",
+            "/usr",
         ]);
         let w = rule_warnings("/usr/bin/*", None, &disk);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("allows 3 program(s)"), "{}", w[0]);
         assert!(w[0].contains("systemctl, ssh, su"), "{}", w[0]);
         let w = rule_warnings("/usr/bin/s*", None, &disk);
-        assert!(w[0].contains("allows 3"), "{w:?}");
+        assert!(w[0].contains("allows 3 program(s)"), "{w:?}");
         assert!(rule_warnings("/usr/bin/git*", None, &disk).is_empty());
         // Nothing delegating in that directory.
         assert!(rule_warnings("/opt/tools/*", None, &disk).is_empty());
+        // A glob reaches into subdirectories.
+        let w = rule_warnings("/usr/*", None, &disk);
+        assert!(w[0].contains("allows 3 program(s)"), "{w:?}");
+        let w = rule_warnings("/*", None, &disk);
+        assert!(w[0].contains("allows 3 program(s)"), "{w:?}");
         // A directory that cannot be read: by name.
         let w = rule_warnings("/nowhere/ss*", None, &disk);
         assert!(w[0].contains("(ssh)"), "{w:?}");

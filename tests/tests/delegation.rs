@@ -145,6 +145,19 @@ fn a_uid_bound_by_run_user_is_the_agent_wherever_its_processes_start() {
         .unwrap();
     assert!(!out.status.success(), "{out:?}");
     assert!(stdout_of(&out).is_empty(), "{out:?}");
+    // setpriv (setresuid, then exec in the same process).
+    let out = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={}", user.uid),
+            &format!("--regid={}", user.gid),
+            "--clear-groups",
+            "--",
+            ID,
+            "-G",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "killed, not run: {out:?}");
     // An allowed program as the uid, started outside: its connects are judged as the agent;
     // and a setuid without exec is caught from the next action on.
     let script = format!("{PY_C}print(c({allowed}), c({forbidden}))\n",);
@@ -303,6 +316,26 @@ fn policy_dir(policy: &(String, String)) -> tempfile::TempDir {
     dir
 }
 
+/// `agent-monitor daemon` on the policies in `dir`: it must refuse to start before it loads
+/// anything (no pins left behind).
+fn daemon_refuses(dir: &std::path::Path) -> Output {
+    let pins = private_pin_dir();
+    let out = Command::new(binary())
+        .args(["daemon", "--policies"])
+        .arg(dir)
+        .arg("--pin-dir")
+        .arg(&pins)
+        .arg("--control-socket")
+        .arg(dir.join("s.sock"))
+        .arg("--state-file")
+        .arg(dir.join("g.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    assert!(!pins.exists(), "nothing was loaded: {out:?}");
+    out
+}
+
 #[test]
 fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() {
     if !require_root("selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon") {
@@ -322,21 +355,8 @@ fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() 
         )),
         "{err}"
     );
-    let pins = private_pin_dir();
-    let out = Command::new(binary())
-        .args(["daemon", "--policies"])
-        .arg(dir.path())
-        .arg("--pin-dir")
-        .arg(&pins)
-        .arg("--control-socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--state-file")
-        .arg(dir.path().join("g.json"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{out:?}");
+    let out = daemon_refuses(dir.path());
     assert!(text(&out.stderr).contains("uid 0 is root"), "{out:?}");
-    assert!(!pins.exists(), "nothing was loaded");
 
     // The daemon's own binary as an executable selector: host-dependent, refused by `policy
     // check` (it is this check's binary too) and by a reload, which keeps the old policy.
@@ -356,6 +376,11 @@ fn selectors_that_capture_the_host_are_refused_by_policy_check_and_the_daemon() 
     assert!(!out.status.success(), "{out:?}");
     assert!(
         text(&out.stderr).contains("is the binary of this `policy check`"),
+        "{out:?}"
+    );
+    let out = daemon_refuses(dir.path());
+    assert!(
+        text(&out.stderr).contains("is the binary of the daemon"),
         "{out:?}"
     );
     let allowed = listener_v4();
@@ -406,5 +431,92 @@ fn allowing_programs_that_hand_work_to_services_warns() {
             .contains("\"/usr/bin/systemd-run\" (systemd-run) hands work to systemd"),
         "{}",
         d.log()
+    );
+}
+
+#[test]
+fn a_cgroup_selector_holding_the_daemon_is_refused_on_the_host() {
+    if !require_root("a_cgroup_selector_holding_the_daemon_is_refused_on_the_host") {
+        return;
+    }
+    let agent = unique_agent("hostcg");
+    // Declared before the daemon so they are removed after the daemon is gone.
+    let cg = TestCgroup::new(&format!("am-test-{agent}"), "daemon");
+    let beside = TestCgroup::new(&format!("am-test-{agent}"), "work");
+    let top = format!("/am-test-{agent}");
+    let allowed = listener_v4();
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[format!("127.0.0.1:{allowed}")],
+        &[PYTHON],
+        "",
+    )]);
+    // The daemon now lives below `top`, as it would below a slice on a systemd host.
+    std::fs::write(cg.path.join("cgroup.procs"), d.pid().to_string()).unwrap();
+    let bad = identity_policy(&agent, &[], &[], &format!("cgroups = [{top:?}]"));
+    d.write_policy(&bad.0, &bad.1);
+    let out = d.reload();
+    assert!(!out.status.success(), "{out:?}");
+    let err = text(&out.stderr);
+    assert!(err.contains("the previous policy stays in force"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cgroup selector {top:?} of agent {agent:?} would capture the daemon (pid {}",
+            d.pid()
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("(cgroup {})", cg.rel)), "{err}");
+    let out = d.run(
+        &agent,
+        None,
+        &[PYTHON, "-c", &format!("{PY_C}print(c({allowed}))")],
+    );
+    assert_eq!(stdout_of(&out), "ok", "{}", text(&out.stderr));
+    // Control: a selector one level down, beside the daemon, is accepted.
+    let good = identity_policy(&agent, &[], &[], &format!("cgroups = [{:?}]", beside.rel));
+    d.write_policy(&good.0, &good.1);
+    let out = d.reload();
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_uid_selector_warns_about_the_uids_processes_outside_the_agent() {
+    if !require_root("a_uid_selector_warns_about_the_uids_processes_outside_the_agent") {
+        return;
+    }
+    let agent = unique_agent("warnsel");
+    let user = TestUser::new("a");
+    let mut outside = Command::new("/usr/bin/setpriv")
+        .args([
+            &format!("--reuid={}", user.uid),
+            &format!("--regid={}", user.gid),
+            "--clear-groups",
+            "--",
+            "/usr/bin/sleep",
+            "30",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let want = format!("pid {} sleep", outside.id());
+    let p = identity_policy(&agent, &[], &[], &format!("uids = [{}]", user.uid));
+    let dir = policy_dir(&p);
+    let out = cli(&["policy", "check", dir.path().to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "valid, with a warning: {out:?}");
+    assert!(
+        err.contains(&format!("{}:8:9: warning: uid {}", p.0, user.uid)),
+        "{err}"
+    );
+    assert!(err.contains(&want), "{err}");
+    let d = Daemon::start(std::slice::from_ref(&p));
+    let log = d.log();
+    let _ = outside.kill();
+    let _ = outside.wait();
+    assert!(log.contains(&want), "{log}");
+    assert!(
+        log.contains(&format!("they are agent {agent} from now on")),
+        "{log}"
     );
 }
