@@ -313,6 +313,24 @@ fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
             state_file.display()
         ),
     }
+    // Empty agent and task cgroups go too; one with processes stays (and is named).
+    match crate::host::cgroup2_root() {
+        Ok(root) => {
+            let base = root.join("agent-monitor");
+            let cleanup = crate::identity::AgentCgroups::remove_empty_below(&base);
+            if !cleanup.removed.is_empty() {
+                crate::stdout::outln!(
+                    "removed {} empty agent cgroup(s) below {}",
+                    cleanup.removed.len(),
+                    base.display()
+                );
+            }
+            for left in &cleanup.left {
+                crate::stdout::outln!("left cgroup {left}");
+            }
+        }
+        Err(e) => eprintln!("agent-monitor daemon --uninstall: agent cgroups not removed: {e:#}"),
+    }
     if removed.is_empty() {
         crate::stdout::outln!("nothing pinned in {}", pin_dir.display());
     } else {
@@ -1743,6 +1761,9 @@ impl Monitor {
                 "task {UNVERIFIED_TASK:?} holds processes of an executable whose digest did not match; it is never granted anything"
             );
         }
+        if let Some(ms) = ttl_ms {
+            identity::tasks::check_ttl_ms(ms).map_err(anyhow::Error::msg)?;
+        }
         let slot = self.agent_slot(agent, task, common::SOURCE_TASK_SWITCH)?;
         let (mut net, mut execs) =
             crate::policy::parse_grants(connect, exec).map_err(anyhow::Error::msg)?;
@@ -1858,6 +1879,9 @@ impl Monitor {
         keep_exec: &[String],
         ttl_ms: Option<u64>,
     ) -> anyhow::Result<Response> {
+        if let Some(ms) = ttl_ms {
+            identity::tasks::check_ttl_ms(ms).map_err(anyhow::Error::msg)?;
+        }
         let Some(number) = self.registry.find(agent, task) else {
             bail!("agent {agent:?} has no task {task:?}");
         };

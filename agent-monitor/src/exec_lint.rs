@@ -49,6 +49,8 @@ pub fn writable_location(
     let sticky = |a: Access| a.mode & 0o1000 != 0;
     // Whether everything from here down to `path` exists.
     let mut below_missing = false;
+    // The entry of the directory being looked at that leads to `path`.
+    let mut child: Option<&Path> = None;
     let mut current = Some(path);
     while let Some(p) = current {
         let leaf = p == path;
@@ -62,21 +64,22 @@ pub fn writable_location(
                 ));
             }
             Some(a) if writable(a) && sticky(a) && (!leaf || any_name) => {
-                let what = if below_missing {
-                    format!("{} does not exist, and ", path.display())
-                } else {
-                    String::new()
-                };
-                return Some(format!(
-                    "{what}{} is a sticky directory anyone can write (like /tmp): anyone can \
-                     create a new file there{}",
-                    p.display(),
-                    if below_missing || any_name {
-                        ""
-                    } else {
-                        " once the one named is gone"
-                    }
-                ));
+                let sticky_dir = format!(
+                    "{} is a sticky directory anyone can write (like /tmp)",
+                    p.display()
+                );
+                return Some(match child {
+                    _ if leaf => format!("{sticky_dir}: anyone can create a new file there"),
+                    _ if below_missing => format!(
+                        "{} does not exist, and {sticky_dir}: anyone can create it",
+                        path.display()
+                    ),
+                    Some(c) => format!(
+                        "{sticky_dir}: {} is root's now, but anyone can create it once it is gone",
+                        c.display()
+                    ),
+                    None => sticky_dir,
+                });
             }
             Some(a) if writable(a) => {
                 return Some(if below_missing {
@@ -91,6 +94,7 @@ pub fn writable_location(
             }
             Some(_) => {}
         }
+        child = Some(p);
         current = p.parent();
     }
     None
@@ -439,7 +443,12 @@ mod tests {
         }
         // Below a root-owned directory inside /tmp the glob's own directory decides first.
         let w = lint("/tmp/tools/*", None, &access);
-        assert!(w[0].starts_with("/tmp is a sticky directory"), "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "/tmp is a sticky directory anyone can write (like /tmp): /tmp/tools is root's now, but anyone can create it once it is gone"
+            ),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -461,7 +470,10 @@ mod tests {
         // There and root's: kept in place by the sticky bit, but only while it exists.
         let access = host(&[]);
         let w = lint("/tmp/x", None, &access);
-        assert!(w[0].contains("once the one named is gone"), "{w:?}");
+        assert!(
+            w[0].contains("/tmp/x is root's now, but anyone can create it once it is gone"),
+            "{w:?}"
+        );
         // A missing file in a root-only directory is fine.
         let access = host(&["/opt/tool"]);
         assert!(lint("/opt/tool", None, &access).is_empty());
