@@ -286,8 +286,9 @@ fn access_of(p: &Path) -> Option<Access> {
     })
 }
 
-/// The entries below `dir` for [`glob_entry_warnings`], and whether the scan stopped early.
-fn scan_glob_dir(dir: &Path) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) {
+/// The entries below `dir` that the glob's `prefix` covers, for [`glob_entry_warnings`], and
+/// whether the scan stopped early.
+fn scan_glob_dir(dir: &Path, prefix: &str) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = stack.pop() {
@@ -299,6 +300,9 @@ fn scan_glob_dir(dir: &Path) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) 
                 return (out, true);
             }
             let path = entry.path();
+            if !path.to_string_lossy().starts_with(prefix) {
+                continue;
+            }
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
@@ -342,7 +346,7 @@ pub fn warnings(set: &PolicySet) -> Vec<String> {
             if rule.prefix_glob() {
                 let prefix = rule.text().trim_end_matches('*');
                 let dir = &prefix[..prefix.rfind('/').unwrap_or(0).max(1)];
-                let (entries, cut) = scan_glob_dir(Path::new(dir));
+                let (entries, cut) = scan_glob_dir(Path::new(dir), prefix);
                 found.extend(glob_entry_warnings(rule.text(), &entries, &access));
                 if cut {
                     found.push(format!(
