@@ -304,9 +304,11 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 /// `daemon --uninstall`: removes the pins, so the programs detach and enforcement stops, and the
 /// grant state file of that pin directory (its grants went with the maps).
 fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
+    // Output into a closed pipe ends the command by SIGPIPE instead of std's panic (exit 101).
+    use crate::stdout::outln as println;
     let removed = crate::bpf::uninstall(pin_dir)?;
     match grant_state::remove_if_of(state_file, pin_dir) {
-        Ok(true) => crate::stdout::outln!("removed the grant state file {}", state_file.display()),
+        Ok(true) => println!("removed the grant state file {}", state_file.display()),
         Ok(false) => {}
         Err(e) => eprintln!(
             "agent-monitor daemon --uninstall: could not remove the grant state file {}: {e}",
@@ -319,22 +321,22 @@ fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
             let base = root.join("agent-monitor");
             let cleanup = crate::identity::AgentCgroups::remove_empty_below(&base);
             if !cleanup.removed.is_empty() {
-                crate::stdout::outln!(
+                println!(
                     "removed {} empty agent cgroup(s) below {}",
                     cleanup.removed.len(),
                     base.display()
                 );
             }
             for left in &cleanup.left {
-                crate::stdout::outln!("left cgroup {left}");
+                println!("left cgroup {left}");
             }
         }
         Err(e) => eprintln!("agent-monitor daemon --uninstall: agent cgroups not removed: {e:#}"),
     }
     if removed.is_empty() {
-        crate::stdout::outln!("nothing pinned in {}", pin_dir.display());
+        println!("nothing pinned in {}", pin_dir.display());
     } else {
-        crate::stdout::outln!(
+        println!(
             "removed from {}: {}; agent-monitor enforcement has stopped",
             pin_dir.display(),
             removed.join(", ")
