@@ -8,6 +8,9 @@ use std::process::ExitCode;
 
 use crate::cli::{EventsArgs, PolicyCommand, RunArgs, SocketOnlyArgs, StatusArgs, TaskCommand};
 use crate::control::{self, Request, Response};
+// Every answer goes to stdout through these: a closed pipe ends the command by SIGPIPE instead of
+// the panic (exit 101) of std's `println!`.
+use crate::stdout::outln as println;
 
 /// `run`'s own failures, as in env(1)/timeout(1): 125 ours, 126 cannot execute, 127 not found.
 const EXIT_OURS: u8 = 125;
@@ -303,13 +306,13 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             expires_in_ms,
             moved,
         }) => {
-            crate::stdout::outln!(
+            println!(
                 "task {task} of agent {agent} started; grants [{}] {}",
                 grants.join(", "),
                 until(expires_in_ms)
             );
             if let Some(pid) = moved {
-                crate::stdout::outln!("process {pid} moved into task {task}");
+                println!("process {pid} moved into task {task}");
             }
             ExitCode::SUCCESS
         }
@@ -319,7 +322,7 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             grants,
             expires_in_ms,
         }) => {
-            crate::stdout::outln!(
+            println!(
                 "task {task} of agent {agent} narrowed; grants [{}] {}",
                 grants.join(", "),
                 until(expires_in_ms)
@@ -331,7 +334,7 @@ pub fn task(cmd: TaskCommand) -> ExitCode {
             task,
             revoked,
         }) => {
-            crate::stdout::outln!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
+            println!("task {task} of agent {agent} ended; {revoked} grant(s) revoked");
             ExitCode::SUCCESS
         }
         Ok(other) => {
@@ -359,7 +362,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
     };
     if args.json {
         match serde_json::to_string_pretty(&status) {
-            Ok(s) => crate::stdout::outln!("{s}"),
+            Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("agent-monitor status: {e}");
                 return ExitCode::FAILURE;
@@ -367,16 +370,16 @@ pub fn status(args: StatusArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    crate::stdout::outln!("policies: {}", status.policies);
+    println!("policies: {}", status.policies);
     if !status.journal_query.is_empty() {
         // Entries are matched by fields journald sets itself; anyone can forge the others.
-        crate::stdout::outln!(
+        println!(
             "journald: {} (only entries this daemon wrote; add e.g. AGENT_ID=NAME VERDICT=denied)",
             status.journal_query
         );
     }
     match status.origin.get("kind").and_then(|k| k.as_str()) {
-        Some("adopted") => crate::stdout::outln!(
+        Some("adopted") => println!(
             "kernel state: adopted from pins (previous daemon away {} s, {} records lost meanwhile{})",
             status.origin["away_seconds"]
                 .as_f64()
@@ -388,13 +391,11 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 ""
             }
         ),
-        Some(k) => crate::stdout::outln!("kernel state: {k}"),
+        Some(k) => println!("kernel state: {k}"),
         None => {}
     }
     if let Some(pins) = status.mechanisms.get("pin_dir").and_then(|v| v.as_str()) {
-        crate::stdout::outln!(
-            "pinned in: {pins} (`agent-monitor daemon --uninstall` ends enforcement)"
-        );
+        println!("pinned in: {pins} (`agent-monitor daemon --uninstall` ends enforcement)");
     }
     let m = &status.mechanisms;
     let text = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
@@ -408,16 +409,16 @@ pub fn status(args: StatusArgs) -> ExitCode {
             })
             .unwrap_or_default()
     };
-    crate::stdout::outln!("exec enforcement: {}", text("exec_enforcement"));
-    crate::stdout::outln!("connect enforcement: {}", text("connect_enforcement"));
+    println!("exec enforcement: {}", text("exec_enforcement"));
+    println!("connect enforcement: {}", text("connect_enforcement"));
     for a in list("attached") {
-        crate::stdout::outln!("attached: {a}");
+        println!("attached: {a}");
     }
-    crate::stdout::outln!("socket() watch: {}", text("socket_syscall_watch"));
+    println!("socket() watch: {}", text("socket_syscall_watch"));
     for r in list("refused") {
-        crate::stdout::outln!("not available: {r}");
+        println!("not available: {r}");
     }
-    crate::stdout::outln!(
+    println!(
         "counters: {} actions, {} denied, {} alerts, {} lost records, {} undecodable, {} verdict disagreements, {} tracked processes",
         status.counters.actions,
         status.counters.denied,
@@ -427,7 +428,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.verdict_disagreements,
         status.counters.tracked_processes
     );
-    crate::stdout::outln!(
+    println!(
         "operation: {} actions lost ({} of them alert-mode actions refused as unrecordable), {} reloads, {} reload failures, {} denials folded into journald summaries",
         status.counters.actions_lost,
         status.counters.alerts_refused_unrecordable,
@@ -436,21 +437,21 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.journald_aggregated
     );
     for o in status.occupancy.as_array().into_iter().flatten() {
-        crate::stdout::outln!(
+        println!(
             "map {}: {} of {} entries",
             o["map"].as_str().unwrap_or("?"),
             o["used"],
             o["capacity"]
         );
     }
-    crate::stdout::outln!(
+    println!(
         "identity: {} refusals by an expired grant (in the kernel), {} untaggable processes (map full), {} selector conflicts",
         status.counters.grants_expired_in_kernel,
         status.counters.tags_full,
         status.counters.selector_conflicts
     );
     let c = &status.counters;
-    crate::stdout::outln!(
+    println!(
         "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses, {} non-public answer addresses withheld, {} addresses over agents' learned limits ({} answers)",
         c.dns_queries,
         c.dns_refused,
@@ -466,35 +467,28 @@ pub fn status(args: StatusArgs) -> ExitCode {
         c.dns_limit_reached
     );
     for s in &status.sinks {
-        crate::stdout::outln!(
+        println!(
             "sink {}: {} written, {} failed",
-            s.sink,
-            s.written,
-            s.failed
+            s.sink, s.written, s.failed
         );
     }
     for a in &status.agents {
-        crate::stdout::outln!(
+        println!(
             "agent {} ({}): {} actions, {} allowed, {} denied, {} alerts",
-            a.agent,
-            a.mode,
-            a.actions,
-            a.allowed,
-            a.denied,
-            a.alerts
+            a.agent, a.mode, a.actions, a.allowed, a.denied, a.alerts
         );
         if a.dns_learned_limit > 0 || a.dns_withheld_non_public > 0 {
-            crate::stdout::outln!(
+            println!(
                 "  dns: {} of {} learned addresses; withheld: {} non-public, {} over the limit",
                 a.dns_learned, a.dns_learned_limit, a.dns_withheld_non_public, a.dns_withheld_limit
             );
         }
         for sel in &a.selectors {
-            crate::stdout::outln!("  selector {sel}");
+            println!("  selector {sel}");
         }
         for t in &a.tasks {
             let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
-            crate::stdout::outln!("  task {}: processes [{}]", t.task, pids.join(" "));
+            println!("  task {}: processes [{}]", t.task, pids.join(" "));
             if !t.grants.is_empty() {
                 let until = t
                     .grants_expire_in_ms
@@ -506,10 +500,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
                             ))
                         )
                     });
-                crate::stdout::outln!("    grants [{}] {until}", t.grants.join(", "));
+                println!("    grants [{}] {until}", t.grants.join(", "));
             }
             for u in &t.unscoped {
-                crate::stdout::outln!("    NOT scoped to its own processes (no Landlock domain): {u}");
+                println!("    NOT scoped to its own processes (no Landlock domain): {u}");
             }
         }
     }
@@ -519,7 +513,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
 pub fn reload(args: SocketOnlyArgs) -> ExitCode {
     match control::call(&args.socket.control_socket, &Request::Reload {}) {
         Ok(Response::Reloaded { message, .. }) => {
-            crate::stdout::outln!("{message}");
+            println!("{message}");
             ExitCode::SUCCESS
         }
         Ok(other) => {
@@ -639,7 +633,7 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
-                crate::stdout::outln!(
+                println!(
                     "{}: ok, {} agent(s): {}",
                     path.display(),
                     names.len(),

@@ -309,19 +309,39 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 /// `daemon --uninstall`: removes the pins, so the programs detach and enforcement stops, and the
 /// grant state file of that pin directory (its grants went with the maps).
 fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()> {
+    // Output into a closed pipe ends the command by SIGPIPE instead of std's panic (exit 101).
+    use crate::stdout::outln as println;
     let removed = crate::bpf::uninstall(pin_dir)?;
     match grant_state::remove_if_of(state_file, pin_dir) {
-        Ok(true) => crate::stdout::outln!("removed the grant state file {}", state_file.display()),
+        Ok(true) => println!("removed the grant state file {}", state_file.display()),
         Ok(false) => {}
         Err(e) => eprintln!(
             "agent-monitor daemon --uninstall: could not remove the grant state file {}: {e}",
             state_file.display()
         ),
     }
+    // Empty agent and task cgroups go too; one with processes stays (and is named).
+    match crate::host::cgroup2_root() {
+        Ok(root) => {
+            let base = root.join("agent-monitor");
+            let cleanup = crate::identity::AgentCgroups::remove_empty_below(&base);
+            if !cleanup.removed.is_empty() {
+                println!(
+                    "removed {} empty agent cgroup(s) below {}",
+                    cleanup.removed.len(),
+                    base.display()
+                );
+            }
+            for left in &cleanup.left {
+                println!("left cgroup {left}");
+            }
+        }
+        Err(e) => eprintln!("agent-monitor daemon --uninstall: agent cgroups not removed: {e:#}"),
+    }
     if removed.is_empty() {
-        crate::stdout::outln!("nothing pinned in {}", pin_dir.display());
+        println!("nothing pinned in {}", pin_dir.display());
     } else {
-        crate::stdout::outln!(
+        println!(
             "removed from {}: {}; agent-monitor enforcement has stopped",
             pin_dir.display(),
             removed.join(", ")
@@ -2044,6 +2064,9 @@ impl Monitor {
                 "task {UNVERIFIED_TASK:?} holds processes of an executable whose digest did not match; it is never granted anything"
             );
         }
+        if let Some(ms) = ttl_ms {
+            identity::tasks::check_ttl_ms(ms).map_err(anyhow::Error::msg)?;
+        }
         let slot = self.agent_slot(agent, task, common::SOURCE_TASK_SWITCH)?;
         let (mut net, mut execs) =
             crate::policy::parse_grants(connect, exec).map_err(anyhow::Error::msg)?;
@@ -2159,6 +2182,9 @@ impl Monitor {
         keep_exec: &[String],
         ttl_ms: Option<u64>,
     ) -> anyhow::Result<Response> {
+        if let Some(ms) = ttl_ms {
+            identity::tasks::check_ttl_ms(ms).map_err(anyhow::Error::msg)?;
+        }
         let Some(number) = self.registry.find(agent, task) else {
             bail!("agent {agent:?} has no task {task:?}");
         };

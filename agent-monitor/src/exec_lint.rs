@@ -51,6 +51,8 @@ pub fn writable_location(
     let sticky = |a: Access| a.mode & 0o1000 != 0;
     // Whether everything from here down to `path` exists.
     let mut below_missing = false;
+    // The entry of the directory being looked at that leads to `path`.
+    let mut child: Option<&Path> = None;
     let mut current = Some(path);
     while let Some(p) = current {
         let leaf = p == path;
@@ -64,21 +66,22 @@ pub fn writable_location(
                 ));
             }
             Some(a) if writable(a) && sticky(a) && (!leaf || any_name) => {
-                let what = if below_missing {
-                    format!("{} does not exist, and ", path.display())
-                } else {
-                    String::new()
-                };
-                return Some(format!(
-                    "{what}{} is a sticky directory anyone can write (like /tmp): anyone can \
-                     create a new file there{}",
-                    p.display(),
-                    if below_missing || any_name {
-                        ""
-                    } else {
-                        " once the one named is gone"
-                    }
-                ));
+                let sticky_dir = format!(
+                    "{} is a sticky directory anyone can write (like /tmp)",
+                    p.display()
+                );
+                return Some(match child {
+                    _ if leaf => format!("{sticky_dir}: anyone can create a new file there"),
+                    _ if below_missing => format!(
+                        "{} does not exist, and {sticky_dir}: anyone can create it",
+                        path.display()
+                    ),
+                    Some(c) => format!(
+                        "{sticky_dir}: {} is root's now, but anyone can create it once it is gone",
+                        c.display()
+                    ),
+                    None => sticky_dir,
+                });
             }
             Some(a) if writable(a) => {
                 return Some(if below_missing {
@@ -93,6 +96,7 @@ pub fn writable_location(
             }
             Some(_) => {}
         }
+        child = Some(p);
         current = p.parent();
     }
     None
@@ -284,8 +288,9 @@ fn access_of(p: &Path) -> Option<Access> {
     })
 }
 
-/// The entries below `dir` for [`glob_entry_warnings`], and whether the scan stopped early.
-fn scan_glob_dir(dir: &Path) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) {
+/// The entries below `dir` that the glob's `prefix` covers, for [`glob_entry_warnings`], and
+/// whether the scan stopped early.
+fn scan_glob_dir(dir: &Path, prefix: &str) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) {
     let mut out = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = stack.pop() {
@@ -297,6 +302,9 @@ fn scan_glob_dir(dir: &Path) -> (Vec<(PathBuf, Option<PathBuf>, Access)>, bool) 
                 return (out, true);
             }
             let path = entry.path();
+            if !path.to_string_lossy().starts_with(prefix) {
+                continue;
+            }
             let Ok(meta) = std::fs::symlink_metadata(&path) else {
                 continue;
             };
@@ -330,8 +338,11 @@ pub fn warnings(set: &PolicySet) -> Vec<String> {
         seen.borrow_mut().insert(p.to_path_buf(), found);
         found
     };
-    let mut scanned: HashMap<String, (Vec<(PathBuf, Option<PathBuf>, Access)>, bool)> =
-        HashMap::new();
+    #[allow(clippy::type_complexity)]
+    let mut scanned: HashMap<
+        (String, String),
+        (Vec<(PathBuf, Option<PathBuf>, Access)>, bool),
+    > = HashMap::new();
     let daemon_exe = std::env::current_exe()
         .ok()
         .and_then(|p| std::fs::canonicalize(p).ok())
@@ -353,8 +364,8 @@ pub fn warnings(set: &PolicySet) -> Vec<String> {
                 let prefix = rule.text().trim_end_matches('*');
                 let dir = &prefix[..prefix.rfind('/').unwrap_or(0).max(1)];
                 let (entries, cut) = scanned
-                    .entry(dir.to_string())
-                    .or_insert_with(|| scan_glob_dir(Path::new(dir)));
+                    .entry((dir.to_string(), prefix.to_string()))
+                    .or_insert_with(|| scan_glob_dir(Path::new(dir), prefix));
                 found.extend(glob_entry_warnings(rule.text(), entries, &access));
                 if *cut {
                     found.push(format!(
@@ -455,7 +466,12 @@ mod tests {
         }
         // Below a root-owned directory inside /tmp the glob's own directory decides first.
         let w = lint("/tmp/tools/*", None, &access);
-        assert!(w[0].starts_with("/tmp is a sticky directory"), "{w:?}");
+        assert!(
+            w[0].starts_with(
+                "/tmp is a sticky directory anyone can write (like /tmp): /tmp/tools is root's now, but anyone can create it once it is gone"
+            ),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -477,7 +493,10 @@ mod tests {
         // There and root's: kept in place by the sticky bit, but only while it exists.
         let access = host(&[]);
         let w = lint("/tmp/x", None, &access);
-        assert!(w[0].contains("once the one named is gone"), "{w:?}");
+        assert!(
+            w[0].contains("/tmp/x is root's now, but anyone can create it once it is gone"),
+            "{w:?}"
+        );
         // A missing file in a root-only directory is fine.
         let access = host(&["/opt/tool"]);
         assert!(lint("/opt/tool", None, &access).is_empty());

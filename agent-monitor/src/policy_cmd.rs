@@ -13,6 +13,8 @@ use crate::learn::render::{add_entries, check, parse_document, skeleton};
 use crate::learn::replay::{judge, replay, replay_policy};
 use crate::learn::suggest::{Section, SuggestOptions, clean, suggest};
 use crate::policy::Policy;
+// Output into a closed pipe ends the command by SIGPIPE instead of std's panic (exit 101).
+use crate::stdout::out as print;
 
 /// Everything as intended: a complete suggestion, or a replay where everything is allowed.
 const EXIT_OK: u8 = 0;
@@ -41,7 +43,7 @@ impl Outcome {
     }
 
     fn print(self) -> ExitCode {
-        crate::stdout::out!("{}", self.stdout);
+        print!("{}", self.stdout);
         eprint!("{}", self.stderr);
         ExitCode::from(self.code)
     }

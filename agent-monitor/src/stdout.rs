@@ -1,7 +1,9 @@
 //! The CLI's answers on standard output. A reader that goes away (`status | head -1`) ends the
 //! program the way it ends other Unix tools: quietly, by SIGPIPE (status 141 in a shell); any
 //! other write error is reported on stderr. `println!` would panic (exit 101) instead, because
-//! Rust ignores SIGPIPE and `println!` panics on EPIPE.
+//! Rust ignores SIGPIPE and `println!` panics on EPIPE. The CLI modules import these macros under
+//! std's names (`use crate::stdout::outln as println;`), so every answer, also one added later,
+//! goes through them.
 
 use std::io::{self, Write as _};
 

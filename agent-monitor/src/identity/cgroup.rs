@@ -102,6 +102,19 @@ impl AgentCgroups {
             .unwrap_or_default()
     }
 
+    /// `daemon --uninstall`: removes every empty agent and task cgroup below `base`, deepest
+    /// first. A cgroup that still holds processes is never touched (the kernel refuses to remove
+    /// a populated cgroup anyway) and is named in [`Cleanup::left`] with its processes, and so is
+    /// one that could not be removed for another reason. `base` itself stays: every daemon on
+    /// the host attaches its agent-socket hooks there, also one of another pin directory.
+    pub fn remove_empty_below(base: &Path) -> Cleanup {
+        let mut cleanup = Cleanup::default();
+        for dir in subdirectories(base) {
+            prune(&dir, &mut cleanup);
+        }
+        cleanup
+    }
+
     /// Removes `cg` if no process is left in it. Returns whether it is gone.
     pub fn remove_if_empty(cg: &Path) -> bool {
         if !Self::processes(cg).is_empty() {
@@ -119,5 +132,106 @@ impl AgentCgroups {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
             Err(_) => false,
         }
+    }
+}
+
+/// What `daemon --uninstall` did to the agent cgroups.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pub removed: Vec<PathBuf>,
+    /// Cgroups left in place, each with why (processes still in it, or the error).
+    pub left: Vec<String>,
+}
+
+fn subdirectories(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes `dir` and the cgroups below it that hold no process; returns whether `dir` is gone.
+fn prune(dir: &Path, cleanup: &mut Cleanup) -> bool {
+    let mut all_children_gone = true;
+    for child in subdirectories(dir) {
+        all_children_gone &= prune(&child, cleanup);
+    }
+    if !all_children_gone {
+        // Its children say why; the parent of a kept cgroup cannot go.
+        return false;
+    }
+    let pids = AgentCgroups::processes(dir);
+    if !pids.is_empty() {
+        let shown: Vec<String> = pids.iter().take(5).map(u32::to_string).collect();
+        cleanup.left.push(format!(
+            "{}: {} process(es) still in it (pid {}{}): an agent still runs there",
+            dir.display(),
+            pids.len(),
+            shown.join(", "),
+            if pids.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+        return false;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {
+            cleanup.removed.push(dir.to_path_buf());
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            cleanup.left.push(format!("{}: {e}", dir.display()));
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uninstall_removes_empty_cgroups_and_names_populated_ones() {
+        // Plain directories stand in for cgroups: `cgroup.procs` lists the processes.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        for d in ["coder/t1", "coder/t2", "idle/default", "busy/t/sub"] {
+            std::fs::create_dir_all(base.join(d)).unwrap();
+        }
+        std::fs::write(base.join("coder/t2/cgroup.procs"), "41\n42\n").unwrap();
+        let c = AgentCgroups::remove_empty_below(base);
+        let mut removed: Vec<String> = c
+            .removed
+            .iter()
+            .map(|p| p.strip_prefix(base).unwrap().display().to_string())
+            .collect();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [
+                "busy",
+                "busy/t",
+                "busy/t/sub",
+                "coder/t1",
+                "idle",
+                "idle/default"
+            ]
+        );
+        assert_eq!(c.left.len(), 1, "{:?}", c.left);
+        assert!(
+            c.left[0].ends_with(
+                "coder/t2: 2 process(es) still in it (pid 41, 42): an agent still runs there"
+            ),
+            "{:?}",
+            c.left
+        );
+        assert!(base.join("coder/t2").exists() && base.exists());
     }
 }

@@ -35,6 +35,26 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Checks a grant TTL that came over the control socket, in milliseconds. Any client may send
+/// any number there, not only our CLI (which refuses with [`parse_ttl`]): without this check
+/// `u64::MAX` saturated the expiry into a grant without end, reported as an 18-quintillion-ms TTL.
+pub fn check_ttl_ms(ms: u64) -> Result<u64, String> {
+    let max = u64::try_from(MAX_TTL.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 {
+        return Err(
+            "ttl_ms 0: a grant must last longer than 0; use `task end` to revoke".to_string(),
+        );
+    }
+    if ms > max {
+        return Err(format!(
+            "ttl_ms {ms}: at most {max} ({}; grants are short-lived); omit the TTL for a grant \
+             until `task end`",
+            humantime::format_duration(MAX_TTL)
+        ));
+    }
+    Ok(ms)
+}
+
 /// What a task was granted by `task start`, until `expires_ns` (CLOCK_MONOTONIC).
 #[derive(Clone)]
 pub struct Grants {
@@ -188,6 +208,19 @@ fn keep<R: Clone>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_ttls_are_bounded() {
+        assert_eq!(check_ttl_ms(1), Ok(1));
+        assert_eq!(check_ttl_ms(604_800_000), Ok(604_800_000));
+        let e = check_ttl_ms(u64::MAX).unwrap_err();
+        assert!(
+            e.starts_with("ttl_ms 18446744073709551615: at most 604800000 (7days;"),
+            "{e}"
+        );
+        assert!(check_ttl_ms(604_800_001).is_err());
+        assert!(check_ttl_ms(0).unwrap_err().contains("longer than 0"));
+    }
 
     #[test]
     fn ttl_forms() {
