@@ -34,6 +34,9 @@ pub enum ActionKind {
     /// seccomp(2) asking for a notification listener, which would let an agent answer the calls
     /// `run`'s filter catches: always refused.
     Seccomp,
+    /// A packet of an agent's socket carrying a source route (IPv4 options, an IPv6 routing
+    /// header), which would take it to its first hop instead of the destination judged.
+    SourceRoute,
 }
 
 impl ActionKind {
@@ -48,6 +51,7 @@ impl ActionKind {
             ActionKind::Dns => "dns",
             ActionKind::IoUring => "io_uring",
             ActionKind::Seccomp => "seccomp",
+            ActionKind::SourceRoute => "source_route",
         }
     }
 }
@@ -137,6 +141,12 @@ impl Action {
                 IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
                 IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
             },
+            (ActionKind::SourceRoute, Some(d), _) => {
+                format!(
+                    "source-routed {} packet to first hop {}",
+                    d.transport, d.addr
+                )
+            }
             (ActionKind::Exec, _, Some(exe)) => match &self.interpreter {
                 Some(i) => format!("{exe} (script for {i})"),
                 None => exe.clone(),
