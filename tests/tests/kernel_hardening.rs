@@ -497,3 +497,73 @@ fn source_routed_packets_of_agents_never_leave() {
         "{st:#}"
     );
 }
+
+/// With a selector the egress program sits at the root and names the agent by its socket: a
+/// process a uid selector makes the agent (no `run`, no agent cgroup) has its routing-header
+/// datagram dropped and reported; the same process sent the same datagram as root, before it
+/// took the uid, and that one reached its first hop.
+#[test]
+fn source_routed_packets_of_a_uid_selected_agent_never_leave() {
+    if !require_root("source_routed_packets_of_a_uid_selected_agent_never_leave") {
+        return;
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let agent = unique_agent("srcrouteuid");
+    // A uid no one else on this host uses, so the selector catches only this test's process.
+    let uid = 200_000 + std::process::id() % 50_000;
+    let allowed6 = UdpSink::bind("[::1]:0");
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[format!("[::1]:{}", allowed6.port)],
+        &[],
+        &format!("uids = [{uid}]"),
+    )]);
+    let _hop = LoopbackAddress::add(FIRST_HOP6);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "6"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = format!(
+        "{PY_ATTEMPT}srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1') + socket.inet_pton(socket.AF_INET6, {FIRST_HOP6:?})\n\
+         def send(tag):\n\
+         \x20   s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         \x20   s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)\n\
+         \x20   s6.sendto(b'srr-' + tag, ('::1', {p}))\n\
+         attempt('as_root', lambda: send(b'root'))\n\
+         os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n\
+         attempt('as_agent', lambda: send(b'agent'))\n",
+        p = allowed6.port
+    );
+    let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    let stdout = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert_eq!(outcome(&stdout, "as_root"), "ok", "{stdout}");
+    assert_eq!(
+        outcome(&stdout, "as_agent"),
+        eperm(),
+        "{stdout} {}",
+        text(&out.stderr)
+    );
+    assert!(
+        seen.contains(&format!("seen srr-root {FIRST_HOP6}")),
+        "{seen}"
+    );
+    assert!(!seen.contains("srr-agent"), "{seen}");
+    let rec = d.wait_audit("dropped routing header of the uid-selected agent", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", FIRST_HOP6)
+    });
+    assert_eq!(field(&rec, "verdict"), "denied");
+    assert!(field(&rec, "reason").contains("routing header"), "{rec:#}");
+}
