@@ -80,7 +80,7 @@ pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXE
 #[map]
 pub static EXEC_FILES: HashMap<ExecFileKey, u32> = HashMap::with_max_entries(MAX_EXEC_ENTRIES, 0);
 
-/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~24k records.
+/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~13k records (648 bytes each).
 #[map]
 pub static ACTIONS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
