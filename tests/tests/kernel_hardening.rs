@@ -490,6 +490,7 @@ fn source_routed_packets_of_agents_never_leave() {
         refused += 1;
     }
     assert!(refused > 0, "nothing was tried: {inside} {outside}");
+    eprintln!("source routes refused for the agent: {refused} (agent's outcomes:\n{inside})");
     assert_eq!(allowed.received(), 0, "no source-routed datagram arrives");
     let st = d.status();
     assert!(
