@@ -352,6 +352,11 @@ while time.time() < end:
     m = re.search(rb'srr-[a-z0-9]+', ip)
     if m:
         print('seen', m.group().decode(), dst, flush=True)
+    # A TCP SYN (no payload to mark): `syn DST DPORT`.
+    if ip[0] >> 4 == 4 and ip[9] == 6:
+        t = ip[(ip[0] & 15) * 4:]
+        if len(t) >= 14 and t[13] & 0x12 == 0x02:
+            print('syn', dst, int.from_bytes(t[2:4], 'big'), flush=True)
 "#;
 
 /// Sends with a source route: an IPv4 UDP datagram with a loose source route via 127.0.0.2
@@ -567,4 +572,80 @@ fn source_routed_packets_of_a_uid_selected_agent_never_leave() {
     });
     assert_eq!(field(&rec, "verdict"), "denied");
     assert!(field(&rec, "reason").contains("routing header"), "{rec:#}");
+}
+
+/// The TCP form: a root agent sets a loose source route via 127.0.0.2 on a TCP socket and
+/// connects to an allowed listener. Outside agents the SYN goes to 127.0.0.2 (seen on
+/// loopback); the agent's SYN never leaves (its connect does not complete) and the attempt is
+/// reported as a TCP source route.
+#[test]
+fn source_routed_tcp_syn_of_an_agent_never_leaves() {
+    if !require_root("source_routed_tcp_syn_of_an_agent_never_leaves") {
+        return;
+    }
+    let agent = unique_agent("srcroutetcp");
+    let allowed = CountingListener::bind("127.0.0.1:0");
+    let d = Daemon::start(&[policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{}", allowed.port)],
+        &[PYTHON],
+    )]);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = |port: u16| {
+        format!(
+            "{PY_ATTEMPT}s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+             s.settimeout(1.5)\n\
+             attempt('lsrr_set', lambda: s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([0x83, 7, 4, 127, 0, 0, 2, 0])))\n\
+             try:\n\
+             \x20   s.connect(('127.0.0.1', {port}))\n\
+             \x20   print('connect ok', flush=True)\n\
+             except socket.timeout:\n\
+             \x20   print('connect timeout', flush=True)\n\
+             except OSError as e:\n\
+             \x20   print('connect errno', e.errno, flush=True)\n"
+        )
+    };
+    // Control, outside agents, to another port (so the SYNs can be told apart).
+    let other = CountingListener::bind("127.0.0.1:0");
+    let out = Command::new(PYTHON)
+        .args(["-c", &script(other.port)])
+        .output()
+        .unwrap();
+    let outside = text(&out.stdout);
+    assert_eq!(outcome(&outside, "lsrr_set"), "ok", "{outside}");
+    let out = d.run(&agent, None, &[PYTHON, "-c", &script(allowed.port)]);
+    let inside = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert!(
+        seen.contains(&format!("syn 127.0.0.2 {}", other.port)),
+        "outside agents the SYN goes to the first hop: {seen}"
+    );
+    if outcome(&inside, "lsrr_set") != "ok" {
+        // The agent lacks CAP_NET_RAW: the kernel refused the option itself.
+        return;
+    }
+    assert!(
+        !seen.contains(&format!("syn 127.0.0.2 {}", allowed.port)),
+        "the agent's source-routed SYN left: {seen}"
+    );
+    assert_ne!(outcome(&inside, "connect"), "ok", "{inside}");
+    assert_eq!(allowed.accepted(), 0);
+    let rec = d.wait_audit("dropped source-routed SYN", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", "127.0.0.2")
+    });
+    assert_eq!(field(&rec, "verdict"), "denied");
+    assert_eq!(field(&rec, "dest_transport"), "tcp");
 }
