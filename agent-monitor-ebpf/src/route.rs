@@ -171,14 +171,14 @@ pub fn on_egress(ctx: &SkBuffContext) -> i32 {
         return PASS;
     };
     match socket_agent(ctx) {
-        Some((cgroup_id, raw)) => refuse_bent(ctx, cgroup_id, &raw, &b),
+        Some((cgroup_id, raw)) => refuse_bent(cgroup_id, &raw, &b),
         None => PASS,
     }
 }
 
+/// Reports the agent's source-routed packet; whether it may leave.
 #[inline(never)]
-fn refuse_bent(ctx: &SkBuffContext, cgroup_id: u64, raw: &AgentSlot, b: &Bent) -> i32 {
-    let _ = ctx;
+fn refuse_bent(cgroup_id: u64, raw: &AgentSlot, b: &Bent) -> i32 {
     let slot = in_force(raw);
     count(COUNTER_SOURCE_ROUTED);
     let verdict = if slot.mode == MODE_ENFORCE {
