@@ -649,3 +649,57 @@ fn source_routed_tcp_syn_of_an_agent_never_leaves() {
     assert_eq!(field(&rec, "verdict"), "denied");
     assert_eq!(field(&rec, "dest_transport"), "tcp");
 }
+
+/// Alert mode: an agent's routing-header datagram is reported as an alert and goes on to its
+/// first hop, like every other off-list action of an alert-mode agent.
+#[test]
+fn source_routed_packet_of_an_alert_mode_agent_is_reported_and_leaves() {
+    if !require_root("source_routed_packet_of_an_alert_mode_agent_is_reported_and_leaves") {
+        return;
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let agent = unique_agent("srcroutealert");
+    let allowed6 = UdpSink::bind("[::1]:0");
+    let d = Daemon::start(&[policy(
+        &agent,
+        "alert",
+        &[format!("[::1]:{}", allowed6.port)],
+        &[PYTHON],
+    )]);
+    let _hop = LoopbackAddress::add(FIRST_HOP6);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = format!(
+        "{PY_ATTEMPT}s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1') + socket.inet_pton(socket.AF_INET6, {FIRST_HOP6:?})\n\
+         s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)\n\
+         attempt('srh_send', lambda: s6.sendto(b'srr-alert', ('::1', {p})))\n",
+        p = allowed6.port
+    );
+    let out = d.run(&agent, None, &[PYTHON, "-c", &script]);
+    let stdout = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert_eq!(outcome(&stdout, "srh_send"), "ok", "{stdout}");
+    assert!(
+        seen.contains(&format!("seen srr-alert {FIRST_HOP6}")),
+        "{seen}"
+    );
+    let rec = d.wait_audit("alert for the routing header", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", FIRST_HOP6)
+    });
+    assert_eq!(field(&rec, "verdict"), "alert");
+}
