@@ -42,6 +42,9 @@ pub const MAX_DNS_LEARNED: u32 = 65_536;
 /// Sockets whose DNS destination was redirected and is remembered for the reply (`DNS_ORIG`, LRU).
 pub const MAX_DNS_SOCKETS: u32 = 16_384;
 
+/// Sockets of tag-identified agents remembered for the egress program (`AGENT_SOCKETS`, LRU).
+pub const MAX_AGENT_SOCKETS: u32 = 65_536;
+
 /// DNS traffic of agents (UDP and TCP to this port, any address) goes to the daemon's proxy.
 pub const DNS_PORT: u16 = 53;
 /// Where the daemon's DNS proxy listens; the kernel rewrites agents' DNS destinations to these.
@@ -264,6 +267,13 @@ pub const KIND_SENDMSG: u32 = 10;
 /// An inet socket an agent may not create (raw, ICMP "ping", SCTP, MPTCP, …): cgroup sock_create.
 /// Only refused or alerted creations are recorded.
 pub const KIND_SOCKET: u32 = 11;
+/// A packet of an agent's socket carried a source route: IPv4 options (any: `detail` is the first
+/// option's type, 0x83 LSRR, 0x89 SSRR) or an IPv6 routing header (`detail` its type). It would go
+/// to its first hop (`addr`) rather than the destination the connect/sendmsg hooks judged.
+/// Refused (dropped) in enforce mode. `sock_type` holds the IPv4 protocol (0 for IPv6). The task
+/// fields are whoever ran when the packet left (a TCP retransmission leaves from a timer): the
+/// agent is the socket's, in the slot fields and `cgroup_id` (the socket's cgroup).
+pub const KIND_SOURCE_ROUTE: u32 = 12;
 /// An executable selector claimed a process at exec. `verdict` `VERDICT_NONE`: it became that
 /// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
 /// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
@@ -500,6 +510,9 @@ pub const COUNTER_ACTIONS_LOST: u32 = 16;
 /// too). Allowed actions of any agent proceed when their record is lost, and denials are applied
 /// whether or not their record could be queued.
 pub const COUNTER_ALERTS_REFUSED_UNRECORDABLE: u32 = 6;
+/// Packets of agents' sockets that carried a source route (IPv4 options, IPv6 routing header):
+/// dropped in enforce mode, reported in alert mode (`KIND_SOURCE_ROUTE`).
+pub const COUNTER_SOURCE_ROUTED: u32 = 7;
 /// Indices 16–19 belong to production operation (issue 6); the array covers them.
 pub const COUNTERS: u32 = 20;
 

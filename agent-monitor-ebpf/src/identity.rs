@@ -73,7 +73,7 @@ pub fn current_identity() -> Option<(u64, AgentSlot)> {
 
 /// Whether `cgroup_id` may be in `AGENT_CGROUPS`: its pre-filter bit is set.
 #[inline(always)]
-fn maybe_agent_cgroup(cgroup_id: u64) -> bool {
+pub fn maybe_agent_cgroup(cgroup_id: u64) -> bool {
     let (word, bit) = agent_cgroup_filter_slot(cgroup_id);
     AGENT_CGROUP_FILTER.get(word).is_some_and(|w| *w & bit != 0)
 }

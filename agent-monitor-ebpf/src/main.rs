@@ -11,11 +11,15 @@ mod identity;
 mod lifecycle;
 mod maps;
 mod net;
+mod route;
 
 use agent_monitor_common::{KIND_CONNECT, KIND_SENDMSG};
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, lsm, raw_tracepoint, tracepoint},
-    programs::{LsmContext, RawTracePointContext, SockAddrContext, SockContext, TracePointContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, raw_tracepoint, tracepoint},
+    programs::{
+        LsmContext, RawTracePointContext, SkBuffContext, SockAddrContext, SockContext,
+        TracePointContext,
+    },
 };
 
 /// raw tracepoint sched_process_exec(task, old_pid, bprm): fires after every successful exec
@@ -75,6 +79,13 @@ pub fn agent_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_create)]
 pub fn agent_sock_create(ctx: SockContext) -> i32 {
     net::on_sock_create(&ctx)
+}
+
+/// cgroup_skb/egress: every packet of the sockets below where it is attached (agents' sockets, or
+/// every socket while selectors exist); drops agents' source-routed packets (`route.rs`), 0 → drop.
+#[cgroup_skb(egress)]
+pub fn agent_egress(ctx: SkBuffContext) -> i32 {
+    route::on_egress(&ctx)
 }
 
 /// tracepoint syscalls/sys_enter_socket: every socket() call; reports the families `run`'s seccomp

@@ -3,10 +3,10 @@
 
 use agent_monitor_common::{
     AGENT_CGROUP_FILTER_WORDS, ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig,
-    DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS, MAX_AGENTS,
-    MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES, MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES,
-    MAX_NET_ENTRIES, MAX_TAGGED_TASKS, MAX_UID_SELECTORS, NetAllow, NetGrant, NetKey,
-    VERDICT_ALERT, VERDICT_DENIED,
+    DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS,
+    MAX_AGENT_SOCKETS, MAX_AGENTS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
+    MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES, MAX_TAGGED_TASKS, MAX_UID_SELECTORS,
+    NetAllow, NetGrant, NetKey, VERDICT_ALERT, VERDICT_DENIED,
 };
 use aya_ebpf::{
     macros::map,
@@ -80,7 +80,7 @@ pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXE
 #[map]
 pub static EXEC_FILES: HashMap<ExecFileKey, u32> = HashMap::with_max_entries(MAX_EXEC_ENTRIES, 0);
 
-/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~24k records.
+/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~13k records (648 bytes each).
 #[map]
 pub static ACTIONS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
@@ -92,6 +92,14 @@ pub static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTE
 /// pinned with the other maps and outlives a daemon.
 #[map]
 pub static DAEMON_STATE: Array<u64> = Array::with_max_entries(DAEMON_STATE_LEN, 0);
+
+/// Sockets created by agents known only by a tag (executable selectors, task switches), by socket
+/// cookie → the creator's identity as stored: the egress program (`route.rs`) must name a
+/// socket's agent when a packet leaves from a timer. LRU: closed sockets need no cleanup; cookies
+/// are never reused.
+#[map]
+pub static AGENT_SOCKETS: LruHashMap<u64, AgentSlot> =
+    LruHashMap::with_max_entries(MAX_AGENT_SOCKETS, 0);
 
 /// Scratch space for the exec lookup key (260 bytes would crowd the 512-byte BPF stack).
 #[map]

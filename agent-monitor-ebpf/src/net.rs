@@ -6,16 +6,17 @@ use agent_monitor_common::{
     COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_CONNECTED_PEER, FLAG_DNS_REFUSED,
     FLAG_GRANTED, FLAG_LEARNED, KIND_SENDMSG, KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE,
     NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
-    VERDICT_DENIED, net_judged_addr, socket_allowed,
+    VERDICT_DENIED, net_judged_addr, socket_allowed, source_is_tag,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{SockAddrContext, SockContext, TracePointContext},
 };
 
+use crate::identity::{current_identity, in_force};
 use crate::maps::{
-    NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, must_refuse, report_net,
-    start_record, submit,
+    AGENT_SOCKETS, NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, must_refuse,
+    report_net, start_record, submit,
 };
 
 /// Return values of cgroup sock and sock_addr programs.
@@ -319,9 +320,18 @@ fn judge(
 /// sock_create: an agent creates TCP and UDP sockets only. Allowed creations are not recorded
 /// (every connect and send on them is); refused ones are.
 pub fn on_sock_create(ctx: &SockContext) -> i32 {
-    let Some((cgroup_id, slot)) = current_agent() else {
+    let Some((cgroup_id, raw)) = current_identity() else {
         return PASS;
     };
+    // A tag names this agent only while its task runs: the socket remembers it for the egress
+    // program (`route.rs`), which may run from a timer.
+    if source_is_tag(raw.source) {
+        // SAFETY: the helper takes the program's socket context.
+        let cookie =
+            unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.sock.cast()) };
+        let _ = AGENT_SOCKETS.insert(&cookie, &raw, 0);
+    }
+    let slot = in_force(&raw);
     // SAFETY: the kernel passes a valid bpf_sock; family, type and protocol are readable here.
     let (family, sock_type, protocol) = unsafe {
         let sk = &*ctx.sock;

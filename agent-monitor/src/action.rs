@@ -39,6 +39,9 @@ pub enum ActionKind {
     Ptrace,
     /// A signal aimed at a process outside the agent's task: always refused.
     Signal,
+    /// A packet of an agent's socket carrying a source route (IPv4 options, an IPv6 routing
+    /// header), which would take it to its first hop instead of the destination judged.
+    SourceRoute,
 }
 
 impl ActionKind {
@@ -55,6 +58,7 @@ impl ActionKind {
             ActionKind::Seccomp => "seccomp",
             ActionKind::Ptrace => "ptrace",
             ActionKind::Signal => "signal",
+            ActionKind::SourceRoute => "source_route",
         }
     }
 }
@@ -160,6 +164,12 @@ impl Action {
                 IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
                 IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
             },
+            (ActionKind::SourceRoute, Some(d), _) => {
+                format!(
+                    "source-routed {} packet to first hop {}",
+                    d.transport, d.addr
+                )
+            }
             (ActionKind::Exec, _, Some(exe)) => match &self.interpreter {
                 Some(i) => format!("{exe} (script for {i})"),
                 None => exe.clone(),

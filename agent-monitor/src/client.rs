@@ -450,6 +450,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.tags_full,
         status.counters.selector_conflicts
     );
+    println!(
+        "network path: {} source-routed packets of agents' sockets (dropped in enforce mode)",
+        status.counters.source_routed_packets
+    );
     let c = &status.counters;
     println!(
         "dns: {} queries, {} refused, {} upstream failures, {} install failures, {} malformed, {} overloaded, {} without proxy, {} originals forgotten, {} learned addresses, {} non-public answer addresses withheld, {} addresses over agents' learned limits ({} answers)",

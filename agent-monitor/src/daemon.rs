@@ -1548,6 +1548,7 @@ impl Monitor {
             records_lost: self.counters.lost_records,
             actions_lost: self.counters.actions_lost,
             alerts_refused_unrecordable: self.counters.alerts_refused_unrecordable,
+            source_routed_packets: self.counters.source_routed_packets,
             undecodable_records: self.counters.undecodable_records,
             verdict_disagreements: self.counters.verdict_disagreements,
             occupancy: self
@@ -2453,6 +2454,7 @@ impl Monitor {
                 "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
             );
         }
+        self.counters.source_routed_packets = k[common::COUNTER_SOURCE_ROUTED as usize];
         self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
         self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
     }
@@ -2535,6 +2537,10 @@ impl Monitor {
             }
             KernelEvent::Socket(sk) => {
                 let action = self.socket_action(&sk);
+                self.report(action);
+            }
+            KernelEvent::SourceRoute(r) => {
+                let action = self.source_route_action(&r);
                 self.report(action);
             }
             KernelEvent::DnsRedirect(c) => {
@@ -3093,6 +3099,37 @@ impl Monitor {
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
             ..self.action(&c.subject, agent, task, kind, c.verdict)
+        }
+    }
+
+    /// A source-routed packet of an agent's socket. The record's task is whoever ran when the
+    /// packet left, so no program is named; the agent and task are the socket's.
+    fn source_route_action(&mut self, r: &event::SourceRouteEvent) -> Action {
+        let (agent, task) = self.identity(&r.subject);
+        let option = match (r.first_hop, r.detail) {
+            (IpAddr::V4(_), 0x83) => "an IPv4 loose source route (LSRR)".to_string(),
+            (IpAddr::V4(_), 0x89) => "an IPv4 strict source route (SSRR)".to_string(),
+            (IpAddr::V4(_), t) => format!("IPv4 options (first option type {t:#x})"),
+            (IpAddr::V6(_), t) => format!("an IPv6 routing header (type {t})"),
+        };
+        let transport = match r.protocol {
+            6 => "tcp",
+            17 => "udp",
+            _ => "other",
+        };
+        Action {
+            destination: Some(Destination {
+                addr: r.first_hop,
+                port: 0,
+                transport,
+            }),
+            enforcement: (r.verdict == Verdict::Denied).then_some("dropped"),
+            reason: format!(
+                "the packet carried {option}: it would go to its first hop {} instead of the \
+                 destination judged; agents' sockets may not set the path of their packets",
+                r.first_hop
+            ),
+            ..self.action(&r.subject, agent, task, ActionKind::SourceRoute, r.verdict)
         }
     }
 

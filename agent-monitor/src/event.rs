@@ -14,6 +14,9 @@ pub enum KernelEvent {
     /// A connect, or (`send`) a datagram sent to an address named with the send.
     Connect(ConnectEvent),
     Socket(SocketEvent),
+    /// A packet of an agent's socket carried a source route and was dropped (or, alert mode,
+    /// reported).
+    SourceRoute(SourceRouteEvent),
     /// An agent's DNS traffic went to its proxy (or was refused: no proxy). Not an action of its
     /// own: it names the process behind the query the proxy then reports.
     DnsRedirect(ConnectEvent),
@@ -105,6 +108,20 @@ pub struct SocketEvent {
     pub family: u16,
     pub sock_type: u32,
     pub protocol: u32,
+}
+
+/// `subject`'s task fields are whoever ran when the packet left (a timer may send it); its agent
+/// slot and cgroup are the socket's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceRouteEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    /// Where the packet was addressed: its first hop.
+    pub first_hop: IpAddr,
+    /// IPv4: the IP protocol (6 TCP, 17 UDP). IPv6: 0.
+    pub protocol: u32,
+    /// IPv4: the first option's type (0x83 LSRR, 0x89 SSRR). IPv6: the routing header's type.
+    pub detail: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +239,21 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             } else {
                 KernelEvent::Connect(event)
             })
+        }
+        common::KIND_SOURCE_ROUTE => {
+            let v6 = Ipv6Addr::from(rec.addr);
+            let first_hop = match rec.family {
+                common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
+                common::AF_INET6 => IpAddr::V6(v6),
+                other => return Err(DecodeError::UnknownFamily(other)),
+            };
+            Ok(KernelEvent::SourceRoute(SourceRouteEvent {
+                verdict: verdict(rec.verdict, "source route")?,
+                first_hop,
+                protocol: rec.sock_type,
+                detail: rec.detail,
+                subject,
+            }))
         }
         common::KIND_SOCKET => Ok(KernelEvent::Socket(SocketEvent {
             verdict: verdict(rec.verdict, "socket")?,

@@ -327,3 +327,379 @@ fn connected_udp_send_with_control_messages_is_judged_as_its_peer() {
     assert_eq!(rec["dest_port"], denied.port, "judged as the peer: {rec:#}");
     assert_eq!(field(&rec, "dest_addr"), "127.0.0.1");
 }
+
+/// Root sniffer outside agents (a packet socket, network headers first): prints `ready`, then for
+/// each IPv4/IPv6 packet on any interface whose payload holds a `srr-` marker, `seen MARKER DST` (the address the packet was sent to).
+const SNIFFER: &str = r#"import socket, sys, time, re
+cap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))
+cap.settimeout(0.2)
+print('ready', flush=True)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    try:
+        pkt, addr = cap.recvfrom(65535)
+    except socket.timeout:
+        continue
+    if addr[2] == socket.PACKET_HOST and addr[0] != 'lo':
+        continue
+    ip = pkt
+    if len(ip) > 40 and ip[0] >> 4 == 4:
+        dst = socket.inet_ntoa(ip[16:20])
+    elif len(ip) > 40 and ip[0] >> 4 == 6 and ip[6] != 58:
+        dst = socket.inet_ntop(socket.AF_INET6, ip[24:40])
+    else:
+        continue
+    m = re.search(rb'srr-[a-z0-9]+', ip)
+    if m:
+        print('seen', m.group().decode(), dst, flush=True)
+    # A TCP SYN (no payload to mark): `syn DST DPORT`.
+    if ip[0] >> 4 == 4 and ip[9] == 6:
+        t = ip[(ip[0] & 15) * 4:]
+        if len(t) >= 14 and t[13] & 0x12 == 0x02:
+            print('syn', dst, int.from_bytes(t[2:4], 'big'), flush=True)
+"#;
+
+/// Sends with a source route: an IPv4 UDP datagram with a loose source route via 127.0.0.2
+/// (`IP_OPTIONS`, needs CAP_NET_RAW: a root agent) and an IPv6 datagram with a type-4 routing
+/// header whose next segment is [`FIRST_HOP6`] (`IPV6_RTHDR`, open to every process), each to an
+/// allowed destination. `@TAG@` marks the payloads.
+fn source_route_sends(v4_port: u16, v6_port: Option<u16>) -> String {
+    let mut s = format!(
+        "{PY_ATTEMPT}s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         attempt('lsrr_set', lambda: s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([0x83, 7, 4, 127, 0, 0, 2, 0])))\n\
+         attempt('lsrr_send', lambda: s.sendto(b'srr-v4@TAG@', ('127.0.0.1', {v4_port})))\n"
+    );
+    if let Some(p) = v6_port {
+        s.push_str(&format!(
+            "s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+             srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1') + socket.inet_pton(socket.AF_INET6, {FIRST_HOP6:?})\n\
+             attempt('srh_set', lambda: s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh))\n\
+             attempt('srh_send', lambda: s6.sendto(b'srr-v6@TAG@', ('::1', {p})))\n"
+        ));
+    }
+    s
+}
+
+/// The IPv6 first hop of the routing-header test: an address the test puts on `lo`, so that the
+/// bent datagram stays on this host, where the sniffer sees it.
+const FIRST_HOP6: &str = "fd00:a3e:5ec::1";
+
+/// An address on `lo` for the life of the value.
+struct LoopbackAddress(&'static str);
+
+impl LoopbackAddress {
+    fn add(addr: &'static str) -> LoopbackAddress {
+        let _ = Command::new("ip")
+            .args([
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])
+            .status();
+        LoopbackAddress(addr)
+    }
+}
+
+impl Drop for LoopbackAddress {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["-6", "addr", "del", &format!("{}/128", self.0), "dev", "lo"])
+            .status();
+    }
+}
+
+/// A source route sends a packet to its first hop, not to the destination the sendmsg hook
+/// judged. Outside agents the packets go to 127.0.0.2 and [`FIRST_HOP6`] (seen on loopback); an agent's
+/// are dropped by the egress program (EPERM), reported as `source_route` denials and counted.
+#[test]
+fn source_routed_packets_of_agents_never_leave() {
+    if !require_root("source_routed_packets_of_agents_never_leave") {
+        return;
+    }
+    let agent = unique_agent("srcroute");
+    let allowed = UdpSink::bind("127.0.0.1:0");
+    let allowed6 = std::net::UdpSocket::bind("[::1]:0")
+        .ok()
+        .map(|_| UdpSink::bind("[::1]:0"));
+    let mut net = vec![format!("127.0.0.1:{}", allowed.port)];
+    if let Some(a6) = &allowed6 {
+        net.push(format!("[::1]:{}", a6.port));
+    }
+    let d = Daemon::start(&[policy(&agent, "enforce", &net, &[PYTHON])]);
+    let _hop = LoopbackAddress::add(FIRST_HOP6);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let sends = source_route_sends(allowed.port, allowed6.as_ref().map(|a| a.port));
+    // Control: outside agents.
+    let out = Command::new(PYTHON)
+        .args(["-c", &sends.replace("@TAG@", "outside")])
+        .output()
+        .unwrap();
+    let outside = text(&out.stdout);
+    assert_eq!(outcome(&outside, "lsrr_send"), "ok", "{outside}");
+    // The agent (root: IP_OPTIONS source routes need CAP_NET_RAW).
+    let out = d.run(
+        &agent,
+        None,
+        &[PYTHON, "-c", &sends.replace("@TAG@", "agent")],
+    );
+    let inside = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+
+    assert!(
+        seen.contains("seen srr-v4outside 127.0.0.2"),
+        "outside agents the source route takes the datagram to its first hop: {seen}"
+    );
+    assert!(!seen.contains("srr-v4agent"), "{seen}");
+    assert!(!seen.contains("srr-v6agent"), "{seen}");
+    let mut refused = 0;
+    if outcome(&inside, "lsrr_set") == "ok" {
+        assert_eq!(outcome(&inside, "lsrr_send"), eperm(), "{inside}");
+        let rec = d.wait_audit("dropped IPv4 source route", |v| {
+            v["agent_id"] == agent.as_str()
+                && is(v, "action", "source_route")
+                && is(v, "dest_addr", "127.0.0.2")
+        });
+        assert_eq!(field(&rec, "verdict"), "denied");
+        assert_eq!(field(&rec, "enforcement"), "dropped");
+        assert!(field(&rec, "reason").contains("LSRR"), "{rec:#}");
+        refused += 1;
+    } // else: the agent lacks CAP_NET_RAW, and the kernel refused the option itself.
+    if allowed6.is_some() && outcome(&outside, "srh_send") == "ok" {
+        assert!(
+            seen.contains(&format!("seen srr-v6outside {FIRST_HOP6}")),
+            "outside agents the routing header takes the datagram to {FIRST_HOP6}: {seen}"
+        );
+        assert_eq!(outcome(&inside, "srh_set"), "ok", "{inside}");
+        assert_eq!(outcome(&inside, "srh_send"), eperm(), "{inside}");
+        let rec = d.wait_audit("dropped IPv6 routing header", |v| {
+            v["agent_id"] == agent.as_str()
+                && is(v, "action", "source_route")
+                && is(v, "dest_addr", FIRST_HOP6)
+        });
+        assert_eq!(field(&rec, "verdict"), "denied");
+        refused += 1;
+    }
+    assert!(refused > 0, "nothing was tried: {inside} {outside}");
+    eprintln!("source routes refused for the agent: {refused} (agent's outcomes:\n{inside})");
+    assert_eq!(allowed.received(), 0, "no source-routed datagram arrives");
+    let st = d.status();
+    assert!(
+        st["counters"]["source_routed_packets"].as_u64().unwrap() >= refused,
+        "{st:#}"
+    );
+}
+
+/// With a selector the egress program sits at the root and names the agent by its socket: a
+/// process a uid selector makes the agent (no `run`, no agent cgroup) has its routing-header
+/// datagram dropped and reported; the same process sent the same datagram as root, before it
+/// took the uid, and that one reached its first hop.
+#[test]
+fn source_routed_packets_of_a_uid_selected_agent_never_leave() {
+    if !require_root("source_routed_packets_of_a_uid_selected_agent_never_leave") {
+        return;
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let agent = unique_agent("srcrouteuid");
+    // A uid no one else on this host uses, so the selector catches only this test's process.
+    let uid = 200_000 + std::process::id() % 50_000;
+    let allowed6 = UdpSink::bind("[::1]:0");
+    let d = Daemon::start(&[identity_policy(
+        &agent,
+        &[format!("[::1]:{}", allowed6.port)],
+        &[],
+        &format!("uids = [{uid}]"),
+    )]);
+    let _hop = LoopbackAddress::add(FIRST_HOP6);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "6"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = format!(
+        "{PY_ATTEMPT}srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1') + socket.inet_pton(socket.AF_INET6, {FIRST_HOP6:?})\n\
+         def send(tag):\n\
+         \x20   s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         \x20   s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)\n\
+         \x20   s6.sendto(b'srr-' + tag, ('::1', {p}))\n\
+         attempt('as_root', lambda: send(b'root'))\n\
+         os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n\
+         attempt('as_agent', lambda: send(b'agent'))\n",
+        p = allowed6.port
+    );
+    let out = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    let stdout = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert_eq!(outcome(&stdout, "as_root"), "ok", "{stdout}");
+    assert_eq!(
+        outcome(&stdout, "as_agent"),
+        eperm(),
+        "{stdout} {}",
+        text(&out.stderr)
+    );
+    assert!(
+        seen.contains(&format!("seen srr-root {FIRST_HOP6}")),
+        "{seen}"
+    );
+    assert!(!seen.contains("srr-agent"), "{seen}");
+    let rec = d.wait_audit("dropped routing header of the uid-selected agent", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", FIRST_HOP6)
+    });
+    assert_eq!(field(&rec, "verdict"), "denied");
+    assert!(field(&rec, "reason").contains("routing header"), "{rec:#}");
+}
+
+/// The TCP form: a root agent sets a loose source route via 127.0.0.2 on a TCP socket and
+/// connects to an allowed listener. Outside agents the SYN goes to 127.0.0.2 (seen on
+/// loopback); the agent's SYN never leaves (its connect does not complete) and the attempt is
+/// reported as a TCP source route.
+#[test]
+fn source_routed_tcp_syn_of_an_agent_never_leaves() {
+    if !require_root("source_routed_tcp_syn_of_an_agent_never_leaves") {
+        return;
+    }
+    let agent = unique_agent("srcroutetcp");
+    let allowed = CountingListener::bind("127.0.0.1:0");
+    let d = Daemon::start(&[policy(
+        &agent,
+        "enforce",
+        &[format!("127.0.0.1:{}", allowed.port)],
+        &[PYTHON],
+    )]);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = |port: u16| {
+        format!(
+            "{PY_ATTEMPT}s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n\
+             s.settimeout(1.5)\n\
+             attempt('lsrr_set', lambda: s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([0x83, 7, 4, 127, 0, 0, 2, 0])))\n\
+             try:\n\
+             \x20   s.connect(('127.0.0.1', {port}))\n\
+             \x20   print('connect ok', flush=True)\n\
+             except socket.timeout:\n\
+             \x20   print('connect timeout', flush=True)\n\
+             except OSError as e:\n\
+             \x20   print('connect errno', e.errno, flush=True)\n"
+        )
+    };
+    // Control, outside agents, to another port (so the SYNs can be told apart).
+    let other = CountingListener::bind("127.0.0.1:0");
+    let out = Command::new(PYTHON)
+        .args(["-c", &script(other.port)])
+        .output()
+        .unwrap();
+    let outside = text(&out.stdout);
+    assert_eq!(outcome(&outside, "lsrr_set"), "ok", "{outside}");
+    let out = d.run(&agent, None, &[PYTHON, "-c", &script(allowed.port)]);
+    let inside = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert!(
+        seen.contains(&format!("syn 127.0.0.2 {}", other.port)),
+        "outside agents the SYN goes to the first hop: {seen}"
+    );
+    if outcome(&inside, "lsrr_set") != "ok" {
+        // The agent lacks CAP_NET_RAW: the kernel refused the option itself.
+        return;
+    }
+    assert!(
+        !seen.contains(&format!("syn 127.0.0.2 {}", allowed.port)),
+        "the agent's source-routed SYN left: {seen}"
+    );
+    assert_ne!(outcome(&inside, "connect"), "ok", "{inside}");
+    assert_eq!(allowed.accepted(), 0);
+    let rec = d.wait_audit("dropped source-routed SYN", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", "127.0.0.2")
+    });
+    assert_eq!(field(&rec, "verdict"), "denied");
+    assert_eq!(field(&rec, "dest_transport"), "tcp");
+}
+
+/// Alert mode: an agent's routing-header datagram is reported as an alert and goes on to its
+/// first hop, like every other off-list action of an alert-mode agent.
+#[test]
+fn source_routed_packet_of_an_alert_mode_agent_is_reported_and_leaves() {
+    if !require_root("source_routed_packet_of_an_alert_mode_agent_is_reported_and_leaves") {
+        return;
+    }
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    }
+    let agent = unique_agent("srcroutealert");
+    let allowed6 = UdpSink::bind("[::1]:0");
+    let d = Daemon::start(&[policy(
+        &agent,
+        "alert",
+        &[format!("[::1]:{}", allowed6.port)],
+        &[PYTHON],
+    )]);
+    let _hop = LoopbackAddress::add(FIRST_HOP6);
+    let mut sniffer = Command::new(PYTHON)
+        .args(["-c", SNIFFER, "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sniffed = std::io::BufReader::new(sniffer.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut sniffed, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let script = format!(
+        "{PY_ATTEMPT}s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         srh = bytes([0, 4, 4, 1, 1, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, '::1') + socket.inet_pton(socket.AF_INET6, {FIRST_HOP6:?})\n\
+         s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)\n\
+         attempt('srh_send', lambda: s6.sendto(b'srr-alert', ('::1', {p})))\n",
+        p = allowed6.port
+    );
+    let out = d.run(&agent, None, &[PYTHON, "-c", &script]);
+    let stdout = text(&out.stdout);
+    let _ = sniffer.wait();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut sniffed, &mut seen).unwrap();
+    assert_eq!(outcome(&stdout, "srh_send"), "ok", "{stdout}");
+    assert!(
+        seen.contains(&format!("seen srr-alert {FIRST_HOP6}")),
+        "{seen}"
+    );
+    let rec = d.wait_audit("alert for the routing header", |v| {
+        v["agent_id"] == agent.as_str()
+            && is(v, "action", "source_route")
+            && is(v, "dest_addr", FIRST_HOP6)
+    });
+    assert_eq!(field(&rec, "verdict"), "alert");
+}

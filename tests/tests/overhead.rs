@@ -174,7 +174,8 @@ fn raw_socket_in(cg: &TestCgroup) -> String {
     text(&out.stdout).trim().to_string()
 }
 
-/// The agent-socket hooks (sock_create, and the DNS address-restoring recvmsg/getpeername) sit
+/// The agent-socket hooks (sock_create, the DNS address-restoring recvmsg/getpeername, and the
+/// egress program that drops agents' source-routed packets) sit
 /// below `<cgroup2>/agent-monitor` while every agent lives there, so other processes' socket()
 /// calls run no program; a reload that adds a selector moves them to the root before the selector
 /// takes effect (the selected process's raw socket is refused), a restart keeps them where they
@@ -195,6 +196,7 @@ fn agent_socket_hooks_follow_the_selectors_between_agents_cgroup_and_root() {
         ("agent_recvmsg6", "cgroup/recvmsg6"),
         ("agent_getpeername4", "cgroup/getpeername4"),
         ("agent_getpeername6", "cgroup/getpeername6"),
+        ("agent_egress", "cgroup_skb/egress"),
     ];
     let assert_all_at = |d: &Daemon, at: &str, when: &str| {
         let s = &d.status();

@@ -17,8 +17,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockAddrAttachType,
-        CgroupSockAttachType, Lsm, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockAddrAttachType, CgroupSockAttachType, Lsm, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
@@ -150,6 +150,7 @@ enum HookKind {
     RawTracepoint(&'static str),
     CgroupSockAddr(&'static str, CgroupSockAddrAttachType),
     CgroupSock(&'static str, CgroupSockAttachType),
+    CgroupSkb(&'static str, CgroupSkbAttachType),
 }
 
 const HOOKS: &[Hook] = &[
@@ -213,6 +214,14 @@ const HOOKS: &[Hook] = &[
     Hook {
         program: "agent_sock_create",
         kind: HookKind::CgroupSock("sock_create", CgroupSockAttachType::SockCreate),
+        required: true,
+        scope: Scope::Agents,
+    },
+    // Source routes (IPv4 options, IPv6 routing headers) send a packet to its first hop rather
+    // than the address the hooks above judged: dropped for agents' sockets.
+    Hook {
+        program: "agent_egress",
+        kind: HookKind::CgroupSkb("egress", CgroupSkbAttachType::Egress),
         required: true,
         scope: Scope::Agents,
     },
@@ -681,6 +690,11 @@ impl Kernel {
                         .with_context(|| format!("opening pinned program {}", program.display()))?;
                     attach_cgroup_sock_addr(&mut p, &to)
                 }
+                HookKind::CgroupSkb(_, attach_type) => {
+                    let mut p = CgroupSkb::from_pin(&program, attach_type)
+                        .with_context(|| format!("opening pinned program {}", program.display()))?;
+                    attach_cgroup_skb(&mut p, &to, attach_type)
+                }
                 _ => continue,
             }
             .with_context(|| format!("moving {} to {}", hook.program, to.display()))?;
@@ -1013,6 +1027,7 @@ impl HookKind {
             HookKind::CgroupSockAddr(hook, _) | HookKind::CgroupSock(hook, _) => {
                 format!("cgroup/{hook} at {}", cgroup.display())
             }
+            HookKind::CgroupSkb(hook, _) => format!("cgroup_skb/{hook} at {}", cgroup.display()),
         }
     }
 }
@@ -1366,6 +1381,15 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: &Path, pins: &PinDir) -> anyhow:
             }
             attach_cgroup_sock_addr(p, cgroup)?
         }
+        HookKind::CgroupSkb(_, attach_type) => {
+            let p: &mut CgroupSkb = prog.try_into()?;
+            p.load().context("loading")?;
+            if hook.scope == Scope::Agents {
+                p.pin(pins.program(hook.program))
+                    .with_context(|| format!("pinning program {}", hook.program))?;
+            }
+            attach_cgroup_skb(p, cgroup, attach_type)?
+        }
     };
     pin_link(link, hook.program, &pins.link(hook.program))
 }
@@ -1389,6 +1413,20 @@ fn attach_cgroup_sock_addr(p: &mut CgroupSockAddr, cgroup: &Path) -> anyhow::Res
     // As in `attach_cgroup_sock`.
     let id = p
         .attach(open_cgroup(cgroup)?, CgroupAttachMode::Single)
+        .context("attaching")?;
+    p.take_link(id)?
+        .try_into()
+        .context("the kernel gave a legacy attachment, not a bpf_link: it cannot be pinned")
+}
+
+fn attach_cgroup_skb(
+    p: &mut CgroupSkb,
+    cgroup: &Path,
+    attach_type: CgroupSkbAttachType,
+) -> anyhow::Result<FdLink> {
+    // As in `attach_cgroup_sock`.
+    let id = p
+        .attach(open_cgroup(cgroup)?, attach_type, CgroupAttachMode::Single)
         .context("attaching")?;
     p.take_link(id)?
         .try_into()

@@ -314,6 +314,10 @@ pub struct Counters {
     /// rather than let an off-list action happen unrecorded. Counted among `actions_lost`.
     #[serde(default)]
     pub alerts_refused_unrecordable: u64,
+    /// Packets of agents' sockets that carried a source route (IPv4 options, an IPv6 routing
+    /// header): dropped (enforce) or reported (alert) by the kernel.
+    #[serde(default)]
+    pub source_routed_packets: u64,
     #[serde(default)]
     pub reloads: u64,
     #[serde(default)]

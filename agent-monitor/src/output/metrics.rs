@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub actions_lost: u64,
     /// Off-list actions of alert-mode agents refused because their record could not be queued.
     pub alerts_refused_unrecordable: u64,
+    /// Packets of agents' sockets carrying a source route (dropped in enforce mode).
+    pub source_routed_packets: u64,
     pub undecodable_records: u64,
     pub verdict_disagreements: u64,
     /// (map, entries used, capacity).
@@ -122,6 +124,13 @@ pub fn render(s: &Snapshot) -> String {
         "Off-list actions of alert-mode agents refused because the ring buffer could not take \
          their records (fail closed; among the lost actions)",
         s.alerts_refused_unrecordable,
+    );
+    counter(
+        &mut reg,
+        "kernel_source_routed_packets",
+        "Packets of agents' sockets carrying IPv4 options or an IPv6 routing header (dropped in \
+         enforce mode)",
+        s.source_routed_packets,
     );
     counter(
         &mut reg,
@@ -320,6 +329,7 @@ mod tests {
             records_lost: 7,
             actions_lost: 5,
             alerts_refused_unrecordable: 3,
+            source_routed_packets: 2,
             occupancy: vec![("AGENT_CGROUPS".into(), 4, 16_384)],
             reloads: 2,
             reload_failures: 1,
@@ -336,6 +346,7 @@ mod tests {
             "agent_monitor_kernel_records_lost_total 7",
             "agent_monitor_kernel_actions_lost_total 5",
             "agent_monitor_kernel_alerts_refused_unrecordable_total 3",
+            "agent_monitor_kernel_source_routed_packets_total 2",
             "agent_monitor_map_entries{map=\"AGENT_CGROUPS\"} 4",
             "agent_monitor_map_capacity{map=\"AGENT_CGROUPS\"} 16384",
             "agent_monitor_reloads_total 2",

@@ -209,7 +209,9 @@ pub enum FieldValue<'a> {
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
     let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns => action.destination.as_ref(),
+        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns | ActionKind::SourceRoute => {
+            action.destination.as_ref()
+        }
         ActionKind::Exec
         | ActionKind::Socket
         | ActionKind::IoUring

@@ -25,7 +25,7 @@ impl StormKey {
             return None;
         }
         let object = match action.kind {
-            ActionKind::Connect | ActionKind::Sendmsg => action
+            ActionKind::Connect | ActionKind::Sendmsg | ActionKind::SourceRoute => action
                 .destination
                 .as_ref()
                 .map(|d| format!("{}:{}/{}", d.addr, d.port, d.transport))
