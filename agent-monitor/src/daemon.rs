@@ -186,6 +186,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tasks: HashMap::new(),
         procs: ProcessTable::default(),
         placed: HashMap::new(),
+        placed_privileges: HashMap::new(),
         outputs,
         per_agent: HashMap::new(),
         by_action: BTreeMap::new(),
@@ -701,6 +702,8 @@ struct Monitor {
     procs: ProcessTable,
     /// Placed `run` processes (pid → task cgroup id): the only senders of seccomp reports.
     placed: HashMap<u32, u64>,
+    /// What each placed process said its command holds (none: it did not say), for `status`.
+    placed_privileges: HashMap<u32, Option<control::Privileges>>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     /// (agent, action, verdict) → count, for the metrics.
@@ -1390,17 +1393,24 @@ impl Monitor {
         }
         let pid = peer.pid;
         let result = match request {
-            Request::Place { agent, task } => {
-                self.place(&agent, &task, pid)
-                    .map(|cgroup| Response::Placed {
-                        mode: self
-                            .policies
-                            .get(&agent)
-                            .map(|p| p.mode().as_str().to_string()),
-                        agent,
-                        task,
-                        cgroup,
-                    })
+            Request::Place {
+                agent,
+                task,
+                privileges,
+            } => {
+                let placed = self.place(&agent, &task, pid);
+                if placed.is_ok() {
+                    self.note_privileges(&agent, &task, pid, privileges);
+                }
+                placed.map(|cgroup| Response::Placed {
+                    mode: self
+                        .policies
+                        .get(&agent)
+                        .map(|p| p.mode().as_str().to_string()),
+                    agent,
+                    task,
+                    cgroup,
+                })
             }
             Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
             Request::Status {} => Ok(Response::Status(self.status())),
@@ -1638,6 +1648,13 @@ impl Monitor {
                  `agent-monitor run`)"
                     .to_string(),
             ),
+            control::CaughtCall::Bpf => (
+                ActionKind::Seccomp,
+                "bpf".to_string(),
+                "bpf(2) from a root agent: pinned maps open by file permission alone, and uid 0 \
+                 owns them (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
             control::CaughtCall::SeccompListener => (
                 ActionKind::Seccomp,
                 "seccomp listener".to_string(),
@@ -1678,6 +1695,38 @@ impl Monitor {
         };
         self.report(action);
         Ok(())
+    }
+
+    /// Keeps what placed process `pid` said its command holds, for `status`; a command that
+    /// kept every capability of root is worth a warning (it can undo its own confinement).
+    fn note_privileges(
+        &mut self,
+        agent: &str,
+        task: &str,
+        pid: u32,
+        privileges: Option<control::Privileges>,
+    ) {
+        if let Some(p) = privileges.as_ref().filter(|p| p.kept_all) {
+            let msg = format!(
+                "agent {agent} task {task}: `run` {pid} started its command with every capability \
+                 of root (--keep-capabilities, uid {}): it can leave or undo its own confinement \
+                 and other agents'",
+                p.uid
+            );
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::CAPABILITIES_KEPT,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    ("AGENT_ID", agent.to_string()),
+                    ("TASK_ID", task.to_string()),
+                    ("RUN_PID", pid.to_string()),
+                    ("AGENT_UID", p.uid.to_string()),
+                ],
+            );
+        }
+        self.placed_privileges.insert(pid, privileges);
     }
 
     /// Makes `pid` a process of `agent`, task `task`.
@@ -2134,6 +2183,7 @@ impl Monitor {
                 self.procs.on_exit(subject.pid, subject.ktime_ns);
                 // Its pid may be reused: no longer a `run` that may report.
                 self.placed.remove(&subject.pid);
+                self.placed_privileges.remove(&subject.pid);
             }
             KernelEvent::Tagged {
                 subject,
@@ -2801,11 +2851,24 @@ impl Monitor {
                         .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
                     (texts, left)
                 };
+                let placements_in = |cgroup_id: u64| {
+                    let mut v: Vec<control::Placement> = self
+                        .placed
+                        .iter()
+                        .filter(|(_, cg)| **cg == cgroup_id)
+                        .map(|(pid, _)| control::Placement {
+                            pid: *pid,
+                            privileges: self.placed_privileges.get(pid).cloned().flatten(),
+                        })
+                        .collect();
+                    v.sort_by_key(|p| p.pid);
+                    v
+                };
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
-                    .values()
-                    .filter(|t| t.agent == agent)
-                    .map(|t| {
+                    .iter()
+                    .filter(|(_, t)| t.agent == agent)
+                    .map(|(cgroup_id, t)| {
                         let (grants, left) = grants_of(&t.task);
                         TaskStatus {
                             task: t.task.clone(),
@@ -2813,6 +2876,7 @@ impl Monitor {
                             processes: AgentCgroups::processes(&t.path),
                             grants,
                             grants_expire_in_ms: left,
+                            placements: placements_in(*cgroup_id),
                         }
                     })
                     .collect();

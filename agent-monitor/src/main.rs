@@ -18,6 +18,7 @@ mod output;
 mod policy;
 mod policy_cmd;
 mod policy_dir;
+mod privileges;
 mod sandbox;
 
 use std::process::ExitCode;

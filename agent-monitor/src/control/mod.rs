@@ -18,7 +18,14 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Make the calling process (the peer of this connection) a process of `agent`, task `task`.
-    Place { agent: String, task: String },
+    /// `privileges`: what `run` gives the command it starts (capabilities kept, no_new_privs,
+    /// Landlock), for `status`; absent from other clients.
+    Place {
+        agent: String,
+        task: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privileges: Option<Privileges>,
+    },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
     /// Re-read the policy directory and apply it (all or nothing).
@@ -65,6 +72,22 @@ pub enum Request {
     Caught(CaughtReport),
 }
 
+/// What a command started by `run` holds of root's privileges (see privileges.rs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Privileges {
+    /// The uid the command runs as (0 without `--user`).
+    pub uid: u32,
+    /// Capabilities it keeps in every set (`cap_chown`…; `all` with `--keep-capabilities`).
+    pub capabilities: Vec<String>,
+    /// prctl(PR_SET_NO_NEW_PRIVS): setuid and file capabilities are ignored by its execs.
+    pub no_new_privs: bool,
+    /// The Landlock filesystem ruleset of root agents (no writes beneath /proc, /sys, /dev).
+    pub landlock_fs: bool,
+    /// `run --keep-capabilities`: root's full power was kept, on purpose.
+    pub kept_all: bool,
+}
+
 /// A caught call as `run` answered it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +119,8 @@ pub enum CaughtCall {
     IoUringSetup,
     /// seccomp(2) asking for a notification listener.
     SeccompListener,
+    /// bpf(2) from a root agent (pinned maps open by file permission alone).
+    Bpf,
     /// Anything else the filter sends (should not happen).
     Other {
         name: String,
@@ -209,6 +234,18 @@ pub struct TaskStatus {
     /// Milliseconds until they expire; none: until `task end` (or no grants).
     #[serde(default)]
     pub grants_expire_in_ms: Option<u64>,
+    /// The `run` processes placed in this task and what their commands hold.
+    #[serde(default)]
+    pub placements: Vec<Placement>,
+}
+
+/// One `run` (or other control client) placed in a task.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// The placed process (`run`; its command is its child).
+    pub pid: u32,
+    /// As `run` reported it; none: placed by a client that did not say (not `agent-monitor run`).
+    pub privileges: Option<Privileges>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -394,7 +431,7 @@ impl Request {
     /// The (agent, task) the request acts on, if any.
     pub fn target(&self) -> Option<(&str, &str)> {
         match self {
-            Request::Place { agent, task }
+            Request::Place { agent, task, .. }
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
             | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
@@ -457,6 +494,18 @@ mod tests {
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
+                privileges: None,
+            },
+            Request::Place {
+                agent: "a".into(),
+                task: "t".into(),
+                privileges: Some(Privileges {
+                    uid: 0,
+                    capabilities: vec!["cap_chown".into()],
+                    no_new_privs: true,
+                    landlock_fs: true,
+                    kept_all: false,
+                }),
             },
             Request::Status {},
             Request::Reload {},
@@ -547,6 +596,7 @@ mod tests {
             Request::Place {
                 agent: "b".into(),
                 task: "t".into(),
+                privileges: None,
             },
             Request::Status {},
         ] {
@@ -556,6 +606,7 @@ mod tests {
         let same = Request::Place {
             agent: "a".into(),
             task: "t".into(),
+            privileges: None,
         };
         assert!(authorize(&same, true, me).is_ok());
     }
