@@ -45,7 +45,8 @@ pub fn run(args: RunArgs) -> ExitCode {
     let uid = drop_to
         .as_ref()
         .map_or_else(|| nix::unistd::geteuid().as_raw(), |c| c.uid.as_raw());
-    let confinement = match crate::privileges::Confinement::prepare(uid, args.keep_capabilities) {
+    let mut confinement = match crate::privileges::Confinement::prepare(uid, args.keep_capabilities)
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("agent-monitor run: {e}");
@@ -67,7 +68,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let enforce = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
-        Ok(Response::Placed { mode, .. }) => mode.as_deref() != Some("alert"),
+        Ok(Response::Placed {
+            mode, read_only, ..
+        }) => {
+            confinement.protect(&read_only);
+            mode.as_deref() != Some("alert")
+        }
         Ok(other) => {
             eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
             return ExitCode::from(EXIT_OURS);

@@ -187,6 +187,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         procs: ProcessTable::default(),
         placed: HashMap::new(),
         placed_privileges: HashMap::new(),
+        daemon_files: Vec::new(),
         outputs,
         per_agent: HashMap::new(),
         by_action: BTreeMap::new(),
@@ -221,6 +222,18 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
     let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
+    // Now that the socket exists (the grant state file may not yet: see `daemon_files`).
+    monitor.daemon_files = crate::privileges::daemon_files(
+        &args.policies,
+        &args.socket.control_socket,
+        &args.state_file,
+        args.json_log.as_deref(),
+        std::fs::read_link("/proc/self/exe").ok().as_deref(),
+        |p| p.exists(),
+    )
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
 
     let m = &monitor.kernel.mechanisms;
     tracing::info!(
@@ -704,6 +717,8 @@ struct Monitor {
     placed: HashMap<u32, u64>,
     /// What each placed process said its command holds (none: it did not say), for `status`.
     placed_privileges: HashMap<u32, Option<control::Privileges>>,
+    /// The daemon's files root agents see read-only (privileges.rs), named in every placement.
+    daemon_files: Vec<String>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     /// (agent, action, verdict) → count, for the metrics.
@@ -1407,6 +1422,7 @@ impl Monitor {
                         .policies
                         .get(&agent)
                         .map(|p| p.mode().as_str().to_string()),
+                    read_only: self.daemon_files.clone(),
                     agent,
                     task,
                     cgroup,

@@ -28,6 +28,13 @@
 //! - bpf(2) is refused and reported (seccomp user notification, answered by `run`): BPF_OBJ_GET
 //!   checks only the file permission of a pinned map, so a capless uid 0 could open the daemon's
 //!   maps and rewrite its own allowlist. Without CAP_BPF no program can be loaded either.
+//! - the daemon's own files (its policy directory, its control socket and grant state file, or
+//!   their directory when it is the daemon's own, its JSON trail and executable: the daemon names
+//!   them in its placement answer, see [`daemon_files`]) are bound read-only onto themselves in a
+//!   mount namespace of the agent's own. Landlock cannot say "everywhere beneath /etc but
+//!   /etc/agent-monitor" (its rules only allow), and refusing writes to every directory on the way
+//!   would refuse ordinary root work (ldconfig replacing /etc/ld.so.cache). Mounts propagate from
+//!   the host into that namespace (slave), not back; the agent can neither mount nor unmount.
 //!
 //! A `--user` agent keeps nothing: its bounding and inheritable sets are cleared while `run` is
 //! still root, then the switch to the user clears the rest; `no_new_privs` keeps setuid programs
@@ -100,6 +107,8 @@ pub struct Confinement {
     kind: Kind,
     /// The Landlock ruleset of a root agent (close-on-exec; the agent never holds it).
     ruleset: Option<OwnedFd>,
+    /// The daemon's files a root agent sees read-only (see [`Confinement::protect`]).
+    read_only: Vec<std::ffi::CString>,
 }
 
 enum Kind {
@@ -119,6 +128,7 @@ impl Confinement {
             return Ok(Confinement {
                 kind: Kind::KeepAll { uid },
                 ruleset: None,
+                read_only: Vec::new(),
             });
         }
         if uid != 0 {
@@ -131,6 +141,7 @@ impl Confinement {
                     clear_bounding,
                 },
                 ruleset: None,
+                read_only: Vec::new(),
             });
         }
         let root = list_entries(Path::new("/"))?;
@@ -140,7 +151,24 @@ impl Confinement {
                 kept: kept_by_root_agents(),
             },
             ruleset: Some(landlock_ruleset(&writable_beneath(&root, &dev))?),
+            read_only: Vec::new(),
         })
+    }
+
+    /// The daemon's files (from its placement answer) a root agent gets to see read-only. Paths
+    /// that do not exist (any more) or do not fit in a C string are left out, and said.
+    pub fn protect(&mut self, paths: &[String]) {
+        if !self.confines_root() {
+            return;
+        }
+        for p in paths {
+            match std::ffi::CString::new(p.as_str()) {
+                Ok(c) if Path::new(p).exists() => self.read_only.push(c),
+                _ => eprintln!(
+                    "agent-monitor run: the daemon's file {p:?} is not there: not protected"
+                ),
+            }
+        }
     }
 
     /// The root agent's rules go into `run`'s seccomp filter (clone3, bpf).
@@ -205,6 +233,10 @@ impl Confinement {
             }
             Kind::Root { kept } => {
                 let kept = *kept;
+                // While still root: the mounts need CAP_SYS_ADMIN.
+                if !self.read_only.is_empty() {
+                    read_only_in_own_namespace(&self.read_only)?;
+                }
                 drop_bounding_except(kept)?;
                 // CAP_SETPCAP stays effective until the securebits are locked.
                 let mut setpcap = kept;
@@ -243,6 +275,87 @@ impl Confinement {
             }
         }
     }
+}
+
+/// A mount namespace of the calling process's own, with each of `paths` bound read-only onto
+/// itself (recursively). Host mounts keep propagating in (slave), ours never out.
+fn read_only_in_own_namespace(paths: &[std::ffi::CString]) -> std::io::Result<()> {
+    let check = |rc: libc::c_long| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: unshare(2), mount(2) and mount_setattr(2) with NUL-terminated paths prepared
+    // before the fork and a mount_attr on the stack; no allocation.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS) as libc::c_long)?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_SLAVE | libc::MS_REC,
+            std::ptr::null(),
+        ) as libc::c_long)?;
+        for p in paths {
+            check(libc::mount(
+                p.as_ptr(),
+                p.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) as libc::c_long)?;
+            let mut attr: libc::mount_attr = std::mem::zeroed();
+            attr.attr_set = libc::MOUNT_ATTR_RDONLY;
+            check(libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                p.as_ptr(),
+                libc::AT_RECURSIVE as libc::c_uint,
+                &attr as *const libc::mount_attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// The daemon's files a root agent must not change, for the placement answer: the policy
+/// directory; the directories of the control socket and of the grant state file when they are
+/// the daemon's own (named `agent-monitor…`, as `/run/agent-monitor`), else those files
+/// themselves (a file bound over a path holds that inode: after a daemon restart the agent sees
+/// the old socket, and reaches the daemon no more from inside); the JSON trail; the daemon's
+/// executable. Only paths that exist; a path beneath another listed directory is covered by it.
+pub fn daemon_files(
+    policies: &Path,
+    control_socket: &Path,
+    state_file: &Path,
+    json_log: Option<&Path>,
+    exe: Option<&Path>,
+    exists: impl Fn(&Path) -> bool,
+) -> Vec<PathBuf> {
+    let own_dir = |file: &Path| -> Option<PathBuf> {
+        let dir = file.parent()?;
+        let name = dir.file_name()?.to_str()?;
+        name.starts_with("agent-monitor").then(|| dir.to_path_buf())
+    };
+    let mut wanted: Vec<PathBuf> = vec![policies.to_path_buf()];
+    for file in [control_socket, state_file] {
+        wanted.push(own_dir(file).unwrap_or_else(|| file.to_path_buf()));
+    }
+    wanted.extend(json_log.map(Path::to_path_buf));
+    wanted.extend(exe.map(Path::to_path_buf));
+    let mut wanted: Vec<PathBuf> = wanted.into_iter().filter(|p| exists(p)).collect();
+    wanted.sort();
+    wanted.dedup();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in wanted {
+        if !out.iter().any(|d| p.starts_with(d)) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn os(e: capctl::Error) -> std::io::Error {
@@ -574,12 +687,58 @@ mod tests {
     }
 
     #[test]
+    fn daemon_files_are_its_own_directories_or_else_the_files() {
+        let all = |_: &Path| true;
+        let files = daemon_files(
+            Path::new("/etc/agent-monitor/policies"),
+            Path::new("/run/agent-monitor/control.sock"),
+            Path::new("/run/agent-monitor/grants.json"),
+            Some(Path::new("/var/log/agent-monitor.jsonl")),
+            Some(Path::new("/usr/local/bin/agent-monitor")),
+            all,
+        );
+        assert_eq!(
+            files,
+            [
+                PathBuf::from("/etc/agent-monitor/policies"),
+                "/run/agent-monitor".into(),
+                "/usr/local/bin/agent-monitor".into(),
+                "/var/log/agent-monitor.jsonl".into(),
+            ]
+        );
+        // In a shared directory only the files; what does not exist is left out.
+        let files = daemon_files(
+            Path::new("/srv/x/policies"),
+            Path::new("/run/am.sock"),
+            Path::new("/run/grants.json"),
+            None,
+            None,
+            |p: &Path| p != Path::new("/run/grants.json"),
+        );
+        assert_eq!(
+            files,
+            [PathBuf::from("/run/am.sock"), "/srv/x/policies".into()]
+        );
+        // Beneath a listed directory: covered by it.
+        let files = daemon_files(
+            Path::new("/run/agent-monitor/policies"),
+            Path::new("/run/agent-monitor/control.sock"),
+            Path::new("/run/agent-monitor/grants.json"),
+            None,
+            None,
+            all,
+        );
+        assert_eq!(files, [PathBuf::from("/run/agent-monitor")]);
+    }
+
+    #[test]
     fn reports_say_what_was_kept() {
         let root = Confinement {
             kind: Kind::Root {
                 kept: kept_by_root_agents(),
             },
             ruleset: None,
+            read_only: Vec::new(),
         }
         .report();
         assert_eq!(root.uid, 0);
@@ -598,6 +757,7 @@ mod tests {
                 clear_bounding: true,
             },
             ruleset: None,
+            read_only: Vec::new(),
         }
         .report();
         assert_eq!(
@@ -608,6 +768,7 @@ mod tests {
         let all = Confinement {
             kind: Kind::KeepAll { uid: 0 },
             ruleset: None,
+            read_only: Vec::new(),
         }
         .report();
         assert!(all.kept_all && !all.no_new_privs);

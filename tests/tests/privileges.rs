@@ -107,6 +107,19 @@ if '@BLK@':
     attempt('block_device', blockdev)
 attempt('raw_socket', lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close())
 attempt('fork', lambda: os.waitpid(os.fork() or os._exit(0), 0))
+# The daemon's own files: opened for appending (nothing written), a new file in the policy
+# directory (removed at once), the control socket unlinked (agent only: the daemon needs it).
+def append(path):
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+attempt('policy_append', lambda: append('@POLICY@'))
+attempt('trail_append', lambda: append('@TRAIL@'))
+def policy_create():
+    with open('@POLICYDIR@/probe.txt', 'w') as f:
+        f.write('x')
+    os.unlink('@POLICYDIR@/probe.txt')
+attempt('policy_create', policy_create)
+if '@AGENT@' == '1':
+    attempt('socket_unlink', lambda: os.unlink('@SOCKET@'))
 def tmp_write():
     with open('@MNT@/written', 'w') as f:
         f.write('x')
@@ -170,6 +183,20 @@ fn script(d: &Daemon, mnt: &str, test_cg: &TestCgroup, blk: &str, agent: bool) -
         .replace("@TESTCG@", &test_cg.path.display().to_string())
         .replace("@BLK@", blk)
         .replace("@AGENT@", if agent { "1" } else { "0" })
+        .replace("@POLICYDIR@", &d.policies.display().to_string())
+        .replace(
+            "@POLICY@",
+            &std::fs::read_dir(&d.policies)
+                .unwrap()
+                .flatten()
+                .next()
+                .expect("a policy file")
+                .path()
+                .display()
+                .to_string(),
+        )
+        .replace("@TRAIL@", &d.json_log.display().to_string())
+        .replace("@SOCKET@", &d.socket.display().to_string())
 }
 
 /// The placement of task `task` of `agent` in `status --json`, once `run` is placed.
@@ -223,6 +250,9 @@ fn root_agent_cannot_undo_its_confinement() {
         "raw_socket",
         "fork",
         "tmp_write",
+        "policy_append",
+        "trail_append",
+        "policy_create",
     ] {
         assert_eq!(outcome(&outside, route), "ok", "control {route}");
     }
@@ -256,6 +286,12 @@ fn root_agent_cannot_undo_its_confinement() {
         assert_eq!(outcome(&out, "block_device"), errno(libc::EACCES), "{blk}");
     }
     assert_eq!(outcome(&out, "raw_socket"), errno(libc::EPERM));
+    // The daemon's files: read-only in the agent's mount namespace; the socket cannot go.
+    assert_eq!(outcome(&out, "policy_append"), errno(libc::EROFS));
+    assert_eq!(outcome(&out, "trail_append"), errno(libc::EROFS));
+    assert_eq!(outcome(&out, "policy_create"), errno(libc::EROFS));
+    assert_eq!(outcome(&out, "socket_unlink"), errno(libc::EBUSY));
+    assert!(d.socket.exists());
     // Ordinary root work goes on.
     assert_eq!(outcome(&out, "tmp_write"), "ok");
     let rec = d.wait_audit("refused bpf", |v| {

@@ -137,6 +137,10 @@ pub enum Response {
         /// The agent's mode ("enforce" or "alert"), so `run` shapes its filter to match.
         #[serde(default)]
         mode: Option<String>,
+        /// The daemon's own files (policy directory, control socket, state file, JSON trail,
+        /// executable) that `run` makes read-only for a root agent.
+        #[serde(default)]
+        read_only: Vec<String>,
     },
     /// A `caught` report was recorded.
     Recorded {},
