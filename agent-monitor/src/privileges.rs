@@ -8,10 +8,10 @@
 //! SECBIT_NO_SETUID_FIXUP locked *off* (a switch to another uid still clears the capabilities),
 //! SECBIT_NO_CAP_AMBIENT_RAISE locked on. SECBIT_KEEP_CAPS stays free: setpriv(1) and su-like
 //! tools set it to switch uid and then drop capabilities themselves; it can only keep the kept
-//! set, and only until the next exec (a switch away from uid 0 always clears the ambient set). Because SECBIT_NOROOT
-//! makes an exec as root grant nothing, the kept capabilities travel across exec in the ambient
-//! set (raised once, here, before the lock). `no_new_privs` is set as well: setuid and file
-//! capabilities are ignored by every exec.
+//! set, and only until the next exec (a switch away from uid 0 always clears the ambient set).
+//! Because SECBIT_NOROOT makes an exec as root grant nothing, the kept capabilities travel
+//! across exec in the ambient set (raised once, here, before the lock). `no_new_privs` is set as
+//! well: setuid and file capabilities are ignored by every exec.
 //!
 //! uid 0 without capabilities still owns every root-owned file, and some kernel interfaces check
 //! only that. Closed here for root agents:
