@@ -106,6 +106,13 @@ def blockdev():
 if '@BLK@':
     attempt('block_device', blockdev)
 attempt('raw_socket', lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close())
+# IP source routing (LSRR via 10.9.9.9): a datagram judged for its destination would go to the
+# first hop instead. Set only, never sent.
+def lsrr():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([131, 7, 4]) + socket.inet_aton('10.9.9.9') + bytes([1]))
+    s.close()
+attempt('source_route', lsrr)
 attempt('fork', lambda: os.waitpid(os.fork() or os._exit(0), 0))
 # The daemon's own files: opened for appending (nothing written), a new file in the policy
 # directory (removed at once), the control socket unlinked (agent only: the daemon needs it).
@@ -248,6 +255,7 @@ fn root_agent_cannot_undo_its_confinement() {
         "procs_test",
         "core_pattern",
         "raw_socket",
+        "source_route",
         "fork",
         "tmp_write",
         "policy_append",
@@ -286,6 +294,7 @@ fn root_agent_cannot_undo_its_confinement() {
         assert_eq!(outcome(&out, "block_device"), errno(libc::EACCES), "{blk}");
     }
     assert_eq!(outcome(&out, "raw_socket"), errno(libc::EPERM));
+    assert_eq!(outcome(&out, "source_route"), errno(libc::EPERM));
     // The daemon's files: read-only in the agent's mount namespace; the socket cannot go.
     assert_eq!(outcome(&out, "policy_append"), errno(libc::EROFS));
     assert_eq!(outcome(&out, "trail_append"), errno(libc::EROFS));
