@@ -233,8 +233,9 @@ pub struct RunArgs {
     pub group: Option<String>,
     /// Keep every capability of root (and no no_new_privs). Without it a root agent (no --user)
     /// keeps uid 0 but only chown, dac_override, fowner, fsetid, setuid, setgid,
-    /// net_bind_service and sys_chroot, cannot write beneath /proc, /sys or /dev, cannot use
-    /// clone3 or bpf, and no exec gives anything back; a --user agent keeps nothing. With it the
+    /// net_bind_service and sys_chroot, cannot write beneath /proc, /sys or /dev nor the
+    /// daemon's own files, cannot mount or use clone3 or bpf, and no exec gives anything back; a
+    /// --user agent keeps nothing. With it the
     /// agent can undo its own confinement and everyone else's: `run` warns on stderr and the
     /// daemon logs a warning notice.
     #[arg(long)]
