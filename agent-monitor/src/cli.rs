@@ -241,6 +241,15 @@ pub struct RunArgs {
     /// Primary group for --user (default: the user's own).
     #[arg(long, value_name = "GROUP", requires = "user")]
     pub group: Option<String>,
+    /// Keep every capability of root (and no no_new_privs). Without it a root agent (no --user)
+    /// keeps uid 0 but only chown, dac_override, fowner, fsetid, setuid, setgid,
+    /// net_bind_service and sys_chroot, cannot write beneath /proc, /sys or /dev nor the
+    /// daemon's own files, cannot mount or use clone3 or bpf, and no exec gives anything back; a
+    /// --user agent keeps nothing. With it the
+    /// agent can undo its own confinement and everyone else's: `run` warns on stderr and the
+    /// daemon logs a warning notice.
+    #[arg(long)]
+    pub keep_capabilities: bool,
     #[command(flatten)]
     pub socket: SocketArg,
     /// The command and its arguments.

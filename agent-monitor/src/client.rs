@@ -59,20 +59,47 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(why)
         }
     };
+    // What the command keeps of root's privileges (privileges.rs), prepared before the fork.
+    let uid = drop_to
+        .as_ref()
+        .map_or_else(|| nix::unistd::geteuid().as_raw(), |c| c.uid.as_raw());
+    let mut confinement = match crate::privileges::Confinement::prepare(uid, args.keep_capabilities)
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agent-monitor run: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
+    let privileges = confinement.report();
+    if confinement.keeps_all() {
+        eprintln!(
+            "agent-monitor run: WARNING: --keep-capabilities: the command keeps {}; as root it \
+             can leave or undo its own confinement and other agents' (use --user, or drop the flag)",
+            crate::privileges::describe(&privileges)
+        );
+    }
     let req = Request::Place {
         agent: args.agent.clone(),
         task: task.clone(),
         // Bound to the agent before the command runs: the uid is the agent wherever it runs.
         user: drop_to.as_ref().map(|c| c.uid.as_raw()),
         unscoped: scope.as_ref().err().cloned(),
+        privileges: Some(privileges),
     };
     let mut scope = scope.ok();
     let enforce = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
-        Ok(Response::Placed { mode, warnings, .. }) => {
+        Ok(Response::Placed {
+            mode,
+            warnings,
+            read_only,
+            ..
+        }) => {
             for w in warnings {
                 eprintln!("agent-monitor run: warning: {w}");
             }
+            confinement.protect(&read_only);
             mode.as_deref() != Some("alert")
         }
         Ok(other) => {
@@ -87,7 +114,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     // From here this process is the agent; the command inherits its cgroup, and the seccomp
     // filter for the routes the cgroup hooks cannot judge (sandbox.rs), whose listener the
     // child hands back to us over `theirs`.
-    let filter = match crate::sandbox::filter(enforce) {
+    let filter = match crate::sandbox::filter(enforce, confinement.confines_root()) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("agent-monitor run: {e}");
@@ -105,19 +132,20 @@ pub fn run(args: RunArgs) -> ExitCode {
     command.arg0(&args.command[0]).args(&args.command[1..]);
     let to_parent = theirs.as_raw_fd();
     // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
-    // landlock_restrict_self, setgroups, setgid, setuid) on values prepared before the fork. The
-    // filter and the Landlock domain go first, while we are still root (without no_new_privs
-    // both need CAP_SYS_ADMIN); neither restricts the uid calls that follow.
+    // landlock_restrict_self, prctl, capset, setgroups, setgid, setuid) on values prepared before
+    // the fork. The filter and the scoping Landlock domain go first, while we are still root
+    // (without no_new_privs both need CAP_SYS_ADMIN); neither restricts the calls that follow.
+    // The privileges go next, the switch to --user inside (it needs CAP_SETUID and CAP_SETGID).
     unsafe {
         command.pre_exec(move || {
             crate::sandbox::install(&filter, to_parent)?;
             if let Some(scope) = scope.take() {
                 scope.enter()?;
             }
-            match &drop_to {
+            confinement.apply(|| match &drop_to {
                 Some(c) => c.apply(),
                 None => Ok(()),
-            }
+            })
         })
     };
     let mut child = match command.spawn() {
@@ -493,6 +521,19 @@ pub fn status(args: StatusArgs) -> ExitCode {
         for t in &a.tasks {
             let pids: Vec<String> = t.processes.iter().map(u32::to_string).collect();
             println!("  task {}: processes [{}]", t.task, pids.join(" "));
+            for p in &t.placements {
+                match &p.privileges {
+                    Some(privileges) => println!(
+                        "    run {}: {}",
+                        p.pid,
+                        crate::privileges::describe(privileges)
+                    ),
+                    None => println!(
+                        "    placed {}: privileges not reported (not placed by `agent-monitor run`)",
+                        p.pid
+                    ),
+                }
+            }
             if !t.grants.is_empty() {
                 let until = t
                     .grants_expire_in_ms

@@ -189,6 +189,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         procs: ProcessTable::default(),
         placed: HashMap::new(),
         unscoped_runs: HashMap::new(),
+        placed_privileges: HashMap::new(),
+        daemon_files: Vec::new(),
         outputs,
         per_agent: HashMap::new(),
         by_action: BTreeMap::new(),
@@ -225,6 +227,18 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
     let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
+    // Now that the socket exists (the grant state file may not yet: see `daemon_files`).
+    monitor.daemon_files = crate::privileges::daemon_files(
+        &args.policies,
+        &args.socket.control_socket,
+        &args.state_file,
+        args.json_log.as_deref(),
+        std::fs::read_link("/proc/self/exe").ok().as_deref(),
+        |p| p.exists(),
+    )
+    .iter()
+    .map(|p| p.display().to_string())
+    .collect();
 
     let m = &monitor.kernel.mechanisms;
     tracing::info!(
@@ -748,6 +762,10 @@ struct Monitor {
     placed: HashMap<u32, u64>,
     /// Placed `run`s whose command is not in a Landlock domain (pid → task cgroup id, why).
     unscoped_runs: HashMap<u32, (u64, String)>,
+    /// What each placed process said its command holds (none: it did not say), for `status`.
+    placed_privileges: HashMap<u32, Option<control::Privileges>>,
+    /// The daemon's files root agents see read-only (privileges.rs), named in every placement.
+    daemon_files: Vec<String>,
     outputs: Outputs,
     per_agent: HashMap<String, AgentCounters>,
     /// (agent, action, verdict) → count, for the metrics.
@@ -1613,18 +1631,24 @@ impl Monitor {
                 task,
                 user,
                 unscoped,
-            } => self
-                .place(&agent, &task, pid, user, unscoped)
-                .map(|(cgroup, warnings)| Response::Placed {
+                privileges,
+            } => {
+                let placed = self.place(&agent, &task, pid, user, unscoped);
+                if placed.is_ok() {
+                    self.note_privileges(&agent, &task, pid, privileges);
+                }
+                placed.map(|(cgroup, warnings)| Response::Placed {
                     mode: self
                         .policies
                         .get(&agent)
                         .map(|p| p.mode().as_str().to_string()),
+                    read_only: self.daemon_files.clone(),
                     agent,
                     task,
                     cgroup,
                     warnings,
-                }),
+                })
+            }
             Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
             Request::Status {} => Ok(Response::Status(self.status())),
             Request::Reload {} => Ok(match self.reload("control socket") {
@@ -1862,6 +1886,13 @@ impl Monitor {
                  `agent-monitor run`)"
                     .to_string(),
             ),
+            control::CaughtCall::Bpf => (
+                ActionKind::Seccomp,
+                "bpf".to_string(),
+                "bpf(2) from a root agent: pinned maps open by file permission alone, and uid 0 \
+                 owns them (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
             control::CaughtCall::SeccompListener => (
                 ActionKind::Seccomp,
                 "seccomp listener".to_string(),
@@ -1973,6 +2004,38 @@ impl Monitor {
              (seccomp filter and Landlock scope of `agent-monitor run`)",
             t.pid, t.comm
         )
+    }
+
+    /// Keeps what placed process `pid` said its command holds, for `status`; a command that
+    /// kept every capability of root is worth a warning (it can undo its own confinement).
+    fn note_privileges(
+        &mut self,
+        agent: &str,
+        task: &str,
+        pid: u32,
+        privileges: Option<control::Privileges>,
+    ) {
+        if let Some(p) = privileges.as_ref().filter(|p| p.kept_all) {
+            let msg = format!(
+                "agent {agent} task {task}: `run` {pid} started its command with every capability \
+                 of root (--keep-capabilities, uid {}): it can leave or undo its own confinement \
+                 and other agents'",
+                p.uid
+            );
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::CAPABILITIES_KEPT,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    ("AGENT_ID", agent.to_string()),
+                    ("TASK_ID", task.to_string()),
+                    ("RUN_PID", pid.to_string()),
+                    ("AGENT_UID", p.uid.to_string()),
+                ],
+            );
+        }
+        self.placed_privileges.insert(pid, privileges);
     }
 
     /// Makes `pid` a process of `agent`, task `task`; with `user` (`run --user`), binds that uid
@@ -2486,6 +2549,7 @@ impl Monitor {
                 // Its pid may be reused: no longer a `run` that may report.
                 self.placed.remove(&subject.pid);
                 self.unscoped_runs.remove(&subject.pid);
+                self.placed_privileges.remove(&subject.pid);
             }
             KernelEvent::Tagged {
                 subject,
@@ -3323,6 +3387,19 @@ impl Monitor {
                         .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
                     (texts, left)
                 };
+                let placements_in = |cgroup_id: u64| {
+                    let mut v: Vec<control::Placement> = self
+                        .placed
+                        .iter()
+                        .filter(|(_, cg)| **cg == cgroup_id)
+                        .map(|(pid, _)| control::Placement {
+                            pid: *pid,
+                            privileges: self.placed_privileges.get(pid).cloned().flatten(),
+                        })
+                        .collect();
+                    v.sort_by_key(|p| p.pid);
+                    v
+                };
                 let mut tasks: Vec<TaskStatus> = self
                     .tasks
                     .iter()
@@ -3343,6 +3420,7 @@ impl Monitor {
                             grants,
                             grants_expire_in_ms: left,
                             unscoped,
+                            placements: placements_in(id),
                         }
                     })
                     .collect();

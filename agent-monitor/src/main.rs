@@ -20,6 +20,7 @@ mod output;
 mod policy;
 mod policy_cmd;
 mod policy_dir;
+mod privileges;
 mod sandbox;
 mod stdout;
 

@@ -93,8 +93,9 @@ const FIRST_FAMILY_ABOVE: u64 = 17;
 
 /// The filter program: in enforce mode foreign socket families, io_uring_setup, socketcall and
 /// new listeners go to the listener; in alert mode foreign families pass the filter (the kernel
-/// program on `sys_enter_socket` then reports them as alerts, like any agent's).
-pub fn filter(enforce: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
+/// program on `sys_enter_socket` then reports them as alerts, like any agent's). `root_agent`:
+/// the rules of a root agent's confinement are added (privileges.rs: clone3, bpf).
+pub fn filter(enforce: bool, root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
     let build = |what| move |source| SandboxError::Build { what, source };
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(build("context"))?;
     // Every ABI this machine runs (libseccomp knows their numbers); other ABIs: nothing to say.
@@ -184,6 +185,9 @@ pub fn filter(enforce: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
         ],
     )
     .map_err(build("seccomp listener rule"))?;
+    if root_agent {
+        crate::privileges::add_seccomp_rules(&mut ctx).map_err(build("root agent rules"))?;
+    }
     export(&ctx)
 }
 
@@ -444,6 +448,8 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
         "perf_event_open" => return Answer::Pass,
         // Our own integrity: see the module doc. Refused in both modes.
         "seccomp" => return Answer::Refuse(CaughtCall::SeccompListener),
+        // Only root agents' filters catch it (privileges.rs); refused in both modes.
+        "bpf" => return Answer::Refuse(CaughtCall::Bpf),
         other => CaughtCall::Other {
             name: other.to_string(),
         },
@@ -673,8 +679,8 @@ mod tests {
 
     #[test]
     fn filters_build_for_both_modes() {
-        let enforce = filter(true).unwrap();
-        let alert = filter(false).unwrap();
+        let enforce = filter(true, false).unwrap();
+        let alert = filter(false, false).unwrap();
         // The enforce filter has the socket family rules on top.
         assert!(
             enforce.len() > alert.len(),
@@ -854,7 +860,7 @@ mod tests {
     /// the listener, and tries each route while this process supervises.
     #[test]
     fn kernel_refuses_through_the_listener() {
-        let program = filter(true).unwrap();
+        let program = filter(true, false).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         // SAFETY: the child makes raw system calls only, then _exit.
         let pid = unsafe { libc::fork() };

@@ -67,6 +67,20 @@ fn eperm() -> String {
     format!("errno {}", libc::EPERM)
 }
 
+/// `run` with options before the command (`--user nobody`, `--keep-capabilities`).
+fn run_with(d: &Daemon, agent: &str, options: &[&str], cmd: &[&str]) -> Output {
+    std::process::Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", agent])
+        .args(options)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .expect("running agent-monitor run")
+}
+
 fn run_py(d: &Daemon, agent: &str, script: &str) -> Output {
     d.run(
         agent,
@@ -470,6 +484,8 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// A root agent has no CAP_NET_RAW (tests/tests/privileges.rs); one that kept every capability
+/// (`run --keep-capabilities`) still meets the sock_create hook, which refuses and reports.
 #[test]
 fn raw_socket_is_refused_even_to_a_root_agent() {
     if !require_root("raw_socket_is_refused_even_to_a_root_agent") {
@@ -477,13 +493,17 @@ fn raw_socket_is_refused_even_to_a_root_agent() {
     }
     let agent = unique_agent("raw");
     let d = Daemon::start(&[policy(&agent, &[], &[PYTHON])]);
-    let out = run_py(
-        &d,
-        &agent,
-        "attempt('raw', lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))\n\
+    let script = format!(
+        "{PY_ATTEMPT}attempt('raw', lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))\n\
          attempt('raw6', lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP))\n\
          attempt('tcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))\n\
-         attempt('udp6', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))\n",
+         attempt('udp6', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))\n"
+    );
+    let out = run_with(
+        &d,
+        &agent,
+        &["--keep-capabilities"],
+        &[PYTHON, "-c", &script],
     );
     assert_eq!(outcome(&out, "raw"), eperm());
     assert_eq!(outcome(&out, "raw6"), eperm());
@@ -756,7 +776,8 @@ fn dynamic_loader_running_a_forbidden_binary_is_killed() {
 }
 
 /// In its own user and mount namespace an unprivileged agent can bind-mount any file over an
-/// allowed name: there only the file counts.
+/// allowed name: there only the file counts. (`--user`: a root agent's Landlock ruleset refuses
+/// the uid_map write and every mount.)
 #[test]
 fn bind_mount_over_an_allowed_name_in_a_user_namespace_is_killed() {
     if !require_root("bind_mount_over_an_allowed_name_in_a_user_namespace_is_killed") {
@@ -780,9 +801,8 @@ fn bind_mount_over_an_allowed_name_in_a_user_namespace_is_killed() {
         "/usr/bin/touch {p}/real; echo real=$?; \
          /usr/bin/mount --bind /usr/bin/id /usr/bin/touch && /usr/bin/touch {p}/fake; echo fake=$?"
     );
-    let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
-    cmd.extend(["/usr/bin/unshare", "-Urm", "--", SH, "-c", &inner]);
-    let out = d.run(&agent, None, &cmd);
+    let cmd = ["/usr/bin/unshare", "-Urm", "--", SH, "-c", &inner];
+    let out = run_with(&d, &agent, &["--user", "nobody"], &cmd);
     ran(&out, "real");
     killed(&out, "fake");
     assert!(dir.path().join("real").exists());
@@ -795,7 +815,8 @@ fn bind_mount_over_an_allowed_name_in_a_user_namespace_is_killed() {
 
 /// Identity: an unprivileged agent cannot leave its cgroup — cgroup.procs of other cgroups belong
 /// to root, clone3(CLONE_INTO_CGROUP) checks the same write permission, and a cgroup namespace
-/// only changes what the agent sees. After each attempt it is still judged as the agent.
+/// only changes what the agent sees. After each attempt it is still judged as the agent. (Root
+/// agents: tests/tests/privileges.rs.)
 #[test]
 fn unprivileged_agent_cannot_leave_its_cgroup() {
     if !require_root("unprivileged_agent_cannot_leave_its_cgroup") {
@@ -858,9 +879,7 @@ time.sleep(1)
                 ("PORT", denied.port.to_string()),
             ],
         );
-    let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
-    cmd.extend([PYTHON, "-c", &script]);
-    let out = d.run(&agent, None, &cmd);
+    let out = run_with(&d, &agent, &["--user", "nobody"], &[PYTHON, "-c", &script]);
     let no_access = |o: String| o == format!("errno {}", libc::EACCES) || o == eperm();
     assert!(
         no_access(outcome(&out, "write_root_procs")),
@@ -881,13 +900,12 @@ time.sleep(1)
     assert_eq!(outcome(&out, "thread_connect"), eperm());
     assert_eq!(outcome(&out, "orphan_connect"), eperm());
     // A cgroup (and user) namespace changes the view, not the cgroup.
-    let mut cmd: Vec<&str> = AS_NOBODY.to_vec();
     let ns_script = format!(
         "{PY_ATTEMPT}attempt('ns_connect', lambda: socket.socket().connect(('127.0.0.1', {})))\n",
         denied.port
     );
-    cmd.extend(["/usr/bin/unshare", "-Urc", "--", PYTHON, "-c", &ns_script]);
-    let out = d.run(&agent, None, &cmd);
+    let cmd = ["/usr/bin/unshare", "-Urc", "--", PYTHON, "-c", &ns_script];
+    let out = run_with(&d, &agent, &["--user", "nobody"], &cmd);
     assert_eq!(outcome(&out, "ns_connect"), eperm());
     assert_eq!(denied.accepted(), 0);
     let n = d

@@ -23,6 +23,8 @@ pub enum Request {
     /// uid is root's or belongs to another agent; see `Monitor::bind_uid`).
     /// `unscoped`: sent by a `run` that cannot put its command in a Landlock domain (confine.rs),
     /// saying why; `status` shows it on the task.
+    /// `privileges`: what `run` gives the command it starts (capabilities kept, no_new_privs,
+    /// Landlock), for `status`; absent from other clients.
     Place {
         agent: String,
         task: String,
@@ -30,6 +32,8 @@ pub enum Request {
         user: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         unscoped: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        privileges: Option<Privileges>,
     },
     /// Agents, tasks, processes and counters. (A struct variant, so unknown fields are refused.)
     Status {},
@@ -77,6 +81,22 @@ pub enum Request {
     Caught(CaughtReport),
 }
 
+/// What a command started by `run` holds of root's privileges (see privileges.rs).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Privileges {
+    /// The uid the command runs as (0 without `--user`).
+    pub uid: u32,
+    /// Capabilities it keeps in every set (`cap_chown`…; `all` with `--keep-capabilities`).
+    pub capabilities: Vec<String>,
+    /// prctl(PR_SET_NO_NEW_PRIVS): setuid and file capabilities are ignored by its execs.
+    pub no_new_privs: bool,
+    /// The Landlock filesystem ruleset of root agents (no writes beneath /proc, /sys, /dev).
+    pub landlock_fs: bool,
+    /// `run --keep-capabilities`: root's full power was kept, on purpose.
+    pub kept_all: bool,
+}
+
 /// A caught call as `run` answered it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -122,6 +142,8 @@ pub enum CaughtCall {
         signal: u32,
         target: CaughtTarget,
     },
+    /// bpf(2) from a root agent (pinned maps open by file permission alone).
+    Bpf,
     /// Anything else the filter sends (should not happen).
     Other {
         name: String,
@@ -160,6 +182,10 @@ pub enum Response {
         /// agent, which are the agent from now on).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         warnings: Vec<String>,
+        /// The daemon's own files (policy directory, control socket, state file, JSON trail,
+        /// executable) that `run` makes read-only for a root agent.
+        #[serde(default)]
+        read_only: Vec<String>,
     },
     /// A `caught` report was recorded.
     Recorded {},
@@ -276,6 +302,18 @@ pub struct TaskStatus {
     /// here), each as `run PID: reason`. Empty: every `run` scoped it.
     #[serde(default)]
     pub unscoped: Vec<String>,
+    /// The `run` processes placed in this task and what their commands hold.
+    #[serde(default)]
+    pub placements: Vec<Placement>,
+}
+
+/// One `run` (or other control client) placed in a task.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// The placed process (`run`; its command is its child).
+    pub pid: u32,
+    /// As `run` reported it; none: placed by a client that did not say (not `agent-monitor run`).
+    pub privileges: Option<Privileges>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -553,6 +591,20 @@ mod tests {
                 task: "t".into(),
                 user: Some(1001),
                 unscoped: None,
+                privileges: None,
+            },
+            Request::Place {
+                agent: "a".into(),
+                task: "t".into(),
+                user: None,
+                unscoped: None,
+                privileges: Some(Privileges {
+                    uid: 0,
+                    capabilities: vec!["cap_chown".into()],
+                    no_new_privs: true,
+                    landlock_fs: true,
+                    kept_all: false,
+                }),
             },
             Request::Status {},
             Request::Reload {},
@@ -645,12 +697,14 @@ mod tests {
                 task: "t".into(),
                 user: None,
                 unscoped: None,
+                privileges: None,
             },
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
                 user: Some(1001),
                 unscoped: None,
+                privileges: None,
             },
             Request::Status {},
         ] {
@@ -662,6 +716,7 @@ mod tests {
             task: "t".into(),
             user: None,
             unscoped: None,
+            privileges: None,
         };
         assert!(authorize(&same, true, me).is_ok());
     }

@@ -37,6 +37,8 @@ pub mod message_id {
     pub const DNS_WITHHELD: &str = "fc147e30ec8643468e477fb1c10bcdbe";
     /// The daemon stops; pinned enforcement continues without it.
     pub const STOPPING: &str = "6dd3bf0c09fa4612a800860c1e2c0a29";
+    /// An agent command was started with every capability of root (`run --keep-capabilities`).
+    pub const CAPABILITIES_KEPT: &str = "9fae3a6167374aa4a33de186d13699a3";
 }
 
 /// `MESSAGE_ID` of an action entry.
