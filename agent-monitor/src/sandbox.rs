@@ -802,7 +802,7 @@ mod tests {
     /// once) but not its supervisor (this test process: refused and reported as a signal).
     #[test]
     fn signals_to_the_supervisor_are_refused_and_reported() {
-        let program = filter(true).unwrap();
+        let program = filter(true, false).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the child makes raw system calls only, then _exit.
