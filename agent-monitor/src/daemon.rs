@@ -1915,7 +1915,14 @@ impl Monitor {
             control::CaughtCall::Other { name } => (
                 ActionKind::Seccomp,
                 name.clone(),
-                "caught by the seccomp filter of `agent-monitor run`".to_string(),
+                if name.starts_with("ioctl ") {
+                    "typing into the terminal the agent shares with whoever started it (read as \
+                     that shell's next command): always refused (seccomp filter of \
+                     `agent-monitor run`)"
+                        .to_string()
+                } else {
+                    "caught by the seccomp filter of `agent-monitor run`".to_string()
+                },
             ),
         };
         let target = match &c.call {

@@ -22,7 +22,9 @@
 //! Filters stack and the strictest answer wins; between two USER_NOTIF answers the newest filter
 //! wins. An agent that installed its own listener filter could therefore answer our calls
 //! itself (CONTINUE): so seccomp(SECCOMP_SET_MODE_FILTER) with SECCOMP_FILTER_FLAG_NEW_LISTENER
-//! is always refused. A filter of the agent's without a listener answers ENOSYS; ERRNO, TRAP and
+//! is always refused. Also refused in both modes: ioctl TIOCSTI and TIOCLINUX, which type into
+//! the terminal the agent shares with whoever started `run` (after `run` exits, that shell reads
+//! the typed command as its own). A filter of the agent's without a listener answers ENOSYS; ERRNO, TRAP and
 //! KILL are stricter than ours and refuse too: no stacking lets a caught call through.
 //!
 //! Also caught, in both modes: the calls that reach another process, i.e. everything the kernel
@@ -87,6 +89,12 @@ const PID_SIGN: u64 = 0x8000_0000;
 /// perf_event_open(2) flag: the pid argument is a cgroup fd (needs CAP_PERFMON or a permissive
 /// perf_event_paranoid: the kernel decides).
 const PERF_FLAG_PID_CGROUP: u64 = 1 << 2;
+
+/// ioctl(2) requests that put bytes into a terminal's input (asm-generic/ioctls.h): TIOCSTI,
+/// TIOCLINUX.
+const TERMINAL_INPUT_IOCTLS: [u64; 2] = [0x5412, 0x541C];
+/// The half of a register the kernel reads for an `int` or `unsigned int` argument.
+const INT_ARG: u64 = 0xffff_ffff;
 
 /// Families above the highest one agents keep: all caught (future families included).
 const FIRST_FAMILY_ABOVE: u64 = 17;
@@ -176,6 +184,19 @@ pub fn filter(enforce: bool, root_agent: bool) -> Result<Vec<libc::sock_filter>,
         &[scmp_cmp!($arg0 & PID_SIGN == 0), scmp_cmp!($arg2 != 0)],
     )
     .map_err(build("prlimit64 rule"))?;
+    // Typing into the terminal: TIOCSTI pushes bytes into the input of the agent's controlling
+    // terminal (where `run`'s caller, often a root shell, reads its next command once `run`
+    // exits; dev.tty.legacy_tiocsti lets any process do it to its own terminal) and TIOCLINUX
+    // pastes a virtual console's selection there. Refused in both modes. ioctl's command is an
+    // unsigned int: the kernel reads the low half, so the compare does too.
+    for request in TERMINAL_INPUT_IOCTLS {
+        ctx.add_rule_conditional(
+            notify,
+            syscall("ioctl")?,
+            &[scmp_cmp!($arg1 & INT_ARG == request)],
+        )
+        .map_err(build("terminal input rule"))?;
+    }
     ctx.add_rule_conditional(
         notify,
         syscall("seccomp")?,
@@ -450,6 +471,15 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
         "seccomp" => return Answer::Refuse(CaughtCall::SeccompListener),
         // Only root agents' filters catch it (privileges.rs); refused in both modes.
         "bpf" => return Answer::Refuse(CaughtCall::Bpf),
+        // Typing into the terminal of `run`'s caller (filter rule): refused in both modes.
+        "ioctl" => {
+            return Answer::Refuse(CaughtCall::Other {
+                name: match args[1] as u32 {
+                    0x5412 => "ioctl TIOCSTI".to_string(),
+                    other => format!("ioctl {other:#x} (TIOCLINUX)"),
+                },
+            });
+        }
         other => CaughtCall::Other {
             name: other.to_string(),
         },
@@ -713,6 +743,12 @@ mod tests {
             Answer::Alert(CaughtCall::IoUringSetup)
         );
         for enforce in [true, false] {
+            assert_eq!(
+                decide("ioctl", &[0, (1u64 << 32) | 0x5412, 0, 0, 0, 0], enforce),
+                Answer::Refuse(CaughtCall::Other {
+                    name: "ioctl TIOCSTI".into()
+                })
+            );
             assert_eq!(
                 decide("seccomp", &[1, 8, 0, 0, 0, 0], enforce),
                 Answer::Refuse(CaughtCall::SeccompListener)

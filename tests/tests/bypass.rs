@@ -1347,3 +1347,77 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
+
+/// Runs `cmd` on a new pseudo-terminal as its controlling terminal (as `run` is in a shell
+/// session) and returns everything written to that terminal: its echo of typed input included.
+fn on_a_terminal(cmd: &[&str]) -> String {
+    const DRIVER: &str = r#"import os, pty, sys, select
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+out = b''
+while True:
+    if not select.select([fd], [], [], 20)[0]:
+        break
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors='replace'))
+"#;
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", DRIVER])
+        .args(cmd)
+        .output()
+        .expect("running the terminal driver");
+    text(&out.stdout)
+}
+
+/// TIOCSTI pushes bytes into the input of the caller's controlling terminal: an agent started
+/// from a shell would type a command that the shell, often root's, runs as its own once `run`
+/// exits (this kernel has dev.tty.legacy_tiocsti = 1). `run`'s filter refuses it (and TIOCLINUX)
+/// in both modes, for root and `--user` agents, and reports it; outside agents it works.
+#[test]
+fn typing_into_the_terminal_of_runs_caller_is_refused() {
+    if !require_root("typing_into_the_terminal_of_runs_caller_is_refused") {
+        return;
+    }
+    const TYPE: &str = "import fcntl, termios\ntry:\n    for c in b'echo TYPED-BY-AGENT\\n':\n        fcntl.ioctl(0, termios.TIOCSTI, bytes([c]))\n    print('tiocsti ok')\nexcept OSError as e:\n    print('tiocsti errno', e.errno)\n";
+    let enforce = unique_agent("tiocsti");
+    let alert = unique_agent("tiocsti-alert");
+    let (alert_file, alert_text) = policy(&alert, &[], &[PYTHON]);
+    let d = Daemon::start(&[
+        policy(&enforce, &[], &[PYTHON]),
+        (alert_file, alert_text.replace("\"enforce\"", "\"alert\"")),
+    ]);
+    // Control: outside agents the bytes reach the terminal's input (echoed back to us).
+    let outside = on_a_terminal(&[PYTHON, "-c", TYPE]);
+    assert!(outside.contains("tiocsti ok"), "{outside}");
+    assert!(outside.contains("echo TYPED-BY-AGENT"), "{outside}");
+    let bin = binary();
+    let bin = bin.to_str().unwrap();
+    let socket = d.socket.to_str().unwrap();
+    for (agent, user) in [(&enforce, Some("nobody")), (&alert, None)] {
+        let mut cmd = vec![bin, "run", "--control-socket", socket, "--agent", agent];
+        if let Some(u) = user {
+            cmd.extend(["--user", u]);
+        }
+        cmd.extend(["--", PYTHON, "-c", TYPE]);
+        let seen = on_a_terminal(&cmd);
+        assert!(
+            seen.contains(&format!("tiocsti errno {}", libc::EPERM)),
+            "{agent}: {seen}"
+        );
+        assert!(!seen.contains("echo TYPED-BY-AGENT"), "{agent}: {seen}");
+        let rec = d.wait_audit("refused TIOCSTI", |v| {
+            is(v, "agent_id", agent) && is(v, "socket", "ioctl TIOCSTI")
+        });
+        assert_eq!(field(&rec, "action"), "seccomp");
+        assert_eq!(field(&rec, "verdict"), "denied", "{rec}");
+        assert!(field(&rec, "reason").contains("terminal"), "{rec}");
+    }
+}
