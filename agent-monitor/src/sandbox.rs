@@ -31,8 +31,10 @@
 //! gates with a ptrace access check that takes a pid or a pidfd (ptrace attach and seize,
 //! process_vm_readv/writev, pidfd_getfd, kcmp, process_madvise, perf_event_open, move_pages,
 //! migrate_pages, get_robust_list) and the signal calls (kill, tkill, tgkill, rt_sigqueueinfo,
-//! rt_tgsigqueueinfo, pidfd_send_signal), plus prlimit64 setting another process's limits (a
-//! same-uid check only, no ptrace check and no Landlock scope). The supervisor reads the target's
+//! rt_tgsigqueueinfo, pidfd_send_signal), plus prlimit64 setting another process's limits and
+//! the scheduling calls on another process (setpriority, ioprio_set, sched_setaffinity,
+//! sched_setscheduler, sched_setparam, sched_setattr: a same-uid check only, no ptrace check
+//! and no Landlock scope; their process-group and user forms are refused outright). The supervisor reads the target's
 //! cgroup from /proc while the caller waits: a target in the caller's own task cgroup gets
 //! CONTINUE (the Landlock domain `run` put the command in, confine.rs, still decides in the
 //! kernel); a target outside it, or `run` itself, is refused with EPERM and reported as a denial,
@@ -89,6 +91,11 @@ const PID_SIGN: u64 = 0x8000_0000;
 /// perf_event_open(2) flag: the pid argument is a cgroup fd (needs CAP_PERFMON or a permissive
 /// perf_event_paranoid: the kernel decides).
 const PERF_FLAG_PID_CGROUP: u64 = 1 << 2;
+
+/// setpriority(2)'s and ioprio_set(2)'s `which` for one process (linux/resource.h,
+/// linux/ioprio.h); the other values name a process group or every process of a user.
+const PRIO_PROCESS: u64 = 0;
+const IOPRIO_WHO_PROCESS: u64 = 1;
 
 /// ioctl(2) requests that put bytes into a terminal's input (asm-generic/ioctls.h): TIOCSTI,
 /// TIOCLINUX.
@@ -184,6 +191,28 @@ pub fn filter(enforce: bool, root_agent: bool) -> Result<Vec<libc::sock_filter>,
         &[scmp_cmp!($arg0 & PID_SIGN == 0), scmp_cmp!($arg2 != 0)],
     )
     .map_err(build("prlimit64 rule"))?;
+    // Scheduling another process (nice, policy, CPUs, I/O class): like prlimit64, a same-uid
+    // check (plus, in commoncap, no capabilities the caller lacks) and no Landlock scope, so an
+    // agent could starve another agent's processes or its own uid's outside its task. Passed at
+    // once for the caller itself (pid 0); group and user forms are judged by the supervisor.
+    for name in [
+        "sched_setaffinity",
+        "sched_setscheduler",
+        "sched_setparam",
+        "sched_setattr",
+    ] {
+        ctx.add_rule_conditional(notify, syscall(name)?, &[scmp_cmp!($arg0 != 0)])
+            .map_err(build("scheduling rule"))?;
+    }
+    for (name, own_process) in [
+        ("setpriority", PRIO_PROCESS),
+        ("ioprio_set", IOPRIO_WHO_PROCESS),
+    ] {
+        for cmp in [scmp_cmp!($arg0 != own_process), scmp_cmp!($arg1 != 0)] {
+            ctx.add_rule_conditional(notify, syscall(name)?, &[cmp])
+                .map_err(build("scheduling rule"))?;
+        }
+    }
     // Typing into the terminal: TIOCSTI pushes bytes into the input of the agent's controlling
     // terminal (where `run`'s caller, often a root shell, reads its next command once `run`
     // exits; dev.tty.legacy_tiocsti lets any process do it to its own terminal) and TIOCLINUX
@@ -418,6 +447,11 @@ fn reach(name: &str, args: &[u64; 6]) -> Option<Reach> {
         "pidfd_getfd" | "process_madvise" => (None, vec![fd(0)]),
         "perf_event_open" if args[4] & PERF_FLAG_PID_CGROUP != 0 => return None,
         "perf_event_open" => (None, vec![pid(1)]),
+        "sched_setaffinity" | "sched_setscheduler" | "sched_setparam" | "sched_setattr" => {
+            (None, vec![pid(0)])
+        }
+        "setpriority" if args[0] as u32 as u64 == PRIO_PROCESS => (None, vec![pid(1)]),
+        "ioprio_set" if args[0] as u32 as u64 == IOPRIO_WHO_PROCESS => (None, vec![pid(1)]),
         "kill" | "tkill" | "rt_sigqueueinfo" => (sig(1), vec![pid(0)]),
         "tgkill" | "rt_tgsigqueueinfo" => (sig(2), vec![pid(1)]),
         "pidfd_send_signal" => (sig(1), vec![fd(0)]),
@@ -471,6 +505,13 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
         "seccomp" => return Answer::Refuse(CaughtCall::SeccompListener),
         // Only root agents' filters catch it (privileges.rs); refused in both modes.
         "bpf" => return Answer::Refuse(CaughtCall::Bpf),
+        // A process group's or a user's every process (reach() took the one-process form):
+        // processes outside the task among them, and no Landlock scope. Refused in both modes.
+        "setpriority" | "ioprio_set" => {
+            return Answer::Refuse(CaughtCall::Other {
+                name: format!("{name} of a process group or user ({})", args[0] as u32),
+            });
+        }
         // Typing into the terminal of `run`'s caller (filter rule): refused in both modes.
         "ioctl" => {
             return Answer::Refuse(CaughtCall::Other {
@@ -747,6 +788,26 @@ mod tests {
                 decide("ioctl", &[0, (1u64 << 32) | 0x5412, 0, 0, 0, 0], enforce),
                 Answer::Refuse(CaughtCall::Other {
                     name: "ioctl TIOCSTI".into()
+                })
+            );
+            assert!(matches!(
+                decide("setpriority", &[2, 0, 19, 0, 0, 0], enforce),
+                Answer::Refuse(CaughtCall::Other { .. })
+            ));
+            assert_eq!(
+                decide("setpriority", &[0, 77, 19, 0, 0, 0], enforce),
+                Answer::Judge(Reach {
+                    syscall: "setpriority".into(),
+                    signal: None,
+                    targets: vec![TargetRef::Pid(77)]
+                })
+            );
+            assert_eq!(
+                decide("sched_setaffinity", &[77, 8, 0, 0, 0, 0], enforce),
+                Answer::Judge(Reach {
+                    syscall: "sched_setaffinity".into(),
+                    signal: None,
+                    targets: vec![TargetRef::Pid(77)]
                 })
             );
             assert_eq!(

@@ -130,7 +130,9 @@ pub enum CaughtCall {
     SeccompListener,
     /// A call that reaches into another process (ptrace attach or seize, process_vm_readv or
     /// writev, pidfd_getfd, kcmp, process_madvise, perf_event_open, move_pages, migrate_pages,
-    /// get_robust_list, prlimit64 setting limits), aimed outside the caller's task. Always refused.
+    /// get_robust_list, prlimit64 setting limits, setpriority, ioprio_set, sched_setaffinity,
+    /// sched_setscheduler, sched_setparam, sched_setattr), aimed outside the caller's task.
+    /// Always refused.
     ProcessAccess {
         syscall: String,
         target: CaughtTarget,
