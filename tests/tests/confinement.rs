@@ -292,3 +292,64 @@ fn alert_mode_agents_are_confined_too() {
     });
     assert_eq!(field(&rec, "verdict"), "denied");
 }
+
+/// kill(child, 0) in a loop: nanoseconds per call, printed as `ns N`.
+const KILL_LOOP_C: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    pid_t child = fork();
+    if (child == 0) { pause(); _exit(0); }
+    const int n = 20000;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (int i = 0; i < n; i++) kill(child, 0);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    kill(child, SIGKILL);
+    printf("ns %ld\n", ((b.tv_sec - a.tv_sec) * 1000000000L + (b.tv_nsec - a.tv_nsec)) / n);
+    return 0;
+}
+"#;
+
+/// What a signal inside the agent costs: every kill() with a positive pid waits for `run`'s
+/// supervisor, which reads two cgroup files and answers CONTINUE. Measured and printed (the
+/// README quotes it); the bound only catches a pathological slowdown.
+#[test]
+fn a_signal_inside_the_agent_costs_one_supervisor_round_trip() {
+    if !require_root("a_signal_inside_the_agent_costs_one_supervisor_round_trip") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(dir.path(), "killloop", KILL_LOOP_C);
+    let bin = bin.to_str().unwrap();
+    let agent = unique_agent("killcost");
+    let d = Daemon::start(&[(
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = []\n[exec]\nallow = [{bin:?}]\n"
+        ),
+    )]);
+    let per_call = |out: &Output| -> u64 {
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        outcome(out, "ns").parse().unwrap()
+    };
+    let mut outside = Vec::new();
+    let mut inside = Vec::new();
+    for _ in 0..3 {
+        outside.push(per_call(&Command::new(bin).output().unwrap()));
+        inside.push(per_call(&d.run(&agent, None, &[bin])));
+    }
+    outside.sort();
+    inside.sort();
+    eprintln!(
+        "kill(child, 0): outside agents {} ns, inside an agent {} ns (median of 3 × 20000)",
+        outside[1], inside[1]
+    );
+    assert!(
+        inside[1] < outside[1] + 1_000_000,
+        "a kill inside the agent takes {} ns",
+        inside[1]
+    );
+}
