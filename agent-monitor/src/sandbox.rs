@@ -456,14 +456,26 @@ pub fn decide(name: &str, args: &[u64; 6], enforce: bool) -> Answer {
 }
 
 /// Serves the listener until it fails for good: answers each caught call at once and hands it
-/// to `report` (which may be slow: the agent is no longer waiting). Returns the reason it stopped.
-pub fn supervise(listener: OwnedFd, enforce: bool, mut report: impl FnMut(Caught)) -> String {
+/// to `report` (which may be slow: the agent is no longer waiting). `busy` is set from the moment
+/// a call is taken until its report is handed over, so `run` can wait for the last report before
+/// it exits (the agent may exit the instant it has its answer). Returns the reason it stopped.
+pub fn supervise(
+    listener: OwnedFd,
+    enforce: bool,
+    busy: &std::sync::atomic::AtomicBool,
+    mut report: impl FnMut(Caught),
+) -> String {
+    use std::sync::atomic::Ordering;
     let fd = listener.as_raw_fd();
     let own = Supervisor::this_process();
     sync_wake_up(fd);
     loop {
+        busy.store(false, Ordering::SeqCst);
         let req = match ScmpNotifReq::receive(fd) {
-            Ok(r) => r,
+            Ok(r) => {
+                busy.store(true, Ordering::SeqCst);
+                r
+            }
             Err(e) => {
                 // libseccomp 2.5 reports every ioctl failure as ECANCELED; the ioctl's own errno
                 // is still in errno. A signal to `run` (EINTR) or a caller that died while we
@@ -850,7 +862,11 @@ mod tests {
         let listener = receive_listener(&ours).unwrap();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        std::thread::spawn(move || supervise(listener, true, |c| seen2.lock().unwrap().push(c)));
+        std::thread::spawn(move || {
+            supervise(listener, true, &Default::default(), |c| {
+                seen2.lock().unwrap().push(c)
+            })
+        });
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -915,7 +931,11 @@ mod tests {
         let listener = receive_listener(&ours).unwrap();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen2 = seen.clone();
-        std::thread::spawn(move || supervise(listener, true, |c| seen2.lock().unwrap().push(c)));
+        std::thread::spawn(move || {
+            supervise(listener, true, &Default::default(), |c| {
+                seen2.lock().unwrap().push(c)
+            })
+        });
         let mut status = 0;
         // SAFETY: waiting for our own child.
         unsafe { libc::waitpid(pid, &mut status, 0) };
