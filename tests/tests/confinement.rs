@@ -56,7 +56,16 @@ def attack(label, pid, addr):
 args = sys.argv[1:]
 for i in range(0, len(args), 3):
     attack(args[i], int(args[i + 1]), int(args[i + 2]))
+if os.environ.get('ABSTRACT'):
+    import socket
+    def connect_abstract():
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect('\0' + os.environ['ABSTRACT'])
+        c.close()
+    attempt('abstract', connect_abstract)
 if os.environ.get('OWN'):
+    print('ppid', os.getppid(), flush=True)
+    res('run.kill', libc.kill(os.getppid(), 0))
     b = b'secret-marker'
     child = os.fork()
     if child == 0:
@@ -153,6 +162,13 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         Killed(d.spawn_run(&other, "v1", &["--user", "nobody"], &[PYTHON, "-c", VICTIM]));
     let (other_pid, other_addr) = victim_line(&mut in_other.0);
 
+    // An abstract unix socket of a service outside every agent.
+    let abstract_name = format!("agent-monitor-test-{}", std::process::id());
+    let abstract_listener = {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&abstract_name).unwrap();
+        std::os::unix::net::UnixListener::bind_addr(&addr).unwrap()
+    };
     let targets = [
         "outside".to_string(),
         outside_pid.to_string(),
@@ -171,6 +187,7 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         .args([PYTHON, "-c", ATTACK])
         .args(&targets)
         .env("OWN", "1")
+        .env("ABSTRACT", &abstract_name)
         .output()
         .unwrap();
     assert!(
@@ -189,6 +206,14 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         assert_eq!(outcome(&out, &format!("own.{route}")), "ok", "own.{route}");
     }
     let own_pid: u32 = outcome(&out, "own_pid").parse().unwrap();
+    // Nor its own `run` (the seccomp supervisor), nor an abstract socket made outside.
+    assert_eq!(outcome(&out, "run.kill"), refused("kill"));
+    assert_eq!(outcome(&out, "abstract"), refused("kill"));
+    let run_pid: u32 = outcome(&out, "ppid").parse().unwrap();
+    let rec = d.wait_audit("kill of its own run", |v| {
+        is(v, "syscall", "kill") && v["target_pid"] == run_pid
+    });
+    assert!(field(&rec, "reason").contains("agent-monitor run"), "{rec}");
 
     // Reported: the call, its target, and whose the target is.
     for (syscall, action) in [
@@ -244,8 +269,11 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         .args([PYTHON, "-c", ATTACK, "outside"])
         .arg(outside_pid.to_string())
         .arg(outside_addr.to_string())
+        .env("ABSTRACT", &abstract_name)
         .output()
         .unwrap();
+    assert_eq!(outcome(&control, "abstract"), "ok", "control abstract");
+    drop(abstract_listener);
     for route in ROUTES {
         assert_eq!(
             outcome(&control, &format!("outside.{route}")),
