@@ -586,6 +586,9 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                 for w in crate::exec_lint::warnings(&set) {
                     eprintln!("{w}");
                 }
+                for w in crate::confine::selector_warnings(&set) {
+                    eprintln!("{w}");
+                }
                 let names: Vec<&str> = set.iter().map(|p| p.agent()).collect();
                 println!(
                     "{}: ok, {} agent(s): {}",
