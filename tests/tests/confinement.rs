@@ -50,6 +50,8 @@ def attack(label, pid, addr):
     res(label + '.pidfd_getfd', libc.syscall(SYS_pidfd_getfd, pidfd, 1, 0) if pidfd >= 0 else -1)
     res(label + '.pidfd_signal', libc.syscall(SYS_pidfd_send_signal, pidfd, 0, None, 0))
     res(label + '.tgkill', libc.syscall(SYS_tgkill, pid, pid, 0))
+    core0 = (ctypes.c_uint64 * 2)(0, 0)
+    res(label + '.prlimit', libc.prlimit64(pid, 4, ctypes.byref(core0), None))
     attempt(label + '.mem', lambda: os.close(os.open('/proc/%d/mem' % pid, os.O_RDONLY)))
     attempt(label + '.environ', lambda: open('/proc/%d/environ' % pid, 'rb').read())
     res(label + '.ptrace', libc.ptrace(16, pid, None, None))
@@ -76,12 +78,13 @@ if os.environ.get('OWN'):
     os.kill(child, 9)
 "#;
 
-const ROUTES: [&str; 8] = [
+const ROUTES: [&str; 9] = [
     "kill",
     "vm_readv",
     "pidfd_getfd",
     "pidfd_signal",
     "tgkill",
+    "prlimit",
     "mem",
     "environ",
     "ptrace",
@@ -222,6 +225,7 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         ("tgkill", "signal"),
         ("process_vm_readv", "ptrace"),
         ("pidfd_getfd", "ptrace"),
+        ("prlimit64", "ptrace"),
         ("ptrace", "ptrace"),
     ] {
         let rec = d.wait_audit(&format!("{syscall} on the outside victim"), |v| {
