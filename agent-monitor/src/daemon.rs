@@ -130,6 +130,9 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for w in crate::exec_lint::warnings(&policies) {
         tracing::warn!("{w}");
     }
+    for w in crate::confine::selector_warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for did in crate::host::ensure_kernel_filesystems()? {
         tracing::info!("{did}");
     }
