@@ -7,7 +7,7 @@ pub(crate) mod model;
 mod parse;
 pub mod selectors;
 
-pub use compile::{KernelTables, compile_grants};
+pub use compile::{EXEC_ENTRIES_PER_SET, KernelTables, NET_ENTRIES_PER_SET, compile_grants};
 pub use evaluate::{Decision, ExecFacts, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
