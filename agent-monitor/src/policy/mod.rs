@@ -3,6 +3,7 @@
 pub(crate) mod compile;
 mod evaluate;
 pub mod host;
+mod index;
 pub(crate) mod model;
 mod parse;
 pub mod selectors;

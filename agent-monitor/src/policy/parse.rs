@@ -542,6 +542,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             network,
             hosts,
             exec,
+            index: Default::default(),
         })
     }
 }
