@@ -609,7 +609,9 @@ mod tests {
             Request::Place {
                 agent: "a".into(),
                 task: "t".into(),
+                user: None,
                 unscoped: Some("this kernel has Landlock ABI 5".into()),
+                privileges: None,
             },
             Request::Caught(CaughtReport {
                 pid: 7,
