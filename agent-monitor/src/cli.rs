@@ -34,7 +34,9 @@ pub enum Command {
     /// Run a command as an agent: `agent-monitor run --agent coder -- python3 tool.py`.
     ///
     /// The daemon places this process in the agent's (agent, task) cgroup, then the command starts
-    /// there; it and all its descendants are the agent. Exits with the command's status, or 128+N
+    /// there; it and all its descendants are the agent. They may trace, read or signal only
+    /// processes of their own task (a Landlock domain; attempts on others are refused and
+    /// reported; without Landlock ABI 6 `run` warns and goes on). Exits with the command's status, or 128+N
     /// if a signal N killed it (137: killed, e.g. a denied exec). Exit 125: agent-monitor itself
     /// failed (daemon not running, no policy for the agent); 127: command not found.
     Run(RunArgs),

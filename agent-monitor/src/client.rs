@@ -159,15 +159,31 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     drop(theirs);
+    let reporting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     match crate::sandbox::receive_listener(&ours) {
-        Ok(listener) => supervise(listener, enforce, args.socket.control_socket.clone()),
+        Ok(listener) => supervise(
+            listener,
+            enforce,
+            args.socket.control_socket.clone(),
+            reporting.clone(),
+        ),
         Err(e) => {
             // Without a supervisor the kernel fails the caught calls (ENOSYS): closed, but say so.
             eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
         }
     }
     forward_signals(child.id());
-    match child.wait() {
+    let status = child.wait();
+    // A call the supervisor answered just before the command exited is still being reported:
+    // let that report reach the daemon (bounded: a daemon that does not answer is reported on
+    // stderr by the supervisor thread).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while reporting.load(std::sync::atomic::Ordering::SeqCst)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    match status {
         Ok(status) => match (status.code(), status.signal()) {
             (Some(code), _) => ExitCode::from(code as u8),
             (None, Some(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
@@ -186,9 +202,14 @@ use std::os::unix::process::CommandExt as _;
 /// Answers the calls the agent's seccomp filter catches, on a thread of its own, and reports each
 /// to the daemon. A report that cannot be delivered is printed on our stderr: never dropped
 /// silently.
-fn supervise(listener: std::os::fd::OwnedFd, enforce: bool, socket: PathBuf) {
+fn supervise(
+    listener: std::os::fd::OwnedFd,
+    enforce: bool,
+    socket: PathBuf,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     std::thread::spawn(move || {
-        let why = crate::sandbox::supervise(listener, enforce, |c| {
+        let why = crate::sandbox::supervise(listener, enforce, &busy, |c| {
             let req = Request::Caught(c);
             if let Err(e) = control::call(&socket, &req) {
                 eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
@@ -671,6 +692,9 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                             eprintln!("{}: warning: {w}", u.at);
                         }
                     }
+                }
+                for w in crate::confine::selector_warnings(&set) {
+                    eprintln!("{w}");
                 }
                 // What the daemon would refuse before loading anything: the kernel maps' limits.
                 if let Err(e) = set.compile() {

@@ -87,9 +87,69 @@ fn kernel_support() -> String {
     }
 }
 
+/// Agents that policy `[identity]` selects by unit, cgroup or executable: they start outside
+/// `run`, so they get neither its Landlock domain nor its seccomp reports, and another process
+/// of their uid is within their reach (no Yama here). A uid selector is the remedy (every
+/// process of that uid is then the agent), or starting the program with `agent-monitor run`.
+/// Pure: one warning per such policy, at its first such selector.
+pub fn selector_warnings(set: &crate::policy::PolicySet) -> Vec<String> {
+    let mut out = Vec::new();
+    for policy in set {
+        let s = policy.selectors();
+        let first = s
+            .systemd_units
+            .iter()
+            .map(|u| (&u.at, format!("systemd unit {:?}", u.value)))
+            .chain(
+                s.cgroups
+                    .iter()
+                    .map(|c| (&c.at, format!("cgroup {:?}", c.value))),
+            )
+            .chain(
+                s.executables
+                    .iter()
+                    .map(|e| (&e.at, format!("executable {:?}", e.value.path))),
+            )
+            .min_by_key(|(at, _)| at.line_col);
+        let Some((at, what)) = first else { continue };
+        if !s.uids.is_empty() {
+            continue;
+        }
+        out.push(format!(
+            "{at}: warning: agent {} selected by {what} is not scoped to its own processes \
+             (only `agent-monitor run` gives a Landlock domain): it can trace, read and signal \
+             every process of its uid. Give it a dedicated uid and select that (`uids = [...]`), \
+             or start it with `agent-monitor run --agent {} --user USER -- ...`",
+            policy.agent(),
+            policy.agent()
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selected_agents_without_a_uid_selector_are_warned_about() {
+        let sum = "0".repeat(64);
+        let parse = |text: &str| {
+            crate::policy::Policy::parse(text, std::path::Path::new("a.toml")).unwrap()
+        };
+        let unit = parse("agent = \"a\"\n[identity]\nsystemd_units = [\"a.service\"]\n");
+        let exe = parse(&format!(
+            "agent = \"b\"\n[identity]\nexecutables = [{{ path = \"/opt/b\", sha256 = \"{sum}\" }}]\n"
+        ));
+        let by_uid = parse("agent = \"c\"\n[identity]\nuids = [1001]\ncgroups = [\"/c\"]\n");
+        let plain = parse("agent = \"d\"\n");
+        let set = crate::policy::PolicySet::new(vec![unit, exe, by_uid, plain]).unwrap();
+        let w = selector_warnings(&set);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("a.toml:3:"), "{}", w[0]);
+        assert!(w[0].contains("agent a selected by systemd unit \"a.service\""));
+        assert!(w[1].contains("agent b selected by executable \"/opt/b\""));
+    }
 
     /// The real kernel (ABI 7 here), no root needed: a forked child that enters the scope
     /// (with no_new_privs, as an unprivileged caller must) can no longer signal its parent,

@@ -107,6 +107,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     if args.uninstall {
         return uninstall(&args.pin_dir, &args.state_file);
     }
+    tracing::info!("loading the policies in {}", args.policies.display());
     let policies = crate::policy_dir::load_dir(&args.policies)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| {
@@ -121,13 +122,25 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             args.policies.display()
         );
     }
-    // Checked here so that a bad set stops the start before anything is loaded.
-    policies
+    // Checked here so that a bad set stops the start before anything is loaded or pinned.
+    let compiled = policies
         .compile()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("refusing to start: the policies do not fit the kernel tables")?;
+    tracing::info!(
+        "{} agent(s) in {} ms: {} network and {} exec allowlist entries (at most {} and {} fit)",
+        policies.len(),
+        t0.elapsed().as_millis(),
+        compiled.net.len(),
+        compiled.exec.len(),
+        crate::policy::NET_ENTRIES_PER_SET,
+        crate::policy::EXEC_ENTRIES_PER_SET,
+    );
 
     for w in crate::exec_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
+    for w in crate::confine::selector_warnings(&policies) {
         tracing::warn!("{w}");
     }
     for did in crate::host::ensure_kernel_filesystems()? {
@@ -227,6 +240,8 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
     let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
+    // Any failure before this removed what this start pinned; from now on the pins outlive us.
+    monitor.kernel.keep_pins();
     // Now that the socket exists (the grant state file may not yet: see `daemon_files`).
     monitor.daemon_files = crate::privileges::daemon_files(
         &args.policies,

@@ -3,6 +3,7 @@
 mod chart;
 mod load;
 mod machine;
+mod policy_size;
 mod report;
 mod run;
 mod setups;
@@ -39,8 +40,8 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, memory, dns); the report is then
-        /// partial. For development.
+        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns); the
+        /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// The command line that reproduces this run, for the report.

@@ -187,7 +187,104 @@ pub fn targets(r: &Results) -> Vec<Target> {
             .as_ref()
             .is_some_and(|m| m.peak_rss_kib <= 64 * 1024 && m.tracked >= 10_000),
     });
+    t.extend(policy_size_targets(r));
     t
+}
+
+/// The load-time target (20,000 entries checked and enforcing quickly) and the refusal of a set
+/// that does not fit; none for a run that did not measure policy sizes (older results).
+fn policy_size_targets(r: &Results) -> Vec<Target> {
+    use crate::policy_size::{TARGET_CHECK_MS, TARGET_ENTRIES, TARGET_START_MS};
+    let mut t = Vec::new();
+    if r.policy_size.is_empty() {
+        return t;
+    }
+    let at_target = r
+        .policy_size
+        .iter()
+        .find(|s| s.entries() == TARGET_ENTRIES && !s.refused);
+    t.push(Target {
+        what: format!(
+            "a {TARGET_ENTRIES}-entry policy: `policy check` ≤ {:.0} s, daemon enforcing ≤ {:.0} s",
+            TARGET_CHECK_MS / 1000.0,
+            TARGET_START_MS / 1000.0
+        ),
+        measured: match at_target {
+            Some(s) => format!(
+                "check {:.0} ms, enforcing in {:.0} ms",
+                median_f(&s.check_ms),
+                median_f(&s.start_ms)
+            ),
+            None => "not measured".into(),
+        },
+        held: at_target.is_some_and(|s| {
+            median_f(&s.check_ms) <= TARGET_CHECK_MS && median_f(&s.start_ms) <= TARGET_START_MS
+        }),
+    });
+    if let Some(s) = r.policy_size.iter().find(|s| s.refused) {
+        t.push(Target {
+            what: "a policy set over the kernel's capacity is refused before anything is pinned"
+                .into(),
+            measured: format!(
+                "{} entries refused in {:.0} ms{}",
+                s.entries(),
+                median_f(&s.start_ms),
+                if s.left_pins {
+                    ", **pins left**"
+                } else {
+                    ", nothing pinned"
+                }
+            ),
+            held: !s.left_pins,
+        });
+    }
+    t
+}
+
+fn policy_size_section(o: &mut String, steps: &[crate::policy_size::PolicySizeStep]) {
+    let _ = writeln!(o, "## Start-up against policy size\n");
+    if steps.is_empty() {
+        let _ = writeln!(o, "Not measured.\n");
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "One agent whose policy holds N allowlist entries: half network (distinct IPv4 \
+         addresses), half exec (exact paths, resolved by the daemon). `policy check` is timed on \
+         the policy directory; the daemon from spawn until its control socket answers \
+         (enforcement active), with the CPU it used until then. One policy set may fill half of \
+         each allowlist map (32,768 network and 32,768 exec entries), since a reload or restart \
+         writes the new set beside the one in force; a larger set is refused by both before \
+         anything is loaded. Medians over the repetitions.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| entries (network + exec) | `policy check` | daemon | daemon CPU |\n|---|---:|---:|---:|"
+    );
+    for s in steps {
+        let _ = writeln!(
+            o,
+            "| {} ({} + {}) | {:.0} ms{} | {} {:.0} ms{} | {:.0} ms |",
+            s.entries(),
+            s.network,
+            s.exec,
+            median_f(&s.check_ms),
+            if s.refused { ", refused" } else { "" },
+            if s.refused {
+                "refused in"
+            } else {
+                "enforcing in"
+            },
+            median_f(&s.start_ms),
+            match (s.refused, s.left_pins) {
+                (true, true) => ", **pins left**",
+                (true, false) => ", nothing pinned",
+                _ => "",
+            },
+            median_f(&s.start_cpu_ms)
+        );
+    }
+    let _ = writeln!(o);
 }
 
 fn us(ns: f64) -> String {
@@ -602,6 +699,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
         }
     }
 
+    policy_size_section(&mut o, &r.policy_size);
     dns_section(&mut o, r.dns.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
@@ -661,6 +759,7 @@ mod tests {
             minutes: 0.0,
             attached: vec![],
             dns: None,
+            policy_size: vec![],
         }
     }
 
@@ -750,6 +849,56 @@ mod tests {
         let held: Vec<bool> = targets(&r).iter().map(|t| t.held).collect();
         // The 100k target (second to last) holds; memory was not measured.
         assert_eq!(held[held.len() - 2..], [true, false]);
+    }
+
+    #[test]
+    fn policy_size_target_and_table_come_from_the_steps() {
+        use crate::policy_size::PolicySizeStep;
+        let step = |entries: usize, check: f64, start: f64, refused: bool| PolicySizeStep {
+            network: entries / 2,
+            exec: entries - entries / 2,
+            check_ms: vec![check],
+            start_ms: vec![start],
+            start_cpu_ms: vec![start / 2.0],
+            refused,
+            left_pins: false,
+        };
+        let mut r = results(vec![], vec![]);
+        r.policy_size = vec![
+            step(1_000, 10.0, 900.0, false),
+            step(20_000, 150.0, 1_200.0, false),
+            step(70_000, 250.0, 300.0, true),
+        ];
+        let t = targets(&r);
+        let load = t
+            .iter()
+            .find(|t| t.what.starts_with("a 20000-entry policy"))
+            .expect("load-time target");
+        assert!(load.held, "{}", load.measured);
+        assert_eq!(load.measured, "check 150 ms, enforcing in 1200 ms");
+        let refused = t
+            .iter()
+            .find(|t| t.what.contains("over the kernel's capacity"))
+            .expect("refusal target");
+        assert!(refused.held);
+        let md = markdown(&r, "cargo xtask bench");
+        assert!(
+            md.contains("| 20000 (10000 + 10000) | 150 ms | enforcing in 1200 ms | 600 ms |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 70000 (35000 + 35000) | 250 ms, refused | refused in 300 ms, nothing pinned | 150 ms |"),
+            "{md}"
+        );
+        // Too slow: the target is missed, and a run without the phase says so.
+        r.policy_size[1].start_ms = vec![3_500.0];
+        assert!(
+            !targets(&r)
+                .iter()
+                .any(|t| t.what.starts_with("a 20000") && t.held)
+        );
+        r.policy_size.clear();
+        assert!(markdown(&r, "x").contains("## Start-up against policy size\n\nNot measured."));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The benchmark run: overhead per setup (interleaved repetitions), event capacity, start-up time,
-//! memory per tracked process. Collects everything into [`Results`] for the report.
+//! The benchmark run: overhead per setup (interleaved repetitions), event capacity, start-up time
+//! (also against policy size), memory per tracked process. Collects everything into [`Results`] for the report.
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
@@ -164,6 +164,9 @@ pub struct Results {
     /// Per repetition, a DNS query loop straight to the upstream and through the agent's proxy.
     #[serde(default)]
     pub dns: Option<DnsLatency>,
+    /// `policy check` and daemon start-up against the number of allowlist entries.
+    #[serde(default)]
+    pub policy_size: Vec<crate::policy_size::PolicySizeStep>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -182,7 +185,7 @@ extern "C" fn on_signal(_: i32) {
 }
 
 /// Stops between measurements after Ctrl-C/SIGTERM, so the guards restore the machine.
-fn check_interrupt() -> anyhow::Result<()> {
+pub(crate) fn check_interrupt() -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; the monitors started were stopped");
     }
@@ -267,6 +270,11 @@ pub fn run(
     } else {
         Vec::new()
     };
+    let policy_size = if phase("policy_size") {
+        crate::policy_size::measure(&env, dir)?
+    } else {
+        Vec::new()
+    };
     let attached = attached_hooks(&env)?;
     let memory = if phase("memory") { memory(&env)? } else { None };
     let dns = if phase("dns") {
@@ -291,6 +299,7 @@ pub fn run(
         minutes: started.elapsed().as_secs_f64() / 60.0,
         attached,
         dns,
+        policy_size,
     })
 }
 

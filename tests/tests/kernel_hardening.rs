@@ -449,12 +449,16 @@ fn source_routed_packets_of_agents_never_leave() {
         .unwrap();
     let outside = text(&out.stdout);
     assert_eq!(outcome(&outside, "lsrr_send"), "ok", "{outside}");
-    // The agent (root: IP_OPTIONS source routes need CAP_NET_RAW).
-    let out = d.run(
-        &agent,
-        None,
-        &[PYTHON, "-c", &sends.replace("@TAG@", "agent")],
-    );
+    // The agent: root with every capability (`--keep-capabilities`), since IP_OPTIONS source
+    // routes need CAP_NET_RAW, which `run` otherwise drops; the egress program is what stops it.
+    let out = Command::new(binary())
+        .arg("run")
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--agent", &agent, "--keep-capabilities", "--", PYTHON, "-c"])
+        .arg(sends.replace("@TAG@", "agent"))
+        .output()
+        .expect("running agent-monitor run");
     let inside = text(&out.stdout);
     let _ = sniffer.wait();
     let mut seen = String::new();
@@ -467,7 +471,8 @@ fn source_routed_packets_of_agents_never_leave() {
     assert!(!seen.contains("srr-v4agent"), "{seen}");
     assert!(!seen.contains("srr-v6agent"), "{seen}");
     let mut refused = 0;
-    if outcome(&inside, "lsrr_set") == "ok" {
+    assert_eq!(outcome(&inside, "lsrr_set"), "ok", "{inside}");
+    {
         assert_eq!(outcome(&inside, "lsrr_send"), eperm(), "{inside}");
         let rec = d.wait_audit("dropped IPv4 source route", |v| {
             v["agent_id"] == agent.as_str()
@@ -478,7 +483,7 @@ fn source_routed_packets_of_agents_never_leave() {
         assert_eq!(field(&rec, "enforcement"), "dropped");
         assert!(field(&rec, "reason").contains("LSRR"), "{rec:#}");
         refused += 1;
-    } // else: the agent lacks CAP_NET_RAW, and the kernel refused the option itself.
+    }
     if allowed6.is_some() && outcome(&outside, "srh_send") == "ok" {
         assert!(
             seen.contains(&format!("seen srr-v6outside {FIRST_HOP6}")),

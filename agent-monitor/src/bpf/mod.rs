@@ -100,6 +100,9 @@ pub struct Kernel {
     pub origin: Origin,
     /// Links of a previous build, kept attached until this build's programs enforce the same state.
     retiring: Vec<FdLink>,
+    /// A fresh install until `keep_pins`: its pins go if the start fails. Before `_lock`, so
+    /// they are removed while the directory is still locked.
+    fresh: Option<pin::FreshInstall>,
     _lock: PinLock,
     /// The pin directory (the socket watch's program and link are pinned there on demand).
     pin_root: PathBuf,
@@ -264,17 +267,21 @@ impl Kernel {
         offsets: &KernelOffsets,
     ) -> anyhow::Result<Self> {
         let pins = PinDir::new(pin_dir);
+        let created_root = !pin_dir.exists();
         let lock = pins.create_and_lock()?;
         let hash = pin::object_hash(PROGRAMS, &load_time_values(layout, offsets));
         if !pins.has_state() {
             // Links without maps are the remains of an interrupted install: nothing to adopt.
             pins.remove_pins()?;
+            // Armed first: an install that fails half-way takes its pins with it.
+            let fresh = pin::FreshInstall::new(&pins, created_root);
             let (maps, mechanisms) = install(&pins, cgroups, layout, offsets, hash)?;
             return Ok(Kernel {
                 maps,
                 mechanisms,
                 origin: Origin::Installed,
                 retiring: Vec::new(),
+                fresh: Some(fresh),
                 _lock: lock,
                 pin_root: pin_dir.to_path_buf(),
                 cgroups: cgroups.clone(),
@@ -341,6 +348,7 @@ impl Kernel {
                     replaced_build: false,
                 },
                 retiring: Vec::new(),
+                fresh: None,
                 _lock: lock,
                 pin_root: pin_dir.to_path_buf(),
                 cgroups: cgroups.clone(),
@@ -378,6 +386,7 @@ impl Kernel {
                 replaced_build: true,
             },
             retiring,
+            fresh: None,
             _lock: lock,
             pin_root: pin_dir.to_path_buf(),
             cgroups: cgroups.clone(),
@@ -452,6 +461,14 @@ impl Kernel {
             }
         }
         Ok(())
+    }
+
+    /// The start succeeded: what a fresh install pinned stays when this daemon exits (enforcement
+    /// outlives the daemon). Until then a failed start removes it (see `pin::FreshInstall`).
+    pub fn keep_pins(&mut self) {
+        if let Some(fresh) = &mut self.fresh {
+            fresh.keep();
+        }
     }
 
     /// Detaches the previous build's programs (see [`Kernel::open`]); call once this build's

@@ -112,6 +112,55 @@ impl PinDir {
     }
 }
 
+/// What a fresh install pinned, until the start it belongs to succeeds: dropped before
+/// [`FreshInstall::keep`], it removes those pins (links first) and the directories it created, so
+/// a refused start leaves bpffs as it found it.
+#[derive(Debug)]
+pub struct FreshInstall {
+    pins: PinDir,
+    created_root: bool,
+    kept: bool,
+}
+
+impl FreshInstall {
+    /// `created_root`: the pin directory did not exist before this start.
+    pub fn new(pins: &PinDir, created_root: bool) -> FreshInstall {
+        FreshInstall {
+            pins: pins.clone(),
+            created_root,
+            kept: false,
+        }
+    }
+
+    pub fn keep(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for FreshInstall {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let removed = if self.created_root {
+            self.pins.remove_all()
+        } else {
+            self.pins.remove_pins()
+        };
+        match removed {
+            Ok(r) => tracing::info!(
+                "start refused: removed the {} pins of this start from {}",
+                r.len(),
+                self.pins.root().display()
+            ),
+            Err(e) => tracing::error!(
+                "start refused, and removing its pins from {} failed: {e:#}",
+                self.pins.root().display()
+            ),
+        }
+    }
+}
+
 /// File names in `dir`, sorted.
 pub fn names(dir: &Path) -> std::io::Result<Vec<String>> {
     let mut out: Vec<String> = std::fs::read_dir(dir)?
@@ -182,6 +231,35 @@ mod tests {
         assert_ne!(a, object_hash(b"programz", &[20]));
         assert_ne!(a, object_hash(b"programs", &[44]));
         assert_ne!(object_hash(b"", &[]), 0);
+    }
+
+    /// A plain directory stands in for bpffs: the pins are files either way.
+    #[test]
+    fn a_fresh_install_not_kept_removes_its_pins_and_the_directories_it_made() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("pins");
+        let pins = PinDir::new(&root);
+        let lock = pins.create_and_lock().expect("lock");
+        std::fs::write(pins.map("NET_ALLOW"), b"").expect("pin");
+        std::fs::write(pins.link("agent_exec"), b"").expect("pin");
+        drop(FreshInstall::new(&pins, true));
+        drop(lock);
+        assert!(!root.exists(), "pins left behind");
+
+        // A directory that was there before stays; only the pins go.
+        let lock = pins.create_and_lock().expect("lock");
+        std::fs::write(pins.map("NET_ALLOW"), b"").expect("pin");
+        drop(FreshInstall::new(&pins, false));
+        assert!(root.exists());
+        assert!(names(&pins.maps()).expect("maps").is_empty());
+
+        // Kept: everything stays.
+        std::fs::write(pins.map("NET_ALLOW"), b"").expect("pin");
+        let mut kept = FreshInstall::new(&pins, true);
+        kept.keep();
+        drop(kept);
+        drop(lock);
+        assert_eq!(names(&pins.maps()).expect("maps"), ["NET_ALLOW"]);
     }
 
     #[test]

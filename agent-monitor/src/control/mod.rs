@@ -608,6 +608,48 @@ mod tests {
                     kept_all: false,
                 }),
             },
+            Request::Place {
+                agent: "a".into(),
+                task: "t".into(),
+                user: None,
+                unscoped: Some("this kernel has Landlock ABI 5".into()),
+                privileges: None,
+            },
+            Request::Caught(CaughtReport {
+                pid: 7,
+                call: CaughtCall::Signal {
+                    syscall: "kill".into(),
+                    signal: 15,
+                    target: CaughtTarget {
+                        pid: 8,
+                        comm: "sleep".into(),
+                        cgroup: Some("/agent-monitor/b/t".into()),
+                        uid: Some(65534),
+                        supervisor: false,
+                    },
+                },
+                refused: true,
+                comm: "sh".into(),
+                exe: None,
+                uid: 65534,
+            }),
+            Request::Caught(CaughtReport {
+                pid: 7,
+                call: CaughtCall::ProcessAccess {
+                    syscall: "pidfd_getfd".into(),
+                    target: CaughtTarget {
+                        pid: 1,
+                        comm: "systemd".into(),
+                        cgroup: Some("/init.scope".into()),
+                        uid: Some(0),
+                        supervisor: false,
+                    },
+                },
+                refused: true,
+                comm: "python3".into(),
+                exe: Some("/usr/bin/python3".into()),
+                uid: 65534,
+            }),
             Request::Status {},
             Request::Reload {},
             Request::Events {

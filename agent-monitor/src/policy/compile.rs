@@ -105,20 +105,22 @@ pub enum CapacityError {
 
 /// `a.toml: 40000 entries, b.toml: 30000 entries`: the files behind a total, largest first (at
 /// most five named).
-fn by_file(counts: impl IntoIterator<Item = (String, usize)>, unit: &str) -> String {
+fn by_file(counts: impl IntoIterator<Item = (String, usize)>, unit: (&str, &str)) -> String {
+    let count = |n: usize| format!("{n} {}", if n == 1 { unit.0 } else { unit.1 });
     let mut counts: Vec<(String, usize)> = counts.into_iter().filter(|(_, n)| *n > 0).collect();
     counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let shown = 5;
     let mut parts: Vec<String> = counts
         .iter()
         .take(shown)
-        .map(|(file, n)| format!("{file}: {n} {unit}"))
+        .map(|(file, n)| format!("{file}: {}", count(*n)))
         .collect();
     if counts.len() > shown {
         let rest: usize = counts[shown..].iter().map(|(_, n)| n).sum();
         parts.push(format!(
-            "{} more files: {rest} {unit}",
-            counts.len() - shown
+            "{} more files: {}",
+            counts.len() - shown,
+            count(rest)
         ));
     }
     parts.join(", ")
@@ -185,7 +187,7 @@ impl PolicySet {
                     needed,
                     limit,
                     capacity,
-                    by_file: by_file(files, "entries"),
+                    by_file: by_file(files, ("entry", "entries")),
                 });
             }
         }
@@ -234,7 +236,7 @@ impl PolicySet {
                     map,
                     needed,
                     max,
-                    by_file: by_file(per_file, "selectors"),
+                    by_file: by_file(per_file, ("selector", "selectors")),
                 });
             }
         }
@@ -801,7 +803,7 @@ mod tests {
                 needed: 32_770,
                 limit: EXEC_ENTRIES_PER_SET,
                 capacity: MAX_EXEC_ENTRIES,
-                by_file: "a.toml: 20000 entries, b.toml: 12769 entries, c.toml: 1 entries".into(),
+                by_file: "a.toml: 20000 entries, b.toml: 12769 entries, c.toml: 1 entry".into(),
             }
         );
         // One entry fewer fits.
@@ -821,10 +823,12 @@ mod tests {
     fn by_file_names_five_files_and_sums_the_rest() {
         let counts = (1..=8).map(|i| (format!("p{i}.toml"), i));
         assert_eq!(
-            by_file(counts, "entries"),
+            by_file(counts, ("entry", "entries")),
             "p8.toml: 8 entries, p7.toml: 7 entries, p6.toml: 6 entries, p5.toml: 5 entries, \
              p4.toml: 4 entries, 3 more files: 6 entries"
         );
+        let counts = [("b.toml".to_string(), 1), ("a.toml".to_string(), 0)];
+        assert_eq!(by_file(counts, ("entry", "entries")), "b.toml: 1 entry");
     }
 
     #[test]

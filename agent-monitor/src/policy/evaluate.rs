@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use agent_monitor_common::EXEC_PATH_LEN;
 
-use crate::policy::model::{ExecRule, NetRule, Policy};
+use crate::policy::model::Policy;
 
 /// Whether an action is on the allowlist, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,24 +92,20 @@ pub const USER_NS: &str = "in a user namespace names can be remapped (bind mount
                            only the files of exact rules are allowed there, and no scripts";
 
 impl Policy {
+    fn rule_index(&self) -> &crate::policy::index::RuleIndex {
+        self.index.get(&self.network, &self.exec)
+    }
+
     /// Whether this agent may connect to `addr:port`. An IPv4-mapped IPv6 address is judged as the
     /// IPv4 address, as the kernel sees both the same way.
     pub fn check_connect(&self, addr: IpAddr, port: u16) -> Decision {
         let addr = judged_addr(addr);
         // Report the most specific rule, first in the file on ties, as the one a reader looks for.
-        let mut best: Option<&NetRule> = None;
-        for rule in &self.network {
-            let ports = rule.ports;
-            if rule.covers(addr)
-                && ports.lo <= port
-                && port <= ports.hi
-                && best.is_none_or(|b| rule.prefix_len > b.prefix_len)
-            {
-                best = Some(rule);
-            }
-        }
+        let best = self
+            .rule_index()
+            .connect(u128::from(addr), port, &self.network);
         match best {
-            Some(rule) => Decision::allowed_by(&rule.text),
+            Some(i) => Decision::allowed_by(&self.network[i].text),
             None => Decision::not_allowed(NO_RULE_MATCHES),
         }
     }
@@ -119,10 +115,9 @@ impl Policy {
     /// matches a rule; a script's own name must match a rule too. The kernel program decides the same.
     pub fn check_exec_facts(&self, facts: &ExecFacts<'_>) -> Decision {
         let by_file = facts.file_rule.and_then(|path| {
-            self.exec
-                .iter()
-                .find(|r| !r.prefix_glob && r.path == path)
-                .map(|r| Decision::allowed_by(&r.text))
+            self.rule_index()
+                .exact(path)
+                .map(|i| Decision::allowed_by(&self.exec[i].text))
         });
         if !facts.initial_user_ns {
             return match (by_file, facts.interpreter) {
@@ -167,18 +162,8 @@ impl Policy {
             return Decision::not_allowed(NOT_NORMAL);
         }
         // An exact rule beats any glob; among globs the longest prefix wins.
-        let best = self.exec.iter().filter(|rule| rule.matches(path)).fold(
-            None,
-            |best: Option<&ExecRule>, rule| {
-                let key = |r: &ExecRule| (!r.prefix_glob, r.path.len());
-                match best {
-                    Some(b) if key(b) >= key(rule) => Some(b),
-                    _ => Some(rule),
-                }
-            },
-        );
-        match best {
-            Some(rule) => Decision::allowed_by(&rule.text),
+        match self.rule_index().exec(path) {
+            Some(i) => Decision::allowed_by(&self.exec[i].text),
             None => Decision::not_allowed(NO_RULE_MATCHES),
         }
     }

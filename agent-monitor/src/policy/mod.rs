@@ -4,11 +4,12 @@ pub(crate) mod compile;
 pub mod dns;
 mod evaluate;
 pub mod host;
+mod index;
 pub(crate) mod model;
 mod parse;
 pub mod selectors;
 
-pub use compile::{KernelTables, compile_grants};
+pub use compile::{EXEC_ENTRIES_PER_SET, KernelTables, NET_ENTRIES_PER_SET, compile_grants};
 pub use evaluate::{Decision, ExecFacts, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};

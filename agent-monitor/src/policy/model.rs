@@ -142,6 +142,8 @@ pub struct Policy {
     pub(crate) selectors: Selectors,
     /// Where `agent = …` was written; names the file in errors about the whole policy.
     pub(crate) defined_at: Location,
+    /// Lookup tables over `network` and `exec` for the evaluator.
+    pub(crate) index: crate::policy::index::LazyIndex,
 }
 
 impl Policy {

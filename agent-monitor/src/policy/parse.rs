@@ -618,6 +618,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             network,
             hosts,
             exec,
+            index: Default::default(),
         })
     }
 }
