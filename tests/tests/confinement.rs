@@ -28,7 +28,7 @@ const VICTIM: &str = "import os, time\nb = b'secret-marker'\nprint(os.getpid(), 
 const ATTACK: &str = r#"import ctypes, os, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_process_vm_readv, SYS_pidfd_open, SYS_pidfd_getfd = 310, 434, 438
-SYS_pidfd_send_signal, SYS_tgkill = 424, 234
+SYS_pidfd_send_signal, SYS_tgkill, SYS_ioprio_set = 424, 234, 251
 class iovec(ctypes.Structure):
     _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
 def res(name, r):
@@ -52,6 +52,9 @@ def attack(label, pid, addr):
     res(label + '.tgkill', libc.syscall(SYS_tgkill, pid, pid, 0))
     core0 = (ctypes.c_uint64 * 2)(0, 0)
     res(label + '.prlimit', libc.prlimit64(pid, 4, ctypes.byref(core0), None))
+    res(label + '.setpriority', libc.setpriority(0, pid, 1))
+    attempt(label + '.affinity', lambda: os.sched_setaffinity(pid, os.sched_getaffinity(0)))
+    res(label + '.ioprio', libc.syscall(SYS_ioprio_set, 1, pid, (2 << 13) | 4))
     attempt(label + '.mem', lambda: os.close(os.open('/proc/%d/mem' % pid, os.O_RDONLY)))
     attempt(label + '.environ', lambda: open('/proc/%d/environ' % pid, 'rb').read())
     res(label + '.ptrace', libc.ptrace(16, pid, None, None))
@@ -68,6 +71,7 @@ if os.environ.get('ABSTRACT'):
 if os.environ.get('OWN'):
     print('ppid', os.getppid(), flush=True)
     res('run.kill', libc.kill(os.getppid(), 0))
+    res('pgrp.setpriority', libc.setpriority(1, 0, 1))
     b = b'secret-marker'
     child = os.fork()
     if child == 0:
@@ -78,13 +82,16 @@ if os.environ.get('OWN'):
     os.kill(child, 9)
 "#;
 
-const ROUTES: [&str; 9] = [
+const ROUTES: [&str; 12] = [
     "kill",
     "vm_readv",
     "pidfd_getfd",
     "pidfd_signal",
     "tgkill",
     "prlimit",
+    "setpriority",
+    "affinity",
+    "ioprio",
     "mem",
     "environ",
     "ptrace",
@@ -160,9 +167,9 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
             .unwrap(),
     );
     let (outside_pid, outside_addr) = victim_line(&mut outside.0);
-    // (b) a process of the same uid in another agent.
-    let mut in_other =
-        Killed(d.spawn_run(&other, "v1", &["--user", "nobody"], &[PYTHON, "-c", VICTIM]));
+    // (b) a process of another agent: a root agent (uid 0 without capabilities), since a uid is
+    // one agent (`run --user nobody` for both agents is refused).
+    let mut in_other = Killed(d.spawn_run(&other, "v1", &[], &[PYTHON, "-c", VICTIM]));
     let (other_pid, other_addr) = victim_line(&mut in_other.0);
 
     // An abstract unix socket of a service outside every agent.
@@ -211,6 +218,8 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
     let own_pid: u32 = outcome(&out, "own_pid").parse().unwrap();
     // Nor its own `run` (the seccomp supervisor), nor an abstract socket made outside.
     assert_eq!(outcome(&out, "run.kill"), refused("kill"));
+    // A process group's every process (`run` and the shell's job among them): refused outright.
+    assert_eq!(outcome(&out, "pgrp.setpriority"), refused("kill"));
     assert_eq!(outcome(&out, "abstract"), refused("kill"));
     let run_pid: u32 = outcome(&out, "ppid").parse().unwrap();
     let rec = d.wait_audit("kill of its own run", |v| {
@@ -226,6 +235,9 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         ("process_vm_readv", "ptrace"),
         ("pidfd_getfd", "ptrace"),
         ("prlimit64", "ptrace"),
+        ("setpriority", "ptrace"),
+        ("sched_setaffinity", "ptrace"),
+        ("ioprio_set", "ptrace"),
         ("ptrace", "ptrace"),
     ] {
         let rec = d.wait_audit(&format!("{syscall} on the outside victim"), |v| {
@@ -235,7 +247,10 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         });
         assert_eq!(field(&rec, "action"), action);
         assert_eq!(field(&rec, "verdict"), "denied");
-        assert_eq!(rec["target_agent"], Value::Null, "{rec}");
+        // `run --user nobody` made the uid the attacker's: the outside process is its task
+        // `default` now, still outside its task.
+        assert_eq!(field(&rec, "target_agent"), attacker, "{rec}");
+        assert_eq!(field(&rec, "target_task"), "default", "{rec}");
         assert_eq!(rec["uid"], 65534);
         let rec = d.wait_audit(&format!("{syscall} on the other agent's process"), |v| {
             is(v, "agent_id", &attacker)
@@ -250,10 +265,7 @@ fn an_agent_cannot_reach_or_signal_processes_outside_its_task() {
         is(v, "syscall", "kill") && v["target_pid"] == outside_pid
     });
     assert_eq!(rec["signal"], 0);
-    assert!(
-        field(&rec, "reason").contains("outside every agent"),
-        "{rec}"
-    );
+    assert!(field(&rec, "reason").contains("task default"), "{rec}");
     // The operator's query finds it in journald, with the target's agent.
     let j = wait_journal(&attacker, "signal to the other agent", |v| {
         field(v, "ACTION") == "signal" && field(v, "TARGET_AGENT") == other
