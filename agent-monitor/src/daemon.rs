@@ -551,6 +551,10 @@ async fn serve_connection(
     events: broadcast::Sender<EventLine>,
 ) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let peer_pidfd = {
+        use std::os::fd::AsRawFd as _;
+        crate::identity::peer::peer_pidfd(stream.as_raw_fd())
+    };
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read).take(control::MAX_REQUEST as u64);
@@ -574,16 +578,31 @@ async fn serve_connection(
                 message: "the kernel did not report the caller's pid".into(),
             },
             (Ok(request), Some(pid)) => {
-                let (reply, answer) = oneshot::channel();
-                to_monitor
-                    .send(ControlCall {
-                        request,
-                        peer: Peer::from_cred(pid as u32, cred.uid(), cred.gid()),
-                        reply,
-                    })
-                    .await
-                    .context("monitor stopped")?;
-                answer.await.context("monitor dropped the request")?
+                let peer = Peer::from_cred(pid as u32, cred.uid(), cred.gid());
+                // Who the caller is comes from /proc of the pid that connected: only while that
+                // process still runs (checked after the read, through a pidfd that cannot name a
+                // reused pid). Else an agent connects, exits and leaves the connection to a
+                // descendant, and a pid without /proc reads as no agent's.
+                match &peer_pidfd {
+                    Ok(fd) if crate::identity::peer::still_running(fd, pid as u32) => {
+                        let (reply, answer) = oneshot::channel();
+                        to_monitor
+                            .send(ControlCall {
+                                request,
+                                peer,
+                                reply,
+                            })
+                            .await
+                            .context("monitor stopped")?;
+                        answer.await.context("monitor dropped the request")?
+                    }
+                    _ => Response::Error {
+                        message: format!(
+                            "the process that connected (pid {pid}) no longer runs: a request is \
+                             judged by the process that made the connection"
+                        ),
+                    },
+                }
             }
         }
     };

@@ -463,3 +463,51 @@ fn user_agent_keeps_no_capabilities_and_no_new_privs() {
     }
     assert!(s.lines().any(|l| l.starts_with("NoNewPrivs:\t1")), "{s}");
 }
+
+/// A control request is judged by the process that connected. A root agent that connects to the
+/// control socket, exits, and leaves the connection to a descendant would otherwise be read as
+/// a pid without /proc, i.e. no agent's, and get the operator's requests (status, reload, grants).
+/// Refused: the connecting process must still run. Control: the same request on a connection
+/// whose process runs is answered (outside agents).
+#[test]
+fn a_control_connection_left_by_an_exited_agent_process_is_refused() {
+    if !require_root("a_control_connection_left_by_an_exited_agent_process_is_refused") {
+        return;
+    }
+    const HAND_DOWN: &str = r#"import socket, os, sys, time
+pid = os.fork()
+if pid == 0:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    if os.fork() == 0:
+        time.sleep(1)
+        s.settimeout(5)
+        s.send(b'{"op":"status"}\n')
+        print('handed', s.recv(4096).decode().strip(), flush=True)
+        os._exit(0)
+    os._exit(0)
+os.waitpid(pid, 0)
+time.sleep(3)
+"#;
+    let agent = unique_agent("handed");
+    let d = Daemon::start(&[policy(&agent, &[PYTHON])]);
+    let socket = d.socket.to_str().unwrap();
+    let out = d.run(&agent, None, &[PYTHON, "-c", HAND_DOWN, socket]);
+    let handed = outcome(&out, "handed");
+    assert!(handed.contains("\"result\":\"error\""), "{handed}");
+    assert!(handed.contains("no longer runs"), "{handed}");
+    // Control: a connection whose process still runs, outside agents, gets its answer.
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.send(b'{\"op\":\"status\"}\\n')\nprint('live', s.recv(64).decode().strip(), flush=True)\n",
+            socket,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        outcome(&out, "live").starts_with("{\"result\":\"status\""),
+        "{}",
+        text(&out.stdout)
+    );
+}

@@ -33,6 +33,54 @@ impl Peer {
     }
 }
 
+/// A pidfd of the process at the other end of control connection `socket` (SO_PEERPIDFD, Linux
+/// 6.5): it names the process that connected, never a later process that reuses its pid.
+pub fn peer_pidfd(socket: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`.
+    let r = unsafe {
+        libc::getsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 || fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind `pidfd` still runs (not exited, not a zombie): only then is what
+/// /proc said about its pid, read before this check, about that process. A caller that connects
+/// and exits, leaving the connection to a descendant, would otherwise be read as a pid without
+/// /proc, i.e. no agent's.
+pub fn still_running(pidfd: &std::os::fd::OwnedFd, pid: u32) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: signal 0 on a pidfd we own: a permission and existence check, nothing sent.
+    let alive = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    } == 0;
+    // A zombie still takes signal 0 and keeps its pid, but its cgroup is no longer its own.
+    alive
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
+        })
+}
+
 pub fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
