@@ -2769,8 +2769,10 @@ impl Monitor {
                 if allowed {
                     // DNS rebinding: a non-public address is not learned unless the policy lets
                     // this name answer with one.
+                    let host = crate::dns::scope::host_addresses();
                     let (private, public): (Vec<_>, Vec<_>) = addrs.iter().partition(|(a, _)| {
-                        private_ok.is_none() && crate::dns::scope::non_public(*a).is_some()
+                        private_ok.is_none()
+                            && crate::dns::scope::non_public_here(*a, &host).is_some()
                     });
                     let result = self.install(r.agent, &r.name, &reason, &public, &ports);
                     let result = result.map(|over_limit| {

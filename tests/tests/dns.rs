@@ -757,3 +757,68 @@ fn a_name_answering_local_addresses_is_not_learned_without_an_opt_in() {
     assert_eq!(agent_status(&d, &opted)["dns_withheld_non_public"], 1);
     assert_eq!(d.status()["counters"]["verdict_disagreements"], 0);
 }
+
+/// DNS rebinding to the host itself through an address that is not loopback or private: an
+/// allowed name answering one of this host's own interface addresses (public on a host with a
+/// public address) would make every service listening on the wildcard address reachable. It is
+/// withheld like a loopback answer unless the policy opts the name in; a process outside agents
+/// gets it.
+#[test]
+fn a_name_answering_the_hosts_own_address_is_not_learned_without_an_opt_in() {
+    if !require_root("a_name_answering_the_hosts_own_address_is_not_learned_without_an_opt_in") {
+        return;
+    }
+    // A non-loopback IPv4 address of this host (`hostname -I` lists them).
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname -I");
+    let Some(own) = text(&out.stdout)
+        .split_whitespace()
+        .find(|a| !a.contains(':') && !a.starts_with("127."))
+        .map(str::to_string)
+    else {
+        eprintln!("\n!!! SKIPPED: this host has no non-loopback IPv4 address !!!\n");
+        return;
+    };
+    let strict = unique_agent("dnsself");
+    let opted = unique_agent("dnsselfin");
+    let port = listener_on(&own);
+    let (_hosts, addn) = hosts_file(&[(own.clone(), "self.test")]);
+    let up = Dnsmasq::start(&[addn.as_str()]);
+    let rules = [format!("self.test:{port}")];
+    let d = daemon(
+        &[
+            policy_with_dns(
+                &strict,
+                "enforce",
+                &rules,
+                "private_answers = [\"other.test\"]",
+            ),
+            policy_with_dns(
+                &opted,
+                "enforce",
+                &rules,
+                "private_answers = [\"self.test\"]",
+            ),
+        ],
+        &up,
+        &[],
+    );
+    let ops = format!("q {SERVER4} self.test {A} udp c {own} {port}");
+    let r = agent_ops(&d, &strict, &ops);
+    assert_eq!(
+        rcode(&r[0]),
+        REFUSED,
+        "the host's own address withheld: {}",
+        r[0]
+    );
+    assert!(eperm(&r[1]), "not learned, so denied: {}", r[1]);
+    let r = agent_ops(&d, &opted, &ops);
+    assert_eq!(addrs(&r[0]), [own.as_str()], "{}", r[0]);
+    assert!(connected(&r[1]), "opted in: {}", r[1]);
+    let e = wait_journal(&strict, "rebinding notice", |e| {
+        is(e, "WITHHELD", "non-public")
+    });
+    assert!(field(&e, "WITHHELD_ADDRS").contains(&own), "{e}");
+}

@@ -13,9 +13,72 @@ pub fn non_public(addr: IpAddr) -> Option<&'static str> {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return non_public_v4(v4);
             }
+            // Forms that carry an IPv4 address a translator or relay on the path then reaches:
+            // NAT64's well-known prefix 64:ff9b::/96 and 6to4's 2002::/16 (RFC 6052, 3056).
+            let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return non_public_v4(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return non_public_v4(embedded(s[1], s[2]));
+            }
+            // 64:ff9b:1::/48 is for NAT64 inside one network (RFC 8215): local by purpose.
+            if s[..3] == [0x64, 0xff9b, 1] {
+                return Some("private");
+            }
             non_public_v6(v6)
         }
     }
+}
+
+/// The addresses of this host's own interfaces (getifaddrs): a public name answering one of
+/// them makes every service listening on the wildcard address reachable, which is what
+/// rebinding protection is for, even where the address itself is public.
+pub fn host_addresses() -> std::collections::HashSet<IpAddr> {
+    let mut out = std::collections::HashSet::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says its real type.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                    out.insert(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                        sin.sin_addr.s_addr,
+                    ))));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                    out.insert(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs gave us, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// `non_public`, or "this host" for an address of one of its own interfaces.
+pub fn non_public_here(
+    addr: IpAddr,
+    host: &std::collections::HashSet<IpAddr>,
+) -> Option<&'static str> {
+    let canon = match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    };
+    non_public(addr).or_else(|| host.contains(&canon).then_some("this host"))
 }
 
 fn non_public_v4(a: Ipv4Addr) -> Option<&'static str> {
@@ -94,6 +157,20 @@ mod tests {
     }
 
     #[test]
+    fn the_hosts_own_addresses_are_this_host() {
+        let host = host_addresses();
+        assert!(host.contains(&"127.0.0.1".parse().unwrap()), "{host:?}");
+        let own: IpAddr = "1.1.1.1".parse().unwrap();
+        let here = std::collections::HashSet::from([own]);
+        assert_eq!(non_public_here(own, &here), Some("this host"));
+        assert_eq!(
+            non_public_here("::ffff:1.1.1.1".parse().unwrap(), &here),
+            Some("this host")
+        );
+        assert_eq!(non_public_here("1.0.0.1".parse().unwrap(), &here), None);
+    }
+
+    #[test]
     fn public_ipv4_addresses_pass() {
         for a in [
             "1.1.1.1",
@@ -124,6 +201,11 @@ mod tests {
             ("::ffff:127.0.0.1", "loopback"),
             ("::ffff:10.0.0.1", "private"),
             ("::ffff:169.254.1.1", "link-local"),
+            ("64:ff9b::7f00:1", "loopback"),
+            ("64:ff9b::a00:1", "private"),
+            ("2002:7f00:1::1", "loopback"),
+            ("2002:c0a8:101::", "private"),
+            ("64:ff9b:1::1.1.1.1", "private"),
         ] {
             assert_eq!(class(a), Some(want), "{a}");
         }
@@ -131,6 +213,8 @@ mod tests {
             "2606:4700::1111",
             "2001:db8::1",
             "::ffff:1.1.1.1",
+            "64:ff9b::101:101",
+            "2002:101:101::1",
             "fe00::1",
         ] {
             assert_eq!(class(a), None, "{a}");
