@@ -583,8 +583,25 @@ async fn serve_connection(
                 // process still runs (checked after the read, through a pidfd that cannot name a
                 // reused pid). Else an agent connects, exits and leaves the connection to a
                 // descendant, and a pid without /proc reads as no agent's.
-                match &peer_pidfd {
-                    Ok(fd) if crate::identity::peer::still_running(fd, pid as u32) => {
+                // Kernels before 6.5 have no SO_PEERPIDFD: there the pid's /proc entry, read
+                // after the peer's identity was, is the best check (a reused pid can pass).
+                let connected_still_runs = match &peer_pidfd {
+                    Ok(fd) => crate::identity::peer::still_running(fd, pid as u32),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| {
+                            tracing::warn!(
+                                "this kernel has no SO_PEERPIDFD (Linux 6.5): a control request \
+                                 is checked against the connecting pid's /proc entry instead, \
+                                 which a reused pid can pass"
+                            )
+                        });
+                        std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+                    }
+                    Err(_) => false,
+                };
+                match connected_still_runs {
+                    true => {
                         let (reply, answer) = oneshot::channel();
                         to_monitor
                             .send(ControlCall {
@@ -596,7 +613,7 @@ async fn serve_connection(
                             .context("monitor stopped")?;
                         answer.await.context("monitor dropped the request")?
                     }
-                    _ => Response::Error {
+                    false => Response::Error {
                         message: format!(
                             "the process that connected (pid {pid}) no longer runs: a request is \
                              judged by the process that made the connection"
