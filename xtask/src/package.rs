@@ -30,7 +30,8 @@ const LIBRARY_PACKAGES: &[(&str, &str)] = &[
 
 /// Builds the release binary and `target/debian/agent-monitor_VERSION_ARCH.deb`; returns its path.
 pub fn package(root: &Path) -> Result<PathBuf> {
-    run_cmd(cargo(root).args(["build", "--release", "-p", NAME]))?;
+    // Default members, like `cargo xtask build`: the same feature set, so no rebuild.
+    run_cmd(cargo(root).args(["build", "--release"]))?;
     let version = env!("CARGO_PKG_VERSION");
     let arch = command_output(Command::new("dpkg").arg("--print-architecture"))?;
     let out_dir = root.join("target/debian");
