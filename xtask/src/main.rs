@@ -69,17 +69,16 @@ enum Task {
     ///
     /// Runs `cargo test --release`, makes sure journald runs (starting it if its socket is absent,
     /// and leaving it running), then `cargo test --release -p agent-monitor-tests --
-    /// --test-threads=1` with AGENT_MONITOR_BIN and AGENT_MONITOR_POLICIES set.
-    ///
-    /// With --systemd, instead: build the Debian package and test it under a real systemd as PID 1
-    /// (see --systemd).
+    /// --test-threads=1` with AGENT_MONITOR_BIN and AGENT_MONITOR_POLICIES set, and last the
+    /// Debian package under a real systemd as PID 1 (what --systemd runs alone; about a minute,
+    /// two the first time).
     Test {
         /// Run only the test under real systemd: build the .deb, boot a Debian 12 container with
         /// systemd-nspawn (root file system from debootstrap, cached in
         /// /var/cache/agent-monitor-xtask), install the package and check the unit through
         /// systemctl and journalctl: READY, denials in the journal, reload, restart and SIGKILL
-        /// without an unenforced moment, the watchdog, removal. Needs root; about 3 minutes once
-        /// the root file system is cached. Not part of the default run.
+        /// without an unenforced moment, the watchdog, removal and purge. Needs root; about a
+        /// minute once the root file system is cached (debootstrap adds about a minute).
         #[arg(long)]
         systemd: bool,
     },
@@ -157,7 +156,8 @@ fn run(task: Task) -> Result<()> {
                     .args(["--", "--test-threads=1"])
                     .env("AGENT_MONITOR_BIN", daemon_bin(&root))
                     .env("AGENT_MONITOR_POLICIES", root.join("policies")),
-            )
+            )?;
+            systemd_test::run(&root)
         }
     }
 }
