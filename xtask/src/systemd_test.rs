@@ -695,7 +695,42 @@ fn checks(c: &Container) -> Result<Vec<String>> {
         ),
     );
 
-    // The sandboxing score.
+    // Log rotation as shipped: logrotate renames the trail and signals the daemon (SIGUSR1);
+    // afterwards the daemon runs (the same one once it reopens on SIGUSR1; until then systemd's
+    // Restart=always replaces it) and the next action lands in the new file.
+    let before_rotation = c.unit_property("MainPID")?;
+    c.sh("logrotate --force /etc/logrotate.d/agent-monitor")?;
+    let rotated = c.sh("wc -l < /var/log/agent-monitor/audit.jsonl.1")?;
+    let after_rotation = c.wait_active("0", Duration::from_secs(30))?;
+    sleep(Duration::from_secs(1));
+    let denied_after = c.agent(&probe)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        let text = fs::read_to_string(c.machine.join("var/log/agent-monitor/audit.jsonl"))
+            .unwrap_or_default();
+        if text.contains("\"dest_port\":7778") || Instant::now() > deadline {
+            break text;
+        }
+        sleep(Duration::from_millis(300));
+    };
+    if !denied_after.contains("Operation not permitted") || !fresh.contains("7778") {
+        bail!("after logrotate: agent {denied_after:?}; new audit.jsonl:\n{fresh}");
+    }
+    let how = if after_rotation == before_rotation {
+        "the daemon reopened its log (same pid)".to_string()
+    } else {
+        format!(
+            "the daemon was replaced (pid {before_rotation} -> {after_rotation}): no SIGUSR1 handler yet"
+        )
+    };
+    pass(
+        &mut passed,
+        "logrotate rotates the audit trail",
+        &format!(
+            "audit.jsonl.1 has {rotated} lines; {how}; the next denial is in the new audit.jsonl"
+        ),
+    );
+
     // The sandboxing score, with the options that cost exposure (docs/operation.md records it).
     let report = c.sh("systemd-analyze security --no-pager agent-monitor.service 2>&1")?;
     let Some(security) = report
@@ -732,6 +767,14 @@ fn checks(c: &Container) -> Result<Vec<String>> {
     {
         bail!("after dpkg -r, the running agent's connects: {after_remove:?}");
     }
+    // Installing again after a removal enables and starts it again (it adopts the pins).
+    c.sh("dpkg -i /root/agent-monitor.deb >/dev/null 2>&1")?;
+    let reinstalled = c.unit_property("ActiveState")?;
+    let reenabled = c.sh("systemctl is-enabled agent-monitor.service || true")?;
+    if reinstalled != "active" || reenabled != "enabled" {
+        bail!("dpkg -i after dpkg -r: unit {reinstalled}/{reenabled}");
+    }
+    // Purging the installed package (what `apt purge` does) ends enforcement.
     let purged = c.sh("dpkg --purge agent-monitor 2>&1")?;
     let pins_after = c.sh("ls /sys/fs/bpf/agent-monitor 2>/dev/null | wc -l")?;
     fs::write(c.machine.join("root/survivor.log"), "")?;
@@ -745,9 +788,9 @@ fn checks(c: &Container) -> Result<Vec<String>> {
     }
     pass(
         &mut passed,
-        "remove keeps enforcement (and says so), purge ends it",
+        "remove keeps enforcement (and says so), reinstall restarts, purge ends it",
         &format!(
-            "dpkg -r: unit {state}, {pins} pins kept, running agent still denied; dpkg --purge: pins gone, the same agent connects"
+            "dpkg -r: unit {state}, {pins} pins kept, running agent still denied; dpkg -i again: {reinstalled}, {reenabled}; dpkg --purge: pins gone, the same agent connects"
         ),
     );
     Ok(passed)
