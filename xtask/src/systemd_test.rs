@@ -15,8 +15,8 @@
 //! - a pure cgroup v2 tree (`SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`; the host's hybrid layout has
 //!   its v2 tree at /sys/fs/cgroup/unified): the daemon attaches its address hooks at the root of
 //!   the container's tree, so they see the container's sockets only;
-//! - all capabilities and the bpf/perf_event_open system calls, which nspawn's default filter
-//!   refuses.
+//! - all capabilities, and bpf/perf_event_open added to nspawn's system call allow-list (its
+//!   default list is not relied on for them).
 //!
 //! The programs run in the host kernel, so the shared privileged-test lock is held while the
 //! container runs.
