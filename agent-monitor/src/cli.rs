@@ -59,6 +59,29 @@ pub enum Command {
     /// Start and end tasks of an agent, with short-lived grants (root or the --admin-group).
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Write man pages or shell completions generated from this command line (for packaging).
+    #[command(subcommand, hide = true)]
+    Generate(GenerateCommand),
+}
+
+/// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always
+/// describe the binary they ship with.
+#[derive(Debug, Subcommand)]
+pub enum GenerateCommand {
+    /// One man page per command and subcommand (agent-monitor.1, agent-monitor-run.1, ...).
+    Man {
+        /// Directory to write the pages into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// The completion script for one shell, written into DIR under the shell's usual file name.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+        /// Directory to write the script into (created if missing).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,6 +13,7 @@ mod dns;
 mod event;
 mod exec_files;
 mod exec_lint;
+mod generate;
 mod host;
 mod identity;
 mod learn;
@@ -38,5 +39,6 @@ fn main() -> ExitCode {
         cli::Command::Reload(args) => client::reload(args),
         cli::Command::Events(args) => client::events(args),
         cli::Command::Task(cmd) => client::task(cmd),
+        cli::Command::Generate(cmd) => generate::main(cmd),
     }
 }

@@ -1,4 +1,4 @@
-//! Developer and CI tasks for agent-monitor: `cargo xtask setup | build | run | test | bench`.
+//! Developer and CI tasks for agent-monitor: `cargo xtask setup | build | run | test | package | bench`.
 //!
 //! Everything CI does lives here (`.ci/run` only calls `cargo xtask test`), so a developer reproduces
 //! CI with the same command.
@@ -13,7 +13,9 @@
 
 mod bench;
 mod journald;
+mod package;
 mod setup;
+mod systemd_test;
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -67,8 +69,26 @@ enum Task {
     ///
     /// Runs `cargo test --release`, makes sure journald runs (starting it if its socket is absent,
     /// and leaving it running), then `cargo test --release -p agent-monitor-tests --
-    /// --test-threads=1` with AGENT_MONITOR_BIN and AGENT_MONITOR_POLICIES set.
-    Test,
+    /// --test-threads=1` with AGENT_MONITOR_BIN and AGENT_MONITOR_POLICIES set, and last the
+    /// Debian package under a real systemd as PID 1 (what --systemd runs alone; about a minute,
+    /// two the first time).
+    Test {
+        /// Run only the test under real systemd: build the .deb, boot a Debian 12 container with
+        /// systemd-nspawn (root file system from debootstrap, cached in
+        /// /var/cache/agent-monitor-xtask), install the package and check the unit through
+        /// systemctl and journalctl: READY, denials in the journal, reload, restart and SIGKILL
+        /// without an unenforced moment, the watchdog, removal and purge. Needs root; about a
+        /// minute once the root file system is cached (debootstrap adds about a minute).
+        #[arg(long)]
+        systemd: bool,
+    },
+    /// Build the Debian package: target/debian/agent-monitor_VERSION_ARCH.deb
+    ///
+    /// Builds the release binary, stages the binary, the systemd unit (ExecStart=/usr/bin/...), the
+    /// journald catalog, man pages and bash/zsh/fish completions generated from the binary's own
+    /// command line, the example policies, a logrotate file and the maintainer scripts
+    /// (packaging/deb/), then `dpkg-deb --build`.
+    Package,
     /// Measure overhead and capacity against auditd and bpftrace; write docs/benchmarks.md
     ///
     /// Needs root. Installs auditd and bpftrace (apt) if missing, builds, runs the criterion
@@ -120,7 +140,12 @@ fn run(task: Task) -> Result<()> {
             Err(err).with_context(|| format!("starting {}", daemon_bin(&root).display()))
         }
         Task::Bench { quick } => bench::bench(&root, quick),
-        Task::Test => {
+        Task::Package => package::package(&root).map(|_| ()),
+        Task::Test { systemd: true } => {
+            setup::setup()?;
+            systemd_test::run(&root)
+        }
+        Task::Test { systemd: false } => {
             setup::setup()?;
             build(&root)?;
             run_cmd(cargo(&root).args(["test", "--release"]))?;
@@ -131,7 +156,8 @@ fn run(task: Task) -> Result<()> {
                     .args(["--", "--test-threads=1"])
                     .env("AGENT_MONITOR_BIN", daemon_bin(&root))
                     .env("AGENT_MONITOR_POLICIES", root.join("policies")),
-            )
+            )?;
+            systemd_test::run(&root)
         }
     }
 }
