@@ -29,7 +29,7 @@ pub enum Command {
     /// Needs root. Refuses to start if any policy file is invalid. The programs and maps are pinned
     /// in bpffs (--pin-dir): enforcement goes on when the daemon stops or dies, and a restarted
     /// daemon adopts them. `daemon --uninstall` removes them and so ends enforcement. SIGHUP
-    /// reloads the policy directory.
+    /// reloads the policy directory; SIGUSR1 reopens the JSON trail (after logrotate renamed it).
     Daemon(DaemonArgs),
     /// Run a command as an agent: `agent-monitor run --agent coder -- python3 tool.py`.
     ///

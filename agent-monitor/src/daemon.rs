@@ -393,6 +393,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -402,6 +403,7 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
         })
     }
 }
@@ -861,6 +863,7 @@ impl Monitor {
             mut term,
             mut int,
             mut hup,
+            mut usr1,
         } = signals;
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         // systemd's watchdog is pinged from this loop, so a stuck monitor gets restarted (and the
@@ -910,6 +913,10 @@ impl Monitor {
                     // The outcome is logged and journaled by reload itself.
                     let _ = self.reload("SIGHUP");
                 }
+                _ = usr1.recv() => match self.outputs.reopen() {
+                    Ok(()) => tracing::info!("SIGUSR1: audit trail reopened"),
+                    Err(e) => tracing::error!("SIGUSR1: {e}; still writing to the old file"),
+                },
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             }

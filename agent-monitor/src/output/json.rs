@@ -178,6 +178,14 @@ impl Sink for JsonSink {
         self.pending
     }
 
+    fn reopen(&mut self) -> Result<(), SinkError> {
+        let fresh = JsonSink::open(&self.path)?;
+        // What is still buffered was accepted before the rotation: it goes to the old file.
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), SinkError> {
         if self.buf.is_empty() {
             return Ok(());
@@ -199,6 +207,34 @@ impl Drop for JsonSink {
     /// What is still buffered at shutdown goes out; a failure here has nobody left to tell.
     fn drop(&mut self) {
         let _ = Sink::flush(self);
+    }
+}
+
+#[cfg(test)]
+mod reopen_tests {
+    use super::*;
+
+    #[test]
+    fn reopen_after_a_rename_writes_to_a_new_file_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut sink = JsonSink::open(&path).unwrap();
+        sink.write_line(b"{\"n\":1}\n").unwrap();
+        // logrotate: rename, then SIGUSR1. A line buffered in between goes to the renamed file.
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
+        sink.buf.extend_from_slice(b"{\"n\":2}\n");
+        sink.pending = 1;
+        sink.reopen().unwrap();
+        sink.write_line(b"{\"n\":3}\n").unwrap();
+        let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(old, "{\"n\":1}\n{\"n\":2}\n");
+        assert_eq!(new, "{\"n\":3}\n");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }
 

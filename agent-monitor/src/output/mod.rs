@@ -39,6 +39,11 @@ pub trait Sink {
     fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// Opens the destination anew (the JSON trail after an external rotation renamed it). What was
+    /// buffered goes to the old destination first.
+    fn reopen(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Why a sink could not report an action.
@@ -378,6 +383,17 @@ impl Outputs {
         self.journal.flush(now);
         if let Some(json) = &mut self.json {
             json.flush(now);
+        }
+    }
+
+    /// Flushes, then reopens the JSON trail at its path (`SIGUSR1`, after logrotate renamed it):
+    /// every line goes either to the renamed file or to the new one. A failure to reopen keeps
+    /// writing to the old file, and is returned.
+    pub fn reopen(&mut self) -> Result<(), SinkError> {
+        self.flush();
+        match &mut self.json {
+            Some(json) => json.sink.reopen(),
+            None => Ok(()),
         }
     }
 
