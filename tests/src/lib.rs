@@ -373,7 +373,7 @@ pub fn py_connect(host: &str, port: u16) -> String {
     )
 }
 
-/// The trusted journald matches the README teaches (`_UID=0 _EXE=<the daemon's binary>`): only
+/// The trusted journald matches docs/reports.md teaches (`_UID=0 _EXE=<the daemon's binary>`): only
 /// entries the daemon under test wrote, never one another process forged with agent-monitor's
 /// field names. journald reads `_EXE` from `/proc/PID/exe`, the canonical path.
 pub fn daemon_entry_matches() -> Vec<String> {

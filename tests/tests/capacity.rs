@@ -289,7 +289,7 @@ fn cpu_seconds(pid: i32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// The load-time target (README "Policy limits"): a 20,000-entry policy (10,000 network and
+/// The load-time target (README, "Policy limits"): a 20,000-entry policy (10,000 network and
 /// 10,000 exec entries) is enforcing within 3 s of daemon CPU. CPU rather than wall time, so
 /// that other work on the machine does not decide the result; `cargo xtask bench` measures wall
 /// time on a quiet machine.
