@@ -13,7 +13,7 @@ use crate::control::DEFAULT_SOCKET;
 /// that agent's allowlist when it happens: blocked in the kernel in enforce mode, reported in alert
 /// mode. Decisions go to journald and to a JSON audit trail. Query journald by the fields journald
 /// sets itself, never by SYSLOG_IDENTIFIER alone (any process can write that):
-/// `journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor AGENT_ID=coder VERDICT=denied`;
+/// `journalctl _UID=0 _EXE=/usr/bin/agent-monitor AGENT_ID=coder VERDICT=denied`;
 /// `agent-monitor status` prints the exact query for the running daemon.
 #[derive(Debug, Parser)]
 #[command(name = "agent-monitor", version, propagate_version = true)]

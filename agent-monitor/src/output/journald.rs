@@ -1,5 +1,5 @@
 //! Journald sink: one structured entry per action over the native protocol, so that
-//! `journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor AGENT_ID=coder VERDICT=denied` finds it.
+//! `journalctl _UID=0 _EXE=/usr/bin/agent-monitor AGENT_ID=coder VERDICT=denied` finds it.
 //!
 //! Any process can write an entry with `SYSLOG_IDENTIFIER=agent-monitor` and `AGENT_ID`/`VERDICT`
 //! fields of its choosing, so the fields we write prove nothing. Queries must match journald's
@@ -459,7 +459,7 @@ mod tests {
     fn the_query_matches_trusted_fields_only() {
         assert_eq!(
             own_entries_query("/usr/local/bin/agent-monitor", None),
-            "journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor -t agent-monitor"
+            "journalctl _UID=0 _EXE=/usr/bin/agent-monitor -t agent-monitor"
         );
         assert_eq!(
             own_entries_query(
