@@ -503,7 +503,9 @@ fn dns(env: &Env, dir: &Path) -> anyhow::Result<DnsLatency> {
         policies.join(format!("{DNS_AGENT}.toml")),
         format!(
             "agent = \"{DNS_AGENT}\"\nmode = \"enforce\"\n[network]\nallow = [\"{DNS_NAME}:443\"]\n\
-             [exec]\nallow = [\"{}\"]\n",
+             [exec]\nallow = [\"{}\"]\n\
+             # dnsmasq answers with a loopback address: opted in past the rebinding check.\n\
+             [dns]\nprivate_answers = [\"{DNS_NAME}\"]\n",
             env.bench.display()
         ),
     )?;
