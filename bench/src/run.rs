@@ -342,11 +342,18 @@ fn load_as<T: serde::de::DeserializeOwned>(
     // `--keep-capabilities`: a root agent otherwise loses CAP_SYS_NICE, and the generator runs
     // SCHED_FIFO (on the last CPU) for repeatable numbers. The hooks, the seccomp filter and the
     // Landlock scope an agent pays for per action are the same either way.
-    c.args(["run", "--agent", agent, "--task", task, "--keep-capabilities"])
-        .arg("--control-socket")
-        .arg(&d.socket)
-        .arg("--")
-        .arg(&env.bench);
+    c.args([
+        "run",
+        "--agent",
+        agent,
+        "--task",
+        task,
+        "--keep-capabilities",
+    ])
+    .arg("--control-socket")
+    .arg(&d.socket)
+    .arg("--")
+    .arg(&env.bench);
     run_load(c, args)
 }
 
