@@ -459,7 +459,7 @@ mod tests {
     fn the_query_matches_trusted_fields_only() {
         assert_eq!(
             own_entries_query("/usr/local/bin/agent-monitor", None),
-            "journalctl _UID=0 _EXE=/usr/bin/agent-monitor -t agent-monitor"
+            "journalctl _UID=0 _EXE=/usr/local/bin/agent-monitor -t agent-monitor"
         );
         assert_eq!(
             own_entries_query(
