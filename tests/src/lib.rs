@@ -331,6 +331,22 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The outcome a probe script printed as a `NAME OUTCOME` line (`ok`, `errno 1`, …); panics with
+/// both streams when the line is missing.
+pub fn outcome(out: &Output, name: &str) -> String {
+    let stdout = text(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            panic!(
+                "no outcome for {name}; stdout:\n{stdout}\nstderr:\n{}",
+                text(&out.stderr)
+            )
+        })
+}
+
 /// journald entries of agent-monitor for `agent`, as `journalctl -o json` gives them.
 pub fn journal(agent: &str) -> Vec<Value> {
     journal_matching(&[format!("AGENT_ID={agent}")])
@@ -443,6 +459,20 @@ impl Daemon {
     }
 
     /// `agent-monitor run --agent AGENT --task TASK [extra…] -- CMD…`, not waited for; stdout piped.
+    /// `run` with options before the command (`--user nobody`, `--keep-capabilities`), waited for.
+    pub fn run_with(&self, agent: &str, options: &[&str], cmd: &[&str]) -> Output {
+        Command::new(binary())
+            .arg("run")
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(["--agent", agent])
+            .args(options)
+            .arg("--")
+            .args(cmd)
+            .output()
+            .expect("running agent-monitor run")
+    }
+
     pub fn spawn_run(&self, agent: &str, task: &str, extra: &[&str], cmd: &[&str]) -> Child {
         Command::new(binary())
             .arg("run")

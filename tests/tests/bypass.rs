@@ -48,37 +48,8 @@ fn fill(script: &str, vars: &[(&str, String)]) -> String {
     })
 }
 
-/// The outcome `name` printed by a PY_ATTEMPT script: "ok" or "errno N".
-fn outcome(out: &Output, name: &str) -> String {
-    let stdout = text(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            panic!(
-                "no outcome for {name}; stdout:\n{stdout}\nstderr:\n{}",
-                text(&out.stderr)
-            )
-        })
-}
-
 fn eperm() -> String {
     format!("errno {}", libc::EPERM)
-}
-
-/// `run` with options before the command (`--user nobody`, `--keep-capabilities`).
-fn run_with(d: &Daemon, agent: &str, options: &[&str], cmd: &[&str]) -> Output {
-    std::process::Command::new(binary())
-        .arg("run")
-        .arg("--control-socket")
-        .arg(&d.socket)
-        .args(["--agent", agent])
-        .args(options)
-        .arg("--")
-        .args(cmd)
-        .output()
-        .expect("running agent-monitor run")
 }
 
 fn run_py(d: &Daemon, agent: &str, script: &str) -> Output {
@@ -499,12 +470,7 @@ fn raw_socket_is_refused_even_to_a_root_agent() {
          attempt('tcp', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))\n\
          attempt('udp6', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))\n"
     );
-    let out = run_with(
-        &d,
-        &agent,
-        &["--keep-capabilities"],
-        &[PYTHON, "-c", &script],
-    );
+    let out = d.run_with(&agent, &["--keep-capabilities"], &[PYTHON, "-c", &script]);
     assert_eq!(outcome(&out, "raw"), eperm());
     assert_eq!(outcome(&out, "raw6"), eperm());
     assert_eq!(outcome(&out, "tcp"), "ok");
@@ -802,7 +768,7 @@ fn bind_mount_over_an_allowed_name_in_a_user_namespace_is_killed() {
          /usr/bin/mount --bind /usr/bin/id /usr/bin/touch && /usr/bin/touch {p}/fake; echo fake=$?"
     );
     let cmd = ["/usr/bin/unshare", "-Urm", "--", SH, "-c", &inner];
-    let out = run_with(&d, &agent, &["--user", "nobody"], &cmd);
+    let out = d.run_with(&agent, &["--user", "nobody"], &cmd);
     ran(&out, "real");
     killed(&out, "fake");
     assert!(dir.path().join("real").exists());
@@ -879,7 +845,7 @@ time.sleep(1)
                 ("PORT", denied.port.to_string()),
             ],
         );
-    let out = run_with(&d, &agent, &["--user", "nobody"], &[PYTHON, "-c", &script]);
+    let out = d.run_with(&agent, &["--user", "nobody"], &[PYTHON, "-c", &script]);
     let no_access = |o: String| o == format!("errno {}", libc::EACCES) || o == eperm();
     assert!(
         no_access(outcome(&out, "write_root_procs")),
@@ -905,7 +871,7 @@ time.sleep(1)
         denied.port
     );
     let cmd = ["/usr/bin/unshare", "-Urc", "--", PYTHON, "-c", &ns_script];
-    let out = run_with(&d, &agent, &["--user", "nobody"], &cmd);
+    let out = d.run_with(&agent, &["--user", "nobody"], &cmd);
     assert_eq!(outcome(&out, "ns_connect"), eperm());
     assert_eq!(denied.accepted(), 0);
     let n = d

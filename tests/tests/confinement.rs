@@ -97,20 +97,6 @@ const ROUTES: [&str; 12] = [
     "ptrace",
 ];
 
-fn outcome(out: &Output, name: &str) -> String {
-    text(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            panic!(
-                "no outcome for {name}; stdout:\n{}\nstderr:\n{}",
-                text(&out.stdout),
-                text(&out.stderr)
-            )
-        })
-}
-
 /// What each route gets when refused: the seccomp supervisor's EPERM for the system calls,
 /// Landlock's EACCES for the /proc files.
 fn refused(route: &str) -> String {

@@ -451,14 +451,12 @@ fn source_routed_packets_of_agents_never_leave() {
     assert_eq!(outcome(&outside, "lsrr_send"), "ok", "{outside}");
     // The agent: root with every capability (`--keep-capabilities`), since IP_OPTIONS source
     // routes need CAP_NET_RAW, which `run` otherwise drops; the egress program is what stops it.
-    let out = Command::new(binary())
-        .arg("run")
-        .arg("--control-socket")
-        .arg(&d.socket)
-        .args(["--agent", &agent, "--keep-capabilities", "--", PYTHON, "-c"])
-        .arg(sends.replace("@TAG@", "agent"))
-        .output()
-        .expect("running agent-monitor run");
+    let agent_sends = sends.replace("@TAG@", "agent");
+    let out = d.run_with(
+        &agent,
+        &["--keep-capabilities"],
+        &[PYTHON, "-c", &agent_sends],
+    );
     let inside = text(&out.stdout);
     let _ = sniffer.wait();
     let mut seen = String::new();

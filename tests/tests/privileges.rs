@@ -9,7 +9,7 @@
 //! device is a loop device over a file of the test's, opened and closed without a write, and
 //! the BPF program loaded is `return 0`.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use agent_monitor_tests::*;
 use serde_json::Value;
@@ -23,21 +23,6 @@ fn policy(agent: &str, exec: &[&str]) -> (String, String) {
             exec.join(", ")
         ),
     )
-}
-
-/// `name outcome` lines of a script's stdout.
-fn outcome(out: &Output, name: &str) -> String {
-    let stdout = text(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            panic!(
-                "no outcome for {name}; stdout:\n{stdout}\nstderr:\n{}",
-                text(&out.stderr)
-            )
-        })
 }
 
 fn errno(n: i32) -> String {
@@ -441,18 +426,16 @@ fn user_agent_keeps_no_capabilities_and_no_new_privs() {
     }
     let agent = unique_agent("usercaps");
     let d = Daemon::start(&[policy(&agent, &["/usr/bin/grep"])]);
-    let out = Command::new(binary())
-        .args(["run", "--control-socket"])
-        .arg(&d.socket)
-        .args(["--agent", &agent, "--user", "nobody", "--"])
-        .args([
+    let out = d.run_with(
+        &agent,
+        &["--user", "nobody"],
+        &[
             "/usr/bin/grep",
             "-E",
             "^(Cap|NoNewPrivs)",
             "/proc/self/status",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let s = text(&out.stdout);
     for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert!(
