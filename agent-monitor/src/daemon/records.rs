@@ -1,0 +1,520 @@
+//! Kernel records to actions: who did it (agent, task, chain) and what it was.
+
+use super::*;
+
+/// The identity a `KIND_TAGGED` record carries (stable agent id, not an allowlist index).
+pub(super) fn tagged_identity(subject: &event::Subject) -> AgentSlot {
+    AgentSlot {
+        agent: subject.agent,
+        mode: 0,
+        task: subject.task,
+        source: subject.source,
+    }
+}
+
+pub(super) fn tagged_identity_of(agent: u32) -> AgentSlot {
+    AgentSlot {
+        agent,
+        mode: 0,
+        task: common::TASK_NONE,
+        source: 0,
+    }
+}
+
+/// Why a socket was refused (or, alert, reported), by the mechanism that judged it.
+pub(super) fn socket_reason(sk: &event::SocketEvent) -> String {
+    let inet = matches!(sk.family, common::AF_INET | common::AF_INET6);
+    match (inet, sk.verdict) {
+        (true, _) => "agents may create TCP and UDP inet sockets only (cgroup sock_create): raw, \
+                      ICMP ping, SCTP and MPTCP sockets reach endpoints the connect and sendmsg \
+                      hooks do not judge"
+            .into(),
+        (false, _) => "a socket family the cgroup hooks cannot judge (vsock, packet…): it was \
+                       created (`agent-monitor run` refuses these in enforce mode with its \
+                       seccomp filter; this process is in alert mode or was not started by run)"
+            .into(),
+    }
+}
+
+/// How a process became an agent, in words (`SOURCE_*`).
+pub(super) fn source_name(source: u32) -> &'static str {
+    match source {
+        common::SOURCE_RUN => "agent-monitor run",
+        common::SOURCE_CGROUP => "cgroup selector",
+        common::SOURCE_UNIT => "systemd unit selector",
+        common::SOURCE_EXECUTABLE => "executable selector",
+        common::SOURCE_UID => "uid selector",
+        common::SOURCE_TASK_SWITCH => "task start --pid",
+        _ => "unknown",
+    }
+}
+
+impl Monitor {
+    /// Which agent process `pid` is, in the kernel's order: its own `run` cgroup, its tag, a
+    /// selected ancestor cgroup, its uid.
+    pub(super) fn identify(&self, pid: u32) -> Option<ProcessIdentity> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .ok()
+            .and_then(|c| identity::peer::parse_cgroup_v2(&c));
+        if let Some((agent, task)) = cgroup
+            .as_deref()
+            .and_then(identity::peer::run_cgroup_identity)
+        {
+            // By the stable id, so a process whose agent lost its policy is still inside it.
+            let number = self.registry.find(agent, task).unwrap_or(common::TASK_NONE);
+            let mode = self
+                .policies
+                .get(agent)
+                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
+            return Some(ProcessIdentity {
+                slot: AgentSlot {
+                    agent: agent_id(agent),
+                    mode,
+                    task: number,
+                    source: common::SOURCE_RUN,
+                },
+                in_run_cgroup: true,
+            });
+        }
+        let by_selector = self
+            .kernel
+            .thread_tag(pid)
+            .or_else(|| cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
+            .or_else(|| {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let uid = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                self.selected.by_uid(uid)
+            });
+        by_selector.map(|slot| ProcessIdentity {
+            slot,
+            in_run_cgroup: false,
+        })
+    }
+
+    /// (agent, task) names of an identity (`slot.agent` is the stable id).
+    pub(super) fn names(&self, slot: &AgentSlot) -> (String, String) {
+        let agent = self
+            .policies
+            .iter()
+            .map(|p| p.agent())
+            .chain(self.tasks.values().map(|t| t.agent.as_str()))
+            .chain(self.registry.get(slot.task).map(|t| t.agent.as_str()))
+            .find(|a| agent_id(a) == slot.agent)
+            .map_or_else(|| format!("agent-{:08x}", slot.agent), str::to_string);
+        let task = self
+            .registry
+            .get(slot.task)
+            .map_or_else(|| "none".to_string(), |t| t.name.clone());
+        (agent, task)
+    }
+
+    pub(super) fn spiffe_id(&self, agent: &str) -> String {
+        format!("spiffe://{}/agent/{agent}", self.trust_domain)
+    }
+
+    pub(super) fn agent_slot(
+        &mut self,
+        agent: &str,
+        task: &str,
+        source: u32,
+    ) -> anyhow::Result<AgentSlot> {
+        if self.policies.get(agent).is_none() {
+            let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
+            bail!(
+                "no policy for agent {agent:?} in {} (agents with a policy: {})",
+                self.policies_dir.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        };
+        identity::check_task_id(task).map_err(anyhow::Error::msg)?;
+        let policy = self.policies.get(agent).context("policy vanished")?;
+        Ok(AgentSlot {
+            agent: agent_id(agent),
+            mode: policy.mode().kernel_value(),
+            task: self.registry.number(agent, task),
+            source,
+        })
+    }
+
+    pub(super) fn on_event(&mut self, ev: Result<KernelEvent, event::DecodeError>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.counters.undecodable_records += 1;
+                // Logged for the first ones, then once per 1000: counted always.
+                if self.decode_errors_logged < 5
+                    || self.counters.undecodable_records.is_multiple_of(1000)
+                {
+                    self.decode_errors_logged += 1;
+                    tracing::warn!(
+                        total = self.counters.undecodable_records,
+                        "undecodable kernel record: {e}"
+                    );
+                }
+                return;
+            }
+        };
+        match ev {
+            KernelEvent::Fork { subject, child } => {
+                self.procs.on_fork(subject.pid, child, &subject.comm)
+            }
+            KernelEvent::Exit { subject } => {
+                self.procs.on_exit(subject.pid, subject.ktime_ns);
+                // Its pid may be reused: no longer a `run` that may report.
+                self.placed.remove(&subject.pid);
+                self.unscoped_runs.remove(&subject.pid);
+                self.placed_privileges.remove(&subject.pid);
+            }
+            KernelEvent::Tagged {
+                subject,
+                path,
+                retagged_from,
+            } => {
+                let (agent, task) = self.names(&tagged_identity(&subject));
+                tracing::info!(
+                    agent,
+                    task,
+                    pid = subject.pid,
+                    path,
+                    "process became an agent by its executable selector"
+                );
+                if let Some(prior) = retagged_from {
+                    let was = self.names(&tagged_identity_of(prior)).0;
+                    let why = format!(
+                        "selector conflict: pid {} was agent {was} (uid selector) and exec'd {path}, selected by agent {agent}; the executable selector outranks the uid selector, so it is now agent {agent}",
+                        subject.pid
+                    );
+                    self.report_conflict(&subject, agent, task, path.clone(), why);
+                }
+                self.procs
+                    .add_root(subject.pid, path, identity::proc_args(subject.pid));
+            }
+            KernelEvent::ClaimRefused {
+                subject,
+                path,
+                claimed_by,
+            } => {
+                let (agent, task) = self.names(&tagged_identity(&subject));
+                let claimant = self.names(&tagged_identity_of(claimed_by)).0;
+                let why = format!(
+                    "selector conflict: pid {} exec'd {path}, selected by agent {claimant}, but it is agent {agent} by a higher-ranked identity ({}); it stays agent {agent}",
+                    subject.pid,
+                    source_name(subject.source)
+                );
+                self.report_conflict(&subject, agent, task, path, why);
+            }
+            KernelEvent::Exec(e) => {
+                self.procs
+                    .on_exec(e.subject.pid, &e.path, identity::proc_args(e.subject.pid));
+                let action = self.exec_action(&e);
+                self.report(action);
+            }
+            KernelEvent::Connect(c) => {
+                let action = self.connect_action(&c);
+                self.report(action);
+            }
+            KernelEvent::Socket(sk) => {
+                let action = self.socket_action(&sk);
+                self.report(action);
+            }
+            KernelEvent::SourceRoute(r) => {
+                let action = self.source_route_action(&r);
+                self.report(action);
+            }
+            KernelEvent::DnsRedirect(c) => {
+                let (agent, _) = self.identity(&c.subject);
+                if c.dns_refused {
+                    let action = Action {
+                        destination: Some(Destination {
+                            addr: c.addr,
+                            port: c.port,
+                            transport: event::transport(c.sock_type),
+                        }),
+                        enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
+                        reason: "DNS traffic, and the agent has no DNS proxy endpoint for this \
+                                 address family"
+                            .into(),
+                        ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
+                    };
+                    self.report(action);
+                } else {
+                    self.dns_clients.insert(agent, c);
+                }
+            }
+        }
+    }
+
+    /// A process two agents claimed: resolved by precedence in the kernel, reported here as
+    /// ACTION=identity VERDICT=alert (PRIORITY err) so the operator fixes the selectors.
+    pub(super) fn report_conflict(
+        &mut self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        path: String,
+        why: String,
+    ) {
+        tracing::warn!("{why}");
+        let action = Action {
+            exe: Some(path),
+            reason: why,
+            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+        };
+        self.report(action);
+    }
+
+    /// Agent and task of an event, from the identity the kernel judged with.
+    /// Records carry the allowlist index the kernel judged with (live bank, or the previous one
+    /// for records judged just before a reload).
+    pub(super) fn identity(&self, subject: &event::Subject) -> (String, String) {
+        let task = self.registry.get(subject.task);
+        if task.is_none()
+            && let Some(t) = self.tasks.get(&subject.cgroup_id)
+        {
+            return (t.agent.clone(), t.task.clone());
+        }
+        let agent = self
+            .agent_at(subject.agent)
+            .or_else(|| task.map(|t| t.agent.clone()))
+            .unwrap_or_else(|| format!("agent-index-{}", subject.agent));
+        let task = task.map_or_else(|| "none".to_string(), |t| t.name.clone());
+        (agent, task)
+    }
+
+    pub(super) fn exec_action(&mut self, e: &event::ExecEvent) -> Action {
+        let (agent, task) = self.identity(&e.subject);
+        let reason = if e.granted {
+            self.grant_reason(e.subject.task, |g| {
+                g.exec
+                    .iter()
+                    .find(|r| {
+                        r.matches(&e.path) || e.interpreter.as_deref().is_some_and(|i| r.matches(i))
+                    })
+                    .map(|r| format!("exec {}", r.text()))
+            })
+        } else if e.truncated {
+            format!(
+                "{} {} bytes cannot be matched",
+                crate::action::REASON_EXEC_PATH_TOO_LONG,
+                common::EXEC_PATH_LEN - 1
+            )
+        } else if e.unreadable {
+            // The name, the interpreter or the file could not be read.
+            crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
+        } else {
+            // File-identity entries are keyed by the kernel index (bank + position).
+            let agent_index = self.policies.index_of(&agent).map(|i| self.bank_base + i);
+            let file_rule = agent_index
+                .and_then(|a| self.exec_files.rule_for(a, e.file_dev, e.file_ino))
+                .map(str::to_string);
+            let facts = ExecFacts {
+                name: &e.path,
+                interpreter: e.interpreter.as_deref(),
+                file_rule: file_rule.as_deref(),
+                initial_user_ns: !e.user_ns,
+            };
+            let why = self.explain(&agent, e.verdict, e.subject.ktime_ns, |p| {
+                p.check_exec_facts(&facts)
+            });
+            let file = format!(
+                "file {}:{} inode {}",
+                e.file_dev >> 20,
+                e.file_dev & 0xf_ffff,
+                e.file_ino
+            );
+            match e.basis {
+                common::EXEC_BASIS_FILE => format!("{why} (the file that runs, {file})"),
+                _ => format!("{why} ({file})"),
+            }
+        };
+        if e.user_ns {
+            self.counters.execs_in_user_namespaces += 1;
+        }
+        if e.truncated {
+            self.counters.exec_paths_too_long += 1;
+        }
+        if e.unreadable {
+            self.counters.exec_paths_unreadable += 1;
+        }
+        if e.not_normal {
+            self.counters.exec_paths_not_normal += 1;
+        }
+        Action {
+            exe: Some(e.path.clone()),
+            interpreter: e.interpreter.clone(),
+            enforcement: e.killed.then_some("sigkill"),
+            reason,
+            ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
+        }
+    }
+
+    pub(super) fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
+        let (agent, task) = self.identity(&c.subject);
+        let grant = self
+            .dns_index(&agent)
+            .and_then(|i| self.learned.lookup(i, c.addr, c.port))
+            .cloned();
+        let mut reason = match (&grant, c.learned) {
+            _ if c.dns_refused => "the destination is another agent's DNS proxy endpoint, which \
+                                   only that agent's redirected DNS traffic may use"
+                .to_string(),
+            (Some(g), true) => format!(
+                "allowed: the agent resolved {} to this address through the DNS proxy ({})",
+                g.name, g.rule
+            ),
+            (None, true) => {
+                // The kernel allowed it from an entry the daemon does not know.
+                self.counters.verdict_disagreements += 1;
+                tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
+                "allowed by a learned DNS address the daemon does not know".into()
+            }
+            _ if c.granted => {
+                let addr = crate::policy::to_table_addr(c.addr);
+                self.grant_reason(c.subject.task, |g| {
+                    g.net
+                        .iter()
+                        .find(|r| {
+                            r.covers(addr) && r.ports().lo <= c.port && c.port <= r.ports().hi
+                        })
+                        .map(|r| format!("connect {}", r.text()))
+                })
+            }
+            (_, false) => self.explain(&agent, c.verdict, c.subject.ktime_ns, |p| {
+                p.check_connect(c.addr, c.port)
+            }),
+        };
+        if c.unspecified {
+            reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
+        }
+        if c.connected_peer {
+            reason.push_str(" (the send named no address: judged as the socket's connected peer)");
+        }
+        let exe = self
+            .procs
+            .exe(c.subject.pid)
+            .map(str::to_string)
+            .or_else(|| {
+                std::fs::read_link(format!("/proc/{}/exe", c.subject.pid))
+                    .ok()
+                    .map(|p| p.display().to_string())
+            });
+        let kind = if c.send {
+            ActionKind::Sendmsg
+        } else {
+            ActionKind::Connect
+        };
+        Action {
+            exe,
+            destination: Some(Destination {
+                addr: c.addr,
+                port: c.port,
+                transport: event::transport(c.sock_type),
+            }),
+            dest_host: grant.map(|g| g.name),
+            enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
+            reason,
+            ..self.action(&c.subject, agent, task, kind, c.verdict)
+        }
+    }
+
+    /// A source-routed packet of an agent's socket. The record's task is whoever ran when the
+    /// packet left, so no program is named; the agent and task are the socket's.
+    pub(super) fn source_route_action(&mut self, r: &event::SourceRouteEvent) -> Action {
+        let (agent, task) = self.identity(&r.subject);
+        let option = match (r.first_hop, r.detail) {
+            (IpAddr::V4(_), 0x83) => "an IPv4 loose source route (LSRR)".to_string(),
+            (IpAddr::V4(_), 0x89) => "an IPv4 strict source route (SSRR)".to_string(),
+            (IpAddr::V4(_), t) => format!("IPv4 options (first option type {t:#x})"),
+            (IpAddr::V6(_), t) => format!("an IPv6 routing header (type {t})"),
+        };
+        let transport = match r.protocol {
+            6 => "tcp",
+            17 => "udp",
+            _ => "other",
+        };
+        Action {
+            destination: Some(Destination {
+                addr: r.first_hop,
+                port: 0,
+                transport,
+            }),
+            enforcement: (r.verdict == Verdict::Denied).then_some("dropped"),
+            reason: format!(
+                "the packet carried {option}: it would go to its first hop {} instead of the \
+                 destination judged; agents' sockets may not set the path of their packets",
+                r.first_hop
+            ),
+            ..self.action(&r.subject, agent, task, ActionKind::SourceRoute, r.verdict)
+        }
+    }
+
+    pub(super) fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
+        let (agent, task) = self.identity(&sk.subject);
+        self.counters.sockets_refused += 1;
+        let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        Action {
+            exe,
+            socket: Some(event::socket_description(
+                sk.family,
+                sk.sock_type,
+                sk.protocol,
+            )),
+            enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
+            reason: socket_reason(sk),
+            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
+        }
+    }
+
+    /// `action` for a subject whose agent and task come from its cgroup.
+    pub(super) fn subject_action(
+        &self,
+        subject: &event::Subject,
+        kind: ActionKind,
+        verdict: Verdict,
+    ) -> Action {
+        let (agent, task) = self.identity(subject);
+        self.action(subject, agent, task, kind, verdict)
+    }
+
+    /// The parts of an action every kind shares: who acted, as what, with which verdict.
+    pub(super) fn action(
+        &self,
+        subject: &event::Subject,
+        agent: String,
+        task: String,
+        kind: ActionKind,
+        verdict: Verdict,
+    ) -> Action {
+        Action {
+            time: SystemTime::now(),
+            chain: self.procs.chain(subject.pid, &subject.comm),
+            spiffe_id: self.spiffe_id(&agent),
+            agent,
+            task,
+            kind,
+            verdict,
+            pid: subject.pid,
+            uid: subject.uid,
+            comm: subject.comm.clone(),
+            exe: None,
+            interpreter: None,
+            socket: None,
+            target: None,
+            destination: None,
+            dest_host: None,
+            dns_name: None,
+            enforcement: None,
+            reason: String::new(),
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The control socket: connections, requests and the reports `run` sends (caught reaches, privileges).
+
+use super::*;
+
+/// Binds the control socket (replacing a stale one): root-only, or root:ADMIN 0660.
+pub(super) fn bind_control_socket(
+    path: &Path,
+    admin_gid: Option<u32>,
+) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding control socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = match admin_gid {
+        None => 0o600,
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid))
+                .with_context(|| format!("giving {} to the admin group", path.display()))?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting mode {mode:o} on {}", path.display()))?;
+    Ok(listener)
+}
+
+/// A request from a control connection, with the kernel-reported identity of the caller.
+pub(super) struct ControlCall {
+    pub(super) request: Request,
+    pub(super) peer: Peer,
+    pub(super) reply: oneshot::Sender<Response>,
+}
+
+pub(super) async fn serve_control(
+    listener: UnixListener,
+    to_monitor: mpsc::Sender<ControlCall>,
+    events: broadcast::Sender<EventLine>,
+) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let to_monitor = to_monitor.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, to_monitor, events).await {
+                tracing::warn!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+pub(super) async fn serve_connection(
+    stream: UnixStream,
+    to_monitor: mpsc::Sender<ControlCall>,
+    events: broadcast::Sender<EventLine>,
+) -> anyhow::Result<()> {
+    let cred = stream.peer_cred().context("SO_PEERCRED")?;
+    let peer_pidfd = {
+        use std::os::fd::AsRawFd as _;
+        crate::identity::peer::peer_pidfd(stream.as_raw_fd())
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(control::MAX_REQUEST as u64);
+    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+        .await
+        .context("no request within 10 s")??;
+    let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
+    let response = {
+        let request = control::parse_request(&line);
+        if let Ok(Request::Events {
+            follow: true,
+            agent,
+        }) = &request
+        {
+            // Subscribed before the history is taken, so no action falls between the two.
+            follow = Some((events.subscribe(), agent.clone()));
+        }
+        match (request, cred.pid()) {
+            (Err(message), _) => Response::Error { message },
+            (Ok(_), None) => Response::Error {
+                message: "the kernel did not report the caller's pid".into(),
+            },
+            (Ok(request), Some(pid)) => {
+                let peer = Peer::from_cred(pid as u32, cred.uid(), cred.gid());
+                // Who the caller is comes from /proc of the pid that connected: only while that
+                // process still runs (checked after the read, through a pidfd that cannot name a
+                // reused pid). Else an agent connects, exits and leaves the connection to a
+                // descendant, and a pid without /proc reads as no agent's.
+                // Kernels before 6.5 have no SO_PEERPIDFD: there the pid's /proc entry, read
+                // after the peer's identity was, is the best check (a reused pid can pass).
+                let connected_still_runs = match &peer_pidfd {
+                    Ok(fd) => crate::identity::peer::still_running(fd, pid as u32),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| {
+                            tracing::warn!(
+                                "this kernel has no SO_PEERPIDFD (Linux 6.5): a control request \
+                                 is checked against the connecting pid's /proc entry instead, \
+                                 which a reused pid can pass"
+                            )
+                        });
+                        std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+                    }
+                    Err(_) => false,
+                };
+                match connected_still_runs {
+                    true => {
+                        let (reply, answer) = oneshot::channel();
+                        to_monitor
+                            .send(ControlCall {
+                                request,
+                                peer,
+                                reply,
+                            })
+                            .await
+                            .context("monitor stopped")?;
+                        answer.await.context("monitor dropped the request")?
+                    }
+                    false => Response::Error {
+                        message: format!(
+                            "the process that connected (pid {pid}) no longer runs: a request is \
+                             judged by the process that made the connection"
+                        ),
+                    },
+                }
+            }
+        }
+    };
+    let (response, history) = match (response, follow.is_some()) {
+        (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
+        (r, _) => {
+            // Refused (authorization) or not a follow: nothing streams.
+            follow = None;
+            (r, vec![])
+        }
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    let Some((mut rx, agent)) = follow else {
+        return Ok(());
+    };
+    for v in history {
+        write.write_all(format!("{v}\n").as_bytes()).await?;
+    }
+    loop {
+        let line = match rx.recv().await {
+            Ok(ev) if agent.as_ref().is_none_or(|a| *a == ev.0) => format!("{}\n", ev.1),
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lagged\":{n}}}\n"),
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        if write.write_all(line.as_bytes()).await.is_err() {
+            // The follower went away.
+            return Ok(());
+        }
+    }
+}
+
+impl Monitor {
+    pub(super) fn on_request(&mut self, request: Request, peer: &Peer) -> Response {
+        let inside = self.identify(peer.pid).map(|id| self.names(&id.slot));
+        let admin = peer.is_admin(self.admin_gid);
+        if let Err(why) = control::authorize(
+            &request,
+            admin,
+            inside.as_ref().map(|(a, t)| (a.as_str(), t.as_str())),
+        ) {
+            self.report_refusal(&request, peer, inside, &why);
+            return Response::Error { message: why };
+        }
+        let pid = peer.pid;
+        let result = match request {
+            Request::Place {
+                agent,
+                task,
+                user,
+                unscoped,
+                privileges,
+            } => {
+                let placed = self.place(&agent, &task, pid, user, unscoped);
+                if placed.is_ok() {
+                    self.note_privileges(&agent, &task, pid, privileges);
+                }
+                placed.map(|(cgroup, warnings)| Response::Placed {
+                    mode: self
+                        .policies
+                        .get(&agent)
+                        .map(|p| p.mode().as_str().to_string()),
+                    read_only: self.daemon_files.clone(),
+                    agent,
+                    task,
+                    cgroup,
+                    warnings,
+                })
+            }
+            Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),
+            Request::Status {} => Ok(Response::Status(self.status())),
+            Request::Reload {} => Ok(match self.reload("control socket") {
+                Ok(message) => Response::Reloaded {
+                    agents: self
+                        .policies
+                        .iter()
+                        .map(|p| p.agent().to_string())
+                        .collect(),
+                    message,
+                },
+                Err(message) => Response::Error { message },
+            }),
+            Request::Events { agent, .. } => Ok(Response::Events {
+                history: self
+                    .history
+                    .iter()
+                    .filter(|e| agent.as_ref().is_none_or(|want| *want == e.0))
+                    .filter_map(|e| serde_json::from_str(&e.1).ok())
+                    .collect(),
+            }),
+            Request::TaskStart {
+                agent,
+                task,
+                allow_connect,
+                allow_exec,
+                ttl_ms,
+                pid: target,
+            } => self.task_start(&agent, &task, &allow_connect, &allow_exec, ttl_ms, target),
+            Request::TaskEnd { agent, task } => self.task_end(&agent, &task),
+            Request::TaskNarrow {
+                agent,
+                task,
+                keep_connect,
+                keep_exec,
+                ttl_ms,
+            } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
+        };
+        result.unwrap_or_else(|e| {
+            tracing::warn!(pid, "control request refused: {e:#}");
+            Response::Error {
+                message: format!("{e:#}"),
+            }
+        })
+    }
+
+    /// A refused control request goes to journald (ACTION=control, VERDICT=denied) under the
+    /// caller's own agent when it is one, else under the agent it asked about.
+    pub(super) fn report_refusal(
+        &mut self,
+        request: &Request,
+        peer: &Peer,
+        inside: Option<(String, String)>,
+        why: &str,
+    ) {
+        let (agent, task) = inside.clone().unwrap_or_else(|| {
+            request
+                .target()
+                .map(|(a, t)| (a.to_string(), t.to_string()))
+                .unwrap_or_else(|| ("?".into(), "?".into()))
+        });
+        let target = request
+            .target()
+            .map(|(a, t)| format!(" for agent {a} task {t}"))
+            .unwrap_or_default();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid))
+            .ok()
+            .map(|p| p.display().to_string());
+        tracing::warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            "control request {} refused: {why}",
+            request.op()
+        );
+        let action = Action {
+            time: SystemTime::now(),
+            spiffe_id: self.spiffe_id(&agent),
+            chain: self.procs.chain(peer.pid, &comm),
+            agent,
+            task,
+            kind: ActionKind::Control,
+            verdict: Verdict::Denied,
+            pid: peer.pid,
+            uid: peer.uid,
+            comm,
+            exe,
+            destination: None,
+            interpreter: None,
+            socket: None,
+            target: None,
+            dest_host: None,
+            dns_name: None,
+            enforcement: Some("refused"),
+            reason: format!("{}{target} refused: {why}", request.op()),
+        };
+        self.report(action);
+    }
+
+    /// A call `run`'s seccomp filter caught, reported by that `run`. Only the `run` process this
+    /// daemon placed may report, for its own task and its own processes; identity comes from the
+    /// placement, never from the report, and the record is only ever denied or alert.
+    pub(super) fn on_caught(
+        &mut self,
+        peer_pid: u32,
+        c: control::CaughtReport,
+    ) -> anyhow::Result<()> {
+        let Some(&cgroup_id) = self.placed.get(&peer_pid) else {
+            bail!("pid {peer_pid} is not an `agent-monitor run` this daemon placed");
+        };
+        let Some(entry) = self.tasks.get(&cgroup_id) else {
+            bail!("the task pid {peer_pid} was placed in is gone");
+        };
+        let (agent, task) = (entry.agent.clone(), entry.task.clone());
+        let chain = self.procs.chain(c.pid, &c.comm);
+        // A process the table knows must descend from that `run`.
+        if chain.len() > 1 && chain[0].pid != peer_pid {
+            bail!(
+                "pid {} is not a process of the task `run` {peer_pid} started",
+                c.pid
+            );
+        }
+        let (kind, object, reason) = match &c.call {
+            control::CaughtCall::Socket {
+                family,
+                sock_type,
+                protocol,
+            } => (
+                ActionKind::Socket,
+                event::socket_description(*family as u16, *sock_type, *protocol),
+                "a socket family the cgroup hooks cannot judge (vsock, packet…): agents keep \
+                 unix, inet, inet6 and netlink (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::Socketcall { op } => (
+                ActionKind::Socket,
+                format!("socketcall op {op} (i386)"),
+                "i386 socketcall keeps its arguments in user memory, out of the filter's \
+                 reach (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::IoUringSetup => (
+                ActionKind::IoUring,
+                "io_uring_setup".to_string(),
+                "io_uring creates sockets without the socket system call (seccomp filter of \
+                 `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::Bpf => (
+                ActionKind::Seccomp,
+                "bpf".to_string(),
+                "bpf(2) from a root agent: pinned maps open by file permission alone, and uid 0 \
+                 owns them (seccomp filter of `agent-monitor run`)"
+                    .to_string(),
+            ),
+            control::CaughtCall::SeccompListener => (
+                ActionKind::Seccomp,
+                "seccomp listener".to_string(),
+                "a seccomp notification listener would let the agent answer the calls the \
+                 `run` filter catches: always refused"
+                    .to_string(),
+            ),
+            control::CaughtCall::ProcessAccess { syscall, target } => (
+                ActionKind::Ptrace,
+                syscall.clone(),
+                self.reach_reason(target, "reach into"),
+            ),
+            control::CaughtCall::Signal {
+                syscall, target, ..
+            } => (
+                ActionKind::Signal,
+                syscall.clone(),
+                self.reach_reason(target, "signal"),
+            ),
+            control::CaughtCall::Other { name } => (
+                ActionKind::Seccomp,
+                name.clone(),
+                if name.starts_with("ioctl ") {
+                    "typing into the terminal the agent shares with whoever started it (read as \
+                     that shell's next command): always refused (seccomp filter of \
+                     `agent-monitor run`)"
+                        .to_string()
+                } else {
+                    "caught by the seccomp filter of `agent-monitor run`".to_string()
+                },
+            ),
+        };
+        let target = match &c.call {
+            control::CaughtCall::ProcessAccess { syscall, target }
+            | control::CaughtCall::Signal {
+                syscall, target, ..
+            } => {
+                let (agent, task) = self.target_agent(target).unzip();
+                Some(crate::action::ProcessTarget {
+                    syscall: syscall.clone(),
+                    signal: match &c.call {
+                        control::CaughtCall::Signal { signal, .. } => Some(*signal),
+                        _ => None,
+                    },
+                    pid: target.pid,
+                    comm: target.comm.clone(),
+                    agent,
+                    task,
+                })
+            }
+            _ => None,
+        };
+        let verdict = if c.refused {
+            Verdict::Denied
+        } else {
+            Verdict::Alert
+        };
+        if kind == ActionKind::Socket {
+            self.counters.sockets_refused += 1;
+        }
+        self.counters.seccomp_caught += 1;
+        let subject = event::Subject {
+            cgroup_id,
+            pid: c.pid,
+            tid: c.pid,
+            uid: c.uid,
+            comm: c.comm.clone(),
+            ..event::Subject::unknown()
+        };
+        let action = Action {
+            exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
+            socket: target.is_none().then_some(object),
+            target,
+            enforcement: c.refused.then_some("eperm"),
+            reason,
+            chain,
+            ..self.action(&subject, agent, task, kind, verdict)
+        };
+        self.report(action);
+        Ok(())
+    }
+
+    /// The agent and task a process that an agent tried to reach belongs to, from what `run`
+    /// read while the call waited (its cgroup and uid); the pid only for a selector's thread tag.
+    pub(super) fn target_agent(&self, t: &control::CaughtTarget) -> Option<(String, String)> {
+        if t.supervisor {
+            return None;
+        }
+        if let Some((agent, task)) = t
+            .cgroup
+            .as_deref()
+            .and_then(identity::peer::run_cgroup_identity)
+        {
+            return Some((agent.to_string(), task.to_string()));
+        }
+        let slot = self
+            .kernel
+            .thread_tag(t.pid)
+            .or_else(|| t.cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
+            .or_else(|| t.uid.and_then(|u| self.selected.by_uid(u)))?;
+        Some(self.names(&slot))
+    }
+
+    /// Why a ptrace-family call or a signal to `t` was refused, in words.
+    pub(super) fn reach_reason(&self, t: &control::CaughtTarget, verb: &str) -> String {
+        let whose = if t.supervisor {
+            "the agent's own `agent-monitor run` (its seccomp supervisor)".to_string()
+        } else {
+            match self.target_agent(t) {
+                Some((agent, task)) => format!("a process of agent {agent} task {task}"),
+                None => "a process outside every agent".to_string(),
+            }
+        };
+        format!(
+            "an agent may {verb} only processes of its own task; pid {} ({}) is {whose} \
+             (seccomp filter and Landlock scope of `agent-monitor run`)",
+            t.pid, t.comm
+        )
+    }
+
+    /// Keeps what placed process `pid` said its command holds, for `status`; a command that
+    /// kept every capability of root is worth a warning (it can undo its own confinement).
+    pub(super) fn note_privileges(
+        &mut self,
+        agent: &str,
+        task: &str,
+        pid: u32,
+        privileges: Option<control::Privileges>,
+    ) {
+        if let Some(p) = privileges.as_ref().filter(|p| p.kept_all) {
+            let msg = format!(
+                "agent {agent} task {task}: `run` {pid} started its command with every capability \
+                 of root (--keep-capabilities, uid {}): it can leave or undo its own confinement \
+                 and other agents'",
+                p.uid
+            );
+            tracing::warn!("{msg}");
+            journald::event(
+                message_id::CAPABILITIES_KEPT,
+                libsystemd::logging::Priority::Warning,
+                &msg,
+                &[
+                    ("AGENT_ID", agent.to_string()),
+                    ("TASK_ID", task.to_string()),
+                    ("RUN_PID", pid.to_string()),
+                    ("AGENT_UID", p.uid.to_string()),
+                ],
+            );
+        }
+        self.placed_privileges.insert(pid, privileges);
+    }
+}
