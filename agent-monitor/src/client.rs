@@ -255,6 +255,23 @@ fn forward_signals(child: u32) {
     });
 }
 
+/// Why `run --user USER [--group GROUP]` could not be resolved; names the option and value.
+#[derive(Debug, thiserror::Error)]
+enum CredentialsError {
+    #[error("--user {user:?}: {source}")]
+    UserLookup { user: String, source: nix::Error },
+    #[error("--user {0:?}: no such user in the user database")]
+    NoSuchUser(String),
+    #[error("--group {group:?}: {source}")]
+    GroupLookup { group: String, source: nix::Error },
+    #[error("--group {0:?}: no such group")]
+    NoSuchGroup(String),
+    #[error("--user {0:?}: name has a NUL byte")]
+    NulInName(String),
+    #[error("--user {user:?}: reading its groups: {source}")]
+    Groups { user: String, source: nix::Error },
+}
+
 /// Who `run --user` becomes, resolved before fork.
 struct Credentials {
     uid: nix::unistd::Uid,
@@ -263,15 +280,18 @@ struct Credentials {
 }
 
 impl Credentials {
-    fn lookup(user: &str, group: Option<&str>) -> Result<Credentials, String> {
+    fn lookup(user: &str, group: Option<&str>) -> Result<Credentials, CredentialsError> {
         use nix::unistd::{Group, User};
         let found = match user.parse::<u32>() {
             Ok(uid) => User::from_uid(uid.into()),
             Err(_) => User::from_name(user),
         };
         let u = found
-            .map_err(|e| format!("--user {user:?}: {e}"))?
-            .ok_or_else(|| format!("--user {user:?}: no such user in the user database"))?;
+            .map_err(|source| CredentialsError::UserLookup {
+                user: user.to_string(),
+                source,
+            })?
+            .ok_or_else(|| CredentialsError::NoSuchUser(user.to_string()))?;
         let gid = match group {
             None => u.gid,
             Some(g) => {
@@ -280,15 +300,21 @@ impl Credentials {
                     Err(_) => Group::from_name(g),
                 };
                 found
-                    .map_err(|e| format!("--group {g:?}: {e}"))?
-                    .ok_or_else(|| format!("--group {g:?}: no such group"))?
+                    .map_err(|source| CredentialsError::GroupLookup {
+                        group: g.to_string(),
+                        source,
+                    })?
+                    .ok_or_else(|| CredentialsError::NoSuchGroup(g.to_string()))?
                     .gid
             }
         };
         let name = std::ffi::CString::new(u.name.clone())
-            .map_err(|_| format!("--user {user:?}: name has a NUL byte"))?;
-        let groups = nix::unistd::getgrouplist(&name, gid)
-            .map_err(|e| format!("--user {user:?}: reading its groups: {e}"))?;
+            .map_err(|_| CredentialsError::NulInName(user.to_string()))?;
+        let groups =
+            nix::unistd::getgrouplist(&name, gid).map_err(|source| CredentialsError::Groups {
+                user: user.to_string(),
+                source,
+            })?;
         Ok(Credentials {
             uid: u.uid,
             gid,

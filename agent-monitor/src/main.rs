@@ -10,6 +10,8 @@ mod control;
 mod daemon;
 mod delegation_lint;
 mod dns;
+#[cfg(test)]
+mod docs_check;
 mod event;
 mod exec_files;
 mod exec_lint;

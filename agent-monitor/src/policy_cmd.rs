@@ -49,16 +49,28 @@ impl Outcome {
     }
 }
 
-fn read_trail(path: &Path) -> Result<Audit, String> {
+/// The audit trail named by `--events` could not be read at all (single bad lines are
+/// [`crate::learn::audit::LineProblem`]s, not this).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the audit trail {}: {source}", path.display())]
+struct TrailError {
+    path: std::path::PathBuf,
+    source: std::io::Error,
+}
+
+fn read_trail(path: &Path) -> Result<Audit, TrailError> {
     File::open(path)
         .and_then(|f| read_audit(BufReader::new(f), path))
-        .map_err(|e| format!("cannot read the audit trail {}: {e}", path.display()))
+        .map_err(|source| TrailError {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 pub fn suggest_cmd(args: SuggestArgs) -> ExitCode {
     let audit = match read_trail(&args.events) {
         Ok(a) => a,
-        Err(e) => return Outcome::fail(String::new(), &e).print(),
+        Err(e) => return Outcome::fail(String::new(), &e.to_string()).print(),
     };
     let existing = match &args.merge {
         None => None,
@@ -278,7 +290,7 @@ pub fn test_cmd(args: TestArgs) -> ExitCode {
     };
     let audit = match read_trail(&args.events) {
         Ok(a) => a,
-        Err(e) => return Outcome::fail(String::new(), &e).print(),
+        Err(e) => return Outcome::fail(String::new(), &e.to_string()).print(),
     };
     test_outcome(&set, &audit).print()
 }

@@ -127,6 +127,12 @@ fn stage_tree(root: &Path, stage: &Path, version: &str, arch: &str) -> Result<()
             install(&path, &doc.join("examples").join(&name), 0o644)?;
         }
     }
+    // The policy format reference, which the examples' README points to.
+    install(
+        &root.join("docs/policies.md"),
+        &doc.join("policies.md"),
+        0o644,
+    )?;
     write(
         &doc.join("copyright"),
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\

@@ -76,7 +76,7 @@ pub(super) async fn serve_connection(
         .context("no request within 10 s")??;
     let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
     let response = {
-        let request = control::parse_request(&line);
+        let request = control::parse_request(&line).map_err(|bad| bad.to_string());
         if let Ok(Request::Events {
             follow: true,
             agent,
@@ -175,7 +175,9 @@ impl Monitor {
             &request,
             admin,
             inside.as_ref().map(|(a, t)| (a.as_str(), t.as_str())),
-        ) {
+        )
+        .map_err(|refusal| refusal.to_string())
+        {
             self.report_refusal(&request, peer, inside, &why);
             return Response::Error { message: why };
         }

@@ -159,31 +159,50 @@ pub fn read_audit(mut reader: impl BufRead, origin: &Path) -> io::Result<Audit> 
                 "last line cut short (no newline at the end: the daemon stopped or the disk \
                  filled while it was written), not read: {what}"
             ))),
-            Err(what) => audit.problems.push(problem(what)),
+            Err(what) => audit.problems.push(problem(what.to_string())),
         }
     }
     Ok(audit)
 }
 
+/// What is wrong with one line of the trail; the text says what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("not JSON ({0}); expected one audit record per line, as written by --json-log")]
+    NotJson(#[source] serde_json::Error),
+    #[error("a JSON {0}, expected an object (one audit record per line)")]
+    NotObject(&'static str),
+    #[error("dest_addr {0:?}: expected an IPv4 or IPv6 address")]
+    BadAddress(String),
+    /// `found`: the value as [`shown`] describes it.
+    #[error("dest_port: expected an integer 0-65535, found {found}")]
+    BadPort { found: String },
+    #[error("time {0:?}: expected an RFC 3339 time")]
+    BadTime(String),
+    #[error("{key}: expected a string, found {found}")]
+    NotString { key: String, found: String },
+    #[error("{key}: expected a string or null, found {found}")]
+    NotStringOrNull { key: String, found: String },
+    #[error("process_chain: expected a list of {{pid, exe}}, found {found}")]
+    BadChain { found: String },
+    #[error("process_chain[{index}]: expected {{pid, exe}} with exe a string, found {found}")]
+    BadChainLink { index: usize, found: String },
+}
+
 /// One line → one action, or what was wrong with it.
-pub fn parse_record(text: &str, line: usize) -> Result<Recorded, String> {
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        format!("not JSON ({e}); expected one audit record per line, as written by --json-log")
-    })?;
+pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
+    let value: Value = serde_json::from_str(text).map_err(RecordError::NotJson)?;
     let Value::Object(obj) = value else {
-        return Err(format!(
-            "a JSON {}, expected an object (one audit record per line)",
-            json_type(&value)
-        ));
+        return Err(RecordError::NotObject(json_type(&value)));
     };
     let kind = string(&obj, "action")?;
     let what = match kind.as_str() {
         // A datagram sent to a named address is judged like a connect to it.
         "connect" | "sendmsg" => {
             let addr_text = string(&obj, "dest_addr")?;
-            let addr: IpAddr = addr_text.parse().map_err(|_| {
-                format!("dest_addr {addr_text:?}: expected an IPv4 or IPv6 address")
-            })?;
+            let addr: IpAddr = addr_text
+                .parse()
+                .map_err(|_| RecordError::BadAddress(addr_text.clone()))?;
             // The evaluator judges an IPv4-mapped address as the IPv4 address; so do we.
             let addr = match addr {
                 IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
@@ -193,11 +212,8 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, String> {
                 Some(Value::Number(n)) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
                 _ => None,
             }
-            .ok_or_else(|| {
-                format!(
-                    "dest_port: expected an integer 0-65535, found {}",
-                    shown(obj.get("dest_port"))
-                )
+            .ok_or_else(|| RecordError::BadPort {
+                found: shown(obj.get("dest_port")),
             })?;
             let host = optional_string(&obj, "dest_host")?
                 .filter(|h| !h.is_empty())
@@ -215,7 +231,7 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, String> {
     };
     let time_text = string(&obj, "time")?;
     let time = OffsetDateTime::parse(&time_text, &Rfc3339)
-        .map_err(|_| format!("time {time_text:?}: expected an RFC 3339 time"))?;
+        .map_err(|_| RecordError::BadTime(time_text.clone()))?;
     Ok(Recorded {
         line,
         agent: string(&obj, "agent_id")?,
@@ -227,34 +243,36 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, String> {
     })
 }
 
-fn string(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
+fn string(obj: &Map<String, Value>, key: &str) -> Result<String, RecordError> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        other => Err(format!("{key}: expected a string, found {}", shown(other))),
+        other => Err(RecordError::NotString {
+            key: key.to_string(),
+            found: shown(other),
+        }),
     }
 }
 
-fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, RecordError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        other => Err(format!(
-            "{key}: expected a string or null, found {}",
-            shown(other)
-        )),
+        other => Err(RecordError::NotStringOrNull {
+            key: key.to_string(),
+            found: shown(other),
+        }),
     }
 }
 
 /// `process_chain`: a list of `{pid, exe}`, root first. Absent or null is an empty chain.
-fn chain(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
+fn chain(obj: &Map<String, Value>) -> Result<Vec<String>, RecordError> {
     let links = match obj.get("process_chain") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
         other => {
-            return Err(format!(
-                "process_chain: expected a list of {{pid, exe}}, found {}",
-                shown(other)
-            ));
+            return Err(RecordError::BadChain {
+                found: shown(other),
+            });
         }
     };
     links
@@ -262,10 +280,10 @@ fn chain(obj: &Map<String, Value>) -> Result<Vec<String>, String> {
         .enumerate()
         .map(|(i, link)| match link.get("exe") {
             Some(Value::String(exe)) => Ok(exe.clone()),
-            _ => Err(format!(
-                "process_chain[{i}]: expected {{pid, exe}} with exe a string, found {}",
-                shown(Some(link))
-            )),
+            _ => Err(RecordError::BadChainLink {
+                index: i,
+                found: shown(Some(link)),
+            }),
         })
         .collect()
 }

@@ -8,7 +8,7 @@ use thiserror::Error;
 use toml_edit::{Array, DocumentMut, Item, Value};
 
 use crate::learn::suggest::{Entry, Section};
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 
 /// Why entries could not be written into a policy text.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -104,8 +104,8 @@ pub fn add_entries<'e>(
 }
 
 /// Checks `text` with the daemon's parser: a suggestion the daemon would refuse is a bug here.
-pub fn check(text: &str, origin: &Path) -> Result<Policy, String> {
-    Policy::parse(text, origin).map_err(|e| e.to_string())
+pub fn check(text: &str, origin: &Path) -> Result<Policy, PolicyError> {
+    Policy::parse(text, origin)
 }
 
 #[cfg(test)]
