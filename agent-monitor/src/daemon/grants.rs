@@ -159,12 +159,7 @@ impl Monitor {
             .unwrap_or(0);
         self.registry.skip_past(highest);
         // A predecessor's agents may have been placed without `run`'s filter: keep its watch.
-        if self
-            .kernel
-            .mechanisms
-            .socket_syscall_watch
-            .starts_with("on")
-        {
+        if self.kernel.socket_watch().is_on() {
             self.socket_watch_sticky = Some(
                 "agents recovered from the previous daemon, which watched socket() for them".into(),
             );
