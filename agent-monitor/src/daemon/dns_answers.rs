@@ -10,7 +10,7 @@ impl Monitor {
             .dns_proxies
             .endpoints()
             .get(r.agent as usize)
-            .and_then(|(name, _)| self.policies.get(name));
+            .and_then(|(name, _)| self.generations.live().get(name));
         let Some(policy) = policy else {
             tracing::error!(
                 agent = r.agent,
@@ -312,7 +312,7 @@ impl Monitor {
     /// The kernel agent index (live bank) of the agent whose DNS proxy has start-up index `dns`.
     pub(super) fn dns_kernel_index(&self, dns: u32) -> Option<u32> {
         let (name, _) = self.dns_proxies.endpoints().get(dns as usize)?;
-        self.policies.index_of(name).map(|i| self.bank_base + i)
+        self.generations.kernel_index(name)
     }
 
     /// Removes expired learned addresses from the kernel (which already ignores them).

@@ -28,25 +28,26 @@ use crate::exec_files::ExecFiles;
 use crate::identity::grant_state;
 use crate::identity::selected::Selected;
 use crate::identity::{
-    self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, Tasks, UNVERIFIED_TASK, agent_id,
+    self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, UNVERIFIED_TASK, agent_id,
 };
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
-use crate::output::{FailureThrottle, OutputConfig, Outputs};
-use crate::policy::KernelTables;
+use crate::output::{OutputConfig, Outputs};
 use crate::policy::{ExecFacts, PolicySet};
 
 mod dns_answers;
 mod generations;
+mod grant_book;
 mod grants;
 mod records;
+mod reload;
 mod reports;
 mod requests;
 mod selectors;
 mod startup;
 
-use generations::*;
-use grants::*;
+use generations::{Explanation, Generations};
+use grant_book::{GrantBook, GrantStateFile, grant_texts};
 use requests::*;
 use startup::*;
 
@@ -57,18 +58,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
-/// Allowlist indices in the kernel tables come in two banks of this size: a reload writes the new
-/// allowlists in the bank not in use, switches every agent over in `AGENT_TABLES` (one map update
-/// each; identities hold the agent's stable id, not the index), then deletes the old bank. No
-/// agent ever sees a half-written allowlist.
-const BANK_STRIDE: u32 = 1 << 20;
 /// Recent actions kept for `agent-monitor events`.
 const HISTORY: usize = 1000;
-/// A pause after switching agents to the new bank before the old entries go: a program that read
-/// the old slot just before the switch finishes its lookup (they run for microseconds, under RCU).
-const SWAP_GRACE: Duration = Duration::from_millis(10);
-/// Replaced policy sets kept to explain records judged before a reload (a few seconds' worth).
-const SUPERSEDED_KEPT: usize = 8;
 /// Identity map use at which placements start being logged as a warning.
 const IDENTITY_WARN_PERCENT: u64 = 90;
 
@@ -172,22 +163,15 @@ struct Monitor {
     selected: Selected,
     /// The uid bindings a previous daemon left in the pinned map were looked at (first apply).
     bindings_adopted: bool,
-    /// Task numbers and grants.
-    registry: Tasks,
+    /// Task numbers, their grants and the grant state file.
+    grants: GrantBook,
     cgroup_root: PathBuf,
     admin_gid: Option<u32>,
     trust_domain: String,
-    policies: PolicySet,
+    /// The policy set in force, its bank, and the sets before it.
+    generations: Generations,
     /// Files the exact exec rules name, mirrored in the kernel's file-identity map.
     exec_files: ExecFiles,
-    policies_dir: PathBuf,
-    policies_loaded: SystemTime,
-    /// First agent index of the live bank (0 or `BANK_STRIDE`).
-    bank_base: u32,
-    /// Where the grants in force are kept for a restarted daemon.
-    grant_file: GrantStateFile,
-    /// What became of a predecessor's grants (see `recover_grants`).
-    grant_recovery: GrantRecovery,
     /// Why the socket() watch stays on whatever the policy says: an agent placed without `run`'s
     /// filter (for the daemon's life), or agents recovered from a predecessor that watched them.
     socket_watch_sticky: Option<String>,
@@ -217,10 +201,6 @@ struct Monitor {
     identity_warned: bool,
     /// pid_max exceeds the tag map's capacity (see `check_identity_room`).
     tag_room_warned: bool,
-    /// Policy sets replaced by reloads, with the monotonic time until which each was in force.
-    superseded: VecDeque<(u64, PolicySet)>,
-    /// After an adoption: records judged until this monotonic time used the predecessor's tables.
-    predecessor_until_ns: u64,
     /// Addresses agents resolved through the DNS proxy (mirror of the kernel's `DNS_LEARNED`),
     /// keyed by the proxy's start-up index (stable across reloads; see `dns_kernel_index`).
     learned: LearnedTable,
@@ -318,7 +298,9 @@ impl Monitor {
         self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
         self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
-        let change = self.exec_files.refresh(&self.policies, self.bank_base);
+        let change = self
+            .exec_files
+            .refresh(self.generations.live(), self.generations.bank_base());
         if !change.add.is_empty() || !change.remove.is_empty() {
             tracing::info!(
                 added = change.add.len(),
@@ -330,18 +312,7 @@ impl Monitor {
             }
         }
         // The kernel already refuses expired grants; this only tidies the maps.
-        for number in self.registry.expired(now) {
-            let names = self
-                .registry
-                .get(number)
-                .map(|t| (t.agent.clone(), t.name.clone()));
-            match self.revoke(number) {
-                Ok(n) => {
-                    tracing::info!(task = ?names, grants = n, "task grants expired and removed")
-                }
-                Err(e) => tracing::warn!("removing expired grants of {names:?}: {e:#}"),
-            }
-        }
+        self.grants.expire(&mut self.kernel, now);
         self.arm_selectors();
         self.report_kernel_losses();
         let gone: Vec<u64> = self

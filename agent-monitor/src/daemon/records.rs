@@ -61,9 +61,10 @@ impl Monitor {
             .and_then(identity::peer::run_cgroup_identity)
         {
             // By the stable id, so a process whose agent lost its policy is still inside it.
-            let number = self.registry.find(agent, task).unwrap_or(common::TASK_NONE);
+            let number = self.grants.find(agent, task).unwrap_or(common::TASK_NONE);
             let mode = self
-                .policies
+                .generations
+                .live()
                 .get(agent)
                 .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
             return Some(ProcessIdentity {
@@ -100,15 +101,16 @@ impl Monitor {
     /// (agent, task) names of an identity (`slot.agent` is the stable id).
     pub(super) fn names(&self, slot: &AgentSlot) -> (String, String) {
         let agent = self
-            .policies
+            .generations
+            .live()
             .iter()
             .map(|p| p.agent())
             .chain(self.tasks.values().map(|t| t.agent.as_str()))
-            .chain(self.registry.get(slot.task).map(|t| t.agent.as_str()))
+            .chain(self.grants.get(slot.task).map(|t| t.agent.as_str()))
             .find(|a| agent_id(a) == slot.agent)
             .map_or_else(|| format!("agent-{:08x}", slot.agent), str::to_string);
         let task = self
-            .registry
+            .grants
             .get(slot.task)
             .map_or_else(|| "none".to_string(), |t| t.name.clone());
         (agent, task)
@@ -124,11 +126,11 @@ impl Monitor {
         task: &str,
         source: u32,
     ) -> anyhow::Result<AgentSlot> {
-        if self.policies.get(agent).is_none() {
-            let known: Vec<&str> = self.policies.iter().map(|p| p.agent()).collect();
+        if self.generations.live().get(agent).is_none() {
+            let known: Vec<&str> = self.generations.live().iter().map(|p| p.agent()).collect();
             bail!(
                 "no policy for agent {agent:?} in {} (agents with a policy: {})",
-                self.policies_dir.display(),
+                self.generations.dir().display(),
                 if known.is_empty() {
                     "none".to_string()
                 } else {
@@ -137,11 +139,15 @@ impl Monitor {
             );
         };
         identity::check_task_id(task).map_err(anyhow::Error::msg)?;
-        let policy = self.policies.get(agent).context("policy vanished")?;
+        let policy = self
+            .generations
+            .live()
+            .get(agent)
+            .context("policy vanished")?;
         Ok(AgentSlot {
             agent: agent_id(agent),
             mode: policy.mode().kernel_value(),
-            task: self.registry.number(agent, task),
+            task: self.grants.number(agent, task),
             source,
         })
     }
@@ -277,7 +283,7 @@ impl Monitor {
     /// Records carry the allowlist index the kernel judged with (live bank, or the previous one
     /// for records judged just before a reload).
     pub(super) fn identity(&self, subject: &event::Subject) -> (String, String) {
-        let task = self.registry.get(subject.task);
+        let task = self.grants.get(subject.task);
         if task.is_none()
             && let Some(t) = self.tasks.get(&subject.cgroup_id)
         {
@@ -313,7 +319,7 @@ impl Monitor {
             crate::action::REASON_EXEC_PATH_UNREADABLE.to_string()
         } else {
             // File-identity entries are keyed by the kernel index (bank + position).
-            let agent_index = self.policies.index_of(&agent).map(|i| self.bank_base + i);
+            let agent_index = self.generations.kernel_index(&agent);
             let file_rule = agent_index
                 .and_then(|a| self.exec_files.rule_for(a, e.file_dev, e.file_ino))
                 .map(str::to_string);

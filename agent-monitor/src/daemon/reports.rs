@@ -21,7 +21,7 @@ impl Monitor {
         } = self.kernel.origin.clone()
         {
             let away = away_seconds.map_or("an unknown time".into(), |s| format!("{s:.1} s"));
-            let g = &self.grant_recovery;
+            let g = self.grants.recovery();
             let msg = format!(
                 "adopted the pinned programs of the previous daemon, which was away for {away}; \
                  {lost_while_away} kernel records were lost meanwhile (their verdicts applied); \
@@ -97,7 +97,7 @@ impl Monitor {
                 .stats()
                 .into_iter()
                 .map(|s| (s.sink.to_string(), s.written, s.failed))
-                .chain(std::iter::once(self.grant_file.stats()))
+                .chain(std::iter::once(self.grants.file_stats()))
                 .collect(),
             journald_aggregated: self.outputs.aggregated(),
             dns_withheld: self
@@ -106,7 +106,8 @@ impl Monitor {
                 .map(|((agent, kind), n)| (agent.clone(), kind.as_str(), *n))
                 .collect(),
             dns_learned: self
-                .policies
+                .generations
+                .live()
                 .iter()
                 .filter_map(|p| {
                     let i = self.dns_index(p.agent())?;
@@ -117,7 +118,7 @@ impl Monitor {
                     ))
                 })
                 .collect(),
-            agents: self.policies.len() as u64,
+            agents: self.generations.live().len() as u64,
             tasks: self.tasks.len() as u64,
             processes: self.procs.len() as u64,
             away_seconds: match &self.kernel.origin {
@@ -247,14 +248,15 @@ impl Monitor {
         // Agents with a policy, then agents whose policy went away while their tasks run on
         // (they are denied everything).
         let mut names: Vec<(String, String)> = self
-            .policies
+            .generations
+            .live()
             .iter()
             .map(|p| (p.agent().to_string(), p.mode().as_str().to_string()))
             .collect();
         let mut orphaned: Vec<String> = self
             .tasks
             .values()
-            .filter(|t| self.policies.get(&t.agent).is_none())
+            .filter(|t| self.generations.live().get(&t.agent).is_none())
             .map(|t| t.agent.clone())
             .collect();
         orphaned.sort();
@@ -271,9 +273,9 @@ impl Monitor {
                 let c = self.per_agent.get(&agent);
                 let grants_of = |task: &str| {
                     let g = self
-                        .registry
+                        .grants
                         .find(&agent, task)
-                        .and_then(|n| self.registry.get(n))
+                        .and_then(|n| self.grants.get(n))
                         .and_then(|t| t.grants.as_ref());
                     let texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
                     let left = g
@@ -319,7 +321,7 @@ impl Monitor {
                     })
                     .collect();
                 // Tasks with grants but no `run` cgroup (selector processes, or not started yet).
-                for (_, t) in self.registry.of_agent(&agent) {
+                for (_, t) in self.grants.of_agent(&agent) {
                     if t.grants.is_some() && !tasks.iter().any(|x| x.task == t.name) {
                         let (grants, left) = grants_of(&t.name);
                         tasks.push(TaskStatus {
@@ -371,14 +373,15 @@ impl Monitor {
                 .started
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            policies: self.policies_dir.display().to_string(),
+            policies: self.generations.dir().display().to_string(),
             mechanisms: serde_json::to_value(&self.kernel.mechanisms).unwrap_or_default(),
             agents,
             origin: serde_json::to_value(&self.kernel.origin).unwrap_or_default(),
             occupancy: serde_json::to_value(self.kernel.occupancy().unwrap_or_default())
                 .unwrap_or_default(),
             policies_loaded_unix: self
-                .policies_loaded
+                .generations
+                .loaded()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             journal_query: crate::output::journald::this_process_query(),
@@ -391,7 +394,7 @@ impl Monitor {
                 .stats()
                 .into_iter()
                 .map(|s| (s.sink.to_string(), s.written, s.failed))
-                .chain(std::iter::once(self.grant_file.stats()))
+                .chain(std::iter::once(self.grants.file_stats()))
                 .map(|(sink, written, failed)| SinkStatus {
                     sink,
                     written,

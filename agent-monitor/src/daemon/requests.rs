@@ -196,7 +196,8 @@ impl Monitor {
                 }
                 placed.map(|(cgroup, warnings)| Response::Placed {
                     mode: self
-                        .policies
+                        .generations
+                        .live()
                         .get(&agent)
                         .map(|p| p.mode().as_str().to_string()),
                     read_only: self.daemon_files.clone(),
@@ -211,7 +212,8 @@ impl Monitor {
             Request::Reload {} => Ok(match self.reload("control socket") {
                 Ok(message) => Response::Reloaded {
                     agents: self
-                        .policies
+                        .generations
+                        .live()
                         .iter()
                         .map(|p| p.agent().to_string())
                         .collect(),

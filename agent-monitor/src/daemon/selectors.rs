@@ -8,8 +8,8 @@ impl Monitor {
     /// entries no selector of the new set owns — left by the previous policy or a previous
     /// daemon — are removed.
     pub(super) fn rearm_selectors(&mut self) {
-        let registry = &mut self.registry;
-        let policies = &self.policies;
+        let registry = &mut self.grants;
+        let policies = self.generations.live();
         let mut selected = Selected::from_policies(policies, |agent| AgentSlot {
             agent: agent_id(agent),
             mode: policies
@@ -48,7 +48,8 @@ impl Monitor {
                 Ok(entries) => {
                     for (uid, slot) in entries {
                         let Some(p) = self
-                            .policies
+                            .generations
+                            .live()
                             .iter()
                             .find(|p| agent_id(p.agent()) == slot.agent)
                         else {
@@ -69,7 +70,7 @@ impl Monitor {
         }
         let mut kept = identity::uid_binding::Bindings::new();
         for (uid, mut b) in candidates {
-            let Some(policy) = self.policies.get(&b.agent) else {
+            let Some(policy) = self.generations.live().get(&b.agent) else {
                 tracing::warn!(
                     uid,
                     agent = b.agent,
@@ -94,7 +95,7 @@ impl Monitor {
             b.slot = AgentSlot {
                 agent: agent_id(&b.agent),
                 mode,
-                task: self.registry.number(&b.agent, DEFAULT_TASK),
+                task: self.grants.number(&b.agent, DEFAULT_TASK),
                 source: common::SOURCE_UID,
             };
             if let Err(e) = self.kernel.set_uid_selector(uid, b.slot) {
@@ -117,13 +118,14 @@ impl Monitor {
     ) -> anyhow::Result<Vec<String>> {
         if arm {
             let mode = self
-                .policies
+                .generations
+                .live()
                 .get(agent)
                 .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
             let slot = AgentSlot {
                 agent: agent_id(agent),
                 mode,
-                task: self.registry.number(agent, DEFAULT_TASK),
+                task: self.grants.number(agent, DEFAULT_TASK),
                 source: common::SOURCE_UID,
             };
             self.kernel
@@ -248,7 +250,7 @@ impl Monitor {
     /// Arms what selectors can be armed, re-verifies changed executables, writes the kernel's
     /// selector configuration and reports what changed.
     pub(super) fn arm_selectors(&mut self) {
-        let registry = &mut self.registry;
+        let registry = &mut self.grants;
         let report = self
             .selected
             .arm(&mut self.kernel, &self.cgroup_root, |agent| AgentSlot {

@@ -89,17 +89,12 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         kernel,
         selected: Selected::default(),
         bindings_adopted: false,
-        registry: Tasks::default(),
+        grants: GrantBook::new(GrantStateFile::new(&args.state_file, &args.pin_dir)),
         cgroup_root: cgroup_root.clone(),
         admin_gid,
         trust_domain,
-        policies: crate::policy::PolicySet::default(),
+        generations: Generations::new(&args.policies),
         exec_files: ExecFiles::default(),
-        policies_dir: args.policies.clone(),
-        policies_loaded: SystemTime::now(),
-        bank_base: 0,
-        grant_file: GrantStateFile::new(&args.state_file, &args.pin_dir),
-        grant_recovery: GrantRecovery::default(),
         socket_watch_sticky: None,
         cgroups,
         tasks: HashMap::new(),
@@ -118,8 +113,6 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         events_tx: events_tx.clone(),
         identity_warned: false,
         tag_room_warned: false,
-        superseded: VecDeque::new(),
-        predecessor_until_ns: 0,
         learned: LearnedTable::default(),
         dns_withheld: HashMap::new(),
         dns_notices: Default::default(),
@@ -135,10 +128,8 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     monitor
         .apply_policies(policies)
         .context("refusing to start: applying the policies to the kernel")?;
-    if matches!(monitor.kernel.origin, crate::bpf::Origin::Adopted { .. }) {
-        monitor.predecessor_until_ns = monotonic_ns();
-    }
-    monitor.superseded.clear();
+    let adopted = matches!(monitor.kernel.origin, crate::bpf::Origin::Adopted { .. });
+    monitor.generations.started(adopted, monotonic_ns());
     let retired = monitor.kernel.retire_previous_build();
     monitor.loss_baseline();
     monitor.report_origin(retired);
@@ -161,7 +152,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
 
     let m = &monitor.kernel.mechanisms;
     tracing::info!(
-        agents = monitor.policies.len(),
+        agents = monitor.generations.live().len(),
         cgroup_root = %cgroup_root.display(),
         pin_dir = %args.pin_dir.display(),
         "enforcement active in {} ms; exec: {}; connect: {}",
@@ -176,7 +167,8 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         tracing::warn!("not available: {r}");
     }
     let names: Vec<String> = monitor
-        .policies
+        .generations
+        .live()
         .iter()
         .map(|p| format!("{} ({})", p.agent(), p.mode().as_str()))
         .collect();
@@ -190,7 +182,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         libsystemd::logging::Priority::Notice,
         &format!(
             "agent-monitor enforcing for {} agent(s); programs pinned in {}",
-            monitor.policies.len(),
+            monitor.generations.live().len(),
             args.pin_dir.display()
         ),
         &[
