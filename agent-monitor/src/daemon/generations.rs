@@ -45,7 +45,7 @@ impl Monitor {
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),
-                    self.tasks.len()
+                    self.ident.task_count()
                 );
                 tracing::info!("{msg}");
                 journald::event(
@@ -200,7 +200,7 @@ impl Monitor {
             .kernel
             .retain_allowlists(|a| (base..base + BANK_STRIDE).contains(&a))?;
         tracing::debug!(removed, "old allowlist bank removed");
-        for t in self.tasks.values() {
+        for (_, t) in self.ident.tasks() {
             if set.get(&t.agent).is_none() {
                 tracing::warn!(
                     agent = t.agent,

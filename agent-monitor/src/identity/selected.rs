@@ -10,7 +10,7 @@ use agent_monitor_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::bpf::Kernel;
+use crate::identity::tables::IdentityTables;
 use crate::identity::uid_binding::{Bindings, Owner};
 use crate::policy::PolicySet;
 use crate::policy::selectors::{SelectorKind, nested};
@@ -328,7 +328,7 @@ impl Selected {
     /// executable's processes get.
     pub fn arm(
         &mut self,
-        kernel: &mut Kernel,
+        kernel: &mut impl IdentityTables,
         cgroup_root: &Path,
         mut unverified_slot: impl FnMut(&str) -> AgentSlot,
     ) -> ArmReport {
