@@ -22,7 +22,7 @@ mod selectors;
 mod tests;
 
 pub use attribution::ProcessIdentity;
-pub use selectors::{HostProcess, host_snapshot};
+pub use selectors::host_snapshot;
 
 /// A live (agent, task) cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use agent_monitor_common::{self as common, AgentSlot, ExecFileKey, IdentityConfig};
 
+use super::selectors::HostProcess;
 use super::*;
 use crate::identity::procfs::ProcessView;
 use crate::identity::tables::IdentityTables;
