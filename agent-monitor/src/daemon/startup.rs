@@ -145,7 +145,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         &args.socket.control_socket,
         &args.state_file,
         args.json_log.as_deref(),
-        std::fs::read_link("/proc/self/exe").ok().as_deref(),
+        crate::identity::procfs::exe(std::process::id()).as_deref(),
         |p| p.exists(),
     )
     .iter()
