@@ -184,3 +184,27 @@ impl Monitor {
         self.tag_room_warned = short;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::off_runtime;
+
+    /// Wherever the monitor runs, a walk neither panics nor is skipped: on `block_on`'s thread
+    /// and on a worker of the multi-threaded runtime, on a current-thread runtime (where
+    /// `block_in_place` would panic) and outside any runtime.
+    #[test]
+    fn a_blocking_walk_runs_wherever_it_is_called() {
+        assert_eq!(off_runtime(|| 1), 1);
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        assert_eq!(multi.block_on(async { off_runtime(|| 2) }), 2);
+        let on_worker = multi.block_on(async { tokio::spawn(async { off_runtime(|| 3) }).await });
+        assert_eq!(on_worker.unwrap(), 3);
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(single.block_on(async { off_runtime(|| 4) }), 4);
+    }
+}
