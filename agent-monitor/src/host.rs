@@ -48,6 +48,8 @@ fn unescape_octal(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Read by hand, not through `procfs`: its mountinfo keeps the kernel's `\040` escapes in mount
+/// points, which `unescape_octal` undoes (a cgroup2 mount point with a space must still be found).
 fn mounts() -> anyhow::Result<Vec<Mount>> {
     let text =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;

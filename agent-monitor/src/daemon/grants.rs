@@ -26,7 +26,7 @@ impl Monitor {
                 "agents recovered from the previous daemon, which watched socket() for them".into(),
             );
         }
-        let tree = self.cgroups.tasks();
+        let tree = self.ident.cgroups().tasks();
         let mut stale = 0;
         for (id, slot) in entries {
             // Selector cgroups are the selectors' business (`rearm_selectors`).
@@ -44,19 +44,10 @@ impl Monitor {
                         );
                     }
                     for pid in AgentCgroups::processes(&t.path) {
-                        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_else(|_| "?".into());
-                        self.procs.add_root(pid, exe, identity::proc_args(pid));
+                        let exe = identity::procfs::exe_name(pid);
+                        self.ident.add_root(&LiveProcs, pid, exe);
                     }
-                    self.tasks.insert(
-                        id,
-                        TaskEntry {
-                            agent: t.agent.clone(),
-                            task: t.task.clone(),
-                            path: t.path.clone(),
-                        },
-                    );
+                    self.ident.add_task(id, &t.agent, &t.task, t.path.clone());
                 }
                 None => {
                     stale += 1;
@@ -65,7 +56,7 @@ impl Monitor {
             }
         }
         tracing::info!(
-            tasks = self.tasks.len(),
+            tasks = self.ident.task_count(),
             stale,
             tags = tags.len(),
             "recovered the running tasks of the previous daemon"
@@ -95,11 +86,7 @@ impl Monitor {
         let slot = self.agent_slot(agent, task, common::SOURCE_RUN)?;
         // Refused before anything changes: a uid that is root's or another agent's.
         let arm_uid = match user {
-            Some(uid) => Some((
-                uid,
-                identity::uid_binding::may_bind(agent, uid, self.selected.uid_owner(uid))
-                    .map_err(anyhow::Error::msg)?,
-            )),
+            Some(uid) => Some((uid, self.ident.may_bind(agent, uid)?)),
             None => None,
         };
         // Before the process becomes an agent: from then on its socket() calls are watched.
@@ -109,21 +96,18 @@ impl Monitor {
             self.socket_watch_sticky = Some(why);
         }
         let cg = self.enter_task_cgroup(agent, task, slot, pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|_| "?".into());
-        self.procs.add_root(pid, exe, identity::proc_args(pid));
-        self.placed.insert(pid, cg.id);
+        self.ident
+            .add_root(&LiveProcs, pid, identity::procfs::exe_name(pid));
         tracing::info!(agent, task, pid, cgroup = %cg.path.display(), "agent process placed");
-        if let Some(why) = unscoped {
+        if let Some(why) = &unscoped {
             tracing::warn!(
                 agent,
                 task,
                 pid,
                 "`run` could not scope its command to its own processes: {why}"
             );
-            self.unscoped_runs.insert(pid, (cg.id, why));
         }
+        self.ident.note_placement(pid, cg.id, unscoped);
         let warnings = match arm_uid {
             Some((uid, arm)) => self.bind_uid(agent, uid, pid, arm)?,
             None => Vec::new(),
@@ -139,21 +123,9 @@ impl Monitor {
         slot: AgentSlot,
         pid: u32,
     ) -> anyhow::Result<identity::TaskCgroup> {
-        let cg = self.cgroups.task(agent, task)?;
-        // The identity entry exists before the process enters the cgroup: no unjudged window.
         self.check_identity_room();
-        // A failed insert (map full) refuses the placement: the command never runs ungoverned.
-        self.kernel.add_agent_cgroup(cg.id, slot)?;
-        self.tasks.insert(
-            cg.id,
-            TaskEntry {
-                agent: agent.to_string(),
-                task: task.to_string(),
-                path: cg.path.clone(),
-            },
-        );
-        self.cgroups.place(&cg, pid)?;
-        Ok(cg)
+        self.ident
+            .enter_task_cgroup(&mut self.kernel, agent, task, slot, pid)
     }
 
     /// Grants `task` of `agent` what is given (added to what it has; all its grants then share
@@ -220,13 +192,13 @@ impl Monitor {
             };
             self.enter_task_cgroup(agent, task, slot, pid)?;
         } else {
-            self.selected.tags_in_use = true;
-            self.kernel.set_identity_config(self.selected.config())?;
-            let threads: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-                .with_context(|| format!("listing the threads of {pid}"))?
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect();
+            self.ident.selected.tags_in_use = true;
+            self.kernel
+                .set_identity_config(self.ident.selected.config())?;
+            let threads = identity::procfs::threads(pid);
+            if threads.is_empty() {
+                bail!("listing the threads of {pid}: the process is gone");
+            }
             for tid in threads {
                 self.kernel.tag_thread(tid, slot)?;
             }

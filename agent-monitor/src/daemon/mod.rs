@@ -26,9 +26,9 @@ use crate::dns::{Outcome, QueryReport};
 use crate::event::{self, KernelEvent};
 use crate::exec_files::ExecFiles;
 use crate::identity::grant_state;
-use crate::identity::selected::Selected;
+use crate::identity::procfs::LiveProcs;
 use crate::identity::{
-    self, AgentCgroups, DEFAULT_TASK, Peer, ProcessTable, UNVERIFIED_TASK, agent_id,
+    self, AgentCgroups, IdentityDirectory, Peer, ProcessIdentity, UNVERIFIED_TASK, agent_id,
 };
 use crate::output::journald::{self, message_id};
 use crate::output::metrics::{self, Scrape};
@@ -133,21 +133,6 @@ fn notify(state: &[libsystemd::daemon::NotifyState]) {
 /// One action for `events` followers: (agent, audit-trail JSON line).
 type EventLine = Arc<(String, String)>;
 
-/// A live (agent, task) cgroup.
-struct TaskEntry {
-    agent: String,
-    task: String,
-    path: PathBuf,
-}
-
-/// The identity of a process as the daemon can tell it from outside (same order as the kernel).
-#[derive(Clone, Copy, Debug)]
-struct ProcessIdentity {
-    slot: AgentSlot,
-    /// It is in one of `run`'s (agent, task) cgroups (moving it means moving its cgroup).
-    in_run_cgroup: bool,
-}
-
 #[derive(Default)]
 struct AgentCounters {
     actions: u64,
@@ -159,10 +144,8 @@ struct AgentCounters {
 /// Owner of the kernel object and of all daemon state.
 struct Monitor {
     kernel: Kernel,
-    /// Selectors of every policy, armed or waiting, and the uids `run --user` bound.
-    selected: Selected,
-    /// The uid bindings a previous daemon left in the pinned map were looked at (first apply).
-    bindings_adopted: bool,
+    /// Who is an agent process: task cgroups, placed `run`s, the process table, selectors.
+    ident: IdentityDirectory,
     /// Task numbers, their grants and the grant state file.
     grants: GrantBook,
     cgroup_root: PathBuf,
@@ -175,16 +158,6 @@ struct Monitor {
     /// Why the socket() watch stays on whatever the policy says: an agent placed without `run`'s
     /// filter (for the daemon's life), or agents recovered from a predecessor that watched them.
     socket_watch_sticky: Option<String>,
-    cgroups: AgentCgroups,
-    /// cgroup id → (agent, task).
-    tasks: HashMap<u64, TaskEntry>,
-    procs: ProcessTable,
-    /// Placed `run` processes (pid → task cgroup id): the only senders of seccomp reports.
-    placed: HashMap<u32, u64>,
-    /// Placed `run`s whose command is not in a Landlock domain (pid → task cgroup id, why).
-    unscoped_runs: HashMap<u32, (u64, String)>,
-    /// What each placed process said its command holds (none: it did not say), for `status`.
-    placed_privileges: HashMap<u32, Option<control::Privileges>>,
     /// The daemon's files root agents see read-only (privileges.rs), named in every placement.
     daemon_files: Vec<String>,
     outputs: Outputs,
@@ -295,7 +268,7 @@ impl Monitor {
         }
         self.outputs.close_storms(SystemTime::now());
         let now = monotonic_ns();
-        self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
+        self.ident.prune(now, KEEP_EXITED.as_nanos() as u64);
         self.expire_learned();
         // A package upgrade replaces a file (new inode): follow it.
         let change = self
@@ -315,23 +288,15 @@ impl Monitor {
         self.grants.expire(&mut self.kernel, now);
         self.arm_selectors();
         self.report_kernel_losses();
-        let gone: Vec<u64> = self
-            .tasks
-            .iter()
-            .filter(|(_, t)| AgentCgroups::remove_if_empty(&t.path))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
+        for (id, t) in self.ident.take_empty_tasks() {
             if let Err(e) = self.kernel.remove_agent_cgroup(id) {
                 tracing::warn!("{e:#}");
             }
-            if let Some(t) = self.tasks.remove(&id) {
-                tracing::info!(
-                    agent = t.agent,
-                    task = t.task,
-                    "task ended: no process left"
-                );
-            }
+            tracing::info!(
+                agent = t.agent,
+                task = t.task,
+                "task ended: no process left"
+            );
         }
     }
 }

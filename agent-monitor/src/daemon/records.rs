@@ -53,67 +53,19 @@ impl Monitor {
     /// Which agent process `pid` is, in the kernel's order: its own `run` cgroup, its tag, a
     /// selected ancestor cgroup, its uid.
     pub(super) fn identify(&self, pid: u32) -> Option<ProcessIdentity> {
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|c| identity::peer::parse_cgroup_v2(&c));
-        if let Some((agent, task)) = cgroup
-            .as_deref()
-            .and_then(identity::peer::run_cgroup_identity)
-        {
-            // By the stable id, so a process whose agent lost its policy is still inside it.
-            let number = self.grants.find(agent, task).unwrap_or(common::TASK_NONE);
-            let mode = self
-                .generations
-                .live()
-                .get(agent)
-                .map_or(common::MODE_ENFORCE, |p| p.mode().kernel_value());
-            return Some(ProcessIdentity {
-                slot: AgentSlot {
-                    agent: agent_id(agent),
-                    mode,
-                    task: number,
-                    source: common::SOURCE_RUN,
-                },
-                in_run_cgroup: true,
-            });
-        }
-        let by_selector = self
-            .kernel
-            .thread_tag(pid)
-            .or_else(|| cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
-            .or_else(|| {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                let uid = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Uid:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()?;
-                self.selected.by_uid(uid)
-            });
-        by_selector.map(|slot| ProcessIdentity {
-            slot,
-            in_run_cgroup: false,
-        })
+        self.ident.identify(
+            &self.kernel,
+            &LiveProcs,
+            self.generations.live(),
+            &self.grants,
+            pid,
+        )
     }
 
     /// (agent, task) names of an identity (`slot.agent` is the stable id).
     pub(super) fn names(&self, slot: &AgentSlot) -> (String, String) {
-        let agent = self
-            .generations
-            .live()
-            .iter()
-            .map(|p| p.agent())
-            .chain(self.tasks.values().map(|t| t.agent.as_str()))
-            .chain(self.grants.get(slot.task).map(|t| t.agent.as_str()))
-            .find(|a| agent_id(a) == slot.agent)
-            .map_or_else(|| format!("agent-{:08x}", slot.agent), str::to_string);
-        let task = self
-            .grants
-            .get(slot.task)
-            .map_or_else(|| "none".to_string(), |t| t.name.clone());
-        (agent, task)
+        self.ident
+            .names(self.generations.live(), &self.grants, slot)
     }
 
     pub(super) fn spiffe_id(&self, agent: &str) -> String {
@@ -138,7 +90,7 @@ impl Monitor {
                 }
             );
         };
-        identity::check_task_id(task).map_err(anyhow::Error::msg)?;
+        identity::check_task_id(task)?;
         let policy = self
             .generations
             .live()
@@ -172,15 +124,9 @@ impl Monitor {
         };
         match ev {
             KernelEvent::Fork { subject, child } => {
-                self.procs.on_fork(subject.pid, child, &subject.comm)
+                self.ident.on_fork(subject.pid, child, &subject.comm)
             }
-            KernelEvent::Exit { subject } => {
-                self.procs.on_exit(subject.pid, subject.ktime_ns);
-                // Its pid may be reused: no longer a `run` that may report.
-                self.placed.remove(&subject.pid);
-                self.unscoped_runs.remove(&subject.pid);
-                self.placed_privileges.remove(&subject.pid);
-            }
+            KernelEvent::Exit { subject } => self.ident.on_exit(subject.pid, subject.ktime_ns),
             KernelEvent::Tagged {
                 subject,
                 path,
@@ -202,8 +148,7 @@ impl Monitor {
                     );
                     self.report_conflict(&subject, agent, task, path.clone(), why);
                 }
-                self.procs
-                    .add_root(subject.pid, path, identity::proc_args(subject.pid));
+                self.ident.add_root(&LiveProcs, subject.pid, path);
             }
             KernelEvent::ClaimRefused {
                 subject,
@@ -220,8 +165,7 @@ impl Monitor {
                 self.report_conflict(&subject, agent, task, path, why);
             }
             KernelEvent::Exec(e) => {
-                self.procs
-                    .on_exec(e.subject.pid, &e.path, identity::proc_args(e.subject.pid));
+                self.ident.on_exec(&LiveProcs, e.subject.pid, &e.path);
                 let action = self.exec_action(&e);
                 self.report(action);
             }
@@ -283,18 +227,13 @@ impl Monitor {
     /// Records carry the allowlist index the kernel judged with (live bank, or the previous one
     /// for records judged just before a reload).
     pub(super) fn identity(&self, subject: &event::Subject) -> (String, String) {
-        let task = self.grants.get(subject.task);
-        if task.is_none()
-            && let Some(t) = self.tasks.get(&subject.cgroup_id)
-        {
-            return (t.agent.clone(), t.task.clone());
-        }
-        let agent = self
-            .agent_at(subject.agent)
-            .or_else(|| task.map(|t| t.agent.clone()))
-            .unwrap_or_else(|| format!("agent-index-{}", subject.agent));
-        let task = task.map_or_else(|| "none".to_string(), |t| t.name.clone());
-        (agent, task)
+        self.ident.attribute(
+            &self.grants,
+            subject.task,
+            subject.cgroup_id,
+            subject.agent,
+            |index| self.agent_at(index),
+        )
     }
 
     pub(super) fn exec_action(&mut self, e: &event::ExecEvent) -> Action {
@@ -406,14 +345,10 @@ impl Monitor {
             reason.push_str(" (the send named no address: judged as the socket's connected peer)");
         }
         let exe = self
-            .procs
+            .ident
             .exe(c.subject.pid)
             .map(str::to_string)
-            .or_else(|| {
-                std::fs::read_link(format!("/proc/{}/exe", c.subject.pid))
-                    .ok()
-                    .map(|p| p.display().to_string())
-            });
+            .or_else(|| identity::procfs::exe(c.subject.pid).map(|p| p.display().to_string()));
         let kind = if c.send {
             ActionKind::Sendmsg
         } else {
@@ -467,7 +402,7 @@ impl Monitor {
     pub(super) fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
         let (agent, task) = self.identity(&sk.subject);
         self.counters.sockets_refused += 1;
-        let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        let exe = self.ident.exe(sk.subject.pid).map(str::to_string);
         Action {
             exe,
             socket: Some(event::socket_description(
@@ -503,7 +438,7 @@ impl Monitor {
     ) -> Action {
         Action {
             time: SystemTime::now(),
-            chain: self.procs.chain(subject.pid, &subject.comm),
+            chain: self.ident.chain(subject.pid, &subject.comm),
             spiffe_id: self.spiffe_id(&agent),
             agent,
             task,

@@ -26,7 +26,7 @@ impl Monitor {
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),
-                    self.tasks.len()
+                    self.ident.task_count()
                 );
                 tracing::info!("{msg}");
                 journald::event(
@@ -130,7 +130,7 @@ impl Monitor {
         }
         tracing::debug!(removed = switched.removed, "old allowlist bank removed");
         let live = self.generations.live();
-        for t in self.tasks.values() {
+        for (_, t) in self.ident.tasks() {
             if live.get(&t.agent).is_none() {
                 tracing::warn!(
                     agent = t.agent,

@@ -27,7 +27,7 @@ impl Monitor {
                  {lost_while_away} kernel records were lost meanwhile (their verdicts applied); \
                  {} running task(s) and {} process tag(s) recovered; task grants: {} recovered \
                  in {} task(s), {} expired while away, {} kernel grant entries revoked{}{}",
-                self.tasks.len(),
+                self.ident.task_count(),
                 self.kernel.tags().len(),
                 g.recovered,
                 g.tasks,
@@ -58,7 +58,7 @@ impl Monitor {
                         away_seconds.map_or(String::new(), |s| format!("{s:.3}")),
                     ),
                     ("LOST_RECORDS", lost_while_away.to_string()),
-                    ("RECOVERED_TASKS", self.tasks.len().to_string()),
+                    ("RECOVERED_TASKS", self.ident.task_count().to_string()),
                     ("GRANTS_RECOVERED", g.recovered.to_string()),
                     ("GRANTS_EXPIRED", g.expired.to_string()),
                     ("GRANTS_REVOKED", g.revoked_entries.to_string()),
@@ -119,8 +119,8 @@ impl Monitor {
                 })
                 .collect(),
             agents: self.generations.live().len() as u64,
-            tasks: self.tasks.len() as u64,
-            processes: self.procs.len() as u64,
+            tasks: self.ident.task_count() as u64,
+            processes: self.ident.process_count() as u64,
             away_seconds: match &self.kernel.origin {
                 crate::bpf::Origin::Adopted { away_seconds, .. } => away_seconds.unwrap_or(0.0),
                 crate::bpf::Origin::Installed => 0.0,
@@ -243,7 +243,7 @@ impl Monitor {
 
     pub(super) fn status(&mut self) -> control::Status {
         self.report_kernel_losses();
-        self.counters.tracked_processes = self.procs.len() as u64;
+        self.counters.tracked_processes = self.ident.process_count() as u64;
         self.counters.exec_rule_files = self.exec_files.len() as u64;
         // Agents with a policy, then agents whose policy went away while their tasks run on
         // (they are denied everything).
@@ -254,8 +254,9 @@ impl Monitor {
             .map(|p| (p.agent().to_string(), p.mode().as_str().to_string()))
             .collect();
         let mut orphaned: Vec<String> = self
-            .tasks
-            .values()
+            .ident
+            .tasks()
+            .map(|(_, t)| t)
             .filter(|t| self.generations.live().get(&t.agent).is_none())
             .map(|t| t.agent.clone())
             .collect();
@@ -283,40 +284,20 @@ impl Monitor {
                         .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);
                     (texts, left)
                 };
-                let placements_in = |cgroup_id: u64| {
-                    let mut v: Vec<control::Placement> = self
-                        .placed
-                        .iter()
-                        .filter(|(_, cg)| **cg == cgroup_id)
-                        .map(|(pid, _)| control::Placement {
-                            pid: *pid,
-                            privileges: self.placed_privileges.get(pid).cloned().flatten(),
-                        })
-                        .collect();
-                    v.sort_by_key(|p| p.pid);
-                    v
-                };
                 let mut tasks: Vec<TaskStatus> = self
-                    .tasks
-                    .iter()
+                    .ident
+                    .tasks()
                     .filter(|(_, t)| t.agent == agent)
-                    .map(|(&id, t)| {
+                    .map(|(id, t)| {
                         let (grants, left) = grants_of(&t.task);
-                        let mut unscoped: Vec<String> = self
-                            .unscoped_runs
-                            .iter()
-                            .filter(|(_, (cg, _))| *cg == id)
-                            .map(|(pid, (_, why))| format!("run {pid}: {why}"))
-                            .collect();
-                        unscoped.sort();
                         TaskStatus {
                             task: t.task.clone(),
                             cgroup: t.path.display().to_string(),
                             processes: AgentCgroups::processes(&t.path),
                             grants,
                             grants_expire_in_ms: left,
-                            unscoped,
-                            placements: placements_in(id),
+                            unscoped: self.ident.unscoped_in(id),
+                            placements: self.ident.placements_in(id),
                         }
                     })
                     .collect();
@@ -356,7 +337,7 @@ impl Monitor {
                     dns_learned_limit: self.learned.limit(dns_index),
                     dns_withheld_non_public: withheld(crate::dns::Withheld::NonPublic),
                     dns_withheld_limit: withheld(crate::dns::Withheld::Limit),
-                    selectors: self.selected.describe(&agent),
+                    selectors: self.ident.selected.describe(&agent),
                     agent,
                     mode,
                     tasks,

@@ -109,7 +109,7 @@ pub(super) async fn serve_connection(
                                  which a reused pid can pass"
                             )
                         });
-                        std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+                        crate::identity::procfs::exists(pid as u32)
                     }
                     Err(_) => false,
                 };
@@ -273,12 +273,8 @@ impl Monitor {
             .target()
             .map(|(a, t)| format!(" for agent {a} task {t}"))
             .unwrap_or_default();
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        let exe = std::fs::read_link(format!("/proc/{}/exe", peer.pid))
-            .ok()
-            .map(|p| p.display().to_string());
+        let comm = identity::procfs::comm(peer.pid).unwrap_or_default();
+        let exe = identity::procfs::exe(peer.pid).map(|p| p.display().to_string());
         tracing::warn!(
             pid = peer.pid,
             uid = peer.uid,
@@ -288,7 +284,7 @@ impl Monitor {
         let action = Action {
             time: SystemTime::now(),
             spiffe_id: self.spiffe_id(&agent),
-            chain: self.procs.chain(peer.pid, &comm),
+            chain: self.ident.chain(peer.pid, &comm),
             agent,
             task,
             kind: ActionKind::Control,
@@ -317,14 +313,15 @@ impl Monitor {
         peer_pid: u32,
         c: control::CaughtReport,
     ) -> anyhow::Result<()> {
-        let Some(&cgroup_id) = self.placed.get(&peer_pid) else {
+        let Some(placement) = self.ident.placement(peer_pid) else {
             bail!("pid {peer_pid} is not an `agent-monitor run` this daemon placed");
         };
-        let Some(entry) = self.tasks.get(&cgroup_id) else {
+        let cgroup_id = placement.task_cgroup;
+        let Some(entry) = self.ident.task(cgroup_id) else {
             bail!("the task pid {peer_pid} was placed in is gone");
         };
         let (agent, task) = (entry.agent.clone(), entry.task.clone());
-        let chain = self.procs.chain(c.pid, &c.comm);
+        let chain = self.ident.chain(c.pid, &c.comm);
         // A process the table knows must descend from that `run`.
         if chain.len() > 1 && chain[0].pid != peer_pid {
             bail!(
@@ -435,7 +432,7 @@ impl Monitor {
             ..event::Subject::unknown()
         };
         let action = Action {
-            exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
+            exe: c.exe.or_else(|| self.ident.exe(c.pid).map(str::to_string)),
             socket: target.is_none().then_some(object),
             target,
             enforcement: c.refused.then_some("eperm"),
@@ -461,10 +458,8 @@ impl Monitor {
             return Some((agent.to_string(), task.to_string()));
         }
         let slot = self
-            .kernel
-            .thread_tag(t.pid)
-            .or_else(|| t.cgroup.as_deref().and_then(|c| self.selected.by_cgroup(c)))
-            .or_else(|| t.uid.and_then(|u| self.selected.by_uid(u)))?;
+            .ident
+            .by_selector(&self.kernel, t.pid, t.cgroup.as_deref(), || t.uid)?;
         Some(self.names(&slot))
     }
 
@@ -514,6 +509,6 @@ impl Monitor {
                 ],
             );
         }
-        self.placed_privileges.insert(pid, privileges);
+        self.ident.note_privileges(pid, privileges);
     }
 }

@@ -87,8 +87,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let (events_tx, _) = broadcast::channel(4096);
     let mut monitor = Monitor {
         kernel,
-        selected: Selected::default(),
-        bindings_adopted: false,
+        ident: IdentityDirectory::new(cgroups),
         grants: GrantBook::new(GrantStateFile::new(&args.state_file, &args.pin_dir)),
         cgroup_root: cgroup_root.clone(),
         admin_gid,
@@ -96,12 +95,6 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         generations: Generations::new(&args.policies),
         exec_files: ExecFiles::default(),
         socket_watch_sticky: None,
-        cgroups,
-        tasks: HashMap::new(),
-        procs: ProcessTable::default(),
-        placed: HashMap::new(),
-        unscoped_runs: HashMap::new(),
-        placed_privileges: HashMap::new(),
         daemon_files: Vec::new(),
         outputs,
         per_agent: HashMap::new(),
@@ -143,7 +136,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         &args.socket.control_socket,
         &args.state_file,
         args.json_log.as_deref(),
-        std::fs::read_link("/proc/self/exe").ok().as_deref(),
+        crate::identity::procfs::exe(std::process::id()).as_deref(),
         |p| p.exists(),
     )
     .iter()
@@ -412,16 +405,19 @@ pub(super) fn socket_watch_at_start(policies: &PolicySet) -> Option<String> {
 /// filter). Told apart by the executable file: the same file as the daemon's is `run`; anything
 /// else, or a file we cannot read, counts as unfiltered (the safe side).
 pub(super) fn unfiltered_placement(pid: u32) -> Option<String> {
+    use crate::identity::procfs;
     use std::os::unix::fs::MetadataExt as _;
-    let file = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-    let ours = file("/proc/self/exe");
-    let theirs = file(&format!("/proc/{pid}/exe"));
+    let file = |pid: u32| {
+        std::fs::metadata(procfs::exe_link(pid))
+            .map(|m| (m.dev(), m.ino()))
+            .ok()
+    };
+    let ours = file(std::process::id());
+    let theirs = file(pid);
     if ours.is_some() && ours == theirs {
         return None;
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| "?".into());
+    let exe = procfs::exe_name(pid);
     Some(format!(
         "process {pid} ({exe}) was placed by a control client other than `agent-monitor run`, \
          so it has no seccomp filter"

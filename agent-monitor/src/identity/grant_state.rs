@@ -200,7 +200,7 @@ pub fn decode(
             if r.agent.is_empty() {
                 return Err(bad("empty agent name".into()));
             }
-            check_task_id(&r.task).map_err(&bad)?;
+            check_task_id(&r.task).map_err(|e| bad(e.to_string()))?;
             if !numbers.insert(r.number) {
                 return Err(bad("task number recorded twice".into()));
             }

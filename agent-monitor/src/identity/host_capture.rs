@@ -27,22 +27,15 @@ pub struct Protected {
 impl Protected {
     /// Process `pid` as procfs shows it now (fields it cannot read stay empty).
     pub fn of(pid: u32, what: &str) -> Protected {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|c| crate::identity::peer::parse_cgroup_v2(&c));
-        let exe_path = format!("/proc/{pid}/exe");
-        let exe = std::fs::metadata(&exe_path).ok().map(|m| {
-            let name = std::fs::read_link(&exe_path)
-                .map(|p| p.display().to_string())
-                .unwrap_or(exe_path.clone());
+        use crate::identity::procfs;
+        let comm = procfs::comm(pid).unwrap_or_default();
+        let cgroup = procfs::cgroup_v2(pid);
+        let exe_link = procfs::exe_link(pid);
+        let exe = std::fs::metadata(&exe_link).ok().map(|m| {
+            let name = procfs::exe(pid).unwrap_or(exe_link).display().to_string();
             ((m.dev(), m.ino()), name)
         });
-        let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| real_uid(&s));
+        let uid = procfs::credentials(pid).map(|c| c.uid);
         Protected {
             what: format!("{what} (pid {pid}, {comm})"),
             cgroup,
@@ -67,17 +60,6 @@ pub fn holder_of(rel: &str) -> Option<String> {
         .into_iter()
         .find(|p| p.cgroup.as_deref().is_some_and(|own| contains(rel, own)))
         .map(|p| p.what)
-}
-
-/// The real uid from a `/proc/PID/status` text.
-pub fn real_uid(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// What the checks need to know about the host beyond the protected processes.
@@ -266,14 +248,5 @@ mod tests {
             "cgroups = [\"/ops/coder\"]\nsystemd_units = [\"coder.service\", \"absent.service\"]\nexecutables = [{{ path = \"/opt/coder/agent\", sha256 = \"{SUM}\" }}]\nuids = [1001]"
         );
         assert!(issues(&set(&text), &protected, &fake).is_empty());
-    }
-
-    #[test]
-    fn real_uid_is_the_first_uid_field() {
-        assert_eq!(
-            real_uid("Name:\tx\nUid:\t1001\t0\t0\t0\nGid:\t0\t0\t0\t0\n"),
-            Some(1001)
-        );
-        assert_eq!(real_uid("Name:\tx\n"), None);
     }
 }

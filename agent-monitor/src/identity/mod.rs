@@ -2,19 +2,22 @@
 //! control-socket peers, and the process table that names the chain from an agent's root process to the acting one.
 
 mod cgroup;
+pub mod directory;
 pub mod grant_state;
 pub mod host_capture;
 pub mod peer;
 mod process;
 pub mod procfs;
 pub mod selected;
+pub mod tables;
 pub mod tasks;
 pub mod uid_binding;
 
 pub use cgroup::{AgentCgroups, TaskCgroup};
+pub use directory::{IdentityDirectory, ProcessIdentity};
 pub use peer::Peer;
-pub use process::{ProcessTable, proc_args};
-pub use tasks::{DEFAULT_TASK, Tasks, UNVERIFIED_TASK};
+pub use process::ProcessTable;
+pub use tasks::{DEFAULT_TASK, TaskNumbers, Tasks, UNVERIFIED_TASK};
 
 /// An agent's stable id in the kernel's identity maps: FNV-1a of its name. Stable across reloads
 /// and restarts (what moves is the allowlist index the kernel looks up for it in `AGENT_TABLES`),
@@ -29,8 +32,15 @@ pub fn agent_id(name: &str) -> u32 {
     h
 }
 
+/// A task id that cannot be one (see [`check_task_id`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid task id {0:?}: expected 1-64 characters of A-Z a-z 0-9 _ - . not starting with '.'"
+)]
+pub struct InvalidTaskId(pub String);
+
 /// Checks a task id: it becomes a cgroup directory name and a journald field value.
-pub fn check_task_id(task: &str) -> Result<(), String> {
+pub fn check_task_id(task: &str) -> Result<(), InvalidTaskId> {
     let ok_len = !task.is_empty() && task.len() <= 64;
     let ok_chars = task
         .bytes()
@@ -38,9 +48,7 @@ pub fn check_task_id(task: &str) -> Result<(), String> {
     if ok_len && ok_chars && !task.starts_with('.') {
         Ok(())
     } else {
-        Err(format!(
-            "invalid task id {task:?}: expected 1-64 characters of A-Z a-z 0-9 _ - . not starting with '.'"
-        ))
+        Err(InvalidTaskId(task.to_string()))
     }
 }
 

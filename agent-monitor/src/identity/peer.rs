@@ -16,14 +16,15 @@ pub struct Peer {
 impl Peer {
     /// Completes SO_PEERCRED with /proc. A peer whose /proc vanished keeps no groups and no cgroup.
     pub fn from_cred(pid: u32, uid: u32, gid: u32) -> Peer {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        use crate::identity::procfs;
         Peer {
             pid,
             uid,
             gid,
-            groups: parse_groups(&status),
-            cgroup: parse_cgroup_v2(&cgroups),
+            groups: procfs::credentials(pid)
+                .map(|c| c.groups)
+                .unwrap_or_default(),
+            cgroup: procfs::cgroup_v2(pid),
         }
     }
 
@@ -74,23 +75,7 @@ pub fn still_running(pidfd: &std::os::fd::OwnedFd, pid: u32) -> bool {
         )
     } == 0;
     // A zombie still takes signal 0 and keeps its pid, but its cgroup is no longer its own.
-    alive
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X']))
-        })
-}
-
-pub fn parse_groups(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    alive && crate::identity::procfs::running(pid)
 }
 
 pub fn parse_cgroup_v2(cgroup: &str) -> Option<String> {
@@ -116,11 +101,6 @@ mod tests {
 
     #[test]
     fn proc_parsing() {
-        assert_eq!(
-            parse_groups("Name:\tx\nGroups:\t4 27 1000 \nNgid:\t0\n"),
-            vec![4, 27, 1000]
-        );
-        assert_eq!(parse_groups("Groups:\n"), Vec::<u32>::new());
         assert_eq!(
             parse_cgroup_v2("9:name=systemd:/\n0::/agent-monitor/coder/t1\n").as_deref(),
             Some("/agent-monitor/coder/t1")

@@ -10,7 +10,7 @@ use agent_monitor_common::{
 };
 use sha2::{Digest as _, Sha256};
 
-use crate::bpf::Kernel;
+use crate::identity::tables::IdentityTables;
 use crate::identity::uid_binding::{Bindings, Owner};
 use crate::policy::PolicySet;
 use crate::policy::selectors::{SelectorKind, nested};
@@ -46,12 +46,12 @@ pub fn resolve_cgroup(root: &Path, rel: &str) -> Option<ResolvedCgroup> {
 /// ControlGroup`); otherwise (containers, this CI) the cgroup v2 tree is searched for a directory
 /// named after the unit, which is where systemd (or a delegate) keeps it. `Err` when the unit has
 /// more than one candidate; `Ok(None)` when it has none yet (not started: retried every sweep).
-pub fn resolve_unit(root: &Path, unit: &str) -> Result<Option<String>, String> {
+pub fn resolve_unit(root: &Path, unit: &str) -> Result<Option<String>, UnitError> {
     if Path::new("/run/systemd/system").is_dir() {
         let out = std::process::Command::new("systemctl")
             .args(["show", "--property=ControlGroup", "--value", unit])
             .output()
-            .map_err(|e| format!("running systemctl: {e}"))?;
+            .map_err(UnitError::Systemctl)?;
         let cg = String::from_utf8_lossy(&out.stdout).trim().to_string();
         return Ok((!cg.is_empty()).then_some(cg));
     }
@@ -60,11 +60,22 @@ pub fn resolve_unit(root: &Path, unit: &str) -> Result<Option<String>, String> {
     match found.len() {
         0 => Ok(None),
         1 => Ok(found.pop()),
-        _ => Err(format!(
-            "unit {unit} matches several cgroups ({}); name it with a `cgroups` selector instead",
-            found.join(", ")
-        )),
+        _ => Err(UnitError::Ambiguous {
+            unit: unit.to_string(),
+            cgroups: found.join(", "),
+        }),
     }
+}
+
+/// Why a systemd unit selector's cgroup could not be told.
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("running systemctl: {0}")]
+    Systemctl(#[source] std::io::Error),
+    #[error(
+        "unit {unit} matches several cgroups ({cgroups}); name it with a `cgroups` selector instead"
+    )]
+    Ambiguous { unit: String, cgroups: String },
 }
 
 /// Depth-limited walk; agent-monitor's own tree is skipped (it cannot hold units).
@@ -328,7 +339,7 @@ impl Selected {
     /// executable's processes get.
     pub fn arm(
         &mut self,
-        kernel: &mut Kernel,
+        kernel: &mut impl IdentityTables,
         cgroup_root: &Path,
         mut unverified_slot: impl FnMut(&str) -> AgentSlot,
     ) -> ArmReport {
@@ -385,7 +396,7 @@ impl Selected {
                         match resolve_unit(cgroup_root, &a.value) {
                             Ok(rel) => rel,
                             Err(e) => {
-                                once(&mut report.errors, e);
+                                once(&mut report.errors, e.to_string());
                                 continue;
                             }
                         }
@@ -674,14 +685,15 @@ mod tests {
             return; // systemd hosts ask systemctl instead
         }
         assert_eq!(
-            resolve_unit(root.path(), "bot.service"),
-            Ok(Some("/system.slice/bot.service".into()))
+            resolve_unit(root.path(), "bot.service").unwrap(),
+            Some("/system.slice/bot.service".into())
         );
-        assert_eq!(resolve_unit(root.path(), "none.service"), Ok(None));
+        assert_eq!(resolve_unit(root.path(), "none.service").unwrap(), None);
         std::fs::create_dir_all(root.path().join("user.slice/bot.service")).unwrap();
         assert!(
             resolve_unit(root.path(), "bot.service")
                 .unwrap_err()
+                .to_string()
                 .contains("several")
         );
     }

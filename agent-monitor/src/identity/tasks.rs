@@ -73,6 +73,27 @@ pub struct Task {
     pub grants: Option<Grants>,
 }
 
+/// Task numbers as the identity directory needs them: allocate, look up, name. The daemon's grant
+/// book owns the real [`Tasks`]; identity code sees only this.
+pub trait TaskNumbers {
+    /// The number of (agent, task), allocated on first use.
+    fn number(&mut self, agent: &str, task: &str) -> u32;
+    fn find(&self, agent: &str, task: &str) -> Option<u32>;
+    fn get(&self, number: u32) -> Option<&Task>;
+}
+
+impl TaskNumbers for Tasks {
+    fn number(&mut self, agent: &str, task: &str) -> u32 {
+        Tasks::number(self, agent, task)
+    }
+    fn find(&self, agent: &str, task: &str) -> Option<u32> {
+        Tasks::find(self, agent, task)
+    }
+    fn get(&self, number: u32) -> Option<&Task> {
+        Tasks::get(self, number)
+    }
+}
+
 /// Every task the daemon has numbered. Numbers start at 1 (`TASK_NONE` = 0 has no grants) and
 /// are not reused while the daemon runs, so a stale kernel entry can never name another task.
 #[derive(Default)]

@@ -41,16 +41,42 @@ pub enum Owner<'a> {
     Bound(&'a Binding),
 }
 
+/// Why a uid may not be bound to an agent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindRefused {
+    #[error(
+        "`run --user` of uid 0 (root) is refused: binding root would make the daemon, PID 1 \
+         and the operator's shell the agent; give the agent its own dedicated uid (or run it \
+         as root without --user)"
+    )]
+    Root,
+    #[error(
+        "uid {uid} is agent {holder:?}'s (its `uids` selector at {at}): a uid is one agent; \
+         give agent {agent:?} a dedicated uid of its own"
+    )]
+    Selected {
+        uid: u32,
+        holder: String,
+        at: String,
+        agent: String,
+    },
+    #[error(
+        "uid {uid} is bound to agent {holder:?} ({origin}): a uid is one agent; give agent \
+         {agent:?} a dedicated uid of its own"
+    )]
+    Bound {
+        uid: u32,
+        holder: String,
+        origin: String,
+        agent: String,
+    },
+}
+
 /// Whether `agent` may bind `uid`, given its current owner: `Ok(true)` when it is to be armed,
-/// `Ok(false)` when the agent already holds it, `Err` (the text says why) when it may not.
-pub fn may_bind(agent: &str, uid: u32, owner: Option<Owner<'_>>) -> Result<bool, String> {
+/// `Ok(false)` when the agent already holds it, `Err` (it says why) when it may not.
+pub fn may_bind(agent: &str, uid: u32, owner: Option<Owner<'_>>) -> Result<bool, BindRefused> {
     if uid == 0 {
-        return Err(
-            "`run --user` of uid 0 (root) is refused: binding root would make the daemon, PID 1 \
-             and the operator's shell the agent; give the agent its own dedicated uid (or run it \
-             as root without --user)"
-                .into(),
-        );
+        return Err(BindRefused::Root);
     }
     let holder = owner.as_ref().map(|o| match o {
         Owner::Selector { agent, .. } => *agent,
@@ -61,15 +87,18 @@ pub fn may_bind(agent: &str, uid: u32, owner: Option<Owner<'_>>) -> Result<bool,
     }
     match owner {
         None => Ok(true),
-        Some(Owner::Selector { agent: other, at }) => Err(format!(
-            "uid {uid} is agent {other:?}'s (its `uids` selector at {at}): a uid is one agent; \
-             give agent {agent:?} a dedicated uid of its own"
-        )),
-        Some(Owner::Bound(b)) => Err(format!(
-            "uid {uid} is bound to agent {:?} ({}): a uid is one agent; give agent {agent:?} a \
-             dedicated uid of its own",
-            b.agent, b.origin
-        )),
+        Some(Owner::Selector { agent: other, at }) => Err(BindRefused::Selected {
+            uid,
+            holder: other.to_string(),
+            at: at.to_string(),
+            agent: agent.to_string(),
+        }),
+        Some(Owner::Bound(b)) => Err(BindRefused::Bound {
+            uid,
+            holder: b.agent.clone(),
+            origin: b.origin.clone(),
+            agent: agent.to_string(),
+        }),
     }
 }
 
@@ -84,25 +113,16 @@ pub struct Outsider {
 /// Processes whose real uid is `uid` and that are not in one of `agent`'s own `run` cgroups.
 pub fn outsiders(uid: u32, agent: &str) -> Vec<Outsider> {
     let mut out = Vec::new();
-    for (pid, _) in crate::identity::procfs::processes() {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        if crate::identity::host_capture::real_uid(&status) != Some(uid) {
+    use crate::identity::procfs;
+    for (pid, _) in procfs::processes() {
+        if procfs::credentials(pid).map(|c| c.uid) != Some(uid) {
             continue;
         }
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .ok()
-            .and_then(|c| crate::identity::peer::parse_cgroup_v2(&c))
-            .unwrap_or_default();
+        let cgroup = procfs::cgroup_v2(pid).unwrap_or_default();
         if crate::identity::peer::run_cgroup_identity(&cgroup).is_some_and(|(a, _)| a == agent) {
             continue;
         }
-        let comm = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .map(|n| n.trim().to_string())
-            .unwrap_or_default();
+        let comm = procfs::comm(pid).unwrap_or_default();
         out.push(Outsider { pid, comm, cgroup });
     }
     out
@@ -151,11 +171,18 @@ mod tests {
     #[test]
     fn a_uid_is_one_agent() {
         assert_eq!(may_bind("a", 1001, None), Ok(true));
-        assert!(may_bind("a", 0, None).unwrap_err().contains("root"));
+        assert!(
+            may_bind("a", 0, None)
+                .unwrap_err()
+                .to_string()
+                .contains("root")
+        );
         let mine = binding("a");
         assert_eq!(may_bind("a", 1001, Some(Owner::Bound(&mine))), Ok(false));
         let theirs = binding("b");
-        let e = may_bind("a", 1001, Some(Owner::Bound(&theirs))).unwrap_err();
+        let e = may_bind("a", 1001, Some(Owner::Bound(&theirs)))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("bound to agent \"b\" (`run --user` (pid 7))"),
             "{e}"
@@ -164,7 +191,7 @@ mod tests {
             agent: "b",
             at: "b.toml:3:9",
         };
-        let e = may_bind("a", 1001, Some(sel)).unwrap_err();
+        let e = may_bind("a", 1001, Some(sel)).unwrap_err().to_string();
         assert!(
             e.contains("agent \"b\"'s (its `uids` selector at b.toml:3:9)"),
             "{e}"

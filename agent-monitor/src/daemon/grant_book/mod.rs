@@ -434,3 +434,16 @@ impl GrantBook {
         self.file.save(&self.tasks);
     }
 }
+
+/// The identity directory numbers tasks through the book, so numbering and grants stay one record.
+impl crate::identity::TaskNumbers for GrantBook {
+    fn number(&mut self, agent: &str, task: &str) -> u32 {
+        self.tasks.number(agent, task)
+    }
+    fn find(&self, agent: &str, task: &str) -> Option<u32> {
+        self.tasks.find(agent, task)
+    }
+    fn get(&self, number: u32) -> Option<&Task> {
+        self.tasks.get(number)
+    }
+}
