@@ -17,7 +17,7 @@ struct FakeKernel {
     allowlist_agents: Vec<u32>,
     agent_tables: BTreeMap<u32, AgentSlot>,
     calls: Vec<&'static str>,
-    /// `write_allowlists` writes half the entries, then fails (a full map).
+    /// `write_allowlists` writes the first half of the entries (rounded up), then fails (a full map).
     fail_writes: bool,
 }
 
@@ -38,7 +38,8 @@ impl AllowlistTables for FakeKernel {
             .chain(tables.exec.iter().map(|e| e.1.agent))
             .collect();
         if self.fail_writes {
-            self.allowlist_agents.extend(&agents[..agents.len() / 2]);
+            self.allowlist_agents
+                .extend(&agents[..agents.len().div_ceil(2)]);
             anyhow::bail!("NET_ALLOW is full");
         }
         self.allowlist_agents.extend(agents);
@@ -154,7 +155,7 @@ fn a_failed_write_keeps_the_old_set_and_clears_the_new_bank() {
 
 #[test]
 fn a_failure_in_another_owners_entries_also_refuses_the_set() {
-    let (mut g, mut k) = in_force(&[ALPHA_HTTPS]);
+    let (g, mut k) = in_force(&[ALPHA_HTTPS]);
     let live_entries = k.allowlist_agents.clone();
     let staged = g.stage(set(&[ALPHA_NOTHING, BETA_EXEC]), &k).unwrap();
     let err = g

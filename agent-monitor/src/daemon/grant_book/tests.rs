@@ -184,40 +184,22 @@ fn start_writes_the_grants_and_adds_to_what_the_task_has() {
 #[test]
 fn start_refuses_bad_input_without_touching_the_kernel() {
     let mut s = setup();
-    let n = s.book.number("coder", "unverified");
-    let e = s.book.start(
-        &mut s.kernel,
-        n,
-        "unverified",
-        &strings(&["10.0.0.1:443"]),
-        &[],
-        None,
-        0,
-    );
-    assert!(matches!(e, Err(GrantError::Unverified)));
-    let n = s.book.number("coder", "t");
-    let e = s.book.start(
-        &mut s.kernel,
-        n,
-        "t",
-        &strings(&["10.0.0.1:443"]),
-        &[],
-        Some(0),
-        0,
-    );
-    assert!(e.unwrap_err().to_string().contains("longer than 0"));
-    let e = s.book.start(
-        &mut s.kernel,
-        n,
-        "t",
-        &strings(&["not an address"]),
-        &[],
-        None,
-        0,
-    );
-    assert!(matches!(e, Err(GrantError::Rules(_))));
+    let mut try_start = |task: &str, connect: &str, ttl_ms: Option<u64>| {
+        let n = s.book.number("coder", task);
+        let e = s
+            .book
+            .start(&mut s.kernel, n, task, &strings(&[connect]), &[], ttl_ms, 0)
+            .unwrap_err();
+        assert!(s.book.get(n).is_some_and(|t| t.grants.is_none()));
+        e
+    };
+    let e = try_start("unverified", "10.0.0.1:443", None);
+    assert!(matches!(e, GrantError::Unverified), "{e}");
+    let e = try_start("t", "10.0.0.1:443", Some(0));
+    assert!(e.to_string().contains("longer than 0"), "{e}");
+    let e = try_start("t", "not an address", None);
+    assert!(matches!(e, GrantError::Rules(_)), "{e}");
     assert!(s.kernel.net.is_empty() && s.kernel.exec.is_empty());
-    assert!(s.book.get(n).is_some_and(|t| t.grants.is_none()));
 }
 
 #[test]
