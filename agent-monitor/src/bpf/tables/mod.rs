@@ -34,6 +34,9 @@ pub struct Tables {
     pub state: StateTables,
     /// The action ring buffer, until its reader takes it.
     actions: Option<RingBuf<MapData>>,
+    /// The maps only the kernel programs use (socket caches, scratch space), kept open: the
+    /// object's programs are loaded after the maps are taken out of it and refer to these fds.
+    _kernel_only: BTreeMap<String, Map>,
 }
 
 /// What went wrong with a kernel map.
@@ -155,6 +158,7 @@ impl Tables {
             dns: DnsTables::open(&mut maps)?,
             state: StateTables::open(&mut maps)?,
             actions: Some(maps.take("ACTIONS")?),
+            _kernel_only: maps.0,
         })
     }
 
