@@ -41,35 +41,27 @@ impl Monitor {
             });
         match result {
             Ok(agents) => {
-                self.counters.reloads += 1;
+                self.reporter.counters.reloads += 1;
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),
                     self.tasks.len()
                 );
-                tracing::info!("{msg}");
-                journald::event(
-                    message_id::RELOAD_APPLIED,
-                    libsystemd::logging::Priority::Notice,
-                    &msg,
-                    &[("POLICY_DIR", dir.display().to_string())],
+                self.reporter.notice(
+                    Notice::new(message_id::RELOAD_APPLIED, Level::Notice, &msg)
+                        .field("POLICY_DIR", dir.display()),
                 );
                 Ok(msg)
             }
             Err(e) => {
-                self.counters.reload_failures += 1;
+                self.reporter.counters.reload_failures += 1;
                 let msg = format!(
                     "policy reload ({trigger}) refused, the previous policy stays in force: {e}"
                 );
-                tracing::error!("{msg}");
-                journald::event(
-                    message_id::RELOAD_FAILED,
-                    libsystemd::logging::Priority::Error,
-                    &msg,
-                    &[
-                        ("POLICY_DIR", dir.display().to_string()),
-                        ("RELOAD_ERROR", e.clone()),
-                    ],
+                self.reporter.notice(
+                    Notice::new(message_id::RELOAD_FAILED, Level::Error, &msg)
+                        .field("POLICY_DIR", dir.display())
+                        .field("RELOAD_ERROR", e),
                 );
                 Err(msg)
             }
@@ -112,12 +104,14 @@ impl Monitor {
         // DNS: an agent the set adds gets its proxy now (its kernel entry is written with the
         // others below); each agent's proxy endpoint and learned addresses under its new index.
         for p in set.iter() {
-            self.dns_proxies
+            self.dns
+                .proxies
                 .ensure(p)
                 .with_context(|| format!("starting the DNS proxy of agent {:?}", p.agent()))?;
         }
         let dns: Vec<(u32, DnsProxy)> = self
-            .dns_proxies
+            .dns
+            .proxies
             .endpoints()
             .iter()
             .filter_map(|(name, ports)| set.index_of(name).map(|i| (base + i, *ports)))
@@ -130,9 +124,9 @@ impl Monitor {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .into_iter()
             .zip(set.iter())
-            .filter_map(|(limit, p)| self.dns_index(p.agent()).map(|i| (i, limit)))
+            .filter_map(|(limit, p)| self.dns.index(p.agent()).map(|i| (i, limit)))
             .collect();
-        let carried = self.learned.carried(&limits, monotonic_ns());
+        let carried = self.dns.learned.carried(&limits, monotonic_ns());
         if let Err(e) = self
             .kernel
             .write_allowlists(&tables)
@@ -155,7 +149,8 @@ impl Monitor {
         let mut kept = Vec::with_capacity(carried.len());
         for (dns, addr, value) in &carried {
             let index = self
-                .dns_proxies
+                .dns
+                .proxies
                 .endpoints()
                 .get(*dns as usize)
                 .and_then(|(name, _)| set.index_of(name));
@@ -213,9 +208,9 @@ impl Monitor {
         // them (see `explain`).
         self.exec_files = files;
         // The proxies answer by the new host rules from the next query on.
-        self.dns_proxies.update(set.iter());
-        for (dns, lost) in self.learned.set_limits(limits, &kept) {
-            if let Some((agent, _)) = self.dns_proxies.endpoints().get(dns as usize) {
+        self.dns.proxies.update(set.iter());
+        for (dns, lost) in self.dns.learned.set_limits(limits, &kept) {
+            if let Some((agent, _)) = self.dns.proxies.endpoints().get(dns as usize) {
                 tracing::info!(
                     agent,
                     lost,
@@ -223,7 +218,7 @@ impl Monitor {
                 );
             }
         }
-        self.counters.dns_learned = self.learned.len() as u64;
+        self.reporter.counters.dns_learned = self.dns.learned.len() as u64;
         let old = std::mem::replace(&mut self.policies, set);
         if self.superseded.len() == SUPERSEDED_KEPT {
             self.superseded.pop_front();
@@ -290,7 +285,7 @@ impl Monitor {
         let Some(decision) = current else {
             return "agent unknown to this daemon".into();
         };
-        self.counters.verdict_disagreements += 1;
+        self.reporter.counters.verdict_disagreements += 1;
         tracing::error!(
             agent,
             "kernel verdict {} but policy evaluation says {}: {}",
