@@ -108,17 +108,7 @@ impl Monitor {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                self.counters.undecodable_records += 1;
-                // Logged for the first ones, then once per 1000: counted always.
-                if self.decode_errors_logged < 5
-                    || self.counters.undecodable_records.is_multiple_of(1000)
-                {
-                    self.decode_errors_logged += 1;
-                    tracing::warn!(
-                        total = self.counters.undecodable_records,
-                        "undecodable kernel record: {e}"
-                    );
-                }
+                self.reporter.undecodable(&e);
                 return;
             }
         };
@@ -167,19 +157,19 @@ impl Monitor {
             KernelEvent::Exec(e) => {
                 self.ident.on_exec(&LiveProcs, e.subject.pid, &e.path);
                 let action = self.exec_action(&e);
-                self.report(action);
+                self.reporter.action(action);
             }
             KernelEvent::Connect(c) => {
                 let action = self.connect_action(&c);
-                self.report(action);
+                self.reporter.action(action);
             }
             KernelEvent::Socket(sk) => {
                 let action = self.socket_action(&sk);
-                self.report(action);
+                self.reporter.action(action);
             }
             KernelEvent::SourceRoute(r) => {
                 let action = self.source_route_action(&r);
-                self.report(action);
+                self.reporter.action(action);
             }
             KernelEvent::DnsRedirect(c) => {
                 let (agent, _) = self.identity(&c.subject);
@@ -196,9 +186,9 @@ impl Monitor {
                             .into(),
                         ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
                     };
-                    self.report(action);
+                    self.reporter.action(action);
                 } else {
-                    self.dns_clients.insert(agent, c);
+                    self.dns.redirected(agent, c);
                 }
             }
         }
@@ -220,7 +210,7 @@ impl Monitor {
             reason: why,
             ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
         };
-        self.report(action);
+        self.reporter.action(action);
     }
 
     /// Agent and task of an event, from the identity the kernel judged with.
@@ -283,16 +273,16 @@ impl Monitor {
             }
         };
         if e.user_ns {
-            self.counters.execs_in_user_namespaces += 1;
+            self.reporter.counters.execs_in_user_namespaces += 1;
         }
         if e.truncated {
-            self.counters.exec_paths_too_long += 1;
+            self.reporter.counters.exec_paths_too_long += 1;
         }
         if e.unreadable {
-            self.counters.exec_paths_unreadable += 1;
+            self.reporter.counters.exec_paths_unreadable += 1;
         }
         if e.not_normal {
-            self.counters.exec_paths_not_normal += 1;
+            self.reporter.counters.exec_paths_not_normal += 1;
         }
         Action {
             exe: Some(e.path.clone()),
@@ -306,8 +296,9 @@ impl Monitor {
     pub(super) fn connect_action(&mut self, c: &event::ConnectEvent) -> Action {
         let (agent, task) = self.identity(&c.subject);
         let grant = self
-            .dns_index(&agent)
-            .and_then(|i| self.learned.lookup(i, c.addr, c.port))
+            .dns
+            .index(&agent)
+            .and_then(|i| self.dns.learned.lookup(i, c.addr, c.port))
             .cloned();
         let mut reason = match (&grant, c.learned) {
             _ if c.dns_refused => "the destination is another agent's DNS proxy endpoint, which \
@@ -319,7 +310,7 @@ impl Monitor {
             ),
             (None, true) => {
                 // The kernel allowed it from an entry the daemon does not know.
-                self.counters.verdict_disagreements += 1;
+                self.reporter.counters.verdict_disagreements += 1;
                 tracing::error!(agent, addr = %c.addr, "kernel allowed a learned address the daemon did not learn");
                 "allowed by a learned DNS address the daemon does not know".into()
             }
@@ -401,7 +392,7 @@ impl Monitor {
 
     pub(super) fn socket_action(&mut self, sk: &event::SocketEvent) -> Action {
         let (agent, task) = self.identity(&sk.subject);
-        self.counters.sockets_refused += 1;
+        self.reporter.counters.sockets_refused += 1;
         let exe = self.ident.exe(sk.subject.pid).map(str::to_string);
         Action {
             exe,

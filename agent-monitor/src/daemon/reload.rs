@@ -22,35 +22,27 @@ impl Monitor {
             });
         match result {
             Ok(agents) => {
-                self.counters.reloads += 1;
+                self.reporter.counters.reloads += 1;
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),
                     self.ident.task_count()
                 );
-                tracing::info!("{msg}");
-                journald::event(
-                    message_id::RELOAD_APPLIED,
-                    libsystemd::logging::Priority::Notice,
-                    &msg,
-                    &[("POLICY_DIR", dir.display().to_string())],
+                self.reporter.notice(
+                    Notice::new(message_id::RELOAD_APPLIED, Level::Notice, &msg)
+                        .field("POLICY_DIR", dir.display()),
                 );
                 Ok(msg)
             }
             Err(e) => {
-                self.counters.reload_failures += 1;
+                self.reporter.counters.reload_failures += 1;
                 let msg = format!(
                     "policy reload ({trigger}) refused, the previous policy stays in force: {e}"
                 );
-                tracing::error!("{msg}");
-                journald::event(
-                    message_id::RELOAD_FAILED,
-                    libsystemd::logging::Priority::Error,
-                    &msg,
-                    &[
-                        ("POLICY_DIR", dir.display().to_string()),
-                        ("RELOAD_ERROR", e.clone()),
-                    ],
+                self.reporter.notice(
+                    Notice::new(message_id::RELOAD_FAILED, Level::Error, &msg)
+                        .field("POLICY_DIR", dir.display())
+                        .field("RELOAD_ERROR", e),
                 );
                 Err(msg)
             }
@@ -71,12 +63,14 @@ impl Monitor {
         // DNS: an agent the set adds gets its proxy now (its kernel entry is written with the
         // others below); each agent's proxy endpoint and learned addresses under its new index.
         for p in set.iter() {
-            self.dns_proxies
+            self.dns
+                .proxies
                 .ensure(p)
                 .with_context(|| format!("starting the DNS proxy of agent {:?}", p.agent()))?;
         }
         let dns: Vec<(u32, DnsProxy)> = self
-            .dns_proxies
+            .dns
+            .proxies
             .endpoints()
             .iter()
             .filter_map(|(name, ports)| staged.kernel_index(name).map(|i| (i, *ports)))
@@ -89,9 +83,9 @@ impl Monitor {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .into_iter()
             .zip(set.iter())
-            .filter_map(|(limit, p)| self.dns_index(p.agent()).map(|i| (i, limit)))
+            .filter_map(|(limit, p)| self.dns.index(p.agent()).map(|i| (i, limit)))
             .collect();
-        let carried = self.learned.carried(&limits, monotonic_ns());
+        let carried = self.dns.learned.carried(&limits, monotonic_ns());
         self.generations
             .write(&staged, &mut self.kernel, |kernel| {
                 kernel.update_exec_files(&file_entries, &[])?;
@@ -103,7 +97,8 @@ impl Monitor {
         let mut kept = Vec::with_capacity(carried.len());
         for (dns, addr, value) in &carried {
             let index = self
-                .dns_proxies
+                .dns
+                .proxies
                 .endpoints()
                 .get(*dns as usize)
                 .and_then(|(name, _)| staged.kernel_index(name));
@@ -141,9 +136,9 @@ impl Monitor {
         }
         self.exec_files = files;
         // The proxies answer by the new host rules from the next query on.
-        self.dns_proxies.update(live.iter());
-        for (dns, lost) in self.learned.set_limits(limits, &kept) {
-            if let Some((agent, _)) = self.dns_proxies.endpoints().get(dns as usize) {
+        self.dns.proxies.update(live.iter());
+        for (dns, lost) in self.dns.learned.set_limits(limits, &kept) {
+            if let Some((agent, _)) = self.dns.proxies.endpoints().get(dns as usize) {
                 tracing::info!(
                     agent,
                     lost,
@@ -151,7 +146,7 @@ impl Monitor {
                 );
             }
         }
-        self.counters.dns_learned = self.learned.len() as u64;
+        self.reporter.counters.dns_learned = self.dns.learned.len() as u64;
         for w in crate::delegation_lint::warnings(live) {
             tracing::warn!("{w}");
         }
@@ -182,7 +177,7 @@ impl Monitor {
             self.generations
                 .explain(agent, verdict == Verdict::Allowed, judged_at_ns, check);
         if let Explanation::Disagrees(decision) = &explanation {
-            self.counters.verdict_disagreements += 1;
+            self.reporter.counters.verdict_disagreements += 1;
             tracing::error!(
                 agent,
                 "kernel verdict {} but policy evaluation says {}: {}",

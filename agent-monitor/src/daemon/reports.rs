@@ -3,16 +3,6 @@
 use super::*;
 
 impl Monitor {
-    /// Losses before this daemon started are reported by `report_origin`, not as new ones.
-    pub(super) fn loss_baseline(&mut self) {
-        if let Ok(k) = self.kernel.counters() {
-            self.counters.lost_records = k[common::COUNTER_RECORDS_LOST as usize];
-            self.counters.actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
-            self.counters.alerts_refused_unrecordable =
-                k[common::COUNTER_ALERTS_REFUSED_UNRECORDABLE as usize];
-        }
-    }
-
     pub(super) fn report_origin(&mut self, retired_links: usize) {
         if let crate::bpf::Origin::Adopted {
             away_seconds,
@@ -47,42 +37,34 @@ impl Monitor {
                     String::new()
                 }
             );
-            tracing::warn!("{msg}");
-            journald::event(
-                message_id::ADOPTED,
-                libsystemd::logging::Priority::Warning,
-                &msg,
-                &[
-                    (
+            self.reporter.notice(
+                Notice::new(message_id::ADOPTED, Level::Warning, msg)
+                    .field(
                         "AWAY_SECONDS",
                         away_seconds.map_or(String::new(), |s| format!("{s:.3}")),
-                    ),
-                    ("LOST_RECORDS", lost_while_away.to_string()),
-                    ("RECOVERED_TASKS", self.ident.task_count().to_string()),
-                    ("GRANTS_RECOVERED", g.recovered.to_string()),
-                    ("GRANTS_EXPIRED", g.expired.to_string()),
-                    ("GRANTS_REVOKED", g.revoked_entries.to_string()),
-                    ("GRANTS_NOT_RECOVERED_WHY", g.why.join("; ")),
-                    ("PIN_DIR", self.kernel.mechanisms.pin_dir.clone()),
-                ],
+                    )
+                    .field("LOST_RECORDS", lost_while_away)
+                    .field("RECOVERED_TASKS", self.ident.task_count())
+                    .field("GRANTS_RECOVERED", g.recovered)
+                    .field("GRANTS_EXPIRED", g.expired)
+                    .field("GRANTS_REVOKED", g.revoked_entries)
+                    .field("GRANTS_NOT_RECOVERED_WHY", g.why.join("; "))
+                    .field("PIN_DIR", &self.kernel.mechanisms.pin_dir),
             );
         }
     }
 
     pub(super) fn metrics_snapshot(&mut self) -> metrics::Snapshot {
-        self.report_kernel_losses();
+        self.reporter.kernel_losses(&self.kernel);
+        let counters = &self.reporter.counters;
         metrics::Snapshot {
-            actions: self
-                .by_action
-                .iter()
-                .map(|((a, k, v), n)| (a.clone(), *k, *v, *n))
-                .collect(),
-            records_lost: self.counters.lost_records,
-            actions_lost: self.counters.actions_lost,
-            alerts_refused_unrecordable: self.counters.alerts_refused_unrecordable,
-            source_routed_packets: self.counters.source_routed_packets,
-            undecodable_records: self.counters.undecodable_records,
-            verdict_disagreements: self.counters.verdict_disagreements,
+            actions: self.reporter.by_action(),
+            records_lost: counters.lost_records,
+            actions_lost: counters.actions_lost,
+            alerts_refused_unrecordable: counters.alerts_refused_unrecordable,
+            source_routed_packets: counters.source_routed_packets,
+            undecodable_records: counters.undecodable_records,
+            verdict_disagreements: counters.verdict_disagreements,
             occupancy: self
                 .kernel
                 .occupancy()
@@ -90,32 +72,23 @@ impl Monitor {
                 .into_iter()
                 .map(|o| (o.map, o.used, o.capacity))
                 .collect(),
-            reloads: self.counters.reloads,
-            reload_failures: self.counters.reload_failures,
+            reloads: counters.reloads,
+            reload_failures: counters.reload_failures,
             sinks: self
-                .outputs
-                .stats()
+                .reporter
+                .sink_counts()
                 .into_iter()
-                .map(|s| (s.sink.to_string(), s.written, s.failed))
                 .chain(std::iter::once(self.grants.file_stats()))
                 .collect(),
-            journald_aggregated: self.outputs.aggregated(),
-            dns_withheld: self
-                .dns_withheld
-                .iter()
-                .map(|((agent, kind), n)| (agent.clone(), kind.as_str(), *n))
-                .collect(),
+            journald_aggregated: self.reporter.aggregated(),
+            dns_withheld: self.dns.withheld_rows(),
             dns_learned: self
                 .generations
                 .live()
                 .iter()
                 .filter_map(|p| {
-                    let i = self.dns_index(p.agent())?;
-                    Some((
-                        p.agent().to_string(),
-                        u64::from(self.learned.held(i)),
-                        u64::from(self.learned.limit(i)),
-                    ))
+                    let (held, limit) = self.dns.learned_of(p.agent())?;
+                    Some((p.agent().to_string(), u64::from(held), u64::from(limit)))
                 })
                 .collect(),
             agents: self.generations.live().len() as u64,
@@ -128,123 +101,10 @@ impl Monitor {
         }
     }
 
-    /// Logs what the kernel could not hand over since the last look, once per interval with the
-    /// count: the records are gone, but nobody should learn it from `status` alone.
-    pub(super) fn report_kernel_losses(&mut self) {
-        let k = match self.kernel.counters() {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!("reading kernel counters: {e:#}");
-                return;
-            }
-        };
-        let grown = |now: u64, before: &mut u64| std::mem::replace(before, now) < now;
-        let lost = k[common::COUNTER_RECORDS_LOST as usize];
-        let actions_lost = k[common::COUNTER_ACTIONS_LOST as usize];
-        if lost > self.counters.lost_records {
-            let msg = format!(
-                "{} kernel records lost (ring buffer full), {} of them agent actions: their \
-                 verdicts were enforced but they are not reported ({lost} lost in total)",
-                lost - self.counters.lost_records,
-                actions_lost.saturating_sub(self.counters.actions_lost)
-            );
-            tracing::warn!("{msg}");
-            journald::event(
-                message_id::RECORDS_LOST,
-                libsystemd::logging::Priority::Warning,
-                &msg,
-                &[
-                    (
-                        "LOST_RECORDS",
-                        (lost - self.counters.lost_records).to_string(),
-                    ),
-                    ("LOST_TOTAL", lost.to_string()),
-                ],
-            );
-        }
-        self.counters.lost_records = lost;
-        self.counters.actions_lost = actions_lost;
-        if grown(
-            k[common::COUNTER_ALERTS_REFUSED_UNRECORDABLE as usize],
-            &mut self.counters.alerts_refused_unrecordable,
-        ) {
-            tracing::warn!(
-                total = self.counters.alerts_refused_unrecordable,
-                "alert-mode agents' off-list actions were refused because the ring buffer could \
-                 not take their records (an off-list action never happens unrecorded)"
-            );
-        }
-        self.counters.grants_expired_in_kernel = k[common::COUNTER_GRANTS_EXPIRED as usize];
-        // Identity anomalies: logged when they grow, always counted.
-        if grown(
-            k[common::COUNTER_TAGS_FULL as usize],
-            &mut self.counters.tags_full,
-        ) {
-            tracing::error!(
-                total = self.counters.tags_full,
-                "processes could not be tagged (PROCESS_AGENTS full): they are not treated as agents"
-            );
-        }
-        if grown(
-            k[common::COUNTER_SELECTOR_CONFLICTS as usize],
-            &mut self.counters.selector_conflicts,
-        ) {
-            tracing::warn!(
-                total = self.counters.selector_conflicts,
-                "a process exec'd another agent's selected executable; it stays with the agent that holds it by a higher-ranked selector"
-            );
-        }
-        self.counters.source_routed_packets = k[common::COUNTER_SOURCE_ROUTED as usize];
-        self.counters.dns_no_proxy = k[common::COUNTER_DNS_NO_PROXY as usize];
-        self.counters.dns_orig_missing = k[common::COUNTER_DNS_ORIG_MISSING as usize];
-    }
-
-    pub(super) fn report(&mut self, action: Action) {
-        self.counters.actions += 1;
-        let c = self.per_agent.entry(action.agent.clone()).or_default();
-        c.actions += 1;
-        match action.verdict {
-            Verdict::Allowed => c.allowed += 1,
-            Verdict::Denied => {
-                c.denied += 1;
-                self.counters.denied += 1;
-            }
-            Verdict::Alert => {
-                c.alerts += 1;
-                self.counters.alerts += 1;
-            }
-        }
-        *self
-            .by_action
-            .entry((
-                action.agent.clone(),
-                action.kind.as_str(),
-                action.verdict.as_str(),
-            ))
-            .or_default() += 1;
-        self.outputs.emit(&action);
-        // Kept as the audit line itself: building and dropping a JSON value tree per action
-        // cost the daemon most of a core at 100k actions/s; `events` parses on request.
-        match crate::output::json::json_line(&action) {
-            Ok(mut line) => {
-                line.pop(); // the newline
-                let event: EventLine = Arc::new((action.agent, line));
-                if self.events_tx.receiver_count() > 0 {
-                    let _ = self.events_tx.send(Arc::clone(&event));
-                }
-                if self.history.len() == HISTORY {
-                    self.history.pop_front();
-                }
-                self.history.push_back(event);
-            }
-            Err(e) => tracing::debug!("action not kept for `events`: {e}"),
-        }
-    }
-
     pub(super) fn status(&mut self) -> control::Status {
-        self.report_kernel_losses();
-        self.counters.tracked_processes = self.ident.process_count() as u64;
-        self.counters.exec_rule_files = self.exec_files.len() as u64;
+        self.reporter.kernel_losses(&self.kernel);
+        self.reporter.counters.tracked_processes = self.ident.process_count() as u64;
+        self.reporter.counters.exec_rule_files = self.exec_files.len() as u64;
         // Agents with a policy, then agents whose policy went away while their tasks run on
         // (they are denied everything).
         let mut names: Vec<(String, String)> = self
@@ -271,7 +131,7 @@ impl Monitor {
         let agents = names
             .into_iter()
             .map(|(agent, mode)| {
-                let c = self.per_agent.get(&agent);
+                let c = self.reporter.agent(&agent);
                 let grants_of = |task: &str| {
                     let g = self
                         .grants
@@ -314,44 +174,36 @@ impl Monitor {
                     }
                 }
                 tasks.sort_by(|a, b| a.task.cmp(&b.task));
-                let dns_proxy = self
-                    .dns_proxies
-                    .endpoints()
-                    .iter()
-                    .find(|(a, _)| *a == agent)
-                    .map(|(_, dns)| control::DnsEndpoint {
-                        udp4: dns.udp4,
-                        tcp4: dns.tcp4,
-                        udp6: dns.udp6,
-                        tcp6: dns.tcp6,
-                    });
-                let dns_index = self.dns_index(&agent).unwrap_or(u32::MAX);
-                let withheld = |kind| {
-                    self.dns_withheld
-                        .get(&(agent.clone(), kind))
-                        .copied()
-                        .unwrap_or(0)
-                };
+                let dns_proxy = self.dns.endpoint(&agent).map(|dns| control::DnsEndpoint {
+                    udp4: dns.udp4,
+                    tcp4: dns.tcp4,
+                    udp6: dns.udp6,
+                    tcp6: dns.tcp6,
+                });
+                let (dns_learned, dns_learned_limit) =
+                    self.dns.learned_of(&agent).unwrap_or((0, 0));
+                let withheld = |kind| self.dns.withheld_of(&agent, kind);
                 AgentStatus {
-                    dns_learned: self.learned.held(dns_index),
-                    dns_learned_limit: self.learned.limit(dns_index),
+                    dns_learned,
+                    dns_learned_limit,
                     dns_withheld_non_public: withheld(crate::dns::Withheld::NonPublic),
                     dns_withheld_limit: withheld(crate::dns::Withheld::Limit),
                     selectors: self.ident.selected.describe(&agent),
                     agent,
                     mode,
                     tasks,
-                    actions: c.map_or(0, |c| c.actions),
-                    allowed: c.map_or(0, |c| c.allowed),
-                    denied: c.map_or(0, |c| c.denied),
-                    alerts: c.map_or(0, |c| c.alerts),
+                    actions: c.actions,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    alerts: c.alerts,
                     dns_proxy,
                 }
             })
             .collect();
         control::Status {
             started_unix: self
-                .started
+                .reporter
+                .started()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             policies: self.generations.dir().display().to_string(),
@@ -366,15 +218,11 @@ impl Monitor {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             journal_query: crate::output::journald::this_process_query(),
-            counters: Counters {
-                journald_aggregated: self.outputs.aggregated(),
-                ..self.counters.clone()
-            },
+            counters: self.reporter.counters(),
             sinks: self
-                .outputs
-                .stats()
+                .reporter
+                .sink_counts()
                 .into_iter()
-                .map(|s| (s.sink.to_string(), s.written, s.failed))
                 .chain(std::iter::once(self.grants.file_stats()))
                 .map(|(sink, written, failed)| SinkStatus {
                     sink,

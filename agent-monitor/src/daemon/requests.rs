@@ -223,8 +223,8 @@ impl Monitor {
             }),
             Request::Events { agent, .. } => Ok(Response::Events {
                 history: self
-                    .history
-                    .iter()
+                    .reporter
+                    .history()
                     .filter(|e| agent.as_ref().is_none_or(|want| *want == e.0))
                     .filter_map(|e| serde_json::from_str(&e.1).ok())
                     .collect(),
@@ -302,7 +302,7 @@ impl Monitor {
             enforcement: Some("refused"),
             reason: format!("{}{target} refused: {why}", request.op()),
         };
-        self.report(action);
+        self.reporter.action(action);
     }
 
     /// A call `run`'s seccomp filter caught, reported by that `run`. Only the `run` process this
@@ -420,9 +420,9 @@ impl Monitor {
             Verdict::Alert
         };
         if kind == ActionKind::Socket {
-            self.counters.sockets_refused += 1;
+            self.reporter.counters.sockets_refused += 1;
         }
-        self.counters.seccomp_caught += 1;
+        self.reporter.counters.seccomp_caught += 1;
         let subject = event::Subject {
             cgroup_id,
             pid: c.pid,
@@ -440,7 +440,7 @@ impl Monitor {
             chain,
             ..self.action(&subject, agent, task, kind, verdict)
         };
-        self.report(action);
+        self.reporter.action(action);
         Ok(())
     }
 
@@ -496,17 +496,12 @@ impl Monitor {
                  and other agents'",
                 p.uid
             );
-            tracing::warn!("{msg}");
-            journald::event(
-                message_id::CAPABILITIES_KEPT,
-                libsystemd::logging::Priority::Warning,
-                &msg,
-                &[
-                    ("AGENT_ID", agent.to_string()),
-                    ("TASK_ID", task.to_string()),
-                    ("RUN_PID", pid.to_string()),
-                    ("AGENT_UID", p.uid.to_string()),
-                ],
+            self.reporter.notice(
+                Notice::new(message_id::CAPABILITIES_KEPT, Level::Warning, msg)
+                    .field("AGENT_ID", agent)
+                    .field("TASK_ID", task)
+                    .field("RUN_PID", pid)
+                    .field("AGENT_UID", p.uid),
             );
         }
         self.ident.note_privileges(pid, privileges);

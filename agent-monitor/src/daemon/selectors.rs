@@ -144,7 +144,7 @@ impl Monitor {
                 enforcement: None,
                 reason: format!("executable selector digest mismatch: {m}"),
             };
-            self.report(action);
+            self.reporter.action(action);
         }
     }
 

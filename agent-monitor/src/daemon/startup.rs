@@ -96,22 +96,10 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         exec_files: ExecFiles::default(),
         socket_watch_sticky: None,
         daemon_files: Vec::new(),
-        outputs,
-        per_agent: HashMap::new(),
-        by_action: BTreeMap::new(),
-        counters: Counters::default(),
-        started: SystemTime::now(),
-        decode_errors_logged: 0,
-        history: VecDeque::with_capacity(HISTORY),
-        events_tx: events_tx.clone(),
+        reporter: Reporter::new(outputs, Notices::journald(), events_tx.clone()),
         identity_warned: false,
         tag_room_warned: false,
-        learned: LearnedTable::default(),
-        dns_withheld: HashMap::new(),
-        dns_notices: Default::default(),
-        dns_grace_ns: args.dns_grace.saturating_mul(1_000_000_000),
-        dns_clients: HashMap::new(),
-        dns_proxies,
+        dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
@@ -124,7 +112,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let adopted = matches!(monitor.kernel.origin, crate::bpf::Origin::Adopted { .. });
     monitor.generations.started(adopted, monotonic_ns());
     let retired = monitor.kernel.retire_previous_build();
-    monitor.loss_baseline();
+    monitor.reporter.loss_baseline(&monitor.kernel);
     monitor.report_origin(retired);
     // Bound last: a client that reaches the socket finds enforcement active.
     let listener = bind_control_socket(&args.socket.control_socket, admin_gid)?;
@@ -170,18 +158,16 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         args.policies.display(),
         names.join(", ")
     );
-    journald::event(
-        message_id::ENFORCEMENT_ACTIVE,
-        libsystemd::logging::Priority::Notice,
-        &format!(
-            "agent-monitor enforcing for {} agent(s); programs pinned in {}",
-            monitor.generations.live().len(),
-            args.pin_dir.display()
-        ),
-        &[
-            ("PIN_DIR", args.pin_dir.display().to_string()),
-            ("POLICY_DIR", args.policies.display().to_string()),
-        ],
+    let active = format!(
+        "agent-monitor enforcing for {} agent(s); programs pinned in {}",
+        monitor.generations.live().len(),
+        args.pin_dir.display()
+    );
+    monitor.reporter.notice(
+        Notice::new(message_id::ENFORCEMENT_ACTIVE, Level::Notice, active)
+            .field("PIN_DIR", args.pin_dir.display())
+            .field("POLICY_DIR", args.policies.display())
+            .unlogged(),
     );
 
     let (requests_tx, requests_rx) = mpsc::channel(64);
@@ -204,7 +190,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .run(stream, requests_rx, scrapes_rx, signals, dns_reports)
         .await;
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
-    monitor.outputs.flush();
+    monitor.reporter.flush();
     if let Err(e) = monitor.kernel.heartbeat() {
         tracing::warn!("leaving the last heartbeat: {e:#}");
     }
@@ -214,12 +200,9 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
          --uninstall --pin-dir {0}` ends it)",
         args.pin_dir.display()
     );
-    tracing::info!("{msg}");
-    journald::event(
-        message_id::STOPPING,
-        libsystemd::logging::Priority::Notice,
-        &msg,
-        &[("PIN_DIR", args.pin_dir.display().to_string())],
+    monitor.reporter.notice(
+        Notice::new(message_id::STOPPING, Level::Notice, msg)
+            .field("PIN_DIR", args.pin_dir.display()),
     );
     result
 }
@@ -264,14 +247,19 @@ pub(super) fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()>
             pin_dir.display(),
             removed.join(", ")
         );
-        journald::event(
-            message_id::STOPPING,
-            libsystemd::logging::Priority::Notice,
-            &format!(
-                "agent-monitor uninstalled from {}: enforcement stopped",
-                pin_dir.display()
-            ),
-            &[("PIN_DIR", pin_dir.display().to_string())],
+        // No monitor (and no reporter) runs here: the same notice path, without the log line
+        // (the command printed what it did).
+        Notices::journald().send(
+            &Notice::new(
+                message_id::STOPPING,
+                Level::Notice,
+                format!(
+                    "agent-monitor uninstalled from {}: enforcement stopped",
+                    pin_dir.display()
+                ),
+            )
+            .field("PIN_DIR", pin_dir.display())
+            .unlogged(),
         );
     }
     Ok(())

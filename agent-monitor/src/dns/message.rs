@@ -107,13 +107,22 @@ pub struct Answer {
     pub cnames: Vec<String>,
 }
 
+/// Why upstream's response could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    #[error("unreadable upstream response: {0}")]
+    Unreadable(#[source] hickory_proto::ProtoError),
+    #[error("upstream sent something other than the response to query {id}")]
+    NotTheResponse { id: u16 },
+    #[error("re-encoding the response: {0}")]
+    Encode(#[source] hickory_proto::ProtoError),
+}
+
 /// Reads upstream's response to the query with `id` for `name` (normalised).
-pub fn parse_answer(bytes: &[u8], id: u16, name: &str) -> Result<Answer, String> {
-    let msg = Message::from_vec(bytes).map_err(|e| format!("unreadable upstream response: {e}"))?;
+pub fn parse_answer(bytes: &[u8], id: u16, name: &str) -> Result<Answer, AnswerError> {
+    let msg = Message::from_vec(bytes).map_err(AnswerError::Unreadable)?;
     if msg.message_type() != MessageType::Response || msg.id() != id {
-        return Err(format!(
-            "upstream sent something other than the response to query {id}"
-        ));
+        return Err(AnswerError::NotTheResponse { id });
     }
     let (addrs, cnames) = chain_addresses(name, msg.answers());
     Ok(Answer {
@@ -125,9 +134,8 @@ pub fn parse_answer(bytes: &[u8], id: u16, name: &str) -> Result<Answer, String>
 
 /// Upstream's response `bytes` without the A/AAAA records for `strip` (in any section), and how many
 /// A/AAAA answers are left. The rest of the message is kept as it was.
-pub fn strip_addresses(bytes: &[u8], strip: &[IpAddr]) -> Result<(Vec<u8>, usize), String> {
-    let mut msg =
-        Message::from_vec(bytes).map_err(|e| format!("unreadable upstream response: {e}"))?;
+pub fn strip_addresses(bytes: &[u8], strip: &[IpAddr]) -> Result<(Vec<u8>, usize), AnswerError> {
+    let mut msg = Message::from_vec(bytes).map_err(AnswerError::Unreadable)?;
     let canon = |a: IpAddr| match a {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, IpAddr::V4),
         v4 => v4,
@@ -146,9 +154,7 @@ pub fn strip_addresses(bytes: &[u8], strip: &[IpAddr]) -> Result<(Vec<u8>, usize
         .count();
     msg.insert_answers(answers);
     msg.insert_additionals(additionals);
-    let out = msg
-        .to_vec()
-        .map_err(|e| format!("re-encoding the response: {e}"))?;
+    let out = msg.to_vec().map_err(AnswerError::Encode)?;
     Ok((out, left))
 }
 

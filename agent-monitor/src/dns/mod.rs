@@ -46,7 +46,7 @@ pub enum Outcome {
         addrs: Vec<(IpAddr, u32)>,
         cnames: Vec<String>,
         ports: Vec<PortRange>,
-        installed: Option<oneshot::Sender<Result<Installed, String>>>,
+        installed: Option<oneshot::Sender<Result<Installed, InstallError>>>,
     },
 }
 
@@ -59,6 +59,17 @@ pub struct Installed {
     /// Some were over the agent's learned-address limit: if nothing is left, the reply is
     /// SERVFAIL (try again later) rather than REFUSED.
     pub limit_reached: bool,
+}
+
+/// Why an allowed answer's addresses could not be put in the agent's kernel allowlist (the agent
+/// gets SERVFAIL).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("the agent has no policy any more")]
+    NoPolicy,
+    /// The kernel map write failed; the error is shared with the proxy that waits for it.
+    #[error("{0:#}")]
+    Kernel(std::sync::Arc<anyhow::Error>),
 }
 
 /// Why an answer's address was withheld from an agent.

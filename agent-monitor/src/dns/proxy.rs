@@ -252,10 +252,11 @@ impl Endpoint {
             .await;
             return reply_to(query, ResponseCode::Refused);
         }
-        let upstream = self
-            .forward(query, transport)
-            .await
-            .and_then(|bytes| parse_answer(&bytes, q.id, &q.name).map(|a| (bytes, a)));
+        let upstream = self.forward(query, transport).await.and_then(|bytes| {
+            parse_answer(&bytes, q.id, &q.name)
+                .map(|a| (bytes, a))
+                .map_err(UpstreamError::from)
+        });
         let (bytes, answer) = match upstream {
             Ok(r) => r,
             Err(reason) => {
@@ -265,7 +266,7 @@ impl Endpoint {
                     transport,
                     Outcome::UpstreamFailed {
                         allowed: decision.allowed,
-                        reason,
+                        reason: reason.to_string(),
                     },
                 )
                 .await;
@@ -325,26 +326,46 @@ impl Endpoint {
 
     /// Sends the agent's query bytes unchanged to the upstream, over the transport the agent used
     /// (a truncated UDP answer makes the agent retry over TCP, which comes here as TCP).
-    async fn forward(&self, query: &[u8], transport: &str) -> Result<Vec<u8>, String> {
-        let Some(up) = self.config.upstream else {
-            return Err("no upstream DNS server configured".into());
+    async fn forward(&self, query: &[u8], transport: &str) -> Result<Vec<u8>, UpstreamError> {
+        let Some(upstream) = self.config.upstream else {
+            return Err(UpstreamError::NotConfigured);
         };
         let exchange = async {
             if transport == "tcp" {
-                tcp_exchange(up, query).await
+                tcp_exchange(upstream, query).await
             } else {
-                udp_exchange(up, query).await
+                udp_exchange(upstream, query).await
             }
         };
         match tokio::time::timeout(self.config.timeout, exchange).await {
             Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(e)) => Err(format!("upstream {up}: {e}")),
-            Err(_) => Err(format!(
-                "upstream {up} did not answer within {} ms",
-                self.config.timeout.as_millis()
-            )),
+            Ok(Err(source)) => Err(UpstreamError::Exchange { upstream, source }),
+            Err(_) => Err(UpstreamError::Timeout {
+                upstream,
+                timeout: self.config.timeout,
+            }),
         }
     }
+}
+
+/// Why a forwarded query got no usable answer (the agent gets SERVFAIL).
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no upstream DNS server configured")]
+    NotConfigured,
+    #[error("upstream {upstream}: {source}")]
+    Exchange {
+        upstream: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream {upstream} did not answer within {} ms", timeout.as_millis())]
+    Timeout {
+        upstream: SocketAddr,
+        timeout: Duration,
+    },
+    #[error(transparent)]
+    Answer(#[from] crate::dns::message::AnswerError),
 }
 
 /// One query over a fresh connected UDP socket: only the upstream can answer it, and a

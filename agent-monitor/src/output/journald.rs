@@ -51,17 +51,19 @@ pub fn action_message_id(verdict: Verdict) -> &'static str {
 }
 
 /// Writes one daemon event (not an action) to journald with its `MESSAGE_ID` and extra fields.
-/// Failure is logged on stderr (which systemd also collects): the event is about the daemon, and
-/// the daemon has no better place to say it.
-pub fn event(id: &str, priority: Priority, message: &str, fields: &[(&str, String)]) {
+/// The daemon sends these as notices (see [`super::notice`]), which log a failure.
+pub fn event(
+    id: &str,
+    priority: Priority,
+    message: &str,
+    fields: &[(&str, String)],
+) -> Result<(), libsystemd::errors::SdError> {
     let mut all = vec![
         ("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER.to_string()),
         ("MESSAGE_ID", id.to_string()),
     ];
     all.extend(fields.iter().map(|(k, v)| (*k, without_nul(v.clone()))));
-    if let Err(e) = journal_send(priority, message, all.into_iter()) {
-        tracing::warn!("journald event {id} not sent ({e}): {message}");
-    }
+    journal_send(priority, message, all.into_iter())
 }
 
 /// The `journalctl` command (without further matches) that selects the entries the daemon

@@ -4,19 +4,21 @@
 //! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
 //! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
 
+mod fields;
 pub mod journald;
 pub mod json;
 pub mod metrics;
+pub mod notice;
 pub mod storm;
 
-use std::borrow::Cow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::action::{Action, ActionKind, ChainLink, Verdict};
+use crate::action::{Action, Verdict};
 
+pub use fields::{Field, FieldValue, action_fields};
 pub use journald::JournaldSink;
 pub use json::JsonSink;
 
@@ -67,223 +69,6 @@ pub enum SinkError {
     Encode(#[from] serde_json::Error),
     #[error("formatting action time: {0}")]
     Time(#[from] time::error::Format),
-}
-
-/// A field every sink reports. Journald names are the upper-case form of the JSON names, with one
-/// exception: the uid is `AGENT_UID` in journald so that nobody mistakes it for journald's trusted
-/// `_UID` (the daemon's uid), while the JSON trail, which has no trusted fields, calls it `uid`.
-/// `PID` keeps its plain name (the interface promises it); journald stores it as a user field next
-/// to its own `_PID`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Field {
-    AgentId,
-    AgentSpiffeId,
-    TaskId,
-    Action,
-    Verdict,
-    Pid,
-    Uid,
-    Comm,
-    Exe,
-    Interpreter,
-    DestAddr,
-    DestPort,
-    DestTransport,
-    DestHost,
-    DnsName,
-    Socket,
-    Syscall,
-    Signal,
-    TargetPid,
-    TargetComm,
-    TargetAgent,
-    TargetTask,
-    ProcessChain,
-    Enforcement,
-    Reason,
-    Message,
-}
-
-impl Field {
-    /// Every field, in report order.
-    pub const ALL: [Field; 26] = [
-        Field::AgentId,
-        Field::AgentSpiffeId,
-        Field::TaskId,
-        Field::Action,
-        Field::Verdict,
-        Field::Pid,
-        Field::Uid,
-        Field::Comm,
-        Field::Exe,
-        Field::Interpreter,
-        Field::DestAddr,
-        Field::DestPort,
-        Field::DestTransport,
-        Field::DestHost,
-        Field::DnsName,
-        Field::Socket,
-        Field::Syscall,
-        Field::Signal,
-        Field::TargetPid,
-        Field::TargetComm,
-        Field::TargetAgent,
-        Field::TargetTask,
-        Field::ProcessChain,
-        Field::Enforcement,
-        Field::Reason,
-        Field::Message,
-    ];
-
-    /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
-    pub fn journal_name(self) -> &'static str {
-        match self {
-            Field::AgentId => "AGENT_ID",
-            Field::AgentSpiffeId => "AGENT_SPIFFE_ID",
-            Field::TaskId => "TASK_ID",
-            Field::Action => "ACTION",
-            Field::Verdict => "VERDICT",
-            Field::Pid => "PID",
-            Field::Uid => "AGENT_UID",
-            Field::Comm => "COMM",
-            Field::Exe => "EXE",
-            Field::Interpreter => "INTERPRETER",
-            Field::Socket => "SOCKET",
-            Field::Syscall => "SYSCALL",
-            Field::Signal => "SIGNAL",
-            Field::TargetPid => "TARGET_PID",
-            Field::TargetComm => "TARGET_COMM",
-            Field::TargetAgent => "TARGET_AGENT",
-            Field::TargetTask => "TARGET_TASK",
-            Field::DestAddr => "DEST_ADDR",
-            Field::DestPort => "DEST_PORT",
-            Field::DestTransport => "DEST_TRANSPORT",
-            Field::DestHost => "DEST_HOST",
-            Field::DnsName => "DNS_NAME",
-            Field::ProcessChain => "PROCESS_CHAIN",
-            Field::Enforcement => "ENFORCEMENT",
-            Field::Reason => "REASON",
-            Field::Message => "MESSAGE",
-        }
-    }
-
-    /// Name of the key in a JSON audit record.
-    pub fn json_name(self) -> &'static str {
-        match self {
-            Field::AgentId => "agent_id",
-            Field::AgentSpiffeId => "agent_spiffe_id",
-            Field::TaskId => "task_id",
-            Field::Action => "action",
-            Field::Verdict => "verdict",
-            Field::Pid => "pid",
-            Field::Uid => "uid",
-            Field::Comm => "comm",
-            Field::Exe => "exe",
-            Field::Interpreter => "interpreter",
-            Field::Socket => "socket",
-            Field::Syscall => "syscall",
-            Field::Signal => "signal",
-            Field::TargetPid => "target_pid",
-            Field::TargetComm => "target_comm",
-            Field::TargetAgent => "target_agent",
-            Field::TargetTask => "target_task",
-            Field::DestAddr => "dest_addr",
-            Field::DestPort => "dest_port",
-            Field::DestTransport => "dest_transport",
-            Field::DestHost => "dest_host",
-            Field::DnsName => "dns_name",
-            Field::ProcessChain => "process_chain",
-            Field::Enforcement => "enforcement",
-            Field::Reason => "reason",
-            Field::Message => "message",
-        }
-    }
-}
-
-/// A field's value before a sink renders it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum FieldValue<'a> {
-    Text(Cow<'a, str>),
-    Number(u64),
-    /// Journald renders [`Action::chain_string`]; JSON an array of `{pid, exe, args}`.
-    Chain(&'a [ChainLink]),
-}
-
-/// Every [`Field`] of `action`, in [`Field::ALL`] order; `None` where it does not apply (no exe
-/// known, no destination for an exec, no enforcement for an allowed action).
-pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
-    let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
-    let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns | ActionKind::SourceRoute => {
-            action.destination.as_ref()
-        }
-        ActionKind::Exec
-        | ActionKind::Socket
-        | ActionKind::IoUring
-        | ActionKind::Seccomp
-        | ActionKind::Ptrace
-        | ActionKind::Signal
-        | ActionKind::Control
-        | ActionKind::Identity => None,
-    };
-    let target = action.target.as_ref();
-    Field::ALL
-        .iter()
-        .map(|&field| {
-            let value = match field {
-                Field::AgentId => Some(FieldValue::Text(Cow::Borrowed(action.agent.as_str()))),
-                Field::AgentSpiffeId => {
-                    Some(FieldValue::Text(Cow::Borrowed(action.spiffe_id.as_str())))
-                }
-                Field::TaskId => Some(FieldValue::Text(Cow::Borrowed(action.task.as_str()))),
-                Field::Action => text(action.kind.as_str()),
-                Field::Verdict => text(action.verdict.as_str()),
-                Field::Pid => Some(FieldValue::Number(action.pid.into())),
-                Field::Uid => Some(FieldValue::Number(action.uid.into())),
-                Field::Comm => Some(FieldValue::Text(Cow::Borrowed(action.comm.as_str()))),
-                Field::Exe => action
-                    .exe
-                    .as_deref()
-                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
-                Field::Interpreter => action
-                    .interpreter
-                    .as_deref()
-                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
-                Field::Socket => action
-                    .socket
-                    .as_deref()
-                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
-                Field::Syscall => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.syscall))),
-                Field::Signal => target
-                    .and_then(|t| t.signal)
-                    .map(|s| FieldValue::Number(s.into())),
-                Field::TargetPid => target.map(|t| FieldValue::Number(t.pid.into())),
-                Field::TargetComm => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.comm))),
-                Field::TargetAgent => target.and_then(|t| borrowed(&t.agent)),
-                Field::TargetTask => target.and_then(|t| borrowed(&t.task)),
-                Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
-                Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
-                Field::DestTransport => dest.and_then(|d| text(d.transport)),
-                Field::DestHost => match action.kind {
-                    ActionKind::Connect | ActionKind::Sendmsg => borrowed(&action.dest_host),
-                    _ => None,
-                },
-                Field::DnsName => match action.kind {
-                    ActionKind::Dns => borrowed(&action.dns_name),
-                    _ => None,
-                },
-                Field::ProcessChain => Some(FieldValue::Chain(&action.chain)),
-                Field::Enforcement => action.enforcement.and_then(text),
-                Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
-                Field::Message => Some(FieldValue::Text(Cow::Owned(action.message()))),
-            };
-            (field, value)
-        })
-        .collect()
-}
-
-fn borrowed(s: &Option<String>) -> Option<FieldValue<'_>> {
-    s.as_deref().map(|s| FieldValue::Text(Cow::Borrowed(s)))
 }
 
 /// Which sinks to open.
@@ -548,7 +333,7 @@ pub(crate) mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::action::Destination;
+    use crate::action::{ActionKind, ChainLink, Destination};
 
     /// A connect from a three-process chain, fully populated.
     pub(crate) fn connect_action() -> Action {
@@ -609,23 +394,6 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn field_names_are_distinct_and_json_is_lowercase_journal() {
-        for (i, a) in Field::ALL.iter().enumerate() {
-            for b in &Field::ALL[i + 1..] {
-                assert_ne!(a.journal_name(), b.journal_name());
-                assert_ne!(a.json_name(), b.json_name());
-            }
-            if *a != Field::Uid {
-                assert_eq!(
-                    a.json_name(),
-                    a.journal_name().to_lowercase(),
-                    "{a:?}: only Uid may be spelled differently"
-                );
-            }
-        }
-    }
-
     /// A refused DNS query.
     pub(crate) fn dns_action() -> Action {
         Action {
@@ -640,124 +408,6 @@ pub(crate) mod tests {
             enforcement: Some("refused"),
             reason: "no host rule matches \"secret.attacker.net\"".into(),
             ..connect_action()
-        }
-    }
-
-    #[test]
-    fn fields_cover_all_in_order() {
-        let action = connect_action();
-        let fields = action_fields(&action);
-        let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
-        assert_eq!(names, Field::ALL);
-        // A connect has every field but the exec, socket, DNS and process-target ones.
-        assert!(
-            fields.iter().all(|(f, v)| v.is_some()
-                != matches!(
-                    f,
-                    Field::Interpreter
-                        | Field::Socket
-                        | Field::DnsName
-                        | Field::Syscall
-                        | Field::Signal
-                        | Field::TargetPid
-                        | Field::TargetComm
-                        | Field::TargetAgent
-                        | Field::TargetTask
-                )),
-            "{fields:?}"
-        );
-    }
-
-    #[test]
-    fn dns_action_has_its_name_and_server_but_no_host() {
-        let a = dns_action();
-        let fields = action_fields(&a);
-        let get = |want: Field| {
-            fields
-                .iter()
-                .find(|(f, _)| *f == want)
-                .and_then(|(_, v)| v.clone())
-        };
-        assert_eq!(
-            get(Field::DnsName),
-            Some(FieldValue::Text(Cow::Borrowed("secret.attacker.net")))
-        );
-        assert_eq!(
-            get(Field::Action),
-            Some(FieldValue::Text(Cow::Borrowed("dns")))
-        );
-        assert_eq!(get(Field::DestPort), Some(FieldValue::Number(53)));
-        assert_eq!(get(Field::DestHost), None);
-        assert!(
-            a.message().contains("dns query secret.attacker.net"),
-            "{}",
-            a.message()
-        );
-    }
-
-    #[test]
-    fn signal_action_names_the_call_and_its_target() {
-        let a = Action {
-            kind: ActionKind::Signal,
-            destination: None,
-            dest_host: None,
-            target: Some(crate::action::ProcessTarget {
-                syscall: "kill".into(),
-                signal: Some(9),
-                pid: 777,
-                comm: "sleep".into(),
-                agent: Some("reviewer".into()),
-                task: Some("t2".into()),
-            }),
-            ..connect_action()
-        };
-        let fields = action_fields(&a);
-        let get = |want: Field| {
-            fields
-                .iter()
-                .find(|(f, _)| *f == want)
-                .and_then(|(_, v)| v.clone())
-        };
-        assert_eq!(get(Field::Syscall), Some(FieldValue::Text("kill".into())));
-        assert_eq!(get(Field::Signal), Some(FieldValue::Number(9)));
-        assert_eq!(get(Field::TargetPid), Some(FieldValue::Number(777)));
-        assert_eq!(
-            get(Field::TargetAgent),
-            Some(FieldValue::Text("reviewer".into()))
-        );
-        assert_eq!(get(Field::DestAddr), None);
-        assert!(
-            a.message()
-                .contains("signal kill signal 9 of pid 777 (sleep, agent reviewer task t2)"),
-            "{}",
-            a.message()
-        );
-    }
-
-    #[test]
-    fn exec_has_no_destination_even_if_one_is_set() {
-        let mut a = exec_action();
-        a.destination = connect_action().destination;
-        let fields = action_fields(&a);
-        for (f, v) in fields {
-            let absent = matches!(
-                f,
-                Field::DestAddr
-                    | Field::DestPort
-                    | Field::DestTransport
-                    | Field::DestHost
-                    | Field::DnsName
-                    | Field::Enforcement
-                    | Field::Interpreter
-                    | Field::Socket
-                    | Field::Syscall
-                    | Field::Signal
-                    | Field::TargetPid
-                    | Field::TargetComm
-                    | Field::TargetAgent
-                    | Field::TargetTask
-            );
-            assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
     }
 

@@ -1,0 +1,142 @@
+//! Everything the monitor waits for, behind one `next()`: kernel records, control requests,
+//! metrics scrapes, DNS proxy reports, timers and signals. The event loop (`Monitor::run`) only
+//! hands each [`Input`] to the owner of its concern.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use super::requests::ControlCall;
+use crate::bpf::ActionStream;
+use crate::dns::QueryReport;
+use crate::event::{self, KernelEvent};
+use crate::output::metrics::Scrape;
+
+/// How often empty task cgroups are removed and exited processes forgotten.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Longest delay of an allowed action or lifecycle record: the kernel queues those without waking
+/// the daemon (a wake-up per record slowed every agent connect); denials and alerts wake it.
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// The signals the daemon acts on: TERM and INT stop it, HUP reloads the policy directory, USR1
+/// reopens the audit trail.
+pub(super) struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(super) fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?,
+        })
+    }
+}
+
+/// One thing for the monitor to do. Kernel records read with it are in [`Inputs::records`], to be
+/// handled first.
+pub(super) enum Input {
+    /// Only the records.
+    Records,
+    /// A query an agent's DNS proxy judged (the records read before it name who sent it).
+    Dns(QueryReport),
+    Request(ControlCall),
+    Scrape(Scrape),
+    /// Periodic tidying (cgroups, processes, expiry, kernel counters).
+    Sweep,
+    /// Time to tell systemd's watchdog the loop is alive.
+    Watchdog,
+    /// SIGHUP: reload the policy directory.
+    Reload,
+    /// SIGUSR1: reopen the audit trail.
+    Reopen,
+    /// SIGTERM or SIGINT (named).
+    Stop(&'static str),
+}
+
+pub(super) struct Inputs {
+    stream: ActionStream,
+    requests: mpsc::Receiver<ControlCall>,
+    scrapes: mpsc::Receiver<Scrape>,
+    dns: mpsc::Receiver<QueryReport>,
+    signals: Signals,
+    sweep: tokio::time::Interval,
+    drain: tokio::time::Interval,
+    watchdog: Option<tokio::time::Interval>,
+    /// Kernel records read by the last `next()`, decoded.
+    pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
+}
+
+impl Inputs {
+    pub(super) fn new(
+        stream: ActionStream,
+        requests: mpsc::Receiver<ControlCall>,
+        scrapes: mpsc::Receiver<Scrape>,
+        signals: Signals,
+        dns: mpsc::Receiver<QueryReport>,
+    ) -> Self {
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // systemd's watchdog is pinged from the loop, so a stuck monitor gets restarted (and the
+        // restarted daemon adopts the pinned programs).
+        let watchdog =
+            libsystemd::daemon::watchdog_enabled(false).map(|d| tokio::time::interval(d / 2));
+        Inputs {
+            stream,
+            requests,
+            scrapes,
+            dns,
+            signals,
+            sweep: tokio::time::interval(SWEEP_EVERY),
+            drain,
+            watchdog,
+            records: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Waits for the next input; an error is the ring buffer failing.
+    pub(super) async fn next(&mut self) -> anyhow::Result<Input> {
+        Ok(tokio::select! {
+            r = self.stream.next_batch(|bytes| self.records.push(event::decode(bytes))) => {
+                r.context("reading the action ring buffer")?;
+                Input::Records
+            }
+            _ = self.drain.tick() => {
+                self.stream.drain_now(|bytes| self.records.push(event::decode(bytes)));
+                Input::Records
+            }
+            Some(report) = self.dns.recv() => {
+                // The kernel's record of the agent's DNS packet was written before the packet
+                // reached the proxy: read what is in the ring now, so the query is attributed
+                // to the process that sent it.
+                self.stream.drain_now(|bytes| self.records.push(event::decode(bytes)));
+                Input::Dns(report)
+            }
+            Some(call) = self.requests.recv() => Input::Request(call),
+            Some(scrape) = self.scrapes.recv() => Input::Scrape(scrape),
+            _ = self.sweep.tick() => Input::Sweep,
+            _ = tick(&mut self.watchdog) => Input::Watchdog,
+            _ = self.signals.hup.recv() => Input::Reload,
+            _ = self.signals.usr1.recv() => Input::Reopen,
+            _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
+            _ = self.signals.int.recv() => Input::Stop("SIGINT"),
+        })
+    }
+}
+
+/// The next tick of an optional timer; never, without one.
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
