@@ -173,6 +173,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
         json_path: args.json_log.clone(),
+        json_rotation: args.trail.rotation(),
         storm_window: Duration::from_secs(args.storm_window),
     })
     .context("opening the output sinks")?;
@@ -2466,6 +2467,7 @@ impl Monitor {
             tracing::warn!("heartbeat: {e:#}");
         }
         self.outputs.close_storms(SystemTime::now());
+        self.outputs.tick();
         let now = monotonic_ns();
         self.procs.prune(now, KEEP_EXITED.as_nanos() as u64);
         self.expire_learned();

@@ -4,9 +4,11 @@
 //! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
 //! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
 
+pub mod chain;
 pub mod journald;
 pub mod json;
 pub mod metrics;
+pub mod rotate;
 pub mod storm;
 
 use std::borrow::Cow;
@@ -44,6 +46,8 @@ pub trait Sink {
     fn reopen(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// Periodic housekeeping (the daemon's sweep): the JSON trail reports its chain head.
+    fn tick(&mut self, _now: Instant) {}
 }
 
 /// Why a sink could not report an action.
@@ -293,6 +297,8 @@ pub struct OutputConfig {
     pub journal_allowed: bool,
     /// Append every action to this JSON-lines file.
     pub json_path: Option<PathBuf>,
+    /// Size-based rotation of that file (`--json-log-max-size`).
+    pub json_rotation: Option<rotate::Rotation>,
     /// Identical denials/alerts within this window reach journald once plus one summary
     /// (zero: every one). The JSON trail always gets every action.
     pub storm_window: Duration,
@@ -323,7 +329,11 @@ impl Outputs {
     /// at start, rather than a stream of failed writes later).
     pub fn open(config: &OutputConfig) -> Result<Self, SinkError> {
         let json = match &config.json_path {
-            Some(path) => Some(Box::new(JsonSink::open(path)?) as Box<dyn Sink + Send>),
+            Some(path) => Some(Box::new(JsonSink::open_with(
+                path,
+                config.json_rotation,
+                Some(chain::head_notice),
+            )?) as Box<dyn Sink + Send>),
             None => None,
         };
         let mut outputs = Self::new(Box::new(JournaldSink::new()), json, config.journal_allowed);
@@ -368,6 +378,15 @@ impl Outputs {
         let at = Instant::now();
         for summary in self.storms.close_expired(now) {
             self.journal.emit_summary(&summary, at);
+        }
+    }
+
+    /// Periodic housekeeping (the daemon's sweep): the JSON trail writes its chain head to
+    /// journald if it moved.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(json) = &mut self.json {
+            json.sink.tick(now);
         }
     }
 
