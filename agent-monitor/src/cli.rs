@@ -183,6 +183,8 @@ pub struct DaemonArgs {
     pub json_log: Option<PathBuf>,
     #[command(flatten)]
     pub trail: crate::output::rotate::RotationArgs,
+    #[command(flatten)]
+    pub otlp: crate::output::otlp::OtlpArgs,
     /// Also send allowed actions to journald (denials and alerts always go there).
     #[arg(long)]
     pub journal_allowed: bool,

@@ -174,6 +174,7 @@ async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         journal_allowed: args.journal_allowed,
         json_path: args.json_log.clone(),
         json_rotation: args.trail.rotation(),
+        otlp: args.otlp.config(),
         storm_window: Duration::from_secs(args.storm_window),
     })
     .context("opening the output sinks")?;
@@ -1645,6 +1646,7 @@ impl Monitor {
                 .chain(std::iter::once(self.grant_file.stats()))
                 .collect(),
             journald_aggregated: self.outputs.aggregated(),
+            otlp: self.outputs.export_stats(),
             dns_withheld: self
                 .dns_withheld
                 .iter()

@@ -83,6 +83,7 @@ pub struct JsonSink {
 impl JsonSink {
     /// Opens `path` for appending (see [`JsonSink::open_with`]), without rotation or chain-head
     /// reports.
+    #[cfg(test)]
     pub fn open(path: &Path) -> Result<Self, SinkError> {
         Self::open_with(path, None, None)
     }

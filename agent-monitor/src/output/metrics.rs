@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub sinks: Vec<(String, u64, u64)>,
     /// Denials/alerts kept out of journald by aggregation (each is in a summary and the JSON trail).
     pub journald_aggregated: u64,
+    /// The OTLP exporter's counters, if `--otlp-endpoint` is set.
+    pub otlp: Option<super::otlp::ExportStats>,
     /// (agent, why, addresses) of allowed DNS answers not learned (`Withheld::as_str`).
     pub dns_withheld: Vec<(String, &'static str, u64)>,
     /// (agent, learned addresses held, limit).
@@ -182,6 +184,39 @@ pub fn render(s: &Snapshot) -> String {
         "Identical denials/alerts folded into journald repeat summaries",
         s.journald_aggregated,
     );
+    if let Some(o) = &s.otlp {
+        counter(
+            &mut reg,
+            "otlp_records_exported",
+            "Records the OpenTelemetry collector accepted",
+            o.exported,
+        );
+        counter(
+            &mut reg,
+            "otlp_records_dropped_queue_full",
+            "Records lost because the export queue was full (collector slow or down)",
+            o.dropped_queue_full,
+        );
+        counter(
+            &mut reg,
+            "otlp_records_failed",
+            "Records lost because their batch still failed after the last retry, or the collector \
+             rejected them",
+            o.failed,
+        );
+        counter(
+            &mut reg,
+            "otlp_export_retries",
+            "Export requests retried after a failure",
+            o.retries,
+        );
+        gauge(
+            &mut reg,
+            "otlp_records_in_flight",
+            "Records queued or being sent to the collector",
+            o.in_flight,
+        );
+    }
     let withheld = Family::<WithheldLabels, Counter<u64>>::default();
     for (agent, reason, n) in &s.dns_withheld {
         withheld
@@ -337,6 +372,13 @@ mod tests {
             agents: 1,
             tasks: 4,
             processes: 9,
+            otlp: Some(crate::output::otlp::ExportStats {
+                exported: 11,
+                dropped_queue_full: 4,
+                failed: 3,
+                retries: 2,
+                in_flight: 1,
+            }),
             ..Default::default()
         };
         let t = render(&s);
@@ -354,6 +396,11 @@ mod tests {
             "agent_monitor_sink_write_failures_total{sink=\"json\"} 1",
             "agent_monitor_tasks 4",
             "agent_monitor_processes 9",
+            "agent_monitor_otlp_records_exported_total 11",
+            "agent_monitor_otlp_records_dropped_queue_full_total 4",
+            "agent_monitor_otlp_records_failed_total 3",
+            "agent_monitor_otlp_export_retries_total 2",
+            "agent_monitor_otlp_records_in_flight 1",
             "# EOF",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");

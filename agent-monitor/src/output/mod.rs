@@ -8,6 +8,7 @@ pub mod chain;
 pub mod journald;
 pub mod json;
 pub mod metrics;
+pub mod otlp;
 pub mod rotate;
 pub mod storm;
 
@@ -48,6 +49,11 @@ pub trait Sink {
     }
     /// Periodic housekeeping (the daemon's sweep): the JSON trail reports its chain head.
     fn tick(&mut self, _now: Instant) {}
+    /// Actions `emit` accepted that were lost later (an export that failed after its retries):
+    /// counted as failed, not written.
+    fn lost_after_accept(&self) -> u64 {
+        0
+    }
 }
 
 /// Why a sink could not report an action.
@@ -71,6 +77,8 @@ pub enum SinkError {
     Encode(#[from] serde_json::Error),
     #[error("formatting action time: {0}")]
     Time(#[from] time::error::Format),
+    #[error("OTLP export queue full (the collector is slow or down): record lost")]
+    ExportQueueFull,
 }
 
 /// A field every sink reports. Journald names are the upper-case form of the JSON names, with one
@@ -299,6 +307,8 @@ pub struct OutputConfig {
     pub json_path: Option<PathBuf>,
     /// Size-based rotation of that file (`--json-log-max-size`).
     pub json_rotation: Option<rotate::Rotation>,
+    /// Export to an OpenTelemetry collector (`--otlp-endpoint`).
+    pub otlp: Option<otlp::OtlpConfig>,
     /// Identical denials/alerts within this window reach journald once plus one summary
     /// (zero: every one). The JSON trail always gets every action.
     pub storm_window: Duration,
@@ -322,6 +332,14 @@ pub struct Outputs {
     json: Option<Slot>,
     journal_allowed: bool,
     storms: storm::StormGate,
+    otlp: Option<Export>,
+}
+
+/// The OTLP sink, what it exports, and its exporter's counters.
+struct Export {
+    slot: Slot,
+    allowed: bool,
+    counters: std::sync::Arc<otlp::ExportCounters>,
 }
 
 impl Outputs {
@@ -338,6 +356,14 @@ impl Outputs {
         };
         let mut outputs = Self::new(Box::new(JournaldSink::new()), json, config.journal_allowed);
         outputs.storms = storm::StormGate::new(config.storm_window);
+        outputs.otlp = config.otlp.as_ref().map(|c| {
+            let sink = otlp::OtlpSink::start(c);
+            Export {
+                counters: sink.counters(),
+                slot: Slot::new(Box::new(sink)),
+                allowed: c.allowed,
+            }
+        });
         Ok(outputs)
     }
 
@@ -352,6 +378,7 @@ impl Outputs {
             json: json.map(Slot::new),
             journal_allowed,
             storms: storm::StormGate::new(Duration::ZERO),
+            otlp: None,
         }
     }
 
@@ -370,6 +397,11 @@ impl Outputs {
         }
         if let Some(json) = &mut self.json {
             json.emit(action, now);
+        }
+        if let Some(otlp) = &mut self.otlp
+            && (action.verdict != Verdict::Allowed || otlp.allowed)
+        {
+            otlp.slot.emit(action, now);
         }
     }
 
@@ -420,8 +452,14 @@ impl Outputs {
     pub fn stats(&self) -> Vec<SinkStats> {
         std::iter::once(&self.journal)
             .chain(self.json.as_ref())
+            .chain(self.otlp.as_ref().map(|o| &o.slot))
             .map(Slot::stats)
             .collect()
+    }
+
+    /// What the OTLP exporter did, if it runs.
+    pub fn export_stats(&self) -> Option<otlp::ExportStats> {
+        self.otlp.as_ref().map(|o| o.counters.stats())
     }
 }
 
@@ -510,10 +548,11 @@ impl Slot {
     }
 
     fn stats(&self) -> SinkStats {
+        let lost = self.sink.lost_after_accept();
         SinkStats {
             sink: self.sink.name(),
-            written: self.written,
-            failed: self.failed,
+            written: self.written.saturating_sub(lost),
+            failed: self.failed + lost,
             last_error: self.last_error.clone(),
         }
     }

@@ -148,7 +148,7 @@ fn rotation_keeps_only_keep_files_and_the_rest_still_verifies() {
 
 #[test]
 fn policy_suggest_and_test_read_chained_lines() {
-    let (dir, path) = two_actions();
+    let (_dir, path) = two_actions();
     let audit =
         crate::learn::audit::read_audit(std::io::BufReader::new(File::open(&path).unwrap()), &path)
             .unwrap();
