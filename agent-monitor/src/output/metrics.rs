@@ -406,4 +406,49 @@ mod tests {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
     }
+
+    /// Every metric `deploy/grafana/agent-monitor.json` queries is one the daemon serves (a
+    /// renamed metric would leave a panel silently empty), and the file is a dashboard.
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_we_serve() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/agent-monitor.json"))
+                .expect("the dashboard is JSON");
+        assert_eq!(dashboard["uid"], "agent-monitor");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        // Every family has a sample: each label set gets one row.
+        let full = Snapshot {
+            actions: vec![("coder".into(), "connect", "denied", 1)],
+            occupancy: vec![("AGENT_CGROUPS".into(), 1, 2)],
+            sinks: vec![("json".into(), 1, 0)],
+            dns_withheld: vec![("coder".into(), "limit", 1)],
+            dns_learned: vec![("coder".into(), 1, 2)],
+            otlp: Some(Default::default()),
+            ..Default::default()
+        };
+        let served: Vec<String> = render(&full)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_string())
+            .collect();
+        let mut queried = 0;
+        for panel in panels {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for (at, _) in expr.match_indices("agent_monitor_") {
+                    let name: String = expr[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        served.contains(&name),
+                        "panel {:?} queries {name}, which the daemon does not serve",
+                        panel["title"]
+                    );
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 20, "{queried}");
+    }
 }
