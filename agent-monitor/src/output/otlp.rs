@@ -93,7 +93,7 @@ pub struct Retry {
 }
 
 impl Default for Retry {
-    /// About 30 s of trying before a batch is given up.
+    /// Five retries, 15.5 s of backoff (plus the requests) before a batch is given up.
     fn default() -> Self {
         Retry {
             attempts: 6,
