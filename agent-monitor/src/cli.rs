@@ -539,4 +539,65 @@ mod tests {
     fn run_without_command_is_an_error() {
         assert!(Cli::try_parse_from(["agent-monitor", "run", "--agent", "x"]).is_err());
     }
+
+    #[test]
+    fn audit_verify_takes_files_and_heads() {
+        let hash = "ab".repeat(32);
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "audit",
+            "verify",
+            "--head",
+            &format!("41:{}", hash.to_uppercase()),
+            "a.jsonl",
+            "a.jsonl.1",
+        ])
+        .unwrap();
+        let Command::Audit(AuditCommand::Verify(v)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(v.files.len(), 2);
+        assert_eq!(v.head, [ChainHeadArg { seq: 41, hash }]);
+        for bad in ["41", "x:ab", "41:abc"] {
+            let r = Cli::try_parse_from(["agent-monitor", "audit", "verify", "--head", bad, "a"]);
+            assert!(r.is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["agent-monitor", "audit", "verify"]).is_err());
+    }
+
+    #[test]
+    fn daemon_trail_and_otlp_flags_have_sane_defaults() {
+        let cli = Cli::try_parse_from(["agent-monitor", "daemon"]).unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.trail.rotation(), None, "no size rotation by default");
+        assert_eq!(d.trail.json_log_keep, 10);
+        assert!(d.otlp.config().is_none());
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "daemon",
+            "--json-log-max-size",
+            "64M",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+        ])
+        .unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.trail.rotation().unwrap().max_size, 64 << 20);
+        let otlp = d.otlp.config().unwrap();
+        assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/logs");
+        assert_eq!(otlp.queue, 8192);
+        assert!(!otlp.allowed);
+        for bad in [
+            &["--json-log-keep", "0"][..],
+            &["--otlp-allowed"],
+            &["--otlp-endpoint", "https://c:4318"],
+        ] {
+            let args = ["agent-monitor", "daemon"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
 }
