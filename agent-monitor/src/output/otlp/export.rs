@@ -205,7 +205,12 @@ impl Client {
             .endpoint
             .authority()
             .map_or_else(String::new, |a| a.to_string());
-        let req = hyper::Request::post(self.endpoint.clone())
+        // Origin form (`POST /v1/logs`), as HTTP/1.1 asks of a request to the server itself.
+        let path = self
+            .endpoint
+            .path_and_query()
+            .map_or("/v1/logs", |p| p.as_str());
+        let req = hyper::Request::post(path)
             .header(hyper::header::HOST, authority)
             .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))?;

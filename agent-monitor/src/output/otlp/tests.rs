@@ -55,7 +55,7 @@ async fn receiver(received: Arc<Received>) -> SocketAddr {
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let received = Arc::clone(&received);
                     async move {
-                        assert_eq!(req.uri().path(), "/v1/logs");
+                        assert_eq!(req.uri().to_string(), "/v1/logs", "origin form");
                         assert_eq!(req.headers()["content-type"], "application/x-protobuf");
                         let body = req.into_body().collect().await?.to_bytes();
                         let failing = received
