@@ -59,6 +59,9 @@ pub enum Command {
     /// Start and end tasks of an agent, with short-lived grants (root or the --admin-group).
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Work with the JSON audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Write man pages or shell completions generated from this command line (for packaging).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
@@ -173,9 +176,15 @@ pub struct DaemonArgs {
         default_value = "/etc/agent-monitor/policies"
     )]
     pub policies: PathBuf,
-    /// Append every action (allowed ones too) as one JSON object per line to this file.
+    /// Append every action (allowed ones too) as one JSON object per line to this file. Every
+    /// line ends in a `chain` field (seq and hash) linking it to the line before, across
+    /// rotations; `agent-monitor audit verify` checks it.
     #[arg(long, value_name = "PATH")]
     pub json_log: Option<PathBuf>,
+    #[command(flatten)]
+    pub trail: crate::output::rotate::RotationArgs,
+    #[command(flatten)]
+    pub otlp: crate::output::otlp::OtlpArgs,
     /// Also send allowed actions to journald (denials and alerts always go there).
     #[arg(long)]
     pub journal_allowed: bool,
@@ -224,6 +233,51 @@ pub struct DaemonArgs {
     pub dns_timeout_ms: u64,
     #[command(flatten)]
     pub socket: SocketArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of JSON audit trail files and name the first line that was edited,
+    /// deleted, inserted, reordered or cut short.
+    ///
+    /// Give the live file and its rotated files, in any order (`audit.jsonl*`; compressed ones
+    /// uncompressed first): they are checked as one chain, in the order of their sequence
+    /// numbers. Anyone who can write the files can also recompute the chain, so check it against
+    /// a head the daemon wrote to journald (`journalctl MESSAGE_ID=858ddc9a713a495cbbc0227a5b02e866
+    /// -o verbose` shows AUDIT_CHAIN_SEQ and AUDIT_CHAIN_HASH; see docs/operation.md) with
+    /// `--head SEQ:HASH`. Exit 0: intact (and every head matches); 1: tampered, the first broken
+    /// line is named on stderr as FILE:LINE: what; 2: a file could not be read, or bad usage.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The trail files (the live one and its rotated predecessors).
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// A chain head the daemon wrote to journald, `SEQ:HASH`: the line with that seq must have
+    /// that hash, and the trail must reach it (repeatable).
+    #[arg(long, value_name = "SEQ:HASH", value_parser = parse_chain_head)]
+    pub head: Vec<ChainHeadArg>,
+}
+
+/// `--head SEQ:HASH` of `audit verify`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainHeadArg {
+    pub seq: u64,
+    pub hash: String,
+}
+
+fn parse_chain_head(s: &str) -> Result<ChainHeadArg, String> {
+    let (seq, hash) = s
+        .split_once(':')
+        .ok_or("expected SEQ:HASH (AUDIT_CHAIN_SEQ:AUDIT_CHAIN_HASH)")?;
+    let seq = seq.parse().map_err(|e| format!("seq {seq:?}: {e}"))?;
+    let hash = hash.to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("hash {hash:?}: expected 64 hex digits"));
+    }
+    Ok(ChainHeadArg { seq, hash })
 }
 
 #[derive(Debug, Args)]
@@ -484,5 +538,66 @@ mod tests {
     #[test]
     fn run_without_command_is_an_error() {
         assert!(Cli::try_parse_from(["agent-monitor", "run", "--agent", "x"]).is_err());
+    }
+
+    #[test]
+    fn audit_verify_takes_files_and_heads() {
+        let hash = "ab".repeat(32);
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "audit",
+            "verify",
+            "--head",
+            &format!("41:{}", hash.to_uppercase()),
+            "a.jsonl",
+            "a.jsonl.1",
+        ])
+        .unwrap();
+        let Command::Audit(AuditCommand::Verify(v)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(v.files.len(), 2);
+        assert_eq!(v.head, [ChainHeadArg { seq: 41, hash }]);
+        for bad in ["41", "x:ab", "41:abc"] {
+            let r = Cli::try_parse_from(["agent-monitor", "audit", "verify", "--head", bad, "a"]);
+            assert!(r.is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["agent-monitor", "audit", "verify"]).is_err());
+    }
+
+    #[test]
+    fn daemon_trail_and_otlp_flags_have_sane_defaults() {
+        let cli = Cli::try_parse_from(["agent-monitor", "daemon"]).unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.trail.rotation(), None, "no size rotation by default");
+        assert_eq!(d.trail.json_log_keep, 10);
+        assert!(d.otlp.config().is_none());
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "daemon",
+            "--json-log-max-size",
+            "64M",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+        ])
+        .unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(d.trail.rotation().unwrap().max_size, 64 << 20);
+        let otlp = d.otlp.config().unwrap();
+        assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/logs");
+        assert_eq!(otlp.queue, 8192);
+        assert!(!otlp.allowed);
+        for bad in [
+            &["--json-log-keep", "0"][..],
+            &["--otlp-allowed"],
+            &["--otlp-endpoint", "https://c:4318"],
+        ] {
+            let args = ["agent-monitor", "daemon"].iter().chain(bad);
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! agent-monitor: parse the command line, run it, exit with its code.
 
 mod action;
+mod audit_cmd;
 mod bpf;
 mod btf;
 mod cli;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         cli::Command::Reload(args) => client::reload(args),
         cli::Command::Events(args) => client::events(args),
         cli::Command::Task(cmd) => client::task(cmd),
+        cli::Command::Audit(cmd) => audit_cmd::main(cmd),
         cli::Command::Generate(cmd) => generate::main(cmd),
     }
 }

@@ -344,7 +344,8 @@ pub fn daemon_files(
     for file in [control_socket, state_file] {
         wanted.push(own_dir(file).unwrap_or_else(|| file.to_path_buf()));
     }
-    wanted.extend(json_log.map(Path::to_path_buf));
+    // The trail's own directory covers its rotated files (audit.jsonl.1, …) too.
+    wanted.extend(json_log.map(|f| own_dir(f).unwrap_or_else(|| f.to_path_buf())));
     wanted.extend(exe.map(Path::to_path_buf));
     let mut wanted: Vec<PathBuf> = wanted.into_iter().filter(|p| exists(p)).collect();
     wanted.sort();

@@ -214,6 +214,7 @@ impl Monitor {
             tracing::warn!("heartbeat: {e:#}");
         }
         self.reporter.close_storms(SystemTime::now());
+        self.reporter.tick();
         let now = monotonic_ns();
         self.ident.prune(now, KEEP_EXITED.as_nanos() as u64);
         let live = Live {

@@ -232,6 +232,16 @@ impl Reporter {
         self.outputs.close_storms(now);
     }
 
+    /// Timed work of the sinks (chain heads to journald, OTLP batches), once per sweep.
+    pub(super) fn tick(&mut self) {
+        self.outputs.tick();
+    }
+
+    /// What the OTLP exporter sent and lost (metrics).
+    pub(super) fn export_stats(&self) -> Option<crate::output::otlp::ExportStats> {
+        self.outputs.export_stats()
+    }
+
     /// The counters of one agent (none yet: it did nothing).
     pub(super) fn agent(&self, agent: &str) -> AgentCounters {
         self.per_agent.get(agent).copied().unwrap_or_default()

@@ -81,6 +81,7 @@ impl Monitor {
                 .chain(std::iter::once(self.grants.file_stats()))
                 .collect(),
             journald_aggregated: self.reporter.aggregated(),
+            otlp: self.reporter.export_stats(),
             dns_withheld: self.dns.withheld_rows(),
             dns_learned: self
                 .generations

@@ -77,6 +77,8 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let outputs = Outputs::open(&OutputConfig {
         journal_allowed: args.journal_allowed,
         json_path: args.json_log.clone(),
+        json_rotation: args.trail.rotation(),
+        otlp: args.otlp.config(),
         storm_window: Duration::from_secs(args.storm_window),
     })
     .context("opening the output sinks")?;

@@ -39,6 +39,9 @@ pub mod message_id {
     pub const STOPPING: &str = "6dd3bf0c09fa4612a800860c1e2c0a29";
     /// An agent command was started with every capability of root (`run --keep-capabilities`).
     pub const CAPABILITIES_KEPT: &str = "9fae3a6167374aa4a33de186d13699a3";
+    /// The hash chain head of the JSON audit trail (`audit verify --head`), at intervals and at
+    /// every rotation.
+    pub const AUDIT_CHAIN_HEAD: &str = "858ddc9a713a495cbbc0227a5b02e866";
 }
 
 /// `MESSAGE_ID` of an action entry.
@@ -288,6 +291,7 @@ mod tests {
             message_id::RECORDS_LOST,
             message_id::DNS_WITHHELD,
             message_id::STOPPING,
+            message_id::AUDIT_CHAIN_HEAD,
         ];
         for id in ids {
             assert!(

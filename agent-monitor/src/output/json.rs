@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{FieldValue, Sink, SinkError, action_fields, journald};
+use super::chain::{self, Chain, Head, HeadNotices, Witness};
+use super::rotate::{Rotation, previous_file};
+use super::{FailureThrottle, FieldValue, Sink, SinkError, action_fields, journald};
 use crate::action::Action;
 
 /// The audit record of `action`: every field of [`super::Field`] under its JSON name (`null` where
@@ -68,13 +70,51 @@ pub struct JsonSink {
     /// Whole lines not yet written, and how many.
     buf: Vec<u8>,
     pending: u64,
+    /// The hash chain through every line (see [`chain`]).
+    chain: Chain,
+    /// Size-based rotation (`--json-log-max-size`), if any.
+    rotation: Option<Rotation>,
+    rotation_failures: FailureThrottle,
+    /// Where chain heads are reported (journald in the daemon), and when last.
+    witness: Option<Witness>,
+    notices: HeadNotices,
 }
 
 impl JsonSink {
+    /// Opens `path` for appending (see [`JsonSink::open_with`]), without rotation or chain-head
+    /// reports.
+    #[cfg(test)]
+    pub fn open(path: &Path) -> Result<Self, SinkError> {
+        Self::open_with(path, None, None)
+    }
+
     /// Opens `path` for appending, creating it with mode 0600 (and a missing parent directory with
     /// 0700): the trail says what agents did and is for root's eyes. An existing file keeps its
-    /// mode.
-    pub fn open(path: &Path) -> Result<Self, SinkError> {
+    /// mode. The chain goes on from the last line of `path`, or if `path` is new or empty, of
+    /// `path.1` (the file a rotation just renamed). `witness` is told the chain head at intervals
+    /// and at every rotation, reopen and stop.
+    pub fn open_with(
+        path: &Path,
+        rotation: Option<Rotation>,
+        witness: Option<Witness>,
+    ) -> Result<Self, SinkError> {
+        let (file, mid_line) = Self::open_file(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            mid_line,
+            buf: Vec::new(),
+            pending: 0,
+            chain: Chain::after(resume(path)),
+            rotation,
+            rotation_failures: FailureThrottle::default(),
+            witness,
+            notices: HeadNotices::default(),
+        })
+    }
+
+    /// The file at `path`, and whether it ends mid-line.
+    fn open_file(path: &Path) -> Result<(File, bool), SinkError> {
         let open_err = |source| SinkError::Open {
             path: path.to_path_buf(),
             source,
@@ -99,13 +139,55 @@ impl JsonSink {
             && file.metadata().map_err(open_err)?.is_file()
             && file.read_exact_at(&mut last, len - 1).is_ok()
             && last[0] != b'\n';
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            mid_line,
-            buf: Vec::new(),
-            pending: 0,
-        })
+        Ok((file, mid_line))
+    }
+
+    /// Rotates before `incoming` bytes would take the file past `--json-log-max-size`. A failed
+    /// rotation is logged (rate-limited) and the lines go to the current file: none is lost.
+    fn rotate_if_due(&mut self, incoming: u64) {
+        let Some(rotation) = self.rotation else {
+            return;
+        };
+        let len = match self.file.metadata() {
+            Ok(m) if m.is_file() => m.len(),
+            _ => return,
+        };
+        if !rotation.due(len, incoming) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let rotated = rotation
+            .rotate(&self.path)
+            .map_err(|source| SinkError::Open {
+                path: self.path.clone(),
+                source,
+            })
+            .and_then(|()| Self::open_file(&self.path));
+        match rotated {
+            Ok((file, mid_line)) => {
+                self.file = file;
+                self.mid_line = mid_line;
+                self.report_head(now, "rotation");
+            }
+            Err(e) => {
+                if let Some(n) = self.rotation_failures.failure(now, 1) {
+                    tracing::warn!(
+                        failures = n,
+                        "rotating the audit trail failed, still writing to the current file: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Tells the witness the chain head if due (`why` other than "interval": at once).
+    fn report_head(&mut self, now: std::time::Instant, why: &str) {
+        let Some(witness) = self.witness else {
+            return;
+        };
+        if self.notices.due(self.chain.head(), now, why != "interval") {
+            witness(&self.path, self.chain.head(), why);
+        }
     }
 
     /// Writes `lines` (newline-terminated) in one go. A write that fails half-way (a full disk
@@ -170,6 +252,7 @@ impl Sink for JsonSink {
             self.buf.truncate(start);
             return Err(e);
         }
+        self.chain.seal(&mut self.buf, start);
         self.pending += 1;
         Ok(())
     }
@@ -178,12 +261,20 @@ impl Sink for JsonSink {
         self.pending
     }
 
+    /// The chain goes on from memory, not from the files: logrotate may name the old file
+    /// anything.
     fn reopen(&mut self) -> Result<(), SinkError> {
-        let fresh = JsonSink::open(&self.path)?;
+        let (file, mid_line) = Self::open_file(&self.path)?;
         // What is still buffered was accepted before the rotation: it goes to the old file.
-        let old = std::mem::replace(self, fresh);
-        drop(old);
-        Ok(())
+        let flushed = Sink::flush(self);
+        self.file = file;
+        self.mid_line = mid_line;
+        self.report_head(std::time::Instant::now(), "reopen");
+        flushed
+    }
+
+    fn tick(&mut self, now: std::time::Instant) {
+        self.report_head(now, "interval");
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
@@ -192,7 +283,13 @@ impl Sink for JsonSink {
         }
         let buf = std::mem::take(&mut self.buf);
         self.pending = 0;
+        self.rotate_if_due(buf.len() as u64);
         let result = self.write_line(&buf);
+        match result {
+            Ok(()) => self.chain.commit(),
+            // The lines are lost (and counted so); the next ones chain to the last line written.
+            Err(_) => self.chain.rollback(),
+        }
         // Keep the allocation for the next burst.
         self.buf = buf;
         self.buf.clear();
@@ -207,8 +304,36 @@ impl Drop for JsonSink {
     /// What is still buffered at shutdown goes out; a failure here has nobody left to tell.
     fn drop(&mut self) {
         let _ = Sink::flush(self);
+        self.report_head(std::time::Instant::now(), "stop");
     }
 }
+
+/// Where the chain of a trail opened at `path` goes on from: its last chained line, or if it is
+/// new or empty that of `path.1`; else a new chain. An unreadable file is logged and starts a new
+/// chain (`audit verify` then shows the break).
+fn resume(path: &Path) -> Head {
+    let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+    let from = if empty {
+        previous_file(path)
+    } else {
+        path.to_path_buf()
+    };
+    match chain::last_head(&from) {
+        Ok(Some(head)) => head,
+        Ok(None) => Head::genesis(),
+        Err(e) => {
+            tracing::warn!(
+                "reading the chain head of {}: {e}; the audit trail's chain starts anew",
+                from.display()
+            );
+            Head::genesis()
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "json/chain_tests.rs"]
+mod chain_tests;
 
 #[cfg(test)]
 mod reopen_tests {

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub sinks: Vec<(String, u64, u64)>,
     /// Denials/alerts kept out of journald by aggregation (each is in a summary and the JSON trail).
     pub journald_aggregated: u64,
+    /// The OTLP exporter's counters, if `--otlp-endpoint` is set.
+    pub otlp: Option<super::otlp::ExportStats>,
     /// (agent, why, addresses) of allowed DNS answers not learned (`Withheld::as_str`).
     pub dns_withheld: Vec<(String, &'static str, u64)>,
     /// (agent, learned addresses held, limit).
@@ -182,6 +184,39 @@ pub fn render(s: &Snapshot) -> String {
         "Identical denials/alerts folded into journald repeat summaries",
         s.journald_aggregated,
     );
+    if let Some(o) = &s.otlp {
+        counter(
+            &mut reg,
+            "otlp_records_exported",
+            "Records the OpenTelemetry collector accepted",
+            o.exported,
+        );
+        counter(
+            &mut reg,
+            "otlp_records_dropped_queue_full",
+            "Records lost because the export queue was full (collector slow or down)",
+            o.dropped_queue_full,
+        );
+        counter(
+            &mut reg,
+            "otlp_records_failed",
+            "Records lost because their batch still failed after the last retry, or the collector \
+             rejected them",
+            o.failed,
+        );
+        counter(
+            &mut reg,
+            "otlp_export_retries",
+            "Export requests retried after a failure",
+            o.retries,
+        );
+        gauge(
+            &mut reg,
+            "otlp_records_in_flight",
+            "Records queued or being sent to the collector",
+            o.in_flight,
+        );
+    }
     let withheld = Family::<WithheldLabels, Counter<u64>>::default();
     for (agent, reason, n) in &s.dns_withheld {
         withheld
@@ -337,6 +372,13 @@ mod tests {
             agents: 1,
             tasks: 4,
             processes: 9,
+            otlp: Some(crate::output::otlp::ExportStats {
+                exported: 11,
+                dropped_queue_full: 4,
+                failed: 3,
+                retries: 2,
+                in_flight: 1,
+            }),
             ..Default::default()
         };
         let t = render(&s);
@@ -354,9 +396,59 @@ mod tests {
             "agent_monitor_sink_write_failures_total{sink=\"json\"} 1",
             "agent_monitor_tasks 4",
             "agent_monitor_processes 9",
+            "agent_monitor_otlp_records_exported_total 11",
+            "agent_monitor_otlp_records_dropped_queue_full_total 4",
+            "agent_monitor_otlp_records_failed_total 3",
+            "agent_monitor_otlp_export_retries_total 2",
+            "agent_monitor_otlp_records_in_flight 1",
             "# EOF",
         ] {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
+    }
+
+    /// Every metric `deploy/grafana/agent-monitor.json` queries is one the daemon serves (a
+    /// renamed metric would leave a panel silently empty), and the file is a dashboard.
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_we_serve() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../deploy/grafana/agent-monitor.json"))
+                .expect("the dashboard is JSON");
+        assert_eq!(dashboard["uid"], "agent-monitor");
+        let panels = dashboard["panels"].as_array().expect("panels");
+        // Every family has a sample: each label set gets one row.
+        let full = Snapshot {
+            actions: vec![("coder".into(), "connect", "denied", 1)],
+            occupancy: vec![("AGENT_CGROUPS".into(), 1, 2)],
+            sinks: vec![("json".into(), 1, 0)],
+            dns_withheld: vec![("coder".into(), "limit", 1)],
+            dns_learned: vec![("coder".into(), 1, 2)],
+            otlp: Some(Default::default()),
+            ..Default::default()
+        };
+        let served: Vec<String> = render(&full)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_string())
+            .collect();
+        let mut queried = 0;
+        for panel in panels {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for (at, _) in expr.match_indices("agent_monitor_") {
+                    let name: String = expr[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        served.contains(&name),
+                        "panel {:?} queries {name}, which the daemon does not serve",
+                        panel["title"]
+                    );
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 20, "{queried}");
     }
 }

@@ -4,11 +4,14 @@
 //! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
 //! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
 
+pub mod chain;
 mod fields;
 pub mod journald;
 pub mod json;
 pub mod metrics;
 pub mod notice;
+pub mod otlp;
+pub mod rotate;
 pub mod storm;
 
 use std::path::PathBuf;
@@ -46,6 +49,13 @@ pub trait Sink {
     fn reopen(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// Periodic housekeeping (the daemon's sweep): the JSON trail reports its chain head.
+    fn tick(&mut self, _now: Instant) {}
+    /// Actions `emit` accepted that were lost later (an export that failed after its retries):
+    /// counted as failed, not written.
+    fn lost_after_accept(&self) -> u64 {
+        0
+    }
 }
 
 /// Why a sink could not report an action.
@@ -69,6 +79,8 @@ pub enum SinkError {
     Encode(#[from] serde_json::Error),
     #[error("formatting action time: {0}")]
     Time(#[from] time::error::Format),
+    #[error("OTLP export queue full (the collector is slow or down): record lost")]
+    ExportQueueFull,
 }
 
 /// Which sinks to open.
@@ -78,6 +90,10 @@ pub struct OutputConfig {
     pub journal_allowed: bool,
     /// Append every action to this JSON-lines file.
     pub json_path: Option<PathBuf>,
+    /// Size-based rotation of that file (`--json-log-max-size`).
+    pub json_rotation: Option<rotate::Rotation>,
+    /// Export to an OpenTelemetry collector (`--otlp-endpoint`).
+    pub otlp: Option<otlp::OtlpConfig>,
     /// Identical denials/alerts within this window reach journald once plus one summary
     /// (zero: every one). The JSON trail always gets every action.
     pub storm_window: Duration,
@@ -101,6 +117,14 @@ pub struct Outputs {
     json: Option<Slot>,
     journal_allowed: bool,
     storms: storm::StormGate,
+    otlp: Option<Export>,
+}
+
+/// The OTLP sink, what it exports, and its exporter's counters.
+struct Export {
+    slot: Slot,
+    allowed: bool,
+    counters: std::sync::Arc<otlp::ExportCounters>,
 }
 
 impl Outputs {
@@ -108,11 +132,23 @@ impl Outputs {
     /// at start, rather than a stream of failed writes later).
     pub fn open(config: &OutputConfig) -> Result<Self, SinkError> {
         let json = match &config.json_path {
-            Some(path) => Some(Box::new(JsonSink::open(path)?) as Box<dyn Sink + Send>),
+            Some(path) => Some(Box::new(JsonSink::open_with(
+                path,
+                config.json_rotation,
+                Some(chain::head_notice),
+            )?) as Box<dyn Sink + Send>),
             None => None,
         };
         let mut outputs = Self::new(Box::new(JournaldSink::new()), json, config.journal_allowed);
         outputs.storms = storm::StormGate::new(config.storm_window);
+        outputs.otlp = config.otlp.as_ref().map(|c| {
+            let sink = otlp::OtlpSink::start(c);
+            Export {
+                counters: sink.counters(),
+                slot: Slot::new(Box::new(sink)),
+                allowed: c.allowed,
+            }
+        });
         Ok(outputs)
     }
 
@@ -127,6 +163,7 @@ impl Outputs {
             json: json.map(Slot::new),
             journal_allowed,
             storms: storm::StormGate::new(Duration::ZERO),
+            otlp: None,
         }
     }
 
@@ -146,6 +183,11 @@ impl Outputs {
         if let Some(json) = &mut self.json {
             json.emit(action, now);
         }
+        if let Some(otlp) = &mut self.otlp
+            && (action.verdict != Verdict::Allowed || otlp.allowed)
+        {
+            otlp.slot.emit(action, now);
+        }
     }
 
     /// Writes the summaries of aggregation windows that ended by `now`.
@@ -153,6 +195,15 @@ impl Outputs {
         let at = Instant::now();
         for summary in self.storms.close_expired(now) {
             self.journal.emit_summary(&summary, at);
+        }
+    }
+
+    /// Periodic housekeeping (the daemon's sweep): the JSON trail writes its chain head to
+    /// journald if it moved.
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        if let Some(json) = &mut self.json {
+            json.sink.tick(now);
         }
     }
 
@@ -186,8 +237,14 @@ impl Outputs {
     pub fn stats(&self) -> Vec<SinkStats> {
         std::iter::once(&self.journal)
             .chain(self.json.as_ref())
+            .chain(self.otlp.as_ref().map(|o| &o.slot))
             .map(Slot::stats)
             .collect()
+    }
+
+    /// What the OTLP exporter did, if it runs.
+    pub fn export_stats(&self) -> Option<otlp::ExportStats> {
+        self.otlp.as_ref().map(|o| o.counters.stats())
     }
 }
 
@@ -276,10 +333,11 @@ impl Slot {
     }
 
     fn stats(&self) -> SinkStats {
+        let lost = self.sink.lost_after_accept();
         SinkStats {
             sink: self.sink.name(),
-            written: self.written,
-            failed: self.failed,
+            written: self.written.saturating_sub(lost),
+            failed: self.failed + lost,
             last_error: self.last_error.clone(),
         }
     }

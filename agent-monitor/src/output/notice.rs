@@ -10,6 +10,8 @@ use super::journald;
 /// How serious a notice is: its journald priority and the level of its log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
+    /// Routine bookkeeping (audit-trail chain heads).
+    Info,
     Notice,
     Warning,
     Error,
@@ -18,6 +20,7 @@ pub enum Level {
 impl Level {
     pub fn priority(self) -> Priority {
         match self {
+            Level::Info => Priority::Info,
             Level::Notice => Priority::Notice,
             Level::Warning => Priority::Warning,
             Level::Error => Priority::Error,
@@ -107,7 +110,7 @@ impl Notices {
         if notice.logged {
             let msg = &notice.message;
             match notice.level {
-                Level::Notice => tracing::info!("{msg}"),
+                Level::Info | Level::Notice => tracing::info!("{msg}"),
                 Level::Warning => tracing::warn!("{msg}"),
                 Level::Error => tracing::error!("{msg}"),
             }
