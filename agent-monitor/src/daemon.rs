@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::action::{Action, ActionKind, Destination, Verdict};
+use crate::action::{Action, Destination, DnsQuery, ExecFile, NetTarget, Object, Verdict};
 use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Counters, Request, Response, SinkStatus, TaskStatus};
@@ -1790,18 +1790,12 @@ impl Monitor {
             chain: self.procs.chain(peer.pid, &comm),
             agent,
             task,
-            kind: ActionKind::Control,
             verdict: Verdict::Denied,
             pid: peer.pid,
             uid: peer.uid,
             comm,
             exe,
-            destination: None,
-            interpreter: None,
-            socket: None,
-            target: None,
-            dest_host: None,
-            dns_name: None,
+            object: Object::Control,
             enforcement: Some("refused"),
             reason: format!("{}{target} refused: {why}", request.op()),
         };
@@ -1918,61 +1912,70 @@ impl Monitor {
                 c.pid
             );
         }
-        let (kind, object, reason) = match &c.call {
+        let process_target = |syscall: &String, target: &control::CaughtTarget, signal| {
+            let (agent, task) = self.target_agent(target).unzip();
+            crate::action::ProcessTarget {
+                syscall: syscall.clone(),
+                signal,
+                pid: target.pid,
+                comm: target.comm.clone(),
+                agent,
+                task,
+            }
+        };
+        let (object, reason) = match &c.call {
             control::CaughtCall::Socket {
                 family,
                 sock_type,
                 protocol,
             } => (
-                ActionKind::Socket,
-                event::socket_description(*family as u16, *sock_type, *protocol),
+                Object::Socket(event::socket_description(
+                    *family as u16,
+                    *sock_type,
+                    *protocol,
+                )),
                 "a socket family the cgroup hooks cannot judge (vsock, packet…): agents keep \
                  unix, inet, inet6 and netlink (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::Socketcall { op } => (
-                ActionKind::Socket,
-                format!("socketcall op {op} (i386)"),
+                Object::Socket(format!("socketcall op {op} (i386)")),
                 "i386 socketcall keeps its arguments in user memory, out of the filter's \
                  reach (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::IoUringSetup => (
-                ActionKind::IoUring,
-                "io_uring_setup".to_string(),
+                Object::IoUring("io_uring_setup".to_string()),
                 "io_uring creates sockets without the socket system call (seccomp filter of \
                  `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::Bpf => (
-                ActionKind::Seccomp,
-                "bpf".to_string(),
+                Object::Seccomp("bpf".to_string()),
                 "bpf(2) from a root agent: pinned maps open by file permission alone, and uid 0 \
                  owns them (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::SeccompListener => (
-                ActionKind::Seccomp,
-                "seccomp listener".to_string(),
+                Object::Seccomp("seccomp listener".to_string()),
                 "a seccomp notification listener would let the agent answer the calls the \
                  `run` filter catches: always refused"
                     .to_string(),
             ),
             control::CaughtCall::ProcessAccess { syscall, target } => (
-                ActionKind::Ptrace,
-                syscall.clone(),
+                Object::Ptrace(process_target(syscall, target, None)),
                 self.reach_reason(target, "reach into"),
             ),
             control::CaughtCall::Signal {
-                syscall, target, ..
+                syscall,
+                target,
+                signal,
             } => (
-                ActionKind::Signal,
-                syscall.clone(),
+                Object::Signal(process_target(syscall, target, Some(*signal))),
                 self.reach_reason(target, "signal"),
             ),
             control::CaughtCall::Other { name } => (
-                ActionKind::Seccomp,
-                name.clone(),
+                Object::Seccomp(name.clone()),
                 if name.starts_with("ioctl ") {
                     "typing into the terminal the agent shares with whoever started it (read as \
                      that shell's next command): always refused (seccomp filter of \
@@ -1983,32 +1986,12 @@ impl Monitor {
                 },
             ),
         };
-        let target = match &c.call {
-            control::CaughtCall::ProcessAccess { syscall, target }
-            | control::CaughtCall::Signal {
-                syscall, target, ..
-            } => {
-                let (agent, task) = self.target_agent(target).unzip();
-                Some(crate::action::ProcessTarget {
-                    syscall: syscall.clone(),
-                    signal: match &c.call {
-                        control::CaughtCall::Signal { signal, .. } => Some(*signal),
-                        _ => None,
-                    },
-                    pid: target.pid,
-                    comm: target.comm.clone(),
-                    agent,
-                    task,
-                })
-            }
-            _ => None,
-        };
         let verdict = if c.refused {
             Verdict::Denied
         } else {
             Verdict::Alert
         };
-        if kind == ActionKind::Socket {
+        if matches!(object, Object::Socket(_)) {
             self.counters.sockets_refused += 1;
         }
         self.counters.seccomp_caught += 1;
@@ -2022,12 +2005,10 @@ impl Monitor {
         };
         let action = Action {
             exe: c.exe.or_else(|| self.procs.exe(c.pid).map(str::to_string)),
-            socket: target.is_none().then_some(object),
-            target,
             enforcement: c.refused.then_some("eperm"),
             reason,
             chain,
-            ..self.action(&subject, agent, task, kind, verdict)
+            ..self.action(&subject, agent, task, object, verdict)
         };
         self.report(action);
         Ok(())
@@ -2405,18 +2386,12 @@ impl Monitor {
                 spiffe_id: self.spiffe_id(&agent),
                 agent,
                 task: UNVERIFIED_TASK.to_string(),
-                kind: ActionKind::Identity,
                 verdict: Verdict::Alert,
                 pid: std::process::id(),
                 uid: 0,
                 comm: "agent-monitor".into(),
                 exe: None,
-                destination: None,
-                interpreter: None,
-                socket: None,
-                target: None,
-                dest_host: None,
-                dns_name: None,
+                object: Object::Identity,
                 chain: Vec::new(),
                 enforcement: None,
                 reason: format!("executable selector digest mismatch: {m}"),
@@ -2675,17 +2650,21 @@ impl Monitor {
             KernelEvent::DnsRedirect(c) => {
                 let (agent, _) = self.identity(&c.subject);
                 if c.dns_refused {
+                    let server = Destination {
+                        addr: c.addr,
+                        port: c.port,
+                        transport: event::transport(c.sock_type),
+                    };
+                    let query = DnsQuery {
+                        name: None,
+                        server: Some(server),
+                    };
                     let action = Action {
-                        destination: Some(Destination {
-                            addr: c.addr,
-                            port: c.port,
-                            transport: event::transport(c.sock_type),
-                        }),
                         enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
                         reason: "DNS traffic, and the agent has no DNS proxy endpoint for this \
                                  address family"
                             .into(),
-                        ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
+                        ..self.subject_action(&c.subject, Object::Dns(query), c.verdict)
                     };
                     self.report(action);
                 } else {
@@ -2709,7 +2688,7 @@ impl Monitor {
         let action = Action {
             exe: Some(path),
             reason: why,
-            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+            ..self.action(subject, agent, task, Object::Identity, Verdict::Alert)
         };
         self.report(action);
     }
@@ -2882,21 +2861,23 @@ impl Monitor {
             }
         };
         let client = self.dns_clients.get(&agent).cloned();
-        let base = match &client {
-            Some(c) => self.subject_action(&c.subject, ActionKind::Dns, verdict),
-            None => Action {
-                agent: agent.clone(),
-                task: "?".into(),
-                ..self.subject_action(&event::Subject::unknown(), ActionKind::Dns, verdict)
-            },
-        };
-        let action = Action {
-            destination: client.map(|c| Destination {
+        let query = DnsQuery {
+            name: Some(r.name),
+            server: client.as_ref().map(|c| Destination {
                 addr: c.addr,
                 port: c.port,
                 transport: r.transport,
             }),
-            dns_name: Some(r.name),
+        };
+        let base = match &client {
+            Some(c) => self.subject_action(&c.subject, Object::Dns(query), verdict),
+            None => Action {
+                agent: agent.clone(),
+                task: "?".into(),
+                ..self.subject_action(&event::Subject::unknown(), Object::Dns(query), verdict)
+            },
+        };
+        let action = Action {
             enforcement,
             reason: format!("{} query: {reason}", r.qtype),
             ..base
@@ -3155,12 +3136,14 @@ impl Monitor {
         if e.not_normal {
             self.counters.exec_paths_not_normal += 1;
         }
-        Action {
-            exe: Some(e.path.clone()),
+        let file = ExecFile {
+            path: e.path.clone(),
             interpreter: e.interpreter.clone(),
+        };
+        Action {
             enforcement: e.killed.then_some("sigkill"),
             reason,
-            ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
+            ..self.action(&e.subject, agent, task, Object::Exec(file), e.verdict)
         }
     }
 
@@ -3214,22 +3197,24 @@ impl Monitor {
                     .ok()
                     .map(|p| p.display().to_string())
             });
-        let kind = if c.send {
-            ActionKind::Sendmsg
-        } else {
-            ActionKind::Connect
-        };
-        Action {
-            exe,
-            destination: Some(Destination {
+        let target = NetTarget {
+            destination: Destination {
                 addr: c.addr,
                 port: c.port,
                 transport: event::transport(c.sock_type),
-            }),
-            dest_host: grant.map(|g| g.name),
+            },
+            host: grant.map(|g| g.name),
+        };
+        let object = if c.send {
+            Object::Sendmsg(target)
+        } else {
+            Object::Connect(target)
+        };
+        Action {
+            exe,
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
-            ..self.action(&c.subject, agent, task, kind, c.verdict)
+            ..self.action(&c.subject, agent, task, object, c.verdict)
         }
     }
 
@@ -3248,19 +3233,18 @@ impl Monitor {
             17 => "udp",
             _ => "other",
         };
+        let object = Object::SourceRoute {
+            first_hop: r.first_hop,
+            transport,
+        };
         Action {
-            destination: Some(Destination {
-                addr: r.first_hop,
-                port: 0,
-                transport,
-            }),
             enforcement: (r.verdict == Verdict::Denied).then_some("dropped"),
             reason: format!(
                 "the packet carried {option}: it would go to its first hop {} instead of the \
                  destination judged; agents' sockets may not set the path of their packets",
                 r.first_hop
             ),
-            ..self.action(&r.subject, agent, task, ActionKind::SourceRoute, r.verdict)
+            ..self.action(&r.subject, agent, task, object, r.verdict)
         }
     }
 
@@ -3268,28 +3252,23 @@ impl Monitor {
         let (agent, task) = self.identity(&sk.subject);
         self.counters.sockets_refused += 1;
         let exe = self.procs.exe(sk.subject.pid).map(str::to_string);
+        let object = Object::Socket(event::socket_description(
+            sk.family,
+            sk.sock_type,
+            sk.protocol,
+        ));
         Action {
             exe,
-            socket: Some(event::socket_description(
-                sk.family,
-                sk.sock_type,
-                sk.protocol,
-            )),
             enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
             reason: socket_reason(sk),
-            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
+            ..self.action(&sk.subject, agent, task, object, sk.verdict)
         }
     }
 
     /// `action` for a subject whose agent and task come from its cgroup.
-    fn subject_action(
-        &self,
-        subject: &event::Subject,
-        kind: ActionKind,
-        verdict: Verdict,
-    ) -> Action {
+    fn subject_action(&self, subject: &event::Subject, object: Object, verdict: Verdict) -> Action {
         let (agent, task) = self.identity(subject);
-        self.action(subject, agent, task, kind, verdict)
+        self.action(subject, agent, task, object, verdict)
     }
 
     /// The parts of an action every kind shares: who acted, as what, with which verdict.
@@ -3298,7 +3277,7 @@ impl Monitor {
         subject: &event::Subject,
         agent: String,
         task: String,
-        kind: ActionKind,
+        object: Object,
         verdict: Verdict,
     ) -> Action {
         Action {
@@ -3307,18 +3286,12 @@ impl Monitor {
             spiffe_id: self.spiffe_id(&agent),
             agent,
             task,
-            kind,
             verdict,
             pid: subject.pid,
             uid: subject.uid,
             comm: subject.comm.clone(),
             exe: None,
-            interpreter: None,
-            socket: None,
-            target: None,
-            destination: None,
-            dest_host: None,
-            dns_name: None,
+            object,
             enforcement: None,
             reason: String::new(),
         }
@@ -3390,7 +3363,7 @@ impl Monitor {
             .by_action
             .entry((
                 action.agent.clone(),
-                action.kind.as_str(),
+                action.kind().as_str(),
                 action.verdict.as_str(),
             ))
             .or_default() += 1;

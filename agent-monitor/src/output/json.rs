@@ -308,8 +308,6 @@ mod tests {
         }
         let exe_unknown = Action {
             exe: None,
-            interpreter: None,
-            socket: None,
             verdict: Verdict::Allowed,
             ..connect_action()
         };

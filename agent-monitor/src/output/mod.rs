@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::action::{Action, ActionKind, ChainLink, Verdict};
+use crate::action::{Action, ChainLink, Object, Verdict};
 
 pub use journald::JournaldSink;
 pub use json::JsonSink;
@@ -213,20 +213,8 @@ pub enum FieldValue<'a> {
 /// known, no destination for an exec, no enforcement for an allowed action).
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
-    let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns | ActionKind::SourceRoute => {
-            action.destination.as_ref()
-        }
-        ActionKind::Exec
-        | ActionKind::Socket
-        | ActionKind::IoUring
-        | ActionKind::Seccomp
-        | ActionKind::Ptrace
-        | ActionKind::Signal
-        | ActionKind::Control
-        | ActionKind::Identity => None,
-    };
-    let target = action.target.as_ref();
+    let dest = action.object.destination();
+    let target = action.object.target();
     Field::ALL
         .iter()
         .map(|&field| {
@@ -236,22 +224,21 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     Some(FieldValue::Text(Cow::Borrowed(action.spiffe_id.as_str())))
                 }
                 Field::TaskId => Some(FieldValue::Text(Cow::Borrowed(action.task.as_str()))),
-                Field::Action => text(action.kind.as_str()),
+                Field::Action => text(action.kind().as_str()),
                 Field::Verdict => text(action.verdict.as_str()),
                 Field::Pid => Some(FieldValue::Number(action.pid.into())),
                 Field::Uid => Some(FieldValue::Number(action.uid.into())),
                 Field::Comm => Some(FieldValue::Text(Cow::Borrowed(action.comm.as_str()))),
                 Field::Exe => action
-                    .exe
-                    .as_deref()
+                    .reported_exe()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
-                Field::Interpreter => action
-                    .interpreter
-                    .as_deref()
-                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Interpreter => match &action.object {
+                    Object::Exec(f) => borrowed(&f.interpreter),
+                    _ => None,
+                },
                 Field::Socket => action
-                    .socket
-                    .as_deref()
+                    .object
+                    .call()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
                 Field::Syscall => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.syscall))),
                 Field::Signal => target
@@ -264,12 +251,12 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
                 Field::DestTransport => dest.and_then(|d| text(d.transport)),
-                Field::DestHost => match action.kind {
-                    ActionKind::Connect | ActionKind::Sendmsg => borrowed(&action.dest_host),
+                Field::DestHost => match &action.object {
+                    Object::Connect(t) | Object::Sendmsg(t) => borrowed(&t.host),
                     _ => None,
                 },
-                Field::DnsName => match action.kind {
-                    ActionKind::Dns => borrowed(&action.dns_name),
+                Field::DnsName => match &action.object {
+                    Object::Dns(q) => borrowed(&q.name),
                     _ => None,
                 },
                 Field::ProcessChain => Some(FieldValue::Chain(&action.chain)),
@@ -548,7 +535,7 @@ pub(crate) mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::action::Destination;
+    use crate::action::{Destination, DnsQuery, ExecFile, NetTarget};
 
     /// A connect from a three-process chain, fully populated.
     pub(crate) fn connect_action() -> Action {
@@ -557,22 +544,19 @@ pub(crate) mod tests {
             agent: "coder".into(),
             spiffe_id: "spiffe://host.example/agent/coder".into(),
             task: "t-42".into(),
-            kind: ActionKind::Connect,
             verdict: Verdict::Denied,
             pid: 4242,
             uid: 1000,
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
-            interpreter: None,
-            socket: None,
-            target: None,
-            destination: Some(Destination {
-                addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-                port: 443,
-                transport: "tcp",
+            object: Object::Connect(NetTarget {
+                destination: Destination {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+                    port: 443,
+                    transport: "tcp",
+                },
+                host: Some("api.example.com".into()),
             }),
-            dest_host: Some("api.example.com".into()),
-            dns_name: None,
             chain: vec![
                 ChainLink {
                     pid: 4000,
@@ -598,11 +582,13 @@ pub(crate) mod tests {
     /// An exec, alert mode, nothing enforced.
     pub(crate) fn exec_action() -> Action {
         Action {
-            kind: ActionKind::Exec,
             verdict: Verdict::Alert,
             comm: "sh".into(),
-            exe: Some("/usr/bin/nc".into()),
-            destination: None,
+            exe: None,
+            object: Object::Exec(ExecFile {
+                path: "/usr/bin/nc".into(),
+                interpreter: None,
+            }),
             enforcement: None,
             reason: "no exec rule matches /usr/bin/nc".into(),
             ..connect_action()
@@ -629,14 +615,14 @@ pub(crate) mod tests {
     /// A refused DNS query.
     pub(crate) fn dns_action() -> Action {
         Action {
-            kind: ActionKind::Dns,
-            destination: Some(Destination {
-                addr: IpAddr::V4(Ipv4Addr::new(10, 255, 255, 53)),
-                port: 53,
-                transport: "udp",
+            object: Object::Dns(DnsQuery {
+                name: Some("secret.attacker.net".into()),
+                server: Some(Destination {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 255, 255, 53)),
+                    port: 53,
+                    transport: "udp",
+                }),
             }),
-            dest_host: None,
-            dns_name: Some("secret.attacker.net".into()),
             enforcement: Some("refused"),
             reason: "no host rule matches \"secret.attacker.net\"".into(),
             ..connect_action()
@@ -698,10 +684,7 @@ pub(crate) mod tests {
     #[test]
     fn signal_action_names_the_call_and_its_target() {
         let a = Action {
-            kind: ActionKind::Signal,
-            destination: None,
-            dest_host: None,
-            target: Some(crate::action::ProcessTarget {
+            object: Object::Signal(crate::action::ProcessTarget {
                 syscall: "kill".into(),
                 signal: Some(9),
                 pid: 777,
@@ -734,10 +717,18 @@ pub(crate) mod tests {
         );
     }
 
+    /// (An exec cannot carry a destination at all: the object is an exec file.)
     #[test]
-    fn exec_has_no_destination_even_if_one_is_set() {
-        let mut a = exec_action();
-        a.destination = connect_action().destination;
+    fn exec_has_no_destination() {
+        let a = exec_action();
+        assert_eq!(
+            action_fields(&a)
+                .iter()
+                .find(|(f, _)| *f == Field::Exe)
+                .and_then(|(_, v)| v.clone()),
+            Some(FieldValue::Text("/usr/bin/nc".into())),
+            "an exec reports the file it ran as EXE"
+        );
         let fields = action_fields(&a);
         for (f, v) in fields {
             let absent = matches!(
