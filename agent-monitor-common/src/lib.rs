@@ -1,16 +1,18 @@
-//! Types shared by the eBPF programs and the daemon: map keys and values, and the ring-buffer record.
+//! Types shared by the eBPF programs and the daemon: map keys and values, and (in `record`) the
+//! ring-buffer records.
 //!
 //! Every type here is written by one side and read by the other, so each is `#[repr(C)]` with explicit
 //! widths and no implicit padding.
 #![no_std]
+
+mod record;
+pub use record::*;
 
 /// Length of `task_struct::comm`.
 pub const COMM_LEN: usize = 16;
 /// Bytes of path stored in an exec allowlist key. The kernel caps LPM trie keys at 256 data bytes and
 /// 4 of them hold the agent index.
 pub const EXEC_PATH_LEN: usize = 252;
-/// Bytes of path carried by a record (the exec file name as the kernel saw it).
-pub const RECORD_PATH_LEN: usize = 256;
 /// Port ranges one network allowlist entry can carry.
 pub const MAX_PORT_RANGES: usize = 16;
 
@@ -251,139 +253,9 @@ pub struct Learned {
     pub _pad: u32,
 }
 
-/// Record kinds carried by the ring buffer.
-pub const KIND_EXEC: u32 = 1;
-pub const KIND_CONNECT: u32 = 2;
-pub const KIND_FORK: u32 = 3;
-pub const KIND_EXIT: u32 = 4;
-/// An agent socket's DNS traffic (port 53) was redirected to the proxy (`VERDICT_ALLOWED`), or
-/// refused because the agent has no proxy endpoint (`FLAG_DNS_REFUSED`). `addr`/`port` are the
-/// original destination. Used to name the process behind a query; not an action of its own.
-pub const KIND_DNS_REDIRECT: u32 = 30;
-/// A datagram sent to an address given with the send (unconnected UDP, or a connected UDP socket
-/// sending elsewhere), or a connected socket's datagram the kernel hands to the hook without an
-/// address (`FLAG_CONNECTED_PEER`): cgroup sendmsg4/sendmsg6.
-pub const KIND_SENDMSG: u32 = 10;
-/// An inet socket an agent may not create (raw, ICMP "ping", SCTP, MPTCP, …): cgroup sock_create.
-/// Only refused or alerted creations are recorded.
-pub const KIND_SOCKET: u32 = 11;
-/// A packet of an agent's socket carried a source route: IPv4 options (any: `detail` is the first
-/// option's type, 0x83 LSRR, 0x89 SSRR) or an IPv6 routing header (`detail` its type). It would go
-/// to its first hop (`addr`) rather than the destination the connect/sendmsg hooks judged.
-/// Refused (dropped) in enforce mode. `sock_type` holds the IPv4 protocol (0 for IPv6). The task
-/// fields are whoever ran when the packet left (a TCP retransmission leaves from a timer): the
-/// agent is the socket's, in the slot fields and `cgroup_id` (the socket's cgroup).
-pub const KIND_SOURCE_ROUTE: u32 = 12;
-/// An executable selector claimed a process at exec. `verdict` `VERDICT_NONE`: it became that
-/// agent (the record's slot fields; with `FLAG_RETAGGED`, `prior_agent` is the agent it left by
-/// precedence). `VERDICT_DENIED`: a higher-ranked identity (the slot fields) keeps it and the
-/// claim of agent `prior_agent` was refused. `other_pid` is the thread id before exec, `path`
-/// the file. Its `agent` and `prior_agent` are stable agent ids (identities as stored), not the
-/// allowlist indices other records carry.
-pub const KIND_TAGGED: u32 = 20;
-
-/// Verdicts taken by the kernel.
-pub const VERDICT_NONE: u32 = 0;
-pub const VERDICT_ALLOWED: u32 = 1;
-pub const VERDICT_DENIED: u32 = 2;
-pub const VERDICT_ALERT: u32 = 3;
-
-/// Record flags.
-/// The exec path did not fit (`RECORD_PATH_LEN`); the exec was judged as not allowed.
-pub const FLAG_PATH_TRUNCATED: u32 = 1;
-/// The exec path could not be read at all.
-pub const FLAG_PATH_UNREADABLE: u32 = 2;
-/// A denied exec was stopped by SIGKILL from the exec tracepoint.
-pub const FLAG_KILLED: u32 = 4;
-/// The exec path was not in normal form (`//`, `/./`, `/../`); judged as not allowed, because
-/// `/opt/tools/../../bin/sh` would otherwise match the glob `/opt/tools/*`.
-pub const FLAG_PATH_NOT_NORMAL: u32 = 8;
-/// A connect was allowed because the agent resolved the address through the DNS proxy.
-pub const FLAG_LEARNED: u32 = 256;
-/// Refused because of the DNS proxy: on a DNS redirect record, the agent has no proxy endpoint (its
-/// DNS is not redirected); on a connect record, the destination is another agent's proxy
-/// endpoint, which only the kernel's redirect of that agent may use.
-pub const FLAG_DNS_REFUSED: u32 = 512;
-/// Connect/sendmsg: the destination was the unspecified address (`0.0.0.0`, `::`), which Linux
-/// sends to loopback; it was judged as `127.0.0.1` / `::1`. `addr` holds what the caller gave.
-pub const FLAG_ADDR_UNSPECIFIED: u32 = 16;
-/// Sendmsg: the send named no address (a connected UDP socket sending with control messages such
-/// as `IP_TOS`, with `MSG_DONTROUTE` or with IP options, for which the kernel runs the hook with
-/// an empty address); it was judged as the socket's connected peer, which `addr`/`port` hold.
-pub const FLAG_CONNECTED_PEER: u32 = 1024;
-/// Exec: the task was not in the initial user namespace, where an unprivileged process can
-/// remap names (mount namespaces, chroot); only file identity was trusted.
-pub const FLAG_USER_NS: u32 = 32;
-/// Allowed by a task grant (not by the agent's static allowlist).
-pub const FLAG_GRANTED: u32 = 64;
-/// The process was another agent before this exec; the higher-ranked selector took it.
-pub const FLAG_RETAGGED: u32 = 128;
-
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
-
-/// One agent action or lifecycle change, written by the kernel into the ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ActionRecord {
-    pub kind: u32,
-    pub verdict: u32,
-    /// cgroup v2 id of the acting task: the agent identity key.
-    pub cgroup_id: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the hook.
-    pub ktime_ns: u64,
-    /// Process id (tgid) and thread id of the acting task.
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    /// Fork: the new task's id. Exec: the thread id before exec (`old_pid`).
-    pub other_pid: u32,
-    pub comm: [u8; COMM_LEN],
-    /// Connect: `AF_INET` or `AF_INET6` as the caller used it, the port in host order, the socket
-    /// type (`SOCK_STREAM`…) and the address (IPv4 as `::ffff:a.b.c.d`).
-    pub family: u16,
-    pub port: u16,
-    pub sock_type: u32,
-    pub addr: [u8; 16],
-    pub flags: u32,
-    /// Exec: bytes of `path` that are valid (without the NUL).
-    pub path_len: u32,
-    /// The acting process's identity as the kernel judged it (`AgentSlot` fields).
-    pub agent: u32,
-    pub task: u32,
-    pub source: u32,
-    /// `KIND_TAGGED` with `FLAG_RETAGGED`: the agent (stable id) the process had before.
-    pub prior_agent: u32,
-    pub path: [u8; RECORD_PATH_LEN],
-    /// Exec: the file that runs (for a script: its interpreter), as the kernel holds it:
-    /// `i_sb->s_dev` (kernel encoding, major << 20 | minor) and `i_ino`.
-    pub file_dev: u32,
-    /// Exec: how the verdict was reached, `EXEC_BASIS_*`. Socket: the protocol (`IPPROTO_*`).
-    pub detail: u32,
-    pub file_ino: u64,
-    /// Exec: bytes of `interp` that are valid; 0 when the file name is the program (no script).
-    pub interp_len: u32,
-    pub _pad: u32,
-    /// Exec: the interpreter a script named on its `#!` line (`bprm->interp`).
-    pub interp: [u8; RECORD_PATH_LEN],
-}
-
-/// How an exec verdict was reached (`ActionRecord::detail`), so the report can say which fact
-/// decided. Allowed: `FILE` (the file is one an exact rule names) or `NAME` (the name matched a
-/// rule). Not allowed: which fact failed.
-pub const EXEC_BASIS_FILE: u32 = 1;
-pub const EXEC_BASIS_NAME: u32 = 2;
-/// Not allowed: neither the file nor its name is on the allowlist.
-pub const EXEC_BASIS_NO_MATCH: u32 = 3;
-/// Not allowed: a script whose interpreter (`#!`) is not on the allowlist.
-pub const EXEC_BASIS_INTERPRETER: u32 = 4;
-/// Not allowed: a script whose own name is not on the allowlist.
-pub const EXEC_BASIS_SCRIPT: u32 = 5;
-/// Not allowed: in a user namespace names are not trusted and the file is no exact rule's file.
-pub const EXEC_BASIS_USER_NS: u32 = 6;
-/// Not allowed: the kernel could not read the exec's facts.
-pub const EXEC_BASIS_UNREADABLE: u32 = 7;
 
 /// Data part of the file-identity allowlist key: (agent, device, inode) of a file an exact exec
 /// rule names, resolved by the daemon (`stat`) and kept current.
@@ -693,7 +565,6 @@ mod pod {
     unsafe impl aya::Pod for super::NetKey {}
     unsafe impl aya::Pod for super::NetAllow {}
     unsafe impl aya::Pod for super::ExecKey {}
-    unsafe impl aya::Pod for super::ActionRecord {}
     unsafe impl aya::Pod for super::IdentityConfig {}
     unsafe impl aya::Pod for super::Expiry {}
     unsafe impl aya::Pod for super::NetGrant {}
@@ -705,7 +576,6 @@ mod pod {
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.
-const _: () = assert!(core::mem::size_of::<ActionRecord>() == 344 + 16 + 24 + RECORD_PATH_LEN);
 const _: () = assert!(core::mem::size_of::<ExecFileKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AgentSlot>() == 16);
 const _: () = assert!(core::mem::size_of::<NetGrant>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);

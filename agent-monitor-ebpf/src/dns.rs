@@ -5,13 +5,13 @@
 
 use agent_monitor_common::{
     AF_INET, AF_INET6, AgentSlot, COUNTER_DNS_NO_PROXY, COUNTER_DNS_ORIG_MISSING, DNS_PORT,
-    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_REFUSED, KIND_DNS_REDIRECT, MAX_PORT_RANGES,
-    MODE_ENFORCE, NetKey, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_REFUSED, MAX_PORT_RANGES, MODE_ENFORCE, NetKey,
+    NetPayload, RecordKind, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
 };
 use aya_ebpf::programs::SockAddrContext;
 
 use crate::maps::{
-    DNS_LEARNED, DNS_ORIG, DNS_PROXY, DNS_PROXY_PORTS, NetDest, count, current_agent, must_refuse,
+    DNS_LEARNED, DNS_ORIG, DNS_PROXY, DNS_PROXY_PORTS, count, current_agent, must_refuse,
     report_net,
 };
 
@@ -57,7 +57,7 @@ pub fn redirect(
     // An IPv6 socket sending to an IPv4-mapped address takes the IPv4 path: it needs the IPv4
     // proxy, written as a mapped address.
     let via_v4 = family == AF_INET || is_v4_mapped(&addr);
-    let dest = NetDest {
+    let dest = NetPayload {
         family,
         addr,
         port,
@@ -277,6 +277,13 @@ fn read_ip6(sa: &aya_ebpf::bindings::bpf_sock_addr) -> [u8; 16] {
 /// Tells the daemon which process sent DNS traffic where, so the query the proxy judges can be
 /// attributed to it.
 #[inline(always)]
-fn report(cgroup_id: u64, slot: &AgentSlot, verdict: u32, flags: u32, dest: NetDest) -> bool {
-    report_net(KIND_DNS_REDIRECT, verdict, cgroup_id, slot, flags, dest)
+fn report(cgroup_id: u64, slot: &AgentSlot, verdict: u32, flags: u32, dest: NetPayload) -> bool {
+    report_net(
+        RecordKind::DnsRedirect,
+        verdict,
+        cgroup_id,
+        slot,
+        flags,
+        dest,
+    )
 }

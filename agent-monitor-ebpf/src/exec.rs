@@ -19,10 +19,11 @@ use agent_monitor_common::{
     COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, COUNTER_SELECTOR_CONFLICTS, EXEC_BASIS_FILE,
     EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME, EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT,
     EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey,
-    FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE,
-    FLAG_RETAGGED, FLAG_USER_NS, KIND_EXEC, KIND_TAGGED, KernelOffsets, MODE_ENFORCE, NO_ALLOWLIST,
-    RECORD_PATH_LEN, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE,
-    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, source_rank,
+    ExecPayload, FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED,
+    FLAG_PATH_UNREADABLE, FLAG_RETAGGED, FLAG_USER_NS, KernelOffsets, MODE_ENFORCE, NO_ALLOWLIST,
+    RECORD_PATH_LEN, RecordKind, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID,
+    TASK_NONE, TaggedPayload, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE,
+    exec_path_is_normal, source_rank,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
@@ -347,7 +348,9 @@ fn judge(
         VERDICT_ALERT
     };
 
-    let Some(mut entry) = start_record(KIND_EXEC, verdict, cgroup_id, slot) else {
+    let Some(mut entry) =
+        start_record::<ExecPayload>(RecordKind::Exec, verdict, cgroup_id, slot, flags)
+    else {
         // An alert that cannot be recorded is refused as enforce mode would (`must_refuse`).
         if verdict == VERDICT_ALERT && must_refuse(verdict, false) {
             // SAFETY: as above.
@@ -356,26 +359,22 @@ fn judge(
         }
         return verdict == VERDICT_DENIED;
     };
-    let rec = entry.as_mut_ptr();
     // SAFETY: reserved record; the names are read again straight into it.
     unsafe {
-        (*rec).other_pid = old_pid as u32;
-        (*rec).flags = flags;
-        (*rec).detail = basis;
+        let p = &raw mut (*entry.as_mut_ptr()).payload;
+        start_exec_payload(p, old_pid, basis, facts);
         if let Some(f) = facts {
-            (*rec).file_dev = f.dev;
-            (*rec).file_ino = f.ino;
-            (*rec).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+            (*p).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
                 f.filename,
-                &mut (*rec).path,
+                &mut (*p).path,
             ) {
                 Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
                 Err(_) => 0,
             };
             if f.interp != f.filename {
-                (*rec).interp_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+                (*p).interp_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
                     f.interp,
-                    &mut (*rec).interp,
+                    &mut (*p).interp,
                 ) {
                     Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
                     Err(_) => 0,
@@ -399,21 +398,23 @@ fn deny_without_policy(cgroup_id: u64, raw: &AgentSlot, facts: &Option<Facts>, o
         task: raw.task,
         source: raw.source,
     };
-    let Some(mut entry) = start_record(KIND_EXEC, VERDICT_DENIED, cgroup_id, &slot) else {
+    let Some(mut entry) = start_record::<ExecPayload>(
+        RecordKind::Exec,
+        VERDICT_DENIED,
+        cgroup_id,
+        &slot,
+        FLAG_KILLED,
+    ) else {
         return;
     };
-    let rec = entry.as_mut_ptr();
     // SAFETY: reserved record; the name is read straight into it.
     unsafe {
-        (*rec).other_pid = old_pid as u32;
-        (*rec).flags = FLAG_KILLED;
-        (*rec).detail = EXEC_BASIS_NO_MATCH;
+        let p = &raw mut (*entry.as_mut_ptr()).payload;
+        start_exec_payload(p, old_pid, EXEC_BASIS_NO_MATCH, facts);
         if let Some(f) = facts {
-            (*rec).file_dev = f.dev;
-            (*rec).file_ino = f.ino;
-            (*rec).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
+            (*p).path_len = match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(
                 f.filename,
-                &mut (*rec).path,
+                &mut (*p).path,
             ) {
                 Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
                 Err(_) => 0,
@@ -423,7 +424,30 @@ fn deny_without_policy(cgroup_id: u64, raw: &AgentSlot, facts: &Option<Facts>, o
     submit(entry, VERDICT_DENIED);
 }
 
-/// `KIND_TAGGED`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
+/// Writes an exec record's fixed fields (the names are read in by the caller; until then they
+/// are empty).
+///
+/// # Safety
+/// `p` points into a reserved record.
+#[inline(always)]
+unsafe fn start_exec_payload(p: *mut ExecPayload, old_pid: u64, basis: u32, facts: &Option<Facts>) {
+    let (file_dev, file_ino) = match facts {
+        Some(f) => (f.dev, f.ino),
+        None => (0, 0),
+    };
+    // SAFETY: the caller's pointer into a reserved record; fields are written, never read.
+    unsafe {
+        (*p).old_pid = old_pid as u32;
+        (*p).basis = basis;
+        (*p).file_dev = file_dev;
+        (*p).path_len = 0;
+        (*p).file_ino = file_ino;
+        (*p).interp_len = 0;
+        (*p)._pad = 0;
+    }
+}
+
+/// `RecordKind::Tagged`: `verdict` `VERDICT_NONE` — the process became `slot`'s agent (with
 /// `FLAG_RETAGGED`: leaving `prior_agent`); `VERDICT_DENIED` — it stays `slot` and the executable
 /// selector of agent `prior_agent` was refused by precedence.
 #[inline(always)]
@@ -438,15 +462,17 @@ fn report_tagged(
 ) {
     // Unlike other records, these carry stable agent ids (identities as stored): translating
     // here pushed the exec program past the verifier's size limit (E2BIG).
-    if let Some(mut entry) = start_record(KIND_TAGGED, verdict, cgroup_id, slot) {
-        let rec = entry.as_mut_ptr();
+    if let Some(mut entry) =
+        start_record::<TaggedPayload>(RecordKind::Tagged, verdict, cgroup_id, slot, flags)
+    {
         // SAFETY: reserved record; kernel string read into a bounded buffer.
         unsafe {
-            (*rec).other_pid = old_pid as u32;
-            (*rec).flags = flags;
-            (*rec).prior_agent = prior_agent;
-            (*rec).path_len =
-                match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*rec).path) {
+            let p = &raw mut (*entry.as_mut_ptr()).payload;
+            (*p).old_pid = old_pid as u32;
+            (*p).prior_agent = prior_agent;
+            (*p)._pad = 0;
+            (*p).path_len =
+                match aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes(name, &mut (*p).path) {
                     Ok(s) => s.len().min(RECORD_PATH_LEN) as u32,
                     Err(_) => 0,
                 };

@@ -1,6 +1,6 @@
 //! Agent process lifecycle, so the daemon can name the process chain of every action.
 
-use agent_monitor_common::{KIND_EXIT, KIND_FORK, SELECT_TAGS, VERDICT_NONE};
+use agent_monitor_common::{ExitPayload, ForkPayload, RecordKind, SELECT_TAGS, VERDICT_NONE};
 use aya_ebpf::programs::TracePointContext;
 
 use crate::identity::{config, current_identity, forget, in_force, inherit};
@@ -24,9 +24,11 @@ pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
     // Fires for threads too: every thread of a tagged process carries the tag.
     inherit(child, &raw);
     let slot = in_force(&raw);
-    if let Some(mut entry) = start_record(KIND_FORK, VERDICT_NONE, cgroup_id, &slot) {
+    if let Some(mut entry) =
+        start_record::<ForkPayload>(RecordKind::Fork, VERDICT_NONE, cgroup_id, &slot, 0)
+    {
         // SAFETY: reserved record.
-        unsafe { (*entry.as_mut_ptr()).other_pid = child };
+        unsafe { (*entry.as_mut_ptr()).payload = ForkPayload { child, _pad: 0 } };
         submit(entry, VERDICT_NONE);
     }
     Ok(())
@@ -47,7 +49,9 @@ pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
     if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
         return Ok(());
     }
-    if let Some(entry) = start_record(KIND_EXIT, VERDICT_NONE, cgroup_id, &slot) {
+    if let Some(entry) =
+        start_record::<ExitPayload>(RecordKind::Exit, VERDICT_NONE, cgroup_id, &slot, 0)
+    {
         submit(entry, VERDICT_NONE);
     }
     Ok(())

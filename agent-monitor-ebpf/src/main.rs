@@ -13,7 +13,7 @@ mod maps;
 mod net;
 mod route;
 
-use agent_monitor_common::{KIND_CONNECT, KIND_SENDMSG};
+use agent_monitor_common::RecordKind;
 use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, lsm, raw_tracepoint, tracepoint},
     programs::{
@@ -52,13 +52,13 @@ pub fn agent_exit(ctx: TracePointContext) -> u32 {
 /// io_uring), with the kernel's copy of the address; 0 → EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn agent_connect4(ctx: SockAddrContext) -> i32 {
-    net::on_addr4(&ctx, KIND_CONNECT)
+    net::on_addr4(&ctx, RecordKind::Connect)
 }
 
 /// cgroup/connect6: every connect of an AF_INET6 socket, IPv4-mapped addresses included; 0 → EPERM.
 #[cgroup_sock_addr(connect6)]
 pub fn agent_connect6(ctx: SockAddrContext) -> i32 {
-    net::on_addr6(&ctx, KIND_CONNECT)
+    net::on_addr6(&ctx, RecordKind::Connect)
 }
 
 /// cgroup/sendmsg4: every UDP send that names its destination (sendto, sendmsg, sendmmsg,
@@ -66,13 +66,13 @@ pub fn agent_connect6(ctx: SockAddrContext) -> i32 {
 /// DNS datagrams are rewritten to their proxy here.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn agent_sendmsg4(ctx: SockAddrContext) -> i32 {
-    net::on_addr4(&ctx, KIND_SENDMSG)
+    net::on_addr4(&ctx, RecordKind::Sendmsg)
 }
 
 /// cgroup/sendmsg6: every UDP send on an AF_INET6 socket that names its destination; 0 → EPERM.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn agent_sendmsg6(ctx: SockAddrContext) -> i32 {
-    net::on_addr6(&ctx, KIND_SENDMSG)
+    net::on_addr6(&ctx, RecordKind::Sendmsg)
 }
 
 /// cgroup/sock_create: every AF_INET/AF_INET6 socket a process creates; 0 → EPERM.

@@ -2,15 +2,19 @@
 //! policy; the kernel only reads them.
 
 use agent_monitor_common::{
-    AGENT_CGROUP_FILTER_WORDS, ActionRecord, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig,
+    ACTIONS_RING_BYTES, AGENT_CGROUP_FILTER_WORDS, AgentSlot, COUNTERS, DAEMON_STATE_LEN, DnsOrig,
     DnsProxy, ExecFileKey, ExecKey, Expiry, IdentityConfig, Learned, MAX_AGENT_CGROUPS,
     MAX_AGENT_SOCKETS, MAX_AGENTS, MAX_DNS_LEARNED, MAX_DNS_SOCKETS, MAX_EXEC_ENTRIES,
     MAX_EXEC_SELECTORS, MAX_GRANT_ENTRIES, MAX_NET_ENTRIES, MAX_TAGGED_TASKS, MAX_UID_SELECTORS,
-    NetAllow, NetGrant, NetKey, VERDICT_ALERT, VERDICT_DENIED,
+    NetAllow, NetGrant, NetKey, NetPayload, Record, RecordKind, VERDICT_ALERT, VERDICT_DENIED,
+    ring_bytes,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+        ring_buf::RingBufEntry,
+    },
 };
 
 /// Stable agent id → the agent's allowlist index in force and its mode. Identities (cgroup slots,
@@ -80,9 +84,10 @@ pub static EXEC_ALLOW: LpmTrie<ExecKey, u32> = LpmTrie::with_max_entries(MAX_EXE
 #[map]
 pub static EXEC_FILES: HashMap<ExecFileKey, u32> = HashMap::with_max_entries(MAX_EXEC_ENTRIES, 0);
 
-/// Agent actions and agent lifecycle, kernel → daemon. 8 MiB holds ~13k records (648 bytes each).
+/// Agent actions and agent lifecycle, kernel → daemon. Each record takes its kind's size
+/// (`RecordKind::record_size`, plus 8): 8 MiB holds ~80k connect records or ~13k exec records.
 #[map]
-pub static ACTIONS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
+pub static ACTIONS: RingBuf = RingBuf::with_byte_size(ACTIONS_RING_BYTES, 0);
 
 /// Per-CPU loss and anomaly counters, indexed by `COUNTER_*`.
 #[map]
@@ -113,16 +118,18 @@ pub fn count(index: u32) {
     }
 }
 
-/// Reserve a record and fill the fields every record has. `None` when the ring buffer is full; the
-/// loss is counted.
+/// Reserve a record of `kind` with payload `P` (exactly its size in the ring buffer) and fill the
+/// header. The caller writes every payload field. `None` when the ring buffer is full; the loss
+/// is counted.
 #[inline(always)]
-pub fn start_record(
-    kind: u32,
+pub fn start_record<P: 'static>(
+    kind: RecordKind,
     verdict: u32,
     cgroup_id: u64,
     slot: &AgentSlot,
-) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<ActionRecord>> {
-    let Some(mut entry) = ACTIONS.reserve::<ActionRecord>(0) else {
+    flags: u32,
+) -> Option<RingBufEntry<Record<P>>> {
+    let Some(mut entry) = ACTIONS.reserve::<Record<P>>(0) else {
         count(agent_monitor_common::COUNTER_RECORDS_LOST);
         if verdict != agent_monitor_common::VERDICT_NONE {
             count(agent_monitor_common::COUNTER_ACTIONS_LOST);
@@ -132,40 +139,29 @@ pub fn start_record(
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     let uid_gid = aya_ebpf::helpers::bpf_get_current_uid_gid();
     let rec = entry.as_mut_ptr();
-    // SAFETY: `rec` points at a reserved, writable record; fields are written, never read.
+    // SAFETY: `rec` points at a reserved, writable record; the header is written, never read.
+    // Field by field: a struct literal would be built on the 512-byte stack first.
     unsafe {
-        (*rec).kind = kind;
-        (*rec).verdict = verdict;
-        (*rec).cgroup_id = cgroup_id;
-        (*rec).ktime_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
-        (*rec).pid = (pid_tgid >> 32) as u32;
-        (*rec).tid = pid_tgid as u32;
-        (*rec).uid = uid_gid as u32;
-        (*rec).other_pid = 0;
-        (*rec).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
-        (*rec).family = 0;
-        (*rec).port = 0;
-        (*rec).sock_type = 0;
-        (*rec).addr = [0; 16];
-        (*rec).flags = 0;
-        (*rec).path_len = 0;
-        (*rec).file_dev = 0;
-        (*rec).detail = 0;
-        (*rec).file_ino = 0;
-        (*rec).interp_len = 0;
-        (*rec)._pad = 0;
-        (*rec).agent = slot.agent;
-        (*rec).task = slot.task;
-        (*rec).source = slot.source;
-        (*rec).prior_agent = 0;
+        let h = &raw mut (*rec).header;
+        (*h).kind = kind as u32;
+        (*h).verdict = verdict;
+        (*h).cgroup_id = cgroup_id;
+        (*h).ktime_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
+        (*h).pid = (pid_tgid >> 32) as u32;
+        (*h).tid = pid_tgid as u32;
+        (*h).uid = uid_gid as u32;
+        (*h).flags = flags;
+        (*h).comm = aya_ebpf::helpers::bpf_get_current_comm().unwrap_or([0; 16]);
+        (*h).agent = slot.agent;
+        (*h).task = slot.task;
+        (*h).source = slot.source;
+        (*h)._pad = 0;
     }
     Some(entry)
 }
 
-/// Unread bytes in [`ACTIONS`] at which a record wakes the daemon (about 750 records).
+/// Unread bytes in [`ACTIONS`] at which a record wakes the daemon (about 2,500 connect records).
 const WAKEUP_BYTES: u64 = 256 * 1024;
-/// Bytes one record takes in the ring buffer: the record and the kernel's 8-byte header.
-const RECORD_BYTES: u64 = (core::mem::size_of::<ActionRecord>() as u64 + 8 + 7) & !7;
 
 /// Queues a reserved record. A denial or an alert wakes the daemon at once (it goes to journald
 /// now); other records (allowed actions, fork, exit) wake it only when the unread data crosses
@@ -173,12 +169,15 @@ const RECORD_BYTES: u64 = (core::mem::size_of::<ActionRecord>() as u64 + 8 + 7) 
 /// record made every allowed connect of an agent ~20 µs slower (docs/benchmarks.md); so does a
 /// wake-up per record above the mark, hence "crosses".
 #[inline(always)]
-pub fn submit(entry: aya_ebpf::maps::ring_buf::RingBufEntry<ActionRecord>, verdict: u32) {
+pub fn submit<P: 'static>(entry: RingBufEntry<Record<P>>, verdict: u32) {
     use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
+    // Bytes this record takes in the ring buffer: the unread data crossed the mark with it when
+    // it lies within this many bytes above the mark.
+    let record_bytes = ring_bytes(core::mem::size_of::<Record<P>>()) as u64;
     let urgent = verdict == VERDICT_DENIED || verdict == VERDICT_ALERT;
     // Includes this record: the producer position moved when it was reserved.
     let unread = ACTIONS.query(BPF_RB_AVAIL_DATA as u64);
-    let crossing = unread >= WAKEUP_BYTES && unread < WAKEUP_BYTES + RECORD_BYTES;
+    let crossing = unread >= WAKEUP_BYTES && unread < WAKEUP_BYTES + record_bytes;
     let flags = if urgent || crossing {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -208,17 +207,6 @@ pub static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(MAX
 #[map]
 pub static DNS_LEARNED: HashMap<NetKey, Learned> = HashMap::with_max_entries(MAX_DNS_LEARNED, 0);
 
-/// Where a network action went, as a record carries it.
-#[derive(Clone, Copy)]
-pub struct NetDest {
-    pub family: u16,
-    /// IPv4 as `::ffff:a.b.c.d`.
-    pub addr: [u8; 16],
-    /// Host order.
-    pub port: u16,
-    pub sock_type: u32,
-}
-
 /// Whether a hook must refuse an action judged `verdict` whose record was queued (`recorded`) or
 /// not. A denial always is. An alert is when its record could not be queued: an action outside
 /// the allowlist must never happen unrecorded, so alert mode fails closed under a ring-buffer
@@ -236,26 +224,25 @@ pub fn must_refuse(verdict: u32, recorded: bool) -> bool {
     false
 }
 
-/// Reports a network action (connect, DNS redirect) with its destination and flags. Returns
-/// whether the record was queued.
+/// Reports a network action (connect, sendmsg, DNS redirect) with its destination and flags.
+/// Returns whether the record was queued.
 #[inline(always)]
 pub fn report_net(
-    kind: u32,
+    kind: RecordKind,
     verdict: u32,
     cgroup_id: u64,
     slot: &AgentSlot,
     flags: u32,
-    dest: NetDest,
+    dest: NetPayload,
 ) -> bool {
-    if let Some(mut entry) = start_record(kind, verdict, cgroup_id, slot) {
-        let rec = entry.as_mut_ptr();
-        // SAFETY: reserved record.
+    if let Some(mut entry) = start_record::<NetPayload>(kind, verdict, cgroup_id, slot, flags) {
+        // SAFETY: reserved record; field by field (see `start_record`).
         unsafe {
-            (*rec).family = dest.family;
-            (*rec).port = dest.port;
-            (*rec).sock_type = dest.sock_type;
-            (*rec).addr = dest.addr;
-            (*rec).flags = flags;
+            let p = &raw mut (*entry.as_mut_ptr()).payload;
+            (*p).family = dest.family;
+            (*p).port = dest.port;
+            (*p).sock_type = dest.sock_type;
+            (*p).addr = dest.addr;
         }
         submit(entry, verdict);
         return true;

@@ -4,8 +4,8 @@
 use agent_monitor_common::{
     AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
     COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_CONNECTED_PEER, FLAG_DNS_REFUSED,
-    FLAG_GRANTED, FLAG_LEARNED, KIND_SENDMSG, KIND_SOCKET, MAX_PORT_RANGES, MODE_ENFORCE,
-    NET_KEY_AGENT_BITS, NetAllow, NetKey, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
+    FLAG_GRANTED, FLAG_LEARNED, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow,
+    NetKey, NetPayload, RecordKind, SocketPayload, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
     VERDICT_DENIED, net_judged_addr, socket_allowed, source_is_tag,
 };
 use aya_ebpf::{
@@ -15,8 +15,8 @@ use aya_ebpf::{
 
 use crate::identity::{current_identity, in_force};
 use crate::maps::{
-    AGENT_SOCKETS, NET_ALLOW, NetDest, TASK_NET_GRANTS, count, current_agent, must_refuse,
-    report_net, start_record, submit,
+    AGENT_SOCKETS, NET_ALLOW, TASK_NET_GRANTS, count, current_agent, must_refuse, report_net,
+    start_record, submit,
 };
 
 /// Return values of cgroup sock and sock_addr programs.
@@ -31,7 +31,7 @@ const REJECT: i32 = 0;
 /// (a call and its return measurably cost more than the lookup where return-stack mitigations
 /// make every `ret` expensive, docs/benchmarks.md).
 #[inline(always)]
-pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
+pub fn on_addr4(ctx: &SockAddrContext, kind: RecordKind) -> i32 {
     match current_agent() {
         Some((cgroup_id, slot)) => agent_addr4(ctx, kind, cgroup_id, &slot),
         None => PASS,
@@ -39,10 +39,10 @@ pub fn on_addr4(ctx: &SockAddrContext, kind: u32) -> i32 {
 }
 
 #[inline(never)]
-fn agent_addr4(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
+fn agent_addr4(ctx: &SockAddrContext, kind: RecordKind, cgroup_id: u64, slot: &AgentSlot) -> i32 {
     let slot = *slot;
     let (addr, port, sock_type) = dest4(ctx);
-    if kind == KIND_SENDMSG && port == 0 {
+    if kind == RecordKind::Sendmsg && port == 0 {
         let (peer, peer_port) = peer4(ctx);
         return judge_connected_send(cgroup_id, slot, AF_INET, peer, peer_port, sock_type);
     }
@@ -55,7 +55,7 @@ fn agent_addr4(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlo
 /// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
 /// Split like [`on_addr4`].
 #[inline(always)]
-pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
+pub fn on_addr6(ctx: &SockAddrContext, kind: RecordKind) -> i32 {
     match current_agent() {
         Some((cgroup_id, slot)) => agent_addr6(ctx, kind, cgroup_id, &slot),
         None => PASS,
@@ -63,10 +63,10 @@ pub fn on_addr6(ctx: &SockAddrContext, kind: u32) -> i32 {
 }
 
 #[inline(never)]
-fn agent_addr6(ctx: &SockAddrContext, kind: u32, cgroup_id: u64, slot: &AgentSlot) -> i32 {
+fn agent_addr6(ctx: &SockAddrContext, kind: RecordKind, cgroup_id: u64, slot: &AgentSlot) -> i32 {
     let slot = *slot;
     let (addr, port, sock_type) = dest6(ctx);
-    if kind == KIND_SENDMSG && port == 0 {
+    if kind == RecordKind::Sendmsg && port == 0 {
         let (peer, peer_port) = peer6(ctx);
         return judge_connected_send(cgroup_id, slot, AF_INET6, peer, peer_port, sock_type);
     }
@@ -96,7 +96,7 @@ fn judge_connected_send(
         return PASS;
     }
     judge(
-        KIND_SENDMSG,
+        RecordKind::Sendmsg,
         cgroup_id,
         slot,
         family,
@@ -273,7 +273,7 @@ fn ports_allow(allow: &NetAllow, port: u16) -> bool {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn judge(
-    kind: u32,
+    kind: RecordKind,
     cgroup_id: u64,
     slot: AgentSlot,
     family: u16,
@@ -303,7 +303,7 @@ fn judge(
         NetAllowed::Grant => flags |= FLAG_GRANTED,
         NetAllowed::No | NetAllowed::Policy => {}
     }
-    let dest = NetDest {
+    let dest = NetPayload {
         family,
         addr,
         port,
@@ -415,14 +415,19 @@ fn report_socket(
     protocol: u32,
 ) -> bool {
     count(COUNTER_SOCKET_REFUSED);
-    if let Some(mut entry) = start_record(KIND_SOCKET, verdict, cgroup_id, slot) {
-        let rec = entry.as_mut_ptr();
+    if let Some(mut entry) =
+        start_record::<SocketPayload>(RecordKind::Socket, verdict, cgroup_id, slot, 0)
+    {
         // SAFETY: reserved record.
         unsafe {
-            (*rec).family = family as u16;
-            (*rec).sock_type = sock_type;
-            (*rec).detail = protocol;
-        }
+            (*entry.as_mut_ptr()).payload = SocketPayload {
+                family,
+                _pad: 0,
+                sock_type,
+                protocol,
+                _pad2: 0,
+            }
+        };
         submit(entry, verdict);
         return true;
     }

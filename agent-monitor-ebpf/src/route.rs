@@ -11,8 +11,9 @@
 //! leave from a timer (a TCP retransmission) where the current task is anyone.
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, AgentSlot, COUNTER_SOURCE_ROUTED, KIND_SOURCE_ROUTE, MAX_SELECTOR_LEVEL,
-    MODE_ENFORCE, SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, VERDICT_ALERT, VERDICT_DENIED,
+    AF_INET, AF_INET6, AgentSlot, COUNTER_SOURCE_ROUTED, MAX_SELECTOR_LEVEL, MODE_ENFORCE,
+    RecordKind, SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, SourceRoutePayload, VERDICT_ALERT,
+    VERDICT_DENIED,
 };
 use aya_ebpf::{helpers::generated as h, programs::SkBuffContext};
 
@@ -187,16 +188,21 @@ fn refuse_bent(cgroup_id: u64, raw: &AgentSlot, b: &Bent) -> i32 {
         VERDICT_ALERT
     };
     let mut recorded = false;
-    if let Some(mut entry) = start_record(KIND_SOURCE_ROUTE, verdict, cgroup_id, &slot) {
-        let rec = entry.as_mut_ptr();
+    if let Some(mut entry) =
+        start_record::<SourceRoutePayload>(RecordKind::SourceRoute, verdict, cgroup_id, &slot, 0)
+    {
         // SAFETY: reserved record. The task fields `start_record` filled are whoever runs now
         // (a timer may send): the daemon names the agent by the slot and the cgroup, not the pid.
         unsafe {
-            (*rec).family = b.family;
-            (*rec).addr = b.first_hop;
-            (*rec).sock_type = b.protocol;
-            (*rec).detail = b.detail;
-        }
+            (*entry.as_mut_ptr()).payload = SourceRoutePayload {
+                family: b.family,
+                _pad: 0,
+                protocol: b.protocol,
+                detail: b.detail,
+                _pad2: 0,
+                first_hop: b.first_hop,
+            }
+        };
         submit(entry, verdict);
         recorded = true;
     }

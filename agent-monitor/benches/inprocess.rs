@@ -22,7 +22,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use agent_monitor_common::{self as common, ActionRecord};
+use agent_monitor_common as common;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use action::{Action, Verdict};
@@ -41,28 +41,51 @@ fn policy() -> policy::Policy {
     policy::Policy::parse(&text, Path::new("bench.toml")).expect("bench policy parses")
 }
 
-fn record(kind: u32) -> Vec<u8> {
-    // SAFETY: ActionRecord is plain integers and arrays of them: all zeroes is a valid value.
-    // Zeroed rather than listed, so fields added to the record do not break the bench.
-    let mut r: ActionRecord = unsafe { std::mem::zeroed() };
-    r.kind = kind;
-    r.verdict = common::VERDICT_ALLOWED;
-    r.cgroup_id = 4242;
-    r.ktime_ns = 1;
-    r.pid = 1000;
-    r.tid = 1000;
-    r.uid = 1000;
-    r.family = common::AF_INET;
-    r.port = 8080;
-    r.sock_type = 1;
-    r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
-    r.comm[..6].copy_from_slice(b"python");
-    let path = b"/usr/bin/git";
-    r.path[..path.len()].copy_from_slice(path);
-    r.path_len = path.len() as u32;
-    // SAFETY: ActionRecord is plain integers without padding; viewing it as bytes is sound.
-    unsafe { std::slice::from_raw_parts((&r as *const ActionRecord).cast::<u8>(), size_of_val(&r)) }
-        .to_vec()
+/// The bytes of a record of `kind` as the kernel writes it (its kind's size), zeroed where the
+/// bench does not care. Zeroed rather than listed, so fields added to the record do not break it.
+fn record(kind: common::RecordKind) -> Vec<u8> {
+    let mut r = vec![0u8; kind.record_size()];
+    let header = common::RecordHeader {
+        kind: kind as u32,
+        verdict: common::VERDICT_ALLOWED,
+        cgroup_id: 4242,
+        ktime_ns: 1,
+        pid: 1000,
+        tid: 1000,
+        uid: 1000,
+        flags: 0,
+        comm: *b"python\0\0\0\0\0\0\0\0\0\0",
+        agent: 0,
+        task: 0,
+        source: 0,
+        _pad: 0,
+    };
+    let at = size_of::<common::RecordHeader>();
+    // SAFETY: `r` is at least a header and the kind's payload long; both are plain integers,
+    // written unaligned.
+    unsafe {
+        std::ptr::write_unaligned(r.as_mut_ptr().cast(), header);
+        match kind {
+            common::RecordKind::Exec => {
+                let p = r.as_mut_ptr().add(at).cast::<common::ExecPayload>();
+                let mut payload: common::ExecPayload = std::mem::zeroed();
+                let path = b"/usr/bin/git";
+                payload.path[..path.len()].copy_from_slice(path);
+                payload.path_len = path.len() as u32;
+                std::ptr::write_unaligned(p, payload);
+            }
+            _ => std::ptr::write_unaligned(
+                r.as_mut_ptr().add(at).cast(),
+                common::NetPayload {
+                    family: common::AF_INET,
+                    port: 8080,
+                    sock_type: 1,
+                    addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1],
+                },
+            ),
+        }
+    }
+    r
 }
 
 /// The unit tests' fully populated connect (three-process chain), as an allowed action: the
@@ -92,8 +115,8 @@ fn benches(c: &mut Criterion) {
         let d = p.check_connect(local, 8080);
         b.iter(|| black_box(&d).to_string())
     });
-    let connect = record(common::KIND_CONNECT);
-    let exec = record(common::KIND_EXEC);
+    let connect = record(common::RecordKind::Connect);
+    let exec = record(common::RecordKind::Exec);
     c.bench_function("decode/connect record", |b| {
         b.iter(|| event::decode(black_box(&connect)))
     });

@@ -119,35 +119,134 @@ pub struct ProcessTarget {
     pub task: Option<String>,
 }
 
+/// Where a connect or a datagram went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetTarget {
+    pub destination: Destination,
+    /// The host name the agent resolved to this address through the DNS proxy.
+    pub host: Option<String>,
+}
+
+/// The file an exec ran.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecFile {
+    /// The file name the kernel executed, as given to exec.
+    pub path: String,
+    /// A script's `#!` interpreter (the program that runs).
+    pub interpreter: Option<String>,
+}
+
+/// A DNS query the proxy judged (or DNS traffic the kernel refused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsQuery {
+    /// The name asked, normalised (lower case, no trailing dot); none when the message could not
+    /// be read or never reached the proxy.
+    pub name: Option<String>,
+    /// The server the agent asked, when the kernel's redirect record named it.
+    pub server: Option<Destination>,
+}
+
+/// What an action was aimed at. Its variant is the action's [`ActionKind`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Connect(NetTarget),
+    Sendmsg(NetTarget),
+    /// The socket asked for, e.g. `inet dgram icmp (1)`.
+    Socket(String),
+    Exec(ExecFile),
+    /// A refused control request; the reason says which.
+    Control,
+    /// A change of identity; the reason says which.
+    Identity,
+    Dns(DnsQuery),
+    /// The call `run`'s seccomp filter caught.
+    IoUring(String),
+    Seccomp(String),
+    Ptrace(ProcessTarget),
+    Signal(ProcessTarget),
+    /// A source-routed packet: the first hop it would have gone to, and its transport.
+    SourceRoute {
+        first_hop: IpAddr,
+        transport: &'static str,
+    },
+}
+
+impl Object {
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            Object::Connect(_) => ActionKind::Connect,
+            Object::Sendmsg(_) => ActionKind::Sendmsg,
+            Object::Socket(_) => ActionKind::Socket,
+            Object::Exec(_) => ActionKind::Exec,
+            Object::Control => ActionKind::Control,
+            Object::Identity => ActionKind::Identity,
+            Object::Dns(_) => ActionKind::Dns,
+            Object::IoUring(_) => ActionKind::IoUring,
+            Object::Seccomp(_) => ActionKind::Seccomp,
+            Object::Ptrace(_) => ActionKind::Ptrace,
+            Object::Signal(_) => ActionKind::Signal,
+            Object::SourceRoute { .. } => ActionKind::SourceRoute,
+        }
+    }
+
+    /// Where the action went, for the `DEST_*` fields: connect, sendmsg, a DNS query's server, a
+    /// source-routed packet's first hop (port 0).
+    pub fn destination(&self) -> Option<Destination> {
+        match self {
+            Object::Connect(t) | Object::Sendmsg(t) => Some(t.destination),
+            Object::Dns(q) => q.server,
+            Object::SourceRoute {
+                first_hop,
+                transport,
+            } => Some(Destination {
+                addr: *first_hop,
+                port: 0,
+                transport,
+            }),
+            Object::Socket(_)
+            | Object::Exec(_)
+            | Object::Control
+            | Object::Identity
+            | Object::IoUring(_)
+            | Object::Seccomp(_)
+            | Object::Ptrace(_)
+            | Object::Signal(_) => None,
+        }
+    }
+
+    /// What was asked for, for the `SOCKET` field: the socket, or the call `run` caught.
+    pub fn call(&self) -> Option<&str> {
+        match self {
+            Object::Socket(s) | Object::IoUring(s) | Object::Seccomp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The process aimed at, for the `TARGET_*` fields.
+    pub fn target(&self) -> Option<&ProcessTarget> {
+        match self {
+            Object::Ptrace(t) | Object::Signal(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// One judged action of an agent, enriched with identity and process context.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Action {
-    #[serde(serialize_with = "serialize_time")]
     pub time: SystemTime,
     pub agent: String,
     /// The agent's workload identity, `spiffe://<trust-domain>/agent/<name>`.
     pub spiffe_id: String,
     pub task: String,
-    pub kind: ActionKind,
     pub verdict: Verdict,
     pub pid: u32,
     pub uid: u32,
     pub comm: String,
-    /// Connect: the acting process's executable. Exec: the file being executed.
+    /// The acting process's executable, when known. An exec reports the file it ran instead.
     pub exe: Option<String>,
-    /// Exec of a script: the interpreter its `#!` line names (the program that runs).
-    pub interpreter: Option<String>,
-    /// Connect, sendmsg and DNS: where it was going (for DNS, the server the agent asked).
-    pub destination: Option<Destination>,
-    /// Connect and sendmsg: the host name the agent resolved to this address through the DNS
-    /// proxy.
-    pub dest_host: Option<String>,
-    /// DNS: the name asked, normalised (lower case, no trailing dot).
-    pub dns_name: Option<String>,
-    /// Socket: what was asked for, e.g. `inet dgram icmp (1)`. io_uring and seccomp: the call.
-    pub socket: Option<String>,
-    /// Ptrace-family calls and signals: the call and the process it aimed at.
-    pub target: Option<ProcessTarget>,
+    /// What the action was aimed at; its variant is the action's kind.
+    pub object: Object,
     /// Root of the agent first, acting process last.
     pub chain: Vec<ChainLink>,
     /// How a denial was carried out ("eperm", "sigkill"), if it was.
@@ -157,53 +256,59 @@ pub struct Action {
 }
 
 impl Action {
+    pub fn kind(&self) -> ActionKind {
+        self.object.kind()
+    }
+
+    /// The `EXE` field: for an exec the file being executed, otherwise the acting process's
+    /// executable.
+    pub fn reported_exe(&self) -> Option<&str> {
+        match &self.object {
+            Object::Exec(f) => Some(&f.path),
+            _ => self.exe.as_deref(),
+        }
+    }
+
     /// A one-line summary a person reads first.
     pub fn message(&self) -> String {
-        let object = match (self.kind, &self.destination, &self.exe) {
-            (ActionKind::Connect | ActionKind::Sendmsg, Some(d), _) => match d.addr {
-                IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
-                IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
-            },
-            (ActionKind::SourceRoute, Some(d), _) => {
-                format!(
-                    "source-routed {} packet to first hop {}",
-                    d.transport, d.addr
-                )
+        let object = match &self.object {
+            Object::Connect(t) | Object::Sendmsg(t) => {
+                let d = &t.destination;
+                let to = match d.addr {
+                    IpAddr::V6(a) => format!("{} [{}]:{}", d.transport, a, d.port),
+                    IpAddr::V4(a) => format!("{} {}:{}", d.transport, a, d.port),
+                };
+                match &t.host {
+                    Some(host) => format!("{to} ({host})"),
+                    None => to,
+                }
             }
-            (ActionKind::Exec, _, Some(exe)) => match &self.interpreter {
-                Some(i) => format!("{exe} (script for {i})"),
-                None => exe.clone(),
+            Object::SourceRoute {
+                first_hop,
+                transport,
+            } => format!("source-routed {transport} packet to first hop {first_hop}"),
+            Object::Exec(f) => match &f.interpreter {
+                Some(i) => format!("{} (script for {i})", f.path),
+                None => f.path.clone(),
             },
-            (ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp, _, _) => {
-                self.socket.clone().unwrap_or_else(|| "?".into())
-            }
-            (ActionKind::Control | ActionKind::Identity, _, _) => self.reason.clone(),
-            (ActionKind::Ptrace | ActionKind::Signal, _, _) => match &self.target {
-                Some(t) => format!(
-                    "{}{} of pid {} ({}, {})",
-                    t.syscall,
-                    t.signal.map_or(String::new(), |s| format!(" signal {s}")),
-                    t.pid,
-                    t.comm,
-                    match (&t.agent, &t.task) {
-                        (Some(a), Some(task)) => format!("agent {a} task {task}"),
-                        (Some(a), None) => format!("agent {a}"),
-                        _ => "outside every agent".to_string(),
-                    }
-                ),
-                None => "?".to_string(),
-            },
-            (ActionKind::Dns, _, _) => format!(
-                "query {}",
-                self.dns_name.as_deref().unwrap_or("(unreadable message)")
+            Object::Socket(s) | Object::IoUring(s) | Object::Seccomp(s) => s.clone(),
+            Object::Control | Object::Identity => self.reason.clone(),
+            Object::Ptrace(t) | Object::Signal(t) => format!(
+                "{}{} of pid {} ({}, {})",
+                t.syscall,
+                t.signal.map_or(String::new(), |s| format!(" signal {s}")),
+                t.pid,
+                t.comm,
+                match (&t.agent, &t.task) {
+                    (Some(a), Some(task)) => format!("agent {a} task {task}"),
+                    (Some(a), None) => format!("agent {a}"),
+                    (None, _) => "outside every agent".to_string(),
+                }
             ),
-            _ => "?".to_string(),
-        };
-        let object = match (&self.dest_host, self.kind) {
-            (Some(host), ActionKind::Connect | ActionKind::Sendmsg) => {
-                format!("{object} ({host})")
-            }
-            _ => object,
+            Object::Dns(q) => format!(
+                "query {}",
+                q.name.as_deref().unwrap_or("(unreadable message)")
+            ),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",
@@ -214,7 +319,7 @@ impl Action {
             "agent {} task {}: {} {} by pid {} ({}): {}",
             self.agent,
             self.task,
-            self.kind.as_str(),
+            self.kind().as_str(),
             object,
             self.pid,
             self.comm,
@@ -236,12 +341,4 @@ impl Action {
             .collect::<Vec<_>>()
             .join(" > ")
     }
-}
-
-fn serialize_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let t = time::OffsetDateTime::from(*t);
-    let text = t
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(serde::ser::Error::custom)?;
-    s.serialize_str(&text)
 }

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use agent_monitor_common as common;
-use agent_monitor_common::ActionRecord;
+use agent_monitor_common::{RecordHeader, RecordKind};
 
 use crate::action::Verdict;
 
@@ -161,58 +161,85 @@ pub enum DecodeError {
     UnknownFamily(u16),
 }
 
-/// Decodes one record as written by the kernel programs.
-pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
-    let want = std::mem::size_of::<ActionRecord>();
-    if bytes.len() < want {
+impl From<common::UnknownKind> for DecodeError {
+    fn from(common::UnknownKind(kind): common::UnknownKind) -> Self {
+        DecodeError::UnknownKind(kind)
+    }
+}
+
+/// Record parts as the kernel writes them: `#[repr(C)]` integers and arrays of them, for which
+/// every bit pattern is a valid value.
+///
+/// # Safety
+/// Only for such types.
+unsafe trait Wire: Copy {}
+// SAFETY: all are repr(C) structs of integers and integer arrays (agent-monitor-common).
+unsafe impl Wire for common::RecordHeader {}
+unsafe impl Wire for common::NetPayload {}
+unsafe impl Wire for common::ExecPayload {}
+unsafe impl Wire for common::SocketPayload {}
+unsafe impl Wire for common::SourceRoutePayload {}
+unsafe impl Wire for common::ForkPayload {}
+unsafe impl Wire for common::TaggedPayload {}
+
+/// The record's `T` at `offset`, or `Short` when the record ends before it does.
+fn read<T: Wire>(bytes: &[u8], offset: usize, want: usize) -> Result<T, DecodeError> {
+    let end = offset + size_of::<T>();
+    if bytes.len() < end.max(want) {
         return Err(DecodeError::Short {
             got: bytes.len(),
-            want,
+            want: end.max(want),
         });
     }
-    // SAFETY: length checked; ActionRecord is plain integers (any bit pattern is valid) and the
-    // read is unaligned-safe.
-    let rec: ActionRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    // SAFETY: `offset + size_of::<T>()` bytes are there; `T: Wire` takes any bit pattern, and
+    // the read is unaligned-safe.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().add(offset).cast()) })
+}
+
+/// Decodes one record as written by the kernel programs: the header, then the payload of its
+/// kind.
+pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
+    let header: RecordHeader = read(bytes, 0, size_of::<RecordHeader>())?;
+    let kind = RecordKind::try_from(header.kind)?;
+    let want = kind.record_size();
+    let payload = size_of::<RecordHeader>();
     let subject = Subject {
-        cgroup_id: rec.cgroup_id,
-        ktime_ns: rec.ktime_ns,
-        pid: rec.pid,
-        tid: rec.tid,
-        uid: rec.uid,
-        comm: c_string(&rec.comm),
-        agent: rec.agent,
-        task: rec.task,
-        source: rec.source,
+        cgroup_id: header.cgroup_id,
+        ktime_ns: header.ktime_ns,
+        pid: header.pid,
+        tid: header.tid,
+        uid: header.uid,
+        comm: c_string(&header.comm),
+        agent: header.agent,
+        task: header.task,
+        source: header.source,
     };
-    let granted = rec.flags & common::FLAG_GRANTED != 0;
-    let path = || {
-        let len = (rec.path_len as usize).min(rec.path.len());
-        String::from_utf8_lossy(&rec.path[..len]).into_owned()
-    };
-    match rec.kind {
-        common::KIND_EXEC => {
-            let len = (rec.path_len as usize).min(rec.path.len());
-            let interp_len = (rec.interp_len as usize).min(rec.interp.len());
+    let flag = |f: u32| header.flags & f != 0;
+    match kind {
+        RecordKind::Exec => {
+            let p: common::ExecPayload = read(bytes, payload, want)?;
+            let interp_len = (p.interp_len as usize).min(p.interp.len());
             Ok(KernelEvent::Exec(ExecEvent {
-                granted,
+                granted: flag(common::FLAG_GRANTED),
                 interpreter: (interp_len > 0)
-                    .then(|| String::from_utf8_lossy(&rec.interp[..interp_len]).into_owned()),
-                file_dev: rec.file_dev,
-                file_ino: rec.file_ino,
-                user_ns: rec.flags & common::FLAG_USER_NS != 0,
-                basis: rec.detail,
-                verdict: verdict(rec.verdict, "exec")?,
-                path: String::from_utf8_lossy(&rec.path[..len]).into_owned(),
-                truncated: rec.flags & common::FLAG_PATH_TRUNCATED != 0,
-                unreadable: rec.flags & common::FLAG_PATH_UNREADABLE != 0,
-                not_normal: rec.flags & common::FLAG_PATH_NOT_NORMAL != 0,
-                killed: rec.flags & common::FLAG_KILLED != 0,
+                    .then(|| String::from_utf8_lossy(&p.interp[..interp_len]).into_owned()),
+                file_dev: p.file_dev,
+                file_ino: p.file_ino,
+                user_ns: flag(common::FLAG_USER_NS),
+                basis: p.basis,
+                verdict: verdict(header.verdict, "exec")?,
+                path: lossy(&p.path, p.path_len),
+                truncated: flag(common::FLAG_PATH_TRUNCATED),
+                unreadable: flag(common::FLAG_PATH_UNREADABLE),
+                not_normal: flag(common::FLAG_PATH_NOT_NORMAL),
+                killed: flag(common::FLAG_KILLED),
                 subject,
             }))
         }
-        common::KIND_CONNECT | common::KIND_SENDMSG | common::KIND_DNS_REDIRECT => {
-            let v6 = Ipv6Addr::from(rec.addr);
-            let addr = match rec.family {
+        RecordKind::Connect | RecordKind::Sendmsg | RecordKind::DnsRedirect => {
+            let p: common::NetPayload = read(bytes, payload, want)?;
+            let v6 = Ipv6Addr::from(p.addr);
+            let addr = match p.family {
                 common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
                 // An IPv4-mapped address on an IPv6 socket is an IPv4 destination.
                 common::AF_INET6 => match v6.to_ipv4_mapped() {
@@ -222,65 +249,82 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 other => return Err(DecodeError::UnknownFamily(other)),
             };
             let event = ConnectEvent {
-                verdict: verdict(rec.verdict, "connect")?,
-                send: rec.kind == common::KIND_SENDMSG,
-                unspecified: rec.flags & common::FLAG_ADDR_UNSPECIFIED != 0,
-                connected_peer: rec.flags & common::FLAG_CONNECTED_PEER != 0,
+                verdict: verdict(header.verdict, "connect")?,
+                send: kind == RecordKind::Sendmsg,
+                unspecified: flag(common::FLAG_ADDR_UNSPECIFIED),
+                connected_peer: flag(common::FLAG_CONNECTED_PEER),
                 addr,
-                port: rec.port,
-                sock_type: rec.sock_type,
-                granted,
-                learned: rec.flags & common::FLAG_LEARNED != 0,
-                dns_refused: rec.flags & common::FLAG_DNS_REFUSED != 0,
+                port: p.port,
+                sock_type: p.sock_type,
+                granted: flag(common::FLAG_GRANTED),
+                learned: flag(common::FLAG_LEARNED),
+                dns_refused: flag(common::FLAG_DNS_REFUSED),
                 subject,
             };
-            Ok(if rec.kind == common::KIND_DNS_REDIRECT {
+            Ok(if kind == RecordKind::DnsRedirect {
                 KernelEvent::DnsRedirect(event)
             } else {
                 KernelEvent::Connect(event)
             })
         }
-        common::KIND_SOURCE_ROUTE => {
-            let v6 = Ipv6Addr::from(rec.addr);
-            let first_hop = match rec.family {
+        RecordKind::SourceRoute => {
+            let p: common::SourceRoutePayload = read(bytes, payload, want)?;
+            let v6 = Ipv6Addr::from(p.first_hop);
+            let first_hop = match p.family {
                 common::AF_INET => IpAddr::V4(v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED)),
                 common::AF_INET6 => IpAddr::V6(v6),
                 other => return Err(DecodeError::UnknownFamily(other)),
             };
             Ok(KernelEvent::SourceRoute(SourceRouteEvent {
-                verdict: verdict(rec.verdict, "source route")?,
+                verdict: verdict(header.verdict, "source route")?,
                 first_hop,
-                protocol: rec.sock_type,
-                detail: rec.detail,
+                protocol: p.protocol,
+                detail: p.detail,
                 subject,
             }))
         }
-        common::KIND_SOCKET => Ok(KernelEvent::Socket(SocketEvent {
-            verdict: verdict(rec.verdict, "socket")?,
-            family: rec.family,
-            sock_type: rec.sock_type,
-            protocol: rec.detail,
-            subject,
-        })),
-        common::KIND_TAGGED if rec.verdict == common::VERDICT_DENIED => {
-            Ok(KernelEvent::ClaimRefused {
-                path: path(),
-                claimed_by: rec.prior_agent,
+        RecordKind::Socket => {
+            let p: common::SocketPayload = read(bytes, payload, want)?;
+            Ok(KernelEvent::Socket(SocketEvent {
+                verdict: verdict(header.verdict, "socket")?,
+                family: p.family,
+                sock_type: p.sock_type,
+                protocol: p.protocol,
+                subject,
+            }))
+        }
+        RecordKind::Tagged => {
+            let p: common::TaggedPayload = read(bytes, payload, want)?;
+            let path = lossy(&p.path, p.path_len);
+            Ok(if header.verdict == common::VERDICT_DENIED {
+                KernelEvent::ClaimRefused {
+                    path,
+                    claimed_by: p.prior_agent,
+                    subject,
+                }
+            } else {
+                KernelEvent::Tagged {
+                    path,
+                    retagged_from: flag(common::FLAG_RETAGGED).then_some(p.prior_agent),
+                    subject,
+                }
+            })
+        }
+        RecordKind::Fork => {
+            let p: common::ForkPayload = read(bytes, payload, want)?;
+            Ok(KernelEvent::Fork {
+                child: p.child,
                 subject,
             })
         }
-        common::KIND_TAGGED => Ok(KernelEvent::Tagged {
-            path: path(),
-            retagged_from: (rec.flags & common::FLAG_RETAGGED != 0).then_some(rec.prior_agent),
-            subject,
-        }),
-        common::KIND_FORK => Ok(KernelEvent::Fork {
-            child: rec.other_pid,
-            subject,
-        }),
-        common::KIND_EXIT => Ok(KernelEvent::Exit { subject }),
-        other => Err(DecodeError::UnknownKind(other)),
+        RecordKind::Exit => Ok(KernelEvent::Exit { subject }),
     }
+}
+
+/// The first `len` bytes of a path buffer (clamped to it), as text.
+fn lossy(buf: &[u8], len: u32) -> String {
+    let len = (len as usize).min(buf.len());
+    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 fn verdict(v: u32, kind: &'static str) -> Result<Verdict, DecodeError> {
@@ -343,292 +387,5 @@ pub fn socket_description(family: u16, sock_type: u32, protocol: u32) -> String 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn blank(kind: u32, verdict: u32) -> ActionRecord {
-        ActionRecord {
-            kind,
-            verdict,
-            cgroup_id: 77,
-            ktime_ns: 5,
-            pid: 100,
-            tid: 101,
-            uid: 1000,
-            other_pid: 0,
-            comm: *b"python3\0\0\0\0\0\0\0\0\0",
-            family: 0,
-            port: 0,
-            sock_type: 0,
-            addr: [0; 16],
-            flags: 0,
-            path_len: 0,
-            agent: 3,
-            task: 9,
-            source: common::SOURCE_UID,
-            prior_agent: 0,
-            path: [0xAA; 256],
-            file_dev: 0,
-            detail: 0,
-            file_ino: 0,
-            interp_len: 0,
-            _pad: 0,
-            interp: [0xBB; 256],
-        }
-    }
-
-    fn bytes(r: &ActionRecord) -> Vec<u8> {
-        // SAFETY: viewing a repr(C) integer struct as bytes.
-        unsafe {
-            std::slice::from_raw_parts((r as *const ActionRecord).cast::<u8>(), size_of_val(r))
-        }
-        .to_vec()
-    }
-
-    #[test]
-    fn exec_record_decodes_path_and_flags() {
-        let mut r = blank(common::KIND_EXEC, common::VERDICT_DENIED);
-        r.path[..9].copy_from_slice(b"/bin/true");
-        r.path_len = 9;
-        r.flags = common::FLAG_KILLED | common::FLAG_PATH_NOT_NORMAL;
-        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
-            panic!("not an exec")
-        };
-        assert!(e.not_normal);
-        assert_eq!(e.path, "/bin/true");
-        assert_eq!(e.verdict, Verdict::Denied);
-        assert!(e.killed && !e.truncated && !e.unreadable);
-        assert_eq!(e.subject.comm, "python3");
-        assert_eq!(
-            (e.subject.pid, e.subject.tid, e.subject.uid),
-            (100, 101, 1000)
-        );
-        assert_eq!(e.subject.cgroup_id, 77);
-    }
-
-    #[test]
-    fn exec_path_len_beyond_buffer_is_clamped() {
-        let mut r = blank(common::KIND_EXEC, common::VERDICT_ALLOWED);
-        r.path_len = 10_000;
-        r.flags = common::FLAG_PATH_TRUNCATED;
-        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(e.path.chars().count(), 256);
-        assert!(e.truncated);
-    }
-
-    #[test]
-    fn connect4_decodes_mapped_address_and_port() {
-        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
-        r.family = common::AF_INET;
-        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
-        r.port = 8080;
-        r.sock_type = 1;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(c.addr, "127.0.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!(c.port, 8080);
-        assert_eq!(transport(c.sock_type), "tcp");
-        assert!(!c.learned && !c.dns_refused);
-    }
-
-    #[test]
-    fn learned_connect_and_dns_redirect_records() {
-        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
-        r.family = common::AF_INET;
-        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 7];
-        r.flags = common::FLAG_LEARNED;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!("not a connect")
-        };
-        assert!(c.learned);
-        r.kind = common::KIND_DNS_REDIRECT;
-        r.verdict = common::VERDICT_DENIED;
-        r.port = 53;
-        r.flags = common::FLAG_DNS_REFUSED;
-        let KernelEvent::DnsRedirect(d) = decode(&bytes(&r)).unwrap() else {
-            panic!("not a DNS redirect")
-        };
-        assert!(d.dns_refused && !d.learned);
-        assert_eq!((d.addr.to_string(), d.port), ("10.0.0.7".into(), 53));
-        assert_eq!(d.verdict, Verdict::Denied);
-    }
-
-    #[test]
-    fn connect6_keeps_v6_and_unmaps_v4_mapped() {
-        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALERT);
-        r.family = common::AF_INET6;
-        r.addr = "::1".parse::<Ipv6Addr>().unwrap().octets();
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(c.addr, "::1".parse::<IpAddr>().unwrap());
-        assert_eq!(c.verdict, Verdict::Alert);
-        r.addr = "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap().octets();
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(c.addr, "10.1.2.3".parse::<IpAddr>().unwrap());
-    }
-
-    #[test]
-    fn records_carry_the_kernel_identity_and_grant_flag() {
-        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
-        r.family = common::AF_INET;
-        r.flags = common::FLAG_GRANTED;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert!(c.granted);
-        assert_eq!(
-            (c.subject.agent, c.subject.task, c.subject.source),
-            (3, 9, common::SOURCE_UID)
-        );
-    }
-
-    #[test]
-    fn tagged_record_names_path_and_prior_agent() {
-        let mut r = blank(common::KIND_TAGGED, common::VERDICT_NONE);
-        r.path[..8].copy_from_slice(b"/opt/bot");
-        r.path_len = 8;
-        let KernelEvent::Tagged {
-            path,
-            retagged_from,
-            ..
-        } = decode(&bytes(&r)).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!((path.as_str(), retagged_from), ("/opt/bot", None));
-        r.flags = common::FLAG_RETAGGED;
-        r.prior_agent = 1;
-        assert!(matches!(
-            decode(&bytes(&r)),
-            Ok(KernelEvent::Tagged {
-                retagged_from: Some(1),
-                ..
-            })
-        ));
-        r.verdict = common::VERDICT_DENIED;
-        r.prior_agent = 2;
-        assert!(matches!(
-            decode(&bytes(&r)),
-            Ok(KernelEvent::ClaimRefused { claimed_by: 2, .. })
-        ));
-    }
-
-    #[test]
-    fn script_exec_carries_interpreter_and_file() {
-        let mut r = blank(common::KIND_EXEC, common::VERDICT_DENIED);
-        r.path[..9].copy_from_slice(b"/tmp/x.sh");
-        r.path_len = 9;
-        r.interp[..9].copy_from_slice(b"/bin/bash");
-        r.interp_len = 9;
-        r.file_dev = 254 << 20;
-        r.file_ino = 1234;
-        r.detail = common::EXEC_BASIS_INTERPRETER;
-        r.flags = common::FLAG_KILLED | common::FLAG_USER_NS;
-        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(e.interpreter.as_deref(), Some("/bin/bash"));
-        assert_eq!((e.file_dev, e.file_ino), (254 << 20, 1234));
-        assert!(e.user_ns && e.killed);
-        assert_eq!(e.basis, common::EXEC_BASIS_INTERPRETER);
-        r.interp_len = 0;
-        let KernelEvent::Exec(e) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(e.interpreter, None);
-    }
-
-    #[test]
-    fn sendmsg_and_unspecified_destinations() {
-        let mut r = blank(common::KIND_SENDMSG, common::VERDICT_DENIED);
-        r.family = common::AF_INET;
-        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-        r.flags = common::FLAG_ADDR_UNSPECIFIED;
-        r.sock_type = 2;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert!(c.send && c.unspecified);
-        assert_eq!(c.addr, "0.0.0.0".parse::<IpAddr>().unwrap());
-        r.kind = common::KIND_CONNECT;
-        r.flags = 0;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert!(!c.send && !c.unspecified && !c.connected_peer);
-    }
-
-    #[test]
-    fn a_send_without_address_is_reported_as_its_connected_peer() {
-        let mut r = blank(common::KIND_SENDMSG, common::VERDICT_ALLOWED);
-        r.family = common::AF_INET6;
-        r.addr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
-        r.port = 4433;
-        r.flags = common::FLAG_CONNECTED_PEER;
-        r.sock_type = 2;
-        let KernelEvent::Connect(c) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert!(c.send && c.connected_peer && !c.unspecified);
-        assert_eq!((c.addr, c.port), ("127.0.0.1".parse().unwrap(), 4433));
-    }
-
-    #[test]
-    fn socket_record() {
-        let mut r = blank(common::KIND_SOCKET, common::VERDICT_DENIED);
-        r.family = common::AF_INET6;
-        r.sock_type = 2;
-        r.detail = 58;
-        let KernelEvent::Socket(s) = decode(&bytes(&r)).unwrap() else {
-            panic!()
-        };
-        assert_eq!(
-            socket_description(s.family, s.sock_type, s.protocol),
-            "inet6 dgram icmpv6 (58)"
-        );
-        assert_eq!(s.verdict, Verdict::Denied);
-    }
-
-    #[test]
-    fn lifecycle_records() {
-        let mut r = blank(common::KIND_FORK, common::VERDICT_NONE);
-        r.other_pid = 4242;
-        assert!(matches!(
-            decode(&bytes(&r)),
-            Ok(KernelEvent::Fork { child: 4242, .. })
-        ));
-        let r = blank(common::KIND_EXIT, common::VERDICT_NONE);
-        assert!(matches!(decode(&bytes(&r)), Ok(KernelEvent::Exit { .. })));
-    }
-
-    #[test]
-    fn odd_records_are_errors_not_panics() {
-        assert_eq!(
-            decode(&[0u8; 10]),
-            Err(DecodeError::Short {
-                got: 10,
-                want: size_of::<ActionRecord>()
-            })
-        );
-        assert_eq!(
-            decode(&bytes(&blank(99, 0))),
-            Err(DecodeError::UnknownKind(99))
-        );
-        assert_eq!(
-            decode(&bytes(&blank(common::KIND_EXEC, 9))),
-            Err(DecodeError::UnknownVerdict {
-                kind: "exec",
-                verdict: 9
-            })
-        );
-        let mut r = blank(common::KIND_CONNECT, common::VERDICT_ALLOWED);
-        r.family = 1;
-        assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
-    }
-}
+#[path = "event/tests.rs"]
+mod tests;

@@ -241,6 +241,25 @@ fn policy_size_targets(r: &Results) -> Vec<Target> {
     t
 }
 
+/// How many records the ring buffer holds while the daemon does not read, from the record
+/// format itself (each kind reserves its own size).
+fn ring_capacity_line(o: &mut String) {
+    use agent_monitor_common::{ACTIONS_RING_BYTES, RecordKind, ring_bytes};
+    let per_ring = |kind: RecordKind| ACTIONS_RING_BYTES as usize / ring_bytes(kind.record_size());
+    let _ = writeln!(
+        o,
+        "Ring buffer: {} MiB. A connect record takes {} bytes in it and an exec record {}, so it \
+         holds {} connect or {} exec records while the daemon does not read (each kind reserves \
+         only its own size; before issue 14 every record took 648 bytes: {} of any kind).\n",
+        ACTIONS_RING_BYTES / (1024 * 1024),
+        ring_bytes(RecordKind::Connect.record_size()),
+        ring_bytes(RecordKind::Exec.record_size()),
+        per_ring(RecordKind::Connect),
+        per_ring(RecordKind::Exec),
+        ACTIONS_RING_BYTES as usize / ring_bytes(640),
+    );
+}
+
 fn policy_size_section(o: &mut String, steps: &[crate::policy_size::PolicySizeStep]) {
     let _ = writeln!(o, "## Start-up against policy size\n");
     if steps.is_empty() {
@@ -637,6 +656,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
         }
     }
 
+    ring_capacity_line(&mut o);
     if let Some(c) = r.capacity.iter().find(|c| c.daemon_stalled) {
         let sent = c.load.allowed_sent + c.load.denied_sent;
         let accounted = c.in_trail + c.kernel_lost;

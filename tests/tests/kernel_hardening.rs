@@ -84,8 +84,9 @@ fn alert_mode_off_list_actions_are_refused_when_a_flood_leaves_no_room_to_record
     let daemon_pid = d.pid();
     let go = d.dir.path().join("go");
     let marker = d.dir.path().join("ran-under-flood");
-    // 40,000 records of ~650 bytes are three times the 8 MiB ring buffer.
-    const N: usize = 40_000;
+    // 250,000 datagram records (104 bytes each in the ring) are three times the 8 MiB ring
+    // buffer (`RecordKind::record_size`).
+    const N: usize = 250_000;
     let script = format!(
         "{PY_ATTEMPT}\
          while not os.path.exists({go:?}): time.sleep(0.05)\n\

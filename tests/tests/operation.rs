@@ -448,10 +448,11 @@ fn ring_buffer_flood_loss_is_counted_exactly() {
     let mut d = Daemon::start(&[policy(&agent, "enforce", &[], &[PYTHON])]);
     let daemon_pid = d.pid();
     // The agent waits for the go file, then makes N denied connects as fast as it can. The
-    // daemon is stopped (SIGSTOP) meanwhile, so the 8 MiB ring buffer (~24k records) must
-    // overflow: the loss is certain, and it must be counted to the record.
+    // daemon is stopped (SIGSTOP) meanwhile, so the 8 MiB ring buffer (~80k connect records,
+    // 104 bytes each in the ring) must overflow: the loss is certain, and it must be counted to
+    // the record.
     let go = d.dir.path().join("go");
-    const N: usize = 40_000;
+    const N: usize = 160_000;
     let script = format!(
         "import os,socket,time\n\
          while not os.path.exists({go:?}): time.sleep(0.05)\n\

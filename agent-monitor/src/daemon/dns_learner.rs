@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use agent_monitor_common::{self as common, Learned};
 
 use super::reporter::Reporter;
-use crate::action::{Action, Destination, Verdict};
+use crate::action::{Action, Destination, Object, Verdict};
 use crate::dns::learned::{Grant, KernelChange, LearnedTable};
 use crate::dns::proxy::Proxies;
 use crate::dns::{InstallError, Installed, NoticeGate, Outcome, QueryReport, Withheld};
@@ -59,15 +59,21 @@ pub(super) struct DnsQuery {
 }
 
 impl DnsQuery {
-    /// The `dns` action, on `base` (who asked).
-    pub(super) fn into_action(self, base: Action) -> Action {
-        Action {
-            destination: self.client.map(|c| Destination {
+    /// What was asked: the name, and the server the agent sent it to (the object of the action).
+    pub(super) fn object(&self) -> Object {
+        Object::Dns(crate::action::DnsQuery {
+            name: Some(self.name.clone()),
+            server: self.client.as_ref().map(|c| Destination {
                 addr: c.addr,
                 port: c.port,
                 transport: self.transport,
             }),
-            dns_name: Some(self.name),
+        })
+    }
+
+    /// The `dns` action, on `base` (who asked, with [`DnsQuery::object`]).
+    pub(super) fn into_action(self, base: Action) -> Action {
+        Action {
             enforcement: self.enforcement,
             reason: self.reason,
             ..base

@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::action::{Action, ActionKind, Destination, Verdict};
+use crate::action::{Action, Destination, DnsQuery, ExecFile, NetTarget, Object, Verdict};
 use crate::bpf::{ActionStream, Kernel};
 use crate::cli::DaemonArgs;
 use crate::control::{self, AgentStatus, Request, Response, SinkStatus, TaskStatus};
@@ -199,11 +199,11 @@ impl Monitor {
             return;
         };
         let base = match &query.client {
-            Some(c) => self.subject_action(&c.subject, ActionKind::Dns, query.verdict),
+            Some(c) => self.subject_action(&c.subject, query.object(), query.verdict),
             None => Action {
                 agent: query.agent.clone(),
                 task: "?".into(),
-                ..self.subject_action(&event::Subject::unknown(), ActionKind::Dns, query.verdict)
+                ..self.subject_action(&event::Subject::unknown(), query.object(), query.verdict)
             },
         };
         self.reporter.action(query.into_action(base));

@@ -174,17 +174,21 @@ impl Monitor {
             KernelEvent::DnsRedirect(c) => {
                 let (agent, _) = self.identity(&c.subject);
                 if c.dns_refused {
+                    let server = Destination {
+                        addr: c.addr,
+                        port: c.port,
+                        transport: event::transport(c.sock_type),
+                    };
+                    let query = DnsQuery {
+                        name: None,
+                        server: Some(server),
+                    };
                     let action = Action {
-                        destination: Some(Destination {
-                            addr: c.addr,
-                            port: c.port,
-                            transport: event::transport(c.sock_type),
-                        }),
                         enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
                         reason: "DNS traffic, and the agent has no DNS proxy endpoint for this \
                                  address family"
                             .into(),
-                        ..self.subject_action(&c.subject, ActionKind::Dns, c.verdict)
+                        ..self.subject_action(&c.subject, Object::Dns(query), c.verdict)
                     };
                     self.reporter.action(action);
                 } else {
@@ -208,7 +212,7 @@ impl Monitor {
         let action = Action {
             exe: Some(path),
             reason: why,
-            ..self.action(subject, agent, task, ActionKind::Identity, Verdict::Alert)
+            ..self.action(subject, agent, task, Object::Identity, Verdict::Alert)
         };
         self.reporter.action(action);
     }
@@ -284,12 +288,14 @@ impl Monitor {
         if e.not_normal {
             self.reporter.counters.exec_paths_not_normal += 1;
         }
-        Action {
-            exe: Some(e.path.clone()),
+        let file = ExecFile {
+            path: e.path.clone(),
             interpreter: e.interpreter.clone(),
+        };
+        Action {
             enforcement: e.killed.then_some("sigkill"),
             reason,
-            ..self.action(&e.subject, agent, task, ActionKind::Exec, e.verdict)
+            ..self.action(&e.subject, agent, task, Object::Exec(file), e.verdict)
         }
     }
 
@@ -340,22 +346,24 @@ impl Monitor {
             .exe(c.subject.pid)
             .map(str::to_string)
             .or_else(|| identity::procfs::exe(c.subject.pid).map(|p| p.display().to_string()));
-        let kind = if c.send {
-            ActionKind::Sendmsg
-        } else {
-            ActionKind::Connect
-        };
-        Action {
-            exe,
-            destination: Some(Destination {
+        let target = NetTarget {
+            destination: Destination {
                 addr: c.addr,
                 port: c.port,
                 transport: event::transport(c.sock_type),
-            }),
-            dest_host: grant.map(|g| g.name),
+            },
+            host: grant.map(|g| g.name),
+        };
+        let object = if c.send {
+            Object::Sendmsg(target)
+        } else {
+            Object::Connect(target)
+        };
+        Action {
+            exe,
             enforcement: (c.verdict == Verdict::Denied).then_some("eperm"),
             reason,
-            ..self.action(&c.subject, agent, task, kind, c.verdict)
+            ..self.action(&c.subject, agent, task, object, c.verdict)
         }
     }
 
@@ -374,19 +382,18 @@ impl Monitor {
             17 => "udp",
             _ => "other",
         };
+        let object = Object::SourceRoute {
+            first_hop: r.first_hop,
+            transport,
+        };
         Action {
-            destination: Some(Destination {
-                addr: r.first_hop,
-                port: 0,
-                transport,
-            }),
             enforcement: (r.verdict == Verdict::Denied).then_some("dropped"),
             reason: format!(
                 "the packet carried {option}: it would go to its first hop {} instead of the \
                  destination judged; agents' sockets may not set the path of their packets",
                 r.first_hop
             ),
-            ..self.action(&r.subject, agent, task, ActionKind::SourceRoute, r.verdict)
+            ..self.action(&r.subject, agent, task, object, r.verdict)
         }
     }
 
@@ -394,16 +401,16 @@ impl Monitor {
         let (agent, task) = self.identity(&sk.subject);
         self.reporter.counters.sockets_refused += 1;
         let exe = self.ident.exe(sk.subject.pid).map(str::to_string);
+        let object = Object::Socket(event::socket_description(
+            sk.family,
+            sk.sock_type,
+            sk.protocol,
+        ));
         Action {
             exe,
-            socket: Some(event::socket_description(
-                sk.family,
-                sk.sock_type,
-                sk.protocol,
-            )),
             enforcement: (sk.verdict == Verdict::Denied).then_some("eperm"),
             reason: socket_reason(sk),
-            ..self.action(&sk.subject, agent, task, ActionKind::Socket, sk.verdict)
+            ..self.action(&sk.subject, agent, task, object, sk.verdict)
         }
     }
 
@@ -411,11 +418,11 @@ impl Monitor {
     pub(super) fn subject_action(
         &self,
         subject: &event::Subject,
-        kind: ActionKind,
+        object: Object,
         verdict: Verdict,
     ) -> Action {
         let (agent, task) = self.identity(subject);
-        self.action(subject, agent, task, kind, verdict)
+        self.action(subject, agent, task, object, verdict)
     }
 
     /// The parts of an action every kind shares: who acted, as what, with which verdict.
@@ -424,7 +431,7 @@ impl Monitor {
         subject: &event::Subject,
         agent: String,
         task: String,
-        kind: ActionKind,
+        object: Object,
         verdict: Verdict,
     ) -> Action {
         Action {
@@ -433,18 +440,12 @@ impl Monitor {
             spiffe_id: self.spiffe_id(&agent),
             agent,
             task,
-            kind,
             verdict,
             pid: subject.pid,
             uid: subject.uid,
             comm: subject.comm.clone(),
             exe: None,
-            interpreter: None,
-            socket: None,
-            target: None,
-            destination: None,
-            dest_host: None,
-            dns_name: None,
+            object,
             enforcement: None,
             reason: String::new(),
         }

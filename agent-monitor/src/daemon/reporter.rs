@@ -103,7 +103,7 @@ impl Reporter {
             .by_action
             .entry((
                 action.agent.clone(),
-                action.kind.as_str(),
+                action.kind().as_str(),
                 action.verdict.as_str(),
             ))
             .or_default() += 1;

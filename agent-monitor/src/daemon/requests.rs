@@ -287,18 +287,12 @@ impl Monitor {
             chain: self.ident.chain(peer.pid, &comm),
             agent,
             task,
-            kind: ActionKind::Control,
             verdict: Verdict::Denied,
             pid: peer.pid,
             uid: peer.uid,
             comm,
             exe,
-            destination: None,
-            interpreter: None,
-            socket: None,
-            target: None,
-            dest_host: None,
-            dns_name: None,
+            object: Object::Control,
             enforcement: Some("refused"),
             reason: format!("{}{target} refused: {why}", request.op()),
         };
@@ -329,61 +323,70 @@ impl Monitor {
                 c.pid
             );
         }
-        let (kind, object, reason) = match &c.call {
+        let process_target = |syscall: &String, target: &control::CaughtTarget, signal| {
+            let (agent, task) = self.target_agent(target).unzip();
+            crate::action::ProcessTarget {
+                syscall: syscall.clone(),
+                signal,
+                pid: target.pid,
+                comm: target.comm.clone(),
+                agent,
+                task,
+            }
+        };
+        let (object, reason) = match &c.call {
             control::CaughtCall::Socket {
                 family,
                 sock_type,
                 protocol,
             } => (
-                ActionKind::Socket,
-                event::socket_description(*family as u16, *sock_type, *protocol),
+                Object::Socket(event::socket_description(
+                    *family as u16,
+                    *sock_type,
+                    *protocol,
+                )),
                 "a socket family the cgroup hooks cannot judge (vsock, packet…): agents keep \
                  unix, inet, inet6 and netlink (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::Socketcall { op } => (
-                ActionKind::Socket,
-                format!("socketcall op {op} (i386)"),
+                Object::Socket(format!("socketcall op {op} (i386)")),
                 "i386 socketcall keeps its arguments in user memory, out of the filter's \
                  reach (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::IoUringSetup => (
-                ActionKind::IoUring,
-                "io_uring_setup".to_string(),
+                Object::IoUring("io_uring_setup".to_string()),
                 "io_uring creates sockets without the socket system call (seccomp filter of \
                  `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::Bpf => (
-                ActionKind::Seccomp,
-                "bpf".to_string(),
+                Object::Seccomp("bpf".to_string()),
                 "bpf(2) from a root agent: pinned maps open by file permission alone, and uid 0 \
                  owns them (seccomp filter of `agent-monitor run`)"
                     .to_string(),
             ),
             control::CaughtCall::SeccompListener => (
-                ActionKind::Seccomp,
-                "seccomp listener".to_string(),
+                Object::Seccomp("seccomp listener".to_string()),
                 "a seccomp notification listener would let the agent answer the calls the \
                  `run` filter catches: always refused"
                     .to_string(),
             ),
             control::CaughtCall::ProcessAccess { syscall, target } => (
-                ActionKind::Ptrace,
-                syscall.clone(),
+                Object::Ptrace(process_target(syscall, target, None)),
                 self.reach_reason(target, "reach into"),
             ),
             control::CaughtCall::Signal {
-                syscall, target, ..
+                syscall,
+                target,
+                signal,
             } => (
-                ActionKind::Signal,
-                syscall.clone(),
+                Object::Signal(process_target(syscall, target, Some(*signal))),
                 self.reach_reason(target, "signal"),
             ),
             control::CaughtCall::Other { name } => (
-                ActionKind::Seccomp,
-                name.clone(),
+                Object::Seccomp(name.clone()),
                 if name.starts_with("ioctl ") {
                     "typing into the terminal the agent shares with whoever started it (read as \
                      that shell's next command): always refused (seccomp filter of \
@@ -394,32 +397,12 @@ impl Monitor {
                 },
             ),
         };
-        let target = match &c.call {
-            control::CaughtCall::ProcessAccess { syscall, target }
-            | control::CaughtCall::Signal {
-                syscall, target, ..
-            } => {
-                let (agent, task) = self.target_agent(target).unzip();
-                Some(crate::action::ProcessTarget {
-                    syscall: syscall.clone(),
-                    signal: match &c.call {
-                        control::CaughtCall::Signal { signal, .. } => Some(*signal),
-                        _ => None,
-                    },
-                    pid: target.pid,
-                    comm: target.comm.clone(),
-                    agent,
-                    task,
-                })
-            }
-            _ => None,
-        };
         let verdict = if c.refused {
             Verdict::Denied
         } else {
             Verdict::Alert
         };
-        if kind == ActionKind::Socket {
+        if matches!(object, Object::Socket(_)) {
             self.reporter.counters.sockets_refused += 1;
         }
         self.reporter.counters.seccomp_caught += 1;
@@ -433,12 +416,10 @@ impl Monitor {
         };
         let action = Action {
             exe: c.exe.or_else(|| self.ident.exe(c.pid).map(str::to_string)),
-            socket: target.is_none().then_some(object),
-            target,
             enforcement: c.refused.then_some("eperm"),
             reason,
             chain,
-            ..self.action(&subject, agent, task, kind, verdict)
+            ..self.action(&subject, agent, task, object, verdict)
         };
         self.reporter.action(action);
         Ok(())

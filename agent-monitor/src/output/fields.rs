@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use crate::action::{Action, ActionKind, ChainLink};
+use crate::action::{Action, ChainLink, Object};
 
 /// A field every sink reports. Journald names are the upper-case form of the JSON names, with one
 /// exception: the uid is `AGENT_UID` in journald so that nobody mistakes it for journald's trusted
@@ -149,20 +149,8 @@ pub enum FieldValue<'a> {
 /// known, no destination for an exec, no enforcement for an allowed action).
 pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
     let text = |s: &'static str| Some(FieldValue::Text(Cow::Borrowed(s)));
-    let dest = match action.kind {
-        ActionKind::Connect | ActionKind::Sendmsg | ActionKind::Dns | ActionKind::SourceRoute => {
-            action.destination.as_ref()
-        }
-        ActionKind::Exec
-        | ActionKind::Socket
-        | ActionKind::IoUring
-        | ActionKind::Seccomp
-        | ActionKind::Ptrace
-        | ActionKind::Signal
-        | ActionKind::Control
-        | ActionKind::Identity => None,
-    };
-    let target = action.target.as_ref();
+    let dest = action.object.destination();
+    let target = action.object.target();
     Field::ALL
         .iter()
         .map(|&field| {
@@ -172,22 +160,21 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     Some(FieldValue::Text(Cow::Borrowed(action.spiffe_id.as_str())))
                 }
                 Field::TaskId => Some(FieldValue::Text(Cow::Borrowed(action.task.as_str()))),
-                Field::Action => text(action.kind.as_str()),
+                Field::Action => text(action.kind().as_str()),
                 Field::Verdict => text(action.verdict.as_str()),
                 Field::Pid => Some(FieldValue::Number(action.pid.into())),
                 Field::Uid => Some(FieldValue::Number(action.uid.into())),
                 Field::Comm => Some(FieldValue::Text(Cow::Borrowed(action.comm.as_str()))),
                 Field::Exe => action
-                    .exe
-                    .as_deref()
+                    .reported_exe()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
-                Field::Interpreter => action
-                    .interpreter
-                    .as_deref()
-                    .map(|e| FieldValue::Text(Cow::Borrowed(e))),
+                Field::Interpreter => match &action.object {
+                    Object::Exec(f) => borrowed(&f.interpreter),
+                    _ => None,
+                },
                 Field::Socket => action
-                    .socket
-                    .as_deref()
+                    .object
+                    .call()
                     .map(|e| FieldValue::Text(Cow::Borrowed(e))),
                 Field::Syscall => target.map(|t| FieldValue::Text(Cow::Borrowed(&t.syscall))),
                 Field::Signal => target
@@ -200,12 +187,12 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
                 Field::DestTransport => dest.and_then(|d| text(d.transport)),
-                Field::DestHost => match action.kind {
-                    ActionKind::Connect | ActionKind::Sendmsg => borrowed(&action.dest_host),
+                Field::DestHost => match &action.object {
+                    Object::Connect(t) | Object::Sendmsg(t) => borrowed(&t.host),
                     _ => None,
                 },
-                Field::DnsName => match action.kind {
-                    ActionKind::Dns => borrowed(&action.dns_name),
+                Field::DnsName => match &action.object {
+                    Object::Dns(q) => borrowed(&q.name),
                     _ => None,
                 },
                 Field::ProcessChain => Some(FieldValue::Chain(&action.chain)),
@@ -299,10 +286,7 @@ mod tests {
     #[test]
     fn signal_action_names_the_call_and_its_target() {
         let a = Action {
-            kind: ActionKind::Signal,
-            destination: None,
-            dest_host: None,
-            target: Some(crate::action::ProcessTarget {
+            object: Object::Signal(crate::action::ProcessTarget {
                 syscall: "kill".into(),
                 signal: Some(9),
                 pid: 777,
@@ -335,10 +319,18 @@ mod tests {
         );
     }
 
+    /// (An exec cannot carry a destination at all: the object is an exec file.)
     #[test]
-    fn exec_has_no_destination_even_if_one_is_set() {
-        let mut a = exec_action();
-        a.destination = connect_action().destination;
+    fn exec_has_no_destination() {
+        let a = exec_action();
+        assert_eq!(
+            action_fields(&a)
+                .iter()
+                .find(|(f, _)| *f == Field::Exe)
+                .and_then(|(_, v)| v.clone()),
+            Some(FieldValue::Text("/usr/bin/nc".into())),
+            "an exec reports the file it ran as EXE"
+        );
         let fields = action_fields(&a);
         for (f, v) in fields {
             let absent = matches!(

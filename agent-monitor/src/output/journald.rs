@@ -247,6 +247,7 @@ mod tests {
     use std::net::{IpAddr, Ipv6Addr};
 
     use super::*;
+    use crate::action::Object;
     use crate::output::tests::{connect_action, exec_action};
 
     fn get<'a>(fields: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
@@ -397,8 +398,11 @@ mod tests {
     #[test]
     fn ipv6_destination_is_a_bare_address() {
         let mut a = connect_action();
-        a.destination.as_mut().unwrap().addr = IpAddr::V6(Ipv6Addr::LOCALHOST);
-        a.destination.as_mut().unwrap().port = 8080;
+        let Object::Connect(t) = &mut a.object else {
+            panic!("not a connect")
+        };
+        t.destination.addr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        t.destination.port = 8080;
         let f = journal_fields(&a);
         assert_eq!(get(&f, "DEST_ADDR"), Some("::1"));
         assert_eq!(get(&f, "DEST_PORT"), Some("8080"));
@@ -409,9 +413,6 @@ mod tests {
     fn unknown_exe_is_left_out() {
         let a = Action {
             exe: None,
-            interpreter: None,
-            socket: None,
-            target: None,
             ..connect_action()
         };
         let f = journal_fields(&a);
@@ -420,9 +421,10 @@ mod tests {
     }
 
     #[test]
-    fn connect_without_destination_has_no_dest_fields() {
+    fn an_action_without_destination_has_no_dest_fields() {
+        // (A connect always has one: its object is the destination.)
         let a = Action {
-            destination: None,
+            object: Object::Control,
             ..connect_action()
         };
         let f = journal_fields(&a);

@@ -433,8 +433,6 @@ mod tests {
         }
         let exe_unknown = Action {
             exe: None,
-            interpreter: None,
-            socket: None,
             verdict: Verdict::Allowed,
             ..connect_action()
         };

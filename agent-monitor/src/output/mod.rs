@@ -391,7 +391,7 @@ pub(crate) mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::action::{ActionKind, ChainLink, Destination};
+    use crate::action::{ChainLink, Destination, DnsQuery, ExecFile, NetTarget, Object};
 
     /// A connect from a three-process chain, fully populated.
     pub(crate) fn connect_action() -> Action {
@@ -400,22 +400,19 @@ pub(crate) mod tests {
             agent: "coder".into(),
             spiffe_id: "spiffe://host.example/agent/coder".into(),
             task: "t-42".into(),
-            kind: ActionKind::Connect,
             verdict: Verdict::Denied,
             pid: 4242,
             uid: 1000,
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
-            interpreter: None,
-            socket: None,
-            target: None,
-            destination: Some(Destination {
-                addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
-                port: 443,
-                transport: "tcp",
+            object: Object::Connect(NetTarget {
+                destination: Destination {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+                    port: 443,
+                    transport: "tcp",
+                },
+                host: Some("api.example.com".into()),
             }),
-            dest_host: Some("api.example.com".into()),
-            dns_name: None,
             chain: vec![
                 ChainLink {
                     pid: 4000,
@@ -441,11 +438,13 @@ pub(crate) mod tests {
     /// An exec, alert mode, nothing enforced.
     pub(crate) fn exec_action() -> Action {
         Action {
-            kind: ActionKind::Exec,
             verdict: Verdict::Alert,
             comm: "sh".into(),
-            exe: Some("/usr/bin/nc".into()),
-            destination: None,
+            exe: None,
+            object: Object::Exec(ExecFile {
+                path: "/usr/bin/nc".into(),
+                interpreter: None,
+            }),
             enforcement: None,
             reason: "no exec rule matches /usr/bin/nc".into(),
             ..connect_action()
@@ -455,14 +454,14 @@ pub(crate) mod tests {
     /// A refused DNS query.
     pub(crate) fn dns_action() -> Action {
         Action {
-            kind: ActionKind::Dns,
-            destination: Some(Destination {
-                addr: IpAddr::V4(Ipv4Addr::new(10, 255, 255, 53)),
-                port: 53,
-                transport: "udp",
+            object: Object::Dns(DnsQuery {
+                name: Some("secret.attacker.net".into()),
+                server: Some(Destination {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 255, 255, 53)),
+                    port: 53,
+                    transport: "udp",
+                }),
             }),
-            dest_host: None,
-            dns_name: Some("secret.attacker.net".into()),
             enforcement: Some("refused"),
             reason: "no host rule matches \"secret.attacker.net\"".into(),
             ..connect_action()

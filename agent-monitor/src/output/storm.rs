@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use crate::action::{Action, ActionKind, Verdict};
+use crate::action::{Action, Object, Verdict};
 
 /// What makes two actions "identical" for aggregation: same agent, task, kind, verdict, object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -24,29 +24,23 @@ impl StormKey {
         if action.verdict == Verdict::Allowed {
             return None;
         }
-        let object = match action.kind {
-            ActionKind::Connect | ActionKind::Sendmsg | ActionKind::SourceRoute => action
-                .destination
-                .as_ref()
+        let object = match &action.object {
+            Object::Connect(_) | Object::Sendmsg(_) | Object::SourceRoute { .. } => action
+                .object
+                .destination()
                 .map(|d| format!("{}:{}/{}", d.addr, d.port, d.transport))
                 .unwrap_or_default(),
-            ActionKind::Socket | ActionKind::IoUring | ActionKind::Seccomp => {
-                action.socket.clone().unwrap_or_default()
-            }
+            Object::Socket(s) | Object::IoUring(s) | Object::Seccomp(s) => s.clone(),
             // A refused control request or an identity alert: its reason says what it was about.
-            ActionKind::Control | ActionKind::Identity => action.reason.clone(),
-            ActionKind::Dns => action.dns_name.clone().unwrap_or_default(),
-            ActionKind::Exec => action.exe.clone().unwrap_or_default(),
-            ActionKind::Ptrace | ActionKind::Signal => action
-                .target
-                .as_ref()
-                .map(|t| format!("{} {}", t.syscall, t.pid))
-                .unwrap_or_default(),
+            Object::Control | Object::Identity => action.reason.clone(),
+            Object::Dns(q) => q.name.clone().unwrap_or_default(),
+            Object::Exec(f) => f.path.clone(),
+            Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
         };
         Some(StormKey {
             agent: action.agent.clone(),
             task: action.task.clone(),
-            kind: action.kind.as_str(),
+            kind: action.kind().as_str(),
             verdict: action.verdict.as_str(),
             object,
         })
@@ -217,8 +211,8 @@ mod tests {
         let mut g = StormGate::new(Duration::from_secs(10));
         let a = with(connect_action(), Verdict::Denied);
         let mut b = a.clone();
-        if let Some(d) = b.destination.as_mut() {
-            d.port += 1;
+        if let Object::Connect(t) = &mut b.object {
+            t.destination.port += 1;
         }
         assert!(g.admit(&a).0);
         assert!(g.admit(&b).0);

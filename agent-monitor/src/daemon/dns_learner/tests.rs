@@ -370,16 +370,21 @@ async fn a_query_is_attributed_to_the_agents_latest_redirect() {
         (q.verdict, q.enforcement),
         (Verdict::Denied, Some("refused"))
     );
+    let object = q.object();
     let action = q.into_action(Action {
         agent: "coder".into(),
+        object,
         ..crate::output::tests::connect_action()
     });
-    let dest = action.destination.expect("the server asked");
+    let crate::action::Object::Dns(query) = &action.object else {
+        panic!("not a dns action: {action:?}");
+    };
+    let dest = query.server.as_ref().expect("the server asked");
     assert_eq!(
         (dest.addr, dest.port, dest.transport),
         (ip("1.1.1.1"), 53, "tcp")
     );
-    assert_eq!(action.dns_name.as_deref(), Some("evil.test"));
+    assert_eq!(query.name.as_deref(), Some("evil.test"));
     assert_eq!(
         action.reason,
         "AAAA query: no host rule matches \"evil.test\""

@@ -85,9 +85,14 @@ impl KernelCounters for FakeCounters {
 }
 
 fn action(agent: &str, kind: ActionKind, verdict: Verdict) -> Action {
+    let object = match kind {
+        ActionKind::Connect => connect_action().object,
+        ActionKind::Exec => crate::output::tests::exec_action().object,
+        other => panic!("no sample action of kind {other:?}"),
+    };
     Action {
         agent: agent.into(),
-        kind,
+        object,
         verdict,
         ..connect_action()
     }
