@@ -268,7 +268,10 @@ impl Daemon {
         if let Ok(mut f) = std::fs::File::open(&self.json_log) {
             f.read_to_string(&mut s).unwrap();
         }
-        s.lines()
+        // Only whole lines: the daemon may be half-way through appending the last one (a reader
+        // of a regular file can see a write in progress).
+        s.split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
             .map(|l| {
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}"))
             })
