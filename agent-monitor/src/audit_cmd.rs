@@ -312,3 +312,9 @@ fn check_heads(all: &[Entry], heads: &[ChainHeadArg], last: u64) -> Result<(), (
 #[cfg(test)]
 #[path = "audit_cmd/tests.rs"]
 mod tests;
+
+/// The sink writing a chained, rotated trail, checked with `verify` (here, not beside the sink:
+/// the in-process bench compiles the output modules without this one).
+#[cfg(test)]
+#[path = "audit_cmd/sink_tests.rs"]
+mod sink_tests;

@@ -332,10 +332,6 @@ fn resume(path: &Path) -> Head {
 }
 
 #[cfg(test)]
-#[path = "json/chain_tests.rs"]
-mod chain_tests;
-
-#[cfg(test)]
 mod reopen_tests {
     use super::*;
 

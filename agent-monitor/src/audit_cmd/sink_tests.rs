@@ -2,8 +2,15 @@
 
 use std::path::PathBuf;
 
-use super::*;
+use std::fs::File;
+use std::path::Path;
+
+use crate::output::Sink as _;
+use serde_json::{Map, Value};
+
 use crate::audit_cmd::{EXIT_INTACT, verify};
+use crate::output::json::{JsonSink, json_record};
+use crate::output::rotate::Rotation;
 use crate::output::tests::{connect_action, exec_action};
 
 fn trail_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
