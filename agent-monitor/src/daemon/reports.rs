@@ -1,4 +1,4 @@
-//! Reports: every action to the outputs, counters, kernel loss accounting, metrics and `status`.
+//! Questions that read several owners: the adoption notice, the metrics snapshot and `status`.
 
 use super::*;
 
