@@ -212,7 +212,8 @@ pub fn decode(
                     "no grants (tasks without grants are not recorded)".into()
                 ));
             }
-            let (net, exec) = crate::policy::parse_grants(&r.connect, &r.exec).map_err(&bad)?;
+            let (net, exec) =
+                crate::policy::parse_grants(&r.connect, &r.exec).map_err(|e| bad(e.to_string()))?;
             Ok(Recorded {
                 number: r.number,
                 agent: r.agent,

@@ -38,11 +38,14 @@ pub(super) enum GrantError {
     )]
     Unverified,
     /// A TTL outside what [`tasks::check_ttl_ms`] accepts.
-    #[error("{0}")]
-    Ttl(String),
-    /// A `--allow-*` or `--keep-*` text that is not a grant rule, or not one of the task's.
-    #[error("{0}")]
-    Rules(String),
+    #[error(transparent)]
+    Ttl(#[from] tasks::TtlError),
+    /// A `--allow-*` text that is not a grant rule.
+    #[error(transparent)]
+    Rules(#[from] crate::policy::GrantRuleError),
+    /// A `--keep-*` text that is not one of the task's grants.
+    #[error(transparent)]
+    Narrow(#[from] tasks::NarrowError),
     #[error(transparent)]
     Capacity(#[from] crate::policy::compile::CapacityError),
     #[error("agent {agent:?} has no task {task:?}")]
@@ -177,7 +180,7 @@ impl GrantBook {
             return Err(GrantError::Unverified);
         }
         if let Some(ms) = ttl_ms {
-            tasks::check_ttl_ms(ms).map_err(GrantError::Ttl)?;
+            tasks::check_ttl_ms(ms)?;
         }
         Ok(())
     }
@@ -196,8 +199,7 @@ impl GrantBook {
         now_ns: u64,
     ) -> Result<Vec<String>, GrantError> {
         Self::check_start(task, ttl_ms)?;
-        let (mut net, mut execs) =
-            crate::policy::parse_grants(connect, exec).map_err(GrantError::Rules)?;
+        let (mut net, mut execs) = crate::policy::parse_grants(connect, exec)?;
         let old = self.tasks.get(number).and_then(|t| t.grants.clone());
         if let Some(old) = &old {
             net.extend(old.net.iter().cloned());
@@ -229,7 +231,7 @@ impl GrantBook {
         now_ns: u64,
     ) -> Result<Narrowed, GrantError> {
         if let Some(ms) = ttl_ms {
-            tasks::check_ttl_ms(ms).map_err(GrantError::Ttl)?;
+            tasks::check_ttl_ms(ms)?;
         }
         let number = self.find_task(agent, task)?;
         let Some(old) = self.tasks.get(number).and_then(|t| t.grants.clone()) else {
@@ -239,8 +241,7 @@ impl GrantBook {
             });
         };
         let wanted = ttl_ms.map(|ms| expiry(now_ns, Some(ms)));
-        let (net, exec, expires_ns) =
-            tasks::narrow(&old, keep_connect, keep_exec, wanted).map_err(GrantError::Rules)?;
+        let (net, exec, expires_ns) = tasks::narrow(&old, keep_connect, keep_exec, wanted)?;
         let tables = crate::policy::compile_grants(number, task, &net, &exec)?;
         // Kept entries are rewritten with the (possibly earlier) expiry, then the rest removed.
         kernel.set_task_grants(&tables, Expiry { expires_ns })?;
