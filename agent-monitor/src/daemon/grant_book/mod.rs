@@ -58,6 +58,31 @@ pub(super) enum GrantError {
     Kernel(#[from] anyhow::Error),
 }
 
+/// Why one recorded task's grants were not taken over after a restart.
+#[derive(Debug, thiserror::Error)]
+enum TaskNotRecovered {
+    #[error("task {task} of agent {agent}: recorded number {number} clashes with a recovered task")]
+    NumberClash {
+        agent: String,
+        task: String,
+        number: u32,
+    },
+    #[error("task {task} of agent {agent}: {reason}")]
+    Capacity {
+        agent: String,
+        task: String,
+        reason: crate::policy::compile::CapacityError,
+    },
+    #[error(
+        "task {task} of agent {agent}: {differ} (the state file is older than the kernel's grants)"
+    )]
+    NotHeld {
+        agent: String,
+        task: String,
+        differ: grant_state::HeldGrantsDiffer,
+    },
+}
+
 /// What became of a predecessor's task grants at adoption.
 #[derive(Default)]
 pub(super) struct GrantRecovery {
@@ -331,7 +356,7 @@ impl GrantBook {
         match self.file.load() {
             // Without grants in the kernel nothing is lost, whatever the file says.
             Err(_) if held.numbers().is_empty() => {}
-            Err(why) => r.why.push(why),
+            Err(why) => r.why.push(why.to_string()),
             Ok(records) => {
                 for rec in records {
                     if rec.expires_ns <= now_ns {
@@ -345,7 +370,7 @@ impl GrantBook {
                             r.recovered += rules;
                             keep.insert(number);
                         }
-                        Err(why) => r.why.push(why),
+                        Err(why) => r.why.push(why.to_string()),
                     }
                 }
             }
@@ -375,24 +400,38 @@ impl GrantBook {
         &mut self,
         held: &KernelGrants,
         rec: grant_state::Recorded,
-    ) -> Result<(u32, usize), String> {
-        let name = format!("task {} of agent {}", rec.task, rec.agent);
+    ) -> Result<(u32, usize), TaskNotRecovered> {
+        let names = || (rec.agent.clone(), rec.task.clone());
         // The task may be known from the cgroup tree already: by the same number.
         let same_number = match self.tasks.find(&rec.agent, &rec.task) {
             Some(n) => n == rec.number,
             None => self.tasks.adopt(&rec.agent, &rec.task, rec.number),
         };
         if !same_number {
-            return Err(format!(
-                "{name}: recorded number {} clashes with a recovered task",
-                rec.number
-            ));
+            let (agent, task) = names();
+            return Err(TaskNotRecovered::NumberClash {
+                agent,
+                task,
+                number: rec.number,
+            });
         }
         let tables = crate::policy::compile_grants(rec.number, &rec.task, &rec.net, &rec.exec)
-            .map_err(|e| format!("{name}: {e}"))?;
+            .map_err(|reason| {
+                let (agent, task) = names();
+                TaskNotRecovered::Capacity {
+                    agent,
+                    task,
+                    reason,
+                }
+            })?;
         held.holds_exactly(rec.number, &tables, rec.expires_ns)
-            .map_err(|e| {
-                format!("{name}: {e} (the state file is older than the kernel's grants)")
+            .map_err(|differ| {
+                let (agent, task) = names();
+                TaskNotRecovered::NotHeld {
+                    agent,
+                    task,
+                    differ,
+                }
             })?;
         let rules = rec.rules();
         if let Some(t) = self.tasks.get_mut(rec.number) {
