@@ -4,13 +4,29 @@
 
 use super::*;
 
+/// Why a reload was refused; the previous policy stays in force.
+#[derive(Debug, thiserror::Error)]
+enum ReloadRefused {
+    #[error("invalid policies in {}:\n{errors}", dir.display())]
+    Invalid {
+        dir: std::path::PathBuf,
+        errors: crate::policy_dir::LoadError,
+    },
+    /// Putting the set in force failed; shown with its whole chain.
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
+}
+
 impl Monitor {
     /// Re-reads the policy directory and applies it; all or nothing. The error names file, line
     /// and reason, and also goes to journald at priority err.
     pub(super) fn reload(&mut self, trigger: &str) -> Result<String, String> {
         let dir = self.generations.dir().to_path_buf();
         let result = crate::policy_dir::load_dir(&dir)
-            .map_err(|e| format!("invalid policies in {}:\n{e}", dir.display()))
+            .map_err(|errors| ReloadRefused::Invalid {
+                dir: dir.clone(),
+                errors,
+            })
             .and_then(|set| {
                 let agents = set.len();
                 for w in crate::exec_lint::warnings(&set) {
@@ -18,7 +34,7 @@ impl Monitor {
                 }
                 self.apply_policies(set)
                     .map(|()| agents)
-                    .map_err(|e| format!("{e:#}"))
+                    .map_err(ReloadRefused::Apply)
             });
         match result {
             Ok(agents) => {

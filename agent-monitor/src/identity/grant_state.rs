@@ -79,7 +79,7 @@ impl Recorded {
 }
 
 /// Why a state file is not used. Each names the file and what was expected.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: cannot read it: {reason}")]
     Unreadable { path: PathBuf, reason: String },
@@ -212,7 +212,8 @@ pub fn decode(
                     "no grants (tasks without grants are not recorded)".into()
                 ));
             }
-            let (net, exec) = crate::policy::parse_grants(&r.connect, &r.exec).map_err(&bad)?;
+            let (net, exec) =
+                crate::policy::parse_grants(&r.connect, &r.exec).map_err(|e| bad(e.to_string()))?;
             Ok(Recorded {
                 number: r.number,
                 agent: r.agent,
@@ -300,6 +301,30 @@ pub fn remove_if_of(path: &Path, pin_dir: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// How the kernel's grant entries for a task differ from the recorded grants
+/// (see [`KernelGrants::holds_exactly`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeldGrantsDiffer {
+    #[error(
+        "the kernel holds {held_net} network and {held_exec} exec entries for it, the recorded \
+         grants compile to {recorded_net} and {recorded_exec}"
+    )]
+    Count {
+        held_net: usize,
+        held_exec: usize,
+        recorded_net: usize,
+        recorded_exec: usize,
+    },
+    #[error("a recorded network grant is not in the kernel")]
+    NetMissing,
+    #[error("a network grant's ports differ from the kernel's")]
+    Ports,
+    #[error("the kernel's expiry differs from the recorded one")]
+    Expiry,
+    #[error("a recorded exec grant is not in the kernel")]
+    ExecMissing,
+}
+
 /// The task grant entries the kernel holds (read from the pinned maps).
 #[derive(Clone, Default)]
 pub struct KernelGrants {
@@ -316,38 +341,36 @@ impl KernelGrants {
         number: u32,
         tables: &KernelTables,
         expires_ns: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), HeldGrantsDiffer> {
         let net: Vec<_> = self.net.iter().filter(|e| e.1.agent == number).collect();
         let exec: Vec<_> = self.exec.iter().filter(|e| e.1.agent == number).collect();
         if net.len() != tables.net.len() || exec.len() != tables.exec.len() {
-            return Err(format!(
-                "the kernel holds {} network and {} exec entries for it, the recorded grants \
-                 compile to {} and {}",
-                net.len(),
-                exec.len(),
-                tables.net.len(),
-                tables.exec.len()
-            ));
+            return Err(HeldGrantsDiffer::Count {
+                held_net: net.len(),
+                held_exec: exec.len(),
+                recorded_net: tables.net.len(),
+                recorded_exec: tables.exec.len(),
+            });
         }
         for (len, key, allow) in &tables.net {
             let found = net
                 .iter()
                 .find(|(l, k, _)| l == len && k.addr == key.addr)
-                .ok_or("a recorded network grant is not in the kernel")?;
+                .ok_or(HeldGrantsDiffer::NetMissing)?;
             if found.2.allow != *allow {
-                return Err("a network grant's ports differ from the kernel's".into());
+                return Err(HeldGrantsDiffer::Ports);
             }
             if found.2.expiry.expires_ns != expires_ns {
-                return Err("the kernel's expiry differs from the recorded one".into());
+                return Err(HeldGrantsDiffer::Expiry);
             }
         }
         for (len, key) in &tables.exec {
             let found = exec
                 .iter()
                 .find(|(l, k, _)| l == len && k.path == key.path)
-                .ok_or("a recorded exec grant is not in the kernel")?;
+                .ok_or(HeldGrantsDiffer::ExecMissing)?;
             if found.2.expires_ns != expires_ns {
-                return Err("the kernel's expiry differs from the recorded one".into());
+                return Err(HeldGrantsDiffer::Expiry);
             }
         }
         Ok(())
@@ -560,14 +583,15 @@ mod tests {
         // Another task's entries do not count for task 8.
         assert!(k.holds_exactly(8, &tables, 900).is_err());
         // A narrowed expiry (the file is older than the kernel) is refused.
-        let e = k.holds_exactly(7, &tables, 1_000).unwrap_err();
+        let e = k.holds_exactly(7, &tables, 1_000).unwrap_err().to_string();
         assert!(e.contains("expiry differs"), "{e}");
         // A grant narrowed away or ended in the kernel after the file was written is refused.
         let (net1, _) = crate::policy::parse_grants(&["127.0.0.1:8080".into()], &[]).unwrap();
         let narrowed = crate::policy::compile_grants(7, "t", &net1, &[]).unwrap();
         let e = in_kernel(&narrowed, 900)
             .holds_exactly(7, &tables, 900)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("the kernel holds 1 network and 0 exec entries"),
             "{e}"

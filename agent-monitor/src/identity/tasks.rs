@@ -17,20 +17,41 @@ pub const UNVERIFIED_TASK: &str = "unverified";
 /// Longest TTL `task start` accepts: grants are meant to be short-lived.
 pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Why a grant TTL was refused; the text says what is accepted. The humantime error is part of
+/// the message (not a separate cause), so a chain printed with `{:#}` shows it once.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TtlError {
+    #[error("--ttl {text:?}: {reason}; expected a duration such as 30s, 10m, 1h30m")]
+    Syntax {
+        text: String,
+        reason: humantime::DurationError,
+    },
+    #[error("--ttl {0:?}: a grant must last longer than 0; use `task end` to revoke")]
+    Zero(String),
+    #[error("--ttl {0:?}: at most {max} (grants are short-lived)", max = humantime::format_duration(MAX_TTL))]
+    TooLong(String),
+    /// Over the control socket, in milliseconds.
+    #[error("ttl_ms 0: a grant must last longer than 0; use `task end` to revoke")]
+    ZeroMs,
+    #[error(
+        "ttl_ms {ms}: at most {max_ms} ({max}; grants are short-lived); omit the TTL for a grant \
+         until `task end`",
+        max = humantime::format_duration(MAX_TTL)
+    )]
+    TooLongMs { ms: u64, max_ms: u64 },
+}
+
 /// Parses a grant TTL such as `90s`, `10m`, `1h 30m` (humantime syntax).
-pub fn parse_ttl(text: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("--ttl {text:?}: {e}; expected a duration such as 30s, 10m, 1h30m"))?;
+pub fn parse_ttl(text: &str) -> Result<Duration, TtlError> {
+    let d = humantime::parse_duration(text.trim()).map_err(|reason| TtlError::Syntax {
+        text: text.to_string(),
+        reason,
+    })?;
     if d.is_zero() {
-        return Err(format!(
-            "--ttl {text:?}: a grant must last longer than 0; use `task end` to revoke"
-        ));
+        return Err(TtlError::Zero(text.to_string()));
     }
     if d > MAX_TTL {
-        return Err(format!(
-            "--ttl {text:?}: at most {} (grants are short-lived)",
-            humantime::format_duration(MAX_TTL)
-        ));
+        return Err(TtlError::TooLong(text.to_string()));
     }
     Ok(d)
 }
@@ -38,19 +59,13 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
 /// Checks a grant TTL that came over the control socket, in milliseconds. Any client may send
 /// any number there, not only our CLI (which refuses with [`parse_ttl`]): without this check
 /// `u64::MAX` saturated the expiry into a grant without end, reported as an 18-quintillion-ms TTL.
-pub fn check_ttl_ms(ms: u64) -> Result<u64, String> {
-    let max = u64::try_from(MAX_TTL.as_millis()).unwrap_or(u64::MAX);
+pub fn check_ttl_ms(ms: u64) -> Result<u64, TtlError> {
+    let max_ms = u64::try_from(MAX_TTL.as_millis()).unwrap_or(u64::MAX);
     if ms == 0 {
-        return Err(
-            "ttl_ms 0: a grant must last longer than 0; use `task end` to revoke".to_string(),
-        );
+        return Err(TtlError::ZeroMs);
     }
-    if ms > max {
-        return Err(format!(
-            "ttl_ms {ms}: at most {max} ({}; grants are short-lived); omit the TTL for a grant \
-             until `task end`",
-            humantime::format_duration(MAX_TTL)
-        ));
+    if ms > max_ms {
+        return Err(TtlError::TooLongMs { ms, max_ms });
     }
     Ok(ms)
 }
@@ -194,6 +209,16 @@ impl Tasks {
     }
 }
 
+/// Why `task narrow` was refused: it would widen the task.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NarrowError {
+    /// `option` is `--keep-connect` or `--keep-exec`.
+    #[error(
+        "{option} {text:?} is not a grant of this task; narrowing keeps a subset of its grants"
+    )]
+    NotGranted { option: &'static str, text: String },
+}
+
 /// The narrowed form of `grants`: only the rules named in `keep_connect` / `keep_exec` (as written
 /// when granted), ending no later than now. `new_expiry_ns` may only shorten the expiry. An error
 /// names the first thing that would widen the task.
@@ -202,7 +227,7 @@ pub fn narrow(
     keep_connect: &[String],
     keep_exec: &[String],
     new_expiry_ns: Option<u64>,
-) -> Result<(Vec<NetRule>, Vec<ExecRule>, u64), String> {
+) -> Result<(Vec<NetRule>, Vec<ExecRule>, u64), NarrowError> {
     let net = keep(&grants.net, keep_connect, NetRule::text, "--keep-connect")?;
     let exec = keep(&grants.exec, keep_exec, ExecRule::text, "--keep-exec")?;
     let expires_ns = new_expiry_ns.map_or(grants.expires_ns, |e| e.min(grants.expires_ns));
@@ -214,14 +239,19 @@ fn keep<R: Clone>(
     rules: &[R],
     wanted: &[String],
     text: fn(&R) -> &str,
-    option: &str,
-) -> Result<Vec<R>, String> {
+    option: &'static str,
+) -> Result<Vec<R>, NarrowError> {
     wanted
         .iter()
         .map(|k| {
-            rules.iter().find(|r| text(r) == k).cloned().ok_or_else(|| {
-                format!("{option} {k:?} is not a grant of this task; narrowing keeps a subset of its grants")
-            })
+            rules
+                .iter()
+                .find(|r| text(r) == k)
+                .cloned()
+                .ok_or_else(|| NarrowError::NotGranted {
+                    option,
+                    text: k.clone(),
+                })
         })
         .collect()
 }
@@ -234,13 +264,18 @@ mod tests {
     fn control_ttls_are_bounded() {
         assert_eq!(check_ttl_ms(1), Ok(1));
         assert_eq!(check_ttl_ms(604_800_000), Ok(604_800_000));
-        let e = check_ttl_ms(u64::MAX).unwrap_err();
+        let e = check_ttl_ms(u64::MAX).unwrap_err().to_string();
         assert!(
             e.starts_with("ttl_ms 18446744073709551615: at most 604800000 (7days;"),
             "{e}"
         );
         assert!(check_ttl_ms(604_800_001).is_err());
-        assert!(check_ttl_ms(0).unwrap_err().contains("longer than 0"));
+        assert!(
+            check_ttl_ms(0)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 0")
+        );
     }
 
     #[test]
@@ -255,11 +290,21 @@ mod tests {
     #[test]
     fn bad_ttls_say_what_is_expected() {
         for bad in ["", "10", "ten minutes", "-1s", "5x"] {
-            let e = parse_ttl(bad).unwrap_err();
+            let e = parse_ttl(bad).unwrap_err().to_string();
             assert!(e.contains("expected a duration"), "{bad:?}: {e}");
         }
-        assert!(parse_ttl("0s").unwrap_err().contains("longer than 0"));
-        assert!(parse_ttl("8d").unwrap_err().contains("at most 7days"));
+        assert!(
+            parse_ttl("0s")
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 0")
+        );
+        assert!(
+            parse_ttl("8d")
+                .unwrap_err()
+                .to_string()
+                .contains("at most 7days")
+        );
     }
 
     #[test]
@@ -295,7 +340,9 @@ mod tests {
         assert_eq!(n[0].text(), "127.0.0.1:80");
         // A later expiry is capped at the current one.
         assert_eq!(narrow(&g, &[], &[], Some(5_000)).unwrap().2, 1_000);
-        let err = narrow(&g, &["0.0.0.0/0:*".into()], &[], None).unwrap_err();
+        let err = narrow(&g, &["0.0.0.0/0:*".into()], &[], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a grant of this task"), "{err}");
         assert!(narrow(&g, &[], &["/bin/sh".into()], None).is_err());
     }

@@ -13,5 +13,5 @@ pub use compile::{EXEC_ENTRIES_PER_SET, KernelTables, NET_ENTRIES_PER_SET, compi
 pub use evaluate::{Decision, ExecFacts, to_table_addr};
 pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
-pub use parse::{Issue, PolicyError, parse_grants};
+pub use parse::{GrantRuleError, Issue, PolicyError, parse_grants};
 pub(crate) use parse::{parse_exec, valid_net_entry};

@@ -7,6 +7,15 @@ use libseccomp::{ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags, notify_id_vali
 use super::decide::{Answer, Reach, TargetRef, decide, outside};
 use crate::control::{CaughtCall, CaughtReport as Caught, CaughtTarget};
 
+/// Why the supervisor loop stopped: reading the listener failed for good. libseccomp's error and
+/// the ioctl's own errno are both part of the message.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the seccomp listener: {reason} ({errno})")]
+pub struct ListenerFailed {
+    reason: libseccomp::error::SeccompError,
+    errno: std::io::Error,
+}
+
 /// Serves the listener until it fails for good: answers each caught call at once and hands it
 /// to `report` (which may be slow: the agent is no longer waiting). `busy` is set from the moment
 /// a call is taken until its report is handed over, so `run` can wait for the last report before
@@ -16,7 +25,7 @@ pub fn supervise(
     enforce: bool,
     busy: &std::sync::atomic::AtomicBool,
     mut report: impl FnMut(Caught),
-) -> String {
+) -> ListenerFailed {
     use std::sync::atomic::Ordering;
     let fd = listener.as_raw_fd();
     let own = Supervisor::this_process();
@@ -36,7 +45,10 @@ pub fn supervise(
                 if matches!(os.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) {
                     continue;
                 }
-                return format!("reading the seccomp listener: {e} ({os})");
+                return ListenerFailed {
+                    reason: e,
+                    errno: os,
+                };
             }
         };
         let name = req

@@ -38,11 +38,14 @@ pub(super) enum GrantError {
     )]
     Unverified,
     /// A TTL outside what [`tasks::check_ttl_ms`] accepts.
-    #[error("{0}")]
-    Ttl(String),
-    /// A `--allow-*` or `--keep-*` text that is not a grant rule, or not one of the task's.
-    #[error("{0}")]
-    Rules(String),
+    #[error(transparent)]
+    Ttl(#[from] tasks::TtlError),
+    /// A `--allow-*` text that is not a grant rule.
+    #[error(transparent)]
+    Rules(#[from] crate::policy::GrantRuleError),
+    /// A `--keep-*` text that is not one of the task's grants.
+    #[error(transparent)]
+    Narrow(#[from] tasks::NarrowError),
     #[error(transparent)]
     Capacity(#[from] crate::policy::compile::CapacityError),
     #[error("agent {agent:?} has no task {task:?}")]
@@ -53,6 +56,31 @@ pub(super) enum GrantError {
     /// what it had, and a restart revokes what the file does not describe).
     #[error(transparent)]
     Kernel(#[from] anyhow::Error),
+}
+
+/// Why one recorded task's grants were not taken over after a restart.
+#[derive(Debug, thiserror::Error)]
+enum TaskNotRecovered {
+    #[error("task {task} of agent {agent}: recorded number {number} clashes with a recovered task")]
+    NumberClash {
+        agent: String,
+        task: String,
+        number: u32,
+    },
+    #[error("task {task} of agent {agent}: {reason}")]
+    Capacity {
+        agent: String,
+        task: String,
+        reason: crate::policy::compile::CapacityError,
+    },
+    #[error(
+        "task {task} of agent {agent}: {differ} (the state file is older than the kernel's grants)"
+    )]
+    NotHeld {
+        agent: String,
+        task: String,
+        differ: grant_state::HeldGrantsDiffer,
+    },
 }
 
 /// What became of a predecessor's task grants at adoption.
@@ -177,7 +205,7 @@ impl GrantBook {
             return Err(GrantError::Unverified);
         }
         if let Some(ms) = ttl_ms {
-            tasks::check_ttl_ms(ms).map_err(GrantError::Ttl)?;
+            tasks::check_ttl_ms(ms)?;
         }
         Ok(())
     }
@@ -196,8 +224,7 @@ impl GrantBook {
         now_ns: u64,
     ) -> Result<Vec<String>, GrantError> {
         Self::check_start(task, ttl_ms)?;
-        let (mut net, mut execs) =
-            crate::policy::parse_grants(connect, exec).map_err(GrantError::Rules)?;
+        let (mut net, mut execs) = crate::policy::parse_grants(connect, exec)?;
         let old = self.tasks.get(number).and_then(|t| t.grants.clone());
         if let Some(old) = &old {
             net.extend(old.net.iter().cloned());
@@ -229,7 +256,7 @@ impl GrantBook {
         now_ns: u64,
     ) -> Result<Narrowed, GrantError> {
         if let Some(ms) = ttl_ms {
-            tasks::check_ttl_ms(ms).map_err(GrantError::Ttl)?;
+            tasks::check_ttl_ms(ms)?;
         }
         let number = self.find_task(agent, task)?;
         let Some(old) = self.tasks.get(number).and_then(|t| t.grants.clone()) else {
@@ -239,8 +266,7 @@ impl GrantBook {
             });
         };
         let wanted = ttl_ms.map(|ms| expiry(now_ns, Some(ms)));
-        let (net, exec, expires_ns) =
-            tasks::narrow(&old, keep_connect, keep_exec, wanted).map_err(GrantError::Rules)?;
+        let (net, exec, expires_ns) = tasks::narrow(&old, keep_connect, keep_exec, wanted)?;
         let tables = crate::policy::compile_grants(number, task, &net, &exec)?;
         // Kept entries are rewritten with the (possibly earlier) expiry, then the rest removed.
         kernel.set_task_grants(&tables, Expiry { expires_ns })?;
@@ -330,7 +356,7 @@ impl GrantBook {
         match self.file.load() {
             // Without grants in the kernel nothing is lost, whatever the file says.
             Err(_) if held.numbers().is_empty() => {}
-            Err(why) => r.why.push(why),
+            Err(why) => r.why.push(why.to_string()),
             Ok(records) => {
                 for rec in records {
                     if rec.expires_ns <= now_ns {
@@ -344,7 +370,7 @@ impl GrantBook {
                             r.recovered += rules;
                             keep.insert(number);
                         }
-                        Err(why) => r.why.push(why),
+                        Err(why) => r.why.push(why.to_string()),
                     }
                 }
             }
@@ -374,24 +400,38 @@ impl GrantBook {
         &mut self,
         held: &KernelGrants,
         rec: grant_state::Recorded,
-    ) -> Result<(u32, usize), String> {
-        let name = format!("task {} of agent {}", rec.task, rec.agent);
+    ) -> Result<(u32, usize), TaskNotRecovered> {
+        let names = || (rec.agent.clone(), rec.task.clone());
         // The task may be known from the cgroup tree already: by the same number.
         let same_number = match self.tasks.find(&rec.agent, &rec.task) {
             Some(n) => n == rec.number,
             None => self.tasks.adopt(&rec.agent, &rec.task, rec.number),
         };
         if !same_number {
-            return Err(format!(
-                "{name}: recorded number {} clashes with a recovered task",
-                rec.number
-            ));
+            let (agent, task) = names();
+            return Err(TaskNotRecovered::NumberClash {
+                agent,
+                task,
+                number: rec.number,
+            });
         }
         let tables = crate::policy::compile_grants(rec.number, &rec.task, &rec.net, &rec.exec)
-            .map_err(|e| format!("{name}: {e}"))?;
+            .map_err(|reason| {
+                let (agent, task) = names();
+                TaskNotRecovered::Capacity {
+                    agent,
+                    task,
+                    reason,
+                }
+            })?;
         held.holds_exactly(rec.number, &tables, rec.expires_ns)
-            .map_err(|e| {
-                format!("{name}: {e} (the state file is older than the kernel's grants)")
+            .map_err(|differ| {
+                let (agent, task) = names();
+                TaskNotRecovered::NotHeld {
+                    agent,
+                    task,
+                    differ,
+                }
             })?;
         let rules = rec.rules();
         if let Some(t) = self.tasks.get_mut(rec.number) {

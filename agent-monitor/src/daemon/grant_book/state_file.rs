@@ -2,11 +2,36 @@
 //! writing it went.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::identity::grant_state;
 use crate::identity::tasks::Tasks;
 use crate::output::FailureThrottle;
+
+/// Why the grant state file cannot be used, read or written. I/O errors are shared (`Arc`) so
+/// the reason this boot cannot use the file is kept once and given to every load and save.
+#[derive(Clone, Debug, thiserror::Error)]
+pub(in crate::daemon) enum StateFileError {
+    /// A second daemon (on a private pin directory) left at the default path.
+    #[error(
+        "{} holds the grants of the daemon on pin directory {owner}; give this one its own \
+         --state-file",
+        path.display()
+    )]
+    OtherOwner { path: PathBuf, owner: String },
+    #[error("reading {}: {reason}", grant_state::BOOT_ID_PATH)]
+    BootId { reason: Arc<std::io::Error> },
+    #[error(
+        "no grant state file {} (first start with --state-file, or it was removed)",
+        path.display()
+    )]
+    Missing { path: PathBuf },
+    #[error(transparent)]
+    State(#[from] grant_state::StateError),
+    #[error("{reason}")]
+    Write { reason: Arc<std::io::Error> },
+}
 
 /// The grant state file (see [`grant_state`]) and how writing it went. A failed write never fails
 /// the grant change (the kernel is the truth): it is counted (`status`, metrics: sink
@@ -16,7 +41,7 @@ pub(in crate::daemon) struct GrantStateFile {
     path: PathBuf,
     pin_dir: PathBuf,
     /// This boot's id (written into the file), or why the file cannot be used at all.
-    boot_id: Result<String, String>,
+    boot_id: Result<String, StateFileError>,
     written: u64,
     failed: u64,
     throttle: FailureThrottle,
@@ -30,16 +55,16 @@ impl GrantStateFile {
             // A second daemon (on a private pin directory) left at the default path must not
             // clobber the first one's grants: it keeps none across restarts instead.
             Some(owner) => {
-                let why = format!(
-                    "{} holds the grants of the daemon on pin directory {owner}; give this one \
-                     its own --state-file",
-                    path.display()
-                );
+                let why = StateFileError::OtherOwner {
+                    path: path.to_path_buf(),
+                    owner,
+                };
                 tracing::warn!("{why}");
                 Err(why)
             }
-            None => grant_state::boot_id()
-                .map_err(|e| format!("reading {}: {e}", grant_state::BOOT_ID_PATH)),
+            None => grant_state::boot_id().map_err(|e| StateFileError::BootId {
+                reason: Arc::new(e),
+            }),
         };
         Self::with_boot_id(path, pin_dir, boot_id)
     }
@@ -48,7 +73,7 @@ impl GrantStateFile {
     pub(super) fn with_boot_id(
         path: &Path,
         pin_dir: &Path,
-        boot_id: Result<String, String>,
+        boot_id: Result<String, StateFileError>,
     ) -> Self {
         GrantStateFile {
             path: path.to_path_buf(),
@@ -61,16 +86,18 @@ impl GrantStateFile {
     }
 
     /// The predecessor's records, or why there are none to use.
-    pub(super) fn load(&self) -> Result<Vec<grant_state::Recorded>, String> {
+    pub(super) fn load(&self) -> Result<Vec<grant_state::Recorded>, StateFileError> {
         let boot_id = self.boot_id.as_ref().map_err(Clone::clone)?;
-        match grant_state::read(&self.path) {
-            Ok(Some(text)) => grant_state::decode(&self.path, &text, boot_id, &self.pin_dir)
-                .map_err(|e| e.to_string()),
-            Ok(None) => Err(format!(
-                "no grant state file {} (first start with --state-file, or it was removed)",
-                self.path.display()
-            )),
-            Err(e) => Err(e.to_string()),
+        match grant_state::read(&self.path)? {
+            Some(text) => Ok(grant_state::decode(
+                &self.path,
+                &text,
+                boot_id,
+                &self.pin_dir,
+            )?),
+            None => Err(StateFileError::Missing {
+                path: self.path.clone(),
+            }),
         }
     }
 
@@ -79,7 +106,9 @@ impl GrantStateFile {
         let now = Instant::now();
         let result = self.boot_id.clone().and_then(|boot_id| {
             let text = grant_state::encode(&boot_id, &self.pin_dir, grant_state::records(tasks));
-            grant_state::write(&self.path, &text).map_err(|e| e.to_string())
+            grant_state::write(&self.path, &text).map_err(|e| StateFileError::Write {
+                reason: Arc::new(e),
+            })
         });
         match result {
             Ok(()) => {

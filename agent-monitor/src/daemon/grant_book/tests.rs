@@ -522,3 +522,26 @@ fn a_fresh_install_removes_a_leftover_state_file() {
     book.recover(&mut FakeKernel::default(), false, 0).unwrap();
     assert!(!s.path.exists(), "its grants went with the maps");
 }
+
+#[test]
+fn a_refused_grant_reads_once_in_the_control_response_and_keeps_its_type() {
+    // The control socket answers a refusal with `{:#}` of the anyhow error: the typed cause must
+    // appear exactly once, and stay inspectable by type.
+    let ttl: anyhow::Error = GrantError::from(tasks::check_ttl_ms(0).unwrap_err()).into();
+    assert_eq!(
+        format!("{ttl:#}"),
+        "ttl_ms 0: a grant must last longer than 0; use `task end` to revoke"
+    );
+    assert!(matches!(
+        ttl.downcast_ref::<GrantError>(),
+        Some(GrantError::Ttl(tasks::TtlError::ZeroMs))
+    ));
+    let rule = crate::policy::parse_grants(&strings(&["not an address"]), &[]).unwrap_err();
+    let rule: anyhow::Error = GrantError::from(rule).into();
+    let text = format!("{rule:#}");
+    assert_eq!(text, rule.to_string());
+    assert!(
+        text.starts_with("--allow-connect \"not an address\": "),
+        "{text}"
+    );
+}

@@ -102,16 +102,28 @@ impl Policy {
     }
 }
 
+/// Why a grant given on the command line is not a grant rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrantRuleError {
+    #[error("--allow-connect {text:?}: {reason}")]
+    Connect { text: String, reason: Reason },
+    #[error("--allow-exec {text:?}: {reason}")]
+    Exec { text: String, reason: Reason },
+}
+
 /// Grants given on the command line (`task start --allow-connect ADDR --allow-exec PATH`), in the
 /// policy's own entry syntax; the error names the option and value and says what was expected.
 pub fn parse_grants(
     connect: &[String],
     exec: &[String],
-) -> Result<(Vec<NetRule>, Vec<ExecRule>), String> {
+) -> Result<(Vec<NetRule>, Vec<ExecRule>), GrantRuleError> {
     let mut net = Vec::new();
     for text in connect {
         let (addr, prefix_len, ports) =
-            parse_net(text).map_err(|r| format!("--allow-connect {text:?}: {r}"))?;
+            parse_net(text).map_err(|reason| GrantRuleError::Connect {
+                text: text.clone(),
+                reason,
+            })?;
         net.push(NetRule {
             net: addr,
             prefix_len,
@@ -122,8 +134,10 @@ pub fn parse_grants(
     }
     let mut rules = Vec::new();
     for text in exec {
-        let (path, prefix_glob) =
-            parse_exec(text).map_err(|r| format!("--allow-exec {text:?}: {r}"))?;
+        let (path, prefix_glob) = parse_exec(text).map_err(|reason| GrantRuleError::Exec {
+            text: text.clone(),
+            reason,
+        })?;
         rules.push(ExecRule {
             path,
             prefix_glob,
