@@ -2,7 +2,7 @@
 //! metrics scrapes, DNS proxy reports, timers and signals. The event loop (`Monitor::run`) only
 //! hands each [`Input`] to the owner of its concern.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -59,6 +59,8 @@ pub(super) enum Input {
     Reopen,
     /// SIGTERM or SIGINT (named).
     Stop(&'static str),
+    /// The grace after a bank switch is over: the old allowlist bank can go.
+    RetireBank,
 }
 
 pub(super) struct Inputs {
@@ -101,8 +103,9 @@ impl Inputs {
         }
     }
 
-    /// Waits for the next input; an error is the ring buffer failing.
-    pub(super) async fn next(&mut self) -> anyhow::Result<Input> {
+    /// Waits for the next input; an error is the ring buffer failing. `retire_at` is when the
+    /// old allowlist bank may go (see `Generations::retire_due`), if one waits.
+    pub(super) async fn next(&mut self, retire_at: Option<Instant>) -> anyhow::Result<Input> {
         Ok(tokio::select! {
             r = self.stream.next_batch(|bytes| self.records.push(event::decode(bytes))) => {
                 r.context("reading the action ring buffer")?;
@@ -123,11 +126,20 @@ impl Inputs {
             Some(scrape) = self.scrapes.recv() => Input::Scrape(scrape),
             _ = self.sweep.tick() => Input::Sweep,
             _ = tick(&mut self.watchdog) => Input::Watchdog,
+            _ = at(retire_at) => Input::RetireBank,
             _ = self.signals.hup.recv() => Input::Reload,
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
             _ = self.signals.int.recv() => Input::Stop("SIGINT"),
         })
+    }
+}
+
+/// Returns at `instant`; never, without one.
+pub(super) async fn at(instant: Option<Instant>) {
+    match instant {
+        Some(i) => tokio::time::sleep_until(i.into()).await,
+        None => std::future::pending().await,
     }
 }
 
