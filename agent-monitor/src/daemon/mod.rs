@@ -165,7 +165,16 @@ impl Monitor {
                 Input::Scrape(scrape) => {
                     let _ = scrape.send(metrics::render(&self.metrics_snapshot()));
                 }
-                Input::Sweep => self.sweep(),
+                Input::Sweep => {
+                    self.sweep();
+                    // systemctl, a cgroup tree search, sha256 of changed executables: blocking,
+                    // asked on a blocking thread; the answer comes back as `Input::Probed`.
+                    inputs.probe_selectors(|| self.ident.arm_plan(&self.cgroup_root));
+                }
+                Input::Probed(Ok(probed)) => self.arm_selectors(&probed),
+                Input::Probed(Err(e)) => {
+                    tracing::error!("selector probe failed (asked again at the next sweep): {e}")
+                }
                 Input::Watchdog => notify(&[libsystemd::daemon::NotifyState::Watchdog]),
                 Input::Reload => {
                     self.retire_old_bank_after_grace().await;
@@ -266,7 +275,6 @@ impl Monitor {
         }
         // The kernel already refuses expired grants; this only tidies the maps.
         self.grants.expire(&mut self.kernel, now);
-        self.arm_selectors();
         self.reporter.kernel_losses(&self.kernel);
         for (id, t) in self.ident.take_empty_tasks() {
             if let Err(e) = self.kernel.remove_agent_cgroup(id) {
