@@ -2,7 +2,7 @@
 //! metrics scrapes, DNS proxy reports, timers and signals. The event loop (`Monitor::run`) only
 //! hands each [`Input`] to the owner of its concern.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::mpsc;
@@ -11,6 +11,7 @@ use super::requests::ControlCall;
 use crate::bpf::ActionStream;
 use crate::dns::QueryReport;
 use crate::event::{self, KernelEvent};
+use crate::identity::selected::{ProbePlan, Probed};
 use crate::output::metrics::Scrape;
 
 /// How often empty task cgroups are removed and exited processes forgotten.
@@ -59,6 +60,11 @@ pub(super) enum Input {
     Reopen,
     /// SIGTERM or SIGINT (named).
     Stop(&'static str),
+    /// The grace after a bank switch is over: the old allowlist bank can go.
+    RetireBank,
+    /// What the host said about the selectors (systemd units, cgroups, changed executables),
+    /// asked on a blocking thread by [`Inputs::probe_selectors`]; the error is that thread's.
+    Probed(Result<Probed, tokio::task::JoinError>),
 }
 
 pub(super) struct Inputs {
@@ -70,6 +76,8 @@ pub(super) struct Inputs {
     sweep: tokio::time::Interval,
     drain: tokio::time::Interval,
     watchdog: Option<tokio::time::Interval>,
+    /// The selector probe running on a blocking thread, if one is.
+    probe: Option<tokio::task::JoinHandle<Probed>>,
     /// Kernel records read by the last `next()`, decoded.
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
 }
@@ -97,12 +105,14 @@ impl Inputs {
             sweep: tokio::time::interval(SWEEP_EVERY),
             drain,
             watchdog,
+            probe: None,
             records: Vec::with_capacity(1024),
         }
     }
 
-    /// Waits for the next input; an error is the ring buffer failing.
-    pub(super) async fn next(&mut self) -> anyhow::Result<Input> {
+    /// Waits for the next input; an error is the ring buffer failing. `retire_at` is when the
+    /// old allowlist bank may go (see `Generations::retire_due`), if one waits.
+    pub(super) async fn next(&mut self, retire_at: Option<Instant>) -> anyhow::Result<Input> {
         Ok(tokio::select! {
             r = self.stream.next_batch(|bytes| self.records.push(event::decode(bytes))) => {
                 r.context("reading the action ring buffer")?;
@@ -123,11 +133,46 @@ impl Inputs {
             Some(scrape) = self.scrapes.recv() => Input::Scrape(scrape),
             _ = self.sweep.tick() => Input::Sweep,
             _ = tick(&mut self.watchdog) => Input::Watchdog,
+            _ = at(retire_at) => Input::RetireBank,
+            probed = join(&mut self.probe) => {
+                self.probe = None;
+                Input::Probed(probed)
+            }
             _ = self.signals.hup.recv() => Input::Reload,
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
             _ = self.signals.int.recv() => Input::Stop("SIGINT"),
         })
+    }
+}
+
+impl Inputs {
+    /// Asks the host about the selectors (`plan`) on a blocking thread, unless the previous
+    /// probe is still running (its answer comes first; the next sweep asks again). The answer
+    /// arrives as [`Input::Probed`].
+    pub(super) fn probe_selectors(&mut self, plan: impl FnOnce() -> ProbePlan) {
+        if self.probe.is_none() {
+            let plan = plan();
+            self.probe = Some(tokio::task::spawn_blocking(move || plan.run()));
+        }
+    }
+}
+
+/// The running probe's answer; never, without one.
+async fn join(
+    probe: &mut Option<tokio::task::JoinHandle<Probed>>,
+) -> Result<Probed, tokio::task::JoinError> {
+    match probe {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns at `instant`; never, without one.
+pub(super) async fn at(instant: Option<Instant>) {
+    match instant {
+        Some(i) => tokio::time::sleep_until(i.into()).await,
+        None => std::future::pending().await,
     }
 }
 

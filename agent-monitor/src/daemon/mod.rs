@@ -148,7 +148,7 @@ impl Monitor {
     ) -> anyhow::Result<()> {
         let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
         loop {
-            let input = inputs.next().await?;
+            let input = inputs.next(self.generations.retire_due()).await?;
             for record in inputs.records.drain(..) {
                 self.on_event(record);
             }
@@ -156,15 +156,28 @@ impl Monitor {
                 Input::Records => {}
                 Input::Dns(report) => self.on_dns(report),
                 Input::Request(call) => {
+                    if matches!(call.request, Request::Reload {}) {
+                        self.retire_old_bank_after_grace().await;
+                    }
                     let response = self.on_request(call.request, &call.peer);
                     let _ = call.reply.send(response);
                 }
                 Input::Scrape(scrape) => {
                     let _ = scrape.send(metrics::render(&self.metrics_snapshot()));
                 }
-                Input::Sweep => self.sweep(),
+                Input::Sweep => {
+                    self.sweep();
+                    // systemctl, a cgroup tree search, sha256 of changed executables: blocking,
+                    // asked on a blocking thread; the answer comes back as `Input::Probed`.
+                    inputs.probe_selectors(|| self.ident.arm_plan(&self.cgroup_root));
+                }
+                Input::Probed(Ok(probed)) => self.arm_selectors(&probed),
+                Input::Probed(Err(e)) => {
+                    tracing::error!("selector probe failed (asked again at the next sweep): {e}")
+                }
                 Input::Watchdog => notify(&[libsystemd::daemon::NotifyState::Watchdog]),
                 Input::Reload => {
+                    self.retire_old_bank_after_grace().await;
                     // The outcome is logged and journaled by reload itself.
                     let _ = self.reload("SIGHUP");
                 }
@@ -174,11 +187,34 @@ impl Monitor {
                 },
                 Input::Stop(signal) => {
                     tracing::info!("{signal}: stopping");
+                    // The pinned tables outlive us: leave no old bank for the next daemon.
+                    self.retire_old_bank_after_grace().await;
                     return Ok(());
                 }
+                Input::RetireBank => self.retire_old_bank(),
             }
             // One write per burst of records rather than one per action.
             self.reporter.flush();
+        }
+    }
+
+    /// Deletes the allowlist bank the last reload switched away from, once the grace is over (a
+    /// program that read the old slot just before the switch has finished its lookup by then).
+    fn retire_old_bank(&mut self) {
+        match self.generations.retire_old_bank(&mut self.kernel) {
+            Ok(removed) => tracing::debug!(removed, "old allowlist bank removed"),
+            Err(e) => tracing::error!(
+                "removing the old allowlist bank (retried at the next reload): {e:#}"
+            ),
+        }
+    }
+
+    /// Waits out what is left of the grace, on the runtime's timer, then retires the old bank:
+    /// a reload writes its set into that bank.
+    async fn retire_old_bank_after_grace(&mut self) {
+        if let Some(due) = self.generations.retire_due() {
+            inputs::at(Some(due)).await;
+            self.retire_old_bank();
         }
     }
 
@@ -239,7 +275,6 @@ impl Monitor {
         }
         // The kernel already refuses expired grants; this only tidies the maps.
         self.grants.expire(&mut self.kernel, now);
-        self.arm_selectors();
         self.reporter.kernel_losses(&self.kernel);
         for (id, t) in self.ident.take_empty_tasks() {
             if let Err(e) = self.kernel.remove_agent_cgroup(id) {

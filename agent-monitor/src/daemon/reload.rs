@@ -133,13 +133,13 @@ impl Monitor {
             .generations
             .switch(staged, &mut self.kernel, monotonic_ns)?;
         for (agent, e) in &switched.failed {
-            // Its id keeps the old index, whose entries went: it is denied everything.
+            // Its id keeps the old index, whose entries go with the old bank: it is denied
+            // everything.
             tracing::error!(
                 agent,
                 "switching to the new policy failed, the agent is denied everything: {e:#}"
             );
         }
-        tracing::debug!(removed = switched.removed, "old allowlist bank removed");
         let live = self.generations.live();
         for (_, t) in self.ident.tasks() {
             if live.get(&t.agent).is_none() {

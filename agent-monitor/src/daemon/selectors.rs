@@ -1,6 +1,7 @@
 //! Selectors and uid bindings: arming them in the kernel, carrying them across reloads, tagging processes already running.
 
 use super::*;
+use crate::identity::selected::Probed;
 
 /// Runs a blocking walk of /proc so that it does not hold up the runtime's other tasks.
 ///
@@ -30,7 +31,11 @@ impl Monitor {
     pub(super) fn rearm_selectors(&mut self) {
         self.ident
             .replace_selectors(&mut self.kernel, self.generations.live(), &mut self.grants);
-        self.arm_selectors();
+        // The reload answers once the new selectors are armed: the host is asked here, off the
+        // runtime's workers (see `off_runtime`); the sweep's passes ask it on a blocking thread.
+        let plan = self.ident.arm_plan(&self.cgroup_root);
+        let probed = off_runtime(|| plan.run());
+        self.arm_selectors(&probed);
         if let Err(e) = self.ident.remove_stale_selectors(&mut self.kernel) {
             tracing::error!("removing selectors of the previous policy: {e:#}");
         }
@@ -93,11 +98,16 @@ impl Monitor {
     }
 
     /// Arms what selectors can be armed, re-verifies changed executables, writes the kernel's
-    /// selector configuration and reports what changed.
-    pub(super) fn arm_selectors(&mut self) {
-        let (report, config) =
+    /// selector configuration and reports what changed, by what the host said (`probed`). A
+    /// probe taken before a reload replaced the selectors is dropped: the next sweep asks again.
+    pub(super) fn arm_selectors(&mut self, probed: &Probed) {
+        let Some((report, config)) =
             self.ident
-                .arm_selectors(&mut self.kernel, &mut self.grants, &self.cgroup_root);
+                .arm_selectors(&mut self.kernel, &mut self.grants, probed)
+        else {
+            tracing::debug!("selector probe answered for replaced selectors: dropped");
+            return;
+        };
         if let Err(e) = config {
             tracing::error!("writing the selector configuration: {e:#}");
         }

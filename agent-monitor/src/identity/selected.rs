@@ -15,6 +15,9 @@ use crate::identity::uid_binding::{Bindings, Owner};
 use crate::policy::PolicySet;
 use crate::policy::selectors::{SelectorKind, nested};
 
+mod probe;
+pub use probe::{ProbePlan, Probed};
+
 /// A cgroup a selector names, as the kernel knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedCgroup {
@@ -243,6 +246,9 @@ pub struct Selected {
     pub tags_in_use: bool,
     /// uids bound to an agent by `run --user` (entries of the same kernel map as `uids` selectors).
     pub bound: Bindings,
+    /// Which set of selectors this is (one more at each reload): a host probe taken from an
+    /// earlier set is not applied to this one.
+    pub generation: u64,
 }
 
 const NOT_CHECKED: &str = "not checked yet";
@@ -317,6 +323,7 @@ impl Selected {
             all,
             tags_in_use: false,
             bound: Bindings::new(),
+            generation: 0,
         }
     }
 
@@ -334,13 +341,15 @@ impl Selected {
     }
 
     /// Arms what can be armed now and re-checks executables whose file changed (size, times or
-    /// inode: a periodic check, every sweep). Called at start, before the control socket opens,
-    /// and on every sweep. `unverified_slot(agent)` is the grantless slot a mismatching
+    /// inode: a periodic check, every sweep), by what the host said (`probed`, taken from these
+    /// selectors by [`Self::probe_plan`]: see [`Self::is_current`]); writes the kernel, does no
+    /// other I/O. Called at start, before the control socket opens, at each reload and after
+    /// every sweep's probe. `unverified_slot(agent)` is the grantless slot a mismatching
     /// executable's processes get.
-    pub fn arm(
+    pub fn arm_with(
         &mut self,
         kernel: &mut impl IdentityTables,
-        cgroup_root: &Path,
+        probed: &Probed,
         mut unverified_slot: impl FnMut(&str) -> AgentSlot,
     ) -> ArmReport {
         let mut report = ArmReport::default();
@@ -393,8 +402,8 @@ impl Selected {
                         }
                     };
                     let rel = if a.kind == SelectorKind::SystemdUnit {
-                        match resolve_unit(cgroup_root, &a.value) {
-                            Ok(rel) => rel,
+                        match probed.unit(&a.value) {
+                            Ok(rel) => rel.map(str::to_string),
                             Err(e) => {
                                 once(&mut report.errors, e.to_string());
                                 continue;
@@ -403,7 +412,7 @@ impl Selected {
                     } else {
                         Some(a.value.clone())
                     };
-                    let Some(cg) = rel.as_deref().and_then(|r| resolve_cgroup(cgroup_root, r))
+                    let Some((cg, holder)) = rel.as_deref().and_then(|r| probed.cgroup(r)).cloned()
                     else {
                         once(
                             &mut report.waiting,
@@ -411,7 +420,7 @@ impl Selected {
                         );
                         continue;
                     };
-                    if let Some(who) = crate::identity::host_capture::holder_of(&cg.rel) {
+                    if let Some(who) = holder {
                         once(
                             &mut report.errors,
                             format!(
@@ -461,19 +470,24 @@ impl Selected {
                 (
                     ArmState::Executable {
                         path,
-                        sha256,
+                        sha256: _,
                         stamp: last_stamp,
                         verified,
                     },
                     _,
                 ) => {
-                    let now = stamp(path).ok();
-                    if now.is_some() && now == *last_stamp {
+                    let Some(file) = probed.file(path) else {
+                        continue;
+                    };
+                    if file.now.is_some() && file.now == *last_stamp {
                         continue;
                     }
+                    // Not read: the probe saw this stamp as the last one read; the next pass does.
+                    let Some((read, result)) = file.read.clone() else {
+                        continue;
+                    };
                     // The kernel matches the file that runs (device, inode): a replaced file is a
                     // new key, the old one goes.
-                    let (read, result) = verify_stamped(path, sha256);
                     if let Some(old) = last_stamp.take()
                         && read.is_none_or(|r| r.selector_key() != old.selector_key())
                         && let Err(e) = kernel.remove_exec_selector(old.selector_key())

@@ -2,7 +2,7 @@
 
 use agent_monitor_common::{self as common, AgentSlot};
 
-use super::{AllowlistTables, SWAP_GRACE};
+use super::AllowlistTables;
 use crate::bpf::Kernel;
 use crate::policy::KernelTables;
 
@@ -33,16 +33,5 @@ impl AllowlistTables for Kernel {
 
     fn remove_agent_table(&mut self, id: u32) -> anyhow::Result<()> {
         Kernel::remove_agent_table(self, id)
-    }
-
-    fn grace(&mut self) {
-        // Called from the event loop: on the multi-threaded runtime its other tasks move to
-        // another worker while this one waits (the wait is 10 ms, once per reload).
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| std::thread::sleep(SWAP_GRACE))
-            }
-            _ => std::thread::sleep(SWAP_GRACE),
-        }
     }
 }

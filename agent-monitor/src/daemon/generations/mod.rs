@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use agent_monitor_common::{self as common, AgentSlot};
 
@@ -22,6 +22,7 @@ mod tests;
 pub(super) const BANK_STRIDE: u32 = 1 << 20;
 /// A pause after switching agents to the new bank before the old entries go: a program that read
 /// the old slot just before the switch finishes its lookup (they run for microseconds, under RCU).
+/// The event loop waits it out as a timer (see [`Generations::retire_due`]), not asleep.
 pub(super) const SWAP_GRACE: Duration = Duration::from_millis(10);
 /// Replaced policy sets kept to explain records judged before a reload (a few seconds' worth).
 const SUPERSEDED_KEPT: usize = 8;
@@ -38,8 +39,6 @@ pub(crate) trait AllowlistTables {
     fn set_agent_table(&mut self, id: u32, slot: AgentSlot) -> anyhow::Result<()>;
     fn agent_table_ids(&self) -> anyhow::Result<Vec<u32>>;
     fn remove_agent_table(&mut self, id: u32) -> anyhow::Result<()>;
-    /// Waits `SWAP_GRACE` for programs that read the old slot to finish their lookup.
-    fn grace(&mut self);
 }
 
 /// Why a policy set was not put in force. Before the switch nothing has changed.
@@ -87,11 +86,9 @@ impl Staged {
 /// What the switch did besides putting the set in force.
 #[derive(Debug)]
 pub(super) struct Switched {
-    /// Agents whose switch failed: their id keeps the old index, whose entries are gone, so they
-    /// are denied everything.
+    /// Agents whose switch failed: their id keeps the old index, whose entries go with the old
+    /// bank, so they are denied everything.
     pub(super) failed: Vec<(String, anyhow::Error)>,
-    /// Entries of the old bank removed.
-    pub(super) removed: usize,
 }
 
 /// How the policy in force accounts for a kernel verdict (see [`Generations::explain`]).
@@ -135,6 +132,9 @@ pub(super) struct Generations {
     superseded: VecDeque<(u64, PolicySet)>,
     /// After an adoption: records judged until this monotonic time used the predecessor's tables.
     predecessor_until_ns: u64,
+    /// When the bank a switch left may be deleted (the switch plus `SWAP_GRACE`); none when no
+    /// old bank waits.
+    retire_due: Option<Instant>,
 }
 
 impl Generations {
@@ -147,6 +147,7 @@ impl Generations {
             bank_base: 0,
             superseded: VecDeque::new(),
             predecessor_until_ns: 0,
+            retire_due: None,
         }
     }
 
@@ -207,29 +208,36 @@ impl Generations {
     }
 
     /// Writes the staged allowlists into their bank, then `more` (other owners' entries keyed by
-    /// the new bank). On a failure the new bank is cleared again (entries left there would count
-    /// against capacity at the next try); the live bank is untouched.
+    /// the new bank). The bank is emptied first: a previous switch's old entries may still wait
+    /// for their timer (the caller has let [`Self::retire_due`] pass), or a predecessor may have
+    /// stopped before deleting them; none of them may live on under the new set's indices. On a
+    /// failure the new bank is cleared again (entries left there would count against capacity at
+    /// the next try); the live bank is untouched.
     pub(super) fn write<K: AllowlistTables>(
-        &self,
+        &mut self,
         staged: &Staged,
         kernel: &mut K,
         more: impl FnOnce(&mut K) -> anyhow::Result<()>,
     ) -> Result<(), ReloadError> {
+        let live = staged.live_base;
+        let keep_live = move |a: u32| (live..live + BANK_STRIDE).contains(&a);
+        kernel.retain_allowlists(&keep_live)?;
+        self.retire_due = None;
         let result = kernel
             .write_allowlists(&staged.tables)
             .and_then(|()| more(kernel));
         if let Err(e) = result {
-            let live = staged.live_base;
-            let _ = kernel.retain_allowlists(&|a| (live..live + BANK_STRIDE).contains(&a));
+            let _ = kernel.retain_allowlists(&keep_live);
             return Err(e.into());
         }
         Ok(())
     }
 
     /// Puts the written set in force: each agent switched to the new bank in one update (index
-    /// and mode together), agents without a policy removed (no entry: denied everything), the
-    /// live bank flipped, and after the grace the old bank deleted. The replaced set is kept,
-    /// until `now_ns()` after the switch, to explain records judged before it.
+    /// and mode together), agents without a policy removed (no entry: denied everything) and the
+    /// live bank flipped. The old bank goes at [`Self::retire_old_bank`], once [`Self::retire_due`]
+    /// has passed. The replaced set is kept, until `now_ns()` after the switch, to explain records
+    /// judged before it.
     pub(super) fn switch(
         &mut self,
         staged: Staged,
@@ -257,8 +265,7 @@ impl Generations {
             }
         }
         kernel.set_live_bank(staged.bank)?;
-        kernel.grace();
-        let removed = kernel.retain_allowlists(&|a| (base..base + BANK_STRIDE).contains(&a))?;
+        self.retire_due = Some(Instant::now() + SWAP_GRACE);
         let old = std::mem::replace(&mut self.live, staged.set);
         if self.superseded.len() == SUPERSEDED_KEPT {
             self.superseded.pop_front();
@@ -267,7 +274,26 @@ impl Generations {
         self.superseded.push_back((now_ns(), old));
         self.bank_base = base;
         self.loaded = SystemTime::now();
-        Ok(Switched { failed, removed })
+        Ok(Switched { failed })
+    }
+
+    /// When the bank the last switch left may be deleted; none when no old bank waits.
+    pub(super) fn retire_due(&self) -> Option<Instant> {
+        self.retire_due
+    }
+
+    /// Deletes every allowlist entry outside the live bank: the bank the last switch left (call
+    /// once [`Self::retire_due`] has passed). Returns the entries removed; 0 when none waited.
+    /// The deletion is not retried on a failure: the next write empties that bank first.
+    pub(super) fn retire_old_bank(
+        &mut self,
+        kernel: &mut impl AllowlistTables,
+    ) -> anyhow::Result<usize> {
+        if self.retire_due.take().is_none() {
+            return Ok(0);
+        }
+        let base = self.bank_base;
+        kernel.retain_allowlists(&|a| (base..base + BANK_STRIDE).contains(&a))
     }
 
     /// After the start-up set is in force: the empty set it replaced explains nothing, and after

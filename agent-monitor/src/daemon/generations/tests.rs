@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Instant;
 
 use agent_monitor_common::{self as common, AgentSlot};
 
@@ -68,10 +69,6 @@ impl AllowlistTables for FakeKernel {
         self.agent_tables.remove(&id);
         Ok(())
     }
-
-    fn grace(&mut self) {
-        self.calls.push("grace");
-    }
 }
 
 fn policy(text: &str) -> Policy {
@@ -86,7 +83,8 @@ const ALPHA_HTTPS: &str = "agent = \"alpha\"\n[network]\nallow = [\"10.0.0.0/8:4
 const ALPHA_NOTHING: &str = "agent = \"alpha\"\n";
 const BETA_EXEC: &str = "agent = \"beta\"\nmode = \"alert\"\n[exec]\nallow = [\"/usr/bin/git\"]\n";
 
-/// Stages, writes and switches `set`; the switch ends at `now_ns`.
+/// Stages, writes and switches `set`; the switch ends at `now_ns`. The old bank is left for
+/// the loop's timer (`retire_old_bank`).
 fn apply(
     g: &mut Generations,
     k: &mut FakeKernel,
@@ -155,7 +153,7 @@ fn a_failed_write_keeps_the_old_set_and_clears_the_new_bank() {
 
 #[test]
 fn a_failure_in_another_owners_entries_also_refuses_the_set() {
-    let (g, mut k) = in_force(&[ALPHA_HTTPS]);
+    let (mut g, mut k) = in_force(&[ALPHA_HTTPS]);
     let live_entries = k.allowlist_agents.clone();
     let staged = g.stage(set(&[ALPHA_NOTHING, BETA_EXEC]), &k).unwrap();
     let err = g
@@ -196,10 +194,18 @@ fn bank_swaps_alternate_and_leave_no_entry_of_the_old_bank() {
     let mut k = FakeKernel::default();
     for (round, expected_bank) in [1, 0, 1, 0].into_iter().enumerate() {
         k.calls.clear();
-        let switched = apply(&mut g, &mut k, set(&[ALPHA_HTTPS, BETA_EXEC]), round as u64).unwrap();
+        apply(&mut g, &mut k, set(&[ALPHA_HTTPS, BETA_EXEC]), round as u64).unwrap();
         assert_eq!(k.live_bank, expected_bank, "round {round}");
         let base = expected_bank * BANK_STRIDE;
         assert_eq!(g.bank_base(), base);
+        // The switch leaves the old bank for the loop's timer, which fires after the grace.
+        let due = g.retire_due().expect("the old bank waits");
+        assert!(
+            due > Instant::now() + SWAP_GRACE / 2,
+            "about SWAP_GRACE from now"
+        );
+        let removed = g.retire_old_bank(&mut k).unwrap();
+        assert_eq!(g.retire_due(), None);
         assert!(
             k.allowlist_agents
                 .iter()
@@ -213,20 +219,66 @@ fn bank_swaps_alternate_and_leave_no_entry_of_the_old_bank() {
                 .all(|s| s.agent >= base && s.agent < base + 2)
         );
         if round > 0 {
-            assert_eq!(switched.removed, 2, "alpha's and beta's old entries");
+            assert_eq!(removed, 2, "alpha's and beta's old entries");
         }
-        // Agents switch before the live bank flips; the old bank goes only after the grace.
+        // Agents switch before the live bank flips; the old bank goes only after that.
         let at = |c: &str| k.calls.iter().position(|x| *x == c).unwrap();
         assert!(at("set_agent_table") < at("set_live_bank"));
-        assert!(at("set_live_bank") < at("grace"));
         assert!(
-            at("grace")
+            at("set_live_bank")
                 < k.calls
                     .iter()
                     .rposition(|x| *x == "retain_allowlists")
                     .unwrap()
         );
     }
+}
+
+#[test]
+fn the_switch_keeps_the_old_bank_until_it_is_retired() {
+    let (mut g, mut k) = in_force(&[ALPHA_HTTPS]);
+    g.retire_old_bank(&mut k).unwrap();
+    let old: Vec<u32> = k.allowlist_agents.clone();
+    assert!(!old.is_empty());
+    apply(&mut g, &mut k, set(&[ALPHA_HTTPS]), 20).unwrap();
+    // A program that read alpha's old index just before the switch still finds its entries.
+    assert!(old.iter().all(|a| k.allowlist_agents.contains(a)));
+    assert!(g.retire_due().is_some());
+    assert_eq!(g.retire_old_bank(&mut k).unwrap(), old.len());
+    assert!(!old.iter().any(|a| k.allowlist_agents.contains(a)));
+    // Nothing waits any more: a second retirement touches nothing.
+    k.calls.clear();
+    assert_eq!(g.retire_old_bank(&mut k).unwrap(), 0);
+    assert!(k.calls.is_empty());
+}
+
+#[test]
+fn a_reload_before_the_old_bank_is_retired_writes_into_an_emptied_bank() {
+    // Bank 1 holds alpha's and beta's entries, then a reload to bank 0 leaves them waiting.
+    let (mut g, mut k) = in_force(&[ALPHA_HTTPS, BETA_EXEC]);
+    g.retire_old_bank(&mut k).unwrap();
+    apply(&mut g, &mut k, set(&[ALPHA_HTTPS]), 20).unwrap();
+    assert!(k.allowlist_agents.iter().any(|a| *a >= BANK_STRIDE));
+    // The next reload goes to bank 1 before the timer fired: beta's old entries (at the index
+    // alpha's successor set could reuse) must not live on in the new bank.
+    apply(&mut g, &mut k, set(&[ALPHA_NOTHING]), 30).unwrap();
+    let (_, mut fresh) = in_force(&[ALPHA_NOTHING]);
+    fresh.allowlist_agents.sort_unstable();
+    let mut in_new_bank: Vec<u32> = k
+        .allowlist_agents
+        .iter()
+        .copied()
+        .filter(|a| *a >= BANK_STRIDE)
+        .collect();
+    in_new_bank.sort_unstable();
+    assert_eq!(
+        in_new_bank, fresh.allowlist_agents,
+        "only the new set's entries"
+    );
+    // The bank this switch left (0) waits for its own timer.
+    assert!(g.retire_due().is_some());
+    g.retire_old_bank(&mut k).unwrap();
+    assert_eq!(k.allowlist_agents, fresh.allowlist_agents);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::Path;
 use agent_monitor_common::{self as common, AgentSlot, ExecFileKey};
 
 use super::IdentityDirectory;
-use crate::identity::selected::{ArmReport, Selected};
+use crate::identity::selected::{ArmReport, ProbePlan, Probed, Selected};
 use crate::identity::tables::IdentityTables;
 use crate::identity::uid_binding::{self, Binding, Bindings, Owner};
 use crate::identity::{DEFAULT_TASK, TaskNumbers, UNVERIFIED_TASK, agent_id, procfs};
@@ -123,6 +123,7 @@ impl IdentityDirectory {
         });
         selected.tags_in_use = self.selected.tags_in_use || !kernel.tags().is_empty();
         selected.bound = self.carried_bindings(kernel, policies, registry, &selected);
+        selected.generation = self.selected.generation + 1;
         self.selected = selected;
     }
 
@@ -221,20 +222,30 @@ impl IdentityDirectory {
 
     /// Arms what selectors can be armed, re-verifies changed executables and writes the kernel's
     /// selector configuration. Returns what changed, and whether the configuration was written.
+    /// `probed` is what the host said about the selectors (see [`Selected::probe_plan`]); `None`
+    /// when it answered about selectors a reload has replaced since, and nothing is done.
     pub fn arm_selectors(
         &mut self,
         kernel: &mut impl IdentityTables,
         registry: &mut impl TaskNumbers,
-        cgroup_root: &Path,
-    ) -> (ArmReport, anyhow::Result<()>) {
-        let report = self.selected.arm(kernel, cgroup_root, |agent| AgentSlot {
+        probed: &Probed,
+    ) -> Option<(ArmReport, anyhow::Result<()>)> {
+        if !self.selected.is_current(probed) {
+            return None;
+        }
+        let report = self.selected.arm_with(kernel, probed, |agent| AgentSlot {
             agent: agent_id(agent),
             mode: common::MODE_ENFORCE,
             task: registry.number(agent, UNVERIFIED_TASK),
             source: common::SOURCE_EXECUTABLE,
         });
         let config = kernel.set_identity_config(self.selected.config());
-        (report, config)
+        Some((report, config))
+    }
+
+    /// What the next arming pass asks the host (run it with [`ProbePlan::run`], off the loop).
+    pub fn arm_plan(&self, cgroup_root: &Path) -> ProbePlan {
+        self.selected.probe_plan(cgroup_root)
     }
 
     /// Removes kernel selector entries no selector of the current set owns (left by the previous

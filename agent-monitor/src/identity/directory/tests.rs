@@ -10,9 +10,21 @@ use super::selectors::HostProcess;
 use super::*;
 use crate::identity::procfs::ProcessView;
 use crate::identity::tables::IdentityTables;
-use crate::identity::{Tasks, agent_id};
+use crate::identity::{Tasks, UNVERIFIED_TASK, agent_id};
 use crate::policy::PolicySet;
 use crate::policy::model::Policy;
+
+/// One arming pass, the host asked in place (the daemon asks it off the event loop).
+fn arm(
+    dir: &mut IdentityDirectory,
+    kernel: &mut FakeKernel,
+    registry: &mut Tasks,
+    cgroup_root: &Path,
+) -> (crate::identity::selected::ArmReport, anyhow::Result<()>) {
+    let probed = dir.arm_plan(cgroup_root).run();
+    dir.arm_selectors(kernel, registry, &probed)
+        .expect("probed from the selectors in force")
+}
 
 /// The kernel's identity tables, in memory.
 #[derive(Default)]
@@ -178,7 +190,7 @@ fn a_tag_then_a_selected_cgroup_then_the_uid() {
     let mut registry = Tasks::default();
     let mut kernel = FakeKernel::default();
     dir.replace_selectors(&mut kernel, &set, &mut registry);
-    let (report, config) = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let (report, config) = arm(&mut dir, &mut kernel, &mut registry, root.path());
     config.unwrap();
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let default = registry.find("coder", "default").unwrap();
@@ -341,7 +353,7 @@ fn bindings_are_adopted_carried_and_outranked_across_reloads() {
         .insert(4004, slot("gone", 78, common::SOURCE_UID));
     let v1 = policies(&[CODER_UID, OTHER]);
     dir.replace_selectors(&mut kernel, &v1, &mut registry);
-    let (_report, config) = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let (_report, config) = arm(&mut dir, &mut kernel, &mut registry, root.path());
     config.unwrap();
     dir.remove_stale_selectors(&mut kernel).unwrap();
     let default = registry.find("coder", "default").unwrap();
@@ -368,7 +380,7 @@ fn bindings_are_adopted_carried_and_outranked_across_reloads() {
         "agent = \"other\"\n[identity]\nuids = [2002]\n",
     ]);
     dir.replace_selectors(&mut kernel, &v2, &mut registry);
-    let (_report, config) = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let (_report, config) = arm(&mut dir, &mut kernel, &mut registry, root.path());
     config.unwrap();
     dir.remove_stale_selectors(&mut kernel).unwrap();
     let other_default = registry.find("other", "default").unwrap();
@@ -385,7 +397,7 @@ fn bindings_are_adopted_carried_and_outranked_across_reloads() {
     // Reload without coder: its binding ends.
     let v3 = policies(&[OTHER]);
     dir.replace_selectors(&mut kernel, &v3, &mut registry);
-    let _ = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let _ = arm(&mut dir, &mut kernel, &mut registry, root.path());
     dir.remove_stale_selectors(&mut kernel).unwrap();
     assert!(dir.selected.bound.is_empty());
     assert!(kernel.uids.is_empty(), "{:?}", kernel.uids);
@@ -398,14 +410,14 @@ fn selector_cgroups_go_when_unselected_but_run_tasks_stay() {
     let mut registry = Tasks::default();
     let mut kernel = FakeKernel::default();
     dir.replace_selectors(&mut kernel, &policies(&[CODER_UID]), &mut registry);
-    let _ = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let _ = arm(&mut dir, &mut kernel, &mut registry, root.path());
     let selected_id = *kernel.cgroups.keys().next().expect("cgroup selector armed");
     let s = slot("coder", 4, common::SOURCE_RUN);
     let run = dir
         .enter_task_cgroup(&mut kernel, "coder", "t1", s, 42)
         .unwrap();
     dir.replace_selectors(&mut kernel, &policies(&[OTHER]), &mut registry);
-    let _ = dir.arm_selectors(&mut kernel, &mut registry, root.path());
+    let _ = arm(&mut dir, &mut kernel, &mut registry, root.path());
     dir.remove_stale_selectors(&mut kernel).unwrap();
     assert!(!kernel.cgroups.contains_key(&selected_id));
     assert!(kernel.cgroups.contains_key(&run.id));
@@ -491,4 +503,70 @@ fn no_executable_selector_means_no_walk() {
         )
         .unwrap();
     assert_eq!(n, 0);
+}
+
+#[test]
+fn a_selector_probe_is_applied_as_taken_and_dropped_after_a_reload() {
+    let (root, mut dir) = directory();
+    let mut registry = Tasks::default();
+    let mut kernel = FakeKernel::default();
+    dir.replace_selectors(&mut kernel, &policies(&[CODER_UID]), &mut registry);
+    // The probe runs before the cgroup exists; arming by its answer does not look again.
+    let before = dir.arm_plan(root.path()).run();
+    std::fs::create_dir_all(root.path().join("agents/coder")).unwrap();
+    let (report, _) = dir
+        .arm_selectors(&mut kernel, &mut registry, &before)
+        .expect("current");
+    assert!(kernel.cgroups.is_empty(), "armed by what the probe saw");
+    assert_eq!(report.waiting.len(), 1, "{report:?}");
+    // The next probe sees it.
+    let (report, _) = arm(&mut dir, &mut kernel, &mut registry, root.path());
+    assert_eq!(kernel.cgroups.len(), 1, "{report:?}");
+    // A probe taken before a reload answers for selectors that are gone: not applied.
+    let stale = dir.arm_plan(root.path()).run();
+    dir.replace_selectors(&mut kernel, &policies(&[OTHER]), &mut registry);
+    dir.remove_stale_selectors(&mut kernel).unwrap();
+    let config_before = kernel.config;
+    assert!(
+        dir.arm_selectors(&mut kernel, &mut registry, &stale)
+            .is_none()
+    );
+    assert!(
+        kernel.cgroups.is_empty(),
+        "no selector re-armed from the old set"
+    );
+    assert_eq!(kernel.config, config_before);
+}
+
+#[test]
+fn a_changed_executable_is_read_by_the_probe_and_judged_on_the_loop() {
+    let (root, mut dir) = directory();
+    let bin = root.path().join("bot");
+    std::fs::write(&bin, b"abc").unwrap();
+    // sha256("abc")
+    let set = policies(&[&format!(
+        "agent = \"coder\"\n[identity]\nexecutables = [{{ path = \"{}\", sha256 = \"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\" }}]\n",
+        bin.display()
+    )]);
+    let mut registry = Tasks::default();
+    let mut kernel = FakeKernel::default();
+    dir.replace_selectors(&mut kernel, &set, &mut registry);
+    let (report, _) = arm(&mut dir, &mut kernel, &mut registry, root.path());
+    assert!(report.mismatches.is_empty(), "{report:?}");
+    assert_eq!(kernel.files.len(), 1);
+    // Unchanged: the probe reads nothing, arming reports nothing.
+    let (report, _) = arm(&mut dir, &mut kernel, &mut registry, root.path());
+    assert!(
+        report.armed.is_empty() && report.mismatches.is_empty(),
+        "{report:?}"
+    );
+    // Replaced by other content: the probe reads it, the mismatch is reported, the new file is
+    // keyed for task `unverified`.
+    std::fs::remove_file(&bin).unwrap();
+    std::fs::write(&bin, b"abd").unwrap();
+    let (report, _) = arm(&mut dir, &mut kernel, &mut registry, root.path());
+    assert_eq!(report.mismatches.len(), 1, "{report:?}");
+    let unverified = registry.find("coder", UNVERIFIED_TASK).unwrap();
+    assert_eq!(kernel.files.len(), 1, "the old file's key went");
+    assert!(kernel.files.values().all(|s| s.task == unverified));
 }
