@@ -266,16 +266,25 @@ impl Container {
         Ok(stdout)
     }
 
-    /// Runs bash `script` as agent "tester" (`agent-monitor run`) in a transient unit of the
-    /// container's systemd, so that it lives in the container's cgroup tree; returns its output.
-    fn agent(&self, script: &str) -> Result<String> {
-        let out = self.exec(&[
+    /// Runs `command` in a transient unit of the container's systemd (so that it lives in the
+    /// container's cgroup tree) and waits for it.
+    fn transient(&self, command: &[&str]) -> Result<Output> {
+        let mut argv = vec![
             "systemd-run",
             "--wait",
             "--pipe",
             "--quiet",
             "--collect",
             "--",
+        ];
+        argv.extend_from_slice(command);
+        self.exec(&argv)
+    }
+
+    /// Runs bash `script` as agent "tester" (`agent-monitor run`) in a transient unit of the
+    /// container's systemd, so that it lives in the container's cgroup tree; returns its output.
+    fn agent(&self, script: &str) -> Result<String> {
+        let out = self.transient(&[
             "agent-monitor",
             "run",
             "--agent",
@@ -296,17 +305,7 @@ impl Container {
 
     /// The same bash `script` outside any agent (the control), also in the container's tree.
     fn non_agent(&self, script: &str) -> Result<String> {
-        let out = self.exec(&[
-            "systemd-run",
-            "--wait",
-            "--pipe",
-            "--quiet",
-            "--collect",
-            "--",
-            "/usr/bin/bash",
-            "-c",
-            script,
-        ])?;
+        let out = self.transient(&["/usr/bin/bash", "-c", script])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 

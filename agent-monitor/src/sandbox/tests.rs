@@ -7,7 +7,7 @@ use super::decide::{Answer, Reach, TargetRef, decide, outside};
 use super::filter::{Families, PERF_FLAG_PID_CGROUP, PTRACE_SEIZE, caught_families};
 use super::supervisor::{fdinfo_pid, pidfd_target};
 use super::{filter, install, receive_listener, supervise};
-use crate::control::{CaughtCall, CaughtTarget};
+use crate::control::{CaughtCall, CaughtReport, CaughtTarget};
 
 #[test]
 fn agent_families_are_the_libc_ones() {
@@ -207,25 +207,8 @@ fn signals_to_the_supervisor_are_refused_and_reported() {
         }
     }
     drop(theirs);
-    let listener = receive_listener(&ours).unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen2 = seen.clone();
-    std::thread::spawn(move || {
-        supervise(listener, true, &Default::default(), |c| {
-            seen2.lock().unwrap().push(c)
-        })
-    });
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(libc::WEXITSTATUS(status), 3, "self ok, supervisor EPERM");
-    for _ in 0..100 {
-        if !seen.lock().unwrap().is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let seen = seen.lock().unwrap();
+    let (code, seen) = supervise_child(&ours, pid, 1);
+    assert_eq!(code, 3, "self ok, supervisor EPERM");
     assert_eq!(seen.len(), 1, "{seen:?}");
     match &seen[0].call {
         CaughtCall::Signal {
@@ -276,7 +259,22 @@ fn kernel_refuses_through_the_listener() {
         }
     }
     drop(theirs);
-    let listener = receive_listener(&ours).unwrap();
+    let (code, seen) = supervise_child(&ours, pid, 2);
+    assert_eq!(code, 7, "unix ok, vsock and io_uring EPERM");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|c| c.refused && c.pid == pid as u32));
+    assert!(matches!(
+        seen[0].call,
+        CaughtCall::Socket { family: 40, .. }
+    ));
+    assert_eq!(seen[1].call, CaughtCall::IoUringSetup);
+}
+
+/// Supervises the filtered child `pid` (its listener arrives on `ours`) until it exits; returns
+/// its exit code and the calls reported, waiting up to 1 s for `want` of them (reports follow the
+/// answers).
+fn supervise_child(ours: &UnixStream, pid: libc::pid_t, want: usize) -> (i32, Vec<CaughtReport>) {
+    let listener = receive_listener(ours).unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     std::thread::spawn(move || {
@@ -287,24 +285,12 @@ fn kernel_refuses_through_the_listener() {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(
-        libc::WEXITSTATUS(status),
-        7,
-        "unix ok, vsock and io_uring EPERM"
-    );
-    // Reports follow the answers: give the last one a moment.
     for _ in 0..100 {
-        if seen.lock().unwrap().len() >= 2 {
+        if seen.lock().unwrap().len() >= want {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    assert!(seen.iter().all(|c| c.refused && c.pid == pid as u32));
-    assert!(matches!(
-        seen[0].call,
-        CaughtCall::Socket { family: 40, .. }
-    ));
-    assert_eq!(seen[1].call, CaughtCall::IoUringSetup);
+    let seen = seen.lock().unwrap().clone();
+    (libc::WEXITSTATUS(status), seen)
 }
