@@ -963,6 +963,9 @@ fn processes_running_a_selected_executable_before_start_are_governed_across_rest
     std::fs::copy("/bin/bash", &bot).unwrap();
     let digest = sha256_hex(&bot);
     let forbidden = listener_v4();
+    // Python has a port of its own: journald aggregates repeats of one denial per agent and
+    // destination, so a shared port let the bot's denial stand for python's.
+    let forbidden_py = listener_v4();
     let go = |n: u32| dir.path().join(format!("GO{n}"));
     let py = format!(
         "import socket,os,time\n\
@@ -970,7 +973,7 @@ fn processes_running_a_selected_executable_before_start_are_governed_across_rest
          \x20 while not os.path.exists(g): time.sleep(0.05)\n\
          \x20 s=socket.socket()\n\
          \x20 try:\n\
-         \x20   s.connect(('127.0.0.1',{forbidden})); print('py connected',flush=True)\n\
+         \x20   s.connect(('127.0.0.1',{forbidden_py})); print('py connected',flush=True)\n\
          \x20 except OSError as e:\n\
          \x20   print('py errno',e.errno,flush=True)\n",
         go(1).display().to_string(),
