@@ -131,11 +131,9 @@ pub struct TracepointLayout {
 
 /// `kernel.pid_max`: the most thread ids the kernel hands out at once.
 pub fn pid_max() -> Option<u32> {
-    std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()?
-        .trim()
-        .parse()
+    procfs::sys::kernel::pid_max()
         .ok()
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {

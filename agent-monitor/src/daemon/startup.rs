@@ -323,9 +323,11 @@ pub(super) fn admin_group_gid(name: &str) -> anyhow::Result<u32> {
 }
 
 pub(super) fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
         .map(|h| h.trim().to_ascii_lowercase())
-        .unwrap_or_else(|_| "localhost".into())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// A SPIFFE trust domain: lower-case letters, digits, `.`, `-`, `_`.

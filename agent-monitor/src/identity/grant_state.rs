@@ -226,9 +226,11 @@ pub fn decode(
         .collect()
 }
 
-/// This boot's id.
+/// This boot's id (`BOOT_ID_PATH`, through procfs).
 pub fn boot_id() -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(BOOT_ID_PATH)?.trim().to_string())
+    procfs::sys::kernel::random::boot_id()
+        .map(|id| id.trim().to_string())
+        .map_err(std::io::Error::other)
 }
 
 /// The file's contents; `None` if there is none.
