@@ -47,8 +47,13 @@ pub struct Mechanisms {
     pub pin_dir: String,
     /// One pinned link per attached program, with the kernel's ids.
     pub links: Vec<LinkState>,
-    /// Whether `sys_enter_socket` is watched, and why: the text of [`Kernel::socket_watch`].
-    pub socket_syscall_watch: String,
+    /// Whether `sys_enter_socket` is watched, and why (`status` shows its text).
+    #[serde(serialize_with = "as_text")]
+    pub socket_syscall_watch: SocketWatch,
+}
+
+fn as_text<S: serde::Serializer>(watch: &SocketWatch, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(watch)
 }
 
 /// A program attached through a pinned bpf_link.
@@ -104,7 +109,6 @@ pub fn uninstall(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
 struct Installed {
     tables: Tables,
     mechanisms: Mechanisms,
-    socket_watch: SocketWatch,
 }
 
 /// What a previous daemon left in its maps, read before deciding to adopt or replace them.
@@ -281,7 +285,6 @@ impl Kernel {
             mechanisms: parts.mechanisms,
             origin,
             hooks,
-            socket_watch: parts.socket_watch,
             tenure,
         }
     }
@@ -338,11 +341,10 @@ fn adopt(
     if socket_watch.is_on() {
         mechanisms.attached.push(socket_watch::attached_entry());
     }
-    mechanisms.socket_syscall_watch = socket_watch.to_string();
+    mechanisms.socket_syscall_watch = socket_watch;
     Ok(Installed {
         tables: Tables::open(previous.maps)?,
         mechanisms,
-        socket_watch,
     })
 }
 
@@ -407,7 +409,7 @@ fn install(
             SocketWatch::Unavailable(format!("{e:#}"))
         }
     };
-    mechanisms.socket_syscall_watch = socket_watch.to_string();
+    mechanisms.socket_syscall_watch = socket_watch;
     set_exec_mechanism(&mut ebpf, &mut mechanisms);
     tables
         .state
@@ -417,11 +419,7 @@ fn install(
         .state
         .set(common::STATE_AGENT_HOOKS_HOST_WIDE, 0)
         .context("writing where the agent-socket hooks are")?;
-    Ok(Installed {
-        tables,
-        mechanisms,
-        socket_watch,
-    })
+    Ok(Installed { tables, mechanisms })
 }
 
 fn set_exec_mechanism(ebpf: &mut Ebpf, mechanisms: &mut Mechanisms) {

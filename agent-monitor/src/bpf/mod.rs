@@ -22,7 +22,6 @@ pub use hooks::HookCgroups;
 pub use load::{Mechanisms, Origin, uninstall};
 pub use pin::DEFAULT_PIN_DIR;
 pub use ring::ActionStream;
-pub use socket_watch::SocketWatch;
 pub use tables::Occupancy;
 
 /// The kernel state: the typed tables, where the hooks sit, the socket() watch, and the hold on
@@ -32,7 +31,6 @@ pub struct Kernel {
     pub mechanisms: Mechanisms,
     pub origin: Origin,
     hooks: hooks::HookPlacement,
-    socket_watch: SocketWatch,
     /// Last: the pins of a failed fresh install go while the directory is still locked.
     tenure: load::Tenure,
 }

@@ -31,6 +31,13 @@ pub enum SocketWatch {
     On(String),
 }
 
+/// Before anything is loaded: not attached.
+impl Default for SocketWatch {
+    fn default() -> Self {
+        SocketWatch::Off { was_on: false }
+    }
+}
+
 impl SocketWatch {
     /// The watch as a previous daemon left it in the pin directory.
     pub(super) fn adopted(program_pinned: bool, link_pinned: bool) -> Self {
@@ -85,7 +92,7 @@ pub(super) fn load(ebpf: &mut Ebpf, pins: &PinDir) -> anyhow::Result<()> {
 impl Kernel {
     /// Whether `sys_enter_socket` is watched, and why.
     pub fn socket_watch(&self) -> &SocketWatch {
-        &self.socket_watch
+        &self.mechanisms.socket_syscall_watch
     }
 
     /// Attaches (`Some(why)`) or detaches (`None`) the `sys_enter_socket` tracepoint that reports
@@ -97,7 +104,7 @@ impl Kernel {
     /// Idempotent; `why` is reported by `status` and the log.
     pub fn watch_socket_syscalls(&mut self, why: Option<&str>) -> anyhow::Result<()> {
         let entry = attached_entry();
-        if !self.socket_watch.is_available() {
+        if !self.socket_watch().is_available() {
             if let Some(why) = why {
                 tracing::warn!("cannot report other socket families ({why}): program refused");
             }
@@ -141,16 +148,25 @@ impl Kernel {
         Ok(())
     }
 
-    /// Records the watch's state, and its text for `status`.
+    /// Records the watch's state (`status` shows its text).
     pub(super) fn set_socket_watch(&mut self, now: SocketWatch) {
-        self.mechanisms.socket_syscall_watch = now.to_string();
-        self.socket_watch = now;
+        self.mechanisms.socket_syscall_watch = now;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::SocketWatch;
+
+    #[test]
+    fn status_carries_the_watch_as_its_text() {
+        let m = crate::bpf::Mechanisms {
+            socket_syscall_watch: SocketWatch::On("agent a has no `run` filter".into()),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["socket_syscall_watch"], "on: agent a has no `run` filter");
+    }
 
     #[test]
     fn status_shows_the_watch_as_before() {
