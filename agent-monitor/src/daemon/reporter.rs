@@ -261,6 +261,10 @@ impl Reporter {
             .stats()
             .into_iter()
             .map(|s| (s.sink.to_string(), s.written, s.failed))
+            .chain(std::iter::once({
+                let (delivered, failed) = crate::output::notice::delivery_counts();
+                ("notices".to_string(), delivered, failed)
+            }))
             .collect()
     }
 

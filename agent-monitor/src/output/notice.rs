@@ -3,6 +3,8 @@
 //! log and to every notice sink (journald, with its `MESSAGE_ID`); a new destination is one more
 //! [`NoticeSink`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use libsystemd::logging::Priority;
 
 use super::journald;
@@ -90,6 +92,20 @@ impl NoticeSink for JournaldNotices {
     }
 }
 
+/// Notices delivered to a sink and notices a sink failed to take, by every [`Notices`] of the
+/// process (the audit trail's chain heads are sent from inside the JSON sink, which has no
+/// monitor to count them): `status` and the metrics show them as the sink `notices`.
+static DELIVERED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// (delivered, failed) notice deliveries since start, over every sink.
+pub fn delivery_counts() -> (u64, u64) {
+    (
+        DELIVERED.load(Ordering::Relaxed),
+        FAILED.load(Ordering::Relaxed),
+    )
+}
+
 /// Fans each notice out to the log and to every sink; counts what a sink could not take.
 pub struct Notices {
     sinks: Vec<Box<dyn NoticeSink>>,
@@ -118,6 +134,7 @@ impl Notices {
         for sink in &mut self.sinks {
             if let Err(e) = sink.notice(notice) {
                 self.failed += 1;
+                FAILED.fetch_add(1, Ordering::Relaxed);
                 // The notice is about the daemon, and the daemon has no better place to say it
                 // (stderr, which systemd also collects).
                 tracing::warn!(
@@ -126,6 +143,8 @@ impl Notices {
                     notice.id,
                     notice.message
                 );
+            } else {
+                DELIVERED.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -172,6 +191,7 @@ pub(crate) mod tests {
         let mut notices = Notices::new(vec![Box::new(a.clone()), Box::new(b.clone())]);
         let n = Notice::new(journald::message_id::STOPPING, Level::Notice, "stopped")
             .field("PIN_DIR", "/sys/fs/bpf/agent-monitor");
+        let (delivered, failed) = delivery_counts();
         *b.fail.lock().unwrap() = true;
         notices.send(&n);
         *b.fail.lock().unwrap() = false;
@@ -179,6 +199,13 @@ pub(crate) mod tests {
         assert_eq!(*a.seen.lock().unwrap(), vec![n.clone(), n.clone()]);
         assert_eq!(*b.seen.lock().unwrap(), vec![n.clone()]);
         assert_eq!(notices.failed(), 1);
+        // The process-wide counts `status` shows (other tests may send meanwhile: at least).
+        let (delivered_now, failed_now) = delivery_counts();
+        assert!(
+            delivered_now - delivered >= 3,
+            "{delivered} → {delivered_now}"
+        );
+        assert!(failed_now - failed >= 1, "{failed} → {failed_now}");
         assert_eq!(
             n.fields,
             vec![("PIN_DIR", "/sys/fs/bpf/agent-monitor".to_string())]
