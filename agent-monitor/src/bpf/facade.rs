@@ -113,6 +113,11 @@ impl Kernel {
         Ok(self.tables.identity.remove_exec_selector(key)?)
     }
 
+    /// How many threads the tag map can hold (sized at load from pid_max).
+    pub fn tag_capacity(&self) -> u64 {
+        u64::from(self.tables.identity.tag_capacity())
+    }
+
     /// Every per-thread tag: (thread id, identity).
     pub fn tags(&self) -> Vec<(u32, AgentSlot)> {
         self.tables.identity.tags()

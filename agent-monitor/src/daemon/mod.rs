@@ -58,8 +58,6 @@ use startup::*;
 
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
-/// Identity map use at which placements start being logged as a warning.
-const IDENTITY_WARN_PERCENT: u64 = 90;
 
 /// CLOCK_MONOTONIC in ns, the clock of the kernel's record times (bpf_ktime_get_ns).
 fn monotonic_ns() -> u64 {
@@ -129,9 +127,6 @@ struct Monitor {
     daemon_files: Vec<String>,
     /// Counters, history, `events` and every output.
     reporter: Reporter,
-    identity_warned: bool,
-    /// pid_max exceeds the tag map's capacity (see `check_identity_room`).
-    tag_room_warned: bool,
     /// Learned addresses, DNS proxies and what they report.
     dns: DnsLearner,
 }

@@ -1,6 +1,7 @@
 //! Selectors and uid bindings: arming them in the kernel, carrying them across reloads, tagging processes already running.
 
 use super::*;
+use crate::identity::directory::RoomAlarm;
 use crate::identity::selected::Probed;
 
 /// Runs a blocking walk of /proc so that it does not hold up the runtime's other tasks.
@@ -152,40 +153,26 @@ impl Monitor {
         }
     }
 
-    /// Warns (once per crossing) when the identity map nears its capacity; when it is full,
-    /// placements are refused rather than run ungoverned.
+    /// Room in the identity maps: each alarm once per episode (see `identity::directory::room`).
     pub(super) fn check_identity_room(&mut self) {
-        let used = self.ident.task_count() as u64;
-        let cap = u64::from(common::MAX_AGENT_CGROUPS);
-        let high = used * 100 >= cap * IDENTITY_WARN_PERCENT;
-        if high && !self.identity_warned {
-            tracing::warn!(
-                used,
-                capacity = cap,
-                "the agent identity map is nearly full; new agent tasks will be refused when it is"
-            );
-        }
-        self.identity_warned = high;
-        // The tag map holds every thread only while pid_max fits in it (it was sized at load);
-        // a pid_max raised since then could let a fork flood fill it.
-        let tag_room = self
-            .kernel
-            .occupancy()
-            .ok()
-            .and_then(|o| o.into_iter().find(|m| m.map == "PROCESS_AGENTS"))
-            .map(|m| m.capacity);
+        let tag_capacity = Some(self.kernel.tag_capacity());
         let pid_max = crate::host::pid_max().map(u64::from);
-        let short = matches!((tag_room, pid_max), (Some(c), Some(p)) if p > c);
-        if short && !self.tag_room_warned {
-            tracing::error!(
-                pid_max,
-                capacity = tag_room,
-                "kernel.pid_max was raised above the thread-tag map's capacity: a fork flood of a \
-                 selector-identified agent could now fill it; restart after `agent-monitor daemon \
-                 --uninstall` to resize"
-            );
+        for alarm in self.ident.check_room(tag_capacity, pid_max) {
+            match alarm {
+                RoomAlarm::TasksNearlyFull { used, capacity } => tracing::warn!(
+                    used,
+                    capacity,
+                    "the agent identity map is nearly full; new agent tasks will be refused when it is"
+                ),
+                RoomAlarm::PidMaxAboveTagRoom { pid_max, capacity } => tracing::error!(
+                    pid_max,
+                    capacity,
+                    "kernel.pid_max was raised above the thread-tag map's capacity: a fork flood of a \
+                     selector-identified agent could now fill it; restart after `agent-monitor daemon \
+                     --uninstall` to resize"
+                ),
+            }
         }
-        self.tag_room_warned = short;
     }
 }
 

@@ -99,8 +99,6 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         socket_watch_sticky: None,
         daemon_files: Vec::new(),
         reporter: Reporter::new(outputs, Notices::journald(), events_tx.clone()),
-        identity_warned: false,
-        tag_room_warned: false,
         dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned

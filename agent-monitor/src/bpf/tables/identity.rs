@@ -152,6 +152,11 @@ impl IdentityTables {
             .op("tagging a process in PROCESS_AGENTS (full?)")
     }
 
+    /// Threads the tag map can hold.
+    pub fn tag_capacity(&self) -> u32 {
+        self.process_agents.capacity
+    }
+
     pub fn thread_tag(&self, tid: u32) -> Option<AgentSlot> {
         self.process_agents.map.get(&tid, 0).ok()
     }

@@ -17,11 +17,13 @@ use crate::identity::tables::IdentityTables;
 use crate::identity::{AgentCgroups, ProcessTable, TaskCgroup};
 
 mod attribution;
+mod room;
 mod selectors;
 #[cfg(test)]
 mod tests;
 
 pub use attribution::ProcessIdentity;
+pub use room::RoomAlarm;
 pub use selectors::host_snapshot;
 
 /// A live (agent, task) cgroup.
@@ -56,6 +58,8 @@ pub struct IdentityDirectory {
     pub selected: Selected,
     /// The uid bindings a previous daemon left in the pinned map were looked at (first apply).
     bindings_adopted: bool,
+    /// Alarms about room in the identity maps, raised once per episode.
+    room: room::RoomWatch,
 }
 
 impl IdentityDirectory {
@@ -67,7 +71,19 @@ impl IdentityDirectory {
             procs: ProcessTable::default(),
             selected: Selected::default(),
             bindings_adopted: false,
+            room: room::RoomWatch::default(),
         }
+    }
+
+    /// Whether the task map and the thread-tag map (of `tag_capacity`, against the host's
+    /// `pid_max`) still have room: the alarms that started since the last check.
+    pub fn check_room(
+        &mut self,
+        tag_capacity: Option<u64>,
+        pid_max: Option<u64>,
+    ) -> Vec<RoomAlarm> {
+        self.room
+            .check(self.tasks.len() as u64, tag_capacity, pid_max)
     }
 
     pub fn cgroups(&self) -> &AgentCgroups {
