@@ -896,3 +896,15 @@ pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
 }
+
+/// Kills a test's process group when dropped, so a test that fails half-way (a daemon that did
+/// not start, an assertion) leaves no shells or interpreters behind waiting for a go-ahead, holding
+/// the privileged-test lock's children. Spawn the leader with `.process_group(0)`.
+pub struct GroupGuard(pub u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a process group; ESRCH when it already ended.
+        unsafe { libc::kill(-(self.0 as i32), libc::SIGKILL) };
+    }
+}

@@ -3,6 +3,7 @@
 //! (`--test-threads=1`): the programs attach at the cgroup root. Every daemon here pins into a
 //! private bpffs directory that the harness removes afterwards.
 
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -995,8 +996,10 @@ fn processes_running_a_selected_executable_before_start_are_governed_across_rest
         .env("PY", &py)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap();
+    let _group = GroupGuard(child.id());
     std::thread::sleep(Duration::from_millis(500));
 
     let mut d = Daemon::start(&[identity_policy(
