@@ -152,6 +152,9 @@ fn denials_reach_the_collector_and_losses_are_counted_when_it_is_down() {
             &format!("http://127.0.0.1:{otlp_port}"),
             "--otlp-queue",
             "1000",
+            // Denials only: the python exec (allowed) stays out of the counts below.
+            "--otlp-actions",
+            "denied-and-alerts",
         ],
     );
 
