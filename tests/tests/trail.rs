@@ -105,6 +105,18 @@ fn settled(port: u16, agent: &str) -> usize {
     }
 }
 
+/// A file passes the rotation size by at most one write burst (1024 actions, documented).
+fn assert_sizes(files: &[PathBuf], max_size: u64) {
+    for f in files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(
+            len <= max_size + 1024 * 1500,
+            "{} is {len} bytes",
+            f.display()
+        );
+    }
+}
+
 fn verify(files: &[PathBuf], extra: &[String]) -> (i32, String, String) {
     let out = Command::new(binary())
         .args(["audit", "verify"])
@@ -162,15 +174,7 @@ fn rotation_under_load_loses_nothing_and_the_chain_verifies() {
         counted,
         "lines over all files != actions counted"
     );
-    // A file passes the limit by at most one write burst (1024 actions, documented).
-    for f in &files {
-        let len = std::fs::metadata(f).unwrap().len();
-        assert!(
-            len <= (2 << 20) + 1024 * 1500,
-            "{} is {len} bytes",
-            f.display()
-        );
-    }
+    assert_sizes(&files, 2 << 20);
     let (code, stdout, stderr) = verify(&files, &[]);
     assert_eq!(code, 0, "verify: {stdout}{stderr}");
 
@@ -343,15 +347,7 @@ fn rotation_at_100k_actions_per_second_loses_nothing_and_every_tampering_is_name
         "fewer rotations than the size asks for: {} files",
         files.len()
     );
-    // A file passes the limit by at most one write burst (1024 actions, documented).
-    for f in &files {
-        let len = std::fs::metadata(f).unwrap().len();
-        assert!(
-            len <= (4 << 20) + 1024 * 1500,
-            "{} is {len} bytes",
-            f.display()
-        );
-    }
+    assert_sizes(&files, 4 << 20);
     let (code, stdout, stderr) = verify(&files, &[]);
     assert_eq!(code, 0, "verify: {stdout}{stderr}");
     eprintln!("verify: {}", stdout.trim());
