@@ -78,33 +78,6 @@ fn lines_of(files: &[PathBuf], agent: &str) -> usize {
         .count()
 }
 
-/// `agent_monitor_actions_total` of `agent`, summed over actions and verdicts.
-fn counted(port: u16, agent: &str) -> usize {
-    let (_, body) = http_get(port, "/metrics");
-    body.lines()
-        .filter(|l| {
-            l.starts_with("agent_monitor_actions_total{")
-                && l.contains(&format!("agent=\"{agent}\""))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
-        .sum()
-}
-
-/// Waits until the daemon's count for `agent` stops moving; returns it.
-fn settled(port: u16, agent: &str) -> usize {
-    let mut last = usize::MAX;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        std::thread::sleep(Duration::from_millis(1000));
-        let now = counted(port, agent);
-        if now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "the daemon never caught up");
-        last = now;
-    }
-}
-
 /// A file passes the rotation size by at most one write burst (1024 actions, documented).
 fn assert_sizes(files: &[PathBuf], max_size: u64) {
     for f in files {
@@ -160,7 +133,7 @@ fn rotation_under_load_loses_nothing_and_the_chain_verifies() {
     );
     const N: usize = 20_000;
     flood(&d, &agent, N, || {});
-    let counted = settled(port, &agent);
+    let counted = flood::settled(port, &agent);
     let st = d.status();
     let lost = st["counters"]["actions_lost"].as_u64().unwrap() as usize;
     // The flood and python's own exec: each is in the trail or counted lost by the kernel side.
@@ -231,7 +204,7 @@ fn sigusr1_reopen_under_load_loses_nothing_and_the_chain_spans_the_files() {
             unsafe { libc::kill(pid, libc::SIGUSR1) };
         }
     });
-    let counted = settled(port, &agent);
+    let counted = flood::settled(port, &agent);
     d.stop();
     let files = trail_files(&d);
     assert_eq!(
@@ -316,7 +289,7 @@ fn rotation_at_100k_actions_per_second_loses_nothing_and_every_tampering_is_name
     };
     let start = Instant::now();
     let f = flood::run(&d, &agent, "flood", &bin, &load);
-    let counted = settled(port, &agent);
+    let counted = flood::settled(port, &agent);
     let recorded_in = start.elapsed().as_secs_f64();
     let st = d.status();
     let lost = st["counters"]["actions_lost"].as_u64().unwrap() as usize;

@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use agent_monitor_tests::{Daemon, binary, compile_c, text};
+use agent_monitor_tests::{Daemon, binary, compile_c, http_get, text};
 
 const FLOOD_C: &str = r#"
 #include <arpa/inet.h>
@@ -165,5 +166,32 @@ pub fn run(d: &Daemon, agent: &str, task: &str, bin: &Path, load: &Load) -> Floo
         denied_sent: n(2),
         denied_eperm: n(3),
         secs: v[4].parse().unwrap(),
+    }
+}
+
+/// `agent_monitor_actions_total` of `agent`, summed over actions and verdicts.
+pub fn counted(port: u16, agent: &str) -> usize {
+    let (_, body) = http_get(port, "/metrics");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("agent_monitor_actions_total{")
+                && l.contains(&format!("agent=\"{agent}\""))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+/// Waits until the daemon's count for `agent` stops moving; returns it.
+pub fn settled(port: u16, agent: &str) -> usize {
+    let mut last = usize::MAX;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let now = counted(port, agent);
+        if now == last {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the daemon never caught up");
+        last = now;
     }
 }
