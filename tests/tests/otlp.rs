@@ -120,6 +120,16 @@ fn serve(stream: std::net::TcpStream, received: &Received, stop: &AtomicBool) {
     }
 }
 
+/// The `otlp` sink's counters in `status --json`.
+fn otlp_sink(st: &serde_json::Value) -> &serde_json::Value {
+    st["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "otlp")
+        .unwrap_or_else(|| panic!("no otlp sink in status: {st:#}"))
+}
+
 fn metric(port: u16, name: &str) -> u64 {
     let (_, body) = http_get(port, "/metrics");
     body.lines()
@@ -231,12 +241,7 @@ fn denials_reach_the_collector_and_losses_are_counted_when_it_is_down() {
     );
     assert!(dropped > 0, "a queue of 1000 cannot hold 3000 records");
     let st = d.status();
-    let otlp = st["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "otlp")
-        .unwrap_or_else(|| panic!("no otlp sink in status: {st:#}"));
+    let otlp = otlp_sink(&st);
     assert_eq!(otlp["failed"], 3000, "{otlp}");
     assert_eq!(otlp["written"], 500, "{otlp}");
     d.stop();
@@ -409,12 +414,7 @@ fn export_at_10k_actions_per_second_with_the_collector_slow_down_and_back() {
     assert_eq!(lost_in_kernel, 0, "status: {st:#}");
     let made: usize = phases.iter().map(|(_, f)| f.sent() + 1).sum();
     assert_eq!(counted, made, "actions counted != connects and execs made");
-    let otlp = st["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "otlp")
-        .unwrap_or_else(|| panic!("no otlp sink in status: {st:#}"));
+    let otlp = otlp_sink(&st);
     assert_eq!(
         otlp["written"].as_u64().unwrap() + otlp["failed"].as_u64().unwrap(),
         counted as u64,
