@@ -369,8 +369,9 @@ fn export_at_10k_actions_per_second_with_the_collector_slow_down_and_back() {
     received.delay_ms.store(2000, Ordering::SeqCst);
     phase("slow", 5.0);
     stop.store(true, Ordering::SeqCst);
-    // Down long enough for a batch to run out of retries (0.5 + 1 + 2 + 4 + 8 s of backoff).
-    phase("down", 18.0);
+    // Down long enough for a batch to run out of retries (0.5 + 1 + 2 + 4 + 8 s of backoff),
+    // which may start up to 2 s late (the slow answer in hand when the collector stopped).
+    phase("down", 20.0);
     let listener = TcpListener::bind(("127.0.0.1", otlp_port)).expect("the same port again");
     received.delay_ms.store(0, Ordering::SeqCst);
     let stop = Arc::new(AtomicBool::new(false));
