@@ -16,11 +16,14 @@ use prost::Message as _;
 
 mod flood;
 
+/// One record: service.name, attributes as strings.
+type Record = (String, Vec<(String, String)>);
+
 /// What a test collector received.
 #[derive(Default)]
 struct Received {
     /// (service.name, attributes as strings) of every record, if `keep`.
-    records: Mutex<Vec<(String, Vec<(String, String)>)>>,
+    records: Mutex<Vec<Record>>,
     keep: bool,
     /// Records answered with 200.
     count: AtomicU64,

@@ -164,7 +164,7 @@ fn rotation_under_load_loses_nothing_and_the_chain_verifies() {
         field(head, "AUDIT_CHAIN_SEQ"),
         field(head, "AUDIT_CHAIN_HASH")
     );
-    let (code, stdout, stderr) = verify(&files, &[arg.clone()]);
+    let (code, stdout, stderr) = verify(&files, std::slice::from_ref(&arg));
     assert_eq!(code, 0, "verify {arg}: {stdout}{stderr}");
 
     // Tampering: a line deleted from the middle of a rotated file is named by file and line.
