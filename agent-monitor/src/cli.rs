@@ -590,10 +590,32 @@ mod tests {
         let otlp = d.otlp.config().unwrap();
         assert_eq!(otlp.endpoint.to_string(), "http://127.0.0.1:4318/v1/logs");
         assert_eq!(otlp.queue, 8192);
-        assert!(!otlp.allowed);
+        assert_eq!(otlp.actions, crate::output::otlp::OtlpActions::All);
+        let cli = Cli::try_parse_from([
+            "agent-monitor",
+            "daemon",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp-actions",
+            "denied-and-alerts",
+        ])
+        .unwrap();
+        let Command::Daemon(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            d.otlp.config().unwrap().actions,
+            crate::output::otlp::OtlpActions::DeniedAndAlerts
+        );
         for bad in [
             &["--json-log-keep", "0"][..],
-            &["--otlp-allowed"],
+            &["--otlp-actions", "all"],
+            &[
+                "--otlp-endpoint",
+                "http://c:4318",
+                "--otlp-actions",
+                "denied",
+            ],
             &["--otlp-endpoint", "https://c:4318"],
         ] {
             let args = ["agent-monitor", "daemon"].iter().chain(bad);

@@ -6,6 +6,8 @@
 //! READY only once enforcement is active, denials in the container's journal with their fields,
 //! `systemctl reload`, restart / SIGKILL / package upgrade without an unenforced moment, the
 //! watchdog, the unit's sandboxing score, and that removal keeps enforcement while purge ends it.
+//! Also journal forwarding with systemd-journal-upload as docs/operation.md shows it
+//! ([`journal_upload`]).
 //!
 //! What the container is given, and why:
 //! - its own bpffs instance (a fresh `mount -t bpf`, bound at /sys/fs/bpf): the pins of the
@@ -33,9 +35,12 @@ use anyhow::{Context, Result, bail};
 
 use crate::{package, run_cmd, setup};
 
-const ROOTFS_CACHE: &str = "/var/cache/agent-monitor-xtask/bookworm-rootfs";
+mod journal_upload;
+
+const ROOTFS_CACHE: &str = "/var/cache/agent-monitor-xtask/bookworm-rootfs-journal-remote";
 /// What the root file system holds beyond minbase; the cache is rebuilt when this changes.
-const ROOTFS_PACKAGES: &str = "systemd,systemd-sysv,dbus,libseccomp2,procps,logrotate";
+const ROOTFS_PACKAGES: &str =
+    "systemd,systemd-sysv,dbus,libseccomp2,procps,logrotate,systemd-journal-remote";
 const MIRROR: &str = "http://deb.debian.org/debian";
 const LOCK: &str = "/tmp/am-privtest.lock";
 
@@ -97,6 +102,7 @@ pub fn run(root: &Path) -> Result<()> {
             .arg(&machine),
     )?;
     fs::copy(&deb, machine.join("root/agent-monitor.deb"))?;
+    journal_upload::prepare(&machine, &work)?;
 
     println!("systemd-test: waiting for {LOCK}");
     let wait_from = Instant::now();
@@ -741,6 +747,9 @@ fn checks(c: &Container) -> Result<Vec<String>> {
         println!("systemd-test:   {line}");
     }
     pass(&mut passed, "systemd-analyze security", security);
+
+    let upload = journal_upload::check(c)?;
+    pass(&mut passed, "journal forwarding as documented", &upload);
 
     // Removal keeps enforcement and says so; purge ends it.
     c.sh(&format!(

@@ -123,7 +123,7 @@ pub struct Outputs {
 /// The OTLP sink, what it exports, and its exporter's counters.
 struct Export {
     slot: Slot,
-    allowed: bool,
+    actions: otlp::OtlpActions,
     counters: std::sync::Arc<otlp::ExportCounters>,
 }
 
@@ -146,7 +146,7 @@ impl Outputs {
             Export {
                 counters: sink.counters(),
                 slot: Slot::new(Box::new(sink)),
-                allowed: c.allowed,
+                actions: c.actions,
             }
         });
         Ok(outputs)
@@ -184,7 +184,7 @@ impl Outputs {
             json.emit(action, now);
         }
         if let Some(otlp) = &mut self.otlp
-            && (action.verdict != Verdict::Allowed || otlp.allowed)
+            && otlp.actions.exports(action.verdict)
         {
             otlp.slot.emit(action, now);
         }

@@ -1,6 +1,6 @@
-//! OpenTelemetry export (`--otlp-endpoint`): denials and alerts (and with `--otlp-allowed` every
-//! action) as OTLP log records over HTTP/protobuf, with the journald fields as attributes and the
-//! agent's SPIFFE id as the resource's `service.name`.
+//! OpenTelemetry export (`--otlp-endpoint`): every action (or, with `--otlp-actions
+//! denied-and-alerts`, denials and alerts only) as OTLP log records over HTTP/protobuf, with the
+//! journald fields as attributes and the agent's SPIFFE id as the resource's `service.name`.
 //!
 //! Enforcement never waits for the collector: [`OtlpSink::emit`] puts the record in a bounded
 //! queue and returns; an exporter task batches, sends and retries with backoff. A record the full
@@ -19,12 +19,12 @@ use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
 use tokio::sync::mpsc;
 
 use super::{FieldValue, Sink, SinkError, action_fields, journald};
-use crate::action::Action;
+use crate::action::{Action, Verdict};
 
 /// Daemon flags of the OTLP export.
 #[derive(Clone, Debug, Args)]
 pub struct OtlpArgs {
-    /// Export denials and alerts as OpenTelemetry log records (OTLP/HTTP, protobuf) to this
+    /// Export every action as OpenTelemetry log records (OTLP/HTTP, protobuf) to this
     /// collector: `http://HOST:PORT` (records go to /v1/logs) or a full URL with its path. Plain
     /// HTTP only: for TLS, run a local collector that forwards. Attributes are the journald
     /// fields (agent_id, verdict, dest_addr, …); the resource's service.name is the agent's
@@ -32,9 +32,12 @@ pub struct OtlpArgs {
     /// what cannot be sent is counted as lost (status, metrics); enforcement never waits.
     #[arg(long, value_name = "URL", value_parser = parse_endpoint)]
     pub otlp_endpoint: Option<hyper::Uri>,
-    /// Also export allowed actions (like --journal-allowed; the JSON trail has them anyway).
-    #[arg(long, requires = "otlp_endpoint")]
-    pub otlp_allowed: bool,
+    /// Which actions to export: `all` (allowed ones too, like the JSON trail) or
+    /// `denied-and-alerts` (like journald without --journal-allowed; far fewer records when
+    /// agents mostly do what their policy allows).
+    #[arg(long, value_enum, value_name = "WHICH", default_value_t = OtlpActions::All,
+          requires = "otlp_endpoint")]
+    pub otlp_actions: OtlpActions,
     /// Records held for export at most (waiting for the collector); beyond, new ones are lost.
     #[arg(long, value_name = "N", default_value_t = 8192,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -45,7 +48,7 @@ impl OtlpArgs {
     pub fn config(&self) -> Option<OtlpConfig> {
         self.otlp_endpoint.clone().map(|endpoint| OtlpConfig {
             endpoint,
-            allowed: self.otlp_allowed,
+            actions: self.otlp_actions,
             queue: self.otlp_queue as usize,
             retry: Retry::default(),
         })
@@ -75,11 +78,31 @@ pub fn parse_endpoint(s: &str) -> Result<hyper::Uri, String> {
 #[derive(Clone, Debug)]
 pub struct OtlpConfig {
     pub endpoint: hyper::Uri,
-    /// Export allowed actions too.
-    pub allowed: bool,
+    /// Which actions are exported.
+    pub actions: OtlpActions,
     /// Records held at most.
     pub queue: usize,
     pub retry: Retry,
+}
+
+/// Which actions `--otlp-actions` exports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpActions {
+    /// Every action: allowed, denied and alerts.
+    #[default]
+    All,
+    /// Denials and alerts; allowed actions stay in the JSON trail (and the metrics).
+    DeniedAndAlerts,
+}
+
+impl OtlpActions {
+    /// Whether an action with `verdict` goes to the collector.
+    pub fn exports(self, verdict: Verdict) -> bool {
+        match self {
+            OtlpActions::All => true,
+            OtlpActions::DeniedAndAlerts => verdict != Verdict::Allowed,
+        }
+    }
 }
 
 /// Backoff of a failed batch: `first`, doubling up to `max`, for `attempts` sends in all.

@@ -84,7 +84,7 @@ async fn receiver(received: Arc<Received>) -> SocketAddr {
 fn config(addr: SocketAddr, queue: usize) -> OtlpConfig {
     OtlpConfig {
         endpoint: parse_endpoint(&format!("http://{addr}")).unwrap(),
-        allowed: false,
+        actions: OtlpActions::All,
         queue,
         retry: Retry {
             attempts: 3,
@@ -226,4 +226,71 @@ async fn with_the_collector_down_every_record_is_counted_lost() {
     assert_eq!(stats.dropped_queue_full + stats.failed, 500, "{stats:?}");
     assert_eq!(sink.lost_after_accept(), stats.failed);
     assert!(stats.retries >= 2, "{stats:?}");
+}
+
+#[test]
+fn all_actions_are_exported_unless_limited_to_denied_and_alerts() {
+    use Verdict::*;
+    for (actions, verdict, exported) in [
+        (OtlpActions::All, Allowed, true),
+        (OtlpActions::All, Denied, true),
+        (OtlpActions::All, Alert, true),
+        (OtlpActions::DeniedAndAlerts, Allowed, false),
+        (OtlpActions::DeniedAndAlerts, Denied, true),
+        (OtlpActions::DeniedAndAlerts, Alert, true),
+    ] {
+        assert_eq!(
+            actions.exports(verdict),
+            exported,
+            "{actions:?} {verdict:?}"
+        );
+    }
+    assert_eq!(OtlpActions::default(), OtlpActions::All);
+}
+
+/// The daemon's fan-out ([`crate::output::Outputs`]) sends the collector what `--otlp-actions`
+/// selects, and only that.
+#[tokio::test]
+async fn the_outputs_export_what_otlp_actions_selects() {
+    for (actions, expected) in [
+        (OtlpActions::All, vec!["allowed", "denied", "alert"]),
+        (OtlpActions::DeniedAndAlerts, vec!["denied", "alert"]),
+    ] {
+        let received = Arc::new(Received::default());
+        let addr = receiver(Arc::clone(&received)).await;
+        let mut outputs = crate::output::Outputs::open(&crate::output::OutputConfig {
+            otlp: Some(OtlpConfig {
+                actions,
+                ..config(addr, 100)
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let allowed = Action {
+            verdict: Verdict::Allowed,
+            ..connect_action()
+        };
+        for a in [allowed, connect_action(), exec_action()] {
+            outputs.emit(&a);
+        }
+        for _ in 0..1000 {
+            let s = outputs.export_stats().unwrap();
+            if s.in_flight == 0 && s.exported == expected.len() as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let verdicts: Vec<String> = received
+            .records()
+            .into_iter()
+            .map(|(_, r)| {
+                let v = r.attributes.iter().find(|kv| kv.key == "verdict").unwrap();
+                match v.value.clone().unwrap().value {
+                    Some(any_value::Value::StringValue(s)) => s,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(verdicts, expected, "{actions:?}");
+    }
 }
