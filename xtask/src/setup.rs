@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // `run`'s seccomp filter is built with libseccomp (linked at build time).
     "libseccomp-dev",
+    // The systemd test's journal upload runs over HTTPS with a test CA made by openssl.
+    "openssl",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.
