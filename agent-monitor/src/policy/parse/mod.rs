@@ -23,6 +23,7 @@ mod network;
 mod tests;
 
 pub(crate) use exec::parse_exec;
+#[cfg(test)]
 pub(crate) use files::parse_file_entry;
 pub use issue::{Issue, PolicyError, Reason};
 pub(crate) use location::LineIndex;
