@@ -53,10 +53,6 @@ impl<W: Copy + Eq + std::hash::Hash> Book<W> {
         &self.judge
     }
 
-    pub fn marked(&self) -> usize {
-        self.marked.len()
-    }
-
     /// Puts `plan` in force (see the module doc). A mark that fails is a problem reported, not a
     /// reason to keep the old plan: the policy is valid, the host is what it is.
     pub fn apply(&mut self, table: &mut impl MarkTable<Watch = W>, plan: Plan) -> Applied {

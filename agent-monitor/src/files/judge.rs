@@ -57,20 +57,9 @@ impl Judge {
         self.denied.get(&id).map_or(&[], Vec::as_slice)
     }
 
+    #[cfg(test)]
     pub fn contains(&self, id: FileId) -> bool {
         self.denied.contains_key(&id)
-    }
-
-    pub fn ids(&self) -> impl Iterator<Item = FileId> + '_ {
-        self.denied.keys().copied()
-    }
-
-    pub fn len(&self) -> usize {
-        self.denied.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.denied.is_empty()
     }
 
     /// Whether any agent has a `[files]` rule (no rule: no marks, no events).

@@ -38,11 +38,13 @@ pub enum Field {
     Enforcement,
     Reason,
     Message,
+    FilePath,
+    OpenFlags,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 26] = [
+    pub const ALL: [Field; 28] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -69,6 +71,8 @@ impl Field {
         Field::Enforcement,
         Field::Reason,
         Field::Message,
+        Field::FilePath,
+        Field::OpenFlags,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -100,6 +104,8 @@ impl Field {
             Field::Enforcement => "ENFORCEMENT",
             Field::Reason => "REASON",
             Field::Message => "MESSAGE",
+            Field::FilePath => "FILE_PATH",
+            Field::OpenFlags => "OPEN_FLAGS",
         }
     }
 
@@ -132,6 +138,8 @@ impl Field {
             Field::Enforcement => "enforcement",
             Field::Reason => "reason",
             Field::Message => "message",
+            Field::FilePath => "file_path",
+            Field::OpenFlags => "open_flags",
         }
     }
 }
@@ -199,6 +207,14 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::Enforcement => action.enforcement.and_then(text),
                 Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
                 Field::Message => Some(FieldValue::Text(Cow::Owned(action.message()))),
+                Field::FilePath => match &action.object {
+                    Object::Open(f) => Some(FieldValue::Text(Cow::Borrowed(f.path.as_str()))),
+                    _ => None,
+                },
+                Field::OpenFlags => match &action.object {
+                    Object::Open(f) => Some(FieldValue::Text(Cow::Borrowed(&f.open_flags))),
+                    _ => None,
+                },
             };
             (field, value)
         })
@@ -251,6 +267,8 @@ mod tests {
                         | Field::TargetComm
                         | Field::TargetAgent
                         | Field::TargetTask
+                        | Field::FilePath
+                        | Field::OpenFlags
                 )),
             "{fields:?}"
         );
