@@ -111,8 +111,8 @@ impl Monitor {
                     "{}: the agent may not open this file (judged by the file itself: device \
                      {}:{} inode {ino})",
                     o.rule,
-                    dev >> 20,
-                    dev & 0xf_ffff
+                    libc::major(dev),
+                    libc::minor(dev)
                 );
                 let action = Action {
                     time: SystemTime::now(),

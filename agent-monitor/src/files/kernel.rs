@@ -160,8 +160,12 @@ fn open_path(path: &Path) -> io::Result<OwnedFd> {
 
 use std::os::unix::fs::OpenOptionsExt as _;
 
+fn fd_link(fd: &OwnedFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 fn fd_id(fd: &OwnedFd) -> io::Result<FileId> {
-    let meta = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let meta = std::fs::metadata(fd_link(fd))?;
     Ok((meta.dev(), meta.ino()))
 }
 
@@ -171,9 +175,9 @@ impl MarkTable for Kernel {
     fn mark(&mut self, path: &Path, dir: bool) -> io::Result<FileId> {
         let fd = open_path(path)?;
         let mask = if dir { dir_mask() } else { FILE_MASK };
-        // A NULL path marks the object dirfd refers to: exactly the inode we hold.
+        // The magic link names exactly the inode we hold (fanotify_mark takes no O_PATH dirfd).
         self.group
-            .mark::<Path>(MarkFlags::FAN_MARK_ADD, mask, Some(fd.as_raw_fd()), None)
+            .mark(MarkFlags::FAN_MARK_ADD, mask, None, Some(&fd_link(&fd)))
             .map_err(io::Error::from)?;
         fd_id(&fd)
     }
@@ -190,7 +194,7 @@ impl MarkTable for Kernel {
         let mask = if dir { dir_mask() } else { FILE_MASK };
         match self
             .group
-            .mark::<Path>(MarkFlags::FAN_MARK_REMOVE, mask, Some(fd.as_raw_fd()), None)
+            .mark(MarkFlags::FAN_MARK_REMOVE, mask, None, Some(&fd_link(&fd)))
         {
             Ok(()) => Ok(true),
             // Not marked (any more): nothing to remove.
