@@ -137,3 +137,47 @@ impl Drop for FileGuard {
         }
     }
 }
+
+/// `policy check`: `files.deny` entries that name nothing on this host now. Valid, but worth a
+/// look: a typo denies nothing, and a file created there later is covered only when a denied
+/// directory holds it (the guard marks what exists, and what appears in denied directories).
+pub fn check_warnings(set: &crate::policy::PolicySet) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in set {
+        for rule in p.files().deny().iter().filter(|r| !r.builtin()) {
+            if plan::expand(rule.pattern()).is_empty() {
+                out.push(format!(
+                    "{}:{}: warning: files.deny {:?} of agent {:?} names nothing on this host \
+                     now; it is denied once it exists at the next reload, or at once if a \
+                     denied directory holds it",
+                    p.origin().display(),
+                    rule.line(),
+                    rule.pattern(),
+                    p.agent()
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{Policy, PolicySet};
+
+    #[test]
+    fn check_warns_of_entries_that_name_nothing() {
+        let text = "agent = \"coder\"\n[files]\ndeny = [\"/etc\", \"/nonexistent-am-test/*/.env\"]\n\
+                    deny_known_secrets = true\n";
+        let p = Policy::parse(text, Path::new("p.toml")).expect("valid");
+        let set = PolicySet::new(vec![p]).expect("set");
+        let w = super::check_warnings(&set);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("p.toml:3: warning: files.deny \"/nonexistent-am-test/*/.env\""),
+            "{w:?}"
+        );
+    }
+}
