@@ -62,6 +62,21 @@ fn assert_eperm(out: &std::process::Output, what: &str) {
     );
 }
 
+/// `cat FILE` as the agent succeeds; returns what it printed.
+fn assert_agent_reads(d: &Daemon, agent: &str, file: &Path, what: &str) -> String {
+    let out = cat_as_agent(d, agent, file);
+    assert!(out.status.success(), "{what}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The audit record of an open of `file` (waited for).
+fn open_record(d: &Daemon, file: &Path) -> Value {
+    let path = file.display().to_string();
+    d.wait_audit(&format!("an open of {path}"), |v| {
+        is(v, "action", "open") && is(v, "file_path", &path)
+    })
+}
+
 /// A directory of secrets under /tmp.
 fn secrets() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -70,24 +85,40 @@ fn secrets() -> (tempfile::TempDir, PathBuf) {
     (dir, secret)
 }
 
+/// A daemon whose agent (named after `label`, in `mode`) may not open the one secret file.
+fn guarded(label: &str, mode: &str) -> (String, tempfile::TempDir, PathBuf, Daemon) {
+    let agent = unique_agent(label);
+    let (dir, secret) = secrets();
+    let d = Daemon::start(&[files_policy(&agent, mode, &[&secret], "")]);
+    wait_files_applied(&d, 1);
+    (agent, dir, secret, d)
+}
+
+/// The control: a process outside every agent reads `file`.
+fn assert_host_reads(file: &Path) -> String {
+    let host = Command::new(CAT).arg(file).output().expect("cat");
+    assert!(
+        host.status.success(),
+        "host cat of {} failed: {}",
+        file.display(),
+        text(&host.stderr)
+    );
+    text(&host.stdout)
+}
+
 #[test]
 fn denied_file_read_fails_eperm_and_is_reported_and_the_host_still_reads_it() {
     if !require_root("denied_file_read_fails_eperm_and_is_reported_and_the_host_still_reads_it") {
         return;
     }
-    let agent = unique_agent("filesdeny");
-    let (_dir, secret) = secrets();
-    let d = Daemon::start(&[files_policy(&agent, "enforce", &[&secret], "")]);
-    wait_files_applied(&d, 1);
+    let (agent, _dir, secret, d) = guarded("filesdeny", "enforce");
 
     let out = cat_as_agent(&d, &agent, &secret);
     assert_eperm(&out, "cat of the denied file as the agent");
     assert!(!text(&out.stdout).contains("TOPSECRET"));
 
     let path = secret.display().to_string();
-    let rec = d.wait_audit("denied open", |v| {
-        is(v, "action", "open") && is(v, "file_path", &path)
-    });
+    let rec = open_record(&d, &secret);
     assert_eq!(field(&rec, "verdict"), "denied");
     assert_eq!(field(&rec, "enforcement"), "eperm");
     assert_eq!(field(&rec, "agent_id"), agent);
@@ -108,22 +139,11 @@ fn denied_file_read_fails_eperm_and_is_reported_and_the_host_still_reads_it() {
     assert!(field(&e, "OPEN_FLAGS").starts_with("O_RDONLY"), "{e}");
 
     // Control: the same file, the same program, outside every agent.
-    let host = Command::new(CAT).arg(&secret).output().expect("cat");
-    assert!(
-        host.status.success(),
-        "host cat failed: {}",
-        text(&host.stderr)
-    );
-    assert_eq!(text(&host.stdout), "TOPSECRET\n");
+    assert_eq!(assert_host_reads(&secret), "TOPSECRET\n");
     // And an agent may still read what its policy does not name.
     let other = secret.with_file_name("notes");
     std::fs::write(&other, "fine\n").expect("write");
-    let out = cat_as_agent(&d, &agent, &other);
-    assert!(
-        out.status.success(),
-        "unrelated file: {}",
-        text(&out.stderr)
-    );
+    assert_agent_reads(&d, &agent, &other, "unrelated file");
 }
 
 #[test]
@@ -131,21 +151,10 @@ fn alert_mode_lets_the_open_through_and_reports_it() {
     if !require_root("alert_mode_lets_the_open_through_and_reports_it") {
         return;
     }
-    let agent = unique_agent("filesalert");
-    let (_dir, secret) = secrets();
-    let d = Daemon::start(&[files_policy(&agent, "alert", &[&secret], "")]);
-    wait_files_applied(&d, 1);
-    let out = cat_as_agent(&d, &agent, &secret);
-    assert!(
-        out.status.success(),
-        "alert mode refused: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout), "TOPSECRET\n");
-    let path = secret.display().to_string();
-    let rec = d.wait_audit("alert open", |v| {
-        is(v, "action", "open") && is(v, "file_path", &path)
-    });
+    let (agent, _dir, secret, d) = guarded("filesalert", "alert");
+    let read = assert_agent_reads(&d, &agent, &secret, "alert mode refused");
+    assert_eq!(read, "TOPSECRET\n");
+    let rec = open_record(&d, &secret);
     assert_eq!(field(&rec, "verdict"), "alert");
     assert!(rec["enforcement"].is_null(), "{rec}");
 }
@@ -187,6 +196,16 @@ probe("openat2", openat2)
 probe("write", lambda: os.close(os.open(secret, os.O_WRONLY)))
 "#;
 
+/// What `PY_ROUTES` tries.
+const ROUTES: [&str; 6] = [
+    "direct",
+    "hardlink",
+    "bindmount",
+    "opath_reopen",
+    "openat2",
+    "write",
+];
+
 /// Unmounts a bind mount when the test ends, also when it fails.
 struct BindMount(PathBuf);
 
@@ -215,10 +234,7 @@ fn every_route_to_the_file_is_judged_by_the_file_itself() {
     if !require_root("every_route_to_the_file_is_judged_by_the_file_itself") {
         return;
     }
-    let agent = unique_agent("filesroutes");
-    let (dir, secret) = secrets();
-    let d = Daemon::start(&[files_policy(&agent, "enforce", &[&secret], "")]);
-    wait_files_applied(&d, 1);
+    let (agent, dir, secret, d) = guarded("filesroutes", "enforce");
     // Made after the daemon marked the file: other names for the same inode.
     let elsewhere = tempfile::tempdir_in(dir.path().parent().expect("/tmp")).expect("tempdir");
     let link = elsewhere.path().join("innocent-looking");
@@ -236,14 +252,7 @@ fn every_route_to_the_file_is_judged_by_the_file_itself() {
         Some("t1"),
         &[PYTHON, "-c", PY_ROUTES, &args[0], &args[1], &args[2]],
     );
-    for route in [
-        "direct",
-        "hardlink",
-        "bindmount",
-        "opath_reopen",
-        "openat2",
-        "write",
-    ] {
+    for route in ROUTES {
         assert_eq!(outcome(&out, route), "errno 1", "{route} as the agent");
     }
     let link_path = args[1].clone();
@@ -260,14 +269,7 @@ fn every_route_to_the_file_is_judged_by_the_file_itself() {
         .args(["-c", PY_ROUTES, &args[0], &args[1], &args[2]])
         .output()
         .expect("python3");
-    for route in [
-        "direct",
-        "hardlink",
-        "bindmount",
-        "opath_reopen",
-        "openat2",
-        "write",
-    ] {
+    for route in ROUTES {
         assert_eq!(outcome(&host, route), "ok", "{route} outside every agent");
     }
 }
@@ -300,13 +302,9 @@ fn files_created_later_in_a_denied_directory_are_denied() {
 
     for f in [&new_file, &deep, &moved] {
         assert_eperm(&cat_as_agent(&d, &agent, f), &f.display().to_string());
-        let host = Command::new(CAT).arg(f).output().expect("cat");
-        assert!(host.status.success(), "host cat of {}", f.display());
+        assert_host_reads(f);
     }
-    let deep_path = deep.display().to_string();
-    d.wait_audit("the deep file's denial", |v| {
-        is(v, "action", "open") && is(v, "file_path", &deep_path)
-    });
+    assert_eq!(field(&open_record(&d, &deep), "verdict"), "denied");
 }
 
 /// A user whose home directory is a temporary tree (the known-secrets list covers every home in
@@ -381,15 +379,10 @@ fn deny_known_secrets_covers_every_home_and_the_hosts_own() {
     wait_files_applied(&d, 1);
     for s in secrets.iter().chain([&PathBuf::from("/etc/shadow")]) {
         assert_eperm(&cat_as_agent(&d, &agent, s), &s.display().to_string());
-        let host = Command::new(CAT).arg(s).output().expect("cat");
-        assert!(host.status.success(), "host cat of {}", s.display());
+        assert_host_reads(s);
     }
-    let out = cat_as_agent(&d, &agent, &notes);
-    assert!(out.status.success(), "notes.txt: {}", text(&out.stderr));
-    let key = secrets[1].display().to_string();
-    let rec = d.wait_audit("the ssh key's denial", |v| {
-        is(v, "action", "open") && is(v, "file_path", &key)
-    });
+    assert_agent_reads(&d, &agent, &notes, "notes.txt");
+    let rec = open_record(&d, &secrets[1]);
     assert!(
         field(&rec, "reason").contains("files.deny_known_secrets \"~/.ssh\""),
         "{rec}"
@@ -401,12 +394,9 @@ fn a_reload_moves_the_denial_and_a_bad_reload_keeps_it() {
     if !require_root("a_reload_moves_the_denial_and_a_bad_reload_keeps_it") {
         return;
     }
-    let agent = unique_agent("filesreload");
-    let (dir, first) = secrets();
+    let (agent, dir, first, d) = guarded("filesreload", "enforce");
     let second = dir.path().join("second");
     std::fs::write(&second, "two\n").expect("write");
-    let d = Daemon::start(&[files_policy(&agent, "enforce", &[&first], "")]);
-    wait_files_applied(&d, 1);
     assert_eperm(
         &cat_as_agent(&d, &agent, &first),
         "first, before the reload",
@@ -417,12 +407,7 @@ fn a_reload_moves_the_denial_and_a_bad_reload_keeps_it() {
     let out = d.reload();
     assert!(out.status.success(), "reload: {}", text(&out.stderr));
     wait_files_applied(&d, 2);
-    let out = cat_as_agent(&d, &agent, &first);
-    assert!(
-        out.status.success(),
-        "first after the reload: {}",
-        text(&out.stderr)
-    );
+    assert_agent_reads(&d, &agent, &first, "first after the reload");
     assert_eperm(
         &cat_as_agent(&d, &agent, &second),
         "second, after the reload",
@@ -450,11 +435,8 @@ fn with_the_daemon_gone_the_host_never_waits_and_a_new_daemon_denies_again() {
     if !require_root("with_the_daemon_gone_the_host_never_waits_and_a_new_daemon_denies_again") {
         return;
     }
-    let agent = unique_agent("filesdown");
-    let (dir, secret) = secrets();
+    let (agent, dir, secret, mut d) = guarded("filesdown", "enforce");
     let go = dir.path().join("go");
-    let mut d = Daemon::start(&[files_policy(&agent, "enforce", &[&secret], "")]);
-    wait_files_applied(&d, 1);
     // An agent that outlives the daemon: it reads the file once told to.
     let script = format!(
         "import os,time\nwhile not os.path.exists({go:?}): time.sleep(0.02)\n\

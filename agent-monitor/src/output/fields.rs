@@ -367,8 +367,51 @@ mod tests {
                     | Field::TargetComm
                     | Field::TargetAgent
                     | Field::TargetTask
+                    | Field::FilePath
+                    | Field::OpenFlags
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+    use crate::action::FileOpen;
+    use crate::output::tests::exec_action;
+
+    #[test]
+    fn an_open_has_its_file_and_flags_and_nothing_of_a_destination() {
+        let action = Action {
+            object: Object::Open(FileOpen {
+                path: "/root/.aws/credentials".into(),
+                open_flags: "O_RDONLY|O_CLOEXEC".into(),
+            }),
+            ..exec_action()
+        };
+        let fields = action_fields(&action);
+        let get = |f: Field| {
+            fields
+                .iter()
+                .find(|(g, _)| *g == f)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::FilePath),
+            Some(FieldValue::Text("/root/.aws/credentials".into()))
+        );
+        assert_eq!(
+            get(Field::OpenFlags),
+            Some(FieldValue::Text("O_RDONLY|O_CLOEXEC".into()))
+        );
+        assert_eq!(get(Field::Action), Some(FieldValue::Text("open".into())));
+        assert_eq!(get(Field::DestAddr), None);
+        assert_eq!(get(Field::Interpreter), None);
+        assert!(
+            action
+                .message()
+                .contains("open /root/.aws/credentials (O_RDONLY|O_CLOEXEC)")
+        );
     }
 }
