@@ -473,3 +473,62 @@ fn with_the_daemon_gone_the_host_never_waits_and_a_new_daemon_denies_again() {
     wait_files_applied(&d, 1);
     assert_eperm(&cat_as_agent(&d, &agent, &secret), "after the restart");
 }
+
+#[test]
+fn an_agent_known_by_its_executable_selector_is_denied_too() {
+    if !require_root("an_agent_known_by_its_executable_selector_is_denied_too") {
+        return;
+    }
+    let agent = unique_agent("filesexe");
+    let (dir, secret) = secrets();
+    let bot = dir.path().join("bot");
+    std::fs::copy("/bin/bash", &bot).expect("copy bash");
+    let identity = format!(
+        "[identity]\nexecutables = [{{ path = {:?}, sha256 = {:?} }}]\n",
+        bot.display().to_string(),
+        sha256_hex(&bot)
+    );
+    let d = Daemon::start(&[files_policy(&agent, "enforce", &[&secret], &identity)]);
+    wait_files_applied(&d, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.status()["agents"][0]["selectors"]
+        .to_string()
+        .contains("sha256 verified")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "selector not armed:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A shell builtin reads the file: no exec, the selected program itself opens it.
+    let script = format!(
+        "read line < {:?} && echo \"read $line\"",
+        secret.display().to_string()
+    );
+    let out = Command::new(&bot)
+        .args(["-c", &script])
+        .output()
+        .expect("bot");
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("Operation not permitted"),
+        "the selected program read the file: {} {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let rec = open_record(&d, &secret);
+    assert_eq!(field(&rec, "agent_id"), agent);
+    assert_eq!(field(&rec, "verdict"), "denied");
+    // Control: the same script in an unselected bash.
+    let host = Command::new("/bin/bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash");
+    assert_eq!(
+        text(&host.stdout),
+        "read TOPSECRET\n",
+        "{}",
+        text(&host.stderr)
+    );
+}

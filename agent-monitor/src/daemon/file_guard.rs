@@ -21,8 +21,16 @@ pub(super) struct FileGuardState {
 impl FileGuardState {
     /// Starts the guard. Without fanotify permission events the daemon still runs; a policy with
     /// `[files]` is then refused (see [`Self::check`]).
-    pub(super) fn start() -> FileGuardState {
-        match FileGuard::start() {
+    pub(super) fn start(pin_dir: &Path) -> FileGuardState {
+        let tags = crate::bpf::ThreadTags::open(pin_dir)
+            .map_err(|e| {
+                tracing::warn!(
+                    "file guard: executable-selector tags unreadable ({e:#}); processes that are \
+                     agents only by an executable selector are judged as outside every agent"
+                )
+            })
+            .ok();
+        match FileGuard::start(tags) {
             Ok((guard, reports)) => FileGuardState {
                 guard: Ok(guard),
                 reports: Some(reports),
@@ -86,7 +94,8 @@ impl Monitor {
         let Ok(guard) = &self.files.guard else {
             return;
         };
-        let roster = Roster::from_selected(&self.ident.selected);
+        let agents = self.generations.live().iter().map(|p| p.agent());
+        let roster = Roster::from_selected(&self.ident.selected, agents);
         if roster != self.files.roster {
             guard.set_roster(roster.clone());
             self.files.roster = roster;

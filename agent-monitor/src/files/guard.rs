@@ -16,6 +16,7 @@ use super::plan::{AgentFiles, Mark, Plan};
 use super::roster::Roster;
 use super::{FileReport, OpenReport, flags};
 use crate::action::Verdict;
+use crate::bpf::ThreadTags;
 use crate::identity::procfs::LiveProcs;
 
 /// What the guard thread is asked to do.
@@ -87,6 +88,7 @@ pub(super) fn run(
     wake: Arc<Wake>,
     walker: Sender<WalkJob>,
     reports: Reports,
+    tags: Option<ThreadTags>,
 ) {
     let mut book: Book<nix::sys::inotify::WatchDescriptor> = Book::default();
     let mut roster = Roster::default();
@@ -122,7 +124,7 @@ pub(super) fn run(
         }
         // Opens first: a host process is waiting.
         if fds[0].revents != 0 {
-            answer_opens(&kernel, &book, &roster, &reports);
+            answer_opens(&kernel, &book, &roster, tags.as_ref(), &reports);
         }
         if fds[2].revents != 0 {
             wake.reset();
@@ -180,6 +182,7 @@ fn answer_opens(
     kernel: &Kernel,
     book: &Book<nix::sys::inotify::WatchDescriptor>,
     roster: &Roster,
+    tags: Option<&ThreadTags>,
     reports: &Reports,
 ) {
     loop {
@@ -197,7 +200,7 @@ fn answer_opens(
             if !open.needs_answer() {
                 continue;
             }
-            let (allow, report) = judge_open(&open, book, roster);
+            let (allow, report) = judge_open(&open, book, roster, tags);
             if let Err(e) = kernel.answer(&open, allow) {
                 reports.send(FileReport::Problem(format!(
                     "file guard: answering an open: {e}"
@@ -214,13 +217,15 @@ fn judge_open(
     open: &OpenEvent,
     book: &Book<nix::sys::inotify::WatchDescriptor>,
     roster: &Roster,
+    tags: Option<&ThreadTags>,
 ) -> (bool, Option<OpenReport>) {
     let tid = open.tid();
     // The daemon's own threads (the walker listing a denied directory): at once.
     if Path::new(&format!("/proc/self/task/{tid}")).exists() {
         return (true, None);
     }
-    let Some(agent) = roster.agent_of(&LiveProcs, tid) else {
+    let tag = |tid| tags.and_then(|t| t.agent_id(tid));
+    let Some(agent) = roster.agent_of(&LiveProcs, tag, tid) else {
         return (true, None);
     };
     let Some((file, path)) = open.fd().and_then(identify_fd) else {

@@ -68,8 +68,11 @@ pub struct FileGuard {
 
 impl FileGuard {
     /// Creates the fanotify group and starts the threads; reports arrive on the returned
-    /// receiver.
-    pub fn start() -> anyhow::Result<(FileGuard, tokio::sync::mpsc::Receiver<FileReport>)> {
+    /// receiver. `tags` reads the executable selectors' per-thread tags (None: such agents are
+    /// judged as outside every agent, see docs/files.md).
+    pub fn start(
+        tags: Option<crate::bpf::ThreadTags>,
+    ) -> anyhow::Result<(FileGuard, tokio::sync::mpsc::Receiver<FileReport>)> {
         use anyhow::Context as _;
         let kernel = kernel::Kernel::new()
             .context("creating the fanotify group (FAN_CLASS_CONTENT; needs CAP_SYS_ADMIN)")?;
@@ -86,7 +89,7 @@ impl FileGuard {
             let (wake, walker, reports) = (wake.clone(), walker.clone(), reports.clone());
             std::thread::Builder::new()
                 .name("file-guard".into())
-                .spawn(move || guard::run(kernel, command_rx, wake, walker, reports))
+                .spawn(move || guard::run(kernel, command_rx, wake, walker, reports, tags))
                 .context("starting the file guard thread")?
         };
         let walker_thread = {

@@ -17,12 +17,24 @@ pub struct Roster {
     cgroups: Vec<(String, u32, String)>,
     /// uid → agent.
     uids: HashMap<u32, String>,
+    /// Stable agent id (`identity::agent_id`) → agent, for the threads' tags.
+    names: HashMap<u32, String>,
 }
 
 impl Roster {
-    /// The armed cgroup (and unit) selectors and the active uid selectors and bindings.
-    pub fn from_selected(selected: &Selected) -> Roster {
-        let mut roster = Roster::default();
+    /// The armed cgroup (and unit) selectors and the active uid selectors and bindings;
+    /// `agents` names the agents a thread's tag may stand for.
+    pub fn from_selected<'a>(
+        selected: &Selected,
+        agents: impl IntoIterator<Item = &'a str>,
+    ) -> Roster {
+        let mut roster = Roster {
+            names: agents
+                .into_iter()
+                .map(|a| (crate::identity::agent_id(a), a.to_string()))
+                .collect(),
+            ..Roster::default()
+        };
         for a in &selected.all {
             match &a.state {
                 ArmState::Cgroup(cg) => {
@@ -44,11 +56,20 @@ impl Roster {
         roster
     }
 
-    /// The agent of thread `tid`, or None: outside every agent (or gone).
-    pub fn agent_of(&self, host: &impl ProcessView, tid: u32) -> Option<String> {
+    /// The agent of thread `tid`, or None: outside every agent (or gone). `tag` reads the
+    /// thread's tag (the stable agent id an executable selector gave it).
+    pub fn agent_of(
+        &self,
+        host: &impl ProcessView,
+        tag: impl FnOnce(u32) -> Option<u32>,
+        tid: u32,
+    ) -> Option<String> {
         let cgroup = host.cgroup(tid);
         if let Some((agent, _task)) = cgroup.as_deref().and_then(run_cgroup_identity) {
             return Some(agent.to_string());
+        }
+        if let Some(name) = tag(tid).and_then(|id| self.names.get(&id)) {
+            return Some(name.clone());
         }
         if let Some(c) = cgroup.as_deref()
             && let Some((_, _, agent)) = self
@@ -95,41 +116,63 @@ mod tests {
         r.cgroups.push(("/agents".into(), 1, "outer".into()));
         r.cgroups.push(("/agents/inner".into(), 2, "inner".into()));
         r.uids.insert(1500, "by-uid".into());
+        r.names
+            .insert(crate::identity::agent_id("tagged"), "tagged".into());
         r
     }
 
+    fn untagged(_: u32) -> Option<u32> {
+        None
+    }
+
     #[test]
-    fn run_cgroups_come_first_then_the_deepest_selected_cgroup_then_the_uid() {
+    fn run_cgroups_come_first_then_the_tag_then_the_deepest_selected_cgroup_then_the_uid() {
         let r = roster();
+        let tagged = |_| Some(crate::identity::agent_id("tagged"));
+        let in_inner = Host {
+            cgroup: Some("/agents/inner/x.scope"),
+            uid: 1500,
+        };
+        assert_eq!(r.agent_of(&in_inner, tagged, 7).as_deref(), Some("tagged"));
+        let in_run = Host {
+            cgroup: Some("/agent-monitor/coder/t1"),
+            uid: 1500,
+        };
+        assert_eq!(r.agent_of(&in_run, tagged, 7).as_deref(), Some("coder"));
+        // A tag of an agent no policy names any more is no identity.
+        assert_eq!(
+            r.agent_of(&in_run, |_| Some(1), 7).as_deref(),
+            Some("coder")
+        );
         let run = Host {
             cgroup: Some("/agent-monitor/coder/t1"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&run, 7).as_deref(), Some("coder"));
+        assert_eq!(r.agent_of(&run, untagged, 7).as_deref(), Some("coder"));
         let inner = Host {
             cgroup: Some("/agents/inner/x.scope"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&inner, 7).as_deref(), Some("inner"));
+        assert_eq!(r.agent_of(&inner, untagged, 7).as_deref(), Some("inner"));
         let outer = Host {
             cgroup: Some("/agents/innerx"),
             uid: 0,
         };
-        assert_eq!(r.agent_of(&outer, 7).as_deref(), Some("outer"));
+        assert_eq!(r.agent_of(&outer, untagged, 7).as_deref(), Some("outer"));
         let uid = Host {
             cgroup: Some("/user.slice"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&uid, 7).as_deref(), Some("by-uid"));
+        assert_eq!(r.agent_of(&uid, untagged, 7).as_deref(), Some("by-uid"));
         let host = Host {
             cgroup: Some("/user.slice"),
             uid: 1000,
         };
-        assert_eq!(r.agent_of(&host, 7), None);
+        assert_eq!(r.agent_of(&host, untagged, 7), None);
         let gone = Host {
             cgroup: None,
             uid: 1000,
         };
-        assert_eq!(Roster::default().agent_of(&gone, 7), None);
+        assert_eq!(Roster::default().agent_of(&gone, untagged, 7), None);
     }
 }
