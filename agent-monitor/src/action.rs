@@ -42,6 +42,8 @@ pub enum ActionKind {
     /// A packet of an agent's socket carrying a source route (IPv4 options, an IPv6 routing
     /// header), which would take it to its first hop instead of the destination judged.
     SourceRoute,
+    /// An open of a file the agent's `[files]` denies (the file guard, docs/files.md).
+    Open,
 }
 
 impl ActionKind {
@@ -59,6 +61,7 @@ impl ActionKind {
             ActionKind::Ptrace => "ptrace",
             ActionKind::Signal => "signal",
             ActionKind::SourceRoute => "source_route",
+            ActionKind::Open => "open",
         }
     }
 }
@@ -146,6 +149,15 @@ pub struct DnsQuery {
     pub server: Option<Destination>,
 }
 
+/// A file an agent opened (or tried to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileOpen {
+    /// The file's path as the kernel names it (a hard link or bind mount shows its own name).
+    pub path: String,
+    /// What the opener asked for (`O_RDONLY|O_CLOEXEC`), or why that is unknown.
+    pub open_flags: String,
+}
+
 /// What an action was aimed at. Its variant is the action's [`ActionKind`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
@@ -169,6 +181,7 @@ pub enum Object {
         first_hop: IpAddr,
         transport: &'static str,
     },
+    Open(FileOpen),
 }
 
 impl Object {
@@ -186,6 +199,7 @@ impl Object {
             Object::Ptrace(_) => ActionKind::Ptrace,
             Object::Signal(_) => ActionKind::Signal,
             Object::SourceRoute { .. } => ActionKind::SourceRoute,
+            Object::Open(_) => ActionKind::Open,
         }
     }
 
@@ -210,7 +224,8 @@ impl Object {
             | Object::IoUring(_)
             | Object::Seccomp(_)
             | Object::Ptrace(_)
-            | Object::Signal(_) => None,
+            | Object::Signal(_)
+            | Object::Open(_) => None,
         }
     }
 
@@ -309,6 +324,7 @@ impl Action {
                 "query {}",
                 q.name.as_deref().unwrap_or("(unreadable message)")
             ),
+            Object::Open(f) => format!("{} ({})", f.path, f.open_flags),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",

@@ -371,7 +371,8 @@ pub enum PolicyCommand {
     /// Replay recorded actions through the daemon's evaluator and list those POLICY would not allow.
     ///
     /// Every connect and exec of POLICY's agent(s) in the trail is judged exactly as the daemon
-    /// judges it. Each one not allowed is printed with its trail line (file:line: what, by which
+    /// judges it; an open (a file `[files]` denies) is judged by its recorded name. Each one not
+    /// allowed is printed with its trail line (file:line: what, by which
     /// process chain, why). Exit 0: all allowed; 1: some would be denied (or, for an alert-mode
     /// policy, reported); 2: bad input (unreadable or invalid policy or trail, malformed trail
     /// lines: the replay is then incomplete and says so, or no action of POLICY's agents in it).

@@ -16,6 +16,7 @@ mod docs_check;
 mod event;
 mod exec_files;
 mod exec_lint;
+mod files;
 mod generate;
 mod host;
 mod identity;

@@ -1,6 +1,7 @@
 //! agent-monitor-bench: the load generators and the benchmark run behind `cargo xtask bench`.
 
 mod chart;
+mod files;
 mod load;
 mod machine;
 mod policy_size;
@@ -40,7 +41,7 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns); the
+        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, files); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

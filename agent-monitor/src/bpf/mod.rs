@@ -17,12 +17,14 @@ mod pin;
 mod ring;
 mod socket_watch;
 mod tables;
+mod thread_tags;
 
 pub use hooks::HookCgroups;
 pub use load::{Mechanisms, Origin, uninstall};
 pub use pin::DEFAULT_PIN_DIR;
 pub use ring::ActionStream;
 pub use tables::Occupancy;
+pub use thread_tags::ThreadTags;
 
 /// The kernel state: the typed tables, where the hooks sit, the socket() watch, and the hold on
 /// the pin directory. One owner (the monitor task) holds it.

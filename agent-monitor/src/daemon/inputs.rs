@@ -65,6 +65,8 @@ pub(super) enum Input {
     /// What the host said about the selectors (systemd units, cgroups, changed executables),
     /// asked on a blocking thread by [`Inputs::probe_selectors`]; the error is that thread's.
     Probed(Result<Probed, tokio::task::JoinError>),
+    /// What the file guard judged or did (`crate::files`).
+    FileGuard(crate::files::FileReport),
 }
 
 pub(super) struct Inputs {
@@ -80,6 +82,8 @@ pub(super) struct Inputs {
     probe: Option<tokio::task::JoinHandle<Probed>>,
     /// Kernel records read by the last `next()`, decoded.
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
+    /// The file guard's reports, when it runs.
+    pub(super) files: Option<mpsc::Receiver<crate::files::FileReport>>,
 }
 
 impl Inputs {
@@ -107,6 +111,7 @@ impl Inputs {
             watchdog,
             probe: None,
             records: Vec::with_capacity(1024),
+            files: None,
         }
     }
 
@@ -142,6 +147,7 @@ impl Inputs {
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
             _ = self.signals.int.recv() => Input::Stop("SIGINT"),
+            Some(report) = recv(&mut self.files) => Input::FileGuard(report),
         })
     }
 }
@@ -182,6 +188,14 @@ async fn tick(timer: &mut Option<tokio::time::Interval>) {
         Some(t) => {
             t.tick().await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message of an optional channel; never, without one.
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -36,6 +36,7 @@ use crate::output::{OutputConfig, Outputs};
 use crate::policy::{ExecFacts, PolicySet};
 
 mod dns_learner;
+mod file_guard;
 mod generations;
 mod grant_book;
 mod grants;
@@ -129,6 +130,8 @@ struct Monitor {
     reporter: Reporter,
     /// Learned addresses, DNS proxies and what they report.
     dns: DnsLearner,
+    /// The file guard (`[files]`), its reports and what it was last told.
+    files: file_guard::FileGuardState,
 }
 
 impl Monitor {
@@ -142,6 +145,7 @@ impl Monitor {
         dns: mpsc::Receiver<QueryReport>,
     ) -> anyhow::Result<()> {
         let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
+        inputs.files = self.files.reports.take();
         loop {
             let input = inputs.next(self.generations.retire_due()).await?;
             for record in inputs.records.drain(..) {
@@ -187,7 +191,10 @@ impl Monitor {
                     return Ok(());
                 }
                 Input::RetireBank => self.retire_old_bank(),
+                Input::FileGuard(report) => self.on_file_report(report),
             }
+            // Selectors change with probes, reloads and `run --user`: the guard's copy follows.
+            self.sync_file_roster();
             // One write per burst of records rather than one per action.
             self.reporter.flush();
         }

@@ -71,6 +71,7 @@ impl Monitor {
     /// goes. On a failure before the switch nothing has changed.
     pub(super) fn apply_policies(&mut self, set: PolicySet) -> anyhow::Result<()> {
         refuse_host_capture(&set, &self.cgroup_root)?;
+        self.files.check(&set)?;
         let staged = self.generations.stage(set, &self.kernel)?;
         let (set, base) = (staged.set(), staged.base());
         // Files named by exact exec rules, keyed in the new bank too.
@@ -172,6 +173,7 @@ impl Monitor {
         if let Err(e) = self.kernel.watch_socket_syscalls(why.as_deref()) {
             tracing::error!("socket() watch: {e:#}");
         }
+        self.apply_file_rules();
         Ok(())
     }
 

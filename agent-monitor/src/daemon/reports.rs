@@ -99,6 +99,8 @@ impl Monitor {
                 crate::bpf::Origin::Adopted { away_seconds, .. } => away_seconds.unwrap_or(0.0),
                 crate::bpf::Origin::Installed => 0.0,
             },
+            files_marked: self.files.marked,
+            file_reports_lost: self.files.lost(),
         }
     }
 

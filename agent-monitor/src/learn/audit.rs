@@ -49,6 +49,8 @@ pub enum What {
     },
     /// An action kind this version does not know (`dns`, `sendmsg`, …): counted, not judged.
     Other { kind: String },
+    /// An open of a file an agent's `[files]` denies (`file_path`).
+    Open { path: String },
 }
 
 impl fmt::Display for What {
@@ -66,6 +68,7 @@ impl fmt::Display for What {
             }
             What::Exec { path, .. } => write!(f, "exec {path}"),
             What::Other { kind } => write!(f, "{kind}"),
+            What::Open { path } => write!(f, "open {path}"),
         }
     }
 }
@@ -227,6 +230,9 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
                 || reason.starts_with(REASON_EXEC_PATH_UNREADABLE));
             What::Exec { path, complete }
         }
+        "open" => What::Open {
+            path: string(&obj, "file_path")?,
+        },
         _ => What::Other { kind },
     };
     let time_text = string(&obj, "time")?;

@@ -36,7 +36,32 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
             }
         }),
         What::Other { .. } => None,
+        What::Open { path } => Some(judge_open(policy, path, homes())),
     }
+}
+
+/// An open is judged by name against `[files]` (the daemon judges the file itself, so a hard
+/// link or bind mount recorded under its own name may be judged allowed here).
+fn judge_open(policy: &Policy, path: &str, homes: &[String]) -> Decision {
+    match policy.files().denying(path, homes) {
+        Some(rule) => Decision {
+            allowed: false,
+            reason: format!("denied by {}", rule.describe()),
+        },
+        None => Decision {
+            allowed: true,
+            reason: "no [files] rule names it".into(),
+        },
+    }
+}
+
+/// The home directories `~/` entries stand for: this host's /etc/passwd, plus /root.
+fn homes() -> &'static [String] {
+    static HOMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    HOMES.get_or_init(|| {
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        crate::policy::files::homes_from_passwd(&passwd)
+    })
 }
 
 /// A recorded action the policy does not allow.
@@ -213,5 +238,47 @@ mod tests {
             "{:?}",
             r.not_allowed[0]
         );
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::learn::audit::tests::{exec_line, read};
+
+    /// An `open` record as the daemon writes it (an exec line with its kind and file swapped).
+    fn open_line(agent: &str, path: &str) -> String {
+        exec_line(agent, "t1", "/usr/bin/cat", "2026-12-06T05:00:00Z")
+            .replace("\"exec\"", "\"open\"")
+            .replacen('{', &format!("{{\"file_path\":{path:?},"), 1)
+    }
+
+    #[test]
+    fn opens_are_judged_by_name_against_files() {
+        let audit = read(
+            &[
+                open_line("coder", "/etc/shadow"),
+                open_line("coder", "/srv/app/.env"),
+                open_line("coder", "/srv/app/main.rs"),
+            ]
+            .join("\n"),
+        );
+        assert!(audit.problems.is_empty(), "{:?}", audit.problems);
+        let text =
+            "agent = \"coder\"\n[files]\ndeny = [\"/srv/*/.env\"]\ndeny_known_secrets = true\n";
+        let p = Policy::parse(text, Path::new("p.toml")).expect("valid");
+        let r = replay_policy(&p, &audit.actions);
+        assert_eq!(r.judged, 3);
+        let found: Vec<String> = r.not_allowed.iter().map(|f| f.reason.clone()).collect();
+        assert_eq!(
+            found,
+            [
+                "denied by files.deny_known_secrets \"/etc/shadow\"",
+                "denied by files.deny \"/srv/*/.env\" (line 3)"
+            ]
+        );
+        assert!(r.not_allowed[0].to_string().contains("open /etc/shadow"));
     }
 }

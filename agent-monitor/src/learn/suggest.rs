@@ -299,6 +299,12 @@ pub fn suggest<'a>(
                 }
             }
             What::Other { .. } => {}
+            What::Open { .. } => skip(
+                r,
+                "an open of a file [files] denies: [files] is a deny list the operator writes, \
+                 not an allowlist to widen; not suggested"
+                    .into(),
+            ),
         }
     }
 

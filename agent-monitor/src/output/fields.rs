@@ -38,11 +38,13 @@ pub enum Field {
     Enforcement,
     Reason,
     Message,
+    FilePath,
+    OpenFlags,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 26] = [
+    pub const ALL: [Field; 28] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -69,6 +71,8 @@ impl Field {
         Field::Enforcement,
         Field::Reason,
         Field::Message,
+        Field::FilePath,
+        Field::OpenFlags,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -100,6 +104,8 @@ impl Field {
             Field::Enforcement => "ENFORCEMENT",
             Field::Reason => "REASON",
             Field::Message => "MESSAGE",
+            Field::FilePath => "FILE_PATH",
+            Field::OpenFlags => "OPEN_FLAGS",
         }
     }
 
@@ -132,6 +138,8 @@ impl Field {
             Field::Enforcement => "enforcement",
             Field::Reason => "reason",
             Field::Message => "message",
+            Field::FilePath => "file_path",
+            Field::OpenFlags => "open_flags",
         }
     }
 }
@@ -199,6 +207,14 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::Enforcement => action.enforcement.and_then(text),
                 Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
                 Field::Message => Some(FieldValue::Text(Cow::Owned(action.message()))),
+                Field::FilePath => match &action.object {
+                    Object::Open(f) => Some(FieldValue::Text(Cow::Borrowed(f.path.as_str()))),
+                    _ => None,
+                },
+                Field::OpenFlags => match &action.object {
+                    Object::Open(f) => Some(FieldValue::Text(Cow::Borrowed(&f.open_flags))),
+                    _ => None,
+                },
             };
             (field, value)
         })
@@ -251,6 +267,8 @@ mod tests {
                         | Field::TargetComm
                         | Field::TargetAgent
                         | Field::TargetTask
+                        | Field::FilePath
+                        | Field::OpenFlags
                 )),
             "{fields:?}"
         );
@@ -349,8 +367,51 @@ mod tests {
                     | Field::TargetComm
                     | Field::TargetAgent
                     | Field::TargetTask
+                    | Field::FilePath
+                    | Field::OpenFlags
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod open_tests {
+    use super::*;
+    use crate::action::FileOpen;
+    use crate::output::tests::exec_action;
+
+    #[test]
+    fn an_open_has_its_file_and_flags_and_nothing_of_a_destination() {
+        let action = Action {
+            object: Object::Open(FileOpen {
+                path: "/root/.aws/credentials".into(),
+                open_flags: "O_RDONLY|O_CLOEXEC".into(),
+            }),
+            ..exec_action()
+        };
+        let fields = action_fields(&action);
+        let get = |f: Field| {
+            fields
+                .iter()
+                .find(|(g, _)| *g == f)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::FilePath),
+            Some(FieldValue::Text("/root/.aws/credentials".into()))
+        );
+        assert_eq!(
+            get(Field::OpenFlags),
+            Some(FieldValue::Text("O_RDONLY|O_CLOEXEC".into()))
+        );
+        assert_eq!(get(Field::Action), Some(FieldValue::Text("open".into())));
+        assert_eq!(get(Field::DestAddr), None);
+        assert_eq!(get(Field::Interpreter), None);
+        assert!(
+            action
+                .message()
+                .contains("open /root/.aws/credentials (O_RDONLY|O_CLOEXEC)")
+        );
     }
 }

@@ -49,6 +49,10 @@ pub struct Snapshot {
     pub processes: u64,
     /// Seconds the previous daemon was away before this one adopted its programs (0 if fresh).
     pub away_seconds: f64,
+    /// Files and directories the file guard has marked (`[files]`).
+    pub files_marked: u64,
+    /// File guard reports (judged opens) the daemon's loop could not take in time.
+    pub file_reports_lost: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -267,6 +271,19 @@ pub fn render(s: &Snapshot) -> String {
         "adopted_after_seconds",
         "How long the previous daemon was away before this one adopted its pinned programs",
         away,
+    );
+    gauge(
+        &mut reg,
+        "files_marked",
+        "Files and directories the file guard has marked for agents' [files] rules",
+        s.files_marked,
+    );
+    counter(
+        &mut reg,
+        "file_reports_lost",
+        "Judged opens of denied files not reported because the daemon's queue was full (the \
+         verdict still applied)",
+        s.file_reports_lost,
     );
     let mut out = String::new();
     // Encoding into a String cannot fail for these metric types.

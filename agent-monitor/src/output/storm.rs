@@ -35,6 +35,7 @@ impl StormKey {
             Object::Control | Object::Identity => action.reason.clone(),
             Object::Dns(q) => q.name.clone().unwrap_or_default(),
             Object::Exec(f) => f.path.clone(),
+            Object::Open(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
         };
         Some(StormKey {

@@ -3,6 +3,7 @@
 pub(crate) mod compile;
 pub mod dns;
 mod evaluate;
+pub mod files;
 pub mod host;
 mod index;
 pub(crate) mod model;

@@ -144,6 +144,8 @@ pub struct Policy {
     pub(crate) defined_at: Location,
     /// Lookup tables over `network` and `exec` for the evaluator.
     pub(crate) index: crate::policy::index::LazyIndex,
+    /// `[files]`: files and directories the agent may not open (see `files.rs`).
+    pub(crate) files: crate::policy::files::FileRules,
 }
 
 impl Policy {
@@ -179,6 +181,10 @@ impl Policy {
     /// File, line and column of the `agent` value.
     pub fn defined_at(&self) -> &Location {
         &self.defined_at
+    }
+
+    pub fn files(&self) -> &crate::policy::files::FileRules {
+        &self.files
     }
 }
 

@@ -198,4 +198,13 @@ pub enum Reason {
     LearnedLimit,
     #[error("expected a host name without a port: NAME or *.NAME")]
     PatternWithPort,
+
+    #[error("\"/\" would deny every file; expected a file or directory below it")]
+    FileRoot,
+    #[error(
+        "expected a file or directory without a trailing '/' (a directory covers everything below it)"
+    )]
+    FileTrailingSlash,
+    #[error("'*' must be a whole path component, as in /home/*/.aws (any one name)")]
+    FilePartialGlob,
 }

@@ -15,6 +15,7 @@ use crate::policy::selectors::{
 };
 
 mod exec;
+mod files;
 mod issue;
 mod location;
 mod network;
@@ -22,6 +23,8 @@ mod network;
 mod tests;
 
 pub(crate) use exec::parse_exec;
+#[cfg(test)]
+pub(crate) use files::parse_file_entry;
 pub use issue::{Issue, PolicyError, Reason};
 pub(crate) use location::LineIndex;
 pub use location::Location;
@@ -46,6 +49,8 @@ pub(crate) struct RawPolicy {
     identity: Option<RawIdentity>,
     #[serde(default)]
     dns: Option<RawDns>,
+    #[serde(default)]
+    files: Option<files::RawFiles>,
 }
 
 /// `[dns]`: the agent's share of the learned-address map and its DNS-rebinding opt-in.
@@ -338,6 +343,8 @@ impl TryFrom<RawFile<'_>> for Policy {
             }
         }
 
+        let files = files::parse_files(raw.files, &lines, &mut issues);
+
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
@@ -351,6 +358,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             hosts,
             exec,
             index: Default::default(),
+            files,
         })
     }
 }

@@ -420,9 +420,10 @@ fn unknown_key_in_network() {
 
 #[test]
 fn unknown_table() {
-    let msg = err("agent = \"a\"\n[files]\nallow = []\n");
+    // `[files]` is a table now (`files.rs`); a table nobody defined is still refused.
+    let msg = err("agent = \"a\"\n[filesystem]\nallow = []\n");
     assert!(msg.starts_with("policies/coder.toml:2:"), "{msg}");
-    assert!(msg.contains("unknown field `files`"), "{msg}");
+    assert!(msg.contains("unknown field `filesystem`"), "{msg}");
 }
 
 #[test]
