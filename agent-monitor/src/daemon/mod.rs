@@ -40,6 +40,7 @@ mod generations;
 mod grant_book;
 mod grants;
 mod inputs;
+mod interception;
 mod records;
 mod reload;
 mod reporter;
@@ -134,6 +135,9 @@ struct Monitor {
     tag_room_warned: bool,
     /// Learned addresses, DNS proxies and what they report.
     dns: DnsLearner,
+    /// The local CA, leaf cache and upstream TLS of HTTP interception (none if the CA could not
+    /// be read or created: interception is then off, and said so at start).
+    interceptor: Option<crate::intercept::Interceptor>,
 }
 
 impl Monitor {

@@ -102,6 +102,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         identity_warned: false,
         tag_room_warned: false,
         dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
+        interceptor: super::interception::start(&args.intercept),
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
