@@ -85,6 +85,28 @@ pub struct RequestReport {
     pub missing: Option<String>,
 }
 
+impl RequestReport {
+    /// A request of `flow` just read: no status, bytes or verdict yet.
+    pub fn opened(flow: &Flow, sni: &str, method: &str, path: &str, host: &str) -> RequestReport {
+        RequestReport {
+            agent: flow.agent.clone(),
+            task: flow.task.clone(),
+            original: flow.original,
+            method: method.to_string(),
+            path: path.to_string(),
+            host: host.to_string(),
+            sni: sni.to_string(),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            verdict: Verdict::Allowed,
+            rule: None,
+            missing: None,
+        }
+    }
+}
+
 /// Where request reports go: a bounded channel; a report that does not fit is counted, never
 /// waited for (the agent's traffic does not stall behind the reporter).
 #[derive(Clone, Debug)]

@@ -160,22 +160,7 @@ fn full(text: String) -> ProxyBody {
 
 impl Conn {
     fn report(&self, method: &str, path: &str, host: &str) -> RequestReport {
-        RequestReport {
-            agent: self.flow.agent.clone(),
-            task: self.flow.task.clone(),
-            original: self.flow.original,
-            method: method.to_string(),
-            path: path.to_string(),
-            host: host.to_string(),
-            sni: self.sni.clone(),
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration: Duration::ZERO,
-            verdict: Verdict::Allowed,
-            rule: None,
-            missing: None,
-        }
+        RequestReport::opened(&self.flow, &self.sni, method, path, host)
     }
 
     fn deny(
