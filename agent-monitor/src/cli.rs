@@ -65,6 +65,10 @@ pub enum Command {
     /// Write man pages or shell completions generated from this command line (for packaging).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+    /// The local CA that signs the certificates agents see on intercepted HTTPS connections
+    /// (hosts with `[[network.http]]` method/path rules; docs/http-interception.md).
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 /// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always
@@ -233,6 +237,8 @@ pub struct DaemonArgs {
     pub dns_timeout_ms: u64,
     #[command(flatten)]
     pub socket: SocketArg,
+    #[command(flatten)]
+    pub intercept: crate::intercept::InterceptArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -423,6 +429,33 @@ pub struct StatusArgs {
     /// Print the daemon's answer as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Print where the CA certificate and the agents' bundle are, and the certificate's SHA-256
+    /// fingerprint (compare with `openssl x509 -noout -fingerprint -sha256 -in FILE`).
+    Show(CaDirArg),
+    /// Replace the CA with a new one (root), then ask the daemon to reload, which re-reads it.
+    ///
+    /// Agents started afterwards get the new CA in their bundle. Running agents that already read
+    /// the bundle trust only the old CA and fail TLS on intercepted hosts until restarted.
+    Rotate(CaRotateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaDirArg {
+    /// The daemon's CA directory (its --ca-dir).
+    #[arg(long, value_name = "DIR", default_value = crate::intercept::ca::DEFAULT_CA_DIR)]
+    pub ca_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CaRotateArgs {
+    #[command(flatten)]
+    pub dir: CaDirArg,
     #[command(flatten)]
     pub socket: SocketArg,
 }

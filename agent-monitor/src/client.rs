@@ -88,14 +88,17 @@ pub fn run(args: RunArgs) -> ExitCode {
         privileges: Some(privileges),
     };
     let mut scope = scope.ok();
+    let agent_ca_bundle;
     let enforce = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
         Ok(Response::Placed {
             mode,
             warnings,
             read_only,
+            ca_bundle,
             ..
         }) => {
+            agent_ca_bundle = ca_bundle;
             for w in warnings {
                 eprintln!("agent-monitor run: warning: {w}");
             }
@@ -130,10 +133,25 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let mut command = std::process::Command::new(&program);
     command.arg0(&args.command[0]).args(&args.command[1..]);
+    // The daemon intercepts HTTPS: the command's runtimes trust its CA (docs/http-interception.md).
+    if let Some(bundle) = &agent_ca_bundle {
+        command.envs(crate::intercept::agent_env::variables(bundle));
+    }
+    // A root agent owns the CA key's file like root does: hide its directory from it.
+    let hide_ca_key = agent_ca_bundle
+        .as_deref()
+        .map(crate::intercept::agent_env::key_dir)
+        .filter(|dir| confinement.confines_root() && dir.exists())
+        .and_then(|dir| {
+            std::ffi::CString::new(std::os::unix::ffi::OsStringExt::into_vec(
+                dir.into_os_string(),
+            ))
+            .ok()
+        });
     let to_parent = theirs.as_raw_fd();
     // SAFETY: the closure makes async-signal-safe syscalls only (seccomp, sendmsg, close,
-    // landlock_restrict_self, prctl, capset, setgroups, setgid, setuid) on values prepared before
-    // the fork. The filter and the scoping Landlock domain go first, while we are still root
+    // landlock_restrict_self, prctl, capset, setgroups, setgid, setuid, unshare, mount) on values
+    // prepared before the fork. The filter and the scoping Landlock domain go first, while we are still root
     // (without no_new_privs both need CAP_SYS_ADMIN); neither restricts the calls that follow.
     // The privileges go next, the switch to --user inside (it needs CAP_SETUID and CAP_SETGID).
     unsafe {
@@ -141,6 +159,9 @@ pub fn run(args: RunArgs) -> ExitCode {
             crate::sandbox::install(&filter, to_parent)?;
             if let Some(scope) = scope.take() {
                 scope.enter()?;
+            }
+            if let Some(dir) = &hide_ca_key {
+                crate::intercept::agent_env::hide_in_own_namespace(dir)?;
             }
             confinement.apply(|| match &drop_to {
                 Some(c) => c.apply(),

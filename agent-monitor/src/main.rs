@@ -20,6 +20,7 @@ mod files;
 mod generate;
 mod host;
 mod identity;
+mod intercept;
 mod learn;
 mod output;
 mod policy;
@@ -45,5 +46,6 @@ fn main() -> ExitCode {
         cli::Command::Task(cmd) => client::task(cmd),
         cli::Command::Audit(cmd) => audit_cmd::main(cmd),
         cli::Command::Generate(cmd) => generate::main(cmd),
+        cli::Command::Ca(cmd) => intercept::command::main(cmd),
     }
 }

@@ -22,6 +22,10 @@ pub enum Response {
         /// executable) that `run` makes read-only for a root agent.
         #[serde(default)]
         read_only: Vec<String>,
+        /// The CA bundle (system roots + the daemon's local CA) `run` exports to the command
+        /// (SSL_CERT_FILE and the like) when the daemon intercepts HTTPS.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ca_bundle: Option<String>,
     },
     /// A `caught` report was recorded.
     Recorded {},

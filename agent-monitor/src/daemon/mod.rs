@@ -41,6 +41,7 @@ mod generations;
 mod grant_book;
 mod grants;
 mod inputs;
+mod interception;
 mod records;
 mod reload;
 mod reporter;
@@ -132,6 +133,9 @@ struct Monitor {
     dns: DnsLearner,
     /// The file guard (`[files]`), its reports and what it was last told.
     files: file_guard::FileGuardState,
+    /// The local CA, leaf cache and upstream TLS of HTTP interception (none if the CA could not
+    /// be read or created: interception is then off, and said so at start).
+    interceptor: Option<crate::intercept::Interceptor>,
 }
 
 impl Monitor {

@@ -21,6 +21,7 @@ impl Monitor {
     /// Re-reads the policy directory and applies it; all or nothing. The error names file, line
     /// and reason, and also goes to journald at priority err.
     pub(super) fn reload(&mut self, trigger: &str) -> Result<String, String> {
+        self.reload_ca(trigger);
         let dir = self.generations.dir().to_path_buf();
         let result = crate::policy_dir::load_dir(&dir)
             .map_err(|errors| ReloadRefused::Invalid {

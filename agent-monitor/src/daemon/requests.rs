@@ -205,6 +205,10 @@ impl Monitor {
                     task,
                     cgroup,
                     warnings,
+                    ca_bundle: self
+                        .interceptor
+                        .as_ref()
+                        .map(|i| i.bundle_path().display().to_string()),
                 })
             }
             Request::Caught(caught) => self.on_caught(pid, caught).map(|()| Response::Recorded {}),

@@ -101,6 +101,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         reporter: Reporter::new(outputs, Notices::journald(), events_tx.clone()),
         dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
         files: file_guard::FileGuardState::start(&args.pin_dir),
+        interceptor: super::interception::start(&args.intercept),
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
