@@ -69,6 +69,14 @@ pub enum Request {
     /// Accepted only from the `run` process the daemon placed, for that task; it can only add a
     /// denied or alert record.
     Caught(CaughtReport),
+    /// Held requests of ask-mode agents, oldest first; with `follow`, the connection then streams
+    /// one `PendingEvent` per line. Admins only.
+    Pending {
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Decide held request `id`. Admins only, never from inside an agent.
+    Decide { id: u64, decision: super::Decision },
 }
 
 /// What a command started by `run` holds of root's privileges (see privileges.rs).
@@ -99,6 +107,8 @@ impl Request {
             Request::TaskEnd { .. } => "task_end",
             Request::TaskNarrow { .. } => "task_narrow",
             Request::Caught(_) => "caught",
+            Request::Pending { .. } => "pending",
+            Request::Decide { .. } => "decide",
         }
     }
 
@@ -112,7 +122,9 @@ impl Request {
             Request::Status {}
             | Request::Reload {}
             | Request::Events { .. }
-            | Request::Caught(_) => None,
+            | Request::Caught(_)
+            | Request::Pending { .. }
+            | Request::Decide { .. } => None,
         }
     }
 }

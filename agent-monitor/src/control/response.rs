@@ -59,6 +59,12 @@ pub enum Response {
         /// Milliseconds until they expire (none: until `task end`).
         expires_in_ms: Option<u64>,
     },
+    /// Held requests, oldest first (then, with `follow`, one `PendingEvent` per line).
+    Pending {
+        requests: Vec<super::PendingRequest>,
+    },
+    /// A decision was taken; the held call is released (approved) or refused (denied).
+    Decided(super::Outcome),
     Error {
         message: String,
     },

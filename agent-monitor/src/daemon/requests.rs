@@ -245,6 +245,9 @@ impl Monitor {
                 keep_exec,
                 ttl_ms,
             } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
+            // Placeholder until ask mode lands (issue 15): no agent can be in ask mode yet.
+            Request::Pending { .. } => Ok(Response::Pending { requests: vec![] }),
+            Request::Decide { id, .. } => Err(anyhow::anyhow!("no held request {id}")),
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(pid, "control request refused: {e:#}");
