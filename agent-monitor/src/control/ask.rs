@@ -65,7 +65,35 @@ pub enum HeldAction {
         sha256: Option<String>,
         #[serde(default)]
         argv: Vec<String>,
+        /// The file `run` resolved in the agent's view of the file system: the grant an approval
+        /// makes names this device and inode, so a file swapped in after approval is denied.
+        #[serde(default)]
+        device: Option<u64>,
+        #[serde(default)]
+        inode: Option<u64>,
     },
+}
+
+/// From `run` to the daemon on its ask channel (after `ask_channel`): a call of its agent that
+/// `run`'s seccomp filter caught and holds. `call` is `run`'s own number for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AskCall {
+    pub call: u64,
+    pub pid: u32,
+    pub action: HeldAction,
+}
+
+/// The daemon's answer on the ask channel, one line per call, in any order. `allow`: let the
+/// call continue (the kernel judges it again, now with the approval's entry in place); otherwise
+/// `run` fails it with EPERM. `outcome` is absent when the action was allowed without asking.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AskAnswer {
+    pub call: u64,
+    pub allow: bool,
+    #[serde(default)]
+    pub outcome: Option<Outcome>,
 }
 
 /// How far an approval reaches.

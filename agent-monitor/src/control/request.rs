@@ -77,6 +77,10 @@ pub enum Request {
     },
     /// Decide held request `id`. Admins only, never from inside an agent.
     Decide { id: u64, decision: super::Decision },
+    /// From the `run` the daemon placed for (agent, task): open its ask channel. After the
+    /// `ask_channel_open` response the connection stays open; `run` writes one `AskCall` per line
+    /// and the daemon answers each with one `AskAnswer` line, in any order.
+    AskChannel { agent: String, task: String },
 }
 
 /// What a command started by `run` holds of root's privileges (see privileges.rs).
@@ -109,6 +113,7 @@ impl Request {
             Request::Caught(_) => "caught",
             Request::Pending { .. } => "pending",
             Request::Decide { .. } => "decide",
+            Request::AskChannel { .. } => "ask_channel",
         }
     }
 
@@ -118,7 +123,8 @@ impl Request {
             Request::Place { agent, task, .. }
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
-            | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
+            | Request::TaskNarrow { agent, task, .. }
+            | Request::AskChannel { agent, task } => Some((agent, task)),
             Request::Status {}
             | Request::Reload {}
             | Request::Events { .. }

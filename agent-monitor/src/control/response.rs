@@ -65,6 +65,8 @@ pub enum Response {
     },
     /// A decision was taken; the held call is released (approved) or refused (denied).
     Decided(super::Outcome),
+    /// The ask channel is open: `AskCall` lines may follow.
+    AskChannelOpen {},
     Error {
         message: String,
     },

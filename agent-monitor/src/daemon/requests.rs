@@ -248,6 +248,9 @@ impl Monitor {
             // Placeholder until ask mode lands (issue 15): no agent can be in ask mode yet.
             Request::Pending { .. } => Ok(Response::Pending { requests: vec![] }),
             Request::Decide { id, .. } => Err(anyhow::anyhow!("no held request {id}")),
+            Request::AskChannel { agent, .. } => {
+                Err(anyhow::anyhow!("agent {agent} is not in ask mode"))
+            }
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(pid, "control request refused: {e:#}");
