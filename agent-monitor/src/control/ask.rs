@@ -180,4 +180,33 @@ mod tests {
         assert_eq!(v["kind"], "connect");
         assert_eq!(serde_json::from_value::<HeldAction>(v).unwrap(), a);
     }
+
+    #[test]
+    fn only_admins_outside_every_agent_see_and_decide_held_requests() {
+        use crate::control::authorize::Refusal;
+        use crate::control::{Request, authorize};
+        let decide = Request::Decide {
+            id: 1,
+            decision: Decision::Allow {
+                scope: Scope::Always,
+                ttl_ms: None,
+            },
+        };
+        let pending = Request::Pending { follow: true };
+        for r in [&decide, &pending] {
+            assert_eq!(authorize(r, true, None), Ok(()));
+            assert_eq!(authorize(r, false, None), Err(Refusal::NotAdmin));
+            // From inside an agent, even as root (admin): refused, its own task's requests too.
+            assert!(matches!(
+                authorize(r, true, Some(("coder", "t1"))),
+                Err(Refusal::OutsideOwnTask { .. })
+            ));
+        }
+        // The ask channel is judged by the daemon (the `run` it placed), not here.
+        let channel = Request::AskChannel {
+            agent: "coder".into(),
+            task: "t1".into(),
+        };
+        assert_eq!(authorize(&channel, false, Some(("coder", "t1"))), Ok(()));
+    }
 }

@@ -93,6 +93,9 @@ pub struct Status {
     /// its uid, executable and systemd service), to which a query adds `AGENT_ID=…` and the like.
     #[serde(default)]
     pub journal_query: String,
+    /// Held requests of ask-mode agents, oldest first.
+    #[serde(default)]
+    pub pending: Vec<super::PendingRequest>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -65,6 +65,10 @@ pub(super) enum Input {
     /// What the host said about the selectors (systemd units, cgroups, changed executables),
     /// asked on a blocking thread by [`Inputs::probe_selectors`]; the error is that thread's.
     Probed(Result<Probed, tokio::task::JoinError>),
+    /// Ask mode: a call `run` holds, its channel closing, the decision service's answer.
+    Ask(super::ask::AskIn),
+    /// Ask mode: a held request's deadline or a `once` entry's end.
+    AskDue,
 }
 
 pub(super) struct Inputs {
@@ -80,6 +84,10 @@ pub(super) struct Inputs {
     probe: Option<tokio::task::JoinHandle<Probed>>,
     /// Kernel records read by the last `next()`, decoded.
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
+    /// Ask mode's inputs (see [`Input::Ask`]); set by the monitor at start.
+    pub(super) asks: Option<mpsc::Receiver<super::ask::AskIn>>,
+    /// When ask mode needs the monitor next (set by the monitor before each `next()`).
+    pub(super) ask_due: Option<Instant>,
 }
 
 impl Inputs {
@@ -107,6 +115,8 @@ impl Inputs {
             watchdog,
             probe: None,
             records: Vec::with_capacity(1024),
+            asks: None,
+            ask_due: None,
         }
     }
 
@@ -138,6 +148,8 @@ impl Inputs {
                 self.probe = None;
                 Input::Probed(probed)
             }
+            Some(a) = recv(&mut self.asks) => Input::Ask(a),
+            _ = at(self.ask_due) => Input::AskDue,
             _ = self.signals.hup.recv() => Input::Reload,
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
@@ -164,6 +176,14 @@ async fn join(
 ) -> Result<Probed, tokio::task::JoinError> {
     match probe {
         Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next message of an optional receiver; never, without one.
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -35,6 +35,8 @@ use crate::output::notice::{Level, Notice, Notices};
 use crate::output::{OutputConfig, Outputs};
 use crate::policy::{ExecFacts, PolicySet};
 
+mod ask;
+mod ask_desk;
 mod dns_learner;
 mod generations;
 mod grant_book;
@@ -134,6 +136,8 @@ struct Monitor {
     tag_room_warned: bool,
     /// Learned addresses, DNS proxies and what they report.
     dns: DnsLearner,
+    /// Held requests of ask-mode agents and their decisions.
+    ask: ask::AskState,
 }
 
 impl Monitor {
@@ -147,7 +151,9 @@ impl Monitor {
         dns: mpsc::Receiver<QueryReport>,
     ) -> anyhow::Result<()> {
         let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
+        inputs.asks = self.ask.inbox.take();
         loop {
+            inputs.ask_due = self.ask.due();
             let input = inputs.next(self.generations.retire_due()).await?;
             for record in inputs.records.drain(..) {
                 self.on_event(record);
@@ -192,6 +198,8 @@ impl Monitor {
                     return Ok(());
                 }
                 Input::RetireBank => self.retire_old_bank(),
+                Input::Ask(a) => self.on_ask_in(a),
+                Input::AskDue => self.ask_tick(false),
             }
             // One write per burst of records rather than one per action.
             self.reporter.flush();
@@ -221,6 +229,19 @@ impl Monitor {
     /// A query an agent's DNS proxy judged: the learner installs and counts, the query is
     /// reported as the process behind the agent's latest redirect.
     fn on_dns(&mut self, report: QueryReport) {
+        if let crate::dns::Outcome::Ask { .. } = &report.outcome {
+            let QueryReport {
+                agent,
+                name,
+                qtype,
+                outcome: crate::dns::Outcome::Ask { reply },
+                ..
+            } = report
+            else {
+                return;
+            };
+            return self.on_dns_ask(agent, name, qtype, reply);
+        }
         let live = Live {
             policies: self.generations.live(),
             bank_base: self.generations.bank_base(),
@@ -275,6 +296,7 @@ impl Monitor {
         }
         // The kernel already refuses expired grants; this only tidies the maps.
         self.grants.expire(&mut self.kernel, now);
+        self.ask_tick(true);
         self.reporter.kernel_losses(&self.kernel);
         for (id, t) in self.ident.take_empty_tasks() {
             if let Err(e) = self.kernel.remove_agent_cgroup(id) {

@@ -99,6 +99,7 @@ impl Monitor {
                 crate::bpf::Origin::Adopted { away_seconds, .. } => away_seconds.unwrap_or(0.0),
                 crate::bpf::Origin::Installed => 0.0,
             },
+            ask: self.ask_metrics(),
         }
     }
 
@@ -219,6 +220,7 @@ impl Monitor {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             journal_query: crate::output::journald::this_process_query(),
+            pending: self.pending(),
             counters: self.reporter.counters(),
             sinks: self
                 .reporter

@@ -49,6 +49,8 @@ pub struct Snapshot {
     pub processes: u64,
     /// Seconds the previous daemon was away before this one adopted its programs (0 if fresh).
     pub away_seconds: f64,
+    /// Ask mode (held requests and decisions).
+    pub ask: super::ask_metrics::AskMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -268,6 +270,7 @@ pub fn render(s: &Snapshot) -> String {
         "How long the previous daemon was away before this one adopted its pinned programs",
         away,
     );
+    super::ask_metrics::register(&mut reg, &s.ask);
     let mut out = String::new();
     // Encoding into a String cannot fail for these metric types.
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {

@@ -4,6 +4,7 @@
 //! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
 //! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
 
+pub mod ask_metrics;
 pub mod chain;
 mod fields;
 pub mod journald;
