@@ -162,7 +162,8 @@ impl Monitor {
                 Input::Records => {}
                 Input::Dns(report) => self.on_dns(report),
                 Input::Request(call) => {
-                    if matches!(call.request, Request::Reload {}) {
+                    // An `always` approval reloads too.
+                    if matches!(call.request, Request::Reload {} | Request::Decide { .. }) {
                         self.retire_old_bank_after_grace().await;
                     }
                     let response = self.on_request(call.request, &call.peer);
@@ -198,7 +199,11 @@ impl Monitor {
                     return Ok(());
                 }
                 Input::RetireBank => self.retire_old_bank(),
-                Input::Ask(a) => self.on_ask_in(a),
+                Input::Ask(a) => {
+                    // The decision service's `always` reloads: the old bank must be gone first.
+                    self.retire_old_bank_after_grace().await;
+                    self.on_ask_in(a)
+                }
                 Input::AskDue => self.ask_tick(false),
             }
             // One write per burst of records rather than one per action.
