@@ -176,6 +176,22 @@ fn held_name_approved_once_resolves_and_connects() {
         field(&approved, "APPROVER").starts_with("uid 0 ("),
         "{approved}"
     );
+    // The JSON trail has the request and its decision, chained like every line.
+    let rec = c.d.wait_audit("the approved request", |v| {
+        v["action"] == "ask" && v["verdict"] == "approved" && v["request_id"] == id
+    });
+    assert_eq!(rec["decision_scope"], "once", "{rec}");
+    assert_eq!(rec["held_action"], "dns", "{rec}");
+    assert_eq!(rec["dns_name"], NAME, "{rec}");
+    c.d.wait_audit("the held request", |v| {
+        v["action"] == "ask" && v["verdict"] == "pending" && v["request_id"] == id
+    });
+    let verify = cli(&["audit", "verify", &c.d.json_log.display().to_string()]);
+    assert!(
+        verify.status.success(),
+        "audit verify: {}",
+        text(&verify.stderr)
+    );
     assert!(pending(&c.d).is_empty(), "decided: no longer pending");
     // Deciding it again: a precise error.
     let again = c.d.cli(&["deny", &id.to_string()]);

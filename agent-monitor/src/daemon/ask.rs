@@ -629,7 +629,10 @@ impl Monitor {
         let mut n = Notice::new(message_id::ASK_REQUEST, level, message)
             .field("AGENT_ID", &r.agent)
             .field("TASK_ID", r.task.as_deref().unwrap_or("?"))
-            .field("ACTION", action_kind(&r.action))
+            // ACTION=ask: a request, not an action the kernel judged (readers of the trail, such
+            // as `policy suggest`, count it without judging it); HELD_ACTION says what waits.
+            .field("ACTION", "ask")
+            .field("HELD_ACTION", action_kind(&r.action))
             .field("VERDICT", verdict)
             .field("REQUEST_ID", r.id)
             .field("PID", r.pid);
@@ -666,6 +669,39 @@ impl Monitor {
             r.id
         );
         let n = self.ask_notice(r, "pending", msg);
+        self.report_ask(r, n);
+    }
+
+    /// To journald as a notice, and to the JSON trail as a record with the same fields (JSON
+    /// names: lower case, `uid` for `AGENT_UID`), the time, SPIFFE id and process chain.
+    fn report_ask(&mut self, r: &PendingRequest, n: Notice) {
+        let mut record = serde_json::Map::new();
+        for (name, value) in &n.fields {
+            let key = match *name {
+                "AGENT_UID" => "uid".to_string(),
+                other => other.to_ascii_lowercase(),
+            };
+            let value = match value.parse::<u64>() {
+                Ok(number) if matches!(*name, "PID" | "AGENT_UID" | "REQUEST_ID" | "DEST_PORT") => {
+                    serde_json::Value::from(number)
+                }
+                _ => serde_json::Value::from(value.as_str()),
+            };
+            record.insert(key, value);
+        }
+        record.insert("agent_spiffe_id".into(), r.spiffe_id.clone().into());
+        record.insert(
+            "process_chain".into(),
+            serde_json::to_value(&r.chain).unwrap_or_default(),
+        );
+        record.insert("message".into(), n.message.clone().into());
+        record.insert(
+            "time".into(),
+            humantime::format_rfc3339_nanos(SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        self.reporter.record(&serde_json::Value::Object(record));
         self.reporter.notice(n);
     }
 
@@ -699,7 +735,7 @@ impl Monitor {
         if let Some(reason) = &o.reason {
             n = n.field("REASON", reason);
         }
-        self.reporter.notice(n);
+        self.report_ask(r, n);
     }
 }
 

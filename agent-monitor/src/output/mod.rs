@@ -36,6 +36,11 @@ pub trait Sink {
     fn emit_summary(&mut self, _summary: &storm::StormSummary) -> Result<(), SinkError> {
         Ok(())
     }
+    /// Reports a record that is not an agent action (ask mode's held requests and decisions);
+    /// only the JSON trail keeps these (journald gets them as notices).
+    fn emit_record(&mut self, _record: &serde_json::Value) -> Result<(), SinkError> {
+        Ok(())
+    }
     /// Actions accepted by `emit` but held in a buffer until [`Sink::flush`].
     fn pending(&self) -> u64 {
         0
@@ -188,6 +193,15 @@ impl Outputs {
             && (action.verdict != Verdict::Allowed || otlp.allowed)
         {
             otlp.slot.emit(action, now);
+        }
+    }
+
+    /// Writes a record that is not an agent action to the JSON trail (see [`Sink::emit_record`]).
+    pub fn record(&mut self, record: &serde_json::Value) {
+        if let Some(json) = &mut self.json {
+            let now = Instant::now();
+            let result = json.sink.emit_record(record);
+            json.account(result, 1, now);
         }
     }
 
