@@ -492,6 +492,15 @@ impl Monitor {
         now: u64,
     ) -> anyhow::Result<Vec<PortRange>> {
         let task = r.task.clone().unwrap_or_default();
+        if let HeldAction::Exec {
+            path,
+            device: Some(device),
+            inode: Some(inode),
+            ..
+        } = &r.action
+        {
+            same_file(path, *device, *inode)?;
+        }
         match (scope, &r.action) {
             (Scope::Once, HeldAction::Dns { name, .. }) => {
                 // The answer's addresses are learned as for a listed name, for its TTL.
@@ -739,6 +748,23 @@ impl Monitor {
     }
 }
 
+/// Refuses an exec approval when the file at `path` is no longer the one `run` held the call
+/// for (another device or inode): a file swapped in while the call waited is not approved.
+fn same_file(path: &str, device: u64, inode: u64) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("the held exec's file {path} cannot be read now"))?;
+    if (meta.dev(), meta.ino()) != (device, inode) {
+        bail!(
+            "the file at {path} changed since the call was held (device {device} inode {inode}, \
+             now device {} inode {})",
+            meta.dev(),
+            meta.ino()
+        );
+    }
+    Ok(())
+}
+
 /// `--allow-connect` / `--allow-exec` texts of an action (as `task start` takes them).
 fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
     match a {
@@ -748,5 +774,33 @@ fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
         ),
         HeldAction::Exec { path, .. } => (vec![], vec![path.clone()]),
         HeldAction::Dns { .. } => (vec![], vec![]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::same_file;
+
+    #[test]
+    fn an_exec_approval_names_the_file_that_was_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let text = path.to_str().unwrap();
+        assert!(same_file(text, meta.dev(), meta.ino()).is_ok());
+        // Swapped after the hold: another inode at the same path.
+        let other = dir.path().join("other");
+        std::fs::write(&other, "#!/bin/sh\necho swapped\n").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let e = same_file(text, meta.dev(), meta.ino()).unwrap_err();
+        assert!(
+            e.to_string().contains("changed since the call was held"),
+            "{e}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(same_file(text, meta.dev(), meta.ino()).is_err());
     }
 }
