@@ -157,6 +157,14 @@ fn held_name_approved_once_resolves_and_connects() {
     // Nothing left the host while the name waits.
     assert!(!c.up.was_asked(NAME), "a held query must not be forwarded");
     let id = id_of(&r);
+    let status = c.d.status();
+    assert!(
+        status["pending"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|q| q["id"] == id)),
+        "status shows the held request: {}",
+        status["pending"]
+    );
     let out = c.d.cli(&["approve", &id.to_string(), "--once"]);
     assert!(out.status.success(), "approve: {}", text(&out.stderr));
     assert!(
@@ -228,9 +236,11 @@ fn held_name_denied_is_refused_and_never_forwarded() {
 
 #[test]
 fn held_name_times_out_denied_and_a_late_approval_is_refused() {
+    let metrics_port = free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
     let Some(c) = case(
         "held_name_times_out_denied_and_a_late_approval_is_refused",
-        &["--ask-timeout", "2s"],
+        &["--ask-timeout", "2s", "--metrics", &metrics],
     ) else {
         return;
     };
@@ -251,6 +261,18 @@ fn held_name_times_out_denied_and_a_late_approval_is_refused() {
     let v = c.results(child);
     assert!(!resolved(&v[0]), "timed out: not resolved: {v:?}");
     assert!(!c.up.was_asked(NAME));
+    // The resolver may ask once more after the first REFUSED: one timeout per query it sent.
+    let (_, body) = http_get(metrics_port, "/metrics");
+    let sample = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name}:\n{body}"))
+    };
+    let timeouts = sample("agent_monitor_ask_requests_decided_total{verdict=\"timeout\"}");
+    assert!(timeouts >= 1, "{body}");
+    assert_eq!(sample("agent_monitor_ask_decision_seconds_count"), timeouts);
+    assert_eq!(sample("agent_monitor_ask_requests_held_total"), timeouts);
+    assert_eq!(sample("agent_monitor_ask_requests_pending"), 0);
     // Unknown ids are refused too.
     let unknown = c.d.cli(&["approve", "987654", "--task"]);
     assert!(!unknown.status.success());
@@ -302,6 +324,46 @@ fn always_writes_the_approved_file_which_survives_reload() {
     );
     let v = c.results(c.spawn_agent());
     assert!(resolved(&v[0]), "the old policy stayed in force: {v:?}");
+}
+
+#[test]
+fn a_task_approval_covers_that_task_only() {
+    let Some(c) = case("a_task_approval_covers_that_task_only", &[]) else {
+        return;
+    };
+    let child = c.spawn_agent();
+    let id = id_of(&c.wait_pending());
+    let out =
+        c.d.cli(&["approve", &id.to_string(), "--task", "--ttl", "10m"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = c.results(child);
+    assert!(resolved(&v[0]) && v[1]["ok"] == true, "{v:?}");
+    c.journal_verdict("approved", id);
+    // The same task again (a process still in it keeps it alive): answered without asking.
+    let keeper = c.d.spawn_run(
+        &c.agent,
+        "t1",
+        &[],
+        &[PYTHON, "-c", "import time; time.sleep(30)"],
+    );
+    let v = c.results(c.spawn_agent());
+    assert!(resolved(&v[0]), "{v:?}");
+    assert!(pending(&c.d).is_empty(), "the task's approval answered it");
+    // Another task of the agent is asked again.
+    let port = c.port.to_string();
+    let other = c.d.spawn_run(
+        &c.agent,
+        "t2",
+        &[],
+        &[PYTHON, "-c", PY_DNS_CLIENT, "gai", NAME, "c", ADDR, &port],
+    );
+    let r = c.wait_pending();
+    assert_eq!(r["task"], "t2", "{r}");
+    c.d.cli(&["deny", &id_of(&r).to_string()]);
+    let _ = wait_child(other, Duration::from_secs(30));
+    let mut keeper = keeper;
+    let _ = keeper.kill();
+    let _ = keeper.wait();
 }
 
 fn approved_file(c: &Case) -> PathBuf {
