@@ -708,3 +708,53 @@ fn held_exec_approved_for_the_task_runs_and_denied_fails() {
     let out = wait_child(child, Duration::from_secs(30));
     assert_eq!(text(&out.stdout).trim(), format!("errno {}", libc::EPERM));
 }
+
+#[test]
+fn pending_follow_streams_holds_and_decisions() {
+    let Some(c) = case("pending_follow_streams_holds_and_decisions", &[]) else {
+        return;
+    };
+    let mut follower = Command::new(binary())
+        .args(["pending", "--follow", "--json", "--control-socket"])
+        .arg(&c.d.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pending --follow");
+    let stdout = follower.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {what} line from pending --follow"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+    };
+    let child = c.spawn_agent();
+    // Held after the follower subscribed: a `held` event; before: a line of the first list.
+    let first = next("held");
+    let held = first.get("held").cloned().unwrap_or(first);
+    assert_eq!(held["agent"], c.agent.as_str(), "{held}");
+    assert_eq!(held["action"]["name"], NAME, "{held}");
+    let id = held["id"].as_u64().expect("id");
+    let out = c.d.cli(&["approve", &id.to_string(), "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let decided = next("decided");
+    assert_eq!(decided["decided"]["id"], id, "{decided}");
+    assert_eq!(decided["decided"]["verdict"], "approved", "{decided}");
+    assert_eq!(decided["decided"]["scope"], "once", "{decided}");
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let v = c.results(child);
+    assert!(resolved(&v[0]), "{v:?}");
+}
