@@ -758,3 +758,123 @@ fn pending_follow_streams_holds_and_decisions() {
     let v = c.results(child);
     assert!(resolved(&v[0]), "{v:?}");
 }
+
+/// `run`'s side of the ask channel, played by a python3 client that places itself (as `run`
+/// does) and then asks about connects: the daemon's half tested without `run`'s seccomp filter.
+const PY_ASK_CLIENT: &str = r#"
+import json, os, socket, sys
+agent, task, path, addr, allowed_port, held_port = sys.argv[1:7]
+def open_call(req):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    f = s.makefile('rw')
+    f.write(json.dumps(req) + '\n'); f.flush()
+    return s, f, json.loads(f.readline())
+keep, _, placed = open_call({'op': 'place', 'agent': agent, 'task': task})
+print(json.dumps({'placed': placed['result']}), flush=True)
+s, f, opened = open_call({'op': 'ask_channel', 'agent': agent, 'task': task})
+print(json.dumps({'opened': opened['result']}), flush=True)
+def ask(n, port):
+    action = {'kind': 'connect', 'transport': 'tcp', 'address': addr, 'port': int(port)}
+    f.write(json.dumps({'call': n, 'pid': os.getpid(), 'action': action}) + '\n'); f.flush()
+    return json.loads(f.readline())
+def connect(port):
+    c = socket.socket(); c.settimeout(5)
+    try:
+        c.connect((addr, int(port))); return 'ok'
+    except OSError as e:
+        return e.errno
+print(json.dumps({'on_list': ask(1, allowed_port)}), flush=True)
+held = ask(2, held_port)
+print(json.dumps({'held': held, 'connect': connect(held_port)}), flush=True)
+denied = ask(3, held_port)
+print(json.dumps({'denied': denied, 'connect': connect(held_port)}), flush=True)
+"#;
+
+#[test]
+fn the_ask_channel_answers_run_after_the_kernel_entry_is_written() {
+    if !require_root("the_ask_channel_answers_run_after_the_kernel_entry_is_written") {
+        return;
+    }
+    let agent = unique_agent("askch");
+    let allowed_port = listener_on(ADDR);
+    let held_port = listener_on(ADDR);
+    let d = Daemon::start(&[(
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = \"ask\"\n[network]\nallow = [\"{ADDR}:{allowed_port}\"]\n[exec]\nallow = [\"/usr/bin/python3*\"]\n"
+        ),
+    )]);
+    // Control: outside every agent the off-list address is reachable.
+    let control = std::net::TcpStream::connect((ADDR, held_port));
+    assert!(control.is_ok(), "control connect outside the agent");
+    let socket = d.socket.display().to_string();
+    let mut client = Command::new(PYTHON)
+        .args(["-c", PY_ASK_CLIENT, &agent, "t1", &socket, ADDR])
+        .args([allowed_port.to_string(), held_port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 ask client");
+    let stdout = client.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("no {what} line; daemon log:\n{}", d.log()));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+    };
+    assert_eq!(next("placed")["placed"], "placed");
+    assert_eq!(next("opened")["opened"], "ask_channel_open");
+    // On the list: released at once, without a request.
+    let v = next("on_list");
+    assert_eq!(v["on_list"]["allow"], true, "{v}");
+    assert!(v["on_list"]["outcome"].is_null(), "{v}");
+    // Off the list: held until approved once; the kernel entry is in place when `run` hears.
+    let wait = |verdict_of: &str| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(r) = pending(&d)
+                .into_iter()
+                .find(|r| r["agent"] == agent.as_str())
+            {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no held request ({verdict_of})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let r = wait("approve");
+    assert_eq!(r["action"]["kind"], "connect", "{r}");
+    assert_eq!(r["action"]["port"], held_port, "{r}");
+    assert_eq!(r["task"], "t1", "{r}");
+    let id = id_of(&r);
+    let out = d.cli(&["approve", &id.to_string(), "--once"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = next("held");
+    assert_eq!(v["held"]["allow"], true, "{v}");
+    assert_eq!(v["held"]["outcome"]["verdict"], "approved", "{v}");
+    assert_eq!(
+        v["connect"], "ok",
+        "the approved connect passes the kernel: {v}"
+    );
+    // Denied: `run` is told to fail it (EPERM).
+    let r = wait("deny");
+    let out = d.cli(&["deny", &id_of(&r).to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = next("denied");
+    assert_eq!(v["denied"]["allow"], false, "{v}");
+    let _ = client.kill();
+    let _ = client.wait();
+}

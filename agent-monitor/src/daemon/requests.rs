@@ -224,23 +224,25 @@ async fn serve_ask_channel(
 ) -> anyhow::Result<()> {
     let (answers, mut answered) = mpsc::unbounded_channel::<control::AskAnswer>();
     let mut reader = read.take(control::MAX_REQUEST as u64);
-    let mut line = String::new();
+    // `read_until` (not `read_line`): cancel safe in `select!`, a partly read line stays in `line`.
+    let mut line = Vec::new();
     let result = loop {
         tokio::select! {
-            n = reader.read_line(&mut line) => {
+            n = reader.read_until(b'\n', &mut line) => {
                 match n {
                     Ok(0) => break Ok(()),
                     Ok(_) => {}
                     Err(e) => break Err(anyhow::Error::from(e)),
                 }
-                if !line.ends_with('\n') {
+                if line.last() != Some(&b'\n') {
+                    // The limit, or the end of the stream, in the middle of a line.
                     break Err(anyhow::anyhow!(
-                        "ask channel of `run` {run_pid}: a line longer than {} bytes",
+                        "ask channel of `run` {run_pid}: a line longer than {} bytes, or cut short",
                         control::MAX_REQUEST
                     ));
                 }
                 reader.set_limit(control::MAX_REQUEST as u64);
-                match serde_json::from_str::<control::AskCall>(&line) {
+                match serde_json::from_slice::<control::AskCall>(&line) {
                     Ok(call) => {
                         let input = ask::AskIn::Call { run_pid, call, answers: answers.clone() };
                         if asks.send(input).await.is_err() {
@@ -248,7 +250,18 @@ async fn serve_ask_channel(
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(run_pid, "ask channel: unreadable call: {e}");
+                        // Refused, never released: answered when its number can be read.
+                        tracing::warn!(run_pid, "ask channel: unreadable call, denied: {e}");
+                        let call = serde_json::from_slice::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("call").and_then(serde_json::Value::as_u64));
+                        if let Some(call) = call {
+                            let _ = answers.send(control::AskAnswer {
+                                call,
+                                allow: false,
+                                outcome: None,
+                            });
+                        }
                     }
                 }
                 line.clear();
