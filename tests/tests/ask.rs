@@ -721,24 +721,11 @@ fn pending_follow_streams_holds_and_decisions() {
         .stderr(Stdio::null())
         .spawn()
         .expect("pending --follow");
-    let stdout = follower.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = json_lines(&mut follower);
     let next = |what: &str| -> Value {
-        let line = rx
+        lines
             .recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("no {what} line from pending --follow"));
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+            .unwrap_or_else(|_| panic!("no {what} line from pending --follow"))
     };
     let child = c.spawn_agent();
     // Held after the follower subscribed: a `held` event; before: a line of the first list.
@@ -816,24 +803,11 @@ fn the_ask_channel_answers_run_after_the_kernel_entry_is_written() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 ask client");
-    let stdout = client.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = json_lines(&mut client);
     let next = |what: &str| -> Value {
-        let line = rx
+        lines
             .recv_timeout(Duration::from_secs(15))
-            .unwrap_or_else(|_| panic!("no {what} line; daemon log:\n{}", d.log()));
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+            .unwrap_or_else(|_| panic!("no {what} line; daemon log:\n{}", d.log()))
     };
     assert_eq!(next("placed")["placed"], "placed");
     assert_eq!(next("opened")["opened"], "ask_channel_open");
@@ -877,4 +851,24 @@ fn the_ask_channel_answers_run_after_the_kernel_entry_is_written() {
     assert_eq!(v["denied"]["allow"], false, "{v}");
     let _ = client.kill();
     let _ = client.wait();
+}
+
+/// The JSON lines `child` prints, as they come (read on a thread of their own).
+fn json_lines(child: &mut Child) -> std::sync::mpsc::Receiver<Value> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line {line:?}: {e}"));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
