@@ -749,7 +749,7 @@ fn pending_follow_streams_holds_and_decisions() {
 /// `run`'s side of the ask channel, played by a python3 client that places itself (as `run`
 /// does) and then asks about connects: the daemon's half tested without `run`'s seccomp filter.
 const PY_ASK_CLIENT: &str = r#"
-import json, os, socket, sys
+import json, os, socket, sys, time
 agent, task, path, addr, allowed_port, held_port = sys.argv[1:7]
 def open_call(req):
     s = socket.socket(socket.AF_UNIX)
@@ -773,7 +773,9 @@ def connect(port):
         return e.errno
 print(json.dumps({'on_list': ask(1, allowed_port)}), flush=True)
 held = ask(2, held_port)
-print(json.dumps({'held': held, 'connect': connect(held_port)}), flush=True)
+first = connect(held_port)
+time.sleep(0.5)
+print(json.dumps({'held': held, 'connect': first, 'again': connect(held_port)}), flush=True)
 denied = ask(3, held_port)
 print(json.dumps({'denied': denied, 'connect': connect(held_port)}), flush=True)
 "#;

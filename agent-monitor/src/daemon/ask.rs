@@ -25,6 +25,14 @@ const DESK_CAPACITY: usize = 10_000;
 /// Ports a name approval makes its answer's addresses reachable on.
 const ALL_PORTS: PortRange = PortRange { lo: 1, hi: 65535 };
 
+/// The kernel entry of a `once` approval, and the call that uses it up.
+pub(super) struct OnceEntry {
+    tables: KernelTables,
+    task: u32,
+    /// For a connect: the address (as the kernel tables key it) and port.
+    connect: Option<(std::net::Ipv6Addr, u16)>,
+}
+
 /// Who waits for a decision.
 pub(super) enum Waiter {
     /// A call on `run`'s ask channel.
@@ -72,7 +80,7 @@ pub(super) struct AskCounters {
 pub(super) struct AskState {
     pub(super) desk: AskDesk<Waiter>,
     names: NameApprovals,
-    once: OnceEntries<KernelTables>,
+    once: OnceEntries<OnceEntry>,
     /// `pending --follow` subscribers: one JSON `PendingEvent` per line.
     pub(super) followers: broadcast::Sender<String>,
     approver: Option<(hyper::Uri, Duration)>,
@@ -525,7 +533,21 @@ impl Monitor {
                     &tables,
                     common::Expiry { expires_ns },
                 )?;
-                self.ask.once.add(r.id, expires_ns, tables);
+                let connect = match action {
+                    HeldAction::Connect { address, port, .. } => {
+                        Some((crate::policy::to_table_addr(*address), *port))
+                    }
+                    _ => None,
+                };
+                self.ask.once.add(
+                    r.id,
+                    expires_ns,
+                    OnceEntry {
+                        tables,
+                        task: number,
+                        connect,
+                    },
+                );
             }
             (Scope::Task, action) => {
                 let (connect, exec) = grant_texts_of(action);
@@ -591,15 +613,31 @@ impl Monitor {
         }
     }
 
+    /// A connect the kernel allowed by a task grant: if it used up a `once` approval's entry,
+    /// the entry goes now (the approval was for that call only).
+    pub(super) fn ask_saw_connect(&mut self, c: &event::ConnectEvent) {
+        let key = (crate::policy::to_table_addr(c.addr), c.port);
+        let task = c.subject.task;
+        if let Some(entry) = self
+            .ask
+            .once
+            .take_used(|e| e.task == task && e.connect == Some(key))
+            && let Err(e) =
+                super::grant_book::GrantTables::remove_task_grants(&mut self.kernel, &entry.tables)
+        {
+            tracing::warn!("removing a used once approval's kernel entry: {e:#}");
+        }
+    }
+
     /// Timeouts, the end of `once` entries, and (at the sweep) requests of exited processes.
     pub(super) fn ask_tick(&mut self, check_liveness: bool) {
         let now = monotonic_ns();
         for e in self.ask.desk.expire(now) {
             self.finish(e, None);
         }
-        for tables in self.ask.once.due(now) {
+        for entry in self.ask.once.due(now) {
             if let Err(e) =
-                super::grant_book::GrantTables::remove_task_grants(&mut self.kernel, &tables)
+                super::grant_book::GrantTables::remove_task_grants(&mut self.kernel, &entry.tables)
             {
                 tracing::warn!("removing a once approval's kernel entry: {e:#}");
             }

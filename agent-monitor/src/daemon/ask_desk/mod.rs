@@ -354,4 +354,11 @@ impl<T> OnceEntries<T> {
     pub(super) fn next(&self) -> Option<u64> {
         self.entries.first_key_value().map(|((t, _), _)| *t)
     }
+
+    /// Takes the first entry `used` recognises (the released call was seen done), to remove it
+    /// from the kernel before its time is over.
+    pub(super) fn take_used(&mut self, used: impl Fn(&T) -> bool) -> Option<T> {
+        let key = *self.entries.iter().find(|(_, e)| used(e))?.0;
+        self.entries.remove(&key)
+    }
 }

@@ -204,6 +204,12 @@ fn once_entries_come_due_in_time_order() {
     assert_eq!(once.due(3 * S), vec!["b"]);
     assert_eq!(once.due(10 * S), vec!["a"]);
     assert_eq!(once.next(), None);
+    // A used entry goes at once, the others wait for their time.
+    once.add(3, 20 * S, "c");
+    once.add(4, 21 * S, "d");
+    assert_eq!(once.take_used(|e| *e == "d"), Some("d"));
+    assert_eq!(once.take_used(|e| *e == "d"), None);
+    assert_eq!(once.next(), Some(20 * S));
 }
 
 #[test]
