@@ -71,8 +71,9 @@ pub struct ApproveArgs {
     /// The request's id, as `agent-monitor pending` shows it.
     #[arg(value_name = "ID")]
     pub id: u64,
-    /// This call only: for a connect or exec, an exact kernel entry that lives a few seconds;
-    /// for a DNS name, this answer's addresses (learned for its TTL).
+    /// This call only: for a connect or exec, an exact kernel entry of the task, removed once
+    /// the call was made (at the latest after 5 s); for a DNS name, this answer's addresses
+    /// (learned for its TTL).
     #[arg(long)]
     pub once: bool,
     /// For the request's task: a task grant as `task start --allow-connect/--allow-exec` makes
