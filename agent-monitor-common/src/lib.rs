@@ -56,6 +56,16 @@ pub const DNS_PROXY_IP6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 /// Mode of an agent, as the kernel sees it.
 pub const MODE_ALERT: u32 = 0;
 pub const MODE_ENFORCE: u32 = 1;
+/// Ask mode: the kernel refuses an off-list action exactly as in enforce mode; the holding (and
+/// asking) happens before the kernel, in the DNS proxy and in `run`'s seccomp supervisor.
+pub const MODE_ASK: u32 = 2;
+
+/// Whether the kernel refuses an off-list action of an agent in `mode` (enforce and ask do;
+/// alert lets it through and reports it).
+#[inline(always)]
+pub const fn mode_refuses(mode: u32) -> bool {
+    mode != MODE_ALERT
+}
 
 /// What an agent process is: the value of every identity map (`AGENT_CGROUPS` keyed by cgroup v2 id,
 /// `PROCESS_AGENTS` keyed by thread id, the uid and executable selectors). In those maps `agent` is

@@ -5,8 +5,8 @@
 
 use agent_monitor_common::{
     AF_INET, AF_INET6, AgentSlot, COUNTER_DNS_NO_PROXY, COUNTER_DNS_ORIG_MISSING, DNS_PORT,
-    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_REFUSED, MAX_PORT_RANGES, MODE_ENFORCE, NetKey,
-    NetPayload, RecordKind, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    DNS_PROXY_IP4, DNS_PROXY_IP6, DnsOrig, FLAG_DNS_REFUSED, MAX_PORT_RANGES, NetKey, NetPayload,
+    RecordKind, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, mode_refuses,
 };
 use aya_ebpf::programs::SockAddrContext;
 
@@ -75,7 +75,7 @@ pub fn redirect(
     if target == 0 {
         // No proxy to send it to: refused in enforce mode, so DNS never leaves unjudged.
         count(COUNTER_DNS_NO_PROXY);
-        let verdict = if slot.mode == MODE_ENFORCE {
+        let verdict = if mode_refuses(slot.mode) {
             VERDICT_DENIED
         } else {
             VERDICT_ALERT

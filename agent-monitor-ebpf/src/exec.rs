@@ -23,7 +23,7 @@ use agent_monitor_common::{
     FLAG_PATH_UNREADABLE, FLAG_RETAGGED, FLAG_USER_NS, KernelOffsets, MODE_ENFORCE, NO_ALLOWLIST,
     RECORD_PATH_LEN, RecordKind, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID,
     TASK_NONE, TaggedPayload, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE,
-    exec_path_is_normal, source_rank,
+    exec_path_is_normal, mode_refuses, source_rank,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
@@ -337,7 +337,7 @@ fn judge(
 
     let verdict = if allowed {
         VERDICT_ALLOWED
-    } else if slot.mode == MODE_ENFORCE {
+    } else if mode_refuses(slot.mode) {
         // We run in the new image's task after the point of no return: the signal is delivered
         // before its first instruction.
         // SAFETY: helper call on the current task.

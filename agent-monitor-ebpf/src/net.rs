@@ -4,9 +4,9 @@
 use agent_monitor_common::{
     AF_INET, AF_INET6, AGENT_SOCKET_FAMILIES, AgentSlot, COUNTER_GRANTS_EXPIRED,
     COUNTER_SOCKET_REFUSED, FLAG_ADDR_UNSPECIFIED, FLAG_CONNECTED_PEER, FLAG_DNS_REFUSED,
-    FLAG_GRANTED, FLAG_LEARNED, MAX_PORT_RANGES, MODE_ENFORCE, NET_KEY_AGENT_BITS, NetAllow,
-    NetKey, NetPayload, RecordKind, SocketPayload, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED,
-    VERDICT_DENIED, net_judged_addr, socket_allowed, source_is_tag,
+    FLAG_GRANTED, FLAG_LEARNED, MAX_PORT_RANGES, NET_KEY_AGENT_BITS, NetAllow, NetKey, NetPayload,
+    RecordKind, SocketPayload, TASK_NONE, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED,
+    mode_refuses, net_judged_addr, socket_allowed, source_is_tag,
 };
 use aya_ebpf::{
     maps::lpm_trie::Key,
@@ -438,7 +438,7 @@ fn report_socket(
 fn verdict_of(allowed: bool, slot: AgentSlot) -> u32 {
     if allowed {
         VERDICT_ALLOWED
-    } else if slot.mode == MODE_ENFORCE {
+    } else if mode_refuses(slot.mode) {
         VERDICT_DENIED
     } else {
         VERDICT_ALERT

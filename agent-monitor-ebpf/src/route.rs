@@ -11,9 +11,9 @@
 //! leave from a timer (a TCP retransmission) where the current task is anyone.
 
 use agent_monitor_common::{
-    AF_INET, AF_INET6, AgentSlot, COUNTER_SOURCE_ROUTED, MAX_SELECTOR_LEVEL, MODE_ENFORCE,
-    RecordKind, SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, SourceRoutePayload, VERDICT_ALERT,
-    VERDICT_DENIED,
+    AF_INET, AF_INET6, AgentSlot, COUNTER_SOURCE_ROUTED, MAX_SELECTOR_LEVEL, RecordKind,
+    SELECT_CGROUPS, SELECT_TAGS, SELECT_UIDS, SourceRoutePayload, VERDICT_ALERT, VERDICT_DENIED,
+    mode_refuses,
 };
 use aya_ebpf::{helpers::generated as h, programs::SkBuffContext};
 
@@ -182,7 +182,7 @@ pub fn on_egress(ctx: &SkBuffContext) -> i32 {
 fn refuse_bent(cgroup_id: u64, raw: &AgentSlot, b: &Bent) -> i32 {
     let slot = in_force(raw);
     count(COUNTER_SOURCE_ROUTED);
-    let verdict = if slot.mode == MODE_ENFORCE {
+    let verdict = if mode_refuses(slot.mode) {
         VERDICT_DENIED
     } else {
         VERDICT_ALERT

@@ -69,6 +69,20 @@ pub enum Command {
     /// (hosts with `[[network.http]]` method/path rules; docs/http-interception.md).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Show the held requests of ask-mode agents, oldest first (root or the --admin-group).
+    ///
+    /// An agent with `mode = "ask"` waits while its DNS query, connect or exec off its list is
+    /// held; decide with `approve ID` or `deny ID` before the daemon's --ask-timeout denies it.
+    /// With --follow, every new request and every decision is shown as it happens.
+    Pending(crate::ask_cmd::PendingArgs),
+    /// Approve a held request: --once (this call), --task [--ttl D] (a grant of its task) or
+    /// --always (appended to the agent's `<agent>.approved.toml`, then reloaded).
+    ///
+    /// The approval's kernel entry is written first, then the held call is released and the
+    /// kernel judges it again. Never from inside an agent (not even as root).
+    Approve(crate::ask_cmd::ApproveArgs),
+    /// Deny a held request: the agent's call fails (EPERM; a DNS query gets REFUSED).
+    Deny(crate::ask_cmd::DenyArgs),
 }
 
 /// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always
@@ -239,6 +253,8 @@ pub struct DaemonArgs {
     pub socket: SocketArg,
     #[command(flatten)]
     pub intercept: crate::intercept::InterceptArgs,
+    #[command(flatten)]
+    pub ask: crate::ask_cmd::AskDaemonArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -467,6 +467,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!("policies: {}", status.policies);
+    crate::ask_cmd::print_status(&status.pending);
     if !status.journal_query.is_empty() {
         // Entries are matched by fields journald sets itself; anyone can forge the others.
         println!(

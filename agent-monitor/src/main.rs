@@ -1,6 +1,7 @@
 //! agent-monitor: parse the command line, run it, exit with its code.
 
 mod action;
+mod ask_cmd;
 mod audit_cmd;
 mod bpf;
 mod btf;
@@ -47,5 +48,8 @@ fn main() -> ExitCode {
         cli::Command::Audit(cmd) => audit_cmd::main(cmd),
         cli::Command::Generate(cmd) => generate::main(cmd),
         cli::Command::Ca(cmd) => intercept::command::main(cmd),
+        cli::Command::Pending(args) => ask_cmd::pending(args),
+        cli::Command::Approve(args) => ask_cmd::approve(args),
+        cli::Command::Deny(args) => ask_cmd::deny(args),
     }
 }

@@ -520,7 +520,7 @@ mod tests {
         assert_eq!(out.code, 2);
         assert_eq!(
             out.stderr,
-            "c.toml:2:8: mode \"loud\": expected \"enforce\" or \"alert\"\n"
+            "c.toml:2:8: mode \"loud\": expected \"enforce\", \"alert\" or \"ask\"\n"
         );
     }
 

@@ -44,6 +44,19 @@ pub enum LoadProblem {
     ReadFile { path: PathBuf, error: io::Error },
     #[error(transparent)]
     Policy(#[from] Issue),
+    /// An approved file (`<agent>.approved.toml`) that is more than an agent and allow entries,
+    /// or names an agent without a policy file.
+    #[error("approved file {}: {why}", path.display())]
+    Approved { path: PathBuf, why: String },
+}
+
+/// Files an operator reviews that add allow entries to one agent (ask mode's `always`).
+pub const APPROVED_SUFFIX: &str = ".approved.toml";
+
+fn is_approved_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(APPROVED_SUFFIX))
 }
 
 /// Loads every `*.toml` file of `dir` (other files are ignored), in name order. An empty directory
@@ -74,13 +87,60 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadError> {
     files.sort();
 
     let mut policies = Vec::new();
+    let mut approved = Vec::new();
     for path in &files {
+        let into = if is_approved_file(path) {
+            &mut approved
+        } else {
+            &mut policies
+        };
         match load_file(path) {
-            Ok(policy) => policies.push(policy),
+            Ok(policy) => into.push((path, policy)),
             Err(mut file_problems) => problems.append(&mut file_problems),
         }
     }
+    let mut policies: Vec<Policy> = policies.into_iter().map(|(_, p)| p).collect();
+    for (path, extra) in approved {
+        if let Err(why) = approved_shape(path) {
+            problems.push(LoadProblem::Approved {
+                path: path.clone(),
+                why,
+            });
+            continue;
+        }
+        match policies.iter_mut().find(|p| p.agent() == extra.agent()) {
+            Some(p) => p.absorb_approved(extra),
+            None => problems.push(LoadProblem::Approved {
+                path: path.clone(),
+                why: format!(
+                    "agent {:?} has no policy file in this directory; an approved file only adds \
+                     allow entries to an agent defined elsewhere",
+                    extra.agent()
+                ),
+            }),
+        }
+    }
     finish(policies, problems)
+}
+
+/// An approved file holds `agent` and `network.allow` / `exec.allow` only: mode, identity and DNS
+/// settings stay in the agent's own file.
+fn approved_shape(path: &Path) -> Result<(), String> {
+    let text = fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    for (key, value) in &table {
+        match (key.as_str(), value) {
+            ("agent", _) => {}
+            ("network" | "exec", toml::Value::Table(t)) if t.keys().all(|k| k == "allow") => {}
+            _ => {
+                return Err(format!(
+                    "{key:?}: an approved file holds only `agent`, `network.allow` and \
+                     `exec.allow`"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads one policy file, or every policy of a directory (`agent-monitor policy check PATH`).
@@ -242,7 +302,7 @@ mod tests {
         assert_eq!(
             msg,
             format!(
-                "{d}/three.toml:2:8: mode \"loud\": expected \"enforce\" or \"alert\"\n\
+                "{d}/three.toml:2:8: mode \"loud\": expected \"enforce\", \"alert\" or \"ask\"\n\
                  agent \"coder\" is defined twice: at {d}/one.toml:1:9 and at {d}/two.toml:2:9"
             )
         );
@@ -304,5 +364,71 @@ mod tests {
             ),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn approved_files_add_allow_entries_to_their_agent() {
+        let dir = tempdir();
+        write(
+            dir.path(),
+            "coder.toml",
+            "agent = \"coder\"\nmode = \"ask\"\n[network]\nallow = [\"10.0.0.1:443\"]\n",
+        );
+        write(dir.path(), "other.toml", "agent = \"other\"\n");
+        write(
+            dir.path(),
+            "coder.approved.toml",
+            "agent = \"coder\"\n[network]\nallow = [\n  # request 3, approved by uid 0 (root)\n  \"pypi.org:1-65535\",\n  \"192.0.2.7:443\",\n]\n[exec]\nallow = [\"/usr/bin/make\"]\n",
+        );
+        let set = match load_dir(dir.path()) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(set.len(), 2, "the approved file is no agent of its own");
+        let coder = set.get("coder").expect("coder");
+        assert_eq!(coder.mode(), Mode::Ask, "the mode stays the agent's own");
+        assert!(
+            coder
+                .check_connect("192.0.2.7".parse().unwrap(), 443)
+                .allowed
+        );
+        assert!(
+            coder
+                .check_connect("10.0.0.1".parse().unwrap(), 443)
+                .allowed
+        );
+        assert!(coder.check_name("pypi.org").allowed);
+        assert!(coder.check_exec("/usr/bin/make").allowed);
+        let other = set.get("other").expect("other");
+        assert!(!other.check_exec("/usr/bin/make").allowed);
+    }
+
+    #[test]
+    fn a_bad_approved_file_is_refused_whole() {
+        let dir = tempdir();
+        write(dir.path(), "coder.toml", "agent = \"coder\"\n");
+        // More than allow entries: refused (the mode stays in the agent's own file).
+        write(
+            dir.path(),
+            "coder.approved.toml",
+            "agent = \"coder\"\nmode = \"alert\"\n",
+        );
+        let e = load_dir(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("holds only `agent`"), "{e}");
+        // An agent with no policy file.
+        write(dir.path(), "coder.approved.toml", "agent = \"ghost\"\n");
+        let e = load_dir(dir.path()).err().expect("refused");
+        assert!(
+            e.to_string().contains("\"ghost\" has no policy file"),
+            "{e}"
+        );
+        // A bad entry names the file and line.
+        write(
+            dir.path(),
+            "coder.approved.toml",
+            "agent = \"coder\"\n[exec]\nallow = [\"relative/path\"]\n",
+        );
+        let e = load_dir(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("coder.approved.toml:3"), "{e}");
     }
 }

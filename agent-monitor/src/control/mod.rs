@@ -2,6 +2,7 @@
 //! (server) and the `run` and `status` clients. The daemon identifies the caller with SO_PEERCRED,
 //! never by what the request says.
 
+mod ask;
 mod authorize;
 mod call;
 mod caught;
@@ -10,6 +11,8 @@ mod response;
 #[cfg(test)]
 mod tests;
 
+pub use ask::{AskAnswer, AskCall};
+pub use ask::{ChainProcess, Decision, HeldAction, Outcome, PendingEvent, PendingRequest, Scope};
 pub use authorize::authorize;
 pub use call::{call, call_then};
 pub use caught::{CaughtCall, CaughtReport, CaughtTarget};

@@ -69,6 +69,18 @@ pub enum Request {
     /// Accepted only from the `run` process the daemon placed, for that task; it can only add a
     /// denied or alert record.
     Caught(CaughtReport),
+    /// Held requests of ask-mode agents, oldest first; with `follow`, the connection then streams
+    /// one `PendingEvent` per line. Admins only.
+    Pending {
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Decide held request `id`. Admins only, never from inside an agent.
+    Decide { id: u64, decision: super::Decision },
+    /// From the `run` the daemon placed for (agent, task): open its ask channel. After the
+    /// `ask_channel_open` response the connection stays open; `run` writes one `AskCall` per line
+    /// and the daemon answers each with one `AskAnswer` line, in any order.
+    AskChannel { agent: String, task: String },
 }
 
 /// What a command started by `run` holds of root's privileges (see privileges.rs).
@@ -99,6 +111,9 @@ impl Request {
             Request::TaskEnd { .. } => "task_end",
             Request::TaskNarrow { .. } => "task_narrow",
             Request::Caught(_) => "caught",
+            Request::Pending { .. } => "pending",
+            Request::Decide { .. } => "decide",
+            Request::AskChannel { .. } => "ask_channel",
         }
     }
 
@@ -108,11 +123,14 @@ impl Request {
             Request::Place { agent, task, .. }
             | Request::TaskStart { agent, task, .. }
             | Request::TaskEnd { agent, task }
-            | Request::TaskNarrow { agent, task, .. } => Some((agent, task)),
+            | Request::TaskNarrow { agent, task, .. }
+            | Request::AskChannel { agent, task } => Some((agent, task)),
             Request::Status {}
             | Request::Reload {}
             | Request::Events { .. }
-            | Request::Caught(_) => None,
+            | Request::Caught(_)
+            | Request::Pending { .. }
+            | Request::Decide { .. } => None,
         }
     }
 }

@@ -63,6 +63,14 @@ pub enum Response {
         /// Milliseconds until they expire (none: until `task end`).
         expires_in_ms: Option<u64>,
     },
+    /// Held requests, oldest first (then, with `follow`, one `PendingEvent` per line).
+    Pending {
+        requests: Vec<super::PendingRequest>,
+    },
+    /// A decision was taken; the held call is released (approved) or refused (denied).
+    Decided(super::Outcome),
+    /// The ask channel is open: `AskCall` lines may follow.
+    AskChannelOpen {},
     Error {
         message: String,
     },
@@ -89,6 +97,9 @@ pub struct Status {
     /// its uid, executable and systemd service), to which a query adds `AGENT_ID=…` and the like.
     #[serde(default)]
     pub journal_query: String,
+    /// Held requests of ask-mode agents, oldest first.
+    #[serde(default)]
+    pub pending: Vec<super::PendingRequest>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

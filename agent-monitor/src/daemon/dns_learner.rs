@@ -17,7 +17,6 @@ use crate::event::ConnectEvent;
 use crate::output::journald::message_id;
 use crate::output::notice::{Level, Notice};
 use crate::policy::PolicySet;
-use crate::policy::model::Mode;
 
 #[cfg(test)]
 mod tests;
@@ -108,6 +107,11 @@ impl DnsLearner {
         }
     }
 
+    /// The process behind `agent`'s latest DNS redirect (who asked its next query).
+    pub(super) fn client(&self, agent: &str) -> Option<&ConnectEvent> {
+        self.clients.get(agent)
+    }
+
     /// The kernel redirected `agent`'s DNS traffic to its proxy: the next query it reports came
     /// from this process.
     pub(super) fn redirected(&mut self, agent: String, redirect: ConnectEvent) {
@@ -138,12 +142,15 @@ impl DnsLearner {
             return None;
         };
         let agent = policy.agent().to_string();
-        let enforce = policy.mode() == Mode::Enforce;
+        // Ask mode refuses like enforce once a held query is denied.
+        let enforce = policy.mode().refuses();
         // The DNS-rebinding opt-in for the name asked, if the policy has one.
         let private_ok = policy.private_answers_for(&r.name).map(str::to_string);
         let counters = &mut reporter.counters;
         counters.dns_queries += 1;
         let (verdict, enforcement, reason) = match r.outcome {
+            // Held queries go to the ask desk (`Monitor::on_dns`), never here.
+            Outcome::Ask { .. } => return None,
             Outcome::Refused { reason } => {
                 counters.dns_refused += 1;
                 (Verdict::Denied, Some("refused"), reason)

@@ -67,6 +67,10 @@ pub(super) enum Input {
     Probed(Result<Probed, tokio::task::JoinError>),
     /// What the file guard judged or did (`crate::files`).
     FileGuard(crate::files::FileReport),
+    /// Ask mode: a call `run` holds, its channel closing, the decision service's answer.
+    Ask(super::ask::AskIn),
+    /// Ask mode: a held request's deadline or a `once` entry's end.
+    AskDue,
 }
 
 pub(super) struct Inputs {
@@ -84,6 +88,10 @@ pub(super) struct Inputs {
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
     /// The file guard's reports, when it runs.
     pub(super) files: Option<mpsc::Receiver<crate::files::FileReport>>,
+    /// Ask mode's inputs (see [`Input::Ask`]); set by the monitor at start.
+    pub(super) asks: Option<mpsc::Receiver<super::ask::AskIn>>,
+    /// When ask mode needs the monitor next (set by the monitor before each `next()`).
+    pub(super) ask_due: Option<Instant>,
 }
 
 impl Inputs {
@@ -112,6 +120,8 @@ impl Inputs {
             probe: None,
             records: Vec::with_capacity(1024),
             files: None,
+            asks: None,
+            ask_due: None,
         }
     }
 
@@ -143,6 +153,8 @@ impl Inputs {
                 self.probe = None;
                 Input::Probed(probed)
             }
+            Some(a) = recv(&mut self.asks) => Input::Ask(a),
+            _ = at(self.ask_due) => Input::AskDue,
             _ = self.signals.hup.recv() => Input::Reload,
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
@@ -174,6 +186,14 @@ async fn join(
     }
 }
 
+/// The next message of an optional receiver; never, without one.
+async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Returns at `instant`; never, without one.
 pub(super) async fn at(instant: Option<Instant>) {
     match instant {
@@ -188,14 +208,6 @@ async fn tick(timer: &mut Option<tokio::time::Interval>) {
         Some(t) => {
             t.tick().await;
         }
-        None => std::future::pending().await,
-    }
-}
-
-/// The next message of an optional channel; never, without one.
-async fn recv<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -35,6 +35,8 @@ use crate::output::notice::{Level, Notice, Notices};
 use crate::output::{OutputConfig, Outputs};
 use crate::policy::{ExecFacts, PolicySet};
 
+mod ask;
+mod ask_desk;
 mod dns_learner;
 mod file_guard;
 mod generations;
@@ -136,6 +138,8 @@ struct Monitor {
     /// The local CA, leaf cache and upstream TLS of HTTP interception (none if the CA could not
     /// be read or created: interception is then off, and said so at start).
     interceptor: Option<crate::intercept::Interceptor>,
+    /// Held requests of ask-mode agents and their decisions.
+    ask: ask::AskState,
 }
 
 impl Monitor {
@@ -150,7 +154,9 @@ impl Monitor {
     ) -> anyhow::Result<()> {
         let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
         inputs.files = self.files.reports.take();
+        inputs.asks = self.ask.inbox.take();
         loop {
+            inputs.ask_due = self.ask.due();
             let input = inputs.next(self.generations.retire_due()).await?;
             for record in inputs.records.drain(..) {
                 self.on_event(record);
@@ -159,7 +165,8 @@ impl Monitor {
                 Input::Records => {}
                 Input::Dns(report) => self.on_dns(report),
                 Input::Request(call) => {
-                    if matches!(call.request, Request::Reload {}) {
+                    // An `always` approval reloads too.
+                    if matches!(call.request, Request::Reload {} | Request::Decide { .. }) {
                         self.retire_old_bank_after_grace().await;
                     }
                     let response = self.on_request(call.request, &call.peer);
@@ -196,6 +203,12 @@ impl Monitor {
                 }
                 Input::RetireBank => self.retire_old_bank(),
                 Input::FileGuard(report) => self.on_file_report(report),
+                Input::Ask(a) => {
+                    // The decision service's `always` reloads: the old bank must be gone first.
+                    self.retire_old_bank_after_grace().await;
+                    self.on_ask_in(a)
+                }
+                Input::AskDue => self.ask_tick(false),
             }
             // Selectors change with probes, reloads and `run --user`: the guard's copy follows.
             self.sync_file_roster();
@@ -227,6 +240,19 @@ impl Monitor {
     /// A query an agent's DNS proxy judged: the learner installs and counts, the query is
     /// reported as the process behind the agent's latest redirect.
     fn on_dns(&mut self, report: QueryReport) {
+        if let crate::dns::Outcome::Ask { .. } = &report.outcome {
+            let QueryReport {
+                agent,
+                name,
+                qtype,
+                outcome: crate::dns::Outcome::Ask { reply },
+                ..
+            } = report
+            else {
+                return;
+            };
+            return self.on_dns_ask(agent, name, qtype, reply);
+        }
         let live = Live {
             policies: self.generations.live(),
             bank_base: self.generations.bank_base(),
@@ -281,6 +307,7 @@ impl Monitor {
         }
         // The kernel already refuses expired grants; this only tidies the maps.
         self.grants.expire(&mut self.kernel, now);
+        self.ask_tick(true);
         self.reporter.kernel_losses(&self.kernel);
         for (id, t) in self.ident.take_empty_tasks() {
             if let Err(e) = self.kernel.remove_agent_cgroup(id) {

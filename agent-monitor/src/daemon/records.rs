@@ -162,6 +162,9 @@ impl Monitor {
             KernelEvent::Connect(c) => {
                 let action = self.connect_action(&c);
                 self.reporter.action(action);
+                if c.granted && c.verdict == Verdict::Allowed {
+                    self.ask_saw_connect(&c);
+                }
             }
             KernelEvent::Socket(sk) => {
                 let action = self.socket_action(&sk);

@@ -131,6 +131,12 @@ impl Reporter {
         self.notices.send(&notice);
     }
 
+    /// A record that is not an agent action, for the JSON trail (ask mode's requests and
+    /// decisions; journald gets their notices).
+    pub(super) fn record(&mut self, record: &serde_json::Value) {
+        self.outputs.record(record);
+    }
+
     /// Counts a kernel record that could not be decoded; logs the first ones, then one per 1000.
     pub(super) fn undecodable(&mut self, e: &event::DecodeError) {
         self.counters.undecodable_records += 1;

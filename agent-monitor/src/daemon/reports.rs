@@ -101,6 +101,7 @@ impl Monitor {
             },
             files_marked: self.files.marked,
             file_reports_lost: self.files.lost(),
+            ask: self.ask_metrics(),
         }
     }
 
@@ -221,6 +222,7 @@ impl Monitor {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             journal_query: crate::output::journald::this_process_query(),
+            pending: self.pending(),
             counters: self.reporter.counters(),
             sinks: self
                 .reporter

@@ -34,10 +34,19 @@ pub(super) struct ControlCall {
     pub(super) reply: oneshot::Sender<Response>,
 }
 
+/// What a connection needs of ask mode: the monitor's ask input (a `run`'s ask channel) and the
+/// `pending --follow` stream.
+#[derive(Clone)]
+pub(super) struct AskLinks {
+    pub(super) asks: mpsc::Sender<ask::AskIn>,
+    pub(super) pending: broadcast::Sender<String>,
+}
+
 pub(super) async fn serve_control(
     listener: UnixListener,
     to_monitor: mpsc::Sender<ControlCall>,
     events: broadcast::Sender<EventLine>,
+    ask: AskLinks,
 ) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -50,8 +59,9 @@ pub(super) async fn serve_control(
         };
         let to_monitor = to_monitor.clone();
         let events = events.clone();
+        let ask = ask.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, to_monitor, events).await {
+            if let Err(e) = serve_connection(stream, to_monitor, events, ask).await {
                 tracing::warn!("control connection: {e:#}");
             }
         });
@@ -62,6 +72,7 @@ pub(super) async fn serve_connection(
     stream: UnixStream,
     to_monitor: mpsc::Sender<ControlCall>,
     events: broadcast::Sender<EventLine>,
+    ask: AskLinks,
 ) -> anyhow::Result<()> {
     let cred = stream.peer_cred().context("SO_PEERCRED")?;
     let peer_pidfd = {
@@ -75,6 +86,8 @@ pub(super) async fn serve_connection(
         .await
         .context("no request within 10 s")??;
     let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
+    let pending_follow;
+    let ask_channel;
     let response = {
         let request = control::parse_request(&line).map_err(|bad| bad.to_string());
         if let Ok(Request::Events {
@@ -85,6 +98,10 @@ pub(super) async fn serve_connection(
             // Subscribed before the history is taken, so no action falls between the two.
             follow = Some((events.subscribe(), agent.clone()));
         }
+        // Likewise for held requests: subscribed before the list is taken.
+        pending_follow = matches!(&request, Ok(Request::Pending { follow: true }))
+            .then(|| ask.pending.subscribe());
+        ask_channel = matches!(&request, Ok(Request::AskChannel { .. }));
         match (request, cred.pid()) {
             (Err(message), _) => Response::Error { message },
             (Ok(_), None) => Response::Error {
@@ -136,6 +153,15 @@ pub(super) async fn serve_connection(
             }
         }
     };
+    if let (Response::Pending { .. }, Some(rx)) = (&response, pending_follow) {
+        return stream_pending(write, &response, rx).await;
+    }
+    if let (Response::AskChannelOpen {}, true, Some(pid)) = (&response, ask_channel, cred.pid()) {
+        let mut out = serde_json::to_string(&response)?;
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+        return serve_ask_channel(reader.into_inner(), write, pid as u32, ask.asks).await;
+    }
     let (response, history) = match (response, follow.is_some()) {
         (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
         (r, _) => {
@@ -165,6 +191,92 @@ pub(super) async fn serve_connection(
             return Ok(());
         }
     }
+}
+
+/// `pending --follow`: the list, then one `PendingEvent` per line until the follower leaves.
+async fn stream_pending(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    first: &Response,
+    mut rx: broadcast::Receiver<String>,
+) -> anyhow::Result<()> {
+    let mut out = serde_json::to_string(first)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    loop {
+        let line = match rx.recv().await {
+            Ok(l) => format!("{l}\n"),
+            Err(broadcast::error::RecvError::Lagged(n)) => format!("{{\"lagged\":{n}}}\n"),
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        if write.write_all(line.as_bytes()).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// A `run`'s ask channel: `AskCall` lines in, `AskAnswer` lines out, in any order, until `run`
+/// closes it; then its held calls are withdrawn (they went with it).
+async fn serve_ask_channel(
+    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    run_pid: u32,
+    asks: mpsc::Sender<ask::AskIn>,
+) -> anyhow::Result<()> {
+    let (answers, mut answered) = mpsc::unbounded_channel::<control::AskAnswer>();
+    let mut reader = read.take(control::MAX_REQUEST as u64);
+    // `read_until` (not `read_line`): cancel safe in `select!`, a partly read line stays in `line`.
+    let mut line = Vec::new();
+    let result = loop {
+        tokio::select! {
+            n = reader.read_until(b'\n', &mut line) => {
+                match n {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => {}
+                    Err(e) => break Err(anyhow::Error::from(e)),
+                }
+                if line.last() != Some(&b'\n') {
+                    // The limit, or the end of the stream, in the middle of a line.
+                    break Err(anyhow::anyhow!(
+                        "ask channel of `run` {run_pid}: a line longer than {} bytes, or cut short",
+                        control::MAX_REQUEST
+                    ));
+                }
+                reader.set_limit(control::MAX_REQUEST as u64);
+                match serde_json::from_slice::<control::AskCall>(&line) {
+                    Ok(call) => {
+                        let input = ask::AskIn::Call { run_pid, call, answers: answers.clone() };
+                        if asks.send(input).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        // Refused, never released: answered when its number can be read.
+                        tracing::warn!(run_pid, "ask channel: unreadable call, denied: {e}");
+                        let call = serde_json::from_slice::<serde_json::Value>(&line)
+                            .ok()
+                            .and_then(|v| v.get("call").and_then(serde_json::Value::as_u64));
+                        if let Some(call) = call {
+                            let _ = answers.send(control::AskAnswer {
+                                call,
+                                allow: false,
+                                outcome: None,
+                            });
+                        }
+                    }
+                }
+                line.clear();
+            }
+            Some(a) = answered.recv() => {
+                let mut out = serde_json::to_string(&a)?;
+                out.push('\n');
+                if let Err(e) = write.write_all(out.as_bytes()).await {
+                    break Err(e.into());
+                }
+            }
+        }
+    };
+    let _ = asks.send(ask::AskIn::Closed { run_pid }).await;
+    result
 }
 
 impl Monitor {
@@ -249,6 +361,16 @@ impl Monitor {
                 keep_exec,
                 ttl_ms,
             } => self.task_narrow(&agent, &task, &keep_connect, &keep_exec, ttl_ms),
+            Request::Pending { .. } => Ok(Response::Pending {
+                requests: self.pending(),
+            }),
+            Request::Decide { id, decision } => self
+                .decide(id, &decision, &ask::operator(peer.uid))
+                .map(Response::Decided)
+                .map_err(anyhow::Error::from),
+            Request::AskChannel { agent, task } => self
+                .open_ask_channel(pid, &agent, &task)
+                .map(|()| Response::AskChannelOpen {}),
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(pid, "control request refused: {e:#}");

@@ -102,6 +102,11 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
         files: file_guard::FileGuardState::start(&args.pin_dir),
         interceptor: super::interception::start(&args.intercept),
+        ask: ask::AskState::new(
+            args.ask.ask_timeout,
+            args.ask.approver_url.clone(),
+            args.ask.approver_timeout,
+        ),
     };
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
@@ -175,7 +180,11 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let (requests_tx, requests_rx) = mpsc::channel(64);
     let (scrapes_tx, scrapes_rx) = mpsc::channel(8);
     let socket_path = args.socket.control_socket.clone();
-    tokio::spawn(serve_control(listener, requests_tx, events_tx));
+    let ask_links = AskLinks {
+        asks: monitor.ask.to_monitor.clone(),
+        pending: monitor.ask.followers.clone(),
+    };
+    tokio::spawn(serve_control(listener, requests_tx, events_tx, ask_links));
     if let Some(l) = metrics_listener {
         tracing::info!(
             "metrics on http://{}/metrics",

@@ -48,6 +48,12 @@ pub enum Outcome {
         ports: Vec<PortRange>,
         installed: Option<oneshot::Sender<Result<Installed, InstallError>>>,
     },
+    /// Ask mode, name off the list: the query is held until a decision (`docs/ask.md`). The
+    /// monitor answers `reply` with the ports the name's addresses become reachable on when it is
+    /// approved, `None` when it is denied (then the proxy refuses it as in enforce mode).
+    Ask {
+        reply: oneshot::Sender<Option<Vec<PortRange>>>,
+    },
 }
 
 /// What the monitor did with an allowed answer's addresses.

@@ -234,22 +234,45 @@ impl Endpoint {
                 return u.response;
             }
         };
-        let (decision, enforce) = {
+        let (mut decision, enforce, ask) = {
             let policy = self.policy.borrow();
-            (policy.check_name(&q.name), policy.mode() == Mode::Enforce)
+            (
+                policy.check_name(&q.name),
+                policy.mode() == Mode::Enforce,
+                policy.mode() == Mode::Ask,
+            )
         };
-        if !decision.allowed && enforce {
-            // Nothing leaves the host for a name off the list: this is what stops exfiltration
-            // through query names.
+        // Ask mode: the query waits for a decision (the monitor's ask desk; it times out there).
+        let mut refused_after_ask = false;
+        if !decision.allowed && ask {
+            let (reply, answer) = oneshot::channel();
             self.report(
-                q.name,
-                q.qtype,
+                q.name.clone(),
+                q.qtype.clone(),
                 transport,
-                Outcome::Refused {
-                    reason: decision.reason,
-                },
+                Outcome::Ask { reply },
             )
             .await;
+            match answer.await {
+                Ok(Some(ports)) => {
+                    decision.allowed = true;
+                    decision.ports = ports;
+                    decision.reason = "approved (ask mode)".into();
+                }
+                // Denied, timed out, withdrawn, or the monitor is gone: refused as in enforce.
+                Ok(None) | Err(_) => refused_after_ask = true,
+            }
+        }
+        if !decision.allowed && (enforce || refused_after_ask) {
+            // Nothing leaves the host for a name off the list: this is what stops exfiltration
+            // through query names.
+            let reason = if refused_after_ask {
+                format!("{} (ask mode: not approved)", decision.reason)
+            } else {
+                decision.reason
+            };
+            self.report(q.name, q.qtype, transport, Outcome::Refused { reason })
+                .await;
             return reply_to(query, ResponseCode::Refused);
         }
         let upstream = self.forward(query, transport).await.and_then(|bytes| {

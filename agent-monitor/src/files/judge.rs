@@ -92,7 +92,9 @@ impl Judge {
         let rule = for_agent(file).or_else(|| ancestors().into_iter().find_map(for_agent));
         match (rule, mode) {
             (None, _) => Ruling::Allow,
-            (Some(rule), Mode::Enforce) => Ruling::Deny {
+            // Ask mode does not hold opens (a held permission event would hold the file guard's
+            // one answering thread): a denied file is refused as in enforce mode.
+            (Some(rule), Mode::Enforce | Mode::Ask) => Ruling::Deny {
                 agent: name.clone(),
                 rule,
             },

@@ -79,6 +79,7 @@ impl fmt::Display for Finding<'_> {
         let outcome = match self.mode {
             Mode::Enforce => "would be DENIED",
             Mode::Alert => "would raise an ALERT (alert mode)",
+            Mode::Ask => "would be HELD for a decision (ask mode)",
         };
         write!(f, "agent {} task {}: {}", r.agent, r.task, r.what)?;
         if !r.chain.is_empty() {

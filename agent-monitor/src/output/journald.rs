@@ -42,6 +42,9 @@ pub mod message_id {
     /// The hash chain head of the JSON audit trail (`audit verify --head`), at intervals and at
     /// every rotation.
     pub const AUDIT_CHAIN_HEAD: &str = "858ddc9a713a495cbbc0227a5b02e866";
+    /// A held request of an ask-mode agent, and how it ended (VERDICT=pending|approved|denied|
+    /// timeout|withdrawn, REQUEST_ID, APPROVER, DECISION_SCOPE).
+    pub const ASK_REQUEST: &str = "4b1d7e2c9a3f4e5d8c6b0a1f2e3d4c5b";
 }
 
 /// `MESSAGE_ID` of an action entry.

@@ -257,6 +257,18 @@ impl Sink for JsonSink {
         Ok(())
     }
 
+    fn emit_record(&mut self, record: &Value) -> Result<(), SinkError> {
+        let start = self.buf.len();
+        if let Err(e) = serde_json::to_writer(&mut self.buf, record) {
+            self.buf.truncate(start);
+            return Err(e.into());
+        }
+        self.buf.push(b'\n');
+        self.chain.seal(&mut self.buf, start);
+        self.pending += 1;
+        Ok(())
+    }
+
     fn pending(&self) -> u64 {
         self.pending
     }

@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub files_marked: u64,
     /// File guard reports (judged opens) the daemon's loop could not take in time.
     pub file_reports_lost: u64,
+    /// Ask mode (held requests and decisions).
+    pub ask: super::ask_metrics::AskMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -285,6 +287,7 @@ pub fn render(s: &Snapshot) -> String {
          verdict still applied)",
         s.file_reports_lost,
     );
+    super::ask_metrics::register(&mut reg, &s.ask);
     let mut out = String::new();
     // Encoding into a String cannot fail for these metric types.
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &reg) {

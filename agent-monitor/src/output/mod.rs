@@ -4,6 +4,7 @@
 //! The fields both sinks report are defined once, in [`Field`] and [`action_fields`]; journald and
 //! JSON only differ in how they spell a name (`AGENT_ID` / `agent_id`) and render a value.
 
+pub mod ask_metrics;
 pub mod chain;
 mod fields;
 pub mod journald;
@@ -33,6 +34,11 @@ pub trait Sink {
     fn emit(&mut self, action: &Action) -> Result<(), SinkError>;
     /// Reports actions that were aggregated (see [`storm`]); only the journal role gets these.
     fn emit_summary(&mut self, _summary: &storm::StormSummary) -> Result<(), SinkError> {
+        Ok(())
+    }
+    /// Reports a record that is not an agent action (ask mode's held requests and decisions);
+    /// only the JSON trail keeps these (journald gets them as notices).
+    fn emit_record(&mut self, _record: &serde_json::Value) -> Result<(), SinkError> {
         Ok(())
     }
     /// Actions accepted by `emit` but held in a buffer until [`Sink::flush`].
@@ -187,6 +193,15 @@ impl Outputs {
             && otlp.actions.exports(action.verdict)
         {
             otlp.slot.emit(action, now);
+        }
+    }
+
+    /// Writes a record that is not an agent action to the JSON trail (see [`Sink::emit_record`]).
+    pub fn record(&mut self, record: &serde_json::Value) {
+        if let Some(json) = &mut self.json {
+            let now = Instant::now();
+            let result = json.sink.emit_record(record);
+            json.account(result, 1, now);
         }
     }
 

@@ -56,11 +56,12 @@ pub struct LearnedBudgetError {
 
 impl PolicySet {
     /// Each agent's learned-address limit, in kernel index order. An agent without host rules
-    /// learns nothing and reserves nothing; an explicit `dns.max_learned` is reserved as written;
+    /// learns nothing and reserves nothing, unless it is in ask mode (an approved name is learned); an explicit `dns.max_learned` is reserved as written;
     /// the rest share what is left, at most `DEFAULT_MAX_LEARNED` each. The sum never exceeds
     /// `LEARNED_BUDGET`.
     pub fn learned_limits(&self) -> Result<Vec<u32>, LearnedBudgetError> {
-        let resolves = |p: &Policy| !p.hosts().is_empty();
+        let resolves =
+            |p: &Policy| !p.hosts().is_empty() || p.mode() == crate::policy::model::Mode::Ask;
         let explicit: u64 = self
             .iter()
             .filter(|p| resolves(p))

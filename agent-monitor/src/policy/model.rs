@@ -21,6 +21,9 @@ pub enum Mode {
     Enforce,
     /// The action proceeds and is reported.
     Alert,
+    /// The action is held until an operator or the decision service decides (`docs/ask.md`);
+    /// the kernel refuses it as in enforce mode unless an approval's entry is in place.
+    Ask,
 }
 
 impl Mode {
@@ -28,6 +31,7 @@ impl Mode {
         match self {
             Mode::Enforce => "enforce",
             Mode::Alert => "alert",
+            Mode::Ask => "ask",
         }
     }
 
@@ -36,7 +40,15 @@ impl Mode {
         match self {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Alert => MODE_ALERT,
+            Mode::Ask => agent_monitor_common::MODE_ASK,
         }
+    }
+}
+
+impl Mode {
+    /// Whether the kernel refuses an off-list action (enforce and ask).
+    pub fn refuses(self) -> bool {
+        self != Mode::Alert
     }
 }
 
@@ -149,6 +161,15 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// Adds the allow entries of an approved file (`<agent>.approved.toml`, ask mode's `always`)
+    /// to this agent's lists; everything else of the agent stays as its own file says.
+    pub fn absorb_approved(&mut self, approved: Policy) {
+        self.network.extend(approved.network);
+        self.hosts.extend(approved.hosts);
+        self.exec.extend(approved.exec);
+        self.index = Default::default();
+    }
+
     pub fn agent(&self) -> &str {
         &self.agent
     }

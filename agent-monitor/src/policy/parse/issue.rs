@@ -93,7 +93,7 @@ pub enum Reason {
     AgentBadStart(char),
     #[error("character {0:?} is not allowed in an agent name; expected [a-z0-9_.-]")]
     AgentBadChar(char),
-    #[error("expected \"enforce\" or \"alert\"")]
+    #[error("expected \"enforce\", \"alert\" or \"ask\"")]
     BadMode,
 
     #[error("empty entry; expected ADDR[/PREFIX]:PORT")]

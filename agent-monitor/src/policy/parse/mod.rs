@@ -200,6 +200,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             Some(m) => match m.get_ref().as_str() {
                 "enforce" => Mode::Enforce,
                 "alert" => Mode::Alert,
+                "ask" => Mode::Ask,
                 _ => {
                     check("mode".into(), m, Reason::BadMode);
                     Mode::default()

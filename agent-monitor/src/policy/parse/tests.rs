@@ -477,7 +477,7 @@ fn toml_syntax_error() {
 fn bad_mode() {
     assert_eq!(
         err("agent = \"a\"\nmode = \"block\"\n"),
-        "policies/coder.toml:2:8: mode \"block\": expected \"enforce\" or \"alert\""
+        "policies/coder.toml:2:8: mode \"block\": expected \"enforce\", \"alert\" or \"ask\""
     );
     assert!(err("agent = \"a\"\nmode = \"Enforce\"\n").contains("mode \"Enforce\": expected"));
 }
@@ -651,4 +651,21 @@ fn overlapping_selectors_across_files_are_refused_with_both_places() {
         e,
         "policies/b.toml:3:12: cgroup selector \"/agents/b\" of agent \"b\" overlaps cgroup selector \"/agents\" of agent \"a\" at policies/a.toml:3:12: a process would match two agents; expected selectors that no two agents share"
     );
+}
+
+#[test]
+fn ask_mode_is_read_and_refuses_in_the_kernel_like_enforce() {
+    let p = ok("agent = \"a\"\nmode = \"ask\"");
+    assert_eq!(p.mode(), Mode::Ask);
+    assert_eq!(p.mode().as_str(), "ask");
+    assert_eq!(Mode::Ask.kernel_value(), agent_monitor_common::MODE_ASK);
+    // The kernel refuses an off-list action of an ask-mode agent exactly as in enforce mode.
+    assert!(agent_monitor_common::mode_refuses(Mode::Ask.kernel_value()));
+    assert!(agent_monitor_common::mode_refuses(
+        Mode::Enforce.kernel_value()
+    ));
+    assert!(!agent_monitor_common::mode_refuses(
+        Mode::Alert.kernel_value()
+    ));
+    assert!(Mode::Ask.refuses() && !Mode::Alert.refuses());
 }
