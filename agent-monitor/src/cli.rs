@@ -65,6 +65,12 @@ pub enum Command {
     /// Write man pages or shell completions generated from this command line (for packaging).
     #[command(subcommand, hide = true)]
     Generate(GenerateCommand),
+    /// A live console: agents, tasks and their processes, a feed of actions, counters, and the
+    /// held requests of ask-mode agents, with keys to approve (once, for the task, always) or deny.
+    ///
+    /// Root or the daemon's --admin-group, outside every agent. Needs an interactive terminal
+    /// (also over ssh: `ssh -t HOST agent-monitor top`).
+    Top(crate::console::TopArgs),
 }
 
 /// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always

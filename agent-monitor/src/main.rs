@@ -7,6 +7,7 @@ mod btf;
 mod cli;
 mod client;
 mod confine;
+mod console;
 mod control;
 mod daemon;
 mod delegation_lint;
@@ -44,5 +45,6 @@ fn main() -> ExitCode {
         cli::Command::Task(cmd) => client::task(cmd),
         cli::Command::Audit(cmd) => audit_cmd::main(cmd),
         cli::Command::Generate(cmd) => generate::main(cmd),
+        cli::Command::Top(args) => console::main(args),
     }
 }
