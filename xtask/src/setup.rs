@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // `run`'s seccomp filter is built with libseccomp (linked at build time).
     "libseccomp-dev",
+    // tests/console.rs drives `agent-monitor top` in a terminal (send-keys, capture-pane).
+    "tmux",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

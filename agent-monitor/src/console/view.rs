@@ -177,7 +177,7 @@ fn render_tasks(console: &Console, frame: &mut Frame, area: Rect, now: Instant) 
                 lines.push(Line::from(vec![
                     Span::raw(format!("{}/{}", agent.agent, task.task)).bold(),
                     Span::raw(format!(
-                        "  {} grants{time_left} · {} processes",
+                        "  grants {}{time_left} · processes {}",
                         task.grants.len(),
                         task.processes.len()
                     )),
