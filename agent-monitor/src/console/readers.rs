@@ -245,4 +245,69 @@ mod tests {
         release.kind = KeyEventKind::Release;
         assert_eq!(key(release), None);
     }
+
+    #[test]
+    fn the_daemons_answers_read_as_the_console_expects() {
+        let decided: Response = serde_json::from_str(
+            r#"{"result":"decided","id":42,"verdict":"approved","scope":"once","approver":"uid 0 (root)"}"#,
+        )
+        .unwrap();
+        let Response::Decided(outcome) = decided else {
+            panic!("{decided:?}")
+        };
+        assert_eq!((outcome.id, outcome.verdict.as_str()), (42, "approved"));
+        let event: PendingEvent = serde_json::from_str(
+            r#"{"held":{"id":3,"agent":"a","pid":7,"action":{"kind":"exec","path":"/usr/bin/make"},"held_ms":0,"expires_in_ms":60000}}"#,
+        )
+        .unwrap();
+        assert!(matches!(event, PendingEvent::Held(r) if r.id == 3));
+    }
+
+    #[test]
+    fn a_snapshot_has_the_process_tree_of_each_task() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        let status = || control::Status {
+            agents: vec![control::AgentStatus {
+                agent: "coder".into(),
+                tasks: vec![control::TaskStatus {
+                    task: "t1".into(),
+                    processes: vec![child.id(), me],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // Until the exec is done the child is still a copy of this test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let snapshot = loop {
+            let s = snapshot(status());
+            if s.trees[0].rows.iter().any(|r| r.name == "sleep")
+                || std::time::Instant::now() > deadline
+            {
+                break s;
+            }
+            std::thread::yield_now();
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        let shape: Vec<(usize, u32)> = snapshot.trees[0]
+            .rows
+            .iter()
+            .map(|r| (r.depth, r.pid))
+            .collect();
+        assert_eq!(shape, [(0, me), (1, child.id())]);
+        assert_eq!(snapshot.trees[0].rows[1].name, "sleep");
+        assert_eq!(
+            (
+                snapshot.trees[0].agent.as_str(),
+                snapshot.trees[0].task.as_str()
+            ),
+            ("coder", "t1")
+        );
+    }
 }
