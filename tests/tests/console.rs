@@ -392,6 +392,10 @@ fn top_shows_agents_feed_and_held_request_and_a_key_approves_it_fake_daemon() {
     });
     assert!(screen.contains("pending requests (1)"), "{screen}");
     assert!(
+        screen.contains("python3[4242] tool.py"),
+        "who asks:\n{screen}"
+    );
+    assert!(
         fake.decides.try_recv().is_err(),
         "nothing decided before a key"
     );

@@ -8,7 +8,7 @@ use ratatui::style::{Color, Modifier, Style, Stylize as _};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph};
 
-use crate::control::{Counters, HeldAction, PendingRequest};
+use crate::control::{ChainProcess, Counters, HeldAction, PendingRequest};
 
 use super::feed::Verdict;
 use super::model::{Console, Held, Link};
@@ -38,7 +38,8 @@ pub fn render(console: &Console, frame: &mut Frame, now: Instant) -> usize {
     .areas(left);
     render_agents(console, frame, agents_area);
     render_tasks(console, frame, tasks_area, now);
-    let pending_rows = console.pending().len() + console.decided.len() + 1;
+    // Held requests, the selected one's chain, the outcomes (or the "nothing waiting" line).
+    let pending_rows = console.pending().len() + console.decided.len() + 2;
     let [pending_area, feed_area] = Layout::vertical([
         Constraint::Length(
             u16::try_from(pending_rows.min(14))
@@ -237,6 +238,21 @@ pub fn action_text(r: &PendingRequest) -> String {
     }
 }
 
+/// A held request's process chain, outermost first: `python3 tool.py → sh -c make → make`.
+pub fn chain_text(chain: &[ChainProcess]) -> String {
+    chain
+        .iter()
+        .rev()
+        .map(|p| {
+            let name = p.exe.rsplit('/').next().unwrap_or(&p.exe);
+            let mut words = vec![format!("{name}[{}]", p.pid)];
+            words.extend(p.args.iter().take(3).cloned());
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join(" → ")
+}
+
 fn pending_line(h: &Held, selected: bool, now: Instant) -> Line<'static> {
     let r = &h.request;
     let task = r.task.as_deref().unwrap_or("-");
@@ -263,11 +279,15 @@ fn pending_line(h: &Held, selected: bool, now: Instant) -> Line<'static> {
 }
 
 fn render_pending(console: &Console, frame: &mut Frame, area: Rect, now: Instant) {
-    let mut lines: Vec<Line> = console
-        .pending()
-        .iter()
-        .map(|h| pending_line(h, console.selected() == Some(h.request.id), now))
-        .collect();
+    let mut lines: Vec<Line> = Vec::new();
+    for h in console.pending() {
+        let selected = console.selected() == Some(h.request.id);
+        lines.push(pending_line(h, selected, now));
+        // Who is asking: the selected request's process chain, from the agent's first process.
+        if selected && !h.request.chain.is_empty() {
+            lines.push(Line::from(format!("    {}", chain_text(&h.request.chain))).dim());
+        }
+    }
     if console.pending().is_empty() {
         lines.push(Line::from("  nothing is waiting for a decision").dim());
     }
@@ -416,7 +436,7 @@ mod tests {
             console.on_stream_line(read_stream_line(&line));
         }
         let request: crate::control::PendingRequest = serde_json::from_str(
-            r#"{"id":3,"agent":"coder","task":"t1","pid":11,"action":{"kind":"dns","name":"pypi.org","qtype":"A"},"held_ms":2000,"expires_in_ms":58000}"#,
+            r#"{"id":3,"agent":"coder","task":"t1","pid":11,"chain":[{"pid":11,"exe":"/usr/bin/curl"},{"pid":10,"exe":"/usr/bin/python3","args":["tool.py"]}],"action":{"kind":"dns","name":"pypi.org","qtype":"A"},"held_ms":2000,"expires_in_ms":58000}"#,
         )
         .unwrap();
         console.on_pending_event(PendingEvent::Held(request), now);
@@ -434,6 +454,7 @@ mod tests {
             "└ 11 curl",
             "#3 coder/t1 pid 11 dns pypi.org A",
             "58s left",
+            "python3[10] tool.py → curl[11]",
             "10000 received",
             "10.0.0.1:9999",
             "o approve once",
