@@ -83,6 +83,12 @@ pub enum Command {
     Approve(crate::ask_cmd::ApproveArgs),
     /// Deny a held request: the agent's call fails (EPERM; a DNS query gets REFUSED).
     Deny(crate::ask_cmd::DenyArgs),
+    /// A live console: agents, tasks and their processes, a feed of actions, counters, and the
+    /// held requests of ask-mode agents, with keys to approve (once, for the task, always) or deny.
+    ///
+    /// Root or the daemon's --admin-group, outside every agent. Needs an interactive terminal
+    /// (also over ssh: `ssh -t HOST agent-monitor top`).
+    Top(crate::console::TopArgs),
 }
 
 /// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always

@@ -8,6 +8,7 @@ mod btf;
 mod cli;
 mod client;
 mod confine;
+mod console;
 mod control;
 mod daemon;
 mod delegation_lint;
@@ -51,5 +52,6 @@ fn main() -> ExitCode {
         cli::Command::Pending(args) => ask_cmd::pending(args),
         cli::Command::Approve(args) => ask_cmd::approve(args),
         cli::Command::Deny(args) => ask_cmd::deny(args),
+        cli::Command::Top(args) => console::main(args),
     }
 }

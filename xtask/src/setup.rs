@@ -32,6 +32,8 @@ const PACKAGES: &[&str] = &[
     "libseccomp-dev",
     // The systemd test's journal upload runs over HTTPS with a test CA made by openssl.
     "openssl",
+    // tests/console.rs drives `agent-monitor top` in a terminal (send-keys, capture-pane).
+    "tmux",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

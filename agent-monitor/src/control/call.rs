@@ -40,8 +40,32 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response, ClientError> {
 pub fn call_then(
     socket: &Path,
     req: &Request,
-    mut more: impl FnMut(&str) -> bool,
+    more: impl FnMut(&str) -> bool,
 ) -> Result<Response, ClientError> {
+    let mut response = None;
+    let streams = matches!(req, Request::Events { follow: true, .. });
+    call_follow(
+        socket,
+        req,
+        |r| {
+            response = Some(r);
+            streams
+        },
+        more,
+    )?;
+    response.ok_or_else(|| ClientError::Protocol("no response".into()))
+}
+
+/// Sends one request and hands its response to `first` before reading on; if `first` returns
+/// true, then every further line to `more` until the daemon closes the connection or `more`
+/// returns false. For streams whose first answer must be seen before the lines that follow it
+/// (`pending --follow`: the requests held now, then each change; `top`).
+pub fn call_follow(
+    socket: &Path,
+    req: &Request,
+    first: impl FnOnce(Response) -> bool,
+    mut more: impl FnMut(&str) -> bool,
+) -> Result<(), ClientError> {
     let path = socket.display().to_string();
     let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -74,8 +98,8 @@ pub fn call_then(
         Response::Error { message } => return Err(ClientError::Refused(message)),
         other => other,
     };
-    if matches!(req, Request::Events { follow: true, .. }) {
-        // A follower waits as long as it takes for the next action.
+    if first(resp) {
+        // A follower waits as long as it takes for the next line.
         stream.set_read_timeout(None).map_err(io)?;
         let mut line = String::new();
         loop {
@@ -85,5 +109,5 @@ pub fn call_then(
             }
         }
     }
-    Ok(resp)
+    Ok(())
 }

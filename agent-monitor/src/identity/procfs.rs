@@ -154,6 +154,13 @@ impl ProcessView for LiveProcs {
     }
 }
 
+/// The parent pid and command name of `pid` (one read of /proc/PID/stat), for the process trees
+/// of `agent-monitor top`.
+pub fn parent_and_comm(pid: u32) -> Option<(u32, String)> {
+    let stat = process(pid)?.stat().ok()?;
+    Some((u32::try_from(stat.ppid).ok()?, stat.comm))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
