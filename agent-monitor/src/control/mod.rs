@@ -11,6 +11,7 @@ mod response;
 #[cfg(test)]
 mod tests;
 
+pub use ask::{AskAnswer, AskCall};
 pub use ask::{ChainProcess, Decision, HeldAction, Outcome, PendingEvent, PendingRequest, Scope};
 pub use authorize::authorize;
 pub use call::{call, call_then};
