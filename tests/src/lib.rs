@@ -896,3 +896,23 @@ pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", binary().display()))
 }
+
+// ---- ask mode (issue 15) ----
+
+/// A policy file (name, text) for `agent` in `mode` with these network and exec entries.
+pub fn mode_policy(agent: &str, mode: &str, net: &[&str], exec: &[&str]) -> (String, String) {
+    let q = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
+            q(net),
+            q(exec)
+        ),
+    )
+}
