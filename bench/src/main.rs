@@ -1,5 +1,6 @@
 //! agent-monitor-bench: the load generators and the benchmark run behind `cargo xtask bench`.
 
+mod ask;
 mod chart;
 mod load;
 mod machine;
@@ -40,7 +41,8 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns); the
+        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns,
+        /// ask); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

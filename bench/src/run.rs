@@ -167,6 +167,9 @@ pub struct Results {
     /// `policy check` and daemon start-up against the number of allowlist entries.
     #[serde(default)]
     pub policy_size: Vec<crate::policy_size::PolicySizeStep>,
+    /// An ask-mode agent's allowed connect and exec, and the release of a held call.
+    #[serde(default)]
+    pub ask: Option<crate::ask::AskLatency>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -282,6 +285,11 @@ pub fn run(
     } else {
         None
     };
+    let ask = if phase("ask") {
+        crate::ask::measure(&env, dir)?
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -300,6 +308,7 @@ pub fn run(
         attached,
         dns,
         policy_size,
+        ask,
     })
 }
 
@@ -332,7 +341,7 @@ fn load<T: serde::de::DeserializeOwned>(
 }
 
 /// [`load`] as agent `agent`, in task `task` of daemon `d`.
-fn load_as<T: serde::de::DeserializeOwned>(
+pub(crate) fn load_as<T: serde::de::DeserializeOwned>(
     env: &Env,
     agent: &str,
     (d, task): (&Daemon, &str),

@@ -28,6 +28,7 @@ fn results(overhead: Vec<(Setup, Vec<u64>, Vec<u64>)>, capacity: Vec<CapacitySte
         attached: vec![],
         dns: None,
         policy_size: vec![],
+        ask: None,
     }
 }
 
