@@ -345,3 +345,51 @@ for i in range(2):
     let (out, _) = run_python(&script, policy, 1, None);
     assert_eq!(out.lines().collect::<Vec<_>>(), ["ok", "ok"]);
 }
+
+/// Not a check: what a held-and-allowed call costs on `run`'s side (the fake daemon answers at
+/// once, so the real daemon's own decision time is not in it). Prints medians; run with
+/// `cargo test --release -p agent-monitor ask_round_trip_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn ask_round_trip_cost() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let script = format!(
+        r#"
+import os, socket, statistics, time
+def med(f, n):
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter_ns(); f(); ts.append(time.perf_counter_ns() - t)
+    return statistics.median(ts)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("connect_ns", med(lambda: s.connect(("127.0.0.1", {port})), 3000))
+def spawn():
+    pid = os.posix_spawn("/bin/true", ["/bin/true"], {{}})
+    os.waitpid(pid, 0)
+print("exec_ns", med(spawn, 300))
+"#
+    );
+    let value = |out: &str, key: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("{key} in {out:?}"))
+            .parse()
+            .unwrap()
+    };
+    let plain = Command::new(PYTHON).args(["-c", &script]).output().unwrap();
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    let policy: std::sync::Arc<Policy> =
+        std::sync::Arc::new(|_: &AskCall| Some((true, Duration::ZERO)));
+    let (held, asked) = run_python(&script, policy, 1, None);
+    for key in ["connect_ns", "exec_ns"] {
+        let (a, b) = (value(&plain, key), value(&held, key));
+        println!(
+            "{key}: no filter {:.1} µs, ask mode (allowed at once) {:.1} µs, added {:.1} µs",
+            a / 1000.0,
+            b / 1000.0,
+            (b - a) / 1000.0
+        );
+    }
+    println!("{} calls asked", asked.len());
+}
