@@ -89,7 +89,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let mut scope = scope.ok();
     let agent_ca_bundle;
-    let enforce = match control::call(&args.socket.control_socket, &req) {
+    let (enforce, ask_mode) = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
         Ok(Response::Placed {
             mode,
@@ -103,7 +103,10 @@ pub fn run(args: RunArgs) -> ExitCode {
                 eprintln!("agent-monitor run: warning: {w}");
             }
             confinement.protect(&read_only);
-            mode.as_deref() != Some("alert")
+            (
+                mode.as_deref() != Some("alert"),
+                mode.as_deref() == Some("ask"),
+            )
         }
         Ok(other) => {
             eprintln!("agent-monitor run: unexpected answer from the daemon: {other:?}");
@@ -117,17 +120,40 @@ pub fn run(args: RunArgs) -> ExitCode {
     // From here this process is the agent; the command inherits its cgroup, and the seccomp
     // filter for the routes the cgroup hooks cannot judge (sandbox.rs), whose listener the
     // child hands back to us over `theirs`.
-    let filter = match crate::sandbox::filter(enforce, confinement.confines_root()) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("agent-monitor run: {e}");
-            return ExitCode::from(EXIT_OURS);
+    // An ask-mode agent's held calls wait for the daemon's answers on this channel; without it
+    // every one of them would be refused, so the command does not start.
+    let ask_channel = match ask_mode {
+        false => None,
+        true => {
+            match crate::sandbox::AskChannel::open(&args.socket.control_socket, &args.agent, &task)
+            {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!(
+                        "agent-monitor run: agent {} is in ask mode: {e}",
+                        args.agent
+                    );
+                    return ExitCode::from(EXIT_OURS);
+                }
+            }
         }
     };
     let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("agent-monitor run: socketpair for the seccomp listener: {e}");
+            return ExitCode::from(EXIT_OURS);
+        }
+    };
+    let filter = if ask_mode {
+        crate::sandbox::ask_filter(confinement.confines_root(), theirs.as_raw_fd())
+    } else {
+        crate::sandbox::filter(enforce, confinement.confines_root())
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("agent-monitor run: {e}");
             return ExitCode::from(EXIT_OURS);
         }
     };
@@ -169,6 +195,22 @@ pub fn run(args: RunArgs) -> ExitCode {
             })
         })
     };
+    let reporting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // An ask-mode filter holds the command's own exec: its supervisor must be serving before
+    // spawn() returns (spawn waits for that exec).
+    let ours = match ask_channel {
+        Some(channel) => {
+            supervise_asking(
+                ours,
+                channel,
+                (args.agent.clone(), task.clone()),
+                args.socket.control_socket.clone(),
+                reporting.clone(),
+            );
+            None
+        }
+        None => Some(ours),
+    };
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -180,18 +222,18 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     drop(theirs);
-    let reporting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    match crate::sandbox::receive_listener(&ours) {
-        Ok(listener) => supervise(
+    match ours.as_ref().map(crate::sandbox::receive_listener) {
+        Some(Ok(listener)) => supervise(
             listener,
             enforce,
             args.socket.control_socket.clone(),
             reporting.clone(),
         ),
-        Err(e) => {
+        Some(Err(e)) => {
             // Without a supervisor the kernel fails the caught calls (ENOSYS): closed, but say so.
             eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
         }
+        None => {}
     }
     forward_signals(child.id());
     let status = child.wait();
@@ -237,6 +279,37 @@ fn supervise(
             }
         });
         eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");
+    });
+}
+
+/// [`supervise`] for an ask-mode agent, started before the command: receives the listener from
+/// the child, then holds calls and asks about them on `channel` (reopened on the same socket for
+/// (agent, task) if the daemon restarts), answering each when the daemon answers.
+fn supervise_asking(
+    from_child: std::os::unix::net::UnixStream,
+    channel: crate::sandbox::AskChannel,
+    (agent, task): (String, String),
+    socket: PathBuf,
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        let listener = match crate::sandbox::receive_listener(&from_child) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
+                return;
+            }
+        };
+        let reopen = || crate::sandbox::AskChannel::open(&socket, &agent, &task);
+        let result = crate::sandbox::supervise_asking(listener, channel, reopen, &busy, |c| {
+            let req = Request::Caught(c);
+            if let Err(e) = control::call(&socket, &req) {
+                eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
+            }
+        });
+        if let Err(why) = result {
+            eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");
+        }
     });
 }
 

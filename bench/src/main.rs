@@ -1,5 +1,6 @@
 //! agent-monitor-bench: the load generators and the benchmark run behind `cargo xtask bench`.
 
+mod ask;
 mod chart;
 mod files;
 mod load;
@@ -41,7 +42,8 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, files); the
+        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, files,
+        /// ask); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -170,6 +170,9 @@ pub struct Results {
     /// Opens of unrelated and marked files, outside agents and as an agent (`[files]`).
     #[serde(default)]
     pub files: Option<crate::files::FilesLatency>,
+    /// An ask-mode agent's allowed connect and exec, and the release of a held call.
+    #[serde(default)]
+    pub ask: Option<crate::ask::AskLatency>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -290,6 +293,11 @@ pub fn run(
     } else {
         None
     };
+    let ask = if phase("ask") {
+        crate::ask::measure(&env, dir)?
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -309,6 +317,7 @@ pub fn run(
         dns,
         policy_size,
         files,
+        ask,
     })
 }
 

@@ -908,3 +908,23 @@ impl Drop for GroupGuard {
         unsafe { libc::kill(-(self.0 as i32), libc::SIGKILL) };
     }
 }
+
+// ---- ask mode (issue 15) ----
+
+/// A policy file (name, text) for `agent` in `mode` with these network and exec entries.
+pub fn mode_policy(agent: &str, mode: &str, net: &[&str], exec: &[&str]) -> (String, String) {
+    let q = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    (
+        format!("{agent}.toml"),
+        format!(
+            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
+            q(net),
+            q(exec)
+        ),
+    )
+}

@@ -42,6 +42,28 @@ const FIRST_FAMILY_ABOVE: u64 = 17;
 /// program on `sys_enter_socket` then reports them as alerts, like any agent's). `root_agent`:
 /// the rules of a root agent's confinement are added (privileges.rs: clone3, bpf).
 pub fn filter(enforce: bool, root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program(enforce, root_agent, None)
+}
+
+/// The filter program of an ask-mode agent: the enforce filter, plus the calls `run` holds
+/// while the daemon decides (held.rs): connect, sendto with an address, sendmsg, sendmmsg,
+/// execve and execveat. Only ask-mode agents pay for these rules.
+/// `handshake` is the child's end of the socket the listener is sent over ([`super::install`]'s
+/// `to_parent`): its sendmsg is not held (nobody could answer it yet). The fd is close-on-exec;
+/// an agent socket that later gets the same number sends unasked, and the kernel's sendmsg hook
+/// judges it (off the list: refused, as in enforce mode).
+pub fn ask_filter(
+    root_agent: bool,
+    handshake: std::os::fd::RawFd,
+) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program(true, root_agent, Some(handshake as u64))
+}
+
+fn program(
+    enforce: bool,
+    root_agent: bool,
+    ask: Option<u64>,
+) -> Result<Vec<libc::sock_filter>, SandboxError> {
     let build = |what| move |source| SandboxError::Build { what, source };
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(build("context"))?;
     // Every ABI this machine runs (libseccomp knows their numbers); other ABIs: nothing to say.
@@ -168,6 +190,24 @@ pub fn filter(enforce: bool, root_agent: bool) -> Result<Vec<libc::sock_filter>,
     .map_err(build("seccomp listener rule"))?;
     if root_agent {
         crate::privileges::add_seccomp_rules(&mut ctx).map_err(build("root agent rules"))?;
+    }
+    if let Some(handshake) = ask {
+        // The address of connect, sendmsg and sendmmsg is in user memory, out of the filter's
+        // reach: every call goes to the listener, which lets a unix socket's or a connected
+        // socket's send continue at once. sendto names its address in a register: without one
+        // (a connected socket's send, the common case) it stays off the listener.
+        for name in ["connect", "sendmmsg", "execve", "execveat"] {
+            ctx.add_rule(notify, syscall(name)?)
+                .map_err(build("held call rule"))?;
+        }
+        ctx.add_rule_conditional(
+            notify,
+            syscall("sendmsg")?,
+            &[scmp_cmp!($arg0 != handshake)],
+        )
+        .map_err(build("held sendmsg rule"))?;
+        ctx.add_rule_conditional(notify, syscall("sendto")?, &[scmp_cmp!($arg4 != 0)])
+            .map_err(build("held sendto rule"))?;
     }
     export(&ctx)
 }

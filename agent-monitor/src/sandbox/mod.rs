@@ -51,14 +51,23 @@
 //! seccompiler (rust-vmm, pure Rust) was the first choice, but its 0.5 has no USER_NOTIF action
 //! and builds one ABI per filter (kills i386 callers outright, and leaves x32 numbers to us).
 
+mod arguments;
+mod ask_channel;
+mod ask_supervisor;
+#[cfg(test)]
+mod ask_tests;
 mod decide;
 mod filter;
+mod held;
+mod holds;
 mod listener;
 mod supervisor;
 #[cfg(test)]
 mod tests;
 
-pub use filter::filter;
+pub use ask_channel::AskChannel;
+pub use ask_supervisor::supervise_asking;
+pub use filter::{ask_filter, filter};
 pub use listener::{install, receive_listener};
 pub use supervisor::supervise;
 

@@ -12,8 +12,8 @@ use crate::control::{CaughtCall, CaughtReport as Caught, CaughtTarget};
 #[derive(Debug, thiserror::Error)]
 #[error("reading the seccomp listener: {reason} ({errno})")]
 pub struct ListenerFailed {
-    reason: libseccomp::error::SeccompError,
-    errno: std::io::Error,
+    pub(super) reason: libseccomp::error::SeccompError,
+    pub(super) errno: std::io::Error,
 }
 
 /// Serves the listener until it fails for good: answers each caught call at once and hands it
@@ -51,59 +51,70 @@ pub fn supervise(
                 };
             }
         };
-        let name = req
-            .data
-            .syscall
-            .get_name_by_arch(req.data.arch)
-            .unwrap_or_else(|_| format!("syscall {}", i32::from(req.data.syscall)));
-        let answer = match decide(&name, &req.data.args, enforce) {
-            Answer::Judge(reach) => judge(&own, req.pid, reach),
-            other => other,
-        };
-        if answer == Answer::Pass {
-            // Nothing to report: answer at once (a kill inside the agent waits only this long).
-            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()).respond(fd);
-            continue;
-        }
-        // Read who called while it still waits in the kernel, then check it still does: the
-        // pid was not reused under us.
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid))
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_else(|_| "?".into());
-        let exe = std::fs::read_link(format!("/proc/{}/exe", req.pid))
-            .ok()
-            .map(|p| p.display().to_string());
-        let uid = {
-            use std::os::unix::fs::MetadataExt as _;
-            std::fs::metadata(format!("/proc/{}", req.pid)).map_or(u32::MAX, |m| m.uid())
-        };
-        let alive = notify_id_valid(fd, req.id).is_ok();
-        let (resp, caught) = match answer {
-            Answer::Refuse(call) => (
-                ScmpNotifResp::new_error(req.id, -libc::EPERM, ScmpNotifRespFlags::empty()),
-                Some((call, true)),
-            ),
-            Answer::Alert(call) => (
-                ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
-                Some((call, false)),
-            ),
-            Answer::Pass | Answer::Judge(_) => (
-                ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
-                None,
-            ),
-        };
-        // A caller that died meanwhile cannot be answered (ENOENT); its call is still reported.
-        let _ = resp.respond(fd);
-        if let Some((call, refused)) = caught {
-            report(Caught {
-                pid: req.pid,
-                call,
-                refused,
-                comm: if alive { comm } else { "?".into() },
-                exe: exe.filter(|_| alive),
-                uid: if alive { uid } else { u32::MAX },
-            });
-        }
+        answer_caught(fd, &own, req, enforce, &mut report);
+    }
+}
+
+/// Answers one caught call that is not held (the enforce and alert rules) and reports it.
+pub(super) fn answer_caught(
+    fd: RawFd,
+    own: &Supervisor,
+    req: ScmpNotifReq,
+    enforce: bool,
+    report: &mut impl FnMut(Caught),
+) {
+    let name = req
+        .data
+        .syscall
+        .get_name_by_arch(req.data.arch)
+        .unwrap_or_else(|_| format!("syscall {}", i32::from(req.data.syscall)));
+    let answer = match decide(&name, &req.data.args, enforce) {
+        Answer::Judge(reach) => judge(own, req.pid, reach),
+        other => other,
+    };
+    if answer == Answer::Pass {
+        // Nothing to report: answer at once (a kill inside the agent waits only this long).
+        let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()).respond(fd);
+        return;
+    }
+    // Read who called while it still waits in the kernel, then check it still does: the
+    // pid was not reused under us.
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let exe = std::fs::read_link(format!("/proc/{}/exe", req.pid))
+        .ok()
+        .map(|p| p.display().to_string());
+    let uid = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/proc/{}", req.pid)).map_or(u32::MAX, |m| m.uid())
+    };
+    let alive = notify_id_valid(fd, req.id).is_ok();
+    let (resp, caught) = match answer {
+        Answer::Refuse(call) => (
+            ScmpNotifResp::new_error(req.id, -libc::EPERM, ScmpNotifRespFlags::empty()),
+            Some((call, true)),
+        ),
+        Answer::Alert(call) => (
+            ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
+            Some((call, false)),
+        ),
+        Answer::Pass | Answer::Judge(_) => (
+            ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()),
+            None,
+        ),
+    };
+    // A caller that died meanwhile cannot be answered (ENOENT); its call is still reported.
+    let _ = resp.respond(fd);
+    if let Some((call, refused)) = caught {
+        report(Caught {
+            pid: req.pid,
+            call,
+            refused,
+            comm: if alive { comm } else { "?".into() },
+            exe: exe.filter(|_| alive),
+            uid: if alive { uid } else { u32::MAX },
+        });
     }
 }
 
@@ -111,7 +122,7 @@ pub fn supervise(
 /// (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6): a caught call that is let through (a signal
 /// inside the agent) then costs a task switch, not two scheduler wake-ups. Older kernels refuse
 /// the ioctl (EINVAL); the listener works the same, only slower.
-fn sync_wake_up(listener: RawFd) {
+pub(super) fn sync_wake_up(listener: RawFd) {
     // SECCOMP_IOCTL_NOTIF_SET_FLAGS = _IOW('!', 4, __u64); libc 0.2 does not name it.
     const SECCOMP_IOCTL_NOTIF_SET_FLAGS: libc::c_ulong = 0x4008_2104;
     const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
@@ -126,14 +137,14 @@ fn sync_wake_up(listener: RawFd) {
 }
 
 /// What the supervisor knows about itself, for judging targets.
-struct Supervisor {
+pub(super) struct Supervisor {
     pid: u32,
     /// Our pid namespace (`pid:[inode]`): a caller in another one names pids in its own.
     pid_ns: Option<std::path::PathBuf>,
 }
 
 impl Supervisor {
-    fn this_process() -> Supervisor {
+    pub(super) fn this_process() -> Supervisor {
         Supervisor {
             pid: std::process::id(),
             pid_ns: std::fs::read_link("/proc/self/ns/pid").ok(),

@@ -481,6 +481,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
     policy_size_section(&mut o, &r.policy_size);
     dns_section(&mut o, r.dns.as_ref());
     crate::files::section(&mut o, r.files.as_ref(), us);
+    ask_section(&mut o, r.ask.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {
@@ -506,4 +507,48 @@ pub fn markdown(r: &Results, command: &str) -> String {
         let _ = writeln!(o);
     }
     o
+}
+
+/// An ask-mode agent's allowed connect and exec against an enforce-mode agent's, and the release
+/// of a held call after an approval.
+pub(super) fn ask_section(o: &mut String, ask: Option<&crate::ask::AskLatency>) {
+    let _ = writeln!(o, "## Ask mode (held calls in run)\n");
+    let Some(a) = ask.filter(|a| !a.ask_connect.is_empty()) else {
+        let _ = writeln!(o, "Not measured in this run.\n");
+        return;
+    };
+    let med = |v: &[OpStats]| median_f(&v.iter().map(|x| x.median_ns as f64).collect::<Vec<_>>());
+    let _ = writeln!(
+        o,
+        "{} repetitions, interleaved; in each, {} connects and {} fork+execs of `/bin/true`, all on \
+         the list, by an enforce-mode agent and by an ask-mode agent with the same list (its \
+         `run` holds each connect and exec, asks the daemon on the ask channel, and continues it \
+         on the daemon's immediate allow). Medians over the repetitions.\n",
+        a.ask_connect.len(),
+        a.connects,
+        a.execs
+    );
+    let _ = writeln!(
+        o,
+        "| action | enforce µs | ask µs | added by ask µs |\n|---|---:|---:|---:|"
+    );
+    for (what, e, k) in [
+        ("connect (allowed)", &a.enforce_connect, &a.ask_connect),
+        ("fork + exec (allowed)", &a.enforce_exec, &a.ask_exec),
+    ] {
+        let _ = writeln!(
+            o,
+            "| {what} | {} | {} | **{}** |",
+            us(med(e)),
+            us(med(k)),
+            us(med(k) - med(e))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nFrom starting `agent-monitor approve ID --once` to the held connect's result (an upper \
+         bound: includes the approve command's start-up): median **{:.1} ms** over {} approvals.\n",
+        median_f(&a.release_ms),
+        a.release_ms.len()
+    );
 }

@@ -1,0 +1,396 @@
+//! Ask mode, `run`'s side (docs/ask-run.md): an ask-mode agent's connects, datagrams and execs
+//! are held in `run`'s seccomp supervisor until `agent-monitor approve`/`deny` or the ask
+//! timeout, and the kernel judges each released call again (the address or file swapped after
+//! approval is refused). These tests need the daemon's side of ask mode (`mode = "ask"`,
+//! `pending`, `approve`, `deny`, `--ask-timeout`). Run one at a time (`--test-threads=1`).
+
+use std::io::BufRead as _;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+fn ask_policy(agent: &str, net: &[&str], exec: &[&str]) -> (String, String) {
+    mode_policy(agent, "ask", net, exec)
+}
+
+/// Every held request `pending --json` lists (whatever wraps them: an array, `{"requests":…}`
+/// or one per line).
+fn pending(d: &Daemon) -> Vec<Value> {
+    let out = d.cli(&["pending", "--json"]);
+    assert!(
+        out.status.success(),
+        "pending --json failed: {}",
+        text(&out.stderr)
+    );
+    let mut found = Vec::new();
+    fn walk(v: &Value, found: &mut Vec<Value>) {
+        match v {
+            Value::Object(m) if m.contains_key("action") && m.contains_key("id") => {
+                found.push(v.clone())
+            }
+            Value::Object(m) => m.values().for_each(|v| walk(v, found)),
+            Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let stdout = text(&out.stdout);
+    match serde_json::from_str::<Value>(&stdout) {
+        Ok(v) => walk(&v, &mut found),
+        Err(_) => stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .for_each(|v| walk(&v, &mut found)),
+    }
+    found
+}
+
+/// Waits (up to 10 s) for a held request of `agent` matching `pred`; returns its id.
+fn wait_pending(d: &Daemon, agent: &str, what: &str, pred: impl Fn(&Value) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = pending(d);
+        if let Some(r) = all
+            .iter()
+            .find(|r| r["agent"] == agent && pred(&r["action"]))
+        {
+            return r["id"].as_u64().expect("a request id");
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no held request {what} within 10 s; pending: {all:#?}\ndaemon log:\n{}",
+                d.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn is_connect(a: &Value, transport: &str, port: u16) -> bool {
+    a["kind"] == "connect" && a["transport"] == transport && a["port"] == port
+}
+
+fn is_exec(a: &Value, path: &str) -> bool {
+    a["kind"] == "exec" && a["path"] == path
+}
+
+/// The agent is still waiting: its `run` has not exited.
+fn still_held(child: &mut Child) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the held call did not wait for a decision"
+    );
+}
+
+fn finish(child: Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = child.id() as i32;
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) of our own child (run forwards it to the agent).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the agent was still held 20 s after the decision");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    waiter.join().unwrap()
+}
+
+/// `run` of python connecting to 127.0.0.1:PORT as `agent`, task t1, not waited for.
+fn spawn_py_connect(d: &Daemon, agent: &str, port: u16) -> Child {
+    d.spawn_run(
+        agent,
+        "t1",
+        &[],
+        &[PYTHON, "-c", &py_connect("127.0.0.1", port)],
+    )
+}
+
+fn approve_once(d: &Daemon, id: u64) {
+    let out = d.cli(&["approve", &id.to_string(), "--once"]);
+    assert!(
+        out.status.success(),
+        "approve {id} --once: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn off_list_tcp_connect_is_held_until_approved_once() {
+    if !require_root("off_list_tcp_connect_is_held_until_approved_once") {
+        return;
+    }
+    let agent = unique_agent("ask-tcp");
+    let server = CountingListener::bind("127.0.0.1:0");
+    // Control: the same connect from outside any agent connects.
+    let out = std::process::Command::new(PYTHON)
+        .args(["-c", &py_connect("127.0.0.1", server.port)])
+        .output()
+        .unwrap();
+    assert_eq!(outcome(&out, "control"), "connected");
+    let d = Daemon::start(&[ask_policy(&agent, &[], &[PYTHON])]);
+    let started = Instant::now();
+    let mut child = spawn_py_connect(&d, &agent, server.port);
+    let id = wait_pending(&d, &agent, "for the connect", |a| {
+        is_connect(a, "tcp", server.port) && a["address"] == "127.0.0.1"
+    });
+    still_held(&mut child);
+    approve_once(&d, id);
+    let out = finish(child);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "connected");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // Once: the next run of the same connect is held again (and denied here).
+    let mut child = spawn_py_connect(&d, &agent, server.port);
+    let id2 = wait_pending(&d, &agent, "for the second connect", |a| {
+        is_connect(a, "tcp", server.port)
+    });
+    assert_ne!(id, id2);
+    still_held(&mut child);
+    let out = d.cli(&["deny", &id2.to_string(), "--reason", "test"]);
+    assert!(out.status.success(), "deny: {}", text(&out.stderr));
+    let out = finish(child);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "errno 1",
+        "a denied connect is EPERM"
+    );
+}
+
+#[test]
+fn udp_datagram_is_held_until_approved() {
+    if !require_root("udp_datagram_is_held_until_approved") {
+        return;
+    }
+    let agent = unique_agent("ask-udp");
+    let sink = UdpSink::bind("127.0.0.1:0");
+    let script = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         try:\n  print('sent',s.sendto(b'hello',('127.0.0.1',{})))\n\
+         except OSError as e:\n  print('errno',e.errno)",
+        sink.port
+    );
+    let d = Daemon::start(&[ask_policy(&agent, &[], &[PYTHON])]);
+    let mut child = d.spawn_run(&agent, "t1", &[], &[PYTHON, "-c", &script]);
+    let id = wait_pending(&d, &agent, "for the datagram", |a| {
+        is_connect(a, "udp", sink.port)
+    });
+    still_held(&mut child);
+    assert_eq!(sink.received(), 0, "nothing left before the approval");
+    approve_once(&d, id);
+    let out = finish(child);
+    assert_eq!(text(&out.stdout).trim(), "sent 5", "{}", text(&out.stderr));
+    assert_eq!(sink.received(), 1);
+}
+
+/// An ask-mode agent running `sh -c "TOOL; echo rc=$?"` with TOOL a copy of /bin/true off its
+/// list, held: (daemon, temp dir, TOOL, the agent's run, the request id). `control`:
+/// first show TOOL runs outside agents.
+fn held_exec(
+    label: &str,
+    control: bool,
+) -> (Daemon, tempfile::TempDir, std::path::PathBuf, Child, u64) {
+    let agent = unique_agent(label);
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("off-list-tool");
+    std::fs::copy("/bin/true", &tool).unwrap();
+    let tool_s = tool.display().to_string();
+    let cmd = format!("{tool_s}; echo rc=$?");
+    if control {
+        let out = std::process::Command::new(SH)
+            .args(["-c", &cmd])
+            .output()
+            .unwrap();
+        assert_eq!(text(&out.stdout).trim(), "rc=0");
+    }
+    let d = Daemon::start(&[ask_policy(&agent, &[], &[SH])]);
+    let child = d.spawn_run(&agent, "t1", &[], &[SH, "-c", &cmd]);
+    let id = wait_pending(&d, &agent, "for the exec", |a| is_exec(a, &tool_s));
+    (d, dir, tool, child, id)
+}
+
+#[test]
+fn off_list_exec_is_held_until_approved() {
+    if !require_root("off_list_exec_is_held_until_approved") {
+        return;
+    }
+    let (d, dir, tool, mut child, id) = held_exec("ask-exec", true);
+    let held = pending(&d)
+        .into_iter()
+        .find(|r| r["id"] == id)
+        .expect("the request");
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(&tool).unwrap();
+    assert_eq!(held["action"]["inode"], meta.ino(), "{held:#}");
+    still_held(&mut child);
+    approve_once(&d, id);
+    let out = finish(child);
+    drop(dir);
+    assert_eq!(text(&out.stdout).trim(), "rc=0", "{}", text(&out.stderr));
+}
+
+#[test]
+fn exec_file_swapped_while_held_is_refused_by_the_kernel() {
+    if !require_root("exec_file_swapped_while_held_is_refused_by_the_kernel") {
+        return;
+    }
+    let (d, dir, tool, mut child, id) = held_exec("ask-swap", false);
+    still_held(&mut child);
+    // The approval names the file run resolved (device, inode); another file takes its path.
+    let other = dir.path().join("other");
+    std::fs::copy("/bin/true", &other).unwrap();
+    std::fs::rename(&other, &tool).unwrap();
+    approve_once(&d, id);
+    let out = finish(child);
+    // The kernel judges the file actually executed: not the approved one, killed.
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "rc=137",
+        "the swapped file ran: {}",
+        text(&out.stderr)
+    );
+}
+
+/// A C agent whose second thread changes the connect's address while the connect is held:
+/// the approval was for the first address; the kernel sees the second and refuses it.
+const SWAP_ADDRESS: &str = r#"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static struct sockaddr_in addr;
+static int second_port;
+static void *swap(void *arg) {
+    usleep(300000);
+    addr.sin_port = htons(second_port);
+    printf("swapped\n");
+    fflush(stdout);
+    return NULL;
+}
+int main(int argc, char **argv) {
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(atoi(argv[1]));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    second_port = atoi(argv[2]);
+    pthread_t t;
+    pthread_create(&t, NULL, swap, NULL);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    int r = connect(s, (struct sockaddr *)&addr, sizeof addr);
+    printf("%s %d\n", r == 0 ? "connected" : "errno", r == 0 ? 0 : errno);
+    return 0;
+}
+"#;
+
+#[test]
+fn connect_address_swapped_while_held_is_refused_by_the_kernel() {
+    if !require_root("connect_address_swapped_while_held_is_refused_by_the_kernel") {
+        return;
+    }
+    let agent = unique_agent("ask-addr");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(dir.path(), "swap_address", SWAP_ADDRESS);
+    let bin_s = bin.display().to_string();
+    let first = CountingListener::bind("127.0.0.1:0");
+    let second = CountingListener::bind("127.0.0.1:0");
+    let d = Daemon::start(&[ask_policy(&agent, &[], &[&bin_s])]);
+    let mut child = d.spawn_run(
+        &agent,
+        "t1",
+        &[],
+        &[&bin_s, &first.port.to_string(), &second.port.to_string()],
+    );
+    let id = wait_pending(&d, &agent, "for the first address", |a| {
+        is_connect(a, "tcp", first.port)
+    });
+    // Wait for the swap to have happened in the agent's memory before approving.
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "swapped");
+    approve_once(&d, id);
+    let mut rest = String::new();
+    out.read_line(&mut rest).unwrap();
+    let status = finish(child);
+    assert_eq!(rest.trim(), "errno 1", "{}", text(&status.stderr));
+    assert_eq!(second.accepted(), 0, "the swapped address was not reached");
+}
+
+#[test]
+fn held_call_times_out_with_eperm() {
+    if !require_root("held_call_times_out_with_eperm") {
+        return;
+    }
+    let agent = unique_agent("ask-timeout");
+    let port = listener_v4();
+    let d = Daemon::start_with(
+        &[ask_policy(&agent, &[], &[PYTHON])],
+        &["--ask-timeout", "2s"],
+    );
+    let started = Instant::now();
+    let child = spawn_py_connect(&d, &agent, port);
+    wait_pending(&d, &agent, "for the connect", |a| {
+        is_connect(a, "tcp", port)
+    });
+    let out = finish(child);
+    assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn on_list_actions_are_not_held() {
+    if !require_root("on_list_actions_are_not_held") {
+        return;
+    }
+    let agent = unique_agent("ask-onlist");
+    let port = listener_v4();
+    let allowed = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&[ask_policy(&agent, &[&allowed], &[PYTHON, SH, "/bin/true"])]);
+    let script = format!(
+        "{}\nimport subprocess\nprint('true', subprocess.call(['/bin/true']))",
+        py_connect("127.0.0.1", port)
+    );
+    let started = Instant::now();
+    let out = d.run(&agent, Some("t1"), &[PYTHON, "-c", &script]);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "connected\ntrue 0",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(pending(&d).iter().all(|r| r["agent"] != agent.as_str()));
+}
+
+#[test]
+fn daemon_gone_refuses_held_calls() {
+    if !require_root("daemon_gone_refuses_held_calls") {
+        return;
+    }
+    let agent = unique_agent("ask-restart");
+    let port = listener_v4();
+    let mut d = Daemon::start(&[ask_policy(&agent, &[], &[PYTHON])]);
+    let child = spawn_py_connect(&d, &agent, port);
+    wait_pending(&d, &agent, "for the connect", |a| {
+        is_connect(a, "tcp", port)
+    });
+    d.kill9();
+    let out = finish(child);
+    // Never released unjudged: refused when the channel broke.
+    assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("held calls refused"),
+        "{}",
+        text(&out.stderr)
+    );
+}
