@@ -646,7 +646,6 @@ fn a_daemon_restart_denies_held_calls_never_releases_them() {
 
 /// An ask-mode agent under `run` whose connect to ADDR:port (off its list, no name) is held.
 #[test]
-#[ignore = "needs i15-run: run's seccomp filter holds connect and asks over the ask channel"]
 fn held_connect_approved_once_then_the_kernel_judges_it() {
     let Some(c) = case("held_connect_approved_once_then_the_kernel_judges_it", &[]) else {
         return;
@@ -682,7 +681,6 @@ fn held_connect_approved_once_then_the_kernel_judges_it() {
 }
 
 #[test]
-#[ignore = "needs i15-run: run's seccomp filter holds execve and asks over the ask channel"]
 fn held_exec_approved_for_the_task_runs_and_denied_fails() {
     let Some(c) = case("held_exec_approved_for_the_task_runs_and_denied_fails", &[]) else {
         return;
