@@ -418,6 +418,13 @@ impl FromStr for ProgramSection {
                     "recvmsg6" => Self::CgroupSockAddr {
                         attach_type: CgroupSockAddrAttachType::UDPRecvMsg6,
                     },
+                    // agent-monitor patch: the AF_UNIX hooks (libbpf's section names).
+                    "connect_unix" => Self::CgroupSockAddr {
+                        attach_type: CgroupSockAddrAttachType::UnixConnect,
+                    },
+                    "sendmsg_unix" => Self::CgroupSockAddr {
+                        attach_type: CgroupSockAddrAttachType::UnixSendMsg,
+                    },
                     _ => {
                         return Err(ParseError::InvalidProgramSection {
                             section: section.to_owned(),

@@ -28,6 +28,15 @@ pub enum CgroupSockAddrAttachType {
     UDPRecvMsg4,
     /// Attach to IPv6 `udp_recvmsg` events.
     UDPRecvMsg6,
+    /// Attach to AF_UNIX connect events (`BPF_CGROUP_UNIX_CONNECT`, Linux 6.7).
+    ///
+    /// agent-monitor patch: not in aya-obj 0.3.0.
+    UnixConnect,
+    /// Attach to AF_UNIX sendmsg events that name an address (`BPF_CGROUP_UNIX_SENDMSG`,
+    /// Linux 6.7).
+    ///
+    /// agent-monitor patch: not in aya-obj 0.3.0.
+    UnixSendMsg,
 }
 
 impl From<CgroupSockAddrAttachType> for bpf_attach_type {
@@ -45,6 +54,8 @@ impl From<CgroupSockAddrAttachType> for bpf_attach_type {
             CgroupSockAddrAttachType::UDPSendMsg6 => Self::BPF_CGROUP_UDP6_SENDMSG,
             CgroupSockAddrAttachType::UDPRecvMsg4 => Self::BPF_CGROUP_UDP4_RECVMSG,
             CgroupSockAddrAttachType::UDPRecvMsg6 => Self::BPF_CGROUP_UDP6_RECVMSG,
+            CgroupSockAddrAttachType::UnixConnect => Self::BPF_CGROUP_UNIX_CONNECT,
+            CgroupSockAddrAttachType::UnixSendMsg => Self::BPF_CGROUP_UNIX_SENDMSG,
         }
     }
 }
