@@ -169,6 +169,19 @@ pub enum Object {
         first_hop: IpAddr,
         transport: &'static str,
     },
+    /// An AF_UNIX connect (or, `send`, a datagram sent to a named socket).
+    Unix(UnixTarget),
+}
+
+/// The unix socket a connect or send named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixTarget {
+    /// As the caller named it; an abstract socket as `@name`.
+    pub path: String,
+    /// A datagram send naming the socket (`ACTION=sendmsg`), not a connect.
+    pub send: bool,
+    /// "stream", "dgram", "seqpacket".
+    pub sock_type: &'static str,
 }
 
 impl Object {
@@ -186,6 +199,8 @@ impl Object {
             Object::Ptrace(_) => ActionKind::Ptrace,
             Object::Signal(_) => ActionKind::Signal,
             Object::SourceRoute { .. } => ActionKind::SourceRoute,
+            Object::Unix(t) if t.send => ActionKind::Sendmsg,
+            Object::Unix(_) => ActionKind::Connect,
         }
     }
 
@@ -210,7 +225,8 @@ impl Object {
             | Object::IoUring(_)
             | Object::Seccomp(_)
             | Object::Ptrace(_)
-            | Object::Signal(_) => None,
+            | Object::Signal(_)
+            | Object::Unix(_) => None,
         }
     }
 
@@ -218,6 +234,14 @@ impl Object {
     pub fn call(&self) -> Option<&str> {
         match self {
             Object::Socket(s) | Object::IoUring(s) | Object::Seccomp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The unix socket a connect or send named, for `DEST_PATH` (`DEST_TRANSPORT=unix`).
+    pub fn unix_path(&self) -> Option<&str> {
+        match self {
+            Object::Unix(t) => Some(&t.path),
             _ => None,
         }
     }
@@ -309,6 +333,7 @@ impl Action {
                 "query {}",
                 q.name.as_deref().unwrap_or("(unreadable message)")
             ),
+            Object::Unix(t) => format!("unix {} {}", t.sock_type, t.path),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",

@@ -17,6 +17,7 @@ mod pin;
 mod ring;
 mod socket_watch;
 mod tables;
+mod unix_hooks;
 
 pub use hooks::HookCgroups;
 pub use load::{Mechanisms, Origin, uninstall};

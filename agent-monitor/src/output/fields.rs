@@ -38,11 +38,13 @@ pub enum Field {
     Enforcement,
     Reason,
     Message,
+    /// A unix connect's socket (`DEST_TRANSPORT=unix`); an abstract name as `@name`.
+    DestPath,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 26] = [
+    pub const ALL: [Field; 27] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -69,6 +71,7 @@ impl Field {
         Field::Enforcement,
         Field::Reason,
         Field::Message,
+        Field::DestPath,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -100,6 +103,7 @@ impl Field {
             Field::Enforcement => "ENFORCEMENT",
             Field::Reason => "REASON",
             Field::Message => "MESSAGE",
+            Field::DestPath => "DEST_PATH",
         }
     }
 
@@ -132,6 +136,7 @@ impl Field {
             Field::Enforcement => "enforcement",
             Field::Reason => "reason",
             Field::Message => "message",
+            Field::DestPath => "dest_path",
         }
     }
 }
@@ -186,7 +191,9 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::TargetTask => target.and_then(|t| borrowed(&t.task)),
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
-                Field::DestTransport => dest.and_then(|d| text(d.transport)),
+                Field::DestTransport => dest
+                    .and_then(|d| text(d.transport))
+                    .or_else(|| action.object.unix_path().and_then(|_| text("unix"))),
                 Field::DestHost => match &action.object {
                     Object::Connect(t) | Object::Sendmsg(t) => borrowed(&t.host),
                     _ => None,
@@ -199,6 +206,10 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::Enforcement => action.enforcement.and_then(text),
                 Field::Reason => Some(FieldValue::Text(Cow::Borrowed(action.reason.as_str()))),
                 Field::Message => Some(FieldValue::Text(Cow::Owned(action.message()))),
+                Field::DestPath => action
+                    .object
+                    .unix_path()
+                    .map(|p| FieldValue::Text(Cow::Borrowed(p))),
             };
             (field, value)
         })
@@ -237,7 +248,7 @@ mod tests {
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
-        // A connect has every field but the exec, socket, DNS and process-target ones.
+        // A connect has every field but the exec, socket, DNS, process-target and unix ones.
         assert!(
             fields.iter().all(|(f, v)| v.is_some()
                 != matches!(
@@ -251,6 +262,7 @@ mod tests {
                         | Field::TargetComm
                         | Field::TargetAgent
                         | Field::TargetTask
+                        | Field::DestPath
                 )),
             "{fields:?}"
         );
@@ -349,8 +361,49 @@ mod tests {
                     | Field::TargetComm
                     | Field::TargetAgent
                     | Field::TargetTask
+                    | Field::DestPath
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
+    }
+
+    #[test]
+    fn a_unix_connect_has_transport_unix_and_its_path_and_no_address() {
+        let mut a = connect_action();
+        a.object = Object::Unix(crate::action::UnixTarget {
+            path: "/var/run/docker.sock".into(),
+            send: false,
+            sock_type: "stream",
+        });
+        let fields = action_fields(&a);
+        let get = |want: Field| {
+            fields
+                .iter()
+                .find(|(f, _)| *f == want)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::Action),
+            Some(Some(FieldValue::Text("connect".into())))
+        );
+        assert_eq!(
+            get(Field::DestTransport),
+            Some(Some(FieldValue::Text("unix".into())))
+        );
+        assert_eq!(
+            get(Field::DestPath),
+            Some(Some(FieldValue::Text("/var/run/docker.sock".into())))
+        );
+        for absent in [Field::DestAddr, Field::DestPort, Field::DestHost] {
+            assert_eq!(get(absent), Some(None), "{absent:?}");
+        }
+        a.object = Object::Unix(crate::action::UnixTarget {
+            path: "@bus".into(),
+            send: true,
+            sock_type: "dgram",
+        });
+        let fields = action_fields(&a);
+        assert!(fields.contains(&(Field::Action, Some(FieldValue::Text("sendmsg".into())))));
+        assert!(a.message().contains("sendmsg unix dgram @bus"));
     }
 }

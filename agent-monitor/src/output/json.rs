@@ -411,6 +411,7 @@ mod tests {
             "enforcement": "eperm",
             "reason": "no network rule matches 10.1.2.3:443",
             "message": "agent coder task t-42: connect tcp 10.1.2.3:443 (api.example.com) by pid 4242 (curl): DENIED",
+            "dest_path": null,
             "time": "2025-11-29T11:44:00.25Z",
             "priority": 4
         });

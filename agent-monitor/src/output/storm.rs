@@ -36,6 +36,7 @@ impl StormKey {
             Object::Dns(q) => q.name.clone().unwrap_or_default(),
             Object::Exec(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
+            Object::Unix(t) => format!("unix:{}", t.path),
         };
         Some(StormKey {
             agent: action.agent.clone(),

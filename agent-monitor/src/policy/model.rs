@@ -144,6 +144,8 @@ pub struct Policy {
     pub(crate) defined_at: Location,
     /// Lookup tables over `network` and `exec` for the evaluator.
     pub(crate) index: crate::policy::index::LazyIndex,
+    /// `[unix]`: which unix sockets it may use; `None`: not judged (see `unix.rs`).
+    pub(crate) unix: Option<crate::policy::unix::UnixRules>,
 }
 
 impl Policy {

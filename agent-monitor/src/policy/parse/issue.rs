@@ -198,4 +198,19 @@ pub enum Reason {
     LearnedLimit,
     #[error("expected a host name without a port: NAME or *.NAME")]
     PatternWithPort,
+
+    #[error(
+        "globs are not supported for unix sockets: the kernel matches exact names; list each socket"
+    )]
+    UnixGlob,
+    #[error("expected a name after '@' (an abstract socket)")]
+    UnixAbstractEmpty,
+    #[error(
+        "[unix] says nothing; expected `allow = [...]` (only those sockets; `allow = []` refuses every unix socket) or `deny_known_daemons = true`"
+    )]
+    UnixEmptySection,
+    #[error(
+        "is on the built-in list `deny_known_daemons = true` refuses; remove one of the two (with `allow`, every socket not listed is refused anyway)"
+    )]
+    UnixAllowsKnownDaemon,
 }

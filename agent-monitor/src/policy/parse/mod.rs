@@ -20,6 +20,7 @@ mod location;
 mod network;
 #[cfg(test)]
 mod tests;
+mod unix;
 
 pub(crate) use exec::parse_exec;
 pub use issue::{Issue, PolicyError, Reason};
@@ -46,6 +47,8 @@ pub(crate) struct RawPolicy {
     identity: Option<RawIdentity>,
     #[serde(default)]
     dns: Option<RawDns>,
+    #[serde(default)]
+    unix: Option<Spanned<unix::RawUnix>>,
 }
 
 /// `[dns]`: the agent's share of the learned-address map and its DNS-rebinding opt-in.
@@ -338,10 +341,15 @@ impl TryFrom<RawFile<'_>> for Policy {
             }
         }
 
+        let unix = raw
+            .unix
+            .and_then(|u| unix::parse_unix(u, &lines, &mut issues));
+
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
         Ok(Policy {
+            unix,
             dns,
             selectors,
             defined_at: lines.location(raw.agent.span().start),
