@@ -30,6 +30,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // `run`'s seccomp filter is built with libseccomp (linked at build time).
     "libseccomp-dev",
+    // ssh-agent and ssh-add: the unix-socket tests keep an agent away from a real SSH agent.
+    "openssh-client",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

@@ -36,6 +36,7 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
             }
         }),
         What::Other { .. } => None,
+        What::Unix { path } => Some(policy.check_unix(path)),
     }
 }
 

@@ -167,6 +167,21 @@ impl Policy {
     }
 }
 
+/// Whether `policy suggest` may write `name` as a `[unix] allow` entry; why not, in words. A host
+/// daemon's socket is never suggested: giving an agent docker.sock is a decision for a person.
+pub fn suggestable(name: &str) -> Result<(), String> {
+    if KNOWN_DAEMONS.contains(&name) {
+        return Err(
+            "a host daemon's socket (the deny_known_daemons list); not suggested: add \
+                    it by hand if the agent must have it"
+                .into(),
+        );
+    }
+    crate::policy::parse::parse_unix_name(name)
+        .map(drop)
+        .map_err(|reason| format!("cannot be a [unix] entry: {reason}"))
+}
+
 /// A socket name from the kernel (`sun_path` in `UnixKey`'s canonical form) as reports and policies
 /// write it: a pathname as it is, an abstract name as `@name`.
 pub fn unix_name_display(path: &[u8; UNIX_PATH_LEN], name_len: u32) -> String {

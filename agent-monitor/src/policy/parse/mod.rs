@@ -28,6 +28,7 @@ pub(crate) use location::LineIndex;
 pub use location::Location;
 use network::parse_ports;
 pub(crate) use network::{parse_net, valid_net_entry};
+pub(crate) use unix::parse_unix_name;
 
 /// Longest agent name: it becomes a cgroup directory name and a journald field value.
 pub const AGENT_NAME_MAX: usize = 63;
@@ -48,7 +49,7 @@ pub(crate) struct RawPolicy {
     #[serde(default)]
     dns: Option<RawDns>,
     #[serde(default)]
-    unix: Option<Spanned<unix::RawUnix>>,
+    unix: Option<unix::RawUnix>,
 }
 
 /// `[dns]`: the agent's share of the learned-address map and its DNS-rebinding opt-in.
@@ -343,7 +344,7 @@ impl TryFrom<RawFile<'_>> for Policy {
 
         let unix = raw
             .unix
-            .and_then(|u| unix::parse_unix(u, &lines, &mut issues));
+            .and_then(|u| unix::parse_unix(u, text, &lines, &mut issues));
 
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));

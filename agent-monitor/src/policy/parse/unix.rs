@@ -63,14 +63,19 @@ pub(crate) fn parse_unix_name(text: &str) -> Result<String, Reason> {
     Ok(text.to_string())
 }
 
-/// Validates `[unix]`; every problem goes to `issues` with its place.
+/// Validates `[unix]` (`text`: the file, to place a problem with the whole section); every
+/// problem goes to `issues` with its place.
 pub(crate) fn parse_unix(
-    raw: Spanned<RawUnix>,
+    raw: RawUnix,
+    text: &str,
     lines: &LineIndex,
     issues: &mut Vec<Issue>,
 ) -> Option<UnixRules> {
-    let section_at = raw.span().start;
-    let raw = raw.into_inner();
+    // The section has no span of its own (a dotted `unix.key` has no table to carry one).
+    let section_at = text
+        .find("[unix]")
+        .or_else(|| text.find("unix."))
+        .unwrap_or(0);
     let deny_known_daemons = raw
         .deny_known_daemons
         .as_ref()
@@ -157,5 +162,50 @@ mod tests {
         assert!(parse_unix_name(&fits).is_ok());
         let abstract_long = format!("@{}", "a".repeat(UNIX_PATH_LEN));
         assert!(parse_unix_name(&abstract_long).is_err());
+    }
+
+    fn parse(text: &str) -> Result<crate::policy::Policy, String> {
+        crate::policy::Policy::parse(text, std::path::Path::new("p/a.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_unix_section_parses_into_rules() {
+        let p = parse("agent = \"a\"\n[unix]\nallow = [\"/run/user/1000/bus\", \"@x\"]\n")
+            .expect("valid");
+        let u = p.unix().expect("section");
+        let names: Vec<&str> = u.allow().expect("allow").iter().map(|r| r.name()).collect();
+        assert_eq!(names, ["/run/user/1000/bus", "@x"]);
+        assert_eq!(u.allow().expect("allow")[1].line(), 3);
+        assert!(!u.deny_known_daemons());
+        let p = parse("agent = \"a\"\nunix.deny_known_daemons = true\n").expect("dotted key");
+        assert!(p.unix().expect("section").deny_known_daemons());
+        assert_eq!(parse("agent = \"a\"\n").expect("valid").unix(), None);
+        let p = parse("agent = \"a\"\n[unix]\nallow = []\n").expect("valid");
+        assert!(!p.check_unix("/tmp/any.sock").allowed);
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_column() {
+        let err = parse("agent = \"a\"\n[unix]\nallow = [\n  \"/ok\",\n  \"rel.sock\",\n]\n")
+            .expect_err("relative");
+        assert_eq!(
+            err,
+            "p/a.toml:5:3: unix.allow[1] \"rel.sock\": path must be absolute (start with /)"
+        );
+        let err = parse("agent = \"a\"\n[unix]\ndeny_known_daemons = false\n").expect_err("empty");
+        assert!(
+            err.starts_with("p/a.toml:2:1: unix \"\": [unix] says nothing"),
+            "{err}"
+        );
+        let err = parse(
+            "agent = \"a\"\n[unix]\ndeny_known_daemons = true\nallow = [\"/var/run/docker.sock\"]\n",
+        )
+        .expect_err("conflict");
+        assert!(err.starts_with("p/a.toml:4:10: unix.allow[0]"), "{err}");
+        assert!(err.contains("deny_known_daemons"), "{err}");
+        let err = parse("agent = \"a\"\n[unix]\nallow = [\"/a\"]\ndeny = [\"/b\"]\n")
+            .expect_err("unknown key");
+        assert!(err.starts_with("p/a.toml:4:1:"), "{err}");
     }
 }
