@@ -81,6 +81,13 @@ pub enum Load {
         #[arg(long)]
         n: usize,
     },
+    /// N times: socket(AF_UNIX, SOCK_STREAM), connect() to PATH, close().
+    UnixConnect {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        path: std::path::PathBuf,
+    },
 }
 
 /// What a timed loop (connect, exec) reports.
@@ -155,6 +162,9 @@ pub fn run(load: Load) -> anyhow::Result<()> {
         Load::Dns { n, server, name } => serde_json::to_string(&dns(n, server, &name)?)?,
         Load::Listen { port } => return serve(port),
         Load::Spawn { n } => return spawn(n),
+        Load::UnixConnect { n, path } => {
+            serde_json::to_string(&crate::unix_bench::connect(n, &path)?)?
+        }
     };
     println!("{out}");
     Ok(())
@@ -207,7 +217,7 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStats {
+pub(crate) fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStats {
     times.sort_unstable();
     let n = times.len();
     let at = |q: f64| {

@@ -7,6 +7,7 @@ mod policy_size;
 mod report;
 mod run;
 mod setups;
+mod unix_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +41,7 @@ enum Cmd {
         /// Criterion's output directory to read the in-process benches from.
         #[arg(long)]
         criterion: Option<PathBuf>,
-        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns); the
+        /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, unix); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -167,6 +167,9 @@ pub struct Results {
     /// `policy check` and daemon start-up against the number of allowlist entries.
     #[serde(default)]
     pub policy_size: Vec<crate::policy_size::PolicySizeStep>,
+    /// Per repetition, a unix-socket connect loop: bare, outside every agent, as an agent.
+    #[serde(default)]
+    pub unix: Option<crate::unix_bench::UnixLatency>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -282,6 +285,11 @@ pub fn run(
     } else {
         None
     };
+    let unix = if phase("unix") {
+        Some(crate::unix_bench::measure(&env, dir)?)
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -300,6 +308,7 @@ pub fn run(
         attached,
         dns,
         policy_size,
+        unix,
     })
 }
 
@@ -320,7 +329,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Runs the bench binary's `load …` (as agent [`AGENT`] through the daemon when `daemon` is given)
 /// and parses its JSON line.
-fn load<T: serde::de::DeserializeOwned>(
+pub(crate) fn load<T: serde::de::DeserializeOwned>(
     env: &Env,
     daemon: Option<(&Daemon, &str)>,
     args: &[String],
@@ -332,7 +341,7 @@ fn load<T: serde::de::DeserializeOwned>(
 }
 
 /// [`load`] as agent `agent`, in task `task` of daemon `d`.
-fn load_as<T: serde::de::DeserializeOwned>(
+pub(crate) fn load_as<T: serde::de::DeserializeOwned>(
     env: &Env,
     agent: &str,
     (d, task): (&Daemon, &str),

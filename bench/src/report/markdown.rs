@@ -480,6 +480,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
 
     policy_size_section(&mut o, &r.policy_size);
     dns_section(&mut o, r.dns.as_ref());
+    crate::unix_bench::section(&mut o, r.unix.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {
