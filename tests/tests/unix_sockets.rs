@@ -579,3 +579,48 @@ fn an_agent_without_a_unix_section_is_not_judged() {
         "no unix record for an agent without [unix]"
     );
 }
+
+#[test]
+fn a_reload_puts_a_new_unix_list_in_force() {
+    if !require_root("a_reload_puts_a_new_unix_list_in_force") {
+        return;
+    }
+    let dir = socket_dir();
+    let first = dir.path().join("first.sock");
+    let second = dir.path().join("second.sock");
+    let _first_server = python_server(ENGINE, &[path_str(&first)]);
+    let _second_server = python_server(ENGINE, &[path_str(&second)]);
+    let agent = unique_agent("unix-reload");
+    let (file, text) = policy(&agent, "enforce", &allow_list(&[path_str(&first)]));
+    let d = Daemon::start(&[(file.clone(), text)]);
+    let script = format!(
+        "attempt('first', lambda: connect({:?}))\nattempt('second', lambda: connect({:?}))\n",
+        path_str(&first),
+        path_str(&second)
+    );
+    let out = agent_py(&d, &agent, &script);
+    assert_eq!(outcome(&out, "first"), "ok");
+    assert_eq!(outcome(&out, "second"), REFUSED);
+
+    let (_, text) = policy(&agent, "enforce", &allow_list(&[path_str(&second)]));
+    d.write_policy(&file, &text);
+    let r = d.reload();
+    assert!(r.status.success(), "reload: {}", text_of(&r));
+    let out = agent_py(&d, &agent, &script);
+    assert_eq!(outcome(&out, "first"), REFUSED, "after the reload");
+    assert_eq!(outcome(&out, "second"), "ok", "after the reload");
+
+    // Without the section unix sockets are not judged again.
+    let plain =
+        format!("agent = {agent:?}\nmode = \"enforce\"\n[exec]\nallow = [\"/usr/bin/python3*\"]\n");
+    d.write_policy(&file, &plain);
+    let r = d.reload();
+    assert!(r.status.success(), "reload: {}", text_of(&r));
+    let out = agent_py(&d, &agent, &script);
+    assert_eq!(outcome(&out, "first"), "ok", "without [unix]");
+    assert_eq!(outcome(&out, "second"), "ok", "without [unix]");
+}
+
+fn text_of(out: &Output) -> String {
+    format!("{}{}", text(&out.stdout), text(&out.stderr))
+}

@@ -39,6 +39,7 @@ impl Monitor {
         match result {
             Ok(agents) => {
                 self.reporter.counters.reloads += 1;
+                self.warn_unenforced_unix();
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),

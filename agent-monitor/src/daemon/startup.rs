@@ -149,6 +149,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for r in &m.refused {
         tracing::warn!("not available: {r}");
     }
+    monitor.warn_unenforced_unix();
     let names: Vec<String> = monitor
         .generations
         .live()

@@ -4,6 +4,32 @@ use super::*;
 use crate::action::UnixTarget;
 
 impl Monitor {
+    /// Says loudly when policies have `[unix]` sections that this kernel does not enforce (the
+    /// unix hooks need Linux 6.7 and were refused or are not attached): they would read as if
+    /// they did.
+    pub(super) fn warn_unenforced_unix(&self) {
+        let attached = self
+            .kernel
+            .mechanisms
+            .links
+            .iter()
+            .any(|l| l.program == "agent_connect_unix");
+        let with_unix: Vec<&str> = self
+            .generations
+            .live()
+            .iter()
+            .filter(|p| p.unix().is_some())
+            .map(|p| p.agent())
+            .collect();
+        if !attached && !with_unix.is_empty() {
+            tracing::error!(
+                agents = with_unix.join(", "),
+                "[unix] sections are NOT enforced: the unix-socket hooks (cgroup/connect_unix, \
+                 Linux 6.7) are not attached on this kernel (see the refused programs above)"
+            );
+        }
+    }
+
     pub(super) fn unix_action(&mut self, u: &event::UnixEvent) -> Action {
         let (agent, task) = self.identity(&u.subject);
         let mut reason = if u.name.is_empty() {
