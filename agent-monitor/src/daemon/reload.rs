@@ -32,6 +32,9 @@ impl Monitor {
                 for w in crate::exec_lint::warnings(&set) {
                     tracing::warn!("{w}");
                 }
+                for w in crate::unix_lint::warnings(&set) {
+                    tracing::warn!("{w}");
+                }
                 self.apply_policies(set)
                     .map(|()| agents)
                     .map_err(ReloadRefused::Apply)

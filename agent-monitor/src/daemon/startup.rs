@@ -44,6 +44,9 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for w in crate::exec_lint::warnings(&policies) {
         tracing::warn!("{w}");
     }
+    for w in crate::unix_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for w in crate::confine::selector_warnings(&policies) {
         tracing::warn!("{w}");
     }
