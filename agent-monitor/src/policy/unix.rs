@@ -271,4 +271,27 @@ mod tests {
             assert!(UnixKey::of_name(0, n.as_bytes()).is_some(), "{n}");
         }
     }
+
+    #[test]
+    fn a_set_compiles_each_unix_agent_under_its_index_and_rebases_with_the_bank() {
+        let parse = |text: &str, file: &str| {
+            Policy::parse(text, std::path::Path::new(file)).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let set = crate::policy::PolicySet::new(vec![
+            parse("agent = \"b\"\n[unix]\nallow = [\"/s\"]\n", "b.toml"),
+            parse("agent = \"a\"\n", "a.toml"),
+        ])
+        .expect("set");
+        let tables = set.compile().expect("fits");
+        // "a" is index 0 and has no [unix]: nothing of it; "b" is index 1.
+        assert_eq!(
+            tables.unix,
+            [
+                (UnixKey::default_entry(1), UNIX_DENY),
+                (UnixKey::of_name(1, b"/s").expect("fits"), UNIX_ALLOW)
+            ]
+        );
+        let moved = tables.rebased(4096);
+        assert!(moved.unix.iter().all(|(k, _)| k.agent == 4097));
+    }
 }
