@@ -41,12 +41,13 @@ pub fn connect(n: usize, path: &Path) -> anyhow::Result<OpStats> {
         *d = *s as libc::c_char;
     }
     let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as u32;
-    let (mut ok, mut refused, mut other) = (0, 0, 0);
     let mut times = Vec::with_capacity(n);
+    // Per connect: succeeded, or the errno it failed with.
+    let mut outcomes: Vec<Result<(), i32>> = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         // SAFETY: plain syscalls on a socket this loop owns; the address is a live local.
-        unsafe {
+        let outcome = unsafe {
             let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
             if fd < 0 {
                 bail!("socket(): {}", std::io::Error::last_os_error());
@@ -54,15 +55,14 @@ pub fn connect(n: usize, path: &Path) -> anyhow::Result<OpStats> {
             let r = libc::connect(fd, (&sa as *const libc::sockaddr_un).cast(), len);
             let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             libc::close(fd);
-            match (r, e) {
-                (0, _) => ok += 1,
-                (_, libc::EPERM) => refused += 1,
-                _ => other += 1,
-            }
-        }
+            if r == 0 { Ok(()) } else { Err(e) }
+        };
         times.push(t.elapsed().as_nanos() as u64);
+        outcomes.push(outcome);
     }
-    Ok(stats(times, ok, refused, other))
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes.iter().filter(|o| **o == Err(libc::EPERM)).count();
+    Ok(stats(times, ok, refused, n - ok - refused))
 }
 
 /// The phase: a listener in this process (outside every agent), three setups per repetition.
@@ -158,7 +158,7 @@ pub fn section(o: &mut String, u: Option<&UnixLatency>) {
     );
     let _ = writeln!(
         o,
-        "| agent, socket on its `[unix]` list | {:.0} ns | {:+.1} % |",
+        "| agent, socket on its `[unix]` list | {:.0} ns | {:+.1} % |\n",
         agent,
         pct(agent)
     );
