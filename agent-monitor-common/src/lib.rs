@@ -7,6 +7,8 @@
 
 mod record;
 pub use record::*;
+mod unix;
+pub use unix::*;
 
 /// Length of `task_struct::comm`.
 pub const COMM_LEN: usize = 16;
@@ -583,6 +585,7 @@ mod pod {
     unsafe impl aya::Pod for super::Learned {}
     unsafe impl aya::Pod for super::ExecFileKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::UnixKey {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.

@@ -47,6 +47,9 @@ pub enum RecordKind {
     /// original destination. Names the process behind a query; not an action of its own
     /// ([`NetPayload`]).
     DnsRedirect = 30,
+    /// An AF_UNIX connect, or a datagram send naming its socket, of an agent with a `[unix]`
+    /// section: cgroup connect_unix / sendmsg_unix ([`crate::UnixPayload`]).
+    UnixConnect = 50,
 }
 
 /// A `RecordHeader::kind` no [`RecordKind`] has.
@@ -67,6 +70,7 @@ impl TryFrom<u32> for RecordKind {
             12 => RecordKind::SourceRoute,
             20 => RecordKind::Tagged,
             30 => RecordKind::DnsRedirect,
+            50 => RecordKind::UnixConnect,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -74,7 +78,7 @@ impl TryFrom<u32> for RecordKind {
 
 impl RecordKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [RecordKind; 9] = [
+    pub const ALL: [RecordKind; 10] = [
         RecordKind::Exec,
         RecordKind::Connect,
         RecordKind::Fork,
@@ -84,6 +88,7 @@ impl RecordKind {
         RecordKind::SourceRoute,
         RecordKind::Tagged,
         RecordKind::DnsRedirect,
+        RecordKind::UnixConnect,
     ];
 
     /// Bytes the kernel writes for a record of this kind (header and payload).
@@ -98,6 +103,7 @@ impl RecordKind {
             RecordKind::Socket => core::mem::size_of::<Record<SocketPayload>>(),
             RecordKind::SourceRoute => core::mem::size_of::<Record<SourceRoutePayload>>(),
             RecordKind::Tagged => core::mem::size_of::<Record<TaggedPayload>>(),
+            RecordKind::UnixConnect => core::mem::size_of::<Record<crate::UnixPayload>>(),
         }
     }
 }
@@ -326,6 +332,7 @@ mod tests {
             match kind {
                 RecordKind::Exec => assert!(size > 2 * RECORD_PATH_LEN),
                 RecordKind::Tagged => assert!(size > RECORD_PATH_LEN && size < 2 * RECORD_PATH_LEN),
+                RecordKind::UnixConnect => assert_eq!(size, 200),
                 _ => assert!(size <= 104, "{kind:?}: {size} bytes"),
             }
         }

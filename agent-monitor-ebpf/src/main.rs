@@ -12,6 +12,7 @@ mod lifecycle;
 mod maps;
 mod net;
 mod route;
+mod unix;
 
 use agent_monitor_common::RecordKind;
 use aya_ebpf::{
@@ -119,6 +120,22 @@ pub fn agent_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn agent_getpeername6(ctx: SockAddrContext) -> i32 {
     dns::restore_peer6(&ctx)
+}
+
+/// cgroup/connect_unix: every connect of an AF_UNIX socket (stream, seqpacket, datagram; io_uring
+/// too), with the kernel's copy of the address, before the name is looked up; 0 → EPERM.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "cgroup/connect_unix")]
+pub fn agent_connect_unix(ctx: *mut aya_ebpf::bindings::bpf_sock_addr) -> i32 {
+    unix::on_unix(&SockAddrContext::new(ctx), 0)
+}
+
+/// cgroup/sendmsg_unix: every AF_UNIX datagram send that names its destination (sendto,
+/// sendmsg, sendmmsg), before the name is looked up; 0 → EPERM.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "cgroup/sendmsg_unix")]
+pub fn agent_sendmsg_unix(ctx: *mut aya_ebpf::bindings::bpf_sock_addr) -> i32 {
+    unix::on_unix(&SockAddrContext::new(ctx), 1)
 }
 
 /// lsm/bprm_check_security: loaded (never attached) only to learn whether this kernel accepts BPF

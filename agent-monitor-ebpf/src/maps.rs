@@ -249,3 +249,15 @@ pub fn report_net(
     }
     false
 }
+
+/// AF_UNIX rules (`unix.rs`): (allowlist index, socket name) → `UNIX_ALLOW` / `UNIX_DENY`, plus
+/// each agent's default entry (`UNIX_DEFAULT_ENTRY`), present only for agents with a `[unix]`
+/// section.
+#[map]
+pub static UNIX_RULES: HashMap<agent_monitor_common::UnixKey, u32> =
+    HashMap::with_max_entries(agent_monitor_common::MAX_UNIX_ENTRIES, 0);
+
+/// Scratch space for the unix lookup key (116 bytes, kept off the 512-byte BPF stack).
+#[map]
+pub static UNIX_KEY_SCRATCH: PerCpuArray<agent_monitor_common::UnixKey> =
+    PerCpuArray::with_max_entries(1, 0);

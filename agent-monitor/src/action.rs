@@ -182,6 +182,19 @@ pub enum Object {
         transport: &'static str,
     },
     Open(FileOpen),
+    /// An AF_UNIX connect (or, `send`, a datagram sent to a named socket).
+    Unix(UnixTarget),
+}
+
+/// The unix socket a connect or send named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixTarget {
+    /// As the caller named it; an abstract socket as `@name`.
+    pub path: String,
+    /// A datagram send naming the socket (`ACTION=sendmsg`), not a connect.
+    pub send: bool,
+    /// "stream", "dgram", "seqpacket".
+    pub sock_type: &'static str,
 }
 
 impl Object {
@@ -200,6 +213,8 @@ impl Object {
             Object::Signal(_) => ActionKind::Signal,
             Object::SourceRoute { .. } => ActionKind::SourceRoute,
             Object::Open(_) => ActionKind::Open,
+            Object::Unix(t) if t.send => ActionKind::Sendmsg,
+            Object::Unix(_) => ActionKind::Connect,
         }
     }
 
@@ -226,6 +241,7 @@ impl Object {
             | Object::Ptrace(_)
             | Object::Signal(_)
             | Object::Open(_) => None,
+            Object::Unix(_) => None,
         }
     }
 
@@ -233,6 +249,14 @@ impl Object {
     pub fn call(&self) -> Option<&str> {
         match self {
             Object::Socket(s) | Object::IoUring(s) | Object::Seccomp(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The unix socket a connect or send named, for `DEST_PATH` (`DEST_TRANSPORT=unix`).
+    pub fn unix_path(&self) -> Option<&str> {
+        match self {
+            Object::Unix(t) => Some(&t.path),
             _ => None,
         }
     }
@@ -325,6 +349,7 @@ impl Action {
                 q.name.as_deref().unwrap_or("(unreadable message)")
             ),
             Object::Open(f) => format!("{} ({})", f.path, f.open_flags),
+            Object::Unix(t) => format!("unix {} {}", t.sock_type, t.path),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",

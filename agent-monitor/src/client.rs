@@ -797,6 +797,9 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                 for w in crate::exec_lint::warnings(&set) {
                     eprintln!("{w}");
                 }
+                for w in crate::unix_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
                 for w in crate::delegation_lint::warnings(&set) {
                     eprintln!("{w}");
                 }

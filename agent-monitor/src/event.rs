@@ -41,6 +41,23 @@ pub enum KernelEvent {
         path: String,
         claimed_by: u32,
     },
+    /// An AF_UNIX connect or datagram send of an agent with a `[unix]` section.
+    Unix(UnixEvent),
+}
+
+/// A unix connect or send as the kernel judged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    /// The socket's name as the caller gave it; an abstract name as `@name`. Empty when the
+    /// kernel could not read it.
+    pub name: String,
+    /// A datagram send naming the socket, not a connect.
+    pub send: bool,
+    pub sock_type: u32,
+    /// The entry that named it (`UNIX_ALLOW`, `UNIX_DENY`), 0 for the agent's default.
+    pub rule: u32,
 }
 
 /// Who acted: the task and the agent identity key.
@@ -181,6 +198,7 @@ unsafe impl Wire for common::SocketPayload {}
 unsafe impl Wire for common::SourceRoutePayload {}
 unsafe impl Wire for common::ForkPayload {}
 unsafe impl Wire for common::TaggedPayload {}
+unsafe impl Wire for common::UnixPayload {}
 
 /// The record's `T` at `offset`, or `Short` when the record ends before it does.
 fn read<T: Wire>(bytes: &[u8], offset: usize, want: usize) -> Result<T, DecodeError> {
@@ -318,6 +336,17 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             })
         }
         RecordKind::Exit => Ok(KernelEvent::Exit { subject }),
+        RecordKind::UnixConnect => {
+            let p: common::UnixPayload = read(bytes, payload, want)?;
+            Ok(KernelEvent::Unix(UnixEvent {
+                verdict: verdict(header.verdict, "unix connect")?,
+                name: crate::policy::unix_name_display(&p.path, p.name_len),
+                send: p.send != 0,
+                sock_type: p.sock_type,
+                rule: p.rule,
+                subject,
+            }))
+        }
     }
 }
 

@@ -276,7 +276,7 @@ pub fn resolve(path: &Path) -> Option<PathBuf> {
 const GLOB_SCAN_DEPTH: usize = 3;
 const GLOB_SCAN_ENTRIES: usize = 10_000;
 
-fn access_of(p: &Path) -> Option<Access> {
+pub(crate) fn access_of(p: &Path) -> Option<Access> {
     std::fs::symlink_metadata(p).ok().map(|m| Access {
         uid: m.uid(),
         // A symlink's own bits mean nothing (always 0777); who owns it is what counts.

@@ -31,6 +31,7 @@ mod policy_dir;
 mod privileges;
 mod sandbox;
 mod stdout;
+mod unix_lint;
 
 use std::process::ExitCode;
 

@@ -88,6 +88,13 @@ pub enum Load {
         #[arg(long)]
         path: String,
     },
+    /// N times: socket(AF_UNIX, SOCK_STREAM), connect() to PATH, close().
+    UnixConnect {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        path: std::path::PathBuf,
+    },
 }
 
 /// What a timed loop (connect, exec) reports.
@@ -163,6 +170,9 @@ pub fn run(load: Load) -> anyhow::Result<()> {
         Load::Listen { port } => return serve(port),
         Load::Spawn { n } => return spawn(n),
         Load::Open { n, path } => serde_json::to_string(&crate::files::open_loop(n, &path)?)?,
+        Load::UnixConnect { n, path } => {
+            serde_json::to_string(&crate::unix_bench::connect(n, &path)?)?
+        }
     };
     println!("{out}");
     Ok(())

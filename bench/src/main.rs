@@ -9,6 +9,7 @@ mod policy_size;
 mod report;
 mod run;
 mod setups;
+mod unix_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,7 +44,7 @@ enum Cmd {
         #[arg(long)]
         criterion: Option<PathBuf>,
         /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, files,
-        /// ask); the
+        /// ask, unix); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -173,6 +173,9 @@ pub struct Results {
     /// An ask-mode agent's allowed connect and exec, and the release of a held call.
     #[serde(default)]
     pub ask: Option<crate::ask::AskLatency>,
+    /// Per repetition, a unix-socket connect loop: bare, outside every agent, as an agent.
+    #[serde(default)]
+    pub unix: Option<crate::unix_bench::UnixLatency>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -298,6 +301,11 @@ pub fn run(
     } else {
         None
     };
+    let unix = if phase("unix") {
+        Some(crate::unix_bench::measure(&env, dir)?)
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -318,6 +326,7 @@ pub fn run(
         policy_size,
         files,
         ask,
+        unix,
     })
 }
 

@@ -928,3 +928,13 @@ pub fn mode_policy(agent: &str, mode: &str, net: &[&str], exec: &[&str]) -> (Str
         ),
     )
 }
+/// Python prelude for probe scripts: `attempt(name, fn)` prints `name ok` or `name errno N` (read
+/// back with [`outcome`]). The same helper several test files define for themselves.
+pub const PY_ATTEMPT: &str = r#"import os, socket, sys
+def attempt(name, f):
+    try:
+        f()
+        print(name, 'ok', flush=True)
+    except OSError as e:
+        print(name, 'errno', e.errno, flush=True)
+"#;

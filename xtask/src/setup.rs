@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "openssl",
     // tests/console.rs drives `agent-monitor top` in a terminal (send-keys, capture-pane).
     "tmux",
+    // ssh-agent and ssh-add: the unix-socket tests keep an agent away from a real SSH agent.
+    "openssh-client",
 ];
 
 /// (mount point, filesystem type) that the eBPF loader and pinning need.

@@ -17,13 +17,16 @@ impl Kernel {
     /// Adds allowlist entries (those of one bank; see the daemon's reload). Checks capacity
     /// against what is in the maps now, and on failure removes what it added: all or nothing.
     pub fn write_allowlists(&mut self, tables: &KernelTables) -> anyhow::Result<()> {
-        Ok(self.tables.allow.write(tables)?)
+        self.tables.allow.write(tables)?;
+        Ok(self.tables.unix.write(tables)?)
     }
 
     /// Removes every allowlist entry (and DNS proxy and learned address) whose agent index `keep`
     /// rejects. Returns how many went.
     pub fn retain_allowlists(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<usize> {
-        Ok(self.tables.allow.retain(&keep)? + self.tables.dns.retain(&keep)?)
+        Ok(self.tables.allow.retain(&keep)?
+            + self.tables.dns.retain(&keep)?
+            + self.tables.unix.retain(&keep)?)
     }
 
     /// Adds and removes entries of the file-identity exec allowlist.

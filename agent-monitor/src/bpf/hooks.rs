@@ -141,6 +141,20 @@ pub(super) const HOOKS: &[Hook] = &[
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,
         scope: Scope::Host,
+    }, // AF_UNIX connects and datagram sends (Linux 6.7; an older kernel refuses them and unix
+    // sockets stay unjudged, shown in `status`). At the root, like the inet address hooks: the
+    // kernel runs the programs of the socket's cgroup. See docs/unix-sockets.md.
+    Hook {
+        program: "agent_connect_unix",
+        kind: HookKind::CgroupSockAddr("connect_unix", CgroupSockAddrAttachType::UnixConnect),
+        required: false,
+        scope: Scope::Host,
+    },
+    Hook {
+        program: "agent_sendmsg_unix",
+        kind: HookKind::CgroupSockAddr("sendmsg_unix", CgroupSockAddrAttachType::UnixSendMsg),
+        required: false,
+        scope: Scope::Host,
     },
 ];
 
@@ -292,7 +306,13 @@ pub(super) fn attach(
             pin_if_movable(hook, pins, |at| p.pin(at))?;
             attach_cgroup_sock(p, cgroup)?
         }
-        HookKind::CgroupSockAddr(..) => {
+        HookKind::CgroupSockAddr(_, attach_type) => {
+            if matches!(
+                attach_type,
+                CgroupSockAddrAttachType::UnixConnect | CgroupSockAddrAttachType::UnixSendMsg
+            ) {
+                super::unix_hooks::check_context_layout()?;
+            }
             let p: &mut CgroupSockAddr = prog.try_into()?;
             p.load().context("loading")?;
             pin_if_movable(hook, pins, |at| p.pin(at))?;

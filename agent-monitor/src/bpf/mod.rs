@@ -18,6 +18,7 @@ mod ring;
 mod socket_watch;
 mod tables;
 mod thread_tags;
+mod unix_hooks;
 
 pub use hooks::HookCgroups;
 pub use load::{Mechanisms, Origin, uninstall};

@@ -51,6 +51,7 @@ mod reports;
 mod requests;
 mod selectors;
 mod startup;
+mod unix;
 
 use dns_learner::{DnsLearner, Live};
 use generations::{Explanation, Generations};

@@ -198,6 +198,10 @@ impl Monitor {
                     self.dns.redirected(agent, c);
                 }
             }
+            KernelEvent::Unix(u) => {
+                let action = self.unix_action(&u);
+                self.reporter.action(action);
+            }
         }
     }
 

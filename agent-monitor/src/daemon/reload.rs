@@ -33,6 +33,9 @@ impl Monitor {
                 for w in crate::exec_lint::warnings(&set) {
                     tracing::warn!("{w}");
                 }
+                for w in crate::unix_lint::warnings(&set) {
+                    tracing::warn!("{w}");
+                }
                 self.apply_policies(set)
                     .map(|()| agents)
                     .map_err(ReloadRefused::Apply)
@@ -40,6 +43,7 @@ impl Monitor {
         match result {
             Ok(agents) => {
                 self.reporter.counters.reloads += 1;
+                self.warn_unenforced_unix();
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",
                     dir.display(),

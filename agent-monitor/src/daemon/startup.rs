@@ -44,6 +44,9 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for w in crate::exec_lint::warnings(&policies) {
         tracing::warn!("{w}");
     }
+    for w in crate::unix_lint::warnings(&policies) {
+        tracing::warn!("{w}");
+    }
     for w in crate::confine::selector_warnings(&policies) {
         tracing::warn!("{w}");
     }
@@ -154,6 +157,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for r in &m.refused {
         tracing::warn!("not available: {r}");
     }
+    monitor.warn_unenforced_unix();
     let names: Vec<String> = monitor
         .generations
         .live()

@@ -384,6 +384,7 @@ fn the_header_round_trips_into_the_subject_for_every_kind() {
             | KernelEvent::Exit { subject }
             | KernelEvent::Tagged { subject, .. }
             | KernelEvent::ClaimRefused { subject, .. } => subject,
+            KernelEvent::Unix(u) => u.subject,
         };
         assert_eq!(
             subject,
@@ -452,4 +453,31 @@ fn odd_records_are_errors_not_panics() {
     let mut r = net(RecordKind::Connect, common::VERDICT_ALLOWED);
     r.payload.family = 1;
     assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
+}
+
+#[test]
+fn unix_records_decode_with_the_name_as_policies_write_it() {
+    let key = common::UnixKey::of_name(0, b"@engine").expect("fits");
+    let rec = Record {
+        header: header(RecordKind::UnixConnect, common::VERDICT_DENIED),
+        payload: common::UnixPayload {
+            sock_type: 2,
+            name_len: key.name_len,
+            send: 1,
+            rule: 0,
+            path: key.path,
+            _pad: 0,
+        },
+    };
+    match decode(&bytes(&rec)) {
+        Ok(KernelEvent::Unix(u)) => {
+            assert_eq!(u.name, "@engine");
+            assert!(u.send);
+            assert_eq!(u.verdict, Verdict::Denied);
+            assert_eq!(u.sock_type, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    let short = &bytes(&rec)[..size_of::<RecordHeader>() + 8];
+    assert!(matches!(decode(short), Err(DecodeError::Short { .. })));
 }

@@ -51,6 +51,9 @@ pub enum What {
     Other { kind: String },
     /// An open of a file an agent's `[files]` denies (`file_path`).
     Open { path: String },
+    /// A unix connect or datagram send (`dest_transport` `unix`) to the socket named `path`
+    /// (`@name` abstract).
+    Unix { path: String },
 }
 
 impl fmt::Display for What {
@@ -69,6 +72,7 @@ impl fmt::Display for What {
             What::Exec { path, .. } => write!(f, "exec {path}"),
             What::Other { kind } => write!(f, "{kind}"),
             What::Open { path } => write!(f, "open {path}"),
+            What::Unix { path } => write!(f, "connect unix {path}"),
         }
     }
 }
@@ -201,6 +205,13 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
     let kind = string(&obj, "action")?;
     let what = match kind.as_str() {
         // A datagram sent to a named address is judged like a connect to it.
+        "connect" | "sendmsg"
+            if optional_string(&obj, "dest_transport")?.as_deref() == Some("unix") =>
+        {
+            What::Unix {
+                path: string(&obj, "dest_path")?,
+            }
+        }
         "connect" | "sendmsg" => {
             let addr_text = string(&obj, "dest_addr")?;
             let addr: IpAddr = addr_text
@@ -341,6 +352,29 @@ pub(crate) mod tests {
         format!(
             r#"{{"agent_id":"{agent}","task_id":"{task}","action":"exec","verdict":"alert","pid":11,"uid":0,"comm":"sh","exe":"{exe}","dest_addr":null,"dest_port":null,"dest_transport":null,"process_chain":[{{"pid":9,"exe":"/bin/sh"}},{{"pid":11,"exe":"{exe}"}}],"enforcement":null,"reason":"no rule matches","message":"m","time":"{time}","priority":3}}"#
         )
+    }
+
+    /// A unix connect line as the daemon writes it.
+    pub(crate) fn unix_line(agent: &str, task: &str, path: &str) -> String {
+        format!(
+            r#"{{"agent_id":"{agent}","task_id":"{task}","action":"connect","verdict":"alert","pid":12,"uid":0,"comm":"curl","exe":"/usr/bin/curl","dest_addr":null,"dest_port":null,"dest_transport":"unix","dest_path":"{path}","process_chain":[{{"pid":12,"exe":"/usr/bin/curl"}}],"enforcement":null,"reason":"no rule matches","message":"m","time":"2026-11-29T12:00:02Z","priority":3}}"#
+        )
+    }
+
+    #[test]
+    fn reads_unix_connects_by_their_path() {
+        let audit = read(&unix_line("coder", "t1", "/run/user/1000/bus"));
+        assert_eq!(audit.problems, []);
+        assert_eq!(
+            audit.actions[0].what,
+            What::Unix {
+                path: "/run/user/1000/bus".into()
+            }
+        );
+        assert_eq!(
+            audit.actions[0].what.to_string(),
+            "connect unix /run/user/1000/bus"
+        );
     }
 
     pub(crate) fn read(text: &str) -> Audit {

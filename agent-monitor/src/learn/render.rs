@@ -59,7 +59,7 @@ pub fn add_entries<'e>(
     origin: &Path,
 ) -> Result<Vec<&'e Entry>, RenderError> {
     let mut added = Vec::new();
-    for section in [Section::Network, Section::Exec] {
+    for section in [Section::Network, Section::Exec, Section::Unix] {
         let mine: Vec<&Entry> = entries.iter().filter(|e| e.section == section).collect();
         if mine.is_empty() {
             continue;

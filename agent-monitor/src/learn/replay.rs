@@ -37,6 +37,7 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
         }),
         What::Other { .. } => None,
         What::Open { path } => Some(judge_open(policy, path, homes())),
+        What::Unix { path } => Some(policy.check_unix(path)),
     }
 }
 

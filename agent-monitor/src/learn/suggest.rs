@@ -36,6 +36,7 @@ const SHOWN: usize = 3;
 pub enum Section {
     Network,
     Exec,
+    Unix,
 }
 
 impl Section {
@@ -44,6 +45,7 @@ impl Section {
         match self {
             Section::Network => "network",
             Section::Exec => "exec",
+            Section::Unix => "unix",
         }
     }
 }
@@ -244,6 +246,7 @@ pub fn suggest<'a>(
 ) -> Suggestion {
     let mut net: BTreeMap<(Target, u16), Provenance> = BTreeMap::new();
     let mut exec: BTreeMap<String, Provenance> = BTreeMap::new();
+    let mut unix: BTreeMap<String, Provenance> = BTreeMap::new();
     let mut not_suggested = Vec::new();
     let mut skip = |r: &Recorded, why: String| {
         not_suggested.push(NotSuggested {
@@ -305,6 +308,10 @@ pub fn suggest<'a>(
                  not an allowlist to widen; not suggested"
                     .into(),
             ),
+            What::Unix { path } => match crate::policy::unix::suggestable(path) {
+                Ok(()) => unix.entry(path.clone()).or_default().add(r),
+                Err(why) => skip(r, why),
+            },
         }
     }
 
@@ -344,6 +351,12 @@ pub fn suggest<'a>(
                 widened,
             }),
     );
+    entries.extend(unix.into_iter().map(|(text, provenance)| Entry {
+        section: Section::Unix,
+        text,
+        provenance,
+        widened: None,
+    }));
     Suggestion {
         entries,
         not_suggested,
@@ -698,5 +711,54 @@ mod tests {
             assert!(!line.contains('\n'), "{line:?}");
         }
         assert!(s.entries[0].comment()[1].contains("evil\\nmode"));
+    }
+
+    #[test]
+    fn unix_connects_become_a_unix_allow_list_but_host_daemons_are_left_to_a_person() {
+        use crate::learn::audit::tests::unix_line;
+        use crate::learn::render::{add_entries, check, skeleton};
+        let audit = trail(&[
+            unix_line("a", "t1", "/run/user/1000/bus"),
+            unix_line("a", "t2", "/run/user/1000/bus"),
+            unix_line("a", "t1", "@engine"),
+            unix_line("a", "t1", "/var/run/docker.sock"),
+            unix_line("a", "t1", "relative.sock"),
+        ]);
+        let s = suggest(&audit.actions, &SuggestOptions::default());
+        assert_eq!(
+            texts(&s),
+            [
+                (Section::Unix, "/run/user/1000/bus"),
+                (Section::Unix, "@engine")
+            ]
+        );
+        let skipped: Vec<&str> = s.not_suggested.iter().map(|n| n.what.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "connect unix /var/run/docker.sock",
+                "connect unix relative.sock"
+            ]
+        );
+        assert!(s.not_suggested[0].why.contains("host daemon"));
+        let mut doc = skeleton("a", &["header".into()]);
+        add_entries(&mut doc, &s.entries, std::path::Path::new("s.toml")).expect("fresh");
+        let text = doc.to_string();
+        let policy =
+            check(&text, std::path::Path::new("s.toml")).unwrap_or_else(|e| panic!("{text}\n{e}"));
+        let replay = crate::learn::replay::replay_policy(&policy, &audit.actions);
+        let refused: Vec<String> = replay
+            .not_allowed
+            .iter()
+            .map(|f| f.record.what.to_string())
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                "connect unix /var/run/docker.sock",
+                "connect unix relative.sock"
+            ],
+            "{text}"
+        );
     }
 }

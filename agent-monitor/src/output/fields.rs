@@ -40,11 +40,13 @@ pub enum Field {
     Message,
     FilePath,
     OpenFlags,
+    /// A unix connect's socket (`DEST_TRANSPORT=unix`); an abstract name as `@name`.
+    DestPath,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 28] = [
+    pub const ALL: [Field; 29] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -73,6 +75,7 @@ impl Field {
         Field::Message,
         Field::FilePath,
         Field::OpenFlags,
+        Field::DestPath,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -106,6 +109,7 @@ impl Field {
             Field::Message => "MESSAGE",
             Field::FilePath => "FILE_PATH",
             Field::OpenFlags => "OPEN_FLAGS",
+            Field::DestPath => "DEST_PATH",
         }
     }
 
@@ -140,6 +144,7 @@ impl Field {
             Field::Message => "message",
             Field::FilePath => "file_path",
             Field::OpenFlags => "open_flags",
+            Field::DestPath => "dest_path",
         }
     }
 }
@@ -194,7 +199,9 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 Field::TargetTask => target.and_then(|t| borrowed(&t.task)),
                 Field::DestAddr => dest.map(|d| FieldValue::Text(Cow::Owned(d.addr.to_string()))),
                 Field::DestPort => dest.map(|d| FieldValue::Number(d.port.into())),
-                Field::DestTransport => dest.and_then(|d| text(d.transport)),
+                Field::DestTransport => dest
+                    .and_then(|d| text(d.transport))
+                    .or_else(|| action.object.unix_path().and_then(|_| text("unix"))),
                 Field::DestHost => match &action.object {
                     Object::Connect(t) | Object::Sendmsg(t) => borrowed(&t.host),
                     _ => None,
@@ -215,6 +222,10 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     Object::Open(f) => Some(FieldValue::Text(Cow::Borrowed(&f.open_flags))),
                     _ => None,
                 },
+                Field::DestPath => action
+                    .object
+                    .unix_path()
+                    .map(|p| FieldValue::Text(Cow::Borrowed(p))),
             };
             (field, value)
         })
@@ -253,7 +264,7 @@ mod tests {
         let fields = action_fields(&action);
         let names: Vec<Field> = fields.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, Field::ALL);
-        // A connect has every field but the exec, socket, DNS and process-target ones.
+        // A connect has every field but the exec, socket, DNS, process-target and unix ones.
         assert!(
             fields.iter().all(|(f, v)| v.is_some()
                 != matches!(
@@ -269,6 +280,7 @@ mod tests {
                         | Field::TargetTask
                         | Field::FilePath
                         | Field::OpenFlags
+                        | Field::DestPath
                 )),
             "{fields:?}"
         );
@@ -369,9 +381,50 @@ mod tests {
                     | Field::TargetTask
                     | Field::FilePath
                     | Field::OpenFlags
+                    | Field::DestPath
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
+    }
+
+    #[test]
+    fn a_unix_connect_has_transport_unix_and_its_path_and_no_address() {
+        let mut a = connect_action();
+        a.object = Object::Unix(crate::action::UnixTarget {
+            path: "/var/run/docker.sock".into(),
+            send: false,
+            sock_type: "stream",
+        });
+        let fields = action_fields(&a);
+        let get = |want: Field| {
+            fields
+                .iter()
+                .find(|(f, _)| *f == want)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::Action),
+            Some(Some(FieldValue::Text("connect".into())))
+        );
+        assert_eq!(
+            get(Field::DestTransport),
+            Some(Some(FieldValue::Text("unix".into())))
+        );
+        assert_eq!(
+            get(Field::DestPath),
+            Some(Some(FieldValue::Text("/var/run/docker.sock".into())))
+        );
+        for absent in [Field::DestAddr, Field::DestPort, Field::DestHost] {
+            assert_eq!(get(absent), Some(None), "{absent:?}");
+        }
+        a.object = Object::Unix(crate::action::UnixTarget {
+            path: "@bus".into(),
+            send: true,
+            sock_type: "dgram",
+        });
+        let fields = action_fields(&a);
+        assert!(fields.contains(&(Field::Action, Some(FieldValue::Text("sendmsg".into())))));
+        assert!(a.message().contains("sendmsg unix dgram @bus"));
     }
 }
 

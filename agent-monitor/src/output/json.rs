@@ -425,6 +425,7 @@ mod tests {
             "message": "agent coder task t-42: connect tcp 10.1.2.3:443 (api.example.com) by pid 4242 (curl): DENIED",
             "file_path": null,
             "open_flags": null,
+            "dest_path": null,
             "time": "2025-11-29T11:44:00.25Z",
             "priority": 4
         });

@@ -37,6 +37,7 @@ impl StormKey {
             Object::Exec(f) => f.path.clone(),
             Object::Open(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
+            Object::Unix(t) => format!("unix:{}", t.path),
         };
         Some(StormKey {
             agent: action.agent.clone(),

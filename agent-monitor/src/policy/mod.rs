@@ -9,6 +9,7 @@ mod index;
 pub(crate) mod model;
 mod parse;
 pub mod selectors;
+pub mod unix;
 
 pub use compile::{EXEC_ENTRIES_PER_SET, KernelTables, NET_ENTRIES_PER_SET, compile_grants};
 pub use evaluate::{Decision, ExecFacts, to_table_addr};
@@ -16,3 +17,4 @@ pub use model::{ExecRule, NetRule};
 pub use model::{Policy, PolicySet};
 pub use parse::{GrantRuleError, Issue, PolicyError, parse_grants};
 pub(crate) use parse::{parse_exec, valid_net_entry};
+pub use unix::unix_name_display;

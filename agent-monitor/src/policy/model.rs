@@ -158,6 +158,8 @@ pub struct Policy {
     pub(crate) index: crate::policy::index::LazyIndex,
     /// `[files]`: files and directories the agent may not open (see `files.rs`).
     pub(crate) files: crate::policy::files::FileRules,
+    /// `[unix]`: which unix sockets it may use; `None`: not judged (see `unix.rs`).
+    pub(crate) unix: Option<crate::policy::unix::UnixRules>,
 }
 
 impl Policy {

@@ -482,6 +482,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
     dns_section(&mut o, r.dns.as_ref());
     crate::files::section(&mut o, r.files.as_ref(), us);
     ask_section(&mut o, r.ask.as_ref());
+    crate::unix_bench::section(&mut o, r.unix.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {

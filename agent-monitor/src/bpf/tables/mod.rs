@@ -9,6 +9,7 @@ mod identity;
 mod state;
 #[cfg(test)]
 mod tests;
+mod unix;
 
 use std::borrow::{Borrow, BorrowMut};
 use std::collections::BTreeMap;
@@ -22,6 +23,7 @@ pub use dns::DnsTables;
 pub use grants::GrantTables;
 pub use identity::IdentityTables;
 pub use state::StateTables;
+pub use unix::UnixTables;
 
 pub(super) use state::{counters_from, unix_ns};
 
@@ -32,6 +34,7 @@ pub struct Tables {
     pub grants: GrantTables,
     pub dns: DnsTables,
     pub state: StateTables,
+    pub unix: UnixTables,
     /// The action ring buffer, until its reader takes it.
     actions: Option<RingBuf<MapData>>,
     /// The maps only the kernel programs use (socket caches, scratch space), kept open: the
@@ -157,6 +160,7 @@ impl Tables {
             grants: GrantTables::open(&mut maps)?,
             dns: DnsTables::open(&mut maps)?,
             state: StateTables::open(&mut maps)?,
+            unix: UnixTables::open(&mut maps)?,
             actions: Some(maps.take("ACTIONS")?),
             _kernel_only: maps.0,
         })
@@ -178,6 +182,7 @@ impl Tables {
             ("EXEC_ALLOW", allow.exec.map.keys().count(), allow.exec.capacity),
             ("EXEC_FILES", allow.exec_files.map.keys().count(), allow.exec_files.capacity),
             ("PROCESS_AGENTS", id.process_agents.map.keys().count(), id.process_agents.capacity),
+            ("UNIX_RULES", self.unix.rules.map.keys().count(), self.unix.rules.capacity),
         ];
         counts
             .into_iter()

@@ -132,7 +132,11 @@ fn stale_entries(old: &KernelTables, new: &KernelTables) -> KernelTables {
         })
         .cloned()
         .collect();
-    KernelTables { net, exec }
+    KernelTables {
+        net,
+        exec,
+        unix: Vec::new(),
+    }
 }
 
 /// `now_ns` plus a TTL in ms (`None`: until `task end`).

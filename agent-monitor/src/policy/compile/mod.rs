@@ -23,6 +23,8 @@ mod tests;
 pub struct KernelTables {
     pub net: Vec<(u32, NetKey, NetAllow)>,
     pub exec: Vec<(u32, ExecKey)>,
+    /// `UNIX_RULES`: (allowlist index, socket name) → `UNIX_ALLOW`/`UNIX_DENY`.
+    pub unix: Vec<(agent_monitor_common::UnixKey, u32)>,
 }
 
 impl KernelTables {
@@ -34,6 +36,9 @@ impl KernelTables {
             key.agent += base;
         }
         for (_, key) in &mut self.exec {
+            key.agent += base;
+        }
+        for (key, _) in &mut self.unix {
             key.agent += base;
         }
         self
@@ -162,6 +167,9 @@ impl PolicySet {
                 &mut tables.net,
             )?;
             compile_exec(index, policy.exec(), &mut tables.exec);
+            if let Some(unix) = policy.unix() {
+                tables.unix.extend(unix.kernel_entries(index));
+            }
             net_by_file.push((origin.clone(), tables.net.len() - net_before));
             exec_by_file.push((origin, tables.exec.len() - exec_before));
         }
@@ -181,6 +189,19 @@ impl PolicySet {
                 EXEC_ENTRIES_PER_SET,
                 MAX_EXEC_ENTRIES,
                 exec_by_file,
+            ),
+            (
+                "unix socket rules",
+                "UNIX_RULES",
+                tables.unix.len(),
+                agent_monitor_common::MAX_UNIX_ENTRIES / 2,
+                agent_monitor_common::MAX_UNIX_ENTRIES,
+                self.iter()
+                    .map(|p| {
+                        let n = p.unix().map_or(0, |u| u.kernel_entries(0).len());
+                        (p.origin().display().to_string(), n)
+                    })
+                    .collect(),
             ),
         ] {
             if needed > limit as usize {

@@ -207,4 +207,18 @@ pub enum Reason {
     FileTrailingSlash,
     #[error("'*' must be a whole path component, as in /home/*/.aws (any one name)")]
     FilePartialGlob,
+    #[error(
+        "globs are not supported for unix sockets: the kernel matches exact names; list each socket"
+    )]
+    UnixGlob,
+    #[error("expected a name after '@' (an abstract socket)")]
+    UnixAbstractEmpty,
+    #[error(
+        "[unix] says nothing; expected `allow = [...]` (only those sockets; `allow = []` refuses every unix socket) or `deny_known_daemons = true`"
+    )]
+    UnixEmptySection,
+    #[error(
+        "is on the built-in list `deny_known_daemons = true` refuses; remove one of the two (with `allow`, every socket not listed is refused anyway)"
+    )]
+    UnixAllowsKnownDaemon,
 }

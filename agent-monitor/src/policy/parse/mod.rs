@@ -21,6 +21,7 @@ mod location;
 mod network;
 #[cfg(test)]
 mod tests;
+mod unix;
 
 pub(crate) use exec::parse_exec;
 #[cfg(test)]
@@ -30,6 +31,7 @@ pub(crate) use location::LineIndex;
 pub use location::Location;
 use network::parse_ports;
 pub(crate) use network::{parse_net, valid_net_entry};
+pub(crate) use unix::parse_unix_name;
 
 /// Longest agent name: it becomes a cgroup directory name and a journald field value.
 pub const AGENT_NAME_MAX: usize = 63;
@@ -51,6 +53,7 @@ pub(crate) struct RawPolicy {
     dns: Option<RawDns>,
     #[serde(default)]
     files: Option<files::RawFiles>,
+    unix: Option<unix::RawUnix>,
 }
 
 /// `[dns]`: the agent's share of the learned-address map and its DNS-rebinding opt-in.
@@ -345,11 +348,15 @@ impl TryFrom<RawFile<'_>> for Policy {
         }
 
         let files = files::parse_files(raw.files, &lines, &mut issues);
+        let unix = raw
+            .unix
+            .and_then(|u| unix::parse_unix(u, text, &lines, &mut issues));
 
         if !issues.is_empty() {
             return Err(PolicyError::new(issues));
         }
         Ok(Policy {
+            unix,
             dns,
             selectors,
             defined_at: lines.location(raw.agent.span().start),
