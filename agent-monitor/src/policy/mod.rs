@@ -4,6 +4,7 @@ pub(crate) mod compile;
 pub mod dns;
 mod evaluate;
 pub mod host;
+pub mod http;
 mod index;
 pub(crate) mod model;
 mod parse;

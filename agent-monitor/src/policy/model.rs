@@ -144,6 +144,8 @@ pub struct Policy {
     pub(crate) defined_at: Location,
     /// Lookup tables over `network` and `exec` for the evaluator.
     pub(crate) index: crate::policy::index::LazyIndex,
+    /// `[[network.http]]` and `[[network.tls]]`: request rules, judged by the egress endpoint.
+    pub(crate) egress: crate::policy::http::EgressRules,
 }
 
 impl Policy {

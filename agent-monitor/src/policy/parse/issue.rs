@@ -198,4 +198,12 @@ pub enum Reason {
     LearnedLimit,
     #[error("expected a host name without a port: NAME or *.NAME")]
     PatternWithPort,
+    #[error("expected an HTTP method such as \"GET\" (letters, digits, -), or \"*\" for any")]
+    HttpMethod,
+    #[error("expected at least one method (\"*\" for any)")]
+    HttpMethodsEmpty,
+    #[error("expected at least one path (\"/*\" for every path)")]
+    HttpPathsEmpty,
+    #[error("{0}")]
+    HttpPath(&'static str),
 }
