@@ -42,6 +42,10 @@ pub enum ActionKind {
     /// A packet of an agent's socket carrying a source route (IPv4 options, an IPv6 routing
     /// header), which would take it to its first hop instead of the destination judged.
     SourceRoute,
+    /// A plain-HTTP connection through the egress endpoint, judged on its `Host`.
+    Http,
+    /// A TLS connection through the egress endpoint, judged on its server name (SNI).
+    Tls,
 }
 
 impl ActionKind {
@@ -59,6 +63,8 @@ impl ActionKind {
             ActionKind::Ptrace => "ptrace",
             ActionKind::Signal => "signal",
             ActionKind::SourceRoute => "source_route",
+            ActionKind::Http => "http",
+            ActionKind::Tls => "tls",
         }
     }
 }
@@ -169,6 +175,9 @@ pub enum Object {
         first_hop: IpAddr,
         transport: &'static str,
     },
+    /// A connection the kernel redirected to the egress endpoint (`tls` or `http` by what it
+    /// carried).
+    Egress(EgressConnection),
 }
 
 impl Object {
@@ -186,6 +195,8 @@ impl Object {
             Object::Ptrace(_) => ActionKind::Ptrace,
             Object::Signal(_) => ActionKind::Signal,
             Object::SourceRoute { .. } => ActionKind::SourceRoute,
+            Object::Egress(c) if c.tls => ActionKind::Tls,
+            Object::Egress(_) => ActionKind::Http,
         }
     }
 
@@ -195,6 +206,7 @@ impl Object {
         match self {
             Object::Connect(t) | Object::Sendmsg(t) => Some(t.destination),
             Object::Dns(q) => q.server,
+            Object::Egress(c) => Some(c.destination),
             Object::SourceRoute {
                 first_hop,
                 transport,
@@ -309,6 +321,7 @@ impl Action {
                 "query {}",
                 q.name.as_deref().unwrap_or("(unreadable message)")
             ),
+            Object::Egress(c) => c.summary(),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",
@@ -340,5 +353,40 @@ impl Action {
             })
             .collect::<Vec<_>>()
             .join(" > ")
+    }
+}
+
+/// A connection through the egress endpoint: where the agent connected, what it named, and what
+/// went through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressConnection {
+    /// The original destination.
+    pub destination: Destination,
+    /// TLS (else plain HTTP, or bytes that were neither: `tls` false, both names none).
+    pub tls: bool,
+    /// The server name of the ClientHello.
+    pub sni: Option<String>,
+    /// The `Host` of a plain-HTTP request.
+    pub http_host: Option<String>,
+    /// Agent to server, and server to agent.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub duration_ms: u64,
+}
+
+impl EgressConnection {
+    fn summary(&self) -> String {
+        let d = &self.destination;
+        let to = match d.addr {
+            IpAddr::V6(a) => format!("[{a}]:{}", d.port),
+            IpAddr::V4(a) => format!("{a}:{}", d.port),
+        };
+        let name = match (&self.sni, &self.http_host) {
+            (Some(s), _) => format!("server name {s}"),
+            (None, Some(h)) => format!("Host {h}"),
+            (None, None) if self.tls => "no server name".to_string(),
+            (None, None) => "no TLS or HTTP".to_string(),
+        };
+        format!("{to} ({name})")
     }
 }

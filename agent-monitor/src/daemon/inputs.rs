@@ -65,6 +65,9 @@ pub(super) enum Input {
     /// What the host said about the selectors (systemd units, cgroups, changed executables),
     /// asked on a blocking thread by [`Inputs::probe_selectors`]; the error is that thread's.
     Probed(Result<Probed, tokio::task::JoinError>),
+    /// The egress endpoint asks about a flow or reports a connection (the records read before
+    /// it hold the flow's redirect).
+    Egress(crate::egress::EgressInput),
 }
 
 pub(super) struct Inputs {
@@ -78,6 +81,7 @@ pub(super) struct Inputs {
     watchdog: Option<tokio::time::Interval>,
     /// The selector probe running on a blocking thread, if one is.
     probe: Option<tokio::task::JoinHandle<Probed>>,
+    egress: mpsc::Receiver<crate::egress::EgressInput>,
     /// Kernel records read by the last `next()`, decoded.
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
 }
@@ -89,6 +93,7 @@ impl Inputs {
         scrapes: mpsc::Receiver<Scrape>,
         signals: Signals,
         dns: mpsc::Receiver<QueryReport>,
+        egress: mpsc::Receiver<crate::egress::EgressInput>,
     ) -> Self {
         let mut drain = tokio::time::interval(DRAIN_EVERY);
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -106,6 +111,7 @@ impl Inputs {
             drain,
             watchdog,
             probe: None,
+            egress,
             records: Vec::with_capacity(1024),
         }
     }
@@ -142,6 +148,12 @@ impl Inputs {
             _ = self.signals.usr1.recv() => Input::Reopen,
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
             _ = self.signals.int.recv() => Input::Stop("SIGINT"),
+            Some(e) = self.egress.recv() => {
+                // The kernel wrote the flow's redirect record before the connect reached the
+                // endpoint: read it now.
+                self.stream.drain_now(|bytes| self.records.push(event::decode(bytes)));
+                Input::Egress(e)
+            }
         })
     }
 }

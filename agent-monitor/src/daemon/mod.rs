@@ -36,6 +36,7 @@ use crate::output::{OutputConfig, Outputs};
 use crate::policy::{ExecFacts, PolicySet};
 
 mod dns_learner;
+mod egress_flows;
 mod generations;
 mod grant_book;
 mod grants;
@@ -134,6 +135,8 @@ struct Monitor {
     tag_room_warned: bool,
     /// Learned addresses, DNS proxies and what they report.
     dns: DnsLearner,
+    /// Connects redirected to the egress endpoint, until it asks about them.
+    egress: egress_flows::EgressFlows,
 }
 
 impl Monitor {
@@ -145,8 +148,9 @@ impl Monitor {
         scrapes: mpsc::Receiver<Scrape>,
         signals: Signals,
         dns: mpsc::Receiver<QueryReport>,
+        egress: mpsc::Receiver<crate::egress::EgressInput>,
     ) -> anyhow::Result<()> {
-        let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
+        let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns, egress);
         loop {
             let input = inputs.next(self.generations.retire_due()).await?;
             for record in inputs.records.drain(..) {
@@ -192,6 +196,7 @@ impl Monitor {
                     return Ok(());
                 }
                 Input::RetireBank => self.retire_old_bank(),
+                Input::Egress(e) => self.on_egress(e),
             }
             // One write per burst of records rather than one per action.
             self.reporter.flush();

@@ -195,6 +195,9 @@ impl Monitor {
                     self.dns.redirected(agent, c);
                 }
             }
+            KernelEvent::EgressRedirect { connect, token } => {
+                self.egress.redirected(token, connect);
+            }
         }
     }
 
@@ -335,6 +338,9 @@ impl Monitor {
                 p.check_connect(c.addr, c.port)
             }),
         };
+        if c.egress_refused {
+            reason = crate::egress::refused_reason(c.send, c.sock_type, c.verdict);
+        }
         if c.unspecified {
             reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
         }

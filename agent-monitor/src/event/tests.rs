@@ -384,6 +384,7 @@ fn the_header_round_trips_into_the_subject_for_every_kind() {
             | KernelEvent::Exit { subject }
             | KernelEvent::Tagged { subject, .. }
             | KernelEvent::ClaimRefused { subject, .. } => subject,
+            KernelEvent::EgressRedirect { connect, .. } => connect.subject,
         };
         assert_eq!(
             subject,
@@ -452,4 +453,36 @@ fn odd_records_are_errors_not_panics() {
     let mut r = net(RecordKind::Connect, common::VERDICT_ALLOWED);
     r.payload.family = 1;
     assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownFamily(1)));
+}
+
+#[test]
+fn egress_redirects_carry_the_original_destination_and_the_token() {
+    let r = Record {
+        header: header(RecordKind::EgressRedirect, common::VERDICT_ALLOWED),
+        payload: common::EgressPayload {
+            dest: common::NetPayload {
+                family: common::AF_INET6,
+                port: 443,
+                sock_type: 1,
+                addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 9],
+            },
+            token: 0x01_02_03,
+            _pad: 0,
+        },
+    };
+    let KernelEvent::EgressRedirect { connect, token } = decode(&bytes(&r)).unwrap() else {
+        panic!("not an egress redirect")
+    };
+    assert_eq!(token, 0x01_02_03);
+    assert_eq!(
+        (connect.addr.to_string(), connect.port),
+        ("192.0.2.9".into(), 443)
+    );
+    // A refused datagram to a destination with request rules says so.
+    let mut n = net(RecordKind::Sendmsg, common::VERDICT_DENIED);
+    n.header.flags = common::FLAG_EGRESS_REFUSED | common::FLAG_LEARNED;
+    let KernelEvent::Connect(c) = decode(&bytes(&n)).unwrap() else {
+        panic!("not a send")
+    };
+    assert!(c.egress_refused && c.send && c.learned);
 }

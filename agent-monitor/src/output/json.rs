@@ -412,7 +412,12 @@ mod tests {
             "reason": "no network rule matches 10.1.2.3:443",
             "message": "agent coder task t-42: connect tcp 10.1.2.3:443 (api.example.com) by pid 4242 (curl): DENIED",
             "time": "2025-11-29T11:44:00.25Z",
-            "priority": 4
+            "priority": 4,
+            "tls_sni": null,
+            "http_host": null,
+            "bytes_in": null,
+            "bytes_out": null,
+            "duration_ms": null
         });
         assert_eq!(v, expected);
     }

@@ -36,6 +36,12 @@ impl StormKey {
             Object::Dns(q) => q.name.clone().unwrap_or_default(),
             Object::Exec(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
+            Object::Egress(c) => format!(
+                "{}:{} {}",
+                c.destination.addr,
+                c.destination.port,
+                c.sni.as_deref().or(c.http_host.as_deref()).unwrap_or("-")
+            ),
         };
         Some(StormKey {
             agent: action.agent.clone(),

@@ -4,6 +4,7 @@
 
 mod allow;
 mod dns;
+mod egress;
 mod grants;
 mod identity;
 mod state;
@@ -19,6 +20,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key
 
 pub use allow::AllowTables;
 pub use dns::DnsTables;
+pub use egress::EgressTables;
 pub use grants::GrantTables;
 pub use identity::IdentityTables;
 pub use state::StateTables;
@@ -32,6 +34,7 @@ pub struct Tables {
     pub grants: GrantTables,
     pub dns: DnsTables,
     pub state: StateTables,
+    pub egress: EgressTables,
     /// The action ring buffer, until its reader takes it.
     actions: Option<RingBuf<MapData>>,
     /// The maps only the kernel programs use (socket caches, scratch space), kept open: the
@@ -157,6 +160,7 @@ impl Tables {
             grants: GrantTables::open(&mut maps)?,
             dns: DnsTables::open(&mut maps)?,
             state: StateTables::open(&mut maps)?,
+            egress: EgressTables::open(&mut maps)?,
             actions: Some(maps.take("ACTIONS")?),
             _kernel_only: maps.0,
         })
