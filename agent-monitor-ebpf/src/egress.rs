@@ -202,7 +202,10 @@ fn refuse(kind: RecordKind, cgroup_id: u64, slot: AgentSlot, dest: NetPayload) -
 }
 
 /// getpeername4/6: when the peer is the egress endpoint and the socket is a redirected flow, show
-/// the original destination. Everyone else pays one array lookup and a compare.
+/// the original destination. Everyone else pays one array lookup and a compare. Inlined, so `v6`
+/// is a constant in each program and only its own field is read (the verifier refuses a load
+/// from a socket at a computed offset).
+#[inline(always)]
 pub fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
     let target = endpoint_port();
     // SAFETY: valid bpf_sock_addr; user_port is readable in getpeername hooks.
@@ -214,7 +217,11 @@ pub fn restore_peer(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: `sk` of a sock_addr context is a full socket; src_ip4/src_ip6 are readable.
     let src = unsafe {
         let sk = (*ctx.sock_addr).__bindgen_anon_1.sk;
-        if v6 { (*sk).src_ip6[3] } else { (*sk).src_ip4 }
+        if v6 {
+            core::ptr::read_volatile(&raw const (*sk).src_ip6[3])
+        } else {
+            core::ptr::read_volatile(&raw const (*sk).src_ip4)
+        }
     };
     let Some(token) = agent_monitor_common::egress_token_of(src.to_ne_bytes()) else {
         return PASS;

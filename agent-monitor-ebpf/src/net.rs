@@ -291,10 +291,12 @@ fn judge(
 ) -> i32 {
     // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
     let (judged, unspecified) = net_judged_addr(addr);
-    // Never another agent's DNS proxy endpoint, whatever the rules say.
-    let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
-    // Nor the egress endpoint: only the kernel's redirect goes there.
+    // Never the egress endpoint: only the kernel's redirect goes there. (Computed before the
+    // DNS proxy check: the other order kept that check's half-defined Option across this map
+    // lookup, a stack spill the verifier refuses.)
     let endpoint = crate::egress::is_endpoint(&judged, port);
+    // Nor another agent's DNS proxy endpoint, whatever the rules say.
+    let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
     let how = if foreign || endpoint {
         NetAllowed::No
     } else {
