@@ -2,7 +2,7 @@
 //! (`policy/http.rs`). Each rule's name also becomes a host rule for its port, so the DNS proxy
 //! resolves it and the kernel learns its addresses.
 
-use agent_monitor_common::PortRange;
+use agent_monitor_common::{MAX_PORT_RANGES, PortRange};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -112,6 +112,24 @@ pub(crate) fn parse_request_rules(
                 line,
             });
         }
+    }
+    // One kernel entry per agent holds the ports that go to the egress endpoint.
+    let ports = rules.ports();
+    if ports.len() > MAX_PORT_RANGES
+        && let Some(first) = raw
+            .http
+            .first()
+            .map(|e| e.span().start)
+            .or(raw.tls.first().map(|e| e.span().start))
+    {
+        issues.push(Issue::Value {
+            at: lines.location(first),
+            field: "network.http/network.tls".into(),
+            value: format!("{} ports", ports.len()),
+            reason: Reason::EgressPorts {
+                max: MAX_PORT_RANGES,
+            },
+        });
     }
     (rules, hosts)
 }
@@ -324,6 +342,12 @@ mod tests {
             (
                 "[[network.tls]]\nhost = \"a.test\"\n".to_string(),
                 "missing field `port`",
+            ),
+            (
+                (1..=17)
+                    .map(|p| format!("[[network.tls]]\nhost = \"a.test\"\nport = {p}\n"))
+                    .collect::<String>(),
+                "t.toml:2:1: network.http/network.tls \"17 ports\": request rules name at most 16 ports",
             ),
             (
                 "[[network.tls]]\nhost = \"a.test\"\nport = 443\nsni = true\n".to_string(),

@@ -206,4 +206,6 @@ pub enum Reason {
     HttpPathsEmpty,
     #[error("{0}")]
     HttpPath(&'static str),
+    #[error("request rules name at most {max} ports per agent (one kernel entry holds them)")]
+    EgressPorts { max: usize },
 }
