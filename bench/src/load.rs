@@ -81,6 +81,26 @@ pub enum Load {
         #[arg(long)]
         n: usize,
     },
+    /// N small requests to NAME:PORT (resolved once), a new connection each: ClientHello naming
+    /// NAME, 64 bytes there and back (`egress.rs`). As an agent with a server-name rule for NAME,
+    /// through the egress endpoint.
+    EgressRequests {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// One download of MIB MiB from NAME:PORT after a ClientHello naming NAME.
+    EgressDownload {
+        #[arg(long)]
+        mib: u64,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 /// What a timed loop (connect, exec) reports.
@@ -155,6 +175,12 @@ pub fn run(load: Load) -> anyhow::Result<()> {
         Load::Dns { n, server, name } => serde_json::to_string(&dns(n, server, &name)?)?,
         Load::Listen { port } => return serve(port),
         Load::Spawn { n } => return spawn(n),
+        Load::EgressRequests { n, name, port } => {
+            serde_json::to_string(&crate::egress::requests(n, &name, port)?)?
+        }
+        Load::EgressDownload { mib, name, port } => {
+            serde_json::to_string(&crate::egress::download(mib, &name, port)?)?
+        }
     };
     println!("{out}");
     Ok(())
@@ -207,7 +233,7 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
-fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStats {
+pub(crate) fn stats(mut times: Vec<u64>, ok: usize, refused: usize, other: usize) -> OpStats {
     times.sort_unstable();
     let n = times.len();
     let at = |q: f64| {

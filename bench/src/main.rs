@@ -1,6 +1,7 @@
 //! agent-monitor-bench: the load generators and the benchmark run behind `cargo xtask bench`.
 
 mod chart;
+mod egress;
 mod load;
 mod machine;
 mod policy_size;

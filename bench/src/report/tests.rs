@@ -27,6 +27,7 @@ fn results(overhead: Vec<(Setup, Vec<u64>, Vec<u64>)>, capacity: Vec<CapacitySte
         minutes: 0.0,
         attached: vec![],
         dns: None,
+        egress: None,
         policy_size: vec![],
     }
 }

@@ -29,14 +29,12 @@ impl EgressTables {
             .op("writing the egress endpoint map")
     }
 
-    /// Agent `agent`'s connects to learned addresses on `ports` go to the endpoint; no ports:
-    /// none do.
+    /// Agent `agent`'s connects to learned addresses on `ports` go to the endpoint.
     pub fn set_ports(&mut self, agent: u32, ports: &[u16]) -> Result<(), TableError> {
+        // Written once per index (a reload writes a fresh bank; `retain` drops the old one), so
+        // an index without request rules never had an entry.
         if ports.is_empty() {
-            return match self.ports.remove(&agent) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(e).op("removing from the egress port map"),
-            };
+            return Ok(());
         }
         let mut value = NetAllow {
             count: 0,
