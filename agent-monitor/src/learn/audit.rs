@@ -49,6 +49,13 @@ pub enum What {
     },
     /// An action kind this version does not know (`dns`, `sendmsg`, …): counted, not judged.
     Other { kind: String },
+    /// A connection through the egress endpoint (`tls`, `http`): the name it carried
+    /// (`tls_sni`, else `http_host`) on the original destination's port.
+    Egress {
+        tls: bool,
+        name: Option<String>,
+        port: u16,
+    },
 }
 
 impl fmt::Display for What {
@@ -66,6 +73,12 @@ impl fmt::Display for What {
             }
             What::Exec { path, .. } => write!(f, "exec {path}"),
             What::Other { kind } => write!(f, "{kind}"),
+            What::Egress { tls, name, port } => write!(
+                f,
+                "{} {}:{port}",
+                if *tls { "tls" } else { "http" },
+                name.as_deref().unwrap_or("(no name)")
+            ),
         }
     }
 }
@@ -226,6 +239,23 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
             let complete = !(reason.starts_with(REASON_EXEC_PATH_TOO_LONG)
                 || reason.starts_with(REASON_EXEC_PATH_UNREADABLE));
             What::Exec { path, complete }
+        }
+        "tls" | "http" => {
+            let port = obj
+                .get("dest_port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| RecordError::BadPort {
+                    found: shown(obj.get("dest_port")),
+                })?;
+            let name = optional_string(&obj, "tls_sni")?
+                .or(optional_string(&obj, "http_host")?)
+                .filter(|n| !n.is_empty());
+            What::Egress {
+                tls: kind == "tls",
+                name,
+                port,
+            }
         }
         _ => What::Other { kind },
     };

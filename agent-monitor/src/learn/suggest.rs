@@ -299,6 +299,11 @@ pub fn suggest<'a>(
                 }
             }
             What::Other { .. } => {}
+            What::Egress { .. } => skip(
+                r,
+                "request rules (network.tls, network.http) are not suggested yet; write them by hand"
+                    .into(),
+            ),
         }
     }
 
