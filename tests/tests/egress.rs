@@ -153,7 +153,8 @@ impl Drop for Server {
 /// - `curl URL CA RESOLVE HOST`: curl (RESOLVE `-` for none, else NAME:PORT:IP; HOST `-` or a
 ///   `Host` header): exit code and body.
 /// - `peer NAME PORT`: connect, then getpeername / getsockname.
-/// - `raw NAME PORT`: connect, send an SSH banner, read: what came back.
+/// - `raw NAME PORT`: connect, send an SSH banner, read: whether it connected, what came back
+///   (or the error of a closed or reset connection).
 /// - `udp NAME PORT`: one datagram: errno.
 const PY_CLIENT: &str = r#"
 import json, socket, ssl, subprocess, sys, http.client
@@ -192,11 +193,16 @@ while a:
         name, port = a.pop(0), int(a.pop(0))
         try:
             s = socket.create_connection((name, port), timeout=10)
+        except Exception as e:
+            out(op=op, connected=False, error=repr(e))
+            continue
+        try:
             s.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
             got = s.recv(100)
             out(op=op, connected=True, got=len(got))
         except Exception as e:
-            out(op=op, connected=False, error=repr(e))
+            # The peer closed or reset the connection: connected, nothing came back.
+            out(op=op, connected=True, error=repr(e))
     elif op == "udp":
         name, port = a.pop(0), int(a.pop(0))
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
