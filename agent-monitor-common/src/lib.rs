@@ -265,6 +265,53 @@ pub struct Learned {
     pub _pad: u32,
 }
 
+/// Connects of agents to destinations with request rules (`[[network.http]]`, `[[network.tls]]`)
+/// go to the daemon's egress endpoint on this loopback address (IPv6 sockets reach it as
+/// `::ffff:127.0.0.1`); `EGRESS_ENDPOINT` holds its port. Each redirected socket is first bound
+/// to a source address of its own in 127.0.0.0/8 (`egress_source`), by which the endpoint finds
+/// the flow (`EGRESS_FLOWS`) on accept.
+pub const EGRESS_IP4: [u8; 4] = [127, 0, 0, 1];
+/// Redirected connects the endpoint has not finished with (`EGRESS_FLOWS`, LRU by token).
+pub const MAX_EGRESS_FLOWS: u32 = 16_384;
+
+/// Where a redirected socket meant to connect, and which socket it is. Value of `EGRESS_FLOWS`,
+/// keyed by the flow's token (`egress_token`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressFlow {
+    /// The agent socket's cookie: tells a live flow from an older one with the same token.
+    pub cookie: u64,
+    /// As the caller wrote it: IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Tokens run from 2 to 2^24 - 2: the host part of a 127.0.0.0/8 source address that is neither
+/// the network, 127.0.0.1 (what every other loopback client uses), nor the broadcast address.
+const EGRESS_TOKENS: u64 = (1 << 24) - 3;
+
+/// The token of a redirected socket, from its cookie. Cookies only grow, so two live flows share
+/// a token only when 16 million sockets were created while the older one was still open.
+#[inline(always)]
+pub fn egress_token(cookie: u64) -> u32 {
+    (cookie % EGRESS_TOKENS) as u32 + 2
+}
+
+/// The loopback source address (network order bytes) a flow with `token` is bound to.
+#[inline(always)]
+pub fn egress_source(token: u32) -> [u8; 4] {
+    [127, (token >> 16) as u8, (token >> 8) as u8, token as u8]
+}
+
+/// The token of a flow bound to `source` (IPv4 octets), if it is one.
+pub fn egress_token_of(source: [u8; 4]) -> Option<u32> {
+    let token = u32::from_be_bytes([0, source[1], source[2], source[3]]);
+    (source[0] == 127 && token >= 2 && u64::from(token) < EGRESS_TOKENS + 2).then_some(token)
+}
+
 /// Address families, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -560,6 +607,32 @@ mod tests {
     }
 
     #[test]
+    fn egress_tokens_are_loopback_sources_other_than_the_usual_ones() {
+        for cookie in [
+            0,
+            1,
+            2,
+            0xff_ffff,
+            0x100_0000,
+            0x100_0001,
+            u64::MAX,
+            12_345_678_901,
+        ] {
+            let token = egress_token(cookie);
+            let source = egress_source(token);
+            assert_eq!(source[0], 127);
+            assert_ne!(source, [127, 0, 0, 1], "{cookie}");
+            assert_ne!(source, [127, 0, 0, 0], "{cookie}");
+            assert_ne!(source, [127, 255, 255, 255], "{cookie}");
+            assert_eq!(egress_token_of(source), Some(token), "{cookie}");
+        }
+        assert_eq!(egress_token_of([127, 0, 0, 1]), None);
+        assert_eq!(egress_token_of([127, 255, 255, 255]), None);
+        assert_eq!(egress_token_of([10, 0, 0, 5]), None);
+        assert_ne!(egress_token(7), egress_token(8));
+    }
+
+    #[test]
     fn a_full_buffer_without_nul_is_judged_whole() {
         let mut b = [b'a'; EXEC_PATH_LEN];
         b[0] = b'/';
@@ -586,6 +659,7 @@ mod pod {
     unsafe impl aya::Pod for super::ExecFileKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::UnixKey {}
+    unsafe impl aya::Pod for super::EgressFlow {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.
@@ -598,3 +672,4 @@ const _: () = assert!(core::mem::size_of::<NetAllow>() == 4 + 4 * MAX_PORT_RANGE
 const _: () = assert!(core::mem::size_of::<DnsProxy>() == 8);
 const _: () = assert!(core::mem::size_of::<DnsOrig>() == 20);
 const _: () = assert!(core::mem::size_of::<Learned>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);
+const _: () = assert!(core::mem::size_of::<EgressFlow>() == 32);

@@ -50,6 +50,8 @@ pub enum RecordKind {
     /// An AF_UNIX connect, or a datagram send naming its socket, of an agent with a `[unix]`
     /// section: cgroup connect_unix / sendmsg_unix ([`crate::UnixPayload`]).
     UnixConnect = 50,
+    /// An agent's connect to a destination with request rules went to the egress endpoint.
+    EgressRedirect = 40,
 }
 
 /// A `RecordHeader::kind` no [`RecordKind`] has.
@@ -71,6 +73,7 @@ impl TryFrom<u32> for RecordKind {
             20 => RecordKind::Tagged,
             30 => RecordKind::DnsRedirect,
             50 => RecordKind::UnixConnect,
+            40 => RecordKind::EgressRedirect,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -78,7 +81,7 @@ impl TryFrom<u32> for RecordKind {
 
 impl RecordKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [RecordKind; 10] = [
+    pub const ALL: [RecordKind; 11] = [
         RecordKind::Exec,
         RecordKind::Connect,
         RecordKind::Fork,
@@ -89,6 +92,7 @@ impl RecordKind {
         RecordKind::Tagged,
         RecordKind::DnsRedirect,
         RecordKind::UnixConnect,
+        RecordKind::EgressRedirect,
     ];
 
     /// Bytes the kernel writes for a record of this kind (header and payload).
@@ -104,6 +108,7 @@ impl RecordKind {
             RecordKind::SourceRoute => core::mem::size_of::<Record<SourceRoutePayload>>(),
             RecordKind::Tagged => core::mem::size_of::<Record<TaggedPayload>>(),
             RecordKind::UnixConnect => core::mem::size_of::<Record<crate::UnixPayload>>(),
+            RecordKind::EgressRedirect => core::mem::size_of::<Record<EgressPayload>>(),
         }
     }
 }
@@ -154,6 +159,10 @@ pub const FLAG_USER_NS: u32 = 32;
 pub const FLAG_GRANTED: u32 = 64;
 /// The process was another agent before this exec; the higher-ranked selector took it.
 pub const FLAG_RETAGGED: u32 = 128;
+/// A connect or datagram to a destination with request rules that could not go through the egress
+/// endpoint (UDP — QUIC falls back to TCP —, no endpoint, a socket bound before its connect), or
+/// an agent's own connect to the endpoint: refused (alert mode: reported).
+pub const FLAG_EGRESS_REFUSED: u32 = 2048;
 
 /// What every record starts with: what it is, the verdict, and who acted as which agent.
 #[repr(C)]
@@ -284,6 +293,16 @@ pub struct TaggedPayload {
 /// How an exec verdict was reached (`ExecPayload::basis`), so the report can say which fact
 /// decided. Allowed: `FILE` (the file is one an exact rule names) or `NAME` (the name matched a
 /// rule). Not allowed: which fact failed.
+/// Payload of `RecordKind::EgressRedirect`: the original destination and the flow's token (the
+/// key of `EGRESS_FLOWS`, the host part of the socket's loopback source address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressPayload {
+    pub dest: NetPayload,
+    pub token: u32,
+    pub _pad: u32,
+}
+
 pub const EXEC_BASIS_FILE: u32 = 1;
 pub const EXEC_BASIS_NAME: u32 = 2;
 /// Not allowed: neither the file nor its name is on the allowlist.
@@ -308,6 +327,7 @@ const _: () = assert!(core::mem::size_of::<ForkPayload>() == 8);
 const _: () = assert!(core::mem::size_of::<ExitPayload>() == 0);
 const _: () = assert!(core::mem::size_of::<TaggedPayload>() == 16 + RECORD_PATH_LEN);
 const _: () = assert!(RecordKind::Connect.record_size() == 96);
+const _: () = assert!(core::mem::size_of::<EgressPayload>() == 32);
 const _: () = assert!(RecordKind::Exec.record_size() == 616);
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ const SOCK_DGRAM: u32 = 2;
 
 /// `::ffff:127.0.0.1`, the IPv4 proxy address as an IPv6 socket writes it.
 #[rustfmt::skip]
-const PROXY_IP4_MAPPED: [u8; 16] = [
+pub(crate) const PROXY_IP4_MAPPED: [u8; 16] = [
     0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff,
     DNS_PROXY_IP4[0], DNS_PROXY_IP4[1], DNS_PROXY_IP4[2], DNS_PROXY_IP4[3],
 ];
@@ -236,7 +236,7 @@ pub fn learned_allows(agent: u32, addr: [u8; 16], port: u16) -> bool {
 /// # Safety
 /// `sa` is the program's bpf_sock_addr context in a hook where `user_ip6` is writable.
 #[inline(always)]
-unsafe fn write_ip6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, ip: &[u8; 16]) {
+pub(crate) unsafe fn write_ip6(sa: *mut aya_ebpf::bindings::bpf_sock_addr, ip: &[u8; 16]) {
     // SAFETY: per the function contract.
     unsafe {
         let w = &raw mut (*sa).user_ip6;

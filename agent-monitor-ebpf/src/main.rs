@@ -6,6 +6,7 @@
 #![no_main]
 
 mod dns;
+mod egress;
 mod exec;
 mod identity;
 mod lifecycle;
@@ -113,13 +114,15 @@ pub fn agent_recvmsg6(ctx: SockAddrContext) -> i32 {
 /// cgroup/getpeername4: the peer address getpeername() returns on an AF_INET socket.
 #[cgroup_sock_addr(getpeername4)]
 pub fn agent_getpeername4(ctx: SockAddrContext) -> i32 {
-    dns::restore_peer4(&ctx)
+    dns::restore_peer4(&ctx);
+    egress::restore_peer(&ctx, false)
 }
 
 /// cgroup/getpeername6: the peer address getpeername() returns on an AF_INET6 socket.
 #[cgroup_sock_addr(getpeername6)]
 pub fn agent_getpeername6(ctx: SockAddrContext) -> i32 {
-    dns::restore_peer6(&ctx)
+    dns::restore_peer6(&ctx);
+    egress::restore_peer(&ctx, true)
 }
 
 /// cgroup/connect_unix: every connect of an AF_UNIX socket (stream, seqpacket, datagram; io_uring

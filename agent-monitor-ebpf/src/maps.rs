@@ -261,3 +261,19 @@ pub static UNIX_RULES: HashMap<agent_monitor_common::UnixKey, u32> =
 #[map]
 pub static UNIX_KEY_SCRATCH: PerCpuArray<agent_monitor_common::UnixKey> =
     PerCpuArray::with_max_entries(1, 0);
+/// The egress endpoint's port (host order; 0 while the daemon has none), one entry.
+#[map]
+pub static EGRESS_ENDPOINT: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Agent index → the ports of its request rules: a connect to an address it learned from DNS on
+/// one of these ports goes to the egress endpoint.
+#[map]
+pub static EGRESS_PORTS: HashMap<u32, agent_monitor_common::NetAllow> =
+    HashMap::with_max_entries(agent_monitor_common::MAX_AGENT_CGROUPS, 0);
+
+/// Redirected connects by token (the host part of the socket's 127/8 source address): the
+/// original destination, for the endpoint and for getpeername. LRU: finished flows need no
+/// cleanup.
+#[map]
+pub static EGRESS_FLOWS: LruHashMap<u32, agent_monitor_common::EgressFlow> =
+    LruHashMap::with_max_entries(agent_monitor_common::MAX_EGRESS_FLOWS, 0);

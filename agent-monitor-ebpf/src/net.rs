@@ -44,12 +44,14 @@ fn agent_addr4(ctx: &SockAddrContext, kind: RecordKind, cgroup_id: u64, slot: &A
     let (addr, port, sock_type) = dest4(ctx);
     if kind == RecordKind::Sendmsg && port == 0 {
         let (peer, peer_port) = peer4(ctx);
-        return judge_connected_send(cgroup_id, slot, AF_INET, peer, peer_port, sock_type);
+        return judge_connected_send(ctx, cgroup_id, slot, AF_INET, peer, peer_port, sock_type);
     }
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET, addr, port, sock_type) {
         return v;
     }
-    judge(kind, cgroup_id, slot, AF_INET, addr, port, sock_type, 0)
+    judge(
+        ctx, kind, cgroup_id, slot, AF_INET, addr, port, sock_type, 0,
+    )
 }
 
 /// connect6 and sendmsg6: an IPv6 destination; `::ffff:a.b.c.d` is the IPv4 address it maps.
@@ -68,12 +70,14 @@ fn agent_addr6(ctx: &SockAddrContext, kind: RecordKind, cgroup_id: u64, slot: &A
     let (addr, port, sock_type) = dest6(ctx);
     if kind == RecordKind::Sendmsg && port == 0 {
         let (peer, peer_port) = peer6(ctx);
-        return judge_connected_send(cgroup_id, slot, AF_INET6, peer, peer_port, sock_type);
+        return judge_connected_send(ctx, cgroup_id, slot, AF_INET6, peer, peer_port, sock_type);
     }
     if let Some(v) = crate::dns::redirect(ctx, cgroup_id, slot, AF_INET6, addr, port, sock_type) {
         return v;
     }
-    judge(kind, cgroup_id, slot, AF_INET6, addr, port, sock_type, 0)
+    judge(
+        ctx, kind, cgroup_id, slot, AF_INET6, addr, port, sock_type, 0,
+    )
 }
 
 /// A datagram that names no address on a connected socket. The kernel runs sendmsg4/6 for a
@@ -85,6 +89,7 @@ fn agent_addr6(ctx: &SockAddrContext, kind: RecordKind, cgroup_id: u64, slot: &A
 /// kernel's own redirect of a connect already reported: it passes.
 #[inline(always)]
 fn judge_connected_send(
+    ctx: &SockAddrContext,
     cgroup_id: u64,
     slot: AgentSlot,
     family: u16,
@@ -96,6 +101,7 @@ fn judge_connected_send(
         return PASS;
     }
     judge(
+        ctx,
         RecordKind::Sendmsg,
         cgroup_id,
         slot,
@@ -256,7 +262,7 @@ fn allowed(slot: &AgentSlot, addr: [u8; 16], port: u16) -> NetAllowed {
 }
 
 #[inline(always)]
-fn ports_allow(allow: &NetAllow, port: u16) -> bool {
+pub(crate) fn ports_allow(allow: &NetAllow, port: u16) -> bool {
     let n = allow.count as usize;
     let mut i = 0;
     while i < MAX_PORT_RANGES && i < n {
@@ -273,6 +279,7 @@ fn ports_allow(allow: &NetAllow, port: u16) -> bool {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn judge(
+    ctx: &SockAddrContext,
     kind: RecordKind,
     cgroup_id: u64,
     slot: AgentSlot,
@@ -284,13 +291,27 @@ fn judge(
 ) -> i32 {
     // 0.0.0.0 and :: go to loopback: judge where the bytes go, report what was asked.
     let (judged, unspecified) = net_judged_addr(addr);
-    // Never another agent's DNS proxy endpoint, whatever the rules say.
+    // Never the egress endpoint: only the kernel's redirect goes there. (Computed before the
+    // DNS proxy check: the other order kept that check's half-defined Option across this map
+    // lookup, a stack spill the verifier refuses.)
+    let endpoint = crate::egress::is_endpoint(&judged, port);
+    // Nor another agent's DNS proxy endpoint, whatever the rules say.
     let foreign = crate::dns::foreign_proxy(slot.agent, &judged, port, sock_type);
-    let how = if foreign {
+    let how = if foreign || endpoint {
         NetAllowed::No
     } else {
         allowed(&slot, judged, port)
     };
+    // Learned addresses on a port of the agent's request rules go to the egress endpoint.
+    if matches!(how, NetAllowed::Learned)
+        && let Some(v) =
+            crate::egress::redirect(ctx, kind, cgroup_id, slot, family, addr, port, sock_type)
+    {
+        return v;
+    }
+    if endpoint {
+        flags |= agent_monitor_common::FLAG_EGRESS_REFUSED;
+    }
     let verdict = verdict_of(!matches!(how, NetAllowed::No), slot);
     if unspecified {
         flags |= FLAG_ADDR_UNSPECIFIED;

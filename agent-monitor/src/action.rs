@@ -44,6 +44,10 @@ pub enum ActionKind {
     SourceRoute,
     /// An open of a file the agent's `[files]` denies (the file guard, docs/files.md).
     Open,
+    /// A plain-HTTP connection through the egress endpoint, judged on its `Host`.
+    Http,
+    /// A TLS connection through the egress endpoint, judged on its server name (SNI).
+    Tls,
 }
 
 impl ActionKind {
@@ -62,6 +66,8 @@ impl ActionKind {
             ActionKind::Signal => "signal",
             ActionKind::SourceRoute => "source_route",
             ActionKind::Open => "open",
+            ActionKind::Http => "http",
+            ActionKind::Tls => "tls",
         }
     }
 }
@@ -184,6 +190,9 @@ pub enum Object {
     Open(FileOpen),
     /// An AF_UNIX connect (or, `send`, a datagram sent to a named socket).
     Unix(UnixTarget),
+    /// A connection the kernel redirected to the egress endpoint (`tls` or `http` by what it
+    /// carried).
+    Egress(EgressConnection),
 }
 
 /// The unix socket a connect or send named.
@@ -215,6 +224,8 @@ impl Object {
             Object::Open(_) => ActionKind::Open,
             Object::Unix(t) if t.send => ActionKind::Sendmsg,
             Object::Unix(_) => ActionKind::Connect,
+            Object::Egress(c) if c.tls => ActionKind::Tls,
+            Object::Egress(_) => ActionKind::Http,
         }
     }
 
@@ -224,6 +235,7 @@ impl Object {
         match self {
             Object::Connect(t) | Object::Sendmsg(t) => Some(t.destination),
             Object::Dns(q) => q.server,
+            Object::Egress(c) => Some(c.destination),
             Object::SourceRoute {
                 first_hop,
                 transport,
@@ -350,6 +362,7 @@ impl Action {
             ),
             Object::Open(f) => format!("{} ({})", f.path, f.open_flags),
             Object::Unix(t) => format!("unix {} {}", t.sock_type, t.path),
+            Object::Egress(c) => c.summary(),
         };
         let verdict = match self.verdict {
             Verdict::Allowed => "allowed",
@@ -381,5 +394,40 @@ impl Action {
             })
             .collect::<Vec<_>>()
             .join(" > ")
+    }
+}
+
+/// A connection through the egress endpoint: where the agent connected, what it named, and what
+/// went through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressConnection {
+    /// The original destination.
+    pub destination: Destination,
+    /// TLS (else plain HTTP, or bytes that were neither: `tls` false, both names none).
+    pub tls: bool,
+    /// The server name of the ClientHello.
+    pub sni: Option<String>,
+    /// The `Host` of a plain-HTTP request.
+    pub http_host: Option<String>,
+    /// Agent to server, and server to agent.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    pub duration_ms: u64,
+}
+
+impl EgressConnection {
+    fn summary(&self) -> String {
+        let d = &self.destination;
+        let to = match d.addr {
+            IpAddr::V6(a) => format!("[{a}]:{}", d.port),
+            IpAddr::V4(a) => format!("{a}:{}", d.port),
+        };
+        let name = match (&self.sni, &self.http_host) {
+            (Some(s), _) => format!("server name {s}"),
+            (None, Some(h)) => format!("Host {h}"),
+            (None, None) if self.tls => "no server name".to_string(),
+            (None, None) => "no TLS or HTTP".to_string(),
+        };
+        format!("{to} ({name})")
     }
 }

@@ -43,6 +43,12 @@ pub enum KernelEvent {
     },
     /// An AF_UNIX connect or datagram send of an agent with a `[unix]` section.
     Unix(UnixEvent),
+    /// An agent's connect to a destination with request rules went to the egress endpoint, as
+    /// flow `token`. Not an action of its own: the endpoint reports the connection.
+    EgressRedirect {
+        connect: ConnectEvent,
+        token: u32,
+    },
 }
 
 /// A unix connect or send as the kernel judged it.
@@ -163,6 +169,9 @@ pub struct ConnectEvent {
     /// DNS redirect: the agent had no proxy endpoint, so nothing was redirected. Connect/send: the
     /// destination was another agent's DNS proxy endpoint.
     pub dns_refused: bool,
+    /// The destination has request rules and the connect or datagram could not go through the
+    /// egress endpoint (UDP, a pre-bound socket, no endpoint), or it was the endpoint itself.
+    pub egress_refused: bool,
 }
 
 /// Why a record could not be decoded. Each is counted by the daemon, never ignored.
@@ -199,6 +208,7 @@ unsafe impl Wire for common::SourceRoutePayload {}
 unsafe impl Wire for common::ForkPayload {}
 unsafe impl Wire for common::TaggedPayload {}
 unsafe impl Wire for common::UnixPayload {}
+unsafe impl Wire for common::EgressPayload {}
 
 /// The record's `T` at `offset`, or `Short` when the record ends before it does.
 fn read<T: Wire>(bytes: &[u8], offset: usize, want: usize) -> Result<T, DecodeError> {
@@ -277,12 +287,39 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 granted: flag(common::FLAG_GRANTED),
                 learned: flag(common::FLAG_LEARNED),
                 dns_refused: flag(common::FLAG_DNS_REFUSED),
+                egress_refused: flag(common::FLAG_EGRESS_REFUSED),
                 subject,
             };
             Ok(if kind == RecordKind::DnsRedirect {
                 KernelEvent::DnsRedirect(event)
             } else {
                 KernelEvent::Connect(event)
+            })
+        }
+        RecordKind::EgressRedirect => {
+            let p: common::EgressPayload = read(bytes, payload, want)?;
+            let v6 = Ipv6Addr::from(p.dest.addr);
+            let addr = match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None if p.dest.family == common::AF_INET6 => IpAddr::V6(v6),
+                None => return Err(DecodeError::UnknownFamily(p.dest.family)),
+            };
+            Ok(KernelEvent::EgressRedirect {
+                connect: ConnectEvent {
+                    verdict: verdict(header.verdict, "connect")?,
+                    send: false,
+                    unspecified: false,
+                    connected_peer: false,
+                    addr,
+                    port: p.dest.port,
+                    sock_type: p.dest.sock_type,
+                    granted: false,
+                    learned: flag(common::FLAG_LEARNED),
+                    dns_refused: false,
+                    egress_refused: false,
+                    subject,
+                },
+                token: p.token,
             })
         }
         RecordKind::SourceRoute => {

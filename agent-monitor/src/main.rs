@@ -15,6 +15,7 @@ mod delegation_lint;
 mod dns;
 #[cfg(test)]
 mod docs_check;
+mod egress;
 mod event;
 mod exec_files;
 mod exec_lint;

@@ -95,6 +95,26 @@ pub enum Load {
         #[arg(long)]
         path: std::path::PathBuf,
     },
+    /// N small requests to NAME:PORT (resolved once), a new connection each: ClientHello naming
+    /// NAME, 64 bytes there and back (`egress.rs`). As an agent with a server-name rule for NAME,
+    /// through the egress endpoint.
+    EgressRequests {
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// One download of MIB MiB from NAME:PORT after a ClientHello naming NAME.
+    EgressDownload {
+        #[arg(long)]
+        mib: u64,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 /// What a timed loop (connect, exec) reports.
@@ -172,6 +192,12 @@ pub fn run(load: Load) -> anyhow::Result<()> {
         Load::Open { n, path } => serde_json::to_string(&crate::files::open_loop(n, &path)?)?,
         Load::UnixConnect { n, path } => {
             serde_json::to_string(&crate::unix_bench::connect(n, &path)?)?
+        }
+        Load::EgressRequests { n, name, port } => {
+            serde_json::to_string(&crate::egress::requests(n, &name, port)?)?
+        }
+        Load::EgressDownload { mib, name, port } => {
+            serde_json::to_string(&crate::egress::download(mib, &name, port)?)?
         }
     };
     println!("{out}");

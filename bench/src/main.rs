@@ -2,6 +2,7 @@
 
 mod ask;
 mod chart;
+mod egress;
 mod files;
 mod load;
 mod machine;

@@ -176,6 +176,22 @@ pub struct Results {
     /// Per repetition, a unix-socket connect loop: bare, outside every agent, as an agent.
     #[serde(default)]
     pub unix: Option<crate::unix_bench::UnixLatency>,
+    /// Per repetition, small requests and a download straight to a server and through the egress
+    /// endpoint (a server-name rule).
+    #[serde(default)]
+    pub egress: Option<EgressCost>,
+}
+
+/// Per repetition (interleaved): the same loads outside agents (direct) and as an agent with a
+/// `[[network.tls]]` rule for the server's name (through the egress endpoint).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EgressCost {
+    pub requests: usize,
+    pub mib: u64,
+    pub direct: Vec<OpStats>,
+    pub through: Vec<OpStats>,
+    pub direct_download: Vec<crate::egress::Download>,
+    pub through_download: Vec<crate::egress::Download>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -306,6 +322,11 @@ pub fn run(
     } else {
         None
     };
+    let egress = if phase("egress") {
+        Some(egress(&env, dir)?)
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -327,7 +348,101 @@ pub fn run(
         files,
         ask,
         unix,
+        egress,
     })
+}
+
+const EGRESS_AGENT: &str = "egressbench";
+const EGRESS_NAME: &str = "egress.ok.test";
+
+fn egress(env: &Env, dir: &Path) -> anyhow::Result<EgressCost> {
+    let p = &env.plan;
+    let requests = if p.quick { 200 } else { 2000 };
+    let mib = if p.quick { 64 } else { 1024 };
+    let reps = p.reps.min(5);
+    let listener = std::net::TcpListener::bind("127.0.0.3:0")?;
+    let port = listener.local_addr()?.port();
+    crate::egress::serve(listener);
+    let upstream = Dnsmasq::start(
+        dir,
+        free_port()?,
+        &[format!("--address=/{EGRESS_NAME}/127.0.0.3")],
+    )?;
+    let policies = dir.join("egress-policies");
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(
+        policies.join(format!("{EGRESS_AGENT}.toml")),
+        format!(
+            "agent = \"{EGRESS_AGENT}\"\nmode = \"enforce\"\n[exec]\nallow = [\"{}\"]\n\
+             [dns]\nprivate_answers = [\"{EGRESS_NAME}\"]\n\
+             [[network.tls]]\nhost = \"{EGRESS_NAME}\"\nport = {port}\n",
+            env.bench.display()
+        ),
+    )?;
+    let cfg = DaemonConfig {
+        policies,
+        extra: vec![s("--dns-upstream"), format!("127.0.0.1:{}", upstream.port)],
+        ..env.daemon.clone()
+    };
+    let d = Daemon::start(&cfg, "egress")?;
+    let small = vec![
+        s("egress-requests"),
+        s("--n"),
+        s(requests),
+        s("--name"),
+        s(EGRESS_NAME),
+        s("--port"),
+        s(port),
+    ];
+    let large = vec![
+        s("egress-download"),
+        s("--mib"),
+        s(mib),
+        s("--name"),
+        s(EGRESS_NAME),
+        s("--port"),
+        s(port),
+    ];
+    let mut out = EgressCost {
+        requests,
+        mib,
+        ..EgressCost::default()
+    };
+    for rep in 0..reps {
+        check_interrupt()?;
+        // Outside agents the name resolves through the host's resolver too (dnsmasq is not it):
+        // the test name is only known upstream, so the direct loads connect by address.
+        let direct: OpStats = load(env, None, &with_name(&small, "127.0.0.3"))?;
+        let through: OpStats = load_as(env, EGRESS_AGENT, (&d, &format!("egress-{rep}")), &small)?;
+        if direct.ok != requests || through.ok != requests {
+            bail!(
+                "egress repetition {rep}: {} of {requests} direct and {} of {requests} requests \
+                 through the endpoint were answered",
+                direct.ok,
+                through.ok
+            );
+        }
+        out.direct.push(direct);
+        out.through.push(through);
+        out.direct_download
+            .push(load(env, None, &with_name(&large, "127.0.0.3"))?);
+        out.through_download.push(load_as(
+            env,
+            EGRESS_AGENT,
+            (&d, &format!("egress-dl-{rep}")),
+            &large,
+        )?);
+    }
+    Ok(out)
+}
+
+/// `args` with the `--name` value replaced.
+fn with_name(args: &[String], name: &str) -> Vec<String> {
+    let mut out = args.to_vec();
+    if let Some(i) = out.iter().position(|a| a == "--name") {
+        out[i + 1] = name.to_string();
+    }
+    out
 }
 
 /// The programs a daemon attaches, as its log names them (`attached PROGRAM → HOOK`).

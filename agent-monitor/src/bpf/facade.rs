@@ -26,7 +26,8 @@ impl Kernel {
     pub fn retain_allowlists(&mut self, keep: impl Fn(u32) -> bool) -> anyhow::Result<usize> {
         Ok(self.tables.allow.retain(&keep)?
             + self.tables.dns.retain(&keep)?
-            + self.tables.unix.retain(&keep)?)
+            + self.tables.unix.retain(&keep)?
+            + self.tables.egress.retain(&keep)?)
     }
 
     /// Adds and removes entries of the file-identity exec allowlist.
@@ -209,6 +210,21 @@ impl Kernel {
 
     pub fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
         Ok(self.tables.dns.remove_learned(agent, addr)?)
+    }
+
+    /// Where the kernel redirects connects with request rules (0: nowhere, they are refused).
+    pub fn set_egress_endpoint(&mut self, port: u16) -> anyhow::Result<()> {
+        Ok(self.tables.egress.set_endpoint(port)?)
+    }
+
+    /// The ports of agent index `agent`'s request rules (see `EGRESS_PORTS`).
+    pub fn set_egress_ports(&mut self, agent: u32, ports: &[u16]) -> anyhow::Result<()> {
+        Ok(self.tables.egress.set_ports(agent, ports)?)
+    }
+
+    /// The flow the kernel redirected as `token`, if it still holds it.
+    pub fn egress_flow(&self, token: u32) -> Option<common::EgressFlow> {
+        self.tables.egress.flow(token)
     }
 
     /// The kernel's loss counters summed over CPUs, indexed by `COUNTER_*`.

@@ -71,6 +71,9 @@ pub(super) enum Input {
     Ask(super::ask::AskIn),
     /// Ask mode: a held request's deadline or a `once` entry's end.
     AskDue,
+    /// The egress endpoint asks about a flow or reports a connection (the records read before
+    /// it hold the flow's redirect).
+    Egress(crate::egress::EgressInput),
 }
 
 pub(super) struct Inputs {
@@ -84,6 +87,7 @@ pub(super) struct Inputs {
     watchdog: Option<tokio::time::Interval>,
     /// The selector probe running on a blocking thread, if one is.
     probe: Option<tokio::task::JoinHandle<Probed>>,
+    egress: mpsc::Receiver<crate::egress::EgressInput>,
     /// Kernel records read by the last `next()`, decoded.
     pub(super) records: Vec<Result<KernelEvent, event::DecodeError>>,
     /// The file guard's reports, when it runs.
@@ -101,6 +105,7 @@ impl Inputs {
         scrapes: mpsc::Receiver<Scrape>,
         signals: Signals,
         dns: mpsc::Receiver<QueryReport>,
+        egress: mpsc::Receiver<crate::egress::EgressInput>,
     ) -> Self {
         let mut drain = tokio::time::interval(DRAIN_EVERY);
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -118,6 +123,7 @@ impl Inputs {
             drain,
             watchdog,
             probe: None,
+            egress,
             records: Vec::with_capacity(1024),
             files: None,
             asks: None,
@@ -160,6 +166,12 @@ impl Inputs {
             _ = self.signals.term.recv() => Input::Stop("SIGTERM"),
             _ = self.signals.int.recv() => Input::Stop("SIGINT"),
             Some(report) = recv(&mut self.files) => Input::FileGuard(report),
+            Some(e) = self.egress.recv() => {
+                // The kernel wrote the flow's redirect record before the connect reached the
+                // endpoint: read it now.
+                self.stream.drain_now(|bytes| self.records.push(event::decode(bytes)));
+                Input::Egress(e)
+            }
         })
     }
 }

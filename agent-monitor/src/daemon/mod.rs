@@ -38,6 +38,7 @@ use crate::policy::{ExecFacts, PolicySet};
 mod ask;
 mod ask_desk;
 mod dns_learner;
+mod egress_flows;
 mod file_guard;
 mod generations;
 mod grant_book;
@@ -141,6 +142,8 @@ struct Monitor {
     interceptor: Option<crate::intercept::Interceptor>,
     /// Held requests of ask-mode agents and their decisions.
     ask: ask::AskState,
+    /// Connects redirected to the egress endpoint, until it asks about them.
+    egress: egress_flows::EgressFlows,
 }
 
 impl Monitor {
@@ -152,8 +155,9 @@ impl Monitor {
         scrapes: mpsc::Receiver<Scrape>,
         signals: Signals,
         dns: mpsc::Receiver<QueryReport>,
+        egress: mpsc::Receiver<crate::egress::EgressInput>,
     ) -> anyhow::Result<()> {
-        let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns);
+        let mut inputs = Inputs::new(stream, requests, scrapes, signals, dns, egress);
         inputs.files = self.files.reports.take();
         inputs.asks = self.ask.inbox.take();
         loop {
@@ -210,6 +214,7 @@ impl Monitor {
                     self.on_ask_in(a)
                 }
                 Input::AskDue => self.ask_tick(false),
+                Input::Egress(e) => self.on_egress(e),
             }
             // Selectors change with probes, reloads and `run --user`: the guard's copy follows.
             self.sync_file_roster();

@@ -202,6 +202,9 @@ impl Monitor {
                 let action = self.unix_action(&u);
                 self.reporter.action(action);
             }
+            KernelEvent::EgressRedirect { connect, token } => {
+                self.egress.redirected(token, connect);
+            }
         }
     }
 
@@ -342,6 +345,9 @@ impl Monitor {
                 p.check_connect(c.addr, c.port)
             }),
         };
+        if c.egress_refused {
+            reason = crate::egress::refused_reason(c.send, c.sock_type, c.verdict);
+        }
         if c.unspecified {
             reason.push_str(" (the unspecified address goes to loopback: judged as loopback)");
         }

@@ -108,11 +108,23 @@ impl Monitor {
             .filter_map(|(limit, p)| self.dns.index(p.agent()).map(|i| (i, limit)))
             .collect();
         let carried = self.dns.learned.carried(&limits, monotonic_ns());
+        // Request rules: which ports of each agent's learned addresses go to the egress endpoint.
+        let egress: Vec<(u32, Vec<u16>)> = set
+            .iter()
+            .filter_map(|p| {
+                staged
+                    .kernel_index(p.agent())
+                    .map(|i| (i, p.egress().ports()))
+            })
+            .collect();
         self.generations
             .write(&staged, &mut self.kernel, |kernel| {
                 kernel.update_exec_files(&file_entries, &[])?;
                 for (index, ports) in &dns {
                     kernel.set_dns_proxy(*index, *ports)?;
+                }
+                for (index, ports) in &egress {
+                    kernel.set_egress_ports(*index, ports)?;
                 }
                 Ok(())
             })?;

@@ -110,7 +110,15 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             args.ask.approver_url.clone(),
             args.ask.approver_timeout,
         ),
+        egress: Default::default(),
     };
+    // Before the policies: a connect with request rules must find the endpoint.
+    let (egress_tx, egress_rx) = mpsc::channel(1024);
+    let endpoint = crate::egress::Endpoint::start(egress_tx)
+        .await
+        .context("starting the egress endpoint")?;
+    monitor.kernel.set_egress_endpoint(endpoint.port)?;
+    tracing::info!("egress endpoint on 127.0.0.1:{}", endpoint.port);
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the
     // kernel still holds them), then the policy on disk applies to them.
@@ -202,7 +210,14 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     notify(&[libsystemd::daemon::NotifyState::Ready]);
 
     let result = monitor
-        .run(stream, requests_rx, scrapes_rx, signals, dns_reports)
+        .run(
+            stream,
+            requests_rx,
+            scrapes_rx,
+            signals,
+            dns_reports,
+            egress_rx,
+        )
         .await;
     notify(&[libsystemd::daemon::NotifyState::Stopping]);
     monitor.reporter.flush();

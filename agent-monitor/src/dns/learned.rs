@@ -201,6 +201,20 @@ impl LearnedTable {
     pub fn len(&self) -> usize {
         self.grants.len()
     }
+
+    /// The names that gave `agent` the address `addr` and have not expired: what a connection to
+    /// it may name (the egress endpoint's domain-fronting check).
+    pub fn names(&self, agent: u32, addr: IpAddr, now_ns: u64) -> Vec<String> {
+        self.grants
+            .get(&(agent, canonical(addr)))
+            .map(|g| {
+                g.iter()
+                    .filter(|g| g.expires_ns > now_ns)
+                    .map(|g| g.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// The kernel compares IPv4 destinations as `::ffff:a.b.c.d`; so does the table.

@@ -385,6 +385,7 @@ fn the_header_round_trips_into_the_subject_for_every_kind() {
             | KernelEvent::Tagged { subject, .. }
             | KernelEvent::ClaimRefused { subject, .. } => subject,
             KernelEvent::Unix(u) => u.subject,
+            KernelEvent::EgressRedirect { connect, .. } => connect.subject,
         };
         assert_eq!(
             subject,
@@ -480,4 +481,36 @@ fn unix_records_decode_with_the_name_as_policies_write_it() {
     }
     let short = &bytes(&rec)[..size_of::<RecordHeader>() + 8];
     assert!(matches!(decode(short), Err(DecodeError::Short { .. })));
+}
+
+#[test]
+fn egress_redirects_carry_the_original_destination_and_the_token() {
+    let r = Record {
+        header: header(RecordKind::EgressRedirect, common::VERDICT_ALLOWED),
+        payload: common::EgressPayload {
+            dest: common::NetPayload {
+                family: common::AF_INET6,
+                port: 443,
+                sock_type: 1,
+                addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 9],
+            },
+            token: 0x01_02_03,
+            _pad: 0,
+        },
+    };
+    let KernelEvent::EgressRedirect { connect, token } = decode(&bytes(&r)).unwrap() else {
+        panic!("not an egress redirect")
+    };
+    assert_eq!(token, 0x01_02_03);
+    assert_eq!(
+        (connect.addr.to_string(), connect.port),
+        ("192.0.2.9".into(), 443)
+    );
+    // A refused datagram to a destination with request rules says so.
+    let mut n = net(RecordKind::Sendmsg, common::VERDICT_DENIED);
+    n.header.flags = common::FLAG_EGRESS_REFUSED | common::FLAG_LEARNED;
+    let KernelEvent::Connect(c) = decode(&bytes(&n)).unwrap() else {
+        panic!("not a send")
+    };
+    assert!(c.egress_refused && c.send && c.learned);
 }

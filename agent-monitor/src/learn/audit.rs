@@ -54,6 +54,13 @@ pub enum What {
     /// A unix connect or datagram send (`dest_transport` `unix`) to the socket named `path`
     /// (`@name` abstract).
     Unix { path: String },
+    /// A connection through the egress endpoint (`tls`, `http`): the name it carried
+    /// (`tls_sni`, else `http_host`) on the original destination's port.
+    Egress {
+        tls: bool,
+        name: Option<String>,
+        port: u16,
+    },
 }
 
 impl fmt::Display for What {
@@ -73,6 +80,12 @@ impl fmt::Display for What {
             What::Other { kind } => write!(f, "{kind}"),
             What::Open { path } => write!(f, "open {path}"),
             What::Unix { path } => write!(f, "connect unix {path}"),
+            What::Egress { tls, name, port } => write!(
+                f,
+                "{} {}:{port}",
+                if *tls { "tls" } else { "http" },
+                name.as_deref().unwrap_or("(no name)")
+            ),
         }
     }
 }
@@ -244,6 +257,23 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
         "open" => What::Open {
             path: string(&obj, "file_path")?,
         },
+        "tls" | "http" => {
+            let port = obj
+                .get("dest_port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| RecordError::BadPort {
+                    found: shown(obj.get("dest_port")),
+                })?;
+            let name = optional_string(&obj, "tls_sni")?
+                .or(optional_string(&obj, "http_host")?)
+                .filter(|n| !n.is_empty());
+            What::Egress {
+                tls: kind == "tls",
+                name,
+                port,
+            }
+        }
         _ => What::Other { kind },
     };
     let time_text = string(&obj, "time")?;

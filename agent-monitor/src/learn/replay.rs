@@ -38,6 +38,20 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
         What::Other { .. } => None,
         What::Open { path } => Some(judge_open(policy, path, homes())),
         What::Unix { path } => Some(policy.check_unix(path)),
+        // The name only: method and path are judged per request by interception.
+        What::Egress { name, port, .. } => Some(match name {
+            Some(n) => {
+                let verdict = policy.egress().judge_name(n, *port);
+                Decision {
+                    allowed: verdict != crate::policy::http::NameVerdict::NoRule,
+                    reason: verdict.to_string(),
+                }
+            }
+            None => Decision {
+                allowed: false,
+                reason: "no server name (SNI) or Host was recorded".into(),
+            },
+        }),
     }
 }
 
@@ -240,6 +254,30 @@ mod tests {
             "{:?}",
             r.not_allowed[0]
         );
+    }
+
+    #[test]
+    fn egress_connections_are_judged_on_the_name_they_carried() {
+        let tls = |name: &str| {
+            connect_line(
+                "coder",
+                "t1",
+                "127.0.0.3",
+                443,
+                &format!(r#","tls_sni":"{name}""#),
+            )
+            .replace("\"connect\"", "\"tls\"")
+        };
+        let audit = read(&[tls("pypi.org"), tls("evil.test")].join("\n"));
+        let p = policy("agent = \"coder\"\n[[network.tls]]\nhost = \"pypi.org\"\nport = 443\n");
+        assert_eq!(
+            judge(&p, &audit.actions[0].what).map(|d| (d.allowed, d.reason)),
+            Some((true, "rule \"tls pypi.org:443\"".to_string()))
+        );
+        let d = judge(&p, &audit.actions[1].what).expect("judged");
+        assert!(!d.allowed);
+        assert_eq!(d.reason, "no network.http or network.tls rule names it");
+        assert_eq!(audit.actions[1].what.to_string(), "tls evil.test:443");
     }
 }
 

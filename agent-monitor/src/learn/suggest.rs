@@ -312,6 +312,11 @@ pub fn suggest<'a>(
                 Ok(()) => unix.entry(path.clone()).or_default().add(r),
                 Err(why) => skip(r, why),
             },
+            What::Egress { .. } => skip(
+                r,
+                "request rules (network.tls, network.http) are not suggested yet; write them by hand"
+                    .into(),
+            ),
         }
     }
 

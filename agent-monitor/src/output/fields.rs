@@ -42,11 +42,16 @@ pub enum Field {
     OpenFlags,
     /// A unix connect's socket (`DEST_TRANSPORT=unix`); an abstract name as `@name`.
     DestPath,
+    TlsSni,
+    HttpHost,
+    BytesIn,
+    BytesOut,
+    DurationMs,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 29] = [
+    pub const ALL: [Field; 34] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -76,6 +81,11 @@ impl Field {
         Field::FilePath,
         Field::OpenFlags,
         Field::DestPath,
+        Field::TlsSni,
+        Field::HttpHost,
+        Field::BytesIn,
+        Field::BytesOut,
+        Field::DurationMs,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -110,6 +120,11 @@ impl Field {
             Field::FilePath => "FILE_PATH",
             Field::OpenFlags => "OPEN_FLAGS",
             Field::DestPath => "DEST_PATH",
+            Field::TlsSni => "TLS_SNI",
+            Field::HttpHost => "HTTP_HOST",
+            Field::BytesIn => "BYTES_IN",
+            Field::BytesOut => "BYTES_OUT",
+            Field::DurationMs => "DURATION_MS",
         }
     }
 
@@ -145,6 +160,11 @@ impl Field {
             Field::FilePath => "file_path",
             Field::OpenFlags => "open_flags",
             Field::DestPath => "dest_path",
+            Field::TlsSni => "tls_sni",
+            Field::HttpHost => "http_host",
+            Field::BytesIn => "bytes_in",
+            Field::BytesOut => "bytes_out",
+            Field::DurationMs => "duration_ms",
         }
     }
 }
@@ -226,10 +246,31 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                     .object
                     .unix_path()
                     .map(|p| FieldValue::Text(Cow::Borrowed(p))),
+                Field::TlsSni
+                | Field::HttpHost
+                | Field::BytesIn
+                | Field::BytesOut
+                | Field::DurationMs => egress_field(field, &action.object),
             };
             (field, value)
         })
         .collect()
+}
+
+/// The egress endpoint's fields (`TLS_SNI`, `HTTP_HOST`, bytes, duration) of a connection it
+/// handled; none for every other action.
+fn egress_field(field: Field, object: &Object) -> Option<FieldValue<'_>> {
+    let Object::Egress(c) = object else {
+        return None;
+    };
+    match field {
+        Field::TlsSni => borrowed(&c.sni),
+        Field::HttpHost => borrowed(&c.http_host),
+        Field::BytesIn => Some(FieldValue::Number(c.bytes_in)),
+        Field::BytesOut => Some(FieldValue::Number(c.bytes_out)),
+        Field::DurationMs => Some(FieldValue::Number(c.duration_ms)),
+        _ => None,
+    }
 }
 
 fn borrowed(s: &Option<String>) -> Option<FieldValue<'_>> {
@@ -281,6 +322,11 @@ mod tests {
                         | Field::FilePath
                         | Field::OpenFlags
                         | Field::DestPath
+                        | Field::TlsSni
+                        | Field::HttpHost
+                        | Field::BytesIn
+                        | Field::BytesOut
+                        | Field::DurationMs
                 )),
             "{fields:?}"
         );
@@ -382,6 +428,11 @@ mod tests {
                     | Field::FilePath
                     | Field::OpenFlags
                     | Field::DestPath
+                    | Field::TlsSni
+                    | Field::HttpHost
+                    | Field::BytesIn
+                    | Field::BytesOut
+                    | Field::DurationMs
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
@@ -425,6 +476,43 @@ mod tests {
         let fields = action_fields(&a);
         assert!(fields.contains(&(Field::Action, Some(FieldValue::Text("sendmsg".into())))));
         assert!(a.message().contains("sendmsg unix dgram @bus"));
+    }
+
+    #[test]
+    fn an_egress_connection_reports_its_names_bytes_and_duration() {
+        let mut a = connect_action();
+        a.object = Object::Egress(crate::action::EgressConnection {
+            destination: a.object.destination().expect("connect"),
+            tls: true,
+            sni: Some("pypi.org".into()),
+            http_host: None,
+            bytes_out: 517,
+            bytes_in: 4096,
+            duration_ms: 12,
+        });
+        assert_eq!(a.kind().as_str(), "tls");
+        let fields = action_fields(&a);
+        let get = |want: Field| {
+            fields
+                .iter()
+                .find(|(f, _)| *f == want)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get(Field::TlsSni),
+            Some(FieldValue::Text("pypi.org".into()))
+        );
+        assert_eq!(get(Field::HttpHost), None);
+        assert_eq!(get(Field::BytesOut), Some(FieldValue::Number(517)));
+        assert_eq!(get(Field::BytesIn), Some(FieldValue::Number(4096)));
+        assert_eq!(get(Field::DurationMs), Some(FieldValue::Number(12)));
+        assert_eq!(get(Field::DestPort), Some(FieldValue::Number(443)));
+        assert!(
+            a.message()
+                .contains("tls 10.1.2.3:443 (server name pypi.org)"),
+            "{}",
+            a.message()
+        );
     }
 }
 

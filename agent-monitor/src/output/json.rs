@@ -427,7 +427,12 @@ mod tests {
             "open_flags": null,
             "dest_path": null,
             "time": "2025-11-29T11:44:00.25Z",
-            "priority": 4
+            "priority": 4,
+            "tls_sni": null,
+            "http_host": null,
+            "bytes_in": null,
+            "bytes_out": null,
+            "duration_ms": null
         });
         assert_eq!(v, expected);
     }

@@ -38,6 +38,12 @@ impl StormKey {
             Object::Open(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
             Object::Unix(t) => format!("unix:{}", t.path),
+            Object::Egress(c) => format!(
+                "{}:{} {}",
+                c.destination.addr,
+                c.destination.port,
+                c.sni.as_deref().or(c.http_host.as_deref()).unwrap_or("-")
+            ),
         };
         Some(StormKey {
             agent: action.agent.clone(),

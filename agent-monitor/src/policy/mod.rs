@@ -5,6 +5,7 @@ pub mod dns;
 mod evaluate;
 pub mod files;
 pub mod host;
+pub mod http;
 mod index;
 pub(crate) mod model;
 mod parse;

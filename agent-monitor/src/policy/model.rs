@@ -160,6 +160,8 @@ pub struct Policy {
     pub(crate) files: crate::policy::files::FileRules,
     /// `[unix]`: which unix sockets it may use; `None`: not judged (see `unix.rs`).
     pub(crate) unix: Option<crate::policy::unix::UnixRules>,
+    /// `[[network.http]]` and `[[network.tls]]`: request rules, judged by the egress endpoint.
+    pub(crate) egress: crate::policy::http::EgressRules,
 }
 
 impl Policy {

@@ -483,6 +483,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
     crate::files::section(&mut o, r.files.as_ref(), us);
     ask_section(&mut o, r.ask.as_ref());
     crate::unix_bench::section(&mut o, r.unix.as_ref());
+    egress_section(&mut o, r.egress.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {
@@ -551,5 +552,49 @@ pub(super) fn ask_section(o: &mut String, ask: Option<&crate::ask::AskLatency>) 
          bound: includes the approve command's start-up): median **{:.1} ms** over {} approvals.\n",
         median_f(&a.release_ms),
         a.release_ms.len()
+    );
+}
+
+/// The egress endpoint (a server-name rule) against the direct path.
+pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>) {
+    let _ = writeln!(o, "## Egress endpoint (server-name rules)\n");
+    let Some(e) = e.filter(|e| !e.direct.is_empty()) else {
+        let _ = writeln!(o, "Not measured in this run.\n");
+        return;
+    };
+    let med = |v: &[OpStats], f: fn(&OpStats) -> u64| {
+        median_f(&v.iter().map(|x| f(x) as f64).collect::<Vec<_>>())
+    };
+    let rate = |v: &[crate::egress::Download]| {
+        median_f(&v.iter().map(|d| d.mib_per_s).collect::<Vec<_>>())
+    };
+    let _ = writeln!(
+        o,
+        "{} repetitions, interleaved; in each, {} small requests (a new connection each: \
+         ClientHello, 64 bytes there and back) and one {} MiB download, *direct* from an ordinary \
+         process and *through the endpoint* from an agent with a `[[network.tls]]` rule for the \
+         server's name (the kernel redirects the connect; the endpoint reads the server name and \
+         splices). Medians over the repetitions.\n",
+        e.direct.len(),
+        e.requests,
+        e.mib
+    );
+    let _ = writeln!(
+        o,
+        "| path | request median µs | request p99 µs | download MiB/s |\n|---|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        o,
+        "| direct | {} | {} | {:.0} |",
+        us(med(&e.direct, |x| x.median_ns)),
+        us(med(&e.direct, |x| x.p99_ns)),
+        rate(&e.direct_download)
+    );
+    let _ = writeln!(
+        o,
+        "| through the endpoint | {} | {} | {:.0} |\n",
+        us(med(&e.through, |x| x.median_ns)),
+        us(med(&e.through, |x| x.p99_ns)),
+        rate(&e.through_download)
     );
 }

@@ -28,6 +28,7 @@ fn results(overhead: Vec<(Setup, Vec<u64>, Vec<u64>)>, capacity: Vec<CapacitySte
         attached: vec![],
         dns: None,
         unix: None,
+        egress: None,
         policy_size: vec![],
         files: None,
         ask: None,

@@ -4,6 +4,7 @@
 
 mod allow;
 mod dns;
+mod egress;
 mod grants;
 mod identity;
 mod state;
@@ -20,6 +21,7 @@ use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, RingBuf, lpm_trie::Key
 
 pub use allow::AllowTables;
 pub use dns::DnsTables;
+pub use egress::EgressTables;
 pub use grants::GrantTables;
 pub use identity::IdentityTables;
 pub use state::StateTables;
@@ -35,6 +37,7 @@ pub struct Tables {
     pub dns: DnsTables,
     pub state: StateTables,
     pub unix: UnixTables,
+    pub egress: EgressTables,
     /// The action ring buffer, until its reader takes it.
     actions: Option<RingBuf<MapData>>,
     /// The maps only the kernel programs use (socket caches, scratch space), kept open: the
@@ -161,6 +164,7 @@ impl Tables {
             dns: DnsTables::open(&mut maps)?,
             state: StateTables::open(&mut maps)?,
             unix: UnixTables::open(&mut maps)?,
+            egress: EgressTables::open(&mut maps)?,
             actions: Some(maps.take("ACTIONS")?),
             _kernel_only: maps.0,
         })

@@ -341,6 +341,7 @@ fn redirect(pid: u32, server: &str) -> ConnectEvent {
         connected_peer: false,
         learned: false,
         dns_refused: false,
+        egress_refused: false,
     }
 }
 

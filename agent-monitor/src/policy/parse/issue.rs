@@ -221,4 +221,14 @@ pub enum Reason {
         "is on the built-in list `deny_known_daemons = true` refuses; remove one of the two (with `allow`, every socket not listed is refused anyway)"
     )]
     UnixAllowsKnownDaemon,
+    #[error("expected an HTTP method such as \"GET\" (letters, digits, -), or \"*\" for any")]
+    HttpMethod,
+    #[error("expected at least one method (\"*\" for any)")]
+    HttpMethodsEmpty,
+    #[error("expected at least one path (\"/*\" for every path)")]
+    HttpPathsEmpty,
+    #[error("{0}")]
+    HttpPath(&'static str),
+    #[error("request rules name at most {max} ports per agent (one kernel entry holds them)")]
+    EgressPorts { max: usize },
 }

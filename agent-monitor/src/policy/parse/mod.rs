@@ -16,6 +16,7 @@ use crate::policy::selectors::{
 
 mod exec;
 mod files;
+mod http;
 mod issue;
 mod location;
 mod network;
@@ -44,7 +45,7 @@ pub(crate) struct RawPolicy {
     #[serde(default)]
     mode: Option<Spanned<String>>,
     #[serde(default)]
-    network: Option<RawAllow>,
+    network: Option<http::RawNetwork>,
     #[serde(default)]
     exec: Option<RawAllow>,
     #[serde(default)]
@@ -213,7 +214,8 @@ impl TryFrom<RawFile<'_>> for Policy {
 
         let mut network = Vec::new();
         let mut hosts = Vec::new();
-        for (i, entry) in raw.network.unwrap_or_default().allow.iter().enumerate() {
+        let raw_network = raw.network.unwrap_or_default();
+        for (i, entry) in raw_network.allow.iter().enumerate() {
             if host::is_host_entry(entry.get_ref()) {
                 match host::parse_host_entry(entry.get_ref(), parse_ports) {
                     Ok((pattern, ports)) => hosts.push(HostRule {
@@ -314,6 +316,8 @@ impl TryFrom<RawFile<'_>> for Policy {
         }
 
         issues.extend(uid_issues);
+        let (egress, implied_hosts) = http::parse_request_rules(&raw_network, &lines, &mut issues);
+        hosts.extend(implied_hosts);
 
         let raw_dns = raw.dns.unwrap_or_default();
         let mut dns = DnsSettings::default();
@@ -367,6 +371,7 @@ impl TryFrom<RawFile<'_>> for Policy {
             exec,
             index: Default::default(),
             files,
+            egress,
         })
     }
 }

@@ -413,7 +413,7 @@ fn unknown_top_level_key() {
 fn unknown_key_in_network() {
     let msg = err("agent = \"a\"\n[network]\nallows = [\"1.2.3.4:80\"]\n");
     assert!(
-        msg.starts_with("policies/coder.toml:3:1: unknown field `allows`, expected `allow`"),
+        msg.starts_with("policies/coder.toml:3:1: unknown field `allows`, expected one of `allow`, `http`, `tls`"),
         "{msg}"
     );
 }

@@ -1,0 +1,510 @@
+//! Request rules end to end (`[[network.tls]]`): the kernel redirects an agent's connects to
+//! addresses learned for such names to the daemon's egress endpoint, which checks the TLS server
+//! name or the HTTP `Host` against the rules and the name the address was learned from. Real
+//! clients (curl, python3), real servers (python3 `http.server`, TLS with a test CA made by
+//! openssl), names from a real dnsmasq. Run one at a time (`--test-threads=1`).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use agent_monitor_tests::*;
+use serde_json::Value;
+
+/// A test CA and a server certificate for `ok.test` and `other.test` (CN `egress-test-server`).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = |f: &str| dir.path().join(f).display().to_string();
+        std::fs::write(p("san.ext"), "subjectAltName=DNS:ok.test,DNS:other.test\n").unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let steps: Vec<Vec<String>> = vec![
+            [
+                &["req", "-x509"][..],
+                &ec[..],
+                &["-days", "1", "-subj", "/CN=agent-monitor egress test CA"],
+            ]
+            .concat()
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["-keyout".into(), p("ca.key"), "-out".into(), p("ca.pem")])
+            .collect(),
+            [&["req"][..], &ec[..], &["-subj", "/CN=egress-test-server"]]
+                .concat()
+                .iter()
+                .map(|s| s.to_string())
+                .chain(["-keyout".into(), p("srv.key"), "-out".into(), p("srv.csr")])
+                .collect(),
+            [
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &p("srv.csr"),
+                "-CA",
+                &p("ca.pem"),
+                "-CAkey",
+                &p("ca.key"),
+                "-CAcreateserial",
+                "-out",
+                &p("srv.pem"),
+                "-extfile",
+                &p("san.ext"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(&args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                text(&out.stderr)
+            );
+        }
+        Pki { dir }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// An HTTP server (TLS when given a certificate) on `ip`, answering `hello <Host>`.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+const PY_SERVER: &str = r#"
+import http.server, ssl, sys
+ip, cert, key = sys.argv[1], sys.argv[2], sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("hello " + (self.headers.get("Host") or "")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer((ip, 0), H)
+if cert != "-":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+impl Server {
+    fn start(ip: &str, tls: Option<&Pki>) -> Server {
+        let (cert, key) = match tls {
+            Some(p) => (
+                p.file("srv.pem").display().to_string(),
+                p.file("srv.key").display().to_string(),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let mut child = Command::new(PYTHON)
+            .args(["-c", PY_SERVER, ip, &cert, &key])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the python server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server port");
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("server said {line:?}"));
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent's client: each argument group is one operation, each prints one JSON line.
+/// - `pyhttps NAME PORT CA`: python3 `http.client` over TLS trusting CA: status, body, and the
+///   certificate the client saw (its subject CN).
+/// - `curl URL CA RESOLVE HOST`: curl (RESOLVE `-` for none, else NAME:PORT:IP; HOST `-` or a
+///   `Host` header): exit code and body.
+/// - `peer NAME PORT`: connect, then getpeername / getsockname.
+/// - `raw NAME PORT`: connect, send an SSH banner, read: whether it connected, what came back
+///   (or the error of a closed or reset connection).
+/// - `udp NAME PORT`: one datagram: errno.
+const PY_CLIENT: &str = r#"
+import json, socket, ssl, subprocess, sys, http.client
+a = sys.argv[1:]
+def out(**kw):
+    print(json.dumps(kw), flush=True)
+while a:
+    op = a.pop(0)
+    if op == "pyhttps":
+        name, port, ca = a.pop(0), int(a.pop(0)), a.pop(0)
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+            c = http.client.HTTPSConnection(name, port, context=ctx, timeout=10)
+            c.request("GET", "/")
+            r = c.getresponse()
+            cert = c.sock.getpeercert()
+            cn = [v for rdn in cert["subject"] for (k, v) in rdn if k == "commonName"]
+            out(op=op, status=r.status, body=r.read().decode(), cn=cn)
+        except Exception as e:
+            out(op=op, error=repr(e))
+    elif op == "curl":
+        url, ca, resolve, host = a.pop(0), a.pop(0), a.pop(0), a.pop(0)
+        cmd = ["/usr/bin/curl", "-sS", "--max-time", "10", "--cacert", ca]
+        if resolve != "-":
+            cmd += ["--resolve", resolve]
+        if host != "-":
+            cmd += ["-H", "Host: " + host]
+        p = subprocess.run(cmd + [url], capture_output=True, text=True)
+        out(op=op, rc=p.returncode, body=p.stdout, err=p.stderr)
+    elif op == "peer":
+        name, port = a.pop(0), int(a.pop(0))
+        s = socket.create_connection((name, port), timeout=10)
+        out(op=op, peer=list(s.getpeername()), local=list(s.getsockname()))
+        s.close()
+    elif op == "raw":
+        name, port = a.pop(0), int(a.pop(0))
+        try:
+            s = socket.create_connection((name, port), timeout=10)
+        except Exception as e:
+            out(op=op, connected=False, error=repr(e))
+            continue
+        try:
+            s.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            got = s.recv(100)
+            out(op=op, connected=True, got=len(got))
+        except Exception as e:
+            # The peer closed or reset the connection: connected, nothing came back.
+            out(op=op, connected=True, error=repr(e))
+    elif op == "udp":
+        name, port = a.pop(0), int(a.pop(0))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"quic?", (socket.gethostbyname(name), port))
+            out(op=op, errno=0)
+        except OSError as e:
+            out(op=op, errno=e.errno)
+"#;
+
+fn policy(agent: &str, mode: &str, tls: &[(&str, u16)], allow: &[String]) -> (String, String) {
+    let mut text = format!(
+        "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = {allow:?}\n[exec]\nallow = [\"/usr/bin/python3*\", \"/usr/bin/curl\"]\n[dns]\nprivate_answers = [\"*.test\"]\n"
+    );
+    for (host, port) in tls {
+        text.push_str(&format!(
+            "[[network.tls]]\nhost = {host:?}\nport = {port}\n"
+        ));
+    }
+    (format!("{agent}.toml"), text)
+}
+
+fn agent_ops(d: &Daemon, agent: &str, ops: &[String]) -> Vec<Value> {
+    let mut cmd = vec![PYTHON, "-c", PY_CLIENT];
+    cmd.extend(ops.iter().map(String::as_str));
+    let out = d.run(agent, Some("egress"), &cmd);
+    assert!(
+        out.status.success(),
+        "agent failed: {}\n{}\ndaemon log:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        d.log()
+    );
+    let results: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect();
+    eprintln!("{agent}: {ops:?} -> {results:#?}");
+    results
+}
+
+fn ops(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+fn is(v: &Value, key: &str, want: &str) -> bool {
+    field(v, key) == want
+}
+
+fn ca(p: &Pki) -> String {
+    p.file("ca.pem").display().to_string()
+}
+
+/// curl from the test process itself (not an agent).
+fn curl_outside(args: &[&str]) -> std::process::Output {
+    Command::new("/usr/bin/curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl")
+}
+
+fn daemon(policies: &[(String, String)], up: &Dnsmasq) -> Daemon {
+    let addr = up.addr.to_string();
+    Daemon::start_with(policies, &["--dns-upstream", addr.as_str()])
+}
+
+fn assert_path_exists(p: &Path) {
+    assert!(p.exists(), "{} missing", p.display());
+}
+
+#[test]
+fn server_name_rules_pass_unchanged_and_domain_fronting_is_refused() {
+    if !require_root("server_name_rules_pass_unchanged_and_domain_fronting_is_refused") {
+        return;
+    }
+    let pki = Pki::new();
+    assert_path_exists(&pki.file("srv.pem"));
+    let server = Server::start("127.0.0.3", Some(&pki));
+    let port = server.port;
+    let up = Dnsmasq::start(&[
+        "--address=/ok.test/127.0.0.3",
+        "--address=/other.test/127.0.0.4",
+    ]);
+    let agent = unique_agent("egress");
+    let d = daemon(
+        &[policy(
+            &agent,
+            "enforce",
+            &[("ok.test", port), ("other.test", port)],
+            &[],
+        )],
+        &up,
+    );
+    let ca = ca(&pki);
+    let url = format!("https://ok.test:{port}/");
+    let front = format!("other.test:{port}:127.0.0.3");
+    let r = agent_ops(
+        &d,
+        &agent,
+        &ops(&format!(
+            "pyhttps ok.test {port} {ca} peer ok.test {port} curl {url} {ca} - - \
+             curl https://other.test:{port}/ {ca} {front} -"
+        )),
+    );
+    // The real server's certificate, verified against the test CA: no interception.
+    assert_eq!(r[0]["status"], 200, "{}", r[0]);
+    assert_eq!(r[0]["body"], format!("hello ok.test:{port}"));
+    assert_eq!(r[0]["cn"], serde_json::json!(["egress-test-server"]));
+    // getpeername shows the server; the socket's own address is the flow's loopback source.
+    assert_eq!(
+        r[1]["peer"],
+        serde_json::json!(["127.0.0.3", port]),
+        "{}\ndaemon log:\n{}",
+        r[1],
+        d.log()
+    );
+    let local = r[1]["local"][0].as_str().unwrap_or("");
+    assert!(
+        local.starts_with("127.") && local != "127.0.0.1",
+        "{}",
+        r[1]
+    );
+    // curl, too.
+    assert_eq!(r[2]["rc"], 0, "{}", r[2]);
+    assert_eq!(r[2]["body"], format!("hello ok.test:{port}"));
+    // Domain fronting: ok.test's address, other.test in the handshake (both have rules, but the
+    // address was learned from ok.test): refused.
+    assert_ne!(r[3]["rc"], 0, "fronting passed: {}", r[3]);
+
+    let allowed = d.wait_audit("allowed tls connection", |v| {
+        is(v, "action", "tls") && is(v, "verdict", "allowed") && is(v, "agent_id", &agent)
+    });
+    assert_eq!(field(&allowed, "tls_sni"), "ok.test");
+    assert_eq!(field(&allowed, "dest_addr"), "127.0.0.3");
+    assert_eq!(allowed["dest_port"], port);
+    assert_eq!(field(&allowed, "task_id"), "egress");
+    assert!(allowed["bytes_in"].as_u64().unwrap_or(0) > 0, "{allowed}");
+    assert!(allowed["bytes_out"].as_u64().unwrap_or(0) > 0, "{allowed}");
+    assert!(
+        field(&allowed, "reason").contains("tls ok.test"),
+        "{allowed}"
+    );
+    let denied = d.wait_audit("refused fronting", |v| {
+        is(v, "action", "tls") && is(v, "verdict", "denied") && is(v, "tls_sni", "other.test")
+    });
+    assert!(
+        field(&denied, "reason").contains("domain fronting"),
+        "{denied}"
+    );
+    assert_eq!(field(&denied, "enforcement"), "closed");
+    assert_eq!(field(&denied, "dest_addr"), "127.0.0.3");
+    let j = wait_journal(&agent, "refused fronting in journald", |e| {
+        is(e, "ACTION", "tls") && is(e, "VERDICT", "denied")
+    });
+    assert_eq!(field(&j, "TLS_SNI"), "other.test");
+
+    // Control: the same fronting request outside agents works.
+    let out = curl_outside(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &front,
+        &format!("https://other.test:{port}/"),
+    ]);
+    assert!(
+        out.status.success(),
+        "outside agents: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), format!("hello other.test:{port}"));
+    drop(server);
+}
+
+#[test]
+fn plain_http_host_udp_and_other_protocols_on_a_redirected_port_are_refused() {
+    if !require_root("plain_http_host_udp_and_other_protocols_on_a_redirected_port_are_refused") {
+        return;
+    }
+    let server = Server::start("127.0.0.3", None);
+    let port = server.port;
+    // Control: a host rule without request rules.
+    let plain = listener_on("127.0.0.5");
+    let up = Dnsmasq::start(&[
+        "--address=/ok.test/127.0.0.3",
+        "--address=/plain.test/127.0.0.5",
+    ]);
+    let agent = unique_agent("egresshttp");
+    let d = daemon(
+        &[policy(
+            &agent,
+            "enforce",
+            &[("ok.test", port)],
+            &[format!("plain.test:{plain}")],
+        )],
+        &up,
+    );
+    let url = format!("http://ok.test:{port}/");
+    let r = agent_ops(
+        &d,
+        &agent,
+        &ops(&format!(
+            "curl {url} - - - curl {url} - - evil.test raw ok.test {port} udp ok.test {port} \
+             raw plain.test {plain}"
+        )),
+    );
+    assert_eq!(r[0]["rc"], 0, "{}", r[0]);
+    assert_eq!(r[0]["body"], format!("hello ok.test:{port}"));
+    assert_ne!(r[1]["rc"], 0, "Host evil.test passed: {}", r[1]);
+    // Not HTTP: the endpoint closes (or resets) without a byte of the server's.
+    assert!(
+        r[2]["got"] == 0 || r[2]["error"].as_str().is_some_and(|e| e.contains("reset")),
+        "{}",
+        r[2]
+    );
+    // UDP to a destination with request rules (QUIC): refused, so clients use TCP.
+    assert_eq!(r[3]["errno"], libc::EPERM, "{}", r[3]);
+    // A host rule without request rules is not redirected.
+    assert_eq!(r[4]["connected"], true, "{}", r[4]);
+
+    let ok = d.wait_audit("allowed http connection", |v| {
+        is(v, "action", "http") && is(v, "verdict", "allowed")
+    });
+    assert_eq!(field(&ok, "http_host"), "ok.test");
+    let host = d.wait_audit("refused Host", |v| {
+        is(v, "action", "http") && is(v, "verdict", "denied") && is(v, "http_host", "evil.test")
+    });
+    assert!(field(&host, "reason").contains("Host evil.test"), "{host}");
+    let other = d.wait_audit("refused protocol", |v| {
+        is(v, "action", "http")
+            && is(v, "verdict", "denied")
+            && field(v, "reason").contains("neither TLS nor HTTP")
+    });
+    assert_eq!(other["dest_port"], port);
+    let udp = d.wait_audit("refused datagram", |v| {
+        is(v, "action", "sendmsg") && is(v, "verdict", "denied") && v["dest_port"] == port
+    });
+    assert!(field(&udp, "reason").contains("QUIC"), "{udp}");
+    let control = d.wait_audit("plain host connect", |v| {
+        is(v, "action", "connect") && is(v, "verdict", "allowed") && v["dest_port"] == plain
+    });
+    assert_eq!(field(&control, "dest_host"), "plain.test");
+    assert!(
+        !d.audit()
+            .iter()
+            .any(|v| v["dest_port"] == plain && is(v, "action", "http")),
+        "the control went through the endpoint"
+    );
+
+    // Control: the same bytes outside agents reach the server.
+    let out = curl_outside(&[
+        "-H",
+        "Host: evil.test",
+        &format!("http://127.0.0.3:{port}/"),
+    ]);
+    assert!(
+        out.status.success(),
+        "outside agents: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "hello evil.test");
+}
+
+#[test]
+fn alert_mode_reports_fronting_and_lets_it_through() {
+    if !require_root("alert_mode_reports_fronting_and_lets_it_through") {
+        return;
+    }
+    let pki = Pki::new();
+    let server = Server::start("127.0.0.3", Some(&pki));
+    let port = server.port;
+    let up = Dnsmasq::start(&[
+        "--address=/ok.test/127.0.0.3",
+        "--address=/other.test/127.0.0.4",
+    ]);
+    let agent = unique_agent("egressalert");
+    let d = daemon(
+        &[policy(
+            &agent,
+            "alert",
+            &[("ok.test", port), ("other.test", port)],
+            &[],
+        )],
+        &up,
+    );
+    let ca = ca(&pki);
+    let front = format!("other.test:{port}:127.0.0.3");
+    let r = agent_ops(
+        &d,
+        &agent,
+        &ops(&format!(
+            "peer ok.test {port} curl https://other.test:{port}/ {ca} {front} -"
+        )),
+    );
+    assert_eq!(r[1]["rc"], 0, "alert mode lets it through: {}", r[1]);
+    assert_eq!(r[1]["body"], format!("hello other.test:{port}"));
+    let alert = d.wait_audit("alert for fronting", |v| {
+        is(v, "action", "tls") && is(v, "verdict", "alert") && is(v, "tls_sni", "other.test")
+    });
+    assert!(
+        field(&alert, "reason").contains("alert mode: passed unchanged"),
+        "{alert}"
+    );
+    assert!(alert["bytes_in"].as_u64().unwrap_or(0) > 0, "{alert}");
+}
