@@ -70,6 +70,7 @@ pub(super) struct AskCounters {
     pub(super) timeout: u64,
     pub(super) withdrawn: u64,
     pub(super) allowed_without_asking: u64,
+    pub(super) denied_without_asking: u64,
     pub(super) approver_errors: u64,
     pub(super) refused_full: u64,
     /// Seconds from hold to decision (shared with every scrape's registry).
@@ -80,6 +81,9 @@ pub(super) struct AskCounters {
 pub(super) struct AskState {
     pub(super) desk: AskDesk<Waiter>,
     names: NameApprovals,
+    /// Names just denied (or timed out) for an agent and task: the resolver's retransmits and
+    /// its A/AAAA pair are refused for `ONCE_NAME` without asking again.
+    denied_names: NameApprovals,
     once: OnceEntries<OnceEntry>,
     /// `pending --follow` subscribers: one JSON `PendingEvent` per line.
     pub(super) followers: broadcast::Sender<String>,
@@ -101,6 +105,7 @@ impl AskState {
             inbox: Some(inbox),
             desk: AskDesk::new(timeout.as_nanos() as u64, DESK_CAPACITY),
             names: NameApprovals::default(),
+            denied_names: NameApprovals::default(),
             once: OnceEntries::default(),
             followers: broadcast::channel(4096).0,
             approver: approver.map(|u| (u, approver_timeout.min(timeout))),
@@ -227,6 +232,15 @@ impl Monitor {
         if self.ask.names.approved(&agent, task.as_deref(), &name, now) {
             self.ask.counters.allowed_without_asking += 1;
             let _ = reply.send(Some(vec![ALL_PORTS]));
+            return;
+        }
+        if self
+            .ask
+            .denied_names
+            .approved(&agent, task.as_deref(), &name, now)
+        {
+            self.ask.counters.denied_without_asking += 1;
+            let _ = reply.send(None);
             return;
         }
         let key = format!("{agent}\0dns\0{name}");
@@ -457,6 +471,7 @@ impl Monitor {
                 ("withdrawn", c.withdrawn),
             ],
             allowed_without_asking: c.allowed_without_asking,
+            denied_without_asking: c.denied_without_asking,
             approver_errors: c.approver_errors,
             refused_full: c.refused_full,
             decision_seconds: c.decision_seconds.clone(),
@@ -608,6 +623,16 @@ impl Monitor {
                 .0
                 .observe(ended.waited_ns as f64 / 1_000_000_000.0);
         }
+        if !allow
+            && ended.outcome.verdict != "withdrawn"
+            && let HeldAction::Dns { name, .. } = &ended.request.action
+        {
+            let until = monotonic_ns() + ONCE_NAME.as_nanos() as u64;
+            let task = ended.request.task.as_deref();
+            self.ask
+                .denied_names
+                .approve(&ended.request.agent, task, name, until);
+        }
         let ports = ports.unwrap_or_default();
         for w in ended.waiters {
             answer(w, allow, ports.clone(), Some(&ended.outcome));
@@ -669,6 +694,9 @@ impl Monitor {
             let grants = &self.grants;
             self.ask
                 .names
+                .expire(now, |agent, task| grants.find(agent, task).is_none());
+            self.ask
+                .denied_names
                 .expire(now, |agent, task| grants.find(agent, task).is_none());
         }
     }

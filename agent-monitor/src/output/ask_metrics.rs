@@ -31,6 +31,8 @@ pub struct AskMetrics {
     pub ended: Vec<(&'static str, u64)>,
     /// Calls of ask-mode agents released at once: already allowed (policy, grant, approval).
     pub allowed_without_asking: u64,
+    /// DNS queries refused at once: the name was just denied for that agent and task.
+    pub denied_without_asking: u64,
     /// Decision service failures (each a deny).
     pub approver_errors: u64,
     /// Calls denied at once because the desk was full.
@@ -77,6 +79,12 @@ pub fn register(reg: &mut Registry, m: &AskMetrics) {
         "ask_allowed_without_asking",
         "Calls of ask-mode agents released at once because already allowed",
         m.allowed_without_asking,
+    );
+    counter(
+        reg,
+        "ask_denied_without_asking",
+        "DNS queries of ask-mode agents refused at once: the name was just denied for the task",
+        m.denied_without_asking,
     );
     counter(
         reg,
