@@ -413,6 +413,19 @@ pub struct EgressConnection {
     pub bytes_out: u64,
     pub bytes_in: u64,
     pub duration_ms: u64,
+    /// One request of an intercepted connection (`[[network.http]]`), judged on its own.
+    pub request: Option<HttpRequest>,
+}
+
+/// A request that interception judged: `ACTION=http` with its method, path and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// Upper case.
+    pub method: String,
+    /// Normalised, as judged and sent upstream.
+    pub path: String,
+    /// What the agent got: the upstream status, 403 for a denial, 502 when upstream failed.
+    pub status: u16,
 }
 
 impl EgressConnection {

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use super::Monitor;
-use crate::action::{Action, Object};
+use crate::action::{Action, Object, Verdict};
 use crate::egress::{EgressInput, FlowInfo, FlowReport};
 use crate::event::ConnectEvent;
 use crate::policy::model::Mode;
@@ -65,7 +65,47 @@ impl Monitor {
                 let _ = q.reply.send(answer);
             }
             EgressInput::Report(r) => self.egress_report(*r),
+            EgressInput::Request(r) => self.http_request_report(*r),
         }
+    }
+
+    /// One intercepted request: `ACTION=http` with its method, path, status and the rule that
+    /// allowed it, or what was missing.
+    fn http_request_report(&mut self, done: crate::egress::RequestDone) {
+        let r = done.report;
+        let verdict = match r.verdict {
+            crate::intercept::Verdict::Allowed => Verdict::Allowed,
+            crate::intercept::Verdict::Denied => Verdict::Denied,
+        };
+        let connection = crate::action::EgressConnection {
+            destination: crate::action::Destination {
+                addr: r.original.ip(),
+                port: r.original.port(),
+                transport: "tcp",
+            },
+            tls: false,
+            sni: Some(r.sni.clone()),
+            http_host: Some(r.host.clone()),
+            bytes_out: r.bytes_out,
+            bytes_in: r.bytes_in,
+            duration_ms: r.duration.as_millis() as u64,
+            request: Some(crate::action::HttpRequest {
+                method: r.method.clone(),
+                path: r.path.clone(),
+                status: r.status,
+            }),
+        };
+        let reason = match (&r.rule, &r.missing) {
+            (Some(rule), _) => format!("allowed by network.http {rule}"),
+            (None, Some(missing)) => missing.clone(),
+            (None, None) => "no request rule allows it".into(),
+        };
+        let base = self.subject_action(&done.subject, Object::Egress(connection), verdict);
+        self.reporter.action(Action {
+            enforcement: (verdict == Verdict::Denied).then_some("http 403"),
+            reason,
+            ..base
+        });
     }
 
     fn egress_flow(&mut self, token: u32) -> Result<FlowInfo, String> {

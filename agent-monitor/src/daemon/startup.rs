@@ -114,7 +114,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     };
     // Before the policies: a connect with request rules must find the endpoint.
     let (egress_tx, egress_rx) = mpsc::channel(1024);
-    let endpoint = crate::egress::Endpoint::start(egress_tx)
+    let endpoint = crate::egress::Endpoint::start(egress_tx, monitor.interceptor.clone())
         .await
         .context("starting the egress endpoint")?;
     monitor.kernel.set_egress_endpoint(endpoint.port)?;

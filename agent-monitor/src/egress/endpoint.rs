@@ -13,6 +13,7 @@ use super::hello::{MAX_PEEK, Opening, classify};
 use super::judge::{Decision, judge};
 use super::{EgressInput, FlowInfo, FlowQuery, FlowReport};
 use crate::action::{Destination, EgressConnection, Verdict};
+use crate::intercept::Interceptor;
 
 /// How long a client may take to send its ClientHello or request head.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,20 +31,33 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Listens on a free loopback port and serves every connection; the monitor answers
-    /// `inputs`' queries and takes the reports.
-    pub async fn start(inputs: mpsc::Sender<EgressInput>) -> std::io::Result<Endpoint> {
+    /// `inputs`' queries and takes the reports. `interceptor`: where connections with method/path
+    /// rules go (none: no CA, they are refused).
+    pub async fn start(
+        inputs: mpsc::Sender<EgressInput>,
+        interceptor: Option<Interceptor>,
+    ) -> std::io::Result<Endpoint> {
         let listener = TcpListener::bind((Ipv4Addr::from(EGRESS_IP4), 0)).await?;
         let port = listener.local_addr()?.port();
-        tokio::spawn(serve(listener, inputs));
+        tokio::spawn(serve(listener, inputs, interceptor));
         Ok(Endpoint { port })
     }
 }
 
-async fn serve(listener: TcpListener, inputs: mpsc::Sender<EgressInput>) {
+async fn serve(
+    listener: TcpListener,
+    inputs: mpsc::Sender<EgressInput>,
+    interceptor: Option<Interceptor>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(connection(stream, peer, inputs.clone()));
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    inputs.clone(),
+                    interceptor.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: the client's connect stays queued.
@@ -55,7 +69,12 @@ async fn serve(listener: TcpListener, inputs: mpsc::Sender<EgressInput>) {
 }
 
 /// One redirected connection, from accept to its report.
-async fn connection(stream: TcpStream, peer: SocketAddr, inputs: mpsc::Sender<EgressInput>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    inputs: mpsc::Sender<EgressInput>,
+    interceptor: Option<Interceptor>,
+) {
     let token = match peer.ip() {
         IpAddr::V4(v4) => egress_token_of(v4.octets()),
         IpAddr::V6(_) => None,
@@ -101,6 +120,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, inputs: mpsc::Sender<Eg
         bytes_out: 0,
         bytes_in: 0,
         duration_ms: 0,
+        request: None,
     };
     let mut reason = judgement.reason;
     let (verdict, enforcement) = match judgement.decision {
@@ -122,7 +142,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, inputs: mpsc::Sender<Eg
                 reason.clone(),
             )
             .await;
-            handover(stream, flow).await;
+            handover(stream, flow, interceptor, &inputs, &info).await;
             return;
         }
         Decision::Refuse if info.enforce => {

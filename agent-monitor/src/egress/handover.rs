@@ -1,15 +1,20 @@
 //! Where a connection whose server name has method/path rules (`[[network.http]]`) goes: TLS
-//! termination and per-request judging (`crate::intercept`, built separately).
-//!
-//! STUB — until the interception module is merged, [`handover`] refuses the flow. At the merge,
-//! its body becomes `crate::intercept::intercept(stream, flow).await`.
+//! termination and per-request judging (`crate::intercept`). Each judged request comes back to
+//! the monitor as an `ACTION=http` action of the process behind the connect.
 
 use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
+use super::{EgressInput, FlowInfo, RequestDone};
+use crate::intercept::{self, Interceptor, Reports};
 use crate::policy::http::HttpRule;
+
+/// Request reports of one connection that may wait for the monitor; beyond, they are counted as
+/// lost (`intercept::Reports`) and the count is logged when the connection ends.
+const REPORTS_PER_CONNECTION: usize = 256;
 
 /// A connection the endpoint accepted and judged on its server name, with what interception
 /// needs: whose it is, where it was going, and the rules for its requests. The stream still holds
@@ -23,15 +28,84 @@ pub struct Flow {
     pub rules: Vec<HttpRule>,
 }
 
-/// Hands `stream` over to interception. STUB: refuses it (the client sees the connection close).
-pub async fn handover(mut stream: TcpStream, flow: Flow) {
-    tracing::warn!(
-        agent = flow.agent,
-        task = flow.task.as_deref().unwrap_or("-"),
-        original = %flow.original,
-        sni = flow.sni.as_deref().unwrap_or("-"),
-        rules = flow.rules.len(),
-        "HTTP method/path interception is not built in yet: connection refused"
-    );
-    let _ = stream.shutdown().await;
+impl Flow {
+    /// Interception's view: the server name is known (the endpoint admitted it) and the rules are
+    /// plain.
+    fn for_interception(self, sni: String) -> intercept::Flow {
+        intercept::Flow {
+            agent: self.agent,
+            task: self.task,
+            original: self.original,
+            sni,
+            rules: self
+                .rules
+                .iter()
+                .map(|r| intercept::Rule {
+                    host: r.host().to_string(),
+                    port: r.port(),
+                    methods: r.methods().to_vec(),
+                    paths: r.paths().to_vec(),
+                    text: r.text().to_string(),
+                    line: r.line(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Hands `stream` to interception; without an interceptor (no CA) or a server name, refuses it.
+pub async fn handover(
+    mut stream: TcpStream,
+    flow: Flow,
+    interceptor: Option<Interceptor>,
+    inputs: &mpsc::Sender<EgressInput>,
+    info: &FlowInfo,
+) {
+    let (Some(interceptor), Some(sni)) = (interceptor, flow.sni.clone()) else {
+        tracing::warn!(
+            agent = flow.agent,
+            original = %flow.original,
+            "HTTP method/path rules need interception, which is off (no CA; see the start-up \
+             log) or had no server name: connection refused"
+        );
+        let _ = stream.shutdown().await;
+        return;
+    };
+    let agent = flow.agent.clone();
+    let (reports, mut rx) = Reports::channel(REPORTS_PER_CONNECTION);
+    // Each request's report goes to the monitor with the process behind the connect.
+    let forward = {
+        let inputs = inputs.clone();
+        let subject = info.subject.clone();
+        tokio::spawn(async move {
+            while let Some(report) = rx.recv().await {
+                let done = RequestDone {
+                    subject: subject.clone(),
+                    report,
+                };
+                if inputs
+                    .send(EgressInput::Request(Box::new(done)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    if let Err(e) =
+        intercept::intercept(stream, flow.for_interception(sni), &interceptor, &reports).await
+    {
+        tracing::info!(agent, "intercepted connection ended: {e}");
+    }
+    let lost = reports.lost();
+    drop(reports);
+    let _ = forward.await;
+    if lost > 0 {
+        tracing::error!(
+            agent,
+            lost,
+            "request reports of an intercepted connection were lost (the monitor fell behind)"
+        );
+    }
 }

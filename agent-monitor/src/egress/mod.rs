@@ -28,6 +28,15 @@ use crate::policy::http::EgressRules;
 pub enum EgressInput {
     Query(FlowQuery),
     Report(Box<FlowReport>),
+    /// A request interception judged, on a connection of `subject`.
+    Request(Box<RequestDone>),
+}
+
+/// A request of an intercepted connection, judged and answered.
+#[derive(Debug)]
+pub struct RequestDone {
+    pub subject: Subject,
+    pub report: crate::intercept::RequestReport,
 }
 
 /// Which flow is behind `token` (the host part of the accepted connection's source address)?

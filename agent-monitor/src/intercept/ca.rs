@@ -228,6 +228,7 @@ impl LocalCa {
     }
 
     /// The certificate, PEM.
+    #[cfg(test)]
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }

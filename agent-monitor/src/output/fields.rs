@@ -47,11 +47,14 @@ pub enum Field {
     BytesIn,
     BytesOut,
     DurationMs,
+    HttpMethod,
+    UrlPath,
+    HttpStatus,
 }
 
 impl Field {
     /// Every field, in report order.
-    pub const ALL: [Field; 34] = [
+    pub const ALL: [Field; 37] = [
         Field::AgentId,
         Field::AgentSpiffeId,
         Field::TaskId,
@@ -86,6 +89,9 @@ impl Field {
         Field::BytesIn,
         Field::BytesOut,
         Field::DurationMs,
+        Field::HttpMethod,
+        Field::UrlPath,
+        Field::HttpStatus,
     ];
 
     /// Name of the journald field (upper case, `[A-Z0-9_]`, not starting with `_`).
@@ -125,6 +131,9 @@ impl Field {
             Field::BytesIn => "BYTES_IN",
             Field::BytesOut => "BYTES_OUT",
             Field::DurationMs => "DURATION_MS",
+            Field::HttpMethod => "HTTP_METHOD",
+            Field::UrlPath => "URL_PATH",
+            Field::HttpStatus => "HTTP_STATUS",
         }
     }
 
@@ -165,6 +174,9 @@ impl Field {
             Field::BytesIn => "bytes_in",
             Field::BytesOut => "bytes_out",
             Field::DurationMs => "duration_ms",
+            Field::HttpMethod => "http_method",
+            Field::UrlPath => "url_path",
+            Field::HttpStatus => "http_status",
         }
     }
 }
@@ -250,7 +262,10 @@ pub fn action_fields(action: &Action) -> Vec<(Field, Option<FieldValue<'_>>)> {
                 | Field::HttpHost
                 | Field::BytesIn
                 | Field::BytesOut
-                | Field::DurationMs => egress_field(field, &action.object),
+                | Field::DurationMs
+                | Field::HttpMethod
+                | Field::UrlPath
+                | Field::HttpStatus => egress_field(field, &action.object),
             };
             (field, value)
         })
@@ -269,6 +284,18 @@ fn egress_field(field: Field, object: &Object) -> Option<FieldValue<'_>> {
         Field::BytesIn => Some(FieldValue::Number(c.bytes_in)),
         Field::BytesOut => Some(FieldValue::Number(c.bytes_out)),
         Field::DurationMs => Some(FieldValue::Number(c.duration_ms)),
+        Field::HttpMethod => c
+            .request
+            .as_ref()
+            .map(|r| FieldValue::Text(Cow::Borrowed(r.method.as_str()))),
+        Field::UrlPath => c
+            .request
+            .as_ref()
+            .map(|r| FieldValue::Text(Cow::Borrowed(r.path.as_str()))),
+        Field::HttpStatus => c
+            .request
+            .as_ref()
+            .map(|r| FieldValue::Number(u64::from(r.status))),
         _ => None,
     }
 }
@@ -327,6 +354,9 @@ mod tests {
                         | Field::BytesIn
                         | Field::BytesOut
                         | Field::DurationMs
+                        | Field::HttpMethod
+                        | Field::UrlPath
+                        | Field::HttpStatus
                 )),
             "{fields:?}"
         );
@@ -433,6 +463,9 @@ mod tests {
                     | Field::BytesIn
                     | Field::BytesOut
                     | Field::DurationMs
+                    | Field::HttpMethod
+                    | Field::UrlPath
+                    | Field::HttpStatus
             );
             assert_eq!(v.is_none(), absent, "{f:?}: {v:?}");
         }
@@ -489,6 +522,7 @@ mod tests {
             bytes_out: 517,
             bytes_in: 4096,
             duration_ms: 12,
+            request: None,
         });
         assert_eq!(a.kind().as_str(), "tls");
         let fields = action_fields(&a);

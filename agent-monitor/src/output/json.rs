@@ -432,7 +432,10 @@ mod tests {
             "http_host": null,
             "bytes_in": null,
             "bytes_out": null,
-            "duration_ms": null
+            "duration_ms": null,
+            "http_method": null,
+            "url_path": null,
+            "http_status": null
         });
         assert_eq!(v, expected);
     }
