@@ -130,7 +130,7 @@ fn off_list_tcp_connect_is_held_until_approved_once() {
         .args(["-c", &py_connect("127.0.0.1", server.port)])
         .output()
         .unwrap();
-    assert_eq!(outcome(&out, "control"), "connected");
+    assert_eq!(text(&out.stdout).trim(), "connected");
     let d = Daemon::start(&[ask_policy(&agent, &[], &[PYTHON])]);
     let started = Instant::now();
     let mut child = spawn_py_connect(&d, &agent, server.port);
@@ -239,16 +239,23 @@ fn exec_file_swapped_while_held_is_refused_by_the_kernel() {
     }
     let (d, dir, tool, mut child, id) = held_exec("ask-swap", false);
     still_held(&mut child);
-    // The approval names the file run resolved (device, inode); another file takes its path.
+    // The request names the file run resolved (device, inode); another file takes its path
+    // before the decision.
     let other = dir.path().join("other");
     std::fs::copy("/bin/true", &other).unwrap();
     std::fs::rename(&other, &tool).unwrap();
-    approve_once(&d, id);
+    // The daemon checks the file again before it writes the approval's entry: another inode at
+    // the path, so the approval is refused and becomes a denial.
+    let out = d.cli(&["approve", &id.to_string(), "--once"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(
+        said.contains("changed since the call was held"),
+        "approve of a swapped file: {said}"
+    );
     let out = finish(child);
-    // The kernel judges the file actually executed: not the approved one, killed.
     assert_eq!(
         text(&out.stdout).trim(),
-        "rc=137",
+        "rc=126",
         "the swapped file ran: {}",
         text(&out.stderr)
     );

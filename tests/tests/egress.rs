@@ -96,6 +96,9 @@ import http.server, ssl, sys
 ip, cert, key = sys.argv[1], sys.argv[2], sys.argv[3]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
     def do_GET(self):
         body = ("hello " + (self.headers.get("Host") or "")).encode()
         self.send_response(200)
@@ -203,6 +206,21 @@ while a:
         except Exception as e:
             # The peer closed or reset the connection: connected, nothing came back.
             out(op=op, connected=True, error=repr(e))
+    elif op == "reqs":
+        # One keep-alive connection, default trust (run's CA bundle): METHOD:PATH ... then "end".
+        name, port = a.pop(0), int(a.pop(0))
+        c = http.client.HTTPSConnection(name, port, context=ssl.create_default_context(), timeout=10)
+        got = []
+        while a and a[0] != "end":
+            method, path = a.pop(0).split(":", 1)
+            try:
+                c.request(method, path, body=(b"x" if method == "POST" else None))
+                r = c.getresponse()
+                got.append([r.status, r.read().decode(errors="replace")])
+            except Exception as e:
+                got.append([0, repr(e)])
+        a.pop(0)
+        out(op=op, got=got)
     elif op == "udp":
         name, port = a.pop(0), int(a.pop(0))
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -507,4 +525,94 @@ fn alert_mode_reports_fronting_and_lets_it_through() {
         "{alert}"
     );
     assert!(alert["bytes_in"].as_u64().unwrap_or(0) > 0, "{alert}");
+}
+
+#[test]
+fn method_and_path_rules_are_judged_per_request_through_interception() {
+    if !require_root("method_and_path_rules_are_judged_per_request_through_interception") {
+        return;
+    }
+    let pki = Pki::new();
+    let server = Server::start("127.0.0.3", Some(&pki));
+    let port = server.port;
+    let up = Dnsmasq::start(&["--address=/ok.test/127.0.0.3"]);
+    let agent = unique_agent("http");
+    let (name, mut policy_text) = policy(&agent, "enforce", &[], &[]);
+    policy_text.push_str(&format!(
+        "[[network.http]]\nhost = \"ok.test\"\nport = {port}\nmethods = [\"GET\"]\npaths = [\"/allowed/*\"]\n"
+    ));
+    let ca_dir = tempfile::tempdir().unwrap();
+    let upstream_ca = ca(&pki);
+    let addr = up.addr.to_string();
+    let ca_dir_arg = ca_dir.path().display().to_string();
+    let d = Daemon::start_with(
+        &[(name, policy_text)],
+        &[
+            "--dns-upstream",
+            addr.as_str(),
+            "--ca-dir",
+            ca_dir_arg.as_str(),
+            "--upstream-ca-bundle",
+            upstream_ca.as_str(),
+        ],
+    );
+    // One connection: an allowed GET, a POST (method not allowed), a GET outside the paths, and
+    // an allowed GET again on the same connection.
+    let r = agent_ops(
+        &d,
+        &agent,
+        &ops(&format!(
+            "reqs ok.test {port} GET:/allowed/x POST:/allowed/x GET:/other GET:/allowed/y end"
+        )),
+    );
+    let got = r[0]["got"].as_array().cloned().unwrap_or_default();
+    let status = |i: usize| got.get(i).and_then(|g| g[0].as_u64()).unwrap_or(0);
+    let body = |i: usize| {
+        got.get(i)
+            .and_then(|g| g[1].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(status(0), 200, "{r:?}\ndaemon log:\n{}", d.log());
+    assert_eq!(body(0), format!("hello ok.test:{port}"));
+    assert_eq!(status(1), 403, "{r:?}");
+    assert!(
+        body(1).contains("agent-monitor") && body(1).contains(&agent),
+        "{r:?}"
+    );
+    assert_eq!(status(2), 403, "{r:?}");
+    assert_eq!(status(3), 200, "{r:?}");
+    let allowed = d.wait_audit("allowed request", |v| {
+        is(v, "action", "http") && is(v, "verdict", "allowed") && is(v, "url_path", "/allowed/x")
+    });
+    assert_eq!(field(&allowed, "http_method"), "GET");
+    assert_eq!(allowed["http_status"], 200);
+    assert_eq!(field(&allowed, "tls_sni"), "ok.test");
+    assert_eq!(field(&allowed, "task_id"), "egress");
+    let denied = d.wait_audit("denied POST", |v| {
+        is(v, "action", "http") && is(v, "verdict", "denied") && is(v, "http_method", "POST")
+    });
+    assert_eq!(denied["http_status"], 403);
+    assert_eq!(field(&denied, "url_path"), "/allowed/x");
+    let j = wait_journal(&agent, "denied request in journald", |e| {
+        is(e, "ACTION", "http") && is(e, "VERDICT", "denied") && is(e, "URL_PATH", "/other")
+    });
+    assert_eq!(field(&j, "HTTP_STATUS"), "403");
+    // Control: the same POST outside agents reaches the server.
+    let out = curl_outside(&[
+        "--cacert",
+        &upstream_ca,
+        "--resolve",
+        &format!("ok.test:{port}:127.0.0.3"),
+        "-d",
+        "x",
+        &format!("https://ok.test:{port}/allowed/x"),
+    ]);
+    assert!(
+        out.status.success(),
+        "outside agents: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), format!("hello ok.test:{port}"));
+    drop(server);
 }

@@ -38,11 +38,16 @@ impl StormKey {
             Object::Open(f) => f.path.clone(),
             Object::Ptrace(t) | Object::Signal(t) => format!("{} {}", t.syscall, t.pid),
             Object::Unix(t) => format!("unix:{}", t.path),
+            // An intercepted request is its own object: method and path, not just the server.
             Object::Egress(c) => format!(
-                "{}:{} {}",
+                "{}:{} {}{}",
                 c.destination.addr,
                 c.destination.port,
-                c.sni.as_deref().or(c.http_host.as_deref()).unwrap_or("-")
+                c.sni.as_deref().or(c.http_host.as_deref()).unwrap_or("-"),
+                c.request
+                    .as_ref()
+                    .map(|r| format!(" {} {}", r.method, r.path))
+                    .unwrap_or_default()
             ),
         };
         Some(StormKey {
