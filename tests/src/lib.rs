@@ -909,8 +909,6 @@ impl Drop for GroupGuard {
     }
 }
 
-// ---- ask mode (issue 15) ----
-
 /// A policy file (name, text) for `agent` in `mode` with these network and exec entries.
 pub fn mode_policy(agent: &str, mode: &str, net: &[&str], exec: &[&str]) -> (String, String) {
     let q = |v: &[&str]| {

@@ -14,20 +14,8 @@ const MSG_ADOPTED: &str = "0474ba54449a47e08c96ff618b9ecec3";
 const MSG_RELOAD_FAILED: &str = "b0a0e56e4b794526a45c061afb6ed4c5";
 
 fn policy(agent: &str, mode: &str, net: &[String], exec: &[&str]) -> (String, String) {
-    let q = |v: Vec<String>| {
-        v.iter()
-            .map(|s| format!("{s:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    (
-        format!("{agent}.toml"),
-        format!(
-            "agent = {agent:?}\nmode = {mode:?}\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
-            q(net.to_vec()),
-            q(exec.iter().map(|s| s.to_string()).collect())
-        ),
-    )
+    let net: Vec<&str> = net.iter().map(String::as_str).collect();
+    mode_policy(agent, mode, &net, exec)
 }
 
 /// A python agent (via `agent-monitor run`) that tries to connect to each port in `ports` every

@@ -12,20 +12,7 @@ use agent_monitor_tests::*;
 use serde_json::Value;
 
 fn policy(agent: &str, net: &[&str], exec: &[&str]) -> (String, String) {
-    let q = |v: &[&str]| {
-        v.iter()
-            .map(|s| format!("{s:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    (
-        format!("{agent}.toml"),
-        format!(
-            "agent = {agent:?}\nmode = \"enforce\"\n[network]\nallow = [{}]\n[exec]\nallow = [{}]\n",
-            q(net),
-            q(exec)
-        ),
-    )
+    mode_policy(agent, "enforce", net, exec)
 }
 
 /// Python that writes one journald entry over the native protocol with agent-monitor's field
