@@ -927,8 +927,8 @@ pub fn mode_policy(agent: &str, mode: &str, net: &[&str], exec: &[&str]) -> (Str
     )
 }
 /// Python prelude for probe scripts: `attempt(name, fn)` prints `name ok` or `name errno N` (read
-/// back with [`outcome`]). The same helper several test files define for themselves.
-pub const PY_ATTEMPT: &str = r#"import os, socket, sys
+/// back with [`outcome`]). Imports what the probes of every test file use.
+pub const PY_ATTEMPT: &str = r#"import errno, os, socket, struct, subprocess, sys, time
 def attempt(name, f):
     try:
         f()

@@ -31,16 +31,6 @@ fn is(v: &Value, key: &str, want: &str) -> bool {
     field(v, key) == want
 }
 
-/// Python prelude: `attempt(name, fn)` prints `name ok` or `name errno N`.
-const PY_ATTEMPT: &str = r#"import socket, os, sys, errno
-def attempt(name, f):
-    try:
-        f()
-        print(name, 'ok', flush=True)
-    except OSError as e:
-        print(name, 'errno', e.errno, flush=True)
-"#;
-
 /// `script` with each `@NAME@` replaced by its value.
 fn fill(script: &str, vars: &[(&str, String)]) -> String {
     vars.iter().fold(script.to_string(), |s, (k, v)| {

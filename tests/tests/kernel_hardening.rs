@@ -21,16 +21,6 @@ fn policy(agent: &str, mode: &str, net: &[String], exec: &[&str]) -> (String, St
     )
 }
 
-/// Python prelude: `attempt(name, fn)` prints `name ok` or `name errno N`.
-const PY_ATTEMPT: &str = r#"import os, socket, struct, subprocess, sys, time
-def attempt(name, f):
-    try:
-        f()
-        print(name, 'ok', flush=True)
-    except OSError as e:
-        print(name, 'errno', e.errno, flush=True)
-"#;
-
 /// The outcome `name` printed by a PY_ATTEMPT script.
 fn outcome(stdout: &str, name: &str) -> String {
     stdout
