@@ -147,7 +147,8 @@ impl Monitor {
         };
         Ok(FlowInfo {
             task: Some(task),
-            // Ask mode does not hold a server-name mismatch: it is refused as in enforce.
+            // Ask mode does not hold a server-name mismatch or an intercepted request off the
+            // rules: they are refused as in enforce.
             enforce: policy.mode() != Mode::Alert,
             original,
             rules: policy.egress().clone(),
