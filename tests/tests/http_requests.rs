@@ -381,3 +381,64 @@ fn curl_keep_alive_and_http2_are_judged_per_request_through_the_kernel_redirect(
     assert_eq!(text(&out.stdout), hello);
     drop(site);
 }
+
+/// Ask mode does not hold an HTTP request for an operator: a request off the rules gets the 403
+/// at once, as in enforce mode, and nothing is pending.
+#[test]
+fn ask_mode_refuses_requests_off_the_rules_without_holding_them() {
+    if !require_root("ask_mode_refuses_requests_off_the_rules_without_holding_them") {
+        return;
+    }
+    let site = HelloSite::start("httpask", |agent, rules| {
+        http_policy(agent, "ask", &[CURL], rules)
+    });
+    let (d, agent, port) = (&site.d, site.agent.as_str(), site.port);
+    let allowed = format!("https://ok.test:{port}/allowed/x");
+    let out = agent_curl(d, agent, &["-d", "x"], &[allowed.clone()]);
+    assert!(
+        out.status.success(),
+        "{}\ndaemon log:\n{}",
+        text(&out.stderr),
+        d.log()
+    );
+    assert_in_order(
+        &text(&out.stdout),
+        &[
+            &format!("agent-monitor denied this request for agent {agent}"),
+            "method POST not listed",
+            "|403 1 ",
+        ],
+    );
+    let refused = audit_http(d, agent, "denied", "POST", "/allowed/x");
+    assert_eq!(field(&refused, "enforcement"), "http 403");
+    let pending = d.cli(&["pending", "--json"]);
+    assert!(pending.status.success(), "{}", text(&pending.stderr));
+    assert!(
+        !text(&pending.stdout).contains("ok.test"),
+        "nothing is held: {}",
+        text(&pending.stdout)
+    );
+    // Control: the allowed request of the same agent passes.
+    let out = agent_curl(d, agent, &[], &[allowed]);
+    assert_in_order(
+        &text(&out.stdout),
+        &[&format!("hello ok.test:{port}"), "|200 1 "],
+    );
+    // Control: the refused POST outside agents reaches the server.
+    let out = curl_outside(&[
+        "--cacert",
+        &ca(&site.pki),
+        "--resolve",
+        &format!("ok.test:{port}:127.0.0.3"),
+        "-d",
+        "x",
+        &format!("https://ok.test:{port}/allowed/x"),
+    ]);
+    assert!(
+        out.status.success(),
+        "outside agents: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), format!("hello ok.test:{port}"));
+    drop(site);
+}
