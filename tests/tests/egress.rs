@@ -254,7 +254,6 @@ fn method_and_path_rules_are_judged_per_request_through_interception() {
         (name, text + rules)
     });
     let (d, agent, port) = (&site.d, site.agent.as_str(), site.port);
-    let upstream_ca = ca(&site.pki);
     // One connection: an allowed GET, a POST (method not allowed), a GET outside the paths, and
     // an allowed GET again on the same connection.
     let r = agent_ops(
@@ -298,20 +297,6 @@ fn method_and_path_rules_are_judged_per_request_through_interception() {
     });
     assert_eq!(field(&j, "HTTP_STATUS"), "403");
     // Control: the same POST outside agents reaches the server.
-    let out = curl_outside(&[
-        "--cacert",
-        &upstream_ca,
-        "--resolve",
-        &format!("ok.test:{port}:127.0.0.3"),
-        "-d",
-        "x",
-        &format!("https://ok.test:{port}/allowed/x"),
-    ]);
-    assert!(
-        out.status.success(),
-        "outside agents: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout), format!("hello ok.test:{port}"));
+    site.assert_reached_outside_agents(&["-d", "x"], "/allowed/x");
     drop(site);
 }

@@ -366,19 +366,7 @@ fn curl_keep_alive_and_http2_are_judged_per_request_through_the_kernel_redirect(
     assert_eq!(field(&j, "HTTP_STATUS"), "403");
 
     // Control: the refused URL outside agents reaches the server.
-    let out = curl_outside(&[
-        "--cacert",
-        &ca(&site.pki),
-        "--resolve",
-        &format!("ok.test:{port}:127.0.0.3"),
-        &denied,
-    ]);
-    assert!(
-        out.status.success(),
-        "outside agents: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout), hello);
+    site.assert_reached_outside_agents(&[], "/other");
     drop(site);
 }
 
@@ -425,20 +413,6 @@ fn ask_mode_refuses_requests_off_the_rules_without_holding_them() {
         &[&format!("hello ok.test:{port}"), "|200 1 "],
     );
     // Control: the refused POST outside agents reaches the server.
-    let out = curl_outside(&[
-        "--cacert",
-        &ca(&site.pki),
-        "--resolve",
-        &format!("ok.test:{port}:127.0.0.3"),
-        "-d",
-        "x",
-        &format!("https://ok.test:{port}/allowed/x"),
-    ]);
-    assert!(
-        out.status.success(),
-        "outside agents: {}",
-        text(&out.stderr)
-    );
-    assert_eq!(text(&out.stdout), format!("hello ok.test:{port}"));
+    site.assert_reached_outside_agents(&["-d", "x"], "/allowed/x");
     drop(site);
 }

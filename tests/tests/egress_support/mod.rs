@@ -425,3 +425,26 @@ impl HelloSite {
         }
     }
 }
+
+impl HelloSite {
+    /// A control: curl outside agents (`curl_args`, then the URL of `path`) reaches the server
+    /// and gets its answer.
+    pub fn assert_reached_outside_agents(&self, curl_args: &[&str], path: &str) {
+        let port = self.port;
+        let (ca, resolve, url) = (
+            ca(&self.pki),
+            format!("ok.test:{port}:127.0.0.3"),
+            format!("https://ok.test:{port}{path}"),
+        );
+        let mut args = vec!["--cacert", ca.as_str(), "--resolve", resolve.as_str()];
+        args.extend(curl_args);
+        args.push(&url);
+        let out = curl_outside(&args);
+        assert!(
+            out.status.success(),
+            "outside agents: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), format!("hello ok.test:{port}"));
+    }
+}
