@@ -936,3 +936,27 @@ def attempt(name, f):
     except OSError as e:
         print(name, 'errno', e.errno, flush=True)
 "#;
+
+impl Daemon {
+    /// `run` as `agent` (task `task`) of a probe that prints one JSON value a line, one per
+    /// operation: asserts that it succeeded (else fails with its output and the daemon's log)
+    /// and returns the values.
+    pub fn run_json_lines(&self, agent: &str, task: Option<&str>, cmd: &[&str]) -> Vec<Value> {
+        let out = self.run(agent, task, cmd);
+        assert!(
+            out.status.success(),
+            "agent failed: {}\n{}\ndaemon log:\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            self.log()
+        );
+        let results: Vec<Value> = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+            .collect();
+        // The command without its script (an argument of several lines).
+        let shown: Vec<&&str> = cmd.iter().filter(|a| !a.contains('\n')).collect();
+        eprintln!("{agent}: {shown:?} -> {results:#?}");
+        results
+    }
+}

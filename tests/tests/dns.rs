@@ -80,20 +80,7 @@ impl Case {
 fn agent_ops(d: &Daemon, agent: &str, ops: &str) -> Vec<Value> {
     let mut cmd = vec![PYTHON, "-c", PY_DNS_CLIENT];
     cmd.extend(ops.split_whitespace());
-    let out = d.run(agent, Some("dns"), &cmd);
-    assert!(
-        out.status.success(),
-        "agent failed: {}\n{}\ndaemon log:\n{}",
-        text(&out.stdout),
-        text(&out.stderr),
-        d.log()
-    );
-    let results: Vec<Value> = text(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
-        .collect();
-    eprintln!("{agent}: {ops:?} -> {results:?}");
-    results
+    d.run_json_lines(agent, Some("dns"), &cmd)
 }
 
 fn rcode(v: &Value) -> i64 {

@@ -1,7 +1,8 @@
 //! HTTP interception, the parts that need the real daemon and `run` (issue 16): the daemon creates
 //! its local CA, `run` hands agents the bundle through the environment, the CA key stays out of
 //! agents' reach (root agents included), `ca show` and `ca rotate`. The request judging itself is
-//! tested in process (agent-monitor/src/intercept/tests.rs) with curl, python3 and hyper.
+//! tested in process (agent-monitor/src/intercept/tests.rs) with curl, python3 and hyper, and
+//! through the kernel's redirect in egress.rs and http_requests.rs.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;

@@ -76,6 +76,7 @@ impl Monitor {
         let verdict = match r.verdict {
             crate::intercept::Verdict::Allowed => Verdict::Allowed,
             crate::intercept::Verdict::Denied => Verdict::Denied,
+            crate::intercept::Verdict::Alert => Verdict::Alert,
         };
         let connection = crate::action::EgressConnection {
             destination: crate::action::Destination {
@@ -97,6 +98,9 @@ impl Monitor {
         };
         let reason = match (&r.rule, &r.missing) {
             (Some(rule), _) => format!("allowed by network.http {rule}"),
+            (None, Some(missing)) if verdict == Verdict::Alert => {
+                format!("{missing} (alert mode: forwarded)")
+            }
             (None, Some(missing)) => missing.clone(),
             (None, None) => "no request rule allows it".into(),
         };
@@ -143,7 +147,8 @@ impl Monitor {
         };
         Ok(FlowInfo {
             task: Some(task),
-            // Ask mode does not hold a server-name mismatch: it is refused as in enforce.
+            // Ask mode does not hold a server-name mismatch or an intercepted request off the
+            // rules: they are refused as in enforce.
             enforce: policy.mode() != Mode::Alert,
             original,
             rules: policy.egress().clone(),

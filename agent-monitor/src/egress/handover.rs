@@ -29,10 +29,16 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// Interception's view: the server name is known (the endpoint admitted it) and the rules are
-    /// plain.
-    fn for_interception(self, sni: String) -> intercept::Flow {
+    /// Interception's view: the server name is known (the endpoint admitted it), the rules are
+    /// plain, and the agent's mode says what a request off the rules gets.
+    fn for_interception(self, sni: String, enforce: bool) -> intercept::Flow {
         intercept::Flow {
+            // Ask mode refuses (`enforce`): an HTTP request is not held for an operator.
+            on_miss: if enforce {
+                intercept::OnMiss::Refuse
+            } else {
+                intercept::OnMiss::Forward
+            },
             agent: self.agent,
             task: self.task,
             original: self.original,
@@ -93,8 +99,13 @@ pub async fn handover(
             }
         })
     };
-    if let Err(e) =
-        intercept::intercept(stream, flow.for_interception(sni), &interceptor, &reports).await
+    if let Err(e) = intercept::intercept(
+        stream,
+        flow.for_interception(sni, info.enforce),
+        &interceptor,
+        &reports,
+    )
+    .await
     {
         tracing::info!(agent, "intercepted connection ended: {e}");
     }

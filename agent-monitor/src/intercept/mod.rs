@@ -38,12 +38,25 @@ pub struct Flow {
     pub sni: String,
     /// The agent's method/path rules (those for other hosts never match).
     pub rules: Vec<Rule>,
+    /// What a request the rules do not allow gets (the agent's mode).
+    pub on_miss: OnMiss,
+}
+
+/// What a request the rules do not allow gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMiss {
+    /// A 403 naming agent-monitor (enforce mode; ask mode too: requests are not held).
+    Refuse,
+    /// Passed upstream as the agent sent it and reported as an alert (alert mode).
+    Forward,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allowed,
     Denied,
+    /// Not allowed by the rules, forwarded anyway (alert mode).
+    Alert,
 }
 
 impl Verdict {
@@ -52,6 +65,7 @@ impl Verdict {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "denied",
+            Verdict::Alert => "alert",
         }
     }
 }
@@ -73,7 +87,8 @@ pub struct RequestReport {
     /// The `Host` header or `:authority` as the agent sent it.
     pub host: String,
     pub sni: String,
-    /// What the agent got: the upstream status, 403 for a denial, 502 when upstream failed.
+    /// What the agent got: the upstream status (alert mode too), 403 for a denial, 502 when
+    /// upstream failed.
     pub status: u16,
     /// Response body bytes (or WebSocket bytes) that came in from upstream to the agent.
     pub bytes_in: u64,
@@ -84,7 +99,7 @@ pub struct RequestReport {
     pub verdict: Verdict,
     /// The rule that allowed the request, as written.
     pub rule: Option<String>,
-    /// Why it was denied: what is missing.
+    /// Why it was denied (or, in alert mode, would have been): what is missing.
     pub missing: Option<String>,
 }
 

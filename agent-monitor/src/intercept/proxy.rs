@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::metered::{Counts, Direction, Metered, Pending};
 use super::rules::{self, Judgement};
 use super::upstream::Upstream;
-use super::{Flow, InterceptError, Interceptor, Reports, RequestReport, Verdict};
+use super::{Flow, InterceptError, Interceptor, OnMiss, Reports, RequestReport, Verdict};
 
 type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -201,6 +201,25 @@ impl Conn {
         *response.status_mut() = StatusCode::BAD_GATEWAY;
         response
     }
+
+    /// Alert mode: a request the rules do not allow goes upstream anyway, reported as an alert
+    /// with what is missing. Its path is the normal form when there is one (what the report
+    /// names), else the path as sent; its host the one it named, else the server name.
+    fn alerted(&self, mut report: RequestReport, why: String, req: &Request<Incoming>) -> Admitted {
+        let raw_path = req.uri().path();
+        let path = rules::normalise_path(raw_path)
+            .map(|p| p.forward)
+            .unwrap_or_else(|_| raw_path.to_string());
+        let host = requested_host(req).unwrap_or_else(|_| self.sni.clone());
+        report.verdict = Verdict::Alert;
+        report.missing = Some(why);
+        Admitted {
+            method: report.method.clone(),
+            report,
+            host,
+            path,
+        }
+    }
 }
 
 /// A request that passed: what `forward` needs.
@@ -208,7 +227,8 @@ struct Admitted {
     report: RequestReport,
     method: String,
     host: String,
-    path: rules::NormalPath,
+    /// As sent upstream.
+    path: String,
 }
 
 /// Judge one request: host, path, method. A refusal carries its report and the reason.
@@ -243,7 +263,7 @@ fn admit(conn: &Conn, req: &Request<Incoming>) -> Result<Admitted, (RequestRepor
                 report,
                 method,
                 host,
-                path,
+                path: path.forward,
             })
         }
         Judgement::Denied(why) => Err((report, why)),
@@ -281,6 +301,10 @@ async fn handle(conn: Arc<Conn>, req: Request<Incoming>) -> Response<ProxyBody> 
     let started = Instant::now();
     match admit(&conn, &req) {
         Ok(admitted) => forward(&conn, req, admitted, started).await,
+        Err((report, why)) if conn.flow.on_miss == OnMiss::Forward => {
+            let admitted = conn.alerted(report, why, &req);
+            forward(&conn, req, admitted, started).await
+        }
         Err((report, why)) => {
             let keep = drain(req).await;
             let mut response = conn.deny(report, started, why);
@@ -308,8 +332,8 @@ async fn forward(
     } = admitted;
     // The request as the server will see it: the path that was judged, the query as sent.
     let target = match req.uri().query() {
-        Some(q) => format!("{}?{q}", path.forward),
-        None => path.forward.clone(),
+        Some(q) => format!("{path}?{q}"),
+        None => path,
     };
     let upgrade = is_upgrade(&req);
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
