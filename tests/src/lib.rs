@@ -936,3 +936,15 @@ def attempt(name, f):
     except OSError as e:
         print(name, 'errno', e.errno, flush=True)
 "#;
+
+/// Where `program` is attached, as `status` lists it ("cgroup/… at <path>", without the
+/// " (adopted)" mark); None when it is not attached.
+pub fn attached_at(status: &Value, program: &str) -> Option<String> {
+    status["mechanisms"]["attached"]
+        .as_array()
+        .expect("status lists what is attached")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find_map(|a| a.strip_prefix(&format!("{program} → ")))
+        .map(|a| a.trim_end_matches(" (adopted)").to_string())
+}
