@@ -293,3 +293,84 @@ fn unix_hooks_are_attached_only_while_a_policy_has_a_unix_section() {
         d.log()
     );
 }
+
+/// A python agent loop connecting to `path` every 50 ms for `secs` seconds, one line per try.
+const PY_CONNECT_LOOP: &str = r#"import socket, sys, time
+end = time.time() + float(sys.argv[2])
+while time.time() < end:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sys.argv[1])
+        print('ok', flush=True)
+    except OSError as e:
+        print('errno', e.errno, flush=True)
+    s.close()
+    time.sleep(0.05)
+"#;
+
+/// The program ids of the pinned links of the unix hooks, as `status` lists them.
+fn unix_program_ids(status: &Value) -> Vec<u64> {
+    status["mechanisms"]["links"]
+        .as_array()
+        .expect("status lists the pinned links")
+        .iter()
+        .filter(|l| {
+            let p = l["program"].as_str().unwrap_or("");
+            p == "agent_connect_unix" || p == "agent_sendmsg_unix"
+        })
+        .map(|l| l["program_id"].as_u64().unwrap())
+        .collect()
+}
+
+/// An upgrade (pins of another build) replaces the attached unix hooks with the new build's,
+/// attached where the old ones were before the old ones go: a running agent's connect to a
+/// socket off its list is refused at every try through the stop, the time without a daemon and
+/// the replacement, and no link of the old unix programs is left.
+#[test]
+fn an_upgrade_replaces_the_unix_hooks_without_a_gap() {
+    if !require_root("an_upgrade_replaces_the_unix_hooks_without_a_gap") {
+        return;
+    }
+    let socks = Sockets::new();
+    let agent = unique_agent("uupgrade");
+    let mut d = Daemon::start(&[policy(&agent, Some(&allow(&socks.allowed)))]);
+    let old = unix_program_ids(&d.status());
+    assert_eq!(old.len(), 2, "{}", d.status());
+    let agent_loop = d.spawn_run(
+        &agent,
+        "up",
+        &[],
+        &[PYTHON, "-c", PY_CONNECT_LOOP, path_str(&socks.other), "5"],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    d.stop();
+    // Make the pins look like another build's: the object hash in the state map differs.
+    {
+        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
+        let map = aya::maps::Map::from_map_data(data).unwrap();
+        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+        state.set(1, 42, 0).unwrap();
+    }
+    d.spawn();
+    let out = agent_loop.wait_with_output().unwrap();
+    let tries: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert!(tries.len() >= 40, "{tries:?} {}", text(&out.stderr));
+    assert!(
+        tries.iter().all(|t| t == REFUSED),
+        "a connect off the list got through the upgrade: {tries:?}"
+    );
+    let st = d.status();
+    assert_eq!(st["origin"]["replaced_build"], true, "{st:#}");
+    assert_unix_hooks(&d, Some(&agents_cgroup()), "after the upgrade");
+    let new = unix_program_ids(&st);
+    assert!(
+        new.iter().all(|p| !old.contains(p)),
+        "old {old:?} new {new:?}"
+    );
+    assert!(
+        kernel_links_of(&old).is_empty(),
+        "the old build's unix hooks are still attached"
+    );
+    assert_eq!(connect_as(&d, &agent, &socks.other), REFUSED);
+    assert_eq!(connect_as(&d, &agent, &socks.allowed), "ok");
+}
