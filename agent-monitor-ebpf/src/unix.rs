@@ -22,8 +22,10 @@ use crate::maps::{UNIX_KEY_SCRATCH, UNIX_RULES, current_agent, must_refuse, star
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
 
-/// Both hooks. At the cgroup root, so the identity lookup is all a process outside every agent
-/// pays (inlined, as in `net.rs`); agents pay a subprogram call.
+/// Both hooks. They sit below the agents' cgroup, so a process outside every agent runs them only
+/// on a socket an agent created, or (at the root while selectors exist) on every unix connect:
+/// then the identity lookup, inlined as in `net.rs`, is all it pays before it returns (one
+/// helper call and two array reads without selectors). Agents pay a subprogram call.
 #[inline(always)]
 pub fn on_unix(ctx: &SockAddrContext, send: u32) -> i32 {
     match current_agent() {

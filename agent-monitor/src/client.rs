@@ -585,6 +585,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
         println!("attached: {a}");
     }
     println!("socket() watch: {}", text("socket_syscall_watch"));
+    println!("unix-socket hooks: {}", text("unix_socket_hooks"));
     for r in list("refused") {
         println!("not available: {r}");
     }

@@ -1,5 +1,5 @@
 //! Unix-socket connects: what the cgroup `connect_unix` hook costs a process outside every agent
-//! (one identity lookup) and an agent with a `[unix]` section (the name read, two hash lookups, a
+//! (nothing: it sits below the agents' cgroup) and an agent with a `[unix]` section (the name read, two hash lookups, a
 //! record), against the bare kernel.
 
 use std::fmt::Write as _;
@@ -144,7 +144,8 @@ pub fn section(o: &mut String, u: Option<&UnixLatency>) {
         o,
         "{} connects of an AF_UNIX stream socket to a listener on a pathname socket, per \
          repetition ({} repetitions), median of the per-repetition medians. The cgroup \
-         `connect_unix` hook runs for every unix connect on the host.\n",
+         `connect_unix` hook sits below the agents' cgroup (no selectors here), so a process \
+         outside every agent runs no program; with selectors it sits at the root.\n",
         u.connects,
         u.bare.len()
     );

@@ -960,3 +960,15 @@ impl Daemon {
         results
     }
 }
+
+/// Where `program` is attached, as `status` lists it ("cgroup/… at <path>", without the
+/// " (adopted)" mark); None when it is not attached.
+pub fn attached_at(status: &Value, program: &str) -> Option<String> {
+    status["mechanisms"]["attached"]
+        .as_array()
+        .expect("status lists what is attached")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find_map(|a| a.strip_prefix(&format!("{program} → ")))
+        .map(|a| a.trim_end_matches(" (adopted)").to_string())
+}

@@ -147,15 +147,8 @@ fn socket_watch_is_on_from_the_start_when_a_policy_is_in_alert_mode() {
 
 /// Where `program` is attached, as `status` reports it ("cgroup/… at <path>").
 fn attached_at(status: &Value, program: &str) -> String {
-    status["mechanisms"]["attached"]
-        .as_array()
-        .expect("status lists what is attached")
-        .iter()
-        .filter_map(|a| a.as_str())
-        .find_map(|a| a.strip_prefix(&format!("{program} → ")))
+    agent_monitor_tests::attached_at(status, program)
         .unwrap_or_else(|| panic!("{program} not attached: {status}"))
-        .trim_end_matches(" (adopted)")
-        .to_string()
 }
 
 /// A root process in `cg` (outside the agents' cgroup) tries a raw socket: "ok" or "errno N".

@@ -32,6 +32,19 @@ pub(super) struct Hook {
     /// The daemon cannot do its job without it.
     pub(super) required: bool,
     pub(super) scope: Scope,
+    pub(super) when: When,
+}
+
+/// When a hook is attached.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(super) enum When {
+    /// From install on, for the life of the pins.
+    Always,
+    /// Only while a policy in force has a `[unix]` section (`Kernel::set_unix_hooks`): without
+    /// one the program would judge nothing, yet every socket below it would run it. Loaded and
+    /// pinned as a program at install, so a refusal shows at start and a later daemon can attach
+    /// it to these maps.
+    UnixRules,
 }
 
 /// Which processes a hook must see.
@@ -64,18 +77,21 @@ pub(super) const HOOKS: &[Hook] = &[
         kind: HookKind::RawTracepoint("sched_process_exec"),
         required: true,
         scope: Scope::Host,
+        when: When::Always,
     },
     Hook {
         program: "agent_connect4",
         kind: HookKind::CgroupSockAddr("connect4", CgroupSockAddrAttachType::Connect4),
         required: true,
         scope: Scope::Host,
+        when: When::Always,
     },
     Hook {
         program: "agent_connect6",
         kind: HookKind::CgroupSockAddr("connect6", CgroupSockAddrAttachType::Connect6),
         required: true,
         scope: Scope::Host,
+        when: When::Always,
     },
     // DNS redirection: sendmsg (below) rewrites an agent's datagrams to port 53; without recvmsg
     // its resolver would reject replies from the proxy's address.
@@ -84,12 +100,14 @@ pub(super) const HOOKS: &[Hook] = &[
         kind: HookKind::CgroupSockAddr("recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4),
         required: true,
         scope: Scope::Agents,
+        when: When::Always,
     },
     Hook {
         program: "agent_recvmsg6",
         kind: HookKind::CgroupSockAddr("recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6),
         required: true,
         scope: Scope::Agents,
+        when: When::Always,
     },
     // Only getpeername() on a redirected connected socket would show the proxy without these.
     Hook {
@@ -97,30 +115,35 @@ pub(super) const HOOKS: &[Hook] = &[
         kind: HookKind::CgroupSockAddr("getpeername4", CgroupSockAddrAttachType::GetPeerName4),
         required: false,
         scope: Scope::Agents,
+        when: When::Always,
     },
     Hook {
         program: "agent_getpeername6",
         kind: HookKind::CgroupSockAddr("getpeername6", CgroupSockAddrAttachType::GetPeerName6),
         required: false,
         scope: Scope::Agents,
+        when: When::Always,
     },
     Hook {
         program: "agent_sendmsg4",
         kind: HookKind::CgroupSockAddr("sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
         required: true,
         scope: Scope::Host,
+        when: When::Always,
     },
     Hook {
         program: "agent_sendmsg6",
         kind: HookKind::CgroupSockAddr("sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
         required: true,
         scope: Scope::Host,
+        when: When::Always,
     },
     Hook {
         program: "agent_sock_create",
         kind: HookKind::CgroupSock("sock_create", CgroupSockAttachType::SockCreate),
         required: true,
         scope: Scope::Agents,
+        when: When::Always,
     },
     // Source routes (IPv4 options, IPv6 routing headers) send a packet to its first hop rather
     // than the address the hooks above judged: dropped for agents' sockets.
@@ -129,32 +152,39 @@ pub(super) const HOOKS: &[Hook] = &[
         kind: HookKind::CgroupSkb("egress", CgroupSkbAttachType::Egress),
         required: true,
         scope: Scope::Agents,
+        when: When::Always,
     },
     Hook {
         program: "agent_fork",
         kind: HookKind::Tracepoint("sched", "sched_process_fork"),
         required: false,
         scope: Scope::Host,
+        when: When::Always,
     },
     Hook {
         program: "agent_exit",
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,
         scope: Scope::Host,
+        when: When::Always,
     }, // AF_UNIX connects and datagram sends (Linux 6.7; an older kernel refuses them and unix
-    // sockets stay unjudged, shown in `status`). At the root, like the inet address hooks: the
-    // kernel runs the programs of the socket's cgroup. See docs/unix-sockets.md.
+    // sockets stay unjudged, shown in `status`). The kernel runs the programs of the socket's
+    // cgroup: below the agents' cgroup they see the sockets agents create, and no other process
+    // runs them (selectors move them to the root with the other agent-socket hooks). Attached
+    // only while a policy in force has a `[unix]` section. See docs/unix-sockets.md.
     Hook {
         program: "agent_connect_unix",
         kind: HookKind::CgroupSockAddr("connect_unix", CgroupSockAddrAttachType::UnixConnect),
         required: false,
-        scope: Scope::Host,
+        scope: Scope::Agents,
+        when: When::UnixRules,
     },
     Hook {
         program: "agent_sendmsg_unix",
         kind: HookKind::CgroupSockAddr("sendmsg_unix", CgroupSockAddrAttachType::UnixSendMsg),
         required: false,
-        scope: Scope::Host,
+        scope: Scope::Agents,
+        when: When::UnixRules,
     },
 ];
 
@@ -190,26 +220,8 @@ impl HookPlacement {
             if !pinned.exists() {
                 continue; // refused by the kernel at install: nothing to move
             }
-            let program = pins.program(hook.program);
-            let link = match hook.kind {
-                HookKind::CgroupSock(_, attach_type) => {
-                    let mut p = CgroupSock::from_pin(&program, attach_type)
-                        .with_context(|| format!("opening pinned program {}", program.display()))?;
-                    attach_cgroup_sock(&mut p, &to)
-                }
-                HookKind::CgroupSockAddr(_, attach_type) => {
-                    let mut p = CgroupSockAddr::from_pin(&program, attach_type)
-                        .with_context(|| format!("opening pinned program {}", program.display()))?;
-                    attach_cgroup_sock_addr(&mut p, &to)
-                }
-                HookKind::CgroupSkb(_, attach_type) => {
-                    let mut p = CgroupSkb::from_pin(&program, attach_type)
-                        .with_context(|| format!("opening pinned program {}", program.display()))?;
-                    attach_cgroup_skb(&mut p, &to, attach_type)
-                }
-                _ => continue,
-            }
-            .with_context(|| format!("moving {} to {}", hook.program, to.display()))?;
+            let link = attach_pinned(&pins, hook, &to)
+                .with_context(|| format!("moving {} to {}", hook.program, to.display()))?;
             // bpffs refuses dots in names.
             let moving = pins.link(&format!("{}_moving", hook.program));
             let _ = std::fs::remove_file(&moving); // left by a move a crash interrupted
@@ -236,6 +248,93 @@ impl HookPlacement {
         self.agent_hooks_host_wide = host_wide;
         Ok(true)
     }
+}
+
+impl HookPlacement {
+    /// Attaches (`on`) or detaches the hooks attached only `when` something needs them, where
+    /// the agent-socket hooks sit now; a hook the kernel refused at install (no pinned program)
+    /// is left out. Attaching pins the new link; detaching removes the pin, its only holder.
+    /// Idempotent. Returns the programs that changed.
+    pub(super) fn attach_on_demand(
+        &mut self,
+        when: When,
+        on: bool,
+        mechanisms: &mut Mechanisms,
+    ) -> anyhow::Result<Vec<&'static str>> {
+        let pins = PinDir::new(&self.pin_root);
+        let mut changed = Vec::new();
+        for hook in HOOKS.iter().filter(|h| h.when == when) {
+            let pinned = pins.link(hook.program);
+            if !pins.program(hook.program).exists() || pinned.exists() == on {
+                continue;
+            }
+            let at = self
+                .cgroups
+                .scope_of(hook.scope, self.agent_hooks_host_wide)
+                .to_path_buf();
+            let entry = format!("{} → {}", hook.program, hook.kind.at(&at));
+            if on {
+                let link = attach_pinned(&pins, hook, &at)
+                    .with_context(|| format!("attaching {entry}"))?;
+                mechanisms
+                    .links
+                    .push(pin_link(link, hook.program, &pinned)?);
+                mechanisms.attached.push(entry);
+            } else {
+                std::fs::remove_file(&pinned).with_context(|| format!("detaching {entry}"))?;
+                mechanisms.links.retain(|l| l.program != hook.program);
+                let prefix = format!("{} → ", hook.program);
+                mechanisms.attached.retain(|a| !a.starts_with(&prefix));
+            }
+            changed.push(hook.program);
+        }
+        Ok(changed)
+    }
+}
+
+/// Attaches the pinned program of `hook` to `cgroup` (a move, or an on-demand hook).
+fn attach_pinned(pins: &PinDir, hook: &Hook, cgroup: &Path) -> anyhow::Result<FdLink> {
+    let program = pins.program(hook.program);
+    let opening = || format!("opening pinned program {}", program.display());
+    match hook.kind {
+        HookKind::CgroupSock(_, attach_type) => {
+            let mut p = CgroupSock::from_pin(&program, attach_type).with_context(opening)?;
+            attach_cgroup_sock(&mut p, cgroup)
+        }
+        HookKind::CgroupSockAddr(_, attach_type) => {
+            let mut p = CgroupSockAddr::from_pin(&program, attach_type).with_context(opening)?;
+            attach_cgroup_sock_addr(&mut p, cgroup)
+        }
+        HookKind::CgroupSkb(_, attach_type) => {
+            let mut p = CgroupSkb::from_pin(&program, attach_type).with_context(opening)?;
+            attach_cgroup_skb(&mut p, cgroup, attach_type)
+        }
+        HookKind::Tracepoint(..) | HookKind::RawTracepoint(_) => Err(anyhow!(
+            "{} is not a cgroup hook: it has no pinned program to attach",
+            hook.program
+        )),
+    }
+}
+
+/// What the hook table decides about each program (its name, hook, placement and when it is
+/// attached), folded into the object hash: a daemon whose table differs treats the pins as
+/// another build's and replaces them, rather than adopting links that sit where it would not
+/// put them or programs it cannot move (unpinned).
+pub(super) fn table_fingerprint() -> Vec<u64> {
+    HOOKS
+        .iter()
+        .map(|h| {
+            let text = format!(
+                "{} {} {} {:?} {}",
+                h.program,
+                h.kind.at(Path::new("")),
+                h.required,
+                h.when,
+                h.scope == Scope::Agents
+            );
+            super::pin::object_hash(text.as_bytes(), &[])
+        })
+        .collect()
 }
 
 impl HookKind {
@@ -307,15 +406,7 @@ pub(super) fn attach(
             attach_cgroup_sock(p, cgroup)?
         }
         HookKind::CgroupSockAddr(_, attach_type) => {
-            if matches!(
-                attach_type,
-                CgroupSockAddrAttachType::UnixConnect | CgroupSockAddrAttachType::UnixSendMsg
-            ) {
-                super::unix_hooks::check_context_layout()?;
-            }
-            let p: &mut CgroupSockAddr = prog.try_into()?;
-            p.load().context("loading")?;
-            pin_if_movable(hook, pins, |at| p.pin(at))?;
+            let p = load_cgroup_sock_addr(prog, hook, attach_type, pins)?;
             attach_cgroup_sock_addr(p, cgroup)?
         }
         HookKind::CgroupSkb(_, attach_type) => {
@@ -328,13 +419,49 @@ pub(super) fn attach(
     pin_link(link, hook.program, &pins.link(hook.program))
 }
 
-/// Pins an agent-socket hook's program, so that a later daemon can move it (`scope_agent_hooks`).
+/// Loads and pins the program of an on-demand hook (`When` other than `Always`) without
+/// attaching it: `attach_on_demand` attaches it when it is needed.
+pub(super) fn load_unattached(ebpf: &mut Ebpf, hook: &Hook, pins: &PinDir) -> anyhow::Result<()> {
+    let prog = ebpf
+        .program_mut(hook.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hook.program))?;
+    match hook.kind {
+        HookKind::CgroupSockAddr(_, attach_type) => {
+            load_cgroup_sock_addr(prog, hook, attach_type, pins).map(|_| ())
+        }
+        _ => Err(anyhow!(
+            "{}: only cgroup sock_addr hooks can be attached on demand",
+            hook.program
+        )),
+    }
+}
+
+fn load_cgroup_sock_addr<'p>(
+    prog: &'p mut aya::programs::Program,
+    hook: &Hook,
+    attach_type: CgroupSockAddrAttachType,
+    pins: &PinDir,
+) -> anyhow::Result<&'p mut CgroupSockAddr> {
+    if matches!(
+        attach_type,
+        CgroupSockAddrAttachType::UnixConnect | CgroupSockAddrAttachType::UnixSendMsg
+    ) {
+        super::unix_hooks::check_context_layout()?;
+    }
+    let p: &mut CgroupSockAddr = prog.try_into()?;
+    p.load().context("loading")?;
+    pin_if_movable(hook, pins, |at| p.pin(at))?;
+    Ok(p)
+}
+
+/// Pins an agent-socket hook's program, so that a later daemon can move it (`scope_agent_hooks`),
+/// and an on-demand hook's, so that it can be attached later (`attach_on_demand`).
 fn pin_if_movable(
     hook: &Hook,
     pins: &PinDir,
     pin: impl FnOnce(PathBuf) -> Result<(), PinError>,
 ) -> anyhow::Result<()> {
-    if hook.scope == Scope::Agents {
+    if hook.scope == Scope::Agents || hook.when != When::Always {
         pin(pins.program(hook.program))
             .with_context(|| format!("pinning program {}", hook.program))?;
     }
@@ -387,4 +514,39 @@ pub(super) fn pin_link(link: FdLink, program: &str, path: &Path) -> anyhow::Resu
         link_id: info.id(),
         program_id: info.program_id(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_demand_hooks_are_movable_cgroup_hooks() {
+        // `attach_on_demand` attaches from a pinned program where the agent-socket hooks sit.
+        for hook in HOOKS.iter().filter(|h| h.when != When::Always) {
+            assert!(
+                matches!(hook.kind, HookKind::CgroupSockAddr(..)),
+                "{}",
+                hook.program
+            );
+            assert!(
+                hook.scope == Scope::Agents && !hook.required,
+                "{}",
+                hook.program
+            );
+        }
+        assert_eq!(
+            HOOKS.iter().filter(|h| h.when == When::UnixRules).count(),
+            2
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_names_every_hook_and_its_placement() {
+        let print = table_fingerprint();
+        assert_eq!(print.len(), HOOKS.len());
+        assert_eq!(print, table_fingerprint());
+        let distinct: std::collections::BTreeSet<u64> = print.iter().copied().collect();
+        assert_eq!(distinct.len(), print.len());
+    }
 }

@@ -20,12 +20,13 @@ use aya::{
 };
 
 use super::Kernel;
-use super::hooks::{self, HOOKS, HookCgroups, HookPlacement};
+use super::hooks::{self, HOOKS, HookCgroups, HookPlacement, When};
 use super::pin::{self, PinDir, PinLock};
 use super::socket_watch::{self, SOCKET_WATCH, SocketWatch};
 use super::tables::{
     Opener, Tables, counters_from, hash_entries, tag_capacity, trie_entries, unix_ns,
 };
+use super::unix_hooks::UnixHooks;
 use crate::host::TracepointLayout;
 use crate::identity::grant_state::KernelGrants;
 
@@ -50,10 +51,13 @@ pub struct Mechanisms {
     /// Whether `sys_enter_socket` is watched, and why (`status` shows its text).
     #[serde(serialize_with = "as_text")]
     pub socket_syscall_watch: SocketWatch,
+    /// Whether the unix-socket hooks are attached, where, and why (`status` shows its text).
+    #[serde(serialize_with = "as_text")]
+    pub unix_socket_hooks: UnixHooks,
 }
 
-fn as_text<S: serde::Serializer>(watch: &SocketWatch, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(watch)
+fn as_text<S: serde::Serializer, T: std::fmt::Display>(state: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(state)
 }
 
 /// A program attached through a pinned bpf_link.
@@ -171,7 +175,8 @@ impl Kernel {
     /// Adopts what a previous daemon pinned in `pin_dir`, or loads and pins everything. The address
     /// hooks attach at the root of the cgroup v2 tree so every socket on the host passes through
     /// them (non-agents leave after one lookup); the agent-socket hooks below `cgroups.agents`
-    /// until `set_identity_config` turns selectors on.
+    /// until `set_identity_config` turns selectors on. The unix-socket hooks are loaded and
+    /// pinned, attached by `set_unix_hooks` when a policy needs them.
     pub fn open(
         pin_dir: &Path,
         cgroups: &HookCgroups,
@@ -315,11 +320,23 @@ fn adopt(
 ) -> anyhow::Result<Installed> {
     let mut mechanisms = base_mechanisms(pins);
     for hook in HOOKS {
+        if hook.when != When::Always && !pins.link(hook.program).exists() {
+            // Detached while nothing needs it; without its program the kernel refused it.
+            if !pins.program(hook.program).exists() {
+                mechanisms.refused.push(format!(
+                    "{}: not loaded (the kernel refused it when the programs were installed; \
+                     that daemon's log says why)",
+                    hook.program
+                ));
+            }
+            continue;
+        }
         match hooks::adopt_link(pins, hook.program) {
             Ok(l) => mechanisms.links.push(l),
             Err(e) => mechanisms.refused.push(format!("{}: {e:#}", hook.program)),
         }
     }
+    mechanisms.unix_socket_hooks = UnixHooks::adopted(pins);
     // The probe loads a throw-away copy of the object (maps only) and one LSM program that
     // it unloads at once; nothing is attached.
     let mut probe = EbpfLoader::new()
@@ -380,8 +397,17 @@ fn install(
     }
     let mut tables = Tables::open(Opener::new(maps))?;
     let mut mechanisms = base_mechanisms(pins);
+    let mut unix_refused = None;
     for hook in HOOKS {
         let at = cgroups.scope_of(hook.scope, false);
+        if hook.when != When::Always {
+            if let Err(e) = hooks::load_unattached(&mut ebpf, hook, pins) {
+                tracing::warn!(program = hook.program, "kernel refused program: {e:#}");
+                mechanisms.refused.push(format!("{}: {e:#}", hook.program));
+                unix_refused.get_or_insert(format!("{}: {e:#}", hook.program));
+            }
+            continue;
+        }
         match hooks::attach(&mut ebpf, hook, at, pins) {
             Ok(l) => {
                 mechanisms
@@ -410,6 +436,11 @@ fn install(
         }
     };
     mechanisms.socket_syscall_watch = socket_watch;
+    // One refused (the other loaded) still leaves a hook to attach: `refused` lists the other.
+    let any_loaded = HOOKS
+        .iter()
+        .any(|h| h.when != When::Always && pins.program(h.program).exists());
+    mechanisms.unix_socket_hooks = UnixHooks::installed(unix_refused.filter(|_| !any_loaded));
     set_exec_mechanism(&mut ebpf, &mut mechanisms);
     tables
         .state
@@ -468,7 +499,8 @@ fn probe_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
         .map_err(|e| format!("unloading the probe: {e}"))
 }
 
-/// Every value patched into the object at load: part of what makes pinned programs "ours".
+/// Every value patched into the object at load, and the hook table's placement of each program:
+/// part of what makes pinned programs "ours".
 fn load_time_values(layout: &TracepointLayout, o: &KernelOffsets) -> Vec<u64> {
     [
         layout.fork_child_pid,
@@ -487,6 +519,7 @@ fn load_time_values(layout: &TracepointLayout, o: &KernelOffsets) -> Vec<u64> {
     ]
     .into_iter()
     .map(u64::from)
+    .chain(hooks::table_fingerprint())
     .collect()
 }
 

@@ -5,6 +5,7 @@
 //! - `load`: loading, adoption of a previous daemon's pins, upgrade from another build.
 //! - `hooks`: the hook table, attaching through pinned links, moving the agent-socket hooks.
 //! - `socket_watch`: the `sys_enter_socket` watch, attached only while needed.
+//! - `unix_hooks`: the unix-socket hooks' context check, attached only while a policy needs them.
 //! - `tables`: every map user space uses, opened once into typed handles.
 //! - `facade`: [`Kernel`]'s methods over the tables.
 //! - `ring`: the action ring buffer's reader.

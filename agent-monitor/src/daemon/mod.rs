@@ -53,6 +53,7 @@ mod requests;
 mod selectors;
 mod startup;
 mod unix;
+mod unix_hooks;
 
 use dns_learner::{DnsLearner, Live};
 use generations::{Explanation, Generations};

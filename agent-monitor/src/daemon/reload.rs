@@ -146,10 +146,12 @@ impl Monitor {
                 None => {}
             }
         }
+        self.unix_hooks_before_switch(staged.set());
         // The switch: one update per agent in the table the kernel translates identities through.
         let switched = self
             .generations
             .switch(staged, &mut self.kernel, monotonic_ns)?;
+        self.unix_hooks_after_switch();
         for (agent, e) in &switched.failed {
             // Its id keeps the old index, whose entries go with the old bank: it is denied
             // everything.
