@@ -10,6 +10,7 @@
 pub mod agent_env;
 pub mod ca;
 pub mod command;
+pub mod from_policy;
 mod leaves;
 mod metered;
 mod proxy;
