@@ -416,6 +416,13 @@ pub enum Widen {
     Cidr,
     /// Several programs of one directory become `DIR/*`.
     Globs,
+    /// `[[network.http]]` paths become prefixes (`DIR/*`), per host, port and methods seen
+    /// (methods are never widened): a segment that looks like an identifier (all digits, a hex
+    /// hash of 7+ characters, a UUID, a 20+ character token of letters and digits) and all that
+    /// follows it becomes `*` (`/repos/acme/pulls/123/files` → `/repos/acme/pulls/*`); 3 or more
+    /// distinct entries directly under one directory become `DIR/*`. Never `/*`: an identifier
+    /// as the first segment, and entries directly under `/`, stay exact.
+    Paths,
 }
 
 #[derive(Debug, Args)]

@@ -22,7 +22,11 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
             Some(match host {
                 Some(h) if !by_addr.allowed => {
                     let by_name = policy.check_resolved(h, *port);
-                    if by_name.allowed { by_name } else { by_addr }
+                    if by_name.allowed {
+                        crate::learn::requests::through_endpoint(policy, h, *port, by_name)
+                    } else {
+                        by_addr
+                    }
                 }
                 _ => by_addr,
             })
@@ -52,6 +56,7 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
                 reason: "no server name (SNI) or Host was recorded".into(),
             },
         }),
+        What::Request(r) => Some(crate::learn::requests::judge_request(policy, r)),
     }
 }
 
