@@ -244,7 +244,9 @@ fn ports_text((lo, hi): (u16, u16)) -> String {
 type NetDraft = (Target, (u16, u16), Provenance, Vec<String>);
 
 /// Entries allowing every action of `actions` that can be allowed, and nothing else unless
-/// `opts` widens. Unknown action kinds are left to the caller to count.
+/// `opts` widens. Unknown action kinds are left to the caller to count. (The command always
+/// goes through [`suggest_for`]; this is the fresh-policy case.)
+#[cfg(test)]
 pub fn suggest<'a>(
     actions: impl IntoIterator<Item = &'a Recorded>,
     opts: &SuggestOptions,
