@@ -336,6 +336,15 @@ pub fn test_outcome(set: &crate::policy::PolicySet, audit: &Audit) -> Outcome {
             "{origin}: {n} recorded `{kind}` action(s) not replayed: this version cannot judge that kind"
         );
     }
+    // What a changed policy lets through that was stopped when recorded: worth a look, not a
+    // failure.
+    for (record, reason) in &r.now_allowed {
+        let _ = writeln!(
+            out.stderr,
+            "{origin}:{}: agent {} task {}: {}: recorded as denied, would now be allowed by {reason}",
+            record.line, record.agent, record.task, record.what
+        );
+    }
     let agents: Vec<&str> = set.iter().map(Policy::agent).collect();
     let others: u64 = r.other_agents.values().sum();
     let _ = writeln!(
@@ -598,8 +607,27 @@ mod tests {
             "/v1/items/1",
             Verdict::Alert,
         ));
+        // And a read that was refused when recorded, which the widened rule now allows.
+        later.push(request_line(
+            "coder",
+            "api.example.com",
+            "api.example.com",
+            443,
+            "GET",
+            "/v1/items/9",
+            Verdict::Denied,
+        ));
         let t = test_outcome(&set, &read(&later.join("\n")));
         assert_eq!(t.code, 1, "{t:?}");
+        assert!(
+            t.stderr.contains(
+                "audit.jsonl:10: agent coder task t-42: http api.example.com:443 GET /v1/items/9: \
+                 recorded as denied, would now be allowed by rule \"http api.example.com:443 GET \
+                 /v1/items/*\""
+            ),
+            "{}",
+            t.stderr
+        );
         assert!(
             t.stdout.starts_with(
                 "audit.jsonl:9: agent coder task t-42: http api.example.com:443 DELETE /v1/items/1"

@@ -124,6 +124,8 @@ pub struct Replay<'a> {
     pub other_agents: BTreeMap<String, u64>,
     /// Actions of kinds this version cannot judge, per kind.
     pub unknown_kinds: BTreeMap<String, u64>,
+    /// Actions recorded as `denied` that the policy would allow, in trail order, with the rule.
+    pub now_allowed: Vec<(&'a Recorded, String)>,
 }
 
 /// Replays `actions` against the policy of each one's agent.
@@ -164,7 +166,9 @@ fn note<'a>(out: &mut Replay<'a>, policy: &Policy, r: &'a Recorded) {
         }
         Some(d) => {
             out.judged += 1;
-            if !d.allowed {
+            if d.allowed && r.verdict == "denied" {
+                out.now_allowed.push((r, d.reason));
+            } else if !d.allowed {
                 out.not_allowed.push(Finding {
                     record: r,
                     mode: policy.mode(),
