@@ -3,7 +3,8 @@
 //! recorded request, and a later request it does not allow is named with its trail line. Needs
 //! no root (nothing is loaded into the kernel).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use agent_monitor_tests::*;
 
@@ -13,6 +14,17 @@ fn request(line: usize, method: &str, path: &str, verdict: &str) -> String {
     format!(
         r#"{{"agent_id":"learner","task_id":"t{line}","action":"http","verdict":"{verdict}","pid":10,"uid":0,"comm":"curl","exe":"/usr/bin/curl","dest_addr":"10.1.2.3","dest_port":443,"dest_transport":"tcp","process_chain":[{{"pid":10,"exe":"/usr/bin/curl"}}],"enforcement":null,"reason":"r","message":"m","time":"2026-12-06T08:00:0{line}Z","priority":6,"tls_sni":"api.example.com","http_host":"api.example.com","bytes_in":1,"bytes_out":0,"duration_ms":1,"http_method":"{method}","url_path":"{path}","http_status":{status}}}"#
     )
+}
+
+/// `agent-monitor policy test POLICY --events TRAIL`.
+fn policy_test(policy: &Path, trail: &Path) -> Output {
+    cli(&[
+        "policy",
+        "test",
+        policy.to_str().unwrap(),
+        "--events",
+        trail.to_str().unwrap(),
+    ])
 }
 
 struct Scratch(PathBuf);
@@ -64,13 +76,7 @@ fn suggested_http_rules_pass_check_and_replay_and_a_new_write_is_named() {
     let check = cli(&["policy", "check", policy.to_str().unwrap()]);
     assert_eq!(check.status.code(), Some(0), "{}", outcome(&check, "check"));
 
-    let replay = cli(&[
-        "policy",
-        "test",
-        policy.to_str().unwrap(),
-        "--events",
-        trail.to_str().unwrap(),
-    ]);
+    let replay = policy_test(&policy, &trail);
     assert_eq!(
         replay.status.code(),
         Some(0),
@@ -84,13 +90,7 @@ fn suggested_http_rules_pass_check_and_replay_and_a_new_write_is_named() {
     more.push(request(5, "DELETE", "/v1/items/17", "allowed"));
     more.push(request(6, "POST", "/v1/items/17", "allowed"));
     std::fs::write(&later, more.join("\n") + "\n").unwrap();
-    let replay = cli(&[
-        "policy",
-        "test",
-        policy.to_str().unwrap(),
-        "--events",
-        later.to_str().unwrap(),
-    ]);
+    let replay = policy_test(&policy, &later);
     assert_eq!(
         replay.status.code(),
         Some(1),
