@@ -387,6 +387,11 @@ pub enum PolicyCommand {
     /// tried them), their comment says `denied`. The suggested mode is enforce (the comment above
     /// `mode` says so). Review before use.
     ///
+    /// Requests recorded through interception (`ACTION=http` with `HTTP_METHOD`) become
+    /// `[[network.http]]` rules: per host and port, the exact normalised paths grouped by the
+    /// methods seen with them (`--widen paths` makes prefixes); another name on a port with
+    /// request rules becomes a `[[network.tls]]` rule (docs/learning.md).
+    ///
     /// With `--merge FILE`, the entries the existing policy does not already allow are appended
     /// to it, keeping its comments and layout (and its mode); the merged policy goes to stdout and
     /// the difference (the added entries, each with its comment) to stderr.
@@ -399,7 +404,10 @@ pub enum PolicyCommand {
     /// Replay recorded actions through the daemon's evaluator and list those POLICY would not allow.
     ///
     /// Every connect and exec of POLICY's agent(s) in the trail is judged exactly as the daemon
-    /// judges it; an open (a file `[files]` denies) is judged by its recorded name. Each one not
+    /// judges it; an open (a file `[files]` denies) is judged by its recorded name; a request
+    /// interception judged (`ACTION=http`) by interception's own matcher on its server name,
+    /// `Host`, method and path; a connect to a learned address on a port with request rules as
+    /// redirected to the egress endpoint. Each one not
     /// allowed is printed with its trail line (file:line: what, by which
     /// process chain, why). Exit 0: all allowed; 1: some would be denied (or, for an alert-mode
     /// policy, reported); 2: bad input (unreadable or invalid policy or trail, malformed trail
@@ -416,6 +424,13 @@ pub enum Widen {
     Cidr,
     /// Several programs of one directory become `DIR/*`.
     Globs,
+    /// `[[network.http]]` paths become prefixes (`DIR/*`), per host, port and methods seen
+    /// (methods are never widened): a segment that looks like an identifier (all digits, a hex
+    /// hash of 7+ characters, a UUID, a 20+ character token of letters and digits) and all that
+    /// follows it becomes `*` (`/repos/acme/pulls/123/files` → `/repos/acme/pulls/*`); 3 or more
+    /// distinct entries directly under one directory become `DIR/*`. Never `/*`: an identifier
+    /// as the first segment, and entries directly under `/`, stay exact.
+    Paths,
 }
 
 #[derive(Debug, Args)]

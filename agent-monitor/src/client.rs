@@ -824,6 +824,9 @@ pub fn policy(cmd: PolicyCommand) -> ExitCode {
                 for w in crate::files::check_warnings(&set) {
                     eprintln!("{w}");
                 }
+                for w in crate::policy::request_lint::warnings(&set) {
+                    eprintln!("{w}");
+                }
                 // What the daemon would refuse before loading anything: the kernel maps' limits.
                 if let Err(e) = set.compile() {
                     eprintln!("{}: does not fit the kernel: {e}", path.display());

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 
 use crate::cli::{SuggestArgs, TestArgs, Widen};
 use crate::learn::audit::{Audit, Recorded, read_audit, unknown_kinds};
-use crate::learn::render::{add_entries, check, parse_document, skeleton};
+use crate::learn::render::{add_entries, add_request_rules, check, parse_document, skeleton};
 use crate::learn::replay::{judge, replay, replay_policy};
-use crate::learn::suggest::{Section, SuggestOptions, clean, suggest};
+use crate::learn::suggest::{Section, SuggestOptions, clean, suggest_for};
 use crate::policy::Policy;
 // Output into a closed pipe ends the command by SIGPIPE instead of std's panic (exit 101).
 use crate::stdout::out as print;
@@ -164,8 +164,13 @@ pub fn suggest_outcome(
         widen_cidr: args.widen.contains(&Widen::Cidr),
         widen_globs: args.widen.contains(&Widen::Globs),
         host_names: true,
+        widen_paths: args.widen.contains(&Widen::Paths),
     };
-    let suggestion = suggest(wanted.iter().copied(), &opts);
+    let suggestion = suggest_for(
+        wanted.iter().copied(),
+        &opts,
+        existing_policy.as_ref().map(|(p, _, _)| p),
+    );
     for n in &suggestion.not_suggested {
         let _ = writeln!(err, "{origin}:{}: {}: {}", n.line, clean(&n.what), n.why);
     }
@@ -181,6 +186,10 @@ pub fn suggest_outcome(
         ),
     };
     let added = match add_entries(&mut doc, &suggestion.entries, &out_origin) {
+        Ok(a) => a,
+        Err(e) => return Outcome::fail(err, &e.to_string()),
+    };
+    let added_rules = match add_request_rules(&mut doc, &suggestion.requests, &out_origin) {
         Ok(a) => a,
         Err(e) => return Outcome::fail(err, &e.to_string()),
     };
@@ -213,7 +222,7 @@ pub fn suggest_outcome(
     }
 
     match existing_policy {
-        Some((_, _, path)) if added.is_empty() => {
+        Some((_, _, path)) if added.is_empty() && added_rules.is_empty() => {
             let _ = writeln!(
                 err,
                 "nothing to add: {} already allows every recorded action of {}",
@@ -226,13 +235,19 @@ pub fn suggest_outcome(
                 err,
                 "added to {} ({} entries):",
                 path.display(),
-                added.len()
+                added.len() + added_rules.len()
             );
             for e in &added {
                 for line in e.comment() {
                     let _ = writeln!(err, "+     # {line}");
                 }
                 let _ = writeln!(err, "+ [{}] allow {:?}", e.section.key(), e.text);
+            }
+            for r in &added_rules {
+                for line in r.comment() {
+                    let _ = writeln!(err, "+     # {line}");
+                }
+                let _ = writeln!(err, "+ [[network.{}]] {}", r.table(), r.text());
             }
         }
         None => {
@@ -245,6 +260,15 @@ pub fn suggest_outcome(
                 selected.len(),
                 args.agent
             );
+            if !added_rules.is_empty() {
+                let count = |t| added_rules.iter().filter(|r| r.table() == t).count();
+                let _ = writeln!(
+                    err,
+                    "suggested {} [[network.http]] and {} [[network.tls]] rules",
+                    count("http"),
+                    count("tls")
+                );
+            }
         }
     }
     Outcome {
@@ -310,6 +334,15 @@ pub fn test_outcome(set: &crate::policy::PolicySet, audit: &Audit) -> Outcome {
         let _ = writeln!(
             out.stderr,
             "{origin}: {n} recorded `{kind}` action(s) not replayed: this version cannot judge that kind"
+        );
+    }
+    // What a changed policy lets through that was stopped when recorded: worth a look, not a
+    // failure.
+    for (record, reason) in &r.now_allowed {
+        let _ = writeln!(
+            out.stderr,
+            "{origin}:{}: agent {} task {}: {}: recorded as denied, would now be allowed by {reason}",
+            record.line, record.agent, record.task, record.what
         );
     }
     let agents: Vec<&str> = set.iter().map(Policy::agent).collect();
@@ -521,6 +554,91 @@ mod tests {
         assert_eq!(
             out.stderr,
             "c.toml:2:8: mode \"loud\": expected \"enforce\", \"alert\" or \"ask\"\n"
+        );
+    }
+
+    #[test]
+    fn requests_become_http_rules_and_test_replays_them() {
+        use crate::action::Verdict;
+        use crate::learn::requests::tests::request_line;
+        let get = |path: &str| {
+            request_line(
+                "coder",
+                "api.example.com",
+                "api.example.com",
+                443,
+                "GET",
+                path,
+                Verdict::Allowed,
+            )
+        };
+        let mut lines = workload();
+        lines.extend((1..=3).map(|i| get(&format!("/v1/items/{i}"))));
+        let audit = read(&lines.join("\n"));
+        let mut a = args("coder");
+        a.widen = vec![Widen::Paths];
+        let out = suggest_outcome(&a, &audit, None);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stdout.contains(
+                "[[network.http]]\nhost = \"api.example.com\"\nport = 443\nmethods = [\"GET\"]\n\
+                 paths = [\"/v1/items/*\"]\n"
+            ),
+            "{}",
+            out.stdout
+        );
+        assert!(
+            out.stderr
+                .contains("suggested 1 [[network.http]] and 0 [[network.tls]] rules"),
+            "{}",
+            out.stderr
+        );
+        let set = set_of(&out.stdout);
+        let t = test_outcome(&set, &audit);
+        assert_eq!(t.code, 0, "{t:?}");
+        // A later trail with a write the suggestion does not allow.
+        let mut later = lines.clone();
+        later.push(request_line(
+            "coder",
+            "api.example.com",
+            "api.example.com",
+            443,
+            "DELETE",
+            "/v1/items/1",
+            Verdict::Alert,
+        ));
+        // And a read that was refused when recorded, which the widened rule now allows.
+        later.push(request_line(
+            "coder",
+            "api.example.com",
+            "api.example.com",
+            443,
+            "GET",
+            "/v1/items/9",
+            Verdict::Denied,
+        ));
+        let t = test_outcome(&set, &read(&later.join("\n")));
+        assert_eq!(t.code, 1, "{t:?}");
+        assert!(
+            t.stderr.contains(
+                "audit.jsonl:10: agent coder task t-42: http api.example.com:443 GET /v1/items/9: \
+                 recorded as denied, would now be allowed by rule \"http api.example.com:443 GET \
+                 /v1/items/*\""
+            ),
+            "{}",
+            t.stderr
+        );
+        assert!(
+            t.stdout.starts_with(
+                "audit.jsonl:9: agent coder task t-42: http api.example.com:443 DELETE /v1/items/1"
+            ),
+            "{}",
+            t.stdout
+        );
+        assert!(
+            t.stdout.contains("method DELETE not listed"),
+            "{}",
+            t.stdout
         );
     }
 

@@ -300,3 +300,112 @@ fn method_and_path_rules_are_judged_per_request_through_interception() {
     site.assert_reached_outside_agents(&["-d", "x"], "/allowed/x");
     drop(site);
 }
+
+/// Learning request rules on real interception: record requests under a catch-all
+/// `[[network.http]]` rule, `policy suggest --merge` them (with `--widen paths`) into the policy
+/// without it, and enforce the result: what was recorded (and the widened reads) passes, a write
+/// that was not recorded gets a 403.
+#[test]
+fn recorded_requests_become_suggested_rules_that_interception_enforces() {
+    if !require_root("recorded_requests_become_suggested_rules_that_interception_enforces") {
+        return;
+    }
+    let pki = Pki::new();
+    let server = Server::start("127.0.0.3", Some(&pki));
+    let port = server.port;
+    let up = Dnsmasq::start(&["--address=/ok.test/127.0.0.3"]);
+    let agent = unique_agent("learnhttp");
+    let (name, base) = policy(&agent, "enforce", &[], &[]);
+    let recording = format!(
+        "{base}[[network.http]]\nhost = \"ok.test\"\nport = {port}\nmethods = [\"*\"]\npaths = [\"/*\"]\n"
+    );
+    let ca_dir = tempfile::tempdir().unwrap();
+    let upstream_ca = ca(&pki);
+    let addr = up.addr.to_string();
+    let ca_dir_arg = ca_dir.path().display().to_string();
+    let args = [
+        "--dns-upstream",
+        addr.as_str(),
+        "--ca-dir",
+        ca_dir_arg.as_str(),
+        "--upstream-ca-bundle",
+        upstream_ca.as_str(),
+    ];
+    let work = tempfile::tempdir().unwrap();
+    let trail = work.path().join("recorded.jsonl");
+    {
+        let mut d = Daemon::start_with(&[(name.clone(), recording)], &args);
+        let r = agent_ops(
+            &d,
+            &agent,
+            &ops(&format!(
+                "reqs ok.test {port} GET:/items/1 GET:/items/2 POST:/items GET:/about end"
+            )),
+        );
+        let got = r[0]["got"].as_array().cloned().unwrap_or_default();
+        let statuses: Vec<u64> = got.iter().map(|g| g[0].as_u64().unwrap_or(0)).collect();
+        assert_eq!(statuses, [200, 200, 200, 200], "{r:?}\n{}", d.log());
+        d.wait_audit("the last request", |v| {
+            is(v, "action", "http") && is(v, "url_path", "/about")
+        });
+        d.stop();
+        std::fs::copy(&d.json_log, &trail).unwrap();
+    }
+
+    let base_file = work.path().join(&name);
+    std::fs::write(&base_file, &base).unwrap();
+    let out = cli(&[
+        "policy",
+        "suggest",
+        "--agent",
+        &agent,
+        "--events",
+        trail.to_str().unwrap(),
+        "--widen",
+        "paths",
+        "--merge",
+        base_file.to_str().unwrap(),
+    ]);
+    let merged = text(&out.stdout);
+    eprintln!("suggest --merge said:\n{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    for wanted in [
+        "methods = [\"GET\"]\npaths = [\"/about\", \"/items/*\"]\n",
+        "methods = [\"POST\"]\npaths = [\"/items\"]\n",
+    ] {
+        assert!(merged.contains(wanted), "lacks {wanted:?}:\n{merged}");
+    }
+    let merged_file = work.path().join("merged.toml");
+    std::fs::write(&merged_file, &merged).unwrap();
+    let replay = cli(&[
+        "policy",
+        "test",
+        merged_file.to_str().unwrap(),
+        "--events",
+        trail.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        outcome(&replay, "test")
+    );
+
+    let d = Daemon::start_with(&[(name, merged.clone())], &args);
+    let r = agent_ops(
+        &d,
+        &agent,
+        &ops(&format!(
+            "reqs ok.test {port} GET:/items/3 POST:/items POST:/items/1 DELETE:/items/1 end"
+        )),
+    );
+    let got = r[0]["got"].as_array().cloned().unwrap_or_default();
+    let statuses: Vec<u64> = got.iter().map(|g| g[0].as_u64().unwrap_or(0)).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 403, 403],
+        "{r:?}\n{merged}\n{}",
+        d.log()
+    );
+    drop(server);
+}

@@ -43,18 +43,7 @@ impl Flow {
             task: self.task,
             original: self.original,
             sni,
-            rules: self
-                .rules
-                .iter()
-                .map(|r| intercept::Rule {
-                    host: r.host().to_string(),
-                    port: r.port(),
-                    methods: r.methods().to_vec(),
-                    paths: r.paths().to_vec(),
-                    text: r.text().to_string(),
-                    line: r.line(),
-                })
-                .collect(),
+            rules: intercept::from_policy::rules_of(&self.rules),
         }
     }
 }

@@ -17,6 +17,8 @@ pub mod rules;
 #[cfg(test)]
 mod tests;
 mod upstream;
+// The policy's rules in interception's form (egress handover, `policy test`).
+pub mod from_policy;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -61,6 +61,41 @@ pub enum What {
         name: Option<String>,
         port: u16,
     },
+    /// One request that interception judged (`http` with `http_method`): judged on its own
+    /// method and path (`[[network.http]]`).
+    Request(RecordedRequest),
+}
+
+/// A request as the trail records it (`tls_sni`, `http_host`, `dest_port`, `http_method`,
+/// `url_path`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// The connection's TLS server name.
+    pub sni: Option<String>,
+    /// The `Host` (or `:authority`) the request named, as sent (it may carry a port).
+    pub host: Option<String>,
+    /// The original destination's port.
+    pub port: u16,
+    /// Upper case.
+    pub method: String,
+    /// Normalised as interception judged it (as received when it could not be normalised).
+    pub path: String,
+}
+
+impl RecordedRequest {
+    /// The name the request was judged under: the server name, else the `Host` without a port
+    /// (normalised).
+    pub fn name(&self) -> Option<String> {
+        let name = match (&self.sni, &self.host) {
+            (Some(s), _) => s.clone(),
+            (None, Some(h)) => match h.parse::<hyper::http::uri::Authority>() {
+                Ok(a) => a.host().to_string(),
+                Err(_) => h.clone(),
+            },
+            (None, None) => return None,
+        };
+        Some(crate::policy::host::normalize_name(&name))
+    }
 }
 
 impl fmt::Display for What {
@@ -85,6 +120,14 @@ impl fmt::Display for What {
                 "{} {}:{port}",
                 if *tls { "tls" } else { "http" },
                 name.as_deref().unwrap_or("(no name)")
+            ),
+            What::Request(r) => write!(
+                f,
+                "http {}:{} {} {}",
+                r.name().as_deref().unwrap_or("(no name)"),
+                r.port,
+                r.method,
+                r.path
             ),
         }
     }
@@ -265,13 +308,24 @@ pub fn parse_record(text: &str, line: usize) -> Result<Recorded, RecordError> {
                 .ok_or_else(|| RecordError::BadPort {
                     found: shown(obj.get("dest_port")),
                 })?;
-            let name = optional_string(&obj, "tls_sni")?
-                .or(optional_string(&obj, "http_host")?)
-                .filter(|n| !n.is_empty());
-            What::Egress {
-                tls: kind == "tls",
-                name,
-                port,
+            let sni = optional_string(&obj, "tls_sni")?.filter(|n| !n.is_empty());
+            let host = optional_string(&obj, "http_host")?.filter(|n| !n.is_empty());
+            if kind == "http"
+                && let Some(method) = optional_string(&obj, "http_method")?
+            {
+                What::Request(RecordedRequest {
+                    sni,
+                    host,
+                    port,
+                    method: method.to_ascii_uppercase(),
+                    path: string(&obj, "url_path")?,
+                })
+            } else {
+                What::Egress {
+                    tls: kind == "tls",
+                    name: sni.or(host),
+                    port,
+                }
             }
         }
         _ => What::Other { kind },

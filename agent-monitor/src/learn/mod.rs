@@ -5,4 +5,6 @@
 pub mod audit;
 pub mod render;
 pub mod replay;
+pub mod request_rules;
+pub mod requests;
 pub mod suggest;

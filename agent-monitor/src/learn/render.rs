@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use thiserror::Error;
-use toml_edit::{Array, DocumentMut, Item, Value};
+use toml_edit::{Array, ArrayOfTables, DocumentMut, Item, Table, Value};
 
+use crate::learn::request_rules::{RequestEntry, RequestKind};
 use crate::learn::suggest::{Entry, Section};
 use crate::policy::{Policy, PolicyError};
 
@@ -19,6 +20,10 @@ pub enum RenderError {
     NotATable { origin: String, key: &'static str },
     #[error("{origin}: `{key}.allow` is not a list; expected allow = [\"…\", …]")]
     NotAList { origin: String, key: &'static str },
+    #[error(
+        "{origin}: `network.{key}` is not an array of tables; expected [[network.{key}]] tables"
+    )]
+    NotTables { origin: String, key: &'static str },
 }
 
 /// The start of a suggested policy: the header comment, `agent`, `mode = "enforce"` with a
@@ -103,6 +108,84 @@ pub fn add_entries<'e>(
     Ok(added)
 }
 
+/// Appends `rules` as `[[network.http]]` / `[[network.tls]]` tables (an inline `network = {…}`
+/// becomes a `[network]` table to hold them), each preceded by its comment. A rule already there
+/// with the same host, port, methods and paths is not added again. Returns the rules added.
+pub fn add_request_rules<'e>(
+    doc: &mut DocumentMut,
+    rules: &'e [RequestEntry],
+    origin: &Path,
+) -> Result<Vec<&'e RequestEntry>, RenderError> {
+    let mut added = Vec::new();
+    if rules.is_empty() {
+        return Ok(added);
+    }
+    let origin_text = || origin.display().to_string();
+    let network = doc.entry("network").or_insert_with(toml_edit::table);
+    if let Some(inline) = network.as_inline_table().cloned() {
+        *network = Item::Table(inline.into_table());
+    }
+    let network = network
+        .as_table_mut()
+        .ok_or_else(|| RenderError::NotATable {
+            origin: origin_text(),
+            key: "network",
+        })?;
+    for rule in rules {
+        let key = rule.table();
+        let tables = network
+            .entry(key)
+            .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()))
+            .as_array_of_tables_mut()
+            .ok_or_else(|| RenderError::NotTables {
+                origin: origin_text(),
+                key,
+            })?;
+        if tables.iter().any(|t| same_rule(t, rule)) {
+            continue;
+        }
+        let mut table = Table::new();
+        table.insert("host", toml_edit::value(rule.host.as_str()));
+        table.insert("port", toml_edit::value(i64::from(rule.port)));
+        if let RequestKind::Http { methods, paths } = &rule.kind {
+            table.insert("methods", toml_edit::value(Array::from_iter(methods)));
+            table.insert("paths", toml_edit::value(Array::from_iter(paths)));
+        }
+        let mut prefix = String::from("\n");
+        for line in rule.comment() {
+            prefix.push_str(&format!("# {line}\n"));
+        }
+        table.decor_mut().set_prefix(prefix);
+        tables.push(table);
+        added.push(rule);
+    }
+    Ok(added)
+}
+
+/// Whether an existing table says what `rule` says.
+fn same_rule(table: &Table, rule: &RequestEntry) -> bool {
+    let strings = |key: &str| -> Vec<String> {
+        table
+            .get(key)
+            .and_then(Item::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let same_place = table.get("host").and_then(Item::as_str) == Some(rule.host.as_str())
+        && table.get("port").and_then(Item::as_integer) == Some(i64::from(rule.port));
+    same_place
+        && match &rule.kind {
+            RequestKind::Tls => true,
+            RequestKind::Http { methods, paths } => {
+                strings("methods") == *methods && strings("paths") == *paths
+            }
+        }
+}
+
 /// Checks `text` with the daemon's parser: a suggestion the daemon would refuse is a bug here.
 pub fn check(text: &str, origin: &Path) -> Result<Policy, PolicyError> {
     Policy::parse(text, origin)
@@ -139,12 +222,13 @@ mod tests {
 
     fn all_widenings() -> Vec<SuggestOptions> {
         let mut out = Vec::new();
-        for bits in 0..16u8 {
+        for bits in 0..32u8 {
             out.push(SuggestOptions {
                 widen_ports: bits & 1 != 0,
                 widen_cidr: bits & 2 != 0,
                 widen_globs: bits & 4 != 0,
                 host_names: bits & 8 != 0,
+                widen_paths: bits & 16 != 0,
             });
         }
         out

@@ -22,7 +22,11 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
             Some(match host {
                 Some(h) if !by_addr.allowed => {
                     let by_name = policy.check_resolved(h, *port);
-                    if by_name.allowed { by_name } else { by_addr }
+                    if by_name.allowed {
+                        crate::learn::requests::through_endpoint(policy, h, *port, by_name)
+                    } else {
+                        by_addr
+                    }
                 }
                 _ => by_addr,
             })
@@ -52,6 +56,7 @@ pub fn judge(policy: &Policy, what: &What) -> Option<Decision> {
                 reason: "no server name (SNI) or Host was recorded".into(),
             },
         }),
+        What::Request(r) => Some(crate::learn::requests::judge_request(policy, r)),
     }
 }
 
@@ -119,6 +124,8 @@ pub struct Replay<'a> {
     pub other_agents: BTreeMap<String, u64>,
     /// Actions of kinds this version cannot judge, per kind.
     pub unknown_kinds: BTreeMap<String, u64>,
+    /// Actions recorded as `denied` that the policy would allow, in trail order, with the rule.
+    pub now_allowed: Vec<(&'a Recorded, String)>,
 }
 
 /// Replays `actions` against the policy of each one's agent.
@@ -159,7 +166,9 @@ fn note<'a>(out: &mut Replay<'a>, policy: &Policy, r: &'a Recorded) {
         }
         Some(d) => {
             out.judged += 1;
-            if !d.allowed {
+            if d.allowed && r.verdict == "denied" {
+                out.now_allowed.push((r, d.reason));
+            } else if !d.allowed {
                 out.not_allowed.push(Finding {
                     record: r,
                     mode: policy.mode(),

@@ -8,7 +8,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::learn::audit::{Recorded, What};
-use crate::policy::{parse_exec, valid_net_entry};
+use crate::learn::request_rules::{RequestEntry, RequestKind, http_rules};
+use crate::policy::{Policy, parse_exec, valid_net_entry};
 
 /// How far a suggestion may go beyond what was recorded. All off: exactly what was recorded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,6 +23,8 @@ pub struct SuggestOptions {
     /// Write `host:port` where the trail names the host (`dest_host`) and the policy format takes
     /// host names; otherwise the address, with the names in the comment.
     pub host_names: bool,
+    /// Paths of `[[network.http]]` rules → prefixes (`learn::request_rules` says when).
+    pub widen_paths: bool,
 }
 
 /// IPv4 addresses sharing this prefix are merged by `--widen cidr`.
@@ -67,7 +70,7 @@ pub struct Provenance {
 }
 
 impl Provenance {
-    fn add(&mut self, r: &Recorded) {
+    pub(crate) fn add(&mut self, r: &Recorded) {
         self.count += 1;
         self.first = Some(self.first.map_or(r.time, |t| t.min(r.time)));
         self.last = Some(self.last.map_or(r.time, |t| t.max(r.time)));
@@ -79,7 +82,7 @@ impl Provenance {
         }
     }
 
-    fn merge(&mut self, other: &Provenance) {
+    pub(crate) fn merge(&mut self, other: &Provenance) {
         self.count += other.count;
         self.first = match (self.first, other.first) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -205,6 +208,8 @@ pub struct NotSuggested {
 pub struct Suggestion {
     /// Network entries first, each list in a stable order.
     pub entries: Vec<Entry>,
+    /// `[[network.http]]` rules, then `[[network.tls]]` rules, each by host and port.
+    pub requests: Vec<RequestEntry>,
     pub not_suggested: Vec<NotSuggested>,
 }
 
@@ -239,11 +244,25 @@ fn ports_text((lo, hi): (u16, u16)) -> String {
 type NetDraft = (Target, (u16, u16), Provenance, Vec<String>);
 
 /// Entries allowing every action of `actions` that can be allowed, and nothing else unless
-/// `opts` widens. Unknown action kinds are left to the caller to count.
+/// `opts` widens. Unknown action kinds are left to the caller to count. (The command always
+/// goes through [`suggest_for`]; this is the fresh-policy case.)
+#[cfg(test)]
 pub fn suggest<'a>(
     actions: impl IntoIterator<Item = &'a Recorded>,
     opts: &SuggestOptions,
 ) -> Suggestion {
+    suggest_for(actions, opts, None)
+}
+
+/// As [`suggest`], for adding to `existing` (its request-rule ports matter: see
+/// [`request_rules_for_names`]).
+pub fn suggest_for<'a>(
+    actions: impl IntoIterator<Item = &'a Recorded>,
+    opts: &SuggestOptions,
+    existing: Option<&Policy>,
+) -> Suggestion {
+    let mut requests = Vec::new();
+    let mut names: BTreeMap<(String, u16), Provenance> = BTreeMap::new();
     let mut net: BTreeMap<(Target, u16), Provenance> = BTreeMap::new();
     let mut exec: BTreeMap<String, Provenance> = BTreeMap::new();
     let mut unix: BTreeMap<String, Provenance> = BTreeMap::new();
@@ -312,13 +331,19 @@ pub fn suggest<'a>(
                 Ok(()) => unix.entry(path.clone()).or_default().add(r),
                 Err(why) => skip(r, why),
             },
-            What::Egress { .. } => skip(
-                r,
-                "request rules (network.tls, network.http) are not suggested yet; write them by hand"
-                    .into(),
-            ),
+            What::Request(req) => requests.push((r, req)),
+            What::Egress { name, port, .. } => match name.as_deref().map(tls_name) {
+                Some(Ok(n)) => names.entry((n, *port)).or_default().add(r),
+                Some(Err(why)) => skip(r, why),
+                None => skip(
+                    r,
+                    "no server name (SNI) or Host was recorded; no rule can allow it".into(),
+                ),
+            },
         }
     }
+    let http = http_rules(requests, opts.widen_paths, &mut skip);
+    let (net, request_entries) = request_rules_for_names(net, names, http, existing);
 
     let mut drafts: Vec<NetDraft> = net
         .into_iter()
@@ -364,8 +389,75 @@ pub fn suggest<'a>(
     }));
     Suggestion {
         entries,
+        requests: request_entries,
         not_suggested,
     }
+}
+
+/// A recorded server name as a `[[network.tls]]` host, or why it cannot be one.
+fn tls_name(name: &str) -> Result<String, String> {
+    let name = crate::policy::host::normalize_name(name);
+    match crate::policy::host::parse_host_pattern(&name) {
+        Ok(crate::policy::host::HostPattern::Exact(n)) => Ok(n),
+        _ => Err(format!("{name:?} cannot be a rule's host name")),
+    }
+}
+
+/// Connects to learned addresses on a port with request rules go through the egress endpoint,
+/// which refuses a name no request rule covers (docs/egress.md). So where the suggestion (or the
+/// policy it is added to) has request rules on a port, a host entry for that port is dropped when
+/// an HTTP rule for its name makes it redundant, and becomes a `[[network.tls]]` rule (the name
+/// passes, nothing is decrypted) otherwise. Recorded `tls`/`http` connections (`names`) become
+/// `[[network.tls]]` rules unless an HTTP rule covers their name.
+fn request_rules_for_names(
+    net: BTreeMap<(Target, u16), Provenance>,
+    mut names: BTreeMap<(String, u16), Provenance>,
+    http: Vec<RequestEntry>,
+    existing: Option<&Policy>,
+) -> (BTreeMap<(Target, u16), Provenance>, Vec<RequestEntry>) {
+    let http_keys: BTreeSet<(String, u16)> =
+        http.iter().map(|e| (e.host.clone(), e.port)).collect();
+    let covered_by_http = |host: &str, port: u16| {
+        http_keys.contains(&(host.to_string(), port))
+            || existing.is_some_and(|p| {
+                matches!(
+                    p.egress().judge_name(host, port),
+                    crate::policy::http::NameVerdict::Intercept(_)
+                )
+            })
+    };
+    let mut ports: BTreeSet<u16> = http_keys.iter().map(|(_, p)| *p).collect();
+    ports.extend(names.keys().map(|(_, p)| *p));
+    if let Some(p) = existing {
+        ports.extend(p.egress().ports());
+    }
+    let mut kept = BTreeMap::new();
+    for ((target, port), prov) in net {
+        match &target {
+            Target::Host(h) if ports.contains(&port) => {
+                if !covered_by_http(h, port) {
+                    names.entry((h.clone(), port)).or_default().merge(&prov);
+                }
+            }
+            _ => {
+                kept.insert((target, port), prov);
+            }
+        }
+    }
+    let mut entries = http;
+    entries.extend(
+        names
+            .into_iter()
+            .filter(|((h, port), _)| !covered_by_http(h, *port))
+            .map(|((host, port), provenance)| RequestEntry {
+                host,
+                port,
+                kind: RequestKind::Tls,
+                provenance,
+                widened: None,
+            }),
+    );
+    (kept, entries)
 }
 
 fn full_prefix(addr: IpAddr) -> u8 {

@@ -9,6 +9,7 @@ pub mod http;
 mod index;
 pub(crate) mod model;
 mod parse;
+pub mod request_lint;
 pub mod selectors;
 pub mod unix;
 

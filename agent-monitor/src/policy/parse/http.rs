@@ -372,4 +372,53 @@ mod tests {
         assert!(super::check_method("").is_err());
         assert!(super::check_method("G*").is_err());
     }
+
+    #[test]
+    fn wrong_types_and_missing_fields_name_file_line_column() {
+        let cases = [
+            (
+                http("a.test", "\"443\"", "[\"GET\"]", "[\"/\"]"),
+                "t.toml:4:8: invalid type: string \"443\", expected i64",
+            ),
+            (
+                http("a.test", "443", "\"GET\"", "[\"/\"]"),
+                "t.toml:5:11: invalid type: string \"GET\", expected a sequence",
+            ),
+            (
+                http("a.test", "443", "[\"GET\"]", "\"/\""),
+                "t.toml:6:9: invalid type: string \"/\", expected a sequence",
+            ),
+            (
+                http("a.test", "443", "[1]", "[\"/\"]"),
+                "t.toml:5:12: invalid type: integer `1`, expected a string",
+            ),
+            (
+                "[[network.http]]\nhost = \"a.test\"\nport = 443\nmethods = [\"GET\"]\n".into(),
+                "t.toml:2:1: missing field `paths`",
+            ),
+            (
+                "[[network.http]]\nport = 443\nmethods = [\"GET\"]\npaths = [\"/\"]\n".into(),
+                "t.toml:2:1: missing field `host`",
+            ),
+            (
+                format!(
+                    "{}verbs = [\"GET\"]\n",
+                    http("a.test", "443", "[\"GET\"]", "[\"/\"]")
+                ),
+                "t.toml:7:1: unknown field `verbs`, expected one of `host`, `port`, `methods`, `paths`",
+            ),
+            (
+                "[network]\nhttp = { host = \"a.test\" }\n".into(),
+                "t.toml:3:8: invalid type: map, expected a sequence",
+            ),
+            (
+                http("*.a.test", "443", "[\"GET\", \"\"]", "[\"/*\"]"),
+                "t.toml:5:19: network.http[0].methods[1] \"\": expected an HTTP method",
+            ),
+        ];
+        for (body, want) in cases {
+            let msg = parse_err(&body);
+            assert!(msg.contains(want), "{body}\n→ {msg}\nwanted {want:?}");
+        }
+    }
 }
