@@ -45,20 +45,6 @@ impl HttpRule {
         self.line
     }
 
-    /// Whether `method` (any case) is one of the rule's methods.
-    pub fn allows_method(&self, method: &str) -> bool {
-        self.methods
-            .iter()
-            .any(|m| m == "*" || m.eq_ignore_ascii_case(method))
-    }
-
-    /// Whether an already normalised `path` (no query) is one of the rule's paths.
-    pub fn allows_path(&self, path: &str) -> bool {
-        self.paths.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => path.starts_with(prefix),
-            None => path == p,
-        })
-    }
 }
 
 /// One `[[network.tls]]` entry: connections to `host:port` whose server name (TLS SNI, or the
@@ -245,25 +231,6 @@ port = 443
         ));
         assert_eq!(e.judge_name("pypi.org", 443), NameVerdict::NoRule);
         assert_eq!(e.judge_name("files.pypi.org", 8443), NameVerdict::NoRule);
-    }
-
-    #[test]
-    fn methods_and_paths_match() {
-        let p = policy(RULES);
-        let r = &p.egress().http()[0];
-        assert!(r.allows_method("get"));
-        assert!(r.allows_method("HEAD"));
-        assert!(!r.allows_method("POST"));
-        assert!(r.allows_path("/repos/acme/x/issues"));
-        assert!(r.allows_path("/user"));
-        assert!(!r.allows_path("/user/keys"));
-        assert!(!r.allows_path("/repos/other"));
-        let any = policy(
-            "[[network.http]]\nhost = \"a.test\"\nport = 80\nmethods = [\"*\"]\npaths = [\"/*\"]\n",
-        );
-        let r = &any.egress().http()[0];
-        assert!(r.allows_method("DELETE"));
-        assert!(r.allows_path("/"));
     }
 
     #[test]
