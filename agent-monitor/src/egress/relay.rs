@@ -130,7 +130,8 @@ async fn one_way(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<u6
         }
         let mut left = filled;
         while left > 0 {
-            // The pipe holds bytes: a would-block is `to`'s send buffer being full.
+            // The pipe holds bytes: a would-block is `to`'s send buffer being full. A peer that
+            // has gone gives EPIPE (the kernel's SIGPIPE is ignored by Rust's runtime).
             let sent = to
                 .async_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_fd(), None, to.as_fd(), None, left, flags)
