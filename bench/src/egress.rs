@@ -45,8 +45,9 @@ pub fn client_hello(name: &str) -> Vec<u8> {
     rec
 }
 
-/// The server: reads the ClientHello record, then `E` + 64 bytes (echoed) or `D` + a u64 length
-/// (that many bytes sent). One thread per connection.
+/// The server: reads the ClientHello record, then `E` + 64 bytes (echoed), `D` + a u64 length
+/// (that many bytes sent) or `H` (one byte back, then held until the client closes). One thread
+/// per connection.
 pub fn serve(listener: TcpListener) {
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
@@ -65,7 +66,12 @@ fn answer(mut s: TcpStream) -> std::io::Result<()> {
     s.read_exact(&mut hello)?;
     let mut cmd = [0u8; 1];
     s.read_exact(&mut cmd)?;
-    if cmd[0] == b'E' {
+    if cmd[0] == b'H' {
+        // Held open (`intercept_bench::hold`): one byte says the connection is through, then
+        // wait for the client to close it.
+        s.write_all(b"h")?;
+        let _ = s.read(&mut cmd)?;
+    } else if cmd[0] == b'E' {
         let mut req = [0u8; REQUEST];
         s.read_exact(&mut req)?;
         s.write_all(&req)?;

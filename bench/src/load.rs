@@ -115,6 +115,30 @@ pub enum Load {
         #[arg(long)]
         port: u16,
     },
+    /// N small HTTPS requests (`GET /small`) on one kept-alive connection (`intercept_bench.rs`).
+    /// As an agent with an HTTP rule for NAME, intercepted by the daemon.
+    HttpsRequests {
+        #[arg(long)]
+        n: usize,
+        #[command(flatten)]
+        to: crate::intercept_bench::Target,
+    },
+    /// One HTTPS download of MIB MiB (`GET /big?BYTES`), as `https-requests`.
+    HttpsDownload {
+        #[arg(long)]
+        mib: u64,
+        #[command(flatten)]
+        to: crate::intercept_bench::Target,
+    },
+    /// Opens N connections and holds them until stdin closes (prints `ready N`): HTTPS with one
+    /// request each when CA is given, else a ClientHello answered by the raw server
+    /// (`egress.rs`).
+    EgressHold {
+        #[arg(long)]
+        n: usize,
+        #[command(flatten)]
+        to: crate::intercept_bench::Target,
+    },
 }
 
 /// What a timed loop (connect, exec) reports.
@@ -199,6 +223,13 @@ pub fn run(load: Load) -> anyhow::Result<()> {
         Load::EgressDownload { mib, name, port } => {
             serde_json::to_string(&crate::egress::download(mib, &name, port)?)?
         }
+        Load::HttpsRequests { n, to } => {
+            serde_json::to_string(&crate::intercept_bench::requests(n, &to)?)?
+        }
+        Load::HttpsDownload { mib, to } => {
+            serde_json::to_string(&crate::intercept_bench::download(mib, &to)?)?
+        }
+        Load::EgressHold { n, to } => return crate::intercept_bench::hold(n, &to),
     };
     println!("{out}");
     Ok(())

@@ -4,6 +4,7 @@ mod ask;
 mod chart;
 mod egress;
 mod files;
+mod intercept_bench;
 mod load;
 mod machine;
 mod policy_size;
@@ -45,7 +46,7 @@ enum Cmd {
         #[arg(long)]
         criterion: Option<PathBuf>,
         /// Measure only these phases (overhead, capacity, startup, policy_size, memory, dns, files,
-        /// ask, unix); the
+        /// ask, unix, egress, intercept); the
         /// report is then partial. For development.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,

@@ -188,6 +188,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             .is_some_and(|m| m.peak_rss_kib <= 64 * 1024 && m.tracked >= 10_000),
     });
     t.extend(policy_size_targets(r));
+    t.extend(crate::intercept_bench::targets(r));
     t
 }
 

@@ -180,6 +180,10 @@ pub struct Results {
     /// endpoint (a server-name rule).
     #[serde(default)]
     pub egress: Option<EgressCost>,
+    /// Interception (HTTPS judged per request) against direct TLS, memory per connection through
+    /// the endpoint, connects of an agent with request rules to destinations without them.
+    #[serde(default)]
+    pub intercept: Option<crate::intercept_bench::InterceptCost>,
 }
 
 /// Per repetition (interleaved): the same loads outside agents (direct) and as an agent with a
@@ -192,6 +196,10 @@ pub struct EgressCost {
     pub through: Vec<OpStats>,
     pub direct_download: Vec<crate::egress::Download>,
     pub through_download: Vec<crate::egress::Download>,
+    /// The daemon's CPU time (user + system, s) during each download through the endpoint: what
+    /// passing the bytes costs it, whatever else the machine runs.
+    #[serde(default)]
+    pub through_daemon_cpu_s: Vec<f64>,
 }
 
 /// Per repetition (interleaved): the same query loop to the upstream directly (outside any agent)
@@ -327,6 +335,11 @@ pub fn run(
     } else {
         None
     };
+    let intercept = if phase("intercept") {
+        Some(crate::intercept_bench::measure(&env, dir)?)
+    } else {
+        None
+    };
     let criterion = criterion_dir
         .map(read_criterion)
         .transpose()?
@@ -349,6 +362,7 @@ pub fn run(
         ask,
         unix,
         egress,
+        intercept,
     })
 }
 
@@ -426,12 +440,14 @@ fn egress(env: &Env, dir: &Path) -> anyhow::Result<EgressCost> {
         out.through.push(through);
         out.direct_download
             .push(load(env, None, &with_name(&large, "127.0.0.3"))?);
+        let cpu = cpu_secs(d.pid())?;
         out.through_download.push(load_as(
             env,
             EGRESS_AGENT,
             (&d, &format!("egress-dl-{rep}")),
             &large,
         )?);
+        out.through_daemon_cpu_s.push(cpu_secs(d.pid())? - cpu);
     }
     Ok(out)
 }
@@ -704,7 +720,7 @@ fn dns(env: &Env, dir: &Path) -> anyhow::Result<DnsLatency> {
 }
 
 /// (utime + stime) of `pid` in seconds.
-fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the parenthesised comm; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
@@ -804,17 +820,8 @@ fn capacity(env: &Env) -> anyhow::Result<Vec<CapacityStep>> {
 /// placed first (placement needs the daemon), then the daemon stops, the load runs, and the
 /// daemon continues.
 fn stalled_load(env: &Env, d: &Daemon, task: &str, args: &[String]) -> anyhow::Result<RateStats> {
-    let mut child = Command::new(&env.bin)
-        .args(["run", "--agent", AGENT, "--task", task, "--control-socket"])
-        .arg(&d.socket)
-        .arg("--")
-        .arg(&env.bench)
-        .arg("load")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the rate generator")?;
+    let mut child =
+        spawn_load_as(env, AGENT, task, d, args).context("starting the rate generator")?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
@@ -838,6 +845,27 @@ fn stalled_load(env: &Env, d: &Daemon, task: &str, args: &[String]) -> anyhow::R
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let _ = child.wait();
     result.with_context(|| format!("rate generator with the daemon stopped printed {line:?}"))
+}
+
+/// Starts the bench binary's `load ARGS` as `agent` in `task` of daemon `d`, with its stdin and
+/// stdout piped (generators that print `ready` and wait for the orchestrator).
+pub(crate) fn spawn_load_as(
+    env: &Env,
+    agent: &str,
+    task: &str,
+    d: &Daemon,
+    args: &[String],
+) -> std::io::Result<std::process::Child> {
+    Command::new(&env.bin)
+        .args(["run", "--agent", agent, "--task", task, "--control-socket"])
+        .arg(&d.socket)
+        .arg("--")
+        .arg(&env.bench)
+        .arg("load")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
 }
 
 fn startup(env: &Env) -> anyhow::Result<Vec<f64>> {

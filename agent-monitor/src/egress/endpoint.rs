@@ -11,15 +11,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::handover::{Flow, handover};
 use super::hello::{MAX_PEEK, Opening, classify};
 use super::judge::{Decision, judge};
+use super::relay::relay;
 use super::{EgressInput, FlowInfo, FlowQuery, FlowReport};
 use crate::action::{Destination, EgressConnection, Verdict};
 use crate::intercept::Interceptor;
 
 /// How long a client may take to send its ClientHello or request head.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(10);
-/// Buffer per direction of a spliced connection: tokio's default (8 KiB) costs a wake-up and two
-/// system calls per 8 KiB of a download.
-const SPLICE_BUF: usize = 64 * 1024;
 /// Pause between two peeks that found no new bytes (a peek returns at once while any byte waits).
 const PEEK_PAUSE: Duration = Duration::from_millis(2);
 
@@ -228,18 +226,11 @@ async fn splice(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        SPLICE_BUF,
-        SPLICE_BUF,
-    )
-    .await
-    {
-        Ok((out, inn)) => {
-            connection.bytes_out = out;
-            connection.bytes_in = inn;
+    match relay(&mut client, &mut upstream).await {
+        (_, Ok(moved)) => {
+            connection.bytes_out = moved.out;
+            connection.bytes_in = moved.inn;
         }
-        Err(e) => reason.push_str(&format!("; the connection broke: {e}")),
+        (_, Err(e)) => reason.push_str(&format!("; the connection broke: {e}")),
     }
 }

@@ -12,6 +12,7 @@ mod endpoint;
 pub mod handover;
 pub mod hello;
 pub mod judge;
+mod relay;
 
 use std::net::SocketAddr;
 

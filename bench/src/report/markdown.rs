@@ -484,6 +484,7 @@ pub fn markdown(r: &Results, command: &str) -> String {
     ask_section(&mut o, r.ask.as_ref());
     crate::unix_bench::section(&mut o, r.unix.as_ref());
     egress_section(&mut o, r.egress.as_ref());
+    crate::intercept_bench::section(&mut o, r.intercept.as_ref());
 
     let _ = writeln!(o, "## In-process paths (criterion)\n");
     if r.criterion.is_empty() {
@@ -597,4 +598,12 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         us(med(&e.through, |x| x.p99_ns)),
         rate(&e.through_download)
     );
+    if !e.through_daemon_cpu_s.is_empty() {
+        let _ = writeln!(
+            o,
+            "The daemon's CPU time (user + system) per GiB passed through the endpoint: **{:.2} s** \
+             (median over the downloads).\n",
+            median_f(&e.through_daemon_cpu_s) * 1024.0 / e.mib as f64
+        );
+    }
 }

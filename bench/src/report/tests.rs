@@ -29,6 +29,7 @@ fn results(overhead: Vec<(Setup, Vec<u64>, Vec<u64>)>, capacity: Vec<CapacitySte
         dns: None,
         unix: None,
         egress: None,
+        intercept: None,
         policy_size: vec![],
         files: None,
         ask: None,
