@@ -501,3 +501,51 @@ fn daemon_gone_refuses_held_calls() {
         text(&out.stderr)
     );
 }
+
+/// `run` judges calls on the agent's own list itself, with the copy the daemon sends on the ask
+/// channel; a reload that removes a rule reaches that copy, so the next such call is asked
+/// again (not let through to the kernel's refusal).
+#[test]
+fn a_reload_reaches_runs_copy_of_the_allowlist() {
+    if !require_root("a_reload_reaches_runs_copy_of_the_allowlist") {
+        return;
+    }
+    let agent = unique_agent("ask-reload");
+    let server = CountingListener::bind("127.0.0.1:0");
+    let allowed = format!("127.0.0.1:{}", server.port);
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let go_c = std::ffi::CString::new(go.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) of a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(go_c.as_ptr(), 0o600) }, 0);
+    let (name, on_list) = ask_policy(&agent, &[&allowed], &[PYTHON, SH]);
+    let d = Daemon::start(&[(name.clone(), on_list)]);
+    let connect = py_connect("127.0.0.1", server.port);
+    let cmd = format!(
+        "{PYTHON} -c \"$0\"; read x < {}; {PYTHON} -c \"$0\"",
+        go.display()
+    );
+    let mut child = d.spawn_run(&agent, "t1", &[], &[SH, "-c", &cmd, &connect]);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected", "on the list: not held");
+    assert!(pending(&d).iter().all(|r| r["agent"] != agent.as_str()));
+    // The rule goes.
+    let (_, off_list) = ask_policy(&agent, &[], &[PYTHON, SH]);
+    d.write_policy(&name, &off_list);
+    let out = d.reload();
+    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    std::fs::write(&go, "go\n").unwrap();
+    let id = wait_pending(
+        &d,
+        &agent,
+        "for the connect the reload took off the list",
+        |a| is_connect(a, "tcp", server.port),
+    );
+    approve_once(&d, id);
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).unwrap();
+    let out = finish(child);
+    assert_eq!(rest.trim(), "connected", "{}", text(&out.stderr));
+}

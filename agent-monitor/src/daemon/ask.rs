@@ -11,8 +11,8 @@ use super::ask_desk::exec_grants::{ExecGrants, HeldFileError, SeenExec, held_fil
 use super::ask_desk::{AskDesk, DeskError, Ended, Hold, NameApprovals, NewRequest, OnceEntries};
 use super::*;
 use crate::control::{
-    AskAnswer, AskCall, ChainProcess, Decision, HeldAction, Outcome, PendingEvent, PendingRequest,
-    Scope,
+    AskAllowlist, AskAnswer, AskCall, ChainProcess, Decision, HeldAction, Outcome, PendingEvent,
+    PendingRequest, Scope,
 };
 use crate::policy::KernelTables;
 
@@ -33,6 +33,9 @@ pub(super) struct OnceEntry {
     /// For a connect: the address (as the kernel tables key it) and port.
     connect: Option<(std::net::Ipv6Addr, u16)>,
 }
+
+/// The own allowlist of each agent in ask mode, by agent.
+pub(super) type AskAllowlists = std::collections::BTreeMap<String, AskAllowlist>;
 
 /// Who waits for a decision.
 pub(super) enum Waiter {
@@ -90,6 +93,9 @@ pub(super) struct AskState {
     pub(super) exec_grants: ExecGrants,
     /// `pending --follow` subscribers: one JSON `PendingEvent` per line.
     pub(super) followers: broadcast::Sender<String>,
+    /// Each ask-mode agent's own allowlist, for the ask channels (`run` judges calls on it
+    /// without asking); replaced when the policy in force changes.
+    pub(super) allowlists: tokio::sync::watch::Sender<Arc<AskAllowlists>>,
     approver: Option<(hyper::Uri, Duration)>,
     pub(super) to_monitor: mpsc::Sender<AskIn>,
     /// The receiving end of `to_monitor`, until the event loop takes it.
@@ -112,6 +118,7 @@ impl AskState {
             once: OnceEntries::default(),
             exec_grants: ExecGrants::default(),
             followers: broadcast::channel(4096).0,
+            allowlists: tokio::sync::watch::channel(Arc::default()).0,
             approver: approver.map(|u| (u, approver_timeout.min(timeout))),
             to_monitor,
             counters: AskCounters::default(),
@@ -205,9 +212,37 @@ impl Monitor {
             );
         }
         match self.generations.live().get(agent).map(|p| p.mode()) {
-            Some(crate::policy::model::Mode::Ask) => Ok(()),
+            Some(crate::policy::model::Mode::Ask) => {
+                self.publish_ask_allowlists();
+                Ok(())
+            }
             _ => bail!("agent {agent} is not in ask mode"),
         }
+    }
+
+    /// Puts the own allowlist of every ask-mode agent in force where the ask channels read it
+    /// (at a channel's opening and after every reload). The channels send a changed one on.
+    pub(super) fn publish_ask_allowlists(&self) {
+        let lists: AskAllowlists = self
+            .generations
+            .live()
+            .iter()
+            .filter(|p| p.mode() == crate::policy::model::Mode::Ask)
+            .map(|p| {
+                let list = AskAllowlist {
+                    connect: p.network().iter().map(|r| r.text().to_string()).collect(),
+                    exec: p.exec().iter().map(|r| r.text().to_string()).collect(),
+                };
+                (p.agent().to_string(), list)
+            })
+            .collect();
+        self.ask.allowlists.send_if_modified(|old| {
+            let changed = **old != lists;
+            if changed {
+                *old = Arc::new(lists);
+            }
+            changed
+        });
     }
 
     /// A query of an ask-mode agent for a name off its list.
