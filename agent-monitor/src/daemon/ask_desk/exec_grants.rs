@@ -74,30 +74,47 @@ pub(crate) enum HeldFileError {
         now_device: u64,
         now_inode: u64,
     },
+    #[error("{0} is not a regular file now")]
+    NotRegular(String),
     #[error("the held exec names no file (device and inode); only --always can approve it")]
     NoFile,
     #[error("{0} is not a path an exec grant can name exactly")]
     NotExact(String),
 }
 
-/// Opens `path` and checks that it is the file `run` held (`device`, `inode`); a file swapped in
-/// while the call waited is refused. Whether it is a script is read from the same open file, so
-/// what is checked is what is read.
+/// Checks that `path` is the file `run` held (`device`, `inode`); a file swapped in while the
+/// call waited is refused. Whether it is a script is read from an open file checked again, so
+/// what is checked is what is read. Nothing but the held (regular) file is opened, and that
+/// without blocking: a FIFO or a device the agent put at the path cannot stall the daemon.
 pub(crate) fn held_file(path: &str, device: u64, inode: u64) -> Result<HeldFile, HeldFileError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let unreadable = |source| HeldFileError::Unreadable {
         path: path.to_string(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let changed = |meta: &std::fs::Metadata| HeldFileError::Changed {
+        path: path.to_string(),
+        device,
+        inode,
+        now_device: meta.dev(),
+        now_inode: meta.ino(),
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
+    if (meta.dev(), meta.ino()) != (device, inode) {
+        return Err(changed(&meta));
+    }
+    // `run` holds execs of regular files only; an inode number the file system reused is not it.
+    if !meta.is_file() {
+        return Err(HeldFileError::NotRegular(path.to_string()));
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(unreadable)?;
     let meta = file.metadata().map_err(unreadable)?;
     if (meta.dev(), meta.ino()) != (device, inode) {
-        return Err(HeldFileError::Changed {
-            path: path.to_string(),
-            device,
-            inode,
-            now_device: meta.dev(),
-            now_inode: meta.ino(),
-        });
+        return Err(changed(&meta));
     }
     let mut magic = [0u8; 2];
     let script = file.read_exact(&mut magic).is_ok() && magic == *b"#!";

@@ -83,6 +83,17 @@ fn a_held_file_is_approved_only_while_it_is_the_same_file() {
         held_file(text, now.dev(), now.ino()),
         Err(HeldFileError::Unreadable { .. })
     ));
+    // A FIFO at the path (even one whose inode number matches) is refused at once, never
+    // opened: opening it would wait for a writer.
+    let fifo = std::ffi::CString::new(text).unwrap();
+    // SAFETY: mkfifo(3) of a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let f = std::fs::metadata(&path).unwrap();
+    assert!(matches!(
+        held_file(text, f.dev(), f.ino()),
+        Err(HeldFileError::NotRegular(_))
+    ));
+    std::fs::remove_file(&path).unwrap();
     // An empty file is not a script.
     std::fs::write(&path, b"").unwrap();
     let empty = std::fs::metadata(&path).unwrap();
