@@ -673,3 +673,34 @@ const _: () = assert!(core::mem::size_of::<DnsProxy>() == 8);
 const _: () = assert!(core::mem::size_of::<DnsOrig>() == 20);
 const _: () = assert!(core::mem::size_of::<Learned>() == 8 + 4 + 4 * MAX_PORT_RANGES + 4);
 const _: () = assert!(core::mem::size_of::<EgressFlow>() == 32);
+
+/// Value of `TASK_EXEC_FILE_GRANTS` (key: `ExecFileKey` whose `agent` field holds the task
+/// number): the task may exec this file (device, inode) until `expiry`. An ask-mode approval of
+/// an exec writes it, so a file swapped in at the same path afterwards is not covered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileGrant {
+    pub expiry: Expiry,
+    /// `FILE_GRANT_ONCE`: the exec it allows removes it (the kernel's delete succeeds for one
+    /// exec only, so two execs racing for it cannot both pass).
+    pub uses: u32,
+    pub _pad: u32,
+}
+
+/// `FileGrant::uses`: valid until its expiry.
+pub const FILE_GRANT_UNTIL_EXPIRY: u32 = 0;
+/// `FileGrant::uses`: valid for one exec.
+pub const FILE_GRANT_ONCE: u32 = 1;
+
+/// Set in `ExecKey::agent` (above the task number) of a task exec grant that allows a script's
+/// own name only, never a program's: an ask-mode approval of a script. The kernel no longer holds
+/// the script's file when it judges the exec (`sched_process_exec` sees the interpreter's), so a
+/// script is judged by name; this bit keeps a binary swapped in at that name from passing as the
+/// program.
+pub const SCRIPT_NAME_GRANT: u32 = 1 << 31;
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, no padding.
+unsafe impl aya::Pod for FileGrant {}
+
+const _: () = assert!(core::mem::size_of::<FileGrant>() == 16);

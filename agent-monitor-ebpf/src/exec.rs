@@ -19,18 +19,18 @@ use agent_monitor_common::{
     COUNTER_PATH_TRUNCATED, COUNTER_PATH_UNREADABLE, COUNTER_SELECTOR_CONFLICTS, EXEC_BASIS_FILE,
     EXEC_BASIS_INTERPRETER, EXEC_BASIS_NAME, EXEC_BASIS_NO_MATCH, EXEC_BASIS_SCRIPT,
     EXEC_BASIS_UNREADABLE, EXEC_BASIS_USER_NS, EXEC_KEY_AGENT_BITS, EXEC_PATH_LEN, ExecFileKey,
-    ExecPayload, FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL, FLAG_PATH_TRUNCATED,
-    FLAG_PATH_UNREADABLE, FLAG_RETAGGED, FLAG_USER_NS, KernelOffsets, MODE_ENFORCE, NO_ALLOWLIST,
-    RECORD_PATH_LEN, RecordKind, SELECT_EXECUTABLES, SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID,
-    TASK_NONE, TaggedPayload, VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE,
-    exec_path_is_normal, mode_refuses, source_rank,
+    ExecPayload, FILE_GRANT_ONCE, FLAG_GRANTED, FLAG_KILLED, FLAG_PATH_NOT_NORMAL,
+    FLAG_PATH_TRUNCATED, FLAG_PATH_UNREADABLE, FLAG_RETAGGED, FLAG_USER_NS, KernelOffsets,
+    MODE_ENFORCE, NO_ALLOWLIST, RECORD_PATH_LEN, RecordKind, SCRIPT_NAME_GRANT, SELECT_EXECUTABLES,
+    SELECT_TAGS, SOURCE_EXECUTABLE, SOURCE_UID, TASK_NONE, TaggedPayload, VERDICT_ALERT,
+    VERDICT_ALLOWED, VERDICT_DENIED, VERDICT_NONE, exec_path_is_normal, mode_refuses, source_rank,
 };
 use aya_ebpf::{helpers::bpf_probe_read_kernel, programs::RawTracePointContext};
 
 use crate::identity::{config, current_identity, tag};
 use crate::maps::{
     AGENT_TABLES, EXEC_ALLOW, EXEC_FILES, EXEC_KEY_SCRATCH, EXEC_SELECTORS, PROCESS_AGENTS,
-    TASK_EXEC_GRANTS, count, must_refuse, start_record, submit,
+    TASK_EXEC_FILE_GRANTS, TASK_EXEC_GRANTS, count, must_refuse, start_record, submit,
 };
 
 /// Member offsets of this kernel's structures, read by the daemon from /sys/kernel/btf/vmlinux and
@@ -99,10 +99,11 @@ enum NameMatch {
     Grant,
 }
 
-/// Whether `name` matches one of the agent's rules by name, or else a live grant of its task. The
-/// name is read and checked once for both. Sets the flags that explain a refusal.
+/// Whether `name` matches one of the agent's rules by name, or else a live grant of its task
+/// (`script`: the name of a script, which a script-only grant, `SCRIPT_NAME_GRANT`, allows too).
+/// The name is read and checked once for all. Sets the flags that explain a refusal.
 #[inline(always)]
-fn name_match(slot: &AgentSlot, name: *const u8, flags: &mut u32) -> NameMatch {
+fn name_match(slot: &AgentSlot, name: *const u8, script: bool, flags: &mut u32) -> NameMatch {
     let Some(key) = EXEC_KEY_SCRATCH.get_ptr_mut(0) else {
         return NameMatch::No;
     };
@@ -140,7 +141,12 @@ fn name_match(slot: &AgentSlot, name: *const u8, flags: &mut u32) -> NameMatch {
             return NameMatch::No;
         }
         (*key).data.agent = slot.task;
-        match TASK_EXEC_GRANTS.get(&*key) {
+        let mut grant = TASK_EXEC_GRANTS.get(&*key).copied();
+        if grant.is_none() && script {
+            (*key).data.agent = slot.task | SCRIPT_NAME_GRANT;
+            grant = TASK_EXEC_GRANTS.get(&*key).copied();
+        }
+        match grant {
             Some(expiry) => {
                 let now = aya_ebpf::helpers::generated::bpf_ktime_get_ns();
                 if expiry.is_live(now) {
@@ -153,6 +159,35 @@ fn name_match(slot: &AgentSlot, name: *const u8, flags: &mut u32) -> NameMatch {
             None => NameMatch::No,
         }
     }
+}
+
+/// Whether a live grant of `slot`'s task names the file that runs (device, inode). A grant for
+/// one exec is removed here; of two execs racing for it only one removes it, and only that one
+/// is allowed. Looked up only where the task's name grants are, after everything else refused.
+#[inline(always)]
+fn file_grant(slot: &AgentSlot, f: &Facts) -> bool {
+    if slot.task == TASK_NONE {
+        return false;
+    }
+    let key = ExecFileKey {
+        agent: slot.task,
+        dev: f.dev,
+        ino: f.ino,
+    };
+    // SAFETY: copied out at once.
+    let Some(grant) = (unsafe { TASK_EXEC_FILE_GRANTS.get(&key) }).copied() else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
+    if !grant.expiry.is_live(now) {
+        count(COUNTER_GRANTS_EXPIRED);
+        return false;
+    }
+    if grant.uses == FILE_GRANT_ONCE {
+        return TASK_EXEC_FILE_GRANTS.remove(&key).is_ok();
+    }
+    true
 }
 
 /// raw tracepoint sched_process_exec(task, old_pid, bprm): after a successful exec, in the new
@@ -302,6 +337,9 @@ fn judge(
                 flags |= FLAG_USER_NS;
                 if file_ok && !script {
                     (true, EXEC_BASIS_FILE)
+                } else if !script && file_grant(slot, f) {
+                    flags |= FLAG_GRANTED;
+                    (true, EXEC_BASIS_FILE)
                 } else {
                     (false, EXEC_BASIS_USER_NS)
                 }
@@ -310,11 +348,15 @@ fn judge(
                 let program = if file_ok {
                     NameMatch::Policy
                 } else {
-                    name_match(slot, f.interp, &mut flags)
+                    match name_match(slot, f.interp, false, &mut flags) {
+                        // Last: a grant of this very file (an ask-mode approval).
+                        NameMatch::No if file_grant(slot, f) => NameMatch::Grant,
+                        m => m,
+                    }
                 };
                 // A script also needs its own name allowed.
                 let script_name = if program != NameMatch::No && script {
-                    name_match(slot, f.filename, &mut flags)
+                    name_match(slot, f.filename, true, &mut flags)
                 } else {
                     NameMatch::Policy
                 };

@@ -277,3 +277,10 @@ pub static EGRESS_PORTS: HashMap<u32, agent_monitor_common::NetAllow> =
 #[map]
 pub static EGRESS_FLOWS: LruHashMap<u32, agent_monitor_common::EgressFlow> =
     LruHashMap::with_max_entries(agent_monitor_common::MAX_EGRESS_FLOWS, 0);
+
+/// Per-task exec grants by file: (task number in `ExecFileKey::agent`, device, inode) → until
+/// when, and whether one exec uses it up. Written by the daemon for an ask-mode approval of an
+/// exec, so the kernel allows the file that was approved, not whatever later bears its name.
+#[map]
+pub static TASK_EXEC_FILE_GRANTS: HashMap<ExecFileKey, agent_monitor_common::FileGrant> =
+    HashMap::with_max_entries(MAX_GRANT_ENTRIES, 0);

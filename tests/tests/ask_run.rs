@@ -261,6 +261,106 @@ fn exec_file_swapped_while_held_is_refused_by_the_kernel() {
     );
 }
 
+/// `sh -c 'echo $$ > CGROUP/cgroup.procs && exec TOOL'`: a process that joins the task's cgroup
+/// without `run` (so without its seccomp filter: nothing holds or asks, the kernel alone judges
+/// its exec with the task's grants) and execs TOOL. Its exit status.
+fn exec_in_task_cgroup_without_run(
+    cgroup: &std::path::Path,
+    tool: &str,
+) -> std::process::ExitStatus {
+    let script = format!("echo $$ > {}/cgroup.procs && exec {tool}", cgroup.display());
+    std::process::Command::new(SH)
+        .args(["-c", &script])
+        .status()
+        .unwrap()
+}
+
+#[test]
+fn exec_file_swapped_after_a_task_approval_is_refused_by_the_kernel() {
+    if !require_root("exec_file_swapped_after_a_task_approval_is_refused_by_the_kernel") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::process::ExitStatusExt as _;
+    let agent = unique_agent("ask-swap-after");
+    let dir = tempfile::tempdir().unwrap();
+    let tool = dir.path().join("off-list-tool");
+    std::fs::copy("/bin/true", &tool).unwrap();
+    let tool_s = tool.display().to_string();
+    // Control: TOOL runs outside agents.
+    assert!(
+        std::process::Command::new(&tool)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let go = dir.path().join("go");
+    let go_c = std::ffi::CString::new(go.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) of a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(go_c.as_ptr(), 0o600) }, 0);
+    let d = Daemon::start(&[ask_policy(&agent, &[], &[SH])]);
+    // The agent runs TOOL, waits for the test, runs TOOL again.
+    let cmd = format!(
+        "{tool_s}; echo rc=$?; read x < {}; {tool_s}; echo rc2=$?",
+        go.display()
+    );
+    let mut child = d.spawn_run(&agent, "t1", &[], &[SH, "-c", &cmd]);
+    let id = wait_pending(&d, &agent, "for the exec", |a| is_exec(a, &tool_s));
+    let out = d.cli(&["approve", &id.to_string(), "--task"]);
+    assert!(
+        out.status.success(),
+        "approve --task: {}",
+        text(&out.stderr)
+    );
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "rc=0", "the approved exec did not run");
+    let status = d.status().to_string();
+    assert!(
+        status.contains("approved by ask request"),
+        "status lists the approval among the task's grants: {status}"
+    );
+
+    // The approval is a kernel grant of the task for that file: a process of the task that
+    // `run` does not hold runs it, judged by the kernel alone (TOOL is not on the list).
+    let cgroup = cgroup2_root().join(format!("agent-monitor/{agent}/t1"));
+    let ran = exec_in_task_cgroup_without_run(&cgroup, &tool_s);
+    assert!(
+        ran.success(),
+        "the approved file under the task grant: {ran:?}"
+    );
+
+    // Another file takes TOOL's path after the approval and the release.
+    let held_inode = std::fs::metadata(&tool).unwrap().ino();
+    let other = dir.path().join("other");
+    std::fs::copy("/bin/true", &other).unwrap();
+    std::fs::rename(&other, &tool).unwrap();
+    let new_inode = std::fs::metadata(&tool).unwrap().ino();
+    assert_ne!(held_inode, new_inode);
+    // The kernel refuses it: the grant names the approved file, not the path (killed before its
+    // first instruction, as an off-list exec of an ask-mode agent is).
+    let refused = exec_in_task_cgroup_without_run(&cgroup, &tool_s);
+    assert_eq!(
+        refused.signal(),
+        Some(libc::SIGKILL),
+        "the swapped file under the task grant: {refused:?}\n{}",
+        d.log()
+    );
+    // And `run` asks again for the new file instead of letting it through.
+    std::fs::write(&go, "go\n").unwrap();
+    let again = wait_pending(&d, &agent, "for the swapped file", |a| {
+        is_exec(a, &tool_s) && a["inode"] == new_inode
+    });
+    assert_ne!(again, id);
+    let out = d.cli(&["deny", &again.to_string()]);
+    assert!(out.status.success(), "deny: {}", text(&out.stderr));
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).unwrap();
+    let out = finish(child);
+    assert_eq!(rest.trim(), "rc2=126", "{}", text(&out.stderr));
+}
+
 /// A C agent whose second thread changes the connect's address while the connect is held:
 /// the approval was for the first address; the kernel sees the second and refuses it.
 const SWAP_ADDRESS: &str = r#"
@@ -400,4 +500,52 @@ fn daemon_gone_refuses_held_calls() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `run` judges calls on the agent's own list itself, with the copy the daemon sends on the ask
+/// channel; a reload that removes a rule reaches that copy, so the next such call is asked
+/// again (not let through to the kernel's refusal).
+#[test]
+fn a_reload_reaches_runs_copy_of_the_allowlist() {
+    if !require_root("a_reload_reaches_runs_copy_of_the_allowlist") {
+        return;
+    }
+    let agent = unique_agent("ask-reload");
+    let server = CountingListener::bind("127.0.0.1:0");
+    let allowed = format!("127.0.0.1:{}", server.port);
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let go_c = std::ffi::CString::new(go.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) of a path in our own temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(go_c.as_ptr(), 0o600) }, 0);
+    let (name, on_list) = ask_policy(&agent, &[&allowed], &[PYTHON, SH]);
+    let d = Daemon::start(&[(name.clone(), on_list)]);
+    let connect = py_connect("127.0.0.1", server.port);
+    let cmd = format!(
+        "{PYTHON} -c \"$0\"; read x < {}; {PYTHON} -c \"$0\"",
+        go.display()
+    );
+    let mut child = d.spawn_run(&agent, "t1", &[], &[SH, "-c", &cmd, &connect]);
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected", "on the list: not held");
+    assert!(pending(&d).iter().all(|r| r["agent"] != agent.as_str()));
+    // The rule goes.
+    let (_, off_list) = ask_policy(&agent, &[], &[PYTHON, SH]);
+    d.write_policy(&name, &off_list);
+    let out = d.reload();
+    assert!(out.status.success(), "reload: {}", text(&out.stderr));
+    std::fs::write(&go, "go\n").unwrap();
+    let id = wait_pending(
+        &d,
+        &agent,
+        "for the connect the reload took off the list",
+        |a| is_connect(a, "tcp", server.port),
+    );
+    approve_once(&d, id);
+    let mut rest = String::new();
+    stdout.read_line(&mut rest).unwrap();
+    let out = finish(child);
+    assert_eq!(rest.trim(), "connected", "{}", text(&out.stderr));
 }

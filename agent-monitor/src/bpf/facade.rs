@@ -192,6 +192,25 @@ impl Kernel {
         Ok(self.tables.grants.remove(tables)?)
     }
 
+    /// Writes a task's exec grant by file (an ask-mode approval of an exec).
+    pub fn set_exec_file_grant(
+        &mut self,
+        key: common::ExecFileKey,
+        grant: common::FileGrant,
+    ) -> anyhow::Result<()> {
+        Ok(self.tables.grants.set_file(key, grant)?)
+    }
+
+    /// Removes a task's exec grant by file; one already gone is fine.
+    pub fn remove_exec_file_grant(&mut self, key: common::ExecFileKey) -> anyhow::Result<()> {
+        Ok(self.tables.grants.remove_file(key)?)
+    }
+
+    /// Removes every exec grant by file; returns how many went.
+    pub fn clear_exec_file_grants(&mut self) -> anyhow::Result<usize> {
+        Ok(self.tables.grants.clear_files()?)
+    }
+
     /// Points agent `agent`'s port-53 traffic at its DNS proxy endpoint, and keeps every other
     /// agent away from that endpoint.
     pub fn set_dns_proxy(&mut self, agent: u32, ports: DnsProxy) -> anyhow::Result<()> {

@@ -210,3 +210,25 @@ mod tests {
         assert_eq!(authorize(&channel, false, Some(("coder", "t1"))), Ok(()));
     }
 }
+
+/// The agent's own allowlist as `run` judges a held call against it before asking: its address
+/// rules (`network.allow` entries with an address, as written) and its exec rules. The daemon
+/// sends it on the ask channel, as `{"allowlist": {…}}`, right after the channel opens and again
+/// whenever the policy in force changes. A call it allows continues at once (the kernel judges
+/// it anyway); everything else is asked as before.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AskAllowlist {
+    #[serde(default)]
+    pub connect: Vec<String>,
+    #[serde(default)]
+    pub exec: Vec<String>,
+}
+
+/// The daemon's ask-channel line that carries an [`AskAllowlist`] (every other line is an
+/// [`AskAnswer`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AskAllowlistLine {
+    pub allowlist: AskAllowlist,
+}

@@ -26,4 +26,5 @@ pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
 /// Longest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
+pub use ask::{AskAllowlist, AskAllowlistLine};
 pub use call::call_follow;

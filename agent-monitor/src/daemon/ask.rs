@@ -7,11 +7,12 @@ use agent_monitor_common::PortRange;
 
 use super::ask_desk::approved_file::{self, List};
 use super::ask_desk::approver::{self, ApproverError};
+use super::ask_desk::exec_grants::{ExecGrants, HeldFileError, SeenExec, held_file};
 use super::ask_desk::{AskDesk, DeskError, Ended, Hold, NameApprovals, NewRequest, OnceEntries};
 use super::*;
 use crate::control::{
-    AskAnswer, AskCall, ChainProcess, Decision, HeldAction, Outcome, PendingEvent, PendingRequest,
-    Scope,
+    AskAllowlist, AskAnswer, AskCall, ChainProcess, Decision, HeldAction, Outcome, PendingEvent,
+    PendingRequest, Scope,
 };
 use crate::policy::KernelTables;
 
@@ -32,6 +33,9 @@ pub(super) struct OnceEntry {
     /// For a connect: the address (as the kernel tables key it) and port.
     connect: Option<(std::net::Ipv6Addr, u16)>,
 }
+
+/// The own allowlist of each agent in ask mode, by agent.
+pub(super) type AskAllowlists = std::collections::BTreeMap<String, AskAllowlist>;
 
 /// Who waits for a decision.
 pub(super) enum Waiter {
@@ -85,8 +89,13 @@ pub(super) struct AskState {
     /// its A/AAAA pair are refused for `ONCE_NAME` without asking again.
     denied_names: NameApprovals,
     once: OnceEntries<OnceEntry>,
+    /// The kernel entries of `once` and `task` approvals of execs (by file).
+    pub(super) exec_grants: ExecGrants,
     /// `pending --follow` subscribers: one JSON `PendingEvent` per line.
     pub(super) followers: broadcast::Sender<String>,
+    /// Each ask-mode agent's own allowlist, for the ask channels (`run` judges calls on it
+    /// without asking); replaced when the policy in force changes.
+    pub(super) allowlists: tokio::sync::watch::Sender<Arc<AskAllowlists>>,
     approver: Option<(hyper::Uri, Duration)>,
     pub(super) to_monitor: mpsc::Sender<AskIn>,
     /// The receiving end of `to_monitor`, until the event loop takes it.
@@ -107,7 +116,9 @@ impl AskState {
             names: NameApprovals::default(),
             denied_names: NameApprovals::default(),
             once: OnceEntries::default(),
+            exec_grants: ExecGrants::default(),
             followers: broadcast::channel(4096).0,
+            allowlists: tokio::sync::watch::channel(Arc::default()).0,
             approver: approver.map(|u| (u, approver_timeout.min(timeout))),
             to_monitor,
             counters: AskCounters::default(),
@@ -116,10 +127,14 @@ impl AskState {
 
     /// When the monitor must come back for a timeout or a `once` entry's end.
     pub(super) fn due(&self) -> Option<Instant> {
-        let next = match (self.desk.next_deadline(), self.once.next()) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
+        let next = [
+            self.desk.next_deadline(),
+            self.once.next(),
+            self.exec_grants.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
         Some(Instant::now() + Duration::from_nanos(next.saturating_sub(monotonic_ns())))
     }
 }
@@ -197,9 +212,37 @@ impl Monitor {
             );
         }
         match self.generations.live().get(agent).map(|p| p.mode()) {
-            Some(crate::policy::model::Mode::Ask) => Ok(()),
+            Some(crate::policy::model::Mode::Ask) => {
+                self.publish_ask_allowlists();
+                Ok(())
+            }
             _ => bail!("agent {agent} is not in ask mode"),
         }
+    }
+
+    /// Puts the own allowlist of every ask-mode agent in force where the ask channels read it
+    /// (at a channel's opening and after every reload). The channels send a changed one on.
+    pub(super) fn publish_ask_allowlists(&self) {
+        let lists: AskAllowlists = self
+            .generations
+            .live()
+            .iter()
+            .filter(|p| p.mode() == crate::policy::model::Mode::Ask)
+            .map(|p| {
+                let list = AskAllowlist {
+                    connect: p.network().iter().map(|r| r.text().to_string()).collect(),
+                    exec: p.exec().iter().map(|r| r.text().to_string()).collect(),
+                };
+                (p.agent().to_string(), list)
+            })
+            .collect();
+        self.ask.allowlists.send_if_modified(|old| {
+            let changed = **old != lists;
+            if changed {
+                *old = Arc::new(lists);
+            }
+            changed
+        });
     }
 
     /// A query of an ask-mode agent for a name off its list.
@@ -451,9 +494,24 @@ impl Monitor {
                     .position(|(a, _)| a == agent);
                 index.is_some_and(|i| self.dns.learned.lookup(i as u32, *address, *port).is_some())
             }
-            HeldAction::Exec { path, .. } => {
+            HeldAction::Exec {
+                path,
+                device,
+                inode,
+                ..
+            } => {
                 policy.check_exec(path).allowed
                     || grants.is_some_and(|g| g.exec.iter().any(|r| r.matches(path)))
+                    || match (self.grants.find(agent, task), device, inode) {
+                        (Some(number), Some(device), Some(inode)) => self.ask.exec_grants.covers(
+                            number,
+                            path,
+                            *device,
+                            *inode,
+                            monotonic_ns(),
+                        ),
+                        _ => false,
+                    }
             }
         }
     }
@@ -520,16 +578,42 @@ impl Monitor {
         now: u64,
     ) -> anyhow::Result<Vec<PortRange>> {
         let task = r.task.clone().unwrap_or_default();
-        if let HeldAction::Exec {
-            path,
-            device: Some(device),
-            inode: Some(inode),
-            ..
-        } = &r.action
-        {
-            same_file(path, *device, *inode)?;
-        }
+        // An exec is approved by the file `run` held, if it is still that file.
+        let held = match &r.action {
+            HeldAction::Exec {
+                path,
+                device: Some(device),
+                inode: Some(inode),
+                ..
+            } => Some(held_file(path, *device, *inode)?),
+            HeldAction::Exec { .. } if scope != Scope::Always => {
+                return Err(HeldFileError::NoFile.into());
+            }
+            _ => None,
+        };
         match (scope, &r.action) {
+            (Scope::Once | Scope::Task, HeldAction::Exec { path, .. }) => {
+                let Some(file) = held else {
+                    return Err(HeldFileError::NoFile.into());
+                };
+                super::grant_book::GrantBook::check_start(&task, ttl_ms)?;
+                let once = scope == Scope::Once;
+                let expires_ns = match (once, ttl_ms) {
+                    (true, _) => now + ONCE_ENTRY.as_nanos() as u64,
+                    (false, Some(ms)) => now.saturating_add(ms.saturating_mul(1_000_000)),
+                    (false, None) => u64::MAX,
+                };
+                let number = self.grants.number(&r.agent, &task);
+                self.ask.exec_grants.grant(
+                    &mut self.kernel,
+                    r.id,
+                    number,
+                    path,
+                    file,
+                    once,
+                    expires_ns,
+                )?;
+            }
             (Scope::Once, HeldAction::Dns { name, .. }) => {
                 // The answer's addresses are learned as for a listed name, for its TTL.
                 self.ask
@@ -659,12 +743,49 @@ impl Monitor {
         }
     }
 
+    /// An exec the kernel allowed by a task grant: which ask approval allowed it, if one did
+    /// (a `once` script grant is used up now).
+    pub(super) fn ask_saw_exec(&mut self, e: &event::ExecEvent) -> Option<String> {
+        if self.ask.exec_grants.len() == 0 {
+            return None;
+        }
+        let seen = SeenExec {
+            task: e.subject.task,
+            file_dev: e.file_dev,
+            file_ino: e.file_ino,
+            path: &e.path,
+            script: e.interpreter.is_some(),
+        };
+        self.ask.exec_grants.saw_exec(&mut self.kernel, &seen)
+    }
+
+    /// The exec approvals of task `number` as `status` lists them among the task's grants.
+    pub(super) fn ask_exec_grant_texts(&self, number: u32, now: u64) -> Vec<String> {
+        self.ask
+            .exec_grants
+            .of_task(number)
+            .map(|(text, expires_ns)| match expires_ns {
+                u64::MAX => format!("{text}, until task end"),
+                t => format!("{text}, {} s left", t.saturating_sub(now) / 1_000_000_000),
+            })
+            .collect()
+    }
+
+    /// `task end`: the task's exec approvals leave the kernel too; returns how many there were.
+    pub(super) fn ask_task_ended(&mut self, agent: &str, task: &str) -> usize {
+        match self.grants.find(agent, task) {
+            Some(number) => self.ask.exec_grants.end_task(&mut self.kernel, number),
+            None => 0,
+        }
+    }
+
     /// Timeouts, the end of `once` entries, and (at the sweep) requests of exited processes.
     pub(super) fn ask_tick(&mut self, check_liveness: bool) {
         let now = monotonic_ns();
         for e in self.ask.desk.expire(now) {
             self.finish(e, None);
         }
+        self.ask.exec_grants.expire(&mut self.kernel, now);
         for entry in self.ask.once.due(now) {
             if let Err(e) =
                 super::grant_book::GrantTables::remove_task_grants(&mut self.kernel, &entry.tables)
@@ -819,23 +940,6 @@ impl Monitor {
     }
 }
 
-/// Refuses an exec approval when the file at `path` is no longer the one `run` held the call
-/// for (another device or inode): a file swapped in while the call waited is not approved.
-fn same_file(path: &str, device: u64, inode: u64) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("the held exec's file {path} cannot be read now"))?;
-    if (meta.dev(), meta.ino()) != (device, inode) {
-        bail!(
-            "the file at {path} changed since the call was held (device {device} inode {inode}, \
-             now device {} inode {})",
-            meta.dev(),
-            meta.ino()
-        );
-    }
-    Ok(())
-}
-
 /// `--allow-connect` / `--allow-exec` texts of an action (as `task start` takes them).
 fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
     match a {
@@ -845,33 +949,5 @@ fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
         ),
         HeldAction::Exec { path, .. } => (vec![], vec![path.clone()]),
         HeldAction::Dns { .. } => (vec![], vec![]),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::unix::fs::MetadataExt as _;
-
-    use super::same_file;
-
-    #[test]
-    fn an_exec_approval_names_the_file_that_was_held() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tool");
-        std::fs::write(&path, "#!/bin/sh\n").unwrap();
-        let meta = std::fs::metadata(&path).unwrap();
-        let text = path.to_str().unwrap();
-        assert!(same_file(text, meta.dev(), meta.ino()).is_ok());
-        // Swapped after the hold: another inode at the same path.
-        let other = dir.path().join("other");
-        std::fs::write(&other, "#!/bin/sh\necho swapped\n").unwrap();
-        std::fs::rename(&other, &path).unwrap();
-        let e = same_file(text, meta.dev(), meta.ino()).unwrap_err();
-        assert!(
-            e.to_string().contains("changed since the call was held"),
-            "{e}"
-        );
-        std::fs::remove_file(&path).unwrap();
-        assert!(same_file(text, meta.dev(), meta.ino()).is_err());
     }
 }

@@ -209,7 +209,8 @@ impl Monitor {
 
     /// Ends `task` of `agent`: its grants leave the kernel now.
     pub(super) fn task_end(&mut self, agent: &str, task: &str) -> anyhow::Result<Response> {
-        let revoked = self.grants.end(&mut self.kernel, agent, task)?;
+        let revoked =
+            self.grants.end(&mut self.kernel, agent, task)? + self.ask_task_ended(agent, task);
         tracing::info!(agent, task, revoked, "task ended");
         Ok(Response::TaskEnded {
             agent: agent.to_string(),

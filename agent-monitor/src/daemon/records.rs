@@ -156,7 +156,13 @@ impl Monitor {
             }
             KernelEvent::Exec(e) => {
                 self.ident.on_exec(&LiveProcs, e.subject.pid, &e.path);
-                let action = self.exec_action(&e);
+                let mut action = self.exec_action(&e);
+                if e.granted
+                    && e.verdict == Verdict::Allowed
+                    && let Some(approval) = self.ask_saw_exec(&e)
+                {
+                    action.reason = format!("granted to the task: {approval}");
+                }
                 self.reporter.action(action);
             }
             KernelEvent::Connect(c) => {

@@ -43,6 +43,7 @@ impl Monitor {
         match result {
             Ok(agents) => {
                 self.reporter.counters.reloads += 1;
+                self.publish_ask_allowlists();
                 self.warn_unenforced_unix();
                 let msg = format!(
                     "policy reloaded from {} ({trigger}): {agents} agent(s), applied to {} running task(s)",

@@ -142,7 +142,10 @@ impl Monitor {
                         .find(&agent, task)
                         .and_then(|n| self.grants.get(n))
                         .and_then(|t| t.grants.as_ref());
-                    let texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
+                    let mut texts = g.map_or_else(Vec::new, |g| grant_texts(&g.net, &g.exec));
+                    if let Some(number) = self.grants.find(&agent, task) {
+                        texts.extend(self.ask_exec_grant_texts(number, now));
+                    }
                     let left = g
                         .filter(|g| g.expires_ns != u64::MAX)
                         .map(|g| g.expires_ns.saturating_sub(now) / 1_000_000);

@@ -40,6 +40,8 @@ pub(super) struct ControlCall {
 pub(super) struct AskLinks {
     pub(super) asks: mpsc::Sender<ask::AskIn>,
     pub(super) pending: broadcast::Sender<String>,
+    /// The own allowlists of ask-mode agents, for the ask channels.
+    pub(super) allowlists: tokio::sync::watch::Receiver<Arc<ask::AskAllowlists>>,
 }
 
 pub(super) async fn serve_control(
@@ -88,6 +90,7 @@ pub(super) async fn serve_connection(
     let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
     let pending_follow;
     let ask_channel;
+    let ask_agent;
     let response = {
         let request = control::parse_request(&line).map_err(|bad| bad.to_string());
         if let Ok(Request::Events {
@@ -102,6 +105,10 @@ pub(super) async fn serve_connection(
         pending_follow = matches!(&request, Ok(Request::Pending { follow: true }))
             .then(|| ask.pending.subscribe());
         ask_channel = matches!(&request, Ok(Request::AskChannel { .. }));
+        ask_agent = match &request {
+            Ok(Request::AskChannel { agent, .. }) => agent.clone(),
+            _ => String::new(),
+        };
         match (request, cred.pid()) {
             (Err(message), _) => Response::Error { message },
             (Ok(_), None) => Response::Error {
@@ -160,7 +167,11 @@ pub(super) async fn serve_connection(
         let mut out = serde_json::to_string(&response)?;
         out.push('\n');
         write.write_all(out.as_bytes()).await?;
-        return serve_ask_channel(reader.into_inner(), write, pid as u32, ask.asks).await;
+        let lists = AgentAllowlist {
+            agent: ask_agent,
+            lists: ask.allowlists,
+        };
+        return serve_ask_channel(reader.into_inner(), write, pid as u32, ask.asks, lists).await;
     }
     let (response, history) = match (response, follow.is_some()) {
         (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
@@ -221,7 +232,12 @@ async fn serve_ask_channel(
     mut write: tokio::net::unix::OwnedWriteHalf,
     run_pid: u32,
     asks: mpsc::Sender<ask::AskIn>,
+    mut lists: AgentAllowlist,
 ) -> anyhow::Result<()> {
+    // The agent's own allowlist first, then whenever it changes: `run` continues calls on it
+    // without asking.
+    let mut sent = lists.line();
+    write.write_all(sent.as_bytes()).await?;
     let (answers, mut answered) = mpsc::unbounded_channel::<control::AskAnswer>();
     let mut reader = read.take(control::MAX_REQUEST as u64);
     // `read_until` (not `read_line`): cancel safe in `select!`, a partly read line stays in `line`.
@@ -265,6 +281,15 @@ async fn serve_ask_channel(
                     }
                 }
                 line.clear();
+            }
+            Ok(()) = lists.lists.changed() => {
+                let line = lists.line();
+                if line != sent {
+                    if let Err(e) = write.write_all(line.as_bytes()).await {
+                        break Err(e.into());
+                    }
+                    sent = line;
+                }
             }
             Some(a) = answered.recv() => {
                 let mut out = serde_json::to_string(&a)?;
@@ -612,5 +637,27 @@ impl Monitor {
             );
         }
         self.ident.note_privileges(pid, privileges);
+    }
+}
+
+/// The own allowlist of the agent an ask channel serves, as the monitor publishes it.
+struct AgentAllowlist {
+    agent: String,
+    lists: tokio::sync::watch::Receiver<Arc<ask::AskAllowlists>>,
+}
+
+impl AgentAllowlist {
+    /// Its ask-channel line (an empty list when the agent is not, or no longer, in ask mode).
+    fn line(&mut self) -> String {
+        let list = self
+            .lists
+            .borrow_and_update()
+            .get(&self.agent)
+            .cloned()
+            .unwrap_or_default();
+        let mut line = serde_json::to_string(&control::AskAllowlistLine { allowlist: list })
+            .unwrap_or_default();
+        line.push('\n');
+        line
     }
 }

@@ -195,6 +195,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let ask_links = AskLinks {
         asks: monitor.ask.to_monitor.clone(),
         pending: monitor.ask.followers.clone(),
+        allowlists: monitor.ask.allowlists.subscribe(),
     };
     tokio::spawn(serve_control(listener, requests_tx, events_tx, ask_links));
     if let Some(l) = metrics_listener {

@@ -10,7 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::control::{AskAnswer, AskCall, Request, Response};
+use super::local_allowlist::LocalAllowlist;
+use crate::control::{AskAllowlistLine, AskAnswer, AskCall, Request, Response};
 
 /// Longest answer line accepted (an `AskAnswer` with an outcome and a reason is well below).
 const MAX_LINE: usize = 64 * 1024;
@@ -41,6 +42,8 @@ pub struct AskChannel<S = UnixStream> {
     stream: S,
     inbox: Vec<u8>,
     outbox: Vec<u8>,
+    /// The agent's own allowlist, as the daemon last sent it (none yet: everything is asked).
+    local: Option<LocalAllowlist>,
 }
 
 impl AskChannel<UnixStream> {
@@ -91,6 +94,9 @@ impl AskChannel<UnixStream> {
         }
         channel.stream.set_read_timeout(None)?;
         channel.stream.set_nonblocking(true)?;
+        // The daemon's allowlist line follows the response, maybe in the same read: take it now
+        // (poll would not report bytes already in the inbox). No answer can come yet.
+        channel.receive()?;
         Ok(channel)
     }
 }
@@ -102,7 +108,14 @@ impl<S: Read + Write> AskChannel<S> {
             stream,
             inbox: Vec::new(),
             outbox: Vec::new(),
+            local: None,
         }
+    }
+
+    /// Whether the agent's own allowlist (the daemon's latest copy) allows every action of a
+    /// held call: then it continues without a question, and the kernel judges it.
+    pub fn allows_locally(&self, actions: &[crate::control::HeldAction]) -> bool {
+        self.local.as_ref().is_some_and(|l| l.allows_all(actions))
     }
 
     /// Queues one call; [`flush`](Self::flush) writes it.
@@ -162,6 +175,22 @@ impl<S: Read + Write> AskChannel<S> {
             }
             match serde_json::from_str::<AskAnswer>(&line) {
                 Ok(a) => answers.push(a),
+                Err(_) if line.starts_with("{\"allowlist\"") => {
+                    self.local = match serde_json::from_str::<AskAllowlistLine>(&line)
+                        .map_err(|e| e.to_string())
+                        .and_then(|l| LocalAllowlist::new(&l.allowlist).map_err(|e| e.to_string()))
+                    {
+                        Ok(l) => Some(l),
+                        Err(e) => {
+                            // Not a reason to refuse calls: they are all asked instead.
+                            eprintln!(
+                                "agent-monitor run: the daemon's allowlist cannot be read ({e}); \
+                                 every held call is asked"
+                            );
+                            None
+                        }
+                    };
+                }
                 Err(e) => {
                     return Err(ChannelError::Protocol {
                         error: e.to_string(),
@@ -295,5 +324,36 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(reader.join().unwrap(), 20_000);
+    }
+
+    #[test]
+    fn the_daemons_allowlist_lets_calls_on_it_go_without_asking_until_replaced() {
+        let (mut ch, daemon) = pair();
+        let on_list = HeldAction::Connect {
+            transport: "tcp".into(),
+            address: "192.0.2.7".parse().unwrap(),
+            port: 443,
+            host: None,
+        };
+        // Before the daemon sent one: everything is asked.
+        assert!(!ch.allows_locally(std::slice::from_ref(&on_list)));
+        (&daemon)
+            .write_all(b"{\"allowlist\":{\"connect\":[\"192.0.2.0/24:443\"],\"exec\":[]}}\n{\"call\":1,\"allow\":true}\n")
+            .unwrap();
+        let got = ch.receive().unwrap();
+        assert_eq!(got.len(), 1, "answers still come through");
+        assert!(ch.allows_locally(std::slice::from_ref(&on_list)));
+        // A reload narrowed the list.
+        (&daemon)
+            .write_all(b"{\"allowlist\":{\"connect\":[],\"exec\":[]}}\n")
+            .unwrap();
+        assert_eq!(ch.receive().unwrap(), vec![]);
+        assert!(!ch.allows_locally(std::slice::from_ref(&on_list)));
+        // An unreadable list: everything is asked, the channel stays.
+        (&daemon)
+            .write_all(b"{\"allowlist\":{\"connect\":[\"192.0.2.0/24:443\"]}}\n{\"allowlist\":{\"connect\":[\"no\"]}}\n")
+            .unwrap();
+        assert_eq!(ch.receive().unwrap(), vec![]);
+        assert!(!ch.allows_locally(std::slice::from_ref(&on_list)));
     }
 }

@@ -146,6 +146,11 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
                     }
                     Question::Ask { kind, actions } => (kind, actions),
                 };
+            // On the agent's own list: no question (the kernel judges it, as every call).
+            if channel.as_ref().is_some_and(|c| c.allows_locally(&actions)) {
+                respond(fd, req.id, Reply::Continue);
+                continue;
+            }
             // What we read belongs to this caller only if it still waits: its pid was not
             // reused meanwhile (libseccomp's notify_id_valid, SECCOMP_IOCTL_NOTIF_ID_VALID).
             if notify_id_valid(fd, req.id).is_err() {

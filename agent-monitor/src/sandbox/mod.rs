@@ -61,6 +61,7 @@ mod filter;
 mod held;
 mod holds;
 mod listener;
+mod local_allowlist;
 mod supervisor;
 #[cfg(test)]
 mod tests;

@@ -1,8 +1,8 @@
 //! Task grants: allowlist entries keyed by task number instead of agent index, each with its
 //! expiry, which the kernel checks itself.
 
-use agent_monitor_common::{ExecKey, Expiry, NetGrant, NetKey};
-use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
+use agent_monitor_common::{ExecFileKey, ExecKey, Expiry, FileGrant, NetGrant, NetKey};
+use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 
 use crate::identity::grant_state::KernelGrants;
 use crate::policy::KernelTables;
@@ -14,6 +14,8 @@ use super::{
 pub struct GrantTables {
     net: LpmTrie<MapData, NetKey, NetGrant>,
     exec: LpmTrie<MapData, ExecKey, Expiry>,
+    /// Exec grants by file (ask-mode approvals): not recorded in the grant state file.
+    files: HashMap<MapData, ExecFileKey, FileGrant>,
 }
 
 impl GrantTables {
@@ -21,6 +23,7 @@ impl GrantTables {
         Ok(GrantTables {
             net: maps.take("TASK_NET_GRANTS")?,
             exec: maps.take("TASK_EXEC_GRANTS")?,
+            files: maps.take("TASK_EXEC_FILE_GRANTS")?,
         })
     }
 
@@ -86,5 +89,26 @@ impl GrantTables {
                 .op("removing a task exec grant")?;
         }
         Ok(())
+    }
+
+    /// Writes one exec grant by file (key: task number, device, inode).
+    pub fn set_file(&mut self, key: ExecFileKey, grant: FileGrant) -> Result<(), TableError> {
+        self.files
+            .insert(key, grant, 0)
+            .op("writing the task exec file grant map (full?)")
+    }
+
+    /// Removes one exec grant by file; one already gone (a `once` grant the kernel used) is fine.
+    pub fn remove_file(&mut self, key: ExecFileKey) -> Result<(), TableError> {
+        absent_is_fine(self.files.remove(&key)).op("removing a task exec file grant")
+    }
+
+    /// Removes every exec grant by file; returns how many went.
+    pub fn clear_files(&mut self) -> Result<usize, TableError> {
+        let keys: Vec<ExecFileKey> = self.files.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            absent_is_fine(self.files.remove(key)).op("removing a task exec file grant")?;
+        }
+        Ok(keys.len())
     }
 }

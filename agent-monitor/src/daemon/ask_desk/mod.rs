@@ -11,6 +11,7 @@ use crate::control::{Decision, Outcome, PendingRequest, Scope};
 
 pub(super) mod approved_file;
 pub(super) mod approver;
+pub(super) mod exec_grants;
 #[cfg(test)]
 mod tests;
 

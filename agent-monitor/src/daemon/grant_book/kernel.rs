@@ -23,4 +23,8 @@ impl GrantTables for Kernel {
     fn retain_task_grants(&mut self, keep: &dyn Fn(u32) -> bool) -> anyhow::Result<usize> {
         Kernel::retain_task_grants(self, keep)
     }
+
+    fn clear_exec_file_grants(&mut self) -> anyhow::Result<usize> {
+        Kernel::clear_exec_file_grants(self)
+    }
 }

@@ -28,6 +28,9 @@ pub(crate) trait GrantTables {
     fn task_grants(&self) -> anyhow::Result<KernelGrants>;
     /// Removes every entry whose task number `keep` refuses; returns how many.
     fn retain_task_grants(&mut self, keep: &dyn Fn(u32) -> bool) -> anyhow::Result<usize>;
+    /// Removes every exec grant by file (ask mode's exec approvals, written by
+    /// `ask_desk::exec_grants`); returns how many.
+    fn clear_exec_file_grants(&mut self) -> anyhow::Result<usize>;
 }
 
 /// Why a grant change was refused. Nothing changed, except for `Kernel` (see its note).
@@ -381,6 +384,9 @@ impl GrantBook {
         }
         r.revoked_entries = held.entries(|n| !keep.contains(&n) && !expired.contains(&n));
         let removed = kernel.retain_task_grants(&|n| keep.contains(&n))?;
+        // Exec grants by file (ask approvals) are not in the state file: none is recovered, and
+        // the held calls they were for were refused when the predecessor's ask channels broke.
+        r.revoked_entries += kernel.clear_exec_file_grants()?;
         for why in &r.why {
             tracing::warn!("task grants not recovered: {why}");
         }

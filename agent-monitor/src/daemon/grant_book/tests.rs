@@ -15,6 +15,8 @@ const MS: u64 = 1_000_000;
 struct FakeKernel {
     net: Vec<(u32, NetKey, NetGrant)>,
     exec: Vec<(u32, ExecKey, Expiry)>,
+    /// Exec grants by file (ask approvals): only counted here.
+    files: usize,
 }
 
 fn same_exec(a: &(u32, ExecKey), b: &(u32, ExecKey)) -> bool {
@@ -63,6 +65,10 @@ impl GrantTables for FakeKernel {
         self.net.retain(|e| keep(e.1.agent));
         self.exec.retain(|e| keep(e.1.agent));
         Ok(before - self.net.len() - self.exec.len())
+    }
+
+    fn clear_exec_file_grants(&mut self) -> anyhow::Result<usize> {
+        Ok(std::mem::take(&mut self.files))
     }
 }
 
@@ -544,4 +550,19 @@ fn a_refused_grant_reads_once_in_the_control_response_and_keeps_its_type() {
         text.starts_with("--allow-connect \"not an address\": "),
         "{text}"
     );
+}
+
+#[test]
+fn a_restart_revokes_every_exec_grant_by_file() {
+    let Restarted {
+        _first: _s,
+        mut kernel,
+        mut book,
+        ..
+    } = restarted();
+    // Ask approvals of execs are not in the state file: none is taken over.
+    kernel.files = 2;
+    book.recover(&mut kernel, true, 1_000 * MS).unwrap();
+    assert_eq!(kernel.files, 0);
+    assert_eq!(book.recovery().revoked_entries, 2);
 }
