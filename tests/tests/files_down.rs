@@ -356,3 +356,48 @@ fn an_io_uring_open_of_a_denied_file_fails_for_an_agent_and_works_outside() {
     assert_eq!(field(&rec, "agent_id"), agent);
     assert_eq!(field(&rec, "verdict"), "denied");
 }
+
+#[test]
+fn a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one() {
+    if !require_root("a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one") {
+        return;
+    }
+    let agent = unique_agent("filesguard");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("credentials");
+    std::fs::write(&secret, "TOPSECRET\n").expect("write");
+    let bot: PathBuf = dir.path().join("bot");
+    std::fs::copy("/bin/bash", &bot).expect("copy bash");
+    let d = Daemon::start(&[policy(&agent, &secret, &bot)]);
+    wait_in_force(&d);
+    let s = secret.display().to_string();
+    assert_refused(&d, &d.run(&agent, Some("t1"), &[CAT, &s]), "before");
+    let old = guards_of(&d.pin_dir);
+    assert_eq!(old.len(), 1, "one guard:\n{}", logs(&d));
+    // SAFETY: kill(2) of the guard this test's daemon started.
+    unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
+    // The documented residue: the group went with the guard (fail open) until the daemon has
+    // started a new one and it has marked. The daemon says so, then puts [files] in force again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(d
+        .log()
+        .contains(&format!("file guard (pid {}) is gone", old[0]))
+        && d.log().matches("[files] in force").count() >= 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no new guard within 20 s:\n{}",
+            logs(&d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let new = guards_of(&d.pin_dir);
+    assert!(
+        new.len() == 1 && new != old,
+        "guards {old:?} -> {new:?}:\n{}",
+        logs(&d)
+    );
+    assert_refused(&d, &d.run(&agent, Some("t1"), &[CAT, &s]), "after");
+    let host = Command::new(CAT).arg(&secret).output().expect("cat");
+    assert!(host.status.success(), "host cat with the new guard");
+}
