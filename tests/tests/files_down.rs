@@ -401,3 +401,65 @@ fn a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one() {
     let host = Command::new(CAT).arg(&secret).output().expect("cat");
     assert!(host.status.success(), "host cat with the new guard");
 }
+
+#[test]
+fn a_guard_of_another_build_is_replaced_once_the_new_one_has_marked() {
+    if !require_root("a_guard_of_another_build_is_replaced_once_the_new_one_has_marked") {
+        return;
+    }
+    let agent = unique_agent("filesbuild");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("credentials");
+    std::fs::write(&secret, "TOPSECRET\n").expect("write");
+    let bot: PathBuf = dir.path().join("bot");
+    std::fs::copy("/bin/bash", &bot).expect("copy bash");
+    let mut d = Daemon::start(&[policy(&agent, &secret, &bot)]);
+    wait_in_force(&d);
+    let old = guards_of(&d.pin_dir);
+    assert_eq!(old.len(), 1, "one guard:\n{}", logs(&d));
+    d.stop();
+    // A copy of the binary is another build to the guard (its executable's time differs).
+    let first = binary();
+    let next = dir.path().join("agent-monitor-next");
+    std::fs::copy(&first, &next).expect("copy the binary");
+    // SAFETY: the tests of this file run one at a time (--test-threads=1) and no other thread
+    // of this test reads the environment.
+    unsafe { std::env::set_var("AGENT_MONITOR_BIN", &next) };
+    d.spawn();
+    // SAFETY: as above.
+    unsafe { std::env::set_var("AGENT_MONITOR_BIN", &first) };
+    wait_in_force(&d);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("of the previous build told to exit") || guards_of(&d.pin_dir) == old {
+        assert!(
+            Instant::now() < deadline,
+            "the old guard was not replaced:\n{}",
+            logs(&d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("is of another build"), "{}", logs(&d));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guards_of(&d.pin_dir).len() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "guards {:?}:\n{}",
+            guards_of(&d.pin_dir),
+            logs(&d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = secret.display().to_string();
+    assert_refused(
+        &d,
+        &d.run(&agent, Some("t1"), &[CAT, &s]),
+        "after the replacement",
+    );
+    assert_refused(
+        &d,
+        &selected_read(&bot, &secret),
+        "selected, after the replacement",
+    );
+    let host = Command::new(CAT).arg(&secret).output().expect("cat");
+    assert!(host.status.success(), "host cat after the replacement");
+}
