@@ -253,7 +253,12 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!("file guard: a line it cannot read ({e}): {line:?}"),
                 }
             }
-            Some(report) = reports.recv() => {
+            report = reports.recv() => {
+                // The guard thread is gone (and with it the group): exit, so that a daemon
+                // starts a guard that answers.
+                let Some(report) = report else {
+                    bail!("the guard thread stopped; exiting");
+                };
                 let delivered = match daemon.as_mut() {
                     Some(d) => d.send(&FromGuard::Report { report: report.clone() }).await,
                     None => false,
