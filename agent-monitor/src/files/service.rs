@@ -172,7 +172,7 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
     let mut retired = false;
     let mut lost_seen = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let outcome = loop {
         tokio::select! {
             accepted = accept(listener.as_ref()) => {
                 let stream: UnixStream = match accepted {
@@ -219,7 +219,7 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                         daemon = None;
                         if retired {
                             tracing::info!("file guard (pid {pid}): retired and its daemon is gone; exiting");
-                            return Ok(());
+                            break Ok(());
                         }
                         tracing::warn!(
                             "file guard (pid {pid}): the daemon is gone; the marks stay and \
@@ -248,7 +248,7 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                     }
                     Ok(ToGuard::Exit) => {
                         tracing::info!("file guard (pid {pid}): told to exit; the marks go");
-                        return Ok(());
+                        break Ok(());
                     }
                     Err(e) => tracing::warn!("file guard: a line it cannot read ({e}): {line:?}"),
                 }
@@ -257,7 +257,7 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                 // The guard thread is gone (and with it the group): exit, so that a daemon
                 // starts a guard that answers.
                 let Some(report) = report else {
-                    bail!("the guard thread stopped; exiting");
+                    break Err(anyhow::anyhow!("the guard thread stopped; exiting"));
                 };
                 let delivered = match daemon.as_mut() {
                     Some(d) => d.send(&FromGuard::Report { report: report.clone() }).await,
@@ -276,7 +276,7 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                         "file guard (pid {pid}): {} is gone (uninstalled); exiting",
                         pin_dir.display()
                     );
-                    return Ok(());
+                    break Ok(());
                 }
                 let lost = guard.lost();
                 if lost > lost_seen {
@@ -292,7 +292,13 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                 }
             }
         }
+    };
+    // A retired guard's socket and lock are its successor's now.
+    if !retired {
+        let _ = std::fs::remove_file(&paths.socket);
+        let _ = std::fs::remove_file(&paths.lock);
     }
+    outcome
 }
 
 async fn accept(listener: Option<&UnixListener>) -> std::io::Result<UnixStream> {
