@@ -89,6 +89,10 @@ pub enum Command {
     /// Root or the daemon's --admin-group, outside every agent. Needs an interactive terminal
     /// (also over ssh: `ssh -t HOST agent-monitor top`).
     Top(crate::console::TopArgs),
+    /// The file-guard process the daemon starts (docs/files.md): holds the fanotify marks of
+    /// `[files]` while the daemon is down.
+    #[command(hide = true)]
+    FileGuard(crate::files::FileGuardArgs),
 }
 
 /// Packaging helpers: `cargo xtask package` calls these, so the man pages and completions always

@@ -55,5 +55,6 @@ fn main() -> ExitCode {
         cli::Command::Approve(args) => ask_cmd::approve(args),
         cli::Command::Deny(args) => ask_cmd::deny(args),
         cli::Command::Top(args) => console::main(args),
+        cli::Command::FileGuard(args) => files::guard_main(args),
     }
 }

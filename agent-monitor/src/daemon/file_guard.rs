@@ -6,35 +6,29 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::action::FileOpen;
-use crate::files::{AgentFiles, FileGuard, FileReport, Roster};
+use crate::files::{AgentFiles, FileReport, GuardLink, Roster};
 
 /// The guard, or why there is none, and what the monitor last told it.
 pub(super) struct FileGuardState {
-    guard: Result<FileGuard, String>,
+    guard: Result<GuardLink, String>,
     /// Taken by the event loop.
     pub(super) reports: Option<mpsc::Receiver<FileReport>>,
-    roster: Roster,
+    /// None until the first push: a guard adopted from a previous daemon holds that daemon's.
+    roster: Option<Roster>,
     /// Inodes marked by the last plan put in force.
     pub(super) marked: u64,
 }
 
 impl FileGuardState {
-    /// Starts the guard. Without fanotify permission events the daemon still runs; a policy with
-    /// `[files]` is then refused (see [`Self::check`]).
-    pub(super) fn start(pin_dir: &Path) -> FileGuardState {
-        let tags = crate::bpf::ThreadTags::open(pin_dir)
-            .map_err(|e| {
-                tracing::warn!(
-                    "file guard: executable-selector tags unreadable ({e:#}); processes that are \
-                     agents only by an executable selector are judged as outside every agent"
-                )
-            })
-            .ok();
-        match FileGuard::start(tags) {
+    /// Connects to the file-guard process of `pin_dir` (adopting one that outlived a previous
+    /// daemon, or starting one). Without it the daemon still runs; a policy with `[files]` is
+    /// then refused (see [`Self::check`]).
+    pub(super) async fn start(pin_dir: &Path) -> FileGuardState {
+        match GuardLink::start(pin_dir).await {
             Ok((guard, reports)) => FileGuardState {
                 guard: Ok(guard),
                 reports: Some(reports),
-                roster: Roster::default(),
+                roster: None,
                 marked: 0,
             },
             Err(e) => {
@@ -42,7 +36,7 @@ impl FileGuardState {
                 FileGuardState {
                     guard: Err(format!("{e:#}")),
                     reports: None,
-                    roster: Roster::default(),
+                    roster: None,
                     marked: 0,
                 }
             }
@@ -65,7 +59,7 @@ impl FileGuardState {
 
     /// Reports the guard could not hand over (queue full).
     pub(super) fn lost(&self) -> u64 {
-        self.guard.as_ref().map_or(0, FileGuard::lost)
+        self.guard.as_ref().map_or(0, GuardLink::lost)
     }
 }
 
@@ -73,6 +67,7 @@ impl Monitor {
     /// Puts the live set's `[files]` in force (off the loop: the guard's walker lists and marks;
     /// the old marks stay until the new ones are in place).
     pub(super) fn apply_file_rules(&mut self) {
+        self.sync_file_roster();
         let Ok(guard) = &self.files.guard else {
             return;
         };
@@ -96,9 +91,9 @@ impl Monitor {
         };
         let agents = self.generations.live().iter().map(|p| p.agent());
         let roster = Roster::from_selected(&self.ident.selected, agents);
-        if roster != self.files.roster {
+        if self.files.roster.as_ref() != Some(&roster) {
             guard.set_roster(roster.clone());
-            self.files.roster = roster;
+            self.files.roster = Some(roster);
         }
     }
 
@@ -124,7 +119,8 @@ impl Monitor {
                     libc::minor(dev)
                 );
                 let action = Action {
-                    time: SystemTime::now(),
+                    // When the guard answered: a report it kept while no daemon ran comes later.
+                    time: o.time,
                     chain: self.ident.chain(pid, &o.comm),
                     spiffe_id: self.spiffe_id(&o.agent),
                     agent: o.agent,

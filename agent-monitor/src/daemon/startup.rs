@@ -103,7 +103,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         daemon_files: Vec::new(),
         reporter: Reporter::new(outputs, Notices::journald(), events_tx.clone()),
         dns: DnsLearner::new(dns_proxies, args.dns_grace.saturating_mul(1_000_000_000)),
-        files: file_guard::FileGuardState::start(&args.pin_dir),
+        files: file_guard::FileGuardState::start(&args.pin_dir).await,
         interceptor: super::interception::start(&args.intercept),
         ask: ask::AskState::new(
             args.ask.ask_timeout,
@@ -244,6 +244,11 @@ pub(super) fn uninstall(pin_dir: &Path, state_file: &Path) -> anyhow::Result<()>
     // Output into a closed pipe ends the command by SIGPIPE instead of std's panic (exit 101).
     use crate::stdout::outln as println;
     let removed = crate::bpf::uninstall(pin_dir)?;
+    match crate::files::stop_guard(pin_dir) {
+        Ok(Some(pid)) => println!("stopped the file guard (pid {pid}): [files] denials have ended"),
+        Ok(None) => {}
+        Err(e) => eprintln!("agent-monitor daemon --uninstall: the file guard: {e:#}"),
+    }
     match grant_state::remove_if_of(state_file, pin_dir) {
         Ok(true) => println!("removed the grant state file {}", state_file.display()),
         Ok(false) => {}

@@ -17,7 +17,7 @@ struct Entry<W> {
 }
 
 /// What putting a plan in force did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Applied {
     /// Inodes marked now.
     pub marked: usize,

@@ -27,6 +27,7 @@ pub(super) enum Command {
         denials: Vec<Denial>,
     },
     Roster(Roster),
+    Tags(Option<ThreadTags>),
     Stop,
 }
 
@@ -88,7 +89,7 @@ pub(super) fn run(
     wake: Arc<Wake>,
     walker: Sender<WalkJob>,
     reports: Reports,
-    tags: Option<ThreadTags>,
+    mut tags: Option<ThreadTags>,
 ) {
     let mut book: Book<nix::sys::inotify::WatchDescriptor> = Book::default();
     let mut roster = Roster::default();
@@ -140,6 +141,7 @@ pub(super) fn run(
                         }
                     }
                     Ok(Command::Roster(r)) => roster = r,
+                    Ok(Command::Tags(t)) => tags = t,
                     Ok(Command::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                         return;
                     }
@@ -224,7 +226,15 @@ fn judge_open(
     if Path::new(&format!("/proc/self/task/{tid}")).exists() {
         return (true, None);
     }
-    let tag = |tid| tags.and_then(|t| t.agent_id(tid));
+    // A thread the kernel made for the process without a fork (an io_uring worker opening for
+    // it) carries no tag of its own: it acts for its process, whose main thread has the tag.
+    let tag = |tid| {
+        let t = tags?;
+        t.agent_id(tid).or_else(|| {
+            let pid = tgid(tid)?;
+            (pid != tid).then(|| t.agent_id(pid)).flatten()
+        })
+    };
     let Some(agent) = roster.agent_of(&LiveProcs, tag, tid) else {
         return (true, None);
     };
@@ -241,6 +251,7 @@ fn judge_open(
     let open_flags = flags::of_thread(tid);
     let (pid, uid, comm) = whose(tid);
     let report = OpenReport {
+        time: std::time::SystemTime::now(),
         tid,
         pid,
         uid,
@@ -264,6 +275,14 @@ fn ancestors(path: &str) -> Vec<FileId> {
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| (m.dev(), m.ino()))
         .collect()
+}
+
+/// The process thread `tid` belongs to.
+fn tgid(tid: u32) -> Option<u32> {
+    procfs::process::Process::new(tid as i32)
+        .and_then(|p| p.status())
+        .ok()
+        .map(|s| s.tgid as u32)
 }
 
 /// Process id, uid and command name of thread `tid` (0, 0, "?" when it is gone).

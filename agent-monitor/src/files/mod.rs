@@ -15,26 +15,34 @@ mod flags;
 mod guard;
 mod judge;
 mod kernel;
+mod link;
 mod plan;
 mod roster;
+mod service;
+mod wire;
 
 pub use book::Applied;
 pub use judge::FileId;
+pub use link::GuardLink;
 pub use plan::AgentFiles;
 pub use roster::Roster;
+pub use service::{FileGuardArgs, main as guard_main, stop as stop_guard};
 
 /// Reports waiting for the daemon's loop at most; more are counted as lost.
 const REPORT_QUEUE: usize = 4096;
 
 /// A judged open of a denied file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpenReport {
+    /// When the guard answered (a report kept while the daemon was down arrives later).
+    pub time: std::time::SystemTime,
     pub tid: u32,
     /// 0 when the process was gone before it could be read.
     pub pid: u32,
     pub uid: u32,
     pub comm: String,
     pub agent: String,
+    #[serde(with = "wire::verdict_name")]
     pub verdict: Verdict,
     /// The rule that denies the file, as the reason names it.
     pub rule: String,
@@ -46,7 +54,8 @@ pub struct OpenReport {
 }
 
 /// What the guard tells the daemon.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "report", content = "of", rename_all = "snake_case")]
 pub enum FileReport {
     Open(OpenReport),
     /// A plan was put in force.
@@ -120,6 +129,14 @@ impl FileGuard {
     /// The selectors in force changed.
     pub fn set_roster(&self, roster: Roster) {
         if self.commands.send(guard::Command::Roster(roster)).is_ok() {
+            self.wake.ring();
+        }
+    }
+
+    /// The executable selectors' tag map, (re)opened from its pin (a new daemon may have pinned
+    /// a new one).
+    pub fn set_tags(&self, tags: Option<crate::bpf::ThreadTags>) {
+        if self.commands.send(guard::Command::Tags(tags)).is_ok() {
             self.wake.ring();
         }
     }

@@ -11,7 +11,7 @@ use crate::identity::selected::{ArmState, Selected};
 use crate::policy::selectors::SelectorKind;
 
 /// The selectors in force, copied from the identity directory whenever they change.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Roster {
     /// (cgroup path below the root, depth, agent): a process at or below the cgroup.
     cgroups: Vec<(String, u32, String)>,
@@ -174,5 +174,24 @@ mod tests {
             uid: 1000,
         };
         assert_eq!(Roster::default().agent_of(&gone, untagged, 7), None);
+    }
+
+    #[test]
+    fn a_roster_survives_the_wire_whole() {
+        // The file-guard process judges from the roster the daemon sent it as JSON.
+        let r = roster();
+        let message = super::super::wire::ToGuard::Roster { roster: r.clone() };
+        let text = serde_json::to_string(&message).expect("serializes");
+        let back = match serde_json::from_str(&text).expect("parses") {
+            super::super::wire::ToGuard::Roster { roster } => roster,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(back, r);
+        let tagged = |_| Some(crate::identity::agent_id("tagged"));
+        let host = Host {
+            cgroup: Some("/user.slice"),
+            uid: 1000,
+        };
+        assert_eq!(back.agent_of(&host, tagged, 7).as_deref(), Some("tagged"));
     }
 }
