@@ -34,6 +34,30 @@ pub fn on_fork(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// `clone_flags` bit that every io_uring worker and SQPOLL thread is made with.
+const CLONE_IO: u64 = 0x8000_0000;
+
+/// A new task made with `CLONE_IO`: io_uring's worker and SQPOLL threads (`create_io_thread`)
+/// run the ring's calls (connect, sendmsg, openat) for their process but never pass
+/// `sched_process_fork`, so without a tag of their own an agent known by a tag would make those
+/// calls as the host. They inherit the tag here; the record stays `on_fork`'s (a thread is not
+/// part of the chain). Offsets: `pid` at 8 and `clone_flags` at 32, checked against tracefs by
+/// the daemon before load.
+pub fn on_newtask(ctx: &TracePointContext) -> Result<(), i32> {
+    // SAFETY: offsets inside the record (checked by the daemon).
+    let flags: u64 = unsafe { ctx.read_at(32)? };
+    if flags & CLONE_IO == 0 {
+        return Ok(());
+    }
+    let Some((_, raw)) = current_identity() else {
+        return Ok(());
+    };
+    // SAFETY: as above.
+    let child: u32 = unsafe { ctx.read_at(8)? };
+    inherit(child, &raw);
+    Ok(())
+}
+
 pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
     let Some((cgroup_id, slot)) = current_agent() else {
         return Ok(());

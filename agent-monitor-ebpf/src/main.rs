@@ -42,6 +42,15 @@ pub fn agent_fork(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// tracepoint task/task_newtask: fires in the parent for every new task, io_uring worker threads
+/// included (which `sched_process_fork` never sees).
+#[tracepoint(category = "task", name = "task_newtask")]
+pub fn agent_newtask(ctx: TracePointContext) -> u32 {
+    match lifecycle::on_newtask(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
 /// tracepoint sched/sched_process_exit: fires in each exiting task.
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn agent_exit(ctx: TracePointContext) -> u32 {

@@ -147,6 +147,16 @@ pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
             );
         }
     }
+    let newtask = tracepoint_format("task", "task_newtask")?;
+    for (field, want) in [("pid", 8), ("clone_flags", 32)] {
+        let got = field_offset(&newtask, field);
+        if got != Some(want) {
+            bail!(
+                "task/task_newtask has {field} at {got:?}, the programs expect {want}; \
+                 this kernel's layout is not supported"
+            );
+        }
+    }
     let fork = tracepoint_format("sched", "sched_process_fork")?;
     let child = field_offset(&fork, "child_pid")
         .context("sched/sched_process_fork has no child_pid field")?;

@@ -1212,6 +1212,83 @@ os.execv(sys.argv[1], sys.argv[1:])
     assert!(field(&rec, "reason").contains("seccomp"), "{rec}");
 }
 
+/// An agent known by its executable (a tag, not a cgroup) whose io_uring calls run on io_uring
+/// worker threads (`IOSQE_ASYNC`): the kernel makes those threads without the fork tracepoint, so
+/// they must be tagged when they are made, or their connects would pass as the host's.
+#[test]
+fn io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged() {
+    if !require_root("io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged") {
+        return;
+    }
+    let tcp_ok = CountingListener::bind("127.0.0.1:0");
+    let tcp_no = CountingListener::bind("127.0.0.1:0");
+    let udp_ok = UdpSink::bind("127.0.0.1:0");
+    let udp_no = UdpSink::bind("127.0.0.1:0");
+    let dir = tempfile::tempdir().unwrap();
+    let bin = compile_c(dir.path(), "uring", URING_C);
+    let bin_s = bin.to_str().unwrap();
+    let ports = [tcp_ok.port, tcp_no.port, udp_ok.port, udp_no.port].map(|p| p.to_string());
+    let agent = unique_agent("uring-wrk");
+    let (name, body) = policy(
+        &agent,
+        &[
+            format!("127.0.0.1:{}", tcp_ok.port),
+            format!("127.0.0.1:{}", udp_ok.port),
+        ],
+        &[bin_s],
+    );
+    let body = format!(
+        "{body}[identity]\nexecutables = [{{ path = {bin_s:?}, sha256 = {:?} }}]\n",
+        sha256_hex(&bin)
+    );
+    let uring = |selected: bool| {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(&ports).env("URING_ASYNC", "1");
+        let out = cmd.output().unwrap();
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "selected={selected}: {stdout} {}",
+            text(&out.stderr)
+        );
+        stdout
+    };
+    // Control: with no daemon, every call of the same binary through a worker thread works.
+    let stdout = uring(false);
+    assert!(stdout.contains("connect_denied 0"), "{stdout}");
+    assert!(stdout.contains("sendmsg_denied 1"), "{stdout}");
+    assert_eq!(tcp_no.accepted(), 1);
+    assert_eq!(udp_no.received(), 1);
+
+    let d = Daemon::start(&[(name, body)]);
+    let stdout = uring(true);
+    for w in [
+        "connect_allowed 0".to_string(),
+        format!("connect_denied -{}", libc::EPERM),
+        "sendmsg_allowed 1".to_string(),
+        format!("sendmsg_denied -{}", libc::EPERM),
+    ] {
+        assert!(stdout.contains(&w), "{w} missing: {stdout}\n{}", d.log());
+    }
+    assert_eq!(
+        tcp_no.accepted(),
+        1,
+        "no connect through a worker beyond the control's"
+    );
+    assert_eq!(
+        udp_no.received(),
+        1,
+        "no datagram through a worker beyond the control's"
+    );
+    let rec = d.wait_audit("denied worker connect", |v| {
+        is(v, "action", "connect") && is(v, "verdict", "denied") && v["dest_port"] == tcp_no.port
+    });
+    assert_eq!(field(&rec, "agent_id"), agent);
+    d.wait_audit("denied worker sendmsg", |v| {
+        is(v, "action", "sendmsg") && is(v, "verdict", "denied") && v["dest_port"] == udp_no.port
+    });
+}
+
 const URING_C: &str = r#"
 #include <arpa/inet.h>
 #include <errno.h>
@@ -1224,6 +1301,8 @@ const URING_C: &str = r#"
 #include <sys/syscall.h>
 #include <unistd.h>
 static int ring;
+/* URING_ASYNC set: IOSQE_ASYNC, so an io_uring worker thread (not the caller) makes the call. */
+static int async_worker;
 static unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_mask;
 static struct io_uring_sqe *sqes;
 static struct io_uring_cqe *cqes;
@@ -1254,6 +1333,7 @@ static int tcp(const char *port) {
     struct io_uring_sqe e;
     memset(&e, 0, sizeof e);
     e.opcode = IORING_OP_CONNECT;
+    if (async_worker) e.flags = IOSQE_ASYNC;
     e.fd = socket(AF_INET, SOCK_STREAM, 0);
     e.addr = (unsigned long)&a;
     e.off = sizeof a;
@@ -1271,6 +1351,7 @@ static int udp(const char *port) {
     struct io_uring_sqe e;
     memset(&e, 0, sizeof e);
     e.opcode = IORING_OP_SENDMSG;
+    if (async_worker) e.flags = IOSQE_ASYNC;
     e.fd = socket(AF_INET, SOCK_DGRAM, 0);
     e.addr = (unsigned long)&m;
     e.len = 1;
@@ -1279,6 +1360,7 @@ static int udp(const char *port) {
 int main(int argc, char **argv) {
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
+    async_worker = getenv("URING_ASYNC") != NULL;
     ring = syscall(__NR_io_uring_setup, 4, &p);
     if (ring < 0) { printf("setup errno %d\n", errno); return 1; }
     size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);

@@ -162,6 +162,13 @@ pub(super) const HOOKS: &[Hook] = &[
         when: When::Always,
     },
     Hook {
+        program: "agent_newtask",
+        kind: HookKind::Tracepoint("task", "task_newtask"),
+        required: false,
+        scope: Scope::Host,
+        when: When::Always,
+    },
+    Hook {
         program: "agent_exit",
         kind: HookKind::Tracepoint("sched", "sched_process_exit"),
         required: false,

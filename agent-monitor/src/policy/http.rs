@@ -44,7 +44,6 @@ impl HttpRule {
     pub fn line(&self) -> usize {
         self.line
     }
-
 }
 
 /// One `[[network.tls]]` entry: connections to `host:port` whose server name (TLS SNI, or the
