@@ -27,3 +27,4 @@ pub const DEFAULT_SOCKET: &str = "/run/agent-monitor/control.sock";
 pub const MAX_REQUEST: usize = 64 * 1024;
 
 pub use call::call_follow;
+pub use caught::UnixSection;
