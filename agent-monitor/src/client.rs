@@ -88,6 +88,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         privileges: Some(privileges),
     };
     let mut scope = scope.ok();
+    // Made while `run` is still outside the agent (unix_connect.rs, caught_channel.rs): the
+    // connector that makes an agent's judged unix connects, and the channel reports go by.
+    let unix_connector = crate::sandbox::UnixConnector::spawn()
+        .map_err(|e| eprintln!("agent-monitor run: cannot start the unix connector: {e}"))
+        .ok();
+    let reporter = crate::sandbox::CaughtReporter::open(args.socket.control_socket.clone());
     let agent_ca_bundle;
     let (enforce, ask_mode) = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
@@ -96,9 +102,21 @@ pub fn run(args: RunArgs) -> ExitCode {
             warnings,
             read_only,
             ca_bundle,
+            unix,
             ..
         }) => {
             agent_ca_bundle = ca_bundle;
+            // Alert mode: the kernel hook reports by name and lets through; nothing to hold.
+            match (unix, unix_connector) {
+                (Some(section), Some(connector)) if mode.as_deref() != Some("alert") => {
+                    crate::sandbox::arm_unix(connector, section)
+                }
+                (Some(_), None) if mode.as_deref() != Some("alert") => eprintln!(
+                    "agent-monitor run: WARNING: no unix connector: the agent's unix connects \
+                     are judged by name only (docs/unix-sockets.md)"
+                ),
+                _ => {}
+            }
             for w in warnings {
                 eprintln!("agent-monitor run: warning: {w}");
             }
@@ -147,6 +165,8 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let filter = if ask_mode {
         crate::sandbox::ask_filter(confinement.confines_root(), theirs.as_raw_fd())
+    } else if crate::sandbox::unix_armed() {
+        crate::sandbox::unix_filter(confinement.confines_root())
     } else {
         crate::sandbox::filter(enforce, confinement.confines_root())
     };
@@ -206,10 +226,11 @@ pub fn run(args: RunArgs) -> ExitCode {
                 (args.agent.clone(), task.clone()),
                 args.socket.control_socket.clone(),
                 reporting.clone(),
+                reporter,
             );
             None
         }
-        None => Some(ours),
+        None => Some((ours, reporter)),
     };
     let mut child = match command.spawn() {
         Ok(c) => c,
@@ -222,14 +243,9 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     drop(theirs);
-    match ours.as_ref().map(crate::sandbox::receive_listener) {
-        Some(Ok(listener)) => supervise(
-            listener,
-            enforce,
-            args.socket.control_socket.clone(),
-            reporting.clone(),
-        ),
-        Some(Err(e)) => {
+    match ours.map(|(ours, reporter)| (crate::sandbox::receive_listener(&ours), reporter)) {
+        Some((Ok(listener), reporter)) => supervise(listener, enforce, reporting.clone(), reporter),
+        Some((Err(e), _)) => {
             // Without a supervisor the kernel fails the caught calls (ENOSYS): closed, but say so.
             eprintln!("agent-monitor run: {e}; caught calls will fail unreported");
         }
@@ -268,16 +284,11 @@ use std::os::unix::process::CommandExt as _;
 fn supervise(
     listener: std::os::fd::OwnedFd,
     enforce: bool,
-    socket: PathBuf,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut reporter: crate::sandbox::CaughtReporter,
 ) {
     std::thread::spawn(move || {
-        let why = crate::sandbox::supervise(listener, enforce, &busy, |c| {
-            let req = Request::Caught(c);
-            if let Err(e) = control::call(&socket, &req) {
-                eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
-            }
-        });
+        let why = crate::sandbox::supervise(listener, enforce, &busy, |c| reporter.report(c));
         eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");
     });
 }
@@ -291,6 +302,7 @@ fn supervise_asking(
     (agent, task): (String, String),
     socket: PathBuf,
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mut reporter: crate::sandbox::CaughtReporter,
 ) {
     std::thread::spawn(move || {
         let listener = match crate::sandbox::receive_listener(&from_child) {
@@ -302,10 +314,7 @@ fn supervise_asking(
         };
         let reopen = || crate::sandbox::AskChannel::open(&socket, &agent, &task);
         let result = crate::sandbox::supervise_asking(listener, channel, reopen, &busy, |c| {
-            let req = Request::Caught(c);
-            if let Err(e) = control::call(&socket, &req) {
-                eprintln!("agent-monitor run: cannot report {req:?} to the daemon: {e}");
-            }
+            reporter.report(c)
         });
         if let Err(why) = result {
             eprintln!("agent-monitor run: seccomp supervisor stopped: {why}");

@@ -972,3 +972,35 @@ pub fn attached_at(status: &Value, program: &str) -> Option<String> {
         .find_map(|a| a.strip_prefix(&format!("{program} → ")))
         .map(|a| a.trim_end_matches(" (adopted)").to_string())
 }
+
+/// A helper process a test started (a server), killed and reaped when the guard goes (also
+/// when the test fails).
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `python3 -c script args…` and waits for its first line to be `ready`.
+pub fn python_ready(script: &str, args: &[&str]) -> ChildGuard {
+    use std::io::BufRead as _;
+    let mut child = Command::new(PYTHON)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting a python3 helper");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let guard = ChildGuard(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reading the helper's ready line");
+    assert_eq!(line.trim(), "ready", "python3 helper did not start");
+    guard
+}

@@ -34,7 +34,7 @@ pub fn authorize(
 ) -> Result<(), Refusal> {
     // `run` reports from inside its agent; the daemon accepts a report only from a `run` it
     // placed (see `Monitor::on_caught`), whatever the caller's rights; its ask channel likewise.
-    if let Request::Caught(_) | Request::AskChannel { .. } = request {
+    if let Request::Caught(_) | Request::AskChannel { .. } | Request::CaughtChannel {} = request {
         return Ok(());
     }
     if let Some((agent, task)) = inside {

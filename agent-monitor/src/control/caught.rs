@@ -55,6 +55,19 @@ pub enum CaughtCall {
     Other {
         name: String,
     },
+    /// A connect to a pathname unix socket, judged by the supervisor on the socket the name
+    /// resolves to in the caller's view (sandbox/unix_connect.rs). `path`: the name the caller
+    /// gave; `resolved`: where it led (the host's name of that socket, when known).
+    UnixConnect {
+        path: String,
+        resolved: Option<String>,
+        sock_type: String,
+        reason: String,
+        /// Allowed by the rules (reported as `allowed`, like the kernel hook's allowed
+        /// connects); else refused.
+        #[serde(default)]
+        allowed: bool,
+    },
 }
 
 /// The process a caught call aimed at, as `run` read it while the call waited. The daemon
@@ -73,4 +86,14 @@ pub struct CaughtTarget {
     /// It is this `agent-monitor run` itself (the agent's seccomp supervisor).
     #[serde(default)]
     pub supervisor: bool,
+}
+
+/// An agent's `[unix]` section as the daemon tells `run` at placement, so its supervisor can
+/// judge connects on the socket a name resolves to (docs/unix-sockets.md).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnixSection {
+    /// `allow = [...]` (pathnames and `@abstract` names); None: no allow list.
+    pub allow: Option<Vec<String>>,
+    pub deny_known_daemons: bool,
 }

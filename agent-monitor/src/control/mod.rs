@@ -28,3 +28,4 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 
 pub use ask::{AskAllowlist, AskAllowlistLine};
 pub use call::call_follow;
+pub use caught::UnixSection;

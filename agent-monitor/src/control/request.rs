@@ -81,6 +81,10 @@ pub enum Request {
     /// `ask_channel_open` response the connection stays open; `run` writes one `AskCall` per line
     /// and the daemon answers each with one `AskAnswer` line, in any order.
     AskChannel { agent: String, task: String },
+    /// From `run`, opened before it is placed (its later connects may be judged by its agent's
+    /// `[unix]` list): after the `recorded` response the connection stays open and carries one
+    /// `CaughtReport` per line, each handled like a `caught` request from that `run`.
+    CaughtChannel {},
 }
 
 /// What a command started by `run` holds of root's privileges (see privileges.rs).
@@ -114,6 +118,7 @@ impl Request {
             Request::Pending { .. } => "pending",
             Request::Decide { .. } => "decide",
             Request::AskChannel { .. } => "ask_channel",
+            Request::CaughtChannel {} => "caught_channel",
         }
     }
 
@@ -130,7 +135,8 @@ impl Request {
             | Request::Events { .. }
             | Request::Caught(_)
             | Request::Pending { .. }
-            | Request::Decide { .. } => None,
+            | Request::Decide { .. }
+            | Request::CaughtChannel {} => None,
         }
     }
 }

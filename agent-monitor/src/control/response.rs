@@ -26,6 +26,9 @@ pub enum Response {
         /// (SSL_CERT_FILE and the like) when the daemon intercepts HTTPS.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ca_bundle: Option<String>,
+        /// The agent's `[unix]` section, for `run`'s supervisor (sandbox/unix_connect.rs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unix: Option<super::UnixSection>,
     },
     /// A `caught` report was recorded.
     Recorded {},

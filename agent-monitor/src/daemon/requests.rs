@@ -91,6 +91,7 @@ pub(super) async fn serve_connection(
     let pending_follow;
     let ask_channel;
     let ask_agent;
+    let caught_channel;
     let response = {
         let request = control::parse_request(&line).map_err(|bad| bad.to_string());
         if let Ok(Request::Events {
@@ -109,6 +110,7 @@ pub(super) async fn serve_connection(
             Ok(Request::AskChannel { agent, .. }) => agent.clone(),
             _ => String::new(),
         };
+        caught_channel = matches!(&request, Ok(Request::CaughtChannel {}));
         match (request, cred.pid()) {
             (Err(message), _) => Response::Error { message },
             (Ok(_), None) => Response::Error {
@@ -173,6 +175,13 @@ pub(super) async fn serve_connection(
         };
         return serve_ask_channel(reader.into_inner(), write, pid as u32, ask.asks, lists).await;
     }
+    if let (Response::Recorded {}, true, Some(pid)) = (&response, caught_channel, cred.pid()) {
+        let mut out = serde_json::to_string(&response)?;
+        out.push('\n');
+        write.write_all(out.as_bytes()).await?;
+        let peer = Peer::from_cred(pid as u32, cred.uid(), cred.gid());
+        return serve_caught_channel(reader.into_inner(), peer, to_monitor).await;
+    }
     let (response, history) = match (response, follow.is_some()) {
         (Response::Events { history }, true) => (Response::Events { history: vec![] }, history),
         (r, _) => {
@@ -221,6 +230,47 @@ async fn stream_pending(
         };
         if write.write_all(line.as_bytes()).await.is_err() {
             return Ok(());
+        }
+    }
+}
+
+/// A `run`'s caught channel: one `CaughtReport` per line, each handled as a `caught` request of
+/// the `run` that opened the connection, until it closes it. A report the monitor refuses is
+/// logged (it names why), never dropped silently.
+async fn serve_caught_channel(
+    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    peer: Peer,
+    to_monitor: mpsc::Sender<ControlCall>,
+) -> anyhow::Result<()> {
+    let mut reader = read.take(control::MAX_REQUEST as u64);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        reader.set_limit(control::MAX_REQUEST as u64);
+        let report = match serde_json::from_slice::<control::CaughtReport>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(run_pid = peer.pid, "caught channel: unreadable report: {e}");
+                continue;
+            }
+        };
+        let (reply, answer) = oneshot::channel();
+        let call = ControlCall {
+            request: Request::Caught(report),
+            peer: peer.clone(),
+            reply,
+        };
+        if to_monitor.send(call).await.is_err() {
+            return Ok(());
+        }
+        if let Ok(Response::Error { message }) = answer.await {
+            tracing::warn!(
+                run_pid = peer.pid,
+                "caught channel: report refused: {message}"
+            );
         }
     }
 }
@@ -332,6 +382,7 @@ impl Monitor {
                     self.note_privileges(&agent, &task, pid, privileges);
                 }
                 placed.map(|(cgroup, warnings)| Response::Placed {
+                    unix: crate::sandbox::unix_section(self.generations.live().get(&agent)),
                     mode: self
                         .generations
                         .live()
@@ -396,6 +447,8 @@ impl Monitor {
             Request::AskChannel { agent, task } => self
                 .open_ask_channel(pid, &agent, &task)
                 .map(|()| Response::AskChannelOpen {}),
+            // Each report on the channel is checked when it comes (`on_caught`).
+            Request::CaughtChannel {} => Ok(Response::Recorded {}),
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(pid, "control request refused: {e:#}");
@@ -536,6 +589,29 @@ impl Monitor {
                 Object::Signal(process_target(syscall, target, Some(*signal))),
                 self.reach_reason(target, "signal"),
             ),
+            control::CaughtCall::UnixConnect {
+                path,
+                resolved,
+                sock_type,
+                reason,
+                ..
+            } => (
+                Object::Unix(crate::action::UnixTarget {
+                    path: path.clone(),
+                    send: false,
+                    sock_type: crate::sandbox::unix_sock_type(sock_type),
+                }),
+                match resolved.as_ref().filter(|r| *r != path) {
+                    Some(r) => format!(
+                        "{path} leads to {r}: {reason} (judged on the resolved socket by \
+                         the seccomp supervisor of `agent-monitor run`)"
+                    ),
+                    None => format!(
+                        "{reason} (judged on the resolved socket by the seccomp supervisor \
+                         of `agent-monitor run`)"
+                    ),
+                },
+            ),
             control::CaughtCall::Other { name } => (
                 Object::Seccomp(name.clone()),
                 if name.starts_with("ioctl ") {
@@ -548,7 +624,15 @@ impl Monitor {
                 },
             ),
         };
-        let verdict = if c.refused {
+        // A unix connect the supervisor judged on its resolved socket and allowed is reported
+        // like the kernel hook's allowed connects (the JSON trail).
+        let judged_allowed = matches!(
+            c.call,
+            control::CaughtCall::UnixConnect { allowed: true, .. }
+        );
+        let verdict = if judged_allowed {
+            Verdict::Allowed
+        } else if c.refused {
             Verdict::Denied
         } else {
             Verdict::Alert
@@ -556,7 +640,9 @@ impl Monitor {
         if matches!(object, Object::Socket(_)) {
             self.reporter.counters.sockets_refused += 1;
         }
-        self.reporter.counters.seccomp_caught += 1;
+        if !judged_allowed {
+            self.reporter.counters.seccomp_caught += 1;
+        }
         let subject = event::Subject {
             cgroup_id,
             pid: c.pid,
@@ -567,7 +653,7 @@ impl Monitor {
         };
         let action = Action {
             exe: c.exe.or_else(|| self.ident.exe(c.pid).map(str::to_string)),
-            enforcement: c.refused.then_some("eperm"),
+            enforcement: (c.refused && !judged_allowed).then_some("eperm"),
             reason,
             chain,
             ..self.action(&subject, agent, task, object, verdict)

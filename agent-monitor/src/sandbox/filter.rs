@@ -59,10 +59,26 @@ pub fn ask_filter(
     program(true, root_agent, Some(handshake as u64))
 }
 
+/// The enforce filter of an agent whose policy has `[unix]`: connect() goes to the listener too,
+/// where the supervisor judges a pathname unix connect on the socket it resolves to
+/// (unix_connect.rs). Only these agents pay for the rule.
+pub fn unix_filter(root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program_with(true, root_agent, None, true)
+}
+
 fn program(
     enforce: bool,
     root_agent: bool,
     ask: Option<u64>,
+) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program_with(enforce, root_agent, ask, false)
+}
+
+fn program_with(
+    enforce: bool,
+    root_agent: bool,
+    ask: Option<u64>,
+    trap_connect: bool,
 ) -> Result<Vec<libc::sock_filter>, SandboxError> {
     let build = |what| move |source| SandboxError::Build { what, source };
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(build("context"))?;
@@ -208,6 +224,9 @@ fn program(
         .map_err(build("held sendmsg rule"))?;
         ctx.add_rule_conditional(notify, syscall("sendto")?, &[scmp_cmp!($arg4 != 0)])
             .map_err(build("held sendto rule"))?;
+    } else if trap_connect {
+        ctx.add_rule(notify, syscall("connect")?)
+            .map_err(build("unix connect rule"))?;
     }
     export(&ctx)
 }

@@ -229,55 +229,17 @@ impl LiveCaller {
     }
 }
 
-/// pidfd_open(2) flag for a thread rather than a thread group (Linux 6.9): the fd table of the
-/// very thread that called.
-const PIDFD_THREAD: libc::c_int = libc::O_EXCL;
-
 impl Caller for LiveCaller {
     fn memory(&self) -> &dyn Memory {
         &self.memory
     }
 
     fn socket(&self, fd: i32) -> Option<SocketInfo> {
-        let raw = |r: libc::c_long| (r >= 0).then_some(r as libc::c_int);
-        // SAFETY: plain system calls on integers; the fds returned are owned at once.
-        let pidfd = unsafe {
-            raw(libc::syscall(
-                libc::SYS_pidfd_open,
-                self.pid(),
-                PIDFD_THREAD,
-            ))
-            .or_else(|| raw(libc::syscall(libc::SYS_pidfd_open, self.pid(), 0)))
-            .map(|f| OwnedFd::from_raw_fd(f))?
-        };
         // A copy of the caller's socket, only to read two options; closed at once.
-        let sock = unsafe {
-            raw(libc::syscall(
-                libc::SYS_pidfd_getfd,
-                pidfd.as_raw_fd(),
-                fd,
-                0,
-            ))
-            .map(|f| OwnedFd::from_raw_fd(f))?
-        };
-        let option = |name| {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt writes one int into v.
-            let r = unsafe {
-                libc::getsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    name,
-                    (&mut v as *mut libc::c_int).cast(),
-                    &mut len,
-                )
-            };
-            (r == 0).then_some(v)
-        };
+        let sock = super::unix_connect::caller_socket(self.pid(), fd)?;
         Some(SocketInfo {
-            domain: option(libc::SO_DOMAIN)?,
-            protocol: option(libc::SO_PROTOCOL)?,
+            domain: super::unix_connect::sock_option(&sock, libc::SO_DOMAIN)?,
+            protocol: super::unix_connect::sock_option(&sock, libc::SO_PROTOCOL)?,
         })
     }
 

@@ -56,6 +56,7 @@ mod ask_channel;
 mod ask_supervisor;
 #[cfg(test)]
 mod ask_tests;
+mod caught_channel;
 mod decide;
 mod filter;
 mod held;
@@ -65,12 +66,18 @@ mod local_allowlist;
 mod supervisor;
 #[cfg(test)]
 mod tests;
+mod unix_connect;
+mod unix_connector;
+mod unix_judge;
 
 pub use ask_channel::AskChannel;
 pub use ask_supervisor::supervise_asking;
-pub use filter::{ask_filter, filter};
+pub use caught_channel::CaughtReporter;
+pub use filter::{ask_filter, filter, unix_filter};
 pub use listener::{install, receive_listener};
 pub use supervisor::supervise;
+pub use unix_connect::{arm as arm_unix, armed as unix_armed, unix_section, unix_sock_type};
+pub use unix_connector::UnixConnector;
 
 /// Why the filter could not be built or put in place.
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,14 @@ pub(super) fn answer_caught(
         .syscall
         .get_name_by_arch(req.data.arch)
         .unwrap_or_else(|_| format!("syscall {}", i32::from(req.data.syscall)));
+    // Trapped only for agents with `[unix]`: a pathname unix connect is judged and answered
+    // there; every other connect runs (the kernel's hooks judge it).
+    if name == "connect" {
+        if !super::unix_connect::take(fd, &req, report) {
+            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()).respond(fd);
+        }
+        return;
+    }
     let answer = match decide(&name, &req.data.args, enforce) {
         Answer::Judge(reach) => judge(own, req.pid, reach),
         other => other,
