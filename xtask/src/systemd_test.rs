@@ -426,6 +426,11 @@ fn pass(passed: &mut Vec<String>, check: &str, detail: &str) {
     passed.push(check.to_string());
 }
 
+/// The pids of running file guards (`agent-monitor file-guard`), one a line; procps is not in
+/// the minimal container.
+const FILE_GUARD_PIDS: &str = "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null \
+    | grep -q '^[^ ]* file-guard ' && basename $p; done; true";
+
 fn checks(c: &Container) -> Result<Vec<String>> {
     let mut passed = Vec::new();
 
@@ -618,8 +623,23 @@ fn checks(c: &Container) -> Result<Vec<String>> {
     ))?;
     sleep(Duration::from_secs(2));
     let pid0 = c.unit_property("MainPID")?;
+    let guard0 = c.sh(FILE_GUARD_PIDS)?;
     c.sh("systemctl restart agent-monitor.service")?;
     let pid1 = c.wait_active(&pid0, Duration::from_secs(30))?;
+    // KillMode=process: the file guard outlives the restart and the new daemon adopts it.
+    let guard1 = c.sh(FILE_GUARD_PIDS)?;
+    let adopted = c.sh(&format!(
+        "journalctl -b -u agent-monitor.service _PID={pid1} -o cat | grep -c 'file guard (pid {guard0}) adopted' || true"
+    ))?;
+    if guard0.is_empty()
+        || guard0.contains(char::is_whitespace)
+        || guard1 != guard0
+        || adopted == "0"
+    {
+        bail!(
+            "the file guard did not outlive `systemctl restart`: pid(s) {guard0:?} -> {guard1:?}, adopted lines: {adopted}"
+        );
+    }
     sleep(Duration::from_secs(1));
     let restarts_before = c.unit_property("NRestarts")?;
     c.sh("systemctl kill -s KILL agent-monitor.service")?;
@@ -649,7 +669,7 @@ fn checks(c: &Container) -> Result<Vec<String>> {
         &mut passed,
         "restart, kill -s KILL and package upgrade never leave the agent unenforced",
         &format!(
-            "{attempts} connect attempts, all denied, 0 connected; main pid {pid0} -> {pid1} (restart) -> {pid2} (KILL, NRestarts {restarts_before} -> {restarts_after}) -> {pid3} (dpkg -i upgrade)"
+            "{attempts} connect attempts, all denied, 0 connected; main pid {pid0} -> {pid1} (restart; file guard {guard0} kept and adopted) -> {pid2} (KILL, NRestarts {restarts_before} -> {restarts_after}) -> {pid3} (dpkg -i upgrade)"
         ),
     );
 
