@@ -195,8 +195,11 @@ fn unix_hooks_sit_below_the_agents_and_move_to_the_root_for_selectors() {
     );
     assert_eq!(connect_as(&d, &agent, &socks.other), REFUSED);
     assert_eq!(connect_as(&d, &agent, &socks.allowed), "ok");
+    // Under `run` the supervisor judges the agent's pathname connects on the resolved socket
+    // (refused ones never reach the kernel); the allowed one is made on the agent's own socket,
+    // created in the agents' cgroup, so the hook there runs for it.
     assert!(
-        connect_unix_runs(&d) >= before + 2,
+        connect_unix_runs(&d) >= before + 1,
         "the agent's connects did not run the unix hook"
     );
     // Not an agent yet.
