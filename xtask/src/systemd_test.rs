@@ -17,9 +17,10 @@
 //! - a pure cgroup v2 tree (`SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1`; the host's hybrid layout has
 //!   its v2 tree at /sys/fs/cgroup/unified): the daemon attaches its address hooks at the root of
 //!   the container's tree, so they see the container's sockets only;
-//! - all capabilities, and bpf/perf_event_open and the three Landlock calls added to nspawn's
-//!   system call allow-list (its default list refuses Landlock, and `run` refuses to start a root
-//!   agent it cannot confine).
+//! - all capabilities, and bpf/perf_event_open, the three Landlock calls and fanotify_init/mark
+//!   added to nspawn's system call allow-list (its default list refuses Landlock, and `run`
+//!   refuses to start a root agent it cannot confine; it refuses fanotify too, and without it the
+//!   file guard cannot start).
 //!
 //! The programs run in the host kernel, so the shared privileged-test lock is held while the
 //! container runs.
@@ -195,7 +196,7 @@ impl Container {
             .arg("--directory")
             .arg(machine)
             .args(["--machine=am-systemd-test", "--capability=all"])
-            .arg("--system-call-filter=bpf perf_event_open landlock_create_ruleset landlock_add_rule landlock_restrict_self")
+            .arg("--system-call-filter=bpf perf_event_open landlock_create_ruleset landlock_add_rule landlock_restrict_self fanotify_init fanotify_mark")
             .arg(format!("--bind={}:/sys/fs/bpf", bpffs.display()))
             .arg("--bind-ro=/sys/kernel/tracing")
             .arg("--console=read-only")

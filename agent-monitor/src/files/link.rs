@@ -149,9 +149,14 @@ impl Conn {
                 wait_gone(paths).await;
             }
         }
-        spawn(pin_dir)?;
+        let ended = spawn(pin_dir)?;
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
+            // A guard that could not start (no fanotify here, a container's system call filter)
+            // has said why on stderr; waiting out the timeout would only delay enforcement.
+            if let Some(status) = ended.get() {
+                bail!("the file guard exited at start ({status}); its error is logged above");
+            }
             match Conn::open(paths).await {
                 Ok((mut conn, _, _)) => {
                     tracing::info!("file guard (pid {}) started", conn.pid);
@@ -219,8 +224,8 @@ async fn wait_gone(paths: &GuardPaths) {
 /// Starts `agent-monitor file-guard` in a session of its own, so that neither the daemon's death
 /// nor a signal to the daemon's process group or terminal reaches it. Its stderr is the
 /// daemon's (journald under systemd). Reaped by a thread while the daemon lives; after that by
-/// whoever adopts it.
-fn spawn(pin_dir: &Path) -> anyhow::Result<()> {
+/// whoever adopts it. The returned cell is set when the child ends while this daemon lives.
+fn spawn(pin_dir: &Path) -> anyhow::Result<std::sync::Arc<std::sync::OnceLock<String>>> {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     cmd.arg0("agent-monitor")
         .arg("file-guard")
@@ -238,13 +243,18 @@ fn spawn(pin_dir: &Path) -> anyhow::Result<()> {
         });
     }
     let mut child = cmd.spawn().context("starting `agent-monitor file-guard`")?;
+    let ended = std::sync::Arc::new(std::sync::OnceLock::new());
+    let seen = ended.clone();
     std::thread::Builder::new()
         .name("file-guard-reaper".into())
         .spawn(move || {
-            let _ = child.wait();
+            let status = child
+                .wait()
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
+            let _ = seen.set(status);
         })
         .context("starting the file guard's reaper thread")?;
-    Ok(())
+    Ok(ended)
 }
 
 fn lost_notice(count: u64) -> FileReport {
