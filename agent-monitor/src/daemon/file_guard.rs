@@ -102,9 +102,11 @@ impl Monitor {
             FileReport::Open(o) => {
                 // The chain is the process's; a thread is reported as its process.
                 let pid = if o.pid != 0 { o.pid } else { o.tid };
-                let task = self
-                    .identify(pid)
-                    .map_or_else(|| "none".to_string(), |id| self.names(&id.slot).1);
+                // The guard's task was read while the opener waited; the pid may be gone by now.
+                let task = o.task.clone().unwrap_or_else(|| {
+                    self.identify(pid)
+                        .map_or_else(|| "none".to_string(), |id| self.names(&id.slot).1)
+                });
                 let exe = self
                     .ident
                     .exe(pid)

@@ -235,13 +235,15 @@ fn judge_open(
             (pid != tid).then(|| t.agent_id(pid)).flatten()
         })
     };
-    let Some(agent) = roster.agent_of(&LiveProcs, tag, tid) else {
+    let Some(opener) = roster.opener(&LiveProcs, tag, tid) else {
         return (true, None);
     };
     let Some((file, path)) = open.fd().and_then(identify_fd) else {
         return (true, None);
     };
-    let ruling = book.judge().judge(Some(&agent), file, || ancestors(&path));
+    let ruling = book
+        .judge()
+        .judge(Some(&opener.agent), file, || ancestors(&path));
     let (verdict, agent, rule) = match ruling {
         Ruling::Allow => return (true, None),
         Ruling::Deny { agent, rule } => (Verdict::Denied, agent, rule),
@@ -257,6 +259,7 @@ fn judge_open(
         uid,
         comm,
         agent: agent.to_string(),
+        task: opener.task,
         verdict,
         rule: rule.to_string(),
         path,

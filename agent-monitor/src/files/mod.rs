@@ -42,6 +42,10 @@ pub struct OpenReport {
     pub uid: u32,
     pub comm: String,
     pub agent: String,
+    /// The task of a `run` agent, read while the opener waited (absent from an older guard's
+    /// reports: the daemon then asks the opener's cgroup, which may be gone).
+    #[serde(default)]
+    pub task: Option<String>,
     #[serde(with = "wire::verdict_name")]
     pub verdict: Verdict,
     /// The rule that denies the file, as the reason names it.

@@ -10,6 +10,15 @@ use crate::identity::procfs::ProcessView;
 use crate::identity::selected::{ArmState, Selected};
 use crate::policy::selectors::SelectorKind;
 
+/// Who opened a guarded file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Opener {
+    pub agent: String,
+    /// The task of a `run` agent (its cgroup's name); None for selector agents, whose task the
+    /// daemon knows.
+    pub task: Option<String>,
+}
+
 /// The selectors in force, copied from the identity directory whenever they change.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Roster {
@@ -56,22 +65,38 @@ impl Roster {
         roster
     }
 
-    /// The agent of thread `tid`, or None: outside every agent (or gone). `tag` reads the
-    /// thread's tag (the stable agent id an executable selector gave it).
-    pub fn agent_of(
+    /// The agent of thread `tid` (None: outside every agent, or gone) and, for `run`'s agents,
+    /// the task its cgroup names: read while the opener waits, because a short-lived opener has
+    /// no cgroup left when the daemon looks. `tag` reads the thread's tag (the stable agent id an
+    /// executable selector gave it).
+    pub fn opener(
         &self,
         host: &impl ProcessView,
         tag: impl FnOnce(u32) -> Option<u32>,
         tid: u32,
-    ) -> Option<String> {
+    ) -> Option<Opener> {
         let cgroup = host.cgroup(tid);
-        if let Some((agent, _task)) = cgroup.as_deref().and_then(run_cgroup_identity) {
-            return Some(agent.to_string());
+        if let Some((agent, task)) = cgroup.as_deref().and_then(run_cgroup_identity) {
+            return Some(Opener {
+                agent: agent.to_string(),
+                task: Some(task.to_string()),
+            });
         }
+        self.selected_agent(cgroup.as_deref(), host, tag, tid)
+            .map(|agent| Opener { agent, task: None })
+    }
+
+    fn selected_agent(
+        &self,
+        cgroup: Option<&str>,
+        host: &impl ProcessView,
+        tag: impl FnOnce(u32) -> Option<u32>,
+        tid: u32,
+    ) -> Option<String> {
         if let Some(name) = tag(tid).and_then(|id| self.names.get(&id)) {
             return Some(name.clone());
         }
-        if let Some(c) = cgroup.as_deref()
+        if let Some(c) = cgroup
             && let Some((_, _, agent)) = self
                 .cgroups
                 .iter()
@@ -133,47 +158,77 @@ mod tests {
             cgroup: Some("/agents/inner/x.scope"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&in_inner, tagged, 7).as_deref(), Some("tagged"));
+        assert_eq!(
+            r.opener(&in_inner, tagged, 7).map(|o| o.agent).as_deref(),
+            Some("tagged")
+        );
         let in_run = Host {
             cgroup: Some("/agent-monitor/coder/t1"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&in_run, tagged, 7).as_deref(), Some("coder"));
+        assert_eq!(
+            r.opener(&in_run, tagged, 7).map(|o| o.agent).as_deref(),
+            Some("coder")
+        );
+        assert_eq!(
+            r.opener(&in_run, tagged, 7).and_then(|o| o.task).as_deref(),
+            Some("t1"),
+            "the task is read with the agent, while the opener waits"
+        );
         // A tag of an agent no policy names any more is no identity.
         assert_eq!(
-            r.agent_of(&in_run, |_| Some(1), 7).as_deref(),
+            r.opener(&in_run, |_| Some(1), 7)
+                .map(|o| o.agent)
+                .as_deref(),
             Some("coder")
         );
         let run = Host {
             cgroup: Some("/agent-monitor/coder/t1"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&run, untagged, 7).as_deref(), Some("coder"));
+        assert_eq!(
+            r.opener(&run, untagged, 7).map(|o| o.agent).as_deref(),
+            Some("coder")
+        );
         let inner = Host {
             cgroup: Some("/agents/inner/x.scope"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&inner, untagged, 7).as_deref(), Some("inner"));
+        assert_eq!(
+            r.opener(&inner, untagged, 7).map(|o| o.agent).as_deref(),
+            Some("inner")
+        );
         let outer = Host {
             cgroup: Some("/agents/innerx"),
             uid: 0,
         };
-        assert_eq!(r.agent_of(&outer, untagged, 7).as_deref(), Some("outer"));
+        assert_eq!(
+            r.opener(&outer, untagged, 7).map(|o| o.agent).as_deref(),
+            Some("outer")
+        );
         let uid = Host {
             cgroup: Some("/user.slice"),
             uid: 1500,
         };
-        assert_eq!(r.agent_of(&uid, untagged, 7).as_deref(), Some("by-uid"));
+        assert_eq!(
+            r.opener(&uid, untagged, 7).map(|o| o.agent).as_deref(),
+            Some("by-uid")
+        );
         let host = Host {
             cgroup: Some("/user.slice"),
             uid: 1000,
         };
-        assert_eq!(r.agent_of(&host, untagged, 7), None);
+        assert_eq!(r.opener(&host, untagged, 7).map(|o| o.agent), None);
         let gone = Host {
             cgroup: None,
             uid: 1000,
         };
-        assert_eq!(Roster::default().agent_of(&gone, untagged, 7), None);
+        assert_eq!(
+            Roster::default()
+                .opener(&gone, untagged, 7)
+                .map(|o| o.agent),
+            None
+        );
     }
 
     #[test]
@@ -192,6 +247,9 @@ mod tests {
             cgroup: Some("/user.slice"),
             uid: 1000,
         };
-        assert_eq!(back.agent_of(&host, tagged, 7).as_deref(), Some("tagged"));
+        assert_eq!(
+            back.opener(&host, tagged, 7).map(|o| o.agent).as_deref(),
+            Some("tagged")
+        );
     }
 }

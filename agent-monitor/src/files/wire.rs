@@ -258,6 +258,7 @@ mod tests {
             uid: 0,
             comm: "cat".into(),
             agent: "coder".into(),
+            task: Some("t1".into()),
             verdict: Verdict::Alert,
             rule: "files.deny \"/etc/x\" (line 4)".into(),
             path: "/etc/x".into(),
