@@ -104,7 +104,6 @@ pub fn through_endpoint(policy: &Policy, host: &str, port: u16, by_name: Decisio
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::path::Path;
 
     use super::*;
     use crate::action::{Destination, EgressConnection, HttpRequest, Object, Verdict};
@@ -154,8 +153,7 @@ pub(crate) mod tests {
     }
 
     fn policy(body: &str) -> Policy {
-        let text = format!("agent = \"coder\"\n{body}");
-        Policy::parse(&text, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+        crate::policy::test_policy("coder", body)
     }
 
     const RULES: &str = r#"

@@ -109,8 +109,10 @@ mod tests {
 
     fn policy(agent: &str, hosts: bool, dns: &str) -> Policy {
         let allow = if hosts { "\"a.test:443\"" } else { "" };
-        let text = format!("agent = {agent:?}\n[network]\nallow = [{allow}]\n[dns]\n{dns}\n");
-        Policy::parse(&text, Path::new(&format!("{agent}.toml"))).unwrap_or_else(|e| panic!("{e}"))
+        crate::policy::test_policy(
+            agent,
+            &format!("[network]\nallow = [{allow}]\n[dns]\n{dns}\n"),
+        )
     }
 
     fn set(policies: Vec<Policy>) -> PolicySet {

@@ -172,17 +172,14 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::path::Path;
 
     use super::*;
 
     fn policy(network: &[&str], exec: &[&str]) -> Policy {
-        let text =
-            format!("agent = \"t\"\n[network]\nallow = {network:?}\n[exec]\nallow = {exec:?}\n");
-        match Policy::parse(&text, Path::new("t.toml")) {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        }
+        crate::policy::test_policy(
+            "t",
+            &format!("[network]\nallow = {network:?}\n[exec]\nallow = {exec:?}\n"),
+        )
     }
 
     fn ip(s: &str) -> IpAddr {

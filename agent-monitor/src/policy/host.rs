@@ -237,11 +237,7 @@ mod tests {
     use super::*;
 
     fn policy(network: &[&str]) -> Policy {
-        let text = format!("agent = \"t\"\n[network]\nallow = {network:?}\n");
-        match Policy::parse(&text, Path::new("t.toml")) {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        }
+        crate::policy::test_policy("t", &format!("[network]\nallow = {network:?}\n"))
     }
 
     fn parse_err(entry: &str) -> String {

@@ -161,16 +161,11 @@ impl Policy {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
 
     fn policy(body: &str) -> Policy {
-        let text = format!("agent = \"t\"\n{body}");
-        match Policy::parse(&text, Path::new("t.toml")) {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        }
+        crate::policy::test_policy("t", body)
     }
 
     const RULES: &str = r#"

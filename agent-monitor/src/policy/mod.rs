@@ -20,3 +20,12 @@ pub use model::{Policy, PolicySet};
 pub use parse::{GrantRuleError, Issue, PolicyError, parse_grants};
 pub(crate) use parse::{parse_exec, valid_net_entry};
 pub use unix::unix_name_display;
+
+/// Test helper: the policy of `agent` written as the agent line followed by `body`, parsed from
+/// `{agent}.toml`; a parse error fails the test with the text.
+#[cfg(test)]
+pub(crate) fn test_policy(agent: &str, body: &str) -> Policy {
+    let text = format!("agent = {agent:?}\n{body}");
+    Policy::parse(&text, std::path::Path::new(&format!("{agent}.toml")))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+}

@@ -149,9 +149,7 @@ mod tests {
     use super::*;
 
     fn warned(body: &str) -> Vec<(usize, String)> {
-        let text = format!("agent = \"t\"\n{body}");
-        let p = Policy::parse(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
-        policy_warnings(&p)
+        policy_warnings(&crate::policy::test_policy("t", body))
     }
 
     const HTTP: &str = "[[network.http]]\nhost = \"api.github.com\"\nport = 443\n\

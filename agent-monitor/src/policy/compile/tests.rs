@@ -7,12 +7,10 @@ use crate::policy::evaluate::ExecFacts;
 use crate::policy::model::Policy;
 
 fn policy(agent: &str, network: &[&str], exec: &[&str]) -> Policy {
-    let text =
-        format!("agent = {agent:?}\n[network]\nallow = {network:?}\n[exec]\nallow = {exec:?}\n");
-    match Policy::parse(&text, Path::new(&format!("{agent}.toml"))) {
-        Ok(p) => p,
-        Err(e) => panic!("{e}"),
-    }
+    crate::policy::test_policy(
+        agent,
+        &format!("[network]\nallow = {network:?}\n[exec]\nallow = {exec:?}\n"),
+    )
 }
 
 fn set(policies: Vec<Policy>) -> PolicySet {
