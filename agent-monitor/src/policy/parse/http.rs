@@ -285,7 +285,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_request_rules_name_file_line_column_and_what_was_expected() {
+    fn bad_request_rules_and_wrong_types_name_file_line_column_and_what_was_expected() {
         let cases = [
             (
                 http("a.test:443", "443", "[\"GET\"]", "[\"/\"]"),
@@ -353,29 +353,7 @@ mod tests {
                 "[[network.tls]]\nhost = \"a.test\"\nport = 443\nsni = true\n".to_string(),
                 "unknown field `sni`",
             ),
-        ];
-        for (body, want) in cases {
-            let msg = parse_err(&body);
-            assert!(msg.contains(want), "{body}\n→ {msg}\nwanted {want:?}");
-        }
-    }
-
-    #[test]
-    fn good_paths_and_methods() {
-        for p in ["/", "/*", "/user", "/repos/acme/*", "/a/b.c/-_~%20"] {
-            assert_eq!(super::check_path(p), Ok(()), "{p}");
-        }
-        for m in ["GET", "get", "PROPFIND", "*", "M-SEARCH"] {
-            assert!(super::check_method(m).is_ok(), "{m}");
-        }
-        assert_eq!(super::check_method("get").unwrap(), "GET");
-        assert!(super::check_method("").is_err());
-        assert!(super::check_method("G*").is_err());
-    }
-
-    #[test]
-    fn wrong_types_and_missing_fields_name_file_line_column() {
-        let cases = [
+            // Wrong types and missing fields.
             (
                 http("a.test", "\"443\"", "[\"GET\"]", "[\"/\"]"),
                 "t.toml:4:8: invalid type: string \"443\", expected i64",
@@ -420,5 +398,18 @@ mod tests {
             let msg = parse_err(&body);
             assert!(msg.contains(want), "{body}\n→ {msg}\nwanted {want:?}");
         }
+    }
+
+    #[test]
+    fn good_paths_and_methods() {
+        for p in ["/", "/*", "/user", "/repos/acme/*", "/a/b.c/-_~%20"] {
+            assert_eq!(super::check_path(p), Ok(()), "{p}");
+        }
+        for m in ["GET", "get", "PROPFIND", "*", "M-SEARCH"] {
+            assert!(super::check_method(m).is_ok(), "{m}");
+        }
+        assert_eq!(super::check_method("get").unwrap(), "GET");
+        assert!(super::check_method("").is_err());
+        assert!(super::check_method("G*").is_err());
     }
 }
