@@ -668,23 +668,12 @@ pub fn section(o: &mut String, i: Option<&InterceptCost>) {
         i.requests,
         i.mib
     );
-    let _ = writeln!(
+    crate::report::request_table(
         o,
-        "| path | request median µs | request p99 µs | download MiB/s |\n|---|---:|---:|---:|"
-    );
-    let _ = writeln!(
-        o,
-        "| direct | {} | {} | {:.0} |",
-        us(med_of(&i.direct, |x| x.median_ns)),
-        us(med_of(&i.direct, |x| x.p99_ns)),
-        rate(&i.direct_download)
-    );
-    let _ = writeln!(
-        o,
-        "| intercepted | {} | {} | {:.0} |",
-        us(med_of(&i.intercepted, |x| x.median_ns)),
-        us(med_of(&i.intercepted, |x| x.p99_ns)),
-        rate(&i.intercepted_download)
+        &[
+            ("direct", &i.direct, &i.direct_download),
+            ("intercepted", &i.intercepted, &i.intercepted_download),
+        ],
     );
     let (p50, p99) = added(&i.direct, &i.intercepted);
     let _ = writeln!(

@@ -252,3 +252,23 @@ use markdown::*;
 
 #[cfg(test)]
 mod tests;
+
+/// The request-latency and download-rate table of an egress measurement, one row a path (its
+/// name, its request stats and its downloads, each column the median over the repetitions). A
+/// caller adds its own rows after it, and the blank line that ends the table.
+pub fn request_table(o: &mut String, rows: &[(&str, &[OpStats], &[crate::egress::Download])]) {
+    let med = |v: &[OpStats], f: fn(&OpStats) -> u64| median(&v.iter().map(f).collect::<Vec<_>>());
+    let _ = writeln!(
+        o,
+        "| path | request median µs | request p99 µs | download MiB/s |\n|---|---:|---:|---:|"
+    );
+    for (path, stats, downloads) in rows {
+        let _ = writeln!(
+            o,
+            "| {path} | {} | {} | {:.0} |",
+            markdown::us(med(stats, |x| x.median_ns)),
+            markdown::us(med(stats, |x| x.p99_ns)),
+            median_f(&downloads.iter().map(|d| d.mib_per_s).collect::<Vec<_>>())
+        );
+    }
+}

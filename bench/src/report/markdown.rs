@@ -563,12 +563,6 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         let _ = writeln!(o, "Not measured in this run.\n");
         return;
     };
-    let med = |v: &[OpStats], f: fn(&OpStats) -> u64| {
-        median_f(&v.iter().map(|x| f(x) as f64).collect::<Vec<_>>())
-    };
-    let rate = |v: &[crate::egress::Download]| {
-        median_f(&v.iter().map(|d| d.mib_per_s).collect::<Vec<_>>())
-    };
     let _ = writeln!(
         o,
         "{} repetitions, interleaved; in each, {} small requests (a new connection each: \
@@ -580,24 +574,14 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         e.requests,
         e.mib
     );
-    let _ = writeln!(
+    request_table(
         o,
-        "| path | request median µs | request p99 µs | download MiB/s |\n|---|---:|---:|---:|"
+        &[
+            ("direct", &e.direct, &e.direct_download),
+            ("through the endpoint", &e.through, &e.through_download),
+        ],
     );
-    let _ = writeln!(
-        o,
-        "| direct | {} | {} | {:.0} |",
-        us(med(&e.direct, |x| x.median_ns)),
-        us(med(&e.direct, |x| x.p99_ns)),
-        rate(&e.direct_download)
-    );
-    let _ = writeln!(
-        o,
-        "| through the endpoint | {} | {} | {:.0} |\n",
-        us(med(&e.through, |x| x.median_ns)),
-        us(med(&e.through, |x| x.p99_ns)),
-        rate(&e.through_download)
-    );
+    let _ = writeln!(o);
     if !e.through_daemon_cpu_s.is_empty() {
         let _ = writeln!(
             o,
