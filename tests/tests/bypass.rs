@@ -1137,6 +1137,94 @@ print(c.makefile().readline(), flush=True)
     );
 }
 
+/// The scene both io_uring tests share: two TCP and two UDP loopback endpoints (one of each
+/// allowed), the io_uring attacker compiled from `URING_C`, and a new agent's policy allowing the
+/// two allowed endpoints and the attacker.
+struct UringScene {
+    tcp_ok: CountingListener,
+    tcp_no: CountingListener,
+    udp_ok: UdpSink,
+    udp_no: UdpSink,
+    /// Holds the compiled attacker.
+    _dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    agent: String,
+    policy: (String, String),
+}
+
+impl UringScene {
+    fn new(label: &str) -> UringScene {
+        let tcp_ok = CountingListener::bind("127.0.0.1:0");
+        let tcp_no = CountingListener::bind("127.0.0.1:0");
+        let udp_ok = UdpSink::bind("127.0.0.1:0");
+        let udp_no = UdpSink::bind("127.0.0.1:0");
+        let dir = tempfile::tempdir().unwrap();
+        let bin = compile_c(dir.path(), "uring", URING_C);
+        let agent = unique_agent(label);
+        let policy = policy(
+            &agent,
+            &[
+                format!("127.0.0.1:{}", tcp_ok.port),
+                format!("127.0.0.1:{}", udp_ok.port),
+            ],
+            &[bin.to_str().unwrap()],
+        );
+        UringScene {
+            tcp_ok,
+            tcp_no,
+            udp_ok,
+            udp_no,
+            _dir: dir,
+            bin,
+            agent,
+            policy,
+        }
+    }
+
+    fn bin_s(&self) -> &str {
+        self.bin.to_str().unwrap()
+    }
+
+    /// The attacker's arguments: the four endpoints' ports.
+    fn ports(&self) -> [String; 4] {
+        [
+            self.tcp_ok.port,
+            self.tcp_no.port,
+            self.udp_ok.port,
+            self.udp_no.port,
+        ]
+        .map(|p| p.to_string())
+    }
+
+    /// The attacker's report when its allowed calls work and its denied ones get EPERM.
+    fn assert_judged(&self, stdout: &str, d: &Daemon) {
+        for w in [
+            "connect_allowed 0".to_string(),
+            format!("connect_denied -{}", libc::EPERM),
+            "sendmsg_allowed 1".to_string(),
+            format!("sendmsg_denied -{}", libc::EPERM),
+        ] {
+            assert!(stdout.contains(&w), "{w} missing: {stdout}\n{}", d.log());
+        }
+    }
+
+    /// Waits for the denied connect and sendmsg records (`what` names the route); returns the
+    /// connect's.
+    fn wait_denials(&self, d: &Daemon, what: &str) -> Value {
+        let rec = d.wait_audit(&format!("denied {what} connect"), |v| {
+            is(v, "action", "connect")
+                && is(v, "verdict", "denied")
+                && v["dest_port"] == self.tcp_no.port
+        });
+        d.wait_audit(&format!("denied {what} sendmsg"), |v| {
+            is(v, "action", "sendmsg")
+                && is(v, "verdict", "denied")
+                && v["dest_port"] == self.udp_no.port
+        });
+        rec
+    }
+}
+
 /// io_uring's connect and sendmsg reach the same kernel functions as the system calls, so the
 /// cgroup hooks judge them. `run` refuses io_uring altogether; this agent is placed through the
 /// control socket directly, without that filter, to show the hooks alone hold.
@@ -1145,22 +1233,8 @@ fn io_uring_connect_and_sendmsg_are_judged_without_the_filter() {
     if !require_root("io_uring_connect_and_sendmsg_are_judged_without_the_filter") {
         return;
     }
-    let tcp_ok = CountingListener::bind("127.0.0.1:0");
-    let tcp_no = CountingListener::bind("127.0.0.1:0");
-    let udp_ok = UdpSink::bind("127.0.0.1:0");
-    let udp_no = UdpSink::bind("127.0.0.1:0");
-    let dir = tempfile::tempdir().unwrap();
-    let bin = compile_c(dir.path(), "uring", URING_C);
-    let bin_s = bin.to_str().unwrap();
-    let agent = unique_agent("uring");
-    let d = Daemon::start(&[policy(
-        &agent,
-        &[
-            format!("127.0.0.1:{}", tcp_ok.port),
-            format!("127.0.0.1:{}", udp_ok.port),
-        ],
-        &[bin_s],
-    )]);
+    let s = UringScene::new("uring");
+    let d = Daemon::start(std::slice::from_ref(&s.policy));
     // Place this python process as the agent, then exec the attacker (no seccomp filter).
     let place = fill(
         r#"import json, os, socket, sys
@@ -1176,35 +1250,21 @@ os.execv(sys.argv[1], sys.argv[1:])
 "#,
         &[
             ("SOCK", d.socket.display().to_string()),
-            ("AGENT", agent.clone()),
+            ("AGENT", s.agent.clone()),
         ],
     );
-    let ports = [tcp_ok.port, tcp_no.port, udp_ok.port, udp_no.port].map(|p| p.to_string());
     let out = std::process::Command::new(PYTHON)
-        .args(["-c", &place, bin_s])
-        .args(&ports)
+        .args(["-c", &place, s.bin_s()])
+        .args(s.ports())
         .output()
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout} {}", text(&out.stderr));
-    let want = [
-        "connect_allowed 0".to_string(),
-        format!("connect_denied -{}", libc::EPERM),
-        "sendmsg_allowed 1".to_string(),
-        format!("sendmsg_denied -{}", libc::EPERM),
-    ];
-    for w in want {
-        assert!(stdout.contains(&w), "{w} missing: {stdout}");
-    }
-    assert_eq!(tcp_no.accepted(), 0);
-    assert_eq!(udp_no.received(), 0);
-    assert_eq!(udp_ok.received(), 1);
-    d.wait_audit("denied io_uring connect", |v| {
-        is(v, "action", "connect") && is(v, "verdict", "denied") && v["dest_port"] == tcp_no.port
-    });
-    d.wait_audit("denied io_uring sendmsg", |v| {
-        is(v, "action", "sendmsg") && is(v, "verdict", "denied") && v["dest_port"] == udp_no.port
-    });
+    s.assert_judged(&stdout, &d);
+    assert_eq!(s.tcp_no.accepted(), 0);
+    assert_eq!(s.udp_no.received(), 0);
+    assert_eq!(s.udp_ok.received(), 1);
+    s.wait_denials(&d, "io_uring");
     let rec = d.wait_audit("vsock socket without the filter", |v| {
         is(v, "action", "socket") && field(v, "socket").starts_with("vsock")
     });
@@ -1220,30 +1280,16 @@ fn io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged() {
     if !require_root("io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged") {
         return;
     }
-    let tcp_ok = CountingListener::bind("127.0.0.1:0");
-    let tcp_no = CountingListener::bind("127.0.0.1:0");
-    let udp_ok = UdpSink::bind("127.0.0.1:0");
-    let udp_no = UdpSink::bind("127.0.0.1:0");
-    let dir = tempfile::tempdir().unwrap();
-    let bin = compile_c(dir.path(), "uring", URING_C);
-    let bin_s = bin.to_str().unwrap();
-    let ports = [tcp_ok.port, tcp_no.port, udp_ok.port, udp_no.port].map(|p| p.to_string());
-    let agent = unique_agent("uring-wrk");
-    let (name, body) = policy(
-        &agent,
-        &[
-            format!("127.0.0.1:{}", tcp_ok.port),
-            format!("127.0.0.1:{}", udp_ok.port),
-        ],
-        &[bin_s],
-    );
+    let s = UringScene::new("uring-wrk");
+    let (name, body) = s.policy.clone();
     let body = format!(
-        "{body}[identity]\nexecutables = [{{ path = {bin_s:?}, sha256 = {:?} }}]\n",
-        sha256_hex(&bin)
+        "{body}[identity]\nexecutables = [{{ path = {:?}, sha256 = {:?} }}]\n",
+        s.bin_s(),
+        sha256_hex(&s.bin)
     );
     let uring = |selected: bool| {
-        let mut cmd = std::process::Command::new(&bin);
-        cmd.args(&ports).env("URING_ASYNC", "1");
+        let mut cmd = std::process::Command::new(&s.bin);
+        cmd.args(s.ports()).env("URING_ASYNC", "1");
         let out = cmd.output().unwrap();
         let stdout = text(&out.stdout);
         assert!(
@@ -1257,36 +1303,24 @@ fn io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged() {
     let stdout = uring(false);
     assert!(stdout.contains("connect_denied 0"), "{stdout}");
     assert!(stdout.contains("sendmsg_denied 1"), "{stdout}");
-    assert_eq!(tcp_no.accepted(), 1);
-    assert_eq!(udp_no.received(), 1);
+    assert_eq!(s.tcp_no.accepted(), 1);
+    assert_eq!(s.udp_no.received(), 1);
 
     let d = Daemon::start(&[(name, body)]);
     let stdout = uring(true);
-    for w in [
-        "connect_allowed 0".to_string(),
-        format!("connect_denied -{}", libc::EPERM),
-        "sendmsg_allowed 1".to_string(),
-        format!("sendmsg_denied -{}", libc::EPERM),
-    ] {
-        assert!(stdout.contains(&w), "{w} missing: {stdout}\n{}", d.log());
-    }
+    s.assert_judged(&stdout, &d);
     assert_eq!(
-        tcp_no.accepted(),
+        s.tcp_no.accepted(),
         1,
         "no connect through a worker beyond the control's"
     );
     assert_eq!(
-        udp_no.received(),
+        s.udp_no.received(),
         1,
         "no datagram through a worker beyond the control's"
     );
-    let rec = d.wait_audit("denied worker connect", |v| {
-        is(v, "action", "connect") && is(v, "verdict", "denied") && v["dest_port"] == tcp_no.port
-    });
-    assert_eq!(field(&rec, "agent_id"), agent);
-    d.wait_audit("denied worker sendmsg", |v| {
-        is(v, "action", "sendmsg") && is(v, "verdict", "denied") && v["dest_port"] == udp_no.port
-    });
+    let rec = s.wait_denials(&d, "worker");
+    assert_eq!(field(&rec, "agent_id"), s.agent);
 }
 
 const URING_C: &str = r#"
