@@ -1004,3 +1004,13 @@ pub fn python_ready(script: &str, args: &[&str]) -> ChildGuard {
     assert_eq!(line.trim(), "ready", "python3 helper did not start");
     guard
 }
+
+/// Polls `done` every 50 ms until it holds; fails with `failure()` once `timeout` has passed
+/// without it.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool, failure: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", failure());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

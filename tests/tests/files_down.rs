@@ -32,19 +32,39 @@ fn policy(agent: &str, secret: &Path, selected: &Path) -> (String, String) {
 
 /// Waits until this start of the daemon has put `[files]` in force and armed the selector.
 fn wait_in_force(d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !d.log().contains("[files] in force")
-        || !d.status()["agents"][0]["selectors"]
-            .to_string()
-            .contains("sha256 verified")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "[files] or the selector not in force after 15 s:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(15),
+        || {
+            d.log().contains("[files] in force")
+                && d.status()["agents"][0]["selectors"]
+                    .to_string()
+                    .contains("sha256 verified")
+        },
+        || {
+            format!(
+                "[files] or the selector not in force after 15 s:\n{}",
+                d.log()
+            )
+        },
+    );
+}
+
+/// A new agent, a directory holding the file denied to it (`credentials`, "TOPSECRET") and a
+/// copy of bash there (`bot`) that its executable selector can name: (agent, dir, secret, bot).
+fn scene(label: &str) -> (String, tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("credentials");
+    std::fs::write(&secret, "TOPSECRET\n").expect("write");
+    let bot = dir.path().join("bot");
+    std::fs::copy("/bin/bash", &bot).expect("copy bash");
+    (unique_agent(label), dir, secret, bot)
+}
+
+/// A daemon denying `secret` to `agent`, selected by `selected`, once in force.
+fn daemon_in_force(agent: &str, secret: &Path, selected: &Path) -> Daemon {
+    let d = Daemon::start(&[policy(agent, secret, selected)]);
+    wait_in_force(&d);
+    d
 }
 
 fn assert_refused(d: &Daemon, out: &Output, what: &str) {
@@ -116,16 +136,10 @@ fn with_the_daemon_gone_agents_are_refused_the_host_is_answered_and_a_new_daemon
     ) {
         return;
     }
-    let agent = unique_agent("filesdown");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = dir.path().join("credentials");
+    let (agent, dir, secret, bot) = scene("filesdown");
     let notes = dir.path().join("notes");
-    std::fs::write(&secret, "TOPSECRET\n").expect("write");
     std::fs::write(&notes, "PLAIN\n").expect("write");
-    let bot: PathBuf = dir.path().join("bot");
-    std::fs::copy("/bin/bash", &bot).expect("copy bash");
-    let mut d = Daemon::start(&[policy(&agent, &secret, &bot)]);
-    wait_in_force(&d);
+    let mut d = daemon_in_force(&agent, &secret, &bot);
     assert_eq!(guards_of(&d.pin_dir).len(), 1, "one guard:\n{}", d.log());
 
     // A `run` agent that outlives the daemon: it reads both files once told to.
@@ -316,16 +330,12 @@ fn an_io_uring_open_of_a_denied_file_fails_for_an_agent_and_works_outside() {
     if !require_root("an_io_uring_open_of_a_denied_file_fails_for_an_agent_and_works_outside") {
         return;
     }
-    let agent = unique_agent("filesuring");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = dir.path().join("credentials");
-    std::fs::write(&secret, "TOPSECRET\n").expect("write");
+    let (agent, dir, secret, _) = scene("filesuring");
     // `run` refuses io_uring to its agents (seccomp): the agent is the selected program.
     let agent_bin = compile_c(dir.path(), "uring_cat", URING_CAT);
     let outside = dir.path().join("uring_cat_outside");
     std::fs::copy(&agent_bin, &outside).expect("copy");
-    let d = Daemon::start(&[policy(&agent, &secret, &agent_bin)]);
-    wait_in_force(&d);
+    let d = daemon_in_force(&agent, &secret, &agent_bin);
     let s = secret.display().to_string();
     for mode in ["inline", "async"] {
         let out = Command::new(&agent_bin)
@@ -362,14 +372,8 @@ fn a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one() {
     if !require_root("a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one") {
         return;
     }
-    let agent = unique_agent("filesguard");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = dir.path().join("credentials");
-    std::fs::write(&secret, "TOPSECRET\n").expect("write");
-    let bot: PathBuf = dir.path().join("bot");
-    std::fs::copy("/bin/bash", &bot).expect("copy bash");
-    let d = Daemon::start(&[policy(&agent, &secret, &bot)]);
-    wait_in_force(&d);
+    let (agent, _dir, secret, bot) = scene("filesguard");
+    let d = daemon_in_force(&agent, &secret, &bot);
     let s = secret.display().to_string();
     assert_refused(&d, &d.run(&agent, Some("t1"), &[CAT, &s]), "before");
     let old = guards_of(&d.pin_dir);
@@ -378,19 +382,15 @@ fn a_killed_guard_is_reported_and_the_running_daemon_starts_a_new_one() {
     unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
     // The documented residue: the group went with the guard (fail open) until the daemon has
     // started a new one and it has marked. The daemon says so, then puts [files] in force again.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(d
-        .log()
-        .contains(&format!("file guard (pid {}) is gone", old[0]))
-        && d.log().matches("[files] in force").count() >= 2)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no new guard within 20 s:\n{}",
-            logs(&d)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        || {
+            d.log()
+                .contains(&format!("file guard (pid {}) is gone", old[0]))
+                && d.log().matches("[files] in force").count() >= 2
+        },
+        || format!("no new guard within 20 s:\n{}", logs(&d)),
+    );
     let new = guards_of(&d.pin_dir);
     assert!(
         new.len() == 1 && new != old,
@@ -407,14 +407,8 @@ fn a_guard_of_another_build_is_replaced_once_the_new_one_has_marked() {
     if !require_root("a_guard_of_another_build_is_replaced_once_the_new_one_has_marked") {
         return;
     }
-    let agent = unique_agent("filesbuild");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let secret = dir.path().join("credentials");
-    std::fs::write(&secret, "TOPSECRET\n").expect("write");
-    let bot: PathBuf = dir.path().join("bot");
-    std::fs::copy("/bin/bash", &bot).expect("copy bash");
-    let mut d = Daemon::start(&[policy(&agent, &secret, &bot)]);
-    wait_in_force(&d);
+    let (agent, dir, secret, bot) = scene("filesbuild");
+    let mut d = daemon_in_force(&agent, &secret, &bot);
     let old = guards_of(&d.pin_dir);
     assert_eq!(old.len(), 1, "one guard:\n{}", logs(&d));
     d.stop();
@@ -429,26 +423,17 @@ fn a_guard_of_another_build_is_replaced_once_the_new_one_has_marked() {
     // SAFETY: as above.
     unsafe { std::env::set_var("AGENT_MONITOR_BIN", &first) };
     wait_in_force(&d);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.log().contains("of the previous build told to exit") || guards_of(&d.pin_dir) == old {
-        assert!(
-            Instant::now() < deadline,
-            "the old guard was not replaced:\n{}",
-            logs(&d)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || d.log().contains("of the previous build told to exit") && guards_of(&d.pin_dir) != old,
+        || format!("the old guard was not replaced:\n{}", logs(&d)),
+    );
     assert!(d.log().contains("is of another build"), "{}", logs(&d));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while guards_of(&d.pin_dir).len() != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "guards {:?}:\n{}",
-            guards_of(&d.pin_dir),
-            logs(&d)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        || guards_of(&d.pin_dir).len() == 1,
+        || format!("guards {:?}:\n{}", guards_of(&d.pin_dir), logs(&d)),
+    );
     let s = secret.display().to_string();
     assert_refused(
         &d,
