@@ -1014,3 +1014,17 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool, failure: im
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+impl Daemon {
+    /// An upgrade: stops the daemon, makes its pins look like another build's (the object hash in
+    /// the pinned state map differs) and starts it again on them.
+    pub fn restart_as_another_build(&mut self) {
+        self.stop();
+        let data = aya::maps::MapData::from_pin(self.pin_dir.join("maps/DAEMON_STATE")).unwrap();
+        let map = aya::maps::Map::from_map_data(data).unwrap();
+        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
+        state.set(1, 42, 0).unwrap();
+        drop(state);
+        self.spawn();
+    }
+}

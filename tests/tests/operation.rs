@@ -521,15 +521,7 @@ fn pinned_programs_of_another_build_are_replaced_without_a_gap() {
     let old_programs = link_program_ids(&d.status());
     let agent_loop = start_connect_loop(&d, &agent, "up", &[forbidden], 50, 5.0);
     std::thread::sleep(Duration::from_millis(1000));
-    d.stop();
-    // Make the pins look like another build's: the object hash in the state map differs.
-    {
-        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
-        let map = aya::maps::Map::from_map_data(data).unwrap();
-        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
-        state.set(1, 42, 0).unwrap();
-    }
-    d.spawn();
+    d.restart_as_another_build();
     let tries = outcomes(agent_loop);
     assert!(tries.len() >= 40, "{tries:?}");
     assert!(
@@ -1352,15 +1344,7 @@ fn task_grants_survive_an_upgrade_to_another_build() {
     let mut p = Prober::start(&d, &agent, "gu", port);
     grant(&d, &agent, "gu", port, "10m");
     assert_eq!(p.connect(), "ok", "granted");
-    d.stop();
-    // Make the pins look like another build's: the object hash in the state map differs.
-    {
-        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
-        let map = aya::maps::Map::from_map_data(data).unwrap();
-        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
-        state.set(1, 42, 0).unwrap();
-    }
-    d.spawn();
+    d.restart_as_another_build();
     assert_eq!(d.status()["origin"]["replaced_build"], true);
     assert_eq!(p.connect(), "ok", "the grant is in the new build's maps");
     let t = task_status(&d, &agent, "gu");

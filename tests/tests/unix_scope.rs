@@ -346,15 +346,7 @@ fn an_upgrade_replaces_the_unix_hooks_without_a_gap() {
         &[PYTHON, "-c", PY_CONNECT_LOOP, path_str(&socks.other), "5"],
     );
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    d.stop();
-    // Make the pins look like another build's: the object hash in the state map differs.
-    {
-        let data = aya::maps::MapData::from_pin(d.pin_dir.join("maps/DAEMON_STATE")).unwrap();
-        let map = aya::maps::Map::from_map_data(data).unwrap();
-        let mut state: aya::maps::Array<_, u64> = aya::maps::Array::try_from(map).unwrap();
-        state.set(1, 42, 0).unwrap();
-    }
-    d.spawn();
+    d.restart_as_another_build();
     let out = agent_loop.wait_with_output().unwrap();
     let tries: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
     assert!(tries.len() >= 40, "{tries:?} {}", text(&out.stderr));
