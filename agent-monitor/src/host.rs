@@ -137,24 +137,24 @@ pub fn pid_max() -> Option<u32> {
 }
 
 pub fn tracepoint_layout() -> anyhow::Result<TracepointLayout> {
-    let socket = tracepoint_format("syscalls", "sys_enter_socket")?;
-    for (field, want) in [("family", 16), ("type", 24), ("protocol", 32)] {
-        let got = field_offset(&socket, field);
-        if got != Some(want) {
-            bail!(
-                "syscalls/sys_enter_socket has {field} at {got:?}, the programs expect {want}; \
-                 this kernel's layout is not supported"
-            );
-        }
-    }
-    let newtask = tracepoint_format("task", "task_newtask")?;
-    for (field, want) in [("pid", 8), ("clone_flags", 32)] {
-        let got = field_offset(&newtask, field);
-        if got != Some(want) {
-            bail!(
-                "task/task_newtask has {field} at {got:?}, the programs expect {want}; \
-                 this kernel's layout is not supported"
-            );
+    let fixed: [(&str, &str, &[(&str, usize)]); 2] = [
+        (
+            "syscalls",
+            "sys_enter_socket",
+            &[("family", 16), ("type", 24), ("protocol", 32)],
+        ),
+        ("task", "task_newtask", &[("pid", 8), ("clone_flags", 32)]),
+    ];
+    for (category, event, fields) in fixed {
+        let format = tracepoint_format(category, event)?;
+        for &(field, want) in fields {
+            let got = field_offset(&format, field);
+            if got != Some(want) {
+                bail!(
+                    "{category}/{event} has {field} at {got:?}, the programs expect {want}; \
+                     this kernel's layout is not supported"
+                );
+            }
         }
     }
     let fork = tracepoint_format("sched", "sched_process_fork")?;
