@@ -527,3 +527,62 @@ fn alert_mode_lets_an_off_list_connect_through_and_reports_it_once_with_where_it
         "the listed socket was reported as an alert"
     );
 }
+
+#[test]
+fn an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_later_runs_use_it() {
+    if !require_root(
+        "an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_later_runs_use_it",
+    ) {
+        return;
+    }
+    let dir = socket_dir();
+    let outside = socket_dir();
+    let listed = dir.path().join("listed.sock");
+    let engine = outside.path().join("engine.sock");
+    let _listed_server = serve(&listed, "listed");
+    let _engine_server = serve(&engine, "engine");
+    // The agent asks by a symlink's name; the approval names the socket it led to.
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&engine, &link).unwrap();
+    assert_eq!(curl_outside(s(&link)), "engine");
+
+    let agent = unique_agent("ask-unix-always");
+    let d = Daemon::start_with(
+        &[policy(&agent, "ask", &[s(&listed)])],
+        &["--ask-timeout", "20s"],
+    );
+    let script = format!(
+        "{PY_REQ}req('first', {l:?})\nreq('again', {l:?})\n",
+        l = s(&link)
+    );
+    let mut child = d.spawn_run(&agent, "t1", &[], &[PYTHON, "-c", &script]);
+    let req = wait_held(&d, &agent, s(&link), &[]);
+    still_held(&mut child);
+    decide(&d, &["approve", &id_of(&req).to_string(), "--always"]);
+    let out = finish(child);
+    // The running `run` keeps the approval: its second connect is not held.
+    assert_eq!(outcome(&out, "first"), "ok engine");
+    assert_eq!(outcome(&out, "again"), "ok engine");
+    let approved = std::fs::read_to_string(d.policies.join(format!("{agent}.approved.toml")))
+        .expect("the approved file");
+    assert!(
+        approved.contains("[unix]") && approved.contains(&format!("{:?}", s(&engine))),
+        "the socket's own path joins [unix] allow: {approved}"
+    );
+    assert!(
+        !approved.contains(&format!("{:?},", s(&link))),
+        "not the symlink's name: {approved}"
+    );
+    let always = assert_ask_reported(&d, &agent, id_of(&req), "approved", s(&link));
+    assert_eq!(field(&always, "decision_scope"), "always");
+    // A new run gets the reloaded list at placement: the engine answers without a question
+    // (a held connect would time out only after 20 s; curl gives up after 30).
+    let started = Instant::now();
+    let out = d.run(&agent, Some("t2"), &curl_args(s(&engine)));
+    assert_eq!(server_of(&out), "engine");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        pending_requests(&d).is_empty(),
+        "nothing was held for the new run"
+    );
+}

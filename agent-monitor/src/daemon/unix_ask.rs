@@ -150,7 +150,7 @@ mod tests {
     #[test]
     fn a_held_unix_connect_names_the_socket_and_where_it_led() {
         let n = notice_fields(
-            Notice::new("id", crate::output::notice::Level::Notice, "m".into()),
+            Notice::new("id", crate::output::notice::Level::Notice, "m"),
             &unix(),
         );
         let get = |k: &str| {
