@@ -80,6 +80,39 @@ fn socket_dir() -> tempfile::TempDir {
     dir
 }
 
+/// A listed socket in a directory the agent may write (`dir`) and an unlisted "engine" in
+/// another, both served; the engine answers from outside every agent (the control).
+struct Sockets {
+    dir: tempfile::TempDir,
+    _outside: tempfile::TempDir,
+    listed: std::path::PathBuf,
+    engine: std::path::PathBuf,
+    _servers: [ChildGuard; 2],
+}
+
+fn sockets() -> Sockets {
+    let dir = socket_dir();
+    let outside = socket_dir();
+    let listed = dir.path().join("listed.sock");
+    let engine = outside.path().join("engine.sock");
+    let servers = [serve(&listed, "listed"), serve(&engine, "engine")];
+    assert_eq!(curl_outside(s(&engine)), "engine");
+    Sockets {
+        dir,
+        _outside: outside,
+        listed,
+        engine,
+        _servers: servers,
+    }
+}
+
+/// A symlink `name` in the agent's directory leading to `to`.
+fn link_in(sockets: &Sockets, name: &str, to: &Path) -> std::path::PathBuf {
+    let link = sockets.dir.path().join(name);
+    std::os::unix::fs::symlink(to, &link).unwrap();
+    link
+}
+
 /// A policy for `agent` in `mode` that may run python3 and curl and use the unix sockets `allow`.
 fn policy(agent: &str, mode: &str, allow: &[&str]) -> (String, String) {
     let (name, text) = mode_policy(agent, mode, &[], &["/usr/bin/python3*", CURL]);
@@ -245,13 +278,8 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
     ) {
         return;
     }
-    let dir = socket_dir();
-    let listed = dir.path().join("listed.sock");
-    let engine = dir.path().join("engine.sock");
-    let _listed_server = serve(&listed, "listed");
-    let _engine_server = serve(&engine, "engine");
-    // Control: the engine answers from outside every agent.
-    assert_eq!(curl_outside(s(&engine)), "engine");
+    let sk = sockets();
+    let (listed, engine) = (&sk.listed, &sk.engine);
 
     let agent = unique_agent("ask-unix");
     // Long enough that a call held by mistake fails the test by waiting, not by timing out.
@@ -353,12 +381,8 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
     if !require_root("denied_and_timed_out_unix_connects_fail_with_eperm") {
         return;
     }
-    let dir = socket_dir();
-    let listed = dir.path().join("listed.sock");
-    let engine = dir.path().join("engine.sock");
-    let _listed_server = serve(&listed, "listed");
-    let _engine_server = serve(&engine, "engine");
-    assert_eq!(curl_outside(s(&engine)), "engine");
+    let sk = sockets();
+    let (listed, engine) = (&sk.listed, &sk.engine);
 
     let agent = unique_agent("ask-unix-deny");
     let d = Daemon::start_with(
@@ -471,15 +495,10 @@ fn alert_mode_lets_an_off_list_connect_through_and_reports_it_once_with_where_it
     ) {
         return;
     }
-    let dir = socket_dir();
-    let listed = dir.path().join("listed.sock");
-    let outside = socket_dir();
-    let engine = outside.path().join("engine.sock");
-    let _listed_server = serve(&listed, "listed");
-    let _engine_server = serve(&engine, "engine");
+    let sk = sockets();
+    let (listed, engine) = (&sk.listed, &sk.engine);
     // A name the agent may write, leading to the engine.
-    let link = dir.path().join("link.sock");
-    std::os::unix::fs::symlink(&engine, &link).unwrap();
+    let link = link_in(&sk, "link.sock", engine);
     // Control: both answer from outside every agent.
     assert_eq!(curl_outside(s(&link)), "engine");
     assert_eq!(curl_outside(s(&listed)), "listed");
@@ -535,15 +554,10 @@ fn an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_late
     ) {
         return;
     }
-    let dir = socket_dir();
-    let outside = socket_dir();
-    let listed = dir.path().join("listed.sock");
-    let engine = outside.path().join("engine.sock");
-    let _listed_server = serve(&listed, "listed");
-    let _engine_server = serve(&engine, "engine");
+    let sk = sockets();
+    let (listed, engine) = (&sk.listed, &sk.engine);
     // The agent asks by a symlink's name; the approval names the socket it led to.
-    let link = dir.path().join("link.sock");
-    std::os::unix::fs::symlink(&engine, &link).unwrap();
+    let link = link_in(&sk, "link.sock", engine);
     assert_eq!(curl_outside(s(&link)), "engine");
 
     let agent = unique_agent("ask-unix-always");
