@@ -121,6 +121,10 @@ pub fn action_text(a: &HeldAction) -> String {
         HeldAction::Exec { path, argv, .. } => format!("exec {path} {}", argv.join(" "))
             .trim_end()
             .to_string(),
+        HeldAction::Unix { path, resolved, .. } => match resolved {
+            Some(r) if r != path => format!("unix {path} -> {r}"),
+            _ => format!("unix {path}"),
+        },
     }
 }
 

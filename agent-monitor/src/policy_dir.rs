@@ -132,6 +132,8 @@ fn approved_shape(path: &Path) -> Result<(), String> {
         match (key.as_str(), value) {
             ("agent", _) => {}
             ("network" | "exec", toml::Value::Table(t)) if t.keys().all(|k| k == "allow") => {}
+            // `always` approvals of unix sockets (ask mode, docs/ask.md).
+            ("unix", toml::Value::Table(t)) if t.keys().all(|k| k == "allow") => {}
             _ => {
                 return Err(format!(
                     "{key:?}: an approved file holds only `agent`, `network.allow` and \

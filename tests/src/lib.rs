@@ -1028,3 +1028,34 @@ impl Daemon {
         self.spawn();
     }
 }
+
+/// Every held request `pending --json` lists (whatever wraps them: an array, `{"requests":…}`
+/// or one per line).
+pub fn pending_requests(d: &Daemon) -> Vec<Value> {
+    let out = d.cli(&["pending", "--json"]);
+    assert!(
+        out.status.success(),
+        "pending --json failed: {}",
+        text(&out.stderr)
+    );
+    let mut found = Vec::new();
+    fn walk(v: &Value, found: &mut Vec<Value>) {
+        match v {
+            Value::Object(m) if m.contains_key("action") && m.contains_key("id") => {
+                found.push(v.clone())
+            }
+            Value::Object(m) => m.values().for_each(|v| walk(v, found)),
+            Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let stdout = text(&out.stdout);
+    match serde_json::from_str::<Value>(&stdout) {
+        Ok(v) => walk(&v, &mut found),
+        Err(_) => stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .for_each(|v| walk(&v, &mut found)),
+    }
+    found
+}

@@ -15,35 +15,9 @@ fn ask_policy(agent: &str, net: &[&str], exec: &[&str]) -> (String, String) {
     mode_policy(agent, "ask", net, exec)
 }
 
-/// Every held request `pending --json` lists (whatever wraps them: an array, `{"requests":…}`
-/// or one per line).
+/// Every held request `pending --json` lists.
 fn pending(d: &Daemon) -> Vec<Value> {
-    let out = d.cli(&["pending", "--json"]);
-    assert!(
-        out.status.success(),
-        "pending --json failed: {}",
-        text(&out.stderr)
-    );
-    let mut found = Vec::new();
-    fn walk(v: &Value, found: &mut Vec<Value>) {
-        match v {
-            Value::Object(m) if m.contains_key("action") && m.contains_key("id") => {
-                found.push(v.clone())
-            }
-            Value::Object(m) => m.values().for_each(|v| walk(v, found)),
-            Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
-            _ => {}
-        }
-    }
-    let stdout = text(&out.stdout);
-    match serde_json::from_str::<Value>(&stdout) {
-        Ok(v) => walk(&v, &mut found),
-        Err(_) => stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .for_each(|v| walk(&v, &mut found)),
-    }
-    found
+    pending_requests(d)
 }
 
 /// Waits (up to 10 s) for a held request of `agent` matching `pred`; returns its id.

@@ -91,6 +91,8 @@ pub fn run(args: RunArgs) -> ExitCode {
         .map_err(|e| eprintln!("agent-monitor run: cannot start the unix connector: {e}"))
         .ok();
     let reporter = crate::sandbox::CaughtReporter::open(args.socket.control_socket.clone());
+    // The ask channel's connection too (used only if the daemon says ask mode).
+    let ask_connection = crate::sandbox::AskChannel::connect(&args.socket.control_socket);
     let agent_ca_bundle;
     let (enforce, ask_mode) = match control::call(&args.socket.control_socket, &req) {
         // An older daemon does not say: the stricter filter.
@@ -103,12 +105,15 @@ pub fn run(args: RunArgs) -> ExitCode {
             ..
         }) => {
             agent_ca_bundle = ca_bundle;
-            // Alert mode: the kernel hook reports by name and lets through; nothing to hold.
+            // Every mode: judged on the resolved socket; off the list refused (enforce), held
+            // (ask), or connected and reported once by the supervisor (alert).
             match (unix, unix_connector) {
-                (Some(section), Some(connector)) if mode.as_deref() != Some("alert") => {
-                    crate::sandbox::arm_unix(connector, section)
-                }
-                (Some(_), None) if mode.as_deref() != Some("alert") => eprintln!(
+                (Some(section), Some(connector)) => crate::sandbox::arm_unix_for_mode(
+                    connector,
+                    section,
+                    mode.as_deref().unwrap_or("enforce"),
+                ),
+                (Some(_), None) => eprintln!(
                     "agent-monitor run: WARNING: no unix connector: the agent's unix connects \
                      are judged by name only (docs/unix-sockets.md)"
                 ),
@@ -138,9 +143,13 @@ pub fn run(args: RunArgs) -> ExitCode {
     // An ask-mode agent's held calls wait for the daemon's answers on this channel; without it
     // every one of them would be refused, so the command does not start.
     let ask_channel = match ask_mode {
-        false => None,
+        false => {
+            drop(ask_connection);
+            None
+        }
         true => {
-            match crate::sandbox::AskChannel::open(&args.socket.control_socket, &args.agent, &task)
+            match ask_connection
+                .and_then(|c| crate::sandbox::AskChannel::open_on(c, &args.agent, &task))
             {
                 Ok(c) => Some(c),
                 Err(e) => {
@@ -162,8 +171,10 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let filter = if ask_mode {
         crate::sandbox::ask_filter(confinement.confines_root(), theirs.as_raw_fd())
-    } else if crate::sandbox::unix_armed() {
+    } else if crate::sandbox::unix_armed() && enforce {
         crate::sandbox::unix_filter(confinement.confines_root())
+    } else if crate::sandbox::unix_armed() {
+        crate::sandbox::unix_alert_filter(confinement.confines_root())
     } else {
         crate::sandbox::filter(enforce, confinement.confines_root())
     };

@@ -235,6 +235,7 @@ pub fn action_text(r: &PendingRequest) -> String {
                 format!("exec {path} {}", args.join(" "))
             }
         }
+        HeldAction::Unix { .. } => format!("connect {}", crate::ask_cmd::action_text(&r.action)),
     }
 }
 

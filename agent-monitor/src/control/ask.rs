@@ -72,6 +72,21 @@ pub enum HeldAction {
         #[serde(default)]
         inode: Option<u64>,
     },
+    /// A connect to a pathname unix socket off the agent's `[unix]` list (`run`'s supervisor
+    /// resolved the name once, in the agent's view; an approval connects to that very socket).
+    Unix {
+        /// The name the agent gave (`DEST_PATH`), relative names as given.
+        path: String,
+        /// Where it led, as the host names that socket (a symlink's target, not the link).
+        #[serde(default)]
+        resolved: Option<String>,
+        /// The resolved socket's identity: what an approval grants.
+        device: u64,
+        inode: u64,
+        /// "stream", "seqpacket" or "dgram" (a datagram socket's connect).
+        #[serde(default)]
+        sock_type: String,
+    },
 }
 
 /// From `run` to the daemon on its ask channel (after `ask_channel`): a call of its agent that
@@ -94,6 +109,10 @@ pub struct AskAnswer {
     pub allow: bool,
     #[serde(default)]
     pub outcome: Option<Outcome>,
+    /// A `task` approval of a unix socket: how long `run` keeps the grant, in ms (absent: until
+    /// the `run` ends). `run` connects unix sockets itself, so it keeps these grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_ms: Option<u64>,
 }
 
 /// How far an approval reaches.

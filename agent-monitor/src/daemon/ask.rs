@@ -139,7 +139,13 @@ impl AskState {
     }
 }
 
-fn answer(waiter: Waiter, allow: bool, ports: Vec<PortRange>, outcome: Option<&Outcome>) {
+fn answer(
+    waiter: Waiter,
+    allow: bool,
+    ports: Vec<PortRange>,
+    outcome: Option<&Outcome>,
+    grant_ms: Option<u64>,
+) {
     match waiter {
         Waiter::Channel { answers, call } => {
             // A closed channel: `run` went away, its call is gone with it.
@@ -147,6 +153,7 @@ fn answer(waiter: Waiter, allow: bool, ports: Vec<PortRange>, outcome: Option<&O
                 call,
                 allow,
                 outcome: outcome.cloned(),
+                grant_ms,
             });
         }
         Waiter::Dns(reply) => {
@@ -160,6 +167,7 @@ fn action_kind(a: &HeldAction) -> &'static str {
         HeldAction::Dns { .. } => "dns",
         HeldAction::Connect { .. } => "connect",
         HeldAction::Exec { .. } => "exec",
+        HeldAction::Unix { .. } => "connect",
     }
 }
 
@@ -176,6 +184,11 @@ fn entry_of(a: &HeldAction) -> (List, String) {
             std::net::SocketAddr::new(*address, *port).to_string(),
         ),
         HeldAction::Exec { path, .. } => (List::Exec, path.clone()),
+        // The socket's own path (where the name led), which the list then matches by identity:
+        // a symlink's name would name no socket (docs/unix-sockets.md).
+        HeldAction::Unix { path, resolved, .. } => {
+            (List::Unix, resolved.clone().unwrap_or_else(|| path.clone()))
+        }
     }
 }
 
@@ -358,7 +371,7 @@ impl Monitor {
             Err((e, waiter)) => {
                 self.ask.counters.refused_full += 1;
                 tracing::warn!("ask mode: {e}");
-                answer(waiter, false, vec![], None);
+                answer(waiter, false, vec![], None, None);
             }
         }
     }
@@ -419,6 +432,7 @@ impl Monitor {
                 call: call.call,
                 allow: false,
                 outcome: None,
+                grant_ms: None,
             });
         };
         let Some(placement) = self.ident.placement(run_pid) else {
@@ -442,6 +456,7 @@ impl Monitor {
                 call: call.call,
                 allow: true,
                 outcome: None,
+                grant_ms: None,
             });
             return;
         }
@@ -513,6 +528,9 @@ impl Monitor {
                         _ => false,
                     }
             }
+            // `run` judged it against the list it was placed with and found it off the list;
+            // its grants for this socket are its own (it connects unix sockets itself).
+            HeldAction::Unix { .. } => false,
         }
     }
 
@@ -564,7 +582,8 @@ impl Monitor {
             }
         }
         let outcome = ended.outcome.clone();
-        self.finish(ended, Some(ports));
+        let grant_ms = super::unix_ask::grant_ms(&ended.request.action, decision, &outcome);
+        self.finish_granting(ended, Some(ports), grant_ms);
         Ok(outcome)
     }
 
@@ -591,6 +610,9 @@ impl Monitor {
             }
             _ => None,
         };
+        if scope == Scope::Always && matches!(r.action, HeldAction::Unix { .. }) {
+            super::unix_ask::check_always(&r.agent, self.generations.live().get(&r.agent))?;
+        }
         match (scope, &r.action) {
             (Scope::Once | Scope::Task, HeldAction::Exec { path, .. }) => {
                 let Some(file) = held else {
@@ -624,6 +646,10 @@ impl Monitor {
                 let until = ttl_ms.map_or(u64::MAX, |ms| now.saturating_add(ms * 1_000_000));
                 self.ask.names.approve(&r.agent, Some(&task), name, until);
             }
+            // `run` connects the very socket it held; a task grant lives in that `run`
+            // (AskAnswer::grant_ms). Nothing goes into the kernel: the connector's connect runs
+            // no unix hook.
+            (Scope::Once | Scope::Task, HeldAction::Unix { .. }) => {}
             (Scope::Once, action) => {
                 // An exact task grant with a short expiry of its own, outside the grant book (the
                 // task's other grants keep their expiry); the kernel refuses it after that.
@@ -694,6 +720,16 @@ impl Monitor {
 
     /// Answers the held calls of a request that ended and reports it.
     fn finish(&mut self, ended: Ended<Waiter>, ports: Option<Vec<PortRange>>) {
+        self.finish_granting(ended, ports, None);
+    }
+
+    /// [`finish`](Self::finish), telling `run` how long it keeps a unix socket's task grant.
+    fn finish_granting(
+        &mut self,
+        ended: Ended<Waiter>,
+        ports: Option<Vec<PortRange>>,
+        grant_ms: Option<u64>,
+    ) {
         let allow = ended.approved();
         let c = &mut self.ask.counters;
         match ended.outcome.verdict.as_str() {
@@ -719,7 +755,7 @@ impl Monitor {
         }
         let ports = ports.unwrap_or_default();
         for w in ended.waiters {
-            answer(w, allow, ports.clone(), Some(&ended.outcome));
+            answer(w, allow, ports.clone(), Some(&ended.outcome), grant_ms);
         }
         self.report_decided(&ended.request, &ended.outcome, ended.waited_ns);
         if let Ok(line) = serde_json::to_string(&PendingEvent::Decided(ended.outcome)) {
@@ -857,6 +893,7 @@ impl Monitor {
                 }
             }
             HeldAction::Exec { path, .. } => n = n.field("EXE", path),
+            HeldAction::Unix { .. } => n = super::unix_ask::notice_fields(n, &r.action),
         }
         n
     }
@@ -949,5 +986,6 @@ fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
         ),
         HeldAction::Exec { path, .. } => (vec![], vec![path.clone()]),
         HeldAction::Dns { .. } => (vec![], vec![]),
+        HeldAction::Unix { .. } => (vec![], vec![]),
     }
 }

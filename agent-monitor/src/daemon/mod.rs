@@ -53,6 +53,7 @@ mod requests;
 mod selectors;
 mod startup;
 mod unix;
+mod unix_ask;
 mod unix_hooks;
 
 use dns_learner::{DnsLearner, Live};

@@ -87,6 +87,11 @@ pub(super) async fn serve_connection(
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
         .await
         .context("no request within 10 s")??;
+    // Closed without a request: `run` connects for an ask channel before it learns its agent's
+    // mode (sandbox/ask_channel.rs) and closes the connection unused outside ask mode.
+    if line.is_empty() {
+        return Ok(());
+    }
     let mut follow: Option<(broadcast::Receiver<EventLine>, Option<String>)> = None;
     let pending_follow;
     let ask_channel;
@@ -326,6 +331,7 @@ async fn serve_ask_channel(
                                 call,
                                 allow: false,
                                 outcome: None,
+                                grant_ms: None,
                             });
                         }
                     }

@@ -12,6 +12,7 @@ mod parse;
 pub mod request_lint;
 pub mod selectors;
 pub mod unix;
+pub mod unix_approved;
 
 pub use compile::{EXEC_ENTRIES_PER_SET, KernelTables, NET_ENTRIES_PER_SET, compile_grants};
 pub use evaluate::{Decision, ExecFacts, to_table_addr};

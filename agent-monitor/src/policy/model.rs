@@ -171,6 +171,7 @@ impl Policy {
         self.network.extend(approved.network);
         self.hosts.extend(approved.hosts);
         self.exec.extend(approved.exec);
+        crate::policy::unix_approved::absorb(&mut self.unix, approved.unix);
         self.index = Default::default();
     }
 

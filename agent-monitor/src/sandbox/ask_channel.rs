@@ -50,10 +50,26 @@ impl AskChannel<UnixStream> {
     /// Opens the channel for (agent, task) on the daemon's control socket; the daemon accepts it
     /// only from the `run` it placed there. Blocks until the daemon answers (at most 5 s).
     pub fn open(socket: &Path, agent: &str, task: &str) -> Result<AskChannel, ChannelError> {
-        let mut stream = UnixStream::connect(socket).map_err(|source| ChannelError::Connect {
+        let stream = Self::connect(socket)?;
+        Self::open_on(stream, agent, task)
+    }
+
+    /// The control-socket connection a channel will be opened on. `run` makes it before it is
+    /// placed: once in its agent's cgroup, its own connect to the control socket is judged by
+    /// the agent's `[unix]` list like the agent's (and refused by an `allow` list).
+    pub fn connect(socket: &Path) -> Result<UnixStream, ChannelError> {
+        UnixStream::connect(socket).map_err(|source| ChannelError::Connect {
             path: socket.display().to_string(),
             source,
-        })?;
+        })
+    }
+
+    /// [`open`](Self::open) on a connection made by [`connect`](Self::connect).
+    pub fn open_on(
+        mut stream: UnixStream,
+        agent: &str,
+        task: &str,
+    ) -> Result<AskChannel, ChannelError> {
         stream.set_read_timeout(Some(OPEN_TIMEOUT))?;
         let req = Request::AskChannel {
             agent: agent.to_string(),

@@ -13,8 +13,10 @@ use libseccomp::{ScmpArch, ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags, noti
 use super::arguments::Width;
 use super::ask_channel::{AskChannel, ChannelError};
 use super::held::{HELD_SYSCALLS, LiveCaller, Question, question};
-use super::holds::{Answered, HeldCalls, Reply};
+use super::holds::{Answered, HeldCalls, HeldKind, Reply};
 use super::supervisor::{ListenerFailed, Supervisor, answer_caught, sync_wake_up};
+use super::unix_ask::UnixAsk;
+use super::unix_connect::{Taken, release, take_or_hold};
 use crate::control::{AskCall, CaughtReport as Caught};
 
 /// How often held calls are checked for callers that went away, and how soon after a broken
@@ -47,6 +49,8 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
     let native = ScmpArch::native();
     sync_wake_up(fd);
     let mut holds = HeldCalls::default();
+    // Held unix connects and the grants approvals left (unix_ask.rs).
+    let mut unix: UnixAsk = UnixAsk::default();
     let mut channel = Some(channel);
     let mut last_reopen = Instant::now();
     let mut last_sweep = Instant::now();
@@ -87,7 +91,24 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
                     Ok(answers) => {
                         for a in answers {
                             match holds.answer(a.call, a.allow) {
-                                Answered::Release { id, reply } => respond(fd, id, reply),
+                                // A held unix connect: connected by `run` to the socket it
+                                // resolved when it was held, never continued by name.
+                                Answered::Release {
+                                    id,
+                                    reply: Reply::Continue,
+                                } if let Some(held) = unix.take(id) => {
+                                    let why = unix.approved(
+                                        held.identity,
+                                        a.outcome.as_ref(),
+                                        a.grant_ms,
+                                        Instant::now(),
+                                    );
+                                    release(fd, id, held, why, &mut report);
+                                }
+                                Answered::Release { id, reply } => {
+                                    unix.take(id);
+                                    respond(fd, id, reply)
+                                }
                                 Answered::StillWaiting => {}
                                 Answered::Unknown => eprintln!(
                                     "agent-monitor run: the daemon answered call {} that is not \
@@ -130,32 +151,45 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
                 .get_name_by_arch(req.data.arch)
                 .unwrap_or_default();
             // An agent with `[unix]`: its pathname unix connects are judged on the socket they
-            // resolve to (unix_connect.rs); the rest is asked about as before.
-            if name == "connect" && super::unix_connect::take(fd, &req, &mut report) {
-                continue;
+            // resolve to (unix_connect.rs); one off its list that no approval of this `run`
+            // covers is held and asked about (unix_ask.rs); the rest is asked about as before.
+            let mut unix_held = None;
+            if name == "connect" {
+                let now = Instant::now();
+                let granted = |socket| unix.granted(socket, now);
+                match take_or_hold(fd, &req, &granted, &mut report) {
+                    Taken::NotOurs => {}
+                    Taken::Answered => continue,
+                    Taken::Held(h) => unix_held = Some(h),
+                }
             }
-            if !HELD_SYSCALLS.contains(&name.as_str()) {
-                answer_caught(fd, &own, req, true, &mut report);
-                continue;
-            }
-            let width = if req.data.arch == native {
-                Width::Native
+            let (kind, actions) = if let Some(h) = &unix_held {
+                (HeldKind::Network, vec![super::unix_ask::action(h)])
             } else {
-                Width::Compat
-            };
-            let (kind, actions) =
-                match question(&name, &req.data.args, width, &LiveCaller::new(req.pid)) {
-                    Question::Nothing => {
-                        respond(fd, req.id, Reply::Continue);
-                        continue;
-                    }
-                    Question::Ask { kind, actions } => (kind, actions),
+                if !HELD_SYSCALLS.contains(&name.as_str()) {
+                    answer_caught(fd, &own, req, true, &mut report);
+                    continue;
+                }
+                let width = if req.data.arch == native {
+                    Width::Native
+                } else {
+                    Width::Compat
                 };
-            // On the agent's own list: no question (the kernel judges it, as every call).
-            if channel.as_ref().is_some_and(|c| c.allows_locally(&actions)) {
-                respond(fd, req.id, Reply::Continue);
-                continue;
-            }
+                let (kind, actions) =
+                    match question(&name, &req.data.args, width, &LiveCaller::new(req.pid)) {
+                        Question::Nothing => {
+                            respond(fd, req.id, Reply::Continue);
+                            continue;
+                        }
+                        Question::Ask { kind, actions } => (kind, actions),
+                    };
+                // On the agent's own list: no question (the kernel judges it, as every call).
+                if channel.as_ref().is_some_and(|c| c.allows_locally(&actions)) {
+                    respond(fd, req.id, Reply::Continue);
+                    continue;
+                }
+                (kind, actions)
+            };
             // What we read belongs to this caller only if it still waits: its pid was not
             // reused meanwhile (libseccomp's notify_id_valid, SECCOMP_IOCTL_NOTIF_ID_VALID).
             if notify_id_valid(fd, req.id).is_err() {
@@ -180,6 +214,9 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
                 continue;
             };
             let calls = holds.hold(req.id, kind, actions.len());
+            if let Some(h) = unix_held {
+                unix.hold(req.id, h);
+            }
             for (call, action) in calls.into_iter().zip(actions) {
                 ch.queue(&AskCall {
                     call,
@@ -206,6 +243,11 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
             for id in gone {
                 holds.forget(id);
             }
+            // Held unix connects whose hold ended without an answer (channel broke, caller
+            // gone) close their descriptors; grants past their ttl go.
+            let still: std::collections::HashSet<u64> = holds.held().map(|(id, _)| id).collect();
+            unix.retain_held(|id| still.contains(&id));
+            unix.expire(Instant::now());
         }
     }
 }

@@ -118,6 +118,7 @@ fn fake_daemon(
                 call,
                 allow,
                 outcome: None,
+                grant_ms: None,
             })
             .unwrap();
             line.push('\n');

@@ -66,6 +66,13 @@ pub fn unix_filter(root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxEr
     program_with(true, root_agent, None, true)
 }
 
+/// [`unix_filter`] for an agent in alert mode: the alert filter, plus connect() to the listener,
+/// where the supervisor judges a pathname unix connect on the socket it resolves to, connects
+/// it whatever the verdict and reports one off the list (unix_connect.rs).
+pub fn unix_alert_filter(root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program_with(false, root_agent, None, true)
+}
+
 fn program(
     enforce: bool,
     root_agent: bool,

@@ -58,6 +58,8 @@ impl LocalAllowlist {
                 exec_path_is_normal(&buf) && self.exec.iter().any(|r| r.matches(path))
             }
             HeldAction::Dns { .. } => false,
+            // Judged on the resolved socket by `run` already: off its list.
+            HeldAction::Unix { .. } => false,
         }
     }
 }

@@ -66,6 +66,7 @@ mod local_allowlist;
 mod supervisor;
 #[cfg(test)]
 mod tests;
+mod unix_ask;
 mod unix_connect;
 mod unix_connector;
 mod unix_judge;
@@ -73,10 +74,12 @@ mod unix_judge;
 pub use ask_channel::AskChannel;
 pub use ask_supervisor::supervise_asking;
 pub use caught_channel::CaughtReporter;
+pub use filter::unix_alert_filter;
 pub use filter::{ask_filter, filter, unix_filter};
 pub use listener::{install, receive_listener};
 pub use supervisor::supervise;
-pub use unix_connect::{arm as arm_unix, armed as unix_armed, unix_section, unix_sock_type};
+pub use unix_connect::arm_for_mode as arm_unix_for_mode;
+pub use unix_connect::{armed as unix_armed, unix_section, unix_sock_type};
 pub use unix_connector::UnixConnector;
 
 /// Why the filter could not be built or put in place.

@@ -21,10 +21,10 @@ use std::sync::{Mutex, OnceLock};
 use libseccomp::{ScmpNotifReq, ScmpNotifResp, ScmpNotifRespFlags, notify_id_valid};
 
 use super::arguments::{Memory as _, ProcessMemory};
-use super::unix_connector::{Job, Outcome, Reply, UnixConnector};
+use super::unix_connector::{Job, OffList, Outcome, Reply, UnixConnector};
 use super::unix_judge::{
-    IdentityRule, SOCKADDR_UN_LEN, SocketIdentity, UnixAddress, display, parse_sockaddr_un,
-    parse_status_credentials, sock_type_name,
+    AgentCredentials, IdentityRule, SOCKADDR_UN_LEN, SocketIdentity, UnixAddress, display,
+    parse_sockaddr_un, parse_status_credentials, sock_type_name,
 };
 use crate::control::{CaughtCall, CaughtReport, UnixSection};
 
@@ -53,16 +53,52 @@ pub fn unix_sock_type(name: &str) -> &'static str {
 struct Judge {
     connector: Mutex<UnixConnector>,
     section: UnixSection,
+    /// What a socket off the section gets: refused (enforce), let through and reported
+    /// (alert), held for a decision (ask).
+    off_list: OffList,
 }
 
 static JUDGE: OnceLock<Judge> = OnceLock::new();
 
-/// Arms the supervisor for an agent with `section`: its connects go through [`take`].
-pub fn arm(connector: UnixConnector, section: UnixSection) {
+/// Arms the supervisor for an agent with `section` in `mode` ("enforce", "alert" or "ask"): what a socket off its section
+/// gets (refused; connected and reported `alert`; held for a decision).
+pub fn arm_for_mode(connector: UnixConnector, section: UnixSection, mode: &str) {
+    let off_list = match mode {
+        "alert" => OffList::Report,
+        "ask" => OffList::Hold,
+        _ => OffList::Refuse,
+    };
     let _ = JUDGE.set(Judge {
         connector: Mutex::new(connector),
         section,
+        off_list,
     });
+}
+
+/// What became of a caught connect.
+pub(super) enum Taken {
+    /// Not a pathname unix connect (another family, an abstract or malformed name), or nothing
+    /// armed: the caller answers it.
+    NotOurs,
+    /// Answered, and reported.
+    Answered,
+    /// Off the list of an ask-mode agent and not granted: the caller holds it and asks.
+    Held(HeldConnect),
+}
+
+/// A held unix connect: the caller's socket and the socket its name led to (resolved once; an
+/// approval connects to this descriptor), with what the request and the report say of it.
+pub(super) struct HeldConnect {
+    pub(super) tid: u32,
+    socket: OwnedFd,
+    target: OwnedFd,
+    credentials: AgentCredentials,
+    /// The name the caller gave (an abstract one never gets here).
+    pub(super) path: String,
+    /// Where it led, as the host names it.
+    pub(super) resolved: Option<String>,
+    pub(super) identity: SocketIdentity,
+    sock_type: i32,
 }
 
 /// Whether connects are judged here (the filter then traps them).
@@ -70,23 +106,45 @@ pub fn armed() -> bool {
     JUDGE.get().is_some()
 }
 
-/// Answers caught connect `req` if it is a connect to a pathname unix socket and reports a
-/// refusal; false: not one (another family, an abstract or malformed name), the caller answers.
+/// Answers caught connect `req` if it is a connect to a pathname unix socket and reports it;
+/// false: not one (another family, an abstract or malformed name), the caller answers.
 pub(super) fn take(
     listener: RawFd,
     req: &ScmpNotifReq,
     report: &mut impl FnMut(CaughtReport),
 ) -> bool {
+    // Outside ask mode nothing is held; were it, with no one to ask, it is refused.
+    match take_or_hold(listener, req, &|_| None, report) {
+        Taken::NotOurs => false,
+        Taken::Answered => true,
+        Taken::Held(held) => {
+            let _ = ScmpNotifResp::new_error(req.id, -libc::EPERM, ScmpNotifRespFlags::empty())
+                .respond(listener);
+            report(held.report(false, "held for a decision with no one to ask".into()));
+            true
+        }
+    }
+}
+
+/// [`take`] for an agent whose off-list sockets are held (ask mode): a socket `granted` names
+/// (an earlier approval of this `run`, by identity; it returns the report's reason) is
+/// connected at once; another off the list comes back [`Taken::Held`], unanswered.
+pub(super) fn take_or_hold(
+    listener: RawFd,
+    req: &ScmpNotifReq,
+    granted: &dyn Fn(SocketIdentity) -> Option<String>,
+    report: &mut dyn FnMut(CaughtReport),
+) -> Taken {
     let Some(judge) = JUDGE.get() else {
-        return false;
+        return Taken::NotOurs;
     };
     let tid = req.pid;
     let args = &req.data.args;
     let Some(socket) = caller_socket(tid, args[0] as u32 as i32) else {
-        return false;
+        return Taken::NotOurs;
     };
     if sock_option(&socket, libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
-        return false;
+        return Taken::NotOurs;
     }
     let sock_type = sock_option(&socket, libc::SO_TYPE).unwrap_or(-1);
     let len = args[2] as u32 as usize;
@@ -96,7 +154,7 @@ pub(super) fn take(
         .unwrap_or(0);
     let address = parse_sockaddr_un(&bytes[..read], len);
     let UnixAddress::Path(name) = &address else {
-        return false;
+        return Taken::NotOurs;
     };
     let judged = |allowed: bool, why: String, resolved: Option<String>| {
         let mut c = caught(
@@ -126,7 +184,7 @@ pub(super) fn take(
     );
     // All read while the caller waits: still the same caller (no pid reuse).
     if notify_id_valid(listener, req.id).is_err() {
-        return true;
+        return Taken::Answered;
     }
     let (Some(root), Some(cwd), Some(credentials)) = opened else {
         refuse(
@@ -137,42 +195,92 @@ pub(super) fn take(
             None,
             report,
         );
-        return true;
+        return Taken::Answered;
     };
     let job = Job {
         name: name.clone(),
         credentials,
         rule: identity_rule(&judge.section),
+        off_list: judge.off_list,
+        connect_held: false,
     };
     let reply = {
         let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
-        connector.ask(
+        connector.ask_for_fds(
             &job,
             &[socket.as_raw_fd(), root.as_raw_fd(), cwd.as_raw_fd()],
         )
     };
     match reply {
-        Ok(Reply {
-            outcome: Outcome::Refused,
-            resolved,
-            ..
-        }) => refuse(listener, job.rule.refusal().into(), resolved, report),
-        Ok(Reply {
-            outcome,
-            allowed,
-            resolved,
-        }) => {
-            let resp = match outcome {
-                Outcome::Failed(errno) => {
-                    ScmpNotifResp::new_error(req.id, -errno.abs(), ScmpNotifRespFlags::empty())
-                }
-                _ => ScmpNotifResp::new_val(req.id, 0, ScmpNotifRespFlags::empty()),
+        Ok((
+            Reply {
+                outcome: Outcome::Refused,
+                resolved,
+                ..
+            },
+            _,
+        )) => refuse(listener, job.rule.refusal().into(), resolved, report),
+        Ok((
+            Reply {
+                outcome: Outcome::Held,
+                resolved,
+                identity: Some(identity),
+                ..
+            },
+            mut fds,
+        )) if fds.len() == 1 => {
+            let held = HeldConnect {
+                tid,
+                socket,
+                target: fds.remove(0),
+                credentials: job.credentials,
+                path: display(&address),
+                resolved,
+                identity,
+                sock_type,
             };
-            let _ = resp.respond(listener);
+            match granted(identity) {
+                Some(why) => release(listener, req.id, held, why, report),
+                None => return Taken::Held(held),
+            }
+        }
+        Ok((
+            Reply {
+                outcome: Outcome::Held,
+                resolved,
+                ..
+            },
+            _,
+        )) => refuse(
+            listener,
+            "the connector held the call without handing back the socket: refused".into(),
+            resolved,
+            report,
+        ),
+        Ok((
+            Reply {
+                outcome,
+                allowed,
+                resolved,
+                alerted,
+                ..
+            },
+            _,
+        )) => {
+            respond_result(listener, req.id, &outcome);
             // Judged and allowed (a failed lookup was never judged): the JSON trail has it,
-            // as it has the kernel hook's allowed connects.
+            // as it has the kernel hook's allowed connects. Off the list in alert mode:
+            // reported here, once (the connector's connect runs no kernel hook).
             if allowed {
                 report(judged(true, job.rule.allowance().into(), resolved));
+            } else if alerted {
+                let mut c = judged(
+                    false,
+                    format!("{} (alert mode: let through)", job.rule.refusal()),
+                    resolved,
+                );
+                c.refused = false;
+                report(c);
             }
         }
         Err(e) => refuse(
@@ -182,7 +290,85 @@ pub(super) fn take(
             report,
         ),
     }
-    true
+    Taken::Answered
+}
+
+/// Answers notification `id` with a connect's result: 0, or the errno.
+fn respond_result(listener: RawFd, id: u64, outcome: &Outcome) {
+    let resp = match outcome {
+        Outcome::Failed(errno) => {
+            ScmpNotifResp::new_error(id, -errno.abs(), ScmpNotifRespFlags::empty())
+        }
+        Outcome::Refused | Outcome::Held => {
+            ScmpNotifResp::new_error(id, -libc::EPERM, ScmpNotifRespFlags::empty())
+        }
+        Outcome::Connected => ScmpNotifResp::new_val(id, 0, ScmpNotifRespFlags::empty()),
+    };
+    let _ = resp.respond(listener);
+}
+
+/// Releases held connect `held` (notification `id`) after an approval: the connector connects
+/// the caller's socket to the socket the name led to when it was held (never the name again),
+/// the call returns that result, and the allowed connect is reported with `why`.
+pub(super) fn release(
+    listener: RawFd,
+    id: u64,
+    held: HeldConnect,
+    why: String,
+    report: &mut dyn FnMut(CaughtReport),
+) {
+    let Some(judge) = JUDGE.get() else {
+        let _ = ScmpNotifResp::new_error(id, -libc::EPERM, ScmpNotifRespFlags::empty())
+            .respond(listener);
+        return;
+    };
+    let job = Job {
+        name: Vec::new(),
+        credentials: held.credentials.clone(),
+        rule: IdentityRule::Only(Vec::new()),
+        off_list: OffList::Refuse,
+        connect_held: true,
+    };
+    let reply = {
+        let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
+        connector.ask(&job, &[held.socket.as_raw_fd(), held.target.as_raw_fd()])
+    };
+    match reply {
+        Ok(r) => {
+            respond_result(listener, id, &r.outcome);
+            report(held.report(true, why));
+        }
+        Err(e) => {
+            let _ = ScmpNotifResp::new_error(id, -libc::EPERM, ScmpNotifRespFlags::empty())
+                .respond(listener);
+            report(held.report(
+                false,
+                format!("the connector process of `run` failed ({e}): refused, not let through"),
+            ));
+        }
+    }
+}
+
+impl HeldConnect {
+    /// The caught-call report of this connect: allowed (approved) or refused, with `why`.
+    pub(super) fn report(&self, allowed: bool, why: String) -> CaughtReport {
+        let mut c = caught(
+            self.tid,
+            CaughtCall::UnixConnect {
+                path: self.path.clone(),
+                resolved: self.resolved.clone(),
+                sock_type: sock_type_name(self.sock_type).to_string(),
+                reason: why,
+                allowed,
+            },
+        );
+        c.refused = !allowed;
+        c
+    }
+
+    pub(super) fn sock_type(&self) -> &'static str {
+        sock_type_name(self.sock_type)
+    }
 }
 
 /// The identities the section's names have now, in the host's view (re-read at every connect:

@@ -60,24 +60,56 @@ impl UnixConnector {
 
     /// Sends one job with its descriptors and waits for the reply.
     pub(super) fn ask(&self, job: &Job, fds: &[RawFd]) -> std::io::Result<Reply> {
+        self.ask_for_fds(job, fds).map(|(reply, _)| reply)
+    }
+
+    /// [`ask`](Self::ask), also returning the descriptors the reply carries (the resolved
+    /// socket of an [`Outcome::Held`] reply).
+    pub(super) fn ask_for_fds(
+        &self,
+        job: &Job,
+        fds: &[RawFd],
+    ) -> std::io::Result<(Reply, Vec<OwnedFd>)> {
         let bytes = serde_json::to_vec(job).map_err(std::io::Error::other)?;
         send_with_fds(self.channel.as_raw_fd(), &bytes, fds)?;
         let mut buf = vec![0u8; 4096];
-        let (n, _) = recv_with_fds(self.channel.as_raw_fd(), &mut buf)?;
+        let (n, got) = recv_with_fds(self.channel.as_raw_fd(), &mut buf)?;
         if n == 0 {
             return Err(std::io::Error::other("the connector process is gone"));
         }
-        serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)
+        let reply = serde_json::from_slice(&buf[..n]).map_err(std::io::Error::other)?;
+        Ok((reply, got))
     }
 }
 
 /// What `run` asks of the connector: resolve `name` in the caller's view as `credentials`, judge
-/// it by `rule`, connect on allow. Descriptors: the caller's socket, root, cwd.
+/// it by `rule`, connect on allow; a socket off the rule is handled as `off_list` says.
+/// Descriptors: the caller's socket, root, cwd. With `connect_held`, the descriptors are the
+/// caller's socket and the socket an earlier [`Outcome::Held`] reply handed back: connect to
+/// that, no lookup (`name` and `rule` are unused).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Job {
     pub(super) name: Vec<u8>,
     pub(super) credentials: AgentCredentials,
     pub(super) rule: IdentityRule,
+    #[serde(default)]
+    pub(super) off_list: OffList,
+    #[serde(default)]
+    pub(super) connect_held: bool,
+}
+
+/// What the connector does with a resolved socket the rule does not permit, by the agent's mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum OffList {
+    /// Enforce: refuse ([`Outcome::Refused`]).
+    #[default]
+    Refuse,
+    /// Alert: connect anyway; the reply says it was off the list (`alerted`).
+    Report,
+    /// Ask: hand the resolved socket (an O_PATH descriptor) back with an [`Outcome::Held`]
+    /// reply; `run` holds the call and, if approved, connects to that very descriptor.
+    Hold,
 }
 
 /// What came of a job.
@@ -89,6 +121,12 @@ pub(super) struct Reply {
     pub(super) allowed: bool,
     /// The socket the name led to, as the host names it (`/proc/self/fd/N`'s link).
     pub(super) resolved: Option<String>,
+    /// The resolved socket was off the rule and connected anyway (alert mode).
+    #[serde(default)]
+    pub(super) alerted: bool,
+    /// The resolved socket's identity, when the name led to a socket.
+    #[serde(default)]
+    pub(super) identity: Option<SocketIdentity>,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -100,6 +138,9 @@ pub(super) enum Outcome {
     Failed(i32),
     /// The resolved socket is not allowed: EPERM, reported.
     Refused,
+    /// The resolved socket is not allowed and the job said [`OffList::Hold`]: its O_PATH
+    /// descriptor comes with the reply; nothing was connected.
+    Held,
 }
 
 /// The connector's loop: one job at a time until `run` closes the channel.
@@ -117,24 +158,38 @@ fn serve(channel: OwnedFd) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
+        let mut hand_back = None;
         let reply = match (serde_json::from_slice::<Job>(&buf[..n]), fds.as_slice()) {
-            (Ok(job), [sock, root, cwd]) => {
+            (Ok(job), [sock, target]) if job.connect_held => {
                 let home = Home {
                     root: &own_root,
                     cwd: &own_cwd,
                     groups: &own_groups,
                 };
-                run_job(&job, sock, root, cwd, &home)
+                connect_held(&job, sock, target, &home)
+            }
+            (Ok(job), [sock, root, cwd]) if !job.connect_held => {
+                let home = Home {
+                    root: &own_root,
+                    cwd: &own_cwd,
+                    groups: &own_groups,
+                };
+                let (reply, target) = run_job(&job, sock, root, cwd, &home);
+                hand_back = target;
+                reply
             }
             // A job `run` did not send whole: fail it closed.
             _ => Reply {
                 outcome: Outcome::Refused,
                 allowed: false,
                 resolved: None,
+                alerted: false,
+                identity: None,
             },
         };
         let bytes = serde_json::to_vec(&reply).unwrap_or_default();
-        if send_with_fds(channel.as_raw_fd(), &bytes, &[]).is_err() {
+        let fds: Vec<RawFd> = hand_back.iter().map(|f| f.as_raw_fd()).collect();
+        if send_with_fds(channel.as_raw_fd(), &bytes, &fds).is_err() {
             return;
         }
     }
@@ -147,11 +202,25 @@ struct Home<'a> {
     groups: &'a [libc::gid_t],
 }
 
-fn run_job(job: &Job, sock: &OwnedFd, root: &OwnedFd, cwd: &OwnedFd, home: &Home) -> Reply {
-    let failed = |errno| Reply {
-        outcome: Outcome::Failed(errno),
-        allowed: false,
-        resolved: None,
+/// Resolves and judges one job; the descriptor to hand back with an [`Outcome::Held`] reply.
+fn run_job(
+    job: &Job,
+    sock: &OwnedFd,
+    root: &OwnedFd,
+    cwd: &OwnedFd,
+    home: &Home,
+) -> (Reply, Option<OwnedFd>) {
+    let failed = |errno| {
+        (
+            Reply {
+                outcome: Outcome::Failed(errno),
+                allowed: false,
+                resolved: None,
+                alerted: false,
+                identity: None,
+            },
+            None,
+        )
     };
     // Into the caller's view: its root (chroot, as its own lookups have it), its cwd.
     if let Err(e) = enter(root, cwd) {
@@ -181,13 +250,60 @@ fn run_job(job: &Job, sock: &OwnedFd, root: &OwnedFd, cwd: &OwnedFd, home: &Home
         device: st.st_dev,
         inode: st.st_ino,
     };
-    if !job.rule.permits(identity) {
-        return Reply {
-            outcome: Outcome::Refused,
-            allowed: false,
-            resolved,
-        };
+    let permitted = job.rule.permits(identity);
+    if !permitted {
+        match job.off_list {
+            OffList::Refuse => {
+                return (
+                    Reply {
+                        outcome: Outcome::Refused,
+                        allowed: false,
+                        resolved,
+                        alerted: false,
+                        identity: Some(identity),
+                    },
+                    None,
+                );
+            }
+            // The very descriptor the name led to goes back: an approval connects to it.
+            OffList::Hold => {
+                return (
+                    Reply {
+                        outcome: Outcome::Held,
+                        allowed: false,
+                        resolved,
+                        alerted: false,
+                        identity: Some(identity),
+                    },
+                    Some(target),
+                );
+            }
+            OffList::Report => {}
+        }
     }
+    let connected = as_caller(&job.credentials, home, || connect_path(sock, &link));
+    (
+        Reply {
+            outcome: match connected {
+                Ok(()) => Outcome::Connected,
+                Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM)),
+            },
+            allowed: permitted,
+            resolved,
+            alerted: !permitted,
+            identity: Some(identity),
+        },
+        None,
+    )
+}
+
+/// Connects the caller's socket to `target`, the descriptor an [`Outcome::Held`] reply handed
+/// back, with the caller's ids: the name is not looked up again.
+fn connect_held(job: &Job, sock: &OwnedFd, target: &OwnedFd, home: &Home) -> Reply {
+    let link = format!("/proc/self/fd/{}", target.as_raw_fd());
+    let resolved = std::fs::read_link(&link)
+        .ok()
+        .map(|p| p.display().to_string());
     let connected = as_caller(&job.credentials, home, || connect_path(sock, &link));
     Reply {
         outcome: match connected {
@@ -196,6 +312,8 @@ fn run_job(job: &Job, sock: &OwnedFd, root: &OwnedFd, cwd: &OwnedFd, home: &Home
         },
         allowed: true,
         resolved,
+        alerted: false,
+        identity: None,
     }
 }
 

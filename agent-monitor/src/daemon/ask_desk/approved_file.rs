@@ -14,6 +14,8 @@ use crate::policy_dir::APPROVED_SUFFIX;
 pub(crate) enum List {
     Network,
     Exec,
+    /// `[unix] allow`: a unix socket by its path (matched by identity, docs/unix-sockets.md).
+    Unix,
 }
 
 impl List {
@@ -21,6 +23,7 @@ impl List {
         match self {
             List::Network => "network",
             List::Exec => "exec",
+            List::Unix => "unix",
         }
     }
 }
