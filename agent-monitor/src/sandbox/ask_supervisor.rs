@@ -134,6 +134,11 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
             if name == "connect" && super::unix_connect::take(fd, &req, &mut report) {
                 continue;
             }
+            if matches!(name.as_str(), "sendto" | "sendmsg" | "sendmmsg")
+                && super::unix_send::take(fd, &req, &mut report)
+            {
+                continue;
+            }
             if !HELD_SYSCALLS.contains(&name.as_str()) {
                 answer_caught(fd, &own, req, true, &mut report);
                 continue;

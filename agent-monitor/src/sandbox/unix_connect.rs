@@ -65,6 +65,13 @@ pub fn arm(connector: UnixConnector, section: UnixSection) {
     });
 }
 
+/// Runs `f` with the connector and the section, for the named datagram sends (unix_send.rs).
+pub(super) fn with_judge<R>(f: impl FnOnce(&UnixConnector, &UnixSection) -> R) -> Option<R> {
+    let judge = JUDGE.get()?;
+    let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
+    Some(f(&connector, &judge.section))
+}
+
 /// Whether connects are judged here (the filter then traps them).
 pub fn armed() -> bool {
     JUDGE.get().is_some()
@@ -107,6 +114,7 @@ pub(super) fn take(
                 sock_type: sock_type_name(sock_type).to_string(),
                 reason: why,
                 allowed,
+                send: false,
             },
         );
         c.refused = !allowed;
@@ -143,6 +151,7 @@ pub(super) fn take(
         name: name.clone(),
         credentials,
         rule: identity_rule(&judge.section),
+        send: None,
     };
     let reply = {
         let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
@@ -187,7 +196,7 @@ pub(super) fn take(
 
 /// The identities the section's names have now, in the host's view (re-read at every connect:
 /// a restarted server's new socket is the listed one at once).
-fn identity_rule(section: &UnixSection) -> IdentityRule {
+pub(super) fn identity_rule(section: &UnixSection) -> IdentityRule {
     match &section.allow {
         // A listed name whose last component is a symlink names no socket: else whoever may
         // write its directory chooses where the listed name leads.
@@ -230,7 +239,7 @@ fn identity_of(path: &str, follow: bool) -> Option<SocketIdentity> {
 }
 
 /// A caught-call report about thread `tid`, with what /proc says of it now.
-fn caught(tid: u32, call: CaughtCall) -> CaughtReport {
+pub(super) fn caught(tid: u32, call: CaughtCall) -> CaughtReport {
     CaughtReport {
         pid: tid,
         call,

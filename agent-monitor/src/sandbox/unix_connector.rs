@@ -78,6 +78,9 @@ pub(super) struct Job {
     pub(super) name: Vec<u8>,
     pub(super) credentials: AgentCredentials,
     pub(super) rule: IdentityRule,
+    /// A named datagram send to make instead of the connect (unix_send.rs).
+    #[serde(default)]
+    pub(super) send: Option<super::unix_send::SendJob>,
 }
 
 /// What came of a job.
@@ -96,6 +99,8 @@ pub(super) struct Reply {
 pub(super) enum Outcome {
     /// Connected: the call returns 0.
     Connected,
+    /// Sent this many bytes (a named datagram send): the call returns it.
+    Sent(usize),
     /// The lookup or the connect failed with this errno, as the caller's own call would have.
     Failed(i32),
     /// The resolved socket is not allowed: EPERM, reported.
@@ -118,13 +123,13 @@ fn serve(channel: OwnedFd) {
             Err(_) => return,
         };
         let reply = match (serde_json::from_slice::<Job>(&buf[..n]), fds.as_slice()) {
-            (Ok(job), [sock, root, cwd]) => {
+            (Ok(job), [sock, root, cwd, extra @ ..]) => {
                 let home = Home {
                     root: &own_root,
                     cwd: &own_cwd,
                     groups: &own_groups,
                 };
-                run_job(&job, sock, root, cwd, &home)
+                run_job(&job, sock, root, cwd, extra, &home)
             }
             // A job `run` did not send whole: fail it closed.
             _ => Reply {
@@ -147,7 +152,14 @@ struct Home<'a> {
     groups: &'a [libc::gid_t],
 }
 
-fn run_job(job: &Job, sock: &OwnedFd, root: &OwnedFd, cwd: &OwnedFd, home: &Home) -> Reply {
+fn run_job(
+    job: &Job,
+    sock: &OwnedFd,
+    root: &OwnedFd,
+    cwd: &OwnedFd,
+    extra: &[OwnedFd],
+    home: &Home,
+) -> Reply {
     let failed = |errno| Reply {
         outcome: Outcome::Failed(errno),
         allowed: false,
@@ -185,6 +197,19 @@ fn run_job(job: &Job, sock: &OwnedFd, root: &OwnedFd, cwd: &OwnedFd, home: &Home
         return Reply {
             outcome: Outcome::Refused,
             allowed: false,
+            resolved,
+        };
+    }
+    if let Some(send) = &job.send {
+        let sent = as_caller(&job.credentials, home, || {
+            super::unix_send::send_in_connector(sock, &link, send, &job.credentials, extra)
+        });
+        return Reply {
+            outcome: match sent {
+                Ok(n) => Outcome::Sent(n),
+                Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM)),
+            },
+            allowed: true,
             resolved,
         };
     }
@@ -326,11 +351,13 @@ fn connect_path(sock: &OwnedFd, path: &str) -> std::io::Result<()> {
     }
 }
 
-/// Most descriptors one message carries.
-const MAX_FDS: usize = 3;
+/// Most descriptors one message carries (SCM_MAX_FD: a send job's passed descriptors).
+const MAX_FDS: usize = super::unix_message::SCM_MAX_FD;
+/// Room for MAX_FDS descriptors in u64 words.
+const CONTROL_WORDS: usize = (16 + 4 * MAX_FDS) / 8 + 2;
 
 fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
@@ -364,7 +391,7 @@ fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()
 }
 
 fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
