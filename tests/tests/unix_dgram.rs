@@ -443,3 +443,51 @@ fn deny_known_daemons_holds_for_datagrams_through_every_route() {
     }
     assert_eq!(notify_rx.data().len(), routes.len() + 1);
 }
+
+/// A datagram socket on argv[1] that never reads: its queue fills.
+const DEAF: &str = r#"import os, socket, sys, time
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+os.chmod(path, 0o666)
+print('ready', flush=True)
+time.sleep(3600)
+"#;
+
+#[test]
+fn a_full_receiver_gets_eagain_without_stalling_the_agent() {
+    if !require_root("a_full_receiver_gets_eagain_without_stalling_the_agent") {
+        return;
+    }
+    let dir = world_writable_dir();
+    let deaf = dir.path().join("deaf.sock");
+    let _deaf = python_ready(DEAF, &[utf8(&deaf)]);
+    let agent = unique_agent("unix-dgram-full");
+    let d = Daemon::start(&[policy(&agent, &format!("allow = [{:?}]", utf8(&deaf)))]);
+    // MSG_DONTWAIT until the queue is full, then one blocking send.
+    let script = format!(
+        "sent = 0\n\
+         try:\n    while sent < 5000:\n        d.sendto(b'x', socket.MSG_DONTWAIT, {deaf:?}); sent += 1\n    print('dontwait', 'ok', flush=True)\n\
+         except OSError as e:\n    print('dontwait', 'errno', e.errno, flush=True)\n\
+         print('sent', sent, flush=True)\n\
+         if len(sys.argv) > 2:\n    t = time.monotonic()\n    attempt('blocking', lambda: send({deaf:?}, b'y'))\n    print('waited', int(time.monotonic() - t), flush=True)\n",
+        deaf = utf8(&deaf)
+    );
+    let probe = format!("{PY_ATTEMPT}{PY_SEND}{script}");
+    let out = d.run(&agent, None, &[PYTHON, "-c", &probe, "", "blocking"]);
+    let eagain = format!("errno {}", 11);
+    assert_eq!(outcome(&out, "dontwait"), eagain, "{}", text(&out.stderr));
+    let sent: u32 = outcome(&out, "sent").parse().expect("a count");
+    assert!(sent > 0, "nothing was sent before the queue filled");
+    // A blocking send to a receiver that stays full fails after the bound (about 2 s), where
+    // the kernel would wait on.
+    assert_eq!(outcome(&out, "blocking"), eagain);
+    let waited: u32 = outcome(&out, "waited").parse().expect("seconds");
+    assert!((1..10).contains(&waited), "waited {waited} s");
+    // Control: outside every agent the full queue answers EAGAIN to MSG_DONTWAIT too.
+    let out = Command::new(PYTHON)
+        .args(["-c", &probe, ""])
+        .output()
+        .expect("python3");
+    assert_eq!(outcome(&out, "dontwait"), eagain);
+}
