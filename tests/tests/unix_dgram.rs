@@ -133,6 +133,37 @@ fn listed_receiver() -> (tempfile::TempDir, PathBuf, Receiver) {
     (dir, listed, rx)
 }
 
+/// A listed receiver and a listed name not there yet (`planted.sock`) in a directory the agent
+/// may write, and an unlisted receiver (`engine.sock`) elsewhere.
+struct Scene {
+    dir: tempfile::TempDir,
+    listed: PathBuf,
+    listed_rx: Receiver,
+    planted: PathBuf,
+    outside_dir: tempfile::TempDir,
+    engine: PathBuf,
+    engine_rx: Receiver,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let (dir, listed, listed_rx) = listed_receiver();
+        let planted = dir.path().join("planted.sock");
+        let outside_dir = world_writable_dir();
+        let engine = outside_dir.path().join("engine.sock");
+        let engine_rx = Receiver::start(&engine);
+        Scene {
+            dir,
+            listed,
+            listed_rx,
+            planted,
+            outside_dir,
+            engine,
+            engine_rx,
+        }
+    }
+}
+
 /// A refused send as journald and the JSON trail record it; returns the trail's record.
 fn assert_reported(d: &Daemon, agent: &str, path: &str) -> Value {
     let trail = d.wait_audit(&format!("sendmsg denied {path}"), |v| {
@@ -157,11 +188,15 @@ fn a_listed_socket_receives_and_names_that_lead_elsewhere_are_refused() {
         return;
     }
     // The listed names live in a directory the agent can write.
-    let (dir, listed, listed_rx) = listed_receiver();
-    let planted = dir.path().join("planted.sock");
-    let outside_dir = world_writable_dir();
-    let engine = outside_dir.path().join("engine.sock");
-    let engine_rx = Receiver::start(&engine);
+    let Scene {
+        dir,
+        listed,
+        listed_rx,
+        planted,
+        outside_dir,
+        engine,
+        engine_rx,
+    } = Scene::new();
     let me = dir.path().join("agent.sock");
 
     let agent = unique_agent("unix-dgram");
@@ -490,4 +525,60 @@ fn a_full_receiver_gets_eagain_without_stalling_the_agent() {
         .output()
         .expect("python3");
     assert_eq!(outcome(&out, "dontwait"), eagain);
+}
+
+#[test]
+fn an_ask_mode_agent_s_named_sends_are_judged_on_the_resolved_socket_too() {
+    if !require_root("an_ask_mode_agent_s_named_sends_are_judged_on_the_resolved_socket_too") {
+        return;
+    }
+    let Scene {
+        listed,
+        listed_rx,
+        planted,
+        engine,
+        engine_rx,
+        ..
+    } = Scene::new();
+    std::os::unix::fs::symlink(&engine, &planted).expect("symlink");
+    let agent = unique_agent("unix-dgram-ask");
+    let ask_policy = |also: &str| {
+        let (name, text) = policy(
+            &agent,
+            &format!("allow = [{:?}, {:?}{also}]", utf8(&listed), utf8(&planted)),
+        );
+        (name, text.replace("\"enforce\"", "\"ask\""))
+    };
+    let d = Daemon::start(&[ask_policy("")]);
+    // `run` opens its ask channel to the control socket after it is placed, where the agent's
+    // `[unix]` list judges its connect: the list must name the control socket (else `run`
+    // refuses to start an ask-mode agent whose list does not).
+    let (name, policy_text) = ask_policy(&format!(", {:?}", utf8(&d.socket)));
+    d.write_policy(&name, &policy_text);
+    let reloaded = d.reload();
+    assert!(
+        reloaded.status.success(),
+        "reload: {}",
+        text(&reloaded.stderr)
+    );
+    let script = format!(
+        "attempt('listed', lambda: send({:?}, b'ask listed'))\n\
+         attempt('planted', lambda: send_parts({:?}, b'ask planted'))\n",
+        utf8(&listed),
+        utf8(&planted)
+    );
+    let out = py(Some((&d, &agent, &[][..])), "", &script);
+    assert_eq!(outcome(&out, "listed"), "ok");
+    assert_eq!(outcome(&out, "planted"), REFUSED);
+    assert_eq!(listed_rx.data(), ["ask listed"]);
+    assert!(
+        engine_rx.data().is_empty(),
+        "the engine got {:?}",
+        engine_rx.data()
+    );
+    assert_reported(&d, &agent, utf8(&planted));
+    // Control: through the planted name from outside, the engine gets it.
+    let out = py(None, "", &script);
+    assert_eq!(outcome(&out, "planted"), "ok");
+    assert_eq!(engine_rx.data(), ["ask planted"]);
 }
