@@ -538,7 +538,9 @@ fn an_ask_mode_agent_s_named_sends_are_judged_on_the_resolved_socket_too() {
         planted,
         engine,
         engine_rx,
-        ..
+        // Kept: the directories go when their TempDir does.
+        dir: _dir,
+        outside_dir: _outside_dir,
     } = Scene::new();
     std::os::unix::fs::symlink(&engine, &planted).expect("symlink");
     let agent = unique_agent("unix-dgram-ask");
