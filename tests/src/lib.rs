@@ -1059,3 +1059,20 @@ pub fn pending_requests(d: &Daemon) -> Vec<Value> {
     }
     found
 }
+
+/// A temporary directory every uid may write (for sockets an unprivileged agent makes or
+/// replaces).
+pub fn world_writable_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    dir
+}
+
+/// A temporary path as text (the tests' paths are UTF-8).
+pub fn utf8(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}

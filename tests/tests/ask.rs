@@ -772,7 +772,11 @@ print(json.dumps({'opened': opened['result']}), flush=True)
 def ask(n, port):
     action = {'kind': 'connect', 'transport': 'tcp', 'address': addr, 'port': int(port)}
     f.write(json.dumps({'call': n, 'pid': os.getpid(), 'action': action}) + '\n'); f.flush()
-    return json.loads(f.readline())
+    while True:
+        # The daemon also sends the agent's allowlist on this channel (at open and on reloads).
+        line = json.loads(f.readline())
+        if 'allowlist' not in line:
+            return line
 def connect(port):
     c = socket.socket(); c.settimeout(5)
     try:

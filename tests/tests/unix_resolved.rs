@@ -110,13 +110,7 @@ fn assert_reported(d: &Daemon, agent: &str, path: &str) {
 }
 
 fn socket_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    dir
+    world_writable_dir()
 }
 
 fn s(p: &Path) -> &str {

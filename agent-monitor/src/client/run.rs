@@ -172,7 +172,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let filter = if ask_mode {
         crate::sandbox::ask_filter(confinement.confines_root(), theirs.as_raw_fd())
     } else if crate::sandbox::unix_armed() && enforce {
-        crate::sandbox::unix_filter(confinement.confines_root())
+        crate::sandbox::unix_filter(confinement.confines_root(), theirs.as_raw_fd())
     } else if crate::sandbox::unix_armed() {
         crate::sandbox::unix_alert_filter(confinement.confines_root())
     } else {

@@ -67,6 +67,10 @@ pub enum CaughtCall {
         /// connects); else refused.
         #[serde(default)]
         allowed: bool,
+        /// A datagram sent to the named socket (sendto/sendmsg, `ACTION=sendmsg`), not a
+        /// connect (sandbox/unix_send.rs).
+        #[serde(default)]
+        send: bool,
     },
 }
 

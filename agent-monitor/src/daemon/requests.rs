@@ -600,11 +600,12 @@ impl Monitor {
                 resolved,
                 sock_type,
                 reason,
+                send,
                 ..
             } => (
                 Object::Unix(crate::action::UnixTarget {
                     path: path.clone(),
-                    send: false,
+                    send: *send,
                     sock_type: crate::sandbox::unix_sock_type(sock_type),
                 }),
                 match resolved.as_ref().filter(|r| *r != path) {

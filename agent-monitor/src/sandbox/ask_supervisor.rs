@@ -163,6 +163,11 @@ pub fn supervise_asking<S: Read + Write + AsRawFd>(
                     Taken::Held(h) => unix_held = Some(h),
                 }
             }
+            if matches!(name.as_str(), "sendto" | "sendmsg" | "sendmmsg")
+                && super::unix_send::take(fd, &req, &mut report)
+            {
+                continue;
+            }
             let (kind, actions) = if let Some(h) = &unix_held {
                 (HeldKind::Network, vec![super::unix_ask::action(h)])
             } else {

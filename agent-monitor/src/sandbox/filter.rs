@@ -62,15 +62,20 @@ pub fn ask_filter(
 /// The enforce filter of an agent whose policy has `[unix]`: connect() goes to the listener too,
 /// where the supervisor judges a pathname unix connect on the socket it resolves to
 /// (unix_connect.rs). Only these agents pay for the rule.
-pub fn unix_filter(root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
-    program_with(true, root_agent, None, true)
+/// `handshake`: as for [`ask_filter`]; named datagram sends go to the listener too
+/// (unix_send.rs).
+pub fn unix_filter(
+    root_agent: bool,
+    handshake: std::os::fd::RawFd,
+) -> Result<Vec<libc::sock_filter>, SandboxError> {
+    program_with(true, root_agent, None, true, Some(handshake as u64))
 }
 
 /// [`unix_filter`] for an agent in alert mode: the alert filter, plus connect() to the listener,
 /// where the supervisor judges a pathname unix connect on the socket it resolves to, connects
 /// it whatever the verdict and reports one off the list (unix_connect.rs).
 pub fn unix_alert_filter(root_agent: bool) -> Result<Vec<libc::sock_filter>, SandboxError> {
-    program_with(false, root_agent, None, true)
+    program_with(false, root_agent, None, true, None)
 }
 
 fn program(
@@ -78,7 +83,7 @@ fn program(
     root_agent: bool,
     ask: Option<u64>,
 ) -> Result<Vec<libc::sock_filter>, SandboxError> {
-    program_with(enforce, root_agent, ask, false)
+    program_with(enforce, root_agent, ask, false, None)
 }
 
 fn program_with(
@@ -86,6 +91,7 @@ fn program_with(
     root_agent: bool,
     ask: Option<u64>,
     trap_connect: bool,
+    unix_sends: Option<u64>,
 ) -> Result<Vec<libc::sock_filter>, SandboxError> {
     let build = |what| move |source| SandboxError::Build { what, source };
     let mut ctx = ScmpFilterContext::new(ScmpAction::Allow).map_err(build("context"))?;
@@ -234,6 +240,10 @@ fn program_with(
     } else if trap_connect {
         ctx.add_rule(notify, syscall("connect")?)
             .map_err(build("unix connect rule"))?;
+        if let Some(handshake) = unix_sends {
+            super::unix_send::add_send_rules(&mut ctx, handshake)
+                .map_err(build("unix send rule"))?;
+        }
     }
     export(&ctx)
 }

@@ -70,6 +70,8 @@ mod unix_ask;
 mod unix_connect;
 mod unix_connector;
 mod unix_judge;
+mod unix_message;
+mod unix_send;
 
 pub use ask_channel::AskChannel;
 pub use ask_supervisor::supervise_asking;

@@ -76,6 +76,14 @@ pub(super) fn answer_caught(
         }
         return;
     }
+    // Trapped only for agents with `[unix]` (unix_send.rs): a named datagram send to a pathname
+    // unix socket is judged there; every other send continues.
+    if matches!(name.as_str(), "sendto" | "sendmsg" | "sendmmsg") {
+        if !super::unix_send::take(fd, &req, report) {
+            let _ = ScmpNotifResp::new_continue(req.id, ScmpNotifRespFlags::empty()).respond(fd);
+        }
+        return;
+    }
     let answer = match decide(&name, &req.data.args, enforce) {
         Answer::Judge(reach) => judge(own, req.pid, reach),
         other => other,

@@ -101,6 +101,13 @@ pub(super) struct HeldConnect {
     sock_type: i32,
 }
 
+/// Runs `f` with the connector and the section, for the named datagram sends (unix_send.rs).
+pub(super) fn with_judge<R>(f: impl FnOnce(&UnixConnector, &UnixSection) -> R) -> Option<R> {
+    let judge = JUDGE.get()?;
+    let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
+    Some(f(&connector, &judge.section))
+}
+
 /// Whether connects are judged here (the filter then traps them).
 pub fn armed() -> bool {
     JUDGE.get().is_some()
@@ -165,6 +172,7 @@ pub(super) fn take_or_hold(
                 sock_type: sock_type_name(sock_type).to_string(),
                 reason: why,
                 allowed,
+                send: false,
             },
         );
         c.refused = !allowed;
@@ -203,6 +211,7 @@ pub(super) fn take_or_hold(
         rule: identity_rule(&judge.section),
         off_list: judge.off_list,
         connect_held: false,
+        send: None,
     };
     let reply = {
         let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
@@ -303,6 +312,8 @@ fn respond_result(listener: RawFd, id: u64, outcome: &Outcome) {
             ScmpNotifResp::new_error(id, -libc::EPERM, ScmpNotifRespFlags::empty())
         }
         Outcome::Connected => ScmpNotifResp::new_val(id, 0, ScmpNotifRespFlags::empty()),
+        // A send's byte count (a connect job never gets one).
+        Outcome::Sent(n) => ScmpNotifResp::new_val(id, *n as i64, ScmpNotifRespFlags::empty()),
     };
     let _ = resp.respond(listener);
 }
@@ -328,6 +339,7 @@ pub(super) fn release(
         rule: IdentityRule::Only(Vec::new()),
         off_list: OffList::Refuse,
         connect_held: true,
+        send: None,
     };
     let reply = {
         let connector = judge.connector.lock().unwrap_or_else(|p| p.into_inner());
@@ -360,6 +372,7 @@ impl HeldConnect {
                 sock_type: sock_type_name(self.sock_type).to_string(),
                 reason: why,
                 allowed,
+                send: false,
             },
         );
         c.refused = !allowed;
@@ -373,7 +386,7 @@ impl HeldConnect {
 
 /// The identities the section's names have now, in the host's view (re-read at every connect:
 /// a restarted server's new socket is the listed one at once).
-fn identity_rule(section: &UnixSection) -> IdentityRule {
+pub(super) fn identity_rule(section: &UnixSection) -> IdentityRule {
     match &section.allow {
         // A listed name whose last component is a symlink names no socket: else whoever may
         // write its directory chooses where the listed name leads.
@@ -416,7 +429,7 @@ fn identity_of(path: &str, follow: bool) -> Option<SocketIdentity> {
 }
 
 /// A caught-call report about thread `tid`, with what /proc says of it now.
-fn caught(tid: u32, call: CaughtCall) -> CaughtReport {
+pub(super) fn caught(tid: u32, call: CaughtCall) -> CaughtReport {
     CaughtReport {
         pid: tid,
         call,

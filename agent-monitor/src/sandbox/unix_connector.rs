@@ -96,6 +96,9 @@ pub(super) struct Job {
     pub(super) off_list: OffList,
     #[serde(default)]
     pub(super) connect_held: bool,
+    /// A named datagram send to make instead of the connect (unix_send.rs).
+    #[serde(default)]
+    pub(super) send: Option<super::unix_send::SendJob>,
 }
 
 /// What the connector does with a resolved socket the rule does not permit, by the agent's mode.
@@ -134,6 +137,8 @@ pub(super) struct Reply {
 pub(super) enum Outcome {
     /// Connected: the call returns 0.
     Connected,
+    /// Sent this many bytes (a named datagram send): the call returns it.
+    Sent(usize),
     /// The lookup or the connect failed with this errno, as the caller's own call would have.
     Failed(i32),
     /// The resolved socket is not allowed: EPERM, reported.
@@ -168,13 +173,13 @@ fn serve(channel: OwnedFd) {
                 };
                 connect_held(&job, sock, target, &home)
             }
-            (Ok(job), [sock, root, cwd]) if !job.connect_held => {
+            (Ok(job), [sock, root, cwd, extra @ ..]) if !job.connect_held => {
                 let home = Home {
                     root: &own_root,
                     cwd: &own_cwd,
                     groups: &own_groups,
                 };
-                let (reply, target) = run_job(&job, sock, root, cwd, &home);
+                let (reply, target) = run_job(&job, sock, root, cwd, extra, &home);
                 hand_back = target;
                 reply
             }
@@ -208,6 +213,7 @@ fn run_job(
     sock: &OwnedFd,
     root: &OwnedFd,
     cwd: &OwnedFd,
+    extra: &[OwnedFd],
     home: &Home,
 ) -> (Reply, Option<OwnedFd>) {
     let failed = |errno| {
@@ -280,6 +286,24 @@ fn run_job(
             }
             OffList::Report => {}
         }
+    }
+    if let Some(send) = &job.send {
+        let sent = as_caller(&job.credentials, home, || {
+            super::unix_send::send_in_connector(sock, &link, send, &job.credentials, extra)
+        });
+        return (
+            Reply {
+                outcome: match sent {
+                    Ok(n) => Outcome::Sent(n),
+                    Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM)),
+                },
+                allowed: permitted,
+                resolved,
+                alerted: !permitted,
+                identity: Some(identity),
+            },
+            None,
+        );
     }
     let connected = as_caller(&job.credentials, home, || connect_path(sock, &link));
     (
@@ -444,11 +468,13 @@ fn connect_path(sock: &OwnedFd, path: &str) -> std::io::Result<()> {
     }
 }
 
-/// Most descriptors one message carries.
-const MAX_FDS: usize = 3;
+/// Most descriptors one message carries (SCM_MAX_FD: a send job's passed descriptors).
+const MAX_FDS: usize = super::unix_message::SCM_MAX_FD;
+/// Room for MAX_FDS descriptors in u64 words.
+const CONTROL_WORDS: usize = (16 + 4 * MAX_FDS) / 8 + 2;
 
 fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
@@ -482,7 +508,7 @@ fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()
 }
 
 fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut control = [0u64; 8];
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
