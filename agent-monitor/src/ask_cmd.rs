@@ -121,6 +121,9 @@ pub fn action_text(a: &HeldAction) -> String {
         HeldAction::Exec { path, argv, .. } => format!("exec {path} {}", argv.join(" "))
             .trim_end()
             .to_string(),
+        HeldAction::Open {
+            path, open_flags, ..
+        } => format!("open {path} ({open_flags})"),
     }
 }
 

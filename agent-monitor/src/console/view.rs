@@ -235,6 +235,9 @@ pub fn action_text(r: &PendingRequest) -> String {
                 format!("exec {path} {}", args.join(" "))
             }
         }
+        HeldAction::Open {
+            path, open_flags, ..
+        } => format!("open {path} {open_flags}"),
     }
 }
 

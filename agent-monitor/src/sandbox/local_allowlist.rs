@@ -58,6 +58,8 @@ impl LocalAllowlist {
                 exec_path_is_normal(&buf) && self.exec.iter().any(|r| r.matches(path))
             }
             HeldAction::Dns { .. } => false,
+            // Held by the file guard, never by `run`.
+            HeldAction::Open { .. } => false,
         }
     }
 }
