@@ -486,3 +486,113 @@ fn an_ask_mode_agent_known_by_its_executable_is_held_too() {
     assert_eq!(text(&host.stdout), "read TOPSECRET\n");
     assert!(started.elapsed() < Duration::from_secs(1));
 }
+
+/// A decision service (python3 on a free loopback port) that logs each request's JSON and answers
+/// every one with `answer`; killed on drop.
+struct Approver {
+    _server: ChildGuard,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Approver {
+    fn start(answer: &str) -> Approver {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("asked.jsonl");
+        let port = free_port();
+        let script = format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_POST(self):\n\
+             \x20       body = self.rfile.read(int(self.headers['Content-Length']))\n\
+             \x20       open({log:?}, 'ab').write(body + b'\\n')\n\
+             \x20       out = {answer:?}.encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Type', 'application/json')\n\
+             \x20       self.send_header('Content-Length', str(len(out)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(out)\n\
+             \x20   def log_message(self, *a): pass\n\
+             http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n",
+            log = log.display().to_string()
+        );
+        let server = ChildGuard(
+            Command::new(PYTHON)
+                .args(["-c", &script])
+                .spawn()
+                .expect("python3 decision service"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "decision service did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Approver {
+            _server: server,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/decide", self.port)
+    }
+
+    fn asked(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+#[test]
+fn a_decision_service_decides_held_opens_and_always_is_a_deny() {
+    if !require_root("a_decision_service_decides_held_opens_and_always_is_a_deny") {
+        return;
+    }
+    let once = Approver::start(r#"{"decision":"allow","scope":"once"}"#);
+    let (agent, _dir, secret, d) = guarded("askfiles-svc", &["--approver-url", &once.url()]);
+    let s = secret.display().to_string();
+    let out = finish(d.spawn_run(&agent, "t1", &[], &[CAT, &s]));
+    assert_eq!(text(&out.stdout), "TOPSECRET\n", "{}", text(&out.stderr));
+    let asked = once.asked();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["action"]["kind"], "open");
+    assert_eq!(asked[0]["action"]["path"], s.as_str());
+    assert!(
+        asked[0]["action"]["open_flags"].is_string(),
+        "{:?}",
+        asked[0]
+    );
+    assert_eq!(asked[0]["task"], "t1");
+    drop(d);
+    drop(once);
+
+    // A service that answers `always`: the open cannot be approved so, and is denied at once
+    // (not left to the timeout), with the reason.
+    let always = Approver::start(r#"{"decision":"allow","scope":"always"}"#);
+    let (agent, _dir, secret, d) = guarded("askfiles-svc2", &["--approver-url", &always.url()]);
+    let started = Instant::now();
+    let out = finish(d.spawn_run(&agent, "t1", &[], &[CAT, &secret.display().to_string()]));
+    assert!(
+        text(&out.stderr).contains("Operation not permitted"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "denied only after {:?}",
+        started.elapsed()
+    );
+    let id = always.asked()[0]["id"].as_u64().expect("id").to_string();
+    let rec = ask_record(&d, &id, "denied");
+    assert!(
+        field(&rec, "reason").contains("`always` cannot approve an open"),
+        "{rec}"
+    );
+    assert_eq!(field(&rec, "approver"), "approver-url");
+}
