@@ -136,7 +136,7 @@ impl Asking {
                     && let Some((open, report)) = self.book.decide(hold)
                 {
                     reports.lost.fetch_add(1, Ordering::Relaxed);
-                    refuse(kernel, &open, report, &Refusal::NoDaemon, reports);
+                    refuse(kernel, &open, report, &Refusal::QueueFull, reports);
                 }
             }
             Err((open, report, why)) => refuse(kernel, &open, report, &why, reports),

@@ -55,6 +55,11 @@ pub enum Refusal {
     },
     #[error("ask mode: {HELD_TOTAL} opens are held already; denied ({refused} refused so)")]
     Full { refused: u64 },
+    #[error(
+        "ask mode: the guard's queue to the daemon was full, so it could not ask; denied \
+         (counted among the lost reports)"
+    )]
+    QueueFull,
     #[error("ask mode: held, then the daemon went away before deciding; denied (fail closed)")]
     DaemonGone,
     #[error(
