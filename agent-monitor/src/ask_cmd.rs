@@ -125,6 +125,9 @@ pub fn action_text(a: &HeldAction) -> String {
             Some(r) if r != path => format!("unix {path} -> {r}"),
             _ => format!("unix {path}"),
         },
+        HeldAction::Open {
+            path, open_flags, ..
+        } => format!("open {path} ({open_flags})"),
     }
 }
 

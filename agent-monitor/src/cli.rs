@@ -71,15 +71,17 @@ pub enum Command {
     Ca(CaCommand),
     /// Show the held requests of ask-mode agents, oldest first (root or the --admin-group).
     ///
-    /// An agent with `mode = "ask"` waits while its DNS query, connect or exec off its list is
-    /// held; decide with `approve ID` or `deny ID` before the daemon's --ask-timeout denies it.
+    /// An agent with `mode = "ask"` waits while its DNS query, connect or exec off its list (or
+    /// its open of a file its [files] denies) is held; decide with `approve ID` or `deny ID` before the daemon's --ask-timeout denies it.
     /// With --follow, every new request and every decision is shown as it happens.
     Pending(crate::ask_cmd::PendingArgs),
     /// Approve a held request: --once (this call), --task [--ttl D] (a grant of its task) or
     /// --always (appended to the agent's `<agent>.approved.toml`, then reloaded).
     ///
     /// The approval's kernel entry is written first, then the held call is released and the
-    /// kernel judges it again. Never from inside an agent (not even as root).
+    /// kernel judges it again. Never from inside an agent (not even as root). An open of a
+    /// denied file takes --once or --task only (the policy cannot allow a file despite
+    /// files.deny).
     Approve(crate::ask_cmd::ApproveArgs),
     /// Deny a held request: the agent's call fails (EPERM; a DNS query gets REFUSED).
     Deny(crate::ask_cmd::DenyArgs),

@@ -236,6 +236,9 @@ pub fn action_text(r: &PendingRequest) -> String {
             }
         }
         HeldAction::Unix { .. } => format!("connect {}", crate::ask_cmd::action_text(&r.action)),
+        HeldAction::Open {
+            path, open_flags, ..
+        } => format!("open {path} {open_flags}"),
     }
 }
 

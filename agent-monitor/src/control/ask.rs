@@ -87,6 +87,19 @@ pub enum HeldAction {
         #[serde(default)]
         sock_type: String,
     },
+    /// An open of a file the agent's `[files]` denies, held by the file guard (the opener waits
+    /// in its open call). Judged by the file, not the name: a task approval names this device
+    /// and inode.
+    Open {
+        /// The file's path as the kernel names the opened file.
+        path: String,
+        /// What the opener asked for (`O_RDONLY`, `O_WRONLY|O_CREAT`, …).
+        open_flags: String,
+        /// The `[files]` rule that denies it.
+        rule: String,
+        device: u64,
+        inode: u64,
+    },
 }
 
 /// From `run` to the daemon on its ask channel (after `ask_channel`): a call of its agent that

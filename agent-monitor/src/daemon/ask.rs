@@ -46,6 +46,11 @@ pub(super) enum Waiter {
     },
     /// A DNS proxy query.
     Dns(oneshot::Sender<Option<Vec<PortRange>>>),
+    /// An open the file guard holds (`hold` is the guard's number for it).
+    Open {
+        guard: crate::files::GuardDecider,
+        hold: u64,
+    },
 }
 
 /// What reaches the monitor for ask mode besides control requests and DNS reports.
@@ -101,6 +106,8 @@ pub(super) struct AskState {
     /// The receiving end of `to_monitor`, until the event loop takes it.
     pub(super) inbox: Option<mpsc::Receiver<AskIn>>,
     pub(super) counters: AskCounters,
+    /// Task approvals of opens, as the file guard consults them.
+    pub(super) file_grants: super::ask_desk::file_grants::FileGrants,
 }
 
 impl AskState {
@@ -122,6 +129,7 @@ impl AskState {
             approver: approver.map(|u| (u, approver_timeout.min(timeout))),
             to_monitor,
             counters: AskCounters::default(),
+            file_grants: Default::default(),
         }
     }
 
@@ -159,6 +167,7 @@ fn answer(
         Waiter::Dns(reply) => {
             let _ = reply.send(allow.then_some(ports));
         }
+        Waiter::Open { guard, hold } => guard.decide(hold, allow),
     }
 }
 
@@ -168,6 +177,7 @@ fn action_kind(a: &HeldAction) -> &'static str {
         HeldAction::Connect { .. } => "connect",
         HeldAction::Exec { .. } => "exec",
         HeldAction::Unix { .. } => "connect",
+        HeldAction::Open { .. } => "open",
     }
 }
 
@@ -189,6 +199,9 @@ fn entry_of(a: &HeldAction) -> (List, String) {
         HeldAction::Unix { path, resolved, .. } => {
             (List::Unix, resolved.clone().unwrap_or_else(|| path.clone()))
         }
+        // `apply_approval` takes every approval of an open before (`always` is refused: the
+        // policy has no way to allow a file despite `files.deny`).
+        HeldAction::Open { .. } => unreachable!("opens are approved by approve_open"),
     }
 }
 
@@ -317,7 +330,7 @@ impl Monitor {
         );
     }
 
-    fn pending_request(
+    pub(super) fn pending_request(
         &self,
         agent: &str,
         task: Option<String>,
@@ -347,7 +360,7 @@ impl Monitor {
         }
     }
 
-    fn hold(&mut self, new: NewRequest, waiter: Waiter) {
+    pub(super) fn hold(&mut self, new: NewRequest, waiter: Waiter) {
         let now = monotonic_ns();
         match self.ask.desk.hold(new, waiter, now) {
             Ok(Hold::Joined(_)) => {}
@@ -415,7 +428,16 @@ impl Monitor {
                     }
                 };
                 // Decided already (an operator was faster, or it timed out): nothing to do.
-                let _ = self.decide(id, &decision, "approver-url");
+                if let Err(DeskError::Refused { why, .. }) =
+                    self.decide(id, &decision, "approver-url")
+                {
+                    // A scope this request cannot take (`always` for an open): denied, not
+                    // left to time out.
+                    let deny = Decision::Deny {
+                        reason: Some(format!("decision service: {why}")),
+                    };
+                    let _ = self.decide(id, &deny, "approver-url");
+                }
             }
         }
     }
@@ -531,6 +553,8 @@ impl Monitor {
             // `run` judged it against the list it was placed with and found it off the list;
             // its grants for this socket are its own (it connects unix sockets itself).
             HeldAction::Unix { .. } => false,
+            // Opens are held by the file guard, not on `run`'s channel.
+            HeldAction::Open { .. } => false,
         }
     }
 
@@ -568,6 +592,14 @@ impl Monitor {
         approver: &str,
     ) -> Result<Outcome, DeskError> {
         let now = monotonic_ns();
+        if let Some(why) = self
+            .ask
+            .desk
+            .get(id, now)
+            .and_then(|r| super::ask_files::scope_refusal(&r, decision))
+        {
+            return Err(DeskError::Refused { id, why });
+        }
         let mut ended = self.ask.desk.decide(id, decision, approver, now)?;
         let mut ports = vec![ALL_PORTS];
         if let Decision::Allow { scope, ttl_ms } = decision {
@@ -650,6 +682,9 @@ impl Monitor {
             // (AskAnswer::grant_ms). Nothing goes into the kernel: the connector's connect runs
             // no unix hook.
             (Scope::Once | Scope::Task, HeldAction::Unix { .. }) => {}
+            (scope, HeldAction::Open { device, inode, .. }) => {
+                self.approve_open(r, scope, ttl_ms, (*device, *inode), now)?;
+            }
             (Scope::Once, action) => {
                 // An exact task grant with a short expiry of its own, outside the grant book (the
                 // task's other grants keep their expiry); the kernel refuses it after that.
@@ -809,10 +844,12 @@ impl Monitor {
 
     /// `task end`: the task's exec approvals leave the kernel too; returns how many there were.
     pub(super) fn ask_task_ended(&mut self, agent: &str, task: &str) -> usize {
-        match self.grants.find(agent, task) {
-            Some(number) => self.ask.exec_grants.end_task(&mut self.kernel, number),
-            None => 0,
-        }
+        let files = self.ask_files_task_ended(agent, task);
+        files
+            + match self.grants.find(agent, task) {
+                Some(number) => self.ask.exec_grants.end_task(&mut self.kernel, number),
+                None => 0,
+            }
     }
 
     /// Timeouts, the end of `once` entries, and (at the sweep) requests of exited processes.
@@ -856,6 +893,9 @@ impl Monitor {
                 .denied_names
                 .expire(now, |agent, task| grants.find(agent, task).is_none());
         }
+        if check_liveness {
+            self.ask_files_sweep(now);
+        }
     }
 
     fn ask_notice(&self, r: &PendingRequest, verdict: &str, message: String) -> Notice {
@@ -894,6 +934,9 @@ impl Monitor {
             }
             HeldAction::Exec { path, .. } => n = n.field("EXE", path),
             HeldAction::Unix { .. } => n = super::unix_ask::notice_fields(n, &r.action),
+            HeldAction::Open {
+                path, open_flags, ..
+            } => n = n.field("FILE_PATH", path).field("OPEN_FLAGS", open_flags),
         }
         n
     }
@@ -985,7 +1028,8 @@ fn grant_texts_of(a: &HeldAction) -> (Vec<String>, Vec<String>) {
             vec![],
         ),
         HeldAction::Exec { path, .. } => (vec![], vec![path.clone()]),
-        HeldAction::Dns { .. } => (vec![], vec![]),
-        HeldAction::Unix { .. } => (vec![], vec![]),
+        HeldAction::Dns { .. } | HeldAction::Open { .. } | HeldAction::Unix { .. } => {
+            (vec![], vec![])
+        }
     }
 }

@@ -61,6 +61,25 @@ impl FileGuardState {
     pub(super) fn lost(&self) -> u64 {
         self.guard.as_ref().map_or(0, GuardLink::lost)
     }
+
+    /// Tells the guard this daemon decides held opens of ask-mode agents within `timeout`.
+    pub(super) fn set_asking(&self, timeout: Duration) {
+        if let Ok(g) = &self.guard {
+            g.set_asking(timeout);
+        }
+    }
+
+    /// The task approvals of opens in force, whole.
+    pub(super) fn set_grants(&self, grants: Vec<crate::files::FileGrant>) {
+        if let Ok(g) = &self.guard {
+            g.set_grants(grants);
+        }
+    }
+
+    /// What answers the guard's held opens.
+    pub(super) fn decider(&self) -> Option<crate::files::GuardDecider> {
+        self.guard.as_ref().ok().map(GuardLink::decider)
+    }
 }
 
 impl Monitor {
@@ -113,13 +132,17 @@ impl Monitor {
                     .map(str::to_string)
                     .or_else(|| identity::procfs::exe(pid).map(|p| p.display().to_string()));
                 let (dev, ino) = o.file;
-                let reason = format!(
+                let mut reason = format!(
                     "{}: the agent may not open this file (judged by the file itself: device \
                      {}:{} inode {ino})",
                     o.rule,
                     libc::major(dev),
                     libc::minor(dev)
                 );
+                // Ask mode, decided by the guard itself (or allowed by a task approval).
+                if let Some(why) = &o.held {
+                    reason = format!("{reason}; {why}");
+                }
                 let action = Action {
                     // When the guard answered: a report it kept while no daemon ran comes later.
                     time: o.time,
@@ -154,6 +177,7 @@ impl Monitor {
                 }
             }
             FileReport::Problem(p) => tracing::warn!("{p}"),
+            FileReport::Hold(h) => self.on_file_hold(h),
         }
     }
 }

@@ -37,6 +37,7 @@ use crate::policy::{ExecFacts, PolicySet};
 
 mod ask;
 mod ask_desk;
+mod ask_files;
 mod dns_learner;
 mod egress_flows;
 mod file_guard;
@@ -326,6 +327,7 @@ impl Monitor {
                 task = t.task,
                 "task ended: no process left"
             );
+            self.ask_files_task_ended(&t.agent, &t.task);
         }
     }
 }

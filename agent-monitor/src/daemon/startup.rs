@@ -112,6 +112,8 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         ),
         egress: Default::default(),
     };
+    // The file guard holds ask-mode agents' opens for this daemon's desk (and its timeout).
+    monitor.files.set_asking(args.ask.ask_timeout);
     // Before the policies: a connect with request rules must find the endpoint.
     let (egress_tx, egress_rx) = mpsc::channel(1024);
     let endpoint = crate::egress::Endpoint::start(egress_tx, monitor.interceptor.clone())

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 
 use super::book::{Applied, Book};
+use super::holds::{FileGrant, GUARD_MARGIN, GrantSet, HeldOpen, HoldBook, Refusal, monotonic_ns};
 use super::judge::{Denial, FileId, Ruling};
 use super::kernel::{Kernel, OpenEvent, identify_fd};
 use super::plan::{AgentFiles, Mark, Plan};
@@ -29,6 +30,15 @@ pub(super) enum Command {
     Roster(Roster),
     Tags(Option<ThreadTags>),
     Stop,
+    /// The daemon's decision of a held open.
+    Decide {
+        hold: u64,
+        allow: bool,
+    },
+    /// Some(ask timeout): a daemon takes held opens; None: it went away (deny every held open).
+    Asking(Option<std::time::Duration>),
+    /// The task approvals of opens in force.
+    Grants(Vec<FileGrant>),
 }
 
 /// What the walker thread is asked to list.
@@ -82,6 +92,116 @@ impl Reports {
     }
 }
 
+/// Ask mode's state in the guard thread: the held opens, whether a daemon takes them (and its
+/// timeout), and the task approvals it gave.
+#[derive(Default)]
+struct Asking {
+    book: HoldBook<OpenEvent>,
+    timeout: Option<std::time::Duration>,
+    grants: GrantSet,
+}
+
+impl Asking {
+    /// An ask-mode agent's open of a denied file: allowed by a task approval, held for the
+    /// daemon, or refused at once (no daemon, too many held).
+    fn take(
+        &mut self,
+        kernel: &Kernel,
+        open: OpenEvent,
+        mut report: OpenReport,
+        reports: &Reports,
+    ) {
+        let now = monotonic_ns();
+        if self
+            .grants
+            .covers(&report.agent, report.task.as_deref(), report.file, now)
+        {
+            report.verdict = Verdict::Allowed;
+            report.held = Some("allowed by a task approval of this file (ask mode)".into());
+            answer(kernel, &open, true, reports);
+            reports.send(FileReport::Open(report));
+            return;
+        }
+        let Some(timeout) = self.timeout else {
+            return refuse(kernel, &open, report, &Refusal::NoDaemon, reports);
+        };
+        let deadline = now.saturating_add((timeout + GUARD_MARGIN).as_nanos() as u64);
+        match self.book.hold(open, report.clone(), deadline) {
+            Ok(hold) => {
+                // Not delivered (the service's queue is full): refused now, not left to time out.
+                if reports
+                    .tx
+                    .try_send(FileReport::Hold(HeldOpen { hold, open: report }))
+                    .is_err()
+                    && let Some((open, report)) = self.book.decide(hold)
+                {
+                    reports.lost.fetch_add(1, Ordering::Relaxed);
+                    refuse(kernel, &open, report, &Refusal::QueueFull, reports);
+                }
+            }
+            Err((open, report, why)) => refuse(kernel, &open, report, &why, reports),
+        }
+    }
+
+    fn command(&mut self, kernel: &Kernel, command: Command, reports: &Reports) {
+        match command {
+            Command::Decide { hold, allow } => match self.book.decide(hold) {
+                // The daemon reports its decision itself.
+                Some((open, _)) => answer(kernel, &open, allow, reports),
+                None => tracing::debug!(hold, "a decision of an open no longer held"),
+            },
+            Command::Asking(Some(timeout)) => self.timeout = Some(timeout),
+            Command::Asking(None) => {
+                self.timeout = None;
+                for (open, report) in self.book.drain() {
+                    refuse(kernel, &open, report, &Refusal::DaemonGone, reports);
+                }
+            }
+            Command::Grants(grants) => self.grants = GrantSet::new(grants),
+            _ => {}
+        }
+    }
+
+    fn expire(&mut self, kernel: &Kernel, reports: &Reports) {
+        for (open, report) in self.book.expire(monotonic_ns()) {
+            refuse(kernel, &open, report, &Refusal::Timeout, reports);
+        }
+    }
+
+    /// How long poll may sleep: until the first held open times out.
+    fn poll_timeout_ms(&self) -> libc::c_int {
+        match self.book.next_deadline() {
+            None => -1,
+            Some(d) => {
+                let ms = d.saturating_sub(monotonic_ns()).div_ceil(1_000_000);
+                ms.min(libc::c_int::MAX as u64) as libc::c_int
+            }
+        }
+    }
+}
+
+fn answer(kernel: &Kernel, open: &OpenEvent, allow: bool, reports: &Reports) {
+    if let Err(e) = kernel.answer(open, allow) {
+        reports.send(FileReport::Problem(format!(
+            "file guard: answering an open: {e}"
+        )));
+    }
+}
+
+/// Refuses a held (or to be held) open without a decision of the daemon, and reports why.
+fn refuse(
+    kernel: &Kernel,
+    open: &OpenEvent,
+    mut report: OpenReport,
+    why: &Refusal,
+    reports: &Reports,
+) {
+    answer(kernel, open, false, reports);
+    report.verdict = Verdict::Denied;
+    report.held = Some(why.to_string());
+    reports.send(FileReport::Open(report));
+}
+
 /// The guard thread's loop; returns on `Command::Stop` (or when the daemon is gone).
 pub(super) fn run(
     mut kernel: Kernel,
@@ -93,6 +213,7 @@ pub(super) fn run(
 ) {
     let mut book: Book<nix::sys::inotify::WatchDescriptor> = Book::default();
     let mut roster = Roster::default();
+    let mut asking = Asking::default();
     loop {
         let mut fds = [
             libc::pollfd {
@@ -111,8 +232,9 @@ pub(super) fn run(
                 revents: 0,
             },
         ];
+        let timeout = asking.poll_timeout_ms();
         // SAFETY: three valid pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -125,8 +247,16 @@ pub(super) fn run(
         }
         // Opens first: a host process is waiting.
         if fds[0].revents != 0 {
-            answer_opens(&kernel, &book, &roster, tags.as_ref(), &reports);
+            answer_opens(
+                &kernel,
+                &book,
+                &roster,
+                tags.as_ref(),
+                &reports,
+                &mut asking,
+            );
         }
+        asking.expire(&kernel, &reports);
         if fds[2].revents != 0 {
             wake.reset();
             loop {
@@ -144,6 +274,9 @@ pub(super) fn run(
                     Ok(Command::Tags(t)) => tags = t,
                     Ok(Command::Stop) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                         return;
+                    }
+                    Ok(c @ (Command::Decide { .. } | Command::Asking(_) | Command::Grants(_))) => {
+                        asking.command(&kernel, c, &reports);
                     }
                     Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 }
@@ -186,6 +319,7 @@ fn answer_opens(
     roster: &Roster,
     tags: Option<&ThreadTags>,
     reports: &Reports,
+    asking: &mut Asking,
 ) {
     loop {
         let opens = match kernel.read_opens() {
@@ -202,12 +336,14 @@ fn answer_opens(
             if !open.needs_answer() {
                 continue;
             }
-            let (allow, report) = judge_open(&open, book, roster, tags);
-            if let Err(e) = kernel.answer(&open, allow) {
-                reports.send(FileReport::Problem(format!(
-                    "file guard: answering an open: {e}"
-                )));
-            }
+            let (allow, report) = match judge_open(&open, book, roster, tags) {
+                Judged::Ask(report) => {
+                    asking.take(kernel, open, report, reports);
+                    continue;
+                }
+                Judged::Answer(allow, report) => (allow, report),
+            };
+            answer(kernel, &open, allow, reports);
             if let Some(r) = report {
                 reports.send(FileReport::Open(r));
             }
@@ -215,16 +351,23 @@ fn answer_opens(
     }
 }
 
+/// What to do with an open: answer it now (allowed or not, and what to report), or hand it to
+/// ask mode.
+enum Judged {
+    Answer(bool, Option<OpenReport>),
+    Ask(OpenReport),
+}
+
 fn judge_open(
     open: &OpenEvent,
     book: &Book<nix::sys::inotify::WatchDescriptor>,
     roster: &Roster,
     tags: Option<&ThreadTags>,
-) -> (bool, Option<OpenReport>) {
+) -> Judged {
     let tid = open.tid();
     // The daemon's own threads (the walker listing a denied directory): at once.
     if Path::new(&format!("/proc/self/task/{tid}")).exists() {
-        return (true, None);
+        return Judged::Answer(true, None);
     }
     // A thread the kernel made for the process without a fork (an io_uring worker opening for
     // it) carries no tag of its own: it acts for its process, whose main thread has the tag.
@@ -236,18 +379,20 @@ fn judge_open(
         })
     };
     let Some(opener) = roster.opener(&LiveProcs, tag, tid) else {
-        return (true, None);
+        return Judged::Answer(true, None);
     };
     let Some((file, path)) = open.fd().and_then(identify_fd) else {
-        return (true, None);
+        return Judged::Answer(true, None);
     };
     let ruling = book
         .judge()
         .judge(Some(&opener.agent), file, || ancestors(&path));
-    let (verdict, agent, rule) = match ruling {
-        Ruling::Allow => return (true, None),
-        Ruling::Deny { agent, rule } => (Verdict::Denied, agent, rule),
-        Ruling::Alert { agent, rule } => (Verdict::Alert, agent, rule),
+    let (verdict, agent, rule, ask) = match ruling {
+        Ruling::Allow => return Judged::Answer(true, None),
+        Ruling::Deny { agent, rule } => (Verdict::Denied, agent, rule, false),
+        Ruling::Alert { agent, rule } => (Verdict::Alert, agent, rule, false),
+        // Denied unless the daemon approves it.
+        Ruling::Ask { agent, rule } => (Verdict::Denied, agent, rule, true),
     };
     // Read while the opener still waits in its system call.
     let open_flags = flags::of_thread(tid);
@@ -265,8 +410,12 @@ fn judge_open(
         path,
         open_flags,
         file,
+        held: None,
     };
-    (verdict != Verdict::Denied, Some(report))
+    if ask {
+        return Judged::Ask(report);
+    }
+    Judged::Answer(verdict != Verdict::Denied, Some(report))
 }
 
 /// The directories `path` lies in, nearest first (lstat: no open).

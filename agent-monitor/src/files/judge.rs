@@ -27,6 +27,8 @@ pub enum Ruling {
     Deny { agent: Arc<str>, rule: Arc<str> },
     /// Alert mode: the open proceeds; reported.
     Alert { agent: Arc<str>, rule: Arc<str> },
+    /// Ask mode: the open waits for the daemon's decision (see `holds.rs`); refused without one.
+    Ask { agent: Arc<str>, rule: Arc<str> },
 }
 
 /// Every guarded file and directory with the agents it is denied to, and each agent's mode: the
@@ -92,13 +94,16 @@ impl Judge {
         let rule = for_agent(file).or_else(|| ancestors().into_iter().find_map(for_agent));
         match (rule, mode) {
             (None, _) => Ruling::Allow,
-            // Ask mode does not hold opens (a held permission event would hold the file guard's
-            // one answering thread): a denied file is refused as in enforce mode.
-            (Some(rule), Mode::Enforce | Mode::Ask) => Ruling::Deny {
+            (Some(rule), Mode::Enforce) => Ruling::Deny {
                 agent: name.clone(),
                 rule,
             },
             (Some(rule), Mode::Alert) => Ruling::Alert {
+                agent: name.clone(),
+                rule,
+            },
+            // Held: the guard thread keeps the event and goes on answering others.
+            (Some(rule), Mode::Ask) => Ruling::Ask {
                 agent: name.clone(),
                 rule,
             },
@@ -115,6 +120,7 @@ mod tests {
         modes.insert(Arc::from("coder"), Mode::Enforce);
         modes.insert(Arc::from("watcher"), Mode::Alert);
         modes.insert(Arc::from("free"), Mode::Enforce);
+        modes.insert(Arc::from("asker"), Mode::Ask);
         let mut j = Judge::new(modes);
         let deny = |agent: &str, rule: &str| Denial {
             agent: Arc::from(agent),
@@ -160,6 +166,26 @@ mod tests {
             }
         );
         assert_eq!(j.denials((1, 10)).len(), 2, "one denial per agent");
+    }
+
+    #[test]
+    fn ask_mode_holds_what_it_denies_and_nothing_else() {
+        let mut j = judge();
+        j.add(
+            (1, 10),
+            Denial {
+                agent: Arc::from("asker"),
+                rule: Arc::from("files.deny \"/etc/shadow\" (line 2)"),
+            },
+        );
+        assert_eq!(
+            j.judge(Some("asker"), (1, 10), Vec::new),
+            Ruling::Ask {
+                agent: "asker".into(),
+                rule: "files.deny \"/etc/shadow\" (line 2)".into()
+            }
+        );
+        assert_eq!(j.judge(Some("asker"), (2, 20), Vec::new), Ruling::Allow);
     }
 
     #[test]

@@ -45,6 +45,8 @@ impl GuardLink {
             lost: lost.clone(),
             last_apply: None,
             last_roster: None,
+            last_asking: None,
+            last_grants: None,
         };
         tokio::spawn(task.run(conn, command_rx));
         Ok((GuardLink { commands, lost }, rx))
@@ -62,10 +64,38 @@ impl GuardLink {
         let _ = self.commands.send(ToGuard::Roster { roster });
     }
 
+    /// This daemon takes held opens of ask-mode agents and decides them within `timeout`
+    /// (told to every guard it connects to from now on).
+    pub fn set_asking(&self, timeout: Duration) {
+        let timeout_ms = timeout.as_millis().min(u128::from(u64::MAX)) as u64;
+        let _ = self.commands.send(ToGuard::Asking { timeout_ms });
+    }
+
+    /// The task approvals of opens in force (the whole set).
+    pub fn set_grants(&self, grants: Vec<super::FileGrant>) {
+        let _ = self.commands.send(ToGuard::Grants { grants });
+    }
+
+    /// A handle that answers held opens (kept by the ask desk with each held open).
+    pub fn decider(&self) -> GuardDecider {
+        GuardDecider(self.commands.clone())
+    }
+
     /// Reports lost on the way: the guard's queue while no daemon was connected, and this
     /// daemon's loop not taking them in time.
     pub fn lost(&self) -> u64 {
         self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// Answers the guard's held opens. A decision for an open the guard no longer holds (timed out,
+/// or held by a guard since replaced: its numbers are never reused) changes nothing.
+#[derive(Clone, Debug)]
+pub struct GuardDecider(mpsc::UnboundedSender<ToGuard>);
+
+impl GuardDecider {
+    pub fn decide(&self, hold: u64, allow: bool) {
+        let _ = self.0.send(ToGuard::Decide { hold, allow });
     }
 }
 
@@ -273,6 +303,9 @@ struct LinkTask {
     lost: Arc<AtomicU64>,
     last_apply: Option<ToGuard>,
     last_roster: Option<ToGuard>,
+    /// Told to every new guard again (held opens and decisions are not: they went with the old).
+    last_asking: Option<ToGuard>,
+    last_grants: Option<ToGuard>,
 }
 
 impl LinkTask {
@@ -295,6 +328,8 @@ impl LinkTask {
                         match &c {
                             ToGuard::Apply { .. } => self.last_apply = Some(c.clone()),
                             ToGuard::Roster { .. } => self.last_roster = Some(c.clone()),
+                            ToGuard::Asking { .. } => self.last_asking = Some(c.clone()),
+                            ToGuard::Grants { .. } => self.last_grants = Some(c.clone()),
                             _ => {}
                         }
                         !conn.send(&c).await
@@ -327,6 +362,15 @@ impl LinkTask {
                         old.pid
                     );
                 }
+                if let FileReport::Hold(h) = &report {
+                    // The daemon's loop cannot take it: refused now rather than at the timeout.
+                    let hold = h.hold;
+                    if self.reports.try_send(report).is_err() {
+                        self.lost.fetch_add(1, Ordering::Relaxed);
+                        let _ = conn.send(&ToGuard::Decide { hold, allow: false }).await;
+                    }
+                    return;
+                }
                 self.forward(report);
             }
             Ok(FromGuard::Lost { count }) => {
@@ -350,7 +394,13 @@ impl LinkTask {
             match Conn::establish(&self.paths, &self.pin_dir).await {
                 Ok(mut conn) => {
                     let mut ok = true;
-                    for c in [&self.last_roster, &self.last_apply].into_iter().flatten() {
+                    let told = [
+                        &self.last_roster,
+                        &self.last_apply,
+                        &self.last_grants,
+                        &self.last_asking,
+                    ];
+                    for c in told.into_iter().flatten() {
                         ok = ok && conn.send(c).await;
                     }
                     if ok {

@@ -13,6 +13,7 @@ use crate::action::Verdict;
 mod book;
 mod flags;
 mod guard;
+mod holds;
 mod judge;
 mod kernel;
 mod link;
@@ -22,8 +23,9 @@ mod service;
 mod wire;
 
 pub use book::Applied;
+pub use holds::{FileGrant, HeldOpen};
 pub use judge::FileId;
-pub use link::GuardLink;
+pub use link::{GuardDecider, GuardLink};
 pub use plan::AgentFiles;
 pub use roster::Roster;
 pub use service::{FileGuardArgs, main as guard_main, stop as stop_guard};
@@ -55,6 +57,10 @@ pub struct OpenReport {
     /// What the opener asked for, as far as the guard could read it (see `flags.rs`).
     pub open_flags: String,
     pub file: FileId,
+    /// For an ask-mode agent's open the guard decided itself (no daemon to ask, too many held,
+    /// no decision in time) or let through by a task approval: why, as the report says it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// What the guard tells the daemon.
@@ -66,6 +72,8 @@ pub enum FileReport {
     Applied(Applied),
     /// Something the operator should know (a file that could not be marked, an overflow).
     Problem(String),
+    /// An ask-mode agent's open, held until the daemon decides (`FileGuard::decide`).
+    Hold(HeldOpen),
 }
 
 /// The daemon's handle on the guard and walker threads. Dropping it stops both and closes the
@@ -141,6 +149,34 @@ impl FileGuard {
     /// a new one).
     pub fn set_tags(&self, tags: Option<crate::bpf::ThreadTags>) {
         if self.commands.send(guard::Command::Tags(tags)).is_ok() {
+            self.wake.ring();
+        }
+    }
+
+    /// The daemon's decision of a held open.
+    pub fn decide(&self, hold: u64, allow: bool) {
+        self.command(guard::Command::Decide { hold, allow });
+    }
+
+    /// A daemon that takes held opens is connected, with this ask timeout: ask-mode agents'
+    /// opens of denied files are held (until the timeout and a margin at most).
+    pub fn set_asking(&self, timeout: std::time::Duration) {
+        self.command(guard::Command::Asking(Some(timeout)));
+    }
+
+    /// The daemon went away (or another one replaced it): every held open is denied now, and
+    /// until a daemon says it takes them again none is held.
+    pub fn daemon_gone(&self) {
+        self.command(guard::Command::Asking(None));
+    }
+
+    /// The task approvals of opens in force (the whole set).
+    pub fn set_grants(&self, grants: Vec<FileGrant>) {
+        self.command(guard::Command::Grants(grants));
+    }
+
+    fn command(&self, c: guard::Command) {
+        if self.commands.send(c).is_ok() {
             self.wake.ring();
         }
     }

@@ -207,6 +207,9 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                         kept.lost += lost;
                     }
                 }
+                // The newest daemon wins: the opens held for the one before are denied (the new
+                // one never heard of them), and none is held until it says it takes them.
+                guard.daemon_gone();
                 if ok {
                     tracing::info!("file guard: a daemon connected");
                     daemon = Some(d);
@@ -217,6 +220,8 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                     Ok(Some(l)) => l,
                     Ok(None) | Err(_) => {
                         daemon = None;
+                        // Fail closed: every held open is denied now (reported with the others).
+                        guard.daemon_gone();
                         if retired {
                             tracing::info!("file guard (pid {pid}): retired and its daemon is gone; exiting");
                             break Ok(());
@@ -239,6 +244,8 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                         let _ = std::fs::remove_file(&paths.socket);
                         drop(lock.take());
                         retired = true;
+                        // The new guard asks the daemon from now on: this one holds nothing more.
+                        guard.daemon_gone();
                         tracing::info!("file guard (pid {pid}): retiring; marks held until told to exit");
                         if let Some(d) = daemon.as_mut()
                             && !d.send(&FromGuard::Retired).await
@@ -246,6 +253,12 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                             daemon = None;
                         }
                     }
+                    Ok(ToGuard::Asking { timeout_ms }) if !retired => {
+                        guard.set_asking(Duration::from_millis(timeout_ms));
+                    }
+                    Ok(ToGuard::Asking { .. }) => {}
+                    Ok(ToGuard::Decide { hold, allow }) => guard.decide(hold, allow),
+                    Ok(ToGuard::Grants { grants }) => guard.set_grants(grants),
                     Ok(ToGuard::Exit) => {
                         tracing::info!("file guard (pid {pid}): told to exit; the marks go");
                         break Ok(());
@@ -267,7 +280,13 @@ async fn serve(pin_dir: &Path) -> anyhow::Result<()> {
                     if daemon.take().is_some() {
                         tracing::warn!("file guard: the daemon does not take reports; keeping them");
                     }
-                    kept.push(report);
+                    // No daemon to decide: every held open is denied now (and reported so by
+                    // the guard thread). A held open goes to a daemon only, never to the kept
+                    // reports.
+                    guard.daemon_gone();
+                    if !matches!(report, FileReport::Hold(_)) {
+                        kept.push(report);
+                    }
                 }
             }
             _ = tick.tick() => {

@@ -33,6 +33,13 @@ pub enum ToGuard {
     Retire,
     /// Close the fanotify group and exit.
     Exit,
+    /// This daemon takes held opens of ask-mode agents (`FileReport::Hold`) and decides them
+    /// within `timeout_ms` (its `--ask-timeout`); sent after every connect.
+    Asking { timeout_ms: u64 },
+    /// The decision of a held open: allowed, or refused (EPERM).
+    Decide { hold: u64, allow: bool },
+    /// The task approvals of opens in force (the whole set, replacing the last one).
+    Grants { grants: Vec<super::FileGrant> },
 }
 
 /// Guard → daemon.
@@ -264,10 +271,33 @@ mod tests {
             path: "/etc/x".into(),
             open_flags: "O_RDONLY".into(),
             file: (1, 2),
+            held: None,
         });
         let msg = FromGuard::Report { report };
         let back: FromGuard = serde_json::from_slice(&line(&msg)).expect("parses");
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn ask_messages_survive_the_wire_whole() {
+        for msg in [
+            ToGuard::Asking { timeout_ms: 60_000 },
+            ToGuard::Decide {
+                hold: 3,
+                allow: true,
+            },
+            ToGuard::Grants {
+                grants: vec![crate::files::FileGrant {
+                    agent: "coder".into(),
+                    task: "t1".into(),
+                    file: (1, 2),
+                    until_ns: u64::MAX,
+                }],
+            },
+        ] {
+            let back: ToGuard = serde_json::from_slice(&line(&msg)).expect("parses");
+            assert_eq!(back, msg);
+        }
     }
 
     #[test]

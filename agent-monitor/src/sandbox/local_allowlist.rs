@@ -60,6 +60,8 @@ impl LocalAllowlist {
             HeldAction::Dns { .. } => false,
             // Judged on the resolved socket by `run` already: off its list.
             HeldAction::Unix { .. } => false,
+            // Held by the file guard, never by `run`.
+            HeldAction::Open { .. } => false,
         }
     }
 }

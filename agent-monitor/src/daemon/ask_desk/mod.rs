@@ -12,6 +12,7 @@ use crate::control::{Decision, Outcome, PendingRequest, Scope};
 pub(super) mod approved_file;
 pub(super) mod approver;
 pub(super) mod exec_grants;
+pub(super) mod file_grants;
 #[cfg(test)]
 mod tests;
 
@@ -31,6 +32,9 @@ pub(crate) enum DeskError {
     },
     #[error("held requests at their limit ({0}); the call is denied")]
     Full(usize),
+    /// The decision cannot apply to this kind of request; it stays held for another decision.
+    #[error("request {id}: {why}; it is still held (approve it another way, or deny it)")]
+    Refused { id: u64, why: String },
 }
 
 /// What a new request is, before the desk numbers it (times are filled in when shown).
