@@ -49,6 +49,7 @@ mod records;
 mod reload;
 mod reporter;
 mod reports;
+mod request_warnings;
 mod requests;
 mod selectors;
 mod startup;
@@ -145,6 +146,8 @@ struct Monitor {
     ask: ask::AskState,
     /// Connects redirected to the egress endpoint, until it asks about them.
     egress: egress_flows::EgressFlows,
+    /// The request-rule warnings logged for the policy set in force.
+    request_warnings: request_warnings::RequestWarnings,
 }
 
 impl Monitor {

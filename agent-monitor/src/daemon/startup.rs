@@ -111,6 +111,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             args.ask.approver_timeout,
         ),
         egress: Default::default(),
+        request_warnings: Default::default(),
     };
     // Before the policies: a connect with request rules must find the endpoint.
     let (egress_tx, egress_rx) = mpsc::channel(1024);
