@@ -267,6 +267,13 @@ pub struct DaemonArgs {
     pub intercept: crate::intercept::InterceptArgs,
     #[command(flatten)]
     pub ask: crate::ask_cmd::AskDaemonArgs,
+    /// How the bytes of a connection admitted by a `[[network.tls]]` rule pass: `splice`
+    /// (splice(2) through pipes, driven by the daemon) or `kernel` (a sockmap whose sk_skb
+    /// verdict program passes them inside the kernel, without waking the daemon per chunk;
+    /// measured slower than splice on loopback, see docs/egress.md). Where the kernel refuses the
+    /// program, or its map is full, connections are spliced (logged).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "splice")]
+    pub egress_relay: crate::egress::RelayChoice,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,8 @@ mod socket_watch;
 mod tables;
 mod thread_tags;
 mod unix_hooks;
+// The egress endpoint's sockmap relay (its own object).
+pub mod egress_relay;
 
 pub use hooks::HookCgroups;
 pub use load::{Mechanisms, Origin, uninstall};

@@ -50,6 +50,7 @@ mod records;
 mod reload;
 mod reporter;
 mod reports;
+mod request_warnings;
 mod requests;
 mod selectors;
 mod startup;
@@ -147,6 +148,8 @@ struct Monitor {
     ask: ask::AskState,
     /// Connects redirected to the egress endpoint, until it asks about them.
     egress: egress_flows::EgressFlows,
+    /// The request-rule warnings logged for the policy set in force.
+    request_warnings: request_warnings::RequestWarnings,
 }
 
 impl Monitor {

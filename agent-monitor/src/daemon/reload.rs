@@ -194,6 +194,9 @@ impl Monitor {
             tracing::error!("socket() watch: {e:#}");
         }
         self.apply_file_rules();
+        for notice in self.request_warnings.for_load(self.generations.live()) {
+            self.reporter.notice(notice);
+        }
         Ok(())
     }
 

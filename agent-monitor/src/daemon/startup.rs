@@ -111,14 +111,16 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             args.ask.approver_timeout,
         ),
         egress: Default::default(),
+        request_warnings: Default::default(),
     };
     // The file guard holds ask-mode agents' opens for this daemon's desk (and its timeout).
     monitor.files.set_asking(args.ask.ask_timeout);
     // Before the policies: a connect with request rules must find the endpoint.
     let (egress_tx, egress_rx) = mpsc::channel(1024);
-    let endpoint = crate::egress::Endpoint::start(egress_tx, monitor.interceptor.clone())
-        .await
-        .context("starting the egress endpoint")?;
+    let endpoint =
+        crate::egress::Endpoint::start(egress_tx, monitor.interceptor.clone(), args.egress_relay)
+            .await
+            .context("starting the egress endpoint")?;
     monitor.kernel.set_egress_endpoint(endpoint.port)?;
     tracing::info!("egress endpoint on 127.0.0.1:{}", endpoint.port);
     // What the previous daemon governed stays governed: its tasks come back from the pinned

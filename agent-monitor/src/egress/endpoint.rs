@@ -2,6 +2,7 @@
 //! redirected socket to a source address that names its flow), one task per connection.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_monitor_common::{EGRESS_IP4, egress_token_of};
@@ -11,9 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::handover::{Flow, handover};
 use super::hello::{MAX_PEEK, Opening, classify};
 use super::judge::{Decision, judge};
-use super::relay::relay;
+use super::relay::relay_connection;
 use super::{EgressInput, FlowInfo, FlowQuery, FlowReport};
 use crate::action::{Destination, EgressConnection, Verdict};
+use crate::bpf::egress_relay::EgressRelay;
 use crate::intercept::Interceptor;
 
 /// How long a client may take to send its ClientHello or request head.
@@ -30,14 +32,16 @@ pub struct Endpoint {
 impl Endpoint {
     /// Listens on a free loopback port and serves every connection; the monitor answers
     /// `inputs`' queries and takes the reports. `interceptor`: where connections with method/path
-    /// rules go (none: no CA, they are refused).
+    /// rules go (none: no CA, they are refused). `relay`: how server-name-checked bytes pass.
     pub async fn start(
         inputs: mpsc::Sender<EgressInput>,
         interceptor: Option<Interceptor>,
+        relay: super::RelayChoice,
     ) -> std::io::Result<Endpoint> {
         let listener = TcpListener::bind((Ipv4Addr::from(EGRESS_IP4), 0)).await?;
         let port = listener.local_addr()?.port();
-        tokio::spawn(serve(listener, inputs, interceptor));
+        let kernel = super::kernel_relay::start(relay);
+        tokio::spawn(serve(listener, inputs, interceptor, kernel));
         Ok(Endpoint { port })
     }
 }
@@ -46,6 +50,7 @@ async fn serve(
     listener: TcpListener,
     inputs: mpsc::Sender<EgressInput>,
     interceptor: Option<Interceptor>,
+    kernel: Option<Arc<EgressRelay>>,
 ) {
     loop {
         match listener.accept().await {
@@ -55,6 +60,7 @@ async fn serve(
                     peer,
                     inputs.clone(),
                     interceptor.clone(),
+                    kernel.clone(),
                 ));
             }
             Err(e) => {
@@ -72,6 +78,7 @@ async fn connection(
     peer: SocketAddr,
     inputs: mpsc::Sender<EgressInput>,
     interceptor: Option<Interceptor>,
+    kernel: Option<Arc<EgressRelay>>,
 ) {
     let token = match peer.ip() {
         IpAddr::V4(v4) => egress_token_of(v4.octets()),
@@ -121,6 +128,7 @@ async fn connection(
         request: None,
     };
     let mut reason = judgement.reason;
+    let kernel = kernel.as_deref();
     let (verdict, enforcement) = match judgement.decision {
         Decision::Handover(rules) => {
             // Interception reports each request; this reports the connection's server name.
@@ -149,11 +157,11 @@ async fn connection(
         }
         Decision::Refuse => {
             reason.push_str(" (alert mode: passed unchanged)");
-            splice(stream, info.original, &mut connection, &mut reason).await;
+            splice(stream, info.original, &mut connection, &mut reason, kernel).await;
             (Verdict::Alert, None)
         }
         Decision::Splice => {
-            splice(stream, info.original, &mut connection, &mut reason).await;
+            splice(stream, info.original, &mut connection, &mut reason, kernel).await;
             (Verdict::Allowed, None)
         }
     };
@@ -212,12 +220,13 @@ async fn peek_opening(stream: &TcpStream) -> Opening {
 
 /// Passes the bytes both ways, unchanged, between the agent and `original`; counts them.
 async fn splice(
-    mut client: TcpStream,
+    client: TcpStream,
     original: SocketAddr,
     connection: &mut EgressConnection,
     reason: &mut String,
+    kernel: Option<&EgressRelay>,
 ) {
-    let mut upstream = match TcpStream::connect(original).await {
+    let upstream = match TcpStream::connect(original).await {
         Ok(s) => s,
         Err(e) => {
             reason.push_str(&format!("; connecting to {original} failed: {e}"));
@@ -226,7 +235,7 @@ async fn splice(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    match relay(&mut client, &mut upstream).await {
+    match relay_connection(client, upstream, kernel).await {
         (_, Ok(moved)) => {
             connection.bytes_out = moved.out;
             connection.bytes_in = moved.inn;

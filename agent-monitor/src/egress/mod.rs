@@ -12,6 +12,7 @@ mod endpoint;
 pub mod handover;
 pub mod hello;
 pub mod judge;
+mod kernel_relay;
 mod relay;
 
 use std::net::SocketAddr;
@@ -19,6 +20,15 @@ use std::net::SocketAddr;
 use tokio::sync::oneshot;
 
 pub use endpoint::Endpoint;
+
+/// How the bytes of a connection admitted by a server-name rule pass (`daemon --egress-relay`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayChoice {
+    /// splice(2) through pipes, driven by the daemon (`relay.rs`).
+    Splice,
+    /// The kernel's sockmap relay (`kernel_relay.rs`); splice where it cannot be had.
+    Kernel,
+}
 
 use crate::action::{EgressConnection, Verdict};
 use crate::event::Subject;

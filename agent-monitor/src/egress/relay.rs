@@ -13,6 +13,9 @@ use nix::sys::socket::{Shutdown, shutdown};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::kernel_relay::relay_in_kernel;
+use crate::bpf::egress_relay::{EgressRelay, PairError};
+
 /// Capacity asked for each pipe: the most one splice call moves. The default (64 KiB) costs a
 /// wake-up and two system calls per 64 KiB; more lets a slow reader's side hold more unsent
 /// (kernel memory, the sockets' own pages).
@@ -28,6 +31,8 @@ pub enum Mechanism {
     Splice,
     /// No pipe could be made (the error is logged): copied through the daemon.
     Copy,
+    /// Passed inside the kernel by the egress relay's sockmap (`kernel_relay`).
+    Kernel,
 }
 
 /// Bytes moved: `out` from the client to upstream, `inn` back.
@@ -44,6 +49,48 @@ pub async fn relay(
     upstream: &mut TcpStream,
 ) -> (Mechanism, io::Result<Moved>) {
     relay_through(client, upstream, PIPE_BYTES).await
+}
+
+/// Passes the bytes of `client` and `upstream` through the kernel relay when there is one and it
+/// takes the pair, else spliced ([`relay`]); returns how, and the bytes moved.
+pub async fn relay_connection(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    kernel: Option<&EgressRelay>,
+) -> (Mechanism, io::Result<Moved>) {
+    if let Some(kernel) = kernel {
+        match relay_in_kernel(kernel, client, upstream).await {
+            Ok(moved) => return (Mechanism::Kernel, moved),
+            Err((c, u, why)) => {
+                refused_by_kernel(&why);
+                (client, upstream) = (c, u);
+            }
+        }
+    }
+    relay(&mut client, &mut upstream).await
+}
+
+/// Logs why the kernel relay did not take a connection; a full relay is counted and logged at
+/// the first refusal and then at every power of two, the count in each line.
+fn refused_by_kernel(why: &PairError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static FULL: AtomicU64 = AtomicU64::new(0);
+    match why {
+        PairError::Full(_) => {
+            let n = FULL.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    refused = n,
+                    "egress endpoint: {why}; spliced instead ({n} connections so far)"
+                );
+            }
+        }
+        // A client that ended its sending with its opening: expected, spliced.
+        PairError::NotEstablished => tracing::debug!("egress endpoint: {why}; spliced instead"),
+        _ => tracing::warn!(
+            "egress endpoint: the kernel relay refused a connection ({why}); spliced instead"
+        ),
+    }
 }
 
 /// [`relay`] with pipes of `pipe_bytes` (the measurement compares sizes).
@@ -238,11 +285,12 @@ mod tests {
 
     /// A measurement, not a check: 1 GiB downloads over loopback, straight, through `relay` with
     /// pipes of several sizes, and through tokio's copy with 64 KiB buffers (what the endpoint did
-    /// before), interleaved. Prints MiB/s and the process's CPU time per GiB (user + system: on a
+    /// before), and through the kernel's sockmap relay (`kernel_relay`, as root), interleaved.
+    /// Prints MiB/s and the process's CPU time per GiB (user + system: on a
     /// shared machine the wall clock says more about the neighbours). `cargo test --release -p
     /// agent-monitor measure_relay -- --ignored --nocapture`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement: prints throughput and CPU per GiB, direct, spliced and copied"]
+    #[ignore = "a measurement: prints throughput and CPU per GiB, direct, spliced, copied, in the kernel"]
     async fn measure_relay() {
         const SIZE: usize = 1 << 30;
         fn cpu_secs() -> f64 {
@@ -281,7 +329,13 @@ mod tests {
             "splice 256K",
             "splice 1M",
             "copy 64K",
+            "kernel",
         ];
+        // The sockmap relay (root only; without it that row stays empty).
+        let kernel = EgressRelay::load(16).map(std::sync::Arc::new);
+        if let Err(e) = &kernel {
+            eprintln!("no kernel relay row: {e}");
+        }
         let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); kinds.len()];
         for _ in 0..4 {
             for (k, kind) in kinds.iter().enumerate() {
@@ -296,6 +350,15 @@ mod tests {
                             )
                             .await
                         });
+                        (c, s)
+                    }
+                    "kernel" => {
+                        let Ok(kernel) = kernel.as_ref().map(std::sync::Arc::clone) else {
+                            continue;
+                        };
+                        let (c, rc) = pair().await;
+                        let (ru, s) = pair().await;
+                        tokio::spawn(async move { relay_in_kernel(&kernel, rc, ru).await.is_ok() });
                         (c, s)
                     }
                     _ => {

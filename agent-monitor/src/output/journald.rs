@@ -45,6 +45,10 @@ pub mod message_id {
     /// A held request of an ask-mode agent, and how it ended (VERDICT=pending|approved|denied|
     /// timeout|withdrawn, REQUEST_ID, APPROVER, DECISION_SCOPE).
     pub const ASK_REQUEST: &str = "4b1d7e2c9a3f4e5d8c6b0a1f2e3d4c5b";
+    /// A network entry of a policy that does not do what it seems next to request rules (what
+    /// `policy check` warns about), once per load of a changed policy set (POLICY_FILE,
+    /// POLICY_LINE, AGENT).
+    pub const POLICY_REQUEST_WARNING: &str = "e36e471eda2249c485a5b1fc41ca3676";
 }
 
 /// `MESSAGE_ID` of an action entry.
@@ -296,6 +300,7 @@ mod tests {
             message_id::DNS_WITHHELD,
             message_id::STOPPING,
             message_id::AUDIT_CHAIN_HEAD,
+            message_id::POLICY_REQUEST_WARNING,
         ];
         for id in ids {
             assert!(

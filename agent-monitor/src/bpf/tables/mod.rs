@@ -11,6 +11,8 @@ mod state;
 #[cfg(test)]
 mod tests;
 mod unix;
+// The egress relay's own object (bpf/egress_relay.rs), not part of `Tables`.
+pub(super) mod relay;
 
 use std::borrow::{Borrow, BorrowMut};
 use std::collections::BTreeMap;
