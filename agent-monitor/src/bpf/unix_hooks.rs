@@ -103,6 +103,14 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Writes where the peer tracepoint finds a connect's listener's bound name; `enabled` = 0
+    /// leaves unix connects judged by name only.
+    pub fn set_unix_peer_layout(&mut self, layout: &common::UnixPeerLayout) -> anyhow::Result<()> {
+        Ok(self.tables.unix_peer.set_layout(layout)?)
+    }
+}
+
 /// Fails unless `uaddr` and `uaddrlen` of `bpf_sock_addr_kern` sit where the program reads them.
 pub(super) fn check_context_layout() -> anyhow::Result<()> {
     let btf = crate::btf::Btf::from_sys_fs()

@@ -54,6 +54,7 @@ mod selectors;
 mod startup;
 mod unix;
 mod unix_hooks;
+mod unix_peer;
 
 use dns_learner::{DnsLearner, Live};
 use generations::{Explanation, Generations};
