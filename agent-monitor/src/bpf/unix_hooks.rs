@@ -88,8 +88,13 @@ impl Kernel {
             .display()
             .to_string();
         for program in changed {
+            // A tracepoint is not below a cgroup: the hook table says where each one is.
+            let at = HOOKS
+                .iter()
+                .find(|h| h.program == program)
+                .map_or(at.clone(), |h| h.kind.at(std::path::Path::new(&at)));
             match why {
-                Some(why) => tracing::info!("attached {program} below {at}: {why}"),
+                Some(why) => tracing::info!("attached {program} → {at}: {why}"),
                 None => {
                     tracing::info!("detached {program}: no policy in force has a [unix] section")
                 }
