@@ -9,6 +9,8 @@ mod record;
 pub use record::*;
 mod unix;
 pub use unix::*;
+mod unix_peer;
+pub use unix_peer::*;
 
 /// Length of `task_struct::comm`.
 pub const COMM_LEN: usize = 16;
@@ -660,6 +662,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::UnixKey {}
     unsafe impl aya::Pod for super::EgressFlow {}
+    unsafe impl aya::Pod for super::UnixPeerLayout {}
+    unsafe impl aya::Pod for super::UnixPending {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.

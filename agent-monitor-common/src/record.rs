@@ -52,6 +52,9 @@ pub enum RecordKind {
     UnixConnect = 50,
     /// An agent's connect to a destination with request rules went to the egress endpoint.
     EgressRedirect = 40,
+    /// A unix connect the hook allowed by name led to a listener whose bound name the agent may
+    /// not reach (`syscalls/sys_exit_connect`, [`crate::UnixPeerPayload`]).
+    UnixPeer = 51,
 }
 
 /// A `RecordHeader::kind` no [`RecordKind`] has.
@@ -74,6 +77,7 @@ impl TryFrom<u32> for RecordKind {
             30 => RecordKind::DnsRedirect,
             50 => RecordKind::UnixConnect,
             40 => RecordKind::EgressRedirect,
+            51 => RecordKind::UnixPeer,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -81,7 +85,7 @@ impl TryFrom<u32> for RecordKind {
 
 impl RecordKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [RecordKind; 11] = [
+    pub const ALL: [RecordKind; 12] = [
         RecordKind::Exec,
         RecordKind::Connect,
         RecordKind::Fork,
@@ -93,6 +97,7 @@ impl RecordKind {
         RecordKind::DnsRedirect,
         RecordKind::UnixConnect,
         RecordKind::EgressRedirect,
+        RecordKind::UnixPeer,
     ];
 
     /// Bytes the kernel writes for a record of this kind (header and payload).
@@ -109,6 +114,7 @@ impl RecordKind {
             RecordKind::Tagged => core::mem::size_of::<Record<TaggedPayload>>(),
             RecordKind::UnixConnect => core::mem::size_of::<Record<crate::UnixPayload>>(),
             RecordKind::EgressRedirect => core::mem::size_of::<Record<EgressPayload>>(),
+            RecordKind::UnixPeer => core::mem::size_of::<Record<crate::UnixPeerPayload>>(),
         }
     }
 }
@@ -353,6 +359,7 @@ mod tests {
                 RecordKind::Exec => assert!(size > 2 * RECORD_PATH_LEN),
                 RecordKind::Tagged => assert!(size > RECORD_PATH_LEN && size < 2 * RECORD_PATH_LEN),
                 RecordKind::UnixConnect => assert_eq!(size, 200),
+                RecordKind::UnixPeer => assert_eq!(size, 320),
                 _ => assert!(size <= 104, "{kind:?}: {size} bytes"),
             }
         }

@@ -14,6 +14,7 @@ mod maps;
 mod net;
 mod route;
 mod unix;
+mod unix_peer;
 
 use agent_monitor_common::RecordKind;
 use aya_ebpf::{
@@ -154,6 +155,25 @@ pub fn agent_sendmsg_unix(ctx: *mut aya_ebpf::bindings::bpf_sock_addr) -> i32 {
 /// LSM programs, so the daemon can report it; it would allow everything.
 #[lsm(hook = "bprm_check_security")]
 pub fn agent_lsm_probe(_ctx: LsmContext) -> i32 {
+    0
+}
+
+/// tracepoint syscalls/sys_exit_connect: every connect() as it returns, in the caller's task,
+/// before user space runs again; judges the listener's bound name of an agent's unix connect the
+/// cgroup hook allowed by name (`unix_peer.rs`). Attached only while a policy has `[unix]`.
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn agent_unix_peer(ctx: TracePointContext) -> u32 {
+    unix_peer::on_exit_connect(&ctx);
+    0
+}
+
+/// tracepoint sock/sk_data_ready: every socket that got data; for a unix datagram, in the
+/// sender's task before its send returns. Judges the receiver's bound name of an agent's named
+/// datagram send the cgroup hook allowed by name (`unix_peer.rs`), after delivery. Attached only
+/// while a policy has `[unix]`.
+#[tracepoint(category = "sock", name = "sk_data_ready")]
+pub fn agent_unix_datagram(ctx: TracePointContext) -> u32 {
+    unix_peer::on_data_ready(&ctx);
     0
 }
 

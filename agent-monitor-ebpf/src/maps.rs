@@ -284,3 +284,21 @@ pub static EGRESS_FLOWS: LruHashMap<u32, agent_monitor_common::EgressFlow> =
 #[map]
 pub static TASK_EXEC_FILE_GRANTS: HashMap<ExecFileKey, agent_monitor_common::FileGrant> =
     HashMap::with_max_entries(MAX_GRANT_ENTRIES, 0);
+
+/// Member offsets `unix_peer.rs` follows (one entry), written by the daemon from the kernel's
+/// BTF; `enabled` = 0 leaves unix connects judged by name only.
+#[map]
+pub static UNIX_PEER_LAYOUT: Array<agent_monitor_common::UnixPeerLayout> =
+    Array::with_max_entries(1, 0);
+
+/// Connects the unix hook allowed, by thread id, until `sys_exit_connect` judges the listener's
+/// bound name (`unix_peer.rs`). LRU: an entry left by a connect that never returned through the
+/// syscall (io_uring) ages out.
+#[map]
+pub static UNIX_PEER_PENDING: LruHashMap<u32, agent_monitor_common::UnixPending> =
+    LruHashMap::with_max_entries(agent_monitor_common::MAX_UNIX_PENDING, 0);
+
+/// Where the hook builds a `UnixPending` before inserting it (256 bytes, off the BPF stack).
+#[map]
+pub static UNIX_PENDING_SCRATCH: PerCpuArray<agent_monitor_common::UnixPending> =
+    PerCpuArray::with_max_entries(1, 0);

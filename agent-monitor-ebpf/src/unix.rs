@@ -42,33 +42,17 @@ fn agent_unix(ctx: &SockAddrContext, send: u32, cgroup_id: u64, slot: &AgentSlot
     };
     // SAFETY: per-CPU scratch, ours until the program returns.
     let key = unsafe { &mut *key };
-    key.agent = slot.agent;
-    key.name_len = agent_monitor_common::UNIX_DEFAULT_ENTRY;
-    key.path = [0; UNIX_PATH_LEN];
-    // SAFETY: copied out at once.
-    let default = match unsafe { UNIX_RULES.get(&*key) } {
-        Some(v) => *v,
-        // No `[unix]` section: not judged, not reported. An agent whose policy is gone
-        // (`NO_ALLOWLIST`) may do nothing, as everywhere else.
-        None if slot.agent == NO_ALLOWLIST => 0,
-        None => return PASS,
+    let Some(default) = agent_default(key, &slot) else {
+        return PASS;
     };
     let readable = read_name(ctx, key);
-    // SAFETY: copied out at once.
-    let rule = match readable {
-        true => unsafe { UNIX_RULES.get(&*key) }.copied().unwrap_or(0),
-        false => 0,
-    };
-    let judged = if rule != 0 { rule } else { default };
-    let verdict = if judged == UNIX_ALLOW && readable {
-        VERDICT_ALLOWED
-    } else if mode_refuses(slot.mode) {
-        VERDICT_DENIED
-    } else {
-        VERDICT_ALERT
-    };
+    let (verdict, rule) = judge_name(key, readable, default, &slot);
     // SAFETY: `type` is a readable field of every sock_addr context.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
+    if verdict == VERDICT_ALLOWED {
+        // Judged again on the bound name of the socket reached once the kernel completed it.
+        crate::unix_peer::remember(ctx, key, sock_type, rule, send);
+    }
     let recorded = report(verdict, cgroup_id, &slot, send, rule, sock_type, key);
     if must_refuse(verdict, recorded) {
         REJECT
@@ -121,7 +105,15 @@ fn read_name(ctx: &SockAddrContext, key: &mut UnixKey) -> bool {
         key.name_len = 0;
         return false;
     }
-    let len = (uaddrlen - 2) as usize;
+    canonicalize(key, (uaddrlen - 2) as usize);
+    true
+}
+
+/// Brings `key.path`, of which `len` bytes are a `sun_path` as given (to connect, or to bind),
+/// to the canonical form of `UnixKey` and sets `name_len`: the hook and the peer tracepoint
+/// (`unix_peer.rs`) judge names the same way.
+#[inline(always)]
+pub fn canonicalize(key: &mut UnixKey, len: usize) {
     let abstract_name = key.path[0] == 0;
     let mut end = UNIX_PATH_LEN;
     let mut i = 0;
@@ -135,7 +127,44 @@ fn read_name(ctx: &SockAddrContext, key: &mut UnixKey) -> bool {
         i += 1;
     }
     key.name_len = end as u32;
-    true
+}
+
+/// The agent's default for unix sockets (the value of its default entry), looked up with `key`
+/// as workspace; `None` when its policy has no `[unix]` section: not judged, not reported. An
+/// agent whose policy is gone (`NO_ALLOWLIST`) may do nothing, as everywhere else.
+#[inline(always)]
+pub fn agent_default(key: &mut UnixKey, slot: &AgentSlot) -> Option<u32> {
+    key.agent = slot.agent;
+    key.name_len = agent_monitor_common::UNIX_DEFAULT_ENTRY;
+    key.path = [0; UNIX_PATH_LEN];
+    // SAFETY: copied out at once.
+    match unsafe { UNIX_RULES.get(&*key) } {
+        Some(v) => Some(*v),
+        None if slot.agent == NO_ALLOWLIST => Some(0),
+        None => None,
+    }
+}
+
+/// The verdict on the name in `key` (canonical, `key.agent` set) for an agent whose default is
+/// `default`, and the entry that named it (0: none). A name that could not be read matches
+/// nothing and is never allowed. Shared by the hook (the name given) and the peer tracepoint
+/// (the listener's bound name).
+#[inline(always)]
+pub fn judge_name(key: &UnixKey, readable: bool, default: u32, slot: &AgentSlot) -> (u32, u32) {
+    // SAFETY: copied out at once.
+    let rule = match readable {
+        true => unsafe { UNIX_RULES.get(key) }.copied().unwrap_or(0),
+        false => 0,
+    };
+    let judged = if rule != 0 { rule } else { default };
+    let verdict = if judged == UNIX_ALLOW && readable {
+        VERDICT_ALLOWED
+    } else if mode_refuses(slot.mode) {
+        VERDICT_DENIED
+    } else {
+        VERDICT_ALERT
+    };
+    (verdict, rule)
 }
 
 #[inline(always)]

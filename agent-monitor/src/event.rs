@@ -49,6 +49,22 @@ pub enum KernelEvent {
         connect: ConnectEvent,
         token: u32,
     },
+    /// A unix connect (or named datagram send) allowed by its name reached a socket whose bound
+    /// name the agent may not reach: the process was killed (`Denied`) or, in alert mode, let
+    /// through (`Alert`).
+    UnixPeer(UnixPeerEvent),
+}
+
+/// A unix connect judged again on the name its listener bound (`syscalls/sys_exit_connect`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixPeerEvent {
+    /// The connect or send as the hook allowed it (the name given); `verdict` is the verdict on
+    /// the bound name.
+    pub connect: UnixEvent,
+    /// The name the listener (a datagram's receiver) bound, as `UnixEvent::name`.
+    pub bound: String,
+    /// The entry that named the bound name, 0 for the agent's default.
+    pub bound_rule: u32,
 }
 
 /// A unix connect or send as the kernel judged it.
@@ -209,6 +225,7 @@ unsafe impl Wire for common::ForkPayload {}
 unsafe impl Wire for common::TaggedPayload {}
 unsafe impl Wire for common::UnixPayload {}
 unsafe impl Wire for common::EgressPayload {}
+unsafe impl Wire for common::UnixPeerPayload {}
 
 /// The record's `T` at `offset`, or `Short` when the record ends before it does.
 fn read<T: Wire>(bytes: &[u8], offset: usize, want: usize) -> Result<T, DecodeError> {
@@ -382,6 +399,21 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                 sock_type: p.sock_type,
                 rule: p.rule,
                 subject,
+            }))
+        }
+        RecordKind::UnixPeer => {
+            let p: common::UnixPeerPayload = read(bytes, payload, want)?;
+            Ok(KernelEvent::UnixPeer(UnixPeerEvent {
+                connect: UnixEvent {
+                    verdict: verdict(header.verdict, "unix peer")?,
+                    name: crate::policy::unix_name_display(&p.given.path, p.given.name_len),
+                    send: p.given.send != 0,
+                    sock_type: p.given.sock_type,
+                    rule: p.given.rule,
+                    subject,
+                },
+                bound: crate::policy::unix_name_display(&p.bound, p.bound_len),
+                bound_rule: p.bound_rule,
             }))
         }
     }

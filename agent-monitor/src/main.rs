@@ -33,6 +33,7 @@ mod privileges;
 mod sandbox;
 mod stdout;
 mod unix_lint;
+mod unix_peer;
 
 use std::process::ExitCode;
 

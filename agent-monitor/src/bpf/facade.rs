@@ -100,6 +100,9 @@ impl Kernel {
                 .set(common::STATE_AGENT_HOOKS_HOST_WIDE, u64::from(host_wide))
                 .context("writing where the agent-socket hooks are")?;
         }
+        if self.mechanisms.unix_socket_hooks.is_available() {
+            self.set_unix_peer_hooks()?;
+        }
         Ok(())
     }
 

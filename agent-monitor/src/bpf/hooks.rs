@@ -45,6 +45,12 @@ pub(super) enum When {
     /// pinned as a program at install, so a refusal shows at start and a later daemon can attach
     /// it to these maps.
     UnixRules,
+    /// While the unix hooks are attached (`UnixRules`) **and** selectors put the agent-socket
+    /// hooks at the root (`Kernel::set_unix_peer_hooks`): the listener's-bound-name tracepoints
+    /// run for every process on the host, so they are attached only when agents without `run`'s
+    /// supervisor (selector agents) can exist. Without selectors every agent is `run`'s, whose
+    /// connector judges the resolved socket and whose processes outside pay nothing.
+    UnixPeer,
 }
 
 /// Which processes a hook must see.
@@ -193,6 +199,29 @@ pub(super) const HOOKS: &[Hook] = &[
         scope: Scope::Agents,
         when: When::UnixRules,
     },
+    // The listener's bound name of each unix connect the hook above allowed by name, judged as
+    // connect() returns (`agent-monitor-ebpf/src/unix_peer.rs`). A `syscalls/*` tracepoint
+    // sends every syscall through the tracing slow path (see `socket_watch.rs`), and this one
+    // runs on every connect() on the host: attached only while a policy has `[unix]` and
+    // selectors exist (`When::UnixPeer`).
+    Hook {
+        program: "agent_unix_peer",
+        kind: HookKind::Tracepoint("syscalls", "sys_exit_connect"),
+        required: false,
+        scope: Scope::Host,
+        when: When::UnixPeer,
+    },
+    // The receiver's bound name of each named datagram send the hook allowed by name, judged at
+    // delivery (Linux 6.6). Fires for every socket that gets data on the host (a non-unix one
+    // returns after one read of the record): attached only while a policy has `[unix]` and
+    // selectors exist (`When::UnixPeer`).
+    Hook {
+        program: "agent_unix_datagram",
+        kind: HookKind::Tracepoint("sock", "sk_data_ready"),
+        required: false,
+        scope: Scope::Host,
+        when: When::UnixPeer,
+    },
 ];
 
 /// Where the cgroup hooks are now: the pin directory holding their programs and links, the two
@@ -316,6 +345,13 @@ fn attach_pinned(pins: &PinDir, hook: &Hook, cgroup: &Path) -> anyhow::Result<Fd
             let mut p = CgroupSkb::from_pin(&program, attach_type).with_context(opening)?;
             attach_cgroup_skb(&mut p, cgroup, attach_type)
         }
+        HookKind::Tracepoint(category, name) if hook.when != When::Always => {
+            let mut tp = TracePoint::from_pin(&program).with_context(opening)?;
+            let id = tp.attach(category, name).context("attaching")?;
+            tp.take_link(id)?.try_into().context(
+                "the kernel gave a perf link, not a bpf_link (kernel < 5.15?): it cannot be pinned",
+            )
+        }
         HookKind::Tracepoint(..) | HookKind::RawTracepoint(_) => Err(anyhow!(
             "{} is not a cgroup hook: it has no pinned program to attach",
             hook.program
@@ -436,8 +472,13 @@ pub(super) fn load_unattached(ebpf: &mut Ebpf, hook: &Hook, pins: &PinDir) -> an
         HookKind::CgroupSockAddr(_, attach_type) => {
             load_cgroup_sock_addr(prog, hook, attach_type, pins).map(|_| ())
         }
+        HookKind::Tracepoint(..) => {
+            let tp: &mut TracePoint = prog.try_into()?;
+            tp.load().context("loading")?;
+            pin_if_movable(hook, pins, |at| tp.pin(at))
+        }
         _ => Err(anyhow!(
-            "{}: only cgroup sock_addr hooks can be attached on demand",
+            "{}: only cgroup sock_addr hooks and tracepoints can be attached on demand",
             hook.program
         )),
     }
@@ -529,22 +570,31 @@ mod tests {
 
     #[test]
     fn on_demand_hooks_are_movable_cgroup_hooks() {
-        // `attach_on_demand` attaches from a pinned program where the agent-socket hooks sit.
+        // `attach_on_demand` attaches from a pinned program where the agent-socket hooks sit;
+        // an on-demand tracepoint sits on the host (it is not a cgroup hook: nothing to move).
         for hook in HOOKS.iter().filter(|h| h.when != When::Always) {
-            assert!(
-                matches!(hook.kind, HookKind::CgroupSockAddr(..)),
-                "{}",
-                hook.program
-            );
-            assert!(
-                hook.scope == Scope::Agents && !hook.required,
-                "{}",
-                hook.program
-            );
+            assert!(!hook.required, "{}", hook.program);
+            match hook.kind {
+                HookKind::CgroupSockAddr(..) => {
+                    assert!(hook.scope == Scope::Agents, "{}", hook.program)
+                }
+                HookKind::Tracepoint(..) => assert!(hook.scope == Scope::Host, "{}", hook.program),
+                _ => panic!("{} cannot be attached on demand", hook.program),
+            }
         }
         assert_eq!(
-            HOOKS.iter().filter(|h| h.when == When::UnixRules).count(),
+            HOOKS
+                .iter()
+                .filter(
+                    |h| h.when == When::UnixRules && matches!(h.kind, HookKind::CgroupSockAddr(..))
+                )
+                .count(),
             2
+        );
+        assert!(
+            HOOKS
+                .iter()
+                .any(|h| h.program == "agent_unix_peer" && h.when == When::UnixPeer)
         );
     }
 

@@ -437,9 +437,11 @@ fn install(
     };
     mechanisms.socket_syscall_watch = socket_watch;
     // One refused (the other loaded) still leaves a hook to attach: `refused` lists the other.
-    let any_loaded = HOOKS
-        .iter()
-        .any(|h| h.when != When::Always && pins.program(h.program).exists());
+    let any_loaded = HOOKS.iter().any(|h| {
+        h.when != When::Always
+            && matches!(h.kind, hooks::HookKind::CgroupSockAddr(..))
+            && pins.program(h.program).exists()
+    });
     mechanisms.unix_socket_hooks = UnixHooks::installed(unix_refused.filter(|_| !any_loaded));
     set_exec_mechanism(&mut ebpf, &mut mechanisms);
     tables

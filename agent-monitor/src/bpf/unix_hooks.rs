@@ -88,8 +88,13 @@ impl Kernel {
             .display()
             .to_string();
         for program in changed {
+            // A tracepoint is not below a cgroup: the hook table says where each one is.
+            let at = HOOKS
+                .iter()
+                .find(|h| h.program == program)
+                .map_or(at.clone(), |h| h.kind.at(std::path::Path::new(&at)));
             match why {
-                Some(why) => tracing::info!("attached {program} below {at}: {why}"),
+                Some(why) => tracing::info!("attached {program} → {at}: {why}"),
                 None => {
                     tracing::info!("detached {program}: no policy in force has a [unix] section")
                 }
@@ -99,7 +104,39 @@ impl Kernel {
             Some(why) => UnixHooks::On(why.to_string()),
             None => UnixHooks::Off,
         };
+        self.set_unix_peer_hooks()
+    }
+
+    /// Attaches the listener's-bound-name tracepoints while the unix hooks are on and selectors
+    /// put the agent-socket hooks at the root, detaches them otherwise (`When::UnixPeer`).
+    /// Called when either changes.
+    pub(super) fn set_unix_peer_hooks(&mut self) -> anyhow::Result<()> {
+        let on = matches!(self.mechanisms.unix_socket_hooks, UnixHooks::On(_))
+            && self.hooks.agent_hooks_host_wide;
+        for program in self
+            .hooks
+            .attach_on_demand(When::UnixPeer, on, &mut self.mechanisms)?
+        {
+            match on {
+                true => tracing::info!(
+                    "attached {program}: a policy has [unix] and selectors can make agents \
+                     without run's supervisor"
+                ),
+                false => tracing::info!(
+                    "detached {program}: no [unix] section, or no selector (every agent is \
+                     run's, judged on the resolved socket)"
+                ),
+            }
+        }
         Ok(())
+    }
+}
+
+impl Kernel {
+    /// Writes where the peer tracepoint finds a connect's listener's bound name; `enabled` = 0
+    /// leaves unix connects judged by name only.
+    pub fn set_unix_peer_layout(&mut self, layout: &common::UnixPeerLayout) -> anyhow::Result<()> {
+        Ok(self.tables.unix_peer.set_layout(layout)?)
     }
 }
 

@@ -57,6 +57,7 @@ mod startup;
 mod unix;
 mod unix_ask;
 mod unix_hooks;
+mod unix_peer;
 
 use dns_learner::{DnsLearner, Live};
 use generations::{Explanation, Generations};

@@ -211,6 +211,10 @@ impl Monitor {
             KernelEvent::EgressRedirect { connect, token } => {
                 self.egress.redirected(token, connect);
             }
+            KernelEvent::UnixPeer(u) => {
+                let action = self.unix_peer_action(&u);
+                self.reporter.action(action);
+            }
         }
     }
 

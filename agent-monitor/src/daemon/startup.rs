@@ -74,6 +74,7 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         agents: cgroups.base().to_path_buf(),
     };
     let mut kernel = Kernel::open(&args.pin_dir, &hook_cgroups, &layout, &offsets)?;
+    super::unix_peer::install_unix_peer_layout(&mut kernel);
     // The proxies' kernel entries are written by `apply_policies`, keyed by the live bank.
     let (dns_reports, dns_proxies) = start_dns_proxies(&args, &policies)?;
     let stream = kernel.take_actions()?;

@@ -57,7 +57,7 @@ impl Monitor {
 }
 
 /// A unix socket's type as reports name it.
-fn unix_sock_type(sock_type: u32) -> &'static str {
+pub(super) fn unix_sock_type(sock_type: u32) -> &'static str {
     match sock_type & 0xf {
         1 => "stream",
         2 => "dgram",

@@ -386,6 +386,7 @@ fn the_header_round_trips_into_the_subject_for_every_kind() {
             | KernelEvent::ClaimRefused { subject, .. } => subject,
             KernelEvent::Unix(u) => u.subject,
             KernelEvent::EgressRedirect { connect, .. } => connect.subject,
+            KernelEvent::UnixPeer(u) => u.connect.subject,
         };
         assert_eq!(
             subject,
@@ -513,4 +514,39 @@ fn egress_redirects_carry_the_original_destination_and_the_token() {
         panic!("not a send")
     };
     assert!(c.egress_refused && c.send && c.learned);
+}
+
+#[test]
+fn unix_peer_records_carry_the_name_given_and_the_listeners_bound_name() {
+    let given = common::UnixKey::of_name(0, b"/tmp/ok.sock").expect("fits");
+    let bound = common::UnixKey::of_name(0, b"/run/docker.sock").expect("fits");
+    let rec = Record {
+        header: header(RecordKind::UnixPeer, common::VERDICT_DENIED),
+        payload: common::UnixPeerPayload {
+            given: common::UnixPayload {
+                sock_type: 1,
+                name_len: given.name_len,
+                send: 0,
+                rule: 0,
+                path: given.path,
+                _pad: 0,
+            },
+            bound_len: bound.name_len,
+            bound_rule: common::UNIX_DENY,
+            bound: bound.path,
+            _pad: 0,
+        },
+    };
+    match decode(&bytes(&rec)) {
+        Ok(KernelEvent::UnixPeer(u)) => {
+            assert_eq!(u.connect.name, "/tmp/ok.sock");
+            assert_eq!(u.bound, "/run/docker.sock");
+            assert_eq!(u.bound_rule, common::UNIX_DENY);
+            assert_eq!(u.connect.verdict, Verdict::Denied);
+            assert!(!u.connect.send);
+        }
+        other => panic!("{other:?}"),
+    }
+    let short = &bytes(&rec)[..size_of::<RecordHeader>() + 130];
+    assert!(matches!(decode(short), Err(DecodeError::Short { .. })));
 }

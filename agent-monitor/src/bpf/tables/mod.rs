@@ -13,6 +13,7 @@ mod tests;
 mod unix;
 // The egress relay's own object (bpf/egress_relay.rs), not part of `Tables`.
 pub(super) mod relay;
+mod unix_peer;
 
 use std::borrow::{Borrow, BorrowMut};
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub use grants::GrantTables;
 pub use identity::IdentityTables;
 pub use state::StateTables;
 pub use unix::UnixTables;
+pub use unix_peer::UnixPeerTables;
 
 pub(super) use state::{counters_from, unix_ns};
 
@@ -40,6 +42,7 @@ pub struct Tables {
     pub state: StateTables,
     pub unix: UnixTables,
     pub egress: EgressTables,
+    pub unix_peer: UnixPeerTables,
     /// The action ring buffer, until its reader takes it.
     actions: Option<RingBuf<MapData>>,
     /// The maps only the kernel programs use (socket caches, scratch space), kept open: the
@@ -167,6 +170,7 @@ impl Tables {
             state: StateTables::open(&mut maps)?,
             unix: UnixTables::open(&mut maps)?,
             egress: EgressTables::open(&mut maps)?,
+            unix_peer: UnixPeerTables::open(&mut maps)?,
             actions: Some(maps.take("ACTIONS")?),
             _kernel_only: maps.0,
         })
