@@ -306,6 +306,13 @@ fn a_selector_agent_reaching_a_known_daemon_by_another_name_is_killed_before_it_
 
     let SelectorAgent { agent, cg, d } =
         SelectorAgent::start("upeer", "enforce", "deny_known_daemons = true");
+    // A [unix] policy and an armed selector: the bound-name tracepoints are attached.
+    let status = d.status();
+    assert_eq!(
+        attached_at(&status, "agent_unix_peer").as_deref(),
+        Some("tracepoint syscalls/sys_exit_connect"),
+        "{status}"
+    );
 
     // (route, name given, cwd)
     let routes: Vec<(&str, String, Option<&str>)> = vec![
@@ -449,6 +456,16 @@ fn a_run_agent_is_judged_once_by_its_supervisor_not_killed() {
         ),
     );
     let d = Daemon::start(&[policy]);
+    // No selector: every agent is `run`'s, so the tracepoints that would cost every process on
+    // the host are not attached (the unix hooks are, below the agents' cgroup).
+    let status = d.status();
+    assert!(
+        attached_at(&status, "agent_connect_unix").is_some(),
+        "{status}"
+    );
+    for program in ["agent_unix_peer", "agent_unix_datagram"] {
+        assert_eq!(attached_at(&status, program), None, "{program}: {status}");
+    }
     let out = d.run(&agent, None, &[PYTHON, "-c", CLIENT, link]);
     // `run`'s supervisor refuses it with EPERM (the connector, outside every agent, would have
     // made the connect): the peer tracepoint has nothing to judge, nothing is killed.
