@@ -1076,3 +1076,62 @@ pub fn world_writable_dir() -> tempfile::TempDir {
 pub fn utf8(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
+
+/// An io_uring ring without liburing, for the C attackers of the tests: `setup_ring()` maps it,
+/// `submit(&sqe)` issues one request and returns its completion's `res`. `URING_ASYNC` in the
+/// environment (read by the caller into `async_worker`) asks for `IOSQE_ASYNC`: an io_uring
+/// worker thread, not the caller, makes the call.
+pub const URING_RING_C: &str = r#"
+#include <arpa/inet.h>
+#include <errno.h>
+#include <linux/io_uring.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int ring;
+/* URING_ASYNC set: IOSQE_ASYNC, so an io_uring worker thread (not the caller) makes the call. */
+static int async_worker;
+static unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_mask;
+static struct io_uring_sqe *sqes;
+static struct io_uring_cqe *cqes;
+static int submit(struct io_uring_sqe *e) {
+    unsigned tail = *sq_tail, idx = tail & *sq_mask;
+    sqes[idx] = *e;
+    sq_array[idx] = idx;
+    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
+        printf("enter errno %d\n", errno);
+        exit(1);
+    }
+    unsigned head = __atomic_load_n(cq_head, __ATOMIC_ACQUIRE);
+    int res = cqes[head & *cq_mask].res;
+    __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
+    return res;
+}
+/* The ring, mapped; exits with a message on failure. */
+static void setup_ring(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    ring = syscall(__NR_io_uring_setup, 4, &p);
+    if (ring < 0) { printf("setup errno %d\n", errno); exit(1); }
+    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if (cq_sz > sq_sz) sq_sz = cq_sz;
+    char *sq = mmap(0, sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQ_RING);
+    char *cq = (p.features & IORING_FEAT_SINGLE_MMAP) ? sq
+        : mmap(0, cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_CQ_RING);
+    sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) { printf("mmap failed\n"); exit(1); }
+    sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    sq_array = (unsigned *)(sq + p.sq_off.array);
+    cq_head = (unsigned *)(cq + p.cq_off.head);
+    cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+}
+"#;

@@ -72,43 +72,13 @@ fn assert_host_reads_at_once(file: &Path) {
     );
 }
 
-/// Every held request `pending --json` lists.
-fn pending(d: &Daemon) -> Vec<Value> {
-    let out = d.cli(&["pending", "--json"]);
-    assert!(
-        out.status.success(),
-        "pending --json: {}",
-        text(&out.stderr)
-    );
-    let mut found = Vec::new();
-    fn walk(v: &Value, found: &mut Vec<Value>) {
-        match v {
-            Value::Object(m) if m.contains_key("action") && m.contains_key("id") => {
-                found.push(v.clone())
-            }
-            Value::Object(m) => m.values().for_each(|v| walk(v, found)),
-            Value::Array(a) => a.iter().for_each(|v| walk(v, found)),
-            _ => {}
-        }
-    }
-    let stdout = text(&out.stdout);
-    match serde_json::from_str::<Value>(&stdout) {
-        Ok(v) => walk(&v, &mut found),
-        Err(_) => stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .for_each(|v| walk(&v, &mut found)),
-    }
-    found
-}
-
 /// Waits (up to 10 s) for a held open of `file` by `agent` (and `task`, when given); the
 /// request.
 fn wait_held_open(d: &Daemon, agent: &str, task: Option<&str>, file: &Path) -> Value {
     let path = file.display().to_string();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let all = pending(d);
+        let all = pending_requests(d);
         if let Some(r) = all.iter().find(|r| {
             r["agent"] == agent
                 && r["action"]["kind"] == "open"
@@ -230,7 +200,10 @@ fn a_held_open_waits_for_approve_once_and_the_next_open_is_asked_again() {
         "approve --always of an open: {said}"
     );
     still_held(&mut child);
-    assert!(pending(&d).iter().any(|r| id_of(r) == id), "no longer held");
+    assert!(
+        pending_requests(&d).iter().any(|r| id_of(r) == id),
+        "no longer held"
+    );
 
     decide(&d, &["approve", &id, "--once"]);
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
@@ -289,7 +262,9 @@ fn a_task_approval_lets_that_task_open_the_file_and_no_other() {
         text(&out.stderr)
     );
     assert!(
-        pending(&d).iter().all(|r| r["agent"] != agent.as_str()),
+        pending_requests(&d)
+            .iter()
+            .all(|r| r["agent"] != agent.as_str()),
         "asked again within the task"
     );
     let rec = d.wait_audit("an open allowed by the task approval", |v| {

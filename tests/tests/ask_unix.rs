@@ -63,21 +63,7 @@ def req(name, path):
 "#;
 
 fn serve(path: &Path, name: &str) -> ChildGuard {
-    python_ready(SERVER, &[s(path), name])
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
-}
-
-fn socket_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    dir
+    python_ready(SERVER, &[utf8(path), name])
 }
 
 /// A listed socket in a directory the agent may write (`dir`) and an unlisted "engine" in
@@ -91,12 +77,12 @@ struct Sockets {
 }
 
 fn sockets() -> Sockets {
-    let dir = socket_dir();
-    let outside = socket_dir();
+    let dir = world_writable_dir();
+    let outside = world_writable_dir();
     let listed = dir.path().join("listed.sock");
     let engine = outside.path().join("engine.sock");
     let servers = [serve(&listed, "listed"), serve(&engine, "engine")];
-    assert_eq!(curl_outside(s(&engine)), "engine");
+    assert_eq!(curl_outside(utf8(&engine)), "engine");
     Sockets {
         dir,
         _outside: outside,
@@ -284,7 +270,7 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
     let agent = unique_agent("ask-unix");
     // Long enough that a call held by mistake fails the test by waiting, not by timing out.
     let d = Daemon::start_with(
-        &[policy(&agent, "ask", &[s(&listed)])],
+        &[policy(&agent, "ask", &[utf8(&listed)])],
         &["--ask-timeout", "20s"],
     );
     // The first connect runs in a thread: while it is held, the main thread's connect to the
@@ -294,16 +280,16 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
          t = threading.Thread(target=req, args=('first', {e:?})); t.start()\n\
          time.sleep(0.5)\nreq('meanwhile', {l:?})\nt.join()\n\
          req('second', {e:?})\nreq('third', {e:?})\nreq('fourth', {e:?})\n",
-        l = s(&listed),
-        e = s(&engine),
+        l = utf8(&listed),
+        e = utf8(&engine),
     );
     let started = Instant::now();
     let mut child = d.spawn_run(&agent, "t1", &[], &[PYTHON, "-c", &script]);
     let lines = read_lines(&mut child);
 
     // The first connect to the engine is held; `pending` shows the name and where it led.
-    let first = wait_held(&d, &agent, s(&engine), &[]);
-    assert_eq!(first["action"]["resolved"], s(&engine), "{first}");
+    let first = wait_held(&d, &agent, utf8(&engine), &[]);
+    assert_eq!(first["action"]["resolved"], utf8(&engine), "{first}");
     assert!(
         first["action"]["inode"].as_u64().unwrap_or(0) > 0,
         "{first}"
@@ -311,7 +297,7 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
     assert_eq!(first["task"], "t1");
     let shown = d.cli(&["pending"]);
     assert!(
-        text(&shown.stdout).contains(s(&engine)),
+        text(&shown.stdout).contains(utf8(&engine)),
         "`pending` names the socket: {}",
         text(&shown.stdout)
     );
@@ -328,7 +314,7 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
     decide(&d, &["approve", &id_of(&first).to_string(), "--once"]);
 
     // Once was for that call only: the next connect is held again, then approved for the task.
-    let second = wait_held(&d, &agent, s(&engine), &[id_of(&first)]);
+    let second = wait_held(&d, &agent, utf8(&engine), &[id_of(&first)]);
     still_held(&mut child);
     decide(&d, &["approve", &id_of(&second).to_string(), "--task"]);
 
@@ -361,10 +347,10 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
         .collect();
     assert_eq!(held.len(), 2, "only two connects were held: {held:#?}");
 
-    assert_ask_reported(&d, &agent, id_of(&first), "pending", s(&engine));
-    let once = assert_ask_reported(&d, &agent, id_of(&first), "approved", s(&engine));
+    assert_ask_reported(&d, &agent, id_of(&first), "pending", utf8(&engine));
+    let once = assert_ask_reported(&d, &agent, id_of(&first), "approved", utf8(&engine));
     assert_eq!(field(&once, "decision_scope"), "once");
-    let task = assert_ask_reported(&d, &agent, id_of(&second), "approved", s(&engine));
+    let task = assert_ask_reported(&d, &agent, id_of(&second), "approved", utf8(&engine));
     assert_eq!(field(&task, "decision_scope"), "task");
     // The connects the grant let through are in the trail as allowed, saying why.
     let granted = d.wait_audit("a connect allowed by the task approval", |v| {
@@ -373,7 +359,7 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
             && field(v, "verdict") == "allowed"
             && field(v, "reason").contains("approved for the task")
     });
-    assert_eq!(field(&granted, "dest_path"), s(&engine));
+    assert_eq!(field(&granted, "dest_path"), utf8(&engine));
 }
 
 #[test]
@@ -386,13 +372,13 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
 
     let agent = unique_agent("ask-unix-deny");
     let d = Daemon::start_with(
-        &[policy(&agent, "ask", &[s(&listed)])],
+        &[policy(&agent, "ask", &[utf8(&listed)])],
         &["--ask-timeout", "3s"],
     );
 
     // Deny: curl cannot connect (exit 7) and the server answered nothing.
-    let mut child = d.spawn_run(&agent, "t1", &[], &curl_args(s(&engine)));
-    let req = wait_held(&d, &agent, s(&engine), &[]);
+    let mut child = d.spawn_run(&agent, "t1", &[], &curl_args(utf8(&engine)));
+    let req = wait_held(&d, &agent, utf8(&engine), &[]);
     still_held(&mut child);
     decide(
         &d,
@@ -407,7 +393,7 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
         text(&out.stderr)
     );
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
-    let denied = assert_ask_reported(&d, &agent, id_of(&req), "denied", s(&engine));
+    let denied = assert_ask_reported(&d, &agent, id_of(&req), "denied", utf8(&engine));
     assert_eq!(field(&denied, "reason"), "no engine");
 
     // Timeout: nobody decides; python's connect fails with PermissionError after the timeout.
@@ -419,10 +405,10 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
         &[
             PYTHON,
             "-c",
-            &format!("{PY_REQ}req('engine', {:?})\n", s(&engine)),
+            &format!("{PY_REQ}req('engine', {:?})\n", utf8(&engine)),
         ],
     );
-    let req = wait_held(&d, &agent, s(&engine), &[id_of(&req)]);
+    let req = wait_held(&d, &agent, utf8(&engine), &[id_of(&req)]);
     let out = finish(child);
     assert_eq!(outcome(&out, "engine"), "errno 1 PermissionError");
     assert!(
@@ -430,12 +416,12 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
         "{:?}",
         started.elapsed()
     );
-    assert_ask_reported(&d, &agent, id_of(&req), "timeout", s(&engine));
+    assert_ask_reported(&d, &agent, id_of(&req), "timeout", utf8(&engine));
 
     // Controls: the same socket still answers from outside every agent, and the listed one
     // answers the agent without a question.
-    assert_eq!(curl_outside(s(&engine)), "engine");
-    let out = d.run(&agent, Some("t1"), &curl_args(s(&listed)));
+    assert_eq!(curl_outside(utf8(&engine)), "engine");
+    let out = d.run(&agent, Some("t1"), &curl_args(utf8(&listed)));
     assert_eq!(server_of(&out), "listed");
 }
 
@@ -447,8 +433,8 @@ fn a_listed_name_planted_as_a_symlink_is_held_as_where_it_led_and_a_swap_while_h
     ) {
         return;
     }
-    let dir = socket_dir();
-    let outside = socket_dir();
+    let dir = world_writable_dir();
+    let outside = world_writable_dir();
     let engine = outside.path().join("engine.sock");
     let other = outside.path().join("other.sock");
     let _engine_server = serve(&engine, "engine");
@@ -458,18 +444,18 @@ fn a_listed_name_planted_as_a_symlink_is_held_as_where_it_led_and_a_swap_while_h
 
     let agent = unique_agent("ask-unix-link");
     let d = Daemon::start_with(
-        &[policy(&agent, "ask", &[s(&planted)])],
+        &[policy(&agent, "ask", &[utf8(&planted)])],
         &["--ask-timeout", "20s"],
     );
     let script = format!(
         "{PY_REQ}os.symlink({e:?}, {p:?})\nreq('planted', {p:?})\n",
-        e = s(&engine),
-        p = s(&planted),
+        e = utf8(&engine),
+        p = utf8(&planted),
     );
     let mut child = d.spawn_run(&agent, "t1", &[], &[PYTHON, "-c", &script]);
     // The listed name does not pass: it is held, and the request shows where it led.
-    let req = wait_held(&d, &agent, s(&planted), &[]);
-    assert_eq!(req["action"]["resolved"], s(&engine), "{req}");
+    let req = wait_held(&d, &agent, utf8(&planted), &[]);
+    assert_eq!(req["action"]["resolved"], utf8(&engine), "{req}");
     // While it is held, the name is re-pointed at another socket.
     std::fs::remove_file(&planted).unwrap();
     std::os::unix::fs::symlink(&other, &planted).unwrap();
@@ -479,11 +465,11 @@ fn a_listed_name_planted_as_a_symlink_is_held_as_where_it_led_and_a_swap_while_h
     // The approval connected the socket the name led to when it was held, not the name.
     assert_eq!(outcome(&out, "planted"), "ok engine");
     // Control: the name now leads to the other socket, from outside every agent.
-    assert_eq!(curl_outside(s(&planted)), "other");
-    let approved = assert_ask_reported(&d, &agent, id_of(&req), "approved", s(&planted));
+    assert_eq!(curl_outside(utf8(&planted)), "other");
+    let approved = assert_ask_reported(&d, &agent, id_of(&req), "approved", utf8(&planted));
     assert_eq!(
         field(&approved, "dest_resolved_path"),
-        s(&engine),
+        utf8(&engine),
         "{approved}"
     );
 }
@@ -500,29 +486,29 @@ fn alert_mode_lets_an_off_list_connect_through_and_reports_it_once_with_where_it
     // A name the agent may write, leading to the engine.
     let link = link_in(&sk, "link.sock", engine);
     // Control: both answer from outside every agent.
-    assert_eq!(curl_outside(s(&link)), "engine");
-    assert_eq!(curl_outside(s(&listed)), "listed");
+    assert_eq!(curl_outside(utf8(&link)), "engine");
+    assert_eq!(curl_outside(utf8(&listed)), "listed");
 
     let agent = unique_agent("alert-unix");
-    let d = Daemon::start(&[policy(&agent, "alert", &[s(&listed)])]);
-    let out = d.run(&agent, Some("t1"), &curl_args(s(&link)));
+    let d = Daemon::start(&[policy(&agent, "alert", &[utf8(&listed)])]);
+    let out = d.run(&agent, Some("t1"), &curl_args(utf8(&link)));
     assert_eq!(server_of(&out), "engine", "alert mode lets it through");
-    let out = d.run(&agent, Some("t1"), &curl_args(s(&listed)));
+    let out = d.run(&agent, Some("t1"), &curl_args(utf8(&listed)));
     assert_eq!(server_of(&out), "listed");
 
     let alert = d.wait_audit("the alert", |v| {
         field(v, "action") == "connect"
             && field(v, "dest_transport") == "unix"
-            && field(v, "dest_path") == s(&link)
+            && field(v, "dest_path") == utf8(&link)
             && field(v, "verdict") == "alert"
     });
     assert_eq!(field(&alert, "agent_id"), agent);
     assert!(
-        field(&alert, "reason").contains(s(&engine)),
+        field(&alert, "reason").contains(utf8(&engine)),
         "the report names where the name led: {alert}"
     );
     wait_journal(&agent, "the alert", |v| {
-        field(v, "DEST_PATH") == s(&link) && field(v, "VERDICT") == "alert"
+        field(v, "DEST_PATH") == utf8(&link) && field(v, "VERDICT") == "alert"
     });
     // Once: the supervisor reports it; the connector's connect runs no kernel hook. Give a
     // second report time to arrive before counting.
@@ -530,19 +516,19 @@ fn alert_mode_lets_an_off_list_connect_through_and_reports_it_once_with_where_it
     let reports: Vec<Value> = d
         .audit()
         .into_iter()
-        .filter(|v| field(v, "dest_transport") == "unix" && field(v, "dest_path") == s(&link))
+        .filter(|v| field(v, "dest_transport") == "unix" && field(v, "dest_path") == utf8(&link))
         .collect();
     assert_eq!(reports.len(), 1, "one report per connect: {reports:#?}");
     let journaled = journal(&agent)
         .into_iter()
-        .filter(|v| field(v, "DEST_PATH") == s(&link) && field(v, "ACTION") == "connect")
+        .filter(|v| field(v, "DEST_PATH") == utf8(&link) && field(v, "ACTION") == "connect")
         .count();
     assert_eq!(journaled, 1, "one journald entry per connect");
     // The listed socket is no alert.
     assert!(
         !d.audit()
             .iter()
-            .any(|v| field(v, "dest_path") == s(&listed) && field(v, "verdict") == "alert"),
+            .any(|v| field(v, "dest_path") == utf8(&listed) && field(v, "verdict") == "alert"),
         "the listed socket was reported as an alert"
     );
 }
@@ -558,19 +544,19 @@ fn an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_late
     let (listed, engine) = (&sk.listed, &sk.engine);
     // The agent asks by a symlink's name; the approval names the socket it led to.
     let link = link_in(&sk, "link.sock", engine);
-    assert_eq!(curl_outside(s(&link)), "engine");
+    assert_eq!(curl_outside(utf8(&link)), "engine");
 
     let agent = unique_agent("ask-unix-always");
     let d = Daemon::start_with(
-        &[policy(&agent, "ask", &[s(&listed)])],
+        &[policy(&agent, "ask", &[utf8(&listed)])],
         &["--ask-timeout", "20s"],
     );
     let script = format!(
         "{PY_REQ}req('first', {l:?})\nreq('again', {l:?})\n",
-        l = s(&link)
+        l = utf8(&link)
     );
     let mut child = d.spawn_run(&agent, "t1", &[], &[PYTHON, "-c", &script]);
-    let req = wait_held(&d, &agent, s(&link), &[]);
+    let req = wait_held(&d, &agent, utf8(&link), &[]);
     still_held(&mut child);
     decide(&d, &["approve", &id_of(&req).to_string(), "--always"]);
     let out = finish(child);
@@ -580,19 +566,19 @@ fn an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_late
     let approved = std::fs::read_to_string(d.policies.join(format!("{agent}.approved.toml")))
         .expect("the approved file");
     assert!(
-        approved.contains("[unix]") && approved.contains(&format!("{:?}", s(&engine))),
+        approved.contains("[unix]") && approved.contains(&format!("{:?}", utf8(&engine))),
         "the socket's own path joins [unix] allow: {approved}"
     );
     assert!(
-        !approved.contains(&format!("{:?},", s(&link))),
+        !approved.contains(&format!("{:?},", utf8(&link))),
         "not the symlink's name: {approved}"
     );
-    let always = assert_ask_reported(&d, &agent, id_of(&req), "approved", s(&link));
+    let always = assert_ask_reported(&d, &agent, id_of(&req), "approved", utf8(&link));
     assert_eq!(field(&always, "decision_scope"), "always");
     // A new run gets the reloaded list at placement: the engine answers without a question
     // (a held connect would time out only after 20 s; curl gives up after 30).
     let started = Instant::now();
-    let out = d.run(&agent, Some("t2"), &curl_args(s(&engine)));
+    let out = d.run(&agent, Some("t2"), &curl_args(utf8(&engine)));
     assert_eq!(server_of(&out), "engine");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(

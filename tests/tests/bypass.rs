@@ -1138,7 +1138,7 @@ print(c.makefile().readline(), flush=True)
 }
 
 /// The scene both io_uring tests share: two TCP and two UDP loopback endpoints (one of each
-/// allowed), the io_uring attacker compiled from `URING_C`, and a new agent's policy allowing the
+/// allowed), the io_uring attacker compiled from `URING_RING_C` and `URING_MAIN_C`, and a new agent's policy allowing the
 /// two allowed endpoints and the attacker.
 struct UringScene {
     tcp_ok: CountingListener,
@@ -1159,7 +1159,11 @@ impl UringScene {
         let udp_ok = UdpSink::bind("127.0.0.1:0");
         let udp_no = UdpSink::bind("127.0.0.1:0");
         let dir = tempfile::tempdir().unwrap();
-        let bin = compile_c(dir.path(), "uring", URING_C);
+        let bin = compile_c(
+            dir.path(),
+            "uring",
+            &format!("{URING_RING_C}{URING_MAIN_C}"),
+        );
         let agent = unique_agent(label);
         let policy = policy(
             &agent,
@@ -1323,37 +1327,8 @@ fn io_uring_worker_threads_of_an_agent_known_by_its_executable_are_judged() {
     assert_eq!(field(&rec, "agent_id"), s.agent);
 }
 
-const URING_C: &str = r#"
-#include <arpa/inet.h>
-#include <errno.h>
-#include <linux/io_uring.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-static int ring;
-/* URING_ASYNC set: IOSQE_ASYNC, so an io_uring worker thread (not the caller) makes the call. */
-static int async_worker;
-static unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_mask;
-static struct io_uring_sqe *sqes;
-static struct io_uring_cqe *cqes;
-static int submit(struct io_uring_sqe *e) {
-    unsigned tail = *sq_tail, idx = tail & *sq_mask;
-    sqes[idx] = *e;
-    sq_array[idx] = idx;
-    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
-    if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
-        printf("enter errno %d\n", errno);
-        exit(1);
-    }
-    unsigned head = __atomic_load_n(cq_head, __ATOMIC_ACQUIRE);
-    int res = cqes[head & *cq_mask].res;
-    __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
-    return res;
-}
+/// The attacker's calls; the ring is the harness's `URING_RING_C`.
+const URING_MAIN_C: &str = r#"
 static struct sockaddr_in to(const char *port) {
     struct sockaddr_in a;
     memset(&a, 0, sizeof a);
@@ -1392,26 +1367,8 @@ static int udp(const char *port) {
     return submit(&e);
 }
 int main(int argc, char **argv) {
-    struct io_uring_params p;
-    memset(&p, 0, sizeof p);
     async_worker = getenv("URING_ASYNC") != NULL;
-    ring = syscall(__NR_io_uring_setup, 4, &p);
-    if (ring < 0) { printf("setup errno %d\n", errno); return 1; }
-    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
-    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
-    if (cq_sz > sq_sz) sq_sz = cq_sz;
-    char *sq = mmap(0, sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQ_RING);
-    char *cq = (p.features & IORING_FEAT_SINGLE_MMAP) ? sq
-        : mmap(0, cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_CQ_RING);
-    sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
-                MAP_SHARED | MAP_POPULATE, ring, IORING_OFF_SQES);
-    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) { printf("mmap failed\n"); return 1; }
-    sq_tail = (unsigned *)(sq + p.sq_off.tail);
-    sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
-    sq_array = (unsigned *)(sq + p.sq_off.array);
-    cq_head = (unsigned *)(cq + p.cq_off.head);
-    cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
-    cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    setup_ring();
     printf("connect_allowed %d\n", tcp(argv[1]));
     printf("connect_denied %d\n", tcp(argv[2]));
     printf("sendmsg_allowed %d\n", udp(argv[3]));
