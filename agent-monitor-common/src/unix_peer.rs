@@ -65,6 +65,14 @@ pub const SOCK_ADDR_KERN_SK: u32 = 0;
 /// Threads with a connect in flight the tracepoint will judge (`UNIX_PEER_PENDING`, LRU).
 pub const MAX_UNIX_PENDING: u32 = 16_384;
 
+/// io_uring worker and SQPOLL threads of agents (`AGENT_IO_THREADS`), at most.
+pub const MAX_AGENT_IO_THREADS: u32 = 16_384;
+
+/// The `rule` of a unix connect the hook refused because an io_uring thread of the agent made
+/// it: such a call never returns through `connect()`, so the listener's bound name could not be
+/// judged after it (docs/unix-sockets.md).
+pub const UNIX_RULE_IO_THREAD: u32 = u32::MAX;
+
 const _: () = assert!(core::mem::size_of::<UnixPeerLayout>() == 24);
 const _: () = assert!(core::mem::size_of::<UnixPending>() == 8 + 2 * 116 + 16);
 const _: () = assert!(core::mem::size_of::<UnixPeerPayload>() == 128 + 8 + UNIX_PATH_LEN + 4);

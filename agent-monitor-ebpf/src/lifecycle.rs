@@ -4,7 +4,7 @@ use agent_monitor_common::{ExitPayload, ForkPayload, RecordKind, SELECT_TAGS, VE
 use aya_ebpf::programs::TracePointContext;
 
 use crate::identity::{config, current_identity, forget, in_force, inherit};
-use crate::maps::{current_agent, start_record, submit};
+use crate::maps::{AGENT_IO_THREADS, current_agent, start_record, submit};
 
 /// Offset of `child_pid` in the `sched_process_fork` record. It moved when the comms became
 /// `__data_loc` strings (6.x), so the daemon reads it from tracefs and sets it before load.
@@ -55,6 +55,7 @@ pub fn on_newtask(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: as above.
     let child: u32 = unsafe { ctx.read_at(8)? };
     inherit(child, &raw);
+    let _ = AGENT_IO_THREADS.insert(&child, &1, 0);
     Ok(())
 }
 
@@ -63,6 +64,7 @@ pub fn on_exit(_ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let _ = AGENT_IO_THREADS.remove(&(pid_tgid as u32));
     // Any tag of this thread goes, even when a cgroup identity outranks it now (a tagged process
     // that later entered a `run` cgroup): a stale tag would hand the identity to the next
     // process that gets this thread id.

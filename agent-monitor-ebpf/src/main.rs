@@ -167,6 +167,15 @@ pub fn agent_unix_peer(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// tracepoint syscalls/sys_exit_io_uring_enter: judges the listener's bound name of an agent's
+/// unix connect that io_uring issued inline in the caller's thread (`unix_peer.rs`). Attached
+/// with `agent_unix_peer`.
+#[tracepoint(category = "syscalls", name = "sys_exit_io_uring_enter")]
+pub fn agent_unix_uring(ctx: TracePointContext) -> u32 {
+    unix_peer::on_exit_uring(&ctx);
+    0
+}
+
 /// tracepoint sock/sk_data_ready: every socket that got data; for a unix datagram, in the
 /// sender's task before its send returns. Judges the receiver's bound name of an agent's named
 /// datagram send the cgroup hook allowed by name (`unix_peer.rs`), after delivery. Attached only

@@ -302,3 +302,9 @@ pub static UNIX_PEER_PENDING: LruHashMap<u32, agent_monitor_common::UnixPending>
 #[map]
 pub static UNIX_PENDING_SCRATCH: PerCpuArray<agent_monitor_common::UnixPending> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// io_uring worker and SQPOLL threads of agents (thread id → 1), from `task_newtask` to their
+/// exit: their unix connects never return through `connect()` (`unix.rs`). LRU: bounded.
+#[map]
+pub static AGENT_IO_THREADS: LruHashMap<u32, u8> =
+    LruHashMap::with_max_entries(agent_monitor_common::MAX_AGENT_IO_THREADS, 0);

@@ -12,12 +12,15 @@
 
 use agent_monitor_common::{
     AgentSlot, NO_ALLOWLIST, RecordKind, SOCK_ADDR_KERN_READ, SOCK_ADDR_KERN_UADDR,
-    SOCK_ADDR_KERN_UADDRLEN, UNIX_ALLOW, UNIX_PATH_LEN, UnixKey, UnixPayload, VERDICT_ALERT,
-    VERDICT_ALLOWED, VERDICT_DENIED, mode_refuses,
+    SOCK_ADDR_KERN_UADDRLEN, UNIX_ALLOW, UNIX_PATH_LEN, UNIX_RULE_IO_THREAD, UnixKey, UnixPayload,
+    VERDICT_ALERT, VERDICT_ALLOWED, VERDICT_DENIED, mode_refuses,
 };
 use aya_ebpf::{helpers::generated::bpf_probe_read_kernel, programs::SockAddrContext};
 
-use crate::maps::{UNIX_KEY_SCRATCH, UNIX_RULES, current_agent, must_refuse, start_record, submit};
+use crate::maps::{
+    AGENT_IO_THREADS, UNIX_KEY_SCRATCH, UNIX_RULES, current_agent, must_refuse, start_record,
+    submit,
+};
 
 const PASS: i32 = 1;
 const REJECT: i32 = 0;
@@ -46,7 +49,25 @@ fn agent_unix(ctx: &SockAddrContext, send: u32, cgroup_id: u64, slot: &AgentSlot
         return PASS;
     };
     let readable = read_name(ctx, key);
-    let (verdict, rule) = judge_name(key, readable, default, &slot);
+    let (mut verdict, mut rule) = judge_name(key, readable, default, &slot);
+    // An io_uring worker or SQPOLL thread's connect never returns through `connect()`, where the
+    // listener's bound name is judged (`unix_peer.rs`): a pathname connect by one is refused
+    // (reported; alert mode lets it through). A caller's own io_uring_enter is judged on its
+    // return instead (`on_exit_uring`).
+    if verdict == VERDICT_ALLOWED
+        && send == 0
+        && key.path[0] != 0
+        && AGENT_IO_THREADS
+            .get_ptr(&(aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32))
+            .is_some()
+    {
+        verdict = if mode_refuses(slot.mode) {
+            VERDICT_DENIED
+        } else {
+            VERDICT_ALERT
+        };
+        rule = UNIX_RULE_IO_THREAD;
+    }
     // SAFETY: `type` is a readable field of every sock_addr context.
     let sock_type = unsafe { (*ctx.sock_addr).type_ };
     if verdict == VERDICT_ALLOWED {

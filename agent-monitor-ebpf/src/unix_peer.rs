@@ -81,7 +81,23 @@ pub fn on_exit_connect(ctx: &TracePointContext) {
     if let Some(pending) = UNIX_PEER_PENDING.get_ptr_mut(&tid) {
         // SAFETY: the entry of this thread; read before it goes.
         if unsafe { (*pending).send } == 0 {
-            judge_peer(ctx, pending);
+            judge_connected(ctx, pending, true);
+        }
+        let _ = UNIX_PEER_PENDING.remove(&tid);
+    }
+}
+
+/// tracepoint syscalls/sys_exit_io_uring_enter: a connect io_uring made in the caller's own
+/// thread (issued inline) returns through here, not through `connect()`; its listener's bound
+/// name is judged now (whether it succeeded is read from the socket: a peer is set). What a
+/// worker thread makes is refused by the hook (`AGENT_IO_THREADS`).
+#[inline(always)]
+pub fn on_exit_uring(ctx: &TracePointContext) {
+    let tid = aya_ebpf::helpers::bpf_get_current_pid_tgid() as u32;
+    if let Some(pending) = UNIX_PEER_PENDING.get_ptr_mut(&tid) {
+        // SAFETY: the entry of this thread; read before it goes.
+        if unsafe { (*pending).send } == 0 {
+            judge_connected(ctx, pending, false);
         }
         let _ = UNIX_PEER_PENDING.remove(&tid);
     }
@@ -143,13 +159,14 @@ fn judge_delivery(ctx: &TracePointContext, pending: *mut UnixPending) {
     settle(cgroup_id, &slot, default, pending);
 }
 
+/// `connect_ret`: the record is `sys_exit_connect`'s, whose `ret` says whether it succeeded;
+/// otherwise (io_uring_enter) a socket without a peer is one that did not connect.
 #[inline(never)]
-fn judge_peer(ctx: &TracePointContext, pending: *mut UnixPending) {
+fn judge_connected(ctx: &TracePointContext, pending: *mut UnixPending, connect_ret: bool) {
     // SAFETY: the entry of this thread (only it writes it), valid until removed by the caller.
     let pending = unsafe { &mut *pending };
     // SAFETY: `ret` lies within the tracepoint record.
-    let ret: i64 = unsafe { ctx.read_at(EXIT_RET) }.unwrap_or(-1);
-    if ret != 0 {
+    if connect_ret && unsafe { ctx.read_at::<i64>(EXIT_RET) }.unwrap_or(-1) != 0 {
         return; // failed: nothing to judge
     }
     let Some(layout) = UNIX_PEER_LAYOUT.get(0).copied() else {

@@ -96,11 +96,7 @@ print(s.recv(4096).decode(errors='replace'), flush=True)
 
 /// Serves [`SERVER`] named `name` on `path`, logging to `log`.
 fn serve(path: &Path, name: &str, log: &Path) -> ChildGuard {
-    python_ready(SERVER, &[s(path), name, s(log)])
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 temp path")
+    python_ready(SERVER, &[utf8(path), name, utf8(log)])
 }
 
 /// [`CLIENT`] on `path` (after `chdir(cwd)`), in cgroup `cg` (a selected agent) or in the
@@ -133,17 +129,6 @@ fn answered_by(out: &Output, server: &str) -> bool {
 /// What the servers logged: one `<name> got <n>` line per connection.
 fn server_log(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
-}
-
-/// A socket directory every uid may use.
-fn socket_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .expect("chmod");
-    dir
 }
 
 /// A cgroup-selected agent's policy (python3 and sh may run) with `unix` as its `[unix]`
@@ -213,7 +198,7 @@ impl KnownDaemon {
         }
         let made_dir = !Path::new(PODMAN_DIR).exists();
         std::fs::create_dir_all(PODMAN_DIR).expect("creating /run/podman");
-        let server = python_ready(server, &[PODMAN_SOCK, "podman", s(log)]);
+        let server = python_ready(server, &[PODMAN_SOCK, "podman", utf8(log)]);
         Some(KnownDaemon {
             _server: server,
             made_dir,
@@ -254,7 +239,7 @@ impl Podman {
             );
             return None;
         };
-        let dir = socket_dir();
+        let dir = world_writable_dir();
         let link = dir.path().join("innocent.sock");
         std::os::unix::fs::symlink(PODMAN_SOCK, &link).expect("symlink");
         Some(Podman {
@@ -316,11 +301,11 @@ fn a_selector_agent_reaching_a_known_daemon_by_another_name_is_killed_before_it_
 
     // (route, name given, cwd)
     let routes: Vec<(&str, String, Option<&str>)> = vec![
-        ("symlink", s(link).to_string(), None),
+        ("symlink", utf8(link).to_string(), None),
         ("relative", "podman.sock".to_string(), Some(PODMAN_DIR)),
         ("proc_root", format!("/proc/self/root{PODMAN_SOCK}"), None),
         ("double_slash", format!("/{PODMAN_SOCK}"), None),
-        ("hard_link", s(&hard).to_string(), None),
+        ("hard_link", utf8(&hard).to_string(), None),
     ];
     for (route, path, cwd) in &routes {
         let out = client(Some(&cg), path, *cwd);
@@ -351,7 +336,7 @@ fn a_selector_agent_reaching_a_known_daemon_by_another_name_is_killed_before_it_
         "the server received request bytes from a killed agent:\n{served}"
     );
     // The same agent's unrelated socket still works.
-    let out = client(Some(&cg), s(&unrelated), None);
+    let out = client(Some(&cg), utf8(&unrelated), None);
     assert_answered(&out, "unrelated", "unrelated socket as the agent");
 
     // Controls: every route reaches the server from outside every agent.
@@ -370,20 +355,20 @@ fn a_listed_name_planted_as_a_symlink_kills_a_selector_agent_and_the_listed_sock
     }
     let logs = tempfile::tempdir().expect("tempdir");
     let log = logs.path().join("served.log");
-    let dir = socket_dir();
+    let dir = world_writable_dir();
     let listed = dir.path().join("listed.sock");
     let _listed_server = serve(&listed, "listed", &log);
-    let outside_dir = socket_dir();
+    let outside_dir = world_writable_dir();
     let engine = outside_dir.path().join("engine.sock");
     let _engine_server = serve(&engine, "engine", &log);
     // Listed, but a symlink the agent (or anyone who may write the directory) planted.
     let planted: PathBuf = dir.path().join("planted.sock");
     std::os::unix::fs::symlink(&engine, &planted).expect("symlink");
 
-    let allow = format!("allow = [{:?}, {:?}]", s(&listed), s(&planted));
+    let allow = format!("allow = [{:?}, {:?}]", utf8(&listed), utf8(&planted));
     let SelectorAgent { agent, cg, d } = SelectorAgent::start("upeerallow", "enforce", &allow);
 
-    let out = client(Some(&cg), s(&planted), None);
+    let out = client(Some(&cg), utf8(&planted), None);
     assert!(
         killed(&out) && !text(&out.stdout).contains("connected"),
         "planted name as the agent: {:?} {}\ndaemon log:\n{}",
@@ -391,7 +376,7 @@ fn a_listed_name_planted_as_a_symlink_kills_a_selector_agent_and_the_listed_sock
         text(&out.stdout),
         d.log()
     );
-    let record = assert_led_to(&d, &agent, s(&planted), s(&engine), "denied");
+    let record = assert_led_to(&d, &agent, utf8(&planted), utf8(&engine), "denied");
     assert_eq!(field(&record, "enforcement"), "sigkill", "{record}");
     let served = server_log(&log);
     assert!(
@@ -402,12 +387,12 @@ fn a_listed_name_planted_as_a_symlink_kills_a_selector_agent_and_the_listed_sock
     );
     // The listed socket by its listed name works.
     assert_answered(
-        &client(Some(&cg), s(&listed), None),
+        &client(Some(&cg), utf8(&listed), None),
         "listed",
         "listed as the agent",
     );
     // Under another name it is still refused by the hook, by the name given (EPERM, as before).
-    let out = client(Some(&cg), "listed.sock", Some(s(dir.path())));
+    let out = client(Some(&cg), "listed.sock", Some(utf8(dir.path())));
     assert_eq!(
         text(&out.stdout).trim(),
         "errno 1",
@@ -415,7 +400,11 @@ fn a_listed_name_planted_as_a_symlink_kills_a_selector_agent_and_the_listed_sock
         out.status
     );
     // Control: outside every agent the planted name reaches the engine.
-    assert_answered(&client(None, s(&planted), None), "engine", "outside agents");
+    assert_answered(
+        &client(None, utf8(&planted), None),
+        "engine",
+        "outside agents",
+    );
 }
 
 #[test]
@@ -426,7 +415,7 @@ fn an_alert_mode_agent_goes_through_and_is_reported_once_with_where_it_led() {
     let Some(podman) = Podman::start() else {
         return;
     };
-    let link = s(&podman.link);
+    let link = utf8(&podman.link);
     let SelectorAgent { agent, cg, d } =
         SelectorAgent::start("upeeralert", "alert", "deny_known_daemons = true");
     let out = client(Some(&cg), link, None);
@@ -447,7 +436,7 @@ fn a_run_agent_is_judged_once_by_its_supervisor_not_killed() {
     let Some(podman) = Podman::start() else {
         return;
     };
-    let link = s(&podman.link);
+    let link = utf8(&podman.link);
     let agent = unique_agent("upeerrun");
     let policy = (
         format!("{agent}.toml"),
@@ -514,7 +503,7 @@ fn a_named_datagram_to_a_known_daemon_by_another_name_kills_the_sender_after_del
     let Some(podman) = Podman::serving(DGRAM_SERVER) else {
         return;
     };
-    let (link, log) = (s(&podman.link), &podman.log);
+    let (link, log) = (utf8(&podman.link), &podman.log);
     let SelectorAgent { agent, cg, d } =
         SelectorAgent::start("upeerdgram", "enforce", "deny_known_daemons = true");
     let delivered = || server_log(log).lines().count();
@@ -570,4 +559,118 @@ fn a_named_datagram_to_a_known_daemon_by_another_name_kills_the_sender_after_del
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(delivered(), 5, "{}", server_log(log));
+}
+
+/// A unix stream connect to `argv[1]` through io_uring (`IORING_OP_CONNECT`), inline in the
+/// caller or, with `URING_ASYNC`, in an io_uring worker thread; prints `connect <res>` and, when
+/// connected, writes a request and prints `connected`.
+const UNIX_URING_MAIN_C: &str = r#"
+#include <sys/un.h>
+int main(int argc, char **argv) {
+    async_worker = getenv("URING_ASYNC") != NULL;
+    setup_ring();
+    struct sockaddr_un a;
+    memset(&a, 0, sizeof a);
+    a.sun_family = AF_UNIX;
+    strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+    struct io_uring_sqe e;
+    memset(&e, 0, sizeof e);
+    e.opcode = IORING_OP_CONNECT;
+    if (async_worker) e.flags = IOSQE_ASYNC;
+    e.fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    e.addr = (unsigned long)&a;
+    e.off = sizeof a;
+    int res = submit(&e);
+    printf("connect %d\n", res);
+    fflush(stdout);
+    if (res == 0) {
+        const char req[] = "GET / HTTP/1.0\r\n\r\n";
+        if (write(e.fd, req, sizeof req - 1) > 0) printf("connected\n");
+    }
+    return 0;
+}
+"#;
+
+/// The io_uring client in cgroup `cg` (or outside every agent), `async_worker`: `URING_ASYNC`.
+fn uring_client(bin: &Path, cg: Option<&TestCgroup>, path: &str, async_worker: bool) -> Output {
+    let enter = cg.map_or(String::new(), |cg| {
+        format!("echo $$ > {}/cgroup.procs && ", cg.path.display())
+    });
+    let mut cmd = Command::new(SH);
+    cmd.arg("-c")
+        .arg(format!("{enter}exec \"$0\" \"$@\""))
+        .arg(bin)
+        .arg(path);
+    if async_worker {
+        cmd.env("URING_ASYNC", "1");
+    }
+    cmd.output().expect("running the io_uring client")
+}
+
+#[test]
+fn io_uring_connects_are_judged_inline_and_refused_from_worker_threads() {
+    if !require_root("io_uring_connects_are_judged_inline_and_refused_from_worker_threads") {
+        return;
+    }
+    let Some(podman) = Podman::start() else {
+        return;
+    };
+    let (dir, link, log) = (&podman.dir, utf8(&podman.link), &podman.log);
+    let bin = compile_c(
+        dir.path(),
+        "uring_unix",
+        &format!("{URING_RING_C}{UNIX_URING_MAIN_C}"),
+    );
+    let agent = unique_agent("upeeruring");
+    let cg = TestCgroup::new(&format!("am-test-{agent}"), "worker");
+    let (name, body) = selector_policy(&agent, &cg, "enforce", "deny_known_daemons = true");
+    // The policy lets the agent run the io_uring client too.
+    let body = body.replacen(&format!("{SH:?}"), &format!("{SH:?}, {:?}", utf8(&bin)), 1);
+    let d = Daemon::start(&[(name, body)]);
+    assert_eq!(
+        attached_at(&d.status(), "agent_unix_uring").as_deref(),
+        Some("tracepoint syscalls/sys_exit_io_uring_enter"),
+    );
+    // Inline: the connect completes in io_uring_enter, judged as that call returns.
+    let out = uring_client(&bin, Some(&cg), link, false);
+    assert!(
+        killed(&out) && !text(&out.stdout).contains("connected"),
+        "inline io_uring connect through the symlink: {:?}\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        d.log()
+    );
+    assert_led_to(&d, &agent, link, PODMAN_SOCK, "denied");
+    // A worker thread: refused by the hook (EPERM in the completion), reported.
+    let out = uring_client(&bin, Some(&cg), link, true);
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("connect -{}", libc::EPERM),
+        "worker io_uring connect: {:?}",
+        out.status
+    );
+    let rec = d.wait_audit("the worker's refused connect", |v| {
+        field(v, "dest_path") == link
+            && field(v, "verdict") == "denied"
+            && field(v, "reason").contains("io_uring worker thread")
+    });
+    assert_eq!(field(&rec, "agent_id"), agent);
+    // The server read nothing from either.
+    let served = server_log(log);
+    assert!(
+        !served
+            .lines()
+            .any(|l| l.starts_with("podman got ") && l != "podman got 0"),
+        "the server received request bytes from the agent:\n{served}"
+    );
+    // Control: the same program outside every agent, inline and in a worker, connects.
+    for async_worker in [false, true] {
+        let out = uring_client(&bin, None, link, async_worker);
+        assert!(
+            text(&out.stdout).contains("connect 0\nconnected"),
+            "outside agents (async {async_worker}): {:?} {}",
+            out.status,
+            text(&out.stdout)
+        );
+    }
 }

@@ -211,6 +211,15 @@ pub(super) const HOOKS: &[Hook] = &[
         scope: Scope::Host,
         when: When::UnixPeer,
     },
+    // The same for a connect io_uring issued inline in the caller's thread, which returns
+    // through io_uring_enter, not connect(); only io_uring_enter calls run it.
+    Hook {
+        program: "agent_unix_uring",
+        kind: HookKind::Tracepoint("syscalls", "sys_exit_io_uring_enter"),
+        required: false,
+        scope: Scope::Host,
+        when: When::UnixPeer,
+    },
     // The receiver's bound name of each named datagram send the hook allowed by name, judged at
     // delivery (Linux 6.6). Fires for every socket that gets data on the host (a non-unix one
     // returns after one read of the record): attached only while a policy has `[unix]` and

@@ -32,7 +32,12 @@ impl Monitor {
 
     pub(super) fn unix_action(&mut self, u: &event::UnixEvent) -> Action {
         let (agent, task) = self.identity(&u.subject);
-        let mut reason = if u.name.is_empty() {
+        let mut reason = if u.rule == common::UNIX_RULE_IO_THREAD {
+            "an io_uring worker thread of the agent made this connect: it never returns through \
+             connect(), where the socket's listener would be judged, so a pathname connect by one \
+             is refused for agents with [unix] (docs/unix-sockets.md)"
+                .to_string()
+        } else if u.name.is_empty() {
             "the socket's name could not be read in the kernel: nothing matches".to_string()
         } else {
             let name = u.name.clone();
