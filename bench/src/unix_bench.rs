@@ -146,8 +146,9 @@ pub fn section(o: &mut String, u: Option<&UnixLatency>) {
          repetition ({} repetitions), median of the per-repetition medians. The cgroup \
          `connect_unix` hook sits below the agents' cgroup (no selectors here), so a process \
          outside every agent runs no cgroup program (with selectors it sits at the root); the \
-         tracepoints that judge a connect's listener (`sys_exit_connect`, `sk_data_ready`) run \
-         on every connect while a policy has `[unix]`, as here.\n",
+         tracepoints that judge a connect's listener (`sys_exit_connect`, `sk_data_ready`, \
+         `sys_exit_io_uring_enter`) are attached only while a policy has `[unix]` and \
+         selectors are armed: not here.\n",
         u.connects,
         u.bare.len()
     );
