@@ -1135,3 +1135,44 @@ static void setup_ring(void) {
     cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
 }
 "#;
+
+/// Asserts that `child` (a held agent) is still waiting 300 ms on.
+pub fn still_held(child: &mut std::process::Child) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the held call did not wait for a decision"
+    );
+}
+
+/// The output of held agent `child` once released; kills it and fails if it still waits 20 s
+/// after the decision.
+pub fn wait_released(child: std::process::Child) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = child.id() as i32;
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    while !waiter.is_finished() {
+        if Instant::now() > deadline {
+            // SAFETY: kill(2) of our own child (run forwards it to the agent).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the agent was still held 20 s after the decision");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    waiter.join().unwrap()
+}
+
+impl Daemon {
+    /// Waits (up to 10 s) until the first agent's executable selector has verified its file.
+    pub fn wait_selector_verified(&self) {
+        wait_until(
+            Duration::from_secs(10),
+            || {
+                self.status()["agents"][0]["selectors"]
+                    .to_string()
+                    .contains("sha256 verified")
+            },
+            || format!("selector not armed:\n{}", self.log()),
+        );
+    }
+}

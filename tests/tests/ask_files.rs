@@ -6,7 +6,7 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use agent_monitor_tests::*;
@@ -101,28 +101,6 @@ fn id_of(r: &Value) -> String {
 }
 
 /// The agent is still waiting in its open: its `run` has not exited.
-fn still_held(child: &mut Child) {
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the held open did not wait for a decision"
-    );
-}
-
-fn finish(child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pid = child.id() as i32;
-    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) of our own child (run forwards it to the agent).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the agent was still held 20 s after the decision");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    waiter.join().unwrap()
-}
 
 fn decide(d: &Daemon, args: &[&str]) -> Output {
     let out = d.cli(args);
@@ -216,7 +194,7 @@ fn a_held_open_waits_for_approve_once_and_the_next_open_is_asked_again() {
     assert_ne!(id, id2);
     decide(&d, &["deny", &id2, "--reason", "not now"]);
     assert_eq!(next_line(&mut stdout), "rc=1");
-    let out = finish(child);
+    let out = wait_released(child);
     assert!(
         text(&out.stderr).contains("Operation not permitted"),
         "{}",
@@ -254,7 +232,7 @@ fn a_task_approval_lets_that_task_open_the_file_and_no_other() {
     let id = id_of(&wait_held_open(&d, &agent, Some("t1"), &secret));
     decide(&d, &["approve", &id, "--task"]);
     // The later cats of the task pass without asking (a question would hold them 60 s).
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(
         text(&out.stdout),
         "TOPSECRET\nrc=0\nTOPSECRET\nrc=0\nTOPSECRET\nrc=0\n",
@@ -277,7 +255,7 @@ fn a_task_approval_lets_that_task_open_the_file_and_no_other() {
     let child = d.spawn_run(&agent, "t2", &[], &[CAT, &s]);
     let id2 = id_of(&wait_held_open(&d, &agent, Some("t2"), &secret));
     decide(&d, &["deny", &id2]);
-    let out = finish(child);
+    let out = wait_released(child);
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("Operation not permitted"),
@@ -290,7 +268,7 @@ fn a_task_approval_lets_that_task_open_the_file_and_no_other() {
     let child = d.spawn_run(&agent, "t1", &[], &[CAT, &s]);
     let id3 = id_of(&wait_held_open(&d, &agent, Some("t1"), &secret));
     decide(&d, &["deny", &id3]);
-    assert!(!finish(child).status.success());
+    assert!(!wait_released(child).status.success());
 }
 
 #[test]
@@ -302,7 +280,7 @@ fn a_held_open_times_out_with_eperm() {
     let started = Instant::now();
     let child = d.spawn_run(&agent, "t1", &[], &[CAT, &secret.display().to_string()]);
     let id = id_of(&wait_held_open(&d, &agent, Some("t1"), &secret));
-    let out = finish(child);
+    let out = wait_released(child);
     let waited = started.elapsed();
     assert!(
         text(&out.stderr).contains("Operation not permitted"),
@@ -347,7 +325,7 @@ fn a_held_open_is_denied_at_once_when_the_daemon_dies_and_the_host_reads_through
         bounded < Duration::from_secs(2),
         "the held open was refused only {bounded:?} after the daemon died"
     );
-    let _ = finish(child);
+    let _ = wait_released(child);
     assert_host_reads_at_once(&secret);
 
     // While no daemon runs, an agent process's open is refused at once (nothing to ask): a
@@ -412,18 +390,7 @@ fn an_ask_mode_agent_known_by_its_executable_is_held_too() {
     );
     let d = Daemon::start(&[ask_files_policy(&agent, &secret, &identity)]);
     wait_files_applied(&d);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.status()["agents"][0]["selectors"]
-        .to_string()
-        .contains("sha256 verified")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "selector not armed:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_selector_verified();
     // A shell builtin reads the file: the selected program itself opens it.
     let script = format!(
         "read line < {:?} && echo \"read $line\"",
@@ -445,7 +412,7 @@ fn an_ask_mode_agent_known_by_its_executable_is_held_too() {
         "approve --task of a selector agent's open: {said}"
     );
     decide(&d, &["approve", &id, "--once"]);
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(
         text(&out.stdout),
         "read TOPSECRET\n",
@@ -532,7 +499,7 @@ fn a_decision_service_decides_held_opens_and_always_is_a_deny() {
     let once = Approver::start(r#"{"decision":"allow","scope":"once"}"#);
     let (agent, _dir, secret, d) = guarded("askfiles-svc", &["--approver-url", &once.url()]);
     let s = secret.display().to_string();
-    let out = finish(d.spawn_run(&agent, "t1", &[], &[CAT, &s]));
+    let out = wait_released(d.spawn_run(&agent, "t1", &[], &[CAT, &s]));
     assert_eq!(text(&out.stdout), "TOPSECRET\n", "{}", text(&out.stderr));
     let asked = once.asked();
     assert_eq!(asked.len(), 1, "{asked:?}");
@@ -552,7 +519,7 @@ fn a_decision_service_decides_held_opens_and_always_is_a_deny() {
     let always = Approver::start(r#"{"decision":"allow","scope":"always"}"#);
     let (agent, _dir, secret, d) = guarded("askfiles-svc2", &["--approver-url", &always.url()]);
     let started = Instant::now();
-    let out = finish(d.spawn_run(&agent, "t1", &[], &[CAT, &secret.display().to_string()]));
+    let out = wait_released(d.spawn_run(&agent, "t1", &[], &[CAT, &secret.display().to_string()]));
     assert!(
         text(&out.stderr).contains("Operation not permitted"),
         "{}",

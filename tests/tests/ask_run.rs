@@ -5,7 +5,7 @@
 //! `pending`, `approve`, `deny`, `--ask-timeout`). Run one at a time (`--test-threads=1`).
 
 use std::io::BufRead as _;
-use std::process::{Child, Output};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agent_monitor_tests::*;
@@ -50,28 +50,6 @@ fn is_exec(a: &Value, path: &str) -> bool {
 }
 
 /// The agent is still waiting: its `run` has not exited.
-fn still_held(child: &mut Child) {
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the held call did not wait for a decision"
-    );
-}
-
-fn finish(child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let pid = child.id() as i32;
-    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) of our own child (run forwards it to the agent).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the agent was still held 20 s after the decision");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    waiter.join().unwrap()
-}
 
 /// `run` of python connecting to 127.0.0.1:PORT as `agent`, task t1, not waited for.
 fn spawn_py_connect(d: &Daemon, agent: &str, port: u16) -> Child {
@@ -113,7 +91,7 @@ fn off_list_tcp_connect_is_held_until_approved_once() {
     });
     still_held(&mut child);
     approve_once(&d, id);
-    let out = finish(child);
+    let out = wait_released(child);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "connected");
     assert!(started.elapsed() >= Duration::from_millis(300));
@@ -126,7 +104,7 @@ fn off_list_tcp_connect_is_held_until_approved_once() {
     still_held(&mut child);
     let out = d.cli(&["deny", &id2.to_string(), "--reason", "test"]);
     assert!(out.status.success(), "deny: {}", text(&out.stderr));
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(
         text(&out.stdout).trim(),
         "errno 1",
@@ -155,7 +133,7 @@ fn udp_datagram_is_held_until_approved() {
     still_held(&mut child);
     assert_eq!(sink.received(), 0, "nothing left before the approval");
     approve_once(&d, id);
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(text(&out.stdout).trim(), "sent 5", "{}", text(&out.stderr));
     assert_eq!(sink.received(), 1);
 }
@@ -201,7 +179,7 @@ fn off_list_exec_is_held_until_approved() {
     assert_eq!(held["action"]["inode"], meta.ino(), "{held:#}");
     still_held(&mut child);
     approve_once(&d, id);
-    let out = finish(child);
+    let out = wait_released(child);
     drop(dir);
     assert_eq!(text(&out.stdout).trim(), "rc=0", "{}", text(&out.stderr));
 }
@@ -226,7 +204,7 @@ fn exec_file_swapped_while_held_is_refused_by_the_kernel() {
         said.contains("changed since the call was held"),
         "approve of a swapped file: {said}"
     );
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(
         text(&out.stdout).trim(),
         "rc=126",
@@ -331,7 +309,7 @@ fn exec_file_swapped_after_a_task_approval_is_refused_by_the_kernel() {
     assert!(out.status.success(), "deny: {}", text(&out.stderr));
     let mut rest = String::new();
     stdout.read_line(&mut rest).unwrap();
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(rest.trim(), "rc2=126", "{}", text(&out.stderr));
 }
 
@@ -398,7 +376,7 @@ fn connect_address_swapped_while_held_is_refused_by_the_kernel() {
     approve_once(&d, id);
     let mut rest = String::new();
     out.read_line(&mut rest).unwrap();
-    let status = finish(child);
+    let status = wait_released(child);
     assert_eq!(rest.trim(), "errno 1", "{}", text(&status.stderr));
     assert_eq!(second.accepted(), 0, "the swapped address was not reached");
 }
@@ -419,7 +397,7 @@ fn held_call_times_out_with_eperm() {
     wait_pending(&d, &agent, "for the connect", |a| {
         is_connect(a, "tcp", port)
     });
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
     let waited = started.elapsed();
     assert!(
@@ -466,7 +444,7 @@ fn daemon_gone_refuses_held_calls() {
         is_connect(a, "tcp", port)
     });
     d.kill9();
-    let out = finish(child);
+    let out = wait_released(child);
     // Never released unjudged: refused when the channel broke.
     assert_eq!(text(&out.stdout).trim(), "errno 1", "{}", text(&out.stderr));
     assert!(
@@ -520,6 +498,6 @@ fn a_reload_reaches_runs_copy_of_the_allowlist() {
     approve_once(&d, id);
     let mut rest = String::new();
     stdout.read_line(&mut rest).unwrap();
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(rest.trim(), "connected", "{}", text(&out.stderr));
 }

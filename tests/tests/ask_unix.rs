@@ -213,29 +213,6 @@ fn decide(d: &Daemon, args: &[&str]) {
     );
 }
 
-fn still_held(child: &mut Child) {
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the held connect did not wait for a decision"
-    );
-}
-
-fn finish(child: Child) -> Output {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pid = child.id() as i32;
-    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
-    while !waiter.is_finished() {
-        if Instant::now() > deadline {
-            // SAFETY: kill(2) of our own child (run forwards it to the agent).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the agent was still running 30 s after the decision");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    waiter.join().unwrap()
-}
-
 /// The ask records of request `id` in the JSON trail with `verdict`: `ACTION=ask`,
 /// `HELD_ACTION=connect`, `DEST_TRANSPORT=unix`, `DEST_PATH`, as the other held kinds.
 fn assert_ask_reported(d: &Daemon, agent: &str, id: u64, verdict: &str, path: &str) -> Value {
@@ -319,7 +296,7 @@ fn held_unix_connect_is_approved_once_then_held_again_and_a_task_approval_covers
     decide(&d, &["approve", &id_of(&second).to_string(), "--task"]);
 
     // The task approval covers the later connects of this run: nothing more is held.
-    let out = finish(child);
+    let out = wait_released(child);
     assert!(
         started.elapsed() < Duration::from_secs(20),
         "a later connect waited for the ask timeout: {:?}",
@@ -384,7 +361,7 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
         &d,
         &["deny", &id_of(&req).to_string(), "--reason", "no engine"],
     );
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(
         out.status.code(),
         Some(7),
@@ -409,7 +386,7 @@ fn denied_and_timed_out_unix_connects_fail_with_eperm() {
         ],
     );
     let req = wait_held(&d, &agent, utf8(&engine), &[id_of(&req)]);
-    let out = finish(child);
+    let out = wait_released(child);
     assert_eq!(outcome(&out, "engine"), "errno 1 PermissionError");
     assert!(
         started.elapsed() >= Duration::from_secs(3),
@@ -461,7 +438,7 @@ fn a_listed_name_planted_as_a_symlink_is_held_as_where_it_led_and_a_swap_while_h
     std::os::unix::fs::symlink(&other, &planted).unwrap();
     still_held(&mut child);
     decide(&d, &["approve", &id_of(&req).to_string(), "--once"]);
-    let out = finish(child);
+    let out = wait_released(child);
     // The approval connected the socket the name led to when it was held, not the name.
     assert_eq!(outcome(&out, "planted"), "ok engine");
     // Control: the name now leads to the other socket, from outside every agent.
@@ -559,7 +536,7 @@ fn an_always_approval_writes_the_resolved_socket_into_the_approved_file_and_late
     let req = wait_held(&d, &agent, utf8(&link), &[]);
     still_held(&mut child);
     decide(&d, &["approve", &id_of(&req).to_string(), "--always"]);
-    let out = finish(child);
+    let out = wait_released(child);
     // The running `run` keeps the approval: its second connect is not held.
     assert_eq!(outcome(&out, "first"), "ok engine");
     assert_eq!(outcome(&out, "again"), "ok engine");

@@ -446,18 +446,7 @@ fn an_agent_known_by_its_executable_selector_is_denied_too() {
     );
     let d = Daemon::start(&[files_policy(&agent, "enforce", &[&secret], &identity)]);
     wait_files_applied(&d, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.status()["agents"][0]["selectors"]
-        .to_string()
-        .contains("sha256 verified")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "selector not armed:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_selector_verified();
     // A shell builtin reads the file: no exec, the selected program itself opens it.
     let script = format!(
         "read line < {:?} && echo \"read $line\"",
