@@ -287,31 +287,18 @@ fn run_job(
             OffList::Report => {}
         }
     }
-    if let Some(send) = &job.send {
-        let sent = as_caller(&job.credentials, home, || {
+    let failed = |e: std::io::Error| Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM));
+    let outcome = match &job.send {
+        Some(send) => as_caller(&job.credentials, home, || {
             super::unix_send::send_in_connector(sock, &link, send, &job.credentials, extra)
-        });
-        return (
-            Reply {
-                outcome: match sent {
-                    Ok(n) => Outcome::Sent(n),
-                    Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM)),
-                },
-                allowed: permitted,
-                resolved,
-                alerted: !permitted,
-                identity: Some(identity),
-            },
-            None,
-        );
-    }
-    let connected = as_caller(&job.credentials, home, || connect_path(sock, &link));
+        })
+        .map_or_else(failed, Outcome::Sent),
+        None => as_caller(&job.credentials, home, || connect_path(sock, &link))
+            .map_or_else(failed, |()| Outcome::Connected),
+    };
     (
         Reply {
-            outcome: match connected {
-                Ok(()) => Outcome::Connected,
-                Err(e) => Outcome::Failed(e.raw_os_error().unwrap_or(libc::EPERM)),
-            },
+            outcome,
             allowed: permitted,
             resolved,
             alerted: !permitted,
