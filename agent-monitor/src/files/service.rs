@@ -353,26 +353,82 @@ pub fn stop(pin_dir: &Path) -> anyhow::Result<Option<u32>> {
         Ok(FromGuard::Hello { pid, .. }) => Some(pid),
         _ => None,
     };
+    // The guard's process, not its lock: the guard drops the lock (and removes its file) before
+    // its fanotify group is closed, and the denials end only with the group, i.e. with the
+    // process.
+    let process = crate::identity::peer::peer_pidfd(std::os::fd::AsRawFd::as_raw_fd(&stream))
+        .context("naming the file guard's process (SO_PEERPIDFD)")?;
     (&stream)
         .write_all(&wire::line(&ToGuard::Exit))
         .context("telling the file guard to exit")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while lock_held(&paths.lock) {
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "the file guard (pid {}) did not exit within 3 s",
-                pid.map_or("?".into(), |p| p.to_string())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !exited_within(&process, Duration::from_secs(3))? {
+        bail!(
+            "the file guard (pid {}) did not exit within 3 s",
+            pid.map_or("?".into(), |p| p.to_string())
+        );
     }
     let _ = std::fs::remove_file(&paths.lock);
     Ok(pid.or(Some(0)))
 }
 
+/// Whether the process behind `pidfd` exits within `timeout` (a pidfd polls readable once the
+/// process has exited, zombie or reaped: its descriptors are closed by then).
+fn exited_within(pidfd: &std::os::fd::OwnedFd, timeout: Duration) -> anyhow::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd we own, for the duration of the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            return Ok(true);
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(anyhow::Error::new(e).context("waiting for the file guard to exit"));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guard_has_exited_when_its_process_has_not_when_it_lives() {
+        use std::os::fd::FromRawFd as _;
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .expect("sleep");
+        // SAFETY: pidfd_open of our own child; the kernel returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: the descriptor was just returned to us.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        assert!(
+            !exited_within(&pidfd, Duration::from_millis(50)).unwrap(),
+            "still sleeping"
+        );
+        assert!(
+            exited_within(&pidfd, Duration::from_secs(5)).unwrap(),
+            "sleep 0.3 ended"
+        );
+        child.wait().expect("reaped");
+        assert!(
+            exited_within(&pidfd, Duration::ZERO).unwrap(),
+            "reaped: still exited"
+        );
+    }
 
     #[test]
     fn kept_reports_are_bounded_and_the_rest_counted() {
