@@ -9,6 +9,8 @@ mod record;
 pub use record::*;
 mod unix;
 pub use unix::*;
+pub mod client_hello;
+pub mod server_name;
 mod unix_peer;
 pub use unix_peer::*;
 
@@ -264,7 +266,10 @@ pub struct DnsOrig {
 pub struct Learned {
     pub expires_ns: u64,
     pub ports: NetAllow,
-    pub _pad: u32,
+    /// Nonzero: no name the address was learned from has method/path rules, so a TLS connect to
+    /// it on a port of the agent's request rules has its server name judged in the kernel, on the
+    /// agent's own connection (`server_name`), instead of going to the egress endpoint.
+    pub kernel_sni: u32,
 }
 
 /// Connects of agents to destinations with request rules (`[[network.http]]`, `[[network.tls]]`)
@@ -664,6 +669,8 @@ mod pod {
     unsafe impl aya::Pod for super::EgressFlow {}
     unsafe impl aya::Pod for super::UnixPeerLayout {}
     unsafe impl aya::Pod for super::UnixPending {}
+    unsafe impl aya::Pod for super::server_name::SniNameKey {}
+    unsafe impl aya::Pod for super::server_name::SniFlow {}
 }
 
 // The kernel and the daemon must agree on these sizes; a change here is a format change.

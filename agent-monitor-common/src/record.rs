@@ -55,6 +55,9 @@ pub enum RecordKind {
     /// A unix connect the hook allowed by name led to a listener whose bound name the agent may
     /// not reach (`syscalls/sys_exit_connect`, [`crate::UnixPeerPayload`]).
     UnixPeer = 51,
+    /// The first bytes of an agent's connection whose server name is judged in the kernel
+    /// ([`crate::server_name::SniPayload`]).
+    ServerName = 41,
 }
 
 /// A `RecordHeader::kind` no [`RecordKind`] has.
@@ -78,6 +81,7 @@ impl TryFrom<u32> for RecordKind {
             50 => RecordKind::UnixConnect,
             40 => RecordKind::EgressRedirect,
             51 => RecordKind::UnixPeer,
+            41 => RecordKind::ServerName,
             other => return Err(UnknownKind(other)),
         })
     }
@@ -85,7 +89,7 @@ impl TryFrom<u32> for RecordKind {
 
 impl RecordKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [RecordKind; 12] = [
+    pub const ALL: [RecordKind; 13] = [
         RecordKind::Exec,
         RecordKind::Connect,
         RecordKind::Fork,
@@ -98,6 +102,7 @@ impl RecordKind {
         RecordKind::UnixConnect,
         RecordKind::EgressRedirect,
         RecordKind::UnixPeer,
+        RecordKind::ServerName,
     ];
 
     /// Bytes the kernel writes for a record of this kind (header and payload).
@@ -115,6 +120,9 @@ impl RecordKind {
             RecordKind::UnixConnect => core::mem::size_of::<Record<crate::UnixPayload>>(),
             RecordKind::EgressRedirect => core::mem::size_of::<Record<EgressPayload>>(),
             RecordKind::UnixPeer => core::mem::size_of::<Record<crate::UnixPeerPayload>>(),
+            RecordKind::ServerName => {
+                core::mem::size_of::<Record<crate::server_name::SniPayload>>()
+            }
         }
     }
 }
@@ -360,6 +368,8 @@ mod tests {
                 RecordKind::Tagged => assert!(size > RECORD_PATH_LEN && size < 2 * RECORD_PATH_LEN),
                 RecordKind::UnixConnect => assert_eq!(size, 200),
                 RecordKind::UnixPeer => assert_eq!(size, 320),
+                // One per agent TLS connection whose name the kernel judges, with the name.
+                RecordKind::ServerName => assert_eq!(size, 392),
                 _ => assert!(size <= 104, "{kind:?}: {size} bytes"),
             }
         }

@@ -48,6 +48,10 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
+#[aya_ebpf::macros::map]
+static EGRESS_FLOW_SCRATCH: aya_ebpf::maps::PerCpuArray<EgressFlow> =
+    aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn endpoint_port() -> u16 {
     EGRESS_ENDPOINT.get(0).map_or(0, |p| *p as u16)
@@ -82,6 +86,15 @@ pub fn redirect(
     if !crate::net::ports_allow(&ports, port) {
         return None;
     }
+    // SAFETY: the helper takes the program's sock_addr context.
+    let cookie =
+        unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // Only server-name rules for this address: judged on the socket's own first bytes.
+    if kind == RecordKind::Connect
+        && crate::server_name::register(cookie, cgroup_id, &slot, family, &addr, port, sock_type)
+    {
+        return None;
+    }
     let dest = NetPayload {
         family,
         addr,
@@ -92,9 +105,6 @@ pub fn redirect(
     if kind != RecordKind::Connect || sock_type != SOCK_STREAM || target == 0 {
         return Some(refuse(kind, cgroup_id, slot, dest));
     }
-    // SAFETY: the helper takes the program's sock_addr context.
-    let cookie =
-        unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let token = egress_token(cookie);
     let source = egress_source(token);
     let via_v4 = family == AF_INET;
@@ -137,14 +147,18 @@ pub fn redirect(
         // this flow from another.
         return Some(refuse(kind, cgroup_id, slot, dest));
     }
-    let flow = EgressFlow {
-        cookie,
-        addr,
-        port,
-        family,
-        _pad: 0,
+    // Built in per-CPU scratch: the connect hooks' frame is near the verifier's stack limit.
+    let Some(flow) = EGRESS_FLOW_SCRATCH.get_ptr_mut(0) else {
+        return Some(refuse(kind, cgroup_id, slot, dest));
     };
-    if EGRESS_FLOWS.insert(&token, &flow, 0).is_err() {
+    // SAFETY: the per-CPU scratch value, ours while this program runs.
+    let flow: &mut EgressFlow = unsafe { &mut *flow };
+    flow.cookie = cookie;
+    flow.addr = addr;
+    flow.port = port;
+    flow.family = family;
+    flow._pad = 0;
+    if EGRESS_FLOWS.insert(&token, &*flow, 0).is_err() {
         return Some(refuse(kind, cgroup_id, slot, dest));
     }
     // SAFETY: valid, writable bpf_sock_addr; `family` decides which fields are touched.

@@ -13,6 +13,7 @@ mod lifecycle;
 mod maps;
 mod net;
 mod route;
+mod server_name;
 mod unix;
 mod unix_peer;
 

@@ -352,6 +352,11 @@ pub fn on_sock_create(ctx: &SockContext) -> i32 {
             unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.sock.cast()) };
         let _ = AGENT_SOCKETS.insert(&cookie, &raw, 0);
     }
+    // The egress hook, attached where this one is, sees this socket's packets.
+    // SAFETY: the helper takes the program's socket context.
+    crate::server_name::scoped(unsafe {
+        aya_ebpf::helpers::generated::bpf_get_socket_cookie(ctx.sock.cast())
+    });
     let slot = in_force(&raw);
     // SAFETY: the kernel passes a valid bpf_sock; family, type and protocol are readable here.
     let (family, sock_type, protocol) = unsafe {

@@ -43,8 +43,9 @@ struct Bent {
     detail: u32,
 }
 
+/// `N` bytes of the packet at `offset` (from the network header), if it has them.
 #[inline(always)]
-fn load<const N: usize>(ctx: &SkBuffContext, offset: u32) -> Option<[u8; N]> {
+pub(crate) fn load<const N: usize>(ctx: &SkBuffContext, offset: u32) -> Option<[u8; N]> {
     let mut buf = [0u8; N];
     // SAFETY: the helper copies at most N bytes into `buf` and fails on a short packet.
     let r = unsafe {
@@ -168,6 +169,10 @@ fn socket_agent(ctx: &SkBuffContext) -> Option<(u64, AgentSlot)> {
 /// cgroup_skb/egress: pass every packet but an agent's source-routed one.
 #[inline(always)]
 pub fn on_egress(ctx: &SkBuffContext) -> i32 {
+    // A connection whose server name is judged here: its first data packet decides.
+    if let Some(v) = crate::server_name::on_packet(ctx) {
+        return v;
+    }
     let Some(b) = bent(ctx) else {
         return PASS;
     };

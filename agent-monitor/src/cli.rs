@@ -274,6 +274,15 @@ pub struct DaemonArgs {
     /// program, or its map is full, connections are spliced (logged).
     #[arg(long, value_enum, value_name = "HOW", default_value = "splice")]
     pub egress_relay: crate::egress::RelayChoice,
+    /// Where the server name of a connection is judged when every name its address was learned
+    /// from has only `[[network.tls]]` rules: `kernel` (the connection goes straight to the
+    /// server; the kernel judges its ClientHello where its packets leave, and drops its data if
+    /// refused, then the daemon closes it) or `endpoint` (redirected to the egress endpoint,
+    /// which judges and relays; bytes and duration are counted). Port 80 (plain HTTP, judged by
+    /// its `Host`), addresses of names with `[[network.http]]` rules, and sockets an agent did
+    /// not create always go to the endpoint. See docs/egress.md.
+    #[arg(long, value_enum, value_name = "WHERE", default_value = "kernel")]
+    pub server_names: crate::egress::ServerNameCheck,
 }
 
 #[derive(Debug, Subcommand)]

@@ -211,8 +211,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
         status.counters.selector_conflicts
     );
     println!(
-        "network path: {} source-routed packets of agents' sockets (dropped in enforce mode)",
-        status.counters.source_routed_packets
+        "network path: {} source-routed packets of agents' sockets (dropped in enforce mode), {} \
+         connections refused on their server name not closed (their data stays dropped)",
+        status.counters.source_routed_packets, status.counters.sni_close_failures
     );
     let c = &status.counters;
     println!(

@@ -53,6 +53,25 @@ pub enum KernelEvent {
     /// name the agent may not reach: the process was killed (`Denied`) or, in alert mode, let
     /// through (`Alert`).
     UnixPeer(UnixPeerEvent),
+    /// The kernel judged the first bytes of an agent's connection to an address with
+    /// server-name rules only.
+    ServerName(ServerNameEvent),
+}
+
+/// What the kernel saw of a connection's first bytes, and its verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerNameEvent {
+    pub subject: Subject,
+    pub verdict: Verdict,
+    /// Where the connection goes, and from where (to close it).
+    pub dest: std::net::SocketAddr,
+    pub source: std::net::SocketAddr,
+    /// `SNI_OUTCOME_*`.
+    pub outcome: u32,
+    /// The server name (lower case), when the ClientHello had one.
+    pub name: Option<String>,
+    /// The socket's cookie: its `SNI_FLOWS` entry.
+    pub cookie: u64,
 }
 
 /// A unix connect judged again on the name its listener bound (`syscalls/sys_exit_connect`).
@@ -226,6 +245,7 @@ unsafe impl Wire for common::TaggedPayload {}
 unsafe impl Wire for common::UnixPayload {}
 unsafe impl Wire for common::EgressPayload {}
 unsafe impl Wire for common::UnixPeerPayload {}
+unsafe impl Wire for common::server_name::SniPayload {}
 
 /// The record's `T` at `offset`, or `Short` when the record ends before it does.
 fn read<T: Wire>(bytes: &[u8], offset: usize, want: usize) -> Result<T, DecodeError> {
@@ -312,6 +332,23 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             } else {
                 KernelEvent::Connect(event)
             })
+        }
+        RecordKind::ServerName => {
+            let p: common::server_name::SniPayload = read(bytes, payload, want)?;
+            let ip = |a: [u8; 16]| {
+                let v6 = Ipv6Addr::from(a);
+                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+            };
+            let len = (p.name_len as usize).min(p.name.len());
+            Ok(KernelEvent::ServerName(ServerNameEvent {
+                verdict: verdict(header.verdict, "server name")?,
+                dest: std::net::SocketAddr::new(ip(p.dest.addr), p.dest.port),
+                source: std::net::SocketAddr::new(ip(p.source), p.source_port),
+                outcome: p.outcome,
+                name: (len > 0).then(|| String::from_utf8_lossy(&p.name[..len]).into_owned()),
+                cookie: p.cookie,
+                subject,
+            }))
         }
         RecordKind::EgressRedirect => {
             let p: common::EgressPayload = read(bytes, payload, want)?;

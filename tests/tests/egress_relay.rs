@@ -180,7 +180,15 @@ fn large_download_and_half_close_pass_intact(label: &str, relay: &str) {
             &[("ok.test", servers.tls), ("ok.test", servers.plain)],
             &[],
         )],
-        &["--dns-upstream", addr.as_str(), "--egress-relay", relay],
+        &[
+            "--dns-upstream",
+            addr.as_str(),
+            "--egress-relay",
+            relay,
+            // The relay is the endpoint's: every server name goes through it.
+            "--server-names",
+            "endpoint",
+        ],
     );
     if relay == "kernel" {
         let log = d.log();

@@ -220,14 +220,16 @@ impl Kernel {
         Ok(self.tables.dns.set_proxy(agent, ports)?)
     }
 
-    /// Allows `agent` to reach `addr` as `value` says (ports, expiry), learned from a DNS answer.
+    /// Allows `agent` to reach `addr` as `value` says (ports, expiry), learned from a DNS answer,
+    /// with the server names a connection to it may present when they are judged in the kernel.
     pub fn write_learned(
         &mut self,
         agent: u32,
         addr: IpAddr,
         value: &Learned,
+        names: &[crate::egress::kernel_names::KernelName],
     ) -> anyhow::Result<()> {
-        Ok(self.tables.dns.write_learned(agent, addr, value)?)
+        Ok(self.tables.dns.write_learned(agent, addr, value, names)?)
     }
 
     pub fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
@@ -242,6 +244,21 @@ impl Kernel {
     /// The ports of agent index `agent`'s request rules (see `EGRESS_PORTS`).
     pub fn set_egress_ports(&mut self, agent: u32, ports: &[u16]) -> anyhow::Result<()> {
         Ok(self.tables.egress.set_ports(agent, ports)?)
+    }
+
+    /// Whether connects with server-name rules only have their names judged in the kernel.
+    pub fn set_server_names_in_kernel(&mut self, on: bool) -> anyhow::Result<()> {
+        Ok(self.tables.egress.set_server_names_in_kernel(on)?)
+    }
+
+    /// Forgets the kernel-judged connection `cookie` (closed by the daemon, or gone).
+    pub fn remove_sni_flow(&mut self, cookie: u64) -> anyhow::Result<()> {
+        Ok(self.tables.egress.remove_sni_flow(cookie)?)
+    }
+
+    /// The cookies of the connections the kernel holds for server-name judging.
+    pub fn sni_flow_cookies(&self) -> Vec<u64> {
+        self.tables.egress.sni_flow_cookies()
     }
 
     /// The flow the kernel redirected as `token`, if it still holds it.

@@ -228,6 +228,10 @@ pub struct Counters {
     /// another agent holds (it stayed with that agent).
     #[serde(default)]
     pub selector_conflicts: u64,
+    /// Connections the kernel refused on their server name that the daemon could not close
+    /// (their data stays dropped).
+    #[serde(default)]
+    pub sni_close_failures: u64,
     /// DNS queries the agents' proxy judged.
     #[serde(default)]
     pub dns_queries: u64,

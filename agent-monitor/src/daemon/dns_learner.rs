@@ -13,6 +13,7 @@ use crate::action::{Action, Destination, Object, Verdict};
 use crate::dns::learned::{Grant, KernelChange, LearnedTable};
 use crate::dns::proxy::Proxies;
 use crate::dns::{InstallError, Installed, NoticeGate, Outcome, QueryReport, Withheld};
+use crate::egress::kernel_names::{KernelName, for_address};
 use crate::event::ConnectEvent;
 use crate::output::journald::message_id;
 use crate::output::notice::{Level, Notice};
@@ -21,15 +22,28 @@ use crate::policy::PolicySet;
 #[cfg(test)]
 mod tests;
 
-/// What the learner needs of the kernel: the learned-address table.
+/// What the learner needs of the kernel: the learned-address table, with the server names each
+/// address may be presented (`egress::kernel_names`).
 pub(super) trait LearnedAddresses {
-    fn write_learned(&mut self, agent: u32, addr: IpAddr, value: &Learned) -> anyhow::Result<()>;
+    fn write_learned(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        value: &Learned,
+        names: &[KernelName],
+    ) -> anyhow::Result<()>;
     fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()>;
 }
 
 impl LearnedAddresses for crate::bpf::Kernel {
-    fn write_learned(&mut self, agent: u32, addr: IpAddr, value: &Learned) -> anyhow::Result<()> {
-        crate::bpf::Kernel::write_learned(self, agent, addr, value)
+    fn write_learned(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        value: &Learned,
+        names: &[KernelName],
+    ) -> anyhow::Result<()> {
+        crate::bpf::Kernel::write_learned(self, agent, addr, value, names)
     }
     fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
         crate::bpf::Kernel::remove_learned(self, agent, addr)
@@ -348,9 +362,12 @@ impl DnsLearner {
                 continue;
             };
             let written = match self.kernel_index(agent, live) {
-                Some(k) => kernel
-                    .write_learned(k, addr, &value)
-                    .map_err(|e| InstallError::Kernel(e.into())),
+                Some(k) => {
+                    let (value, names) = self.kernel_entry(agent, addr, value, live, now_ns);
+                    kernel
+                        .write_learned(k, addr, &value, &names)
+                        .map_err(|e| InstallError::Kernel(e.into()))
+                }
                 None => Err(InstallError::NoPolicy),
             };
             if let Err(e) = written {
@@ -433,6 +450,28 @@ impl DnsLearner {
             .and_then(|i| u32::try_from(i).ok())
     }
 
+    /// The kernel's value for (`dns`, `addr`) and the server names it may be presented, as the
+    /// table and the policies `live` hold them now.
+    pub(super) fn kernel_entry(
+        &self,
+        dns: u32,
+        addr: IpAddr,
+        mut value: Learned,
+        live: Live<'_>,
+        now_ns: u64,
+    ) -> (Learned, Vec<KernelName>) {
+        let rules = self
+            .proxies
+            .endpoints()
+            .get(dns as usize)
+            .and_then(|(name, _)| live.policies.get(name))
+            .map(|p| p.egress());
+        let names = self.learned.live_names(dns, addr, now_ns);
+        let k = rules.map(|r| for_address(r, &names)).unwrap_or_default();
+        value.kernel_sni = u32::from(k.in_kernel);
+        (value, k.names)
+    }
+
     /// The kernel agent index (live bank) of the agent whose DNS proxy has start-up index `dns`.
     fn kernel_index(&self, dns: u32, live: Live<'_>) -> Option<u32> {
         let (name, _) = self.proxies.endpoints().get(dns as usize)?;
@@ -450,7 +489,10 @@ impl DnsLearner {
         for change in self.learned.expire(now_ns) {
             let result = match change {
                 KernelChange::Write(agent, addr, value) => match self.kernel_index(agent, live) {
-                    Some(k) => kernel.write_learned(k, addr, &value),
+                    Some(k) => {
+                        let (value, names) = self.kernel_entry(agent, addr, value, live, now_ns);
+                        kernel.write_learned(k, addr, &value, &names)
+                    }
                     None => Ok(()),
                 },
                 KernelChange::Remove(agent, addr) => match self.kernel_index(agent, live) {

@@ -24,6 +24,8 @@ pub(super) struct EgressFlows {
     pub(super) evicted: u64,
     /// Connections the endpoint asked about that had no redirect record (lost or evicted).
     pub(super) unknown: u64,
+    /// When the kernel's server-name flows were last checked for closed sockets.
+    pub(super) sni_swept_ns: u64,
 }
 
 impl EgressFlows {

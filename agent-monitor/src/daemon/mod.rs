@@ -53,6 +53,7 @@ mod reports;
 mod request_warnings;
 mod requests;
 mod selectors;
+mod server_names;
 mod startup;
 mod unix;
 mod unix_ask;
@@ -69,6 +70,10 @@ use startup::*;
 
 /// How long an exited process still names its place in its descendants' chains.
 const KEEP_EXITED: Duration = Duration::from_secs(60);
+
+/// How often the kernel's server-name flows are checked for sockets closed before they sent
+/// anything (one sock_diag dump of the host's TCP sockets).
+const SNI_SWEEP: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC in ns, the clock of the kernel's record times (bpf_ktime_get_ns).
 fn monotonic_ns() -> u64 {
@@ -320,6 +325,10 @@ impl Monitor {
         }
         // The kernel already refuses expired grants; this only tidies the maps.
         self.grants.expire(&mut self.kernel, now);
+        if now.saturating_sub(self.egress.sni_swept_ns) >= SNI_SWEEP.as_nanos() as u64 {
+            self.egress.sni_swept_ns = now;
+            self.sweep_server_name_flows();
+        }
         self.ask_tick(true);
         self.reporter.kernel_losses(&self.kernel);
         for (id, t) in self.ident.take_empty_tasks() {

@@ -215,6 +215,7 @@ impl Monitor {
                 let action = self.unix_peer_action(&u);
                 self.reporter.action(action);
             }
+            KernelEvent::ServerName(e) => self.on_server_name(e),
         }
     }
 

@@ -130,16 +130,24 @@ impl Monitor {
                 Ok(())
             })?;
         let mut kept = Vec::with_capacity(carried.len());
+        let now = monotonic_ns();
         for (dns, addr, value) in &carried {
-            let index = self
+            let name = self
                 .dns
                 .proxies
                 .endpoints()
                 .get(*dns as usize)
-                .and_then(|(name, _)| staged.kernel_index(name));
+                .map(|(n, _)| n);
+            let index = name.and_then(|name| staged.kernel_index(name));
+            // The server names the kernel may pass, by the new rules.
+            let live = super::dns_learner::Live {
+                policies: set,
+                bank_base: 0,
+            };
+            let (value, names) = self.dns.kernel_entry(*dns, *addr, *value, live, now);
             // Not expected (the budget keeps room); if it happens the address is forgotten, and
             // the agent resolves it again, rather than the reload being refused.
-            match index.map(|i| self.kernel.write_learned(i, *addr, value)) {
+            match index.map(|i| self.kernel.write_learned(i, *addr, &value, &names)) {
                 Some(Ok(())) => kept.push((*dns, *addr)),
                 Some(Err(e)) => tracing::error!(
                     "a learned address could not move to the new policy bank, forgotten: {e:#}"

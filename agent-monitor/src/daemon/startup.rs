@@ -123,6 +123,9 @@ pub(super) async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             .await
             .context("starting the egress endpoint")?;
     monitor.kernel.set_egress_endpoint(endpoint.port)?;
+    monitor
+        .kernel
+        .set_server_names_in_kernel(args.server_names == crate::egress::ServerNameCheck::Kernel)?;
     tracing::info!("egress endpoint on 127.0.0.1:{}", endpoint.port);
     // What the previous daemon governed stays governed: its tasks come back from the pinned
     // identity map (names from the cgroup tree) and its grants from the state file (as far as the

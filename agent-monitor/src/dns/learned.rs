@@ -202,6 +202,20 @@ impl LearnedTable {
         self.grants.len()
     }
 
+    /// The live names that gave `agent` the address `addr`, each with its expiry: the server
+    /// names the kernel may pass on a connection to it (`egress::kernel_names`).
+    pub fn live_names(&self, agent: u32, addr: IpAddr, now_ns: u64) -> Vec<(String, u64)> {
+        self.grants
+            .get(&(agent, canonical(addr)))
+            .map(|g| {
+                g.iter()
+                    .filter(|g| g.expires_ns > now_ns)
+                    .map(|g| (g.name.clone(), g.expires_ns))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The names that gave `agent` the address `addr` and have not expired: what a connection to
     /// it may name (the egress endpoint's domain-fronting check).
     pub fn names(&self, agent: u32, addr: IpAddr, now_ns: u64) -> Vec<String> {
@@ -244,7 +258,7 @@ fn kernel_value(grants: &[Grant]) -> Learned {
     Learned {
         expires_ns: grants.iter().map(|g| g.expires_ns).max().unwrap_or(0),
         ports,
-        _pad: 0,
+        kernel_sni: 0,
     }
 }
 

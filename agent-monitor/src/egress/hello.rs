@@ -142,19 +142,8 @@ mod tests {
     use super::*;
 
     /// The first flight of a real TLS client (rustls) asking for `name`.
-    #[allow(deprecated)] // ring's provider without post-quantum groups: a smaller hello is fine.
     fn client_hello(name: &str) -> Vec<u8> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-        let server = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
-        let mut conn = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
-        let mut out = Vec::new();
-        conn.write_tls(&mut out).expect("ClientHello");
-        out
+        client_hello_with_alpn(name, &[])
     }
 
     #[test]
@@ -287,5 +276,160 @@ mod tests {
         assert_eq!(classify(b"EHLO x\r\n"), Opening::Other);
         let long = vec![b'A'; MAX_HTTP_HEAD + 10];
         assert_eq!(classify(&long), Opening::Other);
+    }
+
+    /// The first flight of rustls asking for `name`, offering `alpn` (none: no ALPN extension).
+    #[allow(deprecated)] // ring's provider without post-quantum groups: a smaller hello is fine.
+    fn client_hello_with_alpn(name: &str, alpn: &[&[u8]]) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let server = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+        let mut conn = rustls::ClientConnection::new(Arc::new(config), server).expect("client");
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).expect("ClientHello");
+        out
+    }
+
+    /// The kernel's scanner (`agent_monitor_common::client_hello`) over `bytes`, as the sk_msg
+    /// program runs it: copied into its buffer, the rest of which holds stale bytes.
+    fn kernel_scan(bytes: &[u8]) -> (client_hello::HelloScan, Option<Vec<u8>>) {
+        let mut buf = Box::new([0x16u8; client_hello::HELLO_BUF]);
+        let n = bytes.len().min(client_hello::HELLO_BUF);
+        buf[..n].copy_from_slice(&bytes[..n]);
+        let found = client_hello::scan(&buf, n as u32);
+        let name = match found {
+            client_hello::HelloScan::ServerName { offset, len } => {
+                Some(buf[offset as usize..(offset + len) as usize].to_vec())
+            }
+            _ => None,
+        };
+        (found, name)
+    }
+
+    use agent_monitor_common::client_hello;
+
+    #[test]
+    fn the_kernel_scanner_finds_the_name_tls_parser_finds_in_real_hellos() {
+        let long = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(61)
+        );
+        assert_eq!(long.len(), 253);
+        let names = [
+            "api.github.com",
+            "API.GitHub.Com",
+            "xn--bcher-kva.example",
+            "pypi.org.",
+            "a.b",
+            long.as_str(),
+        ];
+        let alpns: [&[&[u8]]; 3] = [&[], &[b"h2", b"http/1.1"], &[b"http/1.1"]];
+        for name in names {
+            for alpn in alpns {
+                let bytes = client_hello_with_alpn(name, alpn);
+                let Opening::Tls(ClientHello {
+                    sni: Some(sni),
+                    ech: false,
+                }) = classify(&bytes)
+                else {
+                    panic!("tls-parser read no name from {name}'s hello");
+                };
+                let (found, kernel) = kernel_scan(&bytes);
+                assert_eq!(kernel.as_deref(), Some(sni.as_bytes()), "{name} {found:?}");
+            }
+        }
+        // An address sends no name; an ECH extension hides it from both.
+        assert_eq!(
+            kernel_scan(&client_hello("192.0.2.7")).0,
+            client_hello::HelloScan::NoServerName
+        );
+        let ech = with_extension(client_hello("public.example"), EXT_ECH, &[0, 1, 2, 3]);
+        assert!(matches!(
+            classify(&ech),
+            Opening::Tls(ClientHello { ech: true, .. })
+        ));
+        assert_eq!(kernel_scan(&ech).0, client_hello::HelloScan::Encrypted);
+    }
+
+    /// tls-parser reads the record's ClientHello but stops before the end of its extensions.
+    fn extensions_unreadable(bytes: &[u8]) -> bool {
+        let Ok((_, record)) = parse_tls_plaintext(bytes) else {
+            return false;
+        };
+        record.msg.iter().any(|m| match m {
+            TlsMessage::Handshake(TlsMessageHandshake::ClientHello(ch)) => {
+                ch.ext.is_some_and(|ext| {
+                    parse_tls_client_hello_extensions(ext).is_ok_and(|(rest, _)| !rest.is_empty())
+                })
+            }
+            _ => false,
+        })
+    }
+
+    /// Broken hellos: whatever the kernel's scanner reads a name from, tls-parser reads the same
+    /// name from (or gives up on an extension's content). The scanner may refuse more, never
+    /// accept a different name.
+    #[test]
+    fn the_kernel_scanner_never_reads_a_name_tls_parser_does_not() {
+        let hello = client_hello_with_alpn("api.example.com", &[b"h2"]);
+        let mut variants: Vec<Vec<u8>> = Vec::new();
+        for at in 0..hello.len() {
+            for flip in [0x01u8, 0x20, 0x80, 0xff] {
+                let mut v = hello.clone();
+                v[at] ^= flip;
+                variants.push(v);
+            }
+            for set in [0u8, 0x16, 0xff] {
+                let mut v = hello.clone();
+                v[at] = set;
+                variants.push(v);
+            }
+            variants.push(hello[..at].to_vec());
+            let mut inserted = hello.clone();
+            inserted.insert(at, 0);
+            variants.push(inserted);
+            let mut removed = hello.clone();
+            removed.remove(at);
+            variants.push(removed);
+        }
+        let mut extended = hello.clone();
+        extended.extend_from_slice(b"\x17\x03\x03\x00\x01x");
+        variants.push(extended);
+        let (mut named, mut other_names) = (0, 0);
+        for v in &variants {
+            let (found, Some(kernel)) = kernel_scan(v) else {
+                continue;
+            };
+            named += 1;
+            if kernel != b"api.example.com" {
+                other_names += 1;
+            }
+            match classify(v) {
+                Opening::Tls(ClientHello { sni: Some(sni), .. }) if sni.as_bytes() == kernel => {}
+                // tls-parser stops at the first extension whose content it cannot read (rustls
+                // shuffles its extensions, so one may come before the server name) and reports
+                // no name; the scanner reads only the server name's content. Both read the
+                // record and extension lengths alike, and the name is the one there.
+                Opening::Tls(ClientHello { sni: None, .. }) if extensions_unreadable(v) => {}
+                other => panic!(
+                    "the kernel scanner read {:?} ({found:?}), tls-parser {other:?}, from {v:?}",
+                    String::from_utf8_lossy(&kernel)
+                ),
+            }
+        }
+        // The broken hellos did reach the name: flips in the name are read as other names.
+        assert!(named > hello.len(), "only {named} variants had a name");
+        assert!(
+            other_names > 10,
+            "only {other_names} variants had another name"
+        );
     }
 }

@@ -12,8 +12,10 @@ mod endpoint;
 pub mod handover;
 pub mod hello;
 pub mod judge;
+pub mod kernel_names;
 mod kernel_relay;
 mod relay;
+pub mod sock_destroy;
 
 use std::net::SocketAddr;
 
@@ -28,6 +30,18 @@ pub enum RelayChoice {
     Splice,
     /// The kernel's sockmap relay (`kernel_relay.rs`); splice where it cannot be had.
     Kernel,
+}
+
+/// Where the server name of a connection with only server-name rules is judged
+/// (`daemon --server-names`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerNameCheck {
+    /// In the kernel, on the agent's own connection: it goes straight to the server, and its
+    /// first bytes are judged where its packets leave (`kernel_names`, the eBPF `server_name`).
+    Kernel,
+    /// In the egress endpoint, which the connection is redirected to and which then passes its
+    /// bytes (`--egress-relay`).
+    Endpoint,
 }
 
 use crate::action::{EgressConnection, Verdict};

@@ -387,6 +387,7 @@ fn the_header_round_trips_into_the_subject_for_every_kind() {
             KernelEvent::Unix(u) => u.subject,
             KernelEvent::EgressRedirect { connect, .. } => connect.subject,
             KernelEvent::UnixPeer(u) => u.connect.subject,
+            KernelEvent::ServerName(e) => e.subject,
         };
         assert_eq!(
             subject,

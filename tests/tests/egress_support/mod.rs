@@ -352,7 +352,24 @@ pub fn curl_outside(args: &[&str]) -> std::process::Output {
         .expect("curl")
 }
 
+/// A daemon whose egress endpoint judges every server name (`--server-names endpoint`): what
+/// these tests exercise is the endpoint.
 pub fn daemon(policies: &[(String, String)], up: &Dnsmasq) -> Daemon {
+    let addr = up.addr.to_string();
+    Daemon::start_with(
+        policies,
+        &[
+            "--dns-upstream",
+            addr.as_str(),
+            "--server-names",
+            "endpoint",
+        ],
+    )
+}
+
+/// A daemon with the default: server names of connections with only `[[network.tls]]` rules
+/// are judged in the kernel.
+pub fn kernel_daemon(policies: &[(String, String)], up: &Dnsmasq) -> Daemon {
     let addr = up.addr.to_string();
     Daemon::start_with(policies, &["--dns-upstream", addr.as_str()])
 }

@@ -24,19 +24,29 @@ const BANK: u32 = 1 << 20;
 #[derive(Default)]
 struct FakeKernel {
     learned: HashMap<(u32, IpAddr), Learned>,
+    /// The server names written with each address.
+    names: HashMap<(u32, IpAddr), Vec<KernelName>>,
     fail: bool,
 }
 
 impl LearnedAddresses for FakeKernel {
-    fn write_learned(&mut self, agent: u32, addr: IpAddr, value: &Learned) -> anyhow::Result<()> {
+    fn write_learned(
+        &mut self,
+        agent: u32,
+        addr: IpAddr,
+        value: &Learned,
+        names: &[KernelName],
+    ) -> anyhow::Result<()> {
         if self.fail {
             anyhow::bail!("writing the learned-address map (full at 4096 entries?)");
         }
         self.learned.insert((agent, addr), *value);
+        self.names.insert((agent, addr), names.to_vec());
         Ok(())
     }
     fn remove_learned(&mut self, agent: u32, addr: IpAddr) -> anyhow::Result<()> {
         self.learned.remove(&(agent, addr));
+        self.names.remove(&(agent, addr));
         Ok(())
     }
 }
@@ -391,4 +401,27 @@ async fn a_query_is_attributed_to_the_agents_latest_redirect() {
         "AAAA query: no host rule matches \"evil.test\""
     );
     assert_eq!(f.reporter.counters.dns_refused, 2);
+}
+
+#[tokio::test]
+async fn an_address_of_a_name_with_a_server_name_rule_goes_to_the_kernel_with_that_name() {
+    let mut f = Fixture::new("[[network.tls]]\nhost = \"example.com\"\nport = 443\n");
+    let (report, _installed) = answered(CODER, &[("93.184.216.34", 60)]);
+    f.report(report, NOW).expect("a query to report");
+    let key = (BANK + 1, ip("93.184.216.34"));
+    assert_eq!(f.kernel.learned[&key].kernel_sni, 1, "judged in the kernel");
+    assert_eq!(
+        f.kernel.names[&key],
+        vec![KernelName {
+            port: 443,
+            name: "example.com".into(),
+            expires_ns: NOW + 60_000_000_000 + GRACE_NS,
+        }]
+    );
+    // Without request rules nothing changes: the connect is judged by its address only.
+    let mut plain = Fixture::new("");
+    let (report, _installed) = answered(CODER, &[("93.184.216.34", 60)]);
+    plain.report(report, NOW).expect("a query to report");
+    assert_eq!(plain.kernel.learned[&key].kernel_sni, 0);
+    assert!(plain.kernel.names[&key].is_empty());
 }
