@@ -1,9 +1,9 @@
-//! The egress endpoint's cost for a server-name rule (`[[network.tls]]`): small requests (a new
-//! connection each: connect, ClientHello, 64 bytes there and back, close) and one large download,
-//! each straight to the server (outside agents) and as an agent, whose connects the kernel
-//! redirects to the endpoint, which reads the server name and splices. The server answers after
-//! the ClientHello without TLS: the endpoint never decrypts, so the crypto would cost the same on
-//! both paths and only blur the difference.
+//! The cost of a server-name rule (`[[network.tls]]`): small requests (a new connection each:
+//! connect, ClientHello, 64 bytes there and back, close) and one large download, each straight to
+//! the server (outside agents) and as an agent, whose ClientHello the kernel judges on the way
+//! out (`--server-names kernel`, the default). The server answers after the ClientHello without
+//! TLS: nothing on either path decrypts, so the crypto would cost the same on both and only blur
+//! the difference.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs as _};

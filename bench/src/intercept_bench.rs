@@ -608,7 +608,7 @@ pub fn targets(r: &Results) -> Vec<crate::report::Target> {
     if let Some(e) = r.egress.as_ref().filter(|e| !e.direct.is_empty()) {
         let share = rate(&e.through_download) / rate(&e.direct_download) * 100.0;
         t.push(crate::report::Target {
-            what: "server-name rule (spliced): download ≥ 80 % of direct".into(),
+            what: "server-name rule (judged in the kernel): download ≥ 80 % of direct".into(),
             measured: format!(
                 "{share:.0} % ({:.0} of {:.0} MiB/s)",
                 rate(&e.through_download),
@@ -693,11 +693,11 @@ pub fn section(o: &mut String, i: Option<&InterceptCost>) {
     }
     let _ = writeln!(
         o,
-        "Memory per open connection: the agent opens N connections through the endpoint and \
-         holds them idle (server-name rule: ClientHello passed and answered, then spliced; \
-         interception: handshake and one request answered, its upstream connection kept for the \
-         next); the daemon's RSS and open descriptors are read before and while they are open. \
-         The spliced connection's pipes hold no pages while idle and are kernel memory, not RSS.\n"
+        "Memory per open connection: the agent opens N connections and holds them idle \
+         (server-name rule: ClientHello judged in the kernel and answered, the connection straight \
+         to the server, so the daemon holds nothing for it; interception: through the endpoint, \
+         handshake and one request answered, its upstream connection kept for the next); the \
+         daemon's RSS and open descriptors are read before and while they are open.\n"
     );
     let _ = writeln!(
         o,
@@ -708,7 +708,7 @@ pub fn section(o: &mut String, i: Option<&InterceptCost>) {
             o,
             "| {} | {} | {:.1} MiB | {:.1} MiB | {:.1} KiB | {:.1} |",
             match h.kind.as_str() {
-                "sni" => "server-name rule (spliced)",
+                "sni" => "server-name rule (judged in the kernel)",
                 "https" => "intercepted",
                 other => other,
             },

@@ -556,9 +556,9 @@ pub(super) fn ask_section(o: &mut String, ask: Option<&crate::ask::AskLatency>) 
     );
 }
 
-/// The egress endpoint (a server-name rule) against the direct path.
+/// A server-name rule's connections (judged in the kernel) against the direct path.
 pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>) {
-    let _ = writeln!(o, "## Egress endpoint (server-name rules)\n");
+    let _ = writeln!(o, "## Server-name rules\n");
     let Some(e) = e.filter(|e| !e.direct.is_empty()) else {
         let _ = writeln!(o, "Not measured in this run.\n");
         return;
@@ -567,9 +567,10 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         o,
         "{} repetitions, interleaved; in each, {} small requests (a new connection each: \
          ClientHello, 64 bytes there and back) and one {} MiB download, *direct* from an ordinary \
-         process and *through the endpoint* from an agent with a `[[network.tls]]` rule for the \
-         server's name (the kernel redirects the connect; the endpoint reads the server name and \
-         splices). Medians over the repetitions.\n",
+         process and *as an agent* with a `[[network.tls]]` rule for the server's name (the \
+         daemon's default, `--server-names kernel`: the connect goes straight to the server and \
+         the kernel's egress hook judges the ClientHello's server name; nothing relays the \
+         bytes). Medians over the repetitions.\n",
         e.direct.len(),
         e.requests,
         e.mib
@@ -578,15 +579,15 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         o,
         &[
             ("direct", &e.direct, &e.direct_download),
-            ("through the endpoint", &e.through, &e.through_download),
+            ("as an agent, judged in the kernel", &e.through, &e.through_download),
         ],
     );
     let _ = writeln!(o);
     if !e.through_daemon_cpu_s.is_empty() {
         let _ = writeln!(
             o,
-            "The daemon's CPU time (user + system) per GiB passed through the endpoint: **{:.2} s** \
-             (median over the downloads).\n",
+            "The daemon's CPU time (user + system) per GiB of the agent's downloads: **{:.2} s** \
+             (median over the downloads; the daemon only reads the verdict's record).\n",
             median_f(&e.through_daemon_cpu_s) * 1024.0 / e.mib as f64
         );
     }
