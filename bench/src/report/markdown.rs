@@ -579,7 +579,11 @@ pub(super) fn egress_section(o: &mut String, e: Option<&crate::run::EgressCost>)
         o,
         &[
             ("direct", &e.direct, &e.direct_download),
-            ("as an agent, judged in the kernel", &e.through, &e.through_download),
+            (
+                "as an agent, judged in the kernel",
+                &e.through,
+                &e.through_download,
+            ),
         ],
     );
     let _ = writeln!(o);
