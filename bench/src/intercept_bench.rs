@@ -38,6 +38,10 @@ const HTTPS_NAME: &str = "https.ok.test";
 const SNI_NAME: &str = "sni.ok.test";
 /// Where the servers listen; the names resolve here (dnsmasq).
 const SERVER_IP: &str = "127.0.0.3";
+/// Where SNI_NAME's server listens: an address of its own, since one also learned from
+/// HTTPS_NAME (method/path rules) would send its connects to the endpoint, not judge them in
+/// the kernel.
+const SNI_SERVER_IP: &str = "127.0.0.4";
 
 /// Per repetition (interleaved): small requests on one kept-alive HTTPS connection and one large
 /// download, direct and intercepted; the daemon's memory per open connection; connect loops of
@@ -412,7 +416,7 @@ pub fn measure(env: &Env, dir: &Path) -> anyhow::Result<InterceptCost> {
     let https = TcpListener::bind((SERVER_IP, 0))?;
     let https_port = https.local_addr()?.port();
     serve(https, config);
-    let raw = TcpListener::bind((SERVER_IP, 0))?;
+    let raw = TcpListener::bind((SNI_SERVER_IP, 0))?;
     let raw_port = raw.local_addr()?.port();
     crate::egress::serve(raw);
     let _listener = Listener::start(&env.bench, env.tcp_port)?;
@@ -421,7 +425,7 @@ pub fn measure(env: &Env, dir: &Path) -> anyhow::Result<InterceptCost> {
         free_port()?,
         &[
             format!("--address=/{HTTPS_NAME}/{SERVER_IP}"),
-            format!("--address=/{SNI_NAME}/{SERVER_IP}"),
+            format!("--address=/{SNI_NAME}/{SNI_SERVER_IP}"),
         ],
     )?;
     let policies = dir.join("intercept-policies");
