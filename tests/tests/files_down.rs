@@ -262,59 +262,22 @@ fn with_the_daemon_gone_agents_are_refused_the_host_is_answered_and_a_new_daemon
 }
 
 /// Opens argv[1] with IORING_OP_OPENAT (argv[2] = "async": IOSQE_ASYNC, so an io_uring worker
-/// thread opens it) and prints what it read, or the errno.
-const URING_CAT: &str = r#"
-#include <errno.h>
+/// thread opens it) and prints what it read, or the errno. The ring is the harness's
+/// `URING_RING_C`.
+const URING_CAT_MAIN: &str = r#"
 #include <fcntl.h>
-#include <linux/io_uring.h>
-#include <stdio.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
-    struct io_uring_params p;
-    memset(&p, 0, sizeof p);
-    int fd = syscall(__NR_io_uring_setup, 4, &p);
-    if (fd < 0) { printf("setup errno %d\n", errno); return 3; }
-    char *sq = mmap(0, p.sq_off.array + p.sq_entries * sizeof(unsigned), PROT_READ | PROT_WRITE,
-                    MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
-    char *cq = mmap(0, p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe),
-                    PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
-    struct io_uring_sqe *sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe),
-                                     PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
-                                     IORING_OFF_SQES);
-    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) {
-        printf("mmap errno %d\n", errno);
-        return 3;
-    }
-    unsigned *sq_tail = (unsigned *)(sq + p.sq_off.tail);
-    unsigned *sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
-    unsigned *sq_array = (unsigned *)(sq + p.sq_off.array);
-    unsigned *cq_head = (unsigned *)(cq + p.cq_off.head);
-    unsigned *cq_tail = (unsigned *)(cq + p.cq_off.tail);
-    unsigned *cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
-    struct io_uring_cqe *cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
-    unsigned tail = *sq_tail, idx = tail & *sq_mask;
-    struct io_uring_sqe *sqe = &sqes[idx];
-    memset(sqe, 0, sizeof *sqe);
-    sqe->opcode = IORING_OP_OPENAT;
-    sqe->fd = AT_FDCWD;
-    sqe->addr = (unsigned long)argv[1];
-    sqe->open_flags = O_RDONLY;
-    if (argc > 2 && strcmp(argv[2], "async") == 0) sqe->flags = IOSQE_ASYNC;
-    sq_array[idx] = idx;
-    __atomic_store_n(sq_tail, tail + 1, __ATOMIC_RELEASE);
-    if (syscall(__NR_io_uring_enter, fd, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) {
-        printf("enter errno %d\n", errno);
-        return 3;
-    }
-    unsigned head = *cq_head;
-    while (head == __atomic_load_n(cq_tail, __ATOMIC_ACQUIRE)) {}
-    int res = cqes[head & *cq_mask].res;
-    __atomic_store_n(cq_head, head + 1, __ATOMIC_RELEASE);
+    async_worker = argc > 2 && strcmp(argv[2], "async") == 0;
+    setup_ring();
+    struct io_uring_sqe sqe;
+    memset(&sqe, 0, sizeof sqe);
+    sqe.opcode = IORING_OP_OPENAT;
+    sqe.fd = AT_FDCWD;
+    sqe.addr = (unsigned long)argv[1];
+    sqe.open_flags = O_RDONLY;
+    if (async_worker) sqe.flags = IOSQE_ASYNC;
+    int res = submit(&sqe);
     if (res < 0) { printf("open errno %d\n", -res); return 1; }
     char buf[256];
     ssize_t n = read(res, buf, sizeof buf - 1);
@@ -332,7 +295,11 @@ fn an_io_uring_open_of_a_denied_file_fails_for_an_agent_and_works_outside() {
     }
     let (agent, dir, secret, _) = scene("filesuring");
     // `run` refuses io_uring to its agents (seccomp): the agent is the selected program.
-    let agent_bin = compile_c(dir.path(), "uring_cat", URING_CAT);
+    let agent_bin = compile_c(
+        dir.path(),
+        "uring_cat",
+        &format!("{URING_RING_C}{URING_CAT_MAIN}"),
+    );
     let outside = dir.path().join("uring_cat_outside");
     std::fs::copy(&agent_bin, &outside).expect("copy");
     let d = daemon_in_force(&agent, &secret, &agent_bin);
